@@ -1,0 +1,1 @@
+"""Subcommands of ``megacpp-mcore`` (one module each)."""
