@@ -130,3 +130,21 @@ def train_run(
     }
     runtime.shutdown()
     return out
+
+
+def compare_parallel(model: dict[str, Any] | str, parallel: dict[str, Any], *, steps: int = 3,
+                     nproc: int = 2, **run_kwargs) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Runs ``model`` on 1 rank (saving its initial weights) and on ``nproc`` ranks under
+    ``parallel`` (loading them); returns (reference result, per-rank results)."""
+    import tempfile
+
+    from megacpp_mcore.testing.dist import run_distributed
+
+    target = "megacpp_mcore.testing.parity:train_run"
+    with tempfile.TemporaryDirectory(prefix="megacpp-parity-") as ckpt:
+        (ref,) = run_distributed(target, nproc=1, kwargs=dict(
+            model=model, steps=steps, checkpoint=ckpt, checkpoint_mode="save", **run_kwargs))
+        runs = run_distributed(target, nproc=nproc, kwargs=dict(
+            model=model, parallel=parallel, steps=steps, checkpoint=ckpt,
+            checkpoint_mode="load", **run_kwargs))
+    return ref, runs
