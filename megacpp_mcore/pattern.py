@@ -212,7 +212,7 @@ def compile_layers(
     stage_of = [s for s, n in enumerate(lengths) for _ in range(n)]
     per_layer: list[set[str]] = [set() for _ in symbols]
     for name, placement in (features or {}).items():
-        if placement is None or placement.empty:
+        if placement is None:
             continue
         if not isinstance(placement, FeaturePlacement):
             raise PatternError(f"feature {name!r}: expected a FeaturePlacement, got {placement!r}")

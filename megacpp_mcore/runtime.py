@@ -170,6 +170,9 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         apply_rope_fusion=False,
         masked_softmax_fusion=cuda,
         persist_layer_norm=False,
+        # Batched isend/irecv over gloo mis-delivers in the interleaved 1F1B steady state (losses
+        # drift from the single-rank run); separate send/recv ops are exact.
+        batch_p2p_comm=cuda,
     )
     kwargs.update(pipeline_split_kwargs(model.pattern, model.num_layers))
     if model.moe is not None:
@@ -284,7 +287,7 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
 def train_step(
     chunks: list,
     optimizer,
-    data_iterator: Iterator[dict],
+    data_iterator: Iterator[dict] | list[dict],
     *,
     num_microbatches: int,
     micro_batch_size: int,
@@ -307,7 +310,13 @@ def train_step(
     forward_backward = get_forward_backward_func()
     iterators = data_iterator
     if len(chunks) > 1:
-        iterators = [data_iterator] * len(chunks) if not isinstance(data_iterator, list) else data_iterator
+        # Interleaved schedules pull every micro-batch once per model chunk: give each chunk its
+        # own iterator over this step's micro-batches.
+        micro = list(data_iterator) if isinstance(data_iterator, (list, tuple)) else [
+            next(data_iterator) for _ in range(num_microbatches)]
+        iterators = [iter(micro) for _ in chunks]
+    elif isinstance(data_iterator, (list, tuple)):
+        iterators = iter(data_iterator)
     reports = forward_backward(
         forward_step_func=forward_step,
         data_iterator=iterators,

@@ -19,12 +19,7 @@ def single_rank():
     runtime.shutdown()
 
 
-TINY_DENSE = {
-    "pattern": "AE", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
-    "ffn_hidden_size": 128, "vocab_size": 128, "seq_length": 32, "moe": None,
-}
-TINY_MOE = dict(TINY_DENSE, moe={"num_experts": 4, "topk": 2, "ffn_hidden_size": 64,
-                                 "shared_expert_size": 64})
+from megacpp_mcore.testing.parity import TINY_DENSE, TINY_MOE  # noqa: E402
 
 
 @pytest.fixture

@@ -16,6 +16,14 @@ import torch
 
 from megacpp_mcore.presets import MLAConfig, ModelConfig, MoEConfig, custom_model
 
+# Tiny A/E models for parity checks (JSON-able, see model_from_spec).
+TINY_DENSE = {
+    "pattern": "AE", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+    "ffn_hidden_size": 128, "vocab_size": 128, "seq_length": 32, "moe": None,
+}
+TINY_MOE = dict(TINY_DENSE, moe={"num_experts": 4, "topk": 2, "ffn_hidden_size": 64,
+                                 "shared_expert_size": 64})
+
 
 def model_from_spec(spec: dict[str, Any] | str) -> ModelConfig:
     """A ModelConfig from a JSON-able dict (``moe``/``mla`` as dicts) or a ``module:func`` factory."""
@@ -49,27 +57,24 @@ def synthetic_batches(*, seed: int, step: int, global_batch: int, seq_length: in
     ]
 
 
+def _sharded(chunks: list) -> dict:
+    """One sharded dict per model chunk; storage keys carry global layer numbers, while each
+    chunk's dict keys are local (so chunks must not be merged into one flat dict)."""
+    return {f"model{i}": chunk.module.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
+
+
 def save_model(chunks: list, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(_flatten(chunks), directory)
-
-
-def _flatten(chunks: list) -> dict:
-    """One sharded dict for all chunks (keys already carry global layer numbers)."""
-    merged: dict = {}
-    for chunk in chunks:
-        merged.update(chunk.module.sharded_state_dict(prefix=""))
-    return merged
+    dist_checkpointing.save(_sharded(chunks), directory)
 
 
 def load_model(chunks: list, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(_flatten(chunks), directory)
-    for chunk in chunks:
-        own = {k: v for k, v in loaded.items() if k in chunk.module.state_dict(keep_vars=True)}
-        missing, unexpected = chunk.module.load_state_dict(own, strict=False)
+    loaded = dist_checkpointing.load(_sharded(chunks), directory)
+    for i, chunk in enumerate(chunks):
+        missing, _ = chunk.module.load_state_dict(loaded[f"model{i}"], strict=False)
         real_missing = [k for k in missing if not k.endswith("_extra_state")]
         if real_missing:
             raise RuntimeError(f"checkpoint lacks {real_missing[:5]}")

@@ -1,0 +1,53 @@
+"""The backend seam: one detection, `auto` resolution, and build-time errors saying what to install."""
+
+from __future__ import annotations
+
+import pytest
+
+from megacpp_mcore import backends
+
+
+def test_auto_is_local_without_te_or_cuda():
+    with backends.override_detection(te=None, cuda=False):
+        assert backends.resolve_backend_name("auto") == "local"
+        assert backends.get_backend("auto").name == "local"
+
+
+def test_auto_is_te_when_te_imports_on_cuda():
+    with backends.override_detection(te="2.11.0", cuda=True):
+        assert backends.resolve_backend_name("auto") == "te"
+
+
+def test_te_without_te_says_what_to_install():
+    with backends.override_detection(te=None, cuda=False):
+        with pytest.raises(backends.BackendUnavailable) as info:
+            backends.get_backend("te")
+    message = str(info.value)
+    assert "pip install 'megacpp-mcore[te]'" in message and "no CUDA device" in message
+
+
+def test_te_without_cuda_names_the_missing_device():
+    with backends.override_detection(te="2.11.0", cuda=False):
+        with pytest.raises(backends.BackendUnavailable, match="no CUDA device"):
+            backends.resolve_backend_name("te")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; allowed: auto, te, local"):
+        backends.resolve_backend_name("tensorrt")
+
+
+def test_detection_runs_once():
+    assert backends.detect() is backends.detect()
+
+
+def test_missing_optional_package_raises_at_request():
+    with backends.override_detection(mamba_ssm=None):
+        with pytest.raises(ImportError, match="needs the optional package 'mamba_ssm'"):
+            backends.require("mamba_ssm", "the fast Mamba path")
+
+
+def test_local_backend_norm_supports_sequence_parallel():
+    from megacpp_mcore.norms import LocalNorm
+
+    assert backends.LocalBackend().layer_norm() is LocalNorm
