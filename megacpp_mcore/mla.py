@@ -138,6 +138,10 @@ def check_support(config: TransformerConfig, backend: str, *, packed: bool = Fal
         if config.apply_rope_fusion:
             problems.append("apply_rope_fusion needs TE/triton kernels")
     elif backend == "te":
+        if tp > 1 and not config.sequence_parallel:
+            # Without SP the duplicated down projection gets a rope-key gradient from this rank's
+            # heads only and its replicas drift apart across TP ranks (megatron-core 0.16-0.19).
+            problems.append(f"tp={tp} needs sequence_parallel=True (duplicated down projection)")
         for name, value in (("k_channels", meta.k_channels), ("v_channels", meta.v_channels)):
             if value % TE_HEAD_DIM_MULTIPLE or value > TE_MAX_HEAD_DIM:
                 problems.append(
@@ -193,9 +197,12 @@ class LatentDotProductAttention(DotProductAttention):
             self.softmax_scale = self.k_channels**-0.5
             if config.apply_query_key_layer_scaling:
                 self.softmax_scale /= self.layer_number
+        self.rope_key_grad_reduction: tuple[int, Any] | None = None  # set by LatentSelfAttention
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: PackedSeqParams | None = None):
+        if self.rope_key_grad_reduction is not None and key.requires_grad:
+            key = _SumRopeKeyGrad.apply(key, *self.rope_key_grad_reduction)
         if packed_seq_params is None:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias)
@@ -211,6 +218,33 @@ class LatentDotProductAttention(DotProductAttention):
         finally:
             softmax.attn_mask_type = causal
         return context.squeeze(1)  # [t, np * v_channels], TE's thd output layout
+
+
+class _SumRopeKeyGrad(torch.autograd.Function):
+    """Identity on ``key`` [.., np, k_channels]; in backward, the gradient of the shared RoPE key
+    slice (the last ``pe_dim`` channels, one vector expanded over all heads) is summed over the
+    local heads, all-reduced over TP and spread evenly back over the local heads.
+
+    Why: with a TP-sharded down projection, MLA gathers ``k_pos_emb`` and expands it over this
+    rank's heads only; the gather's backward keeps just this rank's column slice, so the rope-key
+    gradient would miss the other ranks' heads (megatron-core 0.16-0.19, local path). After this
+    reduction every rank carries the full gradient, and the expand's backward (a sum over local
+    heads) hands exactly that total to ``k_pos_emb``.
+    """
+
+    @staticmethod
+    def forward(ctx, key, pe_dim, group):
+        ctx.pe_dim, ctx.group = pe_dim, group
+        return key.view_as(key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        heads = grad.size(-2)
+        total = grad[..., -ctx.pe_dim:].sum(dim=-2, keepdim=True)  # [.., 1, pe]
+        torch.distributed.all_reduce(total, group=ctx.group)
+        grad[..., -ctx.pe_dim:] = (total / heads).expand_as(grad[..., -ctx.pe_dim:])
+        return grad, None, None
 
 
 def packed_causal_mask(params: PackedSeqParams, sq: int, sk: int, device) -> torch.Tensor:
@@ -280,6 +314,10 @@ class LatentSelfAttention(MLASelfAttention):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)
+        if self.pg_collection.tp.size() > 1 and isinstance(self.core_attention, LatentDotProductAttention):
+            # the local down projection is TP-sharded: see _SumRopeKeyGrad
+            self.core_attention.rope_key_grad_reduction = (
+                self.config.qk_pos_emb_head_dim, self.pg_collection.tp)
 
 
 def mla_self_attention_spec(config: TransformerConfig, backend: Any) -> ModuleSpec:
