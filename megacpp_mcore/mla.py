@@ -25,6 +25,7 @@ upstream's allow-list expects (no subclasses, no ModuleSpecs: 0.16 rejects both)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -105,11 +106,11 @@ def _dims(config: TransformerConfig) -> str:
     )
 
 
-def check_support(config: TransformerConfig, backend: str, *, packed: bool = False) -> None:
-    """Raises :class:`MLAUnsupported` when ``backend`` cannot run this MLA shape.
+def check_support(config: TransformerConfig, backend: str) -> None:
+    """Raises :class:`MLAUnsupported` when ``backend`` cannot run this MLA shape (``sbhd`` and
+    packed ``thd`` batches alike: both backends' MLA core attention takes ``thd``).
 
-    ``packed`` asks for ``thd`` (PackedSeqParams) support as well. Called by :func:`attention_spec`
-    at build time; callable on its own (e.g. before launching a job).
+    Called by :func:`attention_spec` at build time; callable on its own (e.g. before a launch).
     """
     if not is_mla_config(config):
         raise MLAUnsupported(
@@ -152,7 +153,7 @@ def check_support(config: TransformerConfig, backend: str, *, packed: bool = Fal
         problems.append("unknown backend (allowed: 'te', 'local')")
     if problems:
         raise MLAUnsupported(
-            f"MLA{' with packed (thd) sequences' if packed else ''} is not supported on backend "
+            f"MLA is not supported on backend "
             f"{backend!r} for {_dims(config)}: " + "; ".join(problems)
         )
 
@@ -264,6 +265,7 @@ def packed_causal_mask(params: PackedSeqParams, sq: int, sk: int, device) -> tor
     return (~visible)[None, None]
 
 
+@functools.cache
 def _te_core_attention_class() -> type:
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 

@@ -183,9 +183,13 @@ def test_packed_documents_match_separate_runs(single_rank):
     labels = torch.cat([d[:, 1:] for d in docs], 1)
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     params = _packed_params(lengths)
-    assert mla.packed_rotary_shape(gpt.config, params) == (18, 1, 1, 8)
+    rotary_shapes = []
+    gpt.decoder.layers[0].self_attention.rotary_pos_emb.register_forward_hook(
+        lambda module, args, out: rotary_shapes.append(tuple(out.shape)))
     with torch.no_grad():
         packed = gpt(tokens, positions, None, labels=labels, packed_seq_params=params)  # [1, t]
+    assert rotary_shapes == [mla.packed_rotary_shape(gpt.config, params)] == [(18, 1, 1, 8)]
+    with torch.no_grad():
         separate = torch.cat([gpt(d[:, :-1], torch.arange(d.shape[1] - 1)[None], None,
                                   labels=d[:, 1:]) for d in docs], 1)
         unmasked = gpt(tokens, positions, None, labels=labels)  # documents see each other
@@ -232,6 +236,10 @@ def test_te_head_dims_refused_at_build_time_naming_backend_and_dims():
     with pytest.raises(mla.MLAUnsupported, match=r"backend 'te'.*k_channels=264 \(qk_head_dim=250"):
         mla.mla_self_attention_spec(config, _FakeTE())
     mla.check_support(config, "local")  # the local backend runs any head dims
+    tp2 = _config(_model(), tensor_model_parallel_size=2)
+    with pytest.raises(mla.MLAUnsupported, match=r"backend 'te'.*tp=2 needs sequence_parallel=True"):
+        mla.check_support(tp2, "te")
+    mla.check_support(tp2, "local")
 
 
 def test_local_tp_split_refused_at_build_time():
