@@ -17,8 +17,8 @@ attention otherwise. The seam answers only boundary questions:
   backend and the dimensions in the message, never at the first forward.
 
 Upstream defects that a subclass cannot absorb are patches (``patches.mla_have_te``,
-``patches.mla_down_proj_tp_marker``), applied by :func:`apply_patches` from an explicit entry point
-(``runtime.initialize``), never on import. The down-projection classes are passed exactly as
+``patches.mla_down_proj_tp_marker``), applied by :func:`apply_patches` from explicit entry points
+(``runtime.initialize`` and building an MLA layer spec), never on import. The down-projection classes are passed exactly as
 upstream's allow-list expects (no subclasses, no ModuleSpecs: 0.16 rejects both).
 """
 
@@ -330,6 +330,9 @@ def mla_self_attention_spec(config: TransformerConfig, backend: Any) -> ModuleSp
     """
     name = backend.name
     check_support(config, name)
+    # Building an MLA layer is an explicit entry point too (pretrain_gpt.py --spec never calls
+    # runtime.initialize); the patches must be in before the down projections are constructed.
+    apply_patches()
     latent_norm = config.qk_layernorm
     if name == "te":
         up = backend.column_parallel_layer_norm_linear() if latent_norm else backend.column_parallel_linear()

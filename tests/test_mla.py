@@ -319,12 +319,14 @@ def test_down_proj_tp_marker_patch_logic():
 
 # ----------------------------------------------------------------------------------- TP parity
 @pytest.mark.distributed
-def test_tp2_sp_matches_single_rank():
+def test_tp2_sp_pp2_matches_single_rank():
+    """One 4-rank launch covers TP=2+SP and PP=2 (MLA layers on both stages, global offsets)."""
     from megacpp_mcore.testing.parity import compare_parallel
 
     # Steps 1-2 catch a wrong rope-key gradient under TP (2.5e-5 relative grad-norm drift without
     # mla._SumRopeKeyGrad); with it the runs agree to ~1e-7.
-    ref, runs = compare_parallel(TINY_MLA, {"tp": 2, "sp": True}, steps=3)
+    ref, runs = compare_parallel(TINY_MLA, {"tp": 2, "sp": True, "pp": 2}, steps=3, nproc=4)
+    assert sorted(run["pp_rank"] for run in runs) == [0, 0, 1, 1]
     for run in runs:
         assert run["losses"] == pytest.approx(ref["losses"], rel=2e-6, abs=1e-7)
         assert run["grad_norms"] == pytest.approx(ref["grad_norms"], rel=2e-6, abs=1e-7)
@@ -369,3 +371,32 @@ def test_te_down_projection_not_marked_tensor_parallel(single_rank):
         assert type(proj).__name__ == "TELinear"
         assert all(p.tensor_model_parallel is False for p in proj.parameters())
     assert attn.linear_kv_up_proj.weight.tensor_model_parallel is True
+
+
+# ------------------------------------------------------------------------ ours vs upstream spec
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_mla.py"
+    spec = importlib.util.spec_from_file_location("bench_mla", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_smoke_same_loss_as_upstream_spec(tmp_path):
+    """CPU: our A+E stack and upstream's MLA layer spec, same weights -> same step-0 loss."""
+    result = _bench().main(["--smoke", "--out", str(tmp_path / "bench.json")])
+    assert result["step0_loss"]["abs_diff"] < 1e-6
+    assert result["shapes"]["layers"] == 2 and (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
+def test_te_same_loss_as_upstream_te_mla_spec():
+    result = _bench().main(["--layers", "2", "--hidden", "512", "--heads", "4", "--ffn", "1024",
+                            "--seq", "512", "--vocab", "4096", "--iters", "3", "--warmup", "1"])
+    assert result["backend"] == "te"
+    assert "LatentTEDotProductAttention" in result["attention_modules"]["ours"]
+    assert result["loss_match"], result["step0_loss"]
