@@ -377,12 +377,32 @@ def uses_mla(ctx: LayerContext) -> bool:
     return ctx.has("mla")
 
 
+MLA_DIM_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def _check_dims_agree(ctx: LayerContext) -> None:
+    """An MLAConfig given to ``hybrid_block_spec(mla=...)`` must match the model config's dims
+    (with ``pretrain_gpt.py --spec`` the dims come from Megatron's flags, not from the spec)."""
+    feature = ctx.feature("mla")
+    wrong = [
+        f"{name}: spec {getattr(feature, name)!r} vs config {getattr(ctx.config, name)!r}"
+        for name in MLA_DIM_FIELDS
+        if hasattr(feature, name) and getattr(feature, name) != getattr(ctx.config, name)
+    ]
+    if wrong:
+        raise MLAUnsupported(
+            f"layer {ctx.index} ({ctx.symbol!r}): the MLA dims of the spec and of the model config "
+            f"disagree ({'; '.join(wrong)}); pass the same dims to both"
+        )
+
+
 def attention_spec(ctx: LayerContext) -> ModuleSpec:
     """The self-attention spec of this layer: MLA when it carries ``mla``, else standard.
 
     The entry point for every attention consumer (A layers, MoD, MoDA, MTP).
     """
     if uses_mla(ctx):
+        _check_dims_agree(ctx)
         return mla_self_attention_spec(ctx.config, ctx.backend)
     from megacpp_mcore.attention import self_attention_spec
 

@@ -27,6 +27,12 @@ def _model(**mla_changes):
     return model_from_spec(dict(TINY_MLA, mla=dict(MLA_DIMS, **mla_changes)))
 
 
+def layer_backend():
+    from megacpp_mcore.backends import get_backend
+
+    return get_backend("local")
+
+
 def _config(model, **overrides):
     return runtime.transformer_config(model, runtime.Parallelism(), **overrides)
 
@@ -151,6 +157,12 @@ def test_spec_uses_seam_classes_and_channel_metadata(single_rank):
     assert (core.k_channels, core.v_channels) == (24, 24)
     assert core.hidden_size_per_partition == 4 * 24  # heads * v_head_dim, not kv_channels
     assert attn.softmax_scale == pytest.approx(1 / math.sqrt(24))
+    # upstream's down-projection allow-list compares exact classes (no subclasses/ModuleSpecs)
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    subs = mla.mla_self_attention_spec(config, layer_backend()).submodules
+    assert subs.linear_q_down_proj is ColumnParallelLinear
+    assert subs.linear_kv_down_proj is ColumnParallelLinear
     # E layers of an MLA model are untouched
     assert _layer(model, config, 1).self_attention.__class__.__name__ == "IdentityOp"
 
@@ -261,6 +273,14 @@ def test_mixed_mla_and_standard_attention_refused():
     plain_config = runtime.transformer_config(model.replace(mla=None), runtime.Parallelism())
     with pytest.raises(mla.MLAUnsupported, match=r"layer 0 \('A'\) carries 'mla'.*without MLA dims"):
         partial.submodules.layer_spec(plain_config, 0)
+
+
+def test_spec_and_config_dims_must_agree():
+    model = _model()
+    config = _config(_model(kv_lora_rank=48))
+    spec = hybrid_block_spec("AE", backend="local", num_layers=4, mla=model.mla)
+    with pytest.raises(mla.MLAUnsupported, match="kv_lora_rank: spec 32 vs config 48"):
+        spec.submodules.layer_spec(config, 0)
 
 
 def test_mla_on_non_attention_layer_refused():
