@@ -61,5 +61,4 @@ def apply() -> list[str]:
         if getattr(module, name) is not None:
             setattr(module, name, None)
             changed.append(f"{_MODULE}.{name} = None")
-    module._megacpp_have_te_patched = True
     return changed
