@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megacpp_mcore import mla, plan, runtime
 from megacpp_mcore.hybrid import hybrid_block_spec
