@@ -35,13 +35,15 @@ def self_attention_spec(ctx: LayerContext) -> ModuleSpec:
 
 
 def attention_layer_spec(ctx: LayerContext) -> ModuleSpec:
-    """The ``A`` sub-layer: attention only (the MLP slots stay identity)."""
-    fused = ctx.backend.fuse_layernorm_and_linear()
+    """The ``A`` sub-layer: attention only (the MLP slots stay identity). Attention (standard or
+    MLA) and its input norm come from the MLA seam, :mod:`megacpp_mcore.mla`."""
+    from megacpp_mcore import mla
+
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if fused else ctx.backend.layer_norm(),
-            self_attention=self_attention_spec(ctx),
+            input_layernorm=mla.input_norm_spec(ctx),
+            self_attention=mla.attention_spec(ctx),
             self_attn_bda=get_bias_dropout_add,
         ),
     )

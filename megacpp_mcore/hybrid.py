@@ -48,7 +48,6 @@ SYMBOL_BUILDERS: dict[str, str] = {
 PENDING: dict[str, str] = {
     "M": "the 'M' (Mamba-2) block is not available yet (tracked in issue 8)",
     "R": "the 'R' (M2RNN) block is not available yet (tracked in issue 8)",
-    "mla": "MLA on 'A' layers is not available yet (tracked in issue 4)",
     "mod": "Mixture-of-Depths is not available yet (tracked in issue 6)",
     "moda": "MoDA depth-KV attention is not available yet (tracked in issue 7)",
 }

@@ -94,10 +94,11 @@ def initialize(par: Parallelism, *, seed: int = 1234) -> int:
     parallel state and the seeds. Returns the data-parallel size."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megacpp_mcore import cpu_shims
+    from megacpp_mcore import cpu_shims, mla
 
     cuda = torch.cuda.is_available()
     cpu_shims.apply()
+    mla.apply_patches()
     if not torch.distributed.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -187,7 +188,15 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
             moe_token_dispatcher_type="alltoall" if cuda else "allgather",
             moe_router_dtype="fp32",
         )
+    if model.mla is not None:
+        from megacpp_mcore import mla
+
+        kwargs.update(mla.transformer_config_kwargs(model.mla))
     kwargs.update(overrides)
+    if kwargs.get("multi_latent_attention"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
 
 
