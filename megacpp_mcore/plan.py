@@ -115,12 +115,13 @@ def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: in
     return int(factor * sbh / tp)
 
 
-def build_plan(m: ModelConfig, *, pp: int = 1, tp: int = 1, ep: int = 1, micro_batch: int = 1,
+def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 1, micro_batch: int = 1,
                backend: str = "auto") -> dict[str, Any]:
     """The plan as a JSON-able dict: ``layers``, ``counts``, ``stages``, ``parameters``, ``memory``."""
     from megacpp_mcore.backends import resolve_backend_name
 
     table = m.layer_table(pp=pp)
+    pp = 1 + max(e.stage for e in table)
     resolved = resolve_backend_name(backend)
     layers = []
     for entry in table:

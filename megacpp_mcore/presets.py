@@ -105,7 +105,9 @@ class ModelConfig:
             configs["mla"] = self.mla
         return configs
 
-    def layer_table(self, pp: int = 1):
+    def layer_table(self, pp: int | None = None):
+        """The compiled layers; ``pp`` defaults to the pattern's own ``|`` stage count."""
+        pp = pp or len(validate_pattern(self.pattern))
         placements = {
             name: value if isinstance(value, FeaturePlacement) else value.placement
             for name, value in self.feature_configs.items()

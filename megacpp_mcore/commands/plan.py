@@ -26,7 +26,8 @@ def model_from_args(args: argparse.Namespace):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    parser.add_argument("--pp", type=int, default=None,
+                        help="pipeline-parallel stages (default: the pattern's '|' stages, else 1)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the memory estimate")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size for the memory estimate")
     parser.add_argument("--micro-batch-size", type=int, default=1, help="for the activation estimate")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from megacpp_mcore.plan import build_plan, format_plan
 
     for flag in ("pp", "tp", "ep", "micro_batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model = model_from_args(args)
     plan = build_plan(model, pp=args.pp, tp=args.tp, ep=args.ep,

@@ -19,7 +19,7 @@ from megacpp_mcore.presets import MLAConfig, ModelConfig, MoEConfig, custom_mode
 # Tiny A/E models for parity checks (JSON-able, see model_from_spec).
 TINY_DENSE = {
     "pattern": "AE", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
-    "ffn_hidden_size": 128, "vocab_size": 128, "seq_length": 32, "moe": None,
+    "ffn_hidden_size": 128, "vocab_size": 128, "seq_length": 32, "moe": None, "mtp_depth": 0,
 }
 TINY_MOE = dict(TINY_DENSE, moe={"num_experts": 4, "topk": 2, "ffn_hidden_size": 64,
                                  "shared_expert_size": 64})
