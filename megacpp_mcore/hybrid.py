@@ -50,7 +50,6 @@ PENDING: dict[str, str] = {
     "R": "the 'R' (M2RNN) block is not available yet (tracked in issue 8)",
     "mla": "MLA on 'A' layers is not available yet (tracked in issue 4)",
     "mod": "Mixture-of-Depths is not available yet (tracked in issue 6)",
-    "moda": "MoDA depth-KV attention is not available yet (tracked in issue 7)",
 }
 
 
