@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -260,9 +261,10 @@ class DepthKVBuffer:
         return self.key.nbytes + self.value.nbytes
 
 
-# Buffers being built: (id(MoDAConfig), segment start) -> (config, buffer). The config object is kept
-# so a recycled id cannot alias; a layer index not above the last registered one means a new build.
-_BUILDING: dict[tuple[int, int], tuple[MoDAConfig, DepthKVBuffer]] = {}
+# Buffers being built: (id(MoDAConfig), segment start) -> (config, weakref to buffer). The config
+# object is kept so a recycled id cannot alias; the buffer is weak so a dropped model frees its
+# tensors; a layer index not above the last registered one means a new build.
+_BUILDING: dict[tuple[int, int], tuple[MoDAConfig, "weakref.ref[DepthKVBuffer]"]] = {}
 
 
 def _chunk_starts(config) -> list[int]:
@@ -289,12 +291,13 @@ def _register(config, moda: MoDAConfig, index: int) -> tuple[DepthKVBuffer, int,
     segment = next(s for s in moda.segments(config.num_layers, _chunk_starts(config)) if index in s)
     key = (id(moda), segment.start)
     entry = _BUILDING.get(key)
-    first = entry is None or entry[0] is not moda or index <= entry[1].last_index
+    buffer = entry[1]() if entry is not None and entry[0] is moda else None
+    first = buffer is None or index <= buffer.last_index
     if first:
-        entry = (moda, DepthKVBuffer(segment=segment, detach=moda.detach))
-        _BUILDING[key] = entry
-    reads, slot = entry[1].register(index, moda.contributes(index))
-    return entry[1], reads, slot, first
+        buffer = DepthKVBuffer(segment=segment, detach=moda.detach)
+        _BUILDING[key] = (moda, weakref.ref(buffer))
+    reads, slot = buffer.register(index, moda.contributes(index))
+    return buffer, reads, slot, first
 
 
 def _refuse_unsupported(config, attn_mask_type, attention_dropout, index: int) -> None:
