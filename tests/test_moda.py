@@ -256,11 +256,12 @@ def test_model_buffer_matches_formula(single_rank):
 @pytest.mark.distributed
 def test_tp2_sp_and_pp2_match_single_rank():
     from megacpp_mcore.testing.dist import run_distributed
+    from megacpp_mcore.testing.parity import train_run
 
     target = "megacpp_mcore.testing.parity:train_run"
     with tempfile.TemporaryDirectory(prefix="megacpp-moda-") as ckpt:
-        (ref,) = run_distributed(target, nproc=1, kwargs=dict(
-            model=MODA_MODEL, steps=3, checkpoint=ckpt, checkpoint_mode="save"))
+        # the single-rank reference runs in this process (one launch fewer), saving its weights
+        ref = train_run(model=MODA_MODEL, steps=3, checkpoint=ckpt, checkpoint_mode="save")
         runs = {
             name: run_distributed(target, nproc=2, kwargs=dict(
                 model=MODA_MODEL, parallel=parallel, steps=3, checkpoint=ckpt, checkpoint_mode="load"))
