@@ -579,6 +579,8 @@ class DepthAwareAttention(MegatronModule):
             if attached:
                 depth_key = torch.stack(attached[0::2], dim=3)
                 depth_value = torch.stack(attached[1::2], dim=3)
+            elif depth_key is not None:  # autograd would save views that later pushes bump
+                depth_key, depth_value = depth_key.clone(), depth_value.clone()
             out = reference_depth_attention(query, key, value, depth_key, depth_value,
                                             scale=self.softmax_scale)
         else:
@@ -598,9 +600,19 @@ class DepthAwareAttention(MegatronModule):
         return stats
 
 
+@functools.lru_cache(maxsize=None)
+def _default_config(placement: FeaturePlacement) -> MoDAConfig:
+    """One MoDAConfig per bare placement, so all layers of a model share their segment buffers."""
+    return MoDAConfig(placement=placement)
+
+
 def core_attention(ctx) -> functools.partial:
-    """The ``core_attention`` builder of a MoDA ``A`` layer (both backends, standard and MLA)."""
+    """The ``core_attention`` builder of a MoDA ``A`` layer (both backends, standard and MLA).
+
+    Attention specs swap their backend's core attention for this when ``ctx.has("moda")``; MLA
+    passes ``k_channels``/``v_channels`` through its usual build call.
+    """
     moda = ctx.feature("moda")
     if isinstance(moda, FeaturePlacement) or moda is None:
-        moda = MoDAConfig(placement=moda or FeaturePlacement(symbols="A"))
+        moda = _default_config(moda or FeaturePlacement(symbols="A"))
     return functools.partial(DepthAwareAttention, moda=moda, layer_index=ctx.index)

@@ -150,20 +150,21 @@ def test_reference_masks_the_future():
 # -- the module and its buffer --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("kernel", ["fast", "reference"])
-def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel):
-    layers = _layers(MoDAConfig(kernel=kernel), 3)
+def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel, groups):
+    layers = _layers(MoDAConfig(kernel=kernel), 3, _config(num_layers=3, num_query_groups=groups))
     assert [(lay.reads, lay.slot) for lay in layers] == [(0, 0), (1, 1), (2, 2)]
     buffer = layers[0].buffer
     assert all(lay.buffer is buffer for lay in layers)
 
     def micro_batch(seed):
         torch.manual_seed(seed)
-        outs = [lay(*_qkv(), None) for lay in layers]
+        outs = [lay(*_qkv(groups=groups), None) for lay in layers]
         return outs, buffer.key
     outs1, key1 = micro_batch(1)
-    assert buffer.allocated_bytes == depth_kv_bytes(2, 6, 3, 2, 8, torch.float32)
-    assert key1.shape == (6, 2, 2, 3, 8)
+    assert buffer.allocated_bytes == depth_kv_bytes(2, 6, 3, groups, 8, torch.float32)
+    assert key1.shape == (6, 2, groups, 3, 8)
     outs2, key2 = micro_batch(2)
     assert key2 is not key1  # cleared per micro-batch: a fresh buffer
     # Both micro-batches in flight (as in a pipeline schedule) still backprop.
@@ -172,6 +173,23 @@ def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel):
                                          "moda_buffer_bytes": float(buffer.allocated_bytes)}
     assert layers[2].megacpp_stats() == {"moda_depth_keys": 2.0}
     assert layers[0].observed_kernel == ("aten-flash-cpu" if kernel == "fast" else "reference")
+
+
+def test_bare_placement_layers_share_a_buffer():
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megacpp_mcore.layer_context import LayerContext
+
+    config = _config(num_layers=3)
+    built = []
+    for i in range(3):
+        ctx = LayerContext(config=config, backend=None, index=i, symbol="A", features=frozenset({"moda"}),
+                           feature_configs={"moda": FeaturePlacement(symbols="A")})
+        built.append(moda.core_attention(ctx)(
+            config=config, layer_number=i + 1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+            cp_comm_type=None, softmax_scale=None, pg_collection=None))
+    assert all(b.buffer is built[0].buffer for b in built)
+    assert [b.reads for b in built] == [0, 1, 2]
 
 
 def test_non_contributing_layers_do_not_push():
