@@ -452,13 +452,16 @@ class _DepthFlashAttention(torch.autograd.Function):
             _to_heads(value, r, width), _to_heads(out, 1, width), lse.permute(1, 2, 0).contiguous(),
             ctx.state, ctx.scale)
         dquery = dq_h[..., :dk].permute(2, 0, 1, 3)  # [s, b, np, dk]
-        dkey = dk_h[..., :dk].permute(2, 0, 1, 3).reshape(s, b, g, r, dk).sum(3)
-        dvalue = dv_h[..., :dv].permute(2, 0, 1, 3).reshape(s, b, g, r, dv).sum(3)
+        dkey = dk_h[..., :dk].permute(2, 0, 1, 3)  # [s, b, np, dk]: summed over each GQA group
+        dvalue = dv_h[..., :dv].permute(2, 0, 1, 3)
+        if r > 1:
+            dkey = dkey.reshape(s, b, g, r, dk).sum(3)
+            dvalue = dvalue.reshape(s, b, g, r, dv).sum(3)
         grads_attached = []
         if depth_key is not None:
-            ddq, ddk, ddv = _depth_backward(query, depth_key, depth_value, out, lse, dout, ctx.scale,
-                                            want_kv=ctx.n_attached > 0)
-            dquery = dquery + ddq.to(dquery.dtype)
+            dquery = dquery.contiguous()
+            ddk, ddv = _depth_backward(query, depth_key, depth_value, out, lse, dout, ctx.scale, dquery,
+                                       want_kv=ctx.n_attached > 0)
             for j in range(ctx.n_attached // 2):
                 grads_attached += [ddk[:, :, :, j].to(key.dtype), ddv[:, :, :, j].to(value.dtype)]
         return (dquery.to(query.dtype), dkey.to(key.dtype), dvalue.to(value.dtype), None, None, None,
@@ -481,7 +484,7 @@ def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
     vd = depth_value.reshape(rows, n, dv)
     so = seq_out.reshape(rows, r, dv)
     sl = seq_lse.reshape(rows, r)
-    out = torch.empty((rows, r, dv), dtype=acc, device=query.device)
+    out = torch.empty((rows, r, dv), dtype=query.dtype, device=query.device)
     lse = torch.empty((rows, r), dtype=acc, device=query.device)
     for sl_ in _row_chunks(rows, 4 * (n * (dk + dv) + r * (dk + dv + n))):
         scores = _depth_scores(q[sl_], kd[sl_], scale)  # [rows, r, n]
@@ -489,13 +492,14 @@ def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
         depth_out = torch.bmm((scores - depth_lse[..., None]).exp(), vd[sl_].to(acc))  # [rows, r, dv]
         total = torch.logaddexp(sl[sl_].to(acc), depth_lse)
         out[sl_] = ((sl[sl_].to(acc) - total).exp()[..., None] * so[sl_].to(acc)
-                    + (depth_lse - total).exp()[..., None] * depth_out)
+                    + (depth_lse - total).exp()[..., None] * depth_out).to(out.dtype)
         lse[sl_] = total
     return out.reshape(s, b, heads, dv), lse.reshape(s, b, heads)
 
 
-def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, *, want_kv: bool):
-    """Gradients of the depth part for the joint softmax: (dq, dK_depth, dV_depth or None)."""
+def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery, *, want_kv: bool):
+    """Depth part of the joint-softmax backward: adds into ``dquery`` (contiguous
+    ``[s, b, np, dk]``) in place; returns (dK_depth, dV_depth), None unless ``want_kv``."""
     s, b, heads, dk = query.shape
     g, n, dv = depth_key.shape[2], depth_key.shape[3], depth_value.shape[-1]
     r, rows = heads // g, s * b * g
@@ -504,7 +508,7 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, *, wan
     kd = depth_key.reshape(rows, n, dk)
     vd = depth_value.reshape(rows, n, dv)
     o, do, total = out.reshape(rows, r, dv), dout.reshape(rows, r, dv), lse.reshape(rows, r)
-    dq = torch.empty((rows, r, dk), dtype=acc, device=query.device)
+    dq = dquery.view(rows, r, dk)
     dkd = torch.empty((rows, n, dk), dtype=acc, device=query.device) if want_kv else None
     dvd = torch.empty((rows, n, dv), dtype=acc, device=query.device) if want_kv else None
     for sl_ in _row_chunks(rows, 4 * (n * (dk + dv) * 2 + r * (2 * dk + 2 * dv + 3 * n))):
@@ -513,14 +517,13 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, *, wan
         row_dot = (do_f * o[sl_].to(acc)).sum(-1, keepdim=True)  # [rows, r, 1]
         dp = torch.bmm(do_f, vd[sl_].to(acc).transpose(1, 2))  # [rows, r, n]
         ds = probs * (dp - row_dot)
-        dq[sl_] = torch.bmm(ds, kd[sl_].to(acc)) * scale
+        dq[sl_] += (torch.bmm(ds, kd[sl_].to(acc)) * scale).to(dq.dtype)
         if want_kv:
             dkd[sl_] = torch.bmm(ds.transpose(1, 2), q[sl_].to(acc)) * scale
             dvd[sl_] = torch.bmm(probs.transpose(1, 2), do_f)
-    dq = dq.reshape(s, b, heads, dk)
     if want_kv:
         dkd, dvd = dkd.reshape(s, b, g, n, dk), dvd.reshape(s, b, g, n, dv)
-    return dq, dkd, dvd
+    return dkd, dvd
 
 
 def fast_depth_attention(query, key, value, depth_key=None, depth_value=None, *, scale: float,
