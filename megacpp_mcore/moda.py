@@ -25,9 +25,11 @@ Pieces (all in this module):
 
 Sequence kernel (why not ``TEDotProductAttention``): the merge needs the sequence part's
 log-sum-exp, and TE's public attention API does not return softmax statistics. Both backends
-therefore run the sequence part with PyTorch's own flash-attention ops, which do: on CUDA
-``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256), on CPU
-``aten._scaled_dot_product_flash_attention_for_cpu``. Their backward ops take the MERGED output and
+therefore run the sequence part with PyTorch's own fused-attention ops, which do: on CUDA
+``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
+default) or, with ``MoDAConfig(cuda_kernel="cudnn")``, ``aten._scaled_dot_product_cudnn_attention``
+(the cuDNN fused kernel TE also uses on Hopper); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``.
+GQA groups are expanded and unequal K/V head dims (MLA) are zero-padded to one width for the kernel. Their backward ops take the MERGED output and
 log-sum-exp, which makes the sequence-part gradients exact for the joint softmax (the ring-attention
 identity). The observed kernel is recorded in :attr:`DepthAwareAttention.observed_kernel`.
 
@@ -66,6 +68,7 @@ from megatron.core.transformer.module import MegatronModule
 from megacpp_mcore.pattern import FeaturePlacement, stage_lengths
 
 KERNELS = ("fast", "reference")
+CUDA_KERNELS = ("flash", "cudnn")
 
 
 def depth_kv_bytes(batch: int, seq: int, layers: int, n_kv_heads: int, head_dim: int,
@@ -95,6 +98,7 @@ class MoDAConfig:
     contributing_layers: tuple[int, ...] | None = None  # MoDA layers that push; None: all of them
     boundaries: tuple[int, ...] = ()  # extra layer indices where the buffer restarts
     kernel: str = "fast"  # "fast" (flash + log-sum-exp merge) | "reference" (explicit keys)
+    cuda_kernel: str = "flash"  # fast path's sequence kernel on CUDA: "flash" (FA2) | "cudnn"
 
     def __post_init__(self):
         if not isinstance(self.placement, FeaturePlacement):
@@ -108,6 +112,9 @@ class MoDAConfig:
             raise ValueError(f"MoDAConfig.detach must be a bool, got {self.detach!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"MoDAConfig.kernel={self.kernel!r}; allowed: {', '.join(KERNELS)}")
+        if self.cuda_kernel not in CUDA_KERNELS:
+            raise ValueError(
+                f"MoDAConfig.cuda_kernel={self.cuda_kernel!r}; allowed: {', '.join(CUDA_KERNELS)}")
         for name in ("contributing_layers", "boundaries"):
             value = getattr(self, name)
             if value is None and name == "contributing_layers":
@@ -362,7 +369,9 @@ def reference_depth_attention(query, key, value, depth_key=None, depth_value=Non
 # Fast path: flash attention with log-sum-exp, merged with the depth attention.
 
 
-def _flash_check(q: torch.Tensor, head_dim: int) -> str:
+def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "flash") -> str:
+    """The sequence kernel this input runs on: ``aten-flash-cpu``, ``aten-flash-cuda`` or
+    ``aten-cudnn-cuda``; raises for inputs no kernel takes."""
     if q.device.type == "cpu":
         return "aten-flash-cpu"
     if q.device.type == "cuda":
@@ -371,26 +380,38 @@ def _flash_check(q: torch.Tensor, head_dim: int) -> str:
                 f"MoDA fast kernel on CUDA needs bf16/fp16 and a head dim <= 256 divisible by 8, got "
                 f"{q.dtype} with head dim {head_dim}; use MoDAConfig(kernel='reference')"
             )
-        return "aten-flash-cuda"
+        return f"aten-{cuda_kernel}-cuda"
     raise ValueError(f"MoDA fast kernel: unsupported device {q.device}; use kernel='reference'")
 
 
-def _flash_forward(q, k, v, scale):
+def _flash_forward(q, k, v, scale, kernel: str):
     """q, k, v ``[b, h, s, d]`` -> (out ``[b, h, s, d]``, lse ``[b, h, s]`` fp32, backward state)."""
-    if q.device.type == "cpu":
+    if kernel == "aten-flash-cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, True, scale=scale)
-        return out, lse, None
+        return out, lse, (kernel,)
+    if kernel == "aten-cudnn-cuda":
+        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False, scale=scale)
+        # cuDNN's statistics are [b, h, s, 1]
+        return out, lse.reshape(lse.shape[:3]), (kernel, cu_q, cu_k, max_q, max_k, seed, offset, lse.dim())
     out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, True, False, scale=scale)
-    return out, lse, (cu_q, cu_k, max_q, max_k, seed, offset)
+    return out, lse, (kernel, cu_q, cu_k, max_q, max_k, seed, offset)
 
 
 def _flash_backward(dout, q, k, v, out, lse, state, scale):
-    if state is None:
+    """Backward of the sequence kernel; ``out``/``lse`` are the MERGED ones (joint softmax)."""
+    kernel, *rest = state
+    if kernel == "aten-flash-cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, True, scale=scale)
-    cu_q, cu_k, max_q, max_k, seed, offset = state
+    if kernel == "aten-cudnn-cuda":
+        cu_q, cu_k, max_q, max_k, seed, offset, lse_dim = rest
+        lse = lse.unsqueeze(-1) if lse_dim == 4 else lse
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse, seed, offset, None, cu_q, cu_k, max_q, max_k, 0.0, True, scale=scale)
+    cu_q, cu_k, max_q, max_k, seed, offset = rest
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
 
@@ -420,12 +441,12 @@ class _DepthFlashAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, depth_key, depth_value, scale, *attached):
+    def forward(ctx, query, key, value, depth_key, depth_value, scale, kernel, *attached):
         s, b, heads, dk = query.shape
         g, dv = key.shape[2], value.shape[-1]
         r, width = heads // g, max(dk, dv)
         qh, kh, vh = _to_heads(query, 1, width), _to_heads(key, r, width), _to_heads(value, r, width)
-        out_h, lse_h, state = _flash_forward(qh, kh, vh, scale)  # [b, np, s, width], [b, np, s]
+        out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
         out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
         lse = lse_h.permute(2, 0, 1)  # [s, b, np]
         if depth_key is not None:
@@ -465,7 +486,7 @@ class _DepthFlashAttention(torch.autograd.Function):
             for j in range(ctx.n_attached // 2):
                 grads_attached += [ddk[:, :, :, j].to(key.dtype), ddv[:, :, :, j].to(value.dtype)]
         return (dquery.to(query.dtype), dkey.to(key.dtype), dvalue.to(value.dtype), None, None, None,
-                *grads_attached)
+                None, *grads_attached)
 
 
 def _depth_scores(q, kd, scale):
@@ -527,11 +548,11 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
 
 
 def fast_depth_attention(query, key, value, depth_key=None, depth_value=None, *, scale: float,
-                         attached: list[torch.Tensor] | tuple = ()):
+                         attached: list[torch.Tensor] | tuple = (), cuda_kernel: str = "flash"):
     """Same contract as :func:`reference_depth_attention`; ``attached`` are the pushed
     ``k_0, v_0, k_1, v_1, ...`` that receive depth-K/V gradients (empty: detached)."""
-    _flash_check(query, max(query.shape[-1], value.shape[-1]))
-    return _DepthFlashAttention.apply(query, key, value, depth_key, depth_value, scale, *attached)
+    kernel = _flash_check(query, max(query.shape[-1], value.shape[-1]), cuda_kernel)
+    return _DepthFlashAttention.apply(query, key, value, depth_key, depth_value, scale, kernel, *attached)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,9 +608,10 @@ class DepthAwareAttention(MegatronModule):
             out = reference_depth_attention(query, key, value, depth_key, depth_value,
                                             scale=self.softmax_scale)
         else:
-            self.observed_kernel = _flash_check(query, max(query.shape[-1], value.shape[-1]))
+            self.observed_kernel = _flash_check(query, max(query.shape[-1], value.shape[-1]),
+                                                self.moda.cuda_kernel)
             out = _DepthFlashAttention.apply(query, key, value, depth_key, depth_value,
-                                             self.softmax_scale, *attached)
+                                             self.softmax_scale, self.observed_kernel, *attached)
         if self.slot is not None:
             self.buffer.push(self.slot, key, value)
         s, b, heads, dv = out.shape

@@ -297,8 +297,9 @@ def test_tp2_sp_and_pp2_match_single_rank():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
 @pytest.mark.parametrize("dk,dv", [(128, 128), (192, 128)])
-def test_cuda_flash_path_matches_reference_bf16(dk, dv):
+def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
     torch.manual_seed(0)
     s, b, heads, groups, n = 512, 2, 8, 4, 3
     make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
@@ -306,7 +307,8 @@ def test_cuda_flash_path_matches_reference_bf16(dk, dv):
     kd, vd = make(s, b, groups, n, dk), make(s, b, groups, n, dv)
     ref = reference_depth_attention(q, k, v, kd, vd, scale=dk ** -0.5)
     fast = fast_depth_attention(q, k, v, kd.detach(), vd.detach(), scale=dk ** -0.5,
-                                attached=[t for j in range(n) for t in (kd[:, :, :, j], vd[:, :, :, j])])
+                                attached=[t for j in range(n) for t in (kd[:, :, :, j], vd[:, :, :, j])],
+                                cuda_kernel=cuda_kernel)
     torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
     grad_out = torch.randn_like(ref)
     for a, b_ in zip(torch.autograd.grad(ref, [q, k, v, kd, vd], grad_out),
