@@ -28,10 +28,12 @@ log-sum-exp, and TE's public attention API does not return softmax statistics. B
 therefore run the sequence part with PyTorch's own fused-attention ops, which do: on CUDA
 ``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
 default) or, with ``MoDAConfig(cuda_kernel="cudnn")``, ``aten._scaled_dot_product_cudnn_attention``
-(the cuDNN fused kernel TE also uses on Hopper); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``.
-GQA groups are expanded and unequal K/V head dims (MLA) are zero-padded to one width for the kernel. Their backward ops take the MERGED output and
-log-sum-exp, which makes the sequence-part gradients exact for the joint softmax (the ring-attention
-identity). The observed kernel is recorded in :attr:`DepthAwareAttention.observed_kernel`.
+(cuDNN's fused kernel, as TE uses on Hopper); on CPU
+``aten._scaled_dot_product_flash_attention_for_cpu``. GQA groups are expanded and unequal K/V head
+dims (MLA) are zero-padded to one width for the kernel. The kernels' backward ops are given the
+MERGED output and log-sum-exp, which makes the sequence-part gradients exact for the joint softmax
+(the ring-attention identity). The kernel used is recorded in
+:attr:`DepthAwareAttention.observed_kernel`.
 
 Detach (default): the buffer holds copies without autograd history, so no gradient reaches an earlier
 layer through its depth K/V (the buffer costs its bytes, nothing more). ``detach=False`` (the
@@ -48,9 +50,10 @@ sees. MoD's ``gateskip`` and ``threshold`` modes keep every position on the path
 pushes. A token-dropping (``topk``) wrapper that hands the attention a shorter sequence is refused at
 the push with a shape error; such a wrapper must run the attention on all positions.
 
-Not supported (refused at build time with a ValueError): activation recomputation (it would replay
-pushes), context parallelism, attention dropout, non-vanilla softmax, sliding windows, packed
-(``thd``) sequences and KV-cache inference.
+Not supported (refused at build time with a ValueError): recomputing the core attention (full
+recompute, or selective with ``core_attn``: it would replay pushes), context parallelism, attention
+dropout, non-vanilla softmax, sliding windows; at run time: packed (``thd``) sequences and KV-cache
+inference.
 """
 
 from __future__ import annotations
@@ -153,7 +156,8 @@ class MoDAConfig:
         """
         table = model.layer_table()
         moda_layers = [e for e in table if "moda" in e.features]
-        bad = [i for i in self.contributing_layers or () if i >= len(table) or "moda" not in table[i].features]
+        bad = [i for i in self.contributing_layers or ()
+               if i >= len(table) or "moda" not in table[i].features]
         if bad:
             raise ValueError(
                 f"MoDAConfig.contributing_layers names layer {bad[0]}, which is not a MoDA layer; "
@@ -310,9 +314,10 @@ def _register(config, moda: MoDAConfig, index: int) -> tuple[DepthKVBuffer, int,
 def _refuse_unsupported(config, attn_mask_type, attention_dropout, index: int) -> None:
     where = f"MoDA layer {index}"
     checks = [
-        (config.recompute_granularity is not None,
-         f"recompute_granularity={config.recompute_granularity!r} (recomputation replays K/V pushes); "
-         "allowed: None"),
+        (config.recompute_granularity == "full"
+         or config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or ()),
+         f"recompute_granularity={config.recompute_granularity!r} recomputing the core attention "
+         "(recomputation replays K/V pushes); allowed: None, or 'selective' without 'core_attn'"),
         (config.context_parallel_size != 1,
          f"context_parallel_size={config.context_parallel_size}; allowed: 1"),
         ((config.attention_dropout if attention_dropout is None else attention_dropout) != 0.0,
@@ -391,7 +396,8 @@ def _flash_forward(q, k, v, scale, kernel: str):
             q, k, v, 0.0, True, scale=scale)
         return out, lse, (kernel,)
     if kernel == "aten-cudnn-cuda":
-        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = cudnn(
             q, k, v, None, True, 0.0, True, False, scale=scale)
         # cuDNN's statistics are [b, h, s, 1]
         return out, lse.reshape(lse.shape[:3]), (kernel, cu_q, cu_k, max_q, max_k, seed, offset, lse.dim())

@@ -111,7 +111,8 @@ def run_variant(args, seq: int, variant: str) -> dict:
         result["observed_kernel"] = sorted({c.observed_kernel for c in cores})
         result["buffer_bytes_allocated"] = int(sum(
             c.megacpp_stats().get("moda_buffer_bytes", 0) for c in cores))
-        result["buffer_bytes_formula"] = m.features["moda"].buffer_bytes(m, args.batch, dtype=config.params_dtype)
+        result["buffer_bytes_formula"] = m.features["moda"].buffer_bytes(
+            m, args.batch, dtype=config.params_dtype)
     del chunks, optimizer, cores
     gc.collect()
     torch.cuda.empty_cache()

@@ -90,7 +90,8 @@ def test_buffer_bytes_from_model_config():
     assert cfg.buffer_bytes(m, 2) == depth_kv_bytes(2, 32, 3, 2, 16, torch.bfloat16)
     assert cfg.buffer_bytes(m, 2, tp=2) == depth_kv_bytes(2, 32, 3, 1, 16, torch.bfloat16)
     only = MoDAConfig(contributing_layers=(0, 5), boundaries=(4,))
-    assert only.buffer_bytes(m.replace(features={"moda": only}), 1) == depth_kv_bytes(1, 32, 1, 2, 16, torch.bfloat16)
+    expected = depth_kv_bytes(1, 32, 1, 2, 16, torch.bfloat16)
+    assert only.buffer_bytes(m.replace(features={"moda": only}), 1) == expected
     with pytest.raises(ValueError, match="names layer 3, which is not a MoDA layer"):
         bad = MoDAConfig(contributing_layers=(3,))
         bad.buffer_bytes(m.replace(features={"moda": bad}), 1)
@@ -239,6 +240,9 @@ def test_refuses_unsupported_settings():
     with pytest.raises(ValueError, match="MoDA layer 0: unsupported recompute_granularity='full'"):
         _layers(MoDAConfig(), 1, _config(recompute_granularity="full", recompute_method="uniform",
                                          recompute_num_layers=1))
+    with pytest.raises(ValueError, match="unsupported recompute_granularity='selective'"):
+        _layers(MoDAConfig(), 1, _config(recompute_granularity="selective"))
+    _layers(MoDAConfig(), 1, _config(recompute_granularity="selective", recompute_modules=["mlp"]))
     with pytest.raises(ValueError, match="attention dropout > 0"):
         _layers(MoDAConfig(), 1, _config(attention_dropout=0.1))
     buffer = moda.DepthKVBuffer(segment=range(0, 2), detach=True)
