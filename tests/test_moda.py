@@ -140,6 +140,23 @@ def test_fast_path_equals_reference(n, dk, dv, attached):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
+def test_fast_path_in_row_chunks_equals_reference(monkeypatch):
+    import functools
+
+    monkeypatch.setattr(moda, "_row_chunks", functools.partial(moda._row_chunks, budget=2000))
+    assert len(list(moda._row_chunks(24, 400))) == 5
+    torch.manual_seed(3)
+    q, k, v = _qkv()
+    kd, vd = torch.randn(6, 2, 2, 2, 8, requires_grad=True), torch.randn(6, 2, 2, 2, 8, requires_grad=True)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.35)
+    fast = fast_depth_attention(q, k, v, kd.detach(), vd.detach(), scale=0.35,
+                                attached=[kd[:, :, :, 0], vd[:, :, :, 0], kd[:, :, :, 1], vd[:, :, :, 1]])
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    for a, b in zip(torch.autograd.grad(ref.sum(), [q, k, v, kd, vd]),
+                    torch.autograd.grad(fast.sum(), [q, k, v, kd, vd])):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
 def test_reference_masks_the_future():
     q, k, v = _qkv(grad=False)
     out = reference_depth_attention(q, k, v, scale=0.3)
