@@ -179,15 +179,16 @@ class MoDAConfig:
         else:
             heads = model.num_query_groups or model.num_attention_heads
             k_dim = v_dim = model.hidden_size // model.num_attention_heads
-        if heads % tp:
-            raise ValueError(f"tp={tp} does not divide the {heads} K/V heads of the MoDA layers")
+        if heads % tp and tp % heads:
+            raise ValueError(f"tp={tp} and the {heads} K/V heads of the MoDA layers do not divide")
+        per_rank = max(1, heads // tp)  # fewer K/V groups than TP ranks: one replicated group each
         lengths = stage_lengths(model.pattern, model.num_layers, pp)
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         slots = max(
             sum(1 for e in moda_layers if e.index in seg and self.contributes(e.index))
             for seg in self.segments(model.num_layers, starts)
         )
-        return depth_kv_bytes(micro_batch, model.seq_length, slots, heads // tp, k_dim, dtype,
+        return depth_kv_bytes(micro_batch, model.seq_length, slots, per_rank, k_dim, dtype,
                               v_head_dim=v_dim)
 
 

@@ -89,6 +89,8 @@ def test_buffer_bytes_from_model_config():
     # segments [0..3] and [4..7] each hold 3 contributing A layers; 2 K/V groups of 16 channels
     assert cfg.buffer_bytes(m, 2) == depth_kv_bytes(2, 32, 3, 2, 16, torch.bfloat16)
     assert cfg.buffer_bytes(m, 2, tp=2) == depth_kv_bytes(2, 32, 3, 1, 16, torch.bfloat16)
+    assert cfg.buffer_bytes(m, 2, tp=4) == depth_kv_bytes(2, 32, 3, 1, 16, torch.bfloat16)
+    assert cfg.buffer_bytes(m, 2, pp=2) == cfg.buffer_bytes(m, 2)  # boundary at 4 = stage split
     only = MoDAConfig(contributing_layers=(0, 5), boundaries=(4,))
     expected = depth_kv_bytes(1, 32, 1, 2, 16, torch.bfloat16)
     assert only.buffer_bytes(m.replace(features={"moda": only}), 1) == expected
