@@ -588,7 +588,7 @@ class DepthAwareAttention(MegatronModule):
         self.moda = moda
         self.k_channels = k_channels or config.kv_channels
         self.v_channels = v_channels or config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.k_channels)
+        self.softmax_scale = 1.0 / math.sqrt(self.k_channels) if softmax_scale is None else softmax_scale
         self.buffer, self.reads, self.slot, self.starts_micro_batch = _register(config, moda, layer_index)
         self.observed_kernel: str | None = None
 
