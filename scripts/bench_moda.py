@@ -3,9 +3,10 @@
     python scripts/bench_moda.py                         # seq 4096 and 16384, TE backend, bf16
     python scripts/bench_moda.py --seq 4096 --out moda.json
 
-For every sequence length it builds the model twice through megatron-core (``runtime.build_model``,
-Megatron DDP + Adam, bf16): ``base`` (plain TE attention on every ``A`` layer) and ``moda`` (MoDA on
-every ``A`` layer, detached buffer), trains ``--warmup`` + ``--steps`` steps on synthetic batches and
+For every sequence length it builds the model through megatron-core (``runtime.build_model``,
+Megatron DDP + Adam, bf16) as ``base`` (plain TE attention on every ``A`` layer), ``moda`` (MoDA on
+every ``A`` layer, detached buffer, FlashAttention-2 sequence kernel) and ``moda-cudnn`` (same, cuDNN
+sequence kernel), trains ``--warmup`` + ``--steps`` steps on synthetic batches and
 reports ms/step and ``torch.cuda.max_memory_allocated``. Targets (issue 7): step-time ratio
 moda/base <= 1.10, and the peak-memory increase within 10% of ``depth_kv_bytes`` (the formula),
 which is also checked against the bytes the buffer actually allocated (``megacpp_stats``).
@@ -82,6 +83,7 @@ def run_variant(args, seq: int, variant: str) -> dict:
     from megacpp_mcore.moda import DepthAwareAttention
     from megacpp_mcore.testing.parity import synthetic_batches
 
+    start_allocated = torch.cuda.memory_allocated()  # leftovers of the previous variant would show here
     m = model_config(args, seq, variant)
     config = runtime.transformer_config(m, runtime.Parallelism())  # bf16 on CUDA
     chunks = runtime.build_model(m, config, backend=args.backend)
@@ -105,6 +107,7 @@ def run_variant(args, seq: int, variant: str) -> dict:
         "variant": variant, "seq": seq, "ms_per_step": elapsed * 1e3,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_bytes": torch.cuda.max_memory_allocated(), "final_loss": losses[-1],
+        "start_allocated_bytes": start_allocated,
     }
     cores = [mod for c in chunks for mod in c.modules() if isinstance(mod, DepthAwareAttention)]
     if cores:
