@@ -341,9 +341,29 @@ def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
-def test_te_model_with_moda_trains_and_reports_buffer():
-    from megacpp_mcore.testing.parity import train_run
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
+def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
-    model = dict(MODA_MODEL, hidden_size=256, num_attention_heads=4, seq_length=256)
-    result = train_run(model=model, steps=3, backend="te")
-    assert result["losses"][-1] < result["losses"][0]
+    spec = dict(MODA_MODEL, hidden_size=256, seq_length=256,
+                features={"moda": {"boundaries": [4], "cuda_kernel": cuda_kernel}})
+    m = model_from_spec(spec)
+    runtime.initialize(runtime.Parallelism(), seed=1234)
+    try:
+        config = runtime.transformer_config(m, runtime.Parallelism())  # bf16 on CUDA
+        chunks = runtime.build_model(m, config, backend="te")
+        optimizer = runtime.build_optimizer(chunks, lr=1e-3)
+        losses = []
+        for step in range(4):
+            micro = synthetic_batches(seed=0, step=step, global_batch=2, seq_length=256, vocab=128,
+                                      dp_rank=0, dp=1, micro_batch_size=2)
+            losses.append(runtime.train_step(chunks, optimizer, iter(micro), num_microbatches=1,
+                                             micro_batch_size=2, seq_length=256)["loss"])
+        assert losses[-1] < losses[0]
+        cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
+        assert {c.observed_kernel for c in cores} == {f"aten-{cuda_kernel}-cuda"}
+        expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
+        assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
+    finally:
+        runtime.shutdown()
