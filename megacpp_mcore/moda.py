@@ -571,16 +571,21 @@ class DepthAwareAttention(MegatronModule):
     """``core_attention`` for ``SelfAttention`` / ``MLASelfAttention`` with a MoDA depth buffer.
 
     Takes the upstream core-attention constructor arguments (``k_channels``/``v_channels`` for MLA)
-    plus ``moda`` and ``layer_index`` (bound by :func:`core_attention`). Forward has the upstream
-    signature: query ``[s, b, np, dk]``, key ``[s, b, g, dk]``, value ``[s, b, g, dv]`` ->
-    ``[s, b, np * dv]``. Parameter-free.
+    plus ``moda``, ``layer_index`` and ``sequence_attention`` (the backend's own core-attention class;
+    bound by :func:`core_attention`). Forward has the upstream signature: query ``[s, b, np, dk]``,
+    key ``[s, b, g, dk]``, value ``[s, b, g, dv]`` -> ``[s, b, np * dv]``. Parameter-free.
+
+    With ``kernel="fast"``, a layer that reads no depth keys (the first of its segment) composes ``sequence_attention`` (``TEDotProductAttention`` on ``te``, ``DotProductAttention`` on
+    ``local``) and only pushes; with MLA shapes (``k_channels`` given) it uses the fast path instead,
+    since the local class rejects ``k_channels`` in megatron-core 0.16.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  k_channels: int | None = None, v_channels: int | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, *, moda: MoDAConfig,
-                 layer_index: int, **kwargs):  # upstream kwargs added later (num_splits, ...)
+                 layer_index: int, sequence_attention=None,
+                 **kwargs):  # upstream kwargs added later (num_splits, ...)
         super().__init__(config=config)
         _refuse_unsupported(config, attn_mask_type, attention_dropout, layer_index)
         self.layer_number = layer_number
@@ -591,6 +596,13 @@ class DepthAwareAttention(MegatronModule):
         self.softmax_scale = 1.0 / math.sqrt(self.k_channels) if softmax_scale is None else softmax_scale
         self.buffer, self.reads, self.slot, self.starts_micro_batch = _register(config, moda, layer_index)
         self.observed_kernel: str | None = None
+        self.sequence_attention = None
+        if (self.reads == 0 and moda.kernel == "fast" and sequence_attention is not None
+                and k_channels is None and v_channels is None):
+            self.sequence_attention = sequence_attention(
+                config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                attention_type=attention_type, attention_dropout=attention_dropout,
+                softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None, **kwargs):
@@ -606,6 +618,13 @@ class DepthAwareAttention(MegatronModule):
         if self.starts_micro_batch:
             self.buffer.begin()
         depth_key, depth_value, attached = self.buffer.read(self.reads)
+        if self.sequence_attention is not None:  # no depth keys: the backend's own attention
+            self.observed_kernel = f"backend:{type(self.sequence_attention).__name__}"
+            out = self.sequence_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                          attention_bias=None, packed_seq_params=None)
+            if self.slot is not None:
+                self.buffer.push(self.slot, key, value)
+            return out
         if self.moda.kernel == "reference":
             self.observed_kernel = "reference"
             if attached:
@@ -648,4 +667,5 @@ def core_attention(ctx) -> functools.partial:
     moda = ctx.feature("moda")
     if isinstance(moda, FeaturePlacement) or moda is None:
         moda = _default_config(moda or FeaturePlacement(symbols="A"))
-    return functools.partial(DepthAwareAttention, moda=moda, layer_index=ctx.index)
+    return functools.partial(DepthAwareAttention, moda=moda, layer_index=ctx.index,
+                             sequence_attention=ctx.backend.core_attention())

@@ -195,21 +195,33 @@ def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel, groups):
     assert layers[0].observed_kernel == ("aten-flash-cpu" if kernel == "fast" else "reference")
 
 
-def test_bare_placement_layers_share_a_buffer():
+def test_bare_placement_layers_share_a_buffer_first_composes_backend(single_rank):
     from megatron.core.transformer.enums import AttnMaskType
 
+    from megacpp_mcore.backends import LocalBackend
     from megacpp_mcore.layer_context import LayerContext
 
     config = _config(num_layers=3)
     built = []
     for i in range(3):
-        ctx = LayerContext(config=config, backend=None, index=i, symbol="A", features=frozenset({"moda"}),
+        ctx = LayerContext(config=config, backend=LocalBackend(), index=i, symbol="A", features=frozenset({"moda"}),
                            feature_configs={"moda": FeaturePlacement(symbols="A")})
         built.append(moda.core_attention(ctx)(
             config=config, layer_number=i + 1, attn_mask_type=AttnMaskType.causal, attention_type="self",
             cp_comm_type=None, softmax_scale=None, pg_collection=None))
     assert all(b.buffer is built[0].buffer for b in built)
     assert [b.reads for b in built] == [0, 1, 2]
+    torch.manual_seed(0)
+    inputs = [_qkv() for _ in built]
+    outs = [lay(*qkv, None) for lay, qkv in zip(built, inputs)]
+    assert [lay.observed_kernel for lay in built] == ["backend:DotProductAttention"] + ["aten-flash-cpu"] * 2
+    depth_k = torch.stack([k for _, k, _ in inputs[:2]], dim=3)
+    depth_v = torch.stack([v for _, _, v in inputs[:2]], dim=3)
+    for i, out in enumerate(outs):
+        q, k, v = inputs[i]
+        ref = reference_depth_attention(q, k, v, depth_k[:, :, :, :i] if i else None,
+                                        depth_v[:, :, :, :i] if i else None, scale=8 ** -0.5)
+        torch.testing.assert_close(out, ref.reshape(out.shape), atol=1e-5, rtol=0)
 
 
 def test_non_contributing_layers_do_not_push():
@@ -288,6 +300,9 @@ def test_model_buffer_matches_formula(single_rank):
     loss.sum().backward()
     cores = [mod for mod in gpt.modules() if isinstance(mod, DepthAwareAttention)]
     assert [c.reads for c in cores] == [0, 1, 2, 0, 1, 2]
+    # no depth keys yet: the backend's own core attention, then the depth-aware fast path
+    assert [c.observed_kernel for c in cores] == ["backend:DotProductAttention"] + ["aten-flash-cpu"] * 2 + [
+        "backend:DotProductAttention"] + ["aten-flash-cpu"] * 2
     starters = [c for c in cores if c.starts_micro_batch]
     assert [c.layer_index for c in starters] == [0, 4]
     expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.float32)
@@ -362,7 +377,8 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
                                              micro_batch_size=2, seq_length=256)["loss"])
         assert losses[-1] < losses[0]
         cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
-        assert {c.observed_kernel for c in cores} == {f"aten-{cuda_kernel}-cuda"}
+        assert {c.observed_kernel for c in cores if c.reads} == {f"aten-{cuda_kernel}-cuda"}
+        assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
         expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
     finally:
