@@ -23,11 +23,12 @@ Pieces (all in this module):
 * :class:`DepthAwareAttention`: the ``core_attention`` of Megatron's ``SelfAttention`` (and of
   ``MLASelfAttention``: ``k_channels`` may differ from ``v_channels``) on both backends.
 
-Sequence kernel (why not ``TEDotProductAttention``): the merge needs the sequence part's
-log-sum-exp, and TE's public attention API does not return softmax statistics. Both backends
-therefore run the sequence part with PyTorch's own fused-attention ops, which do: on CUDA
-``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
-default) or, with ``MoDAConfig(cuda_kernel="cudnn")``, ``aten._scaled_dot_product_cudnn_attention``
+Sequence kernel: a layer that reads no depth keys (the first MoDA layer of a segment) runs the
+backend's own core attention (``TEDotProductAttention`` / ``DotProductAttention``) and only pushes.
+Layers that read depth keys need the sequence part's log-sum-exp for the merge, and TE's public
+attention API does not return softmax statistics, so both backends run their sequence part with
+PyTorch's own fused-attention ops, which do: on CUDA ``aten._scaled_dot_product_flash_attention``
+(FlashAttention-2; bf16/fp16, head dim <= 256; the default) or, with ``MoDAConfig(cuda_kernel="cudnn")``, ``aten._scaled_dot_product_cudnn_attention``
 (cuDNN's fused kernel, as TE uses on Hopper); on CPU
 ``aten._scaled_dot_product_flash_attention_for_cpu``. GQA groups are expanded and unequal K/V head
 dims (MLA) are zero-padded to one width for the kernel. The kernels' backward ops are given the
