@@ -17,6 +17,11 @@ def self_attention_spec(ctx: LayerContext) -> ModuleSpec:
     backend = ctx.backend
     qk_norm = backend.layer_norm(for_qk=True) if ctx.config.qk_layernorm else IdentityOp
     fused = backend.fuse_layernorm_and_linear()
+    core_attention = backend.core_attention()
+    if ctx.has("moda"):
+        from megacpp_mcore import moda
+
+        core_attention = moda.core_attention(ctx)
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -26,7 +31,7 @@ def self_attention_spec(ctx: LayerContext) -> ModuleSpec:
                 if fused
                 else backend.column_parallel_linear()
             ),
-            core_attention=backend.core_attention(),
+            core_attention=core_attention,
             linear_proj=backend.row_parallel_linear(),
             q_layernorm=qk_norm,
             k_layernorm=qk_norm,

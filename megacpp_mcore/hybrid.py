@@ -49,7 +49,6 @@ PENDING: dict[str, str] = {
     "M": "the 'M' (Mamba-2) block is not available yet (tracked in issue 8)",
     "R": "the 'R' (M2RNN) block is not available yet (tracked in issue 8)",
     "mod": "Mixture-of-Depths is not available yet (tracked in issue 6)",
-    "moda": "MoDA depth-KV attention is not available yet (tracked in issue 7)",
 }
 
 

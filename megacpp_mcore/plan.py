@@ -180,7 +180,7 @@ def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int
     moda = 0
     moda_cfg = m.features.get("moda")
     if moda_cfg is not None and hasattr(moda_cfg, "buffer_bytes"):
-        moda = moda_cfg.buffer_bytes(m, micro_batch)
+        moda = moda_cfg.buffer_bytes(m, micro_batch, tp=tp, pp=len(stages))
     return MemoryEstimate(
         weights=params_per_gpu * 2,
         grads=params_per_gpu * 4,

@@ -36,6 +36,10 @@ def model_from_spec(spec: dict[str, Any] | str) -> ModelConfig:
     if isinstance(spec.get("mla"), dict):
         spec["mla"] = MLAConfig(**spec["mla"])
     spec.setdefault("mla", None)
+    if isinstance(spec.get("features", {}).get("moda"), dict):
+        from megacpp_mcore.moda import MoDAConfig
+
+        spec["features"] = dict(spec["features"], moda=MoDAConfig.from_dict(spec["features"]["moda"]))
     return custom_model(**spec)
 
 

@@ -1,0 +1,385 @@
+"""MoDA: depth-KV buffer and depth-aware attention (megacpp_mcore.moda)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from megacpp_mcore import moda
+from megacpp_mcore.moda import (
+    DepthAwareAttention,
+    MoDAConfig,
+    depth_kv_bytes,
+    fast_depth_attention,
+    reference_depth_attention,
+)
+from megacpp_mcore.pattern import FeaturePlacement, PatternError
+
+# 8 layers AAAEAAAE: MoDA on the six A layers; GQA (4 heads, 2 K/V groups). The buffer restarts at
+# layer 4, which is also where PP=2 splits, so the single-rank model is the same definition.
+MODA_MODEL = {
+    "pattern": "AAAE", "num_layers": 8, "hidden_size": 64, "num_attention_heads": 4,
+    "num_query_groups": 2, "ffn_hidden_size": 128, "vocab_size": 128, "seq_length": 32,
+    "moe": None, "features": {"moda": {"boundaries": [4]}},
+}
+
+
+def _config(**overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                  use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def _layers(cfg: MoDAConfig, n: int, config=None, **channels) -> list[DepthAwareAttention]:
+    from megatron.core.transformer.enums import AttnMaskType
+
+    config = config or _config(num_layers=n)
+    return [DepthAwareAttention(config, i + 1, AttnMaskType.causal, "self", moda=cfg, layer_index=i,
+                                **channels) for i in range(n)]
+
+
+def _qkv(s=6, b=2, heads=4, groups=2, dk=8, dv=8, dtype=torch.float32, grad=True):
+    make = lambda *shape: torch.randn(*shape, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return make(s, b, heads, dk), make(s, b, groups, dk), make(s, b, groups, dv)
+
+
+# -- config and formula ---------------------------------------------------------------------------
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="kernel='flash'.*allowed: fast, reference"):
+        MoDAConfig(kernel="flash")
+    with pytest.raises(ValueError, match="attention layers only; allowed symbols: 'A'"):
+        MoDAConfig(placement=FeaturePlacement(symbols="AE"))
+    with pytest.raises(ValueError, match="contributing_layers: -1 is not a layer index"):
+        MoDAConfig(contributing_layers=(0, -1))
+    with pytest.raises(ValueError, match="detach must be a bool"):
+        MoDAConfig(detach="yes")
+    cfg = MoDAConfig.from_dict({"placement": {"layers": [0, 4]}, "boundaries": [4]})
+    assert cfg.placement.layers == (0, 4) and cfg.boundaries == (4,) and cfg.detach is True
+
+
+def test_moda_is_refused_on_non_attention_layers():
+    from megacpp_mcore.hybrid import hybrid_block_spec
+
+    with pytest.raises(PatternError, match="moda cannot attach to layer 1 is 'E'"):
+        hybrid_block_spec("AE", num_layers=4, moda=MoDAConfig(placement=FeaturePlacement(layers=(0, 1))))
+    hybrid_block_spec("AE", num_layers=4, moda=MoDAConfig())  # no longer pending
+
+
+def test_depth_kv_bytes_formula():
+    assert depth_kv_bytes(2, 4096, 8, 16, 128, torch.bfloat16) == 2 * 4096 * 8 * 16 * 128 * 2 * 2
+    assert depth_kv_bytes(1, 10, 3, 4, 8, torch.float32) == 10 * 3 * 4 * 8 * 4 * 2
+    assert depth_kv_bytes(1, 10, 3, 4, 24, torch.float32, v_head_dim=16) == 10 * 3 * 4 * 40 * 4
+    with pytest.raises(ValueError, match="n_kv_heads must be an int >= 0"):
+        depth_kv_bytes(1, 10, 3, 4.0, 8, torch.float32)
+
+
+def test_buffer_bytes_from_model_config():
+    from megacpp_mcore.plan import build_plan
+    from megacpp_mcore.testing.parity import model_from_spec
+
+    m = model_from_spec(MODA_MODEL)
+    cfg = m.features["moda"]
+    # segments [0..3] and [4..7] each hold 3 contributing A layers; 2 K/V groups of 16 channels
+    assert cfg.buffer_bytes(m, 2) == depth_kv_bytes(2, 32, 3, 2, 16, torch.bfloat16)
+    assert cfg.buffer_bytes(m, 2, tp=2) == depth_kv_bytes(2, 32, 3, 1, 16, torch.bfloat16)
+    assert cfg.buffer_bytes(m, 2, tp=4) == depth_kv_bytes(2, 32, 3, 1, 16, torch.bfloat16)
+    assert cfg.buffer_bytes(m, 2, pp=2) == cfg.buffer_bytes(m, 2)  # boundary at 4 = stage split
+    only = MoDAConfig(contributing_layers=(0, 5), boundaries=(4,))
+    expected = depth_kv_bytes(1, 32, 1, 2, 16, torch.bfloat16)
+    assert only.buffer_bytes(m.replace(features={"moda": only}), 1) == expected
+    with pytest.raises(ValueError, match="names layer 3, which is not a MoDA layer"):
+        bad = MoDAConfig(contributing_layers=(3,))
+        bad.buffer_bytes(m.replace(features={"moda": bad}), 1)
+    plan = build_plan(m, micro_batch=2, tp=2)
+    assert plan["memory"]["moda_depth_kv"] == cfg.buffer_bytes(m, 2, tp=2)
+
+
+def test_segments_follow_pipeline_chunks():
+    cfg = MoDAConfig(boundaries=(6,))
+    pp2 = _config(num_layers=8, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    assert moda._chunk_starts(pp2) == [0, 4]
+    assert [(r.start, r.stop) for r in cfg.segments(8, moda._chunk_starts(pp2))] == [(0, 4), (4, 6), (6, 8)]
+    vp = _config(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                 pipeline_dtype=torch.float32)
+    assert moda._chunk_starts(vp) == [0, 2, 4, 6]
+
+
+# -- fast path versus reference -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,dk,dv,attached", [
+    (0, 8, 8, False),   # first layer: no depth keys yet
+    (3, 8, 8, False),
+    (3, 8, 8, True),
+    (2, 24, 16, True),  # MLA shape: k_channels = qk_head_dim + qk_pos_emb_head_dim != v_channels
+])
+def test_fast_path_equals_reference(n, dk, dv, attached):
+    torch.manual_seed(n + dk)
+    q, k, v = _qkv(dk=dk, dv=dv)
+    ks = [torch.randn_like(k).requires_grad_() for _ in range(n)]
+    vs = [torch.randn(*v.shape).requires_grad_() for _ in range(n)]
+    kd, vd = (torch.stack(ks, 3), torch.stack(vs, 3)) if n else (None, None)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=dk ** -0.5)
+    fast = fast_depth_attention(q, k, v, None if kd is None else kd.detach(),
+                                None if vd is None else vd.detach(), scale=dk ** -0.5,
+                                attached=[t for pair in zip(ks, vs) for t in pair] if attached else ())
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(ref)
+    inputs = [q, k, v, *ks, *vs]
+    g_ref = torch.autograd.grad(ref, inputs, grad_out)
+    g_fast = torch.autograd.grad(fast, inputs, grad_out, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_ref, g_fast)):
+        if i >= 3 and not attached:
+            assert b is None  # detached: depth K/V receive nothing
+        else:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_fast_path_in_row_chunks_equals_reference(monkeypatch):
+    import functools
+
+    monkeypatch.setattr(moda, "_row_chunks", functools.partial(moda._row_chunks, budget=2000))
+    assert len(list(moda._row_chunks(24, 400))) == 5
+    torch.manual_seed(3)
+    q, k, v = _qkv()
+    kd, vd = torch.randn(6, 2, 2, 2, 8, requires_grad=True), torch.randn(6, 2, 2, 2, 8, requires_grad=True)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.35)
+    fast = fast_depth_attention(q, k, v, kd.detach(), vd.detach(), scale=0.35,
+                                attached=[kd[:, :, :, 0], vd[:, :, :, 0], kd[:, :, :, 1], vd[:, :, :, 1]])
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    for a, b in zip(torch.autograd.grad(ref.sum(), [q, k, v, kd, vd]),
+                    torch.autograd.grad(fast.sum(), [q, k, v, kd, vd])):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_reference_masks_the_future():
+    q, k, v = _qkv(grad=False)
+    out = reference_depth_attention(q, k, v, scale=0.3)
+    k2, v2 = k.clone(), v.clone()
+    k2[3:], v2[3:] = 7.0, -7.0
+    torch.testing.assert_close(reference_depth_attention(q, k2, v2, scale=0.3)[:3], out[:3])
+
+
+# -- the module and its buffer --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("kernel", ["fast", "reference"])
+def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel, groups):
+    layers = _layers(MoDAConfig(kernel=kernel), 3, _config(num_layers=3, num_query_groups=groups))
+    assert [(lay.reads, lay.slot) for lay in layers] == [(0, 0), (1, 1), (2, 2)]
+    buffer = layers[0].buffer
+    assert all(lay.buffer is buffer for lay in layers)
+
+    def micro_batch(seed):
+        torch.manual_seed(seed)
+        outs = [lay(*_qkv(groups=groups), None) for lay in layers]
+        return outs, buffer.key
+    outs1, key1 = micro_batch(1)
+    assert buffer.allocated_bytes == depth_kv_bytes(2, 6, 3, groups, 8, torch.float32)
+    assert key1.shape == (6, 2, groups, 3, 8)
+    outs2, key2 = micro_batch(2)
+    assert key2 is not key1  # cleared per micro-batch: a fresh buffer
+    # Both micro-batches in flight (as in a pipeline schedule) still backprop.
+    sum(o.sum() for o in outs1 + outs2).backward()
+    assert layers[0].megacpp_stats() == {"moda_depth_keys": 0.0,
+                                         "moda_buffer_bytes": float(buffer.allocated_bytes)}
+    assert layers[2].megacpp_stats() == {"moda_depth_keys": 2.0}
+    assert layers[0].observed_kernel == ("aten-flash-cpu" if kernel == "fast" else "reference")
+
+
+def test_bare_placement_layers_share_a_buffer_first_composes_backend(single_rank):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megacpp_mcore.backends import LocalBackend
+    from megacpp_mcore.layer_context import LayerContext
+
+    config = _config(num_layers=3)
+    built = []
+    for i in range(3):
+        ctx = LayerContext(config=config, backend=LocalBackend(), index=i, symbol="A", features=frozenset({"moda"}),
+                           feature_configs={"moda": FeaturePlacement(symbols="A")})
+        built.append(moda.core_attention(ctx)(
+            config=config, layer_number=i + 1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+            cp_comm_type=None, softmax_scale=None, pg_collection=None))
+    assert all(b.buffer is built[0].buffer for b in built)
+    assert [b.reads for b in built] == [0, 1, 2]
+    torch.manual_seed(0)
+    inputs = [_qkv() for _ in built]
+    outs = [lay(*qkv, None) for lay, qkv in zip(built, inputs)]
+    assert [lay.observed_kernel for lay in built] == ["backend:DotProductAttention"] + ["aten-flash-cpu"] * 2
+    depth_k = torch.stack([k for _, k, _ in inputs[:2]], dim=3)
+    depth_v = torch.stack([v for _, _, v in inputs[:2]], dim=3)
+    for i, out in enumerate(outs):
+        q, k, v = inputs[i]
+        ref = reference_depth_attention(q, k, v, depth_k[:, :, :, :i] if i else None,
+                                        depth_v[:, :, :, :i] if i else None, scale=8 ** -0.5)
+        torch.testing.assert_close(out, ref.reshape(out.shape), atol=1e-5, rtol=0)
+
+
+def test_non_contributing_layers_do_not_push():
+    layers = _layers(MoDAConfig(contributing_layers=(0, 2)), 4)
+    assert [(lay.reads, lay.slot) for lay in layers] == [(0, 0), (1, None), (1, 1), (2, None)]
+    for lay in layers:
+        lay(*_qkv(grad=False), None)
+    assert layers[0].buffer.allocated_bytes == depth_kv_bytes(2, 6, 2, 2, 8, torch.float32)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("kernel", ["fast", "reference"])
+def test_detached_by_default_attached_when_asked(detach, kernel):
+    cfg = MoDAConfig(detach=detach, kernel=kernel) if not detach else MoDAConfig(kernel=kernel)
+    first, second = _layers(cfg, 2)
+    torch.manual_seed(0)
+    q0, k0, v0 = _qkv()
+    q1, k1, v1 = _qkv()
+    first(q0, k0, v0, None)
+    second(q1, k1, v1, None).sum().backward()
+    if detach:
+        assert k0.grad is None and v0.grad is None  # nothing flows through the buffer
+        return
+    expected = torch.autograd.grad(
+        reference_depth_attention(q1, k1, v1, k0[:, :, :, None], v0[:, :, :, None], scale=8 ** -0.5).sum(),
+        [k0, v0])
+    assert k0.grad.abs().sum() > 0
+    torch.testing.assert_close(k0.grad, expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v0.grad, expected[1], atol=1e-5, rtol=0)
+
+
+def test_mla_shaped_core_attention():
+    config = _config(num_layers=2, num_query_groups=None)
+    first, second = _layers(MoDAConfig(), 2, config, k_channels=24, v_channels=16)
+    q0, k0, v0 = _qkv(heads=4, groups=4, dk=24, dv=16)
+    q1, k1, v1 = _qkv(heads=4, groups=4, dk=24, dv=16)
+    first(q0, k0, v0, None)
+    out = second(q1, k1, v1, None)
+    assert out.shape == (6, 2, 4 * 16)
+    assert second.softmax_scale == pytest.approx(24 ** -0.5)
+    ref = reference_depth_attention(q1, k1, v1, k0[:, :, :, None], v0[:, :, :, None], scale=24 ** -0.5)
+    torch.testing.assert_close(out, ref.reshape(6, 2, 64), atol=1e-5, rtol=0)
+    assert first.buffer.allocated_bytes == depth_kv_bytes(2, 6, 2, 4, 24, torch.float32, v_head_dim=16)
+
+
+def test_refuses_unsupported_settings():
+    with pytest.raises(ValueError, match="MoDA layer 0: unsupported recompute_granularity='full'"):
+        _layers(MoDAConfig(), 1, _config(recompute_granularity="full", recompute_method="uniform",
+                                         recompute_num_layers=1))
+    with pytest.raises(ValueError, match="unsupported recompute_granularity='selective'"):
+        _layers(MoDAConfig(), 1, _config(recompute_granularity="selective"))
+    _layers(MoDAConfig(), 1, _config(recompute_granularity="selective", recompute_modules=["mlp"]))
+    with pytest.raises(ValueError, match="attention dropout > 0"):
+        _layers(MoDAConfig(), 1, _config(attention_dropout=0.1))
+    buffer = moda.DepthKVBuffer(segment=range(0, 2), detach=True)
+    buffer.register(0, True), buffer.register(1, True)
+    buffer.begin()
+    buffer.push(0, *_qkv(grad=False)[1:])
+    with pytest.raises(ValueError, match=r"slot 1 pushes \(4, 2, 2, 8\)"):  # e.g. MoD top-k dropping tokens
+        buffer.push(1, *_qkv(s=4, grad=False)[1:])
+
+
+# -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
+
+
+def test_model_buffer_matches_formula(single_rank):
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
+
+    m = model_from_spec(MODA_MODEL)
+    config = runtime.transformer_config(m, runtime.Parallelism())
+    (gpt,) = runtime.build_model(m, config, backend="local", wrap_ddp=False)
+    (batch,) = synthetic_batches(seed=0, step=0, global_batch=2, seq_length=32, vocab=128, dp_rank=0,
+                                 dp=1, micro_batch_size=2)
+    loss = gpt(batch["tokens"], torch.arange(32)[None].expand(2, 32), None, labels=batch["labels"])
+    loss.sum().backward()
+    cores = [mod for mod in gpt.modules() if isinstance(mod, DepthAwareAttention)]
+    assert [c.reads for c in cores] == [0, 1, 2, 0, 1, 2]
+    # no depth keys yet: the backend's own core attention, then the depth-aware fast path
+    assert [c.observed_kernel for c in cores] == ["backend:DotProductAttention"] + ["aten-flash-cpu"] * 2 + [
+        "backend:DotProductAttention"] + ["aten-flash-cpu"] * 2
+    starters = [c for c in cores if c.starts_micro_batch]
+    assert [c.layer_index for c in starters] == [0, 4]
+    expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.float32)
+    assert [c.megacpp_stats()["moda_buffer_bytes"] for c in starters] == [expected, expected]
+
+
+@pytest.mark.distributed
+def test_tp2_sp_and_pp2_match_single_rank():
+    from megacpp_mcore.testing.dist import run_distributed
+    from megacpp_mcore.testing.parity import train_run
+
+    target = "megacpp_mcore.testing.parity:train_run"
+    with tempfile.TemporaryDirectory(prefix="megacpp-moda-") as ckpt:
+        # the single-rank reference runs in this process (one launch fewer), saving its weights
+        ref = train_run(model=MODA_MODEL, steps=3, checkpoint=ckpt, checkpoint_mode="save")
+        runs = {
+            name: run_distributed(target, nproc=2, kwargs=dict(
+                model=MODA_MODEL, parallel=parallel, steps=3, checkpoint=ckpt, checkpoint_mode="load"))
+            for name, parallel in (("tp2-sp", {"tp": 2, "sp": True}), ("pp2", {"pp": 2}))
+        }
+    assert ref["losses"][-1] < ref["losses"][0]  # it trains
+    for name, ranks in runs.items():
+        for rank in ranks:
+            assert rank["losses"] == pytest.approx(ref["losses"], abs=1e-5), name
+            assert rank["grad_norms"] == pytest.approx(ref["grad_norms"], abs=1e-5), name
+
+
+# -- GPU --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
+@pytest.mark.parametrize("dk,dv", [(128, 128), (192, 128)])
+def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
+    torch.manual_seed(0)
+    s, b, heads, groups, n = 512, 2, 8, 4, 3
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = make(s, b, heads, dk), make(s, b, groups, dk), make(s, b, groups, dv)
+    kd, vd = make(s, b, groups, n, dk), make(s, b, groups, n, dv)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=dk ** -0.5)
+    fast = fast_depth_attention(q, k, v, kd.detach(), vd.detach(), scale=dk ** -0.5,
+                                attached=[t for j in range(n) for t in (kd[:, :, :, j], vd[:, :, :, j])],
+                                cuda_kernel=cuda_kernel)
+    torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    grad_out = torch.randn_like(ref)
+    for a, b_ in zip(torch.autograd.grad(ref, [q, k, v, kd, vd], grad_out),
+                     torch.autograd.grad(fast, [q, k, v, kd, vd], grad_out)):
+        torch.testing.assert_close(b_.float(), a.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
+def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
+
+    spec = dict(MODA_MODEL, hidden_size=256, seq_length=256,
+                features={"moda": {"boundaries": [4], "cuda_kernel": cuda_kernel}})
+    m = model_from_spec(spec)
+    runtime.initialize(runtime.Parallelism(), seed=1234)
+    try:
+        config = runtime.transformer_config(m, runtime.Parallelism())  # bf16 on CUDA
+        chunks = runtime.build_model(m, config, backend="te")
+        optimizer = runtime.build_optimizer(chunks, lr=1e-3)
+        losses = []
+        for step in range(4):
+            micro = synthetic_batches(seed=0, step=step, global_batch=2, seq_length=256, vocab=128,
+                                      dp_rank=0, dp=1, micro_batch_size=2)
+            losses.append(runtime.train_step(chunks, optimizer, iter(micro), num_microbatches=1,
+                                             micro_batch_size=2, seq_length=256)["loss"])
+        assert losses[-1] < losses[0]
+        cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
+        assert {c.observed_kernel for c in cores if c.reads} == {f"aten-{cuda_kernel}-cuda"}
+        assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
+        expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
+        assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
+    finally:
+        runtime.shutdown()
