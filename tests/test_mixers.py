@@ -147,7 +147,7 @@ def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
         from megacpp_mcore.mixers.m2rnn import m2rnn_scan_torch
         from megacpp_mcore.mixers.m2rnn_triton import m2rnn_scan_triton
         g = torch.Generator().manual_seed(0)
-        B, T, H, K, V = 2, 13, 2, 32, 16
+        B, T, H, K, V = 2, 7, 2, 16, 8
         q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
         k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
         v = torch.randn(B, T, H, V, generator=g).requires_grad_()
@@ -156,10 +156,12 @@ def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
         dy = torch.randn(B, T, H, V, generator=g)
         ins = (q, k, v, f, W)
         y_ref = m2rnn_scan_torch(*ins); g_ref = torch.autograd.grad(y_ref, ins, dy)
-        y = m2rnn_scan_triton(*ins, chunk=4); g_tri = torch.autograd.grad(y, ins, dy)
-        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
-        for name, a, b in zip("qkvfW", g_tri, g_ref):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: name + ": " + m)
+        for block_k in (8, 16):  # 2 state-row blocks per head (partial sums), and 1
+            y = m2rnn_scan_triton(*ins, chunk=4, block_k=block_k)
+            g_tri = torch.autograd.grad(y, ins, dy)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+            for name, a, b in zip("qkvfW", g_tri, g_ref):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: name + ": " + m)
         print("TRITON-INTERPRET-OK")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

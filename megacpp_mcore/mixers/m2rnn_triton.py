@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64
+CHUNK = 64  # steps per checkpoint / backward recompute window
+BLOCK_K = 8  # state rows per program: B*H*K/8 programs (128 at B=2, H=8, K=64: about one per SM)
+NUM_WARPS = 2  # small tiles ([BLOCK_K, V, V] products): few warps keep the reductions cheap
 
 
 @triton.jit
@@ -87,29 +89,44 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
     dw = tl.zeros([V, V], dtype=tl.float32)
     for cc in range(0, NC):
         c = NC - 1 - cc
-        # 1) recompute this chunk's states from its checkpoint
+        t0 = b * TA + c * CHUNK  # time row of the chunk's first step
+        # 1) recompute this chunk's states from its checkpoint (inputs prefetched one step ahead)
         state = tl.load(ckpt_ptr + ((pid_bh * NC + c) * K + rk[:, None]) * V + rv[None, :])
         tl.store(scratch + tile, state)
+        k_t = tl.load(k_ptr + (t0 * H + h) * K + rk)
+        v_t = tl.load(v_ptr + (t0 * H + h) * V + rv)
+        f_t = tl.load(f_ptr + t0 * H + h)
         for i in range(CHUNK):
-            cur = (b * TA + c * CHUNK + i) * H + h
-            k_t = tl.load(k_ptr + cur * K + rk)
-            v_t = tl.load(v_ptr + cur * V + rv)
-            f_t = tl.load(f_ptr + cur)
+            nxt = (t0 + i + 1) * H + h
+            k_n = tl.load(k_ptr + nxt * K + rk)
+            v_n = tl.load(v_ptr + nxt * V + rv)
+            f_n = tl.load(f_ptr + nxt)
             hw = tl.sum(state[:, :, None] * w[None, :, :], axis=1)
             state = f_t * state + (1.0 - f_t) * _tanh(hw + k_t[:, None] * v_t[None, :])
             tl.store(scratch + (i + 1) * BLOCK_K * V + tile, state)
+            k_t, v_t, f_t = k_n, v_n, f_n
         tl.debug_barrier()  # scratch written by all threads before any thread reads it back
-        # 2) back-propagate through the chunk
+        # 2) back-propagate through the chunk, step CHUNK-1 down to 0, prefetching step i - 1
+        h_cur = state  # after the chunk's last step
+        last = (t0 + CHUNK - 1) * H + h
+        h_prev = tl.load(scratch + (CHUNK - 1) * BLOCK_K * V + tile)
+        q_t = tl.load(q_ptr + last * K + rk)
+        k_t = tl.load(k_ptr + last * K + rk)
+        v_t = tl.load(v_ptr + last * V + rv)
+        f_t = tl.load(f_ptr + last)
+        dy_t = tl.load(dy_ptr + last * V + rv)
         for ii in range(CHUNK):
             i = CHUNK - 1 - ii
-            cur = (b * TA + c * CHUNK + i) * H + h
-            h_prev = tl.load(scratch + i * BLOCK_K * V + tile)
-            h_cur = tl.load(scratch + (i + 1) * BLOCK_K * V + tile)
-            q_t = tl.load(q_ptr + cur * K + rk)
-            k_t = tl.load(k_ptr + cur * K + rk)
-            v_t = tl.load(v_ptr + cur * V + rv)
-            f_t = tl.load(f_ptr + cur)
-            dy_t = tl.load(dy_ptr + cur * V + rv)
+            ip = tl.maximum(i - 1, 0)  # prefetch index (re-reads step 0 on the last iteration)
+            nxt = (t0 + ip) * H + h
+            h_prev_n = tl.load(scratch + ip * BLOCK_K * V + tile)
+            q_n = tl.load(q_ptr + nxt * K + rk)
+            k_n = tl.load(k_ptr + nxt * K + rk)
+            v_n = tl.load(v_ptr + nxt * V + rv)
+            f_n = tl.load(f_ptr + nxt)
+            dy_n = tl.load(dy_ptr + nxt * V + rv)
+
+            cur = (t0 + i) * H + h
             hw = tl.sum(h_prev[:, :, None] * w[None, :, :], axis=1)
             u = _tanh(hw + k_t[:, None] * v_t[None, :])
             g = dstate + q_t[:, None] * dy_t[None, :]  # dL/dh_t
@@ -120,6 +137,9 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
             tl.store(df_ptr + cur * NKB + kb, tl.sum(tl.sum(g * (h_prev - u), axis=1), axis=0))
             dw += tl.sum(h_prev[:, :, None] * da[:, None, :], axis=0)  # h_prev^T da
             dstate = f_t * g + tl.sum(da[:, None, :] * w[None, :, :], axis=2)  # + da W^T
+
+            h_cur = h_prev
+            h_prev, q_t, k_t, v_t, f_t, dy_t = h_prev_n, q_n, k_n, v_n, f_n, dy_n
         tl.debug_barrier()  # all reads of this chunk's scratch done before the next overwrite
     tl.store(dw_ptr + ((pid_bh * NKB + kb) * V + rv[:, None]) * V + rv[None, :], dw)
 
@@ -130,19 +150,21 @@ def _pad_time(x: torch.Tensor, total: int, value: float) -> torch.Tensor:
     return torch.cat([x.float(), pad], dim=1).contiguous()
 
 
-def _block_k(k_dim: int, v_dim: int) -> int:
-    for name, value in (("key dim", k_dim), ("value dim", v_dim)):
+def _check_sizes(k_dim: int, v_dim: int, block_k: int, num_warps: int) -> None:
+    for name, value in (("key dim", k_dim), ("value dim", v_dim), ("block_k", block_k),
+                        ("num_warps", num_warps)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"M2RNN Triton kernel: {name}={value} must be a power of two")
-    return min(16, k_dim)
+    if block_k > k_dim:
+        raise ValueError(f"M2RNN Triton kernel: block_k={block_k} exceeds the key dim {k_dim}")
 
 
 class _M2RNNScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, f, weight, chunk):
+    def forward(ctx, q, k, v, f, weight, chunk, block_k, num_warps):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        block_k = _block_k(K, V)
+        _check_sizes(K, V, block_k, num_warps)
         nkb, nc = K // block_k, triton.cdiv(T, chunk)
         ta = nc * chunk + 1  # padded steps (+1: the forward prefetches one step ahead)
         qp, kp, vp = (_pad_time(x, ta, 0.0) for x in (q, k, v))
@@ -151,15 +173,16 @@ class _M2RNNScan(torch.autograd.Function):
         y_part = q.new_empty(B, ta, H, nkb, V, dtype=torch.float32)
         ckpt = q.new_empty(B, H, nc, K, V, dtype=torch.float32)
         _m2rnn_fwd_kernel[(B * H, nkb)](qp, kp, vp, fp, w, y_part, ckpt, ta,
-                                        NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk)
+                                        NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk,
+                                        num_warps=num_warps)
         ctx.save_for_backward(qp, kp, vp, fp, w, ckpt)
-        ctx.meta = (T, chunk, block_k, nkb, nc, ta, weight.dtype)
+        ctx.meta = (T, chunk, block_k, nkb, nc, ta, weight.dtype, num_warps)
         return y_part[:, :T].sum(3).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         qp, kp, vp, fp, w, ckpt = ctx.saved_tensors
-        T, chunk, block_k, nkb, nc, ta, w_dtype = ctx.meta
+        T, chunk, block_k, nkb, nc, ta, w_dtype, num_warps = ctx.meta
         B, _, H, K = qp.shape
         V = vp.shape[-1]
         dyp = _pad_time(dy, ta, 0.0)
@@ -170,13 +193,18 @@ class _M2RNNScan(torch.autograd.Function):
         dw = qp.new_empty(B, H, nkb, V, V)
         scratch = qp.new_empty(B * H * nkb, chunk + 1, block_k, V)
         _m2rnn_bwd_kernel[(B * H, nkb)](qp, kp, vp, fp, w, dyp, ckpt, scratch, dq, dk, dv, df, dw,
-                                        ta, NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk)
+                                        ta, NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk,
+                                        num_warps=num_warps)
         return (dq[:, :T], dk[:, :T], dv[:, :T].sum(3), df[:, :T].sum(3),
-                dw.sum((0, 2)).to(w_dtype), None)
+                dw.sum((0, 2)).to(w_dtype), None, None, None)
 
 
-def m2rnn_scan_triton(q, k, v, f, weight, chunk: int = CHUNK):
-    """The M2RNN scan on the Triton kernels; same contract as ``m2rnn.m2rnn_scan_torch``."""
+def m2rnn_scan_triton(q, k, v, f, weight, chunk: int = CHUNK, block_k: int = BLOCK_K,
+                      num_warps: int = NUM_WARPS):
+    """The M2RNN scan on the Triton kernels; same contract as ``m2rnn.m2rnn_scan_torch``.
+
+    ``block_k`` state rows per program (programs = batch x heads x K / block_k) and ``num_warps``
+    trade parallelism against per-step latency; scripts/bench_mixers.py sweeps them."""
     if q.shape != k.shape or v.shape[:3] != q.shape[:3] or f.shape != q.shape[:3]:
         raise ValueError(
             f"M2RNN scan: shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} "
@@ -185,4 +213,4 @@ def m2rnn_scan_triton(q, k, v, f, weight, chunk: int = CHUNK):
     if weight.shape != (q.shape[2], v.shape[-1], v.shape[-1]):
         raise ValueError(f"M2RNN scan: weight{tuple(weight.shape)} must be [H, V, V] = "
                          f"{[q.shape[2], v.shape[-1], v.shape[-1]]}")
-    return _M2RNNScan.apply(q, k, v, f, weight, chunk)
+    return _M2RNNScan.apply(q, k, v, f, weight, chunk, min(block_k, q.shape[-1]), num_warps)
