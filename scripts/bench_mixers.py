@@ -14,6 +14,7 @@ Prints a table (also as markdown for docs/benchmarks.md); exits 1 if a check fai
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -23,10 +24,18 @@ import traceback
 import torch
 
 
+DEVICE = "cuda"  # module-level so the script's logic can be smoke-run on CPU (Triton interpreter)
+
+
 def timed_ms(fn, *, reps: int, warmup: int) -> float:
     """Mean wall time of ``fn()`` in ms, measured with CUDA events after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / reps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -69,9 +78,9 @@ def bench_mamba(args) -> dict:
     ref = build_module(ref_spec, config=config, layer_number=1, pg_collection=pgs).cuda()
     ref.load_state_dict(fast.state_dict())
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(args.seq, args.batch, args.hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-    dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(args.seq, args.batch, args.hidden, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    dy = torch.randn(x.shape, device=DEVICE, dtype=torch.bfloat16, generator=g)
 
     def run(mixer):
         xi = x.clone().requires_grad_()
@@ -107,14 +116,14 @@ def bench_m2rnn(args) -> dict:
     from megacpp_mcore.mixers.m2rnn_triton import m2rnn_scan_triton
 
     B, T, H, K, V = args.r_batch, args.r_seq, args.r_heads, args.r_kdim, args.r_vdim
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = F.normalize(torch.randn(B, T, H, K, device="cuda", generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, K, device="cuda", generator=g), dim=-1)
-    v = torch.randn(B, T, H, V, device="cuda", generator=g)
-    f = torch.sigmoid(torch.randn(B, T, H, device="cuda", generator=g) + 2.0)
-    W = torch.randn(H, V, V, device="cuda", generator=g) * (0.5 / math.sqrt(V))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q = F.normalize(torch.randn(B, T, H, K, device=DEVICE, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, device=DEVICE, generator=g), dim=-1)
+    v = torch.randn(B, T, H, V, device=DEVICE, generator=g)
+    f = torch.sigmoid(torch.randn(B, T, H, device=DEVICE, generator=g) + 2.0)
+    W = torch.randn(H, V, V, device=DEVICE, generator=g) * (0.5 / math.sqrt(V))
     ins = [t.requires_grad_() for t in (q, k, v, f, W)]
-    dy = torch.randn(B, T, H, V, device="cuda", generator=g)
+    dy = torch.randn(B, T, H, V, device=DEVICE, generator=g)
 
     def fwd_bwd(scan):
         y = scan(*ins)
@@ -128,6 +137,19 @@ def bench_m2rnn(args) -> dict:
         triton_fwd = timed_ms(lambda: m2rnn_scan_triton(*ins), reps=args.reps, warmup=1)
     torch_fb = timed_ms(lambda: fwd_bwd(m2rnn_scan_torch), reps=args.torch_reps, warmup=0)
     triton_fb = timed_ms(lambda: fwd_bwd(m2rnn_scan_triton), reps=args.reps, warmup=1)
+    # Kernel shape sweep (state rows per program, warps): each config is checked, then timed.
+    sweep = []
+    for block_k, warps in ((4, 1), (8, 1), (8, 2), (16, 2), (16, 4)):
+        if block_k > K:
+            continue
+        scan = functools.partial(m2rnn_scan_triton, block_k=block_k, num_warps=warps)
+        y_s, g_s = fwd_bwd(scan)
+        err = max([rel_err(y_s, y_r)] + [rel_err(a, b) for a, b in zip(g_s, g_r)])
+        sweep.append({"block_k": block_k, "num_warps": warps, "max_rel_err": err,
+                      "fwd_bwd_ms": timed_ms(lambda: fwd_bwd(scan), reps=args.reps, warmup=1)})
+        print("  sweep", sweep[-1])
+    best = min((c for c in sweep if c["max_rel_err"] < args.m2rnn_tol), key=lambda c: c["fwd_bwd_ms"],
+               default=None)
     speedup = torch_fb / triton_fb
     tol = args.m2rnn_tol
     return {
@@ -135,6 +157,8 @@ def bench_m2rnn(args) -> dict:
         "rel_err": errs, "tolerance": tol,
         "torch_fwd_ms": torch_fwd, "triton_fwd_ms": triton_fwd, "fwd_speedup": torch_fwd / triton_fwd,
         "torch_fwd_bwd_ms": torch_fb, "triton_fwd_bwd_ms": triton_fb, "fwd_bwd_speedup": speedup,
+        "sweep": sweep, "best": best,
+        "best_fwd_bwd_speedup": torch_fb / best["fwd_bwd_ms"] if best else None,
         "required_speedup": args.required_speedup,
         "pass": all(e < tol for e in errs.values()) and speedup >= args.required_speedup,
     }
@@ -155,6 +179,11 @@ def print_table(results: dict) -> None:
         rows.append(("R Triton vs torch scan, fwd+bwd", f"{r['triton_fwd_bwd_ms']:.2f}",
                      f"{r['torch_fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_speedup']:.1f}x (need "
                      f">= {r['required_speedup']:.0f}x)", errs, r["pass"]))
+        if r.get("best"):
+            b = r["best"]
+            rows.append((f"R Triton best sweep config (block_k={b['block_k']}, warps={b['num_warps']}), "
+                         "fwd+bwd", f"{b['fwd_bwd_ms']:.2f}", f"{r['torch_fwd_bwd_ms']:.2f}",
+                         f"{r['best_fwd_bwd_speedup']:.1f}x", f"{b['max_rel_err']:.2e}", "-"))
     header = ("check", "fast ms", "reference ms", "ratio", "max rel err", "pass")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
