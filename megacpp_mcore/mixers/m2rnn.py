@@ -62,15 +62,20 @@ def m2rnn_scan_torch(q, k, v, f, weight):
     return torch.stack(ys, dim=1)
 
 
-def m2rnn_scan(q, k, v, f, weight, impl: str = "auto"):
-    """Dispatch: the Triton kernel for CUDA tensors when Triton is present, else the torch scan."""
+def resolve_scan_impl(impl: str, on_cuda: bool) -> str:
+    """``torch`` or ``triton`` for a requested ``impl``: ``auto`` takes Triton for CUDA tensors when
+    Triton is installed; an explicit ``triton`` without Triton raises with what to install."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"unknown M2RNN scan impl {impl!r}; allowed: {', '.join(SCAN_IMPLS)}")
-    use_triton = impl == "triton" or (
-        impl == "auto" and q.is_cuda and backends.detect().triton is not None
-    )
-    if use_triton:
+    if impl == "triton":
         backends.require("triton", "the M2RNN Triton scan kernel")
+        return "triton"
+    return "triton" if impl == "auto" and on_cuda and backends.detect().triton is not None else "torch"
+
+
+def m2rnn_scan(q, k, v, f, weight, impl: str = "auto"):
+    """The scan on the kernel :func:`resolve_scan_impl` picks for these tensors."""
+    if resolve_scan_impl(impl, q.is_cuda) == "triton":
         from megacpp_mcore.mixers.m2rnn_triton import m2rnn_scan_triton
 
         return m2rnn_scan_triton(q, k, v, f, weight)
@@ -101,11 +106,11 @@ class M2RNNMixer(MegatronModule):
         super().__init__(config)
         if pg_collection is None:
             raise ValueError("M2RNNMixer needs pg_collection (TransformerLayer passes it)")
-        if scan_impl not in SCAN_IMPLS:
-            raise ValueError(f"unknown M2RNN scan impl {scan_impl!r}; allowed: {', '.join(SCAN_IMPLS)}")
+        resolve_scan_impl(scan_impl, on_cuda=False)  # validates the request at build time
         self.dims = dims or m2rnn_dims(config.hidden_size, config.num_attention_heads)
         self.layer_number = layer_number
         self.scan_impl = scan_impl
+        self.observed_scan_impl: str | None = None  # kernel the last forward ran ("torch"/"triton")
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
         self.dims.check_tp(tp)
@@ -162,7 +167,8 @@ class M2RNNMixer(MegatronModule):
         q, k, v = torch.split(qkv, [d.k_dim, d.k_dim, d.v_dim], dim=-1)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         f = torch.sigmoid(gate.float().transpose(0, 1) + self.forget_bias)  # [b, s, nh]
-        y = m2rnn_scan(q, k, v, f, self.recurrent_weight, self.scan_impl)  # [b, s, nh, V]
+        self.observed_scan_impl = resolve_scan_impl(self.scan_impl, q.is_cuda)
+        y = m2rnn_scan(q, k, v, f, self.recurrent_weight, self.observed_scan_impl)  # [b, s, nh, V]
         y = y.to(hidden_states.dtype).transpose(0, 1).reshape(s, b, nh * d.v_dim)
         return self.out_proj(y)
 

@@ -176,13 +176,14 @@ class _M2RNNScan(torch.autograd.Function):
                                         NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk,
                                         num_warps=num_warps)
         ctx.save_for_backward(qp, kp, vp, fp, w, ckpt)
-        ctx.meta = (T, chunk, block_k, nkb, nc, ta, weight.dtype, num_warps)
+        ctx.meta = (T, chunk, block_k, nkb, nc, ta, num_warps)
+        ctx.dtypes = [t.dtype for t in (q, k, v, f, weight)]
         return y_part[:, :T].sum(3).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         qp, kp, vp, fp, w, ckpt = ctx.saved_tensors
-        T, chunk, block_k, nkb, nc, ta, w_dtype, num_warps = ctx.meta
+        T, chunk, block_k, nkb, nc, ta, num_warps = ctx.meta
         B, _, H, K = qp.shape
         V = vp.shape[-1]
         dyp = _pad_time(dy, ta, 0.0)
@@ -195,8 +196,8 @@ class _M2RNNScan(torch.autograd.Function):
         _m2rnn_bwd_kernel[(B * H, nkb)](qp, kp, vp, fp, w, dyp, ckpt, scratch, dq, dk, dv, df, dw,
                                         ta, NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk,
                                         num_warps=num_warps)
-        return (dq[:, :T], dk[:, :T], dv[:, :T].sum(3), df[:, :T].sum(3),
-                dw.sum((0, 2)).to(w_dtype), None, None, None)
+        grads = (dq[:, :T], dk[:, :T], dv[:, :T].sum(3), df[:, :T].sum(3), dw.sum((0, 2)))
+        return (*(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None, None)
 
 
 def m2rnn_scan_triton(q, k, v, f, weight, chunk: int = CHUNK, block_k: int = BLOCK_K,
