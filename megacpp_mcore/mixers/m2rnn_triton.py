@@ -11,10 +11,13 @@ from its checkpoint into a small per-program scratch (L2-resident), then runs ba
 through time over the chunk, carrying ``dL/dh`` in registers and accumulating ``dW`` in registers.
 
 Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; f ``[B, T, H]``; W ``[H, V, V]``; K and V powers of
-two. Time is padded to a multiple of ``CHUNK`` (plus one step for the forward prefetch) with
-``f = 1, q = k = v = 0``, which leaves the state unchanged and adds nothing to outputs or gradients.
-The chunk count is a compile-time constant (one specialization per padded sequence length: training
-uses one length; it also keeps the loops runnable in Triton's interpreter). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (used by the CPU tests at tiny sizes).
+two. Time is padded to a multiple of ``CHUNK`` (plus one step, so every step can prefetch the next
+one's inputs) with ``f = 1, q = k = v = 0``, which leaves the state unchanged and adds nothing to
+outputs or gradients. Inputs of step t + 1 are loaded before step t computes, hiding load latency
+behind the sequential dependency chain. The chunk count is a compile-time constant (one
+specialization per padded sequence length; training uses one length; it also keeps the loops
+runnable in Triton's interpreter). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests
+use that at tiny sizes).
 """
 
 from __future__ import annotations
