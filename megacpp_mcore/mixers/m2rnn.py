@@ -159,7 +159,7 @@ class M2RNNMixer(MegatronModule):
         d, nh = self.dims, self.nheads_local
         proj, _ = self.in_proj(hidden_states)  # [s, b, nh * (2K + V + 1)], sequence gathered
         s, b = proj.shape[:2]
-        proj = proj.view(s, b, nh, d.head_proj_dim)
+        proj = proj.reshape(s, b, nh, d.head_proj_dim)
         gate = proj[..., -1]  # [s, b, nh]
         qkv = proj[..., :-1].reshape(s, b, nh * d.qkv_dim).permute(1, 2, 0)  # [b, C, s]
         qkv = F.silu(self.conv1d(qkv)[..., :s])  # causal: keep the first s outputs
