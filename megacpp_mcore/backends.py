@@ -41,6 +41,7 @@ class Environment:
     apex: bool
     mamba_ssm: str | None
     triton: str | None
+    causal_conv1d: str | None = None  # MambaMixer's fused training path needs it
     te_error: str | None = None  # why TE did not import, when it is installed but broken
 
 
@@ -70,6 +71,7 @@ def _detect() -> Environment:
         apex=_version("apex")[0] is not None,
         mamba_ssm=_version("mamba_ssm")[0],
         triton=_version("triton")[0],
+        causal_conv1d=_version("causal_conv1d")[0],
         te_error=te_error,
     )
 

@@ -46,8 +46,6 @@ SYMBOL_BUILDERS: dict[str, str] = {
 # Features whose builders are not part of this release yet: building a layer that carries one
 # fails at build time with the issue that adds it.
 PENDING: dict[str, str] = {
-    "M": "the 'M' (Mamba-2) block is not available yet (tracked in issue 8)",
-    "R": "the 'R' (M2RNN) block is not available yet (tracked in issue 8)",
     "mod": "Mixture-of-Depths is not available yet (tracked in issue 6)",
 }
 

@@ -10,6 +10,19 @@ import hashlib
 import json
 from typing import Any
 
+# The M and R blocks are built from the same dimensions (constants re-exported for callers).
+from megacpp_mcore.mixers.dims import (  # noqa: F401
+    M2RNN_CONV,
+    M2RNN_K_DIM,
+    M2RNN_V_DIM,
+    MAMBA_CONV,
+    MAMBA_EXPAND,
+    MAMBA_GROUPS,
+    MAMBA_HEAD_DIM,
+    MAMBA_STATE,
+    m2rnn_dims,
+    mamba_dims,
+)
 from megacpp_mcore.pattern import LayerEntry, symbol_counts
 from megacpp_mcore.presets import ModelConfig
 
@@ -19,11 +32,6 @@ BLOCK_NAMES = {
     "M": "mamba2-mixer",
     "R": "m2rnn-mixer",
 }
-
-# Mixer dimensions the M and R blocks use (see megacpp_mcore.mixers once it exists).
-MAMBA_EXPAND, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS, MAMBA_CONV = 2, 64, 128, 8, 4
-M2RNN_K_DIM, M2RNN_V_DIM, M2RNN_CONV = 64, 16, 4
-
 
 def attention_params(m: ModelConfig, *, mla: bool) -> int:
     h = m.hidden_size
@@ -53,22 +61,11 @@ def feedforward_params(m: ModelConfig) -> int:
 
 
 def mamba_params(m: ModelConfig) -> int:
-    h = m.hidden_size
-    d_inner = MAMBA_EXPAND * h
-    heads = d_inner // MAMBA_HEAD_DIM
-    conv_dim = d_inner + 2 * MAMBA_GROUPS * MAMBA_STATE
-    in_proj = h * (2 * d_inner + 2 * MAMBA_GROUPS * MAMBA_STATE + heads)
-    return h + in_proj + conv_dim * (MAMBA_CONV + 1) + 3 * heads + d_inner + d_inner * h
+    return m.hidden_size + mamba_dims(m.hidden_size).num_params()  # input norm + mixer
 
 
 def m2rnn_params(m: ModelConfig) -> int:
-    h = m.hidden_size
-    heads = m.num_attention_heads
-    qkv = heads * (2 * M2RNN_K_DIM + M2RNN_V_DIM)
-    in_proj = h * (qkv + heads)  # q, k, v and the per-head forget gate
-    conv = qkv * (M2RNN_CONV + 1)
-    recurrent = heads * M2RNN_V_DIM * M2RNN_V_DIM
-    return h + in_proj + conv + recurrent + heads * M2RNN_V_DIM * h
+    return m.hidden_size + m2rnn_dims(m.hidden_size, m.num_attention_heads).num_params()
 
 
 def layer_params(m: ModelConfig, entry: LayerEntry) -> int:

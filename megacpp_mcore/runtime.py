@@ -136,6 +136,7 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megacpp_mcore.hybrid import pipeline_split_kwargs
+    from megacpp_mcore.mixers.dims import mixer_config_kwargs
 
     par.check_model(model)
     cuda = torch.cuda.is_available()
@@ -176,6 +177,7 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         batch_p2p_comm=cuda,
     )
     kwargs.update(pipeline_split_kwargs(model.pattern, model.num_layers))
+    kwargs.update(mixer_config_kwargs(model))  # mamba_* sizes of the M block
     if model.moe is not None:
         kwargs.update(
             num_moe_experts=model.moe.num_experts,
