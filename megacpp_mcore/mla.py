@@ -403,7 +403,13 @@ def attention_spec(ctx: LayerContext) -> ModuleSpec:
     """
     if uses_mla(ctx):
         _check_dims_agree(ctx)
-        return mla_self_attention_spec(ctx.config, ctx.backend)
+        spec = mla_self_attention_spec(ctx.config, ctx.backend)
+        if ctx.has("moda"):
+            from megacpp_mcore import moda
+
+            spec.submodules.core_attention = moda.core_attention(
+                ctx, sequence_attention=core_attention_class(ctx.backend.name))
+        return spec
     from megacpp_mcore.attention import self_attention_spec
 
     return self_attention_spec(ctx)

@@ -659,14 +659,19 @@ def _default_config(placement: FeaturePlacement) -> MoDAConfig:
     return MoDAConfig(placement=placement)
 
 
-def core_attention(ctx) -> functools.partial:
+def core_attention(ctx, sequence_attention: type | None = None):
     """The ``core_attention`` builder of a MoDA ``A`` layer (both backends, standard and MLA).
 
     Attention specs swap their backend's core attention for this when ``ctx.has("moda")``; MLA
-    passes ``k_channels``/``v_channels`` through its usual build call.
+    passes ``k_channels``/``v_channels`` through its usual build call and its own core attention
+    class as ``sequence_attention`` (used by the first layer of a buffer, which has no depth keys).
     """
     moda = ctx.feature("moda")
     if isinstance(moda, FeaturePlacement) or moda is None:
         moda = _default_config(moda or FeaturePlacement(symbols="A"))
-    return functools.partial(DepthAwareAttention, moda=moda, layer_index=ctx.index,
-                             sequence_attention=ctx.backend.core_attention())
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    # A ModuleSpec (not a partial): MLA's attention builds its core attention with build_module.
+    return ModuleSpec(module=DepthAwareAttention, params=dict(
+        moda=moda, layer_index=ctx.index,
+        sequence_attention=sequence_attention or ctx.backend.core_attention()))

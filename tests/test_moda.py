@@ -383,3 +383,35 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
     finally:
         runtime.shutdown()
+
+
+def test_mla_model_with_moda_pushes_mla_shaped_kv_and_trains(single_rank):
+    """MoDA through the MLA seam: depth K carries qk_head_dim + rope dims, V carries v_head_dim."""
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
+
+    spec = dict(MODA_MODEL, features={"moda": {}},
+                mla={"q_lora_rank": None, "kv_lora_rank": 32, "qk_head_dim": 16,
+                     "qk_pos_emb_head_dim": 8, "v_head_dim": 16})
+    m = model_from_spec(spec)
+    config = runtime.transformer_config(m, runtime.Parallelism())
+    (gpt,) = runtime.build_model(m, config, backend="local", wrap_ddp=False)
+    cores = [mod for mod in gpt.modules() if isinstance(mod, DepthAwareAttention)]
+    assert len(cores) == 6
+    optimizer = torch.optim.Adam(gpt.parameters(), lr=3e-3)
+    losses = []
+    for step in range(4):
+        (batch,) = synthetic_batches(seed=0, step=0, global_batch=2, seq_length=32, vocab=128,
+                                     dp_rank=0, dp=1, micro_batch_size=2)
+        loss = gpt(batch["tokens"], torch.arange(32)[None].expand(2, 32), None,
+                   labels=batch["labels"]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert cores[-1].observed_kernel == "aten-flash-cpu"
+    per_layer = depth_kv_bytes(2, 32, 1, 4, 24, torch.float32, v_head_dim=16)  # K 24 + V 16 channels
+    expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.float32)
+    assert expected % per_layer == 0
+    assert cores[0].megacpp_stats()["moda_buffer_bytes"] == expected
