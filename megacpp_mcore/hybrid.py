@@ -49,7 +49,6 @@ PENDING: dict[str, str] = {
     "M": "the 'M' (Mamba-2) block is not available yet (tracked in issue 8)",
     "R": "the 'R' (M2RNN) block is not available yet (tracked in issue 8)",
     "mla": "MLA on 'A' layers is not available yet (tracked in issue 4)",
-    "mod": "Mixture-of-Depths is not available yet (tracked in issue 6)",
     "moda": "MoDA depth-KV attention is not available yet (tracked in issue 7)",
 }
 
@@ -122,7 +121,12 @@ class HybridLayerSubmodules:
             features=entry.features,
             feature_configs=self.features,
         )
-        return _builder(entry.symbol)(ctx)
+        spec = _builder(entry.symbol)(ctx)
+        if "mod" in entry.features:
+            from megacpp_mcore.mod import mod_layer_spec
+
+            spec = mod_layer_spec(spec, ctx)
+        return spec
 
 
 @functools.lru_cache(maxsize=64)
