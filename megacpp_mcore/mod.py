@@ -323,8 +323,11 @@ class MoDLayer(TransformerLayer):
         return output, context
 
     def _router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.mod_router.weight, self.mod_router.bias
-        return F.linear(hidden_states.float(), weight.float(), bias.float())  # [s, b, 1]
+        """``[s, b, h] -> [s, b, 1]`` fp32 logits (the GEMV runs in the activation dtype with fp32
+        accumulation; an fp32 copy of the activations would cost more than the router)."""
+        dtype = hidden_states.dtype
+        weight, bias = self.mod_router.weight.to(dtype), self.mod_router.bias.to(dtype)
+        return F.linear(hidden_states, weight, bias).float()
 
     def _weight(self, gate: torch.Tensor) -> torch.Tensor:
         """The gate that scales the block's contribution (``force_gate`` overrides it)."""

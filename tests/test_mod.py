@@ -423,3 +423,57 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
             assert got["losses"] == pytest.approx(refs[i]["losses"], abs=1e-5), (models[i], par)
             assert got["grad_norms"] == pytest.approx(refs[i]["grad_norms"], rel=1e-5), (models[i], par)
     assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
+
+
+# ------------------------------------------------------------------------------------- GPU
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with TE")
+
+
+def _te_layer(mode: str, **mod_kwargs):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.attention import attention_layer_spec
+    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.mod import mod_layer_spec
+
+    cfg = _config(apply_rope_fusion=False)
+    mod = MoDConfig(mode=mode, **mod_kwargs)
+    ctx = LayerContext(config=cfg, backend=get_backend("te"), index=0, symbol="A",
+                       features=frozenset({"mod"}), feature_configs={"mod": mod})
+    return build_module(mod_layer_spec(attention_layer_spec(ctx), ctx), config=cfg,
+                        layer_number=1).cuda()
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_gateskip_forward_captures_in_cuda_graph(single_rank):
+    layer = _te_layer("gateskip").eval()
+    rope = _rope(16).cuda()
+    static_x = _inputs().cuda().to(layer.mod_router.weight.dtype)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                _call(layer, static_x, rope)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _call(layer, static_x, rope)
+        static_x.copy_(_inputs(seed=7).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out, _call(layer, static_x, rope), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_te_topk_unselected_exact_and_backward(single_rank):
+    layer = _te_layer("topk", capacity=0.25)
+    x = _inputs().cuda().to(layer.mod_router.weight.dtype).requires_grad_()
+    out = _call(layer, x, _rope(16).cuda())
+    unchanged = (out.detach() == x.detach()).all(-1)  # [s, b]
+    assert unchanged.sum(0).tolist() == [12, 12]  # 16 - k tokens per sequence pass through exactly
+    out.float().sum().backward()
+    assert layer.mod_router.weight.grad is not None and torch.isfinite(x.grad).all()
