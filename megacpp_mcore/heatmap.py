@@ -8,10 +8,11 @@ drawn on the left with a built-in 3x5 pixel font (letters are shown upper case).
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -127,3 +128,28 @@ def write_heatmap(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(_png_bytes(canvas))
     return out
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def usage_matrix(history: Sequence[Mapping[str, float]], stat: str = "fraction_processed",
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Per-step stats dicts (keys ``<module qualified name>.<stat>`` or ``.../<stat>``, as the
+    training loop logs ``megacpp_stats()``) -> ``([layers, steps]`` matrix, row labels) for
+    :func:`write_heatmap`. Rows are the modules reporting ``stat`` in natural order (layer 2 before
+    layer 10); a step without a value is NaN."""
+    suffixes = (f".{stat}", f"/{stat}")
+    rows = sorted({key[: -len(stat) - 1] for step in history for key in step
+                   if key.endswith(suffixes)}, key=_natural)
+    if not rows:
+        raise ValueError(f"no statistic named {stat!r} in the history (keys end with '.{stat}')")
+    matrix = np.full((len(rows), len(history)), np.nan)
+    for col, step in enumerate(history):
+        for row, name in enumerate(rows):
+            for sep in "./":
+                value = step.get(f"{name}{sep}{stat}")
+                if value is not None:
+                    matrix[row, col] = float(value)
+    return matrix, rows

@@ -63,6 +63,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
 from megatron.core.transformer.identity_op import IdentityFuncOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -254,7 +255,7 @@ class MoDLayer(TransformerLayer):
         self._route: _Route | None = None
         self._forced_gate: float | None = None
         self._budget = mod.budget(0)
-        self._stats: dict[str, list] = {}
+        self._stats: dict[str, tuple] = {}  # name -> (running sum, count), on device
 
     def _init_router(self) -> None:
         weight, bias = self.mod_router.weight, self.mod_router.bias
@@ -264,7 +265,7 @@ class MoDLayer(TransformerLayer):
                 return
             tracker = tensor_parallel.get_cuda_rng_tracker()
             if tracker.is_initialized():  # same stream on every TP rank: replicated weights agree
-                with tracker.fork(tensor_parallel.random._DATA_PARALLEL_RNG_TRACKER_NAME):
+                with tracker.fork(get_data_parallel_rng_tracker_name()):
                     weight.normal_(0.0, self.mod.router_init_std)
             else:
                 weight.normal_(0.0, self.mod.router_init_std)
@@ -272,11 +273,9 @@ class MoDLayer(TransformerLayer):
     # ----------------------------------------------------------------------------- public hooks
     @property
     def attention_sees_all_positions(self) -> bool:
-        """True when the wrapped attention runs on every position (MoDA depth pushes cover all).
-
-        This is the documented seam for MoDA: in gateskip/threshold the wrapped layer's attention
-        sees the full ``[s, b, h]`` sequence; in topk only the ``k`` selected tokens.
-        """
+        """True when, in training, the wrapped attention runs on every position (so MoDA depth
+        pushes cover all positions): gateskip/threshold see the full ``[s, b, h]`` sequence; topk
+        only the ``k`` selected tokens (unless capacity is 1). See :meth:`_run_inner`."""
         return self.mod.mode != "topk" or self.mod.capacity == 1.0
 
     def force_gate(self, value: float | None) -> None:
@@ -336,7 +335,12 @@ class MoDLayer(TransformerLayer):
         return gate
 
     def _run_inner(self, hidden_states, weight, mask, *args, **kwargs):
-        """The wrapped layer's forward with ``weight``/``mask`` applied at its residual seam."""
+        """The wrapped layer's forward with ``weight``/``mask`` applied at its residual seam.
+
+        MoDA seam: this is the only place the wrapped layer (its attention, and any depth K/V push
+        made from inside it) runs. gateskip/threshold pass every position here; topk passes the
+        gathered ``k`` tokens, which is why topk is refused on MoDA layers.
+        """
         self._route = _Route(weight=weight.to(hidden_states.dtype), mask=mask)
         try:
             return super().forward(hidden_states, *args, **kwargs)

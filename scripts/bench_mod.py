@@ -55,6 +55,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
     p.add_argument("--skip-graph", action="store_true", help="skip the CUDA graph capture check")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="exercise the script on CPU with the local backend (no timings that mean anything)")
     args = p.parse_args(argv)
     if args.hidden % args.heads:
         _fail(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
@@ -67,11 +69,13 @@ def _args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _check_host() -> dict:
+def _check_host(cpu_smoke: bool) -> dict:
     import torch
 
     from megacpp_mcore import backends
 
+    if cpu_smoke:
+        return {"gpu": "cpu-smoke", "torch": torch.__version__, "te": None, "megatron_core": "n/a"}
     if not torch.cuda.is_available():
         _fail("no CUDA device visible; this benchmark needs one GPU with Transformer Engine")
     env = backends.detect()
@@ -107,18 +111,22 @@ def _build(args, variant: str):
 
     par = runtime.Parallelism()
     model = _model(args, variant)
+    backend = "local" if args.cpu_smoke else "te"
     if variant != "upstream-dense":
         config = runtime.transformer_config(model, par, apply_rope_fusion=False)
-        return runtime.build_model(model, config, backend="te"), config
+        return runtime.build_model(model, config, backend=backend), config
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt import gpt_layer_specs
 
     config = runtime.transformer_config(model.replace(num_layers=args.blocks), par,
                                         apply_rope_fusion=False)
-    gpt = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(),
+    spec = (gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm") if args.cpu_smoke
+            else gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec())
+    gpt = GPTModel(config=config, transformer_layer_spec=spec,
                    vocab_size=args.vocab, max_sequence_length=args.seq,
-                   share_embeddings_and_output_weights=False, position_embedding_type="rope").cuda()
+                   share_embeddings_and_output_weights=False, position_embedding_type="rope")
+    gpt.to(runtime.device())
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                         use_distributed_optimizer=False)
     return [DistributedDataParallel(config=config, ddp_config=ddp, module=gpt)], config
@@ -132,20 +140,24 @@ def _time_variant(args, variant: str) -> dict:
     chunks, _ = _build(args, variant)
     optimizer = runtime.build_optimizer(chunks, lr=1e-4)
     mod_layers = [m for m in chunks[0].modules() if hasattr(m, "megacpp_set_step")]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device="cuda", generator=g)
+    dev = runtime.device()
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator(device=dev).manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=dev, generator=g)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-             "loss_mask": torch.ones(args.batch, args.seq, device="cuda")}
+             "loss_mask": torch.ones(args.batch, args.seq, device=dev)}
     times, losses = [], []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
         for layer in mod_layers:
             layer.megacpp_set_step(step)
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = runtime.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
                                     micro_batch_size=args.batch, seq_length=args.seq)
-        torch.cuda.synchronize()
+        sync()
         if step >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
         losses.append(result["loss"])
@@ -156,7 +168,7 @@ def _time_variant(args, variant: str) -> dict:
     out = {
         "ms_per_step": statistics.median(times),
         "ms_min": min(times),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "mod_layers": len(mod_layers),
@@ -164,7 +176,8 @@ def _time_variant(args, variant: str) -> dict:
     }
     del chunks, optimizer, mod_layers
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -220,7 +233,9 @@ def _cuda_graph_check(args) -> dict:
 def main(argv=None) -> int:
     args = _args(argv)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    host = _check_host()
+    host = _check_host(args.cpu_smoke)
+    if args.cpu_smoke:
+        args.skip_graph = True
     from megacpp_mcore import runtime
 
     runtime.initialize(runtime.Parallelism(), seed=1234)

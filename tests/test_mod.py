@@ -380,7 +380,7 @@ def _read_png(path):
 def test_heatmap_png_pixels(tmp_path):
     import numpy as np
 
-    from megacpp_mcore.heatmap import colormap, write_heatmap
+    from megacpp_mcore.heatmap import colormap, usage_matrix, write_heatmap
 
     matrix = np.array([[0.0, 1.0, np.nan], [0.5, 0.25, 1.0]])
     path = write_heatmap(matrix, ["layer 0 A", "layer 1 E"], tmp_path / "usage.png", vmin=0, vmax=1,
@@ -392,6 +392,13 @@ def test_heatmap_png_pixels(tmp_path):
     assert cell(1, 0) == tuple(colormap(np.array(0.5))) == (33, 145, 140)
     label_area = image[4:4 + 28, 4:left - 4]
     assert (label_area == 0).all(axis=-1).any()  # labels drawn in black
+    history = [{"decoder.layers.10.fraction_processed": 0.5, "decoder.layers.2.fraction_processed": 1.0,
+                "decoder.layers.2.gate_mean": 0.9}, {"decoder.layers.2.fraction_processed": 0.75}]
+    usage, labels = usage_matrix(history)
+    assert labels == ["decoder.layers.2", "decoder.layers.10"]
+    np.testing.assert_array_equal(usage, [[1.0, 0.75], [0.5, np.nan]])
+    with pytest.raises(ValueError, match="no statistic named 'budget'"):
+        usage_matrix(history, "budget")
     with pytest.raises(ValueError, match="2 rows but 1 row labels"):
         write_heatmap(matrix, ["x"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="must be 2-D and non-empty"):
