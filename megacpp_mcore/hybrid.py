@@ -166,9 +166,10 @@ class HybridLayer(BaseTransformerLayer):
         index = offset + layer_number - 1
         _check_stage(submodules.pattern, config, index, pp_rank, vp_stage)
         spec = submodules.layer_spec(config, index)
-        if len(set(submodules.table(config.num_layers)[i].symbol for i in range(config.num_layers))) > 1:
+        if len({(e.symbol, e.features) for e in submodules.table(config.num_layers)}) > 1:
             # Megatron stacks homogeneous layers into one checkpoint tensor per parameter name; a
-            # mixed stack (A layers have no MLP, E layers no attention) needs per-layer keys.
+            # mixed stack (A layers have no MLP, E layers no attention, a feature such as MoD adds
+            # parameters to some layers only) needs per-layer keys.
             config.hetereogenous_dist_checkpoint = True
         return build_module(
             spec,

@@ -190,7 +190,7 @@ def _cuda_graph_check(args) -> dict:
     from megacpp_mcore.attention import attention_layer_spec
     from megacpp_mcore.backends import get_backend
     from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import MoDConfig, mod_layer_spec
+    from megacpp_mcore.mod import mod_layer_spec
 
     model = _model(args, "gateskip")
     config = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)

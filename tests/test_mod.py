@@ -355,6 +355,24 @@ def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
         assert m.mod_router.weight.grad is not None
 
 
+def test_mod_on_some_layers_of_one_symbol_checkpoints(single_rank, tmp_path):
+    """Pattern 'A' with MoD on layer 0 only: layers differ in parameters, so Megatron must not
+    stack them into one checkpoint tensor (hybrid sets hetereogenous_dist_checkpoint)."""
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import load_model, save_model
+
+    mod = MoDConfig(placement=FeaturePlacement(layers=(0,)))
+    model = custom_model(**dict(_BASE, pattern="A", num_layers=2), moe=None, features={"mod": mod})
+    chunks = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                 backend="local")
+    save_model(chunks, str(tmp_path))
+    router = chunks[0].module.decoder.layers[0].mod_router
+    with torch.no_grad():
+        router.bias.fill_(7.0)
+    load_model(chunks, str(tmp_path))
+    assert router.bias.item() == mod.router_bias_init
+
+
 # --------------------------------------------------------------------------------- heatmap
 def _read_png(path):
     import struct
