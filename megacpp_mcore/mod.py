@@ -44,8 +44,12 @@ all positions (:attr:`MoDLayer.attention_sees_all_positions` is True). In ``topk
 attention only sees the ``k`` selected positions, so a depth push from inside it would cover those
 only; :func:`mod_layer_spec` therefore refuses ``topk`` on a layer that also carries MoDA.
 
+In ``topk`` an ``E`` layer's MoE router (and its load-balancing loss) sees the selected tokens only.
+
 Extra losses reach the optimizer through :class:`MoDLossAutoScaler` (Megatron's aux-loss pattern);
 ``runtime.train_step`` sets its scale to ``1 / num_microbatches`` like the schedule does for MoE.
+Under a stock ``pretrain_gpt.py`` loop nobody sets it, so the scale stays 1 and the MoD loss weights
+act per micro-batch (effectively ``num_microbatches`` times larger relative to the LM loss).
 """
 
 from __future__ import annotations

@@ -242,6 +242,21 @@ def test_hard_budget_inference_keeps_top_gates(single_rank):
     assert not torch.equal(_call(wrapped, x)[~keep], x[~keep])
 
 
+def test_topk_causal_inference_decides_per_token(single_rank):
+    plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25, inference="causal"))
+    _set_router(wrapped, std=0.5, bias=-0.2)
+    x, rope = _inputs(), _rope(16)
+    wrapped.eval()
+    out = _call(wrapped, x, rope)
+    logits = x @ wrapped.mod_router.weight.detach().T - 0.2  # [s, b, 1]
+    keep = (logits >= 0).squeeze(-1)  # no look at later tokens: usable for generation
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(out[~keep], x[~keep])
+    expected = x + torch.sigmoid(logits) * (_call(plain, x, rope) - x)
+    torch.testing.assert_close(out[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert wrapped.megacpp_stats()["fraction_processed"] == pytest.approx(keep.float().mean().item())
+
+
 # ---------------------------------------------------------------------------- losses, grads
 def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
     from megacpp_mcore.mod import MoDLossAutoScaler
