@@ -43,17 +43,6 @@ SYMBOL_BUILDERS: dict[str, str] = {
     "R": "megacpp_mcore.mixers:m2rnn_layer_spec",
 }
 
-# Features whose builders are not part of this release yet: building a layer that carries one
-# fails at build time with the issue that adds it.
-PENDING: dict[str, str] = {
-    "mod": "Mixture-of-Depths is not available yet (tracked in issue 6)",
-}
-
-
-class FeatureNotAvailable(NotImplementedError):
-    """A symbol or feature the pattern asks for has no builder in this release."""
-
-
 def _placement(name: str, value: Any) -> FeaturePlacement:
     placement = value if isinstance(value, FeaturePlacement) else getattr(value, "placement", None)
     if not isinstance(placement, FeaturePlacement):
@@ -105,11 +94,6 @@ class HybridLayerSubmodules:
                 f"num_layers={config.num_layers}"
             )
         entry = self.table(config.num_layers)[index]
-        for needed in (entry.symbol, *sorted(entry.features)):
-            if needed in PENDING:
-                raise FeatureNotAvailable(
-                    f"layer {entry.index} ({entry.symbol!r}): {PENDING[needed]}"
-                )
         ctx = LayerContext(
             config=config,
             backend=backends.get_backend(self.backend),
@@ -118,7 +102,12 @@ class HybridLayerSubmodules:
             features=entry.features,
             feature_configs=self.features,
         )
-        return _builder(entry.symbol)(ctx)
+        spec = _builder(entry.symbol)(ctx)
+        if "mod" in entry.features:
+            from megacpp_mcore.mod import mod_layer_spec
+
+            spec = mod_layer_spec(spec, ctx)
+        return spec
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,9 +147,10 @@ class HybridLayer(BaseTransformerLayer):
         index = offset + layer_number - 1
         _check_stage(submodules.pattern, config, index, pp_rank, vp_stage)
         spec = submodules.layer_spec(config, index)
-        if len(set(submodules.table(config.num_layers)[i].symbol for i in range(config.num_layers))) > 1:
+        if len({(e.symbol, e.features) for e in submodules.table(config.num_layers)}) > 1:
             # Megatron stacks homogeneous layers into one checkpoint tensor per parameter name; a
-            # mixed stack (A layers have no MLP, E layers no attention) needs per-layer keys.
+            # mixed stack (A layers have no MLP, E layers no attention, a feature such as MoD adds
+            # parameters to some layers only) needs per-layer keys.
             config.hetereogenous_dist_checkpoint = True
         return build_module(
             spec,

@@ -319,6 +319,9 @@ def train_step(
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
     forward_backward = get_forward_backward_func()
+    from megacpp_mcore.mod import MoDLossAutoScaler  # MoD losses: same per-micro-batch scale as MoE aux
+
+    MoDLossAutoScaler.set_loss_scale(1.0 / num_microbatches)
     iterators = data_iterator
     if len(chunks) > 1:
         # Interleaved schedules pull every micro-batch once per model chunk: give each chunk its

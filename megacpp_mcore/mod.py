@@ -1,0 +1,498 @@
+"""Mixture-of-Depths (MoD): a per-token router decides how much a token pays for a layer.
+
+:func:`mod_layer_spec` wraps the spec of an ``A``/``E`` layer (``M``/``R`` only when the placement
+opts in) into :class:`MoDLayer`, a subclass of the wrapped ``TransformerLayer`` class built from
+the very same submodules (upstream parameter names are kept; the router adds ``mod_router.*``).
+The router is a replicated ``Linear(h, 1)`` read on the layer INPUT (pre-norm), in fp32.
+
+Modes (``MoDConfig.mode``):
+
+* ``gateskip`` (default): every token goes through the block; the gate ``g = sigmoid(router)``
+  scales the block's residual contribution, ``y = x + g * f(x)``. A sparsity loss
+  ``w_s * relu(mean(g) - budget)^2`` pushes the gate mass under a token budget that decays
+  linearly over training (``budget_start -> budget_end`` over ``budget_steps``, driven by
+  ``megacpp_set_step``). ``inference="hard"`` (eval only) keeps, per sequence, the
+  ``ceil(budget * T)`` highest-gate tokens and lets the others pass through exactly: the budget
+  training wrote is the budget inference reads.
+* ``threshold``: tokens with ``g < threshold`` skip the block (``torch.where`` on a mask: static
+  shapes, the block still runs on all tokens); processed tokens get ``x + g * f(x)``.
+* ``topk`` (original MoD): per sequence, the ``ceil(capacity * T)`` tokens with the highest router
+  logits are gathered (in sequence order, so the causal mask stays right), processed, weighted by
+  ``g`` so the router learns, and scattered back; unselected tokens pass through exactly. An
+  auxiliary BCE loss teaches ``sigmoid(router) > 0.5`` to predict the top-k choice, so
+  ``inference="causal"`` (eval) can decide per token without looking at future tokens.
+
+The gate is applied inside the wrapped layer's bias-dropout-add (the residual seam), so a gate of
+exactly 1 reproduces the unwrapped layer bit for bit. Forward has static shapes (``topk``'s ``k``
+follows from the sequence length) and no host synchronisation; statistics stay on device until
+``megacpp_stats()`` is called after the step.
+
+Parallelism. Router weights are replicated (``tensor_model_parallel=False``). Without sequence
+parallelism every TP rank sees the full sequence and computes identical routes. With SP:
+``gateskip``/``threshold`` route each token on the rank that owns it (a per-token decision needs
+nothing else), so the router's gradient is partial per rank and its parameters are flagged
+``sequence_parallel`` (``finalize_model_grads`` all-reduces them over TP); the gate mean of the
+sparsity loss is all-reduced over TP. ``topk`` needs the whole sequence to rank tokens: it
+all-gathers the hidden states, routes on the full sequence (identical on all TP ranks, router NOT
+flagged), splits the ``k`` selected tokens over the TP ranks for the wrapped block
+(``k`` is rounded up to a multiple of the TP size) and gathers them back.
+
+Side contracts of the wrapped block. MoE auxiliary losses are attached inside the block and keep
+flowing (the block output is always part of the graph). MoDA depth pushes happen inside the wrapped
+attention: in ``gateskip``/``threshold`` the wrapped layer runs on every position, so a push covers
+all positions (:attr:`MoDLayer.attention_sees_all_positions` is True). In ``topk`` the wrapped
+attention only sees the ``k`` selected positions, so a depth push from inside it would cover those
+only; :func:`mod_layer_spec` therefore refuses ``topk`` on a layer that also carries MoDA.
+
+In ``topk`` an ``E`` layer's MoE router (and its load-balancing loss) sees the selected tokens only.
+
+Extra losses reach the optimizer through :class:`MoDLossAutoScaler` (Megatron's aux-loss pattern);
+``runtime.train_step`` sets its scale to ``1 / num_microbatches`` like the schedule does for MoE.
+Under a stock ``pretrain_gpt.py`` loop nobody sets it, so the scale stays 1 and the MoD loss weights
+act per micro-batch (effectively ``num_microbatches`` times larger relative to the LM loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
+from megatron.core.transformer.identity_op import IdentityFuncOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_viewless_tensor
+
+from megacpp_mcore.layer_context import LayerContext
+from megacpp_mcore.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement
+
+MODES = ("gateskip", "threshold", "topk")
+# Eval-time behaviour per mode; the first entry is the default ("soft" = same as training).
+INFERENCE_MODES = {"gateskip": ("soft", "hard"), "threshold": ("soft",), "topk": ("soft", "causal")}
+
+
+def _number(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoDConfig:
+    """Mixture-of-Depths routing for the layers chosen by ``placement``.
+
+    Args:
+        mode: ``gateskip`` | ``threshold`` | ``topk``.
+        capacity: ``topk`` only: fraction of each sequence's tokens that pay for the layer, (0, 1].
+        threshold: ``threshold`` mode: a token is processed when ``sigmoid(router) >= threshold``.
+        router_init_std: std of the router weight's normal init.
+        router_bias_init: router bias init; ``sigmoid(2) = 0.88``, so training starts near dense.
+        sparsity_loss_weight: weight of ``relu(mean(gate) - budget)^2`` (gateskip, threshold).
+        router_aux_loss_weight: weight of the topk router's BCE against its own top-k choice.
+        budget_start, budget_end, budget_steps: token budget, linear from start to end over
+            ``budget_steps`` training steps, then constant (``budget_steps=0``: always ``end``).
+        inference: eval-time routing: gateskip ``soft``|``hard``; topk ``soft``|``causal``;
+            threshold ``soft``.
+        placement: which layers are wrapped (symbol class and/or 0-based indices).
+        allow_on: opt-in symbols MoD refuses by default (``M``, ``R``); merged into ``placement``.
+    """
+
+    mode: str = "gateskip"
+    capacity: float = 0.125
+    threshold: float = 0.5
+    router_init_std: float = 0.02
+    router_bias_init: float = 2.0
+    sparsity_loss_weight: float = 1e-2
+    router_aux_loss_weight: float = 1e-2
+    budget_start: float = 1.0
+    budget_end: float = 0.8
+    budget_steps: int = 1000
+    inference: str = "soft"
+    placement: FeaturePlacement = FeaturePlacement(symbols="AE")
+    allow_on: str = ""
+
+    def __post_init__(self):
+        owner = "MoDConfig"
+        if self.mode not in MODES:
+            raise ValueError(f"{owner}.mode={self.mode!r} is unknown; allowed: {', '.join(MODES)}")
+        capacity = _number(owner, "capacity", self.capacity)
+        if not 0.0 < capacity <= 1.0:
+            raise ValueError(
+                f"{owner}.capacity={self.capacity!r} is out of range; allowed: 0 < capacity <= 1 "
+                "(the fraction of each sequence's tokens a topk layer processes)"
+            )
+        threshold = _number(owner, "threshold", self.threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(
+                f"{owner}.threshold={self.threshold!r} is out of range; allowed: 0 < threshold < 1 "
+                "(compared against sigmoid(router))"
+            )
+        for name in ("router_init_std", "sparsity_loss_weight", "router_aux_loss_weight"):
+            if _number(owner, name, getattr(self, name)) < 0:
+                raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)!r}")
+        _number(owner, "router_bias_init", self.router_bias_init)
+        for name in ("budget_start", "budget_end"):
+            value = _number(owner, name, getattr(self, name))
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{owner}.{name}={value!r} is out of range; allowed: 0 < budget <= 1")
+        steps = self.budget_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{owner}.budget_steps must be an int >= 0, got {steps!r}")
+        allowed = INFERENCE_MODES[self.mode]
+        if self.inference not in allowed:
+            raise ValueError(
+                f"{owner}.inference={self.inference!r} is not available in mode {self.mode!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        if not isinstance(self.placement, FeaturePlacement):
+            raise ValueError(f"{owner}.placement must be a FeaturePlacement, got {self.placement!r}")
+        opt_in = FEATURE_RULES["mod"]["opt_in"]
+        if not isinstance(self.allow_on, str) or any(c not in opt_in for c in self.allow_on):
+            raise ValueError(
+                f"{owner}.allow_on={self.allow_on!r}: MoD can only be opted in on "
+                f"{', '.join(sorted(opt_in))} (it is always allowed on A, E)"
+            )
+        if self.allow_on:  # one placement object carries the opt-in to the pattern compiler
+            merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
+            object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
+
+    def budget(self, step: int) -> float:
+        """Token budget at training ``step``: linear from ``budget_start`` to ``budget_end``."""
+        if self.budget_steps == 0:
+            return float(self.budget_end)
+        frac = min(max(step, 0), self.budget_steps) / self.budget_steps
+        return float(self.budget_start + (self.budget_end - self.budget_start) * frac)
+
+    def topk_count(self, seq_len: int, multiple: int = 1) -> int:
+        """Tokens a topk layer processes in a sequence of ``seq_len``: ``ceil(capacity * T)``
+        rounded up to ``multiple`` (the TP size under sequence parallelism), at most ``T``."""
+        k = max(1, math.ceil(round(self.capacity * seq_len, 6)))
+        k = -(-k // multiple) * multiple
+        if k > seq_len:
+            raise ValueError(
+                f"MoD topk: capacity {self.capacity} of a {seq_len}-token sequence rounds up to "
+                f"{k} tokens (a multiple of {multiple}), more than the sequence holds"
+            )
+        return k
+
+
+class MoDLossAutoScaler(torch.autograd.Function):
+    """Identity on an activation whose backward also feeds ``d loss = scale`` into an extra loss.
+
+    Same contract as Megatron's ``MoEAuxLossAutoScaler``; the scale (``1 / num_microbatches`` for a
+    per-micro-batch mean LM loss) is set by the training step through :meth:`set_loss_scale`.
+    """
+
+    main_loss_backward_scale: float | torch.Tensor = 1.0
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(loss) * MoDLossAutoScaler.main_loss_backward_scale
+
+    @staticmethod
+    def set_loss_scale(scale: float | torch.Tensor) -> None:
+        MoDLossAutoScaler.main_loss_backward_scale = scale
+
+
+@dataclasses.dataclass
+class _Route:
+    """What the gated bias-dropout-add of the current forward applies."""
+
+    weight: torch.Tensor  # [s, b, 1] in the activation dtype: scales the block's contribution
+    mask: torch.Tensor | None = None  # [s, b, 1] bool: False -> the token passes through exactly
+
+
+class MoDLayer(TransformerLayer):
+    """A ``TransformerLayer`` (or subclass) whose residual contributions are routed per token.
+
+    Built by :func:`mod_layer_spec` from the wrapped spec's submodules plus ``mod=MoDConfig``.
+    Exposes ``megacpp_set_step(step)`` (budget schedule) and ``megacpp_stats()`` (per-layer
+    fraction processed, gate mean, loss terms, budget; averaged over the forwards since the last
+    ``megacpp_set_step``).
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *, mod: MoDConfig, **kwargs):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.mod = mod
+        if mod.mode == "topk" and (config.apply_rope_fusion or config.fused_single_qkv_rope):
+            raise ValueError(
+                f"MoD topk on layer {self.layer_number}: gathered tokens carry per-token rotary "
+                "embeddings [k, b, 1, d], which the fused RoPE kernels do not take; set "
+                "apply_rope_fusion=False and fused_single_qkv_rope=False"
+            )
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.mod_router = torch.nn.Linear(config.hidden_size, 1, bias=True, device=device,
+                                          dtype=config.params_dtype)
+        self._init_router()
+        for param in self.mod_router.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+            # Per-token routing on the local SP shard gives partial gradients per TP rank; topk
+            # routes on the gathered sequence, identically on every rank (full gradients).
+            param.sequence_parallel = bool(config.sequence_parallel and mod.mode != "topk")
+        gated = 0
+        for name in ("self_attn_bda", "mlp_bda"):
+            bda = getattr(self, name)
+            if not isinstance(bda, IdentityFuncOp):  # identity slots carry no contribution
+                setattr(self, name, functools.partial(self._gated_bda, bda))
+                gated += 1
+        if not gated:
+            raise ValueError(
+                f"MoD on layer {self.layer_number}: the wrapped layer has no residual sub-layer "
+                "(both bias-dropout-add slots are identity), so there is nothing to route"
+            )
+        self._route: _Route | None = None
+        self._forced_gate: float | None = None
+        self._budget = mod.budget(0)
+        self._stats: dict[str, tuple] = {}  # name -> (running sum, count), on device
+
+    def _init_router(self) -> None:
+        weight, bias = self.mod_router.weight, self.mod_router.bias
+        with torch.no_grad():
+            bias.fill_(self.mod.router_bias_init)
+            if not self.config.perform_initialization:
+                return
+            tracker = tensor_parallel.get_cuda_rng_tracker()
+            if tracker.is_initialized():  # same stream on every TP rank: replicated weights agree
+                with tracker.fork(get_data_parallel_rng_tracker_name()):
+                    weight.normal_(0.0, self.mod.router_init_std)
+            else:
+                weight.normal_(0.0, self.mod.router_init_std)
+
+    # ----------------------------------------------------------------------------- public hooks
+    @property
+    def attention_sees_all_positions(self) -> bool:
+        """True when, in training, the wrapped attention runs on every position (so MoDA depth
+        pushes cover all positions): gateskip/threshold see the full ``[s, b, h]`` sequence; topk
+        only the ``k`` selected tokens (unless capacity is 1). See :meth:`_run_inner`."""
+        return self.mod.mode != "topk" or self.mod.capacity == 1.0
+
+    def force_gate(self, value: float | None) -> None:
+        """Ablation/test hook: use a constant gate ``value`` instead of ``sigmoid(router)``
+        (routing decisions still come from the router); ``None`` restores the learned gate."""
+        self._forced_gate = None if value is None else float(value)
+
+    def megacpp_set_step(self, step: int) -> None:
+        """Sets the budget for training ``step`` and starts a new statistics window."""
+        self._budget = self.mod.budget(step)
+        self._stats = {}
+
+    def megacpp_stats(self) -> dict[str, float]:
+        """Means since the last ``megacpp_set_step``: fraction processed, gate mean, losses."""
+        out = {name: float(total) / count for name, (total, count) in self._stats.items()}
+        out["budget"] = self._budget
+        return out
+
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.mod.mode == "topk" and not (not self.training and self.mod.inference == "causal"):
+            return self._forward_topk(hidden_states, *args, **kwargs)
+        logits = self._router_logits(hidden_states)  # [s, b, 1] fp32
+        gate = torch.sigmoid(logits)
+        mask = None
+        if self.mod.mode == "threshold":
+            mask = gate >= self.mod.threshold
+        elif self.mod.mode == "topk":  # eval, causal: the per-token predictor trained by the BCE
+            mask = logits >= 0.0
+        elif not self.training and self.mod.inference == "hard":
+            mask = self._budget_mask(gate)
+        sharded = self.config.sequence_parallel
+        gate_mean = self._global_mean(gate, sharded)  # keeps its graph for the sparsity loss
+        self._record("gate_mean", gate_mean)
+        output, context = self._run_inner(hidden_states, self._weight(gate), mask, *args, **kwargs)
+        fraction = 1.0 if mask is None else self._global_mean(mask.float(), sharded)
+        self._record("fraction_processed", fraction)
+        if self.mod.mode != "topk":
+            output = self._attach(output, "loss_sparsity", self._sparsity_loss(gate_mean))
+        return output, context
+
+    def _router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[s, b, h] -> [s, b, 1]`` fp32 logits (the GEMV runs in the activation dtype with fp32
+        accumulation; an fp32 copy of the activations would cost more than the router)."""
+        dtype = hidden_states.dtype
+        weight, bias = self.mod_router.weight.to(dtype), self.mod_router.bias.to(dtype)
+        return F.linear(hidden_states, weight, bias).float()
+
+    def _weight(self, gate: torch.Tensor) -> torch.Tensor:
+        """The gate that scales the block's contribution (``force_gate`` overrides it)."""
+        if self._forced_gate is not None:
+            return torch.full_like(gate, self._forced_gate)
+        return gate
+
+    def _run_inner(self, hidden_states, weight, mask, *args, **kwargs):
+        """The wrapped layer's forward with ``weight``/``mask`` applied at its residual seam.
+
+        MoDA seam: this is the only place the wrapped layer (its attention, and any depth K/V push
+        made from inside it) runs. gateskip/threshold pass every position here; topk passes the
+        gathered ``k`` tokens, which is why topk is refused on MoDA layers.
+        """
+        self._route = _Route(weight=weight.to(hidden_states.dtype), mask=mask)
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            self._route = None
+
+    def _gated_bda(self, bda_factory, training: bool, fused: bool):
+        """Replaces ``self_attn_bda``/``mlp_bda``: ``residual + weight * (out + bias)``, masked."""
+        bda = bda_factory(training, fused)
+
+        def gated(x_with_bias, residual, prob):
+            route = self._route
+            if route is None:
+                raise RuntimeError("MoDLayer bias-dropout-add called outside MoDLayer.forward")
+            out, bias = x_with_bias
+            if bias is not None:
+                out = out + bias
+            mixed = bda((out * route.weight, None), residual, prob)  # [s, b, h]
+            if route.mask is not None:
+                mixed = torch.where(route.mask, mixed, residual)
+            return mixed
+
+        return gated
+
+    # ------------------------------------------------------------------------------ topk path
+    def _forward_topk(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("MoD topk layers take the layer inputs as keywords (as TransformerBlock passes them)")
+        for name in ("attention_mask", "packed_seq_params", "inference_context", "rotary_pos_cos",
+                     "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "padding_mask",
+                     "context", "sequence_len_offset"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"MoD topk on layer {self.layer_number} cannot gather {name!r} per token; it "
+                    "supports causal self-attention with rotary_pos_emb (no explicit mask, no "
+                    "packed sequences, no inference cache)"
+                )
+        sp = self.config.sequence_parallel
+        group = self.tp_group
+        x = hidden_states  # [s/tp, b, h] under SP, else [s, b, h]
+        full = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group) if sp else x
+        seq, _, hidden = full.shape
+        logits = self._router_logits(full)  # [s, b, 1], identical on all TP ranks
+        gate = torch.sigmoid(logits)
+        k = self.mod.topk_count(seq, group.size() if sp else 1)
+        idx = logits.squeeze(-1).topk(k, dim=0).indices.sort(dim=0).values  # [k, b], in order
+        selected = full.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))  # [k, b, h]
+        self._record("gate_mean", gate.detach().mean())
+        weight = self._weight(gate.gather(0, idx.unsqueeze(-1)))  # [k, b, 1]
+        rope = kwargs.pop("rotary_pos_emb", None)
+        if rope is not None:
+            kwargs["rotary_pos_emb"] = _gather_rope(rope, idx)
+        if sp:
+            selected = scatter_to_sequence_parallel_region(selected, group=group)
+            weight = scatter_to_sequence_parallel_region(weight, group=group)
+        processed, context = self._run_inner(selected, weight, None, **kwargs)
+        if sp:
+            processed = gather_from_sequence_parallel_region(
+                processed, tensor_parallel_output_grad=False, group=group)
+        out = full.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), processed.to(full.dtype))
+        if sp:
+            out = scatter_to_sequence_parallel_region(out, group=group)
+        self._record("fraction_processed", k / seq)
+        target = torch.zeros_like(logits).scatter(0, idx.unsqueeze(-1), 1.0)
+        aux = F.binary_cross_entropy_with_logits(logits, target)
+        out = self._attach(out, "loss_router_aux", self.mod.router_aux_loss_weight * aux)
+        return out, context
+
+    # --------------------------------------------------------------------------- losses, stats
+    def _global_mean(self, values: torch.Tensor, sharded: bool) -> torch.Tensor:
+        """Mean over the whole sequence; ``sharded`` values (SP shards) are all-reduced over TP."""
+        total, count = values.sum(), values.numel()
+        if sharded:
+            total = reduce_from_tensor_model_parallel_region(total, group=self.tp_group)
+            count *= self.tp_group.size()
+        return total / count
+
+    def _sparsity_loss(self, gate_mean: torch.Tensor) -> torch.Tensor:
+        """``w * relu(mean(gate) - budget)^2``: gate mass above the current token budget."""
+        excess = F.relu(gate_mean - self._budget)
+        return self.mod.sparsity_loss_weight * excess * excess
+
+    def _budget_mask(self, gate: torch.Tensor) -> torch.Tensor:
+        """Hard budget: per sequence, the ``ceil(budget * T)`` highest gates are processed."""
+        sp = self.config.sequence_parallel
+        full = gather_from_sequence_parallel_region(
+            gate, tensor_parallel_output_grad=False, group=self.tp_group) if sp else gate
+        k = max(1, math.ceil(round(self._budget * full.shape[0], 6)))
+        kth = full.topk(k, dim=0).values[-1:]  # [1, b, 1]
+        return gate >= kth
+
+    def _attach(self, output: torch.Tensor, name: str, loss: torch.Tensor) -> torch.Tensor:
+        self._record(name, loss.detach())
+        if self.training and torch.is_grad_enabled() and loss.requires_grad:
+            output = MoDLossAutoScaler.apply(output, loss)
+            output = make_viewless_tensor(inp=output, requires_grad=True, keep_graph=True)
+        return output
+
+    def _record(self, name: str, value) -> None:
+        total, count = self._stats.get(name, (0.0, 0))
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self._stats[name] = (total + value, count + 1)
+
+
+def _gather_rope(rope, idx: torch.Tensor):
+    """Rotary embeddings of the selected positions: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]``."""
+    if isinstance(rope, tuple):
+        return tuple(None if r is None else _gather_rope(r, idx) for r in rope)
+    if rope.dim() != 4 or rope.shape[1] != 1:
+        raise ValueError(f"MoD topk expects rotary_pos_emb of shape [s, 1, 1, d], got {tuple(rope.shape)}")
+    return rope[:, 0][idx]  # [k, b, 1, d]
+
+
+@functools.cache
+def mod_layer_class(cls: type) -> type:
+    """The MoD subclass of a ``TransformerLayer`` class (``MoDLayer`` for the plain one)."""
+    if not (isinstance(cls, type) and issubclass(cls, TransformerLayer)):
+        raise ValueError(
+            f"MoD wraps TransformerLayer-based blocks (it routes at their bias-dropout-add "
+            f"residual seam); {cls!r} is not one"
+        )
+    if issubclass(cls, MoDLayer):
+        raise ValueError(f"{cls.__name__} is already MoD-wrapped")
+    if cls is TransformerLayer:
+        return MoDLayer
+    return type(f"MoD{cls.__name__}", (MoDLayer, cls), {"__module__": __name__})
+
+
+def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
+    """Wraps layer ``ctx.index``'s spec with the MoD config in ``ctx.feature_configs["mod"]``."""
+    config = ctx.feature("mod")
+    if isinstance(config, FeaturePlacement):
+        config = MoDConfig(placement=config)
+    if not isinstance(config, MoDConfig):
+        raise ValueError(
+            f"layer {ctx.index} ({ctx.symbol!r}): feature 'mod' needs a MoDConfig or a "
+            f"FeaturePlacement, got {config!r}"
+        )
+    if config.mode == "topk" and ctx.has("moda") and config.capacity < 1.0:
+        raise ValueError(
+            f"layer {ctx.index} ({ctx.symbol!r}) carries both MoD topk and MoDA: the wrapped "
+            "attention only sees the selected tokens, so its depth K/V push would miss the other "
+            "positions; use MoD mode 'gateskip' or 'threshold' on MoDA layers"
+        )
+    try:
+        module = mod_layer_class(spec.module)
+    except ValueError as exc:
+        raise ValueError(f"layer {ctx.index} ({ctx.symbol!r}): {exc}") from None
+    return ModuleSpec(module=module, params={**(spec.params or {}), "mod": config},
+                      submodules=spec.submodules)

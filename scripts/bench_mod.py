@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Mixture-of-Depths step time versus the same dense model, on one CUDA GPU with Transformer Engine.
+
+Measures, in ONE run and on the same synthetic batches (fwd + bwd + Adam step, bf16):
+
+* ``upstream-dense``: Megatron-Core's own TE GPT layer spec (``get_gpt_layer_with_transformer_engine_spec``),
+  ``blocks`` full transformer layers: the upstream reference;
+* ``dense``: our hybrid spec, pattern ``AE`` at ``2 * blocks`` sub-layers (the same network);
+* ``gateskip``: ``dense`` with MoD gateskip on every layer (target ratio <= 1.05);
+* ``topk``: ``dense`` with MoD top-k at ``--capacity`` (0.125) on every other block, i.e. the ``A``
+  and ``E`` sub-layers of blocks 0, 2, 4, ... (the MoD paper's setting; target ratio <= 0.65);
+
+then checks that a gateskip layer's forward captures in a CUDA graph and replays to the eager output.
+RoPE fusion is off in every variant (top-k gathers per-token rotary embeddings, which the fused kernel
+does not take), so the ratios compare like with like. Prints a table and the ratios; ``--out`` writes
+JSON.
+
+    python scripts/bench_mod.py --out mod_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = {"gateskip": 1.05, "topk": 0.65}
+
+
+def _fail(message: str) -> None:
+    print(f"bench_mod: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=8, help="transformer blocks (A+E pairs)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--capacity", type=float, default=0.125)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
+    p.add_argument("--skip-graph", action="store_true", help="skip the CUDA graph capture check")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="exercise the script on CPU with the local backend (no timings that mean anything)")
+    args = p.parse_args(argv)
+    if args.hidden % args.heads:
+        _fail(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    k = math.ceil(args.capacity * args.seq)
+    if not 0 < args.capacity <= 1 or k < 1:
+        _fail(f"--capacity {args.capacity} must be in (0, 1]")
+    unknown = set(args.variants.split(",")) - {"upstream-dense", "dense", "gateskip", "topk"}
+    if unknown:
+        _fail(f"unknown variants {sorted(unknown)}; allowed: upstream-dense, dense, gateskip, topk")
+    return args
+
+
+def _check_host(cpu_smoke: bool) -> dict:
+    import torch
+
+    from megacpp_mcore import backends
+
+    if cpu_smoke:
+        return {"gpu": "cpu-smoke", "torch": torch.__version__, "te": None, "megatron_core": "n/a"}
+    if not torch.cuda.is_available():
+        _fail("no CUDA device visible; this benchmark needs one GPU with Transformer Engine")
+    env = backends.detect()
+    if env.te is None:
+        _fail(f"Transformer Engine does not import ({env.te_error or 'not installed'})")
+    import megatron.core
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "te": env.te,
+            "megatron_core": getattr(megatron.core, "__version__", "unknown")}
+
+
+def _model(args, variant: str):
+    from megacpp_mcore.mod import MoDConfig
+    from megacpp_mcore.pattern import FeaturePlacement
+    from megacpp_mcore.presets import ModelConfig
+
+    features = {}
+    if variant == "gateskip":
+        features["mod"] = MoDConfig(mode="gateskip")
+    elif variant == "topk":
+        layers = tuple(i for i in range(2 * args.blocks) if (i // 2) % 2 == 0)
+        features["mod"] = MoDConfig(mode="topk", capacity=args.capacity,
+                                    placement=FeaturePlacement(layers=layers))
+    return ModelConfig(name=f"bench-{variant}", pattern="AE", num_layers=2 * args.blocks,
+                       hidden_size=args.hidden, num_attention_heads=args.heads,
+                       ffn_hidden_size=args.ffn, vocab_size=args.vocab, seq_length=args.seq,
+                       features=features)
+
+
+def _build(args, variant: str):
+    """DDP-wrapped chunks and the TransformerConfig for ``variant``."""
+    from megacpp_mcore import runtime
+
+    par = runtime.Parallelism()
+    model = _model(args, variant)
+    backend = "local" if args.cpu_smoke else "te"
+    if variant != "upstream-dense":
+        config = runtime.transformer_config(model, par, apply_rope_fusion=False)
+        return runtime.build_model(model, config, backend=backend), config
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    config = runtime.transformer_config(model.replace(num_layers=args.blocks), par,
+                                        apply_rope_fusion=False)
+    spec = (gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm") if args.cpu_smoke
+            else gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec())
+    gpt = GPTModel(config=config, transformer_layer_spec=spec,
+                   vocab_size=args.vocab, max_sequence_length=args.seq,
+                   share_embeddings_and_output_weights=False, position_embedding_type="rope")
+    gpt.to(runtime.device())
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                        use_distributed_optimizer=False)
+    return [DistributedDataParallel(config=config, ddp_config=ddp, module=gpt)], config
+
+
+def _time_variant(args, variant: str) -> dict:
+    import torch
+
+    from megacpp_mcore import runtime
+
+    chunks, _ = _build(args, variant)
+    optimizer = runtime.build_optimizer(chunks, lr=1e-4)
+    mod_layers = [m for m in chunks[0].modules() if hasattr(m, "megacpp_set_step")]
+    dev = runtime.device()
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator(device=dev).manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=dev, generator=g)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+             "loss_mask": torch.ones(args.batch, args.seq, device=dev)}
+    times, losses = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        for layer in mod_layers:
+            layer.megacpp_set_step(step)
+        sync()
+        start = time.perf_counter()
+        result = runtime.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
+                                    micro_batch_size=args.batch, seq_length=args.seq)
+        sync()
+        if step >= args.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+        losses.append(result["loss"])
+    stats = {}
+    for name, module in chunks[0].named_modules():
+        if hasattr(module, "megacpp_stats"):
+            stats[name] = module.megacpp_stats()
+    out = {
+        "ms_per_step": statistics.median(times),
+        "ms_min": min(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "mod_layers": len(mod_layers),
+        "mod_stats_last_step": stats,
+    }
+    del chunks, optimizer, mod_layers
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _cuda_graph_check(args) -> dict:
+    """Captures one gateskip MoD layer's forward (TE, bf16) in a CUDA graph and replays it."""
+    import torch
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore import runtime
+    from megacpp_mcore.attention import attention_layer_spec
+    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.mod import mod_layer_spec
+
+    model = _model(args, "gateskip")
+    config = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)
+    mod = model.features["mod"]
+    ctx = LayerContext(config=config, backend=get_backend("te"), index=0, symbol="A",
+                       features=frozenset({"mod"}), feature_configs={"mod": mod})
+    layer = build_module(mod_layer_spec(attention_layer_spec(ctx), ctx), config=config,
+                         layer_number=1).cuda().eval()
+    dim = args.hidden // args.heads
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    freqs = torch.outer(torch.arange(args.seq, device="cuda").float(), inv)
+    rope = torch.cat([freqs, freqs], -1)[:, None, None, :]
+    x = torch.randn(args.seq, args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
+    static_x = x.clone()
+    result = {"captured": False}
+    try:
+        with torch.no_grad():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    eager = layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
+            static_x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
+            result.update(captured=True,
+                          max_abs_diff_vs_eager=float((static_out.float() - eager.float()).abs().max()))
+    except Exception as exc:  # report, do not hide: the check fails with the reason
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    # Replay runs the captured kernels on new data: it must equal eager up to bf16 rounding.
+    result["ok"] = bool(result["captured"] and result.get("max_abs_diff_vs_eager", 1.0) <= 5e-2)
+    return result
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    host = _check_host(args.cpu_smoke)
+    if args.cpu_smoke:
+        args.skip_graph = True
+    from megacpp_mcore import runtime
+
+    runtime.initialize(runtime.Parallelism(), seed=1234)
+    results = {"host": host, "args": {k: str(v) if isinstance(v, Path) else v
+                                      for k, v in vars(args).items()}, "variants": {}}
+    for variant in args.variants.split(","):
+        print(f"[bench_mod] timing {variant} ...", flush=True)
+        results["variants"][variant] = _time_variant(args, variant)
+    if not args.skip_graph:
+        print("[bench_mod] CUDA graph capture of a gateskip layer forward ...", flush=True)
+        results["cuda_graph"] = _cuda_graph_check(args)
+    runtime.shutdown()
+
+    variants = results["variants"]
+    base = variants.get("dense")
+    ratios = {}
+    if base:
+        for name, target in TARGETS.items():
+            if name in variants:
+                ratio = variants[name]["ms_per_step"] / base["ms_per_step"]
+                ratios[name] = {"ratio_vs_dense": ratio, "target": target, "ok": ratio <= target}
+        if "upstream-dense" in variants:
+            ratios["dense_vs_upstream"] = {
+                "ratio": base["ms_per_step"] / variants["upstream-dense"]["ms_per_step"]}
+    results["ratios"] = ratios
+
+    print(f"\nMoD benchmark: {host['gpu']}, TE {host['te']}, megatron-core {host['megatron_core']}, "
+          f"seq {args.seq}, batch {args.batch}, hidden {args.hidden}, {args.blocks} blocks")
+    print(f"{'variant':<16}{'ms/step':>10}{'peak GiB':>10}{'ratio':>8}{'target':>8}  ok")
+    for name, v in variants.items():
+        r = ratios.get(name, {})
+        ratio = v["ms_per_step"] / base["ms_per_step"] if base else float("nan")
+        target = f"{r['target']:.2f}" if r else "-"
+        ok = ("yes" if r["ok"] else "NO") if r else ""
+        print(f"{name:<16}{v['ms_per_step']:>10.1f}{v['peak_gib']:>10.1f}{ratio:>8.3f}{target:>8}  {ok}")
+    if "cuda_graph" in results:
+        print(f"cuda graph capture (gateskip layer fwd): {results['cuda_graph']}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    failed = [n for n, r in ratios.items() if r.get("ok") is False]
+    if "cuda_graph" in results and not results["cuda_graph"]["ok"]:
+        failed.append("cuda_graph")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,469 @@
+"""Mixture-of-Depths: config validation, exactness against the unwrapped layer and plain-torch
+references, loss and budget values, side contracts (MoE aux loss, MoDA seam), TP/SP/PP parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megacpp_mcore.mod import MoDConfig
+from megacpp_mcore.pattern import FeaturePlacement, PatternError, compile_layers
+from megacpp_mcore.presets import custom_model
+
+# ----------------------------------------------------------------------------- parity factories
+_BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
+             ffn_hidden_size=128, vocab_size=128, seq_length=32, mla=None)
+
+
+def parity_topk():
+    """Every layer top-k at capacity 0.5 (k=16 of 32 tokens), dense E layers."""
+    mod = MoDConfig(mode="topk", capacity=0.5, router_aux_loss_weight=0.1)
+    return custom_model(**_BASE, moe=None, features={"mod": mod})
+
+
+def parity_gateskip_moe():
+    """Every layer gateskip with an active sparsity loss (gates start at ~0.88 > budget 0.5)
+    and MoE E layers, whose aux loss must keep flowing through the gate."""
+    from megacpp_mcore.presets import MoEConfig
+
+    mod = MoDConfig(mode="gateskip", sparsity_loss_weight=1.0, budget_start=0.5, budget_end=0.5)
+    moe = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64, shared_expert_size=64)
+    return custom_model(**_BASE, moe=moe, features={"mod": mod})
+
+
+def parity_threshold():
+    mod = MoDConfig(mode="threshold", threshold=0.5, router_bias_init=0.0, router_init_std=0.2,
+                    sparsity_loss_weight=1.0, budget_start=0.3, budget_end=0.3)
+    return custom_model(**_BASE, moe=None, features={"mod": mod})
+
+
+def run_all(runs: list[dict]) -> list[dict]:
+    """Several ``train_run``s in one process (one torchrun launch for all of them). The world
+    stays up between runs (only Megatron's parallel state is rebuilt): re-creating the default
+    process group under one torchrun store hangs in ``new_group``."""
+    from unittest import mock
+
+    from megatron.core import parallel_state
+
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import train_run
+
+    with mock.patch.object(runtime, "shutdown", parallel_state.destroy_model_parallel):
+        results = [train_run(**kwargs) for kwargs in runs]
+    runtime.shutdown()
+    return results
+
+
+
+# ------------------------------------------------------------------------------- layer helpers
+def _config(*, moe: bool = False, **overrides):
+    from megacpp_mcore import runtime
+    from megacpp_mcore.presets import MoEConfig
+
+    moe_cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64) if moe else None
+    model = custom_model(**dict(_BASE, seq_length=16), moe=moe_cfg)
+    return runtime.transformer_config(model, runtime.Parallelism(), **overrides)
+
+
+def _pair(symbol: str, mod: MoDConfig, *, moe: bool = False, features=("mod",)):
+    """(unwrapped layer, MoD-wrapped layer) with identical block weights."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.attention import attention_layer_spec
+    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.feedforward import feedforward_layer_spec
+    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.mod import mod_layer_spec
+
+    cfg = _config(moe=moe)
+    ctx = LayerContext(config=cfg, backend=get_backend("local"), index=0, symbol=symbol,
+                       features=frozenset(features), feature_configs={"mod": mod})
+    spec = attention_layer_spec(ctx) if symbol == "A" else feedforward_layer_spec(ctx)
+    plain = build_module(spec, config=cfg, layer_number=1)
+    wrapped = build_module(mod_layer_spec(spec, ctx), config=cfg, layer_number=1)
+    missing, unexpected = wrapped.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"mod_router.weight", "mod_router.bias"} and not unexpected
+    return plain, wrapped
+
+
+def _rope(seq: int, dim: int = 16) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.outer(torch.arange(seq).float(), inv)
+    return torch.cat([freqs, freqs], -1)[:, None, None, :]  # [s, 1, 1, d]
+
+
+def _call(layer, x, rope=None):
+    out, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+    return out
+
+
+def _set_router(layer, *, std: float | None = None, weight=None, bias: float = 0.0, seed: int = 0):
+    with torch.no_grad():
+        if weight is None:
+            weight = torch.randn(1, layer.mod_router.weight.shape[1],
+                                 generator=torch.Generator().manual_seed(seed)) * std
+        layer.mod_router.weight.copy_(weight)
+        layer.mod_router.bias.fill_(bias)
+
+
+def _inputs(seq: int = 16, batch: int = 2, seed: int = 1):
+    return torch.randn(seq, batch, 64, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(capacity=0), "capacity=0 is out of range"),
+    (dict(capacity=-0.5), "capacity=-0.5 is out of range"),
+    (dict(capacity=1.5), "allowed: 0 < capacity <= 1"),
+    (dict(mode="skip"), "mode='skip' is unknown; allowed: gateskip, threshold, topk"),
+    (dict(mode="threshold", threshold=1.0), "threshold=1.0 is out of range"),
+    (dict(mode="topk", inference="hard"), "inference='hard' is not available in mode 'topk'"),
+    (dict(budget_end=0.0), "budget_end=0.0 is out of range"),
+    (dict(budget_steps=-1), "budget_steps must be an int >= 0"),
+    (dict(sparsity_loss_weight=-1.0), "sparsity_loss_weight must be >= 0"),
+    (dict(allow_on="A"), "allow_on='A': MoD can only be opted in on M, R"),
+    (dict(placement="AE"), "placement must be a FeaturePlacement"),
+])
+def test_invalid_config_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MoDConfig(**kwargs)
+
+
+def test_placement_refusals_and_opt_in():
+    from megacpp_mcore.hybrid import hybrid_block_spec
+
+    on_mamba = MoDConfig(placement=FeaturePlacement(symbols="M"))
+    with pytest.raises(PatternError, match="mod cannot attach to symbol class 'M'.*allow_on='M'"):
+        compile_layers("AEM", 3, {"mod": on_mamba.placement})
+    with pytest.raises(PatternError, match="mod cannot attach to layer 2 is 'M'"):
+        compile_layers("AEM", 3, {"mod": FeaturePlacement(layers=(2,))})
+    with pytest.raises(PatternError, match="layer 7 is beyond the depth; the model has 4 layers"):
+        hybrid_block_spec("AE", num_layers=4, mod=MoDConfig(placement=FeaturePlacement(layers=(7,))))
+    with pytest.raises(PatternError, match="layer 9 is beyond the depth"):
+        custom_model(**_BASE, moe=None,
+                     features={"mod": MoDConfig(placement=FeaturePlacement(layers=(9,)))})
+    opted = MoDConfig(placement=FeaturePlacement(symbols="AM"), allow_on="M")
+    assert opted.placement.allow_on == "M"
+    table = compile_layers("AEM", 3, {"mod": opted.placement})
+    assert [sorted(e.features) for e in table] == [["mod"], [], ["mod"]]
+
+
+def test_budget_schedule_and_topk_count():
+    cfg = MoDConfig(budget_start=1.0, budget_end=0.8, budget_steps=100)
+    assert [cfg.budget(s) for s in (0, 25, 50, 100, 1000)] == pytest.approx([1.0, 0.95, 0.9, 0.8, 0.8])
+    assert MoDConfig(budget_steps=0, budget_end=0.7).budget(0) == 0.7
+    topk = MoDConfig(mode="topk", capacity=0.125)
+    assert topk.topk_count(4096) == 512 and topk.topk_count(10) == 2 and topk.topk_count(10, 4) == 4
+
+
+# ------------------------------------------------------------------------- exactness, refs
+@pytest.mark.parametrize("symbol, moe", [("A", False), ("E", True)])
+def test_gateskip_gate_one_reproduces_unwrapped_exactly(single_rank, symbol, moe):
+    plain, wrapped = _pair(symbol, MoDConfig(mode="gateskip"), moe=moe)
+    x, rope = _inputs(), _rope(16)
+    wrapped.force_gate(1.0)
+    assert torch.equal(_call(wrapped, x, rope), _call(plain, x, rope))
+
+
+def test_topk_capacity_one_reproduces_unwrapped_exactly(single_rank):
+    plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=1.0))
+    _set_router(wrapped, std=0.3)
+    x, rope = _inputs(), _rope(16)
+    wrapped.force_gate(1.0)
+    assert torch.equal(_call(wrapped, x, rope), _call(plain, x, rope))
+    assert wrapped.megacpp_stats()["fraction_processed"] == 1.0
+
+
+def test_gateskip_matches_plain_torch_reference(single_rank):
+    plain, wrapped = _pair("A", MoDConfig(mode="gateskip"))
+    _set_router(wrapped, std=0.3, bias=0.5)
+    x, rope = _inputs(), _rope(16)
+    gate = torch.sigmoid(x @ wrapped.mod_router.weight.detach().T + 0.5)  # [s, b, 1]
+    expected = x + gate * (_call(plain, x, rope) - x)
+    torch.testing.assert_close(_call(wrapped, x, rope), expected, atol=1e-5, rtol=1e-5)
+    stats = wrapped.megacpp_stats()
+    assert stats["gate_mean"] == pytest.approx(gate.mean().item(), abs=1e-6)
+    assert stats["fraction_processed"] == 1.0
+
+
+def test_threshold_unselected_tokens_bit_identical(single_rank):
+    plain, wrapped = _pair("E", MoDConfig(mode="threshold", threshold=0.5))
+    _set_router(wrapped, std=0.5, bias=0.0)
+    x = _inputs()
+    gate = torch.sigmoid(x @ wrapped.mod_router.weight.detach().T)  # [s, b, 1]
+    keep = (gate >= 0.5).squeeze(-1)
+    assert 0 < int(keep.sum()) < keep.numel()
+    out = _call(wrapped, x)
+    assert torch.equal(out[~keep], x[~keep])
+    expected = x + gate * (_call(plain, x) - x)
+    torch.testing.assert_close(out[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert wrapped.megacpp_stats()["fraction_processed"] == pytest.approx(keep.float().mean().item())
+
+
+def test_topk_matches_per_sequence_gather_reference(single_rank):
+    plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25))
+    _set_router(wrapped, std=0.5)
+    x, rope = _inputs(), _rope(16)
+    out = _call(wrapped, x, rope)
+    logits = (x @ wrapped.mod_router.weight.detach().T).squeeze(-1)  # [s, b]
+    for b in range(x.shape[1]):
+        idx = logits[:, b].topk(4).indices.sort().values  # k = 0.25 * 16
+        rest = torch.ones(16, dtype=torch.bool)
+        rest[idx] = False
+        assert torch.equal(out[rest, b], x[rest, b])  # unselected: exactly the input
+        sel = x[idx, b:b + 1]  # [k, 1, h], causal order kept
+        processed = _call(plain, sel, rope[idx])  # the same block on the gathered tokens
+        gate = torch.sigmoid(logits[idx, b])[:, None, None]
+        torch.testing.assert_close(out[idx, b:b + 1], sel + gate * (processed - sel),
+                                   atol=1e-5, rtol=1e-5)
+    assert wrapped.megacpp_stats()["fraction_processed"] == 0.25
+
+
+def test_hard_budget_inference_keeps_top_gates(single_rank):
+    cfg = MoDConfig(mode="gateskip", inference="hard", budget_start=1.0, budget_end=0.5,
+                    budget_steps=10)
+    plain, wrapped = _pair("E", cfg)
+    _set_router(wrapped, std=0.5)
+    x = _inputs()
+    wrapped.megacpp_set_step(10)
+    wrapped.eval()
+    out = _call(wrapped, x)
+    gate = torch.sigmoid(x @ wrapped.mod_router.weight.detach().T).squeeze(-1)  # [s, b]
+    keep = torch.zeros_like(gate, dtype=torch.bool).scatter(0, gate.topk(8, dim=0).indices, True)
+    assert torch.equal(out[~keep], x[~keep])
+    expected = x + gate[..., None] * (_call(plain, x) - x)
+    torch.testing.assert_close(out[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert wrapped.megacpp_stats() == pytest.approx(
+        {"gate_mean": gate.mean().item(), "fraction_processed": 0.5,
+         "loss_sparsity": 0.01 * (gate.mean().item() - 0.5) ** 2, "budget": 0.5}, abs=1e-6)
+    wrapped.train()  # training uses every token (soft gate), same budget
+    assert not torch.equal(_call(wrapped, x)[~keep], x[~keep])
+
+
+def test_topk_causal_inference_decides_per_token(single_rank):
+    plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25, inference="causal"))
+    _set_router(wrapped, std=0.5, bias=-0.2)
+    x, rope = _inputs(), _rope(16)
+    wrapped.eval()
+    out = _call(wrapped, x, rope)
+    logits = x @ wrapped.mod_router.weight.detach().T - 0.2  # [s, b, 1]
+    keep = (logits >= 0).squeeze(-1)  # no look at later tokens: usable for generation
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(out[~keep], x[~keep])
+    expected = x + torch.sigmoid(logits) * (_call(plain, x, rope) - x)
+    torch.testing.assert_close(out[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert wrapped.megacpp_stats()["fraction_processed"] == pytest.approx(keep.float().mean().item())
+
+
+# ---------------------------------------------------------------------------- losses, grads
+def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
+    from megacpp_mcore.mod import MoDLossAutoScaler
+
+    cfg = MoDConfig(mode="gateskip", sparsity_loss_weight=0.5, budget_start=1.0, budget_end=0.6,
+                    budget_steps=10)
+    _, wrapped = _pair("A", cfg)
+    _set_router(wrapped, weight=torch.zeros(1, 64), bias=1.0)  # every gate = sigmoid(1)
+    g = 1.0 / (1.0 + math.exp(-1.0))
+    x, rope = _inputs(), _rope(16)
+    MoDLossAutoScaler.set_loss_scale(1.0)
+    wrapped.megacpp_set_step(5)  # budget 0.8 > 0.731: no pressure
+    (_call(wrapped, x, rope) * 0).sum().backward()
+    assert wrapped.megacpp_stats()["loss_sparsity"] == 0.0
+    assert wrapped.mod_router.bias.grad.item() == 0.0
+    wrapped.mod_router.bias.grad = None
+    wrapped.megacpp_set_step(10)  # budget 0.6: loss 0.5 * (g - 0.6)^2
+    (_call(wrapped, x, rope) * 0).sum().backward()  # only the attached MoD loss has gradient
+    stats = wrapped.megacpp_stats()
+    assert stats["budget"] == pytest.approx(0.6)
+    assert stats["loss_sparsity"] == pytest.approx(0.5 * (g - 0.6) ** 2, rel=1e-6)
+    # d/db of 0.5 * (mean(sigmoid(b)) - 0.6)^2 = (g - 0.6) * g * (1 - g)
+    assert wrapped.mod_router.bias.grad.item() == pytest.approx((g - 0.6) * g * (1 - g), rel=1e-5)
+
+
+def test_topk_router_aux_loss_hand_computed(single_rank):
+    from megacpp_mcore.mod import MoDLossAutoScaler
+
+    _, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25, router_aux_loss_weight=0.3))
+    weight = torch.zeros(1, 64)
+    weight[0, 0] = 1.0  # logit = x[..., 0]
+    _set_router(wrapped, weight=weight, bias=0.0)
+    x, rope = _inputs(), _rope(16)
+    MoDLossAutoScaler.set_loss_scale(1.0)
+    (_call(wrapped, x, rope) * 0).sum().backward()
+    logits = x[..., 0]  # [s, b]
+    target = torch.zeros_like(logits).scatter(0, logits.topk(4, dim=0).indices, 1.0)
+    p = torch.sigmoid(logits)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert wrapped.megacpp_stats()["loss_router_aux"] == pytest.approx(0.3 * bce.item(), rel=1e-5)
+    # d/db = 0.3 * mean(sigmoid(l) - target)
+    expected = 0.3 * (p - target).mean().item()
+    assert wrapped.mod_router.bias.grad.item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_moe_aux_loss_flows_when_every_token_skips(single_rank):
+    _, wrapped = _pair("E", MoDConfig(mode="threshold", threshold=0.9), moe=True)
+    _set_router(wrapped, weight=torch.zeros(1, 64), bias=-5.0)  # gate 0.007 < 0.9: all skip
+    x = _inputs().requires_grad_()
+    out = _call(wrapped, x)
+    assert torch.equal(out, x.detach())
+    out.sum().backward()
+    assert wrapped.megacpp_stats()["fraction_processed"] == 0.0
+    # The block contributes nothing, yet the MoE load-balancing loss still trains its router.
+    assert wrapped.mlp.router.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ MoDA seam
+@pytest.mark.parametrize("mode, seen", [("gateskip", 16), ("threshold", 16), ("topk", 4)])
+def test_wrapped_attention_positions_seen(single_rank, mode, seen):
+    _, wrapped = _pair("A", MoDConfig(mode=mode, capacity=0.25))
+    shapes = []
+    wrapped.self_attention.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+    _call(wrapped, _inputs(), _rope(16))
+    assert shapes == [torch.Size([seen, 2, 64])]
+    assert wrapped.attention_sees_all_positions == (seen == 16)
+
+
+def test_topk_refused_on_moda_layer(single_rank):
+    with pytest.raises(ValueError, match="both MoD topk and MoDA.*use MoD mode 'gateskip'"):
+        _pair("A", MoDConfig(mode="topk", capacity=0.5), features=("mod", "moda"))
+    _pair("A", MoDConfig(mode="gateskip"), features=("mod", "moda"))  # all positions: allowed
+
+
+def test_only_transformer_layers_are_wrapped():
+    from megacpp_mcore.mod import MoDLayer, mod_layer_class
+
+    with pytest.raises(ValueError, match="MoD wraps TransformerLayer-based blocks"):
+        mod_layer_class(torch.nn.Linear)
+    with pytest.raises(ValueError, match="already MoD-wrapped"):
+        mod_layer_class(MoDLayer)
+
+
+# --------------------------------------------------------------------- hybrid model, hooks
+def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
+    from megatron.core.models.gpt import GPTModel
+
+    from megacpp_mcore import runtime
+    from megacpp_mcore.hybrid import hybrid_block_spec
+    from megacpp_mcore.mod import MoDLayer
+
+    mod = MoDConfig(mode="threshold", placement=FeaturePlacement(layers=(1, 2)))
+    model = custom_model(**_BASE, moe=None, features={"mod": mod})
+    cfg = runtime.transformer_config(model, runtime.Parallelism())
+    gpt = GPTModel(config=cfg, transformer_layer_spec=hybrid_block_spec(
+        "AE", backend="local", num_layers=4, mod=mod), vocab_size=128, max_sequence_length=32,
+        position_embedding_type="rope")
+    wrapped = {n: m for n, m in gpt.named_modules() if hasattr(m, "megacpp_stats")}
+    assert sorted(wrapped) == ["decoder.layers.1", "decoder.layers.2"]
+    assert all(isinstance(m, MoDLayer) for m in wrapped.values())
+    tokens = torch.randint(0, 128, (2, 32))
+    for m in wrapped.values():
+        m.megacpp_set_step(0)
+    loss = gpt(tokens, torch.arange(32).expand(2, 32), None, labels=tokens)
+    assert loss.shape == (2, 32)
+    loss.mean().backward()
+    for m in wrapped.values():
+        stats = m.megacpp_stats()
+        assert set(stats) == {"gate_mean", "fraction_processed", "loss_sparsity", "budget"}
+        assert 0.0 <= stats["fraction_processed"] <= 1.0
+        assert m.mod_router.weight.grad is not None
+
+
+def test_mod_on_some_layers_of_one_symbol_checkpoints(single_rank, tmp_path):
+    """Pattern 'A' with MoD on layer 0 only: layers differ in parameters, so Megatron must not
+    stack them into one checkpoint tensor (hybrid sets hetereogenous_dist_checkpoint)."""
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import load_model, save_model
+
+    mod = MoDConfig(placement=FeaturePlacement(layers=(0,)))
+    model = custom_model(**dict(_BASE, pattern="A", num_layers=2), moe=None, features={"mod": mod})
+    chunks = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                 backend="local")
+    save_model(chunks, str(tmp_path))
+    router = chunks[0].module.decoder.layers[0].mod_router
+    with torch.no_grad():
+        router.bias.fill_(7.0)
+    load_model(chunks, str(tmp_path))
+    assert router.bias.item() == mod.router_bias_init
+
+
+# ------------------------------------------------------------------------- TP / SP / PP parity
+@pytest.mark.distributed
+def test_parallel_parity_tp_sp_and_pp(tmp_path):
+    """One 1-rank launch (three MoD models, initial weights saved) and one 2-rank launch
+    (TP=2+SP for all three, PP=2 for topk and gateskip+MoE): losses and grad norms match."""
+    from megacpp_mcore.testing.dist import run_distributed
+
+    models = ["tests.test_mod:parity_topk", "tests.test_mod:parity_gateskip_moe",
+              "tests.test_mod:parity_threshold"]
+    ckpts = []
+    for i in range(len(models)):
+        (tmp_path / str(i)).mkdir()
+        ckpts.append(str(tmp_path / str(i)))
+    (refs,) = run_distributed("tests.test_mod:run_all", nproc=1, kwargs={"runs": [
+        dict(model=m, steps=3, checkpoint=c, checkpoint_mode="save") for m, c in zip(models, ckpts)]})
+    layouts = [(i, {"tp": 2, "sp": True}) for i in range(3)] + [(0, {"pp": 2}), (1, {"pp": 2})]
+    ranks = run_distributed("tests.test_mod:run_all", nproc=2, kwargs={"runs": [
+        dict(model=models[i], parallel=par, steps=3, checkpoint=ckpts[i], checkpoint_mode="load")
+        for i, par in layouts]})
+    for j, (i, par) in enumerate(layouts):
+        for rank in ranks:
+            got = rank[j]
+            assert got["losses"] == pytest.approx(refs[i]["losses"], abs=1e-5), (models[i], par)
+            assert got["grad_norms"] == pytest.approx(refs[i]["grad_norms"], rel=1e-5), (models[i], par)
+    assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
+
+
+# ------------------------------------------------------------------------------------- GPU
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with TE")
+
+
+def _te_layer(mode: str, **mod_kwargs):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.attention import attention_layer_spec
+    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.mod import mod_layer_spec
+
+    cfg = _config(apply_rope_fusion=False)
+    mod = MoDConfig(mode=mode, **mod_kwargs)
+    ctx = LayerContext(config=cfg, backend=get_backend("te"), index=0, symbol="A",
+                       features=frozenset({"mod"}), feature_configs={"mod": mod})
+    return build_module(mod_layer_spec(attention_layer_spec(ctx), ctx), config=cfg,
+                        layer_number=1).cuda()
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_gateskip_forward_captures_in_cuda_graph(single_rank):
+    layer = _te_layer("gateskip").eval()
+    rope = _rope(16).cuda()
+    static_x = _inputs().cuda().to(layer.mod_router.weight.dtype)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                _call(layer, static_x, rope)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _call(layer, static_x, rope)
+        static_x.copy_(_inputs(seed=7).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out, _call(layer, static_x, rope), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_te_topk_unselected_exact_and_backward(single_rank):
+    layer = _te_layer("topk", capacity=0.25)
+    x = _inputs().cuda().to(layer.mod_router.weight.dtype).requires_grad_()
+    out = _call(layer, x, _rope(16).cuda())
+    unchanged = (out.detach() == x.detach()).all(-1)  # [s, b]
+    assert unchanged.sum(0).tolist() == [12, 12]  # 16 - k tokens per sequence pass through exactly
+    out.float().sum().backward()
+    assert layer.mod_router.weight.grad is not None and torch.isfinite(x.grad).all()
