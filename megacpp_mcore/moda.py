@@ -207,6 +207,7 @@ class DepthKVBuffer:
         self.detach = detach
         self.slots = 0
         self.last_index = -1
+        self.first_index: int | None = None
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
         self.filled = 0
@@ -214,12 +215,16 @@ class DepthKVBuffer:
 
     def register(self, index: int, contributes: bool) -> tuple[int, int | None]:
         """(depth keys layer ``index`` reads, its slot or None)."""
+        if index == self.last_index:  # built again (MLASelfAttention rebuilds its core attention)
+            return self._last
         reads = self.slots
         self.last_index = index
-        if not contributes:
-            return reads, None
-        self.slots += 1
-        return reads, reads
+        if self.first_index is None:
+            self.first_index = index
+        if contributes:
+            self.slots += 1
+        self._last = (reads, reads if contributes else None)
+        return self._last
 
     def begin(self) -> None:
         self.key = self.value = None
@@ -305,10 +310,14 @@ def _register(config, moda: MoDAConfig, index: int) -> tuple[DepthKVBuffer, int,
     key = (id(moda), segment.start)
     entry = _BUILDING.get(key)
     buffer = entry[1]() if entry is not None and entry[0] is moda else None
-    first = buffer is None or index <= buffer.last_index
-    if first:
-        buffer = DepthKVBuffer(segment=segment, detach=moda.detach)
-        _BUILDING[key] = (moda, weakref.ref(buffer))
+    if buffer is not None and index == buffer.last_index:
+        # The same layer built again (MLASelfAttention rebuilds its core attention): same buffer.
+        first = index == buffer.first_index
+    else:
+        first = buffer is None or index < buffer.last_index
+        if first:
+            buffer = DepthKVBuffer(segment=segment, detach=moda.detach)
+            _BUILDING[key] = (moda, weakref.ref(buffer))
     reads, slot = buffer.register(index, moda.contributes(index))
     return buffer, reads, slot, first
 
