@@ -1,0 +1,197 @@
+"""megacpp_mcore.launch_pretrain on CPU: argument handling, refusals, and the model builder that
+``pretrain_gpt.py``'s ``pretrain`` calls (Megatron-LM's training package needs triton and CUDA, so the
+full path runs in the gpu test of tests/test_recipes.py)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megacpp_mcore import launch_pretrain as lp
+
+MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A directory with the files the launcher requires of a Megatron-LM checkout (empty stand-ins:
+    the argv checks never import them)."""
+    for name in lp.CHECKOUT_FILES:
+        path = tmp_path / name
+        if name.endswith(".py"):
+            path.write_text("")
+        else:
+            path.mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.fixture
+def restore_spec_import(monkeypatch):
+    from megatron.core.transformer import spec_utils
+
+    monkeypatch.setattr(spec_utils, "import_module", spec_utils.import_module)
+
+
+def _args(**overrides) -> argparse.Namespace:
+    """What Megatron's parser yields for the fields the builder reads (defaults of core_v0.16.1)."""
+    values = dict(
+        spec=["layer_specs.nam56r_lite", "NAM56R_LITE_AE"], transformer_impl="local",
+        padded_vocab_size=128, max_position_embeddings=32, fp16_lm_cross_entropy=False,
+        untie_embeddings_and_output_weights=True, position_embedding_type="rope",
+        rotary_percent=1.0, rotary_base=10000, use_rope_scaling=False, mtp_num_layers=None,
+        use_legacy_models=False, yaml_cfg=None, multi_latent_attention=False, q_lora_rank=None,
+        kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
+        megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
+    )
+    assert set(lp.MEGATRON_ARGS_READ) <= set(values)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_split_argv_and_refusals(checkout):
+    root, rest = lp.split_argv(["--megatron-lm", str(checkout), "--spec", "m", "A", "--bf16"])
+    assert root == checkout.resolve() and rest == ["--spec", "m", "A", "--bf16"]
+    cases = {
+        ("--spec", "m", "A"): "--megatron-lm PATH",
+        ("--megatron-lm", "/nonexistent/mlm", "--spec", "m", "A"): "missing pretrain_gpt.py",
+        ("--megatron-lm", str(checkout), "--bf16"): "--spec MODULE ATTR is required",
+        ("--megatron-lm", str(checkout), "--spec", "m", "A", "--mtp-num-layers", "2"):
+            "--megacpp-mtp-depth",
+        ("--megatron-lm", str(checkout), "--spec", "m", "A", "--yaml-cfg=x.yaml"): "--yaml-cfg",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(lp.LaunchError, match=message):
+            lp.split_argv(list(argv))
+
+
+def test_main_reports_one_line_and_exit_2(checkout, capsys):
+    assert lp.main(["--megatron-lm", str(checkout), "--spec", "m", "A", "--mtp-num-layers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("launch_pretrain: error: --mtp-num-layers")
+
+
+def test_backend_follows_transformer_impl():
+    assert lp.layer_spec_from_args(_args()).submodules.backend == "local"
+    te = lp.layer_spec_from_args(_args(transformer_impl="transformer_engine"))
+    assert te.submodules.backend == "te"
+    local_spec = _args(spec=["layer_specs.nam56r_lite", "NAM56R_LITE_LOCAL"],
+                       transformer_impl="transformer_engine", multi_latent_attention=True,
+                       **_lite_mla())
+    assert lp.layer_spec_from_args(local_spec).submodules.backend == "local"  # explicit wins
+    with pytest.raises(lp.LaunchError, match="inference_optimized has no megacpp_mcore backend"):
+        lp.layer_spec_from_args(_args(transformer_impl="inference_optimized"))
+
+
+def _lite_mla() -> dict:
+    from megacpp_mcore.presets import get_preset
+
+    mla = get_preset("nam56r-lite").mla
+    return {f: getattr(mla, f) for f in lp.MLA_FIELDS}
+
+
+def test_mla_flags_must_match_the_spec():
+    lite = ["layer_specs.nam56r_lite", "NAM56R_LITE"]
+    with pytest.raises(lp.LaunchError, match="add --multi-latent-attention"):
+        lp.layer_spec_from_args(_args(spec=lite))
+    wrong = dict(_lite_mla(), kv_lora_rank=512)
+    with pytest.raises(lp.LaunchError, match=r"--kv-lora-rank 512 \(spec: 256\)"):
+        lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **wrong))
+    ok = lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **_lite_mla()))
+    assert set(ok.submodules.features) == {"mla"}
+    with pytest.raises(lp.LaunchError, match="has no MLA feature"):
+        lp.layer_spec_from_args(_args(multi_latent_attention=True))
+
+
+def test_bad_spec_names_the_cause_once_patched(restore_spec_import):
+    lp._apply_patches()
+    with pytest.raises(ImportError, match="has no attribute 'NAM56R_LIET'; it defines: NAM56R_LITE"):
+        lp.layer_spec_from_args(_args(spec=["layer_specs.nam56r_lite", "NAM56R_LIET"]))
+    with pytest.raises(ImportError, match="cannot import module 'layer_specs.nam65r'"):
+        lp.layer_spec_from_args(_args(spec=["layer_specs.nam65r", "NAM56R"]))
+
+
+def _config(num_layers=4):
+    from megacpp_mcore import runtime
+    from megacpp_mcore.presets import custom_model
+
+    model = custom_model(pattern="AE", num_layers=num_layers, seq_length=32, vocab_size=128, mla=None)
+    return runtime.transformer_config(model, runtime.Parallelism())
+
+
+def test_builder_builds_gpt_model_from_spec(single_rank):
+    from megatron.core.models.gpt import GPTModel
+
+    gpt = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
+    assert type(gpt) is GPTModel and len(gpt.decoder.layers) == 4
+    assert gpt.decoder.layers[0].self_attention.linear_qkv.__class__.__name__ == "ColumnParallelLinear"
+    tokens = torch.randint(0, 128, (2, 32))
+    loss = gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens)
+    assert loss.shape == (2, 32) and torch.isfinite(loss).all()
+
+
+def test_builder_adds_our_mtp_or_says_why_not(single_rank):
+    args = _args(megacpp_mtp_depth=2)
+    if importlib.util.find_spec("megacpp_mcore.mtp") is None:
+        with pytest.raises(lp.LaunchError, match="needs megacpp_mcore.mtp"):
+            lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
+        return
+    from megacpp_mcore.mtp import MTPGPTModel
+
+    last = lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
+    assert isinstance(last, MTPGPTModel)
+    first = lp.gpt_builder(args, pre_process=True, post_process=False, config=_config())
+    mtp_params = [n for n, _ in first.named_parameters() if "mtp" in n]
+    assert mtp_params == [], "MTP belongs to the last pipeline stage only"
+
+
+def _parser_dests(arguments_py: str) -> set[str]:
+    """``dest`` of every option the Megatron-LM parser defines (from its source): explicit
+    ``add_argument`` calls, plus the TransformerConfig fields that its ``ArgumentGroupFactory``
+    turns into flags (all but the function's ``exclude`` list)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dests = set()
+    for func in ast.walk(ast.parse(arguments_py)):
+        if not isinstance(func, ast.FunctionDef):
+            continue
+        calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)]
+        if any(getattr(c.func, "id", "") == "ArgumentGroupFactory" and c.args
+               and getattr(c.args[0], "id", "") == "TransformerConfig" for c in calls):
+            exclude = next(ast.literal_eval(n.value) for n in ast.walk(func) if isinstance(n, ast.Assign)
+                           and getattr(n.targets[0], "id", "") == "exclude")
+            dests |= set(TransformerConfig.__dataclass_fields__) - set(exclude)
+    for node in ast.walk(ast.parse(arguments_py)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            dest = next((k.value.value for k in node.keywords if k.arg == "dest"), None)
+            flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            longs = [f for f in flags if isinstance(f, str) and f.startswith("--")]
+            if dest or longs:
+                dests.add(dest or longs[0][2:].replace("-", "_"))
+    return dests
+
+
+@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+def test_builder_reads_only_flags_megatron_defines():
+    source = subprocess.run(
+        ["git", "--git-dir", str(MIRROR), "show", "core_v0.16.1:megatron/training/arguments.py"],
+        capture_output=True, text=True, check=True).stdout
+    dests = _parser_dests(source)
+    assert {"spec", "num_layers", "untie_embeddings_and_output_weights"} <= dests  # parser sanity
+    assert sorted(set(lp.MEGATRON_ARGS_READ) - dests) == []
+    ours = {a.dest for a in lp.add_megacpp_arguments(argparse.ArgumentParser())._actions}
+    assert not (ours - {"help"}) & dests, "our flags must not shadow Megatron's"
+    flags = [f for f in lp.preset_args("nam56r") if f.startswith("--") and not f.startswith("--megacpp")]
+    assert sorted({f[2:].replace("-", "_") for f in flags} - dests) == []
+
+
+def test_cli_entry_runs_as_module(checkout):
+    proc = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--megatron-lm",
+                           str(checkout), "--bf16"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--spec MODULE ATTR is required" in proc.stderr
