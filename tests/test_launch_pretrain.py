@@ -5,7 +5,6 @@ full path runs in the gpu test of tests/test_recipes.py)."""
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import subprocess
 import sys
@@ -151,44 +150,17 @@ def test_builder_adds_our_mtp_or_says_why_not(single_rank):
     assert mtp_params == [], "MTP belongs to the last pipeline stage only"
 
 
-def _parser_dests(arguments_py: str) -> set[str]:
-    """``dest`` of every option the Megatron-LM parser defines (from its source): explicit
-    ``add_argument`` calls, plus the TransformerConfig fields that its ``ArgumentGroupFactory``
-    turns into flags (all but the function's ``exclude`` list)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    dests = set()
-    for func in ast.walk(ast.parse(arguments_py)):
-        if not isinstance(func, ast.FunctionDef):
-            continue
-        calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)]
-        if any(getattr(c.func, "id", "") == "ArgumentGroupFactory" and c.args
-               and getattr(c.args[0], "id", "") == "TransformerConfig" for c in calls):
-            exclude = next(ast.literal_eval(n.value) for n in ast.walk(func) if isinstance(n, ast.Assign)
-                           and getattr(n.targets[0], "id", "") == "exclude")
-            dests |= set(TransformerConfig.__dataclass_fields__) - set(exclude)
-    for node in ast.walk(ast.parse(arguments_py)):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
-            dest = next((k.value.value for k in node.keywords if k.arg == "dest"), None)
-            flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
-            longs = [f for f in flags if isinstance(f, str) and f.startswith("--")]
-            if dest or longs:
-                dests.add(dest or longs[0][2:].replace("-", "_"))
-    return dests
-
-
 @pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
 def test_builder_reads_only_flags_megatron_defines():
-    source = subprocess.run(
-        ["git", "--git-dir", str(MIRROR), "show", "core_v0.16.1:megatron/training/arguments.py"],
-        capture_output=True, text=True, check=True).stdout
-    dests = _parser_dests(source)
+    from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
+
+    dests = parser_dests(str(MIRROR), "core_v0.16.1")
     assert {"spec", "num_layers", "untie_embeddings_and_output_weights"} <= dests  # parser sanity
     assert sorted(set(lp.MEGATRON_ARGS_READ) - dests) == []
     ours = {a.dest for a in lp.add_megacpp_arguments(argparse.ArgumentParser())._actions}
     assert not (ours - {"help"}) & dests, "our flags must not shadow Megatron's"
     flags = [f for f in lp.preset_args("nam56r") if f.startswith("--") and not f.startswith("--megacpp")]
-    assert sorted({f[2:].replace("-", "_") for f in flags} - dests) == []
+    assert [f for f in flags if not flag_known(f, dests)] == []
 
 
 def test_cli_entry_runs_as_module(checkout):
