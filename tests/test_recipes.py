@@ -12,6 +12,7 @@ import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,25 +176,65 @@ def test_tiny_cpu_recipe_uses_train_flags(tmp_path, checkout):
     assert args.preset == "nam56r-tiny"
 
 
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("recipe_benchmark", REPO / "scripts" / "recipe_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_ab_commands_and_log_parsing(checkout, tmp_path):
+    rb = _benchmark_module()
+    env = {**os.environ, "MEGATRON_LM": str(checkout), "ITERS": "50", "OUT": str(tmp_path)}
+    lite = rb.recipe_tokens("nam56r_lite_1xh200.sh", env)
+    ours, upstream, depth = rb.ab_commands(lite, str(checkout))
+    assert depth == 12 and _flag_values(ours)["--num-layers"] == "24"
+    assert _flag_values(ours)["--spec"] == "layer_specs.nam56r_lite"
+    assert ours[ours.index("--spec") + 2] == "NAM56R_LITE_AE"
+    assert str(checkout / "pretrain_gpt.py") in upstream and "--spec" not in upstream
+    for cmd in (ours, upstream):
+        assert "--multi-latent-attention" not in cmd and "--megacpp-mtp-depth" not in cmd
+    same = {k: v for k, v in _flag_values(ours).items() if k not in ("--num-layers", "--spec", "--megatron-lm")}
+    assert same == {k: v for k, v in _flag_values(upstream).items() if k != "--num-layers"}
+    log = ("iteration 3/ 50 | elapsed time per iteration (ms): 812.3 | lm loss: 1.040123E+01 |\n"
+           "validation loss at iteration 50 | lm loss value: 9.9E+00 | lm loss PPL: 2.0E+04 |\n"
+           "[Rank 0] (after 1 iterations) memory (MB) | allocated: 1.0 | max allocated: 20480.0 |\n")
+    assert rb.parse_log(log) == ([10.40123], [812.3], 20.0)
+    lite_preset = lp.get_preset("nam56r-lite")
+    dense = lite_preset.replace(moe=None, mla=None, mtp_depth=0)
+    # dense GPT check: 6 x (params a token meets) + causal attention, computed by hand
+    h, f, v, s, layers = 2048, 5632, 32768, 4096, 12
+    by_hand = 6 * (layers * ((h + 4 * h * h) + (h + 3 * h * f)) + h * v) + 3 * (
+        layers * 2 * (s / 2) * 16 * (2 * h // 16))
+    assert rb.flops_per_token(dense, pattern="AE", num_layers=2 * layers) == by_hand
+
+
 def _parse_megatron_log(text: str) -> tuple[list[float], list[float]]:
-    losses = [float(x) for x in re.findall(r"lm loss: ([0-9.Ee+-]+)", text)]
+    losses = [float(x) for x in re.findall(r"\blm loss: ([0-9.Ee+-]+)", text)]
     times = [float(x) for x in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", text)]
     return losses, times
 
 
+GPU_RUNS = [("nam56r_lite_1xh200.sh", 1, "50"), ("nam56r_8xh200.sh", 8, "20")]
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (H200) with TE")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (H200) with TE")
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="set MEGATRON_LM to a core_v0.16.1 checkout")
-def test_lite_recipe_trains_on_gpu(tmp_path):
-    iters = int(os.environ.get("ITERS", "50"))
+@pytest.mark.parametrize("recipe,gpus,default_iters", GPU_RUNS, ids=[r[0] for r in GPU_RUNS])
+def test_recipe_trains_on_gpu(recipe, gpus, default_iters, tmp_path):
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"{recipe} needs {gpus} GPUs, this host has {torch.cuda.device_count()}")
+    iters = int(os.environ.get("ITERS", default_iters))
     proc = subprocess.run(
-        ["bash", str(REPO / "recipes" / "nam56r_lite_1xh200.sh")], capture_output=True, text=True,
-        timeout=3600, env={**os.environ, "OUT": str(tmp_path / "out"), "ITERS": str(iters)})
+        ["bash", str(REPO / "recipes" / recipe)], capture_output=True, text=True, timeout=3600,
+        env={**os.environ, "OUT": str(tmp_path / "out"), "ITERS": str(iters)})
     log = proc.stdout + proc.stderr
-    (tmp_path / "log.txt").write_text(log)
     assert proc.returncode == 0, log[-6000:]
+    assert "Traceback" not in log
     losses, times = _parse_megatron_log(log)
     assert len(losses) >= iters, log[-6000:]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
-    print(f"lite recipe: {iters} iterations, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+    print(f"{recipe}: {iters} iterations, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"median {statistics.median(times[5:] or times):.1f} ms/iteration")
