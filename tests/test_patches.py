@@ -227,3 +227,46 @@ def test_cli_status_and_apply(restore_targets, capsys):
     assert {r["applied"] for r in json.loads(capsys.readouterr().out)} == {True}
     assert cli.main(["patches", "status", "--only", "no-such-patch"]) == 2
     assert "unknown patch 'no-such-patch'" in capsys.readouterr().err
+
+
+def tp_grad_norms() -> dict[str, float]:
+    """Rank worker (TP=2): grad norm of one step from identical weights, for a model built with
+    initialisation (reference), without it (upstream defect), and without it after the patch."""
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
+
+    par = runtime.Parallelism(tp=2)
+    runtime.initialize(par, seed=1234)
+    model = model_from_spec({"pattern": "AE", "num_layers": 2, "hidden_size": 64,
+                             "num_attention_heads": 4, "ffn_hidden_size": 128, "vocab_size": 128,
+                             "seq_length": 16, "moe": None})
+    norms, weights = {}, None
+    for name, perform_init in (("initialised", True), ("unpatched", False), ("patched", False)):
+        if name == "patched":
+            tp_attributes_without_init.apply()
+        config = runtime.transformer_config(model, par, perform_initialization=perform_init)
+        chunks = runtime.build_model(model, config, backend="local")
+        params = dict(chunks[0].module.named_parameters())
+        if weights is None:
+            weights = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k])
+        optimizer = runtime.build_optimizer(chunks, lr=0.0)
+        batches = synthetic_batches(seed=7, step=0, global_batch=2, seq_length=model.seq_length,
+                                    vocab=model.vocab_size, dp_rank=0, dp=1, micro_batch_size=1)
+        norms[name] = runtime.train_step(chunks, optimizer, iter(batches), num_microbatches=2,
+                                         micro_batch_size=1, seq_length=model.seq_length)["grad_norm"]
+    runtime.shutdown()
+    return norms
+
+
+@pytest.mark.distributed
+def test_tp2_grad_norm_without_initialization_is_fixed_by_the_patch():
+    from megacpp_mcore.testing.dist import run_distributed
+
+    ranks = run_distributed("tests.test_patches:tp_grad_norms", nproc=2)
+    assert ranks[0] == ranks[1]
+    norms = ranks[0]
+    assert norms["unpatched"] < 0.99 * norms["initialised"], norms  # defect: rank 1 shards dropped
+    assert norms["patched"] == pytest.approx(norms["initialised"], rel=1e-6), norms
