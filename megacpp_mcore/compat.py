@@ -46,8 +46,9 @@ def mcore_version() -> Version:
 
 def _accepts(target: Callable) -> tuple[set[str], bool]:
     """(keyword names ``target`` takes, whether it takes ``**kwargs``)."""
-    init = target.__init__ if inspect.isclass(target) else target
-    params = inspect.signature(init).parameters.values()
+    if inspect.isclass(target):  # a spec-time dispatcher (e.g. HybridLayer) builds in __new__
+        target = target.__new__ if target.__new__ is not object.__new__ else target.__init__
+    params = inspect.signature(target).parameters.values()
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 

@@ -257,7 +257,8 @@ def run(checkout: Path, megatron_argv: list[str]) -> None:
         pretrain_gpt.forward_step,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         extra_args_provider=_extra_args_provider(
-            pretrain_gpt.add_modelopt_args if pretrain_gpt.has_nvidia_modelopt else None),
+            pretrain_gpt.add_modelopt_args if getattr(pretrain_gpt, "has_nvidia_modelopt", False)
+            else None),
         store=store,
         get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
     )

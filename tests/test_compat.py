@@ -70,3 +70,10 @@ def test_provider_and_config_names():
     assert LocalBackend().layer_norm(rms_norm=True, for_qk=False, has_residual=False) is LocalNorm
     assert compat.HETEROGENEOUS_CHECKPOINT_FIELD in TransformerConfig.__dataclass_fields__
     assert compat.mcore_version().release[:2] == (0, 16)
+
+
+def test_layer_kwargs_reads_a_dispatcher_new():
+    from megacpp_mcore.hybrid import HybridLayer
+
+    later = {"name": "decoder.layers.0", "is_mtp_layer": True}
+    assert compat.layer_kwargs(HybridLayer, later) == later  # HybridLayer.__new__ takes **kwargs

@@ -156,6 +156,8 @@ def test_builder_reads_only_flags_megatron_defines():
 
     dests = parser_dests(str(MIRROR), "core_v0.16.1")
     assert {"spec", "num_layers", "untie_embeddings_and_output_weights"} <= dests  # parser sanity
+    assert flag_known("--disable-bias-linear", dests) and flag_known("--no-load-optim", dests)
+    assert not flag_known("--no-such-megatron-flag", dests) and not flag_known("--num-layer", dests)
     assert sorted(set(lp.MEGATRON_ARGS_READ) - dests) == []
     ours = {a.dest for a in lp.add_megacpp_arguments(argparse.ArgumentParser())._actions}
     assert not (ours - {"help"}) & dests, "our flags must not shadow Megatron's"
