@@ -173,6 +173,15 @@ def _check_mla(args: argparse.Namespace, sub) -> None:
         raise LaunchError("MLA flags disagree with the spec's MLAConfig: " + "; ".join(wrong))
 
 
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """The argv check again, on parsed args (``--use-checkpoint-args`` can bring these back)."""
+    for dest in ("mtp_num_layers", "use_legacy_models", "yaml_cfg"):
+        if getattr(args, dest):
+            flag = f"--{dest.replace('_', '-')}"
+            raise LaunchError(f"{flag}={getattr(args, dest)!r} is not supported by the launcher: "
+                              f"{REFUSED_FLAGS[flag]}")
+
+
 def mtp_from_args(args: argparse.Namespace):
     """``(model class, extra kwargs)``: ``MTPGPTModel`` + ``MTPConfig`` when MTP is requested."""
     from megatron.core.models.gpt import GPTModel
@@ -193,6 +202,7 @@ def mtp_from_args(args: argparse.Namespace):
 
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
     """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``."""
+    _refuse_unsupported(args)
     if config is None:
         from megatron.training.arguments import core_transformer_config_from_args
 

@@ -135,6 +135,11 @@ def test_builder_builds_gpt_model_from_spec(single_rank):
     assert loss.shape == (2, 32) and torch.isfinite(loss).all()
 
 
+def test_builder_refuses_upstream_mtp_from_checkpoint_args():
+    with pytest.raises(lp.LaunchError, match="--mtp-num-layers=2 is not supported"):
+        lp.gpt_builder(_args(mtp_num_layers=2), pre_process=True, post_process=True, config=None)
+
+
 def test_builder_adds_our_mtp_or_says_why_not(single_rank):
     args = _args(megacpp_mtp_depth=2)
     if importlib.util.find_spec("megacpp_mcore.mtp") is None:
