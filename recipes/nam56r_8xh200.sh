@@ -35,6 +35,8 @@ GBS=${GBS:-128}
 LR=${LR:-3e-4}
 VOCAB=${VOCAB:-131072}
 SEED=${SEED:-1234}
+USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_DENSE_ATTENTION)
+MTP_DEPTH=${MTP_DEPTH:-2}           # 0: no MTP
 
 require_megatron_lm "$MEGATRON_LM"
 set_data_args "$DATA"
@@ -55,11 +57,15 @@ MOE=(
   --moe-router-load-balancing-type aux_loss --moe-router-dtype fp32
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm
 )
-MLA=(
-  --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512
-  --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
-)
-MTP=(--megacpp-mtp-depth 2)        # shared-block MTP, built on the last pipeline stage only
+MLA=()
+if (( USE_MLA )); then
+  MLA=(
+    --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512
+    --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
+  )
+fi
+MTP=()                             # shared-block MTP, built on the last pipeline stage only
+if (( MTP_DEPTH > 0 )); then MTP=(--megacpp-mtp-depth "$MTP_DEPTH"); fi
 PARALLEL=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --expert-model-parallel-size "$EP"

@@ -21,6 +21,8 @@ GBS=${GBS:-16}
 LR=${LR:-3e-4}
 VOCAB=${VOCAB:-32768}
 SEED=${SEED:-1234}
+USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_LITE_AE)
+MTP_DEPTH=${MTP_DEPTH:-1}           # 0: no MTP
 
 require_megatron_lm "$MEGATRON_LM"
 set_data_args "$DATA"
@@ -41,11 +43,15 @@ MOE=(
   --moe-router-load-balancing-type aux_loss --moe-router-dtype fp32
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm
 )
-MLA=(
-  --multi-latent-attention --q-lora-rank 768 --kv-lora-rank 256
-  --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
-)
-MTP=(--megacpp-mtp-depth 1)        # shared-block MTP on the last (here: only) pipeline stage
+MLA=()
+if (( USE_MLA )); then
+  MLA=(
+    --multi-latent-attention --q-lora-rank 768 --kv-lora-rank 256
+    --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
+  )
+fi
+MTP=()                             # shared-block MTP, built on the last pipeline stage only
+if (( MTP_DEPTH > 0 )); then MTP=(--megacpp-mtp-depth "$MTP_DEPTH"); fi
 PARALLEL=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 1)
 TRAINING=(
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --seed "$SEED"

@@ -174,3 +174,47 @@ def test_cli_entry_runs_as_module(checkout):
     proc = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--megatron-lm",
                            str(checkout), "--bf16"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--spec MODULE ATTR is required" in proc.stderr
+
+
+def _defined_names(source: str) -> set[str]:
+    """Top-level names a module defines or imports."""
+    import ast
+
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.Try):
+            names |= _defined_names(ast.unparse(ast.Module(body=node.body, type_ignores=[])))
+    return names
+
+
+@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+def test_run_uses_what_the_core_v0161_checkout_defines():
+    """What ``launch_pretrain.run`` takes from the checkout exists there (a re-base alarm)."""
+    import inspect
+
+    from megacpp_mcore.testing.megatron_lm import GitTree
+
+    tree = GitTree(MIRROR, "core_v0.16.1")
+    pretrain_gpt = _defined_names(tree.read("pretrain_gpt.py"))
+    assert {"train_valid_test_datasets_provider", "forward_step", "get_embedding_ranks", "pretrain",
+            "set_startup_timestamps", "has_nvidia_modelopt", "add_modelopt_args"} <= pretrain_gpt
+    assert "model_provider" in _defined_names(tree.read("model_provider.py"))
+    assert "maybe_wrap_for_inprocess_restart" in _defined_names(
+        tree.read("megatron/training/inprocess_restart.py"))
+    assert "gpt_builder" in _defined_names(tree.read("gpt_builders.py"))
+    run_source = inspect.getsource(lp.run)
+    training = tree.read("megatron/training/training.py")
+    pretrain_def = training[training.index("def pretrain("):training.index("):", training.index("def pretrain("))]
+    for kwarg in ("args_defaults", "extra_args_provider", "store", "get_embedding_ranks"):
+        assert f"{kwarg}=" in run_source and kwarg in pretrain_def
+    # our builder has gpt_builder's signature, as model_provider calls it
+    builder = tree.read("gpt_builders.py")
+    assert "def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None)" in builder
+    assert list(inspect.signature(lp.gpt_builder).parameters) == [
+        "args", "pre_process", "post_process", "vp_stage", "config", "pg_collection"]

@@ -147,6 +147,18 @@ def test_flags_are_known_to_megatron_lm(recipe, checkout, tmp_path):
     assert unknown == []
 
 
+@pytest.mark.parametrize("recipe,fallback", [("nam56r_lite_1xh200.sh", "NAM56R_LITE_AE"),
+                                             ("nam56r_8xh200.sh", "NAM56R_DENSE_ATTENTION")])
+def test_mla_and_mtp_can_be_switched_off(recipe, fallback, checkout, tmp_path):
+    """``USE_MLA=0 MTP_DEPTH=0 SPEC=<non-MLA object>``: a run while MLA/MTP are not available."""
+    proc = _run(REPO / "recipes" / recipe, "--dry-run", MEGATRON_LM=str(checkout), DATA="",
+                OUT=str(tmp_path), USE_MLA="0", MTP_DEPTH="0", SPEC=fallback)
+    assert proc.returncode == 0, proc.stderr
+    flags = _flag_values(shlex.split(proc.stdout))
+    assert not {"--multi-latent-attention", "--kv-lora-rank", "--megacpp-mtp-depth"} & set(flags)
+    assert flags["--spec"].startswith("layer_specs.") and fallback in proc.stdout
+
+
 def test_8xh200_layout_fits_the_model(checkout, tmp_path):
     from megacpp_mcore.runtime import Parallelism
 
