@@ -208,9 +208,11 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
 
         config = core_transformer_config_from_args(args)
     model_cls, extra = mtp_from_args(args)
+    spec = layer_spec_from_args(args)
+    _report(args, spec, model_cls, post_process)
     return model_cls(
         config=config,
-        transformer_layer_spec=layer_spec_from_args(args),
+        transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -226,6 +228,19 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
         pg_collection=pg_collection,
         **extra,
     )
+
+
+def _report(args, spec, model_cls, post_process) -> None:
+    """One line per built stage on global rank 0: what was asked for and what gets built."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    sub = getattr(spec, "submodules", None)
+    backend = getattr(sub, "backend", "?")
+    mtp = f"MTP depth {args.megacpp_mtp_depth}" if args.megacpp_mtp_depth and post_process else "no MTP"
+    print(f"[megacpp_mcore] model {model_cls.__name__} from --spec {' '.join(args.spec)}: pattern "
+          f"{getattr(sub, 'pattern', '?')!r}, backend {backend} (--transformer-impl "
+          f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}",
+          flush=True)
 
 
 def _extra_args_provider(upstream: Callable | None) -> Callable:

@@ -124,11 +124,13 @@ def _config(num_layers=4):
     return runtime.transformer_config(model, runtime.Parallelism())
 
 
-def test_builder_builds_gpt_model_from_spec(single_rank):
+def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
     from megatron.core.models.gpt import GPTModel
 
     gpt = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
     assert type(gpt) is GPTModel and len(gpt.decoder.layers) == 4
+    assert ("model GPTModel from --spec layer_specs.nam56r_lite NAM56R_LITE_AE: pattern 'AE', "
+            "backend local (--transformer-impl local)") in capsys.readouterr().out
     assert gpt.decoder.layers[0].self_attention.linear_qkv.__class__.__name__ == "ColumnParallelLinear"
     tokens = torch.randint(0, 128, (2, 32))
     loss = gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens)
