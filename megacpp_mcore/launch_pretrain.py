@@ -290,8 +290,16 @@ def run(checkout: Path, megatron_argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        print(__doc__)
+        print("Package flags (given to Megatron's parser):")
+        add_megacpp_arguments(argparse.ArgumentParser(prog="", add_help=False)).print_help()
+        print("\nMegatron-LM's own flags: python -m megacpp_mcore.launch_pretrain --megatron-lm PATH "
+              "--spec MODULE ATTR --help (needs a CUDA host: pretrain_gpt imports triton)")
+        return 0
     try:
-        checkout, megatron_argv = split_argv(list(sys.argv[1:] if argv is None else argv))
+        checkout, megatron_argv = split_argv(argv)
     except LaunchError as exc:
         print(f"launch_pretrain: error: {exc}", file=sys.stderr)
         return 2

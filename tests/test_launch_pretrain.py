@@ -70,6 +70,12 @@ def test_split_argv_and_refusals(checkout):
             lp.split_argv(list(argv))
 
 
+def test_help_without_a_checkout(capsys):
+    assert lp.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--megatron-lm PATH" in out and "--megacpp-mtp-depth" in out
+
+
 def test_main_reports_one_line_and_exit_2(checkout, capsys):
     assert lp.main(["--megatron-lm", str(checkout), "--spec", "m", "A", "--mtp-num-layers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
