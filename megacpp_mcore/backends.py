@@ -98,7 +98,8 @@ class LocalBackend(LocalSpecProvider):
 
     name = "local"
 
-    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **_later) -> type:
+        # **_later: provider kwargs added after 0.16 (has_residual in 0.18), see megacpp_mcore.compat
         return LocalNorm
 
     def linear(self) -> type:

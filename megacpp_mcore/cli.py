@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = {
     "plan": ("megacpp_mcore.commands.plan", "print the layer plan, parameter counts and memory estimate"),
+    "patches": ("megacpp_mcore.commands.patches", "status/apply of runtime patches against upstream"),
 }
 
 

@@ -18,11 +18,11 @@ import functools
 import importlib
 from typing import Any, Callable, Mapping
 
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module, get_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
-from megacpp_mcore import backends
+from megacpp_mcore import backends, compat
 from megacpp_mcore.layer_context import LayerContext
 from megacpp_mcore.pattern import (
     FEATURE_RULES,
@@ -143,22 +143,22 @@ class HybridLayer(BaseTransformerLayer):
         **kwargs,  # upstream kwargs added after 0.16 (pp_layer_offset, is_mtp_layer, name, ...)
     ):
         pp_rank = _pp_rank(pg_collection)
-        offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
-        index = offset + layer_number - 1
+        index = compat.global_layer_index(config, layer_number, vp_stage=vp_stage, pp_rank=pp_rank,
+                                          **kwargs)
         _check_stage(submodules.pattern, config, index, pp_rank, vp_stage)
         spec = submodules.layer_spec(config, index)
         if len({(e.symbol, e.features) for e in submodules.table(config.num_layers)}) > 1:
             # Megatron stacks homogeneous layers into one checkpoint tensor per parameter name; a
             # mixed stack (A layers have no MLP, E layers no attention, a feature such as MoD adds
             # parameters to some layers only) needs per-layer keys.
-            config.hetereogenous_dist_checkpoint = True
+            setattr(config, compat.HETEROGENEOUS_CHECKPOINT_FIELD, True)
         return build_module(
             spec,
             config=config,
             layer_number=layer_number,
             pg_collection=pg_collection,
             vp_stage=vp_stage,
-            **kwargs,
+            **compat.layer_kwargs(get_module(spec), kwargs),
         )
 
 

@@ -1,10 +1,23 @@
-"""Runtime patches against named upstream versions; nothing is applied on import.
+"""Runtime patches against named upstream versions.
 
-Each module has ``NAME``, ``TARGETS``, ``DESCRIPTION``, ``check()`` (``needed`` |
-``fixed-upstream`` | ``target-missing``) and an idempotent ``apply()`` returning what it changed.
+Each patch is a module of this package with the protocol:
+
+* ``NAME: str``: short kebab-case name shown by ``megacpp-mcore patches status``;
+* ``TARGETS: str``: the distribution and versions it was written for, e.g.
+  ``"megatron-core >=0.16,<0.18"``;
+* ``DESCRIPTION: str``: the upstream defect, in one sentence;
+* ``check() -> str``: exactly one of ``"needed"`` (the defect is present), ``"fixed-upstream"``
+  (upstream behaves correctly: retire the patch) or ``"target-missing"`` (what the patch changes
+  no longer exists: re-base it). ``check`` probes upstream's own behaviour, also after ``apply``;
+* ``apply() -> list[str]``: idempotent; returns what it changed (empty when nothing to do).
+
+Nothing is applied on import: entry points (``python -m megacpp_mcore.launch_pretrain``,
+``megacpp-mcore patches apply``) call :func:`patches.registry.apply_needed` explicitly.
 """
 
 REGISTRY = (
+    "patches.spec_import_errors",
+    "patches.tp_attributes_without_init",
     "patches.mla_have_te",
     "patches.mla_down_proj_tp_marker",
 )

@@ -1,0 +1,182 @@
+"""Loads the patches listed in :data:`patches.REGISTRY`, reports their status and applies them.
+
+The status of a patch answers the upgrade question "keep, retire or re-base?":
+
+========================  ==========  ============================================================
+``check()``               action      meaning
+========================  ==========  ============================================================
+``needed``                keep        the upstream defect is present; the patch is applied
+``fixed-upstream``        retire      upstream behaves correctly now; delete the patch
+``target-missing``        re-base     what the patch changes moved or vanished; rewrite it
+========================  ==========  ============================================================
+
+A patch whose check says ``needed`` on an installed version outside its ``TARGETS`` is still
+applied (its probe found the same defect), and the status notes that ``TARGETS`` should be widened
+after review.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+from types import ModuleType
+from typing import Iterable
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+import patches
+
+CHECK_RESULTS = ("needed", "fixed-upstream", "target-missing")
+ACTIONS = {"needed": "keep", "fixed-upstream": "retire", "target-missing": "re-base"}
+PROTOCOL = ("NAME", "TARGETS", "DESCRIPTION", "check", "apply")
+
+
+class PatchProtocolError(ValueError):
+    """A patch module does not follow the protocol of :mod:`patches`."""
+
+
+def load(module_name: str) -> ModuleType:
+    """Imports patch ``module_name`` and checks that it follows the protocol."""
+    module = importlib.import_module(module_name)
+    missing = [attr for attr in PROTOCOL if not hasattr(module, attr)]
+    if missing:
+        raise PatchProtocolError(
+            f"patch module {module_name!r} lacks {', '.join(missing)}; every patch defines "
+            f"{', '.join(PROTOCOL)} (see patches/__init__.py)"
+        )
+    parse_targets(module.TARGETS, owner=module_name)
+    return module
+
+
+def registered(names: Iterable[str] | None = None) -> list[ModuleType]:
+    """The registered patch modules, optionally only those whose ``NAME`` is in ``names``."""
+    modules = [load(name) for name in patches.REGISTRY]
+    if names is None:
+        return modules
+    wanted = list(names)
+    known = {m.NAME: m for m in modules}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown patch {unknown[0]!r}; registered patches: {', '.join(known)}")
+    return [known[n] for n in wanted]
+
+
+def parse_targets(targets: str, *, owner: str = "patch") -> Requirement:
+    """``"megatron-core >=0.16,<0.18"`` -> a requirement (distribution name + version range)."""
+    try:
+        requirement = Requirement(targets)
+    except InvalidRequirement as exc:
+        raise PatchProtocolError(
+            f"{owner}: TARGETS={targets!r} is not '<distribution> <versions>', e.g. "
+            f"'megatron-core >=0.16,<0.18' ({exc})"
+        ) from None
+    if not str(requirement.specifier):
+        raise PatchProtocolError(f"{owner}: TARGETS={targets!r} names no version range")
+    return requirement
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PatchStatus:
+    """One row of ``megacpp-mcore patches status``."""
+
+    name: str
+    module: str
+    targets: str
+    installed: str | None  # version of the targeted distribution, None when not installed
+    in_targets: bool
+    check: str
+    action: str
+    applied: bool | None  # None when the patch cannot tell
+    description: str
+
+    @property
+    def note(self) -> str:
+        if self.installed is None:
+            return "targeted distribution not installed"
+        if self.check == "needed" and not self.in_targets:
+            return f"defect still present in {self.installed}: verify, then widen TARGETS"
+        return ""
+
+
+def _check(module: ModuleType) -> str:
+    result = module.check()
+    if result not in CHECK_RESULTS:
+        raise PatchProtocolError(
+            f"patch {module.NAME!r}: check() returned {result!r}; allowed: {', '.join(CHECK_RESULTS)}"
+        )
+    return result
+
+
+def _in_targets(requirement: Requirement, version: str | None) -> bool:
+    if version is None:
+        return False
+    try:
+        return requirement.specifier.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
+def status(names: Iterable[str] | None = None) -> list[PatchStatus]:
+    """Checks every registered patch (or those in ``names``) against the installed versions."""
+    rows = []
+    for module in registered(names):
+        requirement = parse_targets(module.TARGETS, owner=module.__name__)
+        version = installed_version(requirement.name)
+        result = _check(module) if version is not None else "target-missing"
+        applied = getattr(module, "applied", None)
+        rows.append(PatchStatus(
+            name=module.NAME,
+            module=module.__name__,
+            targets=module.TARGETS,
+            installed=version,
+            in_targets=_in_targets(requirement, version),
+            check=result,
+            action=ACTIONS[result],
+            applied=applied() if callable(applied) else None,
+            description=module.DESCRIPTION,
+        ))
+    return rows
+
+
+def apply_needed(names: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Applies every patch whose check says ``needed``; returns ``{name: what changed}``.
+
+    Idempotent: a second call returns empty lists. Patches that are fixed upstream or whose target
+    is missing are skipped (their status says why).
+    """
+    changed: dict[str, list[str]] = {}
+    for row in status(names):
+        if row.check != "needed":
+            continue
+        module = importlib.import_module(row.module)
+        result = module.apply()
+        if not isinstance(result, list):
+            raise PatchProtocolError(f"patch {row.name!r}: apply() returned {result!r}, not a list")
+        changed[row.name] = result
+    return changed
+
+
+def format_status(rows: list[PatchStatus]) -> str:
+    """The table printed by ``megacpp-mcore patches status``."""
+    header = ("patch", "targets", "installed", "check", "action", "applied")
+    table = [header] + [
+        (r.name, r.targets, r.installed or "-", r.check, r.action,
+         {True: "yes", False: "no", None: "?"}[r.applied])
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {r.name}: {r.note}" for r in rows if r.note]
+    if notes:
+        lines += ["", "notes:", *notes]
+    return "\n".join(lines)

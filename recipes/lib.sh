@@ -1,0 +1,41 @@
+# Shared by the recipes (sourced, not run): checks, data flags and the launch itself.
+# shellcheck shell=bash
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Makes layer_specs/ and megacpp_mcore importable from a source checkout without `pip install`.
+# shellcheck disable=SC2034  # used by the recipes that source this file
+PYTHONPATH_WITH_REPO="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+require_file() {  # require_file PATH WHAT: exit 2 naming WHAT when PATH does not exist
+  if [[ ! -e $1 ]]; then
+    echo "error: $2 not found: $1" >&2
+    exit 2
+  fi
+}
+
+require_megatron_lm() {  # require_megatron_lm DIR: a Megatron-LM checkout (tag core_v0.16.1)
+  require_file "$1/pretrain_gpt.py" "Megatron-LM checkout (set MEGATRON_LM; git clone --branch core_v0.16.1 https://github.com/NVIDIA/Megatron-LM)"
+}
+
+set_data_args() {  # set_data_args PREFIX: DATA_ARGS for a Megatron data prefix, mock data when empty
+  # shellcheck disable=SC2034  # DATA_ARGS is read by the recipe that calls this
+  if [[ -z $1 ]]; then
+    DATA_ARGS=(--mock-data)
+  else
+    require_file "$1.bin" "data prefix (DATA)"
+    require_file "$1.idx" "data prefix (DATA)"
+    DATA_ARGS=(--data-path "$1")
+  fi
+}
+
+launch() {  # launch DRY_RUN OUT_DIR CMD...: print CMD (DRY_RUN=1) or create OUT_DIR and exec CMD
+  local dry_run=$1 out=$2
+  shift 2
+  if (( dry_run )); then
+    printf '%q ' "$@"
+    echo
+    exit 0
+  fi
+  mkdir -p "$out"
+  exec "$@"
+}

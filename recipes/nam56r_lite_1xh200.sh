@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# NAM56R-lite (12 layers AEMEAEMEAEMR, hidden 2048, 8-expert MoE, MLA, shared-block MTP K=1) on ONE
+# H200 through Megatron-LM's pretrain_gpt.py (core_v0.16.1) and megacpp_mcore's launcher: bf16, TE.
+#
+#   MEGATRON_LM=~/Megatron-LM recipes/nam56r_lite_1xh200.sh [--dry-run] [extra pretrain_gpt.py flags]
+#
+# Empty DATA trains on Megatron's mock data; otherwise DATA is a .bin/.idx prefix.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DRY_RUN=0
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+
+MEGATRON_LM=${MEGATRON_LM:-$HOME/Megatron-LM}
+DATA=${DATA:-}
+OUT=${OUT:-$REPO/runs/nam56r_lite_1xh200}
+SPEC=${SPEC:-NAM56R_LITE}          # an object of layer_specs/nam56r_lite.py
+ITERS=${ITERS:-50}
+MBS=${MBS:-2}                      # ~15 GiB estimated per micro-batch of 2 x 4096 (megacpp-mcore plan)
+GBS=${GBS:-16}
+LR=${LR:-3e-4}
+VOCAB=${VOCAB:-32768}
+SEED=${SEED:-1234}
+USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_LITE_AE)
+MTP_DEPTH=${MTP_DEPTH:-1}           # 0: no MTP
+
+require_megatron_lm "$MEGATRON_LM"
+set_data_args "$DATA"
+
+# The preset's architecture: keep in sync with `launch_pretrain.preset_args("nam56r-lite")`
+# (tests/test_recipes.py checks it).
+MODEL=(
+  --spec layer_specs.nam56r_lite "$SPEC"
+  --num-layers 12 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 5632
+  --seq-length 4096 --max-position-embeddings 4096
+  --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope
+  --untie-embeddings-and-output-weights --attention-dropout 0 --hidden-dropout 0
+  --init-method-std 0.02
+)
+MOE=(
+  --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 1024
+  --moe-shared-expert-intermediate-size 1024 --moe-aux-loss-coeff 0.01
+  --moe-router-load-balancing-type aux_loss --moe-router-dtype fp32
+  --moe-token-dispatcher-type alltoall --moe-grouped-gemm
+)
+MLA=()
+if (( USE_MLA )); then
+  MLA=(
+    --multi-latent-attention --q-lora-rank 768 --kv-lora-rank 256
+    --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
+  )
+fi
+MTP=()                             # shared-block MTP, built on the last pipeline stage only
+if (( MTP_DEPTH > 0 )); then MTP=(--megacpp-mtp-depth "$MTP_DEPTH"); fi
+PARALLEL=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 1)
+TRAINING=(
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --seed "$SEED"
+  --lr "$LR" --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 5
+  --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95
+  --bf16 --transformer-impl transformer_engine --use-distributed-optimizer
+)
+# NullTokenizer adds an end-of-document id: VOCAB - 1 ids + EOD = VOCAB (a multiple of 128).
+TOKENIZER=(--tokenizer-type NullTokenizer --vocab-size "$((VOCAB - 1))")
+OUTPUT=(
+  --save "$OUT/checkpoints" --save-interval "$ITERS" --tensorboard-dir "$OUT/tensorboard"
+  --log-interval 1 --eval-interval "$ITERS" --eval-iters 5
+)
+
+launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" \
+  torchrun --nproc-per-node 1 -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \
+  "${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" \
+  "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# NAM56R-tiny (12 layers AEMEAEMEAEMR, hidden 128) on CPU: `megacpp-mcore train` through
+# megatron-core with the local (torch) backend and gloo; no GPU, no Megatron-LM checkout, no
+# download (the default data is prepared from the system's C/C++ headers on first use).
+#
+#   recipes/nam56r_tiny_cpu.sh [--dry-run] [extra `megacpp-mcore train` flags, e.g. --tp 2]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DRY_RUN=0
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+
+DATA=${DATA:-}                     # .bin/.idx prefix from `megacpp-mcore prepare-data`; empty: default
+OUT=${OUT:-$REPO/runs/nam56r_tiny_cpu}
+NPROC=${NPROC:-1}                  # ranks (gloo); with 2, pass e.g. --tp 2 or --pp 2
+STEPS=${STEPS:-200}
+MBS=${MBS:-4}
+SEED=${SEED:-1234}
+
+MODEL=(--preset nam56r-tiny)
+TRAINING=(--steps "$STEPS" --micro-batch-size "$MBS" --seed "$SEED" --save "$OUT/checkpoints")
+DATA_ARGS=()
+if [[ -n $DATA ]]; then
+  require_file "$DATA.bin" "data prefix (DATA)"
+  require_file "$DATA.idx" "data prefix (DATA)"
+  DATA_ARGS=(--data "$DATA")
+fi
+
+launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
+  torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.cli train \
+  "${MODEL[@]}" "${TRAINING[@]}" "${DATA_ARGS[@]}" "$@"

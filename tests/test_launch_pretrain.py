@@ -1,0 +1,228 @@
+"""megacpp_mcore.launch_pretrain on CPU: argument handling, refusals, and the model builder that
+``pretrain_gpt.py``'s ``pretrain`` calls (Megatron-LM's training package needs triton and CUDA, so the
+full path runs in the gpu test of tests/test_recipes.py)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megacpp_mcore import launch_pretrain as lp
+
+MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A directory with the files the launcher requires of a Megatron-LM checkout (empty stand-ins:
+    the argv checks never import them)."""
+    for name in lp.CHECKOUT_FILES:
+        path = tmp_path / name
+        if name.endswith(".py"):
+            path.write_text("")
+        else:
+            path.mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.fixture
+def restore_spec_import(monkeypatch):
+    from megatron.core.transformer import spec_utils
+
+    monkeypatch.setattr(spec_utils, "import_module", spec_utils.import_module)
+
+
+def _args(**overrides) -> argparse.Namespace:
+    """What Megatron's parser yields for the fields the builder reads (defaults of core_v0.16.1)."""
+    values = dict(
+        spec=["layer_specs.nam56r_lite", "NAM56R_LITE_AE"], transformer_impl="local",
+        padded_vocab_size=128, max_position_embeddings=32, fp16_lm_cross_entropy=False,
+        untie_embeddings_and_output_weights=True, position_embedding_type="rope",
+        rotary_percent=1.0, rotary_base=10000, use_rope_scaling=False, mtp_num_layers=None,
+        use_legacy_models=False, yaml_cfg=None, multi_latent_attention=False, q_lora_rank=None,
+        kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
+        megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
+    )
+    assert set(lp.MEGATRON_ARGS_READ) <= set(values)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_split_argv_and_refusals(checkout):
+    root, rest = lp.split_argv(["--megatron-lm", str(checkout), "--spec", "m", "A", "--bf16"])
+    assert root == checkout.resolve() and rest == ["--spec", "m", "A", "--bf16"]
+    cases = {
+        ("--spec", "m", "A"): "--megatron-lm PATH",
+        ("--megatron-lm", "/nonexistent/mlm", "--spec", "m", "A"): "missing pretrain_gpt.py",
+        ("--megatron-lm", str(checkout), "--bf16"): "--spec MODULE ATTR is required",
+        ("--megatron-lm", str(checkout), "--spec", "m", "A", "--mtp-num-layers", "2"):
+            "--megacpp-mtp-depth",
+        ("--megatron-lm", str(checkout), "--spec", "m", "A", "--yaml-cfg=x.yaml"): "--yaml-cfg",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(lp.LaunchError, match=message):
+            lp.split_argv(list(argv))
+
+
+def test_help_without_a_checkout(capsys):
+    assert lp.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--megatron-lm PATH" in out and "--megacpp-mtp-depth" in out
+
+
+def test_main_reports_one_line_and_exit_2(checkout, capsys):
+    assert lp.main(["--megatron-lm", str(checkout), "--spec", "m", "A", "--mtp-num-layers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("launch_pretrain: error: --mtp-num-layers")
+
+
+def test_backend_follows_transformer_impl():
+    assert lp.layer_spec_from_args(_args()).submodules.backend == "local"
+    te = lp.layer_spec_from_args(_args(transformer_impl="transformer_engine"))
+    assert te.submodules.backend == "te"
+    local_spec = _args(spec=["layer_specs.nam56r_lite", "NAM56R_LITE_LOCAL"],
+                       transformer_impl="transformer_engine", multi_latent_attention=True,
+                       **_lite_mla())
+    assert lp.layer_spec_from_args(local_spec).submodules.backend == "local"  # explicit wins
+    with pytest.raises(lp.LaunchError, match="inference_optimized has no megacpp_mcore backend"):
+        lp.layer_spec_from_args(_args(transformer_impl="inference_optimized"))
+
+
+def _lite_mla() -> dict:
+    from megacpp_mcore.presets import get_preset
+
+    mla = get_preset("nam56r-lite").mla
+    return {f: getattr(mla, f) for f in lp.MLA_FIELDS}
+
+
+def test_mla_flags_must_match_the_spec():
+    lite = ["layer_specs.nam56r_lite", "NAM56R_LITE"]
+    with pytest.raises(lp.LaunchError, match="add --multi-latent-attention"):
+        lp.layer_spec_from_args(_args(spec=lite))
+    wrong = dict(_lite_mla(), kv_lora_rank=512)
+    with pytest.raises(lp.LaunchError, match=r"--kv-lora-rank 512 \(spec: 256\)"):
+        lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **wrong))
+    ok = lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **_lite_mla()))
+    assert set(ok.submodules.features) == {"mla"}
+    with pytest.raises(lp.LaunchError, match="has no MLA feature"):
+        lp.layer_spec_from_args(_args(multi_latent_attention=True))
+
+
+def test_bad_spec_names_the_cause_once_patched(restore_spec_import):
+    lp._apply_patches()
+    with pytest.raises(ImportError, match="has no attribute 'NAM56R_LIET'; it defines: NAM56R_LITE"):
+        lp.layer_spec_from_args(_args(spec=["layer_specs.nam56r_lite", "NAM56R_LIET"]))
+    with pytest.raises(ImportError, match="cannot import module 'layer_specs.nam65r'"):
+        lp.layer_spec_from_args(_args(spec=["layer_specs.nam65r", "NAM56R"]))
+
+
+def _config(num_layers=4):
+    from megacpp_mcore import runtime
+    from megacpp_mcore.presets import custom_model
+
+    model = custom_model(pattern="AE", num_layers=num_layers, seq_length=32, vocab_size=128, mla=None)
+    return runtime.transformer_config(model, runtime.Parallelism())
+
+
+def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
+    from megatron.core.models.gpt import GPTModel
+
+    gpt = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
+    assert type(gpt) is GPTModel and len(gpt.decoder.layers) == 4
+    assert ("model GPTModel from --spec layer_specs.nam56r_lite NAM56R_LITE_AE: pattern 'AE', "
+            "backend local (--transformer-impl local)") in capsys.readouterr().out
+    assert gpt.decoder.layers[0].self_attention.linear_qkv.__class__.__name__ == "ColumnParallelLinear"
+    tokens = torch.randint(0, 128, (2, 32))
+    loss = gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens)
+    assert loss.shape == (2, 32) and torch.isfinite(loss).all()
+
+
+def test_builder_refuses_upstream_mtp_from_checkpoint_args():
+    with pytest.raises(lp.LaunchError, match="--mtp-num-layers=2 is not supported"):
+        lp.gpt_builder(_args(mtp_num_layers=2), pre_process=True, post_process=True, config=None)
+
+
+def test_builder_adds_our_mtp_or_says_why_not(single_rank):
+    args = _args(megacpp_mtp_depth=2)
+    if importlib.util.find_spec("megacpp_mcore.mtp") is None:
+        with pytest.raises(lp.LaunchError, match="needs megacpp_mcore.mtp"):
+            lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
+        return
+    from megacpp_mcore.mtp import MTPGPTModel
+
+    last = lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
+    assert isinstance(last, MTPGPTModel)
+    first = lp.gpt_builder(args, pre_process=True, post_process=False, config=_config())
+    mtp_params = [n for n, _ in first.named_parameters() if "mtp" in n]
+    assert mtp_params == [], "MTP belongs to the last pipeline stage only"
+
+
+@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+def test_builder_reads_only_flags_megatron_defines():
+    from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
+
+    dests = parser_dests(str(MIRROR), "core_v0.16.1")
+    assert {"spec", "num_layers", "untie_embeddings_and_output_weights"} <= dests  # parser sanity
+    assert flag_known("--disable-bias-linear", dests) and flag_known("--no-load-optim", dests)
+    assert not flag_known("--no-such-megatron-flag", dests) and not flag_known("--num-layer", dests)
+    assert sorted(set(lp.MEGATRON_ARGS_READ) - dests) == []
+    ours = {a.dest for a in lp.add_megacpp_arguments(argparse.ArgumentParser())._actions}
+    assert not (ours - {"help"}) & dests, "our flags must not shadow Megatron's"
+    flags = [f for f in lp.preset_args("nam56r") if f.startswith("--") and not f.startswith("--megacpp")]
+    assert [f for f in flags if not flag_known(f, dests)] == []
+
+
+def test_cli_entry_runs_as_module(checkout):
+    proc = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--megatron-lm",
+                           str(checkout), "--bf16"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--spec MODULE ATTR is required" in proc.stderr
+
+
+def _defined_names(source: str) -> set[str]:
+    """Top-level names a module defines or imports."""
+    import ast
+
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.Try):
+            names |= _defined_names(ast.unparse(ast.Module(body=node.body, type_ignores=[])))
+    return names
+
+
+@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+def test_run_uses_what_the_core_v0161_checkout_defines():
+    """What ``launch_pretrain.run`` takes from the checkout exists there (a re-base alarm)."""
+    import inspect
+
+    from megacpp_mcore.testing.megatron_lm import GitTree
+
+    tree = GitTree(MIRROR, "core_v0.16.1")
+    pretrain_gpt = _defined_names(tree.read("pretrain_gpt.py"))
+    assert {"train_valid_test_datasets_provider", "forward_step", "get_embedding_ranks", "pretrain",
+            "set_startup_timestamps", "has_nvidia_modelopt", "add_modelopt_args"} <= pretrain_gpt
+    assert "model_provider" in _defined_names(tree.read("model_provider.py"))
+    assert "maybe_wrap_for_inprocess_restart" in _defined_names(
+        tree.read("megatron/training/inprocess_restart.py"))
+    assert "gpt_builder" in _defined_names(tree.read("gpt_builders.py"))
+    run_source = inspect.getsource(lp.run)
+    training = tree.read("megatron/training/training.py")
+    pretrain_def = training[training.index("def pretrain("):training.index("):", training.index("def pretrain("))]
+    for kwarg in ("args_defaults", "extra_args_provider", "store", "get_embedding_ranks"):
+        assert f"{kwarg}=" in run_source and kwarg in pretrain_def
+    # our builder has gpt_builder's signature, as model_provider calls it
+    builder = tree.read("gpt_builders.py")
+    assert "def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None)" in builder
+    assert list(inspect.signature(lp.gpt_builder).parameters) == [
+        "args", "pre_process", "post_process", "vp_stage", "config", "pg_collection"]

@@ -1,0 +1,272 @@
+"""patches/: protocol, status on the installed megatron-core, idempotent apply, simulated upstream
+fixes and missing targets, and what each patch actually changes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+import patches
+from patches import registry, spec_import_errors, tp_attributes_without_init
+
+
+@pytest.fixture
+def restore_targets(monkeypatch):
+    """Every upstream attribute a patch may replace is restored after the test."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import spec_utils
+
+    monkeypatch.setattr(spec_utils, "import_module", spec_utils.import_module)
+    for cls_name in tp_attributes_without_init.PARTITION_DIM:
+        cls = getattr(layers, cls_name)
+        monkeypatch.setattr(cls, "__init__", cls.__dict__["__init__"])
+    return monkeypatch
+
+
+def _rows():
+    return {row.name: row for row in registry.status()}
+
+
+def test_registry_modules_follow_the_protocol():
+    modules = registry.registered()
+    assert [m.__name__ for m in modules] == list(patches.REGISTRY)
+    names = [m.NAME for m in modules]
+    assert len(set(names)) == len(names)
+    for module in modules:
+        assert module.DESCRIPTION.strip()
+        assert registry.parse_targets(module.TARGETS).name == "megatron-core"
+
+
+def test_status_on_installed_megatron_core(restore_targets):
+    import megatron.core
+
+    assert megatron.core.__version__.startswith("0.16."), "these expectations are for 0.16.x"
+    rows = _rows()
+    assert set(rows) == {"spec-import-errors", "tp-attributes-without-init"}
+    for row in rows.values():
+        assert (row.installed, row.in_targets, row.check, row.action) == (
+            megatron.core.__version__, True, "needed", "keep")
+        assert row.applied is False and row.note == ""
+
+
+def test_apply_twice_equals_once(restore_targets):
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import spec_utils
+
+    original_import = spec_utils.import_module
+    first = registry.apply_needed()
+    assert first["spec-import-errors"] == ["megatron.core.transformer.spec_utils.import_module"]
+    assert len(first["tp-attributes-without-init"]) == 3
+    state = (spec_utils.import_module, layers.RowParallelLinear.__init__)
+    assert registry.apply_needed() == {name: [] for name in first}
+    assert (spec_utils.import_module, layers.RowParallelLinear.__init__) == state
+    assert spec_utils.import_module.__wrapped__ is original_import  # wrapped once, not twice
+    assert all(row.applied and row.check == "needed" for row in _rows().values())
+
+
+def test_check_probes_upstream_behind_the_patch(restore_targets):
+    registry.apply_needed()
+    assert spec_import_errors.check() == "needed"
+    assert tp_attributes_without_init.check() == "needed"
+
+
+def test_spec_import_errors_name_the_cause(restore_targets):
+    from megatron.core.transformer import spec_utils
+
+    original = spec_utils.import_module
+    assert original(("megacpp_no_such_module", "SPEC")) is None  # the upstream defect
+    holder = types.ModuleType("megacpp_fake_builder")  # imported `import_module` by name
+    holder.import_module = original
+    restore_targets.setitem(sys.modules, "megacpp_fake_builder", holder)
+
+    changed = spec_import_errors.apply()
+    assert "megacpp_fake_builder.import_module" in changed
+    assert holder.import_module is spec_utils.import_module is not original
+    with pytest.raises(ImportError, match="cannot import module 'megacpp_no_such_module'"):
+        spec_utils.import_module(("megacpp_no_such_module", "SPEC"))
+    with pytest.raises(ImportError, match=r"has no attribute 'NOPE'; it defines: .*FeaturePlacement"):
+        spec_utils.import_module(("megacpp_mcore.pattern", "NOPE"))
+    with pytest.raises(ValueError, match="two words, MODULE ATTR"):
+        spec_utils.import_module(["layer_specs.nam56r"])
+    from megacpp_mcore.pattern import SYMBOLS
+
+    assert spec_utils.import_module(["megacpp_mcore.pattern", "SYMBOLS"]) is SYMBOLS
+
+
+def test_simulated_upstream_fix_retires_spec_patch(restore_targets):
+    from megatron.core.transformer import spec_utils
+
+    def fixed_import_module(module_path):  # upstream raising instead of returning None
+        base, name = module_path
+        return getattr(__import__(base, fromlist=[name]), name)
+
+    restore_targets.setattr(spec_utils, "import_module", fixed_import_module)
+    assert spec_import_errors.check() == "fixed-upstream"
+    row = _rows()["spec-import-errors"]
+    assert (row.check, row.action) == ("fixed-upstream", "retire")
+    assert "spec-import-errors" not in registry.apply_needed()
+    assert spec_utils.import_module is fixed_import_module
+
+
+def test_simulated_upstream_fix_retires_tp_patch(restore_targets):
+    """megatron-core 0.18 sets the markers without initialisation; simulate that."""
+    from megatron.core.tensor_parallel import layers
+
+    for cls_name, dim in tp_attributes_without_init.PARTITION_DIM.items():
+        cls = getattr(layers, cls_name)
+        original = cls.__init__
+
+        def fixed_init(self, *args, _original=original, _dim=dim, **kwargs):
+            _original(self, *args, **kwargs)
+            if not hasattr(self.weight, "tensor_model_parallel"):
+                layers.set_tensor_model_parallel_attributes(self.weight, True, _dim, 1)
+
+        restore_targets.setattr(cls, "__init__", fixed_init)
+    assert tp_attributes_without_init.check() == "fixed-upstream"
+    assert _rows()["tp-attributes-without-init"].action == "retire"
+
+
+def test_missing_target_says_re_base(restore_targets):
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import spec_utils
+
+    restore_targets.delattr(spec_utils, "import_module")
+    restore_targets.delattr(layers, "RowParallelLinear")
+    rows = _rows()
+    for name in ("spec-import-errors", "tp-attributes-without-init"):
+        assert (rows[name].check, rows[name].action) == ("target-missing", "re-base")
+    assert registry.apply_needed() == {}
+    assert spec_import_errors.apply() == [] and tp_attributes_without_init.apply() == []
+
+
+def test_changed_constructor_signature_says_re_base(restore_targets):
+    from megatron.core.tensor_parallel import layers
+
+    def renamed_kwargs(self, input_size, output_size, *, cfg, init_fn):  # a future refactor
+        torch.nn.Module.__init__(self)
+
+    restore_targets.setattr(layers.ColumnParallelLinear, "__init__", renamed_kwargs)
+    assert tp_attributes_without_init.check() == "target-missing"
+
+
+def test_installed_version_outside_targets_is_noted(restore_targets):
+    restore_targets.setattr(registry, "installed_version", lambda dist: "0.18.0")
+    row = _rows()["tp-attributes-without-init"]
+    assert (row.in_targets, row.check) == (False, "needed")  # 0.16's behaviour is still installed
+    assert "widen TARGETS" in row.note
+    restore_targets.setattr(registry, "installed_version", lambda dist: None)
+    row = _rows()["spec-import-errors"]
+    assert (row.check, row.action, row.note) == ("target-missing", "re-base",
+                                                  "targeted distribution not installed")
+
+
+def _tp_layers(config, stride=2):
+    from megatron.core.tensor_parallel import layers
+
+    init = torch.nn.init.zeros_
+    return [
+        layers.ColumnParallelLinear(8, 8, config=config, init_method=init, bias=False, stride=stride),
+        layers.RowParallelLinear(8, 8, config=config, init_method=init, bias=False,
+                                 input_is_parallel=True, skip_bias_add=False, stride=stride),
+        layers.VocabParallelEmbedding(8, 8, config=config, init_method=init),
+    ]
+
+
+def _markers(layer):
+    return tuple(getattr(layer.weight, a, None)
+                 for a in ("tensor_model_parallel", "partition_dim", "partition_stride"))
+
+
+def test_tp_markers_match_initialised_layers(restore_targets):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    def build(perform_initialization):
+        config = ModelParallelConfig(perform_initialization=perform_initialization,
+                                     use_cpu_initialization=True)
+        return [_markers(layer) for layer in _tp_layers(config)]
+
+    expected = build(True)
+    assert expected == [(True, 0, 2), (True, 1, 2), (True, 0, 1)]
+    assert build(False) == [(None, None, None)] * 3  # the upstream defect
+    tp_attributes_without_init.apply()
+    assert build(False) == expected
+    assert build(True) == expected  # initialised layers are left as upstream made them
+
+
+def test_protocol_violations_are_refused(restore_targets):
+    bad = types.ModuleType("megacpp_bad_patch")
+    bad.NAME, bad.TARGETS, bad.DESCRIPTION = "bad", "megatron-core >=0.16", "x"
+    restore_targets.setitem(sys.modules, "megacpp_bad_patch", bad)
+    with pytest.raises(registry.PatchProtocolError, match="lacks check, apply"):
+        registry.load("megacpp_bad_patch")
+    bad.check, bad.apply = (lambda: "maybe"), (lambda: [])
+    restore_targets.setattr(patches, "REGISTRY", ("megacpp_bad_patch",))
+    with pytest.raises(registry.PatchProtocolError, match="returned 'maybe'; allowed: needed"):
+        registry.status()
+    with pytest.raises(registry.PatchProtocolError, match="not '<distribution> <versions>'"):
+        registry.parse_targets("megatron-core 0.16")
+    with pytest.raises(registry.PatchProtocolError, match="names no version range"):
+        registry.parse_targets("megatron-core")
+
+
+def test_cli_status_and_apply(restore_targets, capsys):
+    from megacpp_mcore import cli
+
+    assert cli.main(["patches", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "spec-import-errors" in out and "tp-attributes-without-init" in out
+    assert out.count(" keep ") == 2
+    assert cli.main(["patches", "apply", "--twice", "--json"]) == 0
+    passes = json.loads(capsys.readouterr().out)["passes"]
+    assert all(passes[0].values()) and not any(passes[1].values())
+    assert cli.main(["patches", "status", "--json"]) == 0
+    assert {r["applied"] for r in json.loads(capsys.readouterr().out)} == {True}
+    assert cli.main(["patches", "status", "--only", "no-such-patch"]) == 2
+    assert "unknown patch 'no-such-patch'" in capsys.readouterr().err
+
+
+def tp_grad_norms() -> dict[str, float]:
+    """Rank worker (TP=2): grad norm of one step from identical weights, for a model built with
+    initialisation (reference), without it (upstream defect), and without it after the patch."""
+    from megacpp_mcore import runtime
+    from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
+
+    par = runtime.Parallelism(tp=2)
+    runtime.initialize(par, seed=1234)
+    model = model_from_spec({"pattern": "AE", "num_layers": 2, "hidden_size": 64,
+                             "num_attention_heads": 4, "ffn_hidden_size": 128, "vocab_size": 128,
+                             "seq_length": 16, "moe": None})
+    norms, weights = {}, None
+    for name, perform_init in (("initialised", True), ("unpatched", False), ("patched", False)):
+        if name == "patched":
+            tp_attributes_without_init.apply()
+        config = runtime.transformer_config(model, par, perform_initialization=perform_init)
+        chunks = runtime.build_model(model, config, backend="local")
+        params = dict(chunks[0].module.named_parameters())
+        if weights is None:
+            weights = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k])
+        optimizer = runtime.build_optimizer(chunks, lr=0.0)
+        batches = synthetic_batches(seed=7, step=0, global_batch=2, seq_length=model.seq_length,
+                                    vocab=model.vocab_size, dp_rank=0, dp=1, micro_batch_size=1)
+        norms[name] = runtime.train_step(chunks, optimizer, iter(batches), num_microbatches=2,
+                                         micro_batch_size=1, seq_length=model.seq_length)["grad_norm"]
+    runtime.shutdown()
+    return norms
+
+
+@pytest.mark.distributed
+def test_tp2_grad_norm_without_initialization_is_fixed_by_the_patch():
+    from megacpp_mcore.testing.dist import run_distributed
+
+    ranks = run_distributed("tests.test_patches:tp_grad_norms", nproc=2)
+    assert ranks[0] == ranks[1]
+    norms = ranks[0]
+    assert norms["unpatched"] < 0.99 * norms["initialised"], norms  # defect: rank 1 shards dropped
+    assert norms["patched"] == pytest.approx(norms["initialised"], rel=1e-6), norms
