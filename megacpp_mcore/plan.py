@@ -83,7 +83,7 @@ def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
 
 def embedding_params(m: ModelConfig) -> dict[str, int]:
     h, v = m.hidden_size, m.vocab_size
-    out = {"embedding": v * h, "output_layer": v * h, "final_norm": h}
+    out = {"embedding": v * h, "output_layer": 0 if m.tie_embeddings else v * h, "final_norm": h}
     if m.mtp_depth:
         # shared MTP block: one A + one E, two input norms, the [2h -> h] mixing projection
         out["mtp_shared_block"] = attention_params(m, mla=m.mla is not None) + feedforward_params(m) + 2 * h + 2 * h * h
