@@ -50,6 +50,26 @@ def test_loss_and_grads_match_materialized_logits(chunk):
     assert torch.all(gx[ignored] == 0)  # ignored tokens contribute no gradient
 
 
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_weighted_scalar_loss_grads_computed_in_forward_match_reference(chunk):
+    x, w, labels, upstream = _case()
+    token_weights = upstream.abs()  # any per-token weights, e.g. mask / count
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = (F.cross_entropy(xr @ wr.t(), labels, ignore_index=-100, reduction="none") * token_weights).sum()
+    ref_gx, ref_gw = torch.autograd.grad(2.5 * ref, (xr, wr))
+    xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+    loss = fused_linear_cross_entropy(xf, wf, labels, token_weights=token_weights, chunk=chunk,
+                                      impl="torch")
+    assert loss.shape == () and loss.dtype == torch.float32
+    gx, gw = torch.autograd.grad(2.5 * loss, (xf, wf))  # backward scales the forward-time grads
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+    with torch.no_grad():  # no grad work without autograd
+        assert abs(float(fused_linear_cross_entropy(x, _marked(w.clone()), labels,
+                                                    token_weights=token_weights, impl="torch")) - float(ref)) < 1e-4
+
+
 def test_all_ignored_gives_zero_loss_and_grads():
     x, w, labels, upstream = _case()
     labels[:] = -100
@@ -82,7 +102,7 @@ def test_never_materializes_full_logits(monkeypatch):
     x, w, labels, _ = _case(tokens=50)
     fused_linear_cross_entropy(x, _marked(w.clone()), labels, chunk=16, impl="torch")
     assert seen == [(16, 97), (16, 97), (16, 97), (2, 97)]
-    assert default_chunk(131072) * 131072 * 4 <= fused_ce.CHUNK_BYTES
+    assert default_chunk(131072) * 131072 * 4 <= fused_ce.CHUNK_BYTES["torch"]
 
 
 def test_refuses_weight_without_shard_markers():
@@ -115,7 +135,8 @@ def test_tp2_vocab_parallel_matches_full_logits():
     results = run_distributed("megacpp_mcore.mtp.parity:fused_ce_tp_check", nproc=2)
     for rank in results:
         assert rank["ignored_zero"]
-        for key in ("loss", "grad_hidden", "grad_weight", "sp_loss", "sp_grad_hidden"):
+        for key in ("loss", "grad_hidden", "grad_weight", "sp_loss", "sp_grad_hidden",
+                    "weighted_loss", "weighted_grad_hidden", "weighted_grad_weight"):
             assert rank[key] < 1e-5, (key, rank)
 
 
@@ -130,6 +151,10 @@ def test_triton_matches_torch_path(dtype):
         xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
         loss = fused_linear_cross_entropy(xf, wf, labels, chunk=128, impl=impl)
         outs[impl] = (loss, *torch.autograd.grad((loss * upstream).sum(), (xf, wf)))
+        xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+        total = fused_linear_cross_entropy(xf, wf, labels, token_weights=upstream.abs(), chunk=300,
+                                           impl=impl)
+        outs[impl] += (total, *torch.autograd.grad(total, (xf, wf)))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(outs["torch"], outs["triton"]):
         torch.testing.assert_close(a.float(), b.float(), **tol)

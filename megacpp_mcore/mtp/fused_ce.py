@@ -23,8 +23,9 @@ import torch.distributed as dist
 from megacpp_mcore.mtp.core import missing_shard_markers
 
 IMPLS = ("auto", "torch", "triton")
-# Logits block budget per chunk (fp32 bytes); bounds extra memory independently of the vocab size.
-CHUNK_BYTES = 256 * 2**20
+# Logits block budget per chunk; bounds the extra memory independently of the vocab size. The torch
+# epilogue makes fp32 temporaries of the block, the Triton one works in place on the GEMM output.
+CHUNK_BYTES = {"torch": 256 * 2**20, "triton": 2**30}
 
 
 def _group_size(group) -> int:
@@ -74,8 +75,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and backends.detect().triton else "torch"
 
 
-def default_chunk(vocab_shard: int) -> int:
-    return max(64, min(8192, CHUNK_BYTES // (4 * vocab_shard)))
+def default_chunk(vocab_shard: int, impl: str = "torch", dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per chunk so that one ``[chunk, vocab_shard]`` block fits :data:`CHUNK_BYTES`."""
+    elem = 4 if impl == "torch" else torch.tensor([], dtype=dtype).element_size()
+    return max(64, min(16384, CHUNK_BYTES[impl] // (elem * vocab_shard)))
 
 
 # --------------------------------------------------------------------------------------- epilogues
@@ -105,34 +108,54 @@ def _epilogue(impl: str):
 
 
 # ------------------------------------------------------------------------------------ autograd
+def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += dlogits.T @ h`` with an fp32 accumulator and low-precision GEMM inputs."""
+    if dlogits.dtype == acc.dtype:
+        acc.addmm_(dlogits.t(), h)
+    elif acc.is_cuda:
+        acc.copy_(torch.addmm(acc, dlogits.t(), h, out_dtype=acc.dtype))  # cuBLAS, fp32 output
+    else:
+        acc.add_((dlogits.t() @ h).to(acc.dtype))
+
+
+def _shard_labels(labels, ignore_index, vocab_shard, tp_group):
+    vocab_start = _group_rank(tp_group) * vocab_shard
+    valid = labels != ignore_index
+    local = labels - vocab_start
+    in_shard = valid & (local >= 0) & (local < vocab_shard)
+    return valid, torch.where(in_shard, local, torch.zeros_like(local)), in_shard
+
+
+def _chunk_lse(logits, local, in_shard, stats, tp_group):
+    """(log-sum-exp, target logit) of one ``[c, V_shard]`` block, combined over the TP group."""
+    row_max, sumexp, target = stats(logits, local, in_shard)
+    if _group_size(tp_group) > 1:
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+        packed = torch.stack([sumexp * torch.exp(row_max - global_max), target])
+        dist.all_reduce(packed, group=tp_group)
+        row_max, (sumexp, target) = global_max, packed
+    return row_max + torch.log(sumexp), target
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """hidden [N, h], weight [V_shard, h], labels [N] -> per-token loss [N] (fp32, 0 where ignored)."""
+    """hidden [N, h], weight [V_shard, h], labels [N] -> per-token loss [N] (fp32, 0 where ignored).
+
+    Logits blocks are recomputed in backward (the per-token upstream gradient is unknown in forward).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, tp_group, ignore_index, chunk, impl):
         stats, _ = _epilogue(impl)
-        tp = _group_size(tp_group)
-        vocab_shard = weight.shape[0]
-        vocab_start = _group_rank(tp_group) * vocab_shard
-        valid = labels != ignore_index
-        local = labels - vocab_start
-        in_shard = valid & (local >= 0) & (local < vocab_shard)
-        local = torch.where(in_shard, local, torch.zeros_like(local))
+        valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = hidden[start:end] @ weight.t()  # [c, V_shard]
-            row_max, sumexp, target = stats(logits, local[start:end], in_shard[start:end])
-            del logits
-            if tp > 1:
-                global_max = row_max.clone()
-                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-                packed = torch.stack([sumexp * torch.exp(row_max - global_max), target])
-                dist.all_reduce(packed, group=tp_group)
-                row_max, (sumexp, target) = global_max, packed
-            lse[start:end] = row_max + torch.log(sumexp)
+            lse[start:end], target = _chunk_lse(logits, local[start:end], in_shard[start:end],
+                                                stats, tp_group)
             loss[start:end] = lse[start:end] - target
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         ctx.save_for_backward(hidden, weight, lse, local, in_shard, valid)
@@ -157,10 +180,56 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
             if grad_weight is not None:
-                grad_weight.addmm_(dlogits.t().float(), h.float())
+                _accumulate_wgrad(grad_weight, dlogits, h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
+    """hidden [N, h], weight [V_shard, h], labels [N], token_weights [N] -> sum_t w_t * CE_t (fp32).
+
+    The loss is a scalar, so its gradients are known in forward up to the one upstream scalar: they
+    are computed while each logits block is live (no recompute; the three GEMMs of an unfused head)
+    and backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, tp_group, ignore_index, chunk, impl):
+        stats, grad_fn = _epilogue(impl)
+        valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
+        weights = torch.where(valid, token_weights.float(), torch.zeros_like(token_weights, dtype=torch.float32))
+        need_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if weight.requires_grad else None)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            h, w_c = hidden[start:end], weights[start:end]
+            logits = h @ weight.t()  # [c, V_shard]
+            lse, target = _chunk_lse(logits, local[start:end], in_shard[start:end], stats, tp_group)
+            total += ((lse - target) * w_c).sum()
+            if not need_grad:
+                continue
+            dlogits = grad_fn(logits, lse, local[start:end], in_shard[start:end], w_c)
+            del logits
+            if grad_hidden is not None:
+                grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
+            if grad_weight is not None:
+                _accumulate_wgrad(grad_weight, dlogits, h)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        gh = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * scale).to(grad_weight.dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -168,13 +237,16 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
+    token_weights: torch.Tensor | None = None,
     tp_group=None,
     ignore_index: int = -100,
     chunk: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Per-token CE of ``hidden @ weight.T`` against ``labels`` (fp32, 0 at ``ignore_index``).
+    """CE of ``hidden @ weight.T`` against ``labels`` without materializing the logits.
 
+    Returns the per-token loss ``[N]`` (fp32, 0 at ``ignore_index``), or, with ``token_weights``
+    ``[N]``, the scalar ``sum_t token_weights[t] * CE_t`` whose gradients are computed in forward.
     ``hidden`` ``[N, h]`` must already be replicated over ``tp_group`` (use
     :func:`vocab_parallel_linear_cross_entropy` from ``[s, b, h]`` model activations); ``weight``
     ``[V / tp, h]`` is this rank's vocab shard and must carry Megatron's shard markers.
@@ -188,17 +260,25 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"fused_linear_cross_entropy: weight must be [V_shard, {hidden.shape[1]}], got {tuple(weight.shape)}"
         )
+    if token_weights is not None and token_weights.shape != labels.shape:
+        raise ValueError(
+            f"fused_linear_cross_entropy: token_weights must be [N] = {tuple(labels.shape)}, got "
+            f"{tuple(token_weights.shape)}"
+        )
     tp = _group_size(tp_group)
     check_vocab_parallel_weight(weight, tp)
-    impl = resolve_impl(impl, hidden.device)
-    chunk = chunk or default_chunk(weight.shape[0])
     if hidden.dtype != weight.dtype:
         raise ValueError(
             f"fused_linear_cross_entropy: hidden dtype {hidden.dtype} != weight dtype {weight.dtype}; "
             "cast the weight with cast_keeping_shard_markers"
         )
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), tp_group, ignore_index,
-                                          chunk, impl)
+    impl = resolve_impl(impl, hidden.device)
+    chunk = chunk or default_chunk(weight.shape[0], impl, hidden.dtype)
+    if token_weights is None:
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), tp_group,
+                                              ignore_index, chunk, impl)
+    return _FusedLinearCrossEntropyLoss.apply(hidden, weight, labels.long(), token_weights,
+                                              tp_group, ignore_index, chunk, impl)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -208,11 +288,13 @@ def vocab_parallel_linear_cross_entropy(
     *,
     tp_group,
     sequence_parallel: bool,
+    token_weights: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Model-layout entry: hidden ``[s(/tp under SP), b, h]``, labels ``[b, s]`` -> loss ``[b, s]``.
+    """Model-layout entry: hidden ``[s(/tp under SP), b, h]``, labels ``[b, s]`` -> loss ``[b, s]``
+    (or, with ``token_weights`` ``[b, s]``, the weighted scalar sum).
 
     Enters the TP region like the output ``ColumnParallelLinear``: all-gather of the sequence shards
     under SP (reduce-scatter in backward), identity with an all-reduce in backward otherwise.
@@ -231,8 +313,10 @@ def vocab_parallel_linear_cross_entropy(
     s, b, h = hidden.shape
     if labels.shape != (b, s):
         raise ValueError(f"labels must be [b, s] = [{b}, {s}], got {tuple(labels.shape)}")
+    if token_weights is not None:
+        token_weights = token_weights.t().reshape(s * b)
     loss = fused_linear_cross_entropy(
-        hidden.reshape(s * b, h), weight, labels.t().reshape(s * b), tp_group=tp_group,
-        ignore_index=ignore_index, chunk=chunk, impl=impl,
+        hidden.reshape(s * b, h), weight, labels.t().reshape(s * b), token_weights=token_weights,
+        tp_group=tp_group, ignore_index=ignore_index, chunk=chunk, impl=impl,
     )
-    return loss.view(s, b).t()  # [b, s]
+    return loss if token_weights is not None else loss.view(s, b).t()  # [b, s]

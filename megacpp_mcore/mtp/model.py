@@ -158,12 +158,11 @@ class MTPGPTModel(GPTModel):
             hidden = self.mtp_block(hidden, self._embed(ids_k, position_ids),
                                     attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
             normed = final_norm(hidden) if final_norm is not None else hidden
-            per_token = vocab_parallel_linear_cross_entropy(
-                normed, weight, labels_k, tp_group=self.pg_collection.tp,
-                sequence_parallel=self.config.sequence_parallel, ignore_index=cfg.ignore_index,
-                chunk=cfg.chunk_tokens, impl=cfg.fused_ce_impl,
-            )  # [b, s]
-            depth_loss = (per_token * mask_k).sum() / mask_k.sum().clamp(min=1.0)
+            depth_loss = vocab_parallel_linear_cross_entropy(  # masked mean over [b, s]
+                normed, weight, labels_k, token_weights=mask_k / mask_k.sum().clamp(min=1.0),
+                tp_group=self.pg_collection.tp, sequence_parallel=self.config.sequence_parallel,
+                ignore_index=cfg.ignore_index, chunk=cfg.chunk_tokens, impl=cfg.fused_ce_impl,
+            )
             stats[f"loss_depth{k}"] = depth_loss
             total = total + self.mtp_step_weights[k - 1] * depth_loss
         total = cfg.loss_scale * total

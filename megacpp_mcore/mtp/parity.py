@@ -53,6 +53,17 @@ def fused_ce_tp_check(*, tokens: int = 40, hidden: int = 16, vocab: int = 64, ch
         "ignored_zero": bool((loss[labels == -100] == 0).all()),
     }
 
+    # Weighted scalar loss (gradients computed in forward).
+    xw, ww = x.clone().requires_grad_(), w_local.detach().clone().requires_grad_()
+    set_tensor_model_parallel_attributes(ww, True, 0, 1)
+    total = fused_linear_cross_entropy(xw, ww, labels, token_weights=upstream, tp_group=group,
+                                       chunk=chunk, impl="torch")
+    gxw, gww = torch.autograd.grad(total, (xw, ww))
+    torch.distributed.all_reduce(gxw, group=group)
+    out["weighted_loss"] = abs(float(total) - float((ref * upstream).sum()))
+    out["weighted_grad_hidden"] = (gxw - ref_gx).abs().max().item()
+    out["weighted_grad_weight"] = (gww - ref_gw[rank * shard:(rank + 1) * shard]).abs().max().item()
+
     # Model layout under sequence parallelism: [s/tp, b, h] in, [b, s] loss out.
     b, s = 2, tokens // 2
     x3 = x.view(b, s, hidden).transpose(0, 1).contiguous()  # [s, b, h]
