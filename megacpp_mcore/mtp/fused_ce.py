@@ -109,13 +109,9 @@ def _epilogue(impl: str):
 
 # ------------------------------------------------------------------------------------ autograd
 def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """``acc += dlogits.T @ h`` with an fp32 accumulator and low-precision GEMM inputs."""
-    if dlogits.dtype == acc.dtype:
-        acc.addmm_(dlogits.t(), h)
-    elif acc.is_cuda:
-        acc.copy_(torch.addmm(acc, dlogits.t(), h, out_dtype=acc.dtype))  # cuBLAS, fp32 output
-    else:
-        acc.add_((dlogits.t() @ h).to(acc.dtype))
+    """``acc += dlogits.T @ h`` in the weight dtype: one GEMM per chunk (fp32 accumulation inside
+    cuBLAS, one rounding per chunk; chunks are few because a chunk spans up to 1 GiB of logits)."""
+    acc.addmm_(dlogits.t(), h)
 
 
 def _shard_labels(labels, ignore_index, vocab_shard, tp_group):
@@ -168,8 +164,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         _, grad_fn = _epilogue(ctx.impl)
         scale = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if ctx.needs_input_grad[1] else None)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end]
@@ -181,8 +176,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
             if grad_weight is not None:
                 _accumulate_wgrad(grad_weight, dlogits, h)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -201,8 +194,7 @@ class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
         weights = torch.where(valid, token_weights.float(), torch.zeros_like(token_weights, dtype=torch.float32))
         need_grad = hidden.requires_grad or weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if weight.requires_grad else None)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
@@ -218,8 +210,6 @@ class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
                 grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
             if grad_weight is not None:
                 _accumulate_wgrad(grad_weight, dlogits, h)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
