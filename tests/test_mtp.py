@@ -271,3 +271,42 @@ def test_tp2_sp_mtp_matches_single_rank(parallel_runs):
         assert _close(rank["losses"], ref["losses"]), (rank["losses"], ref["losses"])
         (a,), (b,) = ref["mtp_losses"][-1], rank["mtp_losses"][-1]
         assert _close(list(a.values()), [b[k] for k in a])
+
+
+# ----------------------------------------------------------------------------------- integration
+def test_megatron_lm_patch_builds_shared_mtp_from_env(single_rank, monkeypatch):
+    """``patches.megatron_lm_shared_mtp`` against a stand-in for Megatron-LM's ``gpt_builders``."""
+    import sys
+    import types
+
+    from megatron.core.models.gpt import GPTModel
+
+    from megacpp_mcore import runtime
+    from megacpp_mcore.hybrid import hybrid_block_spec
+    from megacpp_mcore.mtp import MTPGPTModel
+    from megacpp_mcore.testing.parity import model_from_spec
+    from patches import megatron_lm_shared_mtp as patch
+
+    monkeypatch.delitem(sys.modules, "gpt_builders", raising=False)
+    assert patch.check() == "target-missing"
+    fake = types.ModuleType("gpt_builders")
+    fake.GPTModel = GPTModel
+    fake.gpt_builder = lambda *a, **k: fake.GPTModel(*a, **k)
+    monkeypatch.setitem(sys.modules, "gpt_builders", fake)
+    assert patch.check() == "needed"
+    assert patch.apply() and patch.apply() == []  # idempotent
+    assert issubclass(fake.GPTModel, MTPGPTModel)
+
+    config = runtime.transformer_config(model_from_spec(TINY_MTP), runtime.Parallelism())
+    kwargs = dict(config=config, transformer_layer_spec=hybrid_block_spec("AE", backend="local"),
+                  vocab_size=128, max_sequence_length=32, position_embedding_type="rope")
+    monkeypatch.setenv("MEGACPP_MTP_DEPTH", "3")
+    monkeypatch.setenv("MEGACPP_MTP_DECAY", "0.25")
+    model = fake.gpt_builder(**kwargs)
+    assert model.mtp_config == MTPConfig(depth=3, decay=0.25, loss_scale=0.3)
+    assert model.mtp_block is not None
+    monkeypatch.setenv("MEGACPP_MTP_DEPTH", "0")
+    assert fake.gpt_builder(**kwargs).mtp_block is None
+    monkeypatch.setenv("MEGACPP_MTP_DEPTH", "two")
+    with pytest.raises(ValueError, match="MEGACPP_MTP_"):
+        fake.gpt_builder(**kwargs)
