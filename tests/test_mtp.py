@@ -67,14 +67,14 @@ def test_mtp_config_refuses_bad_values(kwargs, match):
 
 
 # ----------------------------------------------------------------------------------- model
-def _build(spec: dict, *, single_rank_world=True):
+def _build(spec: dict, *, backend: str = "local"):
     from megacpp_mcore import runtime
     from megacpp_mcore.testing.parity import model_from_spec
 
     model_cfg = model_from_spec(spec)
     par = runtime.Parallelism()
     config = runtime.transformer_config(model_cfg, par)
-    (chunk,) = runtime.build_model(model_cfg, config, backend="local", wrap_ddp=False)
+    (chunk,) = runtime.build_model(model_cfg, config, backend=backend, wrap_ddp=False)
     return model_cfg, chunk
 
 
@@ -214,6 +214,36 @@ def test_model_refuses_conflicting_or_unsupported_setups(single_rank):
     with pytest.raises(ValueError, match="share_embeddings_and_output_weights=True"):
         MTPGPTModel(**common, mtp=MTPConfig(), pre_process=False, post_process=True)
     assert isinstance(MTPGPTModel(**common, mtp=None), GPTModel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the TE backend and Triton need a CUDA GPU")
+def test_te_backend_block_and_triton_ce_match_torch_ce(single_rank):
+    import dataclasses
+
+    model_cfg, model = _build(dict(TINY_MTP, hidden_size=256, num_attention_heads=4,
+                                   vocab_size=4096, seq_length=256), backend="te")
+    assert "TE" in type(model.mtp_block.attention.self_attention.linear_qkv).__name__
+    b, s = 2, model_cfg.seq_length
+    tokens = torch.randint(0, model_cfg.vocab_size, (b, s), device="cuda")
+    labels = torch.randint(0, model_cfg.vocab_size, (b, s), device="cuda")
+    mask = torch.ones(b, s, device="cuda")
+    pos = torch.arange(s, device="cuda").expand(b, s)
+    results = {}
+    for impl in ("torch", "triton"):
+        model.mtp_config = dataclasses.replace(model.mtp_config, fused_ce_impl=impl)
+        model.zero_grad(set_to_none=True)
+        model.mtp_block.megacpp_set_step(0)
+        out = model(tokens, pos, None, labels=labels, loss_mask=mask)
+        ((out.float() * mask).sum() / mask.sum()).backward()
+        grad = model.mtp_block.eh_proj.grad
+        grad = grad if grad is not None else model.mtp_block.eh_proj.main_grad
+        results[impl] = (model.mtp_block.megacpp_stats(), grad.float().clone())
+    (stats_t, grad_t), (stats_k, grad_k) = results["torch"], results["triton"]
+    for key in stats_t:
+        assert abs(stats_t[key] - stats_k[key]) < 2e-2 * max(1.0, abs(stats_t[key])), key
+    assert torch.isfinite(grad_k).all()
+    torch.testing.assert_close(grad_k, grad_t, atol=5e-3, rtol=5e-2)
 
 
 # ----------------------------------------------------------------------------------- parallel
