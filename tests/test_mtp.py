@@ -97,6 +97,23 @@ def test_shared_block_has_one_blocks_parameters_for_any_depth(single_rank):
     assert not isinstance(plain, MTPGPTModel)
 
 
+def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
+    from megacpp_mcore.plan import embedding_params
+
+    moe = {"num_experts": 4, "topk": 2, "ffn_hidden_size": 64, "shared_expert_size": 64}
+    model_cfg, model = _build(dict(TINY_MTP, moe=moe))
+    n = sum(p.numel() for p in model.mtp_block.parameters())
+    assert n == embedding_params(model_cfg)["mtp_shared_block"]
+    assert type(model.mtp_block.feedforward.mlp).__name__ == "MoELayer"
+    b, s = 2, model_cfg.seq_length
+    tokens = torch.randint(0, model_cfg.vocab_size, (b, s))
+    out = model(tokens, torch.arange(s).expand(b, s), None, labels=tokens)
+    out.mean().backward()
+    router = model.mtp_block.feedforward.mlp.router.weight
+    assert router.grad is not None and router.grad.abs().max() > 0
+    assert set(model.mtp_block.megacpp_stats()) == {"loss", "loss_depth1", "loss_depth2"}
+
+
 def _reference_mtp(model, hidden, tokens, labels, mask, rope, cfg: MTPConfig):
     """Plain torch: explicit slicing instead of roll-and-mask, materialized logits + F.cross_entropy."""
     blk = model.mtp_block
