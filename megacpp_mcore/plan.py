@@ -142,6 +142,8 @@ def build_plan(m: ModelConfig, *, pp: int = 1, tp: int = 1, ep: int = 1, micro_b
             params += extra["embedding"]
         if s == pp - 1:
             params += extra["output_layer"] + extra["final_norm"] + extra.get("mtp_shared_block", 0)
+            if pp > 1 and m.tie_embeddings:
+                params += extra["embedding"]  # the last stage's copy of the tied embedding
         stages.append({"stage": s, "layers": [layer["index"] for layer in members],
                        "pattern": "".join(layer["symbol"] for layer in members), "parameters": params})
     total = sum(layer["parameters"] for layer in layers) + sum(extra.values())

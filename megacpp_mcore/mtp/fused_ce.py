@@ -10,6 +10,11 @@ gradient this function returns is the rank's partial sum over its vocab shard; c
 region through Megatron's mappings (:func:`vocab_parallel_linear_cross_entropy` does), whose backward
 reduces it, exactly as the output ``ColumnParallelLinear`` does.
 
+Two entry points: the per-token loss (logits blocks recomputed in backward, for any upstream
+gradient), and the weighted scalar loss ``sum_t w_t * CE_t`` used by MTP, whose gradients are
+computed in forward while each block is live (the three GEMMs of an unfused head, no recompute) and
+only scaled in backward.
+
 Two implementations of the per-chunk softmax epilogue: ``torch`` (any device) and ``triton`` (CUDA;
 one program per row streams the vocab shard in blocks, and the backward kernel turns the logits
 block into its gradient in place). The GEMMs are cuBLAS/torch in both.

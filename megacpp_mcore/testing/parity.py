@@ -28,6 +28,7 @@ def model_from_spec(spec: dict[str, Any] | str) -> ModelConfig:
     if isinstance(spec.get("mla"), dict):
         spec["mla"] = MLAConfig(**spec["mla"])
     spec.setdefault("mla", None)
+    spec.setdefault("mtp_depth", 0)  # the base preset's MTP only when asked for
     return custom_model(**spec)
 
 
