@@ -193,13 +193,14 @@ class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, tp_group, ignore_index, chunk, impl):
+    def forward(ctx, hidden, weight, labels, token_weights, tp_group, ignore_index, chunk, impl,
+                grads):
         stats, grad_fn = _epilogue(impl)
         valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
         weights = torch.where(valid, token_weights.float(), torch.zeros_like(token_weights, dtype=torch.float32))
-        need_grad = hidden.requires_grad or weight.requires_grad
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_hidden = torch.empty_like(hidden) if grads[0] else None
+        grad_weight = torch.zeros_like(weight) if grads[1] else None
+        need_grad = any(grads)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
@@ -224,7 +225,7 @@ class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
         scale = grad_total.float()
         gh = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * scale).to(grad_weight.dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -272,8 +273,10 @@ def fused_linear_cross_entropy(
     if token_weights is None:
         return _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), tp_group,
                                               ignore_index, chunk, impl)
+    # Gradients are computed in forward only where autograd will ask for them (not under no_grad).
+    grads = tuple(torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
     return _FusedLinearCrossEntropyLoss.apply(hidden, weight, labels.long(), token_weights,
-                                              tp_group, ignore_index, chunk, impl)
+                                              tp_group, ignore_index, chunk, impl, grads)
 
 
 def vocab_parallel_linear_cross_entropy(
