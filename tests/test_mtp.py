@@ -161,7 +161,11 @@ def test_mtp_loss_and_gradients_match_plain_torch_reference(single_rank, monkeyp
     stats = model.mtp_block.megacpp_stats()
 
     captured = {}
-    model.decoder.register_forward_hook(lambda mod, args, out: captured.setdefault("hidden", out))
+
+    def keep_hidden(module, args, out):
+        captured["hidden"] = out  # returns None: the output is not replaced
+
+    hook = model.decoder.register_forward_hook(keep_hidden)
     rope = model.rotary_pos_emb(s)
     ref_values = {}
 
@@ -174,6 +178,7 @@ def test_mtp_loss_and_gradients_match_plain_torch_reference(single_rank, monkeyp
         return (out * mask).sum() / mask.sum() + total
 
     ref_grads = run(reference)
+    hook.remove()
     assert abs(stats["loss"] - ref_values["total"]) < 1e-5
     for k, value in enumerate(ref_values["per_depth"], start=1):
         assert abs(stats[f"loss_depth{k}"] - value) < 1e-5
@@ -181,6 +186,16 @@ def test_mtp_loss_and_gradients_match_plain_torch_reference(single_rank, monkeyp
     assert grads["mtp_block.eh_proj"].abs().max() > 0  # the MTP loss reaches the block
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
+
+    # Recomputing the shared block in backward (the default) changes no gradient.
+    import dataclasses
+
+    assert cfg.recompute
+    model.mtp_config = dataclasses.replace(cfg, recompute=False)
+    stored = run(ours)
+    model.mtp_config = cfg
+    for name in grads:
+        torch.testing.assert_close(stored[name], grads[name], atol=1e-6, rtol=0, msg=name)
 
     # Without labels the model returns logits (upstream 0.16.1 MTP fails here).
     logits = model(tokens, pos, None)

@@ -38,6 +38,9 @@ class MTPConfig:
     ignore_index: int = -100
     chunk_tokens: int | None = None  # fused CE token chunk; None picks from the vocab shard size
     fused_ce_impl: str = "auto"  # auto | torch | triton
+    # Recompute the shared block in backward: each depth then keeps only its inputs alive, so the
+    # MTP memory does not grow with the block's activations (one extra block forward per depth).
+    recompute: bool = True
 
     def __post_init__(self):
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 1 <= self.depth <= 8:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.utils.checkpoint
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import build_module
 
@@ -132,6 +133,20 @@ class MTPGPTModel(GPTModel):
                                       tp_group=self.pg_collection.tp,
                                       sequence_parallel=self.config.sequence_parallel)
 
+    def _run_block(self, hidden, embedded, *, attention_mask, rotary_pos_emb):
+        """One depth of the shared block, recomputed in backward when ``MTPConfig.recompute``."""
+
+        def block(h, e):
+            return self.mtp_block(h, e, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+
+        if not self.mtp_config.recompute or not torch.is_grad_enabled():
+            return block(hidden, embedded)
+        if hidden.is_cuda:  # Megatron's checkpoint also restores its TP RNG tracker (dropout)
+            from megatron.core import tensor_parallel
+
+            return tensor_parallel.checkpoint(block, False, hidden, embedded)
+        return torch.utils.checkpoint.checkpoint(block, hidden, embedded, use_reentrant=False)
+
     def mtp_loss(self, hidden_states, input_ids, position_ids, labels, loss_mask=None, *,
                  attention_mask=None, rotary_pos_emb=None, packed_seq_params=None) -> torch.Tensor:
         """Scaled, step-weighted MTP loss (0-dim fp32) from the trunk output ``[s(/tp), b, h]``.
@@ -155,8 +170,8 @@ class MTPGPTModel(GPTModel):
             mask_k = roll_and_mask(mask, k, 0.0)
             labels_k = roll_and_mask(labels, k, cfg.ignore_index)
             labels_k = torch.where(mask_k > 0, labels_k, torch.full_like(labels_k, cfg.ignore_index))
-            hidden = self.mtp_block(hidden, self._embed(ids_k, position_ids),
-                                    attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            hidden = self._run_block(hidden, self._embed(ids_k, position_ids),
+                                     attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
             normed = final_norm(hidden) if final_norm is not None else hidden
             depth_loss = vocab_parallel_linear_cross_entropy(  # masked mean over [b, s]
                 normed, weight, labels_k, token_weights=mask_k / mask_k.sum().clamp(min=1.0),
