@@ -140,7 +140,8 @@ def test_tp2_vocab_parallel_matches_full_logits():
     for rank in results:
         assert rank["ignored_zero"]
         for key in ("loss", "grad_hidden", "grad_weight", "sp_loss", "sp_grad_hidden",
-                    "weighted_loss", "weighted_grad_hidden", "weighted_grad_weight"):
+                    "weighted_loss", "weighted_grad_hidden", "weighted_grad_weight",
+                    "lookup", "lookup_sp"):
             assert rank[key] < 1e-5, (key, rank)
 
 

@@ -75,6 +75,15 @@ def fused_ce_tp_check(*, tokens: int = 40, hidden: int = 16, vocab: int = 64, ch
     ref_gx3 = ref_gx.view(b, s, hidden).transpose(0, 1).chunk(tp, dim=0)[rank]
     out["sp_loss"] = (loss_sp - ref.detach().view(b, s)).abs().max().item()
     out["sp_grad_hidden"] = (gx_sp - ref_gx3).abs().max().item()
+    # The last stage's embedding of rolled-in tokens from the vocab-sharded tied weight.
+    from megacpp_mcore.mtp.model import _vocab_parallel_lookup
+
+    ids = labels.clamp(min=0).view(b, s)
+    full = w[ids].transpose(0, 1)  # [s, b, h]
+    plain = _vocab_parallel_lookup(ids, w_local.detach(), tp_group=group, sequence_parallel=False)
+    sp = _vocab_parallel_lookup(ids, w_local.detach(), tp_group=group, sequence_parallel=True)
+    out["lookup"] = (plain - full).abs().max().item()
+    out["lookup_sp"] = (sp - full.chunk(tp, dim=0)[rank]).abs().max().item()
     torch.distributed.destroy_process_group()
     return out
 
