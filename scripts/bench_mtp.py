@@ -77,9 +77,7 @@ def preflight() -> dict:
             "megatron_core": megatron.core.__version__, "triton": env.triton}
 
 
-def build(variant: str, args, vocab: int, config_base):
-    import dataclasses
-
+def build(variant: str, args, vocab: int, configs: dict):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
@@ -98,15 +96,14 @@ def build(variant: str, args, vocab: int, config_base):
                   pre_process=True, post_process=True, share_embeddings_and_output_weights=False,
                   position_embedding_type="rope")
     if variant == "trunk":
-        return GPTModel(config=config_base, **common)
+        return GPTModel(config=configs["plain"], **common)
     if variant == "upstream":
-        config = dataclasses.replace(config_base, mtp_num_layers=args.depth,
-                                     mtp_loss_scaling_factor=args.loss_scale)
+        config = configs["upstream"]
         mtp_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=not args.smoke_cpu)
         return GPTModel(config=config, mtp_block_spec=mtp_spec, **common)
     mtp = MTPConfig(depth=args.depth, loss_scale=args.loss_scale, fused_ce_impl=args.fused_ce_impl,
                     recompute=not args.no_recompute)
-    return MTPGPTModel(config=config_base, mtp=mtp, mtp_backend="local" if args.smoke_cpu else "te",
+    return MTPGPTModel(config=configs["plain"], mtp=mtp, mtp_backend="local" if args.smoke_cpu else "te",
                        **common)
 
 
@@ -186,18 +183,22 @@ def main(argv=None) -> int:
                                  num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
                                  vocab_size=vocab, seq_length=args.seq, moe=None, mla=None,
                                  mtp_depth=0)
-        config = runtime.transformer_config(
-            model_cfg, runtime.Parallelism(), bf16=not args.smoke_cpu,
-            **({"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "te"}
-               if args.upstream_ce_fusion else {}),
-        )
+        overrides = ({"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "te"}
+                     if args.upstream_ce_fusion else {})
+        configs = {
+            "plain": runtime.transformer_config(model_cfg, runtime.Parallelism(),
+                                                bf16=not args.smoke_cpu, **overrides),
+            "upstream": runtime.transformer_config(
+                model_cfg, runtime.Parallelism(), bf16=not args.smoke_cpu, **overrides,
+                mtp_num_layers=args.depth, mtp_loss_scaling_factor=args.loss_scale),
+        }
         runs = results["runs"][str(vocab)] = {}
         for variant in args.variants:
             print(f"[bench_mtp] vocab={vocab} variant={variant} ...", flush=True)
             model = None
             try:
                 t0 = time.time()
-                model = build(variant, args, vocab, config)
+                model = build(variant, args, vocab, configs)
                 model = model if args.smoke_cpu else model.cuda()
                 runs[variant] = measure(model, args, vocab)
                 runs[variant]["params"] = sum(p.numel() for p in model.parameters())
