@@ -123,7 +123,7 @@ def _reference_mtp(model, hidden, tokens, labels, mask, rope, cfg: MTPConfig):
     raw = torch.tensor([cfg.decay ** k for k in range(cfg.depth)])
     for k in range(1, cfg.depth + 1):
         ids_k = torch.cat([tokens[:, k:], torch.zeros(b, k, dtype=tokens.dtype)], dim=1)
-        emb = model.embedding.word_embeddings.weight[ids_k].transpose(0, 1)  # [s, b, h]
+        emb = weight[ids_k].transpose(0, 1)  # [s, b, h]; untied: MTP embeds with the head weight
         x = F.linear(torch.cat([blk.enorm(emb), blk.hnorm(hidden)], -1), blk.eh_proj)
         x = blk.attention(x, attention_mask=None, rotary_pos_emb=rope)[0]
         hidden = blk.feedforward(x, attention_mask=None)[0]
@@ -225,7 +225,9 @@ def test_shard_markers_survive_casts_and_markerless_weight_is_refused(single_ran
         vocab_parallel_linear_cross_entropy(hidden.bfloat16(), weight.to(torch.bfloat16), labels, **kwargs)
 
 
-def test_model_refuses_conflicting_or_unsupported_setups(single_rank):
+def test_model_refuses_conflicting_setups(single_rank):
+    import dataclasses
+
     from megatron.core.models.gpt import GPTModel
 
     from megacpp_mcore import runtime
@@ -242,9 +244,13 @@ def test_model_refuses_conflicting_or_unsupported_setups(single_rank):
         MTPGPTModel(**common, mtp=MTPConfig(), mtp_block_spec=spec)
     with pytest.raises(ValueError, match="mtp must be an MTPConfig"):
         MTPGPTModel(**common, mtp={"depth": 2})
-    # A last stage without the input embedding needs the tied copy Megatron keeps in sync.
-    with pytest.raises(ValueError, match="share_embeddings_and_output_weights=True"):
-        MTPGPTModel(**common, mtp=MTPConfig(), pre_process=False, post_process=True)
+    # A last stage without the input embedding (PP > 1, untied) reads the output head weight only.
+    last = MTPGPTModel(**common, mtp=MTPConfig(), pre_process=False, post_process=True)
+    assert last.mtp_block is not None and not hasattr(last, "embedding")
+    assert last._head_weight() is last.output_layer.weight
+    with pytest.raises(ValueError, match="switches on upstream MTP"):
+        MTPGPTModel(**dict(common, config=dataclasses.replace(config, mtp_num_layers=1)),
+                    mtp=MTPConfig())
     assert isinstance(MTPGPTModel(**common, mtp=None), GPTModel)
 
 

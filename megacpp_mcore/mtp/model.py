@@ -1,12 +1,17 @@
 """``MTPGPTModel``: Megatron's ``GPTModel`` plus shared-block MTP on the last pipeline stage.
 
-The trunk, the embedding, the output layer and their cross-stage tying are upstream's: with
-``share_embeddings_and_output_weights=True`` and PP > 1, ``GPTModel`` keeps a copy of the word
-embedding as the last stage's output weight, initialises it from the first stage over the embedding
-group and all-reduces its gradient there every step (``finalize_model_grads``). MTP reads that one
-weight (``shared_embedding_or_output_weight()``) both to embed the rolled-in tokens and as its
-output head, so it needs no extra embedding and stays in sync for free. Without tying, the last
-stage must also be the first (PP = 1), where the model's own embedding and output layer are used.
+The trunk, the embedding, the output layer and their cross-stage tying are upstream's. MTP reads ONE
+weight that every last stage has, the output head (``_head_weight``), both to embed the rolled-in
+tokens (a vocab-parallel lookup) and as its output projection:
+
+* tied (``share_embeddings_and_output_weights=True``): that weight IS the word embedding. With PP > 1
+  ``GPTModel`` keeps it on the last stage as a copy initialised from the first stage over the
+  embedding group, and ``finalize_model_grads`` all-reduces its gradient there every step, so MTP's
+  gradient reaches the first stage's embedding and both copies stay identical.
+* untied: the output layer's weight, on every PP layout. Upstream would add a second embedding copy
+  on the last stage, synchronised only when ``config.mtp_num_layers`` is set (which also switches on
+  upstream's own MTP); reading the head weight needs no copy and no cross-stage traffic, and PP=1 and
+  PP>1 compute the same function.
 
 The forward with labels returns the per-token LM loss ``[b, s]`` exactly as ``GPTModel`` does; the
 scaled MTP loss joins it in backward through :class:`AttachLoss`.
@@ -91,12 +96,6 @@ class MTPGPTModel(GPTModel):
                 f"config.mtp_num_layers={self.config.mtp_num_layers} switches on upstream MTP; leave it "
                 "unset when using MTPGPTModel(mtp=MTPConfig(...))"
             )
-        if not self.pre_process and not self.share_embeddings_and_output_weights:
-            raise ValueError(
-                "MTP on a pipeline stage without the input embedding needs tied weights "
-                "(share_embeddings_and_output_weights=True): the last stage then holds the embedding "
-                "copy that Megatron keeps in sync over the embedding group"
-            )
         trunk = getattr(self.transformer_layer_spec, "submodules", None)
         backend = mtp_backend or getattr(trunk, "backend", "auto")
         features = mtp_features if mtp_features is not None else getattr(trunk, "features", {})
@@ -115,7 +114,7 @@ class MTPGPTModel(GPTModel):
                                       **kwargs)
         if self.mtp_block is None or labels is None:
             return output
-        total = self.mtp_loss(hidden_states, input_ids, position_ids, labels, loss_mask,
+        total = self.mtp_loss(hidden_states, input_ids, labels, loss_mask,
                               attention_mask=kwargs.get("attention_mask"),
                               rotary_pos_emb=rotary_pos_emb,
                               packed_seq_params=kwargs.get("packed_seq_params"))
@@ -126,11 +125,9 @@ class MTPGPTModel(GPTModel):
             return self.shared_embedding_or_output_weight()
         return self.output_layer.weight
 
-    def _embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        if self.pre_process:
-            return self.embedding(input_ids=ids, position_ids=position_ids)
-        return _vocab_parallel_lookup(ids, self.shared_embedding_or_output_weight(),
-                                      tp_group=self.pg_collection.tp,
+    def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Rolled-in token embeddings ``[s(/tp), b, h]`` from the (vocab-sharded) head weight."""
+        return _vocab_parallel_lookup(ids, weight, tp_group=self.pg_collection.tp,
                                       sequence_parallel=self.config.sequence_parallel)
 
     def _run_block(self, hidden, embedded, *, attention_mask, rotary_pos_emb):
@@ -147,7 +144,7 @@ class MTPGPTModel(GPTModel):
             return tensor_parallel.checkpoint(block, False, hidden, embedded)
         return torch.utils.checkpoint.checkpoint(block, hidden, embedded, use_reentrant=False)
 
-    def mtp_loss(self, hidden_states, input_ids, position_ids, labels, loss_mask=None, *,
+    def mtp_loss(self, hidden_states, input_ids, labels, loss_mask=None, *,
                  attention_mask=None, rotary_pos_emb=None, packed_seq_params=None) -> torch.Tensor:
         """Scaled, step-weighted MTP loss (0-dim fp32) from the trunk output ``[s(/tp), b, h]``.
 
@@ -170,7 +167,7 @@ class MTPGPTModel(GPTModel):
             mask_k = roll_and_mask(mask, k, 0.0)
             labels_k = roll_and_mask(labels, k, cfg.ignore_index)
             labels_k = torch.where(mask_k > 0, labels_k, torch.full_like(labels_k, cfg.ignore_index))
-            hidden = self._run_block(hidden, self._embed(ids_k, position_ids),
+            hidden = self._run_block(hidden, self._embed(ids_k, weight),
                                      attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
             normed = final_norm(hidden) if final_norm is not None else hidden
             depth_loss = vocab_parallel_linear_cross_entropy(  # masked mean over [b, s]
