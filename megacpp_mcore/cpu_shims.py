@@ -19,6 +19,8 @@ What the shims do:
 * ``clip-grads-cpu``: ``clip_grad_by_total_norm_fp32`` asserts a ``torch.cuda.FloatTensor`` grad.
 * ``moe-router-gemm-name``: without TE, ``moe_utils.te_general_gemm`` is never defined and the
   router's gating linear raises ``NameError``; it is defined as ``None`` (torch matmul path).
+* ``tied-embedding-cpu-copy``: with tied embeddings and PP > 1 the last stage's embedding copy is
+  moved with ``.cuda()`` before its first all-reduce; on CPU it stays put.
 * ``transformer-block-norm``: with neither TE nor apex, the final norm of a spec fanned out from a
   single layer class is ``WrappedTorchNorm``, which refuses sequence parallelism; it becomes
   :class:`~megacpp_mcore.norms.LocalNorm`.
@@ -267,12 +269,37 @@ def _moe_gemm_name() -> list[str]:
     return []
 
 
+def _tied_embedding_setup() -> list[str]:
+    """With tied embeddings and PP > 1, ``LanguageModule.setup_embeddings_and_output_layer`` moves
+    the stage's embedding copy with ``weight.data.cuda()`` before all-reducing it over the embedding
+    group; on CPU that copy stays where it is (``Tensor.cuda`` is the identity during the call)."""
+    from megatron.core.models.common.language_module import language_module
+
+    cls = language_module.LanguageModule
+    original = cls.setup_embeddings_and_output_layer
+    if getattr(original, "_megacpp_cpu_shim", False):
+        return []
+
+    def setup_embeddings_and_output_layer(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *_, **__: tensor
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    setup_embeddings_and_output_layer._megacpp_cpu_shim = True
+    cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+    return ["megatron.core.models.common.language_module.LanguageModule.setup_embeddings_and_output_layer"]
+
+
 SHIMS = (
     Shim("cuda-device-redirect", "megatron-core 0.16.x", _redirect_cuda),
     Shim("cpu-rng-tracker", "megatron-core 0.16.x", _install_cpu_rng_tracker),
     Shim("clip-grads-cpu", "megatron-core 0.16.x", _clip_grads),
     Shim("transformer-block-norm", "megatron-core 0.16.x", _block_norm),
     Shim("moe-router-gemm-name", "megatron-core 0.16.x", _moe_gemm_name),
+    Shim("tied-embedding-cpu-copy", "megatron-core 0.16.x", _tied_embedding_setup),
 )
 
 

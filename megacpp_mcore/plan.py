@@ -80,7 +80,7 @@ def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
 
 def embedding_params(m: ModelConfig) -> dict[str, int]:
     h, v = m.hidden_size, m.vocab_size
-    out = {"embedding": v * h, "output_layer": v * h, "final_norm": h}
+    out = {"embedding": v * h, "output_layer": 0 if m.tie_embeddings else v * h, "final_norm": h}
     if m.mtp_depth:
         # shared MTP block: one A + one E, two input norms, the [2h -> h] mixing projection
         out["mtp_shared_block"] = attention_params(m, mla=m.mla is not None) + feedforward_params(m) + 2 * h + 2 * h * h
@@ -140,6 +140,8 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
             params += extra["embedding"]
         if s == pp - 1:
             params += extra["output_layer"] + extra["final_norm"] + extra.get("mtp_shared_block", 0)
+            if pp > 1 and m.tie_embeddings:
+                params += extra["embedding"]  # the last stage's copy of the tied embedding
         stages.append({"stage": s, "layers": [layer["index"] for layer in members],
                        "pattern": "".join(layer["symbol"] for layer in members), "parameters": params})
     total = sum(layer["parameters"] for layer in layers) + sum(extra.values())

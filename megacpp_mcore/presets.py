@@ -73,6 +73,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
     mtp_depth: int = 0
+    tie_embeddings: bool = False  # share the input embedding and output weights
     # Feature configs from later modules (MoD, MoDA) keyed by feature name.
     features: dict[str, Any] = dataclasses.field(default_factory=dict)
 

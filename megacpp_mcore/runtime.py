@@ -212,22 +212,28 @@ def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: 
 
     spec = hybrid_block_spec(model.pattern, backend=backend, num_layers=model.num_layers,
                              **model.feature_configs)
+    model_cls, mtp_kwargs = GPTModel, {}
+    if model.mtp_depth > 0:  # shared-block MTP on the last stage (megacpp_mcore.mtp)
+        from megacpp_mcore.mtp import MTPConfig, MTPGPTModel
+
+        model_cls, mtp_kwargs = MTPGPTModel, {"mtp": MTPConfig(depth=model.mtp_depth)}
     vp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        gpt = GPTModel(
+        gpt = model_cls(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=model.vocab_size,
             max_sequence_length=model.seq_length,
             pre_process=pre,
             post_process=post,
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type="rope",
             vp_stage=stage,
+            **mtp_kwargs,
         )
         gpt.to(device())
         chunks.append(gpt)
@@ -291,7 +297,7 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids.to(dev), None, labels=labels)
+    output = model(tokens, position_ids.to(dev), None, labels=labels, loss_mask=loss_mask)
     return output, partial(lm_loss_func, loss_mask)
 
 

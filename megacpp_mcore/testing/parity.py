@@ -40,6 +40,7 @@ def model_from_spec(spec: dict[str, Any] | str) -> ModelConfig:
         from megacpp_mcore.moda import MoDAConfig
 
         spec["features"] = dict(spec["features"], moda=MoDAConfig.from_dict(spec["features"]["moda"]))
+    spec.setdefault("mtp_depth", 0)  # the base preset's MTP only when asked for
     return custom_model(**spec)
 
 
