@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 
@@ -12,7 +11,7 @@ import torch
 
 import layer_specs
 from megacpp_mcore import hybrid
-from megacpp_mcore.presets import get_preset
+from megacpp_mcore.presets import MLAConfig, get_preset
 
 
 def _exported() -> list[tuple[str, str]]:
@@ -27,20 +26,6 @@ def _exported() -> list[tuple[str, str]]:
 EXPORTED = _exported()
 
 
-def _pending(submodules: hybrid.HybridLayerSubmodules) -> list[str]:
-    used = set(submodules.pattern) | set(submodules.features)
-    return sorted(used & set(hybrid.PENDING))
-
-
-def _available_only(spec):
-    """The same spec with symbols and features that are not built yet (hybrid.PENDING) removed."""
-    sub = spec.submodules
-    pattern = "".join(c for c in sub.pattern if c not in hybrid.PENDING) or "AE"
-    features = {k: v for k, v in sub.features.items() if k not in hybrid.PENDING}
-    return dataclasses.replace(spec, submodules=dataclasses.replace(
-        sub, pattern=pattern, features=features, num_layers=None))
-
-
 def _build(spec, *, num_layers: int):
     """GPTModel on CPU with ``spec`` as transformer_layer_spec, tiny NAM56R dimensions."""
     from megatron.core.models.gpt import GPTModel
@@ -51,7 +36,9 @@ def _build(spec, *, num_layers: int):
     tiny = get_preset("nam56r-tiny")
     model = tiny.replace(
         pattern=sub.pattern.replace("|", ""), num_layers=num_layers, seq_length=32, vocab_size=128,
-        mla=tiny.mla if "mla" in sub.features else None,
+        # the spec's own MLA dims (the seam refuses a config that disagrees with them)
+        mla=(sub.features["mla"] if isinstance(sub.features.get("mla"), MLAConfig) else tiny.mla)
+        if "mla" in sub.features else None,
         features={k: v for k, v in sub.features.items() if k != "mla"},
     )
     config = runtime.transformer_config(model, runtime.Parallelism())
@@ -96,33 +83,19 @@ def test_loads_through_megatron_import_module(module_name, attr):
 
 
 @pytest.mark.parametrize("module_name,attr", EXPORTED)
-def test_builds_gpt_model_from_available_symbols(module_name, attr, single_rank):
-    """Symbols/features still in hybrid.PENDING are removed; everything else is built and run."""
+def test_builds_and_runs_exported_object_as_is(module_name, attr, single_rank):
+    """The exported object unchanged (every symbol and feature it names), at a full pattern period."""
     from megatron.core.transformer import spec_utils
 
-    spec = _available_only(spec_utils.import_module([module_name, attr]))
-    gpt, model = _build(spec, num_layers=4)
-    _check_layers(gpt, spec.submodules.pattern, 4)
+    spec = spec_utils.import_module([module_name, attr])
+    pattern = spec.submodules.pattern
+    num_layers = 12 if "|" not in pattern else len(pattern.replace("|", ""))
+    gpt, model = _build(spec, num_layers=num_layers)
+    _check_layers(gpt, pattern, num_layers)
     tokens = torch.randint(0, model.vocab_size, (2, model.seq_length))
     positions = torch.arange(model.seq_length).expand(2, -1)
     loss = gpt(tokens, positions, None, labels=tokens)
     assert loss.shape == (2, model.seq_length) and torch.isfinite(loss).all()
-
-
-@pytest.mark.parametrize("module_name,attr", EXPORTED)
-def test_builds_exported_object_as_is(module_name, attr, single_rank):
-    """The exported object unchanged at the preset's depth pattern; runs once every symbol and
-    feature it uses has a builder (skips only while they are listed in hybrid.PENDING)."""
-    from megatron.core.transformer import spec_utils
-
-    spec = spec_utils.import_module([module_name, attr])
-    pending = _pending(spec.submodules)
-    if pending:
-        pytest.skip(f"{module_name}.{attr} uses {pending}, not merged yet: "
-                    f"{'; '.join(hybrid.PENDING[p] for p in pending)}")
-    num_layers = 12 if "|" not in spec.submodules.pattern else len(spec.submodules.pattern.replace("|", ""))
-    gpt, _ = _build(spec, num_layers=num_layers)
-    _check_layers(gpt, spec.submodules.pattern, num_layers)
 
 
 def test_lite_backends_and_pattern():

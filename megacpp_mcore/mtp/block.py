@@ -42,12 +42,8 @@ def shared_block_spec(config: TransformerConfig, *, backend: str = "auto",
     """The spec of the shared block for ``config`` on ``backend`` (``mla`` in ``features`` routes
     the attention through the MLA seam, as on the trunk's ``A`` layers)."""
     from megacpp_mcore import attention, feedforward
-    from megacpp_mcore.hybrid import PENDING, FeatureNotAvailable
 
     features = {k: v for k, v in (features or {}).items() if k in BLOCK_FEATURES and v is not None}
-    for name in features:
-        if name in PENDING:
-            raise FeatureNotAvailable(f"MTP shared block: {PENDING[name]}")
     provider = backends.get_backend(backend)
 
     def ctx(symbol: str) -> LayerContext:
