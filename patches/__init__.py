@@ -9,7 +9,9 @@ Each patch is a module of this package with the protocol:
 * ``check() -> str``: exactly one of ``"needed"`` (the defect is present), ``"fixed-upstream"``
   (upstream behaves correctly: retire the patch) or ``"target-missing"`` (what the patch changes
   no longer exists: re-base it). ``check`` probes upstream's own behaviour, also after ``apply``;
-* ``apply() -> list[str]``: idempotent; returns what it changed (empty when nothing to do).
+* ``apply() -> list[str]``: idempotent; returns what it changed (empty when nothing to do);
+* optional ``REQUIRES: str``: an optional package the target lives in (e.g. ``transformer_engine``);
+  without it the status says ``not-applicable`` / ``n/a`` instead of asking for a re-base.
 
 Nothing is applied on import: entry points (``python -m megacpp_mcore.launch_pretrain``,
 ``megacpp-mcore patches apply``) call :func:`patches.registry.apply_needed` explicitly.

@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 
+REQUIRES = "transformer_engine"  # TELinear exists only with Transformer Engine
 NAME = "mla-down-proj-tp-marker"
 TARGETS = "megatron-core >=0.16,<0.18"
 DESCRIPTION = (

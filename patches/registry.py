@@ -8,6 +8,8 @@ The status of a patch answers the upgrade question "keep, retire or re-base?":
 ``needed``                keep        the upstream defect is present; the patch is applied
 ``fixed-upstream``        retire      upstream behaves correctly now; delete the patch
 ``target-missing``        re-base     what the patch changes moved or vanished; rewrite it
+(``REQUIRES`` missing)    n/a         the patch targets an optional package (module-level
+                                      ``REQUIRES``, e.g. Transformer Engine) absent on this host
 ========================  ==========  ============================================================
 
 A patch whose check says ``needed`` on an installed version outside its ``TARGETS`` is still
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import importlib.util
 from types import ModuleType
 from typing import Iterable
 
@@ -29,7 +32,8 @@ from packaging.version import InvalidVersion, Version
 import patches
 
 CHECK_RESULTS = ("needed", "fixed-upstream", "target-missing")
-ACTIONS = {"needed": "keep", "fixed-upstream": "retire", "target-missing": "re-base"}
+ACTIONS = {"needed": "keep", "fixed-upstream": "retire", "target-missing": "re-base",
+           "not-applicable": "n/a"}
 PROTOCOL = ("NAME", "TARGETS", "DESCRIPTION", "check", "apply")
 
 
@@ -98,8 +102,12 @@ class PatchStatus:
     applied: bool | None  # None when the patch cannot tell
     description: str
 
+    requires: str | None = None
+
     @property
     def note(self) -> str:
+        if self.check == "not-applicable":
+            return f"needs {self.requires}, which is not installed here"
         if self.installed is None:
             return "targeted distribution not installed"
         if self.check == "needed" and not self.in_targets:
@@ -131,7 +139,11 @@ def status(names: Iterable[str] | None = None) -> list[PatchStatus]:
     for module in registered(names):
         requirement = parse_targets(module.TARGETS, owner=module.__name__)
         version = installed_version(requirement.name)
-        result = _check(module) if version is not None else "target-missing"
+        requires = getattr(module, "REQUIRES", None)
+        if requires and importlib.util.find_spec(requires.split(".")[0]) is None:
+            result = "not-applicable"  # its target lives in an optional package absent here
+        else:
+            result = _check(module) if version is not None else "target-missing"
         applied = getattr(module, "applied", None)
         rows.append(PatchStatus(
             name=module.NAME,
@@ -143,6 +155,7 @@ def status(names: Iterable[str] | None = None) -> list[PatchStatus]:
             action=ACTIONS[result],
             applied=applied() if callable(applied) else None,
             description=module.DESCRIPTION,
+            requires=getattr(module, "REQUIRES", None),
         ))
     return rows
 

@@ -46,11 +46,21 @@ def test_status_on_installed_megatron_core(restore_targets):
 
     assert megatron.core.__version__.startswith("0.16."), "these expectations are for 0.16.x"
     rows = _rows()
-    assert set(rows) == {"spec-import-errors", "tp-attributes-without-init"}
-    for row in rows.values():
+    assert set(rows) == {"spec-import-errors", "tp-attributes-without-init", "mla-have-te",
+                         "mla-down-proj-tp-marker"}
+    for name in ("spec-import-errors", "tp-attributes-without-init"):
+        row = rows[name]
         assert (row.installed, row.in_targets, row.check, row.action) == (
             megatron.core.__version__, True, "needed", "keep")
         assert row.applied is False and row.note == ""
+    te = registry.importlib.util.find_spec("transformer_engine") is not None
+    assert rows["mla-have-te"].check == "needed"  # 0.16 derives HAVE_TE from a mock-able import
+    marker = rows["mla-down-proj-tp-marker"]
+    if te:
+        assert (marker.check, marker.action) == ("needed", "keep")
+    else:  # TELinear lives in Transformer Engine: nothing to re-base on a host without it
+        assert (marker.check, marker.action) == ("not-applicable", "n/a")
+        assert marker.note == "needs transformer_engine, which is not installed here"
 
 
 def test_apply_twice_equals_once(restore_targets):
@@ -65,7 +75,9 @@ def test_apply_twice_equals_once(restore_targets):
     assert registry.apply_needed() == {name: [] for name in first}
     assert (spec_utils.import_module, layers.RowParallelLinear.__init__) == state
     assert spec_utils.import_module.__wrapped__ is original_import  # wrapped once, not twice
-    assert all(row.applied and row.check == "needed" for row in _rows().values())
+    rows = _rows()
+    assert rows["spec-import-errors"].applied and rows["tp-attributes-without-init"].applied
+    assert all(row.check in ("needed", "not-applicable") for row in rows.values())
 
 
 def test_check_probes_upstream_behind_the_patch(restore_targets):
@@ -139,7 +151,8 @@ def test_missing_target_says_re_base(restore_targets):
     rows = _rows()
     for name in ("spec-import-errors", "tp-attributes-without-init"):
         assert (rows[name].check, rows[name].action) == ("target-missing", "re-base")
-    assert registry.apply_needed() == {}
+    applied = registry.apply_needed()
+    assert "spec-import-errors" not in applied and "tp-attributes-without-init" not in applied
     assert spec_import_errors.apply() == [] and tp_attributes_without_init.apply() == []
 
 
@@ -219,12 +232,14 @@ def test_cli_status_and_apply(restore_targets, capsys):
     assert cli.main(["patches", "status"]) == 0
     out = capsys.readouterr().out
     assert "spec-import-errors" in out and "tp-attributes-without-init" in out
-    assert out.count(" keep ") == 2
+    assert out.count(" keep ") >= 3  # the two above, mla-have-te (+ the TE marker patch with TE)
     assert cli.main(["patches", "apply", "--twice", "--json"]) == 0
     passes = json.loads(capsys.readouterr().out)["passes"]
-    assert all(passes[0].values()) and not any(passes[1].values())
+    ours = ("spec-import-errors", "tp-attributes-without-init")
+    assert all(passes[0][n] for n in ours) and not any(passes[1].values())
     assert cli.main(["patches", "status", "--json"]) == 0
-    assert {r["applied"] for r in json.loads(capsys.readouterr().out)} == {True}
+    applied = {r["name"]: r["applied"] for r in json.loads(capsys.readouterr().out)}
+    assert all(applied[n] for n in ours)
     assert cli.main(["patches", "status", "--only", "no-such-patch"]) == 2
     assert "unknown patch 'no-such-patch'" in capsys.readouterr().err
 
