@@ -192,6 +192,11 @@ def _cuda_graph_check(args) -> dict:
     from megacpp_mcore.layer_context import LayerContext
     from megacpp_mcore.mod import mod_layer_spec
 
+    from megatron.core import tensor_parallel
+
+    # CUDA graphs need Megatron's graph-safe RNG tracker (TE's attention forks it even at p=0).
+    tensor_parallel.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True,
+                                                    force_reset_rng=True)
     model = _model(args, "gateskip")
     config = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)
     mod = model.features["mod"]

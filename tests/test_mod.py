@@ -438,6 +438,11 @@ def _te_layer(mode: str, **mod_kwargs):
 @pytest.mark.gpu
 @_NO_CUDA
 def test_gateskip_forward_captures_in_cuda_graph(single_rank):
+    from megatron.core import tensor_parallel
+
+    # CUDA graphs need Megatron's graph-safe RNG tracker (TE's attention forks it even at p=0).
+    tensor_parallel.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True,
+                                                    force_reset_rng=True)
     layer = _te_layer("gateskip").eval()
     rope = _rope(16).cuda()
     static_x = _inputs().cuda().to(layer.mod_router.weight.dtype)
