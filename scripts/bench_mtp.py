@@ -51,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--fused-ce-impl", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--variants", nargs="+", default=["trunk", "upstream", "ours"],
                    choices=["trunk", "upstream", "ours"])
-    p.add_argument("--no-recompute", action="store_true",
-                   help="ours: keep the shared block's activations instead of recomputing them")
+    p.add_argument("--recompute", action="store_true",
+                   help="ours: recompute the shared block in backward (MTPConfig.recompute)")
     p.add_argument("--upstream-ce-fusion", action="store_true",
                    help="config.cross_entropy_loss_fusion=True (TE CE) for the unfused heads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -102,7 +102,7 @@ def build(variant: str, args, vocab: int, configs: dict):
         mtp_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=not args.smoke_cpu)
         return GPTModel(config=config, mtp_block_spec=mtp_spec, **common)
     mtp = MTPConfig(depth=args.depth, loss_scale=args.loss_scale, fused_ce_impl=args.fused_ce_impl,
-                    recompute=not args.no_recompute)
+                    recompute=args.recompute)
     return MTPGPTModel(config=configs["plain"], mtp=mtp, mtp_backend="local" if args.smoke_cpu else "te",
                        **common)
 

@@ -9,6 +9,17 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    """GPU hosts whose mamba_ssm lacks the Mamba-1 CUDA extension still import the Mamba-2
+    kernels (see megacpp_mcore.testing.stub_mamba1_extension); before any backend detection."""
+    import torch
+
+    if torch.cuda.is_available():
+        from megacpp_mcore.testing import stub_mamba1_extension
+
+        stub_mamba1_extension()
+
+
 @pytest.fixture
 def single_rank():
     """A 1-rank world (gloo on CPU) with TP=PP=EP=1 and seed 1234; torn down afterwards."""

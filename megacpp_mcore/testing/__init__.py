@@ -1,2 +1,26 @@
 """Test harness shared by the test suite and by feature modules: multi-process gloo runs and the
 single-rank-versus-parallel training comparison."""
+
+
+def stub_mamba1_extension() -> bool:
+    """Lets ``import mamba_ssm`` succeed where mamba_ssm was built without its Mamba-1 CUDA
+    extension (``selective_scan_cuda``), as on our H200 image: the Mamba-2 SSD Triton kernels that
+    Megatron's ``MambaMixer`` uses do not need it, but the package's ``__init__`` imports it. The stub
+    raises if anything actually calls into it. Test/benchmark harness only; returns True if stubbed.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if "selective_scan_cuda" in sys.modules or importlib.util.find_spec("mamba_ssm") is None:
+        return False
+    if importlib.util.find_spec("selective_scan_cuda") is not None:
+        return False
+
+    def _missing(name):
+        raise RuntimeError(f"selective_scan_cuda.{name}: the Mamba-1 CUDA extension is not built here")
+
+    stub = types.ModuleType("selective_scan_cuda")
+    stub.__getattr__ = _missing
+    sys.modules["selective_scan_cuda"] = stub
+    return True
