@@ -209,6 +209,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
         config = core_transformer_config_from_args(args)
     model_cls, extra = mtp_from_args(args)
     spec = layer_spec_from_args(args)
+    _mamba_conv_path(config, spec)
     _report(args, spec, model_cls, post_process)
     return model_cls(
         config=config,
@@ -228,6 +229,19 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
         pg_collection=pg_collection,
         **extra,
     )
+
+
+def _mamba_conv_path(config, spec) -> None:
+    """Megatron-LM has no flag for ``use_mamba_mem_eff_path`` (default True), whose fused path needs
+    causal_conv1d. Without it, ``M`` layers take MambaMixer's unfused conv path; said on rank 0."""
+    from megacpp_mcore import backends
+
+    pattern = getattr(getattr(spec, "submodules", None), "pattern", "")
+    if "M" in pattern and config.use_mamba_mem_eff_path and backends.detect().causal_conv1d is None:
+        config.use_mamba_mem_eff_path = False
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("[megacpp_mcore] causal_conv1d is not installed: M layers use MambaMixer's unfused "
+                  "conv path (use_mamba_mem_eff_path=False)", flush=True)
 
 
 def _report(args, spec, model_cls, post_process) -> None:
