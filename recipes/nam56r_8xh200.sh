@@ -71,11 +71,16 @@ PARALLEL=(
   --expert-model-parallel-size "$EP"
 )
 if (( TP > 1 )); then PARALLEL+=(--sequence-parallel); fi
+# Megatron's gradient-accumulation fusion in its non-TE linears (the output layer) needs apex's
+# fused_weight_gradient_mlp_cuda; without apex it must be off. APEX=1 keeps it on.
+GRAD_ACC_FUSION_FLAG=()
+if [[ ${APEX:-0} != 1 ]]; then GRAD_ACC_FUSION_FLAG=(--no-gradient-accumulation-fusion); fi
 TRAINING=(
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --seed "$SEED"
   --lr "$LR" --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2
   --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95
   --bf16 --transformer-impl transformer_engine
+  ${GRAD_ACC_FUSION_FLAG[@]+"${GRAD_ACC_FUSION_FLAG[@]}"}
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 )
 # NullTokenizer adds an end-of-document id: VOCAB - 1 ids + EOD = VOCAB (a multiple of 128).

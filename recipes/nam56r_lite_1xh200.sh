@@ -53,11 +53,16 @@ fi
 MTP=()                             # shared-block MTP, built on the last pipeline stage only
 if (( MTP_DEPTH > 0 )); then MTP=(--megacpp-mtp-depth "$MTP_DEPTH"); fi
 PARALLEL=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 1)
+# Megatron's gradient-accumulation fusion in its non-TE linears (the output layer) needs apex's
+# fused_weight_gradient_mlp_cuda; without apex it must be off. APEX=1 keeps it on.
+GRAD_ACC_FUSION_FLAG=()
+if [[ ${APEX:-0} != 1 ]]; then GRAD_ACC_FUSION_FLAG=(--no-gradient-accumulation-fusion); fi
 TRAINING=(
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --seed "$SEED"
   --lr "$LR" --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 5
   --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95
   --bf16 --transformer-impl transformer_engine --use-distributed-optimizer
+  ${GRAD_ACC_FUSION_FLAG[@]+"${GRAD_ACC_FUSION_FLAG[@]}"}
 )
 # NullTokenizer adds an end-of-document id: VOCAB - 1 ids + EOD = VOCAB (a multiple of 128).
 TOKENIZER=(--tokenizer-type NullTokenizer --vocab-size "$((VOCAB - 1))")

@@ -6,7 +6,7 @@ def stub_mamba1_extension() -> bool:
     """Lets ``import mamba_ssm`` succeed where mamba_ssm was built without its Mamba-1 CUDA
     extension (``selective_scan_cuda``), as on our H200 image: the Mamba-2 SSD Triton kernels that
     Megatron's ``MambaMixer`` uses do not need it, but the package's ``__init__`` imports it. The stub
-    raises if anything actually calls into it. Test/benchmark harness only; returns True if stubbed.
+    has no attributes: anything that reaches into it fails with an AttributeError saying why. Test/benchmark harness only; returns True if stubbed.
     """
     import importlib.util
     import sys
@@ -18,7 +18,7 @@ def stub_mamba1_extension() -> bool:
         return False
 
     def _missing(name):
-        raise RuntimeError(f"selective_scan_cuda.{name}: the Mamba-1 CUDA extension is not built here")
+        raise AttributeError(f"selective_scan_cuda.{name}: the Mamba-1 CUDA extension is not built here")
 
     stub = types.ModuleType("selective_scan_cuda")
     stub.__getattr__ = _missing
