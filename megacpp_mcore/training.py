@@ -1,0 +1,552 @@
+"""The training loop: real C/C++ bytes through megatron-core's data pipeline, schedule and optimizer.
+
+:func:`train` validates everything it can before it writes anything (model, sizes, data prefix,
+checkpoint to load), then: starts the parallel world (:mod:`megacpp_mcore.runtime`), builds the
+model from the pattern compiler, reads data through ``BlendedMegatronDatasetBuilder``/``GPTDataset``,
+steps through Megatron's forward-backward schedule with Megatron's optimizer and LR scheduler, logs a
+line per interval (step, loss, tokens/s, peak memory, ETA), validates in bits per byte, saves and
+resumes distributed checkpoints (model, optimizer, scheduler, step, data position) and writes the
+run receipt (:mod:`megacpp_mcore.receipt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from megacpp_mcore import data as data_mod
+from megacpp_mcore.presets import ModelConfig
+from megacpp_mcore.runtime import Parallelism
+
+TRACKER = "latest_checkpointed_iteration.txt"
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """What to run: steps, batch, schedule, data, checkpoints, topology. Defaults are the CPU
+    smoke run (the README's main command)."""
+
+    steps: int = 400
+    micro_batch_size: int = 8
+    global_batch_size: int | None = None  # default: micro_batch_size * data-parallel size
+    seq_length: int | None = None  # default: the model's
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 4  # global batches per validation
+    data: str | None = None  # prepared prefix; default: system headers, prepared into the cache
+    source: str = data_mod.DEFAULT_SOURCE
+    save: str | None = None
+    save_interval: int | None = None  # default: only at the end (when ``save`` is set)
+    load: str | None = None
+    stop_after: int | None = None  # save (if ``save``) and stop after this step, as if interrupted
+    seed: int = 1234
+    backend: str = "auto"
+    parallel: Parallelism = Parallelism()
+    bf16: bool | None = None  # default: on CUDA
+    receipt: str | None = None  # default: <cache>/runs/<model>-<utc>.json
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "log_interval", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("global_batch_size", "seq_length", "save_interval", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 (or unset), got {value!r}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps must be in 0..steps-1 = 0..{self.steps - 1}, got {self.warmup_steps}")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+def model_flops_per_token(model: ModelConfig, seq_length: int | None = None) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward): ``6 * N_active + attention``.
+
+    ``N_active`` counts the matmul weights a token passes through (all layers, MoE: router + top-k
+    routed experts + shared expert, the output head; not the embedding lookup or norms). The
+    attention term is ``12 * s * (d_qk + d_v) / 2 * heads`` per attention layer (QK^T and AV,
+    forward and backward, no causal discount), i.e. ``12 * s * h`` for standard attention.
+    Mamba/M2RNN scans are not counted (their projections are, through ``N_active``).
+    """
+    from megacpp_mcore import plan
+
+    s = seq_length or model.seq_length
+    h = model.hidden_size
+    active = h * model.vocab_size  # output head
+    attention = 0.0
+    for entry in model.layer_table():
+        if entry.symbol == "E" and model.moe is not None:
+            e = model.moe
+            active += h * e.num_experts + e.topk * 3 * h * e.ffn_hidden_size
+            active += 3 * h * (e.shared_expert_size or 0)
+        else:
+            active += plan.layer_params(model, entry) - h  # minus the input norm
+        if entry.symbol == "A":
+            if "mla" in entry.features and model.mla is not None:
+                qk = model.mla.qk_head_dim + model.mla.qk_pos_emb_head_dim
+                attention += 6 * s * model.num_attention_heads * (qk + model.mla.v_head_dim)
+            else:
+                attention += 12 * s * h
+    dense = 6.0 * active
+    return {"active_params": float(active), "dense": dense, "attention": attention,
+            "total": dense + attention}
+
+
+# ----------------------------------------------------------------------------------- validation --
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def find_checkpoint(directory: str) -> tuple[Path, int]:
+    """The latest checkpoint in ``directory`` and its step; ``ValueError`` when there is none."""
+    root = Path(directory)
+    tracker = root / TRACKER
+    if not root.is_dir():
+        raise ValueError(f"--load {directory!r}: no such directory")
+    try:
+        step = int(tracker.read_text().strip())
+    except (OSError, ValueError):
+        raise ValueError(f"--load {directory!r} holds no checkpoint ({TRACKER} is missing or unreadable)") from None
+    path = root / f"iter_{step:07d}"
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"--load {directory!r}: {TRACKER} names step {step} but {path} is not a checkpoint")
+    return path, step
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """Everything :func:`check` derived from the inputs."""
+
+    model: ModelConfig
+    seq_length: int
+    dp: int
+    global_batch: int
+    num_microbatches: int
+    load: tuple[Path, int] | None
+
+
+def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
+    """All input validation, before anything is written or any process group starts."""
+    from megacpp_mcore.backends import resolve_backend_name
+    from megacpp_mcore.hybrid import PENDING
+
+    resolve_backend_name(cfg.backend)
+    seq = cfg.seq_length or model.seq_length
+    if seq != model.seq_length:
+        model = model.replace(seq_length=seq)
+    vocab = data_mod.ByteTokenizer().vocab_size
+    if model.vocab_size < vocab:
+        raise ValueError(f"model vocab_size={model.vocab_size} is smaller than the byte tokenizer's {vocab}")
+    for entry in model.layer_table(pp=cfg.parallel.pp if "|" in model.pattern else 1):
+        for needed in (entry.symbol, *sorted(entry.features)):
+            if needed in PENDING:
+                raise ValueError(f"layer {entry.index} ({entry.symbol!r}): {PENDING[needed]}; "
+                                 f"try --pattern AE")
+    par = cfg.parallel
+    dp = par.data_parallel(_world_size())
+    par.check_model(model)
+    gbs = cfg.global_batch_size or cfg.micro_batch_size * dp
+    if gbs % (cfg.micro_batch_size * dp):
+        raise ValueError(f"global batch {gbs} is not divisible by micro batch {cfg.micro_batch_size} "
+                         f"x data-parallel size {dp}")
+    if cfg.data is not None:
+        data_mod.open_prepared(cfg.data)
+    load = find_checkpoint(cfg.load) if cfg.load else None
+    if load and load[1] > cfg.steps:
+        raise ValueError(f"--load {cfg.load!r} is at step {load[1]}, beyond --steps {cfg.steps}")
+    return _Plan(model=model, seq_length=seq, dp=dp, global_batch=gbs,
+                 num_microbatches=gbs // (cfg.micro_batch_size * dp), load=load)
+
+
+# ------------------------------------------------------------------------------------------ data --
+
+def build_datasets(prepared: data_mod.PreparedData, *, seq_length: int, train_samples: int,
+                   valid_samples: int, seed: int):
+    """Train and validation ``GPTDataset``s through megatron-core's ``BlendedMegatronDatasetBuilder``."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=[([prepared.train_prefix], None), ([prepared.valid_prefix], None), None],
+        tokenizer=data_mod.ByteTokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(data_mod.cache_dir() / "indices"),
+    )
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, None], lambda: True, config).build()
+    return train_ds, valid_ds
+
+
+def micro_batches(dataset, *, first_sample: int, global_batch: int, micro_batch_size: int,
+                  dp_rank: int, dp: int, bytes_only_loss: bool = False) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch starting at sample ``first_sample``.
+
+    ``bytes_only_loss`` masks positions whose label is a special token (validation in bits per
+    byte counts byte predictions only).
+    """
+    per_rank = global_batch // dp
+    start = first_sample + dp_rank * per_rank
+    out = []
+    for m in range(per_rank // micro_batch_size):
+        samples = [dataset[start + m * micro_batch_size + i] for i in range(micro_batch_size)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if bytes_only_loss:
+            batch["loss_mask"] = batch["loss_mask"] * (batch["labels"] < data_mod.ByteTokenizer.NUM_BYTES)
+        out.append(batch)
+    return out
+
+
+# ------------------------------------------------------------------------------------ checkpoint --
+
+def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is_loading: bool) -> dict:
+    model_sd: dict = {}
+    for chunk in chunks:
+        model_sd.update(chunk.module.sharded_state_dict(prefix=""))
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "consumed_samples": consumed,
+    }
+
+
+def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, consumed: int) -> Path:
+    """``directory/iter_<step>`` through dist_checkpointing; the tracker file is written last
+    (atomically), so an interrupted save is never picked up by ``--load``."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(directory, f"iter_{step:07d}")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    state = _sharded_state(chunks, optimizer, scheduler, step=step, consumed=consumed, is_loading=False)
+    dist_checkpointing.save(state, str(path))
+    torch.distributed.barrier()
+    if rank == 0:
+        tmp = Path(directory, f".{TRACKER}.tmp")
+        tmp.write_text(f"{step}\n")
+        os.replace(tmp, Path(directory, TRACKER))
+    torch.distributed.barrier()
+    return path
+
+
+def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]:
+    """Restores model, optimizer and scheduler state; returns (step, consumed samples)."""
+    from megatron.core import dist_checkpointing
+
+    state = _sharded_state(chunks, optimizer, scheduler, step=0, consumed=0, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    for chunk in chunks:
+        own = chunk.module.state_dict(keep_vars=True)
+        missing, _ = chunk.module.load_state_dict(
+            {k: v for k, v in loaded["model"].items() if k in own}, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks {missing[:5]}")
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    return int(loaded["step"]), int(loaded["consumed_samples"])
+
+
+# ------------------------------------------------------------------------------------- the loop --
+
+def peak_memory_bytes() -> dict[str, Any]:
+    """Peak device memory on CUDA (allocated by torch), else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
+    return {"kind": "cpu_max_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _fmt_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class _Timers:
+    """Wall seconds per category (goodput = step compute; the rest is badput)."""
+
+    def __init__(self):
+        self.seconds = {"startup": 0.0, "step_compute": 0.0, "data_wait": 0.0,
+                        "evaluation": 0.0, "checkpoint": 0.0}
+
+    def add(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] += now - since
+        return now
+
+
+def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = print,
+          preset: str | None = None) -> dict[str, Any]:
+    """Runs training; returns the receipt (also written to ``cfg.receipt`` on rank 0)."""
+    t_start = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    plan = check(model, cfg)  # raises ValueError before anything is written
+    model = plan.model
+
+    from megatron.core import parallel_state
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megacpp_mcore import receipt as receipt_mod
+    from megacpp_mcore import runtime
+    from megacpp_mcore.backends import resolve_backend_name
+    from megacpp_mcore.plan import build_plan
+    from megacpp_mcore.stats import StatsCollector, format_stats
+
+    timers = _Timers()
+    runtime.initialize(cfg.parallel, seed=cfg.seed)
+    rank = torch.distributed.get_rank()
+    say = log if rank == 0 else (lambda _msg: None)
+
+    # Data: the default is prepared once (rank 0) into the cache.
+    if cfg.data is None:
+        if rank == 0:
+            data_mod.ensure_default(cfg.source, log=say)
+        torch.distributed.barrier()
+        prepared = data_mod.ensure_default(cfg.source, log=say)
+    else:
+        prepared = data_mod.open_prepared(cfg.data)
+    gbs, seq = plan.global_batch, plan.seq_length
+    eval_samples = cfg.eval_iters * gbs
+    train_ds, valid_ds = build_datasets(prepared, seq_length=seq, train_samples=cfg.steps * gbs,
+                                        valid_samples=eval_samples, seed=cfg.seed)
+
+    config = runtime.transformer_config(model, cfg.parallel, bf16=cfg.bf16)
+    chunks = runtime.build_model(model, config, backend=cfg.backend)
+    optimizer = runtime.build_optimizer(chunks, lr=cfg.lr, min_lr=cfg.min_lr,
+                                        weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant")
+    collector = StatsCollector(chunks)
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), plan.dp
+
+    step, consumed = 0, 0
+    loaded_from = None
+    t = time.perf_counter()
+    if plan.load:
+        step, consumed = load_checkpoint(plan.load[0], chunks, optimizer, scheduler)
+        loaded_from = str(plan.load[0])
+        say(f"resumed from {loaded_from}: step {step}, {consumed} samples consumed")
+        t = timers.add("checkpoint", t)
+    timers.seconds["startup"] = t - t_start - timers.seconds["checkpoint"]
+
+    flops = model_flops_per_token(model, seq)
+    tokens_per_step = gbs * seq
+    say(f"training {model.name} ({model.num_layers} layers '{''.join(e.symbol for e in model.layer_table())}') "
+        f"for {cfg.steps} steps: global batch {gbs} x {seq} tokens, tp={cfg.parallel.tp} "
+        f"pp={cfg.parallel.pp} ep={cfg.parallel.ep} dp={dp}, backend {resolve_backend_name(cfg.backend)}, "
+        f"data {prepared.prefix}")
+
+    def evaluate() -> float:
+        nonlocal t
+        t0 = time.perf_counter()
+        total_loss, total_tokens = 0.0, 0
+        for i in range(cfg.eval_iters):
+            micro = micro_batches(valid_ds, first_sample=i * gbs, global_batch=gbs,
+                                  micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp=dp,
+                                  bytes_only_loss=True)
+            out = runtime.train_step(chunks, optimizer, iter(micro), num_microbatches=len(micro),
+                                     micro_batch_size=cfg.micro_batch_size, seq_length=seq,
+                                     forward_only=True)
+            total_loss += out["loss"] * out["tokens"]
+            total_tokens += out["tokens"]
+        timers.add("evaluation", t0)
+        return total_loss / max(total_tokens, 1) / LN2
+
+    validation: list[dict[str, float]] = []
+    losses: list[dict[str, float]] = []
+    stats_history: list[dict[str, Any]] = []
+    saved: list[str] = []
+    window_t, window_steps, last_loss = time.perf_counter(), 0, float("nan")
+    compute_steps_time, compute_steps = 0.0, 0
+    stop = min(cfg.steps, cfg.stop_after or cfg.steps)
+
+    if step == 0:
+        bpb = evaluate()
+        validation.append({"step": 0, "bpb": bpb})
+        say(f"validation step 0: {bpb:.4f} bits/byte (untrained)")
+    while step < stop:
+        t0 = time.perf_counter()
+        micro = micro_batches(train_ds, first_sample=consumed, global_batch=gbs,
+                              micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp=dp)
+        t1 = timers.add("data_wait", t0)
+        collector.set_step(step)
+        out = runtime.train_step(chunks, optimizer, iter(micro), num_microbatches=len(micro),
+                                 micro_batch_size=cfg.micro_batch_size, seq_length=seq)
+        scheduler.step(increment=1)
+        collector.collect()
+        timers.add("step_compute", t1)
+        compute_steps_time += time.perf_counter() - t1
+        compute_steps += 1
+        step += 1
+        consumed += gbs
+        window_steps += 1
+        last_loss = out["loss"]
+        if not math.isfinite(last_loss):
+            raise RuntimeError(f"loss became {last_loss} at step {step}; lower --lr (now {cfg.lr})")
+        if step % cfg.log_interval == 0 or step == stop:
+            now = time.perf_counter()
+            rate = window_steps * tokens_per_step / (now - window_t)
+            per_step = (now - window_t) / window_steps
+            stats = collector.gather()
+            mem = peak_memory_bytes()
+            losses.append({"step": step, "loss": last_loss, "grad_norm": out["grad_norm"]})
+            if stats:
+                stats_history.append({"step": step, **stats})
+            say(f"step {step:>6}/{cfg.steps} | loss {last_loss:.4f} | lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} "
+                f"| grad norm {out['grad_norm']:.3f} | {rate:,.0f} tokens/s | peak mem {_fmt_bytes(mem['bytes'])} "
+                f"| ETA {_fmt_eta(per_step * (cfg.steps - step))}"
+                + (f" | {format_stats(stats)}" if stats else ""))
+            window_t, window_steps = time.perf_counter(), 0
+        if step % cfg.eval_interval == 0 or step == cfg.steps:
+            bpb = evaluate()
+            validation.append({"step": step, "bpb": bpb})
+            say(f"validation step {step}: {bpb:.4f} bits/byte")
+            window_t = time.perf_counter()
+        if cfg.save and ((cfg.save_interval and step % cfg.save_interval == 0) or step == stop):
+            t0 = time.perf_counter()
+            saved.append(str(save_checkpoint(cfg.save, chunks, optimizer, scheduler, step=step, consumed=consumed)))
+            timers.add("checkpoint", t0)
+            say(f"saved checkpoint {saved[-1]}")
+            window_t = time.perf_counter()
+
+    total_s = time.perf_counter() - t_start
+    mem = peak_memory_bytes()
+    peak = torch.tensor([mem["bytes"]], dtype=torch.float64, device=runtime.device())
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    tokens_per_s = compute_steps * tokens_per_step / compute_steps_time if compute_steps else 0.0
+    world = torch.distributed.get_world_size()
+    best = min(validation, key=lambda v: v["bpb"]) if validation else None
+    model_plan = build_plan(model, pp=cfg.parallel.pp, tp=cfg.parallel.tp, ep=cfg.parallel.ep,
+                            micro_batch=cfg.micro_batch_size, backend=cfg.backend)
+    observed = receipt_mod.observe_backends(chunks)
+    observed_all: list = [None] * world
+    torch.distributed.all_gather_object(observed_all, observed)
+    observed = _merge_observed(observed_all)
+    final_stats = collector.gather()
+    receipt = {
+        "schema_version": receipt_mod.SCHEMA_VERSION,
+        "status": "completed" if step >= cfg.steps else "stopped",
+        "command": receipt_mod.command_line(),
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "preset": preset,
+        "model": {k: getattr(model, k) for k in ("name", "pattern", "num_layers", "hidden_size",
+                                                 "num_attention_heads", "ffn_hidden_size",
+                                                 "vocab_size", "seq_length", "mtp_depth")},
+        "expanded_pattern": model_plan["expanded_pattern"],
+        "layer_table_hash": model_plan["layer_table_hash"],
+        "layer_counts": model_plan["counts"],
+        "parameters": model_plan["parameters"]["total"],
+        "features": receipt_mod.feature_states(model),
+        "topology": {"world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                     "ep": cfg.parallel.ep, "dp": dp, "sp": cfg.parallel.sp, "vp": cfg.parallel.vp,
+                     "micro_batch_size": cfg.micro_batch_size, "global_batch_size": gbs,
+                     "num_microbatches": plan.num_microbatches, "seq_length": seq},
+        "backends": {"requested": cfg.backend, "resolved": resolve_backend_name(cfg.backend),
+                     "observed": observed},
+        "precision": "bf16" if config.bf16 else "fp32",
+        "versions": receipt_mod.package_versions(),
+        "data": {"prefix": prepared.prefix, "source": prepared.manifest.get("source"),
+                 "splits": prepared.manifest.get("splits"), "consumed_samples": consumed,
+                 "tokenizer": prepared.manifest.get("tokenizer")},
+        "training": {"steps": cfg.steps, "completed_steps": step, "seed": cfg.seed, "lr": cfg.lr,
+                     "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
+                     "lr_schedule": "cosine", "losses": losses, "final_loss": _finite(last_loss)},
+        "throughput": {"tokens_per_s": tokens_per_s,
+                       "model_flops_per_token": flops["total"],
+                       "active_params": flops["active_params"],
+                       "model_tflops_per_s": tokens_per_s * flops["total"] / 1e12,
+                       "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / world},
+        "peak_memory": {"kind": mem["kind"], "bytes": int(peak.item())},
+        "time": {"total_s": total_s, "goodput_s": timers.seconds["step_compute"],
+                 "badput_s": {k: v for k, v in timers.seconds.items() if k != "step_compute"}},
+        "validation": {"metric": "bits_per_byte", "history": validation,
+                       "first_bpb": validation[0]["bpb"] if validation else None,
+                       "final_bpb": validation[-1]["bpb"] if validation else None,
+                       "best_bpb": best["bpb"] if best else None,
+                       "best_step": best["step"] if best else None},
+        "stats": {"latest": final_stats, "history": stats_history},
+        "checkpoints": {"saved": saved, "loaded_from": loaded_from},
+    }
+    if rank == 0:
+        path = cfg.receipt or data_mod.cache_dir() / "runs" / (
+            f"{model.name}-{started_at.strftime('%Y%m%d-%H%M%S')}.json".replace("(", "-").replace(")", ""))
+        receipt["receipt_path"] = str(receipt_mod.write(path, dict(receipt, receipt_path=str(path))))
+        _summary(receipt, say)
+    runtime.shutdown()
+    return receipt
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _merge_observed(parts: list[dict]) -> dict:
+    """Observed backends of all ranks: layers by global index, class counts summed per rank."""
+    layers = {}
+    summary: dict[str, dict[str, int]] = {}
+    te_attention = None
+    kinds = set()
+    for part in parts:
+        for layer in part["layers"]:
+            layers.setdefault(layer["index"], layer)
+        for role, counts in part["summary"].items():
+            for cls, n in counts.items():
+                summary.setdefault(role, {})
+                summary[role][cls] = summary[role].get(cls, 0) + n
+        te_attention = te_attention or part["te_attention"]
+        if part["attention"] != "none":
+            kinds.add(part["attention"])
+    attention = "none" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+    return {"attention": attention, "summary": dict(sorted(summary.items())),
+            "layers": [layers[i] for i in sorted(layers)], "te_attention": te_attention,
+            "counted_over_ranks": len(parts)}
+
+
+def _summary(receipt: dict, say: Callable[[str], None]) -> None:
+    v, t, th = receipt["validation"], receipt["time"], receipt["throughput"]
+    say("-" * 72)
+    say(f"{receipt['status']}: {receipt['training']['completed_steps']}/{receipt['training']['steps']} steps "
+        f"in {t['total_s']:.1f} s (compute {t['goodput_s']:.1f} s; "
+        + ", ".join(f"{k} {s:.1f} s" for k, s in t["badput_s"].items()) + ")")
+    if v["history"]:
+        ratio = v["final_bpb"] / v["first_bpb"] if v["first_bpb"] else float("nan")
+        say(f"validation bits/byte: first {v['first_bpb']:.4f} -> final {v['final_bpb']:.4f} "
+            f"(x{ratio:.3f}); best {v['best_bpb']:.4f} at step {v['best_step']}")
+    say(f"throughput {th['tokens_per_s']:,.0f} tokens/s, {th['model_tflops_per_s']:.3f} model TFLOP/s "
+        f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token); peak memory "
+        f"{_fmt_bytes(receipt['peak_memory']['bytes'])} ({receipt['peak_memory']['kind']})")
+    obs = receipt["backends"]["observed"]
+    say(f"backend requested {receipt['backends']['requested']}, observed attention {obs['attention']}"
+        + (f" ({obs['te_attention']['kernel']})" if obs.get("te_attention") else ""))
+    say(f"receipt: {receipt['receipt_path']}")
