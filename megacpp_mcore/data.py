@@ -121,6 +121,17 @@ def walk_sources(source: str | os.PathLike) -> Iterator[tuple[str, Path]]:
             yield rel, path
 
 
+def check_source(source: str | os.PathLike) -> None:
+    """:class:`DataError` unless ``source`` is a directory holding at least one C/C++ file."""
+    if not Path(source).is_dir():
+        raise DataError(f"source directory {str(source)!r} does not exist or is not a directory")
+    if next(walk_sources(source), None) is None:
+        raise DataError(
+            f"no C/C++ sources under {str(source)!r} (looked for {' '.join(SOURCE_SUFFIXES)} "
+            "and extension-less headers under c++/)"
+        )
+
+
 def is_validation(relpath: str, valid_percent: float) -> bool:
     """Deterministic held-out choice: a hash of the relative path, in [0, 100)."""
     bucket = int.from_bytes(hashlib.sha1(relpath.encode()).digest()[:4], "big") % 10_000
@@ -166,15 +177,9 @@ def prepare(source: str | os.PathLike = DEFAULT_SOURCE, output: str | os.PathLik
     if max_bytes is not None and max_bytes < 1:
         raise DataError(f"max_bytes must be >= 1, got {max_bytes}")
     src = Path(source)
-    if not src.is_dir():
-        raise DataError(f"source directory {str(src)!r} does not exist or is not a directory")
+    check_source(src)
     out = _check_prefix(str(output))
     files = list(walk_sources(src))
-    if not files:
-        raise DataError(
-            f"no C/C++ sources under {str(src)!r} (looked for {' '.join(SOURCE_SUFFIXES)} "
-            "and extension-less headers under c++/)"
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import importlib
 import json
+import math
 import os
 import platform
 import sys
@@ -110,7 +111,7 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
             roles = {}
             for name, sub in layer.named_modules():
                 leaf = name.rsplit(".", 1)[-1]
-                if name and leaf in ROLES and name not in roles:
+                if name and leaf in ROLES and name not in roles and type(sub).__name__ != "IdentityOp":
                     roles[name] = _class_name(sub)
                     summary[leaf][type(sub).__name__] += 1
             index = getattr(layer, "layer_number", len(layers) + 1) - 1
@@ -189,8 +190,20 @@ def feature_states(model) -> dict[str, dict[str, Any]]:
     return states
 
 
+def _finite_json(value: Any) -> Any:
+    """NaN/inf (e.g. a statistic not measured yet) become ``null``: receipts are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
+
+
 def write(path: str | os.PathLike, receipt: dict) -> Path:
     """Writes ``receipt`` atomically (temporary file, then rename)."""
+    receipt = _finite_json(receipt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -169,6 +169,11 @@ def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
                          f"x data-parallel size {dp}")
     if cfg.data is not None:
         data_mod.open_prepared(cfg.data)
+    else:
+        try:
+            data_mod.open_prepared(data_mod.default_prefix(cfg.source))
+        except data_mod.DataError:  # not cached yet: it will be prepared from the source
+            data_mod.check_source(cfg.source)
     load = find_checkpoint(cfg.load) if cfg.load else None
     if load and load[1] > cfg.steps:
         raise ValueError(f"--load {cfg.load!r} is at step {load[1]}, beyond --steps {cfg.steps}")
@@ -306,7 +311,8 @@ class _Timers:
 def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = print,
           preset: str | None = None) -> dict[str, Any]:
     """Runs training; returns the receipt (also written to ``cfg.receipt`` on rank 0)."""
-    t_start = time.perf_counter()
+    # Start-up counts from process creation (interpreter and megatron imports included).
+    t_start = time.perf_counter() - max(time.time() - _process_start(), 0.0)
     started_at = datetime.datetime.now(datetime.timezone.utc)
     plan = check(model, cfg)  # raises ValueError before anything is written
     model = plan.model
@@ -505,6 +511,12 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
         _summary(receipt, say)
     runtime.shutdown()
     return receipt
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _finite(x: float) -> float | None:
