@@ -380,9 +380,9 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
             micro = micro_batches(valid_ds, first_sample=i * gbs, global_batch=gbs,
                                   micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp=dp,
                                   bytes_only_loss=True)
-            out = runtime.train_step(chunks, optimizer, iter(micro), num_microbatches=len(micro),
-                                     micro_batch_size=cfg.micro_batch_size, seq_length=seq,
-                                     forward_only=True)
+            out = runtime.train_step(chunks, optimizer, _iterators(micro, chunks),
+                                     num_microbatches=len(micro), micro_batch_size=cfg.micro_batch_size,
+                                     seq_length=seq, forward_only=True)
             total_loss += out["loss"] * out["tokens"]
             total_tokens += out["tokens"]
         timers.add("evaluation", t0)
@@ -406,7 +406,7 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
                               micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp=dp)
         t1 = timers.add("data_wait", t0)
         collector.set_step(step)
-        out = runtime.train_step(chunks, optimizer, iter(micro), num_microbatches=len(micro),
+        out = runtime.train_step(chunks, optimizer, _iterators(micro, chunks), num_microbatches=len(micro),
                                  micro_batch_size=cfg.micro_batch_size, seq_length=seq)
         scheduler.step(increment=1)
         collector.collect()
@@ -451,6 +451,7 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     tokens_per_s = compute_steps * tokens_per_step / compute_steps_time if compute_steps else 0.0
     world = torch.distributed.get_world_size()
+    trained = [v for v in validation if v["step"] > 0]  # the first one after training started
     best = min(validation, key=lambda v: v["bpb"]) if validation else None
     model_plan = build_plan(model, pp=cfg.parallel.pp, tp=cfg.parallel.tp, ep=cfg.parallel.ep,
                             micro_batch=cfg.micro_batch_size, backend=cfg.backend)
@@ -497,7 +498,8 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
         "time": {"total_s": total_s, "goodput_s": timers.seconds["step_compute"],
                  "badput_s": {k: v for k, v in timers.seconds.items() if k != "step_compute"}},
         "validation": {"metric": "bits_per_byte", "history": validation,
-                       "first_bpb": validation[0]["bpb"] if validation else None,
+                       "untrained_bpb": validation[0]["bpb"] if validation and validation[0]["step"] == 0 else None,
+                       "first_bpb": trained[0]["bpb"] if trained else None,
                        "final_bpb": validation[-1]["bpb"] if validation else None,
                        "best_bpb": best["bpb"] if best else None,
                        "best_step": best["step"] if best else None},
@@ -511,6 +513,12 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
         _summary(receipt, say)
     runtime.shutdown()
     return receipt
+
+
+def _iterators(micro: list, chunks: list):
+    """One iterator over the step's micro-batches per model chunk (interleaved pipeline stages each
+    read every micro-batch), a plain iterator for one chunk."""
+    return [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
 
 
 def _process_start() -> float:
@@ -551,10 +559,12 @@ def _summary(receipt: dict, say: Callable[[str], None]) -> None:
     say(f"{receipt['status']}: {receipt['training']['completed_steps']}/{receipt['training']['steps']} steps "
         f"in {t['total_s']:.1f} s (compute {t['goodput_s']:.1f} s; "
         + ", ".join(f"{k} {s:.1f} s" for k, s in t["badput_s"].items()) + ")")
-    if v["history"]:
-        ratio = v["final_bpb"] / v["first_bpb"] if v["first_bpb"] else float("nan")
-        say(f"validation bits/byte: first {v['first_bpb']:.4f} -> final {v['final_bpb']:.4f} "
-            f"(x{ratio:.3f}); best {v['best_bpb']:.4f} at step {v['best_step']}")
+    if v["first_bpb"] is not None:
+        first_step = next(h["step"] for h in v["history"] if h["step"] > 0)
+        say(f"validation bits/byte: first (step {first_step}) {v['first_bpb']:.4f} -> final "
+            f"{v['final_bpb']:.4f} (x{v['final_bpb'] / v['first_bpb']:.3f}); best {v['best_bpb']:.4f} "
+            f"at step {v['best_step']}"
+            + (f"; untrained {v['untrained_bpb']:.4f}" if v["untrained_bpb"] is not None else ""))
     say(f"throughput {th['tokens_per_s']:,.0f} tokens/s, {th['model_tflops_per_s']:.3f} model TFLOP/s "
         f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token); peak memory "
         f"{_fmt_bytes(receipt['peak_memory']['bytes'])} ({receipt['peak_memory']['kind']})")

@@ -281,3 +281,22 @@ def test_gpu_train_uses_te_and_records_the_kernel(tmp_path, monkeypatch):
     assert rec["throughput"]["model_tflops_per_s"] > 0
     v = rec["validation"]
     assert v["final_bpb"] < v["first_bpb"] and all(math.isfinite(h["bpb"]) for h in v["history"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
+def test_gpu_bench_script_compares_ours_with_upstream(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_train", Path(__file__).parents[1] / "scripts" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "ae-tiny", "--steps", "3", "--warmup", "2", "--skip-full",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [r["name"] for r in result["results"]]
+    assert names == ["ours/ae-tiny-AE", "upstream/ae-tiny-AE"]
+    assert result["ratio_ours_over_upstream"] > 0
+    assert all(r["attention"] == "te" for r in result["results"])
