@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import resource
 import time
 from pathlib import Path
@@ -310,214 +311,247 @@ class _Timers:
         return now
 
 
+class Trainer:
+    """One training run: set up from a checked plan, :meth:`run` the loop, :meth:`receipt`."""
+
+    def __init__(self, plan: _Plan, cfg: TrainConfig, *, log: Callable[[str], None], t_start: float):
+        from megatron.core import parallel_state
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megacpp_mcore import runtime
+        from megacpp_mcore.stats import StatsCollector
+
+        self.plan, self.cfg, self.model, self.t_start = plan, cfg, plan.model, t_start
+        self.timers = _Timers()
+        runtime.initialize(cfg.parallel, seed=cfg.seed)
+        self.rank = torch.distributed.get_rank()
+        self.say = log if self.rank == 0 else (lambda _msg: None)
+        self.prepared = self._data()
+        self.gbs, self.seq = plan.global_batch, plan.seq_length
+        self.train_ds, self.valid_ds = build_datasets(
+            self.prepared, seq_length=self.seq, train_samples=cfg.steps * self.gbs,
+            valid_samples=cfg.eval_iters * self.gbs, seed=cfg.seed)
+        self.config = runtime.transformer_config(self.model, cfg.parallel, bf16=cfg.bf16)
+        self.chunks = runtime.build_model(self.model, self.config, backend=cfg.backend)
+        self.optimizer = runtime.build_optimizer(self.chunks, lr=cfg.lr, min_lr=cfg.min_lr,
+                                                 weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=cfg.steps, lr_decay_style="cosine",
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps,
+            wd_incr_style="constant")
+        self.collector = StatsCollector(self.chunks)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.step, self.consumed, self.loaded_from = 0, 0, None
+        self.validation: list[dict[str, float]] = []
+        self.losses: list[dict[str, float]] = []
+        self.stats_history: list[dict[str, Any]] = []
+        self.saved: list[str] = []
+        self.compute_s, self.compute_steps, self.last_loss = 0.0, 0, float("nan")
+        t = time.perf_counter()
+        if plan.load:
+            self.step, self.consumed = load_checkpoint(plan.load[0], self.chunks, self.optimizer, self.scheduler)
+            self.loaded_from = str(plan.load[0])
+            self.say(f"resumed from {self.loaded_from}: step {self.step}, {self.consumed} samples consumed")
+            t = self.timers.add("checkpoint", t)
+        self.timers.seconds["startup"] = t - t_start - self.timers.seconds["checkpoint"]
+
+    def _data(self) -> data_mod.PreparedData:
+        """The prepared dataset; the default one is prepared once (by rank 0) into the cache."""
+        if self.cfg.data is not None:
+            return data_mod.open_prepared(self.cfg.data)
+        if self.rank == 0:
+            data_mod.ensure_default(self.cfg.source, log=self.say)
+        torch.distributed.barrier()
+        return data_mod.ensure_default(self.cfg.source, log=self.say)
+
+    def _micro(self, dataset, first_sample: int, *, bytes_only_loss: bool = False) -> list[dict]:
+        return micro_batches(dataset, first_sample=first_sample, global_batch=self.gbs,
+                             micro_batch_size=self.cfg.micro_batch_size, dp_rank=self.dp_rank,
+                             dp=self.plan.dp, bytes_only_loss=bytes_only_loss)
+
+    def _schedule(self, micro: list[dict], *, forward_only: bool = False) -> dict[str, float]:
+        from megacpp_mcore import runtime
+
+        # One iterator per model chunk: interleaved pipeline stages each read every micro-batch.
+        its = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
+        return runtime.train_step(self.chunks, self.optimizer, its, num_microbatches=len(micro),
+                                  micro_batch_size=self.cfg.micro_batch_size, seq_length=self.seq,
+                                  forward_only=forward_only)
+
+    def evaluate(self) -> float:
+        """Validation bits per byte: mean nats over byte labels (specials excluded) / ln 2."""
+        t0 = time.perf_counter()
+        total_loss, total_tokens = 0.0, 0
+        for i in range(self.cfg.eval_iters):
+            out = self._schedule(self._micro(self.valid_ds, i * self.gbs, bytes_only_loss=True),
+                                 forward_only=True)
+            total_loss += out["loss"] * out["tokens"]
+            total_tokens += out["tokens"]
+        self.timers.add("evaluation", t0)
+        bpb = total_loss / max(total_tokens, 1) / LN2
+        self.validation.append({"step": self.step, "bpb": bpb})
+        self.say(f"validation step {self.step}: {bpb:.4f} bits/byte" + (" (untrained)" if self.step == 0 else ""))
+        return bpb
+
+    def train_one_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        micro = self._micro(self.train_ds, self.consumed)
+        t1 = self.timers.add("data_wait", t0)
+        self.collector.set_step(self.step)
+        out = self._schedule(micro)
+        self.scheduler.step(increment=1)
+        self.collector.collect()
+        self.compute_s += time.perf_counter() - t1
+        self.timers.add("step_compute", t1)
+        self.compute_steps += 1
+        self.step += 1
+        self.consumed += self.gbs
+        self.last_loss = out["loss"]
+        if not math.isfinite(self.last_loss):
+            raise RuntimeError(f"loss became {self.last_loss} at step {self.step}; lower --lr (now {self.cfg.lr})")
+        return out
+
+    def log_line(self, out: dict[str, float], window_s: float, window_steps: int) -> None:
+        from megacpp_mcore.stats import format_stats
+
+        stats = self.collector.gather()
+        mem = peak_memory_bytes()
+        self.losses.append({"step": self.step, "loss": self.last_loss, "grad_norm": out["grad_norm"]})
+        if stats:
+            self.stats_history.append({"step": self.step, **stats})
+        per_step = window_s / window_steps
+        lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
+        self.say(f"step {self.step:>6}/{self.cfg.steps} | loss {self.last_loss:.4f} | lr {lr:.2e} "
+                 f"| grad norm {out['grad_norm']:.3f} | {self.gbs * self.seq / per_step:,.0f} tokens/s "
+                 f"| peak mem {_fmt_bytes(mem['bytes'])} | ETA {_fmt_eta(per_step * (self.cfg.steps - self.step))}"
+                 + (f" | {format_stats(stats)}" if stats else ""))
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.say(f"training {self.model.name} ({self.model.num_layers} layers "
+                 f"'{''.join(e.symbol for e in self.model.layer_table())}') for {cfg.steps} steps: "
+                 f"global batch {self.gbs} x {self.seq} tokens, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+                 f"ep={cfg.parallel.ep} dp={self.plan.dp}, backend {self.backend_name}, data {self.prepared.prefix}")
+        if self.step == 0:
+            self.evaluate()
+        stop = min(cfg.steps, cfg.stop_after or cfg.steps)
+        window_s, window_steps = 0.0, 0  # compute seconds and steps since the last log line
+        while self.step < stop:
+            before = self.compute_s
+            out = self.train_one_step()
+            window_s, window_steps = window_s + self.compute_s - before, window_steps + 1
+            if self.step % cfg.log_interval == 0 or self.step == stop:
+                self.log_line(out, window_s, window_steps)
+                window_s, window_steps = 0.0, 0
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                self.evaluate()
+            if cfg.save and ((cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop):
+                t0 = time.perf_counter()
+                self.saved.append(str(save_checkpoint(cfg.save, self.chunks, self.optimizer, self.scheduler,
+                                                      step=self.step, consumed=self.consumed)))
+                self.timers.add("checkpoint", t0)
+                self.say(f"saved checkpoint {self.saved[-1]}")
+
+    @property
+    def backend_name(self) -> str:
+        from megacpp_mcore.backends import resolve_backend_name
+
+        return resolve_backend_name(self.cfg.backend)
+
+    def receipt(self, *, started_at: datetime.datetime, preset: str | None) -> dict[str, Any]:
+        """The run receipt (all ranks take part: observed backends and peak memory are gathered)."""
+        from megacpp_mcore import receipt as receipt_mod
+        from megacpp_mcore import runtime
+        from megacpp_mcore.plan import build_plan
+
+        cfg, model, world = self.cfg, self.model, torch.distributed.get_world_size()
+        mem = peak_memory_bytes()
+        peak = torch.tensor([mem["bytes"]], dtype=torch.float64, device=runtime.device())
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        observed_all: list = [None] * world
+        torch.distributed.all_gather_object(observed_all, receipt_mod.observe_backends(self.chunks))
+        final_stats = self.collector.gather()
+        flops = model_flops_per_token(model, self.seq)
+        tokens_per_s = self.compute_steps * self.gbs * self.seq / self.compute_s if self.compute_steps else 0.0
+        plan = build_plan(model, pp=cfg.parallel.pp, tp=cfg.parallel.tp, ep=cfg.parallel.ep,
+                          micro_batch=cfg.micro_batch_size, backend=cfg.backend)
+        trained = [v for v in self.validation if v["step"] > 0]  # "first" = first after training began
+        untrained = [v for v in self.validation if v["step"] == 0]
+        best = min(self.validation, key=lambda v: v["bpb"]) if self.validation else None
+        return {
+            "schema_version": receipt_mod.SCHEMA_VERSION,
+            "status": "completed" if self.step >= cfg.steps else "stopped",
+            "command": receipt_mod.command_line(),
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "preset": preset,
+            "model": {k: getattr(model, k) for k in ("name", "pattern", "num_layers", "hidden_size",
+                                                     "num_attention_heads", "ffn_hidden_size",
+                                                     "vocab_size", "seq_length", "mtp_depth")},
+            "expanded_pattern": plan["expanded_pattern"],
+            "layer_table_hash": plan["layer_table_hash"],
+            "layer_counts": plan["counts"],
+            "parameters": plan["parameters"]["total"],
+            "features": receipt_mod.feature_states(model),
+            "topology": {"world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                         "ep": cfg.parallel.ep, "dp": self.plan.dp, "sp": cfg.parallel.sp,
+                         "vp": cfg.parallel.vp, "micro_batch_size": cfg.micro_batch_size,
+                         "global_batch_size": self.gbs, "num_microbatches": self.plan.num_microbatches,
+                         "seq_length": self.seq},
+            "backends": {"requested": cfg.backend, "resolved": self.backend_name,
+                         "observed": _merge_observed(observed_all)},
+            "precision": "bf16" if self.config.bf16 else "fp32",
+            "versions": receipt_mod.package_versions(),
+            "data": {"prefix": self.prepared.prefix, "source": self.prepared.manifest.get("source"),
+                     "splits": self.prepared.manifest.get("splits"), "consumed_samples": self.consumed,
+                     "tokenizer": self.prepared.manifest.get("tokenizer")},
+            "training": {"steps": cfg.steps, "completed_steps": self.step, "seed": cfg.seed,
+                         "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
+                         "lr_schedule": "cosine", "losses": self.losses,
+                         "final_loss": _finite(self.last_loss)},
+            "throughput": {"tokens_per_s": tokens_per_s,
+                           "model_flops_per_token": flops["total"],
+                           "active_params": flops["active_params"],
+                           "model_tflops_per_s": tokens_per_s * flops["total"] / 1e12,
+                           "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / world},
+            "peak_memory": {"kind": mem["kind"], "bytes": int(peak.item())},
+            "time": {"total_s": time.perf_counter() - self.t_start,
+                     "goodput_s": self.timers.seconds["step_compute"],
+                     "badput_s": {k: v for k, v in self.timers.seconds.items() if k != "step_compute"}},
+            "validation": {"metric": "bits_per_byte", "history": self.validation,
+                           "untrained_bpb": untrained[0]["bpb"] if untrained else None,
+                           "first_bpb": trained[0]["bpb"] if trained else None,
+                           "final_bpb": self.validation[-1]["bpb"] if self.validation else None,
+                           "best_bpb": best["bpb"] if best else None,
+                           "best_step": best["step"] if best else None},
+            "stats": {"latest": final_stats, "history": self.stats_history},
+            "checkpoints": {"saved": self.saved, "loaded_from": self.loaded_from},
+        }
+
+
 def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = print,
           preset: str | None = None) -> dict[str, Any]:
-    """Runs training; returns the receipt (also written to ``cfg.receipt`` on rank 0)."""
+    """Runs training; returns the receipt (also written to ``cfg.receipt``, default
+    ``<cache>/runs/<model>-<utc>.json``, on rank 0)."""
+    from megacpp_mcore import receipt as receipt_mod
+    from megacpp_mcore import runtime
+
     # Start-up counts from process creation (interpreter and megatron imports included).
     t_start = time.perf_counter() - max(time.time() - _process_start(), 0.0)
     started_at = datetime.datetime.now(datetime.timezone.utc)
     plan = check(model, cfg)  # raises ValueError before anything is written
-    model = plan.model
-
-    from megatron.core import parallel_state
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megacpp_mcore import receipt as receipt_mod
-    from megacpp_mcore import runtime
-    from megacpp_mcore.backends import resolve_backend_name
-    from megacpp_mcore.plan import build_plan
-    from megacpp_mcore.stats import StatsCollector, format_stats
-
-    timers = _Timers()
-    runtime.initialize(cfg.parallel, seed=cfg.seed)
-    rank = torch.distributed.get_rank()
-    say = log if rank == 0 else (lambda _msg: None)
-
-    # Data: the default is prepared once (rank 0) into the cache.
-    if cfg.data is None:
-        if rank == 0:
-            data_mod.ensure_default(cfg.source, log=say)
-        torch.distributed.barrier()
-        prepared = data_mod.ensure_default(cfg.source, log=say)
-    else:
-        prepared = data_mod.open_prepared(cfg.data)
-    gbs, seq = plan.global_batch, plan.seq_length
-    eval_samples = cfg.eval_iters * gbs
-    train_ds, valid_ds = build_datasets(prepared, seq_length=seq, train_samples=cfg.steps * gbs,
-                                        valid_samples=eval_samples, seed=cfg.seed)
-
-    config = runtime.transformer_config(model, cfg.parallel, bf16=cfg.bf16)
-    chunks = runtime.build_model(model, config, backend=cfg.backend)
-    optimizer = runtime.build_optimizer(chunks, lr=cfg.lr, min_lr=cfg.min_lr,
-                                        weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
-        lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant")
-    collector = StatsCollector(chunks)
-    dp_rank, dp = parallel_state.get_data_parallel_rank(), plan.dp
-
-    step, consumed = 0, 0
-    loaded_from = None
-    t = time.perf_counter()
-    if plan.load:
-        step, consumed = load_checkpoint(plan.load[0], chunks, optimizer, scheduler)
-        loaded_from = str(plan.load[0])
-        say(f"resumed from {loaded_from}: step {step}, {consumed} samples consumed")
-        t = timers.add("checkpoint", t)
-    timers.seconds["startup"] = t - t_start - timers.seconds["checkpoint"]
-
-    flops = model_flops_per_token(model, seq)
-    tokens_per_step = gbs * seq
-    say(f"training {model.name} ({model.num_layers} layers '{''.join(e.symbol for e in model.layer_table())}') "
-        f"for {cfg.steps} steps: global batch {gbs} x {seq} tokens, tp={cfg.parallel.tp} "
-        f"pp={cfg.parallel.pp} ep={cfg.parallel.ep} dp={dp}, backend {resolve_backend_name(cfg.backend)}, "
-        f"data {prepared.prefix}")
-
-    def evaluate() -> float:
-        t0 = time.perf_counter()
-        total_loss, total_tokens = 0.0, 0
-        for i in range(cfg.eval_iters):
-            micro = micro_batches(valid_ds, first_sample=i * gbs, global_batch=gbs,
-                                  micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp=dp,
-                                  bytes_only_loss=True)
-            out = runtime.train_step(chunks, optimizer, _iterators(micro, chunks),
-                                     num_microbatches=len(micro), micro_batch_size=cfg.micro_batch_size,
-                                     seq_length=seq, forward_only=True)
-            total_loss += out["loss"] * out["tokens"]
-            total_tokens += out["tokens"]
-        timers.add("evaluation", t0)
-        return total_loss / max(total_tokens, 1) / LN2
-
-    validation: list[dict[str, float]] = []
-    losses: list[dict[str, float]] = []
-    stats_history: list[dict[str, Any]] = []
-    saved: list[str] = []
-    window_s, window_steps, last_loss = 0.0, 0, float("nan")  # compute seconds/steps since last log
-    compute_steps_time, compute_steps = 0.0, 0
-    stop = min(cfg.steps, cfg.stop_after or cfg.steps)
-
-    if step == 0:
-        bpb = evaluate()
-        validation.append({"step": 0, "bpb": bpb})
-        say(f"validation step 0: {bpb:.4f} bits/byte (untrained)")
-    while step < stop:
-        t0 = time.perf_counter()
-        micro = micro_batches(train_ds, first_sample=consumed, global_batch=gbs,
-                              micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp=dp)
-        t1 = timers.add("data_wait", t0)
-        collector.set_step(step)
-        out = runtime.train_step(chunks, optimizer, _iterators(micro, chunks), num_microbatches=len(micro),
-                                 micro_batch_size=cfg.micro_batch_size, seq_length=seq)
-        scheduler.step(increment=1)
-        collector.collect()
-        timers.add("step_compute", t1)
-        window_s += time.perf_counter() - t1
-        compute_steps_time += time.perf_counter() - t1
-        compute_steps += 1
-        step += 1
-        consumed += gbs
-        window_steps += 1
-        last_loss = out["loss"]
-        if not math.isfinite(last_loss):
-            raise RuntimeError(f"loss became {last_loss} at step {step}; lower --lr (now {cfg.lr})")
-        if step % cfg.log_interval == 0 or step == stop:
-            rate = window_steps * tokens_per_step / window_s
-            per_step = window_s / window_steps
-            stats = collector.gather()
-            mem = peak_memory_bytes()
-            losses.append({"step": step, "loss": last_loss, "grad_norm": out["grad_norm"]})
-            if stats:
-                stats_history.append({"step": step, **stats})
-            say(f"step {step:>6}/{cfg.steps} | loss {last_loss:.4f} | lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} "
-                f"| grad norm {out['grad_norm']:.3f} | {rate:,.0f} tokens/s | peak mem {_fmt_bytes(mem['bytes'])} "
-                f"| ETA {_fmt_eta(per_step * (cfg.steps - step))}"
-                + (f" | {format_stats(stats)}" if stats else ""))
-            window_s, window_steps = 0.0, 0
-        if step % cfg.eval_interval == 0 or step == cfg.steps:
-            bpb = evaluate()
-            validation.append({"step": step, "bpb": bpb})
-            say(f"validation step {step}: {bpb:.4f} bits/byte")
-        if cfg.save and ((cfg.save_interval and step % cfg.save_interval == 0) or step == stop):
-            t0 = time.perf_counter()
-            saved.append(str(save_checkpoint(cfg.save, chunks, optimizer, scheduler, step=step, consumed=consumed)))
-            timers.add("checkpoint", t0)
-            say(f"saved checkpoint {saved[-1]}")
-
-    total_s = time.perf_counter() - t_start
-    mem = peak_memory_bytes()
-    peak = torch.tensor([mem["bytes"]], dtype=torch.float64, device=runtime.device())
-    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    tokens_per_s = compute_steps * tokens_per_step / compute_steps_time if compute_steps else 0.0
-    world = torch.distributed.get_world_size()
-    trained = [v for v in validation if v["step"] > 0]  # the first one after training started
-    best = min(validation, key=lambda v: v["bpb"]) if validation else None
-    model_plan = build_plan(model, pp=cfg.parallel.pp, tp=cfg.parallel.tp, ep=cfg.parallel.ep,
-                            micro_batch=cfg.micro_batch_size, backend=cfg.backend)
-    observed = receipt_mod.observe_backends(chunks)
-    observed_all: list = [None] * world
-    torch.distributed.all_gather_object(observed_all, observed)
-    observed = _merge_observed(observed_all)
-    final_stats = collector.gather()
-    receipt = {
-        "schema_version": receipt_mod.SCHEMA_VERSION,
-        "status": "completed" if step >= cfg.steps else "stopped",
-        "command": receipt_mod.command_line(),
-        "started_at": started_at.isoformat(),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "preset": preset,
-        "model": {k: getattr(model, k) for k in ("name", "pattern", "num_layers", "hidden_size",
-                                                 "num_attention_heads", "ffn_hidden_size",
-                                                 "vocab_size", "seq_length", "mtp_depth")},
-        "expanded_pattern": model_plan["expanded_pattern"],
-        "layer_table_hash": model_plan["layer_table_hash"],
-        "layer_counts": model_plan["counts"],
-        "parameters": model_plan["parameters"]["total"],
-        "features": receipt_mod.feature_states(model),
-        "topology": {"world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                     "ep": cfg.parallel.ep, "dp": dp, "sp": cfg.parallel.sp, "vp": cfg.parallel.vp,
-                     "micro_batch_size": cfg.micro_batch_size, "global_batch_size": gbs,
-                     "num_microbatches": plan.num_microbatches, "seq_length": seq},
-        "backends": {"requested": cfg.backend, "resolved": resolve_backend_name(cfg.backend),
-                     "observed": observed},
-        "precision": "bf16" if config.bf16 else "fp32",
-        "versions": receipt_mod.package_versions(),
-        "data": {"prefix": prepared.prefix, "source": prepared.manifest.get("source"),
-                 "splits": prepared.manifest.get("splits"), "consumed_samples": consumed,
-                 "tokenizer": prepared.manifest.get("tokenizer")},
-        "training": {"steps": cfg.steps, "completed_steps": step, "seed": cfg.seed, "lr": cfg.lr,
-                     "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
-                     "lr_schedule": "cosine", "losses": losses, "final_loss": _finite(last_loss)},
-        "throughput": {"tokens_per_s": tokens_per_s,
-                       "model_flops_per_token": flops["total"],
-                       "active_params": flops["active_params"],
-                       "model_tflops_per_s": tokens_per_s * flops["total"] / 1e12,
-                       "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / world},
-        "peak_memory": {"kind": mem["kind"], "bytes": int(peak.item())},
-        "time": {"total_s": total_s, "goodput_s": timers.seconds["step_compute"],
-                 "badput_s": {k: v for k, v in timers.seconds.items() if k != "step_compute"}},
-        "validation": {"metric": "bits_per_byte", "history": validation,
-                       "untrained_bpb": validation[0]["bpb"] if validation and validation[0]["step"] == 0 else None,
-                       "first_bpb": trained[0]["bpb"] if trained else None,
-                       "final_bpb": validation[-1]["bpb"] if validation else None,
-                       "best_bpb": best["bpb"] if best else None,
-                       "best_step": best["step"] if best else None},
-        "stats": {"latest": final_stats, "history": stats_history},
-        "checkpoints": {"saved": saved, "loaded_from": loaded_from},
-    }
-    if rank == 0:
-        path = cfg.receipt or data_mod.cache_dir() / "runs" / (
-            f"{model.name}-{started_at.strftime('%Y%m%d-%H%M%S')}.json".replace("(", "-").replace(")", ""))
-        receipt["receipt_path"] = str(receipt_mod.write(path, dict(receipt, receipt_path=str(path))))
-        _summary(receipt, say)
+    trainer = Trainer(plan, cfg, log=log, t_start=t_start)
+    trainer.run()
+    receipt = trainer.receipt(started_at=started_at, preset=preset)
+    if trainer.rank == 0:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", plan.model.name).strip("-")
+        path = cfg.receipt or data_mod.cache_dir() / "runs" / f"{name}-{started_at:%Y%m%d-%H%M%S}.json"
+        receipt["receipt_path"] = str(path)
+        receipt_mod.write(path, receipt)
+        _summary(receipt, trainer.say)
     runtime.shutdown()
     return receipt
-
-
-def _iterators(micro: list, chunks: list):
-    """One iterator over the step's micro-batches per model chunk (interleaved pipeline stages each
-    read every micro-batch), a plain iterator for one chunk."""
-    return [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
 
 
 def _process_start() -> float:

@@ -183,8 +183,8 @@ def main(argv=None) -> int:
     ours, up = by_name.get(f"ours/{skel.name}"), by_name.get(f"upstream/{skel.name}")
     ratio = ours["tokens_per_s"] / up["tokens_per_s"] if ours and up else None
     print()
-    print(f"| path | layers | ms/step | tokens/s | model TFLOP/s | peak GiB | attention |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| path | layers | ms/step | tokens/s | model TFLOP/s | peak GiB | attention |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['name']} | {r['layers']} ({r['pattern'][:12]}) | {r['ms_per_step']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | {r['peak_gib']:.2f} | "
