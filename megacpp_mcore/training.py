@@ -44,7 +44,7 @@ class TrainConfig:
     seq_length: int | None = None  # default: the model's
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # default: min(20, steps // 10)
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     log_interval: int = 25
@@ -71,6 +71,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1 (or unset), got {value!r}")
+        if self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", min(20, self.steps // 10))
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps must be in 0..steps-1 = 0..{self.steps - 1}, got {self.warmup_steps}")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
@@ -162,7 +164,7 @@ def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
         for needed in (entry.symbol, *sorted(entry.features)):
             if needed in PENDING:
                 raise ValueError(f"layer {entry.index} ({entry.symbol!r}): {PENDING[needed]}; "
-                                 f"try --pattern AE")
+                                 f"try --preset ae-tiny")
     par = cfg.parallel
     dp = par.data_parallel(_world_size())
     par.check_model(model)

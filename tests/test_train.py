@@ -40,7 +40,8 @@ def runs(tmp_path_factory):
     os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
     try:
         prefix = data.prepare(make_tree(tmp / "src", extra=120), tmp / "data" / "cpp", valid_percent=20).prefix
-        full = training.train(tiny_model(), tiny_cfg(prefix, receipt=str(tmp / "full.json")), log=lambda _: None)
+        lines: list[str] = []
+        full = training.train(tiny_model(), tiny_cfg(prefix, receipt=str(tmp / "full.json")), log=lines.append)
         ckpt = tmp / "ckpt"
         stopped = training.train(tiny_model(), tiny_cfg(prefix, save=str(ckpt), stop_after=3,
                                                          receipt=str(tmp / "stopped.json")), log=lambda _: None)
@@ -52,7 +53,7 @@ def runs(tmp_path_factory):
         else:
             os.environ["MEGACPP_CACHE"] = previous
     return {"full": full, "stopped": stopped, "resumed": resumed, "ckpt": ckpt, "prefix": prefix,
-            "tmp": tmp}
+            "tmp": tmp, "log": lines}
 
 
 def _losses(rec) -> dict[int, float]:
@@ -71,6 +72,20 @@ def test_resume_reaches_the_same_losses_as_an_uninterrupted_run(runs):
     assert runs["resumed"]["checkpoints"]["loaded_from"].endswith("iter_0000003")
     assert runs["stopped"]["status"] == "stopped" and runs["resumed"]["status"] == "completed"
     assert (runs["ckpt"] / training.TRACKER).read_text().strip() == "3"
+
+
+def test_progress_lines_and_final_summary(runs):
+    lines = runs["log"]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 6
+    for field in ("loss ", "lr ", "tokens/s", "peak mem ", "ETA "):
+        assert all(field in line for line in steps), field
+    assert any(line.startswith("validation step 0:") and "bits/byte" in line for line in lines)
+    assert any(line.startswith("validation step 6:") for line in lines)
+    summary = "\n".join(lines[lines.index("-" * 72):])
+    for text in ("completed: 6/6 steps", "validation bits/byte: first (step 6)", "tokens/s",
+                 "model TFLOP/s", "observed attention local", "receipt: "):
+        assert text in summary, text
 
 
 def test_receipts_validate_against_the_schema(runs):

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq-length", type=int, default=None, help="default: the preset's")
     group.add_argument("--lr", type=float, default=d["lr"])
     group.add_argument("--min-lr", type=float, default=d["min_lr"])
-    group.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    group.add_argument("--warmup-steps", type=int, default=None, help="default: min(20, steps // 10)")
     group.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     group.add_argument("--seed", type=int, default=d["seed"])
     group.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
