@@ -63,19 +63,21 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 def te_attention_selection() -> dict[str, Any] | None:
     """What TE's ``DotProductAttention`` selected at its last forward (None when TE is absent or
     no TE attention has run yet): flash / fused (with the cuDNN backend enum) / unfused."""
+    # TE keeps its last selection in a module-global dict; its home moved across TE 2.x releases.
+    state = None
     for name in ("transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention",
+                 "transformer_engine.pytorch.attention.dot_product_attention.utils",
                  "transformer_engine.pytorch.dot_product_attention.dot_product_attention",
                  "transformer_engine.pytorch.attention"):
         try:
-            module = importlib.import_module(name)
+            candidate = getattr(importlib.import_module(name), "_attention_backends", None)
         except Exception:
             continue
-        state = getattr(module, "_attention_backends", None)
-        if isinstance(state, dict):
+        if isinstance(candidate, dict) and any(
+                candidate.get(k) for k in ("use_flash_attention", "use_fused_attention", "use_unfused_attention")):
+            state = candidate
             break
-    else:
-        return None
-    if not any(state.get(k) for k in ("use_flash_attention", "use_fused_attention", "use_unfused_attention")):
+    if state is None:
         return None
     if state.get("use_flash_attention"):
         kernel = f"flash-attention ({state.get('flash_attention_backend')})"

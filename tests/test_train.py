@@ -139,6 +139,24 @@ def test_observe_backends_reports_what_was_built_not_the_request(single_rank):
     assert observed["summary"]["core_attention"] == {"DotProductAttention": 1, "TEDotProductAttention": 1}
 
 
+def test_te_attention_selection_reads_tes_last_choice(monkeypatch):
+    """The kernel TE picked is read from TE's own selection state (a stand-in module here)."""
+    import types
+
+    assert receipt.te_attention_selection() is None or torch.cuda.is_available()
+    fake = types.ModuleType("dpa")
+    fake._attention_backends = {"attention_params": object(), "use_flash_attention": False,
+                                "flash_attention_backend": None, "use_fused_attention": True,
+                                "fused_attention_backend": "NVTE_F16_arbitrary_seqlen",
+                                "use_unfused_attention": False}
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention", fake)
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "1")
+    selected = receipt.te_attention_selection()
+    assert selected["kernel"] == "cudnn-fused (NVTE_F16_arbitrary_seqlen)"
+    assert selected["use_fused_attention"] and not selected["use_flash_attention"]
+    assert selected["env"]["NVTE_FUSED_ATTN"] == "1"
+
+
 def test_stats_hooks_are_driven_every_step(single_rank):
     from megacpp_mcore.stats import StatsCollector
 
