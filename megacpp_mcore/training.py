@@ -180,6 +180,8 @@ def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
         except data_mod.DataError:  # not cached yet: it will be prepared from the source
             data_mod.check_source(cfg.source)
     load = find_checkpoint(cfg.load) if cfg.load else None
+    if load:
+        check_checkpoint_matches(load[0], model)
     if load and load[1] > cfg.steps:
         raise ValueError(f"--load {cfg.load!r} is at step {load[1]}, beyond --steps {cfg.steps}")
     return _Plan(model=model, seq_length=seq, dp=dp, global_batch=gbs,
@@ -231,7 +233,32 @@ def micro_batches(dataset, *, first_sample: int, global_batch: int, micro_batch_
 
 # ------------------------------------------------------------------------------------ checkpoint --
 
-def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is_loading: bool) -> dict:
+def model_signature(model: ModelConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into ``model`` (topology may differ)."""
+    keys = ("pattern", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+            "ffn_hidden_size", "vocab_size")
+    table = [[e.index, e.symbol, sorted(e.features)] for e in model.layer_table()]
+    return {k: getattr(model, k) for k in keys} | {"moe": repr(model.moe), "layers": table}
+
+
+def check_checkpoint_matches(path: Path, model: ModelConfig) -> None:
+    """``ValueError`` naming the differences when the checkpoint at ``path`` holds another model."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_common_state_dict(str(path)).get("model_signature")
+    if saved is None:
+        raise ValueError(f"--load: {path} was not written by `megacpp-mcore train` (no model signature)")
+    wanted = model_signature(model)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted[k]!r}"
+            for k in wanted if k != "layers" and saved.get(k) != wanted[k]]
+    if not diff and saved.get("layers") != wanted["layers"]:
+        diff.append("layer table (symbols/features per layer) differs")
+    if diff:
+        raise ValueError(f"--load: {path} holds a different model: " + "; ".join(diff))
+
+
+def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is_loading: bool,
+                   model: ModelConfig) -> dict:
     model_sd: dict = {}
     for chunk in chunks:
         model_sd.update(chunk.module.sharded_state_dict(prefix=""))
@@ -241,10 +268,12 @@ def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is
         "scheduler": scheduler.state_dict(),
         "step": step,
         "consumed_samples": consumed,
+        "model_signature": model_signature(model),
     }
 
 
-def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, consumed: int) -> Path:
+def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, consumed: int,
+                    model: ModelConfig) -> Path:
     """``directory/iter_<step>`` through dist_checkpointing; the tracker file is written last
     (atomically), so an interrupted save is never picked up by ``--load``."""
     from megatron.core import dist_checkpointing
@@ -254,7 +283,8 @@ def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, 
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = _sharded_state(chunks, optimizer, scheduler, step=step, consumed=consumed, is_loading=False)
+    state = _sharded_state(chunks, optimizer, scheduler, step=step, consumed=consumed, is_loading=False,
+                           model=model)
     dist_checkpointing.save(state, str(path))
     torch.distributed.barrier()
     if rank == 0:
@@ -265,11 +295,11 @@ def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, 
     return path
 
 
-def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]:
+def load_checkpoint(path: Path, chunks, optimizer, scheduler, *, model: ModelConfig) -> tuple[int, int]:
     """Restores model, optimizer and scheduler state; returns (step, consumed samples)."""
     from megatron.core import dist_checkpointing
 
-    state = _sharded_state(chunks, optimizer, scheduler, step=0, consumed=0, is_loading=True)
+    state = _sharded_state(chunks, optimizer, scheduler, step=0, consumed=0, is_loading=True, model=model)
     loaded = dist_checkpointing.load(state, str(path))
     for chunk in chunks:
         own = chunk.module.state_dict(keep_vars=True)
@@ -352,7 +382,8 @@ class Trainer:
         self.compute_s, self.compute_steps, self.last_loss = 0.0, 0, float("nan")
         t = time.perf_counter()
         if plan.load:
-            self.step, self.consumed = load_checkpoint(plan.load[0], self.chunks, self.optimizer, self.scheduler)
+            self.step, self.consumed = load_checkpoint(plan.load[0], self.chunks, self.optimizer,
+                                                       self.scheduler, model=self.model)
             self.loaded_from = str(plan.load[0])
             self.say(f"resumed from {self.loaded_from}: step {self.step}, {self.consumed} samples consumed")
             t = self.timers.add("checkpoint", t)
@@ -451,7 +482,8 @@ class Trainer:
             if cfg.save and ((cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop):
                 t0 = time.perf_counter()
                 self.saved.append(str(save_checkpoint(cfg.save, self.chunks, self.optimizer, self.scheduler,
-                                                      step=self.step, consumed=self.consumed)))
+                                                      step=self.step, consumed=self.consumed,
+                                                      model=self.model)))
                 self.timers.add("checkpoint", t0)
                 self.say(f"saved checkpoint {self.saved[-1]}")
 

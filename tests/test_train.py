@@ -220,9 +220,9 @@ def _cli(argv, capsys):
 
 @pytest.mark.parametrize("case", [
     "unknown-preset", "malformed-pattern", "unreadable-data", "missing-source", "empty-source",
-    "load-without-checkpoint", "tp-not-dividing-world", "pp-not-dividing-layers", "pending-block",
+    "load-without-checkpoint", "load-other-model", "tp-not-dividing-world", "pp-not-dividing-layers", "pending-block",
 ])
-def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, monkeypatch, capsys):
+def test_bad_input_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("MEGACPP_CACHE", str(cache))
     empty = tmp_path / "empty"
@@ -236,6 +236,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, monkeypatch, 
         "missing-source": TINY_ARGS + ["--source", str(tmp_path / "missing")],
         "empty-source": TINY_ARGS + ["--source", str(empty)],
         "load-without-checkpoint": TINY_ARGS + ["--source", str(empty), "--load", str(tmp_path / "noload")],
+        "load-other-model": ["--preset", "ae-tiny", "--num-layers", "4", "--seq-length", "32",
+                             "--data", "PREFIX", "--load", "CKPT"],
         "tp-not-dividing-world": TINY_ARGS + ["--tp", "2", "--sp"],
         "pp-not-dividing-layers": ["--preset", "ae-tiny", "--num-layers", "3", "--pp", "2"],
         "pending-block": TINY_ARGS,
@@ -245,6 +247,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, monkeypatch, 
     if case == "load-without-checkpoint":  # data is fine; only the checkpoint is missing
         make_tree(tmp_path / "src")
         argv[argv.index("--source") + 1] = str(tmp_path / "src")
+    if case == "load-other-model":  # the checkpoint of the 2-layer run into a 4-layer model
+        argv[argv.index("PREFIX")], argv[argv.index("CKPT")] = runs["prefix"], str(runs["ckpt"])
     if case == "pending-block":  # a block without a builder yet is refused before any work
         from megacpp_mcore import hybrid
 
@@ -256,6 +260,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, monkeypatch, 
     expected = {"unknown-preset": "nam99", "malformed-pattern": "X", "unreadable-data": "nope",
                 "missing-source": "missing", "empty-source": "no C/C++ sources",
                 "load-without-checkpoint": "holds no checkpoint", "tp-not-dividing-world": "tp*pp",
+                "load-other-model": "num_layers: checkpoint 2 vs model 4",
                 "pp-not-dividing-layers": "num_layers=3", "pending-block": "not available"}[case]
     assert expected in err[0]
     assert out.out == ""
