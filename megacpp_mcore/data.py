@@ -180,8 +180,10 @@ def prepare(source: str | os.PathLike = DEFAULT_SOURCE, output: str | os.PathLik
     check_source(src)
     out = _check_prefix(str(output))
     files = list(walk_sources(src))
+    missing_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    published = False
     try:
         builders = {split: IndexedDatasetBuilder(str(tmpdir / f"{split}.bin"), dtype=np.uint16)
                     for split in ("train", "valid")}
@@ -227,10 +229,15 @@ def prepare(source: str | os.PathLike = DEFAULT_SOURCE, output: str | os.PathLik
             for ext in ("bin", "idx"):
                 os.replace(tmpdir / f"{split}.{ext}", f"{out}.{split}.{ext}")
         os.replace(tmpdir / "manifest.json", f"{out}.json")
+        published = True
     finally:
         for leftover in tmpdir.iterdir():
             leftover.unlink()
         tmpdir.rmdir()
+        if not published:  # leave no directories behind that this call created
+            for parent in missing_parents:
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
     return PreparedData(prefix=str(out), manifest=manifest)
 
 

@@ -111,8 +111,8 @@ def test_interrupted_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(indexed_dataset.IndexedDatasetBuilder, "finalize", failing_finalize)
     with pytest.raises(OSError, match="disk full"):
-        data.prepare(root, tmp_path / "fresh" / "cpp")
-    assert [p.name for p in (tmp_path / "fresh").iterdir()] == []
+        data.prepare(root, tmp_path / "fresh" / "deeper" / "cpp")
+    assert not (tmp_path / "fresh").exists()  # not even the directories it created
 
 
 def test_gpt_dataset_reads_prepared_data_and_masks_specials_for_bpb(tmp_path, monkeypatch):
