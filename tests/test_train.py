@@ -338,3 +338,19 @@ def test_gpu_bench_script_compares_ours_with_upstream(tmp_path):
     assert names == ["ours/ae-tiny-AE", "upstream/ae-tiny-AE"]
     assert result["ratio_ours_over_upstream"] > 0
     assert all(r["attention"] == "te" for r in result["results"])
+
+
+def test_cli_parser_is_light_and_help_defaults_match_train_config():
+    """Building the CLI imports neither torch nor megatron; --help states TrainConfig's defaults."""
+    code = ("import sys, megacpp_mcore.cli as c; c._parser(); "
+            "print('torch' in sys.modules, 'megatron.core' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    text = " ".join(cli._parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    d = training.TrainConfig()
+    sci = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 0.003 -> 3e-3, as the help writes it
+    for phrase in (f"steps (default {d.steps})", f"default {d.micro_batch_size}",
+                   f"(default {sci(d.lr)})", f"default {sci(d.min_lr)}", f"(default {d.log_interval})",
+                   f"(default {d.eval_interval})", f"(default {d.eval_iters})", f"default {d.seed}",
+                   f"default {d.source}"):
+        assert phrase in text, phrase

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from megacpp_mcore import data
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", default=data.DEFAULT_SOURCE,
-                        help=f"directory of C/C++ sources (default {data.DEFAULT_SOURCE})")
+    # Heavy imports (megatron-core) stay in run(): building the CLI parser must stay instant.
+    parser.add_argument("--source", default=None,
+                        help="directory of C/C++ sources (default: /usr/include)")
     parser.add_argument("--output", required=True,
                         help="output prefix: writes PREFIX.{train,valid}.{bin,idx} and PREFIX.json")
     parser.add_argument("--valid-percent", type=float, default=2.0,
@@ -19,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepared = data.prepare(args.source, args.output, valid_percent=args.valid_percent,
-                            max_bytes=args.max_bytes)
+    from megacpp_mcore import data
+
+    prepared = data.prepare(args.source or data.DEFAULT_SOURCE, args.output,
+                            valid_percent=args.valid_percent, max_bytes=args.max_bytes)
     splits = prepared.manifest["splits"]
     print(f"wrote {prepared.prefix}.{{train,valid}}.{{bin,idx}} and {prepared.prefix}.json from "
           f"{prepared.manifest['source']}: "
