@@ -96,6 +96,15 @@ def te_attention_selection() -> dict[str, Any] | None:
     }
 
 
+TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
+
+
+def is_te_module(module: torch.nn.Module) -> bool:
+    """True when ``module``'s class is, or derives from, a Transformer Engine class (adapters such
+    as an MLA core attention subclass TE's and keep their own names)."""
+    return any(cls.__module__.startswith(TE_MODULES) for cls in type(module).__mro__)
+
+
 def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
     """The classes actually built, read from the modules (never from the request).
 
@@ -106,6 +115,7 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
     """
     layers = []
     summary: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    core_kinds: collections.Counter = collections.Counter()  # "te"/"local" per attention core
     for chunk in chunks:
         model = _unwrap(chunk)
         decoder = getattr(model, "decoder", None)
@@ -116,6 +126,8 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
                 if name and leaf in ROLES and name not in roles and type(sub).__name__ != "IdentityOp":
                     roles[name] = _class_name(sub)
                     summary[leaf][type(sub).__name__] += 1
+                    if leaf == "core_attention":
+                        core_kinds["te" if is_te_module(sub) else "local"] += 1
             index = getattr(layer, "layer_number", len(layers) + 1) - 1
             layers.append({"index": int(index), "class": _class_name(layer), "modules": roles})
         for name, sub in (("final_layernorm", getattr(decoder, "final_layernorm", None)),
@@ -123,14 +135,12 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
                           ("embedding", getattr(getattr(model, "embedding", None), "word_embeddings", None))):
             if isinstance(sub, torch.nn.Module):
                 summary[name][type(sub).__name__] += 1
-    cores = summary.get("core_attention", {})
-    te_cores = sum(n for cls, n in cores.items() if cls.startswith("TE"))
-    kind = "none" if not cores else "te" if te_cores == sum(cores.values()) else "local" if te_cores == 0 else "mixed"
+    kind = "none" if not core_kinds else next(iter(core_kinds)) if len(core_kinds) == 1 else "mixed"
     return {
         "attention": kind,
         "summary": {role: dict(counts) for role, counts in sorted(summary.items())},
         "layers": sorted(layers, key=lambda x: x["index"]),
-        "te_attention": te_attention_selection() if te_cores else None,
+        "te_attention": te_attention_selection() if core_kinds["te"] else None,
     }
 
 

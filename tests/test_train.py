@@ -130,13 +130,15 @@ def test_observe_backends_reports_what_was_built_not_the_request(single_rank):
     (chunk,) = runtime.build_model(model, config, backend="local", wrap_ddp=False)
     assert receipt.observe_backends([chunk])["attention"] == "local"
 
-    class TEDotProductAttention(torch.nn.Module):
-        pass
-
-    chunk.decoder.layers[2].self_attention.core_attention = TEDotProductAttention()
+    # A stand-in for an adapter deriving from Megatron's TE wrapper under its own name.
+    te_base = type("TEDotProductAttention", (torch.nn.Module,),
+                   {"__module__": "megatron.core.extensions.transformer_engine"})
+    latent = type("LatentTEDotProductAttention", (te_base,), {})
+    chunk.decoder.layers[2].self_attention.core_attention = latent()
     observed = receipt.observe_backends([chunk])
     assert observed["attention"] == "mixed"
-    assert observed["summary"]["core_attention"] == {"DotProductAttention": 1, "TEDotProductAttention": 1}
+    assert observed["summary"]["core_attention"] == {"DotProductAttention": 1, "LatentTEDotProductAttention": 1}
+    assert receipt.is_te_module(latent()) and not receipt.is_te_module(chunk.decoder.layers[0])
 
 
 def test_te_attention_selection_reads_tes_last_choice(monkeypatch):
