@@ -564,7 +564,11 @@ class Trainer:
         }
 
 
-def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = print,
+def _print(line: str) -> None:
+    print(line, flush=True)  # progress must show up promptly also when piped to a file
+
+
+def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = _print,
           preset: str | None = None) -> dict[str, Any]:
     """Runs training; returns the receipt (also written to ``cfg.receipt``, default
     ``<cache>/runs/<model>-<utc>.json``, on rank 0)."""
