@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from megacpp_mcore.commands.train import QUIET_WARNINGS
+
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     from megacpp_mcore import data
 
     prepared = data.prepare(args.source or data.DEFAULT_SOURCE, args.output,

@@ -57,7 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp >= 2)")
 
 
+# megatron-core's import-time notices on hosts without TE/apex: expected here, not actionable.
+QUIET_WARNINGS = (r"(Transformer Engine and Apex are|Apex is) not installed", r"full scope is deprecated")
+
+
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     from megacpp_mcore import training
     from megacpp_mcore.runtime import Parallelism
 
