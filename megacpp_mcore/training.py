@@ -552,6 +552,7 @@ class Trainer:
                            "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / world},
             "peak_memory": {"kind": mem["kind"], "bytes": int(peak.item())},
             "time": {"total_s": time.perf_counter() - self.t_start,
+                     "cpu_s": time.process_time(),  # this rank's process, all threads
                      "goodput_s": self.timers.seconds["step_compute"],
                      "badput_s": {k: v for k, v in self.timers.seconds.items() if k != "step_compute"}},
             "validation": {"metric": "bits_per_byte", "history": self.validation,
@@ -629,7 +630,7 @@ def _summary(receipt: dict, say: Callable[[str], None]) -> None:
     v, t, th = receipt["validation"], receipt["time"], receipt["throughput"]
     say("-" * 72)
     say(f"{receipt['status']}: {receipt['training']['completed_steps']}/{receipt['training']['steps']} steps "
-        f"in {t['total_s']:.1f} s (compute {t['goodput_s']:.1f} s; "
+        f"in {t['total_s']:.1f} s, {t['cpu_s']:.0f} CPU-s (compute {t['goodput_s']:.1f} s; "
         + ", ".join(f"{k} {s:.1f} s" for k, s in t["badput_s"].items()) + ")")
     if v["first_bpb"] is not None:
         first_step = next(h["step"] for h in v["history"] if h["step"] > 0)
