@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.set_defaults(preset="nam56r-tiny")
     group = parser.add_argument_group("run (unset: the CPU smoke-run defaults)")
-    group.add_argument("--steps", type=int, help="training steps (default 400)")
+    group.add_argument("--steps", type=int, help="training steps (default 300)")
     group.add_argument("--micro-batch-size", type=int, help="default 8")
     group.add_argument("--global-batch-size", type=int, help="default: micro batch x data-parallel size")
     group.add_argument("--seq-length", type=int, help="default: the preset's")
