@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "plan": ("megacpp_mcore.commands.plan", "print the layer plan, parameter counts and memory estimate"),
     "patches": ("megacpp_mcore.commands.patches", "status/apply of runtime patches against upstream"),
+    "prepare-data": ("megacpp_mcore.commands.prepare_data", "C/C++ sources -> byte-level Megatron indexed dataset"),
+    "train": ("megacpp_mcore.commands.train", "train a preset on C/C++ bytes through megatron-core"),
 }
 
 

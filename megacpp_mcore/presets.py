@@ -162,6 +162,18 @@ PRESETS: dict[str, ModelConfig] = {
                       qk_pos_emb_head_dim=16, v_head_dim=32),
         mtp_depth=1,
     ),
+    # The A/E skeleton of nam56r-tiny (no M/R/MLA/MTP): the CPU smoke run of A and E blocks alone.
+    "ae-tiny": ModelConfig(
+        name="ae-tiny",
+        pattern="AE",
+        num_layers=8,
+        hidden_size=128,
+        num_attention_heads=4,
+        ffn_hidden_size=384,
+        vocab_size=512,
+        seq_length=256,
+        moe=MoEConfig(num_experts=4, topk=2, ffn_hidden_size=128, shared_expert_size=128),
+    ),
 }
 
 

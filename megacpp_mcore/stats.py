@@ -1,0 +1,85 @@
+"""The per-module statistics hooks that the training loop drives.
+
+Any ``nn.Module`` in the model may define
+
+* ``megacpp_set_step(self, step: int) -> None``: called before every training step (schedules that
+  depend on the step, e.g. a MoD token budget that decays over training);
+* ``megacpp_stats(self) -> dict[str, float]``: called after every training step (per-layer
+  statistics: MoD fraction processed, MTP per-depth loss, ...).
+
+:class:`StatsCollector` finds those modules once (walking ``model.modules()`` of every chunk, below
+Megatron's DDP wrapper), prefixes each key with the module's qualified name and keeps the latest
+values; :meth:`StatsCollector.gather` merges them over all ranks (pipeline stages hold different
+layers) for logging and the run receipt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+SET_STEP = "megacpp_set_step"
+STATS = "megacpp_stats"
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model below Megatron's DDP (and similar) wrappers, so names match the checkpoint keys."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+class StatsCollector:
+    """Drives the ``megacpp_set_step``/``megacpp_stats`` hooks of every module of ``chunks``."""
+
+    def __init__(self, chunks: Iterable[torch.nn.Module]):
+        self.step_hooks: list[tuple[str, torch.nn.Module]] = []
+        self.stat_hooks: list[tuple[str, torch.nn.Module]] = []
+        for chunk in chunks:
+            for name, module in _unwrap(chunk).named_modules():
+                if callable(getattr(module, SET_STEP, None)):
+                    self.step_hooks.append((name, module))
+                if callable(getattr(module, STATS, None)):
+                    self.stat_hooks.append((name, module))
+        self.latest: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len({name for name, _ in self.step_hooks + self.stat_hooks})
+
+    def set_step(self, step: int) -> None:
+        """Before step ``step``: tell every scheduled module the step."""
+        for _, module in self.step_hooks:
+            getattr(module, SET_STEP)(step)
+
+    def collect(self) -> dict[str, float]:
+        """After a step: every module's statistics, keys prefixed ``<qualified name>.``."""
+        out: dict[str, float] = {}
+        for name, module in self.stat_hooks:
+            values = getattr(module, STATS)()
+            if not isinstance(values, dict):
+                raise TypeError(f"{name or type(module).__name__}.{STATS}() must return a dict, "
+                                f"got {type(values).__name__}")
+            for key, value in values.items():
+                out[f"{name}.{key}" if name else str(key)] = float(value)
+        self.latest = out
+        return out
+
+    def gather(self) -> dict[str, float]:
+        """The latest statistics of all ranks, merged (call on every rank)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return dict(self.latest)
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, self.latest)
+        merged: dict[str, float] = {}
+        for part in parts:
+            merged.update(part or {})
+        return dict(sorted(merged.items()))
+
+
+def format_stats(stats: dict[str, float], limit: int = 8) -> str:
+    """A compact one-line rendering of up to ``limit`` statistics."""
+    items = [f"{k}={v:.4g}" for k, v in list(stats.items())[:limit] if not math.isnan(v)]
+    more = len(stats) - limit
+    return " ".join(items) + (f" (+{more} more)" if more > 0 else "")

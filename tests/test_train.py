@@ -1,0 +1,358 @@
+"""The training loop: resume equality, bad input, receipt schema, observed backends, stats hooks,
+FLOPs estimate, a 2-rank TP=2+SP launch of the CLI, and (GPU) the TE path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megacpp_mcore import cli, data, receipt, training
+from megacpp_mcore.presets import ModelConfig, get_preset
+from test_data import make_tree
+
+# Small enough for seconds per run on CPU; ae-tiny's A/E blocks (MoE with a shared expert).
+TINY_ARGS = ["--preset", "ae-tiny", "--num-layers", "2", "--seq-length", "32"]
+
+
+def tiny_model() -> ModelConfig:
+    return get_preset("ae-tiny").replace(name="custom(AE)", num_layers=2, seq_length=32)
+
+
+def tiny_cfg(prefix: str, **kw) -> training.TrainConfig:
+    base = dict(steps=6, micro_batch_size=2, global_batch_size=4, lr=3e-3, min_lr=3e-4,
+                warmup_steps=2, log_interval=1, eval_interval=100, eval_iters=1, data=prefix,
+                backend="auto")
+    return training.TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted 6 steps; 3 steps then a checkpoint; resumed to 6 (all one rank, in-process)."""
+    tmp = tmp_path_factory.mktemp("train")
+    previous = os.environ.get("MEGACPP_CACHE")
+    os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
+    try:
+        prefix = data.prepare(make_tree(tmp / "src", extra=120), tmp / "data" / "cpp", valid_percent=20).prefix
+        lines: list[str] = []
+        full = training.train(tiny_model(), tiny_cfg(prefix, receipt=str(tmp / "full.json")), log=lines.append)
+        ckpt = tmp / "ckpt"
+        stopped = training.train(tiny_model(), tiny_cfg(prefix, save=str(ckpt), stop_after=3,
+                                                         receipt=str(tmp / "stopped.json")), log=lambda _: None)
+        resumed = training.train(tiny_model(), tiny_cfg(prefix, load=str(ckpt), receipt=str(tmp / "resumed.json")),
+                                 log=lambda _: None)
+    finally:
+        if previous is None:
+            os.environ.pop("MEGACPP_CACHE", None)
+        else:
+            os.environ["MEGACPP_CACHE"] = previous
+    return {"full": full, "stopped": stopped, "resumed": resumed, "ckpt": ckpt, "prefix": prefix,
+            "tmp": tmp, "log": lines}
+
+
+def _losses(rec) -> dict[int, float]:
+    return {x["step"]: x["loss"] for x in rec["training"]["losses"]}
+
+
+def test_resume_reaches_the_same_losses_as_an_uninterrupted_run(runs):
+    full, stopped, resumed = _losses(runs["full"]), _losses(runs["stopped"]), _losses(runs["resumed"])
+    assert sorted(stopped) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]
+    for step in (1, 2, 3):
+        assert stopped[step] == pytest.approx(full[step], abs=1e-6)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5), (step, resumed[step], full[step])
+    assert full[6] < full[1]  # it learns
+    assert runs["resumed"]["data"]["consumed_samples"] == runs["full"]["data"]["consumed_samples"] == 24
+    assert runs["resumed"]["checkpoints"]["loaded_from"].endswith("iter_0000003")
+    assert runs["stopped"]["status"] == "stopped" and runs["resumed"]["status"] == "completed"
+    assert (runs["ckpt"] / training.TRACKER).read_text().strip() == "3"
+
+
+def test_progress_lines_and_final_summary(runs):
+    lines = runs["log"]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 6
+    for field in ("loss ", "lr ", "tokens/s", "peak mem ", "ETA "):
+        assert all(field in line for line in steps), field
+    assert any(line.startswith("validation step 0:") and "bits/byte" in line for line in lines)
+    assert any(line.startswith("validation step 6:") for line in lines)
+    summary = "\n".join(lines[lines.index("-" * 72):])
+    for text in ("completed: 6/6 steps", "validation bits/byte: first (step 6)", "tokens/s",
+                 "model TFLOP/s", "observed attention local", "receipt: "):
+        assert text in summary, text
+
+
+def test_receipts_validate_against_the_schema(runs):
+    for name in ("full", "stopped", "resumed"):
+        rec = json.loads(Path(runs[name]["receipt_path"]).read_text())
+        receipt.validate(rec)
+        assert rec == json.loads(json.dumps(runs[name], allow_nan=False))
+    rec = runs["full"]
+    assert rec["expanded_pattern"] == "AE" and len(rec["layer_table_hash"]) == 16
+    assert rec["topology"].items() >= {"tp": 1, "pp": 1, "dp": 1, "micro_batch_size": 2,
+                                       "global_batch_size": 4, "num_microbatches": 2}.items()
+    assert rec["features"]["moe"]["enabled"] and rec["features"]["moe"]["layers"] == [1]
+    assert not rec["features"]["mla"]["enabled"] and not rec["features"]["mod"]["enabled"]
+    v = rec["validation"]
+    assert [h["step"] for h in v["history"]] == [0, 6]
+    assert v["best_bpb"] == min(h["bpb"] for h in v["history"]) and v["best_step"] == 6
+    t = rec["time"]
+    assert t["goodput_s"] > 0 and t["badput_s"]["evaluation"] > 0 and t["badput_s"]["startup"] > 0
+    assert runs["stopped"]["time"]["badput_s"]["checkpoint"] > 0
+    assert rec["throughput"]["tokens_per_s"] > 0 and rec["peak_memory"]["bytes"] > 0
+    with pytest.raises(Exception):
+        receipt.validate(dict(rec, backends=dict(rec["backends"], resolved="cuda-magic")))
+
+
+def test_observed_backends_are_read_from_the_modules(runs):
+    rec = runs["full"]
+    assert rec["backends"]["requested"] == "auto" and rec["backends"]["resolved"] == "local"
+    observed = rec["backends"]["observed"]
+    assert observed["attention"] == "local" and observed["te_attention"] is None
+    assert observed["summary"]["core_attention"] == {"DotProductAttention": 1}
+    assert observed["summary"]["experts"] == {"SequentialMLP": 1}
+    (attn,) = [layer for layer in observed["layers"] if layer["index"] == 0]
+    assert attn["modules"]["self_attention.core_attention"].endswith("dot_product_attention.DotProductAttention")
+
+
+def test_observe_backends_reports_what_was_built_not_the_request(single_rank):
+    """Swap one layer's attention core for a TE-named class: observation follows the modules."""
+    from megacpp_mcore import runtime
+
+    model = tiny_model().replace(num_layers=4)
+    config = runtime.transformer_config(model, runtime.Parallelism())
+    (chunk,) = runtime.build_model(model, config, backend="local", wrap_ddp=False)
+    assert receipt.observe_backends([chunk])["attention"] == "local"
+
+    # A stand-in for an adapter deriving from Megatron's TE wrapper under its own name.
+    te_base = type("TEDotProductAttention", (torch.nn.Module,),
+                   {"__module__": "megatron.core.extensions.transformer_engine"})
+    latent = type("LatentTEDotProductAttention", (te_base,), {})
+    chunk.decoder.layers[2].self_attention.core_attention = latent()
+    observed = receipt.observe_backends([chunk])
+    assert observed["attention"] == "mixed"
+    assert observed["summary"]["core_attention"] == {"DotProductAttention": 1, "LatentTEDotProductAttention": 1}
+    assert receipt.is_te_module(latent()) and not receipt.is_te_module(chunk.decoder.layers[0])
+
+
+def test_te_attention_selection_reads_tes_last_choice(monkeypatch):
+    """The kernel TE picked is read from TE's own selection state (a stand-in module here)."""
+    import types
+
+    assert receipt.te_attention_selection() is None or torch.cuda.is_available()
+    fake = types.ModuleType("dpa")
+    fake._attention_backends = {"attention_params": object(), "use_flash_attention": False,
+                                "flash_attention_backend": None, "use_fused_attention": True,
+                                "fused_attention_backend": "NVTE_F16_arbitrary_seqlen",
+                                "use_unfused_attention": False}
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention", fake)
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "1")
+    selected = receipt.te_attention_selection()
+    assert selected["kernel"] == "cudnn-fused (NVTE_F16_arbitrary_seqlen)"
+    assert selected["use_fused_attention"] and not selected["use_flash_attention"]
+    assert selected["env"]["NVTE_FUSED_ATTN"] == "1"
+
+
+def test_stats_hooks_are_driven_every_step(single_rank):
+    from megacpp_mcore.stats import StatsCollector
+
+    class Budget(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def megacpp_set_step(self, step):
+            self.steps.append(step)
+
+        def megacpp_stats(self):
+            return {"budget": 1.0 - 0.1 * self.steps[-1], "calls": len(self.steps)}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(2, 2), Budget())
+
+    class Wrapper(torch.nn.Module):  # like Megatron's DDP: names come from below the wrapper
+        def __init__(self):
+            super().__init__()
+            self.module = Net()
+
+    collector = StatsCollector([Wrapper()])
+    assert len(collector) == 1
+    for step in range(3):
+        collector.set_step(step)
+        collector.collect()
+    assert collector.gather() == {"inner.1.budget": pytest.approx(0.8), "inner.1.calls": 3.0}
+
+
+def test_model_flops_per_token_matches_instantiated_weights(single_rank):
+    """6 * (matmul weights a token passes through) + 12 * s * h per attention layer; dense model."""
+    from megacpp_mcore import runtime
+
+    model = tiny_model().replace(moe=None, num_layers=4)
+    config = runtime.transformer_config(model, runtime.Parallelism())
+    (chunk,) = runtime.build_model(model, config, backend="local", wrap_ddp=False)
+    matmul = sum(p.numel() for n, p in chunk.named_parameters()
+                 if p.dim() == 2 and "embedding" not in n)
+    flops = training.model_flops_per_token(model)
+    assert flops["active_params"] == matmul
+    assert flops["attention"] == 2 * 12 * model.seq_length * model.hidden_size
+    assert flops["total"] == 6 * matmul + flops["attention"]
+    # MoE: a token passes the router, top-k of the routed experts and the shared expert.
+    model = tiny_model()
+    config = runtime.transformer_config(model, runtime.Parallelism())
+    (chunk,) = runtime.build_model(model, config, backend="local", wrap_ddp=False)
+    active_experts = tuple(f"local_experts.{i}." for i in range(model.moe.topk))
+    matmul = sum(p.numel() for n, p in chunk.named_parameters()
+                 if p.dim() == 2 and "embedding" not in n
+                 and ("local_experts." not in n or any(a in n for a in active_experts)))
+    assert training.model_flops_per_token(model)["active_params"] == matmul
+
+
+def _cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("case", [
+    "unknown-preset", "malformed-pattern", "unreadable-data", "missing-source", "empty-source",
+    "load-without-checkpoint", "load-other-model", "tp-not-dividing-world", "pp-not-dividing-layers", "pending-block",
+])
+def test_bad_input_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEGACPP_CACHE", str(cache))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "noload").mkdir()
+    save, rec = tmp_path / "save", tmp_path / "r.json"
+    argv = {
+        "unknown-preset": ["--preset", "nam99"],
+        "malformed-pattern": ["--pattern", "AEX"],
+        "unreadable-data": TINY_ARGS + ["--data", str(tmp_path / "nope" / "cpp")],
+        "missing-source": TINY_ARGS + ["--source", str(tmp_path / "missing")],
+        "empty-source": TINY_ARGS + ["--source", str(empty)],
+        "load-without-checkpoint": TINY_ARGS + ["--source", str(empty), "--load", str(tmp_path / "noload")],
+        "load-other-model": ["--preset", "ae-tiny", "--num-layers", "4", "--seq-length", "32",
+                             "--data", "PREFIX", "--load", "CKPT"],
+        "tp-not-dividing-world": TINY_ARGS + ["--tp", "2", "--sp"],
+        "pp-not-dividing-layers": ["--preset", "ae-tiny", "--num-layers", "3", "--pp", "2"],
+        "pending-block": TINY_ARGS,
+    }[case]
+    if case == "pp-not-dividing-layers":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    if case == "load-without-checkpoint":  # data is fine; only the checkpoint is missing
+        make_tree(tmp_path / "src")
+        argv[argv.index("--source") + 1] = str(tmp_path / "src")
+    if case == "load-other-model":  # the checkpoint of the 2-layer run into a 4-layer model
+        argv[argv.index("PREFIX")], argv[argv.index("CKPT")] = runs["prefix"], str(runs["ckpt"])
+    if case == "pending-block":  # a block without a builder yet is refused before any work
+        from megacpp_mcore import hybrid
+
+        monkeypatch.setitem(hybrid.PENDING, "E", "the 'E' block is not available yet (test)")
+    code, out = _cli(["train", *argv, "--save", str(save), "--receipt", str(rec)], capsys)
+    err = out.err.strip().splitlines()
+    assert code == 2, out
+    assert len(err) == 1 and err[0].startswith("megacpp-mcore train: error: "), err
+    expected = {"unknown-preset": "nam99", "malformed-pattern": "X", "unreadable-data": "nope",
+                "missing-source": "missing", "empty-source": "no C/C++ sources",
+                "load-without-checkpoint": "holds no checkpoint", "tp-not-dividing-world": "tp*pp",
+                "load-other-model": "num_layers: checkpoint 2 vs model 4",
+                "pp-not-dividing-layers": "num_layers=3", "pending-block": "not available"}[case]
+    assert expected in err[0]
+    assert out.out == ""
+    assert not cache.exists() and not save.exists() and not rec.exists()
+
+
+@pytest.mark.distributed
+def test_two_rank_tp2_sp_cli_resumes_the_single_rank_checkpoint(runs):
+    """``torchrun --nproc-per-node 2 -m megacpp_mcore.cli train --tp 2 --sp``: loads the 1-rank
+    checkpoint (resharded model and optimizer) and reaches the 1-rank resumed losses."""
+    rec_path = runs["tmp"] / "tp2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "megacpp_mcore.cli",
+           "train", *TINY_ARGS, "--tp", "2", "--sp", "--steps", "6", "--micro-batch-size", "2",
+           "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2",
+           "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1",
+           "--data", runs["prefix"], "--load", str(runs["ckpt"]), "--receipt", str(rec_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGACPP_CACHE=str(runs["tmp"] / "cache"),
+               PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "step      6/6" in proc.stdout and "bits/byte" in proc.stdout
+    rec = json.loads(rec_path.read_text())
+    receipt.validate(rec)
+    assert rec["topology"]["tp"] == 2 and rec["topology"]["world_size"] == 2
+    assert rec["backends"]["observed"]["counted_over_ranks"] == 2
+    single = _losses(runs["resumed"])
+    for step, loss in _losses(rec).items():
+        assert loss == pytest.approx(single[step], abs=1e-5), (step, loss, single[step])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
+def test_gpu_train_uses_te_and_records_the_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGACPP_CACHE", str(tmp_path / "cache"))
+    prefix = data.prepare(make_tree(tmp_path / "src", extra=400), tmp_path / "d" / "cpp", valid_percent=20).prefix
+    model = get_preset("ae-tiny").replace(hidden_size=256, seq_length=128)
+    rec = training.train(model, tiny_cfg(prefix, steps=20, log_interval=5, global_batch_size=8,
+                                         micro_batch_size=4, receipt=str(tmp_path / "r.json")),
+                         log=lambda _: None)
+    receipt.validate(rec)
+    assert rec["backends"]["resolved"] == "te" and rec["precision"] == "bf16"
+    observed = rec["backends"]["observed"]
+    assert observed["attention"] == "te"
+    assert set(observed["summary"]["core_attention"]) == {"TEDotProductAttention"}
+    assert observed["te_attention"] and observed["te_attention"]["kernel"]
+    assert rec["peak_memory"]["kind"] == "cuda_max_allocated"
+    assert rec["throughput"]["model_tflops_per_s"] > 0
+    v = rec["validation"]
+    assert v["final_bpb"] < v["first_bpb"] and all(math.isfinite(h["bpb"]) for h in v["history"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
+def test_gpu_bench_script_compares_ours_with_upstream(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_train", Path(__file__).parents[1] / "scripts" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "ae-tiny", "--steps", "3", "--warmup", "2", "--skip-full",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [r["name"] for r in result["results"]]
+    assert names == ["ours/ae-tiny-AE", "upstream/ae-tiny-AE"]
+    assert result["ratio_ours_over_upstream"] > 0
+    assert all(r["attention"] == "te" for r in result["results"])
+
+
+def test_cli_parser_is_light_and_help_defaults_match_train_config():
+    """Building the CLI imports neither torch nor megatron; --help states TrainConfig's defaults."""
+    code = ("import sys, megacpp_mcore.cli as c; c._parser(); "
+            "print('torch' in sys.modules, 'megatron.core' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    text = " ".join(cli._parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    d = training.TrainConfig()
+    sci = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 0.003 -> 3e-3, as the help writes it
+    for phrase in (f"steps (default {d.steps})", f"default {d.micro_batch_size}",
+                   f"(default {sci(d.lr)})", f"default {sci(d.min_lr)}", f"(default {d.log_interval})",
+                   f"(default {d.eval_interval})", f"(default {d.eval_iters})", f"default {d.seed}",
+                   f"default {d.source}"):
+        assert phrase in text, phrase
