@@ -12,6 +12,7 @@ import torch
 
 import patches
 from patches import registry, spec_import_errors, tp_attributes_without_init
+from patches._wrapping import upstream
 
 
 @pytest.fixture
@@ -20,10 +21,14 @@ def restore_targets(monkeypatch):
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer import spec_utils
 
-    monkeypatch.setattr(spec_utils, "import_module", spec_utils.import_module)
+    # Start from upstream's own code even if an earlier test in this process (e.g. the launcher's)
+    # applied the patches; everything is put back as it was afterwards.
+    monkeypatch.setattr(spec_utils, "import_module",
+                        upstream(spec_utils.import_module, spec_import_errors.NAME))
     for cls_name in tp_attributes_without_init.PARTITION_DIM:
         cls = getattr(layers, cls_name)
-        monkeypatch.setattr(cls, "__init__", cls.__dict__["__init__"])
+        monkeypatch.setattr(cls, "__init__",
+                            upstream(cls.__dict__["__init__"], tp_attributes_without_init.NAME))
     return monkeypatch
 
 
