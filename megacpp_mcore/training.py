@@ -152,7 +152,6 @@ class _Plan:
 def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
     """All input validation, before anything is written or any process group starts."""
     from megacpp_mcore.backends import resolve_backend_name
-    from megacpp_mcore.hybrid import PENDING
 
     resolve_backend_name(cfg.backend)
     seq = cfg.seq_length or model.seq_length
@@ -161,11 +160,7 @@ def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
     vocab = data_mod.ByteTokenizer().vocab_size
     if model.vocab_size < vocab:
         raise ValueError(f"model vocab_size={model.vocab_size} is smaller than the byte tokenizer's {vocab}")
-    for entry in model.layer_table(pp=cfg.parallel.pp if "|" in model.pattern else 1):
-        for needed in (entry.symbol, *sorted(entry.features)):
-            if needed in PENDING:
-                raise ValueError(f"layer {entry.index} ({entry.symbol!r}): {PENDING[needed]}; "
-                                 f"try --preset ae-tiny")
+    model.layer_table(pp=cfg.parallel.pp if "|" in model.pattern else None)  # pattern + placements
     par = cfg.parallel
     dp = par.data_parallel(_world_size())
     par.check_model(model)

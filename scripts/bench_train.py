@@ -135,7 +135,6 @@ def measure(name: str, model, chunks, args, seq: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megacpp_mcore import backends, runtime
-    from megacpp_mcore.hybrid import PENDING
     from megacpp_mcore.presets import get_preset
 
     model = get_preset(args.preset)
@@ -153,15 +152,10 @@ def main(argv=None) -> int:
     par = runtime.Parallelism()
     skel = skeleton(model)
     upstream_model = skel.replace(num_layers=skel.num_layers // 2)
-    pending = sorted({x for e in model.layer_table() for x in (e.symbol, *e.features) if x in PENDING})
     jobs = []
     if not args.skip_full:
-        if pending:
-            print(f"skipping ours/{model.name}: {', '.join(pending)} not available on this branch "
-                  f"({'; '.join(PENDING[p] for p in pending)})", flush=True)
-        else:
-            jobs.append((f"ours/{model.name}", model,
-                         lambda: runtime.build_model(model, runtime.transformer_config(model, par), backend=backend)))
+        jobs.append((f"ours/{model.name}", model,
+                     lambda: runtime.build_model(model, runtime.transformer_config(model, par), backend=backend)))
     jobs.append((f"ours/{skel.name}", skel,
                  lambda: runtime.build_model(skel, runtime.transformer_config(skel, par), backend=backend)))
     jobs.append((f"upstream/{skel.name}", skel,

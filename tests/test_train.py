@@ -222,7 +222,7 @@ def _cli(argv, capsys):
 
 @pytest.mark.parametrize("case", [
     "unknown-preset", "malformed-pattern", "unreadable-data", "missing-source", "empty-source",
-    "load-without-checkpoint", "load-other-model", "tp-not-dividing-world", "pp-not-dividing-layers", "pending-block",
+    "load-without-checkpoint", "load-other-model", "tp-not-dividing-world", "pp-not-dividing-layers", "segments-not-summing",
 ])
 def test_bad_input_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
@@ -242,7 +242,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeyp
                              "--data", "PREFIX", "--load", "CKPT"],
         "tp-not-dividing-world": TINY_ARGS + ["--tp", "2", "--sp"],
         "pp-not-dividing-layers": ["--preset", "ae-tiny", "--num-layers", "3", "--pp", "2"],
-        "pending-block": TINY_ARGS,
+        "segments-not-summing": ["--preset", "ae-tiny", "--pattern", "AE|AE", "--num-layers", "6"],
     }[case]
     if case == "pp-not-dividing-layers":
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -251,10 +251,6 @@ def test_bad_input_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeyp
         argv[argv.index("--source") + 1] = str(tmp_path / "src")
     if case == "load-other-model":  # the checkpoint of the 2-layer run into a 4-layer model
         argv[argv.index("PREFIX")], argv[argv.index("CKPT")] = runs["prefix"], str(runs["ckpt"])
-    if case == "pending-block":  # a block without a builder yet is refused before any work
-        from megacpp_mcore import hybrid
-
-        monkeypatch.setitem(hybrid.PENDING, "E", "the 'E' block is not available yet (test)")
     code, out = _cli(["train", *argv, "--save", str(save), "--receipt", str(rec)], capsys)
     err = out.err.strip().splitlines()
     assert code == 2, out
@@ -263,7 +259,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeyp
                 "missing-source": "missing", "empty-source": "no C/C++ sources",
                 "load-without-checkpoint": "holds no checkpoint", "tp-not-dividing-world": "tp*pp",
                 "load-other-model": "num_layers: checkpoint 2 vs model 4",
-                "pp-not-dividing-layers": "num_layers=3", "pending-block": "not available"}[case]
+                "pp-not-dividing-layers": "num_layers=3", "segments-not-summing": "2+2=4 layers, but num_layers is 6"}[case]
     assert expected in err[0]
     assert out.out == ""
     assert not cache.exists() and not save.exists() and not rec.exists()
