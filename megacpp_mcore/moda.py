@@ -442,12 +442,31 @@ def _to_heads(x: torch.Tensor, r: int, width: int) -> torch.Tensor:
     return x.permute(1, 2, 0, 3)
 
 
-def _row_chunks(rows: int, bytes_per_row: int, budget: int = 512 * 2**20) -> Iterator[slice]:
+def _row_chunks(rows: int, bytes_per_row: int, budget: int = 256 * 2**20) -> Iterator[slice]:
     """Row slices whose fp32 temporaries stay under ``budget`` bytes (few chunks: each costs about
-    ten kernel launches; 512 MiB is far below the loss-time peak of a long-sequence step)."""
+    ten kernel launches)."""
     step = max(1, budget // max(1, bytes_per_row))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+# Whether ``torch.bmm(..., out_dtype=torch.float32)`` (half-precision operands, fp32 accumulation and
+# result, CUDA only) works here; switched off at its first failure.
+_NATIVE_FP32_BMM = [True]
+
+
+def _bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched) accumulated and returned in fp32 (fp64 for fp64), without upcast copies of
+    half-precision operands on CUDA (the depth K/V are read once, as stored)."""
+    acc = _acc(a)
+    if a.dtype == b.dtype == acc:
+        return torch.bmm(a, b)
+    if a.is_cuda and a.dtype == b.dtype and _NATIVE_FP32_BMM[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=acc)
+        except (RuntimeError, TypeError):  # older torch or an unsupported dtype: upcast instead
+            _NATIVE_FP32_BMM[0] = False
+    return torch.bmm(a.to(acc), b.to(acc))
 
 
 class _DepthFlashAttention(torch.autograd.Function):
@@ -509,11 +528,15 @@ class _DepthFlashAttention(torch.autograd.Function):
 
 def _depth_scores(q, kd, scale):
     """q ``[rows, r, dk]``, kd ``[rows, n, dk]`` -> fp32 scores ``[rows, r, n]``."""
-    return torch.bmm(q.to(_acc(q)), kd.to(_acc(q)).transpose(1, 2)) * scale
+    return _bmm_acc(q, kd.transpose(1, 2)).mul_(scale)
 
 
 def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
-    """Merges the sequence result (``[s, b, np, dv]``, lse ``[s, b, np]``) with depth attention."""
+    """Merges the sequence result (``[s, b, np, dv]``, lse ``[s, b, np]``) with depth attention.
+
+    Per chunk of rows the only full-width temporary is the fp32 depth output ``[rows, r, dv]``;
+    the scores and weights are ``[rows, r, n]`` (n depth keys, a handful).
+    """
     s, b, heads, dk = query.shape
     g, n, dv = depth_key.shape[2], depth_key.shape[3], depth_value.shape[-1]
     r, rows = heads // g, s * b * g
@@ -525,14 +548,15 @@ def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
     sl = seq_lse.reshape(rows, r)
     out = torch.empty((rows, r, dv), dtype=query.dtype, device=query.device)
     lse = torch.empty((rows, r), dtype=acc, device=query.device)
-    for sl_ in _row_chunks(rows, 4 * (n * (dk + dv) + r * (dk + dv + n))):
-        scores = _depth_scores(q[sl_], kd[sl_], scale)  # [rows, r, n]
-        depth_lse = scores.logsumexp(-1)
-        depth_out = torch.bmm((scores - depth_lse[..., None]).exp(), vd[sl_].to(acc))  # [rows, r, dv]
-        total = torch.logaddexp(sl[sl_].to(acc), depth_lse)
-        out[sl_] = ((sl[sl_].to(acc) - total).exp()[..., None] * so[sl_].to(acc)
-                    + (depth_lse - total).exp()[..., None] * depth_out).to(out.dtype)
-        lse[sl_] = total
+    for c in _row_chunks(rows, 4 * (r * (dv + 4 * n + 4))):
+        scores = _depth_scores(q[c], kd[c], scale)  # [rows, r, n]
+        seq_l = sl[c].to(acc)
+        total = torch.logaddexp(seq_l, scores.logsumexp(-1))  # joint log-sum-exp [rows, r]
+        probs = scores.sub_(total[..., None]).exp_()  # joint softmax weights of the depth keys
+        merged = _bmm_acc(probs.to(vd.dtype), vd[c])  # [rows, r, dv] fp32
+        merged.addcmul_(so[c], (seq_l - total).exp_()[..., None])  # + sequence part, reweighted
+        out[c] = merged
+        lse[c] = total
     return out.reshape(s, b, heads, dv), lse.reshape(s, b, heads)
 
 
@@ -550,16 +574,18 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
     dq = dquery.view(rows, r, dk)
     dkd = torch.empty((rows, n, dk), dtype=acc, device=query.device) if want_kv else None
     dvd = torch.empty((rows, n, dv), dtype=acc, device=query.device) if want_kv else None
-    for sl_ in _row_chunks(rows, 4 * (n * (dk + dv) * 2 + r * (2 * dk + 2 * dv + 3 * n))):
-        probs = (_depth_scores(q[sl_], kd[sl_], scale) - total[sl_].to(acc)[..., None]).exp()
-        do_f = do[sl_].to(acc)
-        row_dot = (do_f * o[sl_].to(acc)).sum(-1, keepdim=True)  # [rows, r, 1]
-        dp = torch.bmm(do_f, vd[sl_].to(acc).transpose(1, 2))  # [rows, r, n]
-        ds = probs * (dp - row_dot)
-        dq[sl_] += (torch.bmm(ds, kd[sl_].to(acc)) * scale).to(dq.dtype)
+    per_row = 4 * (r * (dk + 6 * n + 2)) + (4 * n * (dk + dv) * 2 if want_kv else 0)
+    for c in _row_chunks(rows, per_row):
+        cr = (c.stop - c.start) * r
+        probs = _depth_scores(q[c], kd[c], scale).sub_(total[c].to(acc)[..., None]).exp_()
+        # rowsum(dO * O) as a batched dot product: no fp32 copies of dO and O
+        row_dot = _bmm_acc(do[c].reshape(cr, 1, dv), o[c].reshape(cr, dv, 1)).view(-1, r, 1)
+        dp = _bmm_acc(do[c], vd[c].transpose(1, 2))  # [rows, r, n]
+        ds = dp.sub_(row_dot).mul_(probs)
+        dq[c] += _bmm_acc(ds.to(kd.dtype), kd[c]).mul_(scale)
         if want_kv:
-            dkd[sl_] = torch.bmm(ds.transpose(1, 2), q[sl_].to(acc)) * scale
-            dvd[sl_] = torch.bmm(probs.transpose(1, 2), do_f)
+            dkd[c] = _bmm_acc(ds.transpose(1, 2).to(q.dtype), q[c]).mul_(scale)
+            dvd[c] = _bmm_acc(probs.transpose(1, 2).to(do.dtype), do[c])
     if want_kv:
         dkd, dvd = dkd.reshape(s, b, g, n, dk), dvd.reshape(s, b, g, n, dv)
     return dkd, dvd
