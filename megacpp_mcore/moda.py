@@ -256,8 +256,8 @@ class DepthKVBuffer:
         with torch.no_grad():
             self.key[:, :, :, slot].copy_(key)
             self.value[:, :, :, slot].copy_(value)
-        if not self.detach:
-            self.attached += [key, value]
+        if not self.detach:  # contiguous: a view would pin the fused QKV tensor (see above)
+            self.attached += [x if x.is_contiguous() else x.contiguous() for x in (key, value)]
         self.filled += 1
 
     def read(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
@@ -479,6 +479,11 @@ class _DepthFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, depth_key, depth_value, scale, kernel, *attached):
+        # Megatron hands over views of its fused QKV projection (``value`` always, ``query`` and
+        # ``key`` without RoPE); saving such a view would pin the whole [s, b, g, (r + 2) d] tensor
+        # until backward. Like TE's attention (which copies layouts it cannot take), save contiguous
+        # copies instead: one copy, two fewer [s, b, np, d] units held per layer.
+        query, key, value = (x if x.is_contiguous() else x.contiguous() for x in (query, key, value))
         s, b, heads, dk = query.shape
         g, dv = key.shape[2], value.shape[-1]
         r, width = heads // g, max(dk, dv)

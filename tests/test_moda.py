@@ -284,6 +284,93 @@ def test_refuses_unsupported_settings():
         buffer.push(1, *_qkv(s=4, grad=False)[1:])
 
 
+# -- memory: what a MoDA layer holds for backward ---------------------------------------------------
+
+
+def _megatron_like_qkv(s, b, heads, groups, d, dtype=torch.bfloat16):
+    """q, k, v as Megatron's SelfAttention hands them over: one fused projection output
+    ``[s, b, g, (r + 2) d]`` split per group; q and k pass RoPE (new tensors), v stays a view."""
+    r = heads // groups
+    mixed = torch.randn(s, b, groups, (r + 2) * d, dtype=dtype, requires_grad=True)
+    q = mixed[..., : r * d].reshape(s, b, heads, d) * 1.0
+    k = mixed[..., r * d: (r + 1) * d] * 1.0
+    v = mixed[..., (r + 1) * d:]
+    return mixed, q, k, v
+
+
+def _pinned_bytes_saved(fn) -> tuple[torch.Tensor, int]:
+    """(fn(), bytes of the distinct storages autograd saved for backward while fn ran)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_moda_layer_saves_no_more_than_plain_attention(groups):
+    """A depth-reading layer holds exactly what a plain fused attention (TE) holds for backward:
+    contiguous q, k, v, the output and the fp32 log-sum-exp; the depth keys cost only the buffer.
+    (Saving Megatron's value view pinned the whole fused QKV tensor: +2 [s, b, np, d] per layer,
+    1.75 GiB at seq 16384 on the H200 benchmark.)"""
+    s, b, heads, d = 128, 2, 4, 16
+    layers = _layers(MoDAConfig(), 3, _config(num_layers=3, num_query_groups=groups, hidden_size=heads * d))
+    unit_q, unit_kv = s * b * heads * d * 2, s * b * groups * d * 2
+    plain = 2 * unit_q + 2 * unit_kv + s * b * heads * 4  # q, out, k, v (bf16) + lse (fp32)
+    held = []
+    for lay in layers:
+        torch.manual_seed(lay.layer_index)
+        mixed, q, k, v = _megatron_like_qkv(s, b, heads, groups, d)
+        out, pinned = _pinned_bytes_saved(lambda: lay(q, k, v, None))
+        assert pinned == plain, (lay.reads, pinned, plain)
+        held.append((mixed, out))
+    assert [lay.reads for lay in layers] == [0, 1, 2]
+    # the buffer (not saved through autograd) is the only other MoDA cost, and equals the formula
+    assert layers[0].buffer.allocated_bytes == depth_kv_bytes(b, s, 3, groups, d, torch.bfloat16)
+    sum(out.float().sum() for _, out in held).backward()  # and it still backprops into mixed
+    assert all(mixed.grad is not None and mixed.grad.abs().sum() > 0 for mixed, _ in held)
+
+
+def test_attached_buffer_does_not_pin_the_fused_qkv():
+    s, b, heads, d = 64, 2, 4, 16
+    first, second = _layers(MoDAConfig(detach=False), 2, _config(num_layers=2, hidden_size=heads * d))
+    mixed, q, k, v = _megatron_like_qkv(s, b, heads, heads, d)
+    first(q, k, v, None)
+    attached = first.buffer.attached
+    assert len(attached) == 2
+    assert all(t.untyped_storage().data_ptr() != mixed.untyped_storage().data_ptr() for t in attached)
+    mixed2, q2, k2, v2 = _megatron_like_qkv(s, b, heads, heads, d)
+    second(q2, k2, v2, None).float().sum().backward()
+    assert mixed.grad is not None and mixed.grad[..., 2 * d:].abs().sum() > 0  # V grad via the buffer
+
+
+def test_depth_merge_uses_no_full_width_fp32_copies(monkeypatch):
+    """The depth math reads q / depth K/V / dO / O in their own dtype through ``_bmm_acc`` (fp32
+    accumulation): no ``.to(float32)`` of [rows, n, d] or [rows, r, d] operands on the fast path."""
+    calls = []
+    real = moda._bmm_acc
+
+    def spy(a, b_):
+        calls.append((a.dtype, b_.dtype))
+        return real(a, b_)
+
+    monkeypatch.setattr(moda, "_bmm_acc", spy)
+    s, b, heads, groups, d, n = 32, 2, 4, 2, 16, 3
+    q, k, v = _qkv(s=s, b=b, heads=heads, groups=groups, dk=d, dv=d, dtype=torch.bfloat16)
+    kd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    out = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5)
+    out.float().sum().backward()
+    # forward: scores, depth output; backward: scores, rowsum(dO*O), dP, dQ (all bf16 x bf16)
+    assert calls == [(torch.bfloat16, torch.bfloat16)] * 6
+    ref = reference_depth_attention(q.float(), k.float(), v.float(), kd.float(), vd.float(), scale=d ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 # -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
 
 
