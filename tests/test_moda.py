@@ -503,3 +503,56 @@ def test_mla_model_with_moda_pushes_mla_shaped_kv_and_trains(single_rank):
     assert expected % per_layer == 0
     starters = [c for c in cores if c.starts_micro_batch]
     assert [c.megacpp_stats()["moda_buffer_bytes"] for c in starters] == [expected, expected]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_depth_math_accumulates_in_fp32_without_upcast_copies():
+    """``_bmm_acc`` on bf16 CUDA operands runs torch.bmm(out_dtype=float32) (no fp32 copies of the
+    depth K/V) and matches the fp32 product of the same bf16 values."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(4096, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(4096, 128, 7, device="cuda", dtype=torch.bfloat16, generator=g)
+    got = moda._bmm_acc(a, b)
+    assert got.dtype == torch.float32
+    assert moda._NATIVE_FP32_BMM[0], "torch.bmm(out_dtype=float32) is unavailable: depth math upcasts"
+    torch.testing.assert_close(got, torch.bmm(a.float(), b.float()), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_moda_layer_memory_at_4096():
+    """At the benchmark's shapes (seq 4096, batch 2, 16 heads of 128), a layer reading 7 depth keys
+    keeps exactly what a layer reading 1 keeps (output, contiguous V, fp32 lse) and its transient
+    peaks stay within the 256 MiB chunk budget of the depth math."""
+    s, b, heads, d = 4096, 2, 16, 128
+    config = _config(num_layers=8, num_query_groups=heads, hidden_size=heads * d, num_attention_heads=heads)
+    layers = _layers(MoDAConfig(), 8, config)
+    unit = s * b * heads * d * 2
+    held, stats = [], {}
+    for lay in layers:
+        torch.manual_seed(lay.layer_index)
+        mixed = torch.randn(s, b, heads, 3 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = mixed[..., :d] * 1.0, mixed[..., d: 2 * d] * 1.0, mixed[..., 2 * d:]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = lay(q, k, v, None)
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - before
+        if lay.layer_index == 0:
+            kept -= lay.buffer.allocated_bytes  # the first push allocates the buffer
+        stats[lay.reads] = (kept, torch.cuda.max_memory_allocated() - before)
+        held.append((mixed, out))
+    assert stats[7][0] == stats[1][0]
+    assert abs(stats[7][0] - (2 * unit + s * b * heads * 4)) <= 2**20  # out + V copy + lse
+    assert stats[7][1] - stats[1][1] <= 256 * 2**20 + 2**20
+    peaks = {}
+    for (mixed, out), lay in reversed(list(zip(held, layers))):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        peaks[lay.reads] = torch.cuda.max_memory_allocated() - before
+    assert peaks[7] - peaks[1] <= 256 * 2**20 + 2**20
