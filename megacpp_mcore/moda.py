@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import weakref
 from typing import Any, Iterator
 
@@ -72,7 +73,7 @@ from megatron.core.transformer.module import MegatronModule
 from megacpp_mcore.pattern import FeaturePlacement, stage_lengths
 
 KERNELS = ("fast", "reference")
-CUDA_KERNELS = ("flash", "cudnn")
+CUDA_KERNELS = ("flash", "cudnn", "te")
 
 
 def depth_kv_bytes(batch: int, seq: int, layers: int, n_kv_heads: int, head_dim: int,
@@ -102,7 +103,7 @@ class MoDAConfig:
     contributing_layers: tuple[int, ...] | None = None  # MoDA layers that push; None: all of them
     boundaries: tuple[int, ...] = ()  # extra layer indices where the buffer restarts
     kernel: str = "fast"  # "fast" (flash + log-sum-exp merge) | "reference" (explicit keys)
-    cuda_kernel: str = "flash"  # fast path's sequence kernel on CUDA: "flash" (FA2) | "cudnn"
+    cuda_kernel: str = "flash"  # fast path's sequence kernel on CUDA: "flash" (FA2) | "cudnn" | "te"
 
     def __post_init__(self):
         if not isinstance(self.placement, FeaturePlacement):
@@ -396,8 +397,59 @@ def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "flash") -> 
                 f"MoDA fast kernel on CUDA needs bf16/fp16 and a head dim <= 256 divisible by 8, got "
                 f"{q.dtype} with head dim {head_dim}; use MoDAConfig(kernel='reference')"
             )
+        if cuda_kernel == "te":
+            _te_fused()  # raises with what to install
+            return "te-fused-cuda"
         return f"aten-{cuda_kernel}-cuda"
     raise ValueError(f"MoDA fast kernel: unsupported device {q.device}; use kernel='reference'")
+
+
+@functools.lru_cache(maxsize=None)
+def _te_fused():
+    """TE's fused-attention functions (the cuDNN kernel its ``DotProductAttention`` runs on Hopper),
+    which return the softmax statistics (log-sum-exp) that the depth merge needs."""
+    try:
+        from transformer_engine.pytorch.constants import TE_DType
+        from transformer_engine.pytorch.cpp_extensions.fused_attn import (
+            FusedAttnBackend,
+            fused_attn_bwd,
+            fused_attn_fwd,
+        )
+    except ImportError as exc:
+        raise ValueError(
+            f"MoDAConfig(cuda_kernel='te') needs Transformer Engine's fused attention ({exc}); "
+            "allowed without TE: cuda_kernel='flash' or 'cudnn'"
+        ) from exc
+    return types.SimpleNamespace(fwd=fused_attn_fwd, bwd=fused_attn_bwd, dtypes=TE_DType,
+                                 backend=FusedAttnBackend["F16_arbitrary_seqlen"])
+
+
+_TE_ARGS = dict(dropout=0.0, qkv_layout="sbhd_sbhd_sbhd", attn_bias_type="no_bias", attn_mask_type="causal")
+
+
+def _te_forward(q, k, v, scale):
+    """q ``[s, b, np, dk]``, k/v ``[s, b, g, d]`` (contiguous; GQA native) -> (out ``[s, b, np, dv]``,
+    lse ``[s, b, np]`` fp32, backward state)."""
+    te = _te_fused()
+    s, b, heads, _ = q.shape
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+    out, aux, *_ = te.fwd(True, s, s, cu, cu, q, k, v, q.dtype, te.backend, attn_scale=scale, **_TE_ARGS)
+    stats = aux[0]  # [b, np, s, 1] fp32
+    if stats.numel() != b * heads * s:
+        raise RuntimeError(f"MoDA te kernel: softmax statistics of shape {tuple(stats.shape)}, expected "
+                           f"[{b}, {heads}, {s}, 1]; use MoDAConfig(cuda_kernel='cudnn')")
+    return out, stats.reshape(b, heads, s).permute(2, 0, 1), ("te-fused-cuda", cu, list(aux[1:]))
+
+
+def _te_backward(dout, q, k, v, out, lse, state, scale):
+    """dq, dk, dv ``[s, b, *, d]`` of the sequence part given the MERGED out and lse ``[s, b, np]``."""
+    te = _te_fused()
+    _, cu, rest = state
+    s = q.shape[0]
+    stats = lse.permute(1, 2, 0).contiguous().unsqueeze(-1)  # [b, np, s, 1]
+    dq, dk, dv, *_ = te.bwd(s, s, cu, cu, q, k, v, out, dout, q.dtype, te.dtypes[dout.dtype],
+                            [stats, *rest], te.backend, attn_scale=scale, **_TE_ARGS)
+    return dq, dk, dv
 
 
 def _flash_forward(q, k, v, scale, kernel: str):
@@ -487,10 +539,16 @@ class _DepthFlashAttention(torch.autograd.Function):
         s, b, heads, dk = query.shape
         g, dv = key.shape[2], value.shape[-1]
         r, width = heads // g, max(dk, dv)
-        qh, kh, vh = _to_heads(query, 1, width), _to_heads(key, r, width), _to_heads(value, r, width)
-        out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
-        out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
-        lse = lse_h.permute(2, 0, 1)  # [s, b, np]
+        if kernel == "te-fused-cuda":  # sbhd in, sbhd out, GQA native
+            if dk != dv:
+                raise ValueError(f"MoDA te kernel: K head dim {dk} != V head dim {dv} (MLA); use "
+                                 "MoDAConfig(cuda_kernel='cudnn' or 'flash')")
+            out, lse, state = _te_forward(query, key, value, scale)
+        else:
+            qh, kh, vh = _to_heads(query, 1, width), _to_heads(key, r, width), _to_heads(value, r, width)
+            out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
+            out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
+            lse = lse_h.permute(2, 0, 1)  # [s, b, np]
         if depth_key is not None:
             out, lse = _merge_depth(query, depth_key, depth_value, out, lse, scale)
         out = out.to(query.dtype).contiguous()
@@ -510,6 +568,10 @@ class _DepthFlashAttention(torch.autograd.Function):
         g, dv = key.shape[2], value.shape[-1]
         r, width = heads // g, max(dk, dv)
         dout = dout.contiguous()
+        if ctx.state[0] == "te-fused-cuda":
+            dquery, dkey, dvalue = _te_backward(dout, query, key, value, out, lse, ctx.state, ctx.scale)
+            return _DepthFlashAttention._finish_backward(ctx, query, key, value, out, lse, dout,
+                                                         depth_key, depth_value, dquery, dkey, dvalue)
         dq_h, dk_h, dv_h = _flash_backward(
             _to_heads(dout, 1, width), _to_heads(query, 1, width), _to_heads(key, r, width),
             _to_heads(value, r, width), _to_heads(out, 1, width), lse.permute(1, 2, 0).contiguous(),
@@ -520,6 +582,13 @@ class _DepthFlashAttention(torch.autograd.Function):
         if r > 1:
             dkey = dkey.reshape(s, b, g, r, dk).sum(3)
             dvalue = dvalue.reshape(s, b, g, r, dv).sum(3)
+        return _DepthFlashAttention._finish_backward(ctx, query, key, value, out, lse, dout,
+                                                     depth_key, depth_value, dquery, dkey, dvalue)
+
+    @staticmethod
+    def _finish_backward(ctx, query, key, value, out, lse, dout, depth_key, depth_value, dquery, dkey,
+                         dvalue):
+        """Adds the depth part to dq (and the depth-K/V grads when attached); the Function's grads."""
         grads_attached = []
         if depth_key is not None:
             dquery = dquery.contiguous()

@@ -5,8 +5,9 @@
 
 For every sequence length it builds the model through megatron-core (``runtime.build_model``,
 Megatron DDP + Adam, bf16) as ``base`` (plain TE attention on every ``A`` layer), ``moda`` (MoDA on
-every ``A`` layer, detached buffer, FlashAttention-2 sequence kernel) and ``moda-cudnn`` (same, cuDNN
-sequence kernel), trains ``--warmup`` + ``--steps`` steps on synthetic batches and
+every ``A`` layer, detached buffer, FlashAttention-2 sequence kernel through aten), ``moda-cudnn``
+(same, cuDNN through aten) and ``moda-te`` (same, TE's fused attention: the kernel of the base
+layers, with its softmax statistics), trains ``--warmup`` + ``--steps`` steps on synthetic batches and
 reports ms/step and ``torch.cuda.max_memory_allocated``. Targets (issue 7): step-time ratio
 moda/base <= 1.10, and the peak-memory increase within 10% of ``depth_kv_bytes`` (the formula),
 which is also checked against the bytes the buffer actually allocated (``megacpp_stats``).
@@ -29,6 +30,10 @@ import time
 import torch
 
 
+# variant -> MoDAConfig.cuda_kernel (None: no MoDA)
+VARIANTS = {"base": None, "moda": "flash", "moda-cudnn": "cudnn", "moda-te": "te"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 16384], help="sequence lengths")
@@ -43,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="te", choices=["te", "local", "auto"])
-    p.add_argument("--variants", nargs="+", default=["base", "moda", "moda-cudnn"],
-                   choices=["base", "moda", "moda-cudnn"],
-                   help="moda: FlashAttention-2 sequence kernel; moda-cudnn: cuDNN sequence kernel")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="moda: FlashAttention-2 sequence kernel (aten); moda-cudnn: cuDNN (aten); "
+                        "moda-te: TE's fused attention (cuDNN, as the base TE layers)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--check-seq", type=int, default=1024, help="sequence length of the kernel check")
     p.add_argument("--no-check", action="store_true", help="skip the fast-vs-reference kernel check")
@@ -84,8 +89,7 @@ def model_config(args, seq: int, variant: str):
         pattern=args.pattern, num_layers=args.layers, hidden_size=args.hidden,
         num_attention_heads=args.heads, num_query_groups=args.kv_groups, ffn_hidden_size=args.ffn,
         vocab_size=args.vocab, seq_length=seq, moe=None, mla=None, mtp_depth=0,
-        features={} if variant == "base" else
-        {"moda": MoDAConfig(cuda_kernel="cudnn" if variant == "moda-cudnn" else "flash")},
+        features={} if VARIANTS[variant] is None else {"moda": MoDAConfig(cuda_kernel=VARIANTS[variant])},
     )
 
 
@@ -175,7 +179,7 @@ def kernel_check(args) -> list[dict]:
     heads, groups = args.heads, args.kv_groups or args.heads
     d, s, b, n, r = args.hidden // args.heads, args.check_seq, 1, 7, args.heads // (args.kv_groups or args.heads)
     out = []
-    for kernel in ("flash", "cudnn"):
+    for kernel in ("flash", "cudnn", "te"):
         try:
             g = torch.Generator(device="cuda").manual_seed(0)
             mixed = torch.randn(s, b, groups, (r + 2) * d, device="cuda", dtype=torch.bfloat16,
@@ -242,7 +246,7 @@ def summarize(results: list[dict]) -> list[dict]:
     for seq in sorted({r["seq"] for r in results}):
         by = {r["variant"]: r for r in results if r["seq"] == seq and "error" not in r}
         base = by.get("base")
-        for name in ("moda", "moda-cudnn"):
+        for name in [v for v in VARIANTS if VARIANTS[v] is not None]:
             moda = by.get(name)
             if base is None or moda is None:
                 continue

@@ -54,6 +54,8 @@ def _qkv(s=6, b=2, heads=4, groups=2, dk=8, dv=8, dtype=torch.float32, grad=True
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="kernel='flash'.*allowed: fast, reference"):
         MoDAConfig(kernel="flash")
+    with pytest.raises(ValueError, match="cuda_kernel='fa3'; allowed: flash, cudnn, te"):
+        MoDAConfig(cuda_kernel="fa3")
     with pytest.raises(ValueError, match="attention layers only; allowed symbols: 'A'"):
         MoDAConfig(placement=FeaturePlacement(symbols="AE"))
     with pytest.raises(ValueError, match="contributing_layers: -1 is not a layer index"):
@@ -157,6 +159,76 @@ def test_fast_path_in_row_chunks_equals_reference(monkeypatch):
     for a, b in zip(torch.autograd.grad(ref.sum(), [q, k, v, kd, vd]),
                     torch.autograd.grad(fast.sum(), [q, k, v, kd, vd])):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def _fake_te_fused():
+    """TE's fused_attn_fwd / fused_attn_bwd conventions (sbhd in/out, GQA native, softmax stats
+    [b, np, s, 1], aux = [stats, rng_state]) on top of PyTorch's CPU flash kernel: checks our side of
+    the ``cuda_kernel="te"`` path (layouts, merged statistics handed to the backward) on CPU."""
+    import types
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    calls = []
+
+    def heads(x, r):
+        return x.repeat_interleave(r, dim=2).permute(1, 2, 0, 3)
+
+    def check(sq, skv, cu_q, cu_kv, q, kwargs):
+        s, b = q.shape[:2]
+        assert sq == skv == s and cu_q is cu_kv and cu_q.dtype == torch.int32
+        assert cu_q.tolist() == list(range(0, (b + 1) * s, s))
+        assert kwargs == dict(attn_scale=kwargs["attn_scale"], dropout=0.0, qkv_layout="sbhd_sbhd_sbhd",
+                              attn_bias_type="no_bias", attn_mask_type="causal")
+
+    def fwd(is_training, sq, skv, cu_q, cu_kv, q, k, v, fake_dtype, backend, **kwargs):
+        check(sq, skv, cu_q, cu_kv, q, kwargs)
+        assert is_training and fake_dtype == q.dtype and backend == "arbitrary"
+        r = q.shape[2] // k.shape[2]
+        out, lse = flash(heads(q, 1), heads(k, r), heads(v, r), 0.0, True, scale=kwargs["attn_scale"])
+        calls.append("fwd")
+        return out.permute(2, 0, 1, 3).contiguous(), [lse.unsqueeze(-1).contiguous(), torch.zeros(2)]
+
+    def bwd(sq, skv, cu_q, cu_kv, q, k, v, o, d_o, fake_dtype, dqkv_dtype, aux, backend, **kwargs):
+        check(sq, skv, cu_q, cu_kv, q, kwargs)
+        s, b, h, d = q.shape
+        g = k.shape[2]
+        stats, rng = aux
+        assert stats.shape == (b, h, s, 1) and stats.is_contiguous() and rng.shape == (2,)
+        assert dqkv_dtype == "te-" + str(d_o.dtype) and backend == "arbitrary"
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            heads(d_o, 1), heads(q, 1), heads(k, h // g), heads(v, h // g), heads(o, 1), stats[..., 0],
+            0.0, True, scale=kwargs["attn_scale"])
+        dk = dk.permute(2, 0, 1, 3).reshape(s, b, g, h // g, d).sum(3)
+        dv = dv.permute(2, 0, 1, 3).reshape(s, b, g, h // g, d).sum(3)
+        calls.append("bwd")
+        return dq.permute(2, 0, 1, 3).contiguous(), dk, dv, None
+
+    return types.SimpleNamespace(fwd=fwd, bwd=bwd, backend="arbitrary", calls=calls,
+                                 dtypes={torch.float32: "te-torch.float32"})
+
+
+@pytest.mark.parametrize("n,attached", [(0, False), (3, False), (2, True)])
+def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
+    fake = _fake_te_fused()
+    monkeypatch.setattr(moda, "_te_fused", lambda: fake)
+    torch.manual_seed(n)
+    q, k, v = _qkv()
+    ks = [torch.randn_like(k).requires_grad_() for _ in range(n)]
+    vs = [torch.randn_like(v).requires_grad_() for _ in range(n)]
+    kd, vd = (torch.stack(ks, 3), torch.stack(vs, 3)) if n else (None, None)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
+    fast = moda._DepthFlashAttention.apply(
+        q, k, v, None if kd is None else kd.detach(), None if vd is None else vd.detach(), 0.3,
+        "te-fused-cuda", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    inputs = [q, k, v, *ks, *vs] if attached else [q, k, v]
+    grad = torch.randn_like(ref)
+    for a, b_ in zip(torch.autograd.grad(ref, inputs, grad), torch.autograd.grad(fast, inputs, grad)):
+        torch.testing.assert_close(b_, a, atol=1e-5, rtol=0)
+    assert fake.calls == ["fwd", "bwd"]
+    with pytest.raises(ValueError, match="K head dim 24 != V head dim 16"):
+        q2, k2, v2 = _qkv(dk=24, dv=16)
+        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda")
 
 
 def test_reference_masks_the_future():
@@ -422,8 +494,10 @@ def test_tp2_sp_and_pp2_match_single_rank():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
-@pytest.mark.parametrize("dk,dv", [(128, 128), (192, 128)])
+@pytest.mark.parametrize("cuda_kernel,dk,dv", [
+    ("flash", 128, 128), ("flash", 192, 128), ("cudnn", 128, 128), ("cudnn", 192, 128),
+    ("te", 128, 128),  # TE's fused attention (the cuDNN kernel base TE layers run); equal head dims
+])
 def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
     torch.manual_seed(0)
     s, b, heads, groups, n = 512, 2, 8, 4, 3
@@ -443,7 +517,7 @@ def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
-@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn", "te"])
 def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
     from megacpp_mcore import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
@@ -464,7 +538,8 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
                                              micro_batch_size=2, seq_length=256)["loss"])
         assert losses[-1] < losses[0]
         cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
-        assert {c.observed_kernel for c in cores if c.reads} == {f"aten-{cuda_kernel}-cuda"}
+        expected_kernel = "te-fused-cuda" if cuda_kernel == "te" else f"aten-{cuda_kernel}-cuda"
+        assert {c.observed_kernel for c in cores if c.reads} == {expected_kernel}
         assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
         expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
