@@ -26,15 +26,22 @@ Pieces (all in this module):
 Sequence kernel: a layer that reads no depth keys (the first MoDA layer of a segment) runs the
 backend's own core attention (``TEDotProductAttention`` / ``DotProductAttention``) and only pushes.
 Layers that read depth keys need the sequence part's log-sum-exp for the merge, and TE's public
-attention API does not return softmax statistics, so both backends run their sequence part with
-PyTorch's own fused-attention ops, which do: on CUDA ``aten._scaled_dot_product_flash_attention``
-(FlashAttention-2; bf16/fp16, head dim <= 256; the default) or, with ``MoDAConfig(cuda_kernel="cudnn")``, ``aten._scaled_dot_product_cudnn_attention``
-(cuDNN's fused kernel, as TE uses on Hopper); on CPU
-``aten._scaled_dot_product_flash_attention_for_cpu``. GQA groups are expanded and unequal K/V head
+attention module does not return softmax statistics, so they run one of: on CUDA
+``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
+default), with ``MoDAConfig(cuda_kernel="cudnn")`` ``aten._scaled_dot_product_cudnn_attention``, or
+with ``cuda_kernel="te"`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
+``DotProductAttention`` runs on Hopper; its softmax statistics are the log-sum-exp; sbhd layout, GQA
+native, equal K/V head dims); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. GQA groups are expanded and unequal K/V head
 dims (MLA) are zero-padded to one width for the kernel. The kernels' backward ops are given the
 MERGED output and log-sum-exp, which makes the sequence-part gradients exact for the joint softmax
 (the ring-attention identity). The kernel used is recorded in
 :attr:`DepthAwareAttention.observed_kernel`.
+
+Memory: a depth-reading layer holds for backward exactly what TE's attention holds (contiguous q, k,
+v, the output, the fp32 log-sum-exp; views of Megatron's fused QKV output are copied, as TE does, so
+they do not pin the whole projection), so the MoDA memory bill is the buffer, ``depth_kv_bytes``.
+The depth math reads the bf16 q / depth K/V / dO / O once through fp32-accumulating batched matmuls
+(``torch.bmm(out_dtype=float32)`` on CUDA); its fp32 temporaries stay under a 256 MiB chunk budget.
 
 Detach (default): the buffer holds copies without autograd history, so no gradient reaches an earlier
 layer through its depth K/V (the buffer costs its bytes, nothing more). ``detach=False`` (the
