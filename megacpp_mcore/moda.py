@@ -415,18 +415,21 @@ def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "flash") -> 
 def _te_fused():
     """TE's fused-attention functions (the cuDNN kernel its ``DotProductAttention`` runs on Hopper),
     which return the softmax statistics (log-sum-exp) that the depth merge needs."""
-    try:
-        from transformer_engine.pytorch.constants import TE_DType
-        from transformer_engine.pytorch.cpp_extensions.fused_attn import (
-            FusedAttnBackend,
-            fused_attn_bwd,
-            fused_attn_fwd,
+    from megacpp_mcore import backends
+
+    if not backends.detect().te:
+        raise backends.BackendUnavailable(
+            "MoDAConfig(cuda_kernel='te') needs Transformer Engine (transformer_engine.pytorch), which "
+            "is not importable here; install transformer-engine[pytorch] or use cuda_kernel='flash' "
+            "or 'cudnn'"
         )
-    except ImportError as exc:
-        raise ValueError(
-            f"MoDAConfig(cuda_kernel='te') needs Transformer Engine's fused attention ({exc}); "
-            "allowed without TE: cuda_kernel='flash' or 'cudnn'"
-        ) from exc
+    from transformer_engine.pytorch.constants import TE_DType
+    from transformer_engine.pytorch.cpp_extensions.fused_attn import (
+        FusedAttnBackend,
+        fused_attn_bwd,
+        fused_attn_fwd,
+    )
+
     return types.SimpleNamespace(fwd=fused_attn_fwd, bwd=fused_attn_bwd, dtypes=TE_DType,
                                  backend=FusedAttnBackend["F16_arbitrary_seqlen"])
 

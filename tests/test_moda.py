@@ -226,6 +226,12 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
     for a, b_ in zip(torch.autograd.grad(ref, inputs, grad), torch.autograd.grad(fast, inputs, grad)):
         torch.testing.assert_close(b_, a, atol=1e-5, rtol=0)
     assert fake.calls == ["fwd", "bwd"]
+    monkeypatch.undo()
+    from megacpp_mcore import backends
+
+    with backends.override_detection(te=None), pytest.raises(backends.BackendUnavailable,
+                                                             match="install transformer-engine"):
+        moda._te_fused()
     with pytest.raises(ValueError, match="K head dim 24 != V head dim 16"):
         q2, k2, v2 = _qkv(dk=24, dv=16)
         moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda")
