@@ -31,8 +31,8 @@ attention module does not return softmax statistics, so they run one of: on CUDA
 default), with ``MoDAConfig(cuda_kernel="cudnn")`` ``aten._scaled_dot_product_cudnn_attention``, or
 with ``cuda_kernel="te"`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
 ``DotProductAttention`` runs on Hopper; its softmax statistics are the log-sum-exp; sbhd layout, GQA
-native, equal K/V head dims); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. GQA groups are expanded and unequal K/V head
-dims (MLA) are zero-padded to one width for the kernel. The kernels' backward ops are given the
+native, equal K/V head dims); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. For the
+aten kernels GQA groups are expanded and unequal K/V head dims (MLA) are zero-padded to one width. The kernels' backward ops are given the
 MERGED output and log-sum-exp, which makes the sequence-part gradients exact for the joint softmax
 (the ring-attention identity). The kernel used is recorded in
 :attr:`DepthAwareAttention.observed_kernel`.
