@@ -26,15 +26,22 @@ Pieces (all in this module):
 Sequence kernel: a layer that reads no depth keys (the first MoDA layer of a segment) runs the
 backend's own core attention (``TEDotProductAttention`` / ``DotProductAttention``) and only pushes.
 Layers that read depth keys need the sequence part's log-sum-exp for the merge, and TE's public
-attention API does not return softmax statistics, so both backends run their sequence part with
-PyTorch's own fused-attention ops, which do: on CUDA ``aten._scaled_dot_product_flash_attention``
-(FlashAttention-2; bf16/fp16, head dim <= 256; the default) or, with ``MoDAConfig(cuda_kernel="cudnn")``, ``aten._scaled_dot_product_cudnn_attention``
-(cuDNN's fused kernel, as TE uses on Hopper); on CPU
-``aten._scaled_dot_product_flash_attention_for_cpu``. GQA groups are expanded and unequal K/V head
-dims (MLA) are zero-padded to one width for the kernel. The kernels' backward ops are given the
+attention module does not return softmax statistics, so they run one of: on CUDA
+``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
+default), with ``MoDAConfig(cuda_kernel="cudnn")`` ``aten._scaled_dot_product_cudnn_attention``, or
+with ``cuda_kernel="te"`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
+``DotProductAttention`` runs on Hopper; its softmax statistics are the log-sum-exp; sbhd layout, GQA
+native, equal K/V head dims); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. For the
+aten kernels GQA groups are expanded and unequal K/V head dims (MLA) are zero-padded to one width. The kernels' backward ops are given the
 MERGED output and log-sum-exp, which makes the sequence-part gradients exact for the joint softmax
 (the ring-attention identity). The kernel used is recorded in
 :attr:`DepthAwareAttention.observed_kernel`.
+
+Memory: a depth-reading layer holds for backward exactly what TE's attention holds (contiguous q, k,
+v, the output, the fp32 log-sum-exp; views of Megatron's fused QKV output are copied, as TE does, so
+they do not pin the whole projection), so the MoDA memory bill is the buffer, ``depth_kv_bytes``.
+The depth math reads the bf16 q / depth K/V / dO / O once through fp32-accumulating batched matmuls
+(``torch.bmm(out_dtype=float32)`` on CUDA); its fp32 temporaries stay under a 256 MiB chunk budget.
 
 Detach (default): the buffer holds copies without autograd history, so no gradient reaches an earlier
 layer through its depth K/V (the buffer costs its bytes, nothing more). ``detach=False`` (the
@@ -62,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import weakref
 from typing import Any, Iterator
 
@@ -72,7 +80,7 @@ from megatron.core.transformer.module import MegatronModule
 from megacpp_mcore.pattern import FeaturePlacement, stage_lengths
 
 KERNELS = ("fast", "reference")
-CUDA_KERNELS = ("flash", "cudnn")
+CUDA_KERNELS = ("flash", "cudnn", "te")
 
 
 def depth_kv_bytes(batch: int, seq: int, layers: int, n_kv_heads: int, head_dim: int,
@@ -102,7 +110,7 @@ class MoDAConfig:
     contributing_layers: tuple[int, ...] | None = None  # MoDA layers that push; None: all of them
     boundaries: tuple[int, ...] = ()  # extra layer indices where the buffer restarts
     kernel: str = "fast"  # "fast" (flash + log-sum-exp merge) | "reference" (explicit keys)
-    cuda_kernel: str = "flash"  # fast path's sequence kernel on CUDA: "flash" (FA2) | "cudnn"
+    cuda_kernel: str = "flash"  # fast path's sequence kernel on CUDA: "flash" (FA2) | "cudnn" | "te"
 
     def __post_init__(self):
         if not isinstance(self.placement, FeaturePlacement):
@@ -256,8 +264,8 @@ class DepthKVBuffer:
         with torch.no_grad():
             self.key[:, :, :, slot].copy_(key)
             self.value[:, :, :, slot].copy_(value)
-        if not self.detach:
-            self.attached += [key, value]
+        if not self.detach:  # contiguous: a view would pin the fused QKV tensor (see above)
+            self.attached += [x if x.is_contiguous() else x.contiguous() for x in (key, value)]
         self.filled += 1
 
     def read(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
@@ -396,8 +404,62 @@ def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "flash") -> 
                 f"MoDA fast kernel on CUDA needs bf16/fp16 and a head dim <= 256 divisible by 8, got "
                 f"{q.dtype} with head dim {head_dim}; use MoDAConfig(kernel='reference')"
             )
+        if cuda_kernel == "te":
+            _te_fused()  # raises with what to install
+            return "te-fused-cuda"
         return f"aten-{cuda_kernel}-cuda"
     raise ValueError(f"MoDA fast kernel: unsupported device {q.device}; use kernel='reference'")
+
+
+@functools.lru_cache(maxsize=None)
+def _te_fused():
+    """TE's fused-attention functions (the cuDNN kernel its ``DotProductAttention`` runs on Hopper),
+    which return the softmax statistics (log-sum-exp) that the depth merge needs."""
+    from megacpp_mcore import backends
+
+    if not backends.detect().te:
+        raise backends.BackendUnavailable(
+            "MoDAConfig(cuda_kernel='te') needs Transformer Engine (transformer_engine.pytorch), which "
+            "is not importable here; install transformer-engine[pytorch] or use cuda_kernel='flash' "
+            "or 'cudnn'"
+        )
+    from transformer_engine.pytorch.constants import TE_DType
+    from transformer_engine.pytorch.cpp_extensions.fused_attn import (
+        FusedAttnBackend,
+        fused_attn_bwd,
+        fused_attn_fwd,
+    )
+
+    return types.SimpleNamespace(fwd=fused_attn_fwd, bwd=fused_attn_bwd, dtypes=TE_DType,
+                                 backend=FusedAttnBackend["F16_arbitrary_seqlen"])
+
+
+_TE_ARGS = dict(dropout=0.0, qkv_layout="sbhd_sbhd_sbhd", attn_bias_type="no_bias", attn_mask_type="causal")
+
+
+def _te_forward(q, k, v, scale):
+    """q ``[s, b, np, dk]``, k/v ``[s, b, g, d]`` (contiguous; GQA native) -> (out ``[s, b, np, dv]``,
+    lse ``[s, b, np]`` fp32, backward state)."""
+    te = _te_fused()
+    s, b, heads, _ = q.shape
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+    out, aux, *_ = te.fwd(True, s, s, cu, cu, q, k, v, q.dtype, te.backend, attn_scale=scale, **_TE_ARGS)
+    stats = aux[0]  # [b, np, s, 1] fp32
+    if stats.numel() != b * heads * s:
+        raise RuntimeError(f"MoDA te kernel: softmax statistics of shape {tuple(stats.shape)}, expected "
+                           f"[{b}, {heads}, {s}, 1]; use MoDAConfig(cuda_kernel='cudnn')")
+    return out, stats.reshape(b, heads, s).permute(2, 0, 1), ("te-fused-cuda", cu, list(aux[1:]))
+
+
+def _te_backward(dout, q, k, v, out, lse, state, scale):
+    """dq, dk, dv ``[s, b, *, d]`` of the sequence part given the MERGED out and lse ``[s, b, np]``."""
+    te = _te_fused()
+    _, cu, rest = state
+    s = q.shape[0]
+    stats = lse.permute(1, 2, 0).contiguous().unsqueeze(-1)  # [b, np, s, 1]
+    dq, dk, dv, *_ = te.bwd(s, s, cu, cu, q, k, v, out, dout, q.dtype, te.dtypes[dout.dtype],
+                            [stats, *rest], te.backend, attn_scale=scale, **_TE_ARGS)
+    return dq, dk, dv
 
 
 def _flash_forward(q, k, v, scale, kernel: str):
@@ -442,12 +504,31 @@ def _to_heads(x: torch.Tensor, r: int, width: int) -> torch.Tensor:
     return x.permute(1, 2, 0, 3)
 
 
-def _row_chunks(rows: int, bytes_per_row: int, budget: int = 512 * 2**20) -> Iterator[slice]:
+def _row_chunks(rows: int, bytes_per_row: int, budget: int = 256 * 2**20) -> Iterator[slice]:
     """Row slices whose fp32 temporaries stay under ``budget`` bytes (few chunks: each costs about
-    ten kernel launches; 512 MiB is far below the loss-time peak of a long-sequence step)."""
+    ten kernel launches)."""
     step = max(1, budget // max(1, bytes_per_row))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+# Whether ``torch.bmm(..., out_dtype=torch.float32)`` (half-precision operands, fp32 accumulation and
+# result, CUDA only) works here; switched off at its first failure.
+_NATIVE_FP32_BMM = [True]
+
+
+def _bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched) accumulated and returned in fp32 (fp64 for fp64), without upcast copies of
+    half-precision operands on CUDA (the depth K/V are read once, as stored)."""
+    acc = _acc(a)
+    if a.dtype == b.dtype == acc:
+        return torch.bmm(a, b)
+    if a.is_cuda and a.dtype == b.dtype and _NATIVE_FP32_BMM[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=acc)
+        except (RuntimeError, TypeError):  # older torch or an unsupported dtype: upcast instead
+            _NATIVE_FP32_BMM[0] = False
+    return torch.bmm(a.to(acc), b.to(acc))
 
 
 class _DepthFlashAttention(torch.autograd.Function):
@@ -460,13 +541,24 @@ class _DepthFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, depth_key, depth_value, scale, kernel, *attached):
+        # Megatron hands over views of its fused QKV projection (``value`` always, ``query`` and
+        # ``key`` without RoPE); saving such a view would pin the whole [s, b, g, (r + 2) d] tensor
+        # until backward. Like TE's attention (which copies layouts it cannot take), save contiguous
+        # copies instead: one copy, two fewer [s, b, np, d] units held per layer.
+        query, key, value = (x if x.is_contiguous() else x.contiguous() for x in (query, key, value))
         s, b, heads, dk = query.shape
         g, dv = key.shape[2], value.shape[-1]
         r, width = heads // g, max(dk, dv)
-        qh, kh, vh = _to_heads(query, 1, width), _to_heads(key, r, width), _to_heads(value, r, width)
-        out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
-        out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
-        lse = lse_h.permute(2, 0, 1)  # [s, b, np]
+        if kernel == "te-fused-cuda":  # sbhd in, sbhd out, GQA native
+            if dk != dv:
+                raise ValueError(f"MoDA te kernel: K head dim {dk} != V head dim {dv} (MLA); use "
+                                 "MoDAConfig(cuda_kernel='cudnn' or 'flash')")
+            out, lse, state = _te_forward(query, key, value, scale)
+        else:
+            qh, kh, vh = _to_heads(query, 1, width), _to_heads(key, r, width), _to_heads(value, r, width)
+            out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
+            out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
+            lse = lse_h.permute(2, 0, 1)  # [s, b, np]
         if depth_key is not None:
             out, lse = _merge_depth(query, depth_key, depth_value, out, lse, scale)
         out = out.to(query.dtype).contiguous()
@@ -486,6 +578,10 @@ class _DepthFlashAttention(torch.autograd.Function):
         g, dv = key.shape[2], value.shape[-1]
         r, width = heads // g, max(dk, dv)
         dout = dout.contiguous()
+        if ctx.state[0] == "te-fused-cuda":
+            dquery, dkey, dvalue = _te_backward(dout, query, key, value, out, lse, ctx.state, ctx.scale)
+            return _DepthFlashAttention._finish_backward(ctx, query, key, value, out, lse, dout,
+                                                         depth_key, depth_value, dquery, dkey, dvalue)
         dq_h, dk_h, dv_h = _flash_backward(
             _to_heads(dout, 1, width), _to_heads(query, 1, width), _to_heads(key, r, width),
             _to_heads(value, r, width), _to_heads(out, 1, width), lse.permute(1, 2, 0).contiguous(),
@@ -496,6 +592,13 @@ class _DepthFlashAttention(torch.autograd.Function):
         if r > 1:
             dkey = dkey.reshape(s, b, g, r, dk).sum(3)
             dvalue = dvalue.reshape(s, b, g, r, dv).sum(3)
+        return _DepthFlashAttention._finish_backward(ctx, query, key, value, out, lse, dout,
+                                                     depth_key, depth_value, dquery, dkey, dvalue)
+
+    @staticmethod
+    def _finish_backward(ctx, query, key, value, out, lse, dout, depth_key, depth_value, dquery, dkey,
+                         dvalue):
+        """Adds the depth part to dq (and the depth-K/V grads when attached); the Function's grads."""
         grads_attached = []
         if depth_key is not None:
             dquery = dquery.contiguous()
@@ -509,11 +612,15 @@ class _DepthFlashAttention(torch.autograd.Function):
 
 def _depth_scores(q, kd, scale):
     """q ``[rows, r, dk]``, kd ``[rows, n, dk]`` -> fp32 scores ``[rows, r, n]``."""
-    return torch.bmm(q.to(_acc(q)), kd.to(_acc(q)).transpose(1, 2)) * scale
+    return _bmm_acc(q, kd.transpose(1, 2)).mul_(scale)
 
 
 def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
-    """Merges the sequence result (``[s, b, np, dv]``, lse ``[s, b, np]``) with depth attention."""
+    """Merges the sequence result (``[s, b, np, dv]``, lse ``[s, b, np]``) with depth attention.
+
+    Per chunk of rows the only full-width temporary is the fp32 depth output ``[rows, r, dv]``;
+    the scores and weights are ``[rows, r, n]`` (n depth keys, a handful).
+    """
     s, b, heads, dk = query.shape
     g, n, dv = depth_key.shape[2], depth_key.shape[3], depth_value.shape[-1]
     r, rows = heads // g, s * b * g
@@ -525,14 +632,15 @@ def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
     sl = seq_lse.reshape(rows, r)
     out = torch.empty((rows, r, dv), dtype=query.dtype, device=query.device)
     lse = torch.empty((rows, r), dtype=acc, device=query.device)
-    for sl_ in _row_chunks(rows, 4 * (n * (dk + dv) + r * (dk + dv + n))):
-        scores = _depth_scores(q[sl_], kd[sl_], scale)  # [rows, r, n]
-        depth_lse = scores.logsumexp(-1)
-        depth_out = torch.bmm((scores - depth_lse[..., None]).exp(), vd[sl_].to(acc))  # [rows, r, dv]
-        total = torch.logaddexp(sl[sl_].to(acc), depth_lse)
-        out[sl_] = ((sl[sl_].to(acc) - total).exp()[..., None] * so[sl_].to(acc)
-                    + (depth_lse - total).exp()[..., None] * depth_out).to(out.dtype)
-        lse[sl_] = total
+    for c in _row_chunks(rows, 4 * (r * (dv + 4 * n + 4))):
+        scores = _depth_scores(q[c], kd[c], scale)  # [rows, r, n]
+        seq_l = sl[c].to(acc)
+        total = torch.logaddexp(seq_l, scores.logsumexp(-1))  # joint log-sum-exp [rows, r]
+        probs = scores.sub_(total[..., None]).exp_()  # joint softmax weights of the depth keys
+        merged = _bmm_acc(probs.to(vd.dtype), vd[c])  # [rows, r, dv] fp32
+        merged.addcmul_(so[c], (seq_l - total).exp_()[..., None])  # + sequence part, reweighted
+        out[c] = merged
+        lse[c] = total
     return out.reshape(s, b, heads, dv), lse.reshape(s, b, heads)
 
 
@@ -550,16 +658,18 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
     dq = dquery.view(rows, r, dk)
     dkd = torch.empty((rows, n, dk), dtype=acc, device=query.device) if want_kv else None
     dvd = torch.empty((rows, n, dv), dtype=acc, device=query.device) if want_kv else None
-    for sl_ in _row_chunks(rows, 4 * (n * (dk + dv) * 2 + r * (2 * dk + 2 * dv + 3 * n))):
-        probs = (_depth_scores(q[sl_], kd[sl_], scale) - total[sl_].to(acc)[..., None]).exp()
-        do_f = do[sl_].to(acc)
-        row_dot = (do_f * o[sl_].to(acc)).sum(-1, keepdim=True)  # [rows, r, 1]
-        dp = torch.bmm(do_f, vd[sl_].to(acc).transpose(1, 2))  # [rows, r, n]
-        ds = probs * (dp - row_dot)
-        dq[sl_] += (torch.bmm(ds, kd[sl_].to(acc)) * scale).to(dq.dtype)
+    per_row = 4 * (r * (dk + 6 * n + 2)) + (4 * n * (dk + dv) * 2 if want_kv else 0)
+    for c in _row_chunks(rows, per_row):
+        cr = (c.stop - c.start) * r
+        probs = _depth_scores(q[c], kd[c], scale).sub_(total[c].to(acc)[..., None]).exp_()
+        # rowsum(dO * O) as a batched dot product: no fp32 copies of dO and O
+        row_dot = _bmm_acc(do[c].reshape(cr, 1, dv), o[c].reshape(cr, dv, 1)).view(-1, r, 1)
+        dp = _bmm_acc(do[c], vd[c].transpose(1, 2))  # [rows, r, n]
+        ds = dp.sub_(row_dot).mul_(probs)
+        dq[c] += _bmm_acc(ds.to(kd.dtype), kd[c]).mul_(scale)
         if want_kv:
-            dkd[sl_] = torch.bmm(ds.transpose(1, 2), q[sl_].to(acc)) * scale
-            dvd[sl_] = torch.bmm(probs.transpose(1, 2), do_f)
+            dkd[c] = _bmm_acc(ds.transpose(1, 2).to(q.dtype), q[c]).mul_(scale)
+            dvd[c] = _bmm_acc(probs.transpose(1, 2).to(do.dtype), do[c])
     if want_kv:
         dkd, dvd = dkd.reshape(s, b, g, n, dk), dvd.reshape(s, b, g, n, dv)
     return dkd, dvd

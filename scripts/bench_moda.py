@@ -5,11 +5,18 @@
 
 For every sequence length it builds the model through megatron-core (``runtime.build_model``,
 Megatron DDP + Adam, bf16) as ``base`` (plain TE attention on every ``A`` layer), ``moda`` (MoDA on
-every ``A`` layer, detached buffer, FlashAttention-2 sequence kernel) and ``moda-cudnn`` (same, cuDNN
-sequence kernel), trains ``--warmup`` + ``--steps`` steps on synthetic batches and
+every ``A`` layer, detached buffer, FlashAttention-2 sequence kernel through aten), ``moda-cudnn``
+(same, cuDNN through aten) and ``moda-te`` (same, TE's fused attention: the kernel of the base
+layers, with its softmax statistics), trains ``--warmup`` + ``--steps`` steps on synthetic batches and
 reports ms/step and ``torch.cuda.max_memory_allocated``. Targets (issue 7): step-time ratio
 moda/base <= 1.10, and the peak-memory increase within 10% of ``depth_kv_bytes`` (the formula),
 which is also checked against the bytes the buffer actually allocated (``megacpp_stats``).
+
+Every (seq, variant) runs in a FRESH Python process (this script re-invoked with ``--child``): the
+allocator starts empty and nothing of the previous variant survives (in one process the previous
+model + Adam state, ~10 GiB, stayed allocated and was counted in the next variant's peak).
+Before the runs, ``--check-seq`` compares the fast path with the reference (output and gradients,
+bf16, Megatron-like strided q/k/v) for both CUDA sequence kernels; ``--no-check`` skips it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ import sys
 import time
 
 import torch
+
+
+# variant -> MoDAConfig.cuda_kernel (None: no MoDA)
+VARIANTS = {"base": None, "moda": "flash", "moda-cudnn": "cudnn", "moda-te": "te"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,10 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="te", choices=["te", "local", "auto"])
-    p.add_argument("--variants", nargs="+", default=["base", "moda", "moda-cudnn"],
-                   choices=["base", "moda", "moda-cudnn"],
-                   help="moda: FlashAttention-2 sequence kernel; moda-cudnn: cuDNN sequence kernel")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="moda: FlashAttention-2 sequence kernel (aten); moda-cudnn: cuDNN (aten); "
+                        "moda-te: TE's fused attention (cuDNN, as the base TE layers)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--check-seq", type=int, default=1024, help="sequence length of the kernel check")
+    p.add_argument("--no-check", action="store_true", help="skip the fast-vs-reference kernel check")
+    p.add_argument("--in-process", action="store_true",
+                   help="run all variants in this process (allocator state then leaks across variants)")
+    p.add_argument("--child", nargs=2, metavar=("SEQ", "VARIANT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -73,8 +89,7 @@ def model_config(args, seq: int, variant: str):
         pattern=args.pattern, num_layers=args.layers, hidden_size=args.hidden,
         num_attention_heads=args.heads, num_query_groups=args.kv_groups, ffn_hidden_size=args.ffn,
         vocab_size=args.vocab, seq_length=seq, moe=None, mla=None, mtp_depth=0,
-        features={} if variant == "base" else
-        {"moda": MoDAConfig(cuda_kernel="cudnn" if variant == "moda-cudnn" else "flash")},
+        features={} if VARIANTS[variant] is None else {"moda": MoDAConfig(cuda_kernel=VARIANTS[variant])},
     )
 
 
@@ -83,7 +98,7 @@ def run_variant(args, seq: int, variant: str) -> dict:
     from megacpp_mcore.moda import DepthAwareAttention
     from megacpp_mcore.testing.parity import synthetic_batches
 
-    start_allocated = torch.cuda.memory_allocated()  # leftovers of the previous variant would show here
+    start_allocated = torch.cuda.memory_allocated()  # 0 in a fresh process
     m = model_config(args, seq, variant)
     config = runtime.transformer_config(m, runtime.Parallelism())  # bf16 on CUDA
     chunks = runtime.build_model(m, config, backend=args.backend)
@@ -98,6 +113,8 @@ def run_variant(args, seq: int, variant: str) -> dict:
     for i in range(args.warmup):
         step(i)
     torch.cuda.synchronize()
+    # parameters, grads, Adam state (+ the MoDA buffer of the last micro-batch, kept until the next)
+    steady_allocated = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     losses = [step(args.warmup + i)["loss"] for i in range(args.steps)]
@@ -108,6 +125,7 @@ def run_variant(args, seq: int, variant: str) -> dict:
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_bytes": torch.cuda.max_memory_allocated(), "final_loss": losses[-1],
         "start_allocated_bytes": start_allocated,
+        "model_and_optimizer_bytes": steady_allocated,
     }
     cores = [mod for c in chunks for mod in c.modules() if isinstance(mod, DepthAwareAttention)]
     if cores:
@@ -122,31 +140,104 @@ def run_variant(args, seq: int, variant: str) -> dict:
     return result
 
 
+def run_child(args, seq: int, variant: str) -> dict:
+    """This variant in a fresh process; its JSON result (or the error it died with)."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", str(seq), variant,
+           "--batch", str(args.batch), "--pattern", args.pattern, "--layers", str(args.layers),
+           "--hidden", str(args.hidden), "--heads", str(args.heads), "--ffn", str(args.ffn),
+           "--vocab", str(args.vocab), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--backend", args.backend]
+    if args.kv_groups is not None:
+        cmd += ["--kv-groups", str(args.kv_groups)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"variant": variant, "seq": seq, "error": f"child exited {proc.returncode}: {' | '.join(tail)[:400]}"}
+
+
+def guarded_run(args, seq: int, variant: str) -> dict:
+    try:
+        return run_variant(args, seq, variant)
+    except Exception as exc:  # OOM or a kernel refusing the shape: record it, go on
+        res = {"variant": variant, "seq": seq, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        gc.collect()
+        torch.cuda.empty_cache()
+        return res
+
+
+def kernel_check(args) -> list[dict]:
+    """Fast path versus reference on this model's head shapes (bf16, Megatron-like q/k/v strides:
+    v a view of the fused QKV output), 7 depth keys: max |error| of the output and of dq/dk/dv,
+    relative to the largest reference value."""
+    from megacpp_mcore.moda import fast_depth_attention, reference_depth_attention
+
+    heads, groups = args.heads, args.kv_groups or args.heads
+    d, s, b, n, r = args.hidden // args.heads, args.check_seq, 1, 7, args.heads // (args.kv_groups or args.heads)
+    out = []
+    for kernel in ("flash", "cudnn", "te"):
+        try:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            mixed = torch.randn(s, b, groups, (r + 2) * d, device="cuda", dtype=torch.bfloat16,
+                                generator=g).requires_grad_()
+            q = mixed[..., : r * d].reshape(s, b, heads, d) * 1.0
+            k = mixed[..., r * d: (r + 1) * d] * 1.0
+            v = mixed[..., (r + 1) * d:]
+            kd = torch.randn(s, b, groups, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            vd = torch.randn(s, b, groups, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            grad = torch.randn(s, b, heads, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            fast = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5, cuda_kernel=kernel)
+            g_fast = torch.autograd.grad(fast, [mixed], grad, retain_graph=True)[0]
+            ref = reference_depth_attention(*(x.float() for x in (q, k, v, kd, vd)), scale=d ** -0.5)
+            g_ref = torch.autograd.grad(ref, [mixed], grad.float())[0]
+            rel = lambda a, b_: float((a.detach().float() - b_.detach()).abs().max() / b_.detach().abs().max())  # noqa: E731
+            res = {"kernel": kernel, "seq": s, "out_rel_err": rel(fast, ref), "grad_rel_err": rel(g_fast, g_ref)}
+            res["ok"] = res["out_rel_err"] < 2e-2 and res["grad_rel_err"] < 5e-2
+        except Exception as exc:
+            res = {"kernel": kernel, "seq": s, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False}
+        print(json.dumps(res), flush=True)
+        out.append(res)
+    gc.collect()
+    torch.cuda.empty_cache()  # the children get the whole GPU
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_environment(args)
-    from megacpp_mcore import runtime
+    if args.child:
+        from megacpp_mcore import runtime
 
-    runtime.initialize(runtime.Parallelism(), seed=1234)
+        runtime.initialize(runtime.Parallelism(), seed=1234)
+        res = guarded_run(args, int(args.child[0]), args.child[1])
+        print("RESULT " + json.dumps(res), flush=True)
+        runtime.shutdown()
+        return 0
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  backend {args.backend}  "
           f"model {args.pattern} x {args.layers}, hidden {args.hidden}, heads {args.heads}, batch {args.batch}")
+    checks = [] if args.no_check else kernel_check(args)
     results = []
+    if args.in_process:
+        from megacpp_mcore import runtime
+
+        runtime.initialize(runtime.Parallelism(), seed=1234)
     for seq in args.seq:
         for variant in args.variants:
-            try:
-                res = run_variant(args, seq, variant)
-            except Exception as exc:  # OOM or a kernel refusing the shape: record it, go on
-                res = {"variant": variant, "seq": seq, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                gc.collect()
-                torch.cuda.empty_cache()
+            res = guarded_run(args, seq, variant) if args.in_process else run_child(args, seq, variant)
             print(json.dumps(res), flush=True)
             results.append(res)
     summary = summarize(results)
-    print(format_table(results, summary))
+    print(format_table(results, summary, checks))
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"args": vars(args), "results": results, "summary": summary}, fh, indent=1)
-    runtime.shutdown()
+            json.dump({"args": vars(args), "kernel_check": checks, "results": results, "summary": summary},
+                      fh, indent=1)
+    if args.in_process:
+        runtime.shutdown()
     return 0
 
 
@@ -155,7 +246,7 @@ def summarize(results: list[dict]) -> list[dict]:
     for seq in sorted({r["seq"] for r in results}):
         by = {r["variant"]: r for r in results if r["seq"] == seq and "error" not in r}
         base = by.get("base")
-        for name in ("moda", "moda-cudnn"):
+        for name in [v for v in VARIANTS if VARIANTS[v] is not None]:
             moda = by.get(name)
             if base is None or moda is None:
                 continue
@@ -175,13 +266,24 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
-def format_table(results: list[dict], summary: list[dict]) -> str:
-    lines = ["", "| seq | variant | ms/step | peak GiB | kernel |", "|---|---|---|---|---|"]
+def format_table(results: list[dict], summary: list[dict], checks: list[dict] = ()) -> str:
+    lines = []
+    if checks:
+        lines += ["", "| kernel check | seq | out rel err (<2e-2) | grad rel err (<5e-2) |", "|---|---|---|---|"]
+        for c in checks:
+            if "error" in c:
+                lines.append(f"| {c['kernel']} | {c['seq']} | {c['error']} | |")
+            else:
+                lines.append(f"| {c['kernel']} | {c['seq']} | {c['out_rel_err']:.2e} | {c['grad_rel_err']:.2e} "
+                             f"{'ok' if c['ok'] else 'MISS'} |")
+    lines += ["", "| seq | variant | ms/step | peak GiB | model+optimizer GiB | final loss | kernel |",
+              "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['seq']} | {r['variant']} | {r['error']} | | |")
+            lines.append(f"| {r['seq']} | {r['variant']} | {r['error']} | | | | |")
         else:
             lines.append(f"| {r['seq']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['peak_gib']:.2f} | "
+                         f"{r['model_and_optimizer_bytes'] / 2**30:.2f} | {r['final_loss']:.3f} | "
                          f"{','.join(r.get('observed_kernel', ['backend default']))} |")
     lines += ["", "| seq | variant | step-time ratio (<=1.10) | peak increase GiB | formula GiB | "
               "increase/formula (0.9..1.1) | allocated==formula |", "|---|---|---|---|---|---|---|"]

@@ -54,6 +54,8 @@ def _qkv(s=6, b=2, heads=4, groups=2, dk=8, dv=8, dtype=torch.float32, grad=True
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="kernel='flash'.*allowed: fast, reference"):
         MoDAConfig(kernel="flash")
+    with pytest.raises(ValueError, match="cuda_kernel='fa3'; allowed: flash, cudnn, te"):
+        MoDAConfig(cuda_kernel="fa3")
     with pytest.raises(ValueError, match="attention layers only; allowed symbols: 'A'"):
         MoDAConfig(placement=FeaturePlacement(symbols="AE"))
     with pytest.raises(ValueError, match="contributing_layers: -1 is not a layer index"):
@@ -157,6 +159,82 @@ def test_fast_path_in_row_chunks_equals_reference(monkeypatch):
     for a, b in zip(torch.autograd.grad(ref.sum(), [q, k, v, kd, vd]),
                     torch.autograd.grad(fast.sum(), [q, k, v, kd, vd])):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def _fake_te_fused():
+    """TE's fused_attn_fwd / fused_attn_bwd conventions (sbhd in/out, GQA native, softmax stats
+    [b, np, s, 1], aux = [stats, rng_state]) on top of PyTorch's CPU flash kernel: checks our side of
+    the ``cuda_kernel="te"`` path (layouts, merged statistics handed to the backward) on CPU."""
+    import types
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    calls = []
+
+    def heads(x, r):
+        return x.repeat_interleave(r, dim=2).permute(1, 2, 0, 3)
+
+    def check(sq, skv, cu_q, cu_kv, q, kwargs):
+        s, b = q.shape[:2]
+        assert sq == skv == s and cu_q is cu_kv and cu_q.dtype == torch.int32
+        assert cu_q.tolist() == list(range(0, (b + 1) * s, s))
+        assert kwargs == dict(attn_scale=kwargs["attn_scale"], dropout=0.0, qkv_layout="sbhd_sbhd_sbhd",
+                              attn_bias_type="no_bias", attn_mask_type="causal")
+
+    def fwd(is_training, sq, skv, cu_q, cu_kv, q, k, v, fake_dtype, backend, **kwargs):
+        check(sq, skv, cu_q, cu_kv, q, kwargs)
+        assert is_training and fake_dtype == q.dtype and backend == "arbitrary"
+        r = q.shape[2] // k.shape[2]
+        out, lse = flash(heads(q, 1), heads(k, r), heads(v, r), 0.0, True, scale=kwargs["attn_scale"])
+        calls.append("fwd")
+        return out.permute(2, 0, 1, 3).contiguous(), [lse.unsqueeze(-1).contiguous(), torch.zeros(2)]
+
+    def bwd(sq, skv, cu_q, cu_kv, q, k, v, o, d_o, fake_dtype, dqkv_dtype, aux, backend, **kwargs):
+        check(sq, skv, cu_q, cu_kv, q, kwargs)
+        s, b, h, d = q.shape
+        g = k.shape[2]
+        stats, rng = aux
+        assert stats.shape == (b, h, s, 1) and stats.is_contiguous() and rng.shape == (2,)
+        assert dqkv_dtype == "te-" + str(d_o.dtype) and backend == "arbitrary"
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            heads(d_o, 1), heads(q, 1), heads(k, h // g), heads(v, h // g), heads(o, 1), stats[..., 0],
+            0.0, True, scale=kwargs["attn_scale"])
+        dk = dk.permute(2, 0, 1, 3).reshape(s, b, g, h // g, d).sum(3)
+        dv = dv.permute(2, 0, 1, 3).reshape(s, b, g, h // g, d).sum(3)
+        calls.append("bwd")
+        return dq.permute(2, 0, 1, 3).contiguous(), dk, dv, None
+
+    return types.SimpleNamespace(fwd=fwd, bwd=bwd, backend="arbitrary", calls=calls,
+                                 dtypes={torch.float32: "te-torch.float32"})
+
+
+@pytest.mark.parametrize("n,attached", [(0, False), (3, False), (2, True)])
+def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
+    fake = _fake_te_fused()
+    monkeypatch.setattr(moda, "_te_fused", lambda: fake)
+    torch.manual_seed(n)
+    q, k, v = _qkv()
+    ks = [torch.randn_like(k).requires_grad_() for _ in range(n)]
+    vs = [torch.randn_like(v).requires_grad_() for _ in range(n)]
+    kd, vd = (torch.stack(ks, 3), torch.stack(vs, 3)) if n else (None, None)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
+    fast = moda._DepthFlashAttention.apply(
+        q, k, v, None if kd is None else kd.detach(), None if vd is None else vd.detach(), 0.3,
+        "te-fused-cuda", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    inputs = [q, k, v, *ks, *vs] if attached else [q, k, v]
+    grad = torch.randn_like(ref)
+    for a, b_ in zip(torch.autograd.grad(ref, inputs, grad), torch.autograd.grad(fast, inputs, grad)):
+        torch.testing.assert_close(b_, a, atol=1e-5, rtol=0)
+    assert fake.calls == ["fwd", "bwd"]
+    monkeypatch.undo()
+    from megacpp_mcore import backends
+
+    with backends.override_detection(te=None), pytest.raises(backends.BackendUnavailable,
+                                                             match="install transformer-engine"):
+        moda._te_fused()
+    with pytest.raises(ValueError, match="K head dim 24 != V head dim 16"):
+        q2, k2, v2 = _qkv(dk=24, dv=16)
+        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda")
 
 
 def test_reference_masks_the_future():
@@ -284,6 +362,93 @@ def test_refuses_unsupported_settings():
         buffer.push(1, *_qkv(s=4, grad=False)[1:])
 
 
+# -- memory: what a MoDA layer holds for backward ---------------------------------------------------
+
+
+def _megatron_like_qkv(s, b, heads, groups, d, dtype=torch.bfloat16):
+    """q, k, v as Megatron's SelfAttention hands them over: one fused projection output
+    ``[s, b, g, (r + 2) d]`` split per group; q and k pass RoPE (new tensors), v stays a view."""
+    r = heads // groups
+    mixed = torch.randn(s, b, groups, (r + 2) * d, dtype=dtype, requires_grad=True)
+    q = mixed[..., : r * d].reshape(s, b, heads, d) * 1.0
+    k = mixed[..., r * d: (r + 1) * d] * 1.0
+    v = mixed[..., (r + 1) * d:]
+    return mixed, q, k, v
+
+
+def _pinned_bytes_saved(fn) -> tuple[torch.Tensor, int]:
+    """(fn(), bytes of the distinct storages autograd saved for backward while fn ran)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_moda_layer_saves_no_more_than_plain_attention(groups):
+    """A depth-reading layer holds exactly what a plain fused attention (TE) holds for backward:
+    contiguous q, k, v, the output and the fp32 log-sum-exp; the depth keys cost only the buffer.
+    (Saving Megatron's value view pinned the whole fused QKV tensor: +2 [s, b, np, d] per layer,
+    1.75 GiB at seq 16384 on the H200 benchmark.)"""
+    s, b, heads, d = 128, 2, 4, 16
+    layers = _layers(MoDAConfig(), 3, _config(num_layers=3, num_query_groups=groups, hidden_size=heads * d))
+    unit_q, unit_kv = s * b * heads * d * 2, s * b * groups * d * 2
+    plain = 2 * unit_q + 2 * unit_kv + s * b * heads * 4  # q, out, k, v (bf16) + lse (fp32)
+    held = []
+    for lay in layers:
+        torch.manual_seed(lay.layer_index)
+        mixed, q, k, v = _megatron_like_qkv(s, b, heads, groups, d)
+        out, pinned = _pinned_bytes_saved(lambda: lay(q, k, v, None))
+        assert pinned == plain, (lay.reads, pinned, plain)
+        held.append((mixed, out))
+    assert [lay.reads for lay in layers] == [0, 1, 2]
+    # the buffer (not saved through autograd) is the only other MoDA cost, and equals the formula
+    assert layers[0].buffer.allocated_bytes == depth_kv_bytes(b, s, 3, groups, d, torch.bfloat16)
+    sum(out.float().sum() for _, out in held).backward()  # and it still backprops into mixed
+    assert all(mixed.grad is not None and mixed.grad.abs().sum() > 0 for mixed, _ in held)
+
+
+def test_attached_buffer_does_not_pin_the_fused_qkv():
+    s, b, heads, d = 64, 2, 4, 16
+    first, second = _layers(MoDAConfig(detach=False), 2, _config(num_layers=2, hidden_size=heads * d))
+    mixed, q, k, v = _megatron_like_qkv(s, b, heads, heads, d)
+    first(q, k, v, None)
+    attached = first.buffer.attached
+    assert len(attached) == 2
+    assert all(t.untyped_storage().data_ptr() != mixed.untyped_storage().data_ptr() for t in attached)
+    mixed2, q2, k2, v2 = _megatron_like_qkv(s, b, heads, heads, d)
+    second(q2, k2, v2, None).float().sum().backward()
+    assert mixed.grad is not None and mixed.grad[..., 2 * d:].abs().sum() > 0  # V grad via the buffer
+
+
+def test_depth_merge_uses_no_full_width_fp32_copies(monkeypatch):
+    """The depth math reads q / depth K/V / dO / O in their own dtype through ``_bmm_acc`` (fp32
+    accumulation): no ``.to(float32)`` of [rows, n, d] or [rows, r, d] operands on the fast path."""
+    calls = []
+    real = moda._bmm_acc
+
+    def spy(a, b_):
+        calls.append((a.dtype, b_.dtype))
+        return real(a, b_)
+
+    monkeypatch.setattr(moda, "_bmm_acc", spy)
+    s, b, heads, groups, d, n = 32, 2, 4, 2, 16, 3
+    q, k, v = _qkv(s=s, b=b, heads=heads, groups=groups, dk=d, dv=d, dtype=torch.bfloat16)
+    kd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    out = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5)
+    out.float().sum().backward()
+    # forward: scores, depth output; backward: scores, rowsum(dO*O), dP, dQ (all bf16 x bf16)
+    assert calls == [(torch.bfloat16, torch.bfloat16)] * 6
+    ref = reference_depth_attention(q.float(), k.float(), v.float(), kd.float(), vd.float(), scale=d ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 # -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
 
 
@@ -335,8 +500,10 @@ def test_tp2_sp_and_pp2_match_single_rank():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
-@pytest.mark.parametrize("dk,dv", [(128, 128), (192, 128)])
+@pytest.mark.parametrize("cuda_kernel,dk,dv", [
+    ("flash", 128, 128), ("flash", 192, 128), ("cudnn", 128, 128), ("cudnn", 192, 128),
+    ("te", 128, 128),  # TE's fused attention (the cuDNN kernel base TE layers run); equal head dims
+])
 def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
     torch.manual_seed(0)
     s, b, heads, groups, n = 512, 2, 8, 4, 3
@@ -356,7 +523,7 @@ def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
-@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn"])
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn", "te"])
 def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
     from megacpp_mcore import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
@@ -377,7 +544,8 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
                                              micro_batch_size=2, seq_length=256)["loss"])
         assert losses[-1] < losses[0]
         cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
-        assert {c.observed_kernel for c in cores if c.reads} == {f"aten-{cuda_kernel}-cuda"}
+        expected_kernel = "te-fused-cuda" if cuda_kernel == "te" else f"aten-{cuda_kernel}-cuda"
+        assert {c.observed_kernel for c in cores if c.reads} == {expected_kernel}
         assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
         expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
@@ -416,3 +584,56 @@ def test_mla_model_with_moda_pushes_mla_shaped_kv_and_trains(single_rank):
     assert expected % per_layer == 0
     starters = [c for c in cores if c.starts_micro_batch]
     assert [c.megacpp_stats()["moda_buffer_bytes"] for c in starters] == [expected, expected]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_depth_math_accumulates_in_fp32_without_upcast_copies():
+    """``_bmm_acc`` on bf16 CUDA operands runs torch.bmm(out_dtype=float32) (no fp32 copies of the
+    depth K/V) and matches the fp32 product of the same bf16 values."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(4096, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(4096, 128, 7, device="cuda", dtype=torch.bfloat16, generator=g)
+    got = moda._bmm_acc(a, b)
+    assert got.dtype == torch.float32
+    assert moda._NATIVE_FP32_BMM[0], "torch.bmm(out_dtype=float32) is unavailable: depth math upcasts"
+    torch.testing.assert_close(got, torch.bmm(a.float(), b.float()), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_moda_layer_memory_at_4096():
+    """At the benchmark's shapes (seq 4096, batch 2, 16 heads of 128), a layer reading 7 depth keys
+    keeps exactly what a layer reading 1 keeps (output, contiguous V, fp32 lse) and its transient
+    peaks stay within the 256 MiB chunk budget of the depth math."""
+    s, b, heads, d = 4096, 2, 16, 128
+    config = _config(num_layers=8, num_query_groups=heads, hidden_size=heads * d, num_attention_heads=heads)
+    layers = _layers(MoDAConfig(), 8, config)
+    unit = s * b * heads * d * 2
+    held, stats = [], {}
+    for lay in layers:
+        torch.manual_seed(lay.layer_index)
+        mixed = torch.randn(s, b, heads, 3 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = mixed[..., :d] * 1.0, mixed[..., d: 2 * d] * 1.0, mixed[..., 2 * d:]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = lay(q, k, v, None)
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - before
+        if lay.layer_index == 0:
+            kept -= lay.buffer.allocated_bytes  # the first push allocates the buffer
+        stats[lay.reads] = (kept, torch.cuda.max_memory_allocated() - before)
+        held.append((mixed, out))
+    assert stats[7][0] == stats[1][0]
+    assert abs(stats[7][0] - (2 * unit + s * b * heads * 4)) <= 2**20  # out + V copy + lse
+    assert stats[7][1] - stats[1][1] <= 256 * 2**20 + 2**20
+    peaks = {}
+    for (mixed, out), lay in reversed(list(zip(held, layers))):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        peaks[lay.reads] = torch.cuda.max_memory_allocated() - before
+    assert peaks[7] - peaks[1] <= 256 * 2**20 + 2**20
