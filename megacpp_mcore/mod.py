@@ -46,10 +46,22 @@ only; :func:`mod_layer_spec` therefore refuses ``topk`` on a layer that also car
 
 In ``topk`` an ``E`` layer's MoE router (and its load-balancing loss) sees the selected tokens only.
 
-Extra losses reach the optimizer through :class:`MoDLossAutoScaler` (Megatron's aux-loss pattern);
-``runtime.train_step`` sets its scale to ``1 / num_microbatches`` like the schedule does for MoE.
-Under a stock ``pretrain_gpt.py`` loop nobody sets it, so the scale stays 1 and the MoD loss weights
-act per micro-batch (effectively ``num_microbatches`` times larger relative to the LM loss).
+Extra losses ride on the gate's own backward (:class:`_SparsityGate`, :class:`_TopkGate`: custom
+autograd functions that add the loss gradient where the gate's gradient is formed), so the gate is
+the one control surface of LM loss, sparsity loss and router loss, and no separate loss graph (mean,
+relu, square, auto-scaler on the layer output) costs kernel launches. Their scale is
+:class:`MoDLossAutoScaler`'s (Megatron's aux-loss contract); ``runtime.train_step`` sets it to
+``1 / num_microbatches`` like the schedule does for MoE. Under a stock ``pretrain_gpt.py`` loop nobody
+sets it, so the scale stays 1 and the MoD loss weights act per micro-batch (effectively
+``num_microbatches`` times larger relative to the LM loss). Loss VALUES are computed lazily from
+the recorded gate means / router logits when ``megacpp_stats()`` is called.
+
+Performance. A gateskip layer adds, per forward+backward, the router GEMV and its two backward
+GEMMs, a sigmoid, the gate sum and a few scalar ops; the gated residual is one ``addcmul`` that
+replaces the bias-dropout-add (no dropout), see ``tests/test_mod_perf.py``. A topk layer's attention
+and MLP run on the ``k`` gathered tokens only; with Transformer Engine, attention layers of two
+shapes (topk and dense) alternate, and TE's one-entry backend-selection cache re-runs its CPU-heavy
+selection on every call unless ``patches.te_attention_backend_cache`` is applied.
 """
 
 from __future__ import annotations
