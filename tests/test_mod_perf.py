@@ -301,3 +301,54 @@ def test_te_backend_cache_patch_status_without_the_one_entry_cache(tmp_path, mon
     finally:
         for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
             sys.modules.pop(name)
+
+
+# ------------------------------------------------------------------------------------- GPU
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with TE")
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_te_topk_and_dense_attention_select_backend_once_per_shape(single_rank, monkeypatch):
+    """Real TE: dense and top-k attention layers alternate; with the memo patch TE's backend
+    selection runs once per shape, not on every call."""
+    from megatron.core.transformer.spec_utils import build_module
+    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention, utils
+
+    from megacpp_mcore import runtime
+    from megacpp_mcore.attention import attention_layer_spec
+    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.mod import mod_layer_spec
+    from patches import te_attention_backend_cache as patch
+
+    calls = []
+    for module in (utils, dot_product_attention):
+        fn = getattr(module, "get_attention_backend", None)
+        if fn is not None:
+            def counting(params, *args, _fn=fn, **kwargs):
+                calls.append(params.max_seqlen_q)
+                return _fn(params, *args, **kwargs)
+            monkeypatch.setattr(module, "get_attention_backend", counting)
+    assert patch.check() in ("needed", "fixed-upstream")
+    patch.apply()
+    model = custom_model(pattern="AE", num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                         ffn_hidden_size=4 * HIDDEN, vocab_size=128, seq_length=SEQ, mla=None,
+                         moe=None)
+    cfg = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)
+    layers = []
+    for mod in (None, _TOPK):
+        ctx = LayerContext(config=cfg, backend=get_backend("te"), index=0, symbol="A",
+                           features=frozenset({"mod"} if mod else ()),
+                           feature_configs={"mod": mod} if mod else {})
+        spec = attention_layer_spec(ctx)
+        layers.append(build_module(mod_layer_spec(spec, ctx) if mod else spec, config=cfg,
+                                   layer_number=1).cuda())
+    rope = _rope().cuda()
+    for _ in range(4):
+        for layer in layers:
+            x = torch.randn(SEQ, 2, HIDDEN, device="cuda", dtype=cfg.params_dtype,
+                            requires_grad=True)
+            layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)[0].sum().backward()
+    assert sorted(set(calls)) == sorted({SEQ, _TOPK.topk_count(SEQ)})
+    assert len(calls) <= 2, calls  # one selection per shape (upstream: one per call, 8 here)
