@@ -350,5 +350,5 @@ def test_te_topk_and_dense_attention_select_backend_once_per_shape(single_rank, 
             x = torch.randn(SEQ, 2, HIDDEN, device="cuda", dtype=cfg.params_dtype,
                             requires_grad=True)
             layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)[0].sum().backward()
-    assert sorted(set(calls)) == sorted({SEQ, _TOPK.topk_count(SEQ)})
+    assert set(calls) <= {SEQ, _TOPK.topk_count(SEQ)}
     assert len(calls) <= 2, calls  # one selection per shape (upstream: one per call, 8 here)
