@@ -28,7 +28,12 @@ def capture(fn: Callable[[], torch.Tensor], *, warmup: int = 3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    for state in get_all_rng_states().values():
+    for name, state in get_all_rng_states().items():
+        if not isinstance(state, torch.Generator):
+            raise RuntimeError(
+                f"RNG tracker state {name!r} is not graph-safe; call tensor_parallel."
+                "model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, "
+                "force_reset_rng=True) before building the modules to capture")
         graph.register_generator_state(state)
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
