@@ -352,3 +352,26 @@ def test_te_topk_and_dense_attention_select_backend_once_per_shape(single_rank, 
             layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)[0].sum().backward()
     assert set(calls) <= {SEQ, _TOPK.topk_count(SEQ)}
     assert len(calls) <= 2, calls  # one selection per shape (upstream: one per call, 8 here)
+
+
+def test_lazy_statistics_fold_without_set_step(single_rank):
+    """Statistics stay on device as recorded tensors; without megacpp_set_step (a stock loop) they
+    are folded every _FOLD_AT forwards, so memory stays bounded and the means stay exact."""
+    import math
+
+    layer = _layer("E", MoDConfig(mode="gateskip", sparsity_loss_weight=0.5, budget_start=0.6,
+                                  budget_end=0.6))
+    with torch.no_grad():
+        layer.mod_router.weight.zero_()
+    gates = []
+    for i in range(layer._FOLD_AT + 6):
+        with torch.no_grad():
+            layer.mod_router.bias.fill_(0.01 * i)
+        _step(layer, batch=1, seed=i)
+        gates.append(1.0 / (1.0 + math.exp(-0.01 * i)))  # every token's gate this forward
+        assert len(layer._pending.get("gate_mean", [])) < layer._FOLD_AT
+    stats = layer.megacpp_stats()
+    assert stats["gate_mean"] == pytest.approx(sum(gates) / len(gates), rel=1e-6)
+    losses = [0.5 * max(g - 0.6, 0.0) ** 2 for g in gates]
+    assert stats["loss_sparsity"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert stats["fraction_processed"] == 1.0 and stats["budget"] == 0.6
