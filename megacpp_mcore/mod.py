@@ -444,7 +444,9 @@ class MoDLayer(TransformerLayer):
             out, bias = x_with_bias
             if bias is not None:
                 out = out + bias
-            if prob == 0.0 or not training:  # no dropout: one fused op, residual + weight * out
+            if (prob == 0.0 or not training) and out.dtype == residual.dtype:  # no dropout:
+                # one fused op (a custom backward skipping addcmul's scaled copies measured no
+                # better on host-bound steps: the Python Function costs what the kernels save)
                 mixed = torch.addcmul(residual, out, route.weight)
             else:
                 mixed = bda((out * route.weight, None), residual, prob)  # [s, b, h]
