@@ -93,10 +93,13 @@ def check() -> str:
     upstream_fn = _wrapping.upstream(utils.get_attention_backend, NAME)
     if hasattr(upstream_fn, "cache_info"):  # functools.lru_cache upstream
         return "fixed-upstream"
-    try:
+    try:  # the method (decorators unwrapped), else the whole module
         source = inspect.getsource(dpa.DotProductAttention.forward)
     except (OSError, TypeError):
-        return "target-missing"
+        try:
+            source = inspect.getsource(dpa)
+        except (OSError, TypeError):
+            return "target-missing"
     return "needed" if _SINGLE_ENTRY in source else "fixed-upstream"
 
 
