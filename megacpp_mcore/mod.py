@@ -557,11 +557,13 @@ class MoDLayer(TransformerLayer):
         self._fold_values(name, pending)
         if name == "gate_mean" and self.mod.mode != "topk":  # sparsity loss at the window's budget
             excess = F.relu(torch.stack(pending) - self._budget)
-            self._fold_values("loss_sparsity", list(self.mod.sparsity_loss_weight * excess * excess))
+            self._fold_values("loss_sparsity", self.mod.sparsity_loss_weight * excess * excess)
 
-    def _fold_values(self, name: str, values: list) -> None:
+    def _fold_values(self, name: str, values: list | torch.Tensor) -> None:
+        """Adds ``values`` (0-d tensors, or one tensor of them) to ``name``'s running sum."""
+        values = values if isinstance(values, torch.Tensor) else torch.stack(values)
         total, count = self._stats.get(name, (0.0, 0))
-        self._stats[name] = (total + torch.stack(values).float().sum(), count + len(values))
+        self._stats[name] = (total + values.float().sum(), count + values.numel())
 
 
 def _gather_rope(rope, idx: torch.Tensor):
