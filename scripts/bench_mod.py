@@ -223,8 +223,12 @@ def _gpu_busy_fraction(step, first: int, steps: int = 3):
                 step(first + i)
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - start) * 1e6
+        from torch.autograd import DeviceType
+
+        # Device-side events only (kernels, memcpy, memset): host events that launched them also
+        # carry the kernels' time and would count it twice.
         kernel_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                        for e in prof.key_averages())
+                        for e in prof.key_averages() if getattr(e, "device_type", None) == DeviceType.CUDA)
         return round(kernel_us / wall_us, 3)
     except Exception as exc:  # a diagnostic only: never fail the benchmark over it
         print(f"[bench_mod] gpu busy fraction unavailable: {type(exc).__name__}: {exc}", flush=True)
