@@ -46,10 +46,22 @@ only; :func:`mod_layer_spec` therefore refuses ``topk`` on a layer that also car
 
 In ``topk`` an ``E`` layer's MoE router (and its load-balancing loss) sees the selected tokens only.
 
-Extra losses reach the optimizer through :class:`MoDLossAutoScaler` (Megatron's aux-loss pattern);
-``runtime.train_step`` sets its scale to ``1 / num_microbatches`` like the schedule does for MoE.
-Under a stock ``pretrain_gpt.py`` loop nobody sets it, so the scale stays 1 and the MoD loss weights
-act per micro-batch (effectively ``num_microbatches`` times larger relative to the LM loss).
+Extra losses ride on the gate's own backward (:class:`_SparsityGate`, :class:`_TopkGate`: custom
+autograd functions that add the loss gradient where the gate's gradient is formed), so the gate is
+the one control surface of LM loss, sparsity loss and router loss, and no separate loss graph (mean,
+relu, square, auto-scaler on the layer output) costs kernel launches. Their scale is
+:class:`MoDLossAutoScaler`'s (Megatron's aux-loss contract); ``runtime.train_step`` sets it to
+``1 / num_microbatches`` like the schedule does for MoE. Under a stock ``pretrain_gpt.py`` loop nobody
+sets it, so the scale stays 1 and the MoD loss weights act per micro-batch (effectively
+``num_microbatches`` times larger relative to the LM loss). Loss VALUES are computed lazily from
+the recorded gate means / router logits when ``megacpp_stats()`` is called.
+
+Performance. A gateskip layer adds, per forward+backward, the router GEMV and its two backward
+GEMMs, a sigmoid, the gate sum and a few scalar ops; the gated residual is one ``addcmul`` that
+replaces the bias-dropout-add (no dropout), see ``tests/test_mod_perf.py``. A topk layer's attention
+and MLP run on the ``k`` gathered tokens only; with Transformer Engine, attention layers of two
+shapes (topk and dense) alternate, and TE's one-entry backend-selection cache re-runs its CPU-heavy
+selection on every call unless ``patches.te_attention_backend_cache`` is applied.
 """
 
 from __future__ import annotations
@@ -71,7 +83,6 @@ from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_n
 from megatron.core.transformer.identity_op import IdentityFuncOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.utils import make_viewless_tensor
 
 from megacpp_mcore.layer_context import LayerContext
 from megacpp_mcore.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement
@@ -210,6 +221,68 @@ class MoDLossAutoScaler(torch.autograd.Function):
         MoDLossAutoScaler.main_loss_backward_scale = scale
 
 
+def _loss_scale():
+    return MoDLossAutoScaler.main_loss_backward_scale
+
+
+class _SparsityGate(torch.autograd.Function):
+    """``gate = sigmoid(logits)`` whose backward also carries the sparsity loss.
+
+    ``L = w * relu(mean(gate) - budget)^2`` over the whole sequence (``group``: the TP group whose
+    SP shards make it up, or ``None``) has ``dL/dgate_i = 2 w relu(mean - budget) / N``, times the
+    MoD loss scale (:class:`MoDLossAutoScaler`'s contract). Folding it into the gate's backward
+    keeps one control surface (the gate) at the cost of a few scalar kernels, where the loss as a
+    separate graph (mean, relu, square, auto-scaler on the layer output) cost a dozen launches per
+    layer in forward and backward. Returns ``(gate, mean)``; ``mean`` is detached (statistics).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, loss_weight: float, budget: float, group):
+        gate = torch.sigmoid(logits)
+        total = gate.sum()
+        count = gate.numel()
+        if group is not None:
+            torch.distributed.all_reduce(total, group=group)
+            count *= group.size()
+        mean = total / count
+        ctx.save_for_backward(gate, mean)
+        ctx.coef, ctx.budget = 2.0 * loss_weight / count, budget
+        ctx.mark_non_differentiable(mean)
+        return gate, mean
+
+    @staticmethod
+    def backward(ctx, grad_gate, _grad_mean):
+        gate, mean = ctx.saved_tensors
+        pressure = (mean - ctx.budget).clamp_min_(0.0) * (ctx.coef * _loss_scale())
+        grad = pressure if grad_gate is None else grad_gate + pressure
+        return torch.ops.aten.sigmoid_backward(grad.expand_as(gate), gate), None, None, None
+
+
+class _TopkGate(torch.autograd.Function):
+    """Gates of the top-k tokens, ``sigmoid(logits)[idx]`` in ``dtype``, whose backward also
+    carries the router's auxiliary loss ``w * mean(BCE(logits, onehot(idx)))`` over every position
+    (``dL/dlogit = w (sigmoid(logit) - onehot) / N``, times the MoD loss scale). The loss value
+    itself is computed lazily for the statistics (:meth:`MoDLayer.megacpp_stats`)."""
+
+    @staticmethod
+    def forward(ctx, logits, idx, aux_weight: float, dtype):
+        gate = torch.sigmoid(logits)  # [s, b, 1] fp32
+        ctx.save_for_backward(gate, idx)
+        ctx.aux_weight = aux_weight
+        return gate.gather(0, idx).to(dtype)  # [k, b, 1]
+
+    @staticmethod
+    def backward(ctx, grad_selected):
+        gate, idx = ctx.saved_tensors
+        selected = gate.gather(0, idx)
+        grad_sel = torch.ops.aten.sigmoid_backward(grad_selected.to(gate.dtype), selected)
+        if not ctx.aux_weight:
+            return torch.zeros_like(gate).scatter_(0, idx, grad_sel), None, None, None
+        coef = ctx.aux_weight * _loss_scale() / gate.numel()
+        grad = torch.zeros_like(gate).scatter_(0, idx, grad_sel - coef)  # the one-hot term
+        return grad.add_(gate * coef), None, None, None
+
+
 @dataclasses.dataclass
 class _Route:
     """What the gated bias-dropout-add of the current forward applies."""
@@ -260,6 +333,7 @@ class MoDLayer(TransformerLayer):
         self._forced_gate: float | None = None
         self._budget = mod.budget(0)
         self._stats: dict[str, tuple] = {}  # name -> (running sum, count), on device
+        self._pending: dict[str, list] = {}  # name -> recorded tensors not yet folded
 
     def _init_router(self) -> None:
         weight, bias = self.mod_router.weight, self.mod_router.bias
@@ -290,10 +364,12 @@ class MoDLayer(TransformerLayer):
     def megacpp_set_step(self, step: int) -> None:
         """Sets the budget for training ``step`` and starts a new statistics window."""
         self._budget = self.mod.budget(step)
-        self._stats = {}
+        self._stats, self._pending = {}, {}
 
     def megacpp_stats(self) -> dict[str, float]:
         """Means since the last ``megacpp_set_step``: fraction processed, gate mean, losses."""
+        for name in list(self._pending):
+            self._fold(name)
         out = {name: float(total) / count for name, (total, count) in self._stats.items()}
         out["budget"] = self._budget
         return out
@@ -307,22 +383,25 @@ class MoDLayer(TransformerLayer):
         if self.mod.mode == "topk" and not (not self.training and self.mod.inference == "causal"):
             return self._forward_topk(hidden_states, *args, **kwargs)
         logits = self._router_logits(hidden_states)  # [s, b, 1] fp32
-        gate = torch.sigmoid(logits)
+        sharded = self.config.sequence_parallel
+        if self.training and torch.is_grad_enabled() and self.mod.sparsity_loss_weight > 0:
+            group = self.tp_group if sharded else None
+            gate, gate_mean = _SparsityGate.apply(logits, self.mod.sparsity_loss_weight,
+                                                  self._budget, group)
+        else:
+            gate = torch.sigmoid(logits)
+            gate_mean = self._global_mean(gate.detach(), sharded)
         mask = None
         if self.mod.mode == "threshold":
-            mask = gate >= self.mod.threshold
+            mask = gate.detach() >= self.mod.threshold
         elif self.mod.mode == "topk":  # eval, causal: the per-token predictor trained by the BCE
-            mask = logits >= 0.0
+            mask = logits.detach() >= 0.0
         elif not self.training and self.mod.inference == "hard":
-            mask = self._budget_mask(gate)
-        sharded = self.config.sequence_parallel
-        gate_mean = self._global_mean(gate, sharded)  # keeps its graph for the sparsity loss
+            mask = self._budget_mask(gate.detach())
         self._record("gate_mean", gate_mean)
         output, context = self._run_inner(hidden_states, self._weight(gate), mask, *args, **kwargs)
         fraction = 1.0 if mask is None else self._global_mean(mask.float(), sharded)
         self._record("fraction_processed", fraction)
-        if self.mod.mode != "topk":
-            output = self._attach(output, "loss_sparsity", self._sparsity_loss(gate_mean))
         return output, context
 
     def _router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -333,9 +412,10 @@ class MoDLayer(TransformerLayer):
         return F.linear(hidden_states, weight, bias).float()
 
     def _weight(self, gate: torch.Tensor) -> torch.Tensor:
-        """The gate that scales the block's contribution (``force_gate`` overrides it)."""
+        """The gate that scales the block's contribution (``force_gate`` overrides its value; the
+        product with 0 keeps the gate in the graph so the losses riding on its backward flow)."""
         if self._forced_gate is not None:
-            return torch.full_like(gate, self._forced_gate)
+            return gate * 0.0 + self._forced_gate
         return gate
 
     def _run_inner(self, hidden_states, weight, mask, *args, **kwargs):
@@ -345,7 +425,9 @@ class MoDLayer(TransformerLayer):
         made from inside it) runs. gateskip/threshold pass every position here; topk passes the
         gathered ``k`` tokens, which is why topk is refused on MoDA layers.
         """
-        self._route = _Route(weight=weight.to(hidden_states.dtype), mask=mask)
+        if weight.dtype != hidden_states.dtype:
+            weight = weight.to(hidden_states.dtype)
+        self._route = _Route(weight=weight, mask=mask)
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
@@ -362,7 +444,12 @@ class MoDLayer(TransformerLayer):
             out, bias = x_with_bias
             if bias is not None:
                 out = out + bias
-            mixed = bda((out * route.weight, None), residual, prob)  # [s, b, h]
+            if (prob == 0.0 or not training) and out.dtype == residual.dtype:  # no dropout:
+                # one fused op (a custom backward skipping addcmul's scaled copies measured no
+                # better on host-bound steps: the Python Function costs what the kernels save)
+                mixed = torch.addcmul(residual, out, route.weight)
+            else:
+                mixed = bda((out * route.weight, None), residual, prob)  # [s, b, h]
             if route.mask is not None:
                 mixed = torch.where(route.mask, mixed, residual)
             return mixed
@@ -388,12 +475,14 @@ class MoDLayer(TransformerLayer):
         full = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group) if sp else x
         seq, _, hidden = full.shape
         logits = self._router_logits(full)  # [s, b, 1], identical on all TP ranks
-        gate = torch.sigmoid(logits)
         k = self.mod.topk_count(seq, group.size() if sp else 1)
-        idx = logits.squeeze(-1).topk(k, dim=0).indices.sort(dim=0).values  # [k, b], in order
-        selected = full.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))  # [k, b, h]
-        self._record("gate_mean", gate.detach().mean())
-        weight = self._weight(gate.gather(0, idx.unsqueeze(-1)))  # [k, b, 1]
+        idx = logits.detach().squeeze(-1).topk(k, dim=0).indices.sort(dim=0).values  # [k, b], in order
+        idx1 = idx.unsqueeze(-1)  # [k, b, 1]
+        idx_h = idx1.expand(-1, -1, hidden)
+        selected = full.gather(0, idx_h)  # [k, b, h]
+        aux_weight = self.mod.router_aux_loss_weight if self.training else 0.0
+        weight = self._weight(_TopkGate.apply(logits, idx1, aux_weight, full.dtype))  # [k, b, 1]
+        self._record_topk(logits.detach(), idx1)
         rope = kwargs.pop("rotary_pos_emb", None)
         if rope is not None:
             kwargs["rotary_pos_emb"] = _gather_rope(rope, idx)
@@ -404,13 +493,12 @@ class MoDLayer(TransformerLayer):
         if sp:
             processed = gather_from_sequence_parallel_region(
                 processed, tensor_parallel_output_grad=False, group=group)
-        out = full.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), processed.to(full.dtype))
+        if processed.dtype != full.dtype:
+            processed = processed.to(full.dtype)
+        out = full.scatter(0, idx_h, processed)
         if sp:
             out = scatter_to_sequence_parallel_region(out, group=group)
         self._record("fraction_processed", k / seq)
-        target = torch.zeros_like(logits).scatter(0, idx.unsqueeze(-1), 1.0)
-        aux = F.binary_cross_entropy_with_logits(logits, target)
-        out = self._attach(out, "loss_router_aux", self.mod.router_aux_loss_weight * aux)
         return out, context
 
     # --------------------------------------------------------------------------- losses, stats
@@ -422,11 +510,6 @@ class MoDLayer(TransformerLayer):
             count *= self.tp_group.size()
         return total / count
 
-    def _sparsity_loss(self, gate_mean: torch.Tensor) -> torch.Tensor:
-        """``w * relu(mean(gate) - budget)^2``: gate mass above the current token budget."""
-        excess = F.relu(gate_mean - self._budget)
-        return self.mod.sparsity_loss_weight * excess * excess
-
     def _budget_mask(self, gate: torch.Tensor) -> torch.Tensor:
         """Hard budget: per sequence, the ``ceil(budget * T)`` highest gates are processed."""
         sp = self.config.sequence_parallel
@@ -436,18 +519,51 @@ class MoDLayer(TransformerLayer):
         kth = full.topk(k, dim=0).values[-1:]  # [1, b, 1]
         return gate >= kth
 
-    def _attach(self, output: torch.Tensor, name: str, loss: torch.Tensor) -> torch.Tensor:
-        self._record(name, loss.detach())
-        if self.training and torch.is_grad_enabled() and loss.requires_grad:
-            output = MoDLossAutoScaler.apply(output, loss)
-            output = make_viewless_tensor(inp=output, requires_grad=True, keep_graph=True)
-        return output
+    # Statistics stay on device and are reduced lazily: a forward only appends tensors it already
+    # has (no extra kernels, no host sync); losses that the backward applies implicitly
+    # (_SparsityGate, _TopkGate) are evaluated here from the recorded gate means / logits.
+    _FOLD_AT = 64  # pending entries per statistic before they are folded (bounded memory)
 
     def _record(self, name: str, value) -> None:
-        total, count = self._stats.get(name, (0.0, 0))
         if isinstance(value, torch.Tensor):
-            value = value.detach()
+            pending = self._pending.setdefault(name, [])
+            pending.append(value.detach())
+            if len(pending) >= self._FOLD_AT:
+                self._fold(name)
+            return
+        total, count = self._stats.get(name, (0.0, 0))
         self._stats[name] = (total + value, count + 1)
+
+    def _record_topk(self, logits: torch.Tensor, idx: torch.Tensor) -> None:
+        pending = self._pending.setdefault("_topk", [])
+        pending.append((logits, idx))
+        if len(pending) >= self._FOLD_AT:
+            self._fold("_topk")
+
+    def _fold(self, name: str) -> None:
+        pending = self._pending.pop(name, [])
+        if not pending:
+            return
+        if name == "_topk":  # (logits, idx) pairs -> gate mean and the router's BCE
+            self._fold_values("gate_mean", [torch.sigmoid(lg).mean() for lg, _ in pending])
+            if self.mod.mode == "topk":
+                losses = []
+                for logits, idx in pending:
+                    target = torch.zeros_like(logits).scatter_(0, idx, 1.0)
+                    losses.append(self.mod.router_aux_loss_weight
+                                  * F.binary_cross_entropy_with_logits(logits, target))
+                self._fold_values("loss_router_aux", losses)
+            return
+        self._fold_values(name, pending)
+        if name == "gate_mean" and self.mod.mode != "topk":  # sparsity loss at the window's budget
+            excess = F.relu(torch.stack(pending) - self._budget)
+            self._fold_values("loss_sparsity", self.mod.sparsity_loss_weight * excess * excess)
+
+    def _fold_values(self, name: str, values: list | torch.Tensor) -> None:
+        """Adds ``values`` (0-d tensors, or one tensor of them) to ``name``'s running sum."""
+        values = values if isinstance(values, torch.Tensor) else torch.stack(values)
+        total, count = self._stats.get(name, (0.0, 0))
+        self._stats[name] = (total + values.float().sum(), count + values.numel())
 
 
 def _gather_rope(rope, idx: torch.Tensor):

@@ -54,6 +54,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
     p.add_argument("--skip-graph", action="store_true", help="skip the CUDA graph capture check")
+    p.add_argument("--no-te-backend-cache", action="store_true",
+                   help="do not apply patches.te_attention_backend_cache (measure TE's one-entry "
+                        "backend cache re-selecting on every top-k/dense alternation)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
@@ -132,53 +135,104 @@ def _build(args, variant: str):
     return [DistributedDataParallel(config=config, ddp_config=ddp, module=gpt)], config
 
 
+def _release(chunks, optimizer) -> None:
+    """Breaks the reference cycles that keep a finished variant alive.
+
+    ``runtime.build_optimizer`` stores ``chunks[0].no_sync`` and ``optimizer.scale_loss`` (bound
+    methods) in the TransformerConfig that every module holds, so model <-> config <-> optimizer
+    form a cycle that only the cyclic GC frees. Before this fix, ``_time_variant`` called
+    ``gc.collect()`` while a loop variable still held a module (hence the config, the optimizer
+    and every parameter): the variant survived until the NEXT variant's timed steps, and that
+    variant's peak memory included it (dense 25.4 GiB = its own 16.3 + upstream-dense's 9.1).
+    """
+    config = chunks[0].config
+    config.finalize_model_grads_func = None
+    config.grad_scale_func = None
+    config.no_sync_func = None
+    chunks.clear()
+    del optimizer
+
+
 def _time_variant(args, variant: str) -> dict:
     import torch
 
     from megacpp_mcore import runtime
 
+    dev = runtime.device()
+    cuda = dev.type == "cuda"
+    base_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     chunks, _ = _build(args, variant)
     optimizer = runtime.build_optimizer(chunks, lr=1e-4)
     mod_layers = [m for m in chunks[0].modules() if hasattr(m, "megacpp_set_step")]
-    dev = runtime.device()
-    cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=dev, generator=g)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
              "loss_mask": torch.ones(args.batch, args.seq, device=dev)}
     times, losses = [], []
+
+    def step(i):
+        for layer in mod_layers:
+            layer.megacpp_set_step(i)
+        return runtime.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
+                                  micro_batch_size=args.batch, seq_length=args.seq)
+
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        for layer in mod_layers:
-            layer.megacpp_set_step(step)
+    for i in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
-        result = runtime.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
-                                    micro_batch_size=args.batch, seq_length=args.seq)
+        result = step(i)
         sync()
-        if step >= args.warmup:
+        if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
         losses.append(result["loss"])
-    stats = {}
-    for name, module in chunks[0].named_modules():
-        if hasattr(module, "megacpp_stats"):
-            stats[name] = module.megacpp_stats()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    busy = _gpu_busy_fraction(step, args.warmup + args.steps) if cuda else None
+    stats = {name: module.megacpp_stats() for name, module in chunks[0].named_modules()
+             if hasattr(module, "megacpp_stats")}
     out = {
         "ms_per_step": statistics.median(times),
         "ms_min": min(times),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "peak_gib": peak,
+        "alloc_before_build_gib": base_gib,  # ~0 when the previous variant was freed
+        "gpu_busy_fraction": busy,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "mod_layers": len(mod_layers),
         "mod_stats_last_step": stats,
     }
-    del chunks, optimizer, mod_layers
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    mod_layers.clear()
+    _release(chunks, optimizer)
     return out
+
+
+def _gpu_busy_fraction(step, first: int, steps: int = 3):
+    """Sum of GPU kernel time / wall time over ``steps`` profiled steps. Well below 1 means the
+    step is bound by the host (Python + kernel launches), so cutting GPU work (top-k) cannot show
+    in the step time and every extra op (gateskip) costs launch overhead, not FLOPs."""
+    import torch
+
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for i in range(steps):
+                step(first + i)
+            torch.cuda.synchronize()
+            wall_us = (time.perf_counter() - start) * 1e6
+        from torch.autograd import DeviceType
+
+        # Device-side events only (kernels, memcpy, memset): host events that launched them also
+        # carry the kernels' time and would count it twice.
+        kernel_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+                        for e in prof.key_averages() if getattr(e, "device_type", None) == DeviceType.CUDA)
+        return round(kernel_us / wall_us, 3)
+    except Exception as exc:  # a diagnostic only: never fail the benchmark over it
+        print(f"[bench_mod] gpu busy fraction unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
 def _cuda_graph_check(args) -> dict:
@@ -194,7 +248,8 @@ def _cuda_graph_check(args) -> dict:
 
     from megatron.core import tensor_parallel
 
-    # CUDA graphs need Megatron's graph-safe RNG tracker (TE's attention forks it even at p=0).
+    # CUDA graphs need Megatron's graph-safe RNG tracker (TE's attention forks it even at p=0),
+    # and its generators registered with the graph (testing.cudagraph.capture does that).
     tensor_parallel.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True,
                                                     force_reset_rng=True)
     model = _model(args, "gateskip")
@@ -212,20 +267,17 @@ def _cuda_graph_check(args) -> dict:
     static_x = x.clone()
     result = {"captured": False}
     try:
+        from megacpp_mcore.testing.cudagraph import capture
+
+        def fwd():
+            return layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
+
         with torch.no_grad():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    eager = layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
+            graph, static_out = capture(fwd)
             static_x.copy_(torch.randn_like(x))
             graph.replay()
             torch.cuda.synchronize()
-            eager = layer(hidden_states=static_x, attention_mask=None, rotary_pos_emb=rope)[0]
+            eager = fwd()
             result.update(captured=True,
                           max_abs_diff_vs_eager=float((static_out.float() - eager.float()).abs().max()))
     except Exception as exc:  # report, do not hide: the check fails with the reason
@@ -233,6 +285,26 @@ def _cuda_graph_check(args) -> dict:
     # Replay runs the captured kernels on new data: it must equal eager up to bf16 rounding.
     result["ok"] = bool(result["captured"] and result.get("max_abs_diff_vs_eager", 1.0) <= 5e-2)
     return result
+
+
+def _apply_backend_cache(args) -> str:
+    """Top-k layers attend over k tokens, the dense layers between them over the full sequence:
+    without the patch TE re-runs its CPU-heavy backend selection on every attention call."""
+    if args.cpu_smoke or args.no_te_backend_cache:
+        return "off"
+    from patches import te_attention_backend_cache as patch
+
+    state = patch.check()
+    changed = patch.apply() if state == "needed" else []
+    print(f"[bench_mod] {patch.NAME}: {state}; applied to {changed or 'nothing'}", flush=True)
+    return f"{state}: {', '.join(changed) or 'nothing applied'}"
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -244,11 +316,14 @@ def main(argv=None) -> int:
     from megacpp_mcore import runtime
 
     runtime.initialize(runtime.Parallelism(), seed=1234)
+    host["te_backend_cache_patch"] = _apply_backend_cache(args)
     results = {"host": host, "args": {k: str(v) if isinstance(v, Path) else v
                                       for k, v in vars(args).items()}, "variants": {}}
     for variant in args.variants.split(","):
         print(f"[bench_mod] timing {variant} ...", flush=True)
         results["variants"][variant] = _time_variant(args, variant)
+        gc.collect()  # the variant's cycles (see _release) are freed before the next one builds
+        _empty_cache()
     if not args.skip_graph:
         print("[bench_mod] CUDA graph capture of a gateskip layer forward ...", flush=True)
         results["cuda_graph"] = _cuda_graph_check(args)
@@ -269,13 +344,16 @@ def main(argv=None) -> int:
 
     print(f"\nMoD benchmark: {host['gpu']}, TE {host['te']}, megatron-core {host['megatron_core']}, "
           f"seq {args.seq}, batch {args.batch}, hidden {args.hidden}, {args.blocks} blocks")
-    print(f"{'variant':<16}{'ms/step':>10}{'peak GiB':>10}{'ratio':>8}{'target':>8}  ok")
+    print(f"{'variant':<16}{'ms/step':>10}{'peak GiB':>10}{'pre GiB':>9}{'gpu busy':>10}"
+          f"{'ratio':>8}{'target':>8}  ok")
     for name, v in variants.items():
         r = ratios.get(name, {})
         ratio = v["ms_per_step"] / base["ms_per_step"] if base else float("nan")
         target = f"{r['target']:.2f}" if r else "-"
         ok = ("yes" if r["ok"] else "NO") if r else ""
-        print(f"{name:<16}{v['ms_per_step']:>10.1f}{v['peak_gib']:>10.1f}{ratio:>8.3f}{target:>8}  {ok}")
+        busy = "-" if v["gpu_busy_fraction"] is None else f"{v['gpu_busy_fraction']:.2f}"
+        print(f"{name:<16}{v['ms_per_step']:>10.1f}{v['peak_gib']:>10.1f}"
+              f"{v['alloc_before_build_gib']:>9.2f}{busy:>10}{ratio:>8.3f}{target:>8}  {ok}")
     if "cuda_graph" in results:
         print(f"cuda graph capture (gateskip layer fwd): {results['cuda_graph']}")
     if args.out:

@@ -446,16 +446,10 @@ def test_gateskip_forward_captures_in_cuda_graph(single_rank):
     layer = _te_layer("gateskip").eval()
     rope = _rope(16).cuda()
     static_x = _inputs().cuda().to(layer.mod_router.weight.dtype)
+    from megacpp_mcore.testing.cudagraph import capture
+
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                _call(layer, static_x, rope)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = _call(layer, static_x, rope)
+        graph, static_out = capture(lambda: _call(layer, static_x, rope))
         static_x.copy_(_inputs(seed=7).cuda())
         graph.replay()
         torch.cuda.synchronize()
