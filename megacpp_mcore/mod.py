@@ -59,9 +59,9 @@ the recorded gate means / router logits when ``megacpp_stats()`` is called.
 Performance. A gateskip layer adds, per forward+backward, the router GEMV and its two backward
 GEMMs, a sigmoid, the gate sum and a few scalar ops; the gated residual is one ``addcmul`` that
 replaces the bias-dropout-add (no dropout), see ``tests/test_mod_perf.py``. A topk layer's attention
-and MLP run on the ``k`` gathered tokens only; with Transformer Engine, attention layers of two
-shapes (topk and dense) alternate, and TE's one-entry backend-selection cache re-runs its CPU-heavy
-selection on every call unless ``patches.te_attention_backend_cache`` is applied.
+and MLP run on the ``k`` gathered tokens only. With Transformer Engine, attention layers of two
+shapes (topk and dense) alternate, and TE's one-entry backend-selection cache then re-runs its
+CPU-side selection on every call (measured on the H200: see docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -10,19 +10,8 @@ import hashlib
 import json
 from typing import Any
 
-# The M and R blocks are built from the same dimensions (constants re-exported for callers).
-from megacpp_mcore.mixers.dims import (  # noqa: F401
-    M2RNN_CONV,
-    M2RNN_K_DIM,
-    M2RNN_V_DIM,
-    MAMBA_CONV,
-    MAMBA_EXPAND,
-    MAMBA_GROUPS,
-    MAMBA_HEAD_DIM,
-    MAMBA_STATE,
-    m2rnn_dims,
-    mamba_dims,
-)
+# The M and R blocks are built from the same dimensions.
+from megacpp_mcore.mixers.dims import m2rnn_dims, mamba_dims
 from megacpp_mcore.pattern import LayerEntry, symbol_counts
 from megacpp_mcore.presets import ModelConfig
 

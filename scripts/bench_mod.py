@@ -54,9 +54,6 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
     p.add_argument("--skip-graph", action="store_true", help="skip the CUDA graph capture check")
-    p.add_argument("--no-te-backend-cache", action="store_true",
-                   help="do not apply patches.te_attention_backend_cache (measure TE's one-entry "
-                        "backend cache re-selecting on every top-k/dense alternation)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
@@ -287,19 +284,6 @@ def _cuda_graph_check(args) -> dict:
     return result
 
 
-def _apply_backend_cache(args) -> str:
-    """Top-k layers attend over k tokens, the dense layers between them over the full sequence:
-    without the patch TE re-runs its CPU-heavy backend selection on every attention call."""
-    if args.cpu_smoke or args.no_te_backend_cache:
-        return "off"
-    from patches import te_attention_backend_cache as patch
-
-    state = patch.check()
-    changed = patch.apply() if state == "needed" else []
-    print(f"[bench_mod] {patch.NAME}: {state}; applied to {changed or 'nothing'}", flush=True)
-    return f"{state}: {', '.join(changed) or 'nothing applied'}"
-
-
 def _empty_cache() -> None:
     import torch
 
@@ -316,7 +300,6 @@ def main(argv=None) -> int:
     from megacpp_mcore import runtime
 
     runtime.initialize(runtime.Parallelism(), seed=1234)
-    host["te_backend_cache_patch"] = _apply_backend_cache(args)
     results = {"host": host, "args": {k: str(v) if isinstance(v, Path) else v
                                       for k, v in vars(args).items()}, "variants": {}}
     for variant in args.variants.split(","):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -217,146 +215,8 @@ def test_bench_frees_each_variant_before_the_next(single_rank, monkeypatch):
     assert alive == [before] * 3
 
 
-# ------------------------------------------------------------- TE backend-selection memo patch
-_FAKE_UTILS = '''
-calls = []
-
-def get_attention_backend(params):
-    calls.append(params.max_seqlen_q)
-    return ("flash" if params.max_seqlen_q > 64 else "fused", params.max_seqlen_q)
-'''
-_FAKE_DPA = '''
-import dataclasses
-from . import utils as dpa_utils
-
-_attention_backends = {"attention_params": None, "backend_selection_requires_update": False}
-
-
-@dataclasses.dataclass(eq=True)
-class AttentionParams:
-    max_seqlen_q: int = 1
-    fp8_meta: dict = None
-
-
-class DotProductAttention:
-    def forward(self, seq):
-        attention_params = AttentionParams(max_seqlen_q=seq)
-        if (_attention_backends["attention_params"] is None
-                or {cmp}):
-            _attention_backends["attention_params"] = attention_params
-            _attention_backends["backend_selection_requires_update"] = True
-        if _attention_backends["backend_selection_requires_update"]:
-            _attention_backends["selected"] = dpa_utils.get_attention_backend(attention_params)
-            _attention_backends["backend_selection_requires_update"] = False
-        return _attention_backends["selected"]
-'''
-
-
-def _fake_te(tmp_path, monkeypatch, cmp):
-    pkg = tmp_path / "transformer_engine" / "pytorch" / "attention" / "dot_product_attention"
-    pkg.mkdir(parents=True)
-    for part in (pkg, *pkg.parents):
-        if part == tmp_path:
-            break
-        (part / "__init__.py").write_text("")
-    (pkg / "utils.py").write_text(textwrap.dedent(_FAKE_UTILS))
-    (pkg / "dot_product_attention.py").write_text(_FAKE_DPA.replace("{cmp}", cmp))
-    for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention, utils
-
-    return utils, dot_product_attention
-
-
-def test_te_backend_cache_patch_selects_once_per_shape(tmp_path, monkeypatch):
-    from patches import te_attention_backend_cache as patch
-
-    one_entry = 'attention_params != _attention_backends["attention_params"]'
-    utils, dpa = _fake_te(tmp_path, monkeypatch, cmp=one_entry)
-    try:
-        assert patch.check() == "needed"  # the upstream one-entry comparison is there
-        attn = dpa.DotProductAttention()
-        answers = [attn.forward(seq) for seq in (512, 32) * 4]  # top-k / dense alternation
-        assert len(utils.calls) == 8  # upstream: a full re-selection on every call
-        assert patch.apply() == [f"{utils.__name__}.get_attention_backend"]
-        assert patch.apply() == []  # idempotent
-        utils.calls.clear()
-        assert [attn.forward(seq) for seq in (512, 32) * 4] == answers  # same selections
-        assert utils.calls == [512, 32]  # once per configuration
-        monkeypatch.setenv("NVTE_FLASH_ATTN", "0")  # the environment steers the selection
-        attn.forward(512)
-        assert utils.calls == [512, 32, 512]
-        assert patch.check() == "needed"  # the probe looks behind our wrapper
-        unkeyable = dpa.AttentionParams(max_seqlen_q=7, fp8_meta={"scale": 1})
-        utils.get_attention_backend(unkeyable)
-        utils.get_attention_backend(unkeyable)
-        assert utils.calls[-2:] == [7, 7]  # FP8 metadata is mutable state: never cached
-    finally:
-        for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
-            sys.modules.pop(name)
-
-
-def test_te_backend_cache_patch_status_without_the_one_entry_cache(tmp_path, monkeypatch):
-    from patches import te_attention_backend_cache as patch
-
-    _fake_te(tmp_path, monkeypatch, cmp="False")
-    try:
-        assert patch.check() == "fixed-upstream"
-    finally:
-        for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
-            sys.modules.pop(name)
-
-
 # ------------------------------------------------------------------------------------- GPU
 _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with TE")
-
-
-@pytest.mark.gpu
-@_NO_CUDA
-def test_te_topk_and_dense_attention_select_backend_once_per_shape(single_rank, monkeypatch):
-    """Real TE: dense and top-k attention layers alternate; with the memo patch TE's backend
-    selection runs once per shape, not on every call."""
-    from megatron.core.transformer.spec_utils import build_module
-    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention, utils
-
-    from megacpp_mcore import runtime
-    from megacpp_mcore.attention import attention_layer_spec
-    from megacpp_mcore.backends import get_backend
-    from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import mod_layer_spec
-    from patches import te_attention_backend_cache as patch
-
-    calls = []
-    for module in (utils, dot_product_attention):
-        fn = getattr(module, "get_attention_backend", None)
-        if fn is not None:
-            def counting(params, *args, _fn=fn, **kwargs):
-                calls.append(params.max_seqlen_q)
-                return _fn(params, *args, **kwargs)
-            monkeypatch.setattr(module, "get_attention_backend", counting)
-    assert patch.check() in ("needed", "fixed-upstream")
-    patch.apply()
-    model = custom_model(pattern="AE", num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                         ffn_hidden_size=4 * HIDDEN, vocab_size=128, seq_length=SEQ, mla=None,
-                         moe=None)
-    cfg = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)
-    layers = []
-    for mod in (None, _TOPK):
-        ctx = LayerContext(config=cfg, backend=get_backend("te"), index=0, symbol="A",
-                           features=frozenset({"mod"} if mod else ()),
-                           feature_configs={"mod": mod} if mod else {})
-        spec = attention_layer_spec(ctx)
-        layers.append(build_module(mod_layer_spec(spec, ctx) if mod else spec, config=cfg,
-                                   layer_number=1).cuda())
-    rope = _rope().cuda()
-    for _ in range(4):
-        for layer in layers:
-            x = torch.randn(SEQ, 2, HIDDEN, device="cuda", dtype=cfg.params_dtype,
-                            requires_grad=True)
-            layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)[0].sum().backward()
-    assert set(calls) <= {SEQ, _TOPK.topk_count(SEQ)}
-    assert len(calls) <= 2, calls  # one selection per shape (upstream: one per call, 8 here)
 
 
 def test_lazy_statistics_fold_without_set_step(single_rank):

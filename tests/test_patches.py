@@ -43,7 +43,7 @@ def test_registry_modules_follow_the_protocol():
     assert len(set(names)) == len(names)
     for module in modules:
         assert module.DESCRIPTION.strip()
-        assert registry.parse_targets(module.TARGETS).name in ("megatron-core", "transformer-engine")
+        assert registry.parse_targets(module.TARGETS).name == "megatron-core"
 
 
 def test_status_on_installed_megatron_core(restore_targets):
@@ -52,7 +52,7 @@ def test_status_on_installed_megatron_core(restore_targets):
     assert megatron.core.__version__.startswith("0.16."), "these expectations are for 0.16.x"
     rows = _rows()
     assert set(rows) == {"spec-import-errors", "tp-attributes-without-init", "mla-have-te",
-                         "mla-down-proj-tp-marker", "te-attention-backend-cache"}
+                         "mla-down-proj-tp-marker"}
     for name in ("spec-import-errors", "tp-attributes-without-init"):
         row = rows[name]
         assert (row.installed, row.in_targets, row.check, row.action) == (
