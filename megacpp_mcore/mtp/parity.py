@@ -114,18 +114,11 @@ def mtp_train_run(*, model: dict[str, Any], parallel: dict[str, Any] | None = No
     from megatron.core import parallel_state
 
     from megacpp_mcore import runtime
-    from megacpp_mcore.testing.parity import load_model, model_from_spec, save_model, synthetic_batches
+    from megacpp_mcore.testing.parity import setup_run, synthetic_batches
 
-    par = runtime.Parallelism(**(parallel or {}))
-    model_cfg = model_from_spec(model)
-    dp = runtime.initialize(par, seed=seed)
-    config = runtime.transformer_config(model_cfg, par)
-    chunks = runtime.build_model(model_cfg, config, backend="local")
-    if checkpoint_mode == "save":
-        save_model(chunks, checkpoint)
-    elif checkpoint_mode == "load":
-        load_model(chunks, checkpoint)
-    optimizer = runtime.build_optimizer(chunks, lr=lr)
+    par, model_cfg, dp, chunks, optimizer = setup_run(
+        model=model, parallel=parallel, seed=seed, backend="local", checkpoint=checkpoint,
+        checkpoint_mode=checkpoint_mode, lr=lr)
     dp_rank = parallel_state.get_data_parallel_rank()
     blocks = [m for c in chunks for m in c.module.modules() if hasattr(m, "megacpp_stats")]
     losses, grad_norms, mtp_losses = [], [], []

@@ -85,6 +85,23 @@ def load_model(chunks: list, directory: str) -> None:
             raise RuntimeError(f"checkpoint lacks {real_missing[:5]}")
 
 
+def setup_run(*, model, parallel, seed, backend, checkpoint, checkpoint_mode, lr, overrides=None):
+    """(parallelism, model config, DP size, DDP chunks, optimizer) for one rank of a parity run;
+    the initial weights are saved (reference) or loaded (parallel run) before the optimizer."""
+    from megacpp_mcore import runtime
+
+    par = runtime.Parallelism(**(parallel or {}))
+    model_cfg = model_from_spec(model)
+    dp = runtime.initialize(par, seed=seed)
+    config = runtime.transformer_config(model_cfg, par, **(overrides or {}))
+    chunks = runtime.build_model(model_cfg, config, backend=backend)
+    if checkpoint_mode == "save":
+        save_model(chunks, checkpoint)
+    elif checkpoint_mode == "load":
+        load_model(chunks, checkpoint)
+    return par, model_cfg, dp, chunks, runtime.build_optimizer(chunks, lr=lr)
+
+
 def train_run(
     *,
     model: dict[str, Any] | str,
@@ -105,16 +122,9 @@ def train_run(
 
     from megacpp_mcore import runtime
 
-    par = runtime.Parallelism(**(parallel or {}))
-    model_cfg = model_from_spec(model)
-    dp = runtime.initialize(par, seed=seed)
-    config = runtime.transformer_config(model_cfg, par, **(overrides or {}))
-    chunks = runtime.build_model(model_cfg, config, backend=backend)
-    if checkpoint_mode == "save":
-        save_model(chunks, checkpoint)
-    elif checkpoint_mode == "load":
-        load_model(chunks, checkpoint)
-    optimizer = runtime.build_optimizer(chunks, lr=lr)
+    par, model_cfg, dp, chunks, optimizer = setup_run(
+        model=model, parallel=parallel, seed=seed, backend=backend, checkpoint=checkpoint,
+        checkpoint_mode=checkpoint_mode, lr=lr, overrides=overrides)
     dp_rank = parallel_state.get_data_parallel_rank()
     if (global_batch // dp) % micro_batch_size or global_batch % dp:
         raise ValueError(f"global_batch {global_batch} does not split into dp={dp} x mbs={micro_batch_size}")
