@@ -60,8 +60,9 @@ Performance. A gateskip layer adds, per forward+backward, the router GEMV and it
 GEMMs, a sigmoid, the gate sum and a few scalar ops; the gated residual is one ``addcmul`` that
 replaces the bias-dropout-add (no dropout), see ``tests/test_mod_perf.py``. A topk layer's attention
 and MLP run on the ``k`` gathered tokens only. With Transformer Engine, attention layers of two
-shapes (topk and dense) alternate, and TE's one-entry backend-selection cache then re-runs its
-CPU-side selection on every call (measured on the H200: see docs/benchmarks.md).
+shapes (topk and dense) alternate, and TE's process-wide one-entry backend-selection cache then
+re-runs its CPU-side selection on every call; ``patches.te_attention_backend_per_layer`` gives each
+attention layer its own cache entry (``scripts/bench_mod.py`` applies it and counts selections).
 """
 
 from __future__ import annotations

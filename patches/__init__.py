@@ -22,4 +22,5 @@ REGISTRY = (
     "patches.tp_attributes_without_init",
     "patches.mla_have_te",
     "patches.mla_down_proj_tp_marker",
+    "patches.te_attention_backend_per_layer",
 )

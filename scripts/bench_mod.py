@@ -54,6 +54,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
     p.add_argument("--skip-graph", action="store_true", help="skip the CUDA graph capture check")
+    p.add_argument("--no-te-backend-per-layer", action="store_true",
+                   help="do not apply patches.te_attention_backend_per_layer (measure TE's one-entry "
+                        "backend cache re-selecting on every top-k/dense alternation)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
@@ -284,6 +287,37 @@ def _cuda_graph_check(args) -> dict:
     return result
 
 
+def _apply_backend_per_layer(args) -> str:
+    """Top-k layers attend over k tokens, the dense layers between them over the full sequence:
+    without the patch TE re-runs its CPU-heavy backend selection on every attention call.
+    Counts the real selections (``dpa_utils.get_attention_backend``, the name TE's forward calls)."""
+    if args.cpu_smoke or args.no_te_backend_per_layer:
+        return "off"
+    from patches import te_attention_backend_per_layer as patch
+
+    state = patch.check()
+    changed = patch.apply() if state == "needed" else []
+    print(f"[bench_mod] {patch.NAME}: {state}; applied to {changed or 'nothing'}", flush=True)
+    return f"{state}: {', '.join(changed) or 'nothing applied'}"
+
+
+def _count_backend_selections() -> list:
+    """Wraps TE's ``dpa_utils.get_attention_backend`` with a counter (empty list without TE)."""
+    calls: list = []
+    try:
+        from transformer_engine.pytorch.attention.dot_product_attention import utils
+    except ImportError:
+        return calls
+    fn = utils.get_attention_backend
+
+    def counting(params, *a, **k):
+        calls.append(getattr(params, "max_seqlen_q", None))
+        return fn(params, *a, **k)
+
+    utils.get_attention_backend = counting
+    return calls
+
+
 def _empty_cache() -> None:
     import torch
 
@@ -300,11 +334,15 @@ def main(argv=None) -> int:
     from megacpp_mcore import runtime
 
     runtime.initialize(runtime.Parallelism(), seed=1234)
+    host["te_backend_per_layer_patch"] = _apply_backend_per_layer(args)
+    selections = _count_backend_selections()
     results = {"host": host, "args": {k: str(v) if isinstance(v, Path) else v
                                       for k, v in vars(args).items()}, "variants": {}}
     for variant in args.variants.split(","):
         print(f"[bench_mod] timing {variant} ...", flush=True)
+        before = len(selections)
         results["variants"][variant] = _time_variant(args, variant)
+        results["variants"][variant]["te_backend_selections"] = len(selections) - before
         gc.collect()  # the variant's cycles (see _release) are freed before the next one builds
         _empty_cache()
     if not args.skip_graph:
@@ -337,6 +375,8 @@ def main(argv=None) -> int:
         busy = "-" if v["gpu_busy_fraction"] is None else f"{v['gpu_busy_fraction']:.2f}"
         print(f"{name:<16}{v['ms_per_step']:>10.1f}{v['peak_gib']:>10.1f}"
               f"{v['alloc_before_build_gib']:>9.2f}{busy:>10}{ratio:>8.3f}{target:>8}  {ok}")
+    print("TE attention-backend selections per variant (whole run): "
+          + ", ".join(f"{n} {v['te_backend_selections']}" for n, v in variants.items()))
     if "cuda_graph" in results:
         print(f"cuda graph capture (gateskip layer fwd): {results['cuda_graph']}")
     if args.out:

@@ -1,12 +1,19 @@
 """Mixture-of-Depths performance contracts, checked on CPU: top-k layers only compute on the k
 selected tokens (attention and MLP), no MoD forward/backward synchronises the host or draws random
 numbers (CUDA-graph capturable), gateskip adds few ops and ~no FLOPs, the benchmark harness frees a
-variant before timing the next, and the TE backend-selection memo patch."""
+variant before timing the next, and TE's backend selection runs once per attention layer with
+``patches.te_attention_backend_per_layer``."""
 
 from __future__ import annotations
 
+import ast
 import collections
 import gc
+import inspect
+import os
+import sys
+import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -240,3 +247,216 @@ def test_lazy_statistics_fold_without_set_step(single_rank):
     losses = [0.5 * max(g - 0.6, 0.0) ** 2 for g in gates]
     assert stats["loss_sparsity"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert stats["fraction_processed"] == 1.0 and stats["budget"] == 0.6
+
+
+# ------------------------------------------------- TE backend selection: one cache per layer
+_TE_WHEEL = Path(os.environ.get(
+    "MEGACPP_TE_WHEEL", "/work/main/.gpu/cache/transformer_engine-2.11.0-py3-none-any.whl"))
+_DPA = "transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py"
+
+
+def _real_dpa_source() -> str | None:
+    """TE's real ``dot_product_attention.py``: the installed one, else the TE 2.11 wheel."""
+    try:
+        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention
+        return inspect.getsource(dot_product_attention)
+    except ImportError:
+        pass
+    if _TE_WHEEL.exists():
+        with zipfile.ZipFile(_TE_WHEEL) as wheel:
+            return wheel.read(_DPA).decode()
+    return None
+
+
+def _cache_fragment(source: str) -> tuple[str, str]:
+    """From TE's source: the module-level ``_attention_backends = {...}`` and, from
+    ``DotProductAttention.forward``, the statements from ``global _attention_backends`` through the
+    backend-selection ``if`` (the code that decides whether ``get_attention_backend`` runs)."""
+    tree = ast.parse(source)
+    init = next(n for n in tree.body if isinstance(n, ast.Assign)
+                and getattr(n.targets[0], "id", None) == "_attention_backends")
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DotProductAttention")
+    forward = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    for block in ast.walk(forward):
+        body = getattr(block, "body", None)
+        if not isinstance(body, list):
+            continue
+        for i, stmt in enumerate(body):
+            if isinstance(stmt, ast.Global) and "_attention_backends" in stmt.names:
+                selection = body[i + 1]
+                lines = source.splitlines()[stmt.lineno - 1:selection.end_lineno]
+                return ast.get_source_segment(source, init), textwrap.dedent("\n".join(lines))
+    raise AssertionError("TE's DotProductAttention.forward has no `global _attention_backends`")
+
+
+def _fake_te(tmp_path, monkeypatch, source: str):
+    """A ``transformer_engine`` package whose DotProductAttention.forward runs TE's REAL cache and
+    selection code (extracted from ``source``) around a counting ``get_attention_backend``;
+    ``MegatronLikeDPA`` calls it through ``super().forward`` as Megatron's TEDotProductAttention does."""
+    init, fragment = _cache_fragment(source)
+    pkg = tmp_path / "transformer_engine" / "pytorch" / "attention" / "dot_product_attention"
+    pkg.mkdir(parents=True)
+    for part in (pkg, *pkg.parents):
+        if part == tmp_path:
+            break
+        (part / "__init__.py").write_text("")
+    (pkg / "utils.py").write_text(textwrap.dedent('''
+        import dataclasses
+        calls = []
+
+        @dataclasses.dataclass(eq=True)
+        class AttentionParams:
+            max_seqlen_q: int = 1
+            is_training: bool = True
+            fp8_meta: dict = None  # real TE passes a dict here on every call
+
+        def get_attention_backend(params):
+            calls.append(params.max_seqlen_q)
+            flash = params.max_seqlen_q > 64
+            return flash, "fa-" + str(params.max_seqlen_q), not flash, 1, False, None
+    '''))
+    body = textwrap.indent(fragment, " " * 8)
+    (pkg / "dot_product_attention.py").write_text(
+        "import logging\nfrom . import utils as dpa_utils\n\n"
+        + init + "\n\n\ndef is_in_onnx_export_mode():\n    return False\n\n\n"
+        "class DotProductAttention:\n"
+        "    def __init__(self):\n        self.logger = logging.getLogger('fake-te')\n"
+        "        self.training = True\n\n"
+        "    def forward(self, seq):\n"
+        "        attention_params = dpa_utils.AttentionParams(\n"
+        "            max_seqlen_q=seq, is_training=self.training, fp8_meta={'recipe': None})\n"
+        + body + "\n"
+        "        return use_flash_attention, flash_attention_backend, use_fused_attention\n\n\n"
+        "class MegatronLikeDPA(DotProductAttention):\n"
+        "    def forward(self, seq):\n        return super().forward(seq)\n")
+    for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention, utils
+
+    return utils, dot_product_attention
+
+
+def _drop_fake_te():
+    for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
+        sys.modules.pop(name)
+
+
+def test_te_backend_per_layer_patch_on_te_real_selection_code(tmp_path, monkeypatch):
+    """TE 2.11's own cache/selection code: dense and top-k attention layers alternate; upstream
+    re-selects on every call, with the patch each layer selects once for its shape."""
+    source = _real_dpa_source()
+    assert source is not None, f"needs Transformer Engine installed or its wheel at {_TE_WHEEL}"
+    from patches import te_attention_backend_per_layer as patch
+
+    utils, dpa = _fake_te(tmp_path, monkeypatch, source)
+    try:
+        assert patch.check() == "needed" and patch.applied() is False
+        dense, topk = dpa.MegatronLikeDPA(), dpa.MegatronLikeDPA()
+        upstream = [(dense.forward(512), topk.forward(64)) for _ in range(4)]
+        assert utils.calls == [512, 64] * 4  # upstream: a full re-selection on every call
+        shared = dpa._attention_backends
+        assert patch.apply() == [f"{dpa.__name__}.DotProductAttention.forward"]
+        assert patch.apply() == [] and patch.applied() is True  # idempotent
+        utils.calls.clear()
+        patched = [(dense.forward(512), topk.forward(64)) for _ in range(4)]
+        assert patched == upstream  # the same selections
+        assert utils.calls == [512, 64]  # once per layer
+        assert dpa._attention_backends is shared  # the module global is restored after each call
+        topk.training = False  # any change of the parameters still re-selects, per layer
+        topk.forward(64), dense.forward(512), topk.forward(64)
+        assert utils.calls == [512, 64, 64]
+        assert patch.check() == "needed"  # the probe looks behind our wrapper
+    finally:
+        _drop_fake_te()
+
+
+def test_te_backend_per_layer_patch_restores_global_on_error(tmp_path, monkeypatch):
+    source = _real_dpa_source()
+    assert source is not None, f"needs Transformer Engine installed or its wheel at {_TE_WHEEL}"
+    from patches import te_attention_backend_per_layer as patch
+
+    utils, dpa = _fake_te(tmp_path, monkeypatch, source)
+    try:
+        shared = dpa._attention_backends
+        patch.apply()
+        monkeypatch.setattr(utils, "get_attention_backend", lambda params: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            dpa.DotProductAttention().forward(8)
+        assert dpa._attention_backends is shared
+    finally:
+        _drop_fake_te()
+
+
+def test_te_backend_per_layer_patch_status_when_forward_no_longer_reads_the_global(tmp_path, monkeypatch):
+    source = _real_dpa_source()
+    assert source is not None, f"needs Transformer Engine installed or its wheel at {_TE_WHEEL}"
+    from patches import te_attention_backend_per_layer as patch
+
+    _, dpa = _fake_te(tmp_path, monkeypatch, source)
+    try:
+        dpa.DotProductAttention.forward = lambda self, seq: None  # the cache moved (an upstream fix)
+        assert patch.check() == "fixed-upstream" and patch.apply() == []
+        del dpa._attention_backends
+        assert patch.check() == "target-missing"
+    finally:
+        _drop_fake_te()
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_te_topk_and_dense_attention_select_backend_once_per_layer(single_rank, monkeypatch):
+    """Real TE: a dense and a top-k attention layer alternate; with the patch TE's backend
+    selection (``dpa_utils.get_attention_backend``, the name TE's forward calls) runs once per
+    layer, not on every call."""
+    from megatron.core.transformer.spec_utils import build_module
+    from transformer_engine.pytorch.attention.dot_product_attention import utils
+
+    from megacpp_mcore import runtime
+    from megacpp_mcore.attention import attention_layer_spec
+    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.mod import mod_layer_spec
+    from patches import te_attention_backend_per_layer as patch
+
+    calls = []
+    fn = utils.get_attention_backend
+
+    def counting(params, *args, **kwargs):
+        calls.append(params.max_seqlen_q)
+        return fn(params, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "get_attention_backend", counting)
+    assert patch.check() == "needed"
+    model = custom_model(pattern="AE", num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                         ffn_hidden_size=4 * HIDDEN, vocab_size=128, seq_length=SEQ, mla=None,
+                         moe=None)
+    cfg = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)
+    layers = []
+    for mod in (None, _TOPK):
+        ctx = LayerContext(config=cfg, backend=get_backend("te"), index=0, symbol="A",
+                           features=frozenset({"mod"} if mod else ()),
+                           feature_configs={"mod": mod} if mod else {})
+        spec = attention_layer_spec(ctx)
+        layers.append(build_module(mod_layer_spec(spec, ctx) if mod else spec, config=cfg,
+                                   layer_number=1).cuda())
+    rope = _rope().cuda()
+
+    def run(rounds):
+        for _ in range(rounds):
+            for layer in layers:
+                x = torch.randn(SEQ, 2, HIDDEN, device="cuda", dtype=cfg.params_dtype,
+                                requires_grad=True)
+                layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)[0].sum().backward()
+
+    run(3)
+    assert len(calls) >= 6, calls  # upstream: the alternation re-selects on every call
+    calls.clear()
+    patch.apply()
+    try:
+        run(4)
+        assert sorted(calls) == sorted({SEQ, _TOPK.topk_count(SEQ)}), calls  # once per layer
+    finally:
+        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention
+        cls = dot_product_attention.DotProductAttention
+        cls.forward = cls.forward.__wrapped__

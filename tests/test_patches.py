@@ -43,7 +43,7 @@ def test_registry_modules_follow_the_protocol():
     assert len(set(names)) == len(names)
     for module in modules:
         assert module.DESCRIPTION.strip()
-        assert registry.parse_targets(module.TARGETS).name == "megatron-core"
+        assert registry.parse_targets(module.TARGETS).name in ("megatron-core", "transformer-engine")
 
 
 def test_status_on_installed_megatron_core(restore_targets):
@@ -52,7 +52,7 @@ def test_status_on_installed_megatron_core(restore_targets):
     assert megatron.core.__version__.startswith("0.16."), "these expectations are for 0.16.x"
     rows = _rows()
     assert set(rows) == {"spec-import-errors", "tp-attributes-without-init", "mla-have-te",
-                         "mla-down-proj-tp-marker"}
+                         "mla-down-proj-tp-marker", "te-attention-backend-per-layer"}
     for name in ("spec-import-errors", "tp-attributes-without-init"):
         row = rows[name]
         assert (row.installed, row.in_targets, row.check, row.action) == (
@@ -66,6 +66,7 @@ def test_status_on_installed_megatron_core(restore_targets):
     else:  # TELinear lives in Transformer Engine: nothing to re-base on a host without it
         assert (marker.check, marker.action) == ("not-applicable", "n/a")
         assert marker.note == "needs transformer_engine, which is not installed here"
+        assert rows["te-attention-backend-per-layer"].check == "not-applicable"
 
 
 def test_apply_twice_equals_once(restore_targets):
