@@ -57,7 +57,7 @@ sets it, so the scale stays 1 and the MoD loss weights act per micro-batch (effe
 the recorded gate means / router logits when ``megacpp_stats()`` is called.
 
 Performance. A gateskip layer adds, per forward+backward, the router GEMV and its two backward
-GEMMs, a sigmoid, the gate sum and a few scalar ops; the gated residual is one ``addcmul`` that
+GEMMs, a sigmoid, the gate mean and two scalar ops; the gated residual is one ``addcmul`` that
 replaces the bias-dropout-add (no dropout), see ``tests/test_mod_perf.py``. A topk layer's attention
 and MLP run on the ``k`` gathered tokens only. With Transformer Engine, attention layers of two
 shapes (topk and dense) alternate, and TE's process-wide one-entry backend-selection cache then
@@ -239,13 +239,14 @@ class _SparsityGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, loss_weight: float, budget: float, group):
+        ctx.set_materialize_grads(False)  # no zeros kernel for the (statistics-only) mean's grad
         gate = torch.sigmoid(logits)
-        total = gate.sum()
+        mean = gate.mean()  # one reduction kernel (sum and divide fused)
         count = gate.numel()
         if group is not None:
-            torch.distributed.all_reduce(total, group=group)
+            torch.distributed.all_reduce(mean, group=group)
+            mean.div_(group.size())
             count *= group.size()
-        mean = total / count
         ctx.save_for_backward(gate, mean)
         ctx.coef, ctx.budget = 2.0 * loss_weight / count, budget
         ctx.mark_non_differentiable(mean)
@@ -254,9 +255,17 @@ class _SparsityGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gate, _grad_mean):
         gate, mean = ctx.saved_tensors
-        pressure = (mean - ctx.budget).clamp_min_(0.0) * (ctx.coef * _loss_scale())
-        grad = pressure if grad_gate is None else grad_gate + pressure
-        return torch.ops.aten.sigmoid_backward(grad.expand_as(gate), gate), None, None, None
+        excess = (mean - ctx.budget).clamp_min_(0.0)  # 0-d
+        scale = _loss_scale()
+        if isinstance(scale, torch.Tensor):
+            excess = excess * scale
+            scale = 1.0
+        alpha = ctx.coef * scale
+        if grad_gate is None:
+            grad = (excess * alpha).expand_as(gate)
+        else:  # the loss gradient's scale rides on the add (one kernel, no separate multiply)
+            grad = torch.add(grad_gate, excess, alpha=alpha)
+        return torch.ops.aten.sigmoid_backward(grad, gate), None, None, None
 
 
 class _TopkGate(torch.autograd.Function):
