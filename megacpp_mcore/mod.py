@@ -277,20 +277,21 @@ class _TopkGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, idx, aux_weight: float, dtype):
         gate = torch.sigmoid(logits)  # [s, b, 1] fp32
-        ctx.save_for_backward(gate, idx)
+        selected = gate.gather(0, idx)  # [k, b, 1] fp32, kept for the backward (no re-gather)
+        ctx.save_for_backward(gate, selected, idx)
         ctx.aux_weight = aux_weight
-        return gate.gather(0, idx).to(dtype)  # [k, b, 1]
+        return selected.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_selected):
-        gate, idx = ctx.saved_tensors
-        selected = gate.gather(0, idx)
+        gate, selected, idx = ctx.saved_tensors
         grad_sel = torch.ops.aten.sigmoid_backward(grad_selected.to(gate.dtype), selected)
         if not ctx.aux_weight:
             return torch.zeros_like(gate).scatter_(0, idx, grad_sel), None, None, None
         coef = ctx.aux_weight * _loss_scale() / gate.numel()
-        grad = torch.zeros_like(gate).scatter_(0, idx, grad_sel - coef)  # the one-hot term
-        return grad.add_(gate * coef), None, None, None
+        # BCE term on every position (gate * coef), minus the one-hot target at the selected ones
+        grad = (gate * coef).scatter_add_(0, idx, grad_sel.sub_(coef))
+        return grad, None, None, None
 
 
 @dataclasses.dataclass

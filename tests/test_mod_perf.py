@@ -192,6 +192,21 @@ def test_gateskip_adds_few_ops_and_no_flops(single_rank, symbol):
     assert flops["gateskip"] < 1.01 * flops["dense"], flops
 
 
+@pytest.mark.parametrize("symbol", ["A", "E"])
+def test_topk_layer_op_overhead_is_bounded(single_rank, symbol):
+    """Per topk layer fwd+bwd, on top of the block itself: router, topk+sort, gathers/scatter of
+    the k tokens (and of their rotary embeddings), the gate with the router's BCE folded into its
+    backward (selected gates saved, one scatter_add), the gated residual."""
+    counts = {}
+    for name, mod in (("dense", None), ("topk", _TOPK)):
+        layer = _layer(symbol, mod)
+        _step(layer)
+        with _Ops() as ops:
+            _step(layer, seed=1)
+        counts[name] = ops.compute_ops()
+    assert counts["topk"] - counts["dense"] <= 27, counts  # 30 before the _TopkGate trim
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.25, "tensor"])
 @pytest.mark.parametrize("budget", [0.3, 0.95])
 def test_sparsity_gate_gradient_matches_plain_torch(scale, budget):
@@ -217,6 +232,34 @@ def test_sparsity_gate_gradient_matches_plain_torch(scale, budget):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
     if budget < 0.5:
         assert not torch.allclose(b.grad, torch.sigmoid(logits) * (1 - torch.sigmoid(logits)) * up)
+
+
+@pytest.mark.parametrize("aux_weight, scale", [(0.3, 1.0), (0.3, "tensor"), (0.0, 1.0)])
+def test_topk_gate_gradient_matches_plain_torch(aux_weight, scale):
+    """_TopkGate (selected gates saved in forward, BCE term scattered onto ``gate * coef``) ==
+    autograd of ``lm(sigmoid(logits)[idx]) + s * w * BCE(logits, onehot(idx))``."""
+    from megacpp_mcore.mod import MoDLossAutoScaler, _TopkGate
+
+    s = torch.tensor(0.5) if scale == "tensor" else scale
+    logits = torch.randn(16, 3, 1, generator=torch.Generator().manual_seed(5))
+    idx = logits.squeeze(-1).topk(4, dim=0).indices.sort(dim=0).values.unsqueeze(-1)  # [k, b, 1]
+    up = torch.randn(4, 3, 1, generator=torch.Generator().manual_seed(6))
+    MoDLossAutoScaler.set_loss_scale(s)
+    try:
+        a = logits.clone().requires_grad_()
+        out = _TopkGate.apply(a, idx, aux_weight, torch.float32)
+        (out * up).sum().backward()
+        b = logits.clone().requires_grad_()
+        target = torch.zeros_like(b).scatter_(0, idx, 1.0)
+        ref = torch.sigmoid(b).gather(0, idx)
+        loss = (ref * up).sum()
+        if aux_weight:
+            loss = loss + s * aux_weight * torch.nn.functional.binary_cross_entropy_with_logits(b, target)
+        loss.backward()
+    finally:
+        MoDLossAutoScaler.set_loss_scale(1.0)
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------ benchmark harness
