@@ -487,7 +487,8 @@ class MoDLayer(TransformerLayer):
         seq, _, hidden = full.shape
         logits = self._router_logits(full)  # [s, b, 1], identical on all TP ranks
         k = self.mod.topk_count(seq, group.size() if sp else 1)
-        idx = logits.detach().squeeze(-1).topk(k, dim=0).indices.sort(dim=0).values  # [k, b], in order
+        # the k positions in sequence order (topk's own value sort would be thrown away)
+        idx = logits.detach().squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values
         idx1 = idx.unsqueeze(-1)  # [k, b, 1]
         idx_h = idx1.expand(-1, -1, hidden)
         selected = full.gather(0, idx_h)  # [k, b, h]
