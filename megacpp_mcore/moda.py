@@ -559,9 +559,9 @@ class _DepthFlashAttention(torch.autograd.Function):
             out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
             out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
             lse = lse_h.permute(2, 0, 1)  # [s, b, np]
+        out = out.contiguous()  # te: already; aten: the [b, np, s, d] kernel layout, copied once
         if depth_key is not None:
             out, lse = _merge_depth(query, depth_key, depth_value, out, lse, scale)
-        out = out.to(query.dtype).contiguous()
         lse = lse.contiguous()
         ctx.save_for_backward(query, key, value, out, lse)
         # The buffer keeps receiving later layers' slots (in place, disjoint from the ones read
@@ -618,8 +618,11 @@ def _depth_scores(q, kd, scale):
 def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
     """Merges the sequence result (``[s, b, np, dv]``, lse ``[s, b, np]``) with depth attention.
 
-    Per chunk of rows the only full-width temporary is the fp32 depth output ``[rows, r, dv]``;
-    the scores and weights are ``[rows, r, n]`` (n depth keys, a handful).
+    Two full-size passes, both in the output dtype and both IN PLACE on ``seq_out`` (contiguous; the
+    kernel's fresh output): ``out *= exp(lse_seq - lse)`` and ``out += P_depth @ V_depth`` (a
+    ``baddbmm_``: fp32 accumulation, one rounding). The scores/weights ``[rows, r, n]`` are fp32 and
+    small (n depth keys, a handful); q and the depth K/V are read once by the score product.
+    Returns ``(out, lse)`` with ``out`` aliasing ``seq_out``.
     """
     s, b, heads, dk = query.shape
     g, n, dv = depth_key.shape[2], depth_key.shape[3], depth_value.shape[-1]
@@ -628,20 +631,18 @@ def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
     q = query.reshape(rows, r, dk)
     kd = depth_key.reshape(rows, n, dk)
     vd = depth_value.reshape(rows, n, dv)
-    so = seq_out.reshape(rows, r, dv)
+    out = seq_out.view(rows, r, dv)
     sl = seq_lse.reshape(rows, r)
-    out = torch.empty((rows, r, dv), dtype=query.dtype, device=query.device)
     lse = torch.empty((rows, r), dtype=acc, device=query.device)
-    for c in _row_chunks(rows, 4 * (r * (dv + 4 * n + 4))):
-        scores = _depth_scores(q[c], kd[c], scale)  # [rows, r, n]
+    for c in _row_chunks(rows, 4 * (r * (4 * n + 4))):
+        scores = _depth_scores(q[c], kd[c], scale)  # [rows, r, n] fp32
         seq_l = sl[c].to(acc)
         total = torch.logaddexp(seq_l, scores.logsumexp(-1))  # joint log-sum-exp [rows, r]
         probs = scores.sub_(total[..., None]).exp_()  # joint softmax weights of the depth keys
-        merged = _bmm_acc(probs.to(vd.dtype), vd[c])  # [rows, r, dv] fp32
-        merged.addcmul_(so[c], (seq_l - total).exp_()[..., None])  # + sequence part, reweighted
-        out[c] = merged
+        out[c].mul_((seq_l - total).exp_()[..., None])  # sequence part, reweighted (in place)
+        out[c].baddbmm_(probs.to(vd.dtype), vd[c])  # + depth part (in place, fp32 accumulation)
         lse[c] = total
-    return out.reshape(s, b, heads, dv), lse.reshape(s, b, heads)
+    return seq_out, lse.reshape(s, b, heads)
 
 
 def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery, *, want_kv: bool):
@@ -658,7 +659,7 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
     dq = dquery.view(rows, r, dk)
     dkd = torch.empty((rows, n, dk), dtype=acc, device=query.device) if want_kv else None
     dvd = torch.empty((rows, n, dv), dtype=acc, device=query.device) if want_kv else None
-    per_row = 4 * (r * (dk + 6 * n + 2)) + (4 * n * (dk + dv) * 2 if want_kv else 0)
+    per_row = 4 * (r * (6 * n + 2)) + (4 * n * (dk + dv) * 2 if want_kv else 0)
     for c in _row_chunks(rows, per_row):
         cr = (c.stop - c.start) * r
         probs = _depth_scores(q[c], kd[c], scale).sub_(total[c].to(acc)[..., None]).exp_()
@@ -666,9 +667,10 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
         row_dot = _bmm_acc(do[c].reshape(cr, 1, dv), o[c].reshape(cr, dv, 1)).view(-1, r, 1)
         dp = _bmm_acc(do[c], vd[c].transpose(1, 2))  # [rows, r, n]
         ds = dp.sub_(row_dot).mul_(probs)
-        dq[c] += _bmm_acc(ds.to(kd.dtype), kd[c]).mul_(scale)
+        ds = ds.mul_(scale)
+        dq[c].baddbmm_(ds.to(kd.dtype), kd[c])  # in place: fp32 accumulation, one rounding
         if want_kv:
-            dkd[c] = _bmm_acc(ds.transpose(1, 2).to(q.dtype), q[c]).mul_(scale)
+            dkd[c] = _bmm_acc(ds.transpose(1, 2).to(q.dtype), q[c])
             dvd[c] = _bmm_acc(probs.transpose(1, 2).to(do.dtype), do[c])
     if want_kv:
         dkd, dvd = dkd.reshape(s, b, g, n, dk), dvd.reshape(s, b, g, n, dv)

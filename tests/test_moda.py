@@ -443,10 +443,69 @@ def test_depth_merge_uses_no_full_width_fp32_copies(monkeypatch):
     vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
     out = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5)
     out.float().sum().backward()
-    # forward: scores, depth output; backward: scores, rowsum(dO*O), dP, dQ (all bf16 x bf16)
-    assert calls == [(torch.bfloat16, torch.bfloat16)] * 6
+    # forward: scores; backward: scores, rowsum(dO*O), dP (all bf16 x bf16); the depth output and
+    # dQ are in-place baddbmm_ into the bf16 output / dQ (see test_depth_path_full_size_passes)
+    assert calls == [(torch.bfloat16, torch.bfloat16)] * 4
     ref = reference_depth_attention(q.float(), k.float(), v.float(), kd.float(), vd.float(), scale=d ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+class _FullSizeOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, dtype, in_place) of every aten op whose output has at least ``full`` elements;
+    ``_bmm_acc`` is replaced by a stand-in for CUDA's ``bmm(out_dtype=float32)`` (CPU upcasts)."""
+
+    def __init__(self, full):
+        super().__init__()
+        self.full, self.ops, self.paused = full, [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        alias = func._schema.returns[0].alias_info if func._schema.returns else None
+        if alias is not None and not alias.is_write:  # a view: no pass over memory
+            return out
+        if not self.paused and isinstance(out, torch.Tensor) and out.numel() >= self.full:
+            self.ops.append((func.__name__, out.dtype, alias is not None))
+        return out
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_depth_path_full_size_passes(monkeypatch, attached):
+    """Per depth-reading layer, the depth math makes TWO full-size ([s, b, np, d]) passes in forward
+    (reweight the sequence output, add P @ V_depth; both in place in the output dtype) and ONE in
+    backward (dQ += dS @ K_depth, in place); no full-size fp32 intermediate, no copy of q/dO/O."""
+    s, b, heads, groups, d, n = 64, 2, 4, 2, 16, 5
+    full = s * b * heads * d
+    mode = _FullSizeOps(full)
+
+    def bmm_acc(a, b_):  # what CUDA runs: one bf16 x bf16 -> fp32 kernel, not recorded as copies
+        mode.paused = True
+        try:
+            out = torch.bmm(a.float(), b_.float())
+        finally:
+            mode.paused = False
+        assert attached or out.numel() < full, "a full-size fp32 product"
+        return out
+
+    monkeypatch.setattr(moda, "_bmm_acc", bmm_acc)
+    q = torch.randn(s, b, heads, d, dtype=torch.bfloat16)  # contiguous, as the Function saves it
+    kd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    seq_out = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
+    seq_lse = torch.randn(s, b, heads)
+    with mode:
+        out, lse = moda._merge_depth(q, kd, vd, seq_out, seq_lse, d ** -0.5)
+    assert out.data_ptr() == seq_out.data_ptr()
+    assert mode.ops == [("mul_.Tensor", torch.bfloat16, True), ("baddbmm_.default", torch.bfloat16, True)]
+    dout = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
+    dquery = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
+    mode.ops = []
+    with mode:
+        ddk, ddv = moda._depth_backward(q, kd, vd, out, lse, dout, d ** -0.5, dquery, want_kv=attached)
+    # attached: plus the depth-K/V gradients [s, b, g, n, d] themselves (fp32, cast per slot later)
+    alloc = [("empty.memory_format", torch.float32, False)] * 2 if attached else []
+    extra = [("copy_.default", torch.float32, True)] * 2 if attached else []
+    assert mode.ops == alloc + [("baddbmm_.default", torch.bfloat16, True)] + extra
+    assert (ddk is not None) == attached
 
 
 # -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
