@@ -54,8 +54,10 @@ def _qkv(s=6, b=2, heads=4, groups=2, dk=8, dv=8, dtype=torch.float32, grad=True
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="kernel='flash'.*allowed: fast, reference"):
         MoDAConfig(kernel="flash")
-    with pytest.raises(ValueError, match="cuda_kernel='fa3'; allowed: flash, cudnn, te"):
+    with pytest.raises(ValueError, match="cuda_kernel='fa3'; allowed: auto, flash, cudnn, te"):
         MoDAConfig(cuda_kernel="fa3")
+    with pytest.raises(ValueError, match="depth_kernel='cuda'; allowed: auto, triton, torch"):
+        MoDAConfig(depth_kernel="cuda")
     with pytest.raises(ValueError, match="attention layers only; allowed symbols: 'A'"):
         MoDAConfig(placement=FeaturePlacement(symbols="AE"))
     with pytest.raises(ValueError, match="contributing_layers: -1 is not a layer index"):
@@ -219,7 +221,7 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
     ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
     fast = moda._DepthFlashAttention.apply(
         q, k, v, None if kd is None else kd.detach(), None if vd is None else vd.detach(), 0.3,
-        "te-fused-cuda", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
+        "te-fused-cuda", "torch", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     inputs = [q, k, v, *ks, *vs] if attached else [q, k, v]
     grad = torch.randn_like(ref)
@@ -234,7 +236,7 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
         moda._te_fused()
     with pytest.raises(ValueError, match="K head dim 24 != V head dim 16"):
         q2, k2, v2 = _qkv(dk=24, dv=16)
-        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda")
+        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda", "torch")
 
 
 def test_reference_masks_the_future():
