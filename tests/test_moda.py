@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import types
 
 import pytest
 import torch
@@ -510,6 +512,53 @@ def test_depth_path_full_size_passes(monkeypatch, attached):
     assert (ddk is not None) == attached
 
 
+def _fake_fused(calls, wrong=False):
+    """A stand-in for megacpp_mcore.moda_triton (CPU): the torch path, or a wrong result."""
+
+    def merge_forward(q, kd, vd, seq_out, seq_lse, scale):
+        calls.append("fwd")
+        out, lse = moda._merge_depth(q, kd, vd, seq_out, seq_lse, scale)
+        return (out.mul_(2) if wrong else out), lse
+
+    def merge_backward_dq(q, kd, vd, out, lse, dout, scale, dquery):
+        calls.append("bwd")
+        moda._depth_backward(q, kd, vd, out, lse, dout, scale, dquery, want_kv=False)
+        if wrong:
+            dquery.mul_(2)
+
+    return types.SimpleNamespace(merge_forward=merge_forward, merge_backward_dq=merge_backward_dq)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_fused_depth_kernel_is_checked_once_and_falls_back(monkeypatch, wrong):
+    """depth_kernel='auto': the fused kernel's first forward/backward result is compared with the
+    torch path; agreeing, it runs from then on; disagreeing, a warning and the torch path (results
+    stay exact); depth_kernel='triton' raises instead of falling back."""
+    calls = []
+    fake = _fake_fused(calls, wrong)
+    monkeypatch.setattr(moda, "_triton_depth", lambda kind, q: None if kind == "torch" else fake)
+    monkeypatch.setattr(moda, "_TRITON_CHECKED", {"fwd": None, "bwd": None})
+    q, k, v = _qkv(s=8)
+    kd, vd = torch.randn(8, 2, 2, 3, 8), torch.randn(8, 2, 2, 3, 8)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
+    g_ref = torch.autograd.grad(ref.sum(), q)[0]
+    ctx = pytest.warns(UserWarning, match="disagrees with the torch path") if wrong else contextlib.nullcontext()
+    for _ in range(2):
+        with ctx:
+            out = fast_depth_attention(q, k, v, kd, vd, scale=0.3)
+            g = torch.autograd.grad(out.sum(), q)[0]
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=0)
+        ctx = contextlib.nullcontext()
+    assert moda._TRITON_CHECKED == {"fwd": not wrong, "bwd": not wrong}
+    # checked once (a call on clones), then: fused per call when agreeing, never when not
+    assert calls == (["fwd", "bwd"] if wrong else ["fwd", "fwd", "bwd", "bwd", "fwd", "bwd"])
+    if wrong:
+        monkeypatch.setattr(moda, "_TRITON_CHECKED", {"fwd": None, "bwd": None})
+        with pytest.raises(RuntimeError, match=r"fused Triton depth kernel \(fwd\) disagrees"):
+            fast_depth_attention(q, k, v, kd, vd, scale=0.3, depth_kernel="triton")
+
+
 # -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
 
 
@@ -663,6 +712,34 @@ def test_cuda_depth_math_accumulates_in_fp32_without_upcast_copies():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads,groups,dk,dv,slots,n", [
+    (16, 16, 128, 128, 7, 7),  # the benchmark's shapes (reads every slot)
+    (16, 16, 128, 128, 7, 3),  # the first n slots of a larger buffer (a strided view)
+    (8, 2, 128, 128, 4, 4),  # GQA: 4 heads per depth group
+    (8, 8, 192, 128, 3, 2),  # MLA head dims (not powers of two / unequal)
+])
+def test_cuda_fused_triton_depth_kernels_match_torch_path(heads, groups, dk, dv, slots, n):
+    """moda_triton's merge forward and dQ backward equal the batched-matmul path (bf16, fp32 math)."""
+    moda_triton = pytest.importorskip("megacpp_mcore.moda_triton")
+    s, b = 1024, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, seq_out, dout = rnd(s, b, heads, dk), rnd(s, b, heads, dv), rnd(s, b, heads, dv)
+    kd, vd = rnd(s, b, groups, slots, dk)[:, :, :, :n], rnd(s, b, groups, slots, dv)[:, :, :, :n]
+    seq_lse = torch.randn(s, b, heads, device="cuda", generator=g) + 3
+    ref_out, ref_lse = moda._merge_depth(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
+    out, lse = moda_triton.merge_forward(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    dq0 = rnd(s, b, heads, dk)
+    ref_dq, dq = dq0.clone(), dq0.clone()
+    moda._depth_backward(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, ref_dq, want_kv=False)
+    moda_triton.merge_backward_dq(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, dq)
+    torch.testing.assert_close(dq.float(), ref_dq.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_moda_layer_memory_at_4096():
     """At the benchmark's shapes (seq 4096, batch 2, 16 heads of 128), a layer reading 7 depth keys
     keeps exactly what a layer reading 1 keeps (output, contiguous V, fp32 lse) and its transient
@@ -671,6 +748,10 @@ def test_cuda_moda_layer_memory_at_4096():
     config = _config(num_layers=8, num_query_groups=heads, hidden_size=heads * d, num_attention_heads=heads)
     layers = _layers(MoDAConfig(), 8, config)
     unit = s * b * heads * d * 2
+    # the fused depth kernels' one-time check (clones of out / dQ) happens before the measurement
+    q0 = torch.randn(64, 2, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kd0 = torch.randn(64, 2, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
+    fast_depth_attention(q0, q0[:, :, :2], q0[:, :, :2], kd0, kd0, scale=0.1).sum().backward()
     held, stats = [], {}
     for lay in layers:
         torch.manual_seed(lay.layer_index)
