@@ -26,13 +26,15 @@ Pieces (all in this module):
 Sequence kernel: a layer that reads no depth keys (the first MoDA layer of a segment) runs the
 backend's own core attention (``TEDotProductAttention`` / ``DotProductAttention``) and only pushes.
 Layers that read depth keys need the sequence part's log-sum-exp for the merge, and TE's public
-attention module does not return softmax statistics, so they run one of: on CUDA
-``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
-default), with ``MoDAConfig(cuda_kernel="cudnn")`` ``aten._scaled_dot_product_cudnn_attention``, or
-with ``cuda_kernel="te"`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
+attention module does not return softmax statistics, so they run one of: on CUDA with
+``MoDAConfig(cuda_kernel="te")`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
 ``DotProductAttention`` runs on Hopper; its softmax statistics are the log-sum-exp; sbhd layout, GQA
-native, equal K/V head dims); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. For the
-aten kernels GQA groups are expanded and unequal K/V head dims (MLA) are zero-padded to one width. The kernels' backward ops are given the
+native, equal K/V head dims; the fastest on the H200), with ``cuda_kernel="flash"``
+``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256), with
+``cuda_kernel="cudnn"`` ``aten._scaled_dot_product_cudnn_attention``; the default ``"auto"`` is
+``te`` when TE is importable and the K/V head dims are equal, else ``flash``. On CPU
+``aten._scaled_dot_product_flash_attention_for_cpu``. For the aten kernels GQA groups are expanded
+and unequal K/V head dims (MLA) are zero-padded to one width. The kernels' backward ops are given the
 MERGED output and log-sum-exp, which makes the sequence-part gradients exact for the joint softmax
 (the ring-attention identity). The kernel used is recorded in
 :attr:`DepthAwareAttention.observed_kernel`.
@@ -40,8 +42,17 @@ MERGED output and log-sum-exp, which makes the sequence-part gradients exact for
 Memory: a depth-reading layer holds for backward exactly what TE's attention holds (contiguous q, k,
 v, the output, the fp32 log-sum-exp; views of Megatron's fused QKV output are copied, as TE does, so
 they do not pin the whole projection), so the MoDA memory bill is the buffer, ``depth_kv_bytes``.
-The depth math reads the bf16 q / depth K/V / dO / O once through fp32-accumulating batched matmuls
-(``torch.bmm(out_dtype=float32)`` on CUDA); its fp32 temporaries stay under a 256 MiB chunk budget.
+Depth part (per depth-reading layer): on CUDA the fused Triton kernels of
+:mod:`megacpp_mcore.moda_triton` (``MoDAConfig.depth_kernel="auto"``, the default, when triton
+imports): forward ONE pass (read q, depth K/V, the sequence output; write the merged output in place
+and the joint lse), backward ONE pass (read q, dO, O, depth K/V; add into the sequence kernel's dQ in
+place). Their first forward and backward in a process are checked against the torch path below
+(disagreement: a warning and the torch path; ``depth_kernel="triton"`` raises instead). The torch
+path (CPU, ``depth_kernel="torch"``, and ``detach=False`` backward, which also needs depth-K/V
+grads): fp32-accumulating batched matmuls for the [rows, r, n] scores (``torch.bmm(out_dtype=
+float32)`` on CUDA), then two in-place full-size passes in the output dtype forward (reweight the
+sequence output, ``baddbmm_`` the depth output into it) and one backward (``baddbmm_`` into dQ); no
+full-size fp32 temporaries (tests/test_moda.py::test_depth_path_full_size_passes).
 
 Detach (default): the buffer holds copies without autograd history, so no gradient reaches an earlier
 layer through its depth K/V (the buffer costs its bytes, nothing more). ``detach=False`` (the

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 32
+BLOCK_M = 16  # query rows per program: q, dO, O, dQ, k, v tiles of [16, 128] fp32 stay in registers
 
 
 @triton.jit
@@ -137,5 +137,6 @@ def merge_backward_dq(query, depth_key, depth_value, out, lse, dout, scale: floa
     lse = lse.to(torch.float32).contiguous()
     grid = (triton.cdiv(total, BLOCK_M),)
     _merge_bwd_dq_kernel[grid](query, depth_key, depth_value, out, dout, lse, dquery, total,
-                               float(scale), *strides, R=r, N=n, DK=dk, DV=dv, BDK=triton.next_power_of_2(dk),
-                               BDV=triton.next_power_of_2(dv), BLOCK=BLOCK_M, num_warps=4)
+                               float(scale), *strides, R=r, N=n, DK=dk, DV=dv,
+                               BDK=triton.next_power_of_2(dk), BDV=triton.next_power_of_2(dv),
+                               BLOCK=BLOCK_M, num_warps=4)
