@@ -647,13 +647,22 @@ def _triton_depth(depth_kernel: str, query: torch.Tensor):
     here (CUDA and triton importable), else None (``"triton"`` raises instead)."""
     if depth_kernel == "torch" or not query.is_cuda:
         return None
+    module = _load_moda_triton()
+    if isinstance(module, ImportError):
+        if depth_kernel == "triton":
+            raise ValueError(f"MoDAConfig(depth_kernel='triton') needs triton ({module}); allowed here: "
+                             "'auto' or 'torch'") from module
+        return None
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _load_moda_triton():
+    """The kernels' module, or the ImportError (triton missing), tried once per process."""
     try:
         from megacpp_mcore import moda_triton
     except ImportError as exc:
-        if depth_kernel == "triton":
-            raise ValueError(f"MoDAConfig(depth_kernel='triton') needs triton ({exc}); allowed here: "
-                             "'auto' or 'torch'") from exc
-        return None
+        return exc
     return moda_triton
 
 

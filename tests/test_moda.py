@@ -529,6 +529,20 @@ def _fake_fused(calls, wrong=False):
     return types.SimpleNamespace(merge_forward=merge_forward, merge_backward_dq=merge_backward_dq)
 
 
+def test_fused_depth_kernel_selection_without_triton(monkeypatch):
+    """Without triton: 'auto' uses the torch path, 'triton' is refused naming what is allowed; CPU
+    tensors and 'torch' never use the fused kernels."""
+    monkeypatch.setattr(moda, "_load_moda_triton", lambda: ImportError("No module named 'triton'"))
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    assert moda._triton_depth("auto", cuda_like) is None
+    with pytest.raises(ValueError, match="depth_kernel='triton'.*allowed here: 'auto' or 'torch'"):
+        moda._triton_depth("triton", cuda_like)
+    monkeypatch.setattr(moda, "_load_moda_triton", lambda: "kernels")
+    assert moda._triton_depth("auto", cuda_like) == "kernels"
+    assert moda._triton_depth("torch", cuda_like) is None
+    assert moda._triton_depth("triton", torch.zeros(1)) is None
+
+
 @pytest.mark.parametrize("wrong", [False, True])
 def test_fused_depth_kernel_is_checked_once_and_falls_back(monkeypatch, wrong):
     """depth_kernel='auto': the fused kernel's first forward/backward result is compared with the
