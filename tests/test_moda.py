@@ -647,8 +647,10 @@ def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
-@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn", "te"])
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn", "te", "auto"])
 def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
+    """... with every sequence kernel; the default ("auto") runs TE's fused attention, and the fused
+    Triton depth kernels run (checked against the torch path) where triton imports."""
     from megacpp_mcore import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
@@ -668,11 +670,14 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
                                              micro_batch_size=2, seq_length=256)["loss"])
         assert losses[-1] < losses[0]
         cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
-        expected_kernel = "te-fused-cuda" if cuda_kernel == "te" else f"aten-{cuda_kernel}-cuda"
+        expected_kernel = ("te-fused-cuda" if cuda_kernel in ("te", "auto")
+                           else f"aten-{cuda_kernel}-cuda")
         assert {c.observed_kernel for c in cores if c.reads} == {expected_kernel}
         assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
         expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
+        if not isinstance(moda._load_moda_triton(), ImportError):
+            assert moda._TRITON_CHECKED == {"fwd": True, "bwd": True}
     finally:
         runtime.shutdown()
 
