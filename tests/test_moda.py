@@ -529,6 +529,46 @@ def _fake_fused(calls, wrong=False):
     return types.SimpleNamespace(merge_forward=merge_forward, merge_backward_dq=merge_backward_dq)
 
 
+_INTERPRETED_KERNEL_CHECK = """
+import torch
+from megacpp_mcore import moda, moda_triton
+torch.manual_seed(0)
+# heads, groups, dk, dv, buffer slots, depth keys read, dtype
+for h, g, dk, dv, slots, n, dt in [(4, 4, 16, 16, 5, 5, torch.float32), (4, 4, 16, 16, 5, 2, torch.float32),
+                                   (8, 2, 32, 32, 4, 4, torch.float32), (4, 4, 24, 16, 3, 2, torch.float32),
+                                   (4, 2, 16, 16, 3, 3, torch.float16)]:
+    s, b, tol = 24, 2, (1e-5 if dt == torch.float32 else 4e-3)
+    q, so, do, dq0 = (torch.randn(s, b, h, x, dtype=dt) for x in (dk, dv, dv, dk))
+    kd = torch.randn(s, b, g, slots, dk, dtype=dt)[:, :, :, :n]
+    vd = torch.randn(s, b, g, slots, dv, dtype=dt)[:, :, :, :n]
+    sl = torch.randn(s, b, h) + 2
+    ro, rl = moda._merge_depth(q.float(), kd.float(), vd.float(), so.float().clone(), sl, dk ** -0.5)
+    o, lse = moda_triton.merge_forward(q, kd, vd, so.clone(), sl, dk ** -0.5)
+    torch.testing.assert_close(o.float(), ro, atol=tol, rtol=0)
+    torch.testing.assert_close(lse, rl, atol=1e-5, rtol=0)
+    rdq, dq = dq0.float().clone(), dq0.clone()
+    moda._depth_backward(q.float(), kd.float(), vd.float(), ro, rl, do.float(), dk ** -0.5, rdq, want_kv=False)
+    moda_triton.merge_backward_dq(q, kd, vd, ro.to(dt).contiguous(), rl, do, dk ** -0.5, dq)
+    torch.testing.assert_close(dq.float(), rdq, atol=tol, rtol=0)
+print("ok")
+"""
+
+
+def test_fused_triton_depth_kernels_in_interpreter_match_torch_path():
+    """The Triton kernels of moda_triton, run by triton's CPU interpreter (TRITON_INTERPRET=1, a
+    fresh process: read when the kernels are decorated), equal the torch path: strided buffer views
+    (n < slots), GQA, a head dim that is not a power of two, fp16. Needs triton installed."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
 def test_fused_depth_kernel_selection_without_triton(monkeypatch):
     """Without triton: 'auto' uses the torch path, 'triton' is refused naming what is allowed; CPU
     tensors and 'torch' never use the fused kernels."""
