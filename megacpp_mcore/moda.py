@@ -26,13 +26,15 @@ Pieces (all in this module):
 Sequence kernel: a layer that reads no depth keys (the first MoDA layer of a segment) runs the
 backend's own core attention (``TEDotProductAttention`` / ``DotProductAttention``) and only pushes.
 Layers that read depth keys need the sequence part's log-sum-exp for the merge, and TE's public
-attention module does not return softmax statistics, so they run one of: on CUDA
-``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256; the
-default), with ``MoDAConfig(cuda_kernel="cudnn")`` ``aten._scaled_dot_product_cudnn_attention``, or
-with ``cuda_kernel="te"`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
+attention module does not return softmax statistics, so they run one of: on CUDA with
+``MoDAConfig(cuda_kernel="te")`` TE's ``fused_attn_fwd``/``fused_attn_bwd`` (the cuDNN kernel TE's
 ``DotProductAttention`` runs on Hopper; its softmax statistics are the log-sum-exp; sbhd layout, GQA
-native, equal K/V head dims); on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. For the
-aten kernels GQA groups are expanded and unequal K/V head dims (MLA) are zero-padded to one width. The kernels' backward ops are given the
+native, equal K/V head dims; the fastest on the H200), with ``cuda_kernel="flash"``
+``aten._scaled_dot_product_flash_attention`` (FlashAttention-2; bf16/fp16, head dim <= 256), with
+``cuda_kernel="cudnn"`` ``aten._scaled_dot_product_cudnn_attention``; the default ``"auto"`` is
+``te`` when TE is importable and the K/V head dims are equal, else ``flash``. On CPU
+``aten._scaled_dot_product_flash_attention_for_cpu``. For the aten kernels GQA groups are expanded
+and unequal K/V head dims (MLA) are zero-padded to one width. The kernels' backward ops are given the
 MERGED output and log-sum-exp, which makes the sequence-part gradients exact for the joint softmax
 (the ring-attention identity). The kernel used is recorded in
 :attr:`DepthAwareAttention.observed_kernel`.
@@ -40,8 +42,17 @@ MERGED output and log-sum-exp, which makes the sequence-part gradients exact for
 Memory: a depth-reading layer holds for backward exactly what TE's attention holds (contiguous q, k,
 v, the output, the fp32 log-sum-exp; views of Megatron's fused QKV output are copied, as TE does, so
 they do not pin the whole projection), so the MoDA memory bill is the buffer, ``depth_kv_bytes``.
-The depth math reads the bf16 q / depth K/V / dO / O once through fp32-accumulating batched matmuls
-(``torch.bmm(out_dtype=float32)`` on CUDA); its fp32 temporaries stay under a 256 MiB chunk budget.
+Depth part (per depth-reading layer): on CUDA the fused Triton kernels of
+:mod:`megacpp_mcore.moda_triton` (``MoDAConfig.depth_kernel="auto"``, the default, when triton
+imports): forward ONE pass (read q, depth K/V, the sequence output; write the merged output in place
+and the joint lse), backward ONE pass (read q, dO, O, depth K/V; add into the sequence kernel's dQ in
+place). Their first forward and backward in a process are checked against the torch path below
+(disagreement: a warning and the torch path; ``depth_kernel="triton"`` raises instead). The torch
+path (CPU, ``depth_kernel="torch"``, and ``detach=False`` backward, which also needs depth-K/V
+grads): fp32-accumulating batched matmuls for the [rows, r, n] scores (``torch.bmm(out_dtype=
+float32)`` on CUDA), then two in-place full-size passes in the output dtype forward (reweight the
+sequence output, ``baddbmm_`` the depth output into it) and one backward (``baddbmm_`` into dQ); no
+full-size fp32 temporaries (tests/test_moda.py::test_depth_path_full_size_passes).
 
 Detach (default): the buffer holds copies without autograd history, so no gradient reaches an earlier
 layer through its depth K/V (the buffer costs its bytes, nothing more). ``detach=False`` (the
@@ -80,7 +91,8 @@ from megatron.core.transformer.module import MegatronModule
 from megacpp_mcore.pattern import FeaturePlacement, stage_lengths
 
 KERNELS = ("fast", "reference")
-CUDA_KERNELS = ("flash", "cudnn", "te")
+CUDA_KERNELS = ("auto", "flash", "cudnn", "te")
+DEPTH_KERNELS = ("auto", "triton", "torch")
 
 
 def depth_kv_bytes(batch: int, seq: int, layers: int, n_kv_heads: int, head_dim: int,
@@ -110,7 +122,12 @@ class MoDAConfig:
     contributing_layers: tuple[int, ...] | None = None  # MoDA layers that push; None: all of them
     boundaries: tuple[int, ...] = ()  # extra layer indices where the buffer restarts
     kernel: str = "fast"  # "fast" (flash + log-sum-exp merge) | "reference" (explicit keys)
-    cuda_kernel: str = "flash"  # fast path's sequence kernel on CUDA: "flash" (FA2) | "cudnn" | "te"
+    # fast path's sequence kernel on CUDA: "auto" (TE's fused attention when TE is importable and
+    # the K/V head dims are equal, else FA2) | "flash" (FA2) | "cudnn" | "te"
+    cuda_kernel: str = "auto"
+    # depth part on CUDA: "auto" (fused Triton kernels when triton imports, checked once against
+    # "torch"; else "torch") | "triton" | "torch" (batched matmuls)
+    depth_kernel: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.placement, FeaturePlacement):
@@ -127,6 +144,9 @@ class MoDAConfig:
         if self.cuda_kernel not in CUDA_KERNELS:
             raise ValueError(
                 f"MoDAConfig.cuda_kernel={self.cuda_kernel!r}; allowed: {', '.join(CUDA_KERNELS)}")
+        if self.depth_kernel not in DEPTH_KERNELS:
+            raise ValueError(
+                f"MoDAConfig.depth_kernel={self.depth_kernel!r}; allowed: {', '.join(DEPTH_KERNELS)}")
         for name in ("contributing_layers", "boundaries"):
             value = getattr(self, name)
             if value is None and name == "contributing_layers":
@@ -393,7 +413,8 @@ def reference_depth_attention(query, key, value, depth_key=None, depth_value=Non
 # Fast path: flash attention with log-sum-exp, merged with the depth attention.
 
 
-def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "flash") -> str:
+def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "auto", *,
+                 equal_dims: bool = True) -> str:
     """The sequence kernel this input runs on: ``aten-flash-cpu``, ``aten-flash-cuda`` or
     ``aten-cudnn-cuda``; raises for inputs no kernel takes."""
     if q.device.type == "cpu":
@@ -404,6 +425,10 @@ def _flash_check(q: torch.Tensor, head_dim: int, cuda_kernel: str = "flash") -> 
                 f"MoDA fast kernel on CUDA needs bf16/fp16 and a head dim <= 256 divisible by 8, got "
                 f"{q.dtype} with head dim {head_dim}; use MoDAConfig(kernel='reference')"
             )
+        if cuda_kernel == "auto":
+            from megacpp_mcore import backends
+
+            cuda_kernel = "te" if backends.detect().te and equal_dims else "flash"
         if cuda_kernel == "te":
             _te_fused()  # raises with what to install
             return "te-fused-cuda"
@@ -540,7 +565,7 @@ class _DepthFlashAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, depth_key, depth_value, scale, kernel, *attached):
+    def forward(ctx, query, key, value, depth_key, depth_value, scale, kernel, depth_kernel, *attached):
         # Megatron hands over views of its fused QKV projection (``value`` always, ``query`` and
         # ``key`` without RoPE); saving such a view would pin the whole [s, b, g, (r + 2) d] tensor
         # until backward. Like TE's attention (which copies layouts it cannot take), save contiguous
@@ -559,15 +584,17 @@ class _DepthFlashAttention(torch.autograd.Function):
             out_h, lse_h, state = _flash_forward(qh, kh, vh, scale, kernel)  # [b, np, s, width], [b, np, s]
             out = out_h[..., :dv].permute(2, 0, 1, 3)  # [s, b, np, dv]
             lse = lse_h.permute(2, 0, 1)  # [s, b, np]
+        out = out.contiguous()  # te: already; aten: the [b, np, s, d] kernel layout, copied once
         if depth_key is not None:
-            out, lse = _merge_depth(query, depth_key, depth_value, out, lse, scale)
-        out = out.to(query.dtype).contiguous()
+            out, lse = _merge_depth(query, depth_key, depth_value, out, lse, scale,
+                                    depth_kernel=depth_kernel)
         lse = lse.contiguous()
         ctx.save_for_backward(query, key, value, out, lse)
         # The buffer keeps receiving later layers' slots (in place, disjoint from the ones read
         # here); saving these views through save_for_backward would trip the version check.
         ctx.depth = (depth_key, depth_value)
         ctx.state, ctx.scale, ctx.n_attached = state, scale, len(attached)
+        ctx.depth_kernel = depth_kernel
         return out
 
     @staticmethod
@@ -603,11 +630,60 @@ class _DepthFlashAttention(torch.autograd.Function):
         if depth_key is not None:
             dquery = dquery.contiguous()
             ddk, ddv = _depth_backward(query, depth_key, depth_value, out, lse, dout, ctx.scale, dquery,
-                                       want_kv=ctx.n_attached > 0)
+                                       want_kv=ctx.n_attached > 0, depth_kernel=ctx.depth_kernel)
             for j in range(ctx.n_attached // 2):
                 grads_attached += [ddk[:, :, :, j].to(key.dtype), ddv[:, :, :, j].to(value.dtype)]
         return (dquery.to(query.dtype), dkey.to(key.dtype), dvalue.to(value.dtype), None, None, None,
-                None, *grads_attached)
+                None, None, *grads_attached)
+
+
+# Fused Triton depth kernels: None = not yet checked in this process, True = agree with the
+# batched-matmul path, False = disagreed or failed (the torch path runs instead).
+_TRITON_CHECKED: dict[str, bool | None] = {"fwd": None, "bwd": None}
+
+
+def _triton_depth(depth_kernel: str, query: torch.Tensor):
+    """The :mod:`megacpp_mcore.moda_triton` module when ``depth_kernel`` asks for it and it can run
+    here (CUDA and triton importable), else None (``"triton"`` raises instead)."""
+    if depth_kernel == "torch" or not query.is_cuda:
+        return None
+    module = _load_moda_triton()
+    if isinstance(module, ImportError):
+        if depth_kernel == "triton":
+            raise ValueError(f"MoDAConfig(depth_kernel='triton') needs triton ({module}); allowed here: "
+                             "'auto' or 'torch'") from module
+        return None
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _load_moda_triton():
+    """The kernels' module, or the ImportError (triton missing), tried once per process."""
+    try:
+        from megacpp_mcore import moda_triton
+    except ImportError as exc:
+        return exc
+    return moda_triton
+
+
+def _check_triton(direction: str, depth_kernel: str, got, ref) -> bool:
+    """Compares the fused kernel's first result with the batched-matmul path's (once per process)."""
+    try:
+        if isinstance(got, Exception):
+            raise got
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+        _TRITON_CHECKED[direction] = True
+    except Exception as exc:  # noqa: BLE001 - any failure of the fused kernel falls back (auto)
+        _TRITON_CHECKED[direction] = False
+        if depth_kernel == "triton":
+            raise RuntimeError(f"MoDA fused Triton depth kernel ({direction}) disagrees with the torch "
+                               f"path: {exc}") from exc
+        import warnings
+
+        warnings.warn(f"MoDA: fused Triton depth kernel ({direction}) disagrees with the torch path; "
+                      f"using the torch path: {str(exc)[:300]}")
+    return bool(_TRITON_CHECKED[direction])
 
 
 def _depth_scores(q, kd, scale):
@@ -615,12 +691,29 @@ def _depth_scores(q, kd, scale):
     return _bmm_acc(q, kd.transpose(1, 2)).mul_(scale)
 
 
-def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
+def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale, *, depth_kernel="torch"):
     """Merges the sequence result (``[s, b, np, dv]``, lse ``[s, b, np]``) with depth attention.
 
-    Per chunk of rows the only full-width temporary is the fp32 depth output ``[rows, r, dv]``;
-    the scores and weights are ``[rows, r, n]`` (n depth keys, a handful).
+    Two full-size passes, both in the output dtype and both IN PLACE on ``seq_out`` (contiguous; the
+    kernel's fresh output): ``out *= exp(lse_seq - lse)`` and ``out += P_depth @ V_depth`` (a
+    ``baddbmm_``: fp32 accumulation, one rounding). The scores/weights ``[rows, r, n]`` are fp32 and
+    small (n depth keys, a handful); q and the depth K/V are read once by the score product.
+    Returns ``(out, lse)`` with ``out`` aliasing ``seq_out``. On CUDA ``depth_kernel`` ``"auto"`` /
+    ``"triton"`` runs :func:`megacpp_mcore.moda_triton.merge_forward` instead (one fused pass).
     """
+    fused = _triton_depth(depth_kernel, query)
+    if fused is not None:
+        if _TRITON_CHECKED["fwd"] is None:
+            ref = _merge_depth(query, depth_key, depth_value, seq_out.clone(), seq_lse.clone(), scale)
+            try:
+                got = fused.merge_forward(query, depth_key, depth_value, seq_out.clone(), seq_lse, scale)
+            except Exception as exc:  # noqa: BLE001 - compile/launch failure: reported, torch path
+                got = exc
+            if _check_triton("fwd", depth_kernel, got, ref):
+                return fused.merge_forward(query, depth_key, depth_value, seq_out, seq_lse, scale)
+            return ref
+        if _TRITON_CHECKED["fwd"]:
+            return fused.merge_forward(query, depth_key, depth_value, seq_out, seq_lse, scale)
     s, b, heads, dk = query.shape
     g, n, dv = depth_key.shape[2], depth_key.shape[3], depth_value.shape[-1]
     r, rows = heads // g, s * b * g
@@ -628,25 +721,41 @@ def _merge_depth(query, depth_key, depth_value, seq_out, seq_lse, scale):
     q = query.reshape(rows, r, dk)
     kd = depth_key.reshape(rows, n, dk)
     vd = depth_value.reshape(rows, n, dv)
-    so = seq_out.reshape(rows, r, dv)
+    out = seq_out.view(rows, r, dv)
     sl = seq_lse.reshape(rows, r)
-    out = torch.empty((rows, r, dv), dtype=query.dtype, device=query.device)
     lse = torch.empty((rows, r), dtype=acc, device=query.device)
-    for c in _row_chunks(rows, 4 * (r * (dv + 4 * n + 4))):
-        scores = _depth_scores(q[c], kd[c], scale)  # [rows, r, n]
+    for c in _row_chunks(rows, 4 * (r * (4 * n + 4))):
+        scores = _depth_scores(q[c], kd[c], scale)  # [rows, r, n] fp32
         seq_l = sl[c].to(acc)
         total = torch.logaddexp(seq_l, scores.logsumexp(-1))  # joint log-sum-exp [rows, r]
         probs = scores.sub_(total[..., None]).exp_()  # joint softmax weights of the depth keys
-        merged = _bmm_acc(probs.to(vd.dtype), vd[c])  # [rows, r, dv] fp32
-        merged.addcmul_(so[c], (seq_l - total).exp_()[..., None])  # + sequence part, reweighted
-        out[c] = merged
+        out[c].mul_((seq_l - total).exp_()[..., None])  # sequence part, reweighted (in place)
+        out[c].baddbmm_(probs.to(vd.dtype), vd[c])  # + depth part (in place, fp32 accumulation)
         lse[c] = total
-    return out.reshape(s, b, heads, dv), lse.reshape(s, b, heads)
+    return seq_out, lse.reshape(s, b, heads)
 
 
-def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery, *, want_kv: bool):
+def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery, *, want_kv: bool,
+                    depth_kernel: str = "torch"):
     """Depth part of the joint-softmax backward: adds into ``dquery`` (contiguous
-    ``[s, b, np, dk]``) in place; returns (dK_depth, dV_depth), None unless ``want_kv``."""
+    ``[s, b, np, dk]``) in place; returns (dK_depth, dV_depth), None unless ``want_kv``. On CUDA
+    without ``want_kv``, ``depth_kernel`` ``"auto"``/``"triton"`` runs the fused Triton kernel."""
+    fused = None if want_kv else _triton_depth(depth_kernel, query)
+    if fused is not None and _TRITON_CHECKED["bwd"] is not False:
+        if _TRITON_CHECKED["bwd"] is None:
+            ref = dquery.clone()
+            _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, ref, want_kv=False)
+            got = dquery.clone()
+            try:
+                fused.merge_backward_dq(query, depth_key, depth_value, out, lse, dout, scale, got)
+                got = (got,)
+            except Exception as exc:  # noqa: BLE001 - compile/launch failure: reported, torch path
+                got = exc
+            if not _check_triton("bwd", depth_kernel, got, (ref,)):
+                dquery.copy_(ref)
+                return None, None
+        fused.merge_backward_dq(query, depth_key, depth_value, out, lse, dout, scale, dquery)
+        return None, None
     s, b, heads, dk = query.shape
     g, n, dv = depth_key.shape[2], depth_key.shape[3], depth_value.shape[-1]
     r, rows = heads // g, s * b * g
@@ -658,7 +767,7 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
     dq = dquery.view(rows, r, dk)
     dkd = torch.empty((rows, n, dk), dtype=acc, device=query.device) if want_kv else None
     dvd = torch.empty((rows, n, dv), dtype=acc, device=query.device) if want_kv else None
-    per_row = 4 * (r * (dk + 6 * n + 2)) + (4 * n * (dk + dv) * 2 if want_kv else 0)
+    per_row = 4 * (r * (6 * n + 2)) + (4 * n * (dk + dv) * 2 if want_kv else 0)
     for c in _row_chunks(rows, per_row):
         cr = (c.stop - c.start) * r
         probs = _depth_scores(q[c], kd[c], scale).sub_(total[c].to(acc)[..., None]).exp_()
@@ -666,9 +775,10 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
         row_dot = _bmm_acc(do[c].reshape(cr, 1, dv), o[c].reshape(cr, dv, 1)).view(-1, r, 1)
         dp = _bmm_acc(do[c], vd[c].transpose(1, 2))  # [rows, r, n]
         ds = dp.sub_(row_dot).mul_(probs)
-        dq[c] += _bmm_acc(ds.to(kd.dtype), kd[c]).mul_(scale)
+        ds = ds.mul_(scale)
+        dq[c].baddbmm_(ds.to(kd.dtype), kd[c])  # in place: fp32 accumulation, one rounding
         if want_kv:
-            dkd[c] = _bmm_acc(ds.transpose(1, 2).to(q.dtype), q[c]).mul_(scale)
+            dkd[c] = _bmm_acc(ds.transpose(1, 2).to(q.dtype), q[c])
             dvd[c] = _bmm_acc(probs.transpose(1, 2).to(do.dtype), do[c])
     if want_kv:
         dkd, dvd = dkd.reshape(s, b, g, n, dk), dvd.reshape(s, b, g, n, dv)
@@ -676,11 +786,14 @@ def _depth_backward(query, depth_key, depth_value, out, lse, dout, scale, dquery
 
 
 def fast_depth_attention(query, key, value, depth_key=None, depth_value=None, *, scale: float,
-                         attached: list[torch.Tensor] | tuple = (), cuda_kernel: str = "flash"):
+                         attached: list[torch.Tensor] | tuple = (), cuda_kernel: str = "auto",
+                         depth_kernel: str = "auto"):
     """Same contract as :func:`reference_depth_attention`; ``attached`` are the pushed
     ``k_0, v_0, k_1, v_1, ...`` that receive depth-K/V gradients (empty: detached)."""
-    kernel = _flash_check(query, max(query.shape[-1], value.shape[-1]), cuda_kernel)
-    return _DepthFlashAttention.apply(query, key, value, depth_key, depth_value, scale, kernel, *attached)
+    kernel = _flash_check(query, max(query.shape[-1], value.shape[-1]), cuda_kernel,
+                          equal_dims=query.shape[-1] == value.shape[-1])
+    return _DepthFlashAttention.apply(query, key, value, depth_key, depth_value, scale, kernel,
+                                      depth_kernel, *attached)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,9 +869,11 @@ class DepthAwareAttention(MegatronModule):
                                             scale=self.softmax_scale)
         else:
             self.observed_kernel = _flash_check(query, max(query.shape[-1], value.shape[-1]),
-                                                self.moda.cuda_kernel)
+                                                self.moda.cuda_kernel,
+                                                equal_dims=query.shape[-1] == value.shape[-1])
             out = _DepthFlashAttention.apply(query, key, value, depth_key, depth_value,
-                                             self.softmax_scale, self.observed_kernel, *attached)
+                                             self.softmax_scale, self.observed_kernel,
+                                             self.moda.depth_kernel, *attached)
         if self.slot is not None:
             self.buffer.push(self.slot, key, value)
         s, b, heads, dv = out.shape

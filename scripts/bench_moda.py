@@ -30,8 +30,18 @@ import time
 import torch
 
 
-# variant -> MoDAConfig.cuda_kernel (None: no MoDA)
-VARIANTS = {"base": None, "moda": "flash", "moda-cudnn": "cudnn", "moda-te": "te"}
+# variant -> MoDAConfig.cuda_kernel, or (cuda_kernel, depth_kernel) (None: no MoDA). The depth part
+# runs the fused Triton kernels (depth_kernel "auto") except in "moda-te-torchdepth" (batched matmuls).
+VARIANTS = {"base": None, "moda": "flash", "moda-cudnn": "cudnn", "moda-te": "te",
+            "moda-te-torchdepth": ("te", "torch")}
+
+
+def moda_config(variant: str):
+    from megacpp_mcore.moda import MoDAConfig
+
+    kind = VARIANTS[variant]
+    cuda_kernel, depth_kernel = kind if isinstance(kind, tuple) else (kind, "auto")
+    return MoDAConfig(cuda_kernel=cuda_kernel, depth_kernel=depth_kernel)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,14 +92,13 @@ def check_environment(args) -> None:
 
 
 def model_config(args, seq: int, variant: str):
-    from megacpp_mcore.moda import MoDAConfig
     from megacpp_mcore.presets import custom_model
 
     return custom_model(
         pattern=args.pattern, num_layers=args.layers, hidden_size=args.hidden,
         num_attention_heads=args.heads, num_query_groups=args.kv_groups, ffn_hidden_size=args.ffn,
         vocab_size=args.vocab, seq_length=seq, moe=None, mla=None, mtp_depth=0,
-        features={} if VARIANTS[variant] is None else {"moda": MoDAConfig(cuda_kernel=VARIANTS[variant])},
+        features={} if VARIANTS[variant] is None else {"moda": moda_config(variant)},
     )
 
 
@@ -129,7 +138,12 @@ def run_variant(args, seq: int, variant: str) -> dict:
     }
     cores = [mod for c in chunks for mod in c.modules() if isinstance(mod, DepthAwareAttention)]
     if cores:
+        from megacpp_mcore import moda
+
         result["observed_kernel"] = sorted({c.observed_kernel for c in cores})
+        # fused Triton depth kernels: True = ran (checked against the torch path), False = fell
+        # back, None = not used
+        result["triton_depth_checked"] = dict(moda._TRITON_CHECKED)
         result["buffer_bytes_allocated"] = int(sum(
             c.megacpp_stats().get("moda_buffer_bytes", 0) for c in cores))
         result["buffer_bytes_formula"] = m.features["moda"].buffer_bytes(
@@ -241,6 +255,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def depth_note(r: dict) -> str:
+    """' +triton-depth' / ' +torch-depth' for MoDA rows (which depth kernel ran)."""
+    checked = r.get("triton_depth_checked")
+    if checked is None:
+        return ""
+    return " +triton-depth" if checked.get("fwd") and checked.get("bwd") else " +torch-depth"
+
+
 def summarize(results: list[dict]) -> list[dict]:
     out = []
     for seq in sorted({r["seq"] for r in results}):
@@ -284,7 +306,8 @@ def format_table(results: list[dict], summary: list[dict], checks: list[dict] = 
         else:
             lines.append(f"| {r['seq']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['peak_gib']:.2f} | "
                          f"{r['model_and_optimizer_bytes'] / 2**30:.2f} | {r['final_loss']:.3f} | "
-                         f"{','.join(r.get('observed_kernel', ['backend default']))} |")
+                         f"{','.join(r.get('observed_kernel', ['backend default']))}"
+                         f"{depth_note(r)} |")
     lines += ["", "| seq | variant | step-time ratio (<=1.10) | peak increase GiB | formula GiB | "
               "increase/formula (0.9..1.1) | allocated==formula |", "|---|---|---|---|---|---|---|"]
     for s in summary:

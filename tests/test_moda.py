@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import types
 
 import pytest
 import torch
@@ -54,8 +56,10 @@ def _qkv(s=6, b=2, heads=4, groups=2, dk=8, dv=8, dtype=torch.float32, grad=True
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="kernel='flash'.*allowed: fast, reference"):
         MoDAConfig(kernel="flash")
-    with pytest.raises(ValueError, match="cuda_kernel='fa3'; allowed: flash, cudnn, te"):
+    with pytest.raises(ValueError, match="cuda_kernel='fa3'; allowed: auto, flash, cudnn, te"):
         MoDAConfig(cuda_kernel="fa3")
+    with pytest.raises(ValueError, match="depth_kernel='cuda'; allowed: auto, triton, torch"):
+        MoDAConfig(depth_kernel="cuda")
     with pytest.raises(ValueError, match="attention layers only; allowed symbols: 'A'"):
         MoDAConfig(placement=FeaturePlacement(symbols="AE"))
     with pytest.raises(ValueError, match="contributing_layers: -1 is not a layer index"):
@@ -219,7 +223,7 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
     ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
     fast = moda._DepthFlashAttention.apply(
         q, k, v, None if kd is None else kd.detach(), None if vd is None else vd.detach(), 0.3,
-        "te-fused-cuda", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
+        "te-fused-cuda", "torch", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     inputs = [q, k, v, *ks, *vs] if attached else [q, k, v]
     grad = torch.randn_like(ref)
@@ -234,7 +238,7 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
         moda._te_fused()
     with pytest.raises(ValueError, match="K head dim 24 != V head dim 16"):
         q2, k2, v2 = _qkv(dk=24, dv=16)
-        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda")
+        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda", "torch")
 
 
 def test_reference_masks_the_future():
@@ -443,10 +447,170 @@ def test_depth_merge_uses_no_full_width_fp32_copies(monkeypatch):
     vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
     out = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5)
     out.float().sum().backward()
-    # forward: scores, depth output; backward: scores, rowsum(dO*O), dP, dQ (all bf16 x bf16)
-    assert calls == [(torch.bfloat16, torch.bfloat16)] * 6
+    # forward: scores; backward: scores, rowsum(dO*O), dP (all bf16 x bf16); the depth output and
+    # dQ are in-place baddbmm_ into the bf16 output / dQ (see test_depth_path_full_size_passes)
+    assert calls == [(torch.bfloat16, torch.bfloat16)] * 4
     ref = reference_depth_attention(q.float(), k.float(), v.float(), kd.float(), vd.float(), scale=d ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+class _FullSizeOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, dtype, in_place) of every aten op whose output has at least ``full`` elements;
+    ``_bmm_acc`` is replaced by a stand-in for CUDA's ``bmm(out_dtype=float32)`` (CPU upcasts)."""
+
+    def __init__(self, full):
+        super().__init__()
+        self.full, self.ops, self.paused = full, [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        alias = func._schema.returns[0].alias_info if func._schema.returns else None
+        if alias is not None and not alias.is_write:  # a view: no pass over memory
+            return out
+        if not self.paused and isinstance(out, torch.Tensor) and out.numel() >= self.full:
+            self.ops.append((func.__name__, out.dtype, alias is not None))
+        return out
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_depth_path_full_size_passes(monkeypatch, attached):
+    """Per depth-reading layer, the depth math makes TWO full-size ([s, b, np, d]) passes in forward
+    (reweight the sequence output, add P @ V_depth; both in place in the output dtype) and ONE in
+    backward (dQ += dS @ K_depth, in place); no full-size fp32 intermediate, no copy of q/dO/O."""
+    s, b, heads, groups, d, n = 64, 2, 4, 2, 16, 5
+    full = s * b * heads * d
+    mode = _FullSizeOps(full)
+
+    def bmm_acc(a, b_):  # what CUDA runs: one bf16 x bf16 -> fp32 kernel, not recorded as copies
+        mode.paused = True
+        try:
+            out = torch.bmm(a.float(), b_.float())
+        finally:
+            mode.paused = False
+        assert attached or out.numel() < full, "a full-size fp32 product"
+        return out
+
+    monkeypatch.setattr(moda, "_bmm_acc", bmm_acc)
+    q = torch.randn(s, b, heads, d, dtype=torch.bfloat16)  # contiguous, as the Function saves it
+    kd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
+    seq_out = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
+    seq_lse = torch.randn(s, b, heads)
+    with mode:
+        out, lse = moda._merge_depth(q, kd, vd, seq_out, seq_lse, d ** -0.5)
+    assert out.data_ptr() == seq_out.data_ptr()
+    assert mode.ops == [("mul_.Tensor", torch.bfloat16, True), ("baddbmm_.default", torch.bfloat16, True)]
+    dout = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
+    dquery = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
+    mode.ops = []
+    with mode:
+        ddk, ddv = moda._depth_backward(q, kd, vd, out, lse, dout, d ** -0.5, dquery, want_kv=attached)
+    # attached: plus the depth-K/V gradients [s, b, g, n, d] themselves (fp32, cast per slot later)
+    alloc = [("empty.memory_format", torch.float32, False)] * 2 if attached else []
+    extra = [("copy_.default", torch.float32, True)] * 2 if attached else []
+    assert mode.ops == alloc + [("baddbmm_.default", torch.bfloat16, True)] + extra
+    assert (ddk is not None) == attached
+
+
+def _fake_fused(calls, wrong=False):
+    """A stand-in for megacpp_mcore.moda_triton (CPU): the torch path, or a wrong result."""
+
+    def merge_forward(q, kd, vd, seq_out, seq_lse, scale):
+        calls.append("fwd")
+        out, lse = moda._merge_depth(q, kd, vd, seq_out, seq_lse, scale)
+        return (out.mul_(2) if wrong else out), lse
+
+    def merge_backward_dq(q, kd, vd, out, lse, dout, scale, dquery):
+        calls.append("bwd")
+        moda._depth_backward(q, kd, vd, out, lse, dout, scale, dquery, want_kv=False)
+        if wrong:
+            dquery.mul_(2)
+
+    return types.SimpleNamespace(merge_forward=merge_forward, merge_backward_dq=merge_backward_dq)
+
+
+_INTERPRETED_KERNEL_CHECK = """
+import torch
+from megacpp_mcore import moda, moda_triton
+torch.manual_seed(0)
+# heads, groups, dk, dv, buffer slots, depth keys read, dtype
+for h, g, dk, dv, slots, n, dt in [(4, 4, 16, 16, 5, 5, torch.float32), (4, 4, 16, 16, 5, 2, torch.float32),
+                                   (8, 2, 32, 32, 4, 4, torch.float32), (4, 4, 24, 16, 3, 2, torch.float32),
+                                   (4, 2, 16, 16, 3, 3, torch.float16)]:
+    s, b, tol = 24, 2, (1e-5 if dt == torch.float32 else 4e-3)
+    q, so, do, dq0 = (torch.randn(s, b, h, x, dtype=dt) for x in (dk, dv, dv, dk))
+    kd = torch.randn(s, b, g, slots, dk, dtype=dt)[:, :, :, :n]
+    vd = torch.randn(s, b, g, slots, dv, dtype=dt)[:, :, :, :n]
+    sl = torch.randn(s, b, h) + 2
+    ro, rl = moda._merge_depth(q.float(), kd.float(), vd.float(), so.float().clone(), sl, dk ** -0.5)
+    o, lse = moda_triton.merge_forward(q, kd, vd, so.clone(), sl, dk ** -0.5)
+    torch.testing.assert_close(o.float(), ro, atol=tol, rtol=0)
+    torch.testing.assert_close(lse, rl, atol=1e-5, rtol=0)
+    rdq, dq = dq0.float().clone(), dq0.clone()
+    moda._depth_backward(q.float(), kd.float(), vd.float(), ro, rl, do.float(), dk ** -0.5, rdq, want_kv=False)
+    moda_triton.merge_backward_dq(q, kd, vd, ro.to(dt).contiguous(), rl, do, dk ** -0.5, dq)
+    torch.testing.assert_close(dq.float(), rdq, atol=tol, rtol=0)
+print("ok")
+"""
+
+
+def test_fused_triton_depth_kernels_in_interpreter_match_torch_path():
+    """The Triton kernels of moda_triton, run by triton's CPU interpreter (TRITON_INTERPRET=1, a
+    fresh process: read when the kernels are decorated), equal the torch path: strided buffer views
+    (n < slots), GQA, a head dim that is not a power of two, fp16. Needs triton installed."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_fused_depth_kernel_selection_without_triton(monkeypatch):
+    """Without triton: 'auto' uses the torch path, 'triton' is refused naming what is allowed; CPU
+    tensors and 'torch' never use the fused kernels."""
+    monkeypatch.setattr(moda, "_load_moda_triton", lambda: ImportError("No module named 'triton'"))
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    assert moda._triton_depth("auto", cuda_like) is None
+    with pytest.raises(ValueError, match="depth_kernel='triton'.*allowed here: 'auto' or 'torch'"):
+        moda._triton_depth("triton", cuda_like)
+    monkeypatch.setattr(moda, "_load_moda_triton", lambda: "kernels")
+    assert moda._triton_depth("auto", cuda_like) == "kernels"
+    assert moda._triton_depth("torch", cuda_like) is None
+    assert moda._triton_depth("triton", torch.zeros(1)) is None
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_fused_depth_kernel_is_checked_once_and_falls_back(monkeypatch, wrong):
+    """depth_kernel='auto': the fused kernel's first forward/backward result is compared with the
+    torch path; agreeing, it runs from then on; disagreeing, a warning and the torch path (results
+    stay exact); depth_kernel='triton' raises instead of falling back."""
+    calls = []
+    fake = _fake_fused(calls, wrong)
+    monkeypatch.setattr(moda, "_triton_depth", lambda kind, q: None if kind == "torch" else fake)
+    monkeypatch.setattr(moda, "_TRITON_CHECKED", {"fwd": None, "bwd": None})
+    q, k, v = _qkv(s=8)
+    kd, vd = torch.randn(8, 2, 2, 3, 8), torch.randn(8, 2, 2, 3, 8)
+    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
+    g_ref = torch.autograd.grad(ref.sum(), q)[0]
+    ctx = pytest.warns(UserWarning, match="disagrees with the torch path") if wrong else contextlib.nullcontext()
+    for _ in range(2):
+        with ctx:
+            out = fast_depth_attention(q, k, v, kd, vd, scale=0.3)
+            g = torch.autograd.grad(out.sum(), q)[0]
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=0)
+        ctx = contextlib.nullcontext()
+    assert moda._TRITON_CHECKED == {"fwd": not wrong, "bwd": not wrong}
+    # checked once (a call on clones), then: fused per call when agreeing, never when not
+    assert calls == (["fwd", "bwd"] if wrong else ["fwd", "fwd", "bwd", "bwd", "fwd", "bwd"])
+    if wrong:
+        monkeypatch.setattr(moda, "_TRITON_CHECKED", {"fwd": None, "bwd": None})
+        with pytest.raises(RuntimeError, match=r"fused Triton depth kernel \(fwd\) disagrees"):
+            fast_depth_attention(q, k, v, kd, vd, scale=0.3, depth_kernel="triton")
 
 
 # -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
@@ -523,8 +687,10 @@ def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
-@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn", "te"])
+@pytest.mark.parametrize("cuda_kernel", ["flash", "cudnn", "te", "auto"])
 def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
+    """... with every sequence kernel; the default ("auto") runs TE's fused attention, and the fused
+    Triton depth kernels run (checked against the torch path) where triton imports."""
     from megacpp_mcore import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
@@ -544,11 +710,14 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
                                              micro_batch_size=2, seq_length=256)["loss"])
         assert losses[-1] < losses[0]
         cores = [mod for mod in chunks[0].modules() if isinstance(mod, DepthAwareAttention)]
-        expected_kernel = "te-fused-cuda" if cuda_kernel == "te" else f"aten-{cuda_kernel}-cuda"
+        expected_kernel = ("te-fused-cuda" if cuda_kernel in ("te", "auto")
+                           else f"aten-{cuda_kernel}-cuda")
         assert {c.observed_kernel for c in cores if c.reads} == {expected_kernel}
         assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
         expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
+        if not isinstance(moda._load_moda_triton(), ImportError):
+            assert moda._TRITON_CHECKED == {"fwd": True, "bwd": True}
     finally:
         runtime.shutdown()
 
@@ -602,6 +771,34 @@ def test_cuda_depth_math_accumulates_in_fp32_without_upcast_copies():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads,groups,dk,dv,slots,n", [
+    (16, 16, 128, 128, 7, 7),  # the benchmark's shapes (reads every slot)
+    (16, 16, 128, 128, 7, 3),  # the first n slots of a larger buffer (a strided view)
+    (8, 2, 128, 128, 4, 4),  # GQA: 4 heads per depth group
+    (8, 8, 192, 128, 3, 2),  # MLA head dims (not powers of two / unequal)
+])
+def test_cuda_fused_triton_depth_kernels_match_torch_path(heads, groups, dk, dv, slots, n):
+    """moda_triton's merge forward and dQ backward equal the batched-matmul path (bf16, fp32 math)."""
+    moda_triton = pytest.importorskip("megacpp_mcore.moda_triton")
+    s, b = 1024, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, seq_out, dout = rnd(s, b, heads, dk), rnd(s, b, heads, dv), rnd(s, b, heads, dv)
+    kd, vd = rnd(s, b, groups, slots, dk)[:, :, :, :n], rnd(s, b, groups, slots, dv)[:, :, :, :n]
+    seq_lse = torch.randn(s, b, heads, device="cuda", generator=g) + 3
+    ref_out, ref_lse = moda._merge_depth(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
+    out, lse = moda_triton.merge_forward(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    dq0 = rnd(s, b, heads, dk)
+    ref_dq, dq = dq0.clone(), dq0.clone()
+    moda._depth_backward(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, ref_dq, want_kv=False)
+    moda_triton.merge_backward_dq(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, dq)
+    torch.testing.assert_close(dq.float(), ref_dq.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_moda_layer_memory_at_4096():
     """At the benchmark's shapes (seq 4096, batch 2, 16 heads of 128), a layer reading 7 depth keys
     keeps exactly what a layer reading 1 keeps (output, contiguous V, fp32 lse) and its transient
@@ -610,6 +807,10 @@ def test_cuda_moda_layer_memory_at_4096():
     config = _config(num_layers=8, num_query_groups=heads, hidden_size=heads * d, num_attention_heads=heads)
     layers = _layers(MoDAConfig(), 8, config)
     unit = s * b * heads * d * 2
+    # the fused depth kernels' one-time check (clones of out / dQ) happens before the measurement
+    q0 = torch.randn(64, 2, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kd0 = torch.randn(64, 2, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
+    fast_depth_attention(q0, q0[:, :, :2], q0[:, :, :2], kd0, kd0, scale=0.1).sum().backward()
     held, stats = [], {}
     for lay in layers:
         torch.manual_seed(lay.layer_index)
