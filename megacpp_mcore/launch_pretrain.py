@@ -234,10 +234,10 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
 def _mamba_conv_path(config, spec) -> None:
     """Megatron-LM has no flag for ``use_mamba_mem_eff_path`` (default True), whose fused path needs
     causal_conv1d. Without it, ``M`` layers take MambaMixer's unfused conv path; said on rank 0."""
-    from megacpp_mcore import backends
+    from megacpp_mcore.mixers.mamba import fused_conv_available
 
     pattern = getattr(getattr(spec, "submodules", None), "pattern", "")
-    if "M" in pattern and config.use_mamba_mem_eff_path and backends.detect().causal_conv1d is None:
+    if "M" in pattern and config.use_mamba_mem_eff_path and not fused_conv_available():
         config.use_mamba_mem_eff_path = False
         if int(os.environ.get("RANK", "0")) == 0:
             print("[megacpp_mcore] causal_conv1d is not installed: M layers use MambaMixer's unfused "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from megacpp_mcore.pattern import FeaturePlacement, PatternError, compile_layers, validate_pattern
+from megacpp_mcore.pattern import FeaturePlacement, compile_layers, validate_pattern
 
 
 def _positive(owner: str, **values: Any) -> None:
@@ -192,5 +192,3 @@ def custom_model(*, pattern: str, num_layers: int, base: str = "nam56r-tiny", **
                                         num_layers=num_layers, **overrides)
     except TypeError as exc:
         raise ValueError(f"bad model override: {exc}") from None
-    except PatternError:
-        raise

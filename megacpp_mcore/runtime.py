@@ -189,10 +189,10 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     kwargs.update(pipeline_split_kwargs(model.pattern, model.num_layers))
     kwargs.update(mixer_config_kwargs(model))  # mamba_* sizes of the M block
     if "M" in model.pattern:
-        from megacpp_mcore import backends
+        from megacpp_mcore.mixers.mamba import fused_conv_available
 
         # MambaMixer's fused ("mem-eff") path needs causal_conv1d; without it the conv runs unfused.
-        kwargs["use_mamba_mem_eff_path"] = backends.detect().causal_conv1d is not None
+        kwargs["use_mamba_mem_eff_path"] = fused_conv_available()
     if model.moe is not None:
         kwargs.update(
             num_moe_experts=model.moe.num_experts,

@@ -254,6 +254,11 @@ def fast_mixer_class() -> type:
     return MambaSlotMixer
 
 
+def fused_conv_available() -> bool:
+    """Whether MambaMixer's fused ("mem-eff") path can run: it needs causal_conv1d."""
+    return backends.detect().causal_conv1d is not None
+
+
 def mixer_spec(config, backend) -> ModuleSpec:
     """The ``M`` mixer spec for ``backend``: MambaMixer on ``te``, :class:`TorchMambaMixer` on ``local``."""
     dims: MambaDims = mamba_dims_from_config(config)
@@ -265,7 +270,7 @@ def mixer_spec(config, backend) -> ModuleSpec:
         return ModuleSpec(module=TorchMambaMixer, params={"d_model": config.hidden_size},
                           submodules=MambaSubmodules(in_proj=in_proj, out_proj=out_proj))
     cls = fast_mixer_class()
-    if config.use_mamba_mem_eff_path and backends.detect().causal_conv1d is None:
+    if config.use_mamba_mem_eff_path and not fused_conv_available():
         raise backends.BackendUnavailable(
             "the 'M' block's fused MambaMixer path (use_mamba_mem_eff_path=True) needs causal_conv1d; "
             "install it (pip install causal-conv1d) or set use_mamba_mem_eff_path=False"
