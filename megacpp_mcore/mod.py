@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import torch
@@ -294,12 +295,198 @@ class _TopkGate(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16/32-bit activations, fp64 for fp64 (gates, router logits and their gradients)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        from megacpp_mcore import mod_triton  # noqa: F401
+    except Exception:  # no Triton on this host: the torch formulation runs
+        return False
+    return True
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """The Triton kernels of :class:`_FusedGateSkip` run on CUDA tensors (``MEGACPP_MOD_TRITON=0``
+    forces the torch formulation, for A/B measurements)."""
+    if not x.is_cuda or os.environ.get("MEGACPP_MOD_TRITON", "1") == "0" or not _triton_importable():
+        return False
+    from megacpp_mcore import mod_triton
+
+    return mod_triton.supported(x)
+
+
+class _FusedGateSkip(torch.autograd.Function):
+    """The gateskip residual with its router read at the seam:
+    ``y = x + sigmoid(x . w + b) * out``, where ``x`` is the layer input (the residual AND the
+    router's input) and ``out`` the block output.
+
+    The sparsity loss rides on the gate's backward exactly as in :class:`_SparsityGate`
+    (``dL/dg_i = 2 w relu(mean(g) - budget) / N`` times the MoD loss scale; ``group``: the TP group
+    whose SP shards make up the sequence). On CUDA the whole thing is two Triton kernels
+    (:mod:`megacpp_mcore.mod_triton`): forward reads ``x`` and ``out`` once, backward folds the
+    router's input gradient into the residual gradient; elsewhere the same math runs as torch ops
+    (the reference the kernels are tested against). Returns ``(y, mean(g))``; the mean is detached.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out, weight, bias, loss_weight: float, budget: float, group, use_triton: bool):
+        ctx.set_materialize_grads(False)
+        hidden = x.shape[-1]
+        x2, o2 = x.reshape(-1, hidden), out.reshape(-1, hidden)
+        if use_triton:
+            from megacpp_mcore import mod_triton
+
+            x2, o2 = x2.contiguous(), o2.contiguous()
+            y, gate = mod_triton.gate_forward(x2, o2, weight.reshape(-1), bias.reshape(-1))
+        else:  # the unfused formulation (same ops as the router + addcmul path), >= fp32 gates
+            logits = F.linear(x2, weight.to(x2.dtype), bias.to(x2.dtype)).to(_accumulation_dtype(x2.dtype))
+            gate = torch.sigmoid(logits).squeeze(-1)
+            y = torch.addcmul(x2, o2, gate.unsqueeze(-1).to(x2.dtype))
+        mean = gate.mean()
+        count = gate.numel()
+        if group is not None:
+            torch.distributed.all_reduce(mean, group=group)
+            mean.div_(group.size())
+            count *= group.size()
+        ctx.save_for_backward(x2, o2, weight, gate, mean)
+        ctx.coef, ctx.budget, ctx.use_triton = 2.0 * loss_weight / count, budget, use_triton
+        ctx.shapes, ctx.bias_dtype = (x.shape, out.shape, bias.shape), bias.dtype
+        ctx.mark_non_differentiable(mean)
+        return y.view(x.shape), mean
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean):
+        x2, o2, weight, gate, mean = ctx.saved_tensors
+        x_shape, out_shape, bias_shape = ctx.shapes
+        if grad_y is None:
+            grad_y = torch.zeros_like(x2)
+        dy = grad_y.reshape(-1, x2.shape[-1])
+        scale = _loss_scale()
+        if isinstance(scale, torch.Tensor):
+            extra = (mean - ctx.budget).clamp_min(0.0) * scale.to(mean) * ctx.coef
+        else:
+            extra = (mean - ctx.budget).clamp_min(0.0) * (ctx.coef * scale)
+        if ctx.use_triton:
+            from megacpp_mcore import mod_triton
+
+            dx, dout, dweight, dbias = mod_triton.gate_backward(dy.contiguous(), x2, o2, weight.reshape(-1),
+                                                                gate, extra.float())
+        else:
+            acc = gate.dtype
+            dout = dy * gate.unsqueeze(-1).to(dy.dtype)
+            dgate = (dy * o2).to(acc).sum(-1) + extra
+            dlogit = torch.ops.aten.sigmoid_backward(dgate, gate)  # [N], >= fp32
+            # dx = dy + dlogit (x) w, the router's input gradient folded into the residual's
+            dx = torch.addmm(dy.to(acc), dlogit.unsqueeze(-1), weight.to(acc)).to(dy.dtype)
+            dweight, dbias = dlogit @ x2.to(acc), dlogit.sum()
+        return (dx.view(x_shape), dout.view(out_shape), dweight.view_as(weight).to(weight.dtype),
+                dbias.view(bias_shape).to(ctx.bias_dtype), None, None, None, None)
+
+
+class _TopkHandoff:
+    """Carries the output gradient from :class:`_TopkRouteOut`'s backward (which runs first) to
+    :class:`_TopkRouteIn`'s, so the input gradient is formed in one pass (see there)."""
+
+    __slots__ = ("dy",)
+
+    def __init__(self):
+        self.dy = None
+
+
+class _TopkRouteIn(torch.autograd.Function):
+    """Top-k routing of ``x [s, b, h]``: router logits (fp32), the ``k`` positions per sequence in
+    sequence order (the causal mask stays right) and the gathered tokens ``[k, b, h]``.
+
+    Backward forms the WHOLE input gradient of the routed layer in one pass over ``[s, b, h]``:
+    ``dx = dy`` on the rows that were not selected (the pass-through of :class:`_TopkRouteOut`,
+    whose own backward returns no ``x`` gradient and hands ``dy`` over), the block's gradient
+    ``dselected`` on the selected rows, plus the router's ``dlogit * w`` everywhere, and the
+    router's weight gradient. Unfused, autograd spent a zeros + scatter-add (gather), a copy with
+    zeroed rows (scatter), an outer-product GEMM (router) and two full-size accumulations on it.
+    On CUDA the router GEMV and this pass are Triton kernels (:mod:`megacpp_mcore.mod_triton`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k: int, handoff: _TopkHandoff, use_triton: bool):
+        seq, batch, hidden = x.shape
+        if use_triton:
+            from megacpp_mcore import mod_triton
+
+            logits = mod_triton.router_logits(x.reshape(-1, hidden).contiguous(), weight.reshape(-1),
+                                              bias.reshape(-1)).view(seq, batch, 1)
+        else:
+            logits = F.linear(x, weight.to(x.dtype), bias.to(x.dtype)).to(_accumulation_dtype(x.dtype))
+        # the k positions in sequence order (topk's own value sort would be thrown away)
+        idx = logits.squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values  # [k, b]
+        selected = x.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))
+        ctx.save_for_backward(x, weight, idx)
+        ctx.handoff, ctx.use_triton, ctx.bias_shape = handoff, use_triton, bias.shape
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)
+        return logits, selected, idx
+
+    @staticmethod
+    def backward(ctx, dlogits, dselected, _didx):
+        x, weight, idx = ctx.saved_tensors
+        dy, ctx.handoff.dy = ctx.handoff.dy, None
+        seq, batch, hidden = x.shape
+        acc = _accumulation_dtype(x.dtype)
+        dl = (dlogits.reshape(seq, batch).to(acc) if dlogits is not None
+              else x.new_zeros(seq, batch, dtype=acc))
+        if ctx.use_triton:
+            from megacpp_mcore import mod_triton
+
+            k = idx.shape[0]
+            pos = torch.full((seq, batch), -1, device=x.device, dtype=torch.int32).scatter_(
+                0, idx, torch.arange(k * batch, device=x.device, dtype=torch.int32).view(k, batch))
+            dx, dweight, dbias = mod_triton.topk_backward(
+                None if dy is None else dy.reshape(-1, hidden).contiguous(),
+                None if dselected is None else dselected.reshape(-1, hidden).contiguous(),
+                pos.view(-1), x.reshape(-1, hidden), weight.reshape(-1), dl.reshape(-1).contiguous())
+            dx = dx.view(seq, batch, hidden)
+        else:
+            w = weight.reshape(-1).to(acc)
+            dx = dl.unsqueeze(-1) * w if dy is None else torch.addcmul(dy.to(acc), dl.unsqueeze(-1), w)
+            sel = dl.gather(0, idx).unsqueeze(-1)  # selected rows: no pass-through
+            sel = sel * w if dselected is None else torch.addcmul(dselected.to(acc), sel, w)
+            dx = dx.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), sel).to(x.dtype)
+            dweight, dbias = dl.reshape(-1) @ x.reshape(-1, hidden).to(acc), dl.sum()
+        return (dx if ctx.needs_input_grad[0] else None, dweight.view_as(weight).to(weight.dtype),
+                dbias.view(ctx.bias_shape).to(weight.dtype), None, None, None)
+
+
+class _TopkRouteOut(torch.autograd.Function):
+    """``x`` with the selected rows replaced by the processed tokens. Its backward gives the
+    processed tokens their rows of ``dy`` and hands ``dy`` to :class:`_TopkRouteIn` (which forms
+    the input gradient) instead of returning a copy of ``dy`` with the selected rows zeroed."""
+
+    @staticmethod
+    def forward(ctx, x, processed, idx, handoff: _TopkHandoff):
+        idx_h = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        ctx.save_for_backward(idx)
+        ctx.handoff = handoff
+        return x.scatter(0, idx_h, processed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (idx,) = ctx.saved_tensors
+        ctx.handoff.dy = dy
+        dprocessed = dy.gather(0, idx.unsqueeze(-1).expand(-1, -1, dy.shape[-1]))
+        return None, dprocessed, None, None
+
+
 @dataclasses.dataclass
 class _Route:
     """What the gated bias-dropout-add of the current forward applies."""
 
-    weight: torch.Tensor  # [s, b, 1] in the activation dtype: scales the block's contribution
+    weight: torch.Tensor | None  # [s, b, 1] in the activation dtype: scales the block's contribution
     mask: torch.Tensor | None = None  # [s, b, 1] bool: False -> the token passes through exactly
+    # Fused gateskip (weight None): the layer input, read by the router at the residual seam.
+    router_input: torch.Tensor | None = None
 
 
 class MoDLayer(TransformerLayer):
@@ -340,6 +527,7 @@ class MoDLayer(TransformerLayer):
                 f"MoD on layer {self.layer_number}: the wrapped layer has no residual sub-layer "
                 "(both bias-dropout-add slots are identity), so there is nothing to route"
             )
+        self._gated_sites = gated
         self._route: _Route | None = None
         self._forced_gate: float | None = None
         self._budget = mod.budget(0)
@@ -393,6 +581,40 @@ class MoDLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.mod.mode == "topk" and not (not self.training and self.mod.inference == "causal"):
             return self._forward_topk(hidden_states, *args, **kwargs)
+        if self._fused_gateskip():
+            # the router runs at the residual seam (_gated_bda -> _FusedGateSkip), where the gate
+            # is needed: one fused op instead of router GEMV + gate ops + addcmul
+            self._route = _Route(weight=None, router_input=hidden_states)
+            try:
+                output, context = super().forward(hidden_states, *args, **kwargs)
+            finally:
+                self._route = None
+            self._record("fraction_processed", 1.0)
+            return output, context
+        logits, gate = self._gate(hidden_states)
+        sharded = self.config.sequence_parallel
+        mask = None
+        if self.mod.mode == "threshold":
+            mask = gate.detach() >= self.mod.threshold
+        elif self.mod.mode == "topk":  # eval, causal: the per-token predictor trained by the BCE
+            mask = logits.detach() >= 0.0
+        elif not self.training and self.mod.inference == "hard":
+            mask = self._budget_mask(gate.detach())
+        output, context = self._run_inner(hidden_states, self._weight(gate), mask, *args, **kwargs)
+        fraction = 1.0 if mask is None else self._global_mean(mask.float(), sharded)
+        self._record("fraction_processed", fraction)
+        return output, context
+
+    def _fused_gateskip(self) -> bool:
+        """gateskip with the learned gate, no hard budget mask, one residual seam and no dropout
+        (every layer of a split ``A``/``E`` stack) takes :class:`_FusedGateSkip`."""
+        return (self.mod.mode == "gateskip" and self._forced_gate is None and self._gated_sites == 1
+                and (self.training or self.mod.inference == "soft")
+                and (self.config.hidden_dropout == 0.0 or not self.training))
+
+    def _gate(self, hidden_states: torch.Tensor):
+        """Router logits ``[s, b, 1]`` (fp32) and the gate, its mean recorded; in training the
+        sparsity loss rides on the gate's backward (:class:`_SparsityGate`)."""
         logits = self._router_logits(hidden_states)  # [s, b, 1] fp32
         sharded = self.config.sequence_parallel
         if self.training and torch.is_grad_enabled() and self.mod.sparsity_loss_weight > 0:
@@ -402,18 +624,8 @@ class MoDLayer(TransformerLayer):
         else:
             gate = torch.sigmoid(logits)
             gate_mean = self._global_mean(gate.detach(), sharded)
-        mask = None
-        if self.mod.mode == "threshold":
-            mask = gate.detach() >= self.mod.threshold
-        elif self.mod.mode == "topk":  # eval, causal: the per-token predictor trained by the BCE
-            mask = logits.detach() >= 0.0
-        elif not self.training and self.mod.inference == "hard":
-            mask = self._budget_mask(gate.detach())
         self._record("gate_mean", gate_mean)
-        output, context = self._run_inner(hidden_states, self._weight(gate), mask, *args, **kwargs)
-        fraction = 1.0 if mask is None else self._global_mean(mask.float(), sharded)
-        self._record("fraction_processed", fraction)
-        return output, context
+        return logits, gate
 
     def _router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[s, b, h] -> [s, b, 1]`` fp32 logits (the GEMV runs in the activation dtype with fp32
@@ -453,6 +665,11 @@ class MoDLayer(TransformerLayer):
             if route is None:
                 raise RuntimeError("MoDLayer bias-dropout-add called outside MoDLayer.forward")
             out, bias = x_with_bias
+            if route.weight is None:  # fused gateskip (see forward)
+                if (bias is None and residual is route.router_input and out.dtype == residual.dtype
+                        and out.shape == residual.shape and (prob == 0.0 or not training)):
+                    return self._fused_gate(residual, out)
+                route.weight = self._weight(self._gate(route.router_input)[1]).to(residual.dtype)
             if bias is not None:
                 out = out + bias
             if (prob == 0.0 or not training) and out.dtype == residual.dtype:  # no dropout:
@@ -466,6 +683,17 @@ class MoDLayer(TransformerLayer):
             return mixed
 
         return gated
+
+    def _fused_gate(self, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        sharded = self.config.sequence_parallel
+        with_loss = self.training and torch.is_grad_enabled() and self.mod.sparsity_loss_weight > 0
+        router = self.mod_router
+        mixed, gate_mean = _FusedGateSkip.apply(
+            residual, out, router.weight, router.bias,
+            self.mod.sparsity_loss_weight if with_loss else 0.0, self._budget,
+            self.tp_group if sharded else None, _use_triton(residual))
+        self._record("gate_mean", gate_mean)
+        return mixed
 
     # ------------------------------------------------------------------------------ topk path
     def _forward_topk(self, hidden_states, *args, **kwargs):
@@ -484,14 +712,14 @@ class MoDLayer(TransformerLayer):
         group = self.tp_group
         x = hidden_states  # [s/tp, b, h] under SP, else [s, b, h]
         full = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group) if sp else x
-        seq, _, hidden = full.shape
-        logits = self._router_logits(full)  # [s, b, 1], identical on all TP ranks
+        seq = full.shape[0]
         k = self.mod.topk_count(seq, group.size() if sp else 1)
-        # the k positions in sequence order (topk's own value sort would be thrown away)
-        idx = logits.detach().squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values
+        handoff = _TopkHandoff()
+        router = self.mod_router
+        # logits [s, b, 1] fp32 and idx [k, b]: identical on all TP ranks (full sequence)
+        logits, selected, idx = _TopkRouteIn.apply(full, router.weight, router.bias, k, handoff,
+                                                   _use_triton(full))
         idx1 = idx.unsqueeze(-1)  # [k, b, 1]
-        idx_h = idx1.expand(-1, -1, hidden)
-        selected = full.gather(0, idx_h)  # [k, b, h]
         aux_weight = self.mod.router_aux_loss_weight if self.training else 0.0
         weight = self._weight(_TopkGate.apply(logits, idx1, aux_weight, full.dtype))  # [k, b, 1]
         self._record_topk(logits.detach(), idx1)
@@ -507,7 +735,7 @@ class MoDLayer(TransformerLayer):
                 processed, tensor_parallel_output_grad=False, group=group)
         if processed.dtype != full.dtype:
             processed = processed.to(full.dtype)
-        out = full.scatter(0, idx_h, processed)
+        out = _TopkRouteOut.apply(full, processed, idx, handoff)
         if sp:
             out = scatter_to_sequence_parallel_region(out, group=group)
         self._record("fraction_processed", k / seq)

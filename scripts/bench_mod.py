@@ -25,6 +25,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -48,8 +49,13 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="micro-batch size")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation)")
     p.add_argument("--capacity", type=float, default=0.125)
+    p.add_argument("--cross-entropy", choices=("unfused", "native", "te"), default="unfused",
+                   help="LM loss kernel of every variant: Megatron's unfused vocab-parallel CE, its "
+                        "fused 'native' one, or TE's fused CE (cross_entropy_loss_fusion)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
@@ -61,6 +67,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
     args = p.parse_args(argv)
+    if args.micro_batches < 1:
+        _fail(f"--micro-batches {args.micro_batches} must be >= 1")
     if args.hidden % args.heads:
         _fail(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     k = math.ceil(args.capacity * args.seq)
@@ -108,6 +116,14 @@ def _model(args, variant: str):
                        features=features)
 
 
+def _config_overrides(args) -> dict:
+    """TransformerConfig settings every variant shares."""
+    out = {"apply_rope_fusion": False}
+    if args.cross_entropy != "unfused":
+        out.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=args.cross_entropy)
+    return out
+
+
 def _build(args, variant: str):
     """DDP-wrapped chunks and the TransformerConfig for ``variant``."""
     from megacpp_mcore import runtime
@@ -116,14 +132,14 @@ def _build(args, variant: str):
     model = _model(args, variant)
     backend = "local" if args.cpu_smoke else "te"
     if variant != "upstream-dense":
-        config = runtime.transformer_config(model, par, apply_rope_fusion=False)
+        config = runtime.transformer_config(model, par, **_config_overrides(args))
         return runtime.build_model(model, config, backend=backend), config
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs
 
     config = runtime.transformer_config(model.replace(num_layers=args.blocks), par,
-                                        apply_rope_fusion=False)
+                                        **_config_overrides(args))
     spec = (gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm") if args.cpu_smoke
             else gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec())
     gpt = GPTModel(config=config, transformer_layer_spec=spec,
@@ -174,7 +190,8 @@ def _time_variant(args, variant: str) -> dict:
     def step(i):
         for layer in mod_layers:
             layer.megacpp_set_step(i)
-        return runtime.train_step(chunks, optimizer, iter([batch]), num_microbatches=1,
+        return runtime.train_step(chunks, optimizer, iter([batch] * args.micro_batches),
+                                  num_microbatches=args.micro_batches,
                                   micro_batch_size=args.batch, seq_length=args.seq)
 
     if cuda:
@@ -188,7 +205,7 @@ def _time_variant(args, variant: str) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
         losses.append(result["loss"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    busy = _gpu_busy_fraction(step, args.warmup + args.steps) if cuda else None
+    busy, breakdown = _gpu_profile(step, args.warmup + args.steps) if cuda else (None, None)
     stats = {name: module.megacpp_stats() for name, module in chunks[0].named_modules()
              if hasattr(module, "megacpp_stats")}
     out = {
@@ -197,6 +214,7 @@ def _time_variant(args, variant: str) -> dict:
         "peak_gib": peak,
         "alloc_before_build_gib": base_gib,  # ~0 when the previous variant was freed
         "gpu_busy_fraction": busy,
+        "gpu_breakdown": breakdown,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "mod_layers": len(mod_layers),
@@ -207,13 +225,26 @@ def _time_variant(args, variant: str) -> dict:
     return out
 
 
-def _gpu_busy_fraction(step, first: int, steps: int = 3):
-    """Sum of GPU kernel time / wall time over ``steps`` profiled steps. Well below 1 means the
-    step is bound by the host (Python + kernel launches), so cutting GPU work (top-k) cannot show
-    in the step time and every extra op (gateskip) costs launch overhead, not FLOPs."""
+# Kernel-name patterns of the GPU-time breakdown (first match wins; the rest is "other").
+_KERNEL_GROUPS = (
+    ("attention", re.compile(r"fmha|flash|cudnn|attn|sdpa", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|cublas|xmma|splitk", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|l2norm", re.I)),
+    ("cross_entropy", re.compile(r"cross_entropy|log_softmax|softmax|logsumexp", re.I)),
+    ("norm", re.compile(r"rmsnorm|layernorm|layer_norm|rms_norm", re.I)),
+    ("index", re.compile(r"gather|scatter|index|topk|sort|radix", re.I)),
+)
+
+
+def _gpu_profile(step, first: int, steps: int = 3):
+    """GPU kernel time over ``steps`` profiled steps: the busy fraction (kernel time / wall time;
+    well below 1 means the step is bound by the host, so cutting GPU work cannot show in the step
+    time and every extra op costs launch overhead, not FLOPs), the kernel time per step by group
+    (``_KERNEL_GROUPS``) and the forty longest kernels. Returns ``(busy, breakdown)``."""
     import torch
 
     try:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
@@ -223,16 +254,23 @@ def _gpu_busy_fraction(step, first: int, steps: int = 3):
                 step(first + i)
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - start) * 1e6
-        from torch.autograd import DeviceType
-
         # Device-side events only (kernels, memcpy, memset): host events that launched them also
         # carry the kernels' time and would count it twice.
-        kernel_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                        for e in prof.key_averages() if getattr(e, "device_type", None) == DeviceType.CUDA)
-        return round(kernel_us / wall_us, 3)
+        kernels = [(e.key, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+                   for e in prof.key_averages() if getattr(e, "device_type", None) == DeviceType.CUDA]
+        kernel_us = sum(us for _, us in kernels)
+        groups: dict[str, float] = {}
+        for name, us in kernels:
+            group = next((g for g, rx in _KERNEL_GROUPS if rx.search(name)), "other")
+            groups[group] = groups.get(group, 0.0) + us / steps / 1e3
+        top = sorted(kernels, key=lambda kv: -kv[1])[:40]
+        breakdown = {"kernel_ms_per_step": round(kernel_us / steps / 1e3, 2),
+                     "groups_ms_per_step": {g: round(ms, 2) for g, ms in sorted(groups.items())},
+                     "top_kernels_ms_per_step": [(n[:90], round(us / steps / 1e3, 2)) for n, us in top]}
+        return round(kernel_us / wall_us, 3), breakdown
     except Exception as exc:  # a diagnostic only: never fail the benchmark over it
-        print(f"[bench_mod] gpu busy fraction unavailable: {type(exc).__name__}: {exc}", flush=True)
-        return None
+        print(f"[bench_mod] gpu profile unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None, None
 
 
 def _cuda_graph_check(args) -> dict:
@@ -364,7 +402,9 @@ def main(argv=None) -> int:
     results["ratios"] = ratios
 
     print(f"\nMoD benchmark: {host['gpu']}, TE {host['te']}, megatron-core {host['megatron_core']}, "
-          f"seq {args.seq}, batch {args.batch}, hidden {args.hidden}, {args.blocks} blocks")
+          f"seq {args.seq}, batch {args.batch} x {args.micro_batches} micro-batches, "
+          f"hidden {args.hidden}, {args.blocks} blocks, "
+          f"vocab {args.vocab}, cross-entropy {args.cross_entropy}")
     print(f"{'variant':<16}{'ms/step':>10}{'peak GiB':>10}{'pre GiB':>9}{'gpu busy':>10}"
           f"{'ratio':>8}{'target':>8}  ok")
     for name, v in variants.items():
@@ -375,6 +415,12 @@ def main(argv=None) -> int:
         busy = "-" if v["gpu_busy_fraction"] is None else f"{v['gpu_busy_fraction']:.2f}"
         print(f"{name:<16}{v['ms_per_step']:>10.1f}{v['peak_gib']:>10.1f}"
               f"{v['alloc_before_build_gib']:>9.2f}{busy:>10}{ratio:>8.3f}{target:>8}  {ok}")
+    print("GPU kernel ms per step by group (3 profiled steps):")
+    for name, v in variants.items():
+        b = v.get("gpu_breakdown")
+        if b:
+            groups = ", ".join(f"{g} {ms:.1f}" for g, ms in b["groups_ms_per_step"].items())
+            print(f"  {name:<14} total {b['kernel_ms_per_step']:.1f}: {groups}")
     print("TE attention-backend selections per variant (whole run): "
           + ", ".join(f"{n} {v['te_backend_selections']}" for n, v in variants.items()))
     if "cuda_graph" in results:

@@ -234,6 +234,177 @@ def test_sparsity_gate_gradient_matches_plain_torch(scale, budget):
         assert not torch.allclose(b.grad, torch.sigmoid(logits) * (1 - torch.sigmoid(logits)) * up)
 
 
+def _gateskip_reference(x, out, weight, bias, loss_weight, budget, scale, up):
+    """Plain torch: router Linear, sigmoid gate, gated residual and the sparsity loss as a graph."""
+    gate = torch.sigmoid(torch.nn.functional.linear(x, weight, bias))
+    y = x + gate * out
+    loss = (y * up).sum() + scale * loss_weight * torch.relu(gate.mean() - budget) ** 2
+    return y, gate.mean(), loss
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25, "tensor"])
+@pytest.mark.parametrize("budget", [0.3, 0.95])
+def test_fused_gateskip_matches_plain_torch(scale, budget):
+    """_FusedGateSkip (router read at the residual seam, router input-gradient folded into dx,
+    sparsity loss on the gate's backward) == autograd of the plain formulation, float64."""
+    from megacpp_mcore.mod import MoDLossAutoScaler, _FusedGateSkip
+
+    s = torch.tensor(0.5, dtype=torch.float64) if scale == "tensor" else scale
+    g = torch.Generator().manual_seed(7)
+    x, out, up = (torch.randn(16, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    weight = torch.randn(1, 8, generator=g, dtype=torch.float64) * 0.3
+    bias = torch.tensor([0.4], dtype=torch.float64)
+    MoDLossAutoScaler.set_loss_scale(s)
+    try:
+        ours = [t.clone().requires_grad_() for t in (x, out, weight, bias)]
+        y, mean = _FusedGateSkip.apply(*ours, 0.7, budget, None, False)
+        (y * up).sum().backward()
+        ref = [t.clone().requires_grad_() for t in (x, out, weight, bias)]
+        y_ref, mean_ref, loss = _gateskip_reference(*ref, 0.7, budget, s, up)
+        loss.backward()
+    finally:
+        MoDLossAutoScaler.set_loss_scale(1.0)
+    assert not mean.requires_grad
+    torch.testing.assert_close(mean, mean_ref.detach())
+    torch.testing.assert_close(y, y_ref.detach())
+    for name, a, b in zip(("x", "out", "weight", "bias"), ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    if budget < 0.5:  # the sparsity pressure is active and changes the router's gradient
+        no_loss = [t.clone().requires_grad_() for t in (x, out, weight, bias)]
+        _gateskip_reference(*no_loss, 0.0, budget, 1.0, up)[2].backward()
+        assert not torch.allclose(ours[2].grad, no_loss[2].grad)
+
+
+def test_gateskip_split_layers_take_the_fused_seam(single_rank, monkeypatch):
+    """Split A and E layers route through _FusedGateSkip (one residual seam); a forced gate, the
+    hard-budget eval and threshold mode keep the router-before-block path."""
+    from megacpp_mcore import mod as mod_module
+
+    calls = []
+    original = mod_module._FusedGateSkip.apply
+    monkeypatch.setattr(mod_module._FusedGateSkip, "apply",
+                        staticmethod(lambda *a: calls.append(1) or original(*a)))
+    for symbol in "AE":
+        layer = _layer(symbol, _GATESKIP)
+        _step(layer)
+        assert len(calls) == 1, symbol
+        layer.force_gate(1.0)
+        _step(layer)
+        layer.force_gate(None)
+        _step(layer.eval())  # eval, soft gates: fused as well
+        assert len(calls) == 2, symbol
+        calls.clear()
+    _step(_layer("A", MoDConfig(mode="gateskip", inference="hard")).eval())
+    _step(_layer("A", MoDConfig(mode="threshold")))
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [2048, 1000])
+def test_fused_gateskip_triton_matches_float64_reference(dtype, hidden):
+    """The Triton kernels of _FusedGateSkip (and, as a control, its torch formulation on the same
+    device) == the plain float64 autograd reference on the same inputs, within the rounding of
+    the activation dtype (max error relative to the largest reference value)."""
+    from megacpp_mcore.mod import MoDLossAutoScaler, _FusedGateSkip
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, out, up = (torch.randn(1030, 2, hidden, device="cuda", generator=g).to(dtype) for _ in range(3))
+    weight = (torch.randn(1, hidden, device="cuda", generator=g) * 0.02).to(dtype)
+    bias = torch.tensor([1.0], device="cuda", dtype=dtype)
+    names = ("y", "mean", "dx", "dout", "dweight", "dbias")
+    results = {}
+    MoDLossAutoScaler.set_loss_scale(0.5)
+    try:
+        for use_triton in (True, False):
+            leaves = [t.clone().requires_grad_() for t in (x, out, weight, bias)]
+            y, mean = _FusedGateSkip.apply(*leaves, 3.0, 0.2, None, use_triton)
+            (y.double() * up.double()).sum().backward()
+            results[use_triton] = [y, mean] + [t.grad for t in leaves]
+        ref = [t.double().requires_grad_() for t in (x, out, weight, bias)]
+        y_ref, mean_ref, loss = _gateskip_reference(*ref, 3.0, 0.2, 0.5, up.double())
+        loss.backward()
+    finally:
+        MoDLossAutoScaler.set_loss_scale(1.0)
+    expected = [y_ref.detach(), mean_ref.detach()] + [t.grad for t in ref]
+    # the torch control rounds dy * out to the activation dtype before its row sums (and may use
+    # TF32 GEMMs); the kernels accumulate in fp32
+    tols = {True: {torch.bfloat16: 1e-2, torch.float32: 1e-5},
+            False: {torch.bfloat16: 2e-2, torch.float32: 1e-3}}
+    for use_triton, got in results.items():
+        for name, a, b in zip(names, got, expected):
+            err = (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+            assert err <= tols[use_triton][dtype], (f"triton={use_triton}", name, err)
+
+
+def _topk_route(x, weight, bias, mat, k, fused, use_triton=False):
+    """A top-k routed toy layer: ``y = x`` except the top-k rows ``x + g * tanh(x @ mat)``."""
+    from megacpp_mcore.mod import _TopkHandoff, _TopkRouteIn, _TopkRouteOut
+
+    hidden = x.shape[-1]
+    if fused:
+        handoff = _TopkHandoff()
+        logits, selected, idx = _TopkRouteIn.apply(x, weight, bias, k, handoff, use_triton)
+    else:
+        logits = torch.nn.functional.linear(x, weight, bias)
+        idx = logits.detach().squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values
+        selected = x.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))
+    gate = torch.sigmoid(logits.to(x.dtype)).gather(0, idx.unsqueeze(-1))
+    processed = selected + gate * torch.tanh(selected @ mat)
+    if fused:
+        return _TopkRouteOut.apply(x, processed, idx, handoff), logits
+    return x.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), processed), logits
+
+
+def test_topk_route_matches_plain_torch():
+    """_TopkRouteIn/_TopkRouteOut (input gradient formed in one pass from the handed-over dy)
+    == autograd of router + gather + scatter, float64; unselected rows pass through exactly."""
+    g = torch.Generator().manual_seed(11)
+    x, up = (torch.randn(32, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    weight = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    bias = torch.tensor([0.1], dtype=torch.float64)
+    mat = torch.randn(8, 8, generator=g, dtype=torch.float64) * 0.5
+    grads, outs = [], []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, mat)]
+        y, logits = _topk_route(*leaves, 4, fused)
+        ((y * up).sum() + 0.3 * logits.sum()).backward()
+        grads.append([t.grad for t in leaves])
+        outs.append(y.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    unselected = (outs[0] == x).all(-1)
+    assert unselected.sum() == (32 - 4) * 3  # exactly the k=4 rows per sequence changed
+    for name, a, b in zip(("x", "weight", "bias", "mat"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [2048, 1000])
+def test_topk_route_triton_matches_float64_reference(dtype, hidden):
+    """The Triton router GEMV and one-pass input gradient == float64 autograd of the plain
+    formulation on the same inputs and the same routes (max error relative to the largest value)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x, up = (torch.randn(1024, 2, hidden, device="cuda", generator=g).to(dtype) for _ in range(2))
+    weight = (torch.randn(1, hidden, device="cuda", generator=g) * 0.02).to(dtype)
+    bias = torch.tensor([0.5], device="cuda", dtype=dtype)
+    mat = (torch.randn(hidden, hidden, device="cuda", generator=g) / hidden ** 0.5).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, mat)]
+    y, logits = _topk_route(*leaves, 128, True, use_triton=True)
+    ((y.double() * up.double()).sum() + 0.3 * logits.double().sum()).backward()
+    # the float64 reference on the routes the kernel chose (ties in bf16 logits may order differently)
+    ref = [t.double().requires_grad_() for t in (x, weight, bias, mat)]
+    y_ref, logits_ref = _topk_route(*ref, 128, False)
+    ((y_ref * up.double()).sum() + 0.3 * logits_ref.sum()).backward()
+    tol = {torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
+    for name, a, b in zip(("y", "logits", "dx", "dweight", "dbias", "dmat"),
+                          [y, logits] + [t.grad for t in leaves], [y_ref, logits_ref] + [t.grad for t in ref]):
+        err = (a.double() - b.detach()).abs().max().item() / max(b.detach().abs().max().item(), 1e-12)
+        assert err <= tol, (name, err)
+
+
 @pytest.mark.parametrize("aux_weight, scale", [(0.3, 1.0), (0.3, "tensor"), (0.0, 1.0)])
 def test_topk_gate_gradient_matches_plain_torch(aux_weight, scale):
     """_TopkGate (selected gates saved in forward, BCE term scattered onto ``gate * coef``) ==
