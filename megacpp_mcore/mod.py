@@ -56,10 +56,17 @@ sets it, so the scale stays 1 and the MoD loss weights act per micro-batch (effe
 ``num_microbatches`` times larger relative to the LM loss). Loss VALUES are computed lazily from
 the recorded gate means / router logits when ``megacpp_stats()`` is called.
 
-Performance. A gateskip layer adds, per forward+backward, the router GEMV and its two backward
-GEMMs, a sigmoid, the gate mean and two scalar ops; the gated residual is one ``addcmul`` that
-replaces the bias-dropout-add (no dropout), see ``tests/test_mod_perf.py``. A topk layer's attention
-and MLP run on the ``k`` gathered tokens only. With Transformer Engine, attention layers of two
+Performance. A gateskip layer with one residual seam (every split ``A``/``E`` layer) reads its
+router AT the seam, where the layer input is also the residual: :class:`_FusedGateSkip` computes
+``y = x + sigmoid(x . w + b) * out`` and, in backward, folds the router's input gradient into the
+residual gradient; on CUDA both directions are single Triton kernels (:mod:`megacpp_mcore.mod_triton`),
+elsewhere the same math runs as torch ops. Other gateskip cases (forced gate, hard-budget eval,
+dropout, two seams) and ``threshold`` read the router before the block and apply the gate with one
+``addcmul`` in the bias-dropout-add. A topk layer's attention and MLP run on the ``k`` gathered
+tokens only; :class:`_TopkRouteIn`/:class:`_TopkRouteOut` write the layer's whole input gradient in
+one pass (Triton router GEMV and backward on CUDA). Those Python autograd functions cost host time,
+about 1 ms per topk layer on the H200's host, which shows on host-bound steps (see
+``docs/benchmarks.md``). With Transformer Engine, attention layers of two
 shapes (topk and dense) alternate, and TE's process-wide one-entry backend-selection cache then
 re-runs its CPU-side selection on every call; ``patches.te_attention_backend_per_layer`` gives each
 attention layer its own cache entry (``scripts/bench_mod.py`` applies it and counts selections).

@@ -16,6 +16,12 @@ does not take), so the ratios compare like with like. Prints a table and the rat
 JSON.
 
     python scripts/bench_mod.py --out mod_bench.json
+
+At the default micro-batch 2 the step is host-bound on an H200 (gpu busy 0.5-0.8: Python and
+kernel launches set the step time); the targets are checked where the GPU sets it, 32k tokens per
+micro-batch (docs/benchmarks.md has both):
+
+    python scripts/bench_mod.py --batch 8 --cross-entropy te --out mod_bench_b8.json
 """
 
 from __future__ import annotations
