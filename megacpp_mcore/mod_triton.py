@@ -29,8 +29,10 @@ MAX_HIDDEN = 16384  # one row in registers; wider rows take the torch path
 
 
 @triton.jit
-def _gate_fwd_kernel(x_ptr, out_ptr, w_ptr, b_ptr, y_ptr, g_ptr, n_rows, hidden,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _router_fwd_kernel(x_ptr, out_ptr, w_ptr, b_ptr, y_ptr, res_ptr, n_rows, hidden,
+                       GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row ``logit = x . w + b``. ``GATED``: stores ``g = sigmoid(logit)`` in ``res`` and
+    ``y = x + g * out``; otherwise stores the logit in ``res`` (``out``/``y`` unused)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < hidden
@@ -42,12 +44,13 @@ def _gate_fwd_kernel(x_ptr, out_ptr, w_ptr, b_ptr, y_ptr, g_ptr, n_rows, hidden,
         mask = cmask & (tl.full([BLOCK], 0, tl.int32) + row < n_rows)
         offs = row.to(tl.int64) * hidden + cols
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        logit = tl.sum(x * w, axis=0) + b
-        g = 1.0 / (1.0 + tl.exp(-logit))
-        tl.store(y_ptr + offs, (x + g * o).to(y_ptr.dtype.element_ty), mask=mask)
+        res = tl.sum(x * w, axis=0) + b
+        if GATED:
+            res = 1.0 / (1.0 + tl.exp(-res))
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs, (x + res * o).to(y_ptr.dtype.element_ty), mask=mask)
         if valid:
-            tl.store(g_ptr + row, g)
+            tl.store(res_ptr + row, res)
 
 
 @triton.jit
@@ -96,8 +99,8 @@ def gate_forward(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias:
     g = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     block, warps = _launch(hidden)
     grid = (triton.cdiv(n_rows, ROWS),)
-    _gate_fwd_kernel[grid](x, out, weight, bias, y, g, n_rows, hidden, ROWS=ROWS, BLOCK=block,
-                           num_warps=warps)
+    _router_fwd_kernel[grid](x, out, weight, bias, y, g, n_rows, hidden, GATED=True, ROWS=ROWS,
+                             BLOCK=block, num_warps=warps)
     return y, g
 
 
@@ -117,24 +120,6 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, weight: 
 
 
 # ------------------------------------------------------------------------------------ top-k route
-@triton.jit
-def _router_fwd_kernel(x_ptr, w_ptr, b_ptr, logit_ptr, n_rows, hidden,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    cmask = cols < hidden
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr).to(tl.float32)
-    for r in range(ROWS):
-        row = pid * ROWS + r
-        valid = row < n_rows
-        mask = cmask & (tl.full([BLOCK], 0, tl.int32) + row < n_rows)
-        x = tl.load(x_ptr + row.to(tl.int64) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-        logit = tl.sum(x * w, axis=0) + b
-        if valid:
-            tl.store(logit_ptr + row, logit)
-
-
 @triton.jit
 def _topk_bwd_kernel(dy_ptr, dsel_ptr, pos_ptr, x_ptr, w_ptr, dlogit_ptr, dx_ptr, dw_part_ptr,
                      n_rows, hidden, HAS_DY: tl.constexpr, HAS_DSEL: tl.constexpr,
@@ -170,8 +155,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     n_rows, hidden = x.shape
     logits = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     block, warps = _launch(hidden)
-    _router_fwd_kernel[(triton.cdiv(n_rows, ROWS),)](x, weight, bias, logits, n_rows, hidden,
-                                                     ROWS=ROWS, BLOCK=block, num_warps=warps)
+    _router_fwd_kernel[(triton.cdiv(n_rows, ROWS),)](x, x, weight, bias, x, logits, n_rows, hidden,
+                                                     GATED=False, ROWS=ROWS, BLOCK=block,
+                                                     num_warps=warps)
     return logits
 
 
