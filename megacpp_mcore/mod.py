@@ -234,6 +234,35 @@ def _loss_scale():
     return MoDLossAutoScaler.main_loss_backward_scale
 
 
+def _router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[..., h] -> [..., 1]`` router logits in ``dtype``: the GEMV runs in the activation dtype
+    with fp32 accumulation (an fp32 copy of the activations would cost more than the router)."""
+    return F.linear(x, weight.to(x.dtype), bias.to(x.dtype)).to(dtype)
+
+
+def _gate_mean(gate: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """Mean gate over the whole sequence and the token count it covers; ``group``: the TP group
+    whose SP shards make up the sequence (all-reduced over it), or ``None``."""
+    mean = gate.mean()  # one reduction kernel (sum and divide fused)
+    count = gate.numel()
+    if group is not None:
+        torch.distributed.all_reduce(mean, group=group)
+        mean.div_(group.size())
+        count *= group.size()
+    return mean, count
+
+
+def _sparsity_pressure(mean: torch.Tensor, budget: float) -> tuple[torch.Tensor, float]:
+    """``relu(mean - budget)`` (0-d) and the float factor to scale it by, the MoD loss scale
+    (:class:`MoDLossAutoScaler`) applied: a tensor scale is multiplied in, a float one returned."""
+    excess = (mean - budget).clamp_min(0.0)
+    scale = _loss_scale()
+    if isinstance(scale, torch.Tensor):
+        return excess * scale.to(excess), 1.0
+    return excess, scale
+
+
 class _SparsityGate(torch.autograd.Function):
     """``gate = sigmoid(logits)`` whose backward also carries the sparsity loss.
 
@@ -249,12 +278,7 @@ class _SparsityGate(torch.autograd.Function):
     def forward(ctx, logits, loss_weight: float, budget: float, group):
         ctx.set_materialize_grads(False)  # no zeros kernel for the (statistics-only) mean's grad
         gate = torch.sigmoid(logits)
-        mean = gate.mean()  # one reduction kernel (sum and divide fused)
-        count = gate.numel()
-        if group is not None:
-            torch.distributed.all_reduce(mean, group=group)
-            mean.div_(group.size())
-            count *= group.size()
+        mean, count = _gate_mean(gate, group)
         ctx.save_for_backward(gate, mean)
         ctx.coef, ctx.budget = 2.0 * loss_weight / count, budget
         ctx.mark_non_differentiable(mean)
@@ -263,11 +287,7 @@ class _SparsityGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gate, _grad_mean):
         gate, mean = ctx.saved_tensors
-        excess = (mean - ctx.budget).clamp_min_(0.0)  # 0-d
-        scale = _loss_scale()
-        if isinstance(scale, torch.Tensor):
-            excess = excess * scale
-            scale = 1.0
+        excess, scale = _sparsity_pressure(mean, ctx.budget)
         alpha = ctx.coef * scale
         if grad_gate is None:
             grad = (excess * alpha).expand_as(gate)
@@ -350,15 +370,9 @@ class _FusedGateSkip(torch.autograd.Function):
             x2, o2 = x2.contiguous(), o2.contiguous()
             y, gate = mod_triton.gate_forward(x2, o2, weight.reshape(-1), bias.reshape(-1))
         else:  # the unfused formulation (same ops as the router + addcmul path), >= fp32 gates
-            logits = F.linear(x2, weight.to(x2.dtype), bias.to(x2.dtype)).to(_accumulation_dtype(x2.dtype))
-            gate = torch.sigmoid(logits).squeeze(-1)
+            gate = torch.sigmoid(_router_logits(x2, weight, bias, _accumulation_dtype(x2.dtype))).squeeze(-1)
             y = torch.addcmul(x2, o2, gate.unsqueeze(-1).to(x2.dtype))
-        mean = gate.mean()
-        count = gate.numel()
-        if group is not None:
-            torch.distributed.all_reduce(mean, group=group)
-            mean.div_(group.size())
-            count *= group.size()
+        mean, count = _gate_mean(gate, group)
         ctx.save_for_backward(x2, o2, weight, gate, mean)
         ctx.coef, ctx.budget, ctx.use_triton = 2.0 * loss_weight / count, budget, use_triton
         ctx.shapes, ctx.bias_dtype = (x.shape, out.shape, bias.shape), bias.dtype
@@ -372,11 +386,8 @@ class _FusedGateSkip(torch.autograd.Function):
         if grad_y is None:
             grad_y = torch.zeros_like(x2)
         dy = grad_y.reshape(-1, x2.shape[-1])
-        scale = _loss_scale()
-        if isinstance(scale, torch.Tensor):
-            extra = (mean - ctx.budget).clamp_min(0.0) * scale.to(mean) * ctx.coef
-        else:
-            extra = (mean - ctx.budget).clamp_min(0.0) * (ctx.coef * scale)
+        excess, scale = _sparsity_pressure(mean, ctx.budget)
+        extra = excess * (ctx.coef * scale)
         if ctx.use_triton:
             from megacpp_mcore import mod_triton
 
@@ -426,12 +437,13 @@ class _TopkRouteIn(torch.autograd.Function):
             logits = mod_triton.router_logits(x.reshape(-1, hidden).contiguous(), weight.reshape(-1),
                                               bias.reshape(-1)).view(seq, batch, 1)
         else:
-            logits = F.linear(x, weight.to(x.dtype), bias.to(x.dtype)).to(_accumulation_dtype(x.dtype))
+            logits = _router_logits(x, weight, bias, _accumulation_dtype(x.dtype))
         # the k positions in sequence order (topk's own value sort would be thrown away)
         idx = logits.squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values  # [k, b]
         selected = x.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))
         ctx.save_for_backward(x, weight, idx)
-        ctx.handoff, ctx.use_triton, ctx.bias_shape = handoff, use_triton, bias.shape
+        ctx.handoff, ctx.use_triton = handoff, use_triton
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)
         return logits, selected, idx
@@ -463,7 +475,7 @@ class _TopkRouteIn(torch.autograd.Function):
             dx = dx.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), sel).to(x.dtype)
             dweight, dbias = dl.reshape(-1) @ x.reshape(-1, hidden).to(acc), dl.sum()
         return (dx if ctx.needs_input_grad[0] else None, dweight.view_as(weight).to(weight.dtype),
-                dbias.view(ctx.bias_shape).to(weight.dtype), None, None, None)
+                dbias.view(ctx.bias_shape).to(ctx.bias_dtype), None, None, None)
 
 
 class _TopkRouteOut(torch.autograd.Function):
@@ -622,7 +634,7 @@ class MoDLayer(TransformerLayer):
     def _gate(self, hidden_states: torch.Tensor):
         """Router logits ``[s, b, 1]`` (fp32) and the gate, its mean recorded; in training the
         sparsity loss rides on the gate's backward (:class:`_SparsityGate`)."""
-        logits = self._router_logits(hidden_states)  # [s, b, 1] fp32
+        logits = _router_logits(hidden_states, self.mod_router.weight, self.mod_router.bias)  # [s, b, 1]
         sharded = self.config.sequence_parallel
         if self.training and torch.is_grad_enabled() and self.mod.sparsity_loss_weight > 0:
             group = self.tp_group if sharded else None
@@ -633,13 +645,6 @@ class MoDLayer(TransformerLayer):
             gate_mean = self._global_mean(gate.detach(), sharded)
         self._record("gate_mean", gate_mean)
         return logits, gate
-
-    def _router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[s, b, h] -> [s, b, 1]`` fp32 logits (the GEMV runs in the activation dtype with fp32
-        accumulation; an fp32 copy of the activations would cost more than the router)."""
-        dtype = hidden_states.dtype
-        weight, bias = self.mod_router.weight.to(dtype), self.mod_router.bias.to(dtype)
-        return F.linear(hidden_states, weight, bias).float()
 
     def _weight(self, gate: torch.Tensor) -> torch.Tensor:
         """The gate that scales the block's contribution (``force_gate`` overrides its value; the
