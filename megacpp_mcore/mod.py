@@ -46,8 +46,8 @@ only; :func:`mod_layer_spec` therefore refuses ``topk`` on a layer that also car
 
 In ``topk`` an ``E`` layer's MoE router (and its load-balancing loss) sees the selected tokens only.
 
-Extra losses ride on the gate's own backward (:class:`_SparsityGate`, :class:`_TopkGate`: custom
-autograd functions that add the loss gradient where the gate's gradient is formed), so the gate is
+Extra losses ride on the gate's own backward (:class:`_SparsityGate`, :class:`_FusedGateSkip`, :class:`_TopkRouteIn`:
+custom autograd functions that add the loss gradient where the gate's gradient is formed), so the gate is
 the one control surface of LM loss, sparsity loss and router loss, and no separate loss graph (mean,
 relu, square, auto-scaler on the layer output) costs kernel launches. Their scale is
 :class:`MoDLossAutoScaler`'s (Megatron's aux-loss contract); ``runtime.train_step`` sets it to
@@ -296,32 +296,6 @@ class _SparsityGate(torch.autograd.Function):
         return torch.ops.aten.sigmoid_backward(grad, gate), None, None, None
 
 
-class _TopkGate(torch.autograd.Function):
-    """Gates of the top-k tokens, ``sigmoid(logits)[idx]`` in ``dtype``, whose backward also
-    carries the router's auxiliary loss ``w * mean(BCE(logits, onehot(idx)))`` over every position
-    (``dL/dlogit = w (sigmoid(logit) - onehot) / N``, times the MoD loss scale). The loss value
-    itself is computed lazily for the statistics (:meth:`MoDLayer.megacpp_stats`)."""
-
-    @staticmethod
-    def forward(ctx, logits, idx, aux_weight: float, dtype):
-        gate = torch.sigmoid(logits)  # [s, b, 1] fp32
-        selected = gate.gather(0, idx)  # [k, b, 1] fp32, kept for the backward (no re-gather)
-        ctx.save_for_backward(gate, selected, idx)
-        ctx.aux_weight = aux_weight
-        return selected.to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad_selected):
-        gate, selected, idx = ctx.saved_tensors
-        grad_sel = torch.ops.aten.sigmoid_backward(grad_selected.to(gate.dtype), selected)
-        if not ctx.aux_weight:
-            return torch.zeros_like(gate).scatter_(0, idx, grad_sel), None, None, None
-        coef = ctx.aux_weight * _loss_scale() / gate.numel()
-        # BCE term on every position (gate * coef), minus the one-hot target at the selected ones
-        grad = (gate * coef).scatter_add_(0, idx, grad_sel.sub_(coef))
-        return grad, None, None, None
-
-
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for 16/32-bit activations, fp64 for fp64 (gates, router logits and their gradients)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -416,58 +390,78 @@ class _TopkHandoff:
 
 
 class _TopkRouteIn(torch.autograd.Function):
-    """Top-k routing of ``x [s, b, h]``: router logits (fp32), the ``k`` positions per sequence in
-    sequence order (the causal mask stays right) and the gathered tokens ``[k, b, h]``.
+    """Top-k routing of ``x [s, b, h]``. Returns the gathered tokens ``[k, b, h]``, their gates
+    ``sigmoid(logit)`` ``[k, b, 1]`` in ``x.dtype``, the ``k`` positions per sequence ``[k, b]`` in
+    sequence order (the causal mask stays right) and the router logits ``[s, b, 1]`` (fp32, for
+    the statistics; not differentiable).
+
+    The router's auxiliary loss ``aux_weight * mean(BCE(logit, onehot(idx)))`` over every position
+    rides on the backward (``dL/dlogit = c (sigmoid(logit) - onehot)`` with ``c = aux_weight / N``
+    times the MoD loss scale); its value is computed lazily for the statistics
+    (:meth:`MoDLayer.megacpp_stats`).
 
     Backward forms the WHOLE input gradient of the routed layer in one pass over ``[s, b, h]``:
     ``dx = dy`` on the rows that were not selected (the pass-through of :class:`_TopkRouteOut`,
     whose own backward returns no ``x`` gradient and hands ``dy`` over), the block's gradient
-    ``dselected`` on the selected rows, plus the router's ``dlogit * w`` everywhere, and the
+    ``dselected`` on the selected rows, plus the router's ``dlogit * w`` everywhere, with ``dlogit``
+    (gate gradient on the selected rows, the BCE term everywhere) formed in the same pass, and the
     router's weight gradient. Unfused, autograd spent a zeros + scatter-add (gather), a copy with
-    zeroed rows (scatter), an outer-product GEMM (router) and two full-size accumulations on it.
-    On CUDA the router GEMV and this pass are Triton kernels (:mod:`megacpp_mcore.mod_triton`).
+    zeroed rows (scatter), an outer-product GEMM (router), two full-size accumulations on it and a
+    handful of ``[s, b]`` ops for the gate. On CUDA the router GEMV and this pass are Triton
+    kernels (:mod:`megacpp_mcore.mod_triton`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k: int, handoff: _TopkHandoff, use_triton: bool):
+    def forward(ctx, x, weight, bias, k: int, aux_weight: float, handoff: _TopkHandoff, use_triton: bool):
         seq, batch, hidden = x.shape
         if use_triton:
             from megacpp_mcore import mod_triton
 
             logits = mod_triton.router_logits(x.reshape(-1, hidden).contiguous(), weight.reshape(-1),
-                                              bias.reshape(-1)).view(seq, batch, 1)
+                                              bias.reshape(-1)).view(seq, batch)
         else:
-            logits = _router_logits(x, weight, bias, _accumulation_dtype(x.dtype))
+            logits = _router_logits(x, weight, bias, _accumulation_dtype(x.dtype)).view(seq, batch)
         # the k positions in sequence order (topk's own value sort would be thrown away)
-        idx = logits.squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values  # [k, b]
+        idx = logits.topk(k, dim=0, sorted=False).indices.sort(dim=0).values  # [k, b]
         selected = x.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))
-        ctx.save_for_backward(x, weight, idx)
-        ctx.handoff, ctx.use_triton = handoff, use_triton
+        gate = torch.sigmoid(logits.gather(0, idx))  # [k, b], >= fp32
+        ctx.save_for_backward(x, weight, idx, logits, gate)
+        ctx.aux_weight, ctx.handoff, ctx.use_triton = aux_weight, handoff, use_triton
         ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
-        ctx.mark_non_differentiable(idx)
+        ctx.mark_non_differentiable(idx, logits)
         ctx.set_materialize_grads(False)
-        return logits, selected, idx
+        return selected, gate.unsqueeze(-1).to(x.dtype), idx, logits.unsqueeze(-1)
 
     @staticmethod
-    def backward(ctx, dlogits, dselected, _didx):
-        x, weight, idx = ctx.saved_tensors
+    def backward(ctx, dselected, dgate, _didx, _dlogits):
+        x, weight, idx, logits, gate = ctx.saved_tensors
         dy, ctx.handoff.dy = ctx.handoff.dy, None
         seq, batch, hidden = x.shape
-        acc = _accumulation_dtype(x.dtype)
-        dl = (dlogits.reshape(seq, batch).to(acc) if dlogits is not None
-              else x.new_zeros(seq, batch, dtype=acc))
+        k = idx.shape[0]
+        coef = ctx.aux_weight * _loss_scale() / logits.numel() if ctx.aux_weight else 0.0
+        if isinstance(coef, torch.Tensor):
+            coef = coef.to(logits)
         if ctx.use_triton:
             from megacpp_mcore import mod_triton
 
-            k = idx.shape[0]
             pos = torch.full((seq, batch), -1, device=x.device, dtype=torch.int32).scatter_(
-                0, idx, torch.arange(k * batch, device=x.device, dtype=torch.int32).view(k, batch))
+                0, idx, _arange(k * batch, x.device).view(k, batch))
             dx, dweight, dbias = mod_triton.topk_backward(
                 None if dy is None else dy.reshape(-1, hidden).contiguous(),
                 None if dselected is None else dselected.reshape(-1, hidden).contiguous(),
-                pos.view(-1), x.reshape(-1, hidden), weight.reshape(-1), dl.reshape(-1).contiguous())
+                None if dgate is None else dgate.reshape(-1).contiguous(),
+                pos.view(-1), x.reshape(-1, hidden), weight.reshape(-1), logits.view(-1), coef)
             dx = dx.view(seq, batch, hidden)
         else:
+            acc = logits.dtype
+            # dlogit: the BCE term c * sigmoid(logit) everywhere, minus c and plus the gate's
+            # gradient on the selected positions
+            dsel = (torch.zeros_like(gate) if dgate is None
+                    else torch.ops.aten.sigmoid_backward(dgate.view(k, batch).to(acc), gate))
+            if ctx.aux_weight:
+                dl = (torch.sigmoid(logits) * coef).scatter_add_(0, idx, dsel - coef)
+            else:
+                dl = torch.zeros_like(logits).scatter_(0, idx, dsel)  # [s, b]
             w = weight.reshape(-1).to(acc)
             dx = dl.unsqueeze(-1) * w if dy is None else torch.addcmul(dy.to(acc), dl.unsqueeze(-1), w)
             sel = dl.gather(0, idx).unsqueeze(-1)  # selected rows: no pass-through
@@ -475,7 +469,21 @@ class _TopkRouteIn(torch.autograd.Function):
             dx = dx.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), sel).to(x.dtype)
             dweight, dbias = dl.reshape(-1) @ x.reshape(-1, hidden).to(acc), dl.sum()
         return (dx if ctx.needs_input_grad[0] else None, dweight.view_as(weight).to(weight.dtype),
-                dbias.view(ctx.bias_shape).to(ctx.bias_dtype), None, None, None)
+                dbias.view(ctx.bias_shape).to(ctx.bias_dtype), None, None, None, None)
+
+
+_ARANGE: dict = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` int32 on ``device``, cached (one op fewer per top-k backward)."""
+    key = (n, device)
+    out = _ARANGE.get(key)
+    if out is None:
+        if len(_ARANGE) > 64:
+            _ARANGE.clear()
+        out = _ARANGE[key] = torch.arange(n, device=device, dtype=torch.int32)
+    return out
 
 
 class _TopkRouteOut(torch.autograd.Function):
@@ -729,12 +737,11 @@ class MoDLayer(TransformerLayer):
         handoff = _TopkHandoff()
         router = self.mod_router
         # logits [s, b, 1] fp32 and idx [k, b]: identical on all TP ranks (full sequence)
-        logits, selected, idx = _TopkRouteIn.apply(full, router.weight, router.bias, k, handoff,
-                                                   _use_triton(full))
-        idx1 = idx.unsqueeze(-1)  # [k, b, 1]
         aux_weight = self.mod.router_aux_loss_weight if self.training else 0.0
-        weight = self._weight(_TopkGate.apply(logits, idx1, aux_weight, full.dtype))  # [k, b, 1]
-        self._record_topk(logits.detach(), idx1)
+        selected, gate, idx, logits = _TopkRouteIn.apply(full, router.weight, router.bias, k, aux_weight,
+                                                         handoff, _use_triton(full))
+        weight = self._weight(gate)  # [k, b, 1]
+        self._record_topk(logits, idx.unsqueeze(-1))
         rope = kwargs.pop("rotary_pos_emb", None)
         if rope is not None:
             kwargs["rotary_pos_emb"] = _gather_rope(rope, idx)
@@ -773,7 +780,7 @@ class MoDLayer(TransformerLayer):
 
     # Statistics stay on device and are reduced lazily: a forward only appends tensors it already
     # has (no extra kernels, no host sync); losses that the backward applies implicitly
-    # (_SparsityGate, _TopkGate) are evaluated here from the recorded gate means / logits.
+    # (_SparsityGate, _FusedGateSkip, _TopkRouteIn) are evaluated here from the recorded gate means / logits.
     _FOLD_AT = 64  # pending entries per statistic before they are folded (bounded memory)
 
     def _record(self, name: str, value) -> None:

@@ -121,22 +121,34 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, weight: 
 
 # ------------------------------------------------------------------------------------ top-k route
 @triton.jit
-def _topk_bwd_kernel(dy_ptr, dsel_ptr, pos_ptr, x_ptr, w_ptr, dlogit_ptr, dx_ptr, dw_part_ptr,
-                     n_rows, hidden, HAS_DY: tl.constexpr, HAS_DSEL: tl.constexpr,
+def _topk_bwd_kernel(dy_ptr, dsel_ptr, dgate_ptr, pos_ptr, x_ptr, w_ptr, logit_ptr, coef_ptr, coef,
+                     dlogit_ptr, dx_ptr, dw_part_ptr, n_rows, hidden, HAS_DY: tl.constexpr,
+                     HAS_DSEL: tl.constexpr, HAS_DGATE: tl.constexpr, COEF_PTR: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < hidden
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if COEF_PTR:  # the BCE coefficient as a 0-d device tensor (a tensor loss scale): no host sync
+        c = tl.load(coef_ptr).to(tl.float32)
+    else:
+        c = coef
     acc = tl.zeros([BLOCK], tl.float32)
     for r in range(ROWS):
         row = pid * ROWS + r
+        valid = row < n_rows
         mask = cmask & (tl.full([BLOCK], 0, tl.int32) + row < n_rows)
         safe = tl.minimum(row, n_rows - 1)
-        pos = tl.load(pos_ptr + safe)  # row of dsel for a selected token, -1 otherwise
+        pos = tl.load(pos_ptr + safe)  # row of dsel / dgate for a selected token, -1 otherwise
         pos_v = tl.full([BLOCK], 0, tl.int32) + pos
-        dlogit = tl.load(dlogit_ptr + safe)
-        dlogit = tl.where(row < n_rows, dlogit, 0.0)
+        g = 1.0 / (1.0 + tl.exp(-tl.load(logit_ptr + safe)))
+        # dlogit: c * g everywhere (the BCE), plus dgate * g * (1 - g) - c on the selected rows
+        sel = -c
+        if HAS_DGATE:
+            dg = tl.load(dgate_ptr + tl.maximum(pos, 0)).to(tl.float32)
+            sel += dg * g * (1.0 - g)
+        dlogit = c * g + tl.where(pos >= 0, sel, 0.0)
+        dlogit = tl.where(valid, dlogit, 0.0)
         offs = row.to(tl.int64) * hidden + cols
         grad = tl.zeros([BLOCK], tl.float32)
         if HAS_DSEL:
@@ -146,6 +158,8 @@ def _topk_bwd_kernel(dy_ptr, dsel_ptr, pos_ptr, x_ptr, w_ptr, dlogit_ptr, dx_ptr
             grad += tl.load(dy_ptr + offs, mask=mask & (pos_v < 0), other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, (grad + dlogit * w).to(dx_ptr.dtype.element_ty), mask=mask)
+        if valid:
+            tl.store(dlogit_ptr + row, dlogit)
         acc += dlogit * x
     tl.store(dw_part_ptr + pid.to(tl.int64) * hidden + cols, acc, mask=cmask)
 
@@ -161,18 +175,26 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return logits
 
 
-def topk_backward(dy, dselected, pos: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                  dlogit: torch.Tensor):
+def topk_backward(dy, dselected, dgate, pos: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  logits: torch.Tensor, coef):
     """Input gradient of a top-k routed layer, in one pass over ``[N, h]``:
-    ``dx = (dselected[pos] if pos >= 0 else dy) + dlogit * w`` (``dy``/``dselected`` may be None:
-    zero), plus the router's ``dweight`` (``[h]`` fp32) and ``dbias`` (0-d fp32)."""
+    ``dx = (dselected[pos] if pos >= 0 else dy) + dlogit * w`` where
+    ``dlogit = coef * g + (dgate[pos] * g * (1 - g) - coef if pos >= 0 else 0)``, ``g = sigmoid(logits)``
+    (the gate's gradient on the selected rows and the router BCE's everywhere; ``coef``: a float
+    or a 0-d device tensor; ``dy``/``dselected``/``dgate`` may be None: zero). Also returns the
+    router's ``dweight`` (``[h]`` fp32) and ``dbias`` (0-d fp32)."""
     n_rows, hidden = x.shape
     dx = torch.empty_like(x)
     programs = triton.cdiv(n_rows, ROWS)
     dw_part = torch.empty(programs, hidden, device=x.device, dtype=torch.float32)
+    dlogit = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     block, warps = _launch(hidden)
+    coef_ptr = isinstance(coef, torch.Tensor)
     _topk_bwd_kernel[(programs,)](dy if dy is not None else x, dselected if dselected is not None else x,
-                                  pos, x, weight, dlogit, dx, dw_part, n_rows, hidden,
+                                  dgate if dgate is not None else logits, pos, x, weight, logits,
+                                  coef if coef_ptr else logits, 0.0 if coef_ptr else float(coef),
+                                  dlogit, dx, dw_part, n_rows, hidden,
                                   HAS_DY=dy is not None, HAS_DSEL=dselected is not None,
+                                  HAS_DGATE=dgate is not None, COEF_PTR=coef_ptr,
                                   ROWS=ROWS, BLOCK=block, num_warps=warps)
     return dx, dw_part.sum(0), dlogit.sum()

@@ -70,6 +70,9 @@ def _args(argv=None) -> argparse.Namespace:
                    help="do not apply patches.te_attention_backend_per_layer (measure TE's one-entry "
                         "backend cache re-selecting on every top-k/dense alternation)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write a gzipped Chrome trace of one extra step per variant into this folder "
+                        "(CPU + CUDA, each layer's forward annotated)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
     args = p.parse_args(argv)
@@ -212,6 +215,8 @@ def _time_variant(args, variant: str) -> dict:
         losses.append(result["loss"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     busy, breakdown = _gpu_profile(step, args.warmup + args.steps) if cuda else (None, None)
+    if cuda and args.trace:
+        _trace_step(step, args.warmup + args.steps + 3, args.trace / f"trace_{variant}.json.gz", chunks[0])
     stats = {name: module.megacpp_stats() for name, module in chunks[0].named_modules()
              if hasattr(module, "megacpp_stats")}
     out = {
@@ -270,13 +275,73 @@ def _gpu_profile(step, first: int, steps: int = 3):
             group = next((g for g, rx in _KERNEL_GROUPS if rx.search(name)), "other")
             groups[group] = groups.get(group, 0.0) + us / steps / 1e3
         top = sorted(kernels, key=lambda kv: -kv[1])[:40]
-        breakdown = {"kernel_ms_per_step": round(kernel_us / steps / 1e3, 2),
+        breakdown = {"idle": _idle_gaps(prof, steps),
+                     "kernel_ms_per_step": round(kernel_us / steps / 1e3, 2),
                      "groups_ms_per_step": {g: round(ms, 2) for g, ms in sorted(groups.items())},
                      "top_kernels_ms_per_step": [(n[:90], round(us / steps / 1e3, 2)) for n, us in top]}
         return round(kernel_us / wall_us, 3), breakdown
     except Exception as exc:  # a diagnostic only: never fail the benchmark over it
         print(f"[bench_mod] gpu profile unavailable: {type(exc).__name__}: {exc}", flush=True)
         return None, None
+
+
+def _idle_gaps(prof, steps: int) -> dict:
+    """Where the GPU waits: the gaps between consecutive kernels (union of device intervals), per
+    step, split at 20 us (launch gaps inside a queued stream are a few us; longer ones mean the
+    host was behind, or a host synchronisation), and the 8 longest with the kernels around them."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if getattr(e, "device_type", None) == DeviceType.CUDA)
+    gaps, end, before = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, end - spans[0][0], before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    long = [g for g in gaps if g[0] >= 20.0]
+    return {"idle_ms_per_step": round(sum(g[0] for g in gaps) / steps / 1e3, 2),
+            "idle_ms_in_gaps_ge_20us_per_step": round(sum(g[0] for g in long) / steps / 1e3, 2),
+            "gaps_ge_20us_per_step": round(len(long) / steps, 1),
+            "longest": [(round(g / 1e3, 3), round(at / 1e3, 2), a[:60], b[:60])
+                        for g, at, a, b in sorted(gaps, reverse=True)[:8]]}
+
+
+def _trace_step(step, index: int, path: Path, model) -> None:
+    """One more step under the CPU + CUDA profiler, each transformer layer's forward annotated
+    (``layer<N>``), written as a gzipped Chrome trace (host time is inflated by the profiler)."""
+    import gzip
+    import shutil
+
+    import torch
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    ranges, handles = {}, []
+    for i, layer in enumerate(layers):
+        def pre(module, _inputs, i=i):
+            ranges[i] = record_function(f"layer{i}:{type(module).__name__}")
+            ranges[i].__enter__()
+
+        def post(module, _inputs, _output, i=i):
+            ranges.pop(i).__exit__(None, None, None)
+
+        handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(index)
+            torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
 
 
 def _cuda_graph_check(args) -> dict:
@@ -427,6 +492,11 @@ def main(argv=None) -> int:
         if b:
             groups = ", ".join(f"{g} {ms:.1f}" for g, ms in b["groups_ms_per_step"].items())
             print(f"  {name:<14} total {b['kernel_ms_per_step']:.1f}: {groups}")
+            idle = b.get("idle")
+            if idle:
+                print(f"  {'':<14} idle {idle['idle_ms_per_step']:.1f} ms, of which "
+                      f"{idle['idle_ms_in_gaps_ge_20us_per_step']:.1f} in "
+                      f"{idle['gaps_ge_20us_per_step']:.0f} gaps >= 20 us")
     print("TE attention-backend selections per variant (whole run): "
           + ", ".join(f"{n} {v['te_backend_selections']}" for n, v in variants.items()))
     if "cuda_graph" in results:

@@ -204,6 +204,7 @@ def test_topk_layer_op_overhead_is_bounded(single_rank, symbol):
         with _Ops() as ops:
             _step(layer, seed=1)
         counts[name] = ops.compute_ops()
+    print("topk op overhead", counts["topk"] - counts["dense"])
     assert counts["topk"] - counts["dense"] <= 27, counts  # 30 before the _TopkGate trim
 
 
@@ -344,42 +345,58 @@ def test_fused_gateskip_triton_matches_float64_reference(dtype, hidden):
             assert err <= tols[use_triton][dtype], (f"triton={use_triton}", name, err)
 
 
-def _topk_route(x, weight, bias, mat, k, fused, use_triton=False):
-    """A top-k routed toy layer: ``y = x`` except the top-k rows ``x + g * tanh(x @ mat)``."""
+def _topk_route(x, weight, bias, mat, k, aux_weight, fused, use_triton=False, scale=1.0):
+    """A top-k routed toy layer: ``y = x`` except the top-k rows ``x + g * tanh(x @ mat)``, and
+    the loss term of the router's BCE (``scale * aux_weight * BCE(logits, onehot(idx))``) that the
+    fused function applies in its backward (None for the fused path)."""
     from megacpp_mcore.mod import _TopkHandoff, _TopkRouteIn, _TopkRouteOut
 
     hidden = x.shape[-1]
     if fused:
         handoff = _TopkHandoff()
-        logits, selected, idx = _TopkRouteIn.apply(x, weight, bias, k, handoff, use_triton)
+        selected, gate, idx, logits = _TopkRouteIn.apply(x, weight, bias, k, aux_weight, handoff, use_triton)
+        aux = None
     else:
         logits = torch.nn.functional.linear(x, weight, bias)
         idx = logits.detach().squeeze(-1).topk(k, dim=0, sorted=False).indices.sort(dim=0).values
         selected = x.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))
-    gate = torch.sigmoid(logits.to(x.dtype)).gather(0, idx.unsqueeze(-1))
+        gate = torch.sigmoid(logits).gather(0, idx.unsqueeze(-1))
+        target = torch.zeros_like(logits).scatter_(0, idx.unsqueeze(-1), 1.0)
+        aux = scale * aux_weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     processed = selected + gate * torch.tanh(selected @ mat)
     if fused:
-        return _TopkRouteOut.apply(x, processed, idx, handoff), logits
-    return x.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), processed), logits
+        return _TopkRouteOut.apply(x, processed, idx, handoff), logits, aux
+    return x.scatter(0, idx.unsqueeze(-1).expand(-1, -1, hidden), processed), logits, aux
 
 
-def test_topk_route_matches_plain_torch():
-    """_TopkRouteIn/_TopkRouteOut (input gradient formed in one pass from the handed-over dy)
-    == autograd of router + gather + scatter, float64; unselected rows pass through exactly."""
+@pytest.mark.parametrize("aux_weight, scale", [(0.3, 1.0), (0.3, "tensor"), (0.0, 1.0)])
+def test_topk_route_matches_plain_torch(aux_weight, scale):
+    """_TopkRouteIn/_TopkRouteOut (input gradient formed in one pass from the handed-over dy, the
+    gate's gradient and the router BCE folded into it) == autograd of router + gather + sigmoid +
+    scatter + BCE, float64 (float and tensor loss scales); unselected rows pass through exactly."""
+    from megacpp_mcore.mod import MoDLossAutoScaler
+
+    s = torch.tensor(0.5, dtype=torch.float64) if scale == "tensor" else scale
     g = torch.Generator().manual_seed(11)
     x, up = (torch.randn(32, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
     weight = torch.randn(1, 8, generator=g, dtype=torch.float64)
     bias = torch.tensor([0.1], dtype=torch.float64)
     mat = torch.randn(8, 8, generator=g, dtype=torch.float64) * 0.5
     grads, outs = [], []
-    for fused in (True, False):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, mat)]
-        y, logits = _topk_route(*leaves, 4, fused)
-        ((y * up).sum() + 0.3 * logits.sum()).backward()
-        grads.append([t.grad for t in leaves])
-        outs.append(y.detach())
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    unselected = (outs[0] == x).all(-1)
+    MoDLossAutoScaler.set_loss_scale(s)
+    try:
+        for fused in (True, False):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias, mat)]
+            y, logits, aux = _topk_route(*leaves, 4, aux_weight, fused, scale=s)
+            loss = (y * up).sum()
+            (loss if aux is None else loss + aux).backward()
+            grads.append([t.grad for t in leaves])
+            outs.append((y.detach(), logits.detach()))
+    finally:
+        MoDLossAutoScaler.set_loss_scale(1.0)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    unselected = (outs[0][0] == x).all(-1)
     assert unselected.sum() == (32 - 4) * 3  # exactly the k=4 rows per sequence changed
     for name, a, b in zip(("x", "weight", "bias", "mat"), *grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
@@ -387,56 +404,38 @@ def test_topk_route_matches_plain_torch():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with Triton")
+@pytest.mark.parametrize("scale", [1.0, "tensor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hidden", [2048, 1000])
-def test_topk_route_triton_matches_float64_reference(dtype, hidden):
-    """The Triton router GEMV and one-pass input gradient == float64 autograd of the plain
-    formulation on the same inputs and the same routes (max error relative to the largest value)."""
+def test_topk_route_triton_matches_float64_reference(dtype, hidden, scale):
+    """The Triton router GEMV and one-pass input gradient (gate and router-BCE gradients formed in
+    the kernel) == float64 autograd of the plain formulation on the same inputs and the same routes
+    (max error relative to the largest value)."""
+    from megacpp_mcore.mod import MoDLossAutoScaler
+
+    s = torch.tensor(0.5, device="cuda") if scale == "tensor" else scale
     g = torch.Generator(device="cuda").manual_seed(1)
     x, up = (torch.randn(1024, 2, hidden, device="cuda", generator=g).to(dtype) for _ in range(2))
     weight = (torch.randn(1, hidden, device="cuda", generator=g) * 0.02).to(dtype)
     bias = torch.tensor([0.5], device="cuda", dtype=dtype)
     mat = (torch.randn(hidden, hidden, device="cuda", generator=g) / hidden ** 0.5).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, mat)]
-    y, logits = _topk_route(*leaves, 128, True, use_triton=True)
-    ((y.double() * up.double()).sum() + 0.3 * logits.double().sum()).backward()
-    # the float64 reference on the routes the kernel chose (ties in bf16 logits may order differently)
-    ref = [t.double().requires_grad_() for t in (x, weight, bias, mat)]
-    y_ref, logits_ref = _topk_route(*ref, 128, False)
-    ((y_ref * up.double()).sum() + 0.3 * logits_ref.sum()).backward()
+    MoDLossAutoScaler.set_loss_scale(s)
+    try:
+        y, logits, _ = _topk_route(*leaves, 128, 30.0, True, use_triton=True)
+        (y.double() * up.double()).sum().backward()
+        # the float64 reference on the routes the kernel chose (ties in bf16 logits may order differently)
+        ref = [t.double().requires_grad_() for t in (x, weight, bias, mat)]
+        y_ref, logits_ref, aux = _topk_route(*ref, 128, 30.0, False,
+                                             scale=s.double() if scale == "tensor" else s)
+        ((y_ref * up.double()).sum() + aux).backward()
+    finally:
+        MoDLossAutoScaler.set_loss_scale(1.0)
     tol = {torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
     for name, a, b in zip(("y", "logits", "dx", "dweight", "dbias", "dmat"),
                           [y, logits] + [t.grad for t in leaves], [y_ref, logits_ref] + [t.grad for t in ref]):
         err = _max_rel_err(a, b)
         assert err <= tol, (name, err)
-
-
-@pytest.mark.parametrize("aux_weight, scale", [(0.3, 1.0), (0.3, "tensor"), (0.0, 1.0)])
-def test_topk_gate_gradient_matches_plain_torch(aux_weight, scale):
-    """_TopkGate (selected gates saved in forward, BCE term scattered onto ``gate * coef``) ==
-    autograd of ``lm(sigmoid(logits)[idx]) + s * w * BCE(logits, onehot(idx))``."""
-    from megacpp_mcore.mod import MoDLossAutoScaler, _TopkGate
-
-    s = torch.tensor(0.5) if scale == "tensor" else scale
-    logits = torch.randn(16, 3, 1, generator=torch.Generator().manual_seed(5))
-    idx = logits.squeeze(-1).topk(4, dim=0).indices.sort(dim=0).values.unsqueeze(-1)  # [k, b, 1]
-    up = torch.randn(4, 3, 1, generator=torch.Generator().manual_seed(6))
-    MoDLossAutoScaler.set_loss_scale(s)
-    try:
-        a = logits.clone().requires_grad_()
-        out = _TopkGate.apply(a, idx, aux_weight, torch.float32)
-        (out * up).sum().backward()
-        b = logits.clone().requires_grad_()
-        target = torch.zeros_like(b).scatter_(0, idx, 1.0)
-        ref = torch.sigmoid(b).gather(0, idx)
-        loss = (ref * up).sum()
-        if aux_weight:
-            loss = loss + s * aux_weight * torch.nn.functional.binary_cross_entropy_with_logits(b, target)
-        loss.backward()
-    finally:
-        MoDLossAutoScaler.set_loss_scale(1.0)
-    torch.testing.assert_close(out, ref.detach())
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------ benchmark harness
