@@ -89,7 +89,8 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
-from megatron.core.transformer.identity_op import IdentityFuncOp
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -418,23 +419,26 @@ class _TopkRouteIn(torch.autograd.Function):
             from megacpp_mcore import mod_triton
 
             logits = mod_triton.router_logits(x.reshape(-1, hidden).contiguous(), weight.reshape(-1),
-                                              bias.reshape(-1)).view(seq, batch)
+                                              bias.reshape(-1), batch)  # [b, s] contiguous
         else:
-            logits = _router_logits(x, weight, bias, _accumulation_dtype(x.dtype)).view(seq, batch)
-        # the k positions in sequence order (topk's own value sort would be thrown away)
-        idx = logits.topk(k, dim=0, sorted=False).indices.sort(dim=0).values  # [k, b]
+            logits = _router_logits(x, weight, bias, _accumulation_dtype(x.dtype)).view(seq, batch).t()
+        # the k positions of each sequence in sequence order (topk's own value sort would be thrown
+        # away); along the last dim, which the kernel made contiguous: no transposing copies
+        idx = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # [b, k]
+        gate = torch.sigmoid(logits.gather(1, idx))  # [b, k], >= fp32
+        idx = idx.t()  # [k, b] (a view)
         selected = x.gather(0, idx.unsqueeze(-1).expand(-1, -1, hidden))
-        gate = torch.sigmoid(logits.gather(0, idx))  # [k, b], >= fp32
         ctx.save_for_backward(x, weight, idx, logits, gate)
         ctx.aux_weight, ctx.handoff, ctx.use_triton = aux_weight, handoff, use_triton
         ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+        logits = logits.t().unsqueeze(-1)  # [s, b, 1] (a view)
         ctx.mark_non_differentiable(idx, logits)
         ctx.set_materialize_grads(False)
-        return selected, gate.unsqueeze(-1).to(x.dtype), idx, logits.unsqueeze(-1)
+        return selected, gate.t().unsqueeze(-1).to(x.dtype), idx, logits
 
     @staticmethod
     def backward(ctx, dselected, dgate, _didx, _dlogits):
-        x, weight, idx, logits, gate = ctx.saved_tensors
+        x, weight, idx, logits, gate = ctx.saved_tensors  # logits, gate: [b, s], [b, k]
         dy, ctx.handoff.dy = ctx.handoff.dy, None
         seq, batch, hidden = x.shape
         k = idx.shape[0]
@@ -450,14 +454,14 @@ class _TopkRouteIn(torch.autograd.Function):
                 None if dy is None else dy.reshape(-1, hidden).contiguous(),
                 None if dselected is None else dselected.reshape(-1, hidden).contiguous(),
                 None if dgate is None else dgate.reshape(-1).contiguous(),
-                pos.view(-1), x.reshape(-1, hidden), weight.reshape(-1), logits.view(-1), coef)
+                pos.view(-1), x.reshape(-1, hidden), weight.reshape(-1), logits, coef)
             dx = dx.view(seq, batch, hidden)
         else:
-            acc = logits.dtype
+            acc, logits, gate = logits.dtype, logits.t(), gate.t()  # [s, b], [k, b]
             # dlogit: the BCE term c * sigmoid(logit) everywhere, minus c and plus the gate's
             # gradient on the selected positions
             dsel = (torch.zeros_like(gate) if dgate is None
-                    else torch.ops.aten.sigmoid_backward(dgate.view(k, batch).to(acc), gate))
+                    else torch.ops.aten.sigmoid_backward(dgate.reshape(k, batch).to(acc), gate))
             if ctx.aux_weight:
                 dl = (torch.sigmoid(logits) * coef).scatter_add_(0, idx, dsel - coef)
             else:
@@ -528,11 +532,11 @@ class MoDLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, *, mod: MoDConfig, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
         self.mod = mod
-        if mod.mode == "topk" and (config.apply_rope_fusion or config.fused_single_qkv_rope):
+        if mod.mode == "topk" and config.fused_single_qkv_rope:
             raise ValueError(
                 f"MoD topk on layer {self.layer_number}: gathered tokens carry per-token rotary "
-                "embeddings [k, b, 1, d], which the fused RoPE kernels do not take; set "
-                "apply_rope_fusion=False and fused_single_qkv_rope=False"
+                "embeddings [k, b, 1, d], which the fused single-QKV RoPE kernel does not take; "
+                "set fused_single_qkv_rope=False (apply_rope_fusion is fine)"
             )
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.mod_router = torch.nn.Linear(config.hidden_size, 1, bias=True, device=device,
@@ -743,8 +747,11 @@ class MoDLayer(TransformerLayer):
         weight = self._weight(gate)  # [k, b, 1]
         self._record_topk(logits, idx.unsqueeze(-1))
         rope = kwargs.pop("rotary_pos_emb", None)
-        if rope is not None:
-            kwargs["rotary_pos_emb"] = _gather_rope(rope, idx)
+        if rope is not None and not isinstance(self.self_attention, IdentityOp):  # E layers: no rope
+            rope = _gather_rope(rope, idx)
+            # plain self-attention (swapped by mod_layer_spec) applies it as a flat [k*b] sequence,
+            # which the fused RoPE kernel takes; other attention gets the [k, b, 1, d] tensor
+            kwargs["rotary_pos_emb"] = _TokenRope(rope) if isinstance(self.self_attention, TokenRopeAttention) else rope
         if sp:
             selected = scatter_to_sequence_parallel_region(selected, group=group)
             weight = scatter_to_sequence_parallel_region(weight, group=group)
@@ -834,6 +841,84 @@ def _gather_rope(rope, idx: torch.Tensor):
     return rope[:, 0][idx]  # [k, b, 1, d]
 
 
+@dataclasses.dataclass(frozen=True)
+class _TokenRope:
+    """Per-token rotary embeddings ``[k, b, 1, d]`` (or a ``(q, k)`` pair of them) of top-k
+    gathered tokens, on their way to a :class:`TokenRopeAttention`."""
+
+    freqs: Any
+
+
+def _apply_token_rope(t: torch.Tensor, freqs: torch.Tensor, config, cp_group) -> torch.Tensor:
+    """RoPE with a position per (token, sequence): ``t [k, b, h, d]``, ``freqs [k, b, 1, d]``.
+
+    Applied through Megatron's own ``apply_rotary_pos_emb``. With ``apply_rope_fusion`` it runs on
+    the ``[k*b, 1, h, d]`` view, where every row is its own position, so TE's fused kernel (which
+    needs ``[s, 1, 1, d]`` frequencies) takes it exactly as on a dense layer; unfused, the
+    ``[k, b, 1, d]`` frequencies broadcast as they are (no reshaping copies)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer import attention as upstream_attention
+
+    mscale = getattr(upstream_attention, "_yarn_get_concentration_factor_from_config", lambda c: 1.0)(config)
+    if not config.apply_rope_fusion:
+        return apply_rotary_pos_emb(t, freqs, config=config, mscale=mscale, cp_group=cp_group)
+    k, b = t.shape[:2]
+    out = apply_rotary_pos_emb(t.reshape(k * b, 1, *t.shape[2:]),
+                               freqs.reshape(k * b, 1, 1, freqs.shape[-1]), config=config,
+                               mscale=mscale, cp_group=cp_group)
+    return out.view(t.shape)
+
+
+class TokenRopeAttention(SelfAttention):
+    """``SelfAttention`` of a MoD top-k layer: takes :class:`_TokenRope` embeddings and applies
+    them to the query and key right after the QKV projection (and the q/k norms), through
+    :func:`_apply_token_rope`; upstream's forward then runs with no rotary embedding. Any other
+    ``rotary_pos_emb`` goes to upstream unchanged."""
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
+        if not isinstance(rotary_pos_emb, _TokenRope):
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        freqs = rotary_pos_emb.freqs
+        self._megacpp_token_rope = freqs if isinstance(freqs, tuple) else (freqs, freqs)
+        try:
+            return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._megacpp_token_rope = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        rope = getattr(self, "_megacpp_token_rope", None)
+        if rope is None:
+            return out
+        if len(out) < 3:  # (mixed_qkv, split list): fused single-QKV RoPE, refused for top-k
+            raise RuntimeError("MoD topk per-token RoPE needs split q/k/v (fused_single_qkv_rope=False)")
+        query, key, *rest = out
+        cp = self.pg_collection.cp
+        if rope[0] is not None:
+            query = _apply_token_rope(query, rope[0], self.config, cp)
+        if rope[1] is not None:
+            key = _apply_token_rope(key, rope[1], self.config, cp)
+        return (query, key, *rest)
+
+
+@functools.cache
+def _token_rope_class(cls: type) -> type:
+    if cls is SelfAttention:
+        return TokenRopeAttention
+    return type(f"TokenRope{cls.__name__}", (TokenRopeAttention, cls), {"__module__": __name__})
+
+
+def _with_token_rope(submodules):
+    """The wrapped layer's submodules with its plain ``SelfAttention`` (or subclass) swapped for the
+    per-token-RoPE one; other attention (MLA, MoDA-carrying specs) is left as it is."""
+    attn = getattr(submodules, "self_attention", None)
+    module = getattr(attn, "module", None)
+    if not (isinstance(attn, ModuleSpec) and isinstance(module, type) and issubclass(module, SelfAttention)):
+        return submodules
+    swapped = ModuleSpec(module=_token_rope_class(module), params=attn.params, submodules=attn.submodules)
+    return dataclasses.replace(submodules, self_attention=swapped)
+
+
 @functools.cache
 def mod_layer_class(cls: type) -> type:
     """The MoD subclass of a ``TransformerLayer`` class (``MoDLayer`` for the plain one)."""
@@ -869,5 +954,8 @@ def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
         module = mod_layer_class(spec.module)
     except ValueError as exc:
         raise ValueError(f"layer {ctx.index} ({ctx.symbol!r}): {exc}") from None
+    submodules = spec.submodules
+    if config.mode == "topk" and dataclasses.is_dataclass(submodules):
+        submodules = _with_token_rope(submodules)
     return ModuleSpec(module=module, params={**(spec.params or {}), "mod": config},
-                      submodules=spec.submodules)
+                      submodules=submodules)

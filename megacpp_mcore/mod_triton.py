@@ -29,10 +29,12 @@ MAX_HIDDEN = 16384  # one row in registers; wider rows take the torch path
 
 
 @triton.jit
-def _router_fwd_kernel(x_ptr, out_ptr, w_ptr, b_ptr, y_ptr, res_ptr, n_rows, hidden,
+def _router_fwd_kernel(x_ptr, out_ptr, w_ptr, b_ptr, y_ptr, res_ptr, n_rows, hidden, batch,
                        GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row ``logit = x . w + b``. ``GATED``: stores ``g = sigmoid(logit)`` in ``res`` and
-    ``y = x + g * out``; otherwise stores the logit in ``res`` (``out``/``y`` unused)."""
+    """Per row ``logit = x . w + b``. ``GATED``: stores ``g = sigmoid(logit)`` in ``res[row]`` and
+    ``y = x + g * out``; otherwise stores the logit of row ``i * batch + j`` (an ``[s, b]`` layout)
+    at ``res[j * s + i]`` (``[b, s]``: per-sequence top-k and sort then run along the contiguous
+    dim; ``out``/``y`` unused)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < hidden
@@ -50,7 +52,10 @@ def _router_fwd_kernel(x_ptr, out_ptr, w_ptr, b_ptr, y_ptr, res_ptr, n_rows, hid
             o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + offs, (x + res * o).to(y_ptr.dtype.element_ty), mask=mask)
         if valid:
-            tl.store(res_ptr + row, res)
+            if GATED:
+                tl.store(res_ptr + row, res)
+            else:
+                tl.store(res_ptr + (row % batch) * (n_rows // batch) + row // batch, res)
 
 
 @triton.jit
@@ -99,7 +104,7 @@ def gate_forward(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias:
     g = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     block, warps = _launch(hidden)
     grid = (triton.cdiv(n_rows, ROWS),)
-    _router_fwd_kernel[grid](x, out, weight, bias, y, g, n_rows, hidden, GATED=True, ROWS=ROWS,
+    _router_fwd_kernel[grid](x, out, weight, bias, y, g, n_rows, hidden, 1, GATED=True, ROWS=ROWS,
                              BLOCK=block, num_warps=warps)
     return y, g
 
@@ -122,7 +127,7 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, weight: 
 # ------------------------------------------------------------------------------------ top-k route
 @triton.jit
 def _topk_bwd_kernel(dy_ptr, dsel_ptr, dgate_ptr, pos_ptr, x_ptr, w_ptr, logit_ptr, coef_ptr, coef,
-                     dlogit_ptr, dx_ptr, dw_part_ptr, n_rows, hidden, HAS_DY: tl.constexpr,
+                     dlogit_ptr, dx_ptr, dw_part_ptr, n_rows, hidden, batch, HAS_DY: tl.constexpr,
                      HAS_DSEL: tl.constexpr, HAS_DGATE: tl.constexpr, COEF_PTR: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -141,7 +146,7 @@ def _topk_bwd_kernel(dy_ptr, dsel_ptr, dgate_ptr, pos_ptr, x_ptr, w_ptr, logit_p
         safe = tl.minimum(row, n_rows - 1)
         pos = tl.load(pos_ptr + safe)  # row of dsel / dgate for a selected token, -1 otherwise
         pos_v = tl.full([BLOCK], 0, tl.int32) + pos
-        g = 1.0 / (1.0 + tl.exp(-tl.load(logit_ptr + safe)))
+        g = 1.0 / (1.0 + tl.exp(-tl.load(logit_ptr + (safe % batch) * (n_rows // batch) + safe // batch)))
         # dlogit: c * g everywhere (the BCE), plus dgate * g * (1 - g) - c on the selected rows
         sel = -c
         if HAS_DGATE:
@@ -164,13 +169,14 @@ def _topk_bwd_kernel(dy_ptr, dsel_ptr, dgate_ptr, pos_ptr, x_ptr, w_ptr, logit_p
     tl.store(dw_part_ptr + pid.to(tl.int64) * hidden + cols, acc, mask=cmask)
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x``: contiguous ``[N, h]`` -> ``x . weight + bias`` as ``[N]`` fp32."""
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x``: contiguous ``[s * b, h]`` (``[s, b, h]`` flattened, ``b = batch``) ->
+    ``x . weight + bias`` as ``[b, s]`` fp32 (transposed: one contiguous row per sequence)."""
     n_rows, hidden = x.shape
-    logits = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+    logits = torch.empty(batch, n_rows // batch, device=x.device, dtype=torch.float32)
     block, warps = _launch(hidden)
     _router_fwd_kernel[(triton.cdiv(n_rows, ROWS),)](x, x, weight, bias, x, logits, n_rows, hidden,
-                                                     GATED=False, ROWS=ROWS, BLOCK=block,
+                                                     batch, GATED=False, ROWS=ROWS, BLOCK=block,
                                                      num_warps=warps)
     return logits
 
@@ -180,6 +186,7 @@ def topk_backward(dy, dselected, dgate, pos: torch.Tensor, x: torch.Tensor, weig
     """Input gradient of a top-k routed layer, in one pass over ``[N, h]``:
     ``dx = (dselected[pos] if pos >= 0 else dy) + dlogit * w`` where
     ``dlogit = coef * g + (dgate[pos] * g * (1 - g) - coef if pos >= 0 else 0)``, ``g = sigmoid(logits)``
+    (``logits``: ``[b, s]`` contiguous, as :func:`router_logits` writes them; rows are ``[s, b]``)
     (the gate's gradient on the selected rows and the router BCE's everywhere; ``coef``: a float
     or a 0-d device tensor; ``dy``/``dselected``/``dgate`` may be None: zero). Also returns the
     router's ``dweight`` (``[h]`` fp32) and ``dbias`` (0-d fp32)."""
@@ -193,7 +200,7 @@ def topk_backward(dy, dselected, dgate, pos: torch.Tensor, x: torch.Tensor, weig
     _topk_bwd_kernel[(programs,)](dy if dy is not None else x, dselected if dselected is not None else x,
                                   dgate if dgate is not None else logits, pos, x, weight, logits,
                                   coef if coef_ptr else logits, 0.0 if coef_ptr else float(coef),
-                                  dlogit, dx, dw_part, n_rows, hidden,
+                                  dlogit, dx, dw_part, n_rows, hidden, logits.shape[0],
                                   HAS_DY=dy is not None, HAS_DSEL=dselected is not None,
                                   HAS_DGATE=dgate is not None, COEF_PTR=coef_ptr,
                                   ROWS=ROWS, BLOCK=block, num_warps=warps)

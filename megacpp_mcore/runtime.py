@@ -141,6 +141,16 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def fused_rope_available() -> bool:
+    """Whether Megatron's ``apply_rope_fusion`` can run here: a CUDA device and TE's fused RoPE
+    (``rope_utils.fused_apply_rotary_pos_emb``, set when Transformer Engine imports)."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
+
+
 def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | None = None, **overrides):
     """The ``TransformerConfig`` for ``model`` under ``par`` (RMSNorm, SwiGLU, no biases, RoPE)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -179,7 +189,8 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         calculate_per_token_loss=False,
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=cuda,
-        apply_rope_fusion=False,
+        # TE's fused RoPE on GPU (Megatron-LM's default); MLA's own rope kernels stay unfused
+        apply_rope_fusion=model.mla is None and fused_rope_available(),
         masked_softmax_fusion=cuda,
         persist_layer_norm=False,
         # Batched isend/irecv over gloo mis-delivers in the interleaved 1F1B steady state (losses

@@ -11,9 +11,9 @@ Measures, in ONE run and on the same synthetic batches (fwd + bwd + Adam step, b
   and ``E`` sub-layers of blocks 0, 2, 4, ... (the MoD paper's setting; target ratio <= 0.65);
 
 then checks that a gateskip layer's forward captures in a CUDA graph and replays to the eager output.
-RoPE fusion is off in every variant (top-k gathers per-token rotary embeddings, which the fused kernel
-does not take), so the ratios compare like with like. Prints a table and the ratios; ``--out`` writes
-JSON.
+RoPE is TE's fused kernel in every variant (``--rope unfused``: Megatron's unfused ops); a top-k
+layer applies it to its gathered tokens as a flat ``[k*b]`` sequence of positions
+(``mod.TokenRopeAttention``). Prints a table and the ratios; ``--out`` writes JSON.
 
     python scripts/bench_mod.py --out mod_bench.json
 
@@ -62,6 +62,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross-entropy", choices=("unfused", "native", "te"), default="unfused",
                    help="LM loss kernel of every variant: Megatron's unfused vocab-parallel CE, its "
                         "fused 'native' one, or TE's fused CE (cross_entropy_loss_fusion)")
+    p.add_argument("--rope", choices=("fused", "unfused"), default="fused",
+                   help="RoPE kernel of every variant: TE's fused one (top-k layers apply it to their "
+                        "gathered tokens as a flat [k*b] sequence) or Megatron's unfused ops")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
@@ -127,7 +130,7 @@ def _model(args, variant: str):
 
 def _config_overrides(args) -> dict:
     """TransformerConfig settings every variant shares."""
-    out = {"apply_rope_fusion": False}
+    out = {"apply_rope_fusion": args.rope == "fused" and not args.cpu_smoke}
     if args.cross_entropy != "unfused":
         out.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=args.cross_entropy)
     return out
@@ -362,7 +365,7 @@ def _cuda_graph_check(args) -> dict:
     tensor_parallel.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True,
                                                     force_reset_rng=True)
     model = _model(args, "gateskip")
-    config = runtime.transformer_config(model, runtime.Parallelism(), apply_rope_fusion=False)
+    config = runtime.transformer_config(model, runtime.Parallelism(), **_config_overrides(args))
     mod = model.features["mod"]
     ctx = LayerContext(config=config, backend=get_backend("te"), index=0, symbol="A",
                        features=frozenset({"mod"}), feature_configs={"mod": mod})

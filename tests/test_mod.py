@@ -221,6 +221,37 @@ def test_topk_matches_per_sequence_gather_reference(single_rank):
     assert wrapped.megacpp_stats()["fraction_processed"] == 0.25
 
 
+def test_topk_attention_takes_per_token_rope_through_flat_view(single_rank, monkeypatch):
+    """A top-k ``A`` layer's attention is ``TokenRopeAttention``: its RoPE runs through Megatron's
+    ``apply_rotary_pos_emb`` on the ``[k*b, 1, h, d]`` view with ``[k*b, 1, 1, d]`` frequencies, the
+    shape TE's fused kernel takes. With ``apply_rope_fusion`` on, a stand-in for the fused kernel
+    that accepts only that shape gives the same output as the unfused layer (gateskip layers keep
+    upstream's ``SelfAttention``)."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megacpp_mcore.mod import TokenRopeAttention
+
+    plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25))
+    assert type(wrapped.self_attention) is TokenRopeAttention
+    assert type(_pair("A", MoDConfig(mode="gateskip"))[1].self_attention) is SelfAttention
+    _set_router(wrapped, std=0.5)
+    x, rope = _inputs(), _rope(16)
+    expected = _call(wrapped, x, rope)
+    calls = []
+
+    def fused_stand_in(t, freqs, interleaved=False):
+        assert freqs.shape[1:3] == (1, 1) and freqs.shape[0] >= t.shape[0], freqs.shape
+        calls.append(tuple(t.shape))
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", fused_stand_in)
+    monkeypatch.setattr(wrapped.config, "apply_rope_fusion", True)
+    got = _call(wrapped, x, rope)
+    assert calls == [(4 * 2, 1, 4, 16)] * 2  # query and key, k=4 tokens x 2 sequences flattened
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_hard_budget_inference_keeps_top_gates(single_rank):
     cfg = MoDConfig(mode="gateskip", inference="hard", budget_start=1.0, budget_end=0.5,
                     budget_steps=10)
@@ -419,7 +450,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
 _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with TE")
 
 
-def _te_layer(mode: str, **mod_kwargs):
+def _te_layer(mode: str, apply_rope_fusion: bool = False, **mod_kwargs):
     from megatron.core.transformer.spec_utils import build_module
 
     from megacpp_mcore.attention import attention_layer_spec
@@ -427,7 +458,7 @@ def _te_layer(mode: str, **mod_kwargs):
     from megacpp_mcore.layer_context import LayerContext
     from megacpp_mcore.mod import mod_layer_spec
 
-    cfg = _config(apply_rope_fusion=False)
+    cfg = _config(apply_rope_fusion=apply_rope_fusion)
     mod = MoDConfig(mode=mode, **mod_kwargs)
     ctx = LayerContext(config=cfg, backend=get_backend("te"), index=0, symbol="A",
                        features=frozenset({"mod"}), feature_configs={"mod": mod})
@@ -466,3 +497,22 @@ def test_te_topk_unselected_exact_and_backward(single_rank):
     assert unchanged.sum(0).tolist() == [12, 12]  # 16 - k tokens per sequence pass through exactly
     out.float().sum().backward()
     assert layer.mod_router.weight.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_te_topk_fused_rope_matches_unfused(single_rank):
+    """A top-k layer with TE's fused RoPE (applied to the gathered tokens as a flat [k*b] sequence)
+    == the same layer with Megatron's unfused RoPE on the [k, b, 1, d] embeddings: outputs and
+    gradients."""
+    layers = [_te_layer("topk", apply_rope_fusion=fused, capacity=0.25) for fused in (False, True)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    results = []
+    for layer in layers:
+        _set_router(layer, std=0.5)
+        x = _inputs().cuda().to(layer.mod_router.weight.dtype).requires_grad_()
+        out = _call(layer, x, _rope(16).cuda())
+        out.float().square().sum().backward()
+        results.append((out.detach().float(), x.grad.float(), layer.mod_router.weight.grad.float()))
+    for name, a, b in zip(("out", "dx", "drouter"), *results):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)

@@ -107,6 +107,7 @@ def test_topk_inner_attention_and_mlp_see_only_k_tokens(single_rank):
 
     def spy(*args, **kwargs):
         rope = kwargs["rotary_pos_emb"]
+        rope = getattr(rope, "freqs", rope)  # mod._TokenRope -> its [k, b, 1, d] tensor
         rope_shapes.append(tuple((rope[0] if isinstance(rope, tuple) else rope).shape))
         return original(*args, **kwargs)
 
