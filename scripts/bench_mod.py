@@ -8,7 +8,8 @@ Measures, in ONE run and on the same synthetic batches (fwd + bwd + Adam step, b
 * ``dense``: our hybrid spec, pattern ``AE`` at ``2 * blocks`` sub-layers (the same network);
 * ``gateskip``: ``dense`` with MoD gateskip on every layer (target ratio <= 1.05);
 * ``topk``: ``dense`` with MoD top-k at ``--capacity`` (0.125) on every other block, i.e. the ``A``
-  and ``E`` sub-layers of blocks 0, 2, 4, ... (the MoD paper's setting; target ratio <= 0.65);
+  and ``E`` sub-layers of blocks 0, 2, 4, ... (``--topk-blocks odd``: 1, 3, 5, ...; the MoD
+  paper's setting; target ratio <= 0.65);
 
 then checks that a gateskip layer's forward captures in a CUDA graph and replays to the eager output.
 RoPE is TE's fused kernel in every variant (``--rope unfused``: Megatron's unfused ops); a top-k
@@ -59,6 +60,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches per optimizer step (gradient accumulation)")
     p.add_argument("--capacity", type=float, default=0.125)
+    p.add_argument("--topk-blocks", choices=("even", "odd"), default="even",
+                   help="which every-other blocks route top-k: 0, 2, 4, ... (block 0 routed) or "
+                        "1, 3, 5, ... (block 0 dense)")
     p.add_argument("--cross-entropy", choices=("unfused", "native", "te"), default="unfused",
                    help="LM loss kernel of every variant: Megatron's unfused vocab-parallel CE, its "
                         "fused 'native' one, or TE's fused CE (cross_entropy_loss_fusion)")
@@ -119,7 +123,8 @@ def _model(args, variant: str):
     if variant == "gateskip":
         features["mod"] = MoDConfig(mode="gateskip")
     elif variant == "topk":
-        layers = tuple(i for i in range(2 * args.blocks) if (i // 2) % 2 == 0)
+        first = 0 if args.topk_blocks == "even" else 1
+        layers = tuple(i for i in range(2 * args.blocks) if (i // 2) % 2 == first)
         features["mod"] = MoDConfig(mode="topk", capacity=args.capacity,
                                     placement=FeaturePlacement(layers=layers))
     return ModelConfig(name=f"bench-{variant}", pattern="AE", num_layers=2 * args.blocks,
