@@ -20,9 +20,9 @@ layer applies it to its gathered tokens as a flat ``[k*b]`` sequence of position
 
 At the default micro-batch 2 the step is host-bound on an H200 (gpu busy 0.5-0.8: Python and
 kernel launches set the step time); the targets are checked where the GPU sets it, 32k tokens per
-micro-batch (docs/benchmarks.md has both):
+micro-batch, on 16 blocks (docs/benchmarks.md has these and the 8-block figures):
 
-    python scripts/bench_mod.py --batch 8 --cross-entropy te --out mod_bench_b8.json
+    python scripts/bench_mod.py --batch 8 --blocks 16 --cross-entropy te --out mod_bench_b8.json
 """
 
 from __future__ import annotations
