@@ -64,12 +64,16 @@ elsewhere the same math runs as torch ops. Other gateskip cases (forced gate, ha
 dropout, two seams) and ``threshold`` read the router before the block and apply the gate with one
 ``addcmul`` in the bias-dropout-add. A topk layer's attention and MLP run on the ``k`` gathered
 tokens only; :class:`_TopkRouteIn`/:class:`_TopkRouteOut` write the layer's whole input gradient in
-one pass (Triton router GEMV and backward on CUDA). Those Python autograd functions cost host time,
-about 1 ms per topk layer on the H200's host, which shows on host-bound steps (see
-``docs/benchmarks.md``). With Transformer Engine, attention layers of two
-shapes (topk and dense) alternate, and TE's process-wide one-entry backend-selection cache then
-re-runs its CPU-side selection on every call; ``patches.te_attention_backend_per_layer`` gives each
-attention layer its own cache entry (``scripts/bench_mod.py`` applies it and counts selections).
+one pass (Triton router GEMV and backward on CUDA); the gate and the router's auxiliary loss
+come out of / ride on that same function. Its attention (:class:`TokenRopeAttention`) applies the
+gathered tokens' RoPE as a flat ``[k*b]`` sequence, so TE's fused RoPE kernel runs on top-k layers
+too. A top-k layer's GPU work is small enough that its host time (Megatron's layer code plus the
+routing, a few ms per layer) exceeds it: where no dense layer before it has built the host a lead
+(block 0 routed, at the start of a step), the GPU waits (see ``docs/benchmarks.md``).
+With Transformer Engine, attention layers of two shapes (topk and dense) alternate, and TE's
+process-wide one-entry backend-selection cache then re-runs its CPU-side selection on every call;
+``patches.te_attention_backend_per_layer`` gives each attention layer its own cache entry
+(``scripts/bench_mod.py`` applies it and counts selections).
 """
 
 from __future__ import annotations
