@@ -480,18 +480,10 @@ class _TopkRouteIn(torch.autograd.Function):
                 dbias.view(ctx.bias_shape).to(ctx.bias_dtype), None, None, None, None)
 
 
-_ARANGE: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _arange(n: int, device: torch.device) -> torch.Tensor:
     """``arange(n)`` int32 on ``device``, cached (one op fewer per top-k backward)."""
-    key = (n, device)
-    out = _ARANGE.get(key)
-    if out is None:
-        if len(_ARANGE) > 64:
-            _ARANGE.clear()
-        out = _ARANGE[key] = torch.arange(n, device=device, dtype=torch.int32)
-    return out
+    return torch.arange(n, device=device, dtype=torch.int32)
 
 
 class _TopkRouteOut(torch.autograd.Function):
