@@ -9,8 +9,8 @@ parallel layout.
 * ``AE``: attention/feed-forward alternation only (``A`` and ``E``), the pattern of a plain GPT.
 """
 
-from megacpp_mcore.hybrid import hybrid_block_spec
-from megacpp_mcore.presets import get_preset
+from megacpp_mcore.spec.block import hybrid_block_spec
+from megacpp_mcore.models.presets import get_preset
 
 _PRESET = get_preset("nam56r")
 

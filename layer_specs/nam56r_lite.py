@@ -14,13 +14,13 @@ Objects:
   mixers, for A/B runs against Megatron's own GPT spec.
 
 Dimensions, MoE and MLA sizes come from ``pretrain_gpt.py`` flags; ``recipes/nam56r_lite_1xh200.sh``
-passes the preset's (``megacpp_mcore.launch_pretrain.preset_args("nam56r-lite")``). MTP is not
-part of a layer spec: ``python -m megacpp_mcore.launch_pretrain`` adds the package's shared-block
+passes the preset's (``megacpp_mcore.upstream.launch_pretrain.preset_args("nam56r-lite")``). MTP is not
+part of a layer spec: ``python -m megacpp_mcore.upstream.launch_pretrain`` adds the package's shared-block
 MTP (``--megacpp-mtp-depth``), which Megatron-LM 0.16.1's own builder cannot.
 """
 
-from megacpp_mcore.hybrid import hybrid_block_spec
-from megacpp_mcore.presets import get_preset
+from megacpp_mcore.spec.block import hybrid_block_spec
+from megacpp_mcore.models.presets import get_preset
 
 PRESET = get_preset("nam56r-lite")
 

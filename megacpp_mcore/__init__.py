@@ -7,7 +7,7 @@ that need it.
 
 __version__ = "0.1.0"
 
-from megacpp_mcore.pattern import (  # noqa: E402
+from megacpp_mcore.spec.pattern import (  # noqa: E402
     FeaturePlacement,
     PatternError,
     compile_layers,
@@ -16,8 +16,8 @@ from megacpp_mcore.pattern import (  # noqa: E402
 
 
 def hybrid_block_spec(pattern, **options):
-    """See :func:`megacpp_mcore.hybrid.hybrid_block_spec` (imported lazily: it needs megatron-core)."""
-    from megacpp_mcore.hybrid import hybrid_block_spec as build
+    """See :func:`megacpp_mcore.spec.block.hybrid_block_spec` (imported lazily: it needs megatron-core)."""
+    from megacpp_mcore.spec.block import hybrid_block_spec as build
 
     return build(pattern, **options)
 

@@ -13,14 +13,14 @@ Each patch is a module of this package with the protocol:
 * optional ``REQUIRES: str``: an optional package the target lives in (e.g. ``transformer_engine``);
   without it the status says ``not-applicable`` / ``n/a`` instead of asking for a re-base.
 
-Nothing is applied on import: entry points (``python -m megacpp_mcore.launch_pretrain``,
+Nothing is applied on import: entry points (``python -m megacpp_mcore.upstream.launch_pretrain``,
 ``megacpp-mcore patches apply``) call :func:`patches.registry.apply_needed` explicitly.
 """
 
 REGISTRY = (
-    "patches.spec_import_errors",
-    "patches.tp_attributes_without_init",
-    "patches.mla_have_te",
-    "patches.mla_down_proj_tp_marker",
-    "patches.te_attention_backend_per_layer",
+    "megacpp_mcore.patches.spec_import_errors",
+    "megacpp_mcore.patches.tp_attributes_without_init",
+    "megacpp_mcore.patches.mla_have_te",
+    "megacpp_mcore.patches.mla_down_proj_tp_marker",
+    "megacpp_mcore.patches.te_attention_backend_per_layer",
 )

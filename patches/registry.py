@@ -29,7 +29,7 @@ from typing import Iterable
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-import patches
+import megacpp_mcore.patches as patches
 
 CHECK_RESULTS = ("needed", "fixed-upstream", "target-missing")
 ACTIONS = {"needed": "keep", "fixed-upstream": "retire", "target-missing": "re-base",

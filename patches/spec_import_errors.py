@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any, Callable, Iterator
 
-from patches._wrapping import is_patched, upstream, wrap
+from megacpp_mcore.patches._wrapping import is_patched, upstream, wrap
 
 NAME = "spec-import-errors"
 TARGETS = "megatron-core >=0.16,<0.20"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 
-from patches import _wrapping
+from megacpp_mcore.patches import _wrapping
 
 NAME = "te-attention-backend-per-layer"
 TARGETS = "transformer-engine >=2.0,<2.12"

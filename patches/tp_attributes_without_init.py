@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from patches._wrapping import is_patched, upstream, wrap
+from megacpp_mcore.patches._wrapping import is_patched, upstream, wrap
 
 NAME = "tp-attributes-without-init"
 TARGETS = "megatron-core >=0.16,<0.18"

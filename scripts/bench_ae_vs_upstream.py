@@ -24,9 +24,9 @@ def build(args):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.hybrid import hybrid_block_spec
-    from megacpp_mcore.presets import custom_model
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.spec.block import hybrid_block_spec
+    from megacpp_mcore.models.presets import custom_model
 
     model = custom_model(pattern="AE", num_layers=2 * args.layers, hidden_size=args.hidden,
                          num_attention_heads=args.heads, ffn_hidden_size=args.ffn,

@@ -56,9 +56,10 @@ def bench_mamba(args) -> dict:
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from megacpp_mcore import backends, runtime
-    from megacpp_mcore.mixers import mamba
-    from megacpp_mcore.presets import custom_model
+    from megacpp_mcore.spec import backends
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.layers.mixers import mamba
+    from megacpp_mcore.models.presets import custom_model
 
     env = backends.detect()
     backends.require("mamba_ssm", "the M fast path benchmark")
@@ -109,11 +110,11 @@ def bench_mamba(args) -> dict:
 def bench_m2rnn(args) -> dict:
     import torch.nn.functional as F
 
-    from megacpp_mcore import backends
-    from megacpp_mcore.mixers.m2rnn import m2rnn_scan_torch
+    from megacpp_mcore.spec import backends
+    from megacpp_mcore.layers.mixers.m2rnn import m2rnn_scan_torch
 
     backends.require("triton", "the M2RNN Triton kernel benchmark")
-    from megacpp_mcore.mixers.m2rnn_triton import m2rnn_scan_triton
+    from megacpp_mcore.layers.mixers.m2rnn_triton import m2rnn_scan_triton
 
     B, T, H, K, V = args.r_batch, args.r_seq, args.r_heads, args.r_kdim, args.r_vdim
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_mixers.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     env = backends.detect()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

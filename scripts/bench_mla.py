@@ -77,7 +77,7 @@ def check_environment(args) -> str:
     """Returns the backend to use; exits with a clear message when the host cannot run it."""
     import megatron.core
 
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     env = backends.detect()
     print(f"megatron-core {megatron.core.__version__}, torch {torch.__version__}, TE {env.te}, "
@@ -102,8 +102,9 @@ def build_models(args, backend: str):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    from megacpp_mcore import mla, runtime
-    from megacpp_mcore.presets import MLAConfig, ModelConfig
+    from megacpp_mcore.layers import mla
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.models.presets import MLAConfig, ModelConfig
 
     par = runtime.Parallelism()
     runtime.initialize(par, seed=args.seed)
@@ -248,7 +249,7 @@ def main(argv=None) -> dict:
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     runtime.shutdown()
     return result

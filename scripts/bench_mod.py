@@ -99,7 +99,7 @@ def _args(argv=None) -> argparse.Namespace:
 def _check_host(cpu_smoke: bool) -> dict:
     import torch
 
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     if cpu_smoke:
         return {"gpu": "cpu-smoke", "torch": torch.__version__, "te": None, "megatron_core": "n/a"}
@@ -115,9 +115,9 @@ def _check_host(cpu_smoke: bool) -> dict:
 
 
 def _model(args, variant: str):
-    from megacpp_mcore.mod import MoDConfig
-    from megacpp_mcore.pattern import FeaturePlacement
-    from megacpp_mcore.presets import ModelConfig
+    from megacpp_mcore.features.mod.layer import MoDConfig
+    from megacpp_mcore.spec.pattern import FeaturePlacement
+    from megacpp_mcore.models.presets import ModelConfig
 
     features = {}
     if variant == "gateskip":
@@ -143,7 +143,7 @@ def _config_overrides(args) -> dict:
 
 def _build(args, variant: str):
     """DDP-wrapped chunks and the TransformerConfig for ``variant``."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     par = runtime.Parallelism()
     model = _model(args, variant)
@@ -189,7 +189,7 @@ def _release(chunks, optimizer) -> None:
 def _time_variant(args, variant: str) -> dict:
     import torch
 
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     dev = runtime.device()
     cuda = dev.type == "cuda"
@@ -357,11 +357,11 @@ def _cuda_graph_check(args) -> dict:
     import torch
     from megatron.core.transformer.spec_utils import build_module
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.attention import attention_layer_spec
-    from megacpp_mcore.backends import get_backend
-    from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import mod_layer_spec
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.spec.context import LayerContext
+    from megacpp_mcore.features.mod.layer import mod_layer_spec
 
     from megatron.core import tensor_parallel
 
@@ -410,7 +410,7 @@ def _apply_backend_per_layer(args) -> str:
     Counts the real selections (``dpa_utils.get_attention_backend``, the name TE's forward calls)."""
     if args.cpu_smoke or args.no_te_backend_per_layer:
         return "off"
-    from patches import te_attention_backend_per_layer as patch
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     state = patch.check()
     changed = patch.apply() if state == "needed" else []
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     host = _check_host(args.cpu_smoke)
     if args.cpu_smoke:
         args.skip_graph = True
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     runtime.initialize(runtime.Parallelism(), seed=1234)
     host["te_backend_per_layer_patch"] = _apply_backend_per_layer(args)

@@ -37,7 +37,7 @@ VARIANTS = {"base": None, "moda": "flash", "moda-cudnn": "cudnn", "moda-te": "te
 
 
 def moda_config(variant: str):
-    from megacpp_mcore.moda import MoDAConfig
+    from megacpp_mcore.features.moda.attention import MoDAConfig
 
     kind = VARIANTS[variant]
     cuda_kernel, depth_kernel = kind if isinstance(kind, tuple) else (kind, "auto")
@@ -86,13 +86,13 @@ def check_environment(args) -> None:
     if problems:
         sys.exit("bench_moda: " + "; ".join(problems))
     if args.backend == "te":
-        from megacpp_mcore import backends
+        from megacpp_mcore.spec import backends
 
         backends.resolve_backend_name("te")  # raises with what to install
 
 
 def model_config(args, seq: int, variant: str):
-    from megacpp_mcore.presets import custom_model
+    from megacpp_mcore.models.presets import custom_model
 
     return custom_model(
         pattern=args.pattern, num_layers=args.layers, hidden_size=args.hidden,
@@ -103,8 +103,8 @@ def model_config(args, seq: int, variant: str):
 
 
 def run_variant(args, seq: int, variant: str) -> dict:
-    from megacpp_mcore import runtime
-    from megacpp_mcore.moda import DepthAwareAttention
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.features.moda.attention import DepthAwareAttention
     from megacpp_mcore.testing.parity import synthetic_batches
 
     start_allocated = torch.cuda.memory_allocated()  # 0 in a fresh process
@@ -138,7 +138,7 @@ def run_variant(args, seq: int, variant: str) -> dict:
     }
     cores = [mod for c in chunks for mod in c.modules() if isinstance(mod, DepthAwareAttention)]
     if cores:
-        from megacpp_mcore import moda
+        from megacpp_mcore.features.moda import attention as moda
 
         result["observed_kernel"] = sorted({c.observed_kernel for c in cores})
         # fused Triton depth kernels: True = ran (checked against the torch path), False = fell
@@ -188,7 +188,7 @@ def kernel_check(args) -> list[dict]:
     """Fast path versus reference on this model's head shapes (bf16, Megatron-like q/k/v strides:
     v a view of the fused QKV output), 7 depth keys: max |error| of the output and of dq/dk/dv,
     relative to the largest reference value."""
-    from megacpp_mcore.moda import fast_depth_attention, reference_depth_attention
+    from megacpp_mcore.features.moda.attention import fast_depth_attention, reference_depth_attention
 
     heads, groups = args.heads, args.kv_groups or args.heads
     d, s, b, n, r = args.hidden // args.heads, args.check_seq, 1, 7, args.heads // (args.kv_groups or args.heads)
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_environment(args)
     if args.child:
-        from megacpp_mcore import runtime
+        from megacpp_mcore.train import runtime
 
         runtime.initialize(runtime.Parallelism(), seed=1234)
         res = guarded_run(args, int(args.child[0]), args.child[1])
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     checks = [] if args.no_check else kernel_check(args)
     results = []
     if args.in_process:
-        from megacpp_mcore import runtime
+        from megacpp_mcore.train import runtime
 
         runtime.initialize(runtime.Parallelism(), seed=1234)
     for seq in args.seq:

@@ -65,7 +65,7 @@ def preflight() -> dict:
     """Refuses to run where the comparison would be meaningless; returns the observed stack."""
     if not torch.cuda.is_available():
         sys.exit("bench_mtp: needs a CUDA GPU (torch.cuda.is_available() is False)")
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     env = backends.detect()
     if env.te is None:
@@ -84,7 +84,7 @@ def build(variant: str, args, vocab: int, configs: dict):
         get_gpt_mtp_block_spec,
     )
 
-    from megacpp_mcore.mtp import MTPConfig, MTPGPTModel
+    from megacpp_mcore.features.mtp import MTPConfig, MTPGPTModel
 
     if args.smoke_cpu:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -173,8 +173,8 @@ def main(argv=None) -> int:
         args.vocab, args.layers, args.hidden, args.heads = [256], 2, 64, 4
         args.ffn, args.seq, args.batch, args.warmup, args.iters = 128, 32, 2, 1, 2
     stack = {"smoke_cpu": True} if args.smoke_cpu else preflight()
-    from megacpp_mcore import runtime
-    from megacpp_mcore.presets import custom_model
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.models.presets import custom_model
 
     runtime.initialize(runtime.Parallelism(), seed=1234)
     results = {"stack": stack, "args": vars(args), "runs": {}}

@@ -10,7 +10,7 @@ optimizer, Megatron schedule and optimizer, bf16 on CUDA) of:
    ``get_gpt_layer_with_transformer_engine_spec`` (or the local spec), where one upstream layer is
    one of our ``A`` + ``E`` pairs, so the weights and FLOPs are identical.
 
-Prints tokens/s, model TFLOP/s (``megacpp_mcore.training.model_flops_per_token``: 6 N_active +
+Prints tokens/s, model TFLOP/s (``megacpp_mcore.train.loop.model_flops_per_token``: 6 N_active +
 attention), ms/step, peak memory, and the ratio ours/upstream on the skeleton; writes JSON with
 ``--out``.
 
@@ -60,7 +60,7 @@ def build_upstream(model, config, backend: str) -> list:
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     kwargs = dict(num_experts=model.moe.num_experts if model.moe else None,
                   moe_grouped_gemm=bool(config.moe_grouped_gemm))
@@ -88,7 +88,7 @@ def batches(args, seq: int, step: int) -> list[dict]:
 
 
 def measure(name: str, model, chunks, args, seq: int) -> dict:
-    from megacpp_mcore import receipt, runtime, training
+    from megacpp_mcore.train import receipt, runtime, loop as training
 
     optimizer = runtime.build_optimizer(chunks, lr=1e-4)
     cuda = torch.cuda.is_available()
@@ -134,8 +134,9 @@ def measure(name: str, model, chunks, args, seq: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megacpp_mcore import backends, runtime
-    from megacpp_mcore.presets import get_preset
+    from megacpp_mcore.spec import backends
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.models.presets import get_preset
 
     model = get_preset(args.preset)
     if args.num_layers:

@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megacpp_mcore.plan import attention_params, feedforward_params, m2rnn_params, mamba_params  # noqa: E402
-from megacpp_mcore.presets import ModelConfig, get_preset  # noqa: E402
+from megacpp_mcore.models.plan import attention_params, feedforward_params, m2rnn_params, mamba_params  # noqa: E402
+from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 
 RECIPES = {
     "lite": ("nam56r_lite_1xh200.sh", "nam56r-lite"),
@@ -53,7 +53,7 @@ def active_feedforward_params(m: ModelConfig) -> int:
 def flops_per_token(m: ModelConfig, *, pattern: str | None = None, num_layers: int | None = None,
                     mla: bool | None = None) -> float:
     """Training FLOPs per token (see the module docstring)."""
-    from megacpp_mcore.pattern import expand_pattern
+    from megacpp_mcore.spec.pattern import expand_pattern
 
     mla = (m.mla is not None) if mla is None else mla
     symbols = expand_pattern(pattern or m.pattern, num_layers or m.num_layers)
@@ -162,7 +162,7 @@ def ab_commands(lite: list[str], megatron_lm: str) -> tuple[list[str], list[str]
     depth = int(flag(base, "--num-layers"))
     ours = _set(_set(base, "--num-layers", str(2 * depth)), "--spec", "layer_specs.nam56r_lite")
     ours[ours.index("--spec") + 2] = "NAM56R_LITE_AE"
-    start = ours.index("-m")  # torchrun ... -m megacpp_mcore.launch_pretrain --megatron-lm PATH
+    start = ours.index("-m")  # torchrun ... -m megacpp_mcore.upstream.launch_pretrain --megatron-lm PATH
     upstream = base[:start] + [str(Path(megatron_lm) / "pretrain_gpt.py")] + base[start + 4:]
     upstream = _drop(upstream, "--spec", 2)
     return ours, upstream, depth

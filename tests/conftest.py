@@ -20,10 +20,23 @@ def pytest_configure(config):
         stub_mamba1_extension()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_upstream_aux_loss_scale():
+    """Megatron keeps the MoE aux-loss backward scale in class attributes: a backward outside
+    a schedule stores a 0-d tensor there and a later schedule's ``copy_`` of a [1] tensor fails.
+    Each test starts from upstream's initial state (``None``)."""
+    yield
+    import sys
+
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 @pytest.fixture
 def single_rank():
     """A 1-rank world (gloo on CPU) with TP=PP=EP=1 and seed 1234; torn down afterwards."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     runtime.initialize(runtime.Parallelism(), seed=1234)
     yield

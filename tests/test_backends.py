@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megacpp_mcore import backends
+from megacpp_mcore.spec import backends
 
 
 def test_auto_is_local_without_te_or_cuda():
@@ -48,6 +48,6 @@ def test_missing_optional_package_raises_at_request():
 
 
 def test_local_backend_norm_supports_sequence_parallel():
-    from megacpp_mcore.norms import LocalNorm
+    from megacpp_mcore.layers.norms import LocalNorm
 
     assert backends.LocalBackend().layer_norm() is LocalNorm

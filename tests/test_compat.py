@@ -1,10 +1,10 @@
-"""megacpp_mcore.compat: later-version constructor kwargs reach our adapters without breaking 0.16."""
+"""megacpp_mcore.spec.compat: later-version constructor kwargs reach our adapters without breaking 0.16."""
 
 from __future__ import annotations
 
 import pytest
 
-from megacpp_mcore import compat
+from megacpp_mcore.spec import compat
 
 
 def test_layer_kwargs_forwarding_rules():
@@ -46,9 +46,9 @@ def test_hybrid_layer_accepts_later_kwargs(single_rank):
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.hybrid import hybrid_block_spec
-    from megacpp_mcore.presets import custom_model
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.spec.block import hybrid_block_spec
+    from megacpp_mcore.models.presets import custom_model
 
     model = custom_model(pattern="AE", num_layers=4, mla=None)
     config = runtime.transformer_config(model, runtime.Parallelism())
@@ -64,8 +64,8 @@ def test_hybrid_layer_accepts_later_kwargs(single_rank):
 def test_provider_and_config_names():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megacpp_mcore.backends import LocalBackend
-    from megacpp_mcore.norms import LocalNorm
+    from megacpp_mcore.spec.backends import LocalBackend
+    from megacpp_mcore.layers.norms import LocalNorm
 
     assert LocalBackend().layer_norm(rms_norm=True, for_qk=False, has_residual=False) is LocalNorm
     assert compat.HETEROGENEOUS_CHECKPOINT_FIELD in TransformerConfig.__dataclass_fields__
@@ -73,7 +73,7 @@ def test_provider_and_config_names():
 
 
 def test_layer_kwargs_reads_a_dispatcher_new():
-    from megacpp_mcore.hybrid import HybridLayer
+    from megacpp_mcore.spec.block import HybridLayer
 
     later = {"name": "decoder.layers.0", "is_mtp_layer": True}
     assert compat.layer_kwargs(HybridLayer, later) == later  # HybridLayer.__new__ takes **kwargs

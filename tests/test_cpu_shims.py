@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megacpp_mcore import cpu_shims
+from megacpp_mcore.upstream import cpu_shims
 
 
 def test_apply_is_idempotent_and_reports_changes():

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megacpp_mcore import cli, data
+from megacpp_mcore import cli
+from megacpp_mcore.train import data
 
 FILES = {
     "a/vector.hpp": b"#pragma once\ntemplate <class T> struct vec { T* p; };\n",
@@ -116,7 +117,7 @@ def test_interrupted_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
 
 
 def test_gpt_dataset_reads_prepared_data_and_masks_specials_for_bpb(tmp_path, monkeypatch):
-    from megacpp_mcore import training
+    from megacpp_mcore.train import loop as training
 
     monkeypatch.setenv("MEGACPP_CACHE", str(tmp_path / "cache"))
     prepared = data.prepare(make_tree(tmp_path / "src"), tmp_path / "out" / "cpp", valid_percent=20)

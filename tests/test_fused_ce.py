@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacpp_mcore.mtp import cast_keeping_shard_markers
-from megacpp_mcore.mtp.fused_ce import default_chunk, fused_linear_cross_entropy, resolve_impl
+from megacpp_mcore.features.mtp import cast_keeping_shard_markers
+from megacpp_mcore.features.mtp.fused_ce import default_chunk, fused_linear_cross_entropy, resolve_impl
 
 
 def _marked(weight: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_loss_and_grads_match_materialized_logits(chunk):
 
 @pytest.mark.parametrize("chunk", [5, 64])
 def test_weighted_scalar_loss_grads_computed_in_forward_match_reference(chunk, monkeypatch):
-    from megacpp_mcore.mtp import fused_ce
+    from megacpp_mcore.features.mtp import fused_ce
 
     x, w, labels, upstream = _case()
     token_weights = upstream.abs()  # any per-token weights, e.g. mask / count
@@ -93,7 +93,7 @@ def test_bf16_close_to_fp32_reference():
 
 def test_never_materializes_full_logits(monkeypatch):
     """Every logits block the torch epilogue sees has at most ``chunk`` rows."""
-    from megacpp_mcore.mtp import fused_ce
+    from megacpp_mcore.features.mtp import fused_ce
 
     seen = []
     original = fused_ce._stats_torch
@@ -136,7 +136,7 @@ def test_refuses_bad_shapes_dtypes_and_impl():
 def test_tp2_vocab_parallel_matches_full_logits():
     from megacpp_mcore.testing.dist import run_distributed
 
-    results = run_distributed("megacpp_mcore.mtp.parity:fused_ce_tp_check", nproc=2)
+    results = run_distributed("megacpp_mcore.features.mtp.parity:fused_ce_tp_check", nproc=2)
     for rank in results:
         assert rank["ignored_zero"]
         for key in ("loss", "grad_hidden", "grad_weight", "sp_loss", "sp_grad_hidden",

@@ -27,7 +27,7 @@ def _read_png(path):
 
 
 def test_heatmap_png_pixels(tmp_path):
-    from megacpp_mcore.heatmap import colormap, usage_matrix, write_heatmap
+    from megacpp_mcore.train.heatmap import colormap, usage_matrix, write_heatmap
 
     matrix = np.array([[0.0, 1.0, np.nan], [0.5, 0.25, 1.0]])
     path = write_heatmap(matrix, ["layer 0 A", "layer 1 E"], tmp_path / "usage.png", vmin=0, vmax=1,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megacpp_mcore import runtime
-from megacpp_mcore.backends import BackendUnavailable
-from megacpp_mcore.hybrid import HybridLayer, hybrid_block_spec
-from megacpp_mcore.pattern import PatternError
+from megacpp_mcore.train import runtime
+from megacpp_mcore.spec.backends import BackendUnavailable
+from megacpp_mcore.spec.block import HybridLayer, hybrid_block_spec
+from megacpp_mcore.spec.pattern import PatternError
 from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
 
@@ -109,7 +109,7 @@ def test_segments_must_match_the_pipeline(single_rank):
 
 
 def test_unavailable_backend_fails_at_build_not_forward(single_rank):
-    from megacpp_mcore.backends import override_detection
+    from megacpp_mcore.spec.backends import override_detection
 
     with override_detection(te=None, cuda=False):
         with pytest.raises(BackendUnavailable, match="backend 'te' is not usable here"):
@@ -117,7 +117,7 @@ def test_unavailable_backend_fails_at_build_not_forward(single_rank):
 
 
 def test_pipeline_split_kwargs_follow_segments():
-    from megacpp_mcore.hybrid import pipeline_split_kwargs
+    from megacpp_mcore.spec.block import pipeline_split_kwargs
 
     assert pipeline_split_kwargs("AE", 8) == {}
     assert pipeline_split_kwargs("AEA|EAE|AE", 8) == {

@@ -1,4 +1,4 @@
-"""megacpp_mcore.launch_pretrain on CPU: argument handling, refusals, and the model builder that
+"""megacpp_mcore.upstream.launch_pretrain on CPU: argument handling, refusals, and the model builder that
 ``pretrain_gpt.py``'s ``pretrain`` calls (Megatron-LM's training package needs triton and CUDA, so the
 full path runs in the gpu test of tests/test_recipes.py)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacpp_mcore import launch_pretrain as lp
+from megacpp_mcore.upstream import launch_pretrain as lp
 
 MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
 
@@ -95,7 +95,7 @@ def test_backend_follows_transformer_impl():
 
 
 def _lite_mla() -> dict:
-    from megacpp_mcore.presets import get_preset
+    from megacpp_mcore.models.presets import get_preset
 
     mla = get_preset("nam56r-lite").mla
     return {f: getattr(mla, f) for f in lp.MLA_FIELDS}
@@ -123,8 +123,8 @@ def test_bad_spec_names_the_cause_once_patched(restore_spec_import):
 
 
 def _config(num_layers=4):
-    from megacpp_mcore import runtime
-    from megacpp_mcore.presets import custom_model
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.models.presets import custom_model
 
     model = custom_model(pattern="AE", num_layers=num_layers, seq_length=32, vocab_size=128, mla=None)
     return runtime.transformer_config(model, runtime.Parallelism())
@@ -150,11 +150,11 @@ def test_builder_refuses_upstream_mtp_from_checkpoint_args():
 
 def test_builder_adds_our_mtp_or_says_why_not(single_rank):
     args = _args(megacpp_mtp_depth=2)
-    if importlib.util.find_spec("megacpp_mcore.mtp") is None:
-        with pytest.raises(lp.LaunchError, match="needs megacpp_mcore.mtp"):
+    if importlib.util.find_spec("megacpp_mcore.features.mtp") is None:
+        with pytest.raises(lp.LaunchError, match="needs megacpp_mcore.features.mtp"):
             lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
         return
-    from megacpp_mcore.mtp import MTPGPTModel
+    from megacpp_mcore.features.mtp import MTPGPTModel
 
     last = lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
     assert isinstance(last, MTPGPTModel)
@@ -179,7 +179,7 @@ def test_builder_reads_only_flags_megatron_defines():
 
 
 def test_cli_entry_runs_as_module(checkout):
-    proc = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--megatron-lm",
+    proc = subprocess.run([sys.executable, "-m", "megacpp_mcore.upstream.launch_pretrain", "--megatron-lm",
                            str(checkout), "--bf16"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--spec MODULE ATTR is required" in proc.stderr
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import layer_specs
-from megacpp_mcore import hybrid
-from megacpp_mcore.presets import MLAConfig, get_preset
+from megacpp_mcore.spec import block as hybrid
+from megacpp_mcore.models.presets import MLAConfig, get_preset
 
 
 def _exported() -> list[tuple[str, str]]:
@@ -30,7 +30,7 @@ def _build(spec, *, num_layers: int):
     """GPTModel on CPU with ``spec`` as transformer_layer_spec, tiny NAM56R dimensions."""
     from megatron.core.models.gpt import GPTModel
 
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     sub = spec.submodules
     tiny = get_preset("nam56r-tiny")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacpp_mcore.mixers.dims import M2RNNDims, MambaDims, default_mamba_groups, mamba_dims
+from megacpp_mcore.layers.mixers.dims import M2RNNDims, MambaDims, default_mamba_groups, mamba_dims
 
 TINY_MIXERS = {
     "pattern": "MR", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
@@ -102,7 +102,7 @@ def m2rnn_reference(mixer, x):
 
 @pytest.mark.parametrize("seq,chunk", [(50, 16), (64, 64), (7, 64)])
 def test_ssd_scan_matches_naive_recurrence_fp32(seq, chunk):
-    from megacpp_mcore.mixers.mamba import ssd_scan_torch
+    from megacpp_mcore.layers.mixers.mamba import ssd_scan_torch
 
     g = torch.Generator().manual_seed(seq)
     b, h, p, groups, n = 2, 4, 8, 2, 16
@@ -125,18 +125,18 @@ def _m2rnn_inputs(b, s, nh, kd, vd, seed=0, dtype=torch.float32):
 
 
 def test_m2rnn_scan_matches_naive_loop():
-    from megacpp_mcore.mixers.m2rnn import m2rnn_scan_torch
+    from megacpp_mcore.layers.mixers.m2rnn import m2rnn_scan_torch
 
     inputs = _m2rnn_inputs(2, 19, 3, 8, 4)
     torch.testing.assert_close(m2rnn_scan_torch(*inputs), naive_m2rnn(*inputs), atol=1e-6, rtol=1e-5)
 
 
 def test_m2rnn_scan_dispatch_refuses_unknown_impl():
-    from megacpp_mcore.mixers.m2rnn import m2rnn_scan
+    from megacpp_mcore.layers.mixers.m2rnn import m2rnn_scan
 
     with pytest.raises(ValueError, match="'cuda'.*allowed: auto, torch, triton"):
         m2rnn_scan(*_m2rnn_inputs(1, 2, 1, 4, 4), impl="cuda")
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     with backends.override_detection(triton=None):
         with pytest.raises(backends.BackendUnavailable, match="pip install triton"):
@@ -149,8 +149,8 @@ def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
     """The Triton kernels run by Triton's CPU interpreter at tiny sizes (2 state-row blocks, padded tail)."""
     code = textwrap.dedent("""
         import torch, torch.nn.functional as F
-        from megacpp_mcore.mixers.m2rnn import m2rnn_scan_torch
-        from megacpp_mcore.mixers.m2rnn_triton import m2rnn_scan_triton
+        from megacpp_mcore.layers.mixers.m2rnn import m2rnn_scan_torch
+        from megacpp_mcore.layers.mixers.m2rnn_triton import m2rnn_scan_triton
         g = torch.Generator().manual_seed(0)
         B, T, H, K, V = 2, 7, 2, 16, 8
         q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
@@ -181,7 +181,7 @@ def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
 @pytest.fixture
 def mixer_model(single_rank):
     """A 2-layer "MR" GPTModel on the local backend, its ModelConfig and its two mixers."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec
 
     model = model_from_spec(TINY_MIXERS)
@@ -192,8 +192,8 @@ def mixer_model(single_rank):
 
 
 def test_mixers_match_plain_torch_references(mixer_model):
-    from megacpp_mcore.mixers.m2rnn import M2RNNMixer
-    from megacpp_mcore.mixers.mamba import TorchMambaMixer
+    from megacpp_mcore.layers.mixers.m2rnn import M2RNNMixer
+    from megacpp_mcore.layers.mixers.mamba import TorchMambaMixer
 
     _, _, mamba, m2rnn = mixer_model
     assert isinstance(mamba, TorchMambaMixer) and isinstance(m2rnn, M2RNNMixer)
@@ -230,7 +230,7 @@ def test_mamba_mixer_has_mamba_mixer_parameter_layout_and_checkpoint_keys(mixer_
 
 
 def test_plan_counts_equal_instantiated_mixer_layers(mixer_model):
-    from megacpp_mcore import plan
+    from megacpp_mcore.models import plan
 
     model, gpt, _, _ = mixer_model
     entries = model.layer_table()
@@ -265,8 +265,8 @@ def test_dims_refuse_bad_sizes_and_tp_splits():
 
 
 def test_plan_uses_mixer_dims_for_full_size_presets():
-    from megacpp_mcore import plan
-    from megacpp_mcore.presets import get_preset
+    from megacpp_mcore.models import plan
+    from megacpp_mcore.models.presets import get_preset
 
     m = get_preset("nam56r")
     assert plan.mamba_params(m) == 4096 + mamba_dims(4096).num_params()
@@ -275,8 +275,8 @@ def test_plan_uses_mixer_dims_for_full_size_presets():
 
 
 def test_te_mamba_needs_mamba_ssm_and_says_what_to_install():
-    from megacpp_mcore import backends
-    from megacpp_mcore.mixers import mamba
+    from megacpp_mcore.spec import backends
+    from megacpp_mcore.layers.mixers import mamba
 
     with backends.override_detection(mamba_ssm=None):
         with pytest.raises(backends.BackendUnavailable, match="pip install mamba-ssm"):
@@ -284,7 +284,7 @@ def test_te_mamba_needs_mamba_ssm_and_says_what_to_install():
 
 
 def test_runtime_config_carries_mamba_groups_for_small_models():
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec
 
     config = runtime.transformer_config(model_from_spec(TINY_MIXERS), runtime.Parallelism())
@@ -330,8 +330,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.gpu
 @gpu
 def test_m2rnn_triton_matches_torch_scan_on_gpu():
-    from megacpp_mcore.mixers.m2rnn import m2rnn_scan_torch
-    from megacpp_mcore.mixers.m2rnn_triton import m2rnn_scan_triton
+    from megacpp_mcore.layers.mixers.m2rnn import m2rnn_scan_torch
+    from megacpp_mcore.layers.mixers.m2rnn_triton import m2rnn_scan_triton
 
     ins = [t.cuda().requires_grad_() for t in _m2rnn_inputs(2, 300, 4, 64, 16)]
     dy = torch.randn(2, 300, 4, 16, device="cuda")
@@ -351,8 +351,9 @@ def test_fast_mamba_mixer_matches_torch_mixer_on_same_weights(single_rank):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from megacpp_mcore import backends, runtime
-    from megacpp_mcore.mixers import mamba
+    from megacpp_mcore.spec import backends
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.layers.mixers import mamba
     from megacpp_mcore.testing.parity import model_from_spec
 
     model = model_from_spec(dict(TINY_MIXERS, hidden_size=256, seq_length=512))
@@ -376,7 +377,7 @@ def test_fast_mamba_mixer_matches_torch_mixer_on_same_weights(single_rank):
 @gpu
 def test_full_pattern_trains_on_te_backend_gpu():
     """AEMEAEMEAEMR on TE: MambaMixer fast path for M, M2RNN with the Triton scan for R."""
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
     from megacpp_mcore.testing.parity import train_run
 
     result = train_run(model=dict(TINY_NAM, hidden_size=256, seq_length=256), steps=6, lr=3e-3,
@@ -391,8 +392,8 @@ def test_full_pattern_trains_on_te_backend_gpu():
 def test_nam56r_lite_mla_off_trains_on_one_gpu():
     """nam56r-lite dimensions (hidden 2048, MoE 8x, seq 4096, all four symbols; MLA and MTP off
     here, they are tested by their own modules) trains on one H200 with the TE backend."""
-    from megacpp_mcore import backends
-    from megacpp_mcore.presets import get_preset
+    from megacpp_mcore.spec import backends
+    from megacpp_mcore.models.presets import get_preset
     from megacpp_mcore.testing.parity import train_run
 
     lite = get_preset("nam56r-lite")

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from megacpp_mcore import mla, plan, runtime
-from megacpp_mcore.hybrid import hybrid_block_spec
-from megacpp_mcore.pattern import FeaturePlacement, PatternError
-from megacpp_mcore.presets import get_preset
+from megacpp_mcore.layers import mla
+from megacpp_mcore.models import plan
+from megacpp_mcore.train import runtime
+from megacpp_mcore.spec.block import hybrid_block_spec
+from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError
+from megacpp_mcore.models.presets import get_preset
 from megacpp_mcore.testing.parity import model_from_spec
 
 MLA_DIMS = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8,
@@ -27,7 +29,7 @@ def _model(**mla_changes):
 
 
 def layer_backend():
-    from megacpp_mcore.backends import get_backend
+    from megacpp_mcore.spec.backends import get_backend
 
     return get_backend("local")
 
@@ -300,14 +302,14 @@ def test_nam56r_preset_uses_mla_on_every_attention_layer():
 def test_have_te_patch(single_rank):
     import importlib
 
-    import patches
-    from patches import mla_have_te
+    import megacpp_mcore.patches as patches
+    from megacpp_mcore.patches import mla_have_te
 
-    assert "patches.mla_have_te" in patches.REGISTRY
-    assert "patches.mla_down_proj_tp_marker" in patches.REGISTRY
+    assert "megacpp_mcore.patches.mla_have_te" in patches.REGISTRY
+    assert "megacpp_mcore.patches.mla_down_proj_tp_marker" in patches.REGISTRY
     assert mla_have_te.NAME and mla_have_te.TARGETS and mla_have_te.DESCRIPTION
     module = importlib.import_module("megatron.core.transformer.multi_latent_attention")
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     if backends.detect().te:
         pytest.skip("TE is installed: the defect only shows without TE")
@@ -317,7 +319,7 @@ def test_have_te_patch(single_rank):
 
 
 def test_down_proj_tp_marker_patch_logic():
-    from patches import mla_down_proj_tp_marker as patch
+    from megacpp_mcore.patches import mla_down_proj_tp_marker as patch
 
     class FakeTELinear(torch.nn.Module):  # TE marks every weight tensor-parallel, like TE does
         def __init__(self, input_size, output_size, *, parallel_mode, config=None, is_expert=False):
@@ -330,7 +332,7 @@ def test_down_proj_tp_marker_patch_logic():
     assert FakeTELinear(4, 4, parallel_mode="duplicated").weight.tensor_model_parallel is False
     assert FakeTELinear(4, 4, parallel_mode="column").weight.tensor_model_parallel is True
     assert FakeTELinear(4, 4, parallel_mode="duplicated", is_expert=True).weight.tensor_model_parallel
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     if not backends.detect().te:
         assert patch.check() == "target-missing" and patch.apply() == []

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from megacpp_mcore.mod import MoDConfig
-from megacpp_mcore.pattern import FeaturePlacement, PatternError, compile_layers
-from megacpp_mcore.presets import custom_model
+from megacpp_mcore.features.mod.layer import MoDConfig
+from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError, compile_layers
+from megacpp_mcore.models.presets import custom_model
 
 # ----------------------------------------------------------------------------- parity factories
 _BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
@@ -26,7 +26,7 @@ def parity_topk():
 def parity_gateskip_moe():
     """Every layer gateskip with an active sparsity loss (gates start at ~0.88 > budget 0.5)
     and MoE E layers, whose aux loss must keep flowing through the gate."""
-    from megacpp_mcore.presets import MoEConfig
+    from megacpp_mcore.models.presets import MoEConfig
 
     mod = MoDConfig(mode="gateskip", sparsity_loss_weight=1.0, budget_start=0.5, budget_end=0.5)
     moe = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64, shared_expert_size=64)
@@ -47,7 +47,7 @@ def run_all(runs: list[dict]) -> list[dict]:
 
     from megatron.core import parallel_state
 
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import train_run
 
     with mock.patch.object(runtime, "shutdown", parallel_state.destroy_model_parallel):
@@ -59,8 +59,8 @@ def run_all(runs: list[dict]) -> list[dict]:
 
 # ------------------------------------------------------------------------------- layer helpers
 def _config(*, moe: bool = False, **overrides):
-    from megacpp_mcore import runtime
-    from megacpp_mcore.presets import MoEConfig
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.models.presets import MoEConfig
 
     moe_cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64) if moe else None
     model = custom_model(**dict(_BASE, seq_length=16), moe=moe_cfg)
@@ -71,11 +71,11 @@ def _pair(symbol: str, mod: MoDConfig, *, moe: bool = False, features=("mod",)):
     """(unwrapped layer, MoD-wrapped layer) with identical block weights."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from megacpp_mcore.attention import attention_layer_spec
-    from megacpp_mcore.backends import get_backend
-    from megacpp_mcore.feedforward import feedforward_layer_spec
-    from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import mod_layer_spec
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.layers.feedforward import feedforward_layer_spec
+    from megacpp_mcore.spec.context import LayerContext
+    from megacpp_mcore.features.mod.layer import mod_layer_spec
 
     cfg = _config(moe=moe)
     ctx = LayerContext(config=cfg, backend=get_backend("local"), index=0, symbol=symbol,
@@ -132,7 +132,7 @@ def test_invalid_config_refused(kwargs, message):
 
 
 def test_placement_refusals_and_opt_in():
-    from megacpp_mcore.hybrid import hybrid_block_spec
+    from megacpp_mcore.spec.block import hybrid_block_spec
 
     on_mamba = MoDConfig(placement=FeaturePlacement(symbols="M"))
     with pytest.raises(PatternError, match="mod cannot attach to symbol class 'M'.*allow_on='M'"):
@@ -230,7 +230,7 @@ def test_topk_attention_takes_per_token_rope_through_flat_view(single_rank, monk
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer.attention import SelfAttention
 
-    from megacpp_mcore.mod import TokenRopeAttention
+    from megacpp_mcore.features.mod.layer import TokenRopeAttention
 
     plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25))
     assert type(wrapped.self_attention) is TokenRopeAttention
@@ -290,7 +290,7 @@ def test_topk_causal_inference_decides_per_token(single_rank):
 
 # ---------------------------------------------------------------------------- losses, grads
 def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
-    from megacpp_mcore.mod import MoDLossAutoScaler
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler
 
     cfg = MoDConfig(mode="gateskip", sparsity_loss_weight=0.5, budget_start=1.0, budget_end=0.6,
                     budget_steps=10)
@@ -314,7 +314,7 @@ def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
 
 
 def test_topk_router_aux_loss_hand_computed(single_rank):
-    from megacpp_mcore.mod import MoDLossAutoScaler
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler
 
     _, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25, router_aux_loss_weight=0.3))
     weight = torch.zeros(1, 64)
@@ -363,7 +363,7 @@ def test_topk_refused_on_moda_layer(single_rank):
 
 
 def test_only_transformer_layers_are_wrapped():
-    from megacpp_mcore.mod import MoDLayer, mod_layer_class
+    from megacpp_mcore.features.mod.layer import MoDLayer, mod_layer_class
 
     with pytest.raises(ValueError, match="MoD wraps TransformerLayer-based blocks"):
         mod_layer_class(torch.nn.Linear)
@@ -375,9 +375,9 @@ def test_only_transformer_layers_are_wrapped():
 def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
     from megatron.core.models.gpt import GPTModel
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.hybrid import hybrid_block_spec
-    from megacpp_mcore.mod import MoDLayer
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.spec.block import hybrid_block_spec
+    from megacpp_mcore.features.mod.layer import MoDLayer
 
     mod = MoDConfig(mode="threshold", placement=FeaturePlacement(layers=(1, 2)))
     model = custom_model(**_BASE, moe=None, features={"mod": mod})
@@ -404,7 +404,7 @@ def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
 def test_mod_on_some_layers_of_one_symbol_checkpoints(single_rank, tmp_path):
     """Pattern 'A' with MoD on layer 0 only: layers differ in parameters, so Megatron must not
     stack them into one checkpoint tensor (hybrid sets hetereogenous_dist_checkpoint)."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import load_model, save_model
 
     mod = MoDConfig(placement=FeaturePlacement(layers=(0,)))
@@ -453,10 +453,10 @@ _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUD
 def _te_layer(mode: str, apply_rope_fusion: bool = False, **mod_kwargs):
     from megatron.core.transformer.spec_utils import build_module
 
-    from megacpp_mcore.attention import attention_layer_spec
-    from megacpp_mcore.backends import get_backend
-    from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import mod_layer_spec
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.spec.context import LayerContext
+    from megacpp_mcore.features.mod.layer import mod_layer_spec
 
     cfg = _config(apply_rope_fusion=apply_rope_fusion)
     mod = MoDConfig(mode=mode, **mod_kwargs)

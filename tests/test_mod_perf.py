@@ -11,6 +11,7 @@ import collections
 import gc
 import inspect
 import os
+import subprocess
 import sys
 import textwrap
 import zipfile
@@ -21,8 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from megacpp_mcore.mod import MoDConfig
-from megacpp_mcore.presets import custom_model
+from megacpp_mcore.features.mod.layer import MoDConfig
+from megacpp_mcore.models.presets import custom_model
 
 SEQ, HIDDEN, HEADS = 256, 64, 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +52,12 @@ class _Ops(TorchDispatchMode):
 def _layer(symbol: str, mod: MoDConfig | None, seq: int = SEQ):
     from megatron.core.transformer.spec_utils import build_module
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.attention import attention_layer_spec
-    from megacpp_mcore.backends import get_backend
-    from megacpp_mcore.feedforward import feedforward_layer_spec
-    from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import mod_layer_spec
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.layers.feedforward import feedforward_layer_spec
+    from megacpp_mcore.spec.context import LayerContext
+    from megacpp_mcore.features.mod.layer import mod_layer_spec
 
     model = custom_model(pattern="AE", num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
                          ffn_hidden_size=4 * HIDDEN, vocab_size=128, seq_length=seq, mla=None,
@@ -214,7 +215,7 @@ def test_topk_layer_op_overhead_is_bounded(single_rank, symbol):
 def test_sparsity_gate_gradient_matches_plain_torch(scale, budget):
     """_SparsityGate's folded backward == autograd of ``lm(gate) + s * w * relu(mean - budget)^2``
     (float and tensor loss scales; the pressure is active at budget 0.3, inactive at 0.95)."""
-    from megacpp_mcore.mod import MoDLossAutoScaler, _SparsityGate
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler, _SparsityGate
 
     s = torch.tensor(0.5) if scale == "tensor" else scale
     w = 0.7
@@ -255,7 +256,7 @@ def _gateskip_reference(x, out, weight, bias, loss_weight, budget, scale, up):
 def test_fused_gateskip_matches_plain_torch(scale, budget):
     """_FusedGateSkip (router read at the residual seam, router input-gradient folded into dx,
     sparsity loss on the gate's backward) == autograd of the plain formulation, float64."""
-    from megacpp_mcore.mod import MoDLossAutoScaler, _FusedGateSkip
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler, _FusedGateSkip
 
     s = torch.tensor(0.5, dtype=torch.float64) if scale == "tensor" else scale
     g = torch.Generator().manual_seed(7)
@@ -286,7 +287,7 @@ def test_fused_gateskip_matches_plain_torch(scale, budget):
 def test_gateskip_split_layers_take_the_fused_seam(single_rank, monkeypatch):
     """Split A and E layers route through _FusedGateSkip (one residual seam); a forced gate, the
     hard-budget eval and threshold mode keep the router-before-block path."""
-    from megacpp_mcore import mod as mod_module
+    from megacpp_mcore.features.mod import layer as mod_module
 
     calls = []
     original = mod_module._FusedGateSkip.apply
@@ -315,7 +316,7 @@ def test_fused_gateskip_triton_matches_float64_reference(dtype, hidden):
     """The Triton kernels of _FusedGateSkip (and, as a control, its torch formulation on the same
     device) == the plain float64 autograd reference on the same inputs, within the rounding of
     the activation dtype (max error relative to the largest reference value)."""
-    from megacpp_mcore.mod import MoDLossAutoScaler, _FusedGateSkip
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler, _FusedGateSkip
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x, out, up = (torch.randn(1030, 2, hidden, device="cuda", generator=g).to(dtype) for _ in range(3))
@@ -350,7 +351,7 @@ def _topk_route(x, weight, bias, mat, k, aux_weight, fused, use_triton=False, sc
     """A top-k routed toy layer: ``y = x`` except the top-k rows ``x + g * tanh(x @ mat)``, and
     the loss term of the router's BCE (``scale * aux_weight * BCE(logits, onehot(idx))``) that the
     fused function applies in its backward (None for the fused path)."""
-    from megacpp_mcore.mod import _TopkHandoff, _TopkRouteIn, _TopkRouteOut
+    from megacpp_mcore.features.mod.layer import _TopkHandoff, _TopkRouteIn, _TopkRouteOut
 
     hidden = x.shape[-1]
     if fused:
@@ -375,7 +376,7 @@ def test_topk_route_matches_plain_torch(aux_weight, scale):
     """_TopkRouteIn/_TopkRouteOut (input gradient formed in one pass from the handed-over dy, the
     gate's gradient and the router BCE folded into it) == autograd of router + gather + sigmoid +
     scatter + BCE, float64 (float and tensor loss scales); unselected rows pass through exactly."""
-    from megacpp_mcore.mod import MoDLossAutoScaler
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler
 
     s = torch.tensor(0.5, dtype=torch.float64) if scale == "tensor" else scale
     g = torch.Generator().manual_seed(11)
@@ -412,7 +413,7 @@ def test_topk_route_triton_matches_float64_reference(dtype, hidden, scale):
     """The Triton router GEMV and one-pass input gradient (gate and router-BCE gradients formed in
     the kernel) == float64 autograd of the plain formulation on the same inputs and the same routes
     (max error relative to the largest value)."""
-    from megacpp_mcore.mod import MoDLossAutoScaler
+    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler
 
     s = torch.tensor(0.5, device="cuda") if scale == "tensor" else scale
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -448,7 +449,7 @@ def test_bench_frees_each_variant_before_the_next(single_rank, monkeypatch):
     gc.collect()  # models of earlier tests in this process
     before = sum(isinstance(o, GPTModel) for o in gc.get_objects())
 
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import bench_mod
@@ -498,9 +499,25 @@ def test_lazy_statistics_fold_without_set_step(single_rank):
 
 
 # ------------------------------------------------- TE backend selection: one cache per layer
-_TE_WHEEL = Path(os.environ.get(
-    "MEGACPP_TE_WHEEL", "/work/main/.gpu/cache/transformer_engine-2.11.0-py3-none-any.whl"))
+_TE_VERSION = "2.11.0"
+_TE_CACHE = Path.home() / ".cache" / "megacpp_mcore" / "wheels"
 _DPA = "transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py"
+
+
+def _te_wheel() -> Path | None:
+    """TE's pure-Python wheel (the code under test is TE's own selection code): from the cache,
+    else downloaded once from the package index with pip (no install)."""
+    cached = sorted(_TE_CACHE.glob(f"transformer_engine-{_TE_VERSION}-py3-none-any.whl"))
+    if cached:
+        return cached[0]
+    _TE_CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+         "--python-version", "3.12", "-d", str(_TE_CACHE), f"transformer-engine=={_TE_VERSION}"],
+        check=False, capture_output=True, timeout=300,
+    )
+    cached = sorted(_TE_CACHE.glob(f"transformer_engine-{_TE_VERSION}-py3-none-any.whl"))
+    return cached[0] if cached else None
 
 
 def _real_dpa_source() -> str | None:
@@ -510,8 +527,9 @@ def _real_dpa_source() -> str | None:
         return inspect.getsource(dot_product_attention)
     except ImportError:
         pass
-    if _TE_WHEEL.exists():
-        with zipfile.ZipFile(_TE_WHEEL) as wheel:
+    wheel_path = _te_wheel()
+    if wheel_path is not None:
+        with zipfile.ZipFile(wheel_path) as wheel:
             return wheel.read(_DPA).decode()
     return None
 
@@ -594,8 +612,8 @@ def test_te_backend_per_layer_patch_on_te_real_selection_code(tmp_path, monkeypa
     """TE 2.11's own cache/selection code: dense and top-k attention layers alternate; upstream
     re-selects on every call, with the patch each layer selects once for its shape."""
     source = _real_dpa_source()
-    assert source is not None, f"needs Transformer Engine installed or its wheel at {_TE_WHEEL}"
-    from patches import te_attention_backend_per_layer as patch
+    assert source is not None, f"needs Transformer Engine installed or its {_TE_VERSION} wheel (pip download into {_TE_CACHE})"
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     utils, dpa = _fake_te(tmp_path, monkeypatch, source)
     try:
@@ -621,8 +639,8 @@ def test_te_backend_per_layer_patch_on_te_real_selection_code(tmp_path, monkeypa
 
 def test_te_backend_per_layer_patch_restores_global_on_error(tmp_path, monkeypatch):
     source = _real_dpa_source()
-    assert source is not None, f"needs Transformer Engine installed or its wheel at {_TE_WHEEL}"
-    from patches import te_attention_backend_per_layer as patch
+    assert source is not None, f"needs Transformer Engine installed or its {_TE_VERSION} wheel (pip download into {_TE_CACHE})"
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     utils, dpa = _fake_te(tmp_path, monkeypatch, source)
     try:
@@ -638,8 +656,8 @@ def test_te_backend_per_layer_patch_restores_global_on_error(tmp_path, monkeypat
 
 def test_te_backend_per_layer_patch_status_when_forward_no_longer_reads_the_global(tmp_path, monkeypatch):
     source = _real_dpa_source()
-    assert source is not None, f"needs Transformer Engine installed or its wheel at {_TE_WHEEL}"
-    from patches import te_attention_backend_per_layer as patch
+    assert source is not None, f"needs Transformer Engine installed or its {_TE_VERSION} wheel (pip download into {_TE_CACHE})"
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     _, dpa = _fake_te(tmp_path, monkeypatch, source)
     try:
@@ -660,12 +678,12 @@ def test_te_topk_and_dense_attention_select_backend_once_per_layer(single_rank, 
     from megatron.core.transformer.spec_utils import build_module
     from transformer_engine.pytorch.attention.dot_product_attention import utils
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.attention import attention_layer_spec
-    from megacpp_mcore.backends import get_backend
-    from megacpp_mcore.layer_context import LayerContext
-    from megacpp_mcore.mod import mod_layer_spec
-    from patches import te_attention_backend_per_layer as patch
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.spec.context import LayerContext
+    from megacpp_mcore.features.mod.layer import mod_layer_spec
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     calls = []
     fn = utils.get_attention_backend

@@ -1,4 +1,4 @@
-"""MoDA: depth-KV buffer and depth-aware attention (megacpp_mcore.moda)."""
+"""MoDA: depth-KV buffer and depth-aware attention (megacpp_mcore.features.moda.attention)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import types
 import pytest
 import torch
 
-from megacpp_mcore import moda
-from megacpp_mcore.moda import (
+from megacpp_mcore.features.moda import attention as moda
+from megacpp_mcore.features.moda.attention import (
     DepthAwareAttention,
     MoDAConfig,
     depth_kv_bytes,
     fast_depth_attention,
     reference_depth_attention,
 )
-from megacpp_mcore.pattern import FeaturePlacement, PatternError
+from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError
 
 # 8 layers AAAEAAAE: MoDA on the six A layers; GQA (4 heads, 2 K/V groups). The buffer restarts at
 # layer 4, which is also where PP=2 splits, so the single-rank model is the same definition.
@@ -71,7 +71,7 @@ def test_config_refuses_bad_values():
 
 
 def test_moda_is_refused_on_non_attention_layers():
-    from megacpp_mcore.hybrid import hybrid_block_spec
+    from megacpp_mcore.spec.block import hybrid_block_spec
 
     with pytest.raises(PatternError, match="moda cannot attach to layer 1 is 'E'"):
         hybrid_block_spec("AE", num_layers=4, moda=MoDAConfig(placement=FeaturePlacement(layers=(0, 1))))
@@ -87,7 +87,7 @@ def test_depth_kv_bytes_formula():
 
 
 def test_buffer_bytes_from_model_config():
-    from megacpp_mcore.plan import build_plan
+    from megacpp_mcore.models.plan import build_plan
     from megacpp_mcore.testing.parity import model_from_spec
 
     m = model_from_spec(MODA_MODEL)
@@ -231,7 +231,7 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
         torch.testing.assert_close(b_, a, atol=1e-5, rtol=0)
     assert fake.calls == ["fwd", "bwd"]
     monkeypatch.undo()
-    from megacpp_mcore import backends
+    from megacpp_mcore.spec import backends
 
     with backends.override_detection(te=None), pytest.raises(backends.BackendUnavailable,
                                                              match="install transformer-engine"):
@@ -280,8 +280,8 @@ def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel, groups):
 def test_bare_placement_layers_share_a_buffer_first_composes_backend(single_rank):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megacpp_mcore.backends import LocalBackend
-    from megacpp_mcore.layer_context import LayerContext
+    from megacpp_mcore.spec.backends import LocalBackend
+    from megacpp_mcore.spec.context import LayerContext
 
     config = _config(num_layers=3)
     built = []
@@ -513,7 +513,7 @@ def test_depth_path_full_size_passes(monkeypatch, attached):
 
 
 def _fake_fused(calls, wrong=False):
-    """A stand-in for megacpp_mcore.moda_triton (CPU): the torch path, or a wrong result."""
+    """A stand-in for megacpp_mcore.features.moda.kernels (CPU): the torch path, or a wrong result."""
 
     def merge_forward(q, kd, vd, seq_out, seq_lse, scale):
         calls.append("fwd")
@@ -531,7 +531,7 @@ def _fake_fused(calls, wrong=False):
 
 _INTERPRETED_KERNEL_CHECK = """
 import torch
-from megacpp_mcore import moda, moda_triton
+from megacpp_mcore.features.moda import attention as moda, kernels as moda_triton
 torch.manual_seed(0)
 # heads, groups, dk, dv, buffer slots, depth keys read, dtype
 for h, g, dk, dv, slots, n, dt in [(4, 4, 16, 16, 5, 5, torch.float32), (4, 4, 16, 16, 5, 2, torch.float32),
@@ -617,7 +617,7 @@ def test_fused_depth_kernel_is_checked_once_and_falls_back(monkeypatch, wrong):
 
 
 def test_model_buffer_matches_formula(single_rank):
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
     m = model_from_spec(MODA_MODEL)
@@ -691,7 +691,7 @@ def test_cuda_fast_path_matches_reference_bf16(dk, dv, cuda_kernel):
 def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
     """... with every sequence kernel; the default ("auto") runs TE's fused attention, and the fused
     Triton depth kernels run (checked against the torch path) where triton imports."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
     spec = dict(MODA_MODEL, hidden_size=256, seq_length=256,
@@ -724,7 +724,7 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
 
 def test_mla_model_with_moda_pushes_mla_shaped_kv_and_trains(single_rank):
     """MoDA through the MLA seam: depth K carries qk_head_dim + rope dims, V carries v_head_dim."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
     spec = dict(MODA_MODEL,
@@ -779,7 +779,7 @@ def test_cuda_depth_math_accumulates_in_fp32_without_upcast_copies():
 ])
 def test_cuda_fused_triton_depth_kernels_match_torch_path(heads, groups, dk, dv, slots, n):
     """moda_triton's merge forward and dQ backward equal the batched-matmul path (bf16, fp32 math)."""
-    moda_triton = pytest.importorskip("megacpp_mcore.moda_triton")
+    moda_triton = pytest.importorskip("megacpp_mcore.features.moda.kernels")
     s, b = 1024, 2
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731

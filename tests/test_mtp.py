@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacpp_mcore.mtp import MTPConfig, cast_keeping_shard_markers, roll_and_mask, step_weights
+from megacpp_mcore.features.mtp import MTPConfig, cast_keeping_shard_markers, roll_and_mask, step_weights
 
 TINY_MTP = {
     "pattern": "AE", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
@@ -68,7 +68,7 @@ def test_mtp_config_refuses_bad_values(kwargs, match):
 
 # ----------------------------------------------------------------------------------- model
 def _build(spec: dict, *, backend: str = "local"):
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec
 
     model_cfg = model_from_spec(spec)
@@ -79,9 +79,9 @@ def _build(spec: dict, *, backend: str = "local"):
 
 
 def test_shared_block_has_one_blocks_parameters_for_any_depth(single_rank):
-    from megacpp_mcore.mtp.block import SharedMTPBlock
-    from megacpp_mcore.mtp.model import MTPGPTModel
-    from megacpp_mcore.plan import embedding_params
+    from megacpp_mcore.features.mtp.block import SharedMTPBlock
+    from megacpp_mcore.features.mtp.model import MTPGPTModel
+    from megacpp_mcore.models.plan import embedding_params
 
     counts = set()
     for depth in (1, 3):
@@ -98,7 +98,7 @@ def test_shared_block_has_one_blocks_parameters_for_any_depth(single_rank):
 
 
 def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
-    from megacpp_mcore.plan import embedding_params
+    from megacpp_mcore.models.plan import embedding_params
 
     moe = {"num_experts": 4, "topk": 2, "ffn_hidden_size": 64, "shared_expert_size": 64}
     model_cfg, model = _build(dict(TINY_MTP, moe=moe))
@@ -203,8 +203,8 @@ def test_mtp_loss_and_gradients_match_plain_torch_reference(single_rank, monkeyp
 
 
 def test_shard_markers_survive_casts_and_markerless_weight_is_refused(single_rank):
-    from megacpp_mcore.mtp.core import SHARD_MARKERS
-    from megacpp_mcore.mtp.fused_ce import vocab_parallel_linear_cross_entropy
+    from megacpp_mcore.features.mtp.core import SHARD_MARKERS
+    from megacpp_mcore.features.mtp.fused_ce import vocab_parallel_linear_cross_entropy
 
     _, model = _build(dict(TINY_MTP, tie_embeddings=True))
     weight = model.shared_embedding_or_output_weight()
@@ -230,9 +230,9 @@ def test_model_refuses_conflicting_setups(single_rank):
 
     from megatron.core.models.gpt import GPTModel
 
-    from megacpp_mcore import runtime
-    from megacpp_mcore.hybrid import hybrid_block_spec
-    from megacpp_mcore.mtp import MTPGPTModel
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.spec.block import hybrid_block_spec
+    from megacpp_mcore.features.mtp import MTPGPTModel
     from megacpp_mcore.testing.parity import model_from_spec
 
     model_cfg = model_from_spec(TINY_MTP)
@@ -292,7 +292,7 @@ def parallel_runs():
 
     from megacpp_mcore.testing.dist import run_distributed
 
-    target = "megacpp_mcore.mtp.parity:mtp_train_run"
+    target = "megacpp_mcore.features.mtp.parity:mtp_train_run"
     model = dict(TINY_MTP, tie_embeddings=True)
     with tempfile.TemporaryDirectory(prefix="megacpp-mtp-") as ckpt:
         (ref,) = run_distributed(target, nproc=1, kwargs=dict(

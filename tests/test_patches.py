@@ -10,9 +10,9 @@ import types
 import pytest
 import torch
 
-import patches
-from patches import registry, spec_import_errors, tp_attributes_without_init
-from patches._wrapping import upstream
+import megacpp_mcore.patches as patches
+from megacpp_mcore.patches import registry, spec_import_errors, tp_attributes_without_init
+from megacpp_mcore.patches._wrapping import upstream
 
 
 @pytest.fixture
@@ -107,12 +107,12 @@ def test_spec_import_errors_name_the_cause(restore_targets):
     with pytest.raises(ImportError, match="cannot import module 'megacpp_no_such_module'"):
         spec_utils.import_module(("megacpp_no_such_module", "SPEC"))
     with pytest.raises(ImportError, match=r"has no attribute 'NOPE'; it defines: .*FeaturePlacement"):
-        spec_utils.import_module(("megacpp_mcore.pattern", "NOPE"))
+        spec_utils.import_module(("megacpp_mcore.spec.pattern", "NOPE"))
     with pytest.raises(ValueError, match="two words, MODULE ATTR"):
         spec_utils.import_module(["layer_specs.nam56r"])
-    from megacpp_mcore.pattern import SYMBOLS
+    from megacpp_mcore.spec.pattern import SYMBOLS
 
-    assert spec_utils.import_module(["megacpp_mcore.pattern", "SYMBOLS"]) is SYMBOLS
+    assert spec_utils.import_module(["megacpp_mcore.spec.pattern", "SYMBOLS"]) is SYMBOLS
 
 
 def test_simulated_upstream_fix_retires_spec_patch(restore_targets):
@@ -253,7 +253,7 @@ def test_cli_status_and_apply(restore_targets, capsys):
 def tp_grad_norms() -> dict[str, float]:
     """Rank worker (TP=2): grad norm of one step from identical weights, for a model built with
     initialisation (reference), without it (upstream defect), and without it after the patch."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
     par = runtime.Parallelism(tp=2)

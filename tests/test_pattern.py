@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megacpp_mcore.pattern import (
+from megacpp_mcore.spec.pattern import (
     FeaturePlacement,
     PatternError,
     compile_layers,

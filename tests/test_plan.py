@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from megacpp_mcore import runtime
+from megacpp_mcore.train import runtime
 from megacpp_mcore.cli import main
-from megacpp_mcore.plan import build_plan, feedforward_params
-from megacpp_mcore.presets import PRESETS, get_preset
+from megacpp_mcore.models.plan import build_plan, feedforward_params
+from megacpp_mcore.models.presets import PRESETS, get_preset
 from megacpp_mcore.testing.parity import TINY_DENSE, TINY_MOE, model_from_spec
 
 

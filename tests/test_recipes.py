@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacpp_mcore import launch_pretrain as lp
+from megacpp_mcore.upstream import launch_pretrain as lp
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.sh") if p.name != "lib.sh")
@@ -139,7 +139,7 @@ def test_flags_are_known_to_megatron_lm(recipe, checkout, tmp_path):
     from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
 
     tokens = _dry_run(recipe, checkout, tmp_path / "out")
-    megatron_flags = tokens[tokens.index("megacpp_mcore.launch_pretrain") + 1:]
+    megatron_flags = tokens[tokens.index("megacpp_mcore.upstream.launch_pretrain") + 1:]
     dests = parser_dests(str(MIRROR), "core_v0.16.1")
     ours = {"--megatron-lm", "--megacpp-mtp-depth", "--megacpp-mtp-decay", "--megacpp-mtp-loss-scale"}
     unknown = [f for f in megatron_flags
@@ -160,7 +160,7 @@ def test_mla_and_mtp_can_be_switched_off(recipe, fallback, checkout, tmp_path):
 
 
 def test_8xh200_layout_fits_the_model(checkout, tmp_path):
-    from megacpp_mcore.runtime import Parallelism
+    from megacpp_mcore.train.runtime import Parallelism
 
     tokens = _dry_run(REPO / "recipes" / "nam56r_8xh200.sh", checkout, tmp_path / "out")
     flags = _flag_values(tokens)

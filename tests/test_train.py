@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacpp_mcore import cli, data, receipt, training
-from megacpp_mcore.presets import ModelConfig, get_preset
+from megacpp_mcore import cli
+from megacpp_mcore.train import data, receipt, loop as training
+from megacpp_mcore.models.presets import ModelConfig, get_preset
 from test_data import make_tree
 
 # Small enough for seconds per run on CPU; ae-tiny's A/E blocks (MoE with a shared expert).
@@ -123,7 +124,7 @@ def test_observed_backends_are_read_from_the_modules(runs):
 
 def test_observe_backends_reports_what_was_built_not_the_request(single_rank):
     """Swap one layer's attention core for a TE-named class: observation follows the modules."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     model = tiny_model().replace(num_layers=4)
     config = runtime.transformer_config(model, runtime.Parallelism())
@@ -160,7 +161,7 @@ def test_te_attention_selection_reads_tes_last_choice(monkeypatch):
 
 
 def test_stats_hooks_are_driven_every_step(single_rank):
-    from megacpp_mcore.stats import StatsCollector
+    from megacpp_mcore.train.stats import StatsCollector
 
     class Budget(torch.nn.Module):
         def __init__(self):
@@ -193,7 +194,7 @@ def test_stats_hooks_are_driven_every_step(single_rank):
 
 def test_model_flops_per_token_matches_instantiated_weights(single_rank):
     """6 * (matmul weights a token passes through) + 12 * s * h per attention layer; dense model."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     model = tiny_model().replace(moe=None, num_layers=4)
     config = runtime.transformer_config(model, runtime.Parallelism())

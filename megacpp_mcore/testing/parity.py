@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from megacpp_mcore.presets import MLAConfig, ModelConfig, MoEConfig, custom_model
+from megacpp_mcore.models.presets import MLAConfig, ModelConfig, MoEConfig, custom_model
 
 # Tiny A/E models for parity checks (JSON-able, see model_from_spec).
 TINY_DENSE = {
@@ -37,7 +37,7 @@ def model_from_spec(spec: dict[str, Any] | str) -> ModelConfig:
         spec["mla"] = MLAConfig(**spec["mla"])
     spec.setdefault("mla", None)
     if isinstance(spec.get("features", {}).get("moda"), dict):
-        from megacpp_mcore.moda import MoDAConfig
+        from megacpp_mcore.features.moda.attention import MoDAConfig
 
         spec["features"] = dict(spec["features"], moda=MoDAConfig.from_dict(spec["features"]["moda"]))
     spec.setdefault("mtp_depth", 0)  # the base preset's MTP only when asked for
@@ -88,7 +88,7 @@ def load_model(chunks: list, directory: str) -> None:
 def setup_run(*, model, parallel, seed, backend, checkpoint, checkpoint_mode, lr, overrides=None):
     """(parallelism, model config, DP size, DDP chunks, optimizer) for one rank of a parity run;
     the initial weights are saved (reference) or loaded (parallel run) before the optimizer."""
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     par = runtime.Parallelism(**(parallel or {}))
     model_cfg = model_from_spec(model)
@@ -120,7 +120,7 @@ def train_run(
     ``steps`` global batches and returns per-step loss and grad norm (identical on all ranks)."""
     from megatron.core import parallel_state
 
-    from megacpp_mcore import runtime
+    from megacpp_mcore.train import runtime
 
     par, model_cfg, dp, chunks, optimizer = setup_run(
         model=model, parallel=parallel, seed=seed, backend=backend, checkpoint=checkpoint,

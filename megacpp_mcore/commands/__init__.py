@@ -1,1 +1,0 @@
-"""Subcommands of ``megacpp-mcore`` (one module each)."""

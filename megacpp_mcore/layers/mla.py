@@ -1,0 +1,450 @@
+"""The shared MLA adapter seam: the only module that imports Megatron's multi-latent attention.
+
+Every attention consumer (plain ``A`` layers, MoD-wrapped attention, MoDA's depth-aware attention,
+the MTP shared block) gets its self-attention spec from :func:`attention_spec` and its input norm
+from :func:`input_norm_spec`; both pick MLA when the layer carries the ``mla`` feature and standard
+attention otherwise. The seam answers only boundary questions:
+
+* channel metadata for core attention (:func:`channel_metadata`): ``k_channels = qk_head_dim +
+  qk_pos_emb_head_dim``, ``v_channels = v_head_dim``. Megatron's local ``DotProductAttention``
+  rejects those arguments in 0.16 (Megatron-LM issue 1589), so the local backend uses
+  :class:`LatentDotProductAttention`, a subclass that takes them and sizes its output by
+  ``v_channels``;
+* the packed (``thd``) rotary shape (:func:`packed_rotary_shape`) and packed core attention on both
+  backends: the local subclass runs ``thd`` as a block-diagonal causal mask; on TE,
+  :class:`LatentTEDotProductAttention` pads V to the QK head dim for ``thd`` (fixed upstream in 0.18);
+* whether a backend can run this MLA shape (:func:`check_support`), raised at build time with the
+  backend and the dimensions in the message, never at the first forward.
+
+Upstream defects that a subclass cannot absorb are patches (``patches.mla_have_te``,
+``patches.mla_down_proj_tp_marker``), applied by :func:`apply_patches` from explicit entry points
+(``runtime.initialize`` and building an MLA layer spec), never on import. The down-projection classes are passed exactly as
+upstream's allow-list expects (no subclasses, no ModuleSpecs: 0.16 rejects both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+from megacpp_mcore.spec.context import LayerContext
+
+# TE fused attention (cuDNN / flash) limits on sm80+/sm90 for bf16: head dims multiple of 8, <= 256.
+TE_HEAD_DIM_MULTIPLE = 8
+TE_MAX_HEAD_DIM = 256
+
+# Upstream patches the seam needs; applied by apply_patches() only.
+PATCHES = ("megacpp_mcore.patches.mla_have_te", "megacpp_mcore.patches.mla_down_proj_tp_marker")
+
+
+class MLAUnsupported(ValueError):
+    """The requested backend cannot run this MLA shape (message names backend and dims)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMetadata:
+    """Per-head channel sizes core attention sees under MLA."""
+
+    k_channels: int  # qk_head_dim + qk_pos_emb_head_dim (query and key)
+    v_channels: int  # v_head_dim
+
+
+def is_mla_config(config: TransformerConfig) -> bool:
+    return isinstance(config, MLATransformerConfig) and bool(config.multi_latent_attention)
+
+
+def channel_metadata(config: TransformerConfig) -> ChannelMetadata:
+    """``k_channels``/``v_channels`` of core attention for ``config`` (MLA or standard)."""
+    if is_mla_config(config):
+        return ChannelMetadata(
+            k_channels=config.qk_head_dim + config.qk_pos_emb_head_dim,
+            v_channels=config.v_head_dim,
+        )
+    return ChannelMetadata(k_channels=config.kv_channels, v_channels=config.kv_channels)
+
+
+def packed_rotary_shape(config: MLATransformerConfig, packed_seq_params: PackedSeqParams) -> tuple:
+    """Shape of the rotary table MLA builds for a ``thd`` batch: ``[max_seqlen, 1, 1, pos_dim]``.
+
+    Positions restart at every document boundary (``cu_seqlens``), so the table only needs the
+    longest document, not the packed length; it is applied to the ``qk_pos_emb_head_dim`` slice.
+    """
+    _check_packed(packed_seq_params)
+    longest = max(int(packed_seq_params.max_seqlen_q), int(packed_seq_params.max_seqlen_kv))
+    return (longest, 1, 1, config.qk_pos_emb_head_dim)
+
+
+def _check_packed(packed_seq_params: PackedSeqParams) -> None:
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(
+            f"packed MLA needs PackedSeqParams(qkv_format='thd'), got {packed_seq_params.qkv_format!r}"
+        )
+    if packed_seq_params.cu_seqlens_q is None or packed_seq_params.max_seqlen_q is None:
+        raise ValueError("packed MLA needs cu_seqlens_q/kv and max_seqlen_q/kv in PackedSeqParams")
+
+
+def _dims(config: TransformerConfig) -> str:
+    meta = channel_metadata(config)
+    return (
+        f"k_channels={meta.k_channels} (qk_head_dim={config.qk_head_dim} + "
+        f"qk_pos_emb_head_dim={config.qk_pos_emb_head_dim}), v_channels={meta.v_channels}, "
+        f"q_lora_rank={config.q_lora_rank}, kv_lora_rank={config.kv_lora_rank}, "
+        f"heads={config.num_attention_heads}, tp={config.tensor_model_parallel_size}"
+    )
+
+
+def check_support(config: TransformerConfig, backend: str) -> None:
+    """Raises :class:`MLAUnsupported` when ``backend`` cannot run this MLA shape (``sbhd`` and
+    packed ``thd`` batches alike: both backends' MLA core attention takes ``thd``).
+
+    Called by :func:`attention_spec` at build time; callable on its own (e.g. before a launch).
+    """
+    if not is_mla_config(config):
+        raise MLAUnsupported(
+            f"MLA on backend {backend!r} needs an MLATransformerConfig with its dims "
+            f"(runtime.transformer_config builds one when ModelConfig.mla is set); got "
+            f"{type(config).__name__}"
+        )
+    problems = []
+    meta = channel_metadata(config)
+    tp = config.tensor_model_parallel_size
+    if config.qk_pos_emb_head_dim % 2:
+        problems.append("qk_pos_emb_head_dim must be even (rotary pairs)")
+    if config.rope_type not in ("rope", "yarn"):
+        problems.append(f"rope_type={config.rope_type!r} (allowed: 'rope', 'yarn')")
+    if backend == "local":
+        # The local down projections are ColumnParallelLinear, sharded over TP before the gather.
+        if (config.kv_lora_rank + config.qk_pos_emb_head_dim) % tp:
+            problems.append(
+                f"kv_lora_rank + qk_pos_emb_head_dim = "
+                f"{config.kv_lora_rank + config.qk_pos_emb_head_dim} is not divisible by tp={tp}"
+            )
+        if config.q_lora_rank is not None and config.q_lora_rank % tp:
+            problems.append(f"q_lora_rank={config.q_lora_rank} is not divisible by tp={tp}")
+        if config.context_parallel_size > 1:
+            problems.append("context parallelism needs TE attention")
+        if config.apply_rope_fusion:
+            problems.append("apply_rope_fusion needs TE/triton kernels")
+    elif backend == "te":
+        if tp > 1 and not config.sequence_parallel:
+            # Without SP the duplicated down projection gets a rope-key gradient from this rank's
+            # heads only and its replicas drift apart across TP ranks (megatron-core 0.16-0.19).
+            problems.append(f"tp={tp} needs sequence_parallel=True (duplicated down projection)")
+        for name, value in (("k_channels", meta.k_channels), ("v_channels", meta.v_channels)):
+            if value % TE_HEAD_DIM_MULTIPLE or value > TE_MAX_HEAD_DIM:
+                problems.append(
+                    f"{name}={value} must be a multiple of {TE_HEAD_DIM_MULTIPLE} and at most "
+                    f"{TE_MAX_HEAD_DIM} for TE fused attention"
+                )
+    else:
+        problems.append("unknown backend (allowed: 'te', 'local')")
+    if problems:
+        raise MLAUnsupported(
+            f"MLA is not supported on backend "
+            f"{backend!r} for {_dims(config)}: " + "; ".join(problems)
+        )
+
+
+class LatentDotProductAttention(DotProductAttention):
+    """Local core attention that takes MLA's ``k_channels``/``v_channels`` and ``thd`` batches.
+
+    Upstream's constructor has no channel arguments and sizes its output by ``config.kv_channels``;
+    here the output is ``v_channels`` per head. A ``thd`` batch ``[t, np, hn]`` runs as one sequence
+    with a block-diagonal causal mask built from ``cu_seqlens`` (documents never see each other).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        **_newer_upstream_kwargs,
+    ):
+        super().__init__(
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type=attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
+        self.k_channels = k_channels or config.kv_channels
+        self.v_channels = v_channels or config.kv_channels
+        self.hidden_size_per_attention_head = self.k_channels
+        self.hidden_size_per_partition = self.v_channels * self.num_attention_heads_per_partition
+        if softmax_scale is None:
+            self.softmax_scale = self.k_channels**-0.5
+            if config.apply_query_key_layer_scaling:
+                self.softmax_scale /= self.layer_number
+        self.rope_key_grad_reduction: tuple[int, Any] | None = None  # set by LatentSelfAttention
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams | None = None):
+        if self.rope_key_grad_reduction is not None and key.requires_grad:
+            key = _SumRopeKeyGrad.apply(key, *self.rope_key_grad_reduction)
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias)
+        _check_packed(packed_seq_params)
+        # [t, np, hn] -> [t, 1, np, hn]: one "sequence" of all documents, masked per document.
+        mask = packed_causal_mask(packed_seq_params, query.size(0), key.size(0), query.device)
+        softmax = self.scale_mask_softmax
+        causal = softmax.attn_mask_type
+        softmax.attn_mask_type = AttnMaskType.padding  # use the explicit mask, also in fused kernels
+        try:
+            context = super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
+                                      mask, attention_bias=attention_bias)
+        finally:
+            softmax.attn_mask_type = causal
+        return context.squeeze(1)  # [t, np * v_channels], TE's thd output layout
+
+
+class _SumRopeKeyGrad(torch.autograd.Function):
+    """Identity on ``key`` [.., np, k_channels]; in backward, the gradient of the shared RoPE key
+    slice (the last ``pe_dim`` channels, one vector expanded over all heads) is summed over the
+    local heads, all-reduced over TP and spread evenly back over the local heads.
+
+    Why: with a TP-sharded down projection, MLA gathers ``k_pos_emb`` and expands it over this
+    rank's heads only; the gather's backward keeps just this rank's column slice, so the rope-key
+    gradient would miss the other ranks' heads (megatron-core 0.16-0.19, local path). After this
+    reduction every rank carries the full gradient, and the expand's backward (a sum over local
+    heads) hands exactly that total to ``k_pos_emb``.
+    """
+
+    @staticmethod
+    def forward(ctx, key, pe_dim, group):
+        ctx.pe_dim, ctx.group = pe_dim, group
+        return key.view_as(key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        heads = grad.size(-2)
+        total = grad[..., -ctx.pe_dim:].sum(dim=-2, keepdim=True)  # [.., 1, pe]
+        torch.distributed.all_reduce(total, group=ctx.group)
+        grad[..., -ctx.pe_dim:] = (total / heads).expand_as(grad[..., -ctx.pe_dim:])
+        return grad, None, None
+
+
+def packed_causal_mask(params: PackedSeqParams, sq: int, sk: int, device) -> torch.Tensor:
+    """``[1, 1, sq, sk]`` bool mask (True = masked): causal inside each document, nothing across."""
+    cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+    cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+    if int(cu_q[-1]) != sq or int(cu_k[-1]) != sk:
+        raise ValueError(
+            f"cu_seqlens end at q={int(cu_q[-1])}, kv={int(cu_k[-1])} but the packed batch has "
+            f"{sq} query and {sk} key tokens"
+        )
+    doc_q = torch.bucketize(torch.arange(sq, device=device), cu_q[1:].to(device), right=True)
+    doc_k = torch.bucketize(torch.arange(sk, device=device), cu_k[1:].to(device), right=True)
+    pos_q = torch.arange(sq, device=device) - cu_q.to(device)[doc_q]
+    pos_k = torch.arange(sk, device=device) - cu_k.to(device)[doc_k]
+    visible = (doc_q[:, None] == doc_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
+    return (~visible)[None, None]
+
+
+@functools.cache
+def _te_core_attention_class() -> type:
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class LatentTEDotProductAttention(TEDotProductAttention):
+        """TE core attention that pads V to the QK head dim for ``thd`` batches and trims the
+        output back (MLA's V is narrower than Q/K; upstream pads from 0.18 on)."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None, **kwargs):
+            v_dim = value.shape[-1]
+            pad = (packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+                   and query.shape[-1] != v_dim)
+            if not pad:
+                return super().forward(query, key, value, attention_mask,
+                                       attn_mask_type=attn_mask_type, attention_bias=attention_bias,
+                                       packed_seq_params=packed_seq_params, **kwargs)
+            padded = query.shape[-1]
+            value = torch.nn.functional.pad(value, [0, padded - v_dim])  # [t, np, hk]
+            saved = getattr(self, "hidden_size_per_attention_head_v", None)
+            if saved is not None:
+                self.hidden_size_per_attention_head_v = padded
+            try:
+                out = super().forward(query, key, value, attention_mask,
+                                      attn_mask_type=attn_mask_type, attention_bias=attention_bias,
+                                      packed_seq_params=packed_seq_params, **kwargs)
+            finally:
+                if saved is not None:
+                    self.hidden_size_per_attention_head_v = saved
+            heads = query.shape[-2]
+            out = out.reshape(*out.shape[:-1], heads, padded)[..., :v_dim]  # [t, np, hv]
+            return out.reshape(*out.shape[:-2], heads * v_dim)
+
+    return LatentTEDotProductAttention
+
+
+def core_attention_class(backend_name: str) -> type:
+    """The core attention class MLA uses on ``backend_name``."""
+    return _te_core_attention_class() if backend_name == "te" else LatentDotProductAttention
+
+
+class LatentSelfAttention(MLASelfAttention):
+    """Megatron's ``MLASelfAttention``, accepting constructor kwargs newer upstream layers pass
+    (``pp_layer_offset``, ``name``, ...). ``layer_number`` arrives global (pipeline offset applied
+    by ``TransformerLayer``), which is what MLA's core attention and checkpoint keys use."""
+
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
+                 cp_comm_type=None, pg_collection=None, **_newer_upstream_kwargs):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
+                         pg_collection=pg_collection)
+        if self.pg_collection.tp.size() > 1 and isinstance(self.core_attention, LatentDotProductAttention):
+            # the local down projection is TP-sharded: see _SumRopeKeyGrad
+            self.core_attention.rope_key_grad_reduction = (
+                self.config.qk_pos_emb_head_dim, self.pg_collection.tp)
+
+
+def mla_self_attention_spec(config: TransformerConfig, backend: Any) -> ModuleSpec:
+    """MLA self-attention for ``backend`` (a provider from :mod:`megacpp_mcore.spec.backends`).
+
+    Latent norms (q/kv ``layernorm`` on the compressed vectors, DeepSeek-V2 style) follow
+    ``config.qk_layernorm``: fused into the up projections on TE, :class:`LocalNorm` locally.
+    """
+    name = backend.name
+    check_support(config, name)
+    # Building an MLA layer is an explicit entry point too (pretrain_gpt.py --spec never calls
+    # runtime.initialize); the patches must be in before the down projections are constructed.
+    apply_patches()
+    latent_norm = config.qk_layernorm
+    if name == "te":
+        up = backend.column_parallel_layer_norm_linear() if latent_norm else backend.column_parallel_linear()
+        q_norm = kv_norm = IdentityOp
+        down = backend.linear()  # TELinear, 'duplicated' (upstream allow-list: exact class)
+    else:
+        up = backend.column_parallel_linear()
+        q_norm = kv_norm = backend.layer_norm(for_qk=True) if latent_norm else IdentityOp
+        down = backend.column_parallel_linear()  # ColumnParallelLinear (exact class, see above)
+    return ModuleSpec(
+        module=LatentSelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=backend.column_parallel_linear(),
+            linear_q_down_proj=down,
+            linear_q_up_proj=up,
+            linear_kv_down_proj=down,
+            linear_kv_up_proj=up,
+            core_attention=core_attention_class(name),
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=q_norm,
+            kv_layernorm=kv_norm,
+        ),
+    )
+
+
+def uses_mla(ctx: LayerContext) -> bool:
+    """Whether this layer's attention is MLA; refuses MLA/standard mixes Megatron cannot build."""
+    mla_config = is_mla_config(ctx.config)
+    if ctx.has("mla") and not mla_config:
+        raise MLAUnsupported(
+            f"layer {ctx.index} ({ctx.symbol!r}) carries 'mla' but the model config is a "
+            f"{type(ctx.config).__name__} without MLA dims; build it with an MLATransformerConfig "
+            "(runtime.transformer_config does when ModelConfig.mla is set)"
+        )
+    if mla_config and not ctx.has("mla"):
+        raise MLAUnsupported(
+            f"layer {ctx.index} ({ctx.symbol!r}) has standard attention in an MLA model: "
+            "megatron-core 0.16 GPTModel computes no RoPE for standard attention when "
+            "config.multi_latent_attention is set; place 'mla' on every attention layer"
+        )
+    return ctx.has("mla")
+
+
+MLA_DIM_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def _check_dims_agree(ctx: LayerContext) -> None:
+    """An MLAConfig given to ``hybrid_block_spec(mla=...)`` must match the model config's dims
+    (with ``pretrain_gpt.py --spec`` the dims come from Megatron's flags, not from the spec)."""
+    feature = ctx.feature("mla")
+    wrong = [
+        f"{name}: spec {getattr(feature, name)!r} vs config {getattr(ctx.config, name)!r}"
+        for name in MLA_DIM_FIELDS
+        if hasattr(feature, name) and getattr(feature, name) != getattr(ctx.config, name)
+    ]
+    if wrong:
+        raise MLAUnsupported(
+            f"layer {ctx.index} ({ctx.symbol!r}): the MLA dims of the spec and of the model config "
+            f"disagree ({'; '.join(wrong)}); pass the same dims to both"
+        )
+
+
+def attention_spec(ctx: LayerContext) -> ModuleSpec:
+    """The self-attention spec of this layer: MLA when it carries ``mla``, else standard.
+
+    The entry point for every attention consumer (A layers, MoD, MoDA, MTP).
+    """
+    if uses_mla(ctx):
+        _check_dims_agree(ctx)
+        spec = mla_self_attention_spec(ctx.config, ctx.backend)
+        if ctx.has("moda"):
+            from megacpp_mcore.features.moda import attention as moda
+
+            spec.submodules.core_attention = moda.core_attention(
+                ctx, sequence_attention=core_attention_class(ctx.backend.name))
+        return spec
+    from megacpp_mcore.layers.attention import self_attention_spec
+
+    return self_attention_spec(ctx)
+
+
+def input_norm_spec(ctx: LayerContext) -> Any:
+    """The pre-attention norm: explicit for MLA (its down projections take normed input), fused into
+    the QKV projection for standard attention on TE."""
+    if not uses_mla(ctx) and ctx.backend.fuse_layernorm_and_linear():
+        return IdentityOp
+    return ctx.backend.layer_norm()
+
+
+def transformer_config_kwargs(mla) -> dict[str, Any]:
+    """MLATransformerConfig fields for an :class:`~megacpp_mcore.models.presets.MLAConfig`."""
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_head_dim,
+        qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+        v_head_dim=mla.v_head_dim,
+        qk_layernorm=True,  # RMSNorm on the q/kv latents
+        rope_type="rope",
+        rotary_percent=1.0,
+    )
+
+
+def apply_patches() -> dict[str, list[str]]:
+    """Applies the upstream patches MLA needs (idempotent); returns ``{patch: [changes]}``."""
+    import importlib
+
+    changed = {}
+    for name in PATCHES:
+        patch = importlib.import_module(name)
+        if patch.check() == "needed":
+            changed[patch.NAME] = patch.apply()
+    return changed

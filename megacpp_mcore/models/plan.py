@@ -1,0 +1,226 @@
+"""The layer plan of a model: every layer, its block, backend, features and parameter count, the
+pipeline split, and a memory estimate. Counts are analytic (no model is built), so the full 52-layer
+NAM56R plans in milliseconds; tests check them against instantiated modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+# The M and R blocks are built from the same dimensions.
+from megacpp_mcore.layers.mixers.dims import m2rnn_dims, mamba_dims
+from megacpp_mcore.spec.pattern import LayerEntry, symbol_counts
+from megacpp_mcore.models.presets import ModelConfig
+
+BLOCK_NAMES = {
+    "A": "self-attention",
+    "E": "feed-forward",
+    "M": "mamba2-mixer",
+    "R": "m2rnn-mixer",
+}
+
+def attention_params(m: ModelConfig, *, mla: bool) -> int:
+    h = m.hidden_size
+    if mla:
+        c = m.mla
+        heads = m.num_attention_heads
+        qk = c.qk_head_dim + c.qk_pos_emb_head_dim
+        q = (h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * qk) if c.q_lora_rank else h * heads * qk
+        kv = h * (c.kv_lora_rank + c.qk_pos_emb_head_dim) + c.kv_lora_rank
+        kv += c.kv_lora_rank * heads * (c.qk_head_dim + c.v_head_dim)
+        return h + q + kv + heads * c.v_head_dim * h  # input norm + projections
+    head_dim = h // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    qkv = h * (h + 2 * groups * head_dim)
+    return h + qkv + h * h  # input norm + QKV + output projection
+
+
+def feedforward_params(m: ModelConfig) -> int:
+    h = m.hidden_size
+    if m.moe is None:
+        return h + 3 * h * m.ffn_hidden_size  # norm + SwiGLU fc1 (2f) + fc2
+    e = m.moe
+    params = h + h * e.num_experts + e.num_experts * 3 * h * e.ffn_hidden_size  # norm, router, experts
+    if e.shared_expert_size:
+        params += 3 * h * e.shared_expert_size
+    return params
+
+
+def mamba_params(m: ModelConfig) -> int:
+    return m.hidden_size + mamba_dims(m.hidden_size).num_params()  # input norm + mixer
+
+
+def m2rnn_params(m: ModelConfig) -> int:
+    return m.hidden_size + m2rnn_dims(m.hidden_size, m.num_attention_heads).num_params()
+
+
+def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
+    if entry.symbol == "A":
+        return attention_params(m, mla="mla" in entry.features)
+    if entry.symbol == "E":
+        return feedforward_params(m)
+    if entry.symbol == "M":
+        return mamba_params(m)
+    return m2rnn_params(m)
+
+
+def embedding_params(m: ModelConfig) -> dict[str, int]:
+    h, v = m.hidden_size, m.vocab_size
+    out = {"embedding": v * h, "output_layer": 0 if m.tie_embeddings else v * h, "final_norm": h}
+    if m.mtp_depth:
+        # shared MTP block: one A + one E, two input norms, the [2h -> h] mixing projection
+        out["mtp_shared_block"] = attention_params(m, mla=m.mla is not None) + feedforward_params(m) + 2 * h + 2 * h * h
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    """Bytes per GPU of the heaviest pipeline stage (bf16 weights, fp32 grads + Adam state)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    moda_depth_kv: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations + self.moda_depth_kv
+
+
+def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: int) -> int:
+    """Rough bf16 activation memory kept for backward by one layer (flash attention, no recompute)."""
+    sbh = m.seq_length * micro_batch * m.hidden_size * 2
+    factor = {"A": 10, "E": 6, "M": 12, "R": 10}[entry.symbol]
+    if entry.symbol == "E":
+        inner = m.moe.topk * m.moe.ffn_hidden_size + (m.moe.shared_expert_size or 0) if m.moe else m.ffn_hidden_size
+        factor += 5 * inner / m.hidden_size
+    return int(factor * sbh / tp)
+
+
+def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 1, micro_batch: int = 1,
+               backend: str = "auto") -> dict[str, Any]:
+    """The plan as a JSON-able dict: ``layers``, ``counts``, ``stages``, ``parameters``, ``memory``."""
+    from megacpp_mcore.spec.backends import resolve_backend_name
+
+    table = m.layer_table(pp=pp)
+    pp = 1 + max(e.stage for e in table)
+    resolved = resolve_backend_name(backend)
+    layers = []
+    for entry in table:
+        layers.append({
+            "index": entry.index,
+            "symbol": entry.symbol,
+            "block": BLOCK_NAMES[entry.symbol],
+            "backend": resolved,
+            "features": sorted(entry.features),
+            "stage": entry.stage,
+            "parameters": layer_params(m, entry),
+        })
+    extra = embedding_params(m)
+    stages = []
+    for s in range(pp):
+        members = [layer for layer in layers if layer["stage"] == s]
+        params = sum(layer["parameters"] for layer in members)
+        if s == 0:
+            params += extra["embedding"]
+        if s == pp - 1:
+            params += extra["output_layer"] + extra["final_norm"] + extra.get("mtp_shared_block", 0)
+            if pp > 1 and m.tie_embeddings:
+                params += extra["embedding"]  # the last stage's copy of the tied embedding
+        stages.append({"stage": s, "layers": [layer["index"] for layer in members],
+                       "pattern": "".join(layer["symbol"] for layer in members), "parameters": params})
+    total = sum(layer["parameters"] for layer in layers) + sum(extra.values())
+    memory = _memory(m, table, stages, tp=tp, ep=ep, micro_batch=micro_batch)
+    layer_hash = hashlib.sha256(
+        json.dumps([[x["index"], x["symbol"], x["features"]] for x in layers]).encode()
+    ).hexdigest()[:16]
+    return {
+        "model": m.name,
+        "pattern": m.pattern,
+        "num_layers": m.num_layers,
+        "expanded_pattern": "".join(e.symbol for e in table),
+        "layer_table_hash": layer_hash,
+        "backend": {"requested": backend, "resolved": resolved},
+        "parallel": {"tp": tp, "pp": pp, "ep": ep, "micro_batch": micro_batch},
+        "layers": layers,
+        "counts": symbol_counts(e.symbol for e in table),
+        "stages": stages,
+        "parameters": {"total": total, **extra,
+                       "layers": sum(layer["parameters"] for layer in layers)},
+        "memory": dataclasses.asdict(memory) | {"total": memory.total},
+    }
+
+
+def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int) -> MemoryEstimate:
+    heaviest = max(stages, key=lambda s: s["parameters"])
+    expert_share = 0
+    if m.moe is not None:
+        per_layer = m.moe.num_experts * 3 * m.hidden_size * m.moe.ffn_hidden_size
+        n_e = sum(1 for i in heaviest["layers"] if table[i].symbol == "E")
+        expert_share = per_layer * n_e
+    dense = heaviest["parameters"] - expert_share
+    params_per_gpu = dense // tp + expert_share // (ep * tp)
+    acts = sum(activation_bytes(m, table[i], micro_batch, tp) for i in heaviest["layers"])
+    moda = 0
+    moda_cfg = m.features.get("moda")
+    if moda_cfg is not None and hasattr(moda_cfg, "buffer_bytes"):
+        moda = moda_cfg.buffer_bytes(m, micro_batch, tp=tp, pp=len(stages))
+    return MemoryEstimate(
+        weights=params_per_gpu * 2,
+        grads=params_per_gpu * 4,
+        optimizer=params_per_gpu * 12,
+        activations=acts,
+        moda_depth_kv=moda,
+    )
+
+
+def _fmt_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The human-readable table printed by ``megacpp-mcore plan``."""
+    lines = [
+        f"model {plan['model']}: pattern {plan['pattern']!r} x {plan['num_layers']} layers, "
+        f"backend {plan['backend']['resolved']} (requested {plan['backend']['requested']})",
+        "",
+        f"{'idx':>4}  sym  {'block':<15} {'backend':<7} {'stage':>5}  {'params':>9}  features",
+    ]
+    for layer in plan["layers"]:
+        lines.append(
+            f"{layer['index']:>4}  {layer['symbol']:^3}  {layer['block']:<15} {layer['backend']:<7} "
+            f"{layer['stage']:>5}  {_fmt_count(layer['parameters']):>9}  {','.join(layer['features']) or '-'}"
+        )
+    counts = "  ".join(f"{s}={n}" for s, n in plan["counts"].items())
+    lines += ["", f"counts: {counts}", "pipeline stages:"]
+    for st in plan["stages"]:
+        lines.append(f"  stage {st['stage']}: layers {st['layers'][0]}..{st['layers'][-1]} "
+                     f"{st['pattern']}  {_fmt_count(st['parameters'])} params")
+    p = plan["parameters"]
+    lines.append(
+        f"parameters: total {_fmt_count(p['total'])} (layers {_fmt_count(p['layers'])}, "
+        f"embedding {_fmt_count(p['embedding'])}, output {_fmt_count(p['output_layer'])}"
+        + (f", MTP shared block {_fmt_count(p['mtp_shared_block'])}" if "mtp_shared_block" in p else "")
+        + ")"
+    )
+    mem = plan["memory"]
+    par = plan["parallel"]
+    lines.append(
+        f"memory estimate per GPU, heaviest stage (tp={par['tp']} ep={par['ep']} "
+        f"micro-batch={par['micro_batch']}): weights {_fmt_bytes(mem['weights'])}, grads "
+        f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}, activations "
+        f"{_fmt_bytes(mem['activations'])}, MoDA depth-KV {_fmt_bytes(mem['moda_depth_kv'])}; "
+        f"total {_fmt_bytes(mem['total'])}"
+    )
+    return "\n".join(lines)

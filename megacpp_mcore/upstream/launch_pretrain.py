@@ -1,0 +1,325 @@
+"""Thin launcher around a stock Megatron-LM checkout's ``pretrain_gpt.py``.
+
+    python -m megacpp_mcore.upstream.launch_pretrain --megatron-lm PATH <pretrain_gpt.py arguments>
+
+What it adds to ``pretrain_gpt.py``, without editing the checkout:
+
+1. applies the needed runtime patches of ``patches/`` (explicitly, and says which);
+2. builds the model with its own builder: ``--spec MODULE ATTR`` (one of ``layer_specs``), with the
+   spec's ``auto`` backend resolved from ``--transformer-impl``, and the package's shared-block MTP
+   on the last pipeline stage when ``--megacpp-mtp-depth K`` > 0 (``megacpp_mcore.features.mtp.MTPGPTModel``).
+   Megatron-LM 0.16.1's builder cannot do this: it builds its per-depth MTP from the config, ignores
+   ``--spec`` for it and raises ``UnboundLocalError`` when ``--spec`` meets ``--mtp-num-layers``;
+3. refuses, before any process group starts, flags that would silently build something else
+   (``--mtp-num-layers``, legacy models, YAML configs, a missing ``--spec``), and MLA flags that
+   disagree with the spec's MLA configuration.
+
+Everything else (data, optimizer, checkpoints, logging) is ``pretrain_gpt.py``'s own: the launcher
+imports that file as a module and calls Megatron's ``pretrain`` with its dataset provider, forward
+step and embedding-rank function, exactly as its ``__main__`` block does, but with our builder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from megacpp_mcore.models.presets import ModelConfig, get_preset
+
+# Files of a Megatron-LM checkout (tag core_v0.16.1) the launcher runs.
+CHECKOUT_FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training")
+
+# ``--transformer-impl`` -> our backend name (resolves a spec's ``auto``).
+TRANSFORMER_IMPL_BACKENDS = {"transformer_engine": "te", "local": "local"}
+
+# Megatron-LM arguments the builder reads (besides ``padded_vocab_size``, which Megatron derives
+# from the tokenizer); tests check that the checkout's parser defines every one of them.
+MEGATRON_ARGS_READ = (
+    "spec", "transformer_impl", "max_position_embeddings", "fp16_lm_cross_entropy",
+    "untie_embeddings_and_output_weights", "position_embedding_type", "rotary_percent",
+    "rotary_base", "use_rope_scaling", "mtp_num_layers", "use_legacy_models", "yaml_cfg",
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+    "v_head_dim",
+)
+
+# Megatron-LM flags the launcher refuses, with what to use instead.
+REFUSED_FLAGS = {
+    "--mtp-num-layers": "use --megacpp-mtp-depth K (the package's shared-block MTP); megatron-core "
+                        "0.16.1 builds its own per-depth MTP from the config and ignores --spec",
+    "--use-legacy-models": "the launcher builds megatron-core GPTModels only",
+    "--yaml-cfg": "pass the model as pretrain_gpt.py flags (see megacpp_mcore.upstream.launch_pretrain.preset_args)",
+}
+
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+class LaunchError(ValueError):
+    """Bad launcher input; printed as one line, exit status 2."""
+
+
+def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The package's flags, registered with Megatron's own parser (``extra_args_provider``)."""
+    group = parser.add_argument_group("megacpp_mcore")
+    group.add_argument("--megacpp-mtp-depth", type=int, default=0,
+                       help="shared-block MTP depth K on the last pipeline stage (0: no MTP)")
+    group.add_argument("--megacpp-mtp-decay", type=float, default=None,
+                       help="MTP step-weight decay (default: megacpp_mcore.features.mtp.MTPConfig's)")
+    group.add_argument("--megacpp-mtp-loss-scale", type=float, default=None,
+                       help="factor on the total MTP loss (default: MTPConfig's)")
+    return parser
+
+
+def preset_args(preset: str | ModelConfig) -> list[str]:
+    """``pretrain_gpt.py`` flags that give Megatron a preset's architecture (recipes pass these)."""
+    m = get_preset(preset) if isinstance(preset, str) else preset
+    flags: list[Any] = [
+        "--num-layers", m.num_layers, "--hidden-size", m.hidden_size,
+        "--num-attention-heads", m.num_attention_heads, "--ffn-hidden-size", m.ffn_hidden_size,
+        "--seq-length", m.seq_length, "--max-position-embeddings", m.seq_length,
+    ]
+    if m.num_query_groups:
+        flags += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
+    if m.moe is not None:
+        flags += ["--num-experts", m.moe.num_experts, "--moe-router-topk", m.moe.topk,
+                  "--moe-ffn-hidden-size", m.moe.ffn_hidden_size,
+                  "--moe-aux-loss-coeff", m.moe.aux_loss_coeff]
+        if m.moe.shared_expert_size:
+            flags += ["--moe-shared-expert-intermediate-size", m.moe.shared_expert_size]
+    if m.mla is not None:
+        flags.append("--multi-latent-attention")
+        for field in MLA_FIELDS:
+            value = getattr(m.mla, field)
+            if value is not None:
+                flags += [f"--{field.replace('_', '-')}", value]
+    if m.mtp_depth:
+        flags += ["--megacpp-mtp-depth", m.mtp_depth]
+    return [str(f) for f in flags]
+
+
+def check_checkout(path: str | os.PathLike) -> Path:
+    """The Megatron-LM checkout at ``path``; ``LaunchError`` naming what is missing."""
+    root = Path(path).expanduser().resolve()
+    missing = [f for f in CHECKOUT_FILES if not (root / f).exists()]
+    if missing:
+        raise LaunchError(
+            f"--megatron-lm {path}: not a Megatron-LM checkout (missing {', '.join(missing)}); get "
+            "one with `git clone --branch core_v0.16.1 https://github.com/NVIDIA/Megatron-LM` "
+            "(docs/upstream.md)"
+        )
+    return root
+
+
+def split_argv(argv: list[str]) -> tuple[Path, list[str]]:
+    """(checkout, the arguments for Megatron); refuses flags the launcher cannot honour."""
+    parser = argparse.ArgumentParser(prog="python -m megacpp_mcore.upstream.launch_pretrain", add_help=False,
+                                     allow_abbrev=False)
+    parser.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"))
+    ours, megatron_argv = parser.parse_known_args(argv)
+    if not ours.megatron_lm:
+        raise LaunchError("--megatron-lm PATH (or MEGATRON_LM) is required: a Megatron-LM "
+                          "checkout at tag core_v0.16.1")
+    for flag in megatron_argv:
+        name = flag.split("=", 1)[0]
+        if name in REFUSED_FLAGS:
+            raise LaunchError(f"{name} is not supported by the launcher: {REFUSED_FLAGS[name]}")
+    if "--spec" not in megatron_argv:
+        raise LaunchError("--spec MODULE ATTR is required, e.g. --spec layer_specs.nam56r_lite "
+                          "NAM56R_LITE (see layer_specs/)")
+    return check_checkout(ours.megatron_lm), megatron_argv
+
+
+def layer_spec_from_args(args: argparse.Namespace):
+    """The ``--spec`` object, its ``auto`` backend resolved from ``--transformer-impl``."""
+    from megatron.core.transformer.spec_utils import import_module
+
+    from megacpp_mcore.spec.block import HybridLayerSubmodules
+
+    spec = import_module(args.spec)  # patched: a bad --spec raises ImportError/ValueError
+    sub = getattr(spec, "submodules", None)
+    if not isinstance(sub, HybridLayerSubmodules):
+        return spec
+    _check_mla(args, sub)
+    if sub.backend != "auto":
+        return spec
+    backend = TRANSFORMER_IMPL_BACKENDS.get(args.transformer_impl)
+    if backend is None:
+        raise LaunchError(
+            f"--transformer-impl {args.transformer_impl} has no megacpp_mcore backend; allowed: "
+            f"{', '.join(TRANSFORMER_IMPL_BACKENDS)}"
+        )
+    return dataclasses.replace(spec, submodules=dataclasses.replace(sub, backend=backend))
+
+
+def _check_mla(args: argparse.Namespace, sub) -> None:
+    """MLA flags must describe the spec's MLA: Megatron builds its MLA config from the flags."""
+    mla = sub.features.get("mla")
+    if mla is None:
+        if args.multi_latent_attention:
+            raise LaunchError(f"--multi-latent-attention is set but spec {' '.join(args.spec)} has "
+                              "no MLA feature; drop the flag or use a spec with MLA")
+        return
+    if not args.multi_latent_attention:
+        raise LaunchError(f"spec {' '.join(args.spec)} puts MLA on its A layers; add "
+                          "--multi-latent-attention and the MLA sizes (preset_args lists them)")
+    wrong = [f"--{f.replace('_', '-')} {getattr(args, f)} (spec: {getattr(mla, f)})"
+             for f in MLA_FIELDS if hasattr(mla, f) and getattr(args, f) != getattr(mla, f)]
+    if wrong:
+        raise LaunchError("MLA flags disagree with the spec's MLAConfig: " + "; ".join(wrong))
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """The argv check again, on parsed args (``--use-checkpoint-args`` can bring these back)."""
+    for dest in ("mtp_num_layers", "use_legacy_models", "yaml_cfg"):
+        if getattr(args, dest):
+            flag = f"--{dest.replace('_', '-')}"
+            raise LaunchError(f"{flag}={getattr(args, dest)!r} is not supported by the launcher: "
+                              f"{REFUSED_FLAGS[flag]}")
+
+
+def mtp_from_args(args: argparse.Namespace):
+    """``(model class, extra kwargs)``: ``MTPGPTModel`` + ``MTPConfig`` when MTP is requested."""
+    from megatron.core.models.gpt import GPTModel
+
+    if not args.megacpp_mtp_depth:
+        return GPTModel, {}
+    try:
+        from megacpp_mcore.features.mtp import MTPConfig, MTPGPTModel
+    except ImportError as exc:
+        raise LaunchError(
+            f"--megacpp-mtp-depth {args.megacpp_mtp_depth} needs megacpp_mcore.features.mtp (shared-block "
+            f"MTP), which cannot be imported here: {exc}"
+        ) from exc
+    options = {"depth": args.megacpp_mtp_depth, "decay": args.megacpp_mtp_decay,
+               "loss_scale": args.megacpp_mtp_loss_scale}
+    return MTPGPTModel, {"mtp": MTPConfig(**{k: v for k, v in options.items() if v is not None})}
+
+
+def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+    """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``."""
+    _refuse_unsupported(args)
+    if config is None:
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        config = core_transformer_config_from_args(args)
+    model_cls, extra = mtp_from_args(args)
+    spec = layer_spec_from_args(args)
+    _mamba_conv_path(config, spec)
+    _report(args, spec, model_cls, post_process)
+    return model_cls(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+        **extra,
+    )
+
+
+def _mamba_conv_path(config, spec) -> None:
+    """Megatron-LM has no flag for ``use_mamba_mem_eff_path`` (default True), whose fused path needs
+    causal_conv1d. Without it, ``M`` layers take MambaMixer's unfused conv path; said on rank 0."""
+    from megacpp_mcore.layers.mixers.mamba import fused_conv_available
+
+    pattern = getattr(getattr(spec, "submodules", None), "pattern", "")
+    if "M" in pattern and config.use_mamba_mem_eff_path and not fused_conv_available():
+        config.use_mamba_mem_eff_path = False
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("[megacpp_mcore] causal_conv1d is not installed: M layers use MambaMixer's unfused "
+                  "conv path (use_mamba_mem_eff_path=False)", flush=True)
+
+
+def _report(args, spec, model_cls, post_process) -> None:
+    """One line per built stage on global rank 0: what was asked for and what gets built."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    sub = getattr(spec, "submodules", None)
+    backend = getattr(sub, "backend", "?")
+    mtp = f"MTP depth {args.megacpp_mtp_depth}" if args.megacpp_mtp_depth and post_process else "no MTP"
+    print(f"[megacpp_mcore] model {model_cls.__name__} from --spec {' '.join(args.spec)}: pattern "
+          f"{getattr(sub, 'pattern', '?')!r}, backend {backend} (--transformer-impl "
+          f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}",
+          flush=True)
+
+
+def _extra_args_provider(upstream: Callable | None) -> Callable:
+    def provider(parser):
+        parser = upstream(parser) if upstream is not None else parser
+        return add_megacpp_arguments(parser)
+
+    return provider
+
+
+def _apply_patches() -> None:
+    from megacpp_mcore.patches import registry
+
+    changed = registry.apply_needed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name, what in changed.items():
+            print(f"[megacpp_mcore] patch {name}: {'; '.join(what) or 'already applied'}", flush=True)
+
+
+def run(checkout: Path, megatron_argv: list[str]) -> None:
+    """Imports the checkout's ``pretrain_gpt`` and calls Megatron's ``pretrain`` with our builder."""
+    sys.path.insert(0, str(checkout))
+    sys.argv = [str(checkout / "pretrain_gpt.py"), *megatron_argv]
+    _apply_patches()
+    import pretrain_gpt  # noqa: E402  (the checkout's module; its __main__ block does not run)
+    from megatron.core.enums import ModelType
+    from megatron.training import inprocess_restart
+    from model_provider import model_provider
+
+    if hasattr(pretrain_gpt, "set_startup_timestamps"):  # startup timing report, as __main__ does
+        pretrain_gpt.set_startup_timestamps(
+            program_start=getattr(pretrain_gpt, "_PROGRAM_START_TIME", None), main_entry=time.time())
+    pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
+    pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain_gpt.pretrain)
+    pretrain(
+        pretrain_gpt.train_valid_test_datasets_provider,
+        partial(model_provider, gpt_builder),
+        ModelType.encoder_or_decoder,
+        pretrain_gpt.forward_step,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        extra_args_provider=_extra_args_provider(
+            pretrain_gpt.add_modelopt_args if getattr(pretrain_gpt, "has_nvidia_modelopt", False)
+            else None),
+        store=store,
+        get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        print(__doc__)
+        print("Package flags (given to Megatron's parser):")
+        add_megacpp_arguments(argparse.ArgumentParser(prog="", add_help=False)).print_help()
+        print("\nMegatron-LM's own flags: python -m megacpp_mcore.upstream.launch_pretrain --megatron-lm PATH "
+              "--spec MODULE ATTR --help (needs a CUDA host: pretrain_gpt imports triton)")
+        return 0
+    try:
+        checkout, megatron_argv = split_argv(argv)
+    except LaunchError as exc:
+        print(f"launch_pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    run(checkout, megatron_argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
