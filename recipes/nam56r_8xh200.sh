@@ -91,6 +91,6 @@ OUTPUT=(
 )
 
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" CUDA_DEVICE_MAX_CONNECTIONS=1 \
-  torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.upstream.launch_pretrain --megatron-lm "$MEGATRON_LM" \
+  torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \
   "${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" \
   "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@"

@@ -72,6 +72,6 @@ OUTPUT=(
 )
 
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" \
-  torchrun --nproc-per-node 1 -m megacpp_mcore.upstream.launch_pretrain --megatron-lm "$MEGATRON_LM" \
+  torchrun --nproc-per-node 1 -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \
   "${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" \
   "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@"

@@ -139,7 +139,7 @@ def test_flags_are_known_to_megatron_lm(recipe, checkout, tmp_path):
     from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
 
     tokens = _dry_run(recipe, checkout, tmp_path / "out")
-    megatron_flags = tokens[tokens.index("megacpp_mcore.upstream.launch_pretrain") + 1:]
+    megatron_flags = tokens[tokens.index("megacpp_mcore.launch_pretrain") + 1:]
     dests = parser_dests(str(MIRROR), "core_v0.16.1")
     ours = {"--megatron-lm", "--megacpp-mtp-depth", "--megacpp-mtp-decay", "--megacpp-mtp-loss-scale"}
     unknown = [f for f in megatron_flags
