@@ -1,4 +1,4 @@
-"""Runtime patches against named upstream versions.
+"""Runtime patches against named upstream versions: the package's one patch registry.
 
 Each patch is a module of this package with the protocol:
 
@@ -11,10 +11,14 @@ Each patch is a module of this package with the protocol:
   no longer exists: re-base it). ``check`` probes upstream's own behaviour, also after ``apply``;
 * ``apply() -> list[str]``: idempotent; returns what it changed (empty when nothing to do);
 * optional ``REQUIRES: str``: an optional package the target lives in (e.g. ``transformer_engine``);
-  without it the status says ``not-applicable`` / ``n/a`` instead of asking for a re-base.
+  without it the status says ``not-applicable`` / ``n/a`` instead of asking for a re-base;
+* optional ``SCOPE: str``: the hosts it is applied on, ``"any"`` (default) or ``"cpu"`` (hosts
+  without CUDA: the ``cpu_*`` shims that let megatron-core run with gloo; never on a GPU host);
+* optional ``applied() -> bool | None``: whether the patch is in (``None``: cannot tell).
 
-Nothing is applied on import: entry points (``python -m megacpp_mcore.upstream.launch_pretrain``,
-``megacpp-mcore patches apply``) call :func:`patches.registry.apply_needed` explicitly.
+Nothing is applied on import: every entry point (``megacpp-mcore train`` through
+``runtime.initialize``, ``python -m megacpp_mcore.launch_pretrain``, ``megacpp-mcore patches
+apply``, the test harness) calls :func:`megacpp_mcore.patches.registry.apply_needed` explicitly.
 """
 
 REGISTRY = (
@@ -23,4 +27,12 @@ REGISTRY = (
     "megacpp_mcore.patches.mla_have_te",
     "megacpp_mcore.patches.mla_down_proj_tp_marker",
     "megacpp_mcore.patches.te_attention_backend_per_layer",
+    "megacpp_mcore.patches.aux_loss_scale_without_moe",
+    # SCOPE "cpu": hosts without CUDA only
+    "megacpp_mcore.patches.cpu_device_redirect",
+    "megacpp_mcore.patches.cpu_rng_tracker",
+    "megacpp_mcore.patches.cpu_clip_grads",
+    "megacpp_mcore.patches.cpu_block_norm",
+    "megacpp_mcore.patches.cpu_moe_router_gemm",
+    "megacpp_mcore.patches.cpu_tied_embedding_copy",
 )

@@ -80,6 +80,14 @@ def patch_class(cls) -> list[str]:
     return [f"{cls.__module__}.{cls.__qualname__}.__init__: duplicated params marked tensor_model_parallel=False"]
 
 
+def applied() -> bool | None:
+    """Whether ``TELinear.__init__`` is this patch's wrapper (None without Transformer Engine)."""
+    cls = _target()
+    if cls is None:
+        return None
+    return getattr(cls.__init__, "_megacpp_patch", None) == NAME
+
+
 def apply() -> list[str]:
     """Patches ``TELinear`` when the defect is present; returns what changed."""
     if check() != "needed":

@@ -50,6 +50,13 @@ def check() -> str:
     return "needed"
 
 
+def applied() -> bool:
+    """Whether ``HAVE_TE`` was turned False here (0.16 without TE, where upstream sets it True)."""
+    module = _target()
+    return (module is not None and module.HAVE_TE is False and not _te_really_installed()
+            and check() == "needed")
+
+
 def apply() -> list[str]:
     """Sets ``HAVE_TE = False`` and the TE names to ``None`` when TE is absent; idempotent."""
     module = _target()

@@ -10,11 +10,17 @@ The status of a patch answers the upgrade question "keep, retire or re-base?":
 ``target-missing``        re-base     what the patch changes moved or vanished; rewrite it
 (``REQUIRES`` missing)    n/a         the patch targets an optional package (module-level
                                       ``REQUIRES``, e.g. Transformer Engine) absent on this host
+(``SCOPE`` elsewhere)     n/a         the patch is for another kind of host (``SCOPE = "cpu"``:
+                                      only hosts without CUDA); it is never applied here
 ========================  ==========  ============================================================
 
 A patch whose check says ``needed`` on an installed version outside its ``TARGETS`` is still
 applied (its probe found the same defect), and the status notes that ``TARGETS`` should be widened
 after review.
+
+:func:`apply_needed` is the one function every entry point calls (``megacpp-mcore train`` through
+``runtime.initialize``, the launcher, ``megacpp-mcore patches apply``, the test harness): it applies
+every entry whose status is ``needed`` on the given host and nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ CHECK_RESULTS = ("needed", "fixed-upstream", "target-missing")
 ACTIONS = {"needed": "keep", "fixed-upstream": "retire", "target-missing": "re-base",
            "not-applicable": "n/a"}
 PROTOCOL = ("NAME", "TARGETS", "DESCRIPTION", "check", "apply")
+HOSTS = ("cpu", "cuda")
+# SCOPE -> the hosts an entry is applied on ("any" is the default when a module sets no SCOPE)
+SCOPES = {"any": HOSTS, "cpu": ("cpu",)}
 
 
 class PatchProtocolError(ValueError):
@@ -51,7 +60,31 @@ def load(module_name: str) -> ModuleType:
             f"{', '.join(PROTOCOL)} (see patches/__init__.py)"
         )
     parse_targets(module.TARGETS, owner=module_name)
+    scope = scope_of(module)
+    if scope not in SCOPES:
+        raise PatchProtocolError(
+            f"patch module {module_name!r}: SCOPE={scope!r}; allowed: {', '.join(SCOPES)}"
+        )
     return module
+
+
+def scope_of(module: ModuleType) -> str:
+    """The module's ``SCOPE`` (``"any"`` when it sets none)."""
+    return getattr(module, "SCOPE", "any")
+
+
+def current_host() -> str:
+    """``"cuda"`` when this process sees a CUDA device, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _host(host: str | None) -> str:
+    host = current_host() if host is None else host
+    if host not in HOSTS:
+        raise ValueError(f"host={host!r}; allowed: {', '.join(HOSTS)}")
+    return host
 
 
 def registered(names: Iterable[str] | None = None) -> list[ModuleType]:
@@ -102,10 +135,14 @@ class PatchStatus:
     applied: bool | None  # None when the patch cannot tell
     description: str
 
+    scope: str  # a key of SCOPES: the hosts the patch is applied on
+    host: str  # the kind of host ("cpu" or "cuda") this status was taken for
     requires: str | None = None
 
     @property
     def note(self) -> str:
+        if self.check == "not-applicable" and self.host not in SCOPES[self.scope]:
+            return f"scope {self.scope}: never applied on a {self.host} host"
         if self.check == "not-applicable":
             return f"needs {self.requires}, which is not installed here"
         if self.installed is None:
@@ -133,15 +170,20 @@ def _in_targets(requirement: Requirement, version: str | None) -> bool:
         return False
 
 
-def status(names: Iterable[str] | None = None) -> list[PatchStatus]:
-    """Checks every registered patch (or those in ``names``) against the installed versions."""
+def status(names: Iterable[str] | None = None, *, host: str | None = None) -> list[PatchStatus]:
+    """Checks every registered patch (or those in ``names``) against the installed versions, for
+    ``host`` (``"cpu"`` or ``"cuda"``; default: this process's, :func:`current_host`)."""
+    host = _host(host)
     rows = []
     for module in registered(names):
         requirement = parse_targets(module.TARGETS, owner=module.__name__)
         version = installed_version(requirement.name)
         requires = getattr(module, "REQUIRES", None)
+        scope = scope_of(module)
         if requires and importlib.util.find_spec(requires.split(".")[0]) is None:
             result = "not-applicable"  # its target lives in an optional package absent here
+        elif host not in SCOPES[scope]:
+            result = "not-applicable"  # e.g. a CPU shim on a CUDA host: never checked nor applied
         else:
             result = _check(module) if version is not None else "target-missing"
         applied = getattr(module, "applied", None)
@@ -155,19 +197,24 @@ def status(names: Iterable[str] | None = None) -> list[PatchStatus]:
             action=ACTIONS[result],
             applied=applied() if callable(applied) else None,
             description=module.DESCRIPTION,
-            requires=getattr(module, "REQUIRES", None),
+            requires=requires,
+            scope=scope,
+            host=host,
         ))
     return rows
 
 
-def apply_needed(names: Iterable[str] | None = None) -> dict[str, list[str]]:
-    """Applies every patch whose check says ``needed``; returns ``{name: what changed}``.
+def apply_needed(names: Iterable[str] | None = None, *, host: str | None = None) -> dict[str, list[str]]:
+    """Applies every patch (or those in ``names``) whose status on ``host`` is ``needed``; returns
+    ``{name: what changed}``. The entry point of every entry point (see the module docstring).
 
-    Idempotent: a second call returns empty lists. Patches that are fixed upstream or whose target
-    is missing are skipped (their status says why).
+    ``host`` is ``"cpu"`` or ``"cuda"`` (default: :func:`current_host`); an entry scoped to
+    another kind of host (a CPU shim on a CUDA host) is never applied. Idempotent: a second call
+    returns empty lists. Patches that are fixed upstream, whose target is missing or that are not
+    applicable here are skipped (their status says why).
     """
     changed: dict[str, list[str]] = {}
-    for row in status(names):
+    for row in status(names, host=host):
         if row.check != "needed":
             continue
         module = importlib.import_module(row.module)
@@ -180,9 +227,9 @@ def apply_needed(names: Iterable[str] | None = None) -> dict[str, list[str]]:
 
 def format_status(rows: list[PatchStatus]) -> str:
     """The table printed by ``megacpp-mcore patches status``."""
-    header = ("patch", "targets", "installed", "check", "action", "applied")
+    header = ("patch", "scope", "targets", "installed", "check", "action", "applied")
     table = [header] + [
-        (r.name, r.targets, r.installed or "-", r.check, r.action,
+        (r.name, r.scope, r.targets, r.installed or "-", r.check, r.action,
          {True: "yes", False: "no", None: "?"}[r.applied])
         for r in rows
     ]
@@ -192,4 +239,6 @@ def format_status(rows: list[PatchStatus]) -> str:
     notes = [f"  {r.name}: {r.note}" for r in rows if r.note]
     if notes:
         lines += ["", "notes:", *notes]
+    if rows:
+        lines += ["", f"host: {rows[0].host} (scope any: every host; scope cpu: hosts without CUDA)"]
     return "\n".join(lines)

@@ -1,10 +1,15 @@
-"""patches/: protocol, status on the installed megatron-core, idempotent apply, simulated upstream
-fixes and missing targets, and what each patch actually changes."""
+"""patches/: protocol, status on the installed megatron-core (CPU shims included, with their scope),
+idempotent apply, simulated upstream fixes and missing targets, what each patch actually changes,
+and that every entry point applies the one registry (and importing applies nothing)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import subprocess
 import sys
+import textwrap
 import types
 
 import pytest
@@ -13,6 +18,9 @@ import torch
 import megacpp_mcore.patches as patches
 from megacpp_mcore.patches import registry, spec_import_errors, tp_attributes_without_init
 from megacpp_mcore.patches._wrapping import upstream
+
+CPU_SHIMS = {"cpu-device-redirect", "cpu-rng-tracker", "cpu-clip-grads", "cpu-block-norm",
+             "cpu-moe-router-gemm", "cpu-tied-embedding-copy"}
 
 
 @pytest.fixture
@@ -51,8 +59,9 @@ def test_status_on_installed_megatron_core(restore_targets):
 
     assert megatron.core.__version__.startswith("0.16."), "these expectations are for 0.16.x"
     rows = _rows()
-    assert set(rows) == {"spec-import-errors", "tp-attributes-without-init", "mla-have-te",
-                         "mla-down-proj-tp-marker", "te-attention-backend-per-layer"}
+    assert set(rows) >= {"spec-import-errors", "tp-attributes-without-init", "mla-have-te",
+                         "mla-down-proj-tp-marker", "te-attention-backend-per-layer"} | CPU_SHIMS
+    assert {name for name, row in rows.items() if row.scope == "cpu"} == CPU_SHIMS
     for name in ("spec-import-errors", "tp-attributes-without-init"):
         row = rows[name]
         assert (row.installed, row.in_targets, row.check, row.action) == (
@@ -230,6 +239,28 @@ def test_protocol_violations_are_refused(restore_targets):
         registry.parse_targets("megatron-core 0.16")
     with pytest.raises(registry.PatchProtocolError, match="names no version range"):
         registry.parse_targets("megatron-core")
+    bad.SCOPE = "gpu"
+    with pytest.raises(registry.PatchProtocolError, match="SCOPE='gpu'; allowed: any, cpu"):
+        registry.load("megacpp_bad_patch")
+    with pytest.raises(ValueError, match="host='tpu'; allowed: cpu, cuda"):
+        registry.apply_needed(host="tpu")
+
+
+def test_status_lists_cpu_shims_with_their_scope():
+    """The CPU status can be taken on any host (the checks only read upstream's code)."""
+    on_cpu = {r.name: r for r in registry.status(host="cpu")}
+    on_cuda = {r.name: r for r in registry.status(host="cuda")}
+    for name in CPU_SHIMS:
+        assert (on_cpu[name].scope, on_cpu[name].check, on_cpu[name].action) == ("cpu", "needed", "keep")
+        assert (on_cuda[name].check, on_cuda[name].action) == ("not-applicable", "n/a")
+        assert on_cuda[name].note == "scope cpu: never applied on a cuda host"
+    for name in ("spec-import-errors", "tp-attributes-without-init"):  # scope any: same on both
+        assert on_cpu[name].scope == on_cuda[name].scope == "any"
+        assert on_cpu[name].check == on_cuda[name].check == "needed"
+    table = registry.format_status(list(on_cuda.values()))
+    assert table.splitlines()[0].split()[:3] == ["patch", "scope", "targets"]
+    assert "cpu-device-redirect: scope cpu: never applied on a cuda host" in table
+    assert "host: cuda" in table
 
 
 def test_cli_status_and_apply(restore_targets, capsys):
@@ -244,8 +275,15 @@ def test_cli_status_and_apply(restore_targets, capsys):
     ours = ("spec-import-errors", "tp-attributes-without-init")
     assert all(passes[0][n] for n in ours) and not any(passes[1].values())
     assert cli.main(["patches", "status", "--json"]) == 0
-    applied = {r["name"]: r["applied"] for r in json.loads(capsys.readouterr().out)}
+    listed = json.loads(capsys.readouterr().out)
+    applied = {r["name"]: r["applied"] for r in listed}
     assert all(applied[n] for n in ours)
+    assert {r["name"] for r in listed if r["scope"] == "cpu"} == CPU_SHIMS
+    assert {r["host"] for r in listed} == {registry.current_host()}
+    assert cli.main(["patches", "status"]) == 0
+    table = capsys.readouterr().out
+    for name in CPU_SHIMS:
+        assert re.search(rf"^{name}\s+cpu\s+megatron-core ", table, re.M), table
     assert cli.main(["patches", "status", "--only", "no-such-patch"]) == 2
     assert "unknown patch 'no-such-patch'" in capsys.readouterr().err
 
@@ -256,13 +294,20 @@ def tp_grad_norms() -> dict[str, float]:
     from megacpp_mcore.train import runtime
     from megacpp_mcore.testing.parity import model_from_spec, synthetic_batches
 
+    from megatron.core.tensor_parallel import layers
+
     par = runtime.Parallelism(tp=2)
     runtime.initialize(par, seed=1234)
+    assert tp_attributes_without_init.applied()  # the entry point applied the registry
     model = model_from_spec({"pattern": "AE", "num_layers": 2, "hidden_size": 64,
                              "num_attention_heads": 4, "ffn_hidden_size": 128, "vocab_size": 128,
                              "seq_length": 16, "moe": None})
     norms, weights = {}, None
     for name, perform_init in (("initialised", True), ("unpatched", False), ("patched", False)):
+        if name == "unpatched":  # upstream's constructors back, to show the defect
+            for cls_name in tp_attributes_without_init.PARTITION_DIM:
+                cls = getattr(layers, cls_name)
+                cls.__init__ = upstream(cls.__dict__["__init__"], tp_attributes_without_init.NAME)
         if name == "patched":
             tp_attributes_without_init.apply()
         config = runtime.transformer_config(model, par, perform_initialization=perform_init)
@@ -291,3 +336,85 @@ def test_tp2_grad_norm_without_initialization_is_fixed_by_the_patch():
     norms = ranks[0]
     assert norms["unpatched"] < 0.99 * norms["initialised"], norms  # defect: rank 1 shards dropped
     assert norms["patched"] == pytest.approx(norms["initialised"], rel=1e-6), norms
+
+
+# ----------------------------------------------------------------------------- entry points
+def _recording_apply_needed(monkeypatch) -> list:
+    """Replaces ``registry.apply_needed`` by a pass-through that records its arguments."""
+    calls, real = [], registry.apply_needed
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "apply_needed", recording)
+    return calls
+
+
+def test_train_runtime_applies_the_registry_for_this_host(restore_targets):
+    """``runtime.initialize`` (``megacpp-mcore train``, the parity harness, the benchmarks) calls
+    the registry's one entry function, for this host, and every needed entry is then in."""
+    from megacpp_mcore.train import runtime
+
+    calls = _recording_apply_needed(restore_targets)
+    runtime.initialize(runtime.Parallelism(), seed=1234)
+    try:
+        assert calls == [((), {"host": registry.current_host()})]
+        rows = {r.name: r for r in registry.status()}
+        assert rows["spec-import-errors"].applied and rows["tp-attributes-without-init"].applied
+        assert all(rows[n].applied == (registry.current_host() == "cpu") for n in CPU_SHIMS)
+    finally:
+        runtime.shutdown()
+
+
+def test_mla_patches_go_through_the_registry(restore_targets):
+    from megacpp_mcore.layers import mla
+
+    calls = _recording_apply_needed(restore_targets)
+    changed = mla.apply_patches()
+    assert calls == [((mla.PATCHES,), {})]
+    assert set(mla.PATCHES) <= {m.NAME for m in registry.registered()}
+    # REQUIRES and status honoured: without TE mla-down-proj-tp-marker is n/a and not applied
+    assert set(changed) == {r.name for r in registry.status(mla.PATCHES) if r.check == "needed"}
+    assert "mla-have-te" in changed
+
+
+def test_importing_the_package_and_layer_specs_applies_no_patch():
+    code = textwrap.dedent("""
+        import importlib, json, pkgutil
+        import megacpp_mcore, layer_specs
+        for info in pkgutil.iter_modules(layer_specs.__path__):
+            importlib.import_module("layer_specs." + info.name)
+        from megacpp_mcore.patches import registry
+        print(json.dumps({row.name: row.applied for row in registry.status()}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    applied = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(applied) == {m.NAME for m in registry.registered()}
+    assert not any(applied.values()), applied
+    assert sum(value is False for value in applied.values()) >= 9  # the probes did report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
+                    reason="needs a CUDA GPU with Transformer Engine")
+def test_train_on_te_applies_te_attention_backend_per_layer(tmp_path, monkeypatch):
+    from test_data import make_tree
+
+    from megacpp_mcore.models.presets import get_preset
+    from megacpp_mcore.train import data, loop as training
+
+    monkeypatch.setenv("MEGACPP_CACHE", str(tmp_path / "cache"))
+    prefix = data.prepare(make_tree(tmp_path / "src", extra=120), tmp_path / "d" / "cpp",
+                          valid_percent=20).prefix
+    model = get_preset("ae-tiny").replace(name="custom(AE)", num_layers=2, seq_length=32)
+    cfg = training.TrainConfig(steps=2, micro_batch_size=2, global_batch_size=2, lr=1e-3, min_lr=1e-4,
+                               warmup_steps=1, log_interval=1, eval_interval=100, eval_iters=1,
+                               data=prefix, backend="auto")
+    rec = training.train(model, cfg, log=lambda _: None)
+    assert rec["backends"]["resolved"] == "te"
+    rows = {r.name: r for r in registry.status()}
+    te_row = rows["te-attention-backend-per-layer"]
+    assert (te_row.check, te_row.applied) == ("needed", True), te_row
+    assert not any(rows[n].applied for n in CPU_SHIMS)  # never on a CUDA host

@@ -1,11 +1,14 @@
 """``megacpp-mcore patches status|apply``: the upgrade check for runtime patches.
 
-``status`` prints, for every patch in ``patches.REGISTRY``, the upstream versions it targets, the
-installed version, what its check found and the action: keep (defect present), retire (fixed
-upstream) or re-base (its target moved). ``apply`` applies the needed patches in this process and
-prints what changed; it is idempotent (``--twice`` shows a second pass changing nothing). Patches
-change the running interpreter only: training entry points such as
-``python -m megacpp_mcore.upstream.launch_pretrain`` apply them for their own process.
+``status`` prints, for every entry of the one registry (``megacpp_mcore.patches.REGISTRY``, the CPU
+shims included), its scope (``any`` or ``cpu``: hosts without CUDA), the upstream versions it
+targets, the installed version, what its check found on this host and the action: keep (defect
+present), retire (fixed upstream), re-base (its target moved) or n/a (another kind of host, or an
+optional package absent). ``apply`` applies the entries needed on this host in this process
+(``registry.apply_needed``, the function every entry point calls) and prints what changed; it is
+idempotent (``--twice`` shows a second pass changing nothing). Patches change the running
+interpreter only: ``megacpp-mcore train`` and ``python -m megacpp_mcore.launch_pretrain`` apply
+them for their own process.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="patches_command", required=True, metavar="ACTION")
-    st = sub.add_parser("status", help="table of patches: targets, installed version, check, action")
+    st = sub.add_parser("status", help="table of patches: scope, targets, installed version, check, action")
     st.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     st.add_argument("--only", nargs="+", metavar="NAME", help="only these patches")
-    ap = sub.add_parser("apply", help="apply the needed patches in this process, print what changed")
+    ap = sub.add_parser("apply", help="apply the patches needed on this host in this process, print what changed")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these patches")
     ap.add_argument("--twice", action="store_true", help="apply again and show that nothing changes")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")

@@ -21,10 +21,10 @@ def fused_ce_tp_check(*, tokens: int = 40, hidden: int = 16, vocab: int = 64, ch
     """Per-rank max errors of the vocab-parallel fused CE (plain TP and SP layouts) vs. reference."""
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-    from megacpp_mcore.upstream import cpu_shims
+    from megacpp_mcore.patches import registry
     from megacpp_mcore.features.mtp.fused_ce import fused_linear_cross_entropy, vocab_parallel_linear_cross_entropy
 
-    cpu_shims.apply()  # megatron's SP mappings allocate on "cuda"; no-op on a GPU host
+    registry.apply_needed()  # megatron's SP mappings allocate on "cuda": the CPU shims (CPU hosts only)
     torch.distributed.init_process_group("gloo")
     group = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
     tp, rank = group.size(), group.rank()
