@@ -10,7 +10,7 @@ optimizer, Megatron schedule and optimizer, bf16 on CUDA) of:
    ``get_gpt_layer_with_transformer_engine_spec`` (or the local spec), where one upstream layer is
    one of our ``A`` + ``E`` pairs, so the weights and FLOPs are identical.
 
-Prints tokens/s, model TFLOP/s (``megacpp_mcore.train.loop.model_flops_per_token``: 6 N_active +
+Prints tokens/s, model TFLOP/s (``megacpp_mcore.models.accounting.flops_per_token``: 6 N_active +
 attention), ms/step, peak memory, and the ratio ours/upstream on the skeleton; writes JSON with
 ``--out``.
 
@@ -54,7 +54,6 @@ def skeleton(model):
 def build_upstream(model, config, backend: str) -> list:
     """GPTModel with megatron-core's own layer spec (one layer = attention + MLP/MoE), DDP-wrapped."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -68,9 +67,9 @@ def build_upstream(model, config, backend: str) -> list:
         spec = get_gpt_layer_with_transformer_engine_spec(**kwargs)
     else:
         spec = get_gpt_layer_local_spec(**kwargs, normalization="RMSNorm")
-    gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=model.vocab_size,
-                   max_sequence_length=model.seq_length, pre_process=True, post_process=True,
-                   share_embeddings_and_output_weights=False, position_embedding_type="rope")
+    gpt = runtime.gpt_model(config, spec, vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
+                            pre_process=True, post_process=True,
+                            share_embeddings_and_output_weights=False, position_embedding_type="rope")
     gpt.to(runtime.device())
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
@@ -88,7 +87,8 @@ def batches(args, seq: int, step: int) -> list[dict]:
 
 
 def measure(name: str, model, chunks, args, seq: int) -> dict:
-    from megacpp_mcore.train import receipt, runtime, loop as training
+    from megacpp_mcore.models.accounting import flops_per_token
+    from megacpp_mcore.train import receipt, runtime
 
     optimizer = runtime.build_optimizer(chunks, lr=1e-4)
     cuda = torch.cuda.is_available()
@@ -109,7 +109,7 @@ def measure(name: str, model, chunks, args, seq: int) -> dict:
         losses.append(out["loss"])
     ms = 1000 * sum(times) / len(times)
     tokens = args.micro_batch_size * args.num_microbatches * seq
-    flops = training.model_flops_per_token(model, seq)
+    flops = flops_per_token(model, seq)
     observed = receipt.observe_backends(chunks)
     result = {
         "name": name,

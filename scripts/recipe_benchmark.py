@@ -12,10 +12,11 @@ attention+MoE trunk built two ways in ONE invocation: our spec (``NAM56R_LITE_AE
 ``pretrain_gpt.py``); same parameters and math, so the step-time ratio measures our spec's overhead
 (expected ~1.0) and the losses should track each other.
 
-Model FLOPs per token (training = 3 x forward): 6 x the matmul parameters a token passes through
-(attention projections, the top-k routed experts + shared expert + router, dense MLPs, mixer
-projections, the output layer, and per MTP depth the shared block + its projection + the output
-layer) + 6 x causal attention scores/values per ``A`` layer (seq/2 keys on average).
+Model FLOPs per token: ``megacpp_mcore.models.accounting.flops_per_token(model, causal=True)``
+(training = 3 x forward): 6 x the matmul parameters a token passes through (attention projections,
+the top-k routed experts + shared expert + router, dense MLPs, mixer projections, the output layer,
+and per MTP depth the shared block + its projection + the output layer) + causal attention
+scores/values per ``A`` layer (seq/2 keys on average).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megacpp_mcore.models.plan import attention_params, feedforward_params, m2rnn_params, mamba_params  # noqa: E402
+from megacpp_mcore.models.accounting import flops_per_token  # noqa: E402
 from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 
 RECIPES = {
@@ -43,33 +44,10 @@ RECIPES = {
 }
 
 
-def active_feedforward_params(m: ModelConfig) -> int:
-    if m.moe is None:
-        return feedforward_params(m)
-    e, h = m.moe, m.hidden_size
-    return h + h * e.num_experts + e.topk * 3 * h * e.ffn_hidden_size + 3 * h * (e.shared_expert_size or 0)
-
-
-def flops_per_token(m: ModelConfig, *, pattern: str | None = None, num_layers: int | None = None,
-                    mla: bool | None = None) -> float:
-    """Training FLOPs per token (see the module docstring)."""
-    from megacpp_mcore.spec.pattern import expand_pattern
-
-    mla = (m.mla is not None) if mla is None else mla
-    symbols = expand_pattern(pattern or m.pattern, num_layers or m.num_layers)
-    per_symbol = {"A": attention_params(m, mla=mla), "E": active_feedforward_params(m),
-                  "M": mamba_params(m), "R": m2rnn_params(m)}
-    matmul = sum(per_symbol[s] for s in symbols) + m.hidden_size * m.vocab_size
-    if mla:
-        qk, v = m.mla.qk_head_dim + m.mla.qk_pos_emb_head_dim, m.mla.v_head_dim
-    else:
-        qk = v = m.hidden_size // m.num_attention_heads
-    attn = symbols.count("A") * 2 * (m.seq_length / 2) * m.num_attention_heads * (qk + v)
-    if m.mtp_depth:
-        block = per_symbol["A"] + per_symbol["E"] + 2 * m.hidden_size * m.hidden_size
-        matmul += m.mtp_depth * (block + m.hidden_size * m.vocab_size)
-        attn += m.mtp_depth * 2 * (m.seq_length / 2) * m.num_attention_heads * (qk + v)
-    return 6.0 * matmul + 3.0 * attn
+def ae_trunk(preset: ModelConfig, depth: int) -> ModelConfig:
+    """The A/E trunk of the ``--compare-upstream`` A/B: ``depth`` upstream layers = ``2 * depth``
+    of our A/E sub-layers, without MLA, MTP or other features."""
+    return preset.replace(pattern="AE", num_layers=2 * depth, mla=None, mtp_depth=0, features={})
 
 
 @dataclasses.dataclass
@@ -196,11 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = recipe_tokens(recipe, env)
     gpus = int(flag(tokens, "--nproc-per-node"))
     runs = [run(args.recipe, tokens, env, log_dir, gpus=gpus, warmup=args.warmup,
-                fpt=flops_per_token(preset))]
+                fpt=flops_per_token(preset, causal=True)["total"])]
     if args.compare_upstream:
         ours, upstream, depth = ab_commands(tokens, args.megatron_lm)
-        trunk = dataclasses.replace(preset, mtp_depth=0)  # the A/B has neither MTP nor MLA
-        fpt = flops_per_token(trunk, pattern="AE", num_layers=2 * depth, mla=False)
+        fpt = flops_per_token(ae_trunk(preset, depth), causal=True)["total"]
         runs.append(run("ae_trunk_ours", ours, env, log_dir, gpus=gpus, warmup=args.warmup, fpt=fpt))
         runs.append(run("ae_trunk_upstream", upstream, env, log_dir, gpus=gpus, warmup=args.warmup, fpt=fpt))
     print_table(runs)

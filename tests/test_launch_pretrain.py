@@ -5,7 +5,6 @@ full path runs in the gpu test of tests/test_recipes.py)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -143,21 +142,30 @@ def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
     assert loss.shape == (2, 32) and torch.isfinite(loss).all()
 
 
+def test_builder_is_the_packages_one_gpt_model_builder(single_rank, monkeypatch):
+    """``gpt_builder`` builds through ``runtime.gpt_model``, the builder ``train`` uses."""
+    from megacpp_mcore.train import runtime
+
+    calls = []
+    real = runtime.gpt_model
+    monkeypatch.setattr(runtime, "gpt_model", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    lp.gpt_builder(_args(), pre_process=True, post_process=False, vp_stage=None, config=_config())
+    assert len(calls) == 1 and calls[0]["post_process"] is False and calls[0]["mtp"] is None
+    assert calls[0]["share_embeddings_and_output_weights"] is False  # --untie-embeddings-...
+
+
 def test_builder_refuses_upstream_mtp_from_checkpoint_args():
     with pytest.raises(lp.LaunchError, match="--mtp-num-layers=2 is not supported"):
         lp.gpt_builder(_args(mtp_num_layers=2), pre_process=True, post_process=True, config=None)
 
 
-def test_builder_adds_our_mtp_or_says_why_not(single_rank):
-    args = _args(megacpp_mtp_depth=2)
-    if importlib.util.find_spec("megacpp_mcore.features.mtp") is None:
-        with pytest.raises(lp.LaunchError, match="needs megacpp_mcore.features.mtp"):
-            lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
-        return
+def test_builder_adds_our_mtp_on_the_last_stage(single_rank):
     from megacpp_mcore.features.mtp import MTPGPTModel
 
+    args = _args(megacpp_mtp_depth=2, megacpp_mtp_decay=0.25)
     last = lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
-    assert isinstance(last, MTPGPTModel)
+    assert isinstance(last, MTPGPTModel) and last.mtp_block is not None
+    assert (last.mtp_config.depth, last.mtp_config.decay) == (2, 0.25)
     first = lp.gpt_builder(args, pre_process=True, post_process=False, config=_config())
     mtp_params = [n for n, _ in first.named_parameters() if "mtp" in n]
     assert mtp_params == [], "MTP belongs to the last pipeline stage only"

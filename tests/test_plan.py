@@ -8,7 +8,8 @@ import pytest
 
 from megacpp_mcore.train import runtime
 from megacpp_mcore.cli import main
-from megacpp_mcore.models.plan import build_plan, feedforward_params
+from megacpp_mcore.models.accounting import feedforward_params
+from megacpp_mcore.models.plan import build_plan
 from megacpp_mcore.models.presets import PRESETS, get_preset
 from megacpp_mcore.testing.parity import TINY_DENSE, TINY_MOE, model_from_spec
 

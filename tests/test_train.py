@@ -1,5 +1,6 @@
 """The training loop: resume equality, bad input, receipt schema, observed backends, stats hooks,
-FLOPs estimate, a 2-rank TP=2+SP launch of the CLI, and (GPU) the TE path."""
+FLOPs estimate, 2-rank launches of the CLI (TP=2+SP; interleaved PP=2 x VP=2 against PP=2), and
+(GPU) the TE path."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from megacpp_mcore import cli
-from megacpp_mcore.train import data, receipt, loop as training
+from megacpp_mcore.models.accounting import flops_per_token
+from megacpp_mcore.train import checkpoint, data, receipt, loop as training
 from megacpp_mcore.models.presets import ModelConfig, get_preset
 from test_data import make_tree
 
@@ -72,7 +74,7 @@ def test_resume_reaches_the_same_losses_as_an_uninterrupted_run(runs):
     assert runs["resumed"]["data"]["consumed_samples"] == runs["full"]["data"]["consumed_samples"] == 24
     assert runs["resumed"]["checkpoints"]["loaded_from"].endswith("iter_0000003")
     assert runs["stopped"]["status"] == "stopped" and runs["resumed"]["status"] == "completed"
-    assert (runs["ckpt"] / training.TRACKER).read_text().strip() == "3"
+    assert (runs["ckpt"] / checkpoint.TRACKER).read_text().strip() == "3"
 
 
 def test_progress_lines_and_final_summary(runs):
@@ -143,16 +145,23 @@ def test_observe_backends_reports_what_was_built_not_the_request(single_rank):
 
 
 def test_te_attention_selection_reads_tes_last_choice(monkeypatch):
-    """The kernel TE picked is read from TE's own selection state (a stand-in module here)."""
+    """The kernel TE picked is read from TE's own selection state (stand-in modules here, on any
+    host: TE's real modules, where installed, are shadowed)."""
     import types
 
-    assert receipt.te_attention_selection() is None or torch.cuda.is_available()
-    fake = types.ModuleType("dpa")
-    fake._attention_backends = {"attention_params": object(), "use_flash_attention": False,
-                                "flash_attention_backend": None, "use_fused_attention": True,
-                                "fused_attention_backend": "NVTE_F16_arbitrary_seqlen",
-                                "use_unfused_attention": False}
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention", fake)
+    def selection(**chosen):
+        module = types.ModuleType("dpa")
+        module._attention_backends = {"attention_params": object(), "use_flash_attention": False,
+                                      "flash_attention_backend": None, "use_fused_attention": False,
+                                      "fused_attention_backend": None, "use_unfused_attention": False,
+                                      **chosen}
+        return module
+
+    for name in receipt.TE_SELECTION_MODULES:  # no TE attention has run yet
+        monkeypatch.setitem(sys.modules, name, selection())
+    assert receipt.te_attention_selection() is None
+    fused = selection(use_fused_attention=True, fused_attention_backend="NVTE_F16_arbitrary_seqlen")
+    monkeypatch.setitem(sys.modules, receipt.TE_SELECTION_MODULES[0], fused)
     monkeypatch.setenv("NVTE_FUSED_ATTN", "1")
     selected = receipt.te_attention_selection()
     assert selected["kernel"] == "cudnn-fused (NVTE_F16_arbitrary_seqlen)"
@@ -201,7 +210,7 @@ def test_model_flops_per_token_matches_instantiated_weights(single_rank):
     (chunk,) = runtime.build_model(model, config, backend="local", wrap_ddp=False)
     matmul = sum(p.numel() for n, p in chunk.named_parameters()
                  if p.dim() == 2 and "embedding" not in n)
-    flops = training.model_flops_per_token(model)
+    flops = flops_per_token(model)
     assert flops["active_params"] == matmul
     assert flops["attention"] == 2 * 12 * model.seq_length * model.hidden_size
     assert flops["total"] == 6 * matmul + flops["attention"]
@@ -213,7 +222,17 @@ def test_model_flops_per_token_matches_instantiated_weights(single_rank):
     matmul = sum(p.numel() for n, p in chunk.named_parameters()
                  if p.dim() == 2 and "embedding" not in n
                  and ("local_experts." not in n or any(a in n for a in active_experts)))
-    assert training.model_flops_per_token(model)["active_params"] == matmul
+    assert flops_per_token(model)["active_params"] == matmul
+    # MTP: per depth, the shared block's matmuls (its A, E and [2h -> h] projection) and the head again
+    model = tiny_model().replace(moe=None, num_layers=4, mtp_depth=2)
+    config = runtime.transformer_config(model, runtime.Parallelism())
+    (chunk,) = runtime.build_model(model, config, backend="local", wrap_ddp=False)
+    block = sum(p.numel() for p in chunk.mtp_block.parameters() if p.dim() == 2)
+    flops = flops_per_token(model)
+    plain = flops_per_token(model.replace(mtp_depth=0))
+    assert flops["active_params"] - plain["active_params"] == 2 * (block + model.hidden_size * model.vocab_size)
+    assert flops["attention"] == 2 * plain["attention"]  # 2 A layers, plus 1 per depth
+    assert flops_per_token(model, causal=True)["attention"] == flops["attention"] / 2
 
 
 def _cli(argv, capsys):
@@ -271,15 +290,12 @@ def test_two_rank_tp2_sp_cli_resumes_the_single_rank_checkpoint(runs):
     """``torchrun --nproc-per-node 2 -m megacpp_mcore.cli train --tp 2 --sp``: loads the 1-rank
     checkpoint (resharded model and optimizer) and reaches the 1-rank resumed losses."""
     rec_path = runs["tmp"] / "tp2.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "megacpp_mcore.cli",
-           "train", *TINY_ARGS, "--tp", "2", "--sp", "--steps", "6", "--micro-batch-size", "2",
-           "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2",
-           "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1",
-           "--data", runs["prefix"], "--load", str(runs["ckpt"]), "--receipt", str(rec_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEGACPP_CACHE=str(runs["tmp"] / "cache"),
-               PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = _torchrun_cli(
+        ["train", *TINY_ARGS, "--tp", "2", "--sp", "--steps", "6", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2",
+         "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1",
+         "--data", runs["prefix"], "--load", str(runs["ckpt"]), "--receipt", str(rec_path)],
+        runs["tmp"] / "cache")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "step      6/6" in proc.stdout and "bits/byte" in proc.stdout
     rec = json.loads(rec_path.read_text())
@@ -289,6 +305,52 @@ def test_two_rank_tp2_sp_cli_resumes_the_single_rank_checkpoint(runs):
     single = _losses(runs["resumed"])
     for step, loss in _losses(rec).items():
         assert loss == pytest.approx(single[step], abs=1e-5), (step, loss, single[step])
+
+
+def _torchrun_cli(argv: list[str], cache: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m megacpp_mcore.cli <argv>`` on gloo (2 CPU ranks)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "megacpp_mcore.cli", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGACPP_CACHE=str(cache), PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.distributed
+def test_two_rank_interleaved_pipeline_matches_plain_pipeline(runs, monkeypatch):
+    """``train --pp 2 --vp 2`` (interleaved 1F1B, two model chunks per rank) runs through the CLI
+    and reaches the losses and validation of ``train --pp 2`` within 1e-5; both resume the same
+    1-rank checkpoint of a 4-layer model, so their weights are equal by construction."""
+    tmp, layers = runs["tmp"], ["--preset", "ae-tiny", "--num-layers", "4", "--seq-length", "32"]
+    schedule = dict(steps=3, micro_batch_size=1, warmup_steps=1)
+    model = tiny_model().replace(num_layers=4)
+    monkeypatch.setenv("MEGACPP_CACHE", str(tmp / "cache"))
+    training.train(model, tiny_cfg(runs["prefix"], **schedule, stop_after=1, save=str(tmp / "ckpt4"),
+                                   receipt=str(tmp / "ckpt4.json")), log=lambda _: None)
+    recs = {}
+    for name, extra in (("pp2", []), ("pp2-vp2", ["--vp", "2", "--save", str(tmp / "ckpt-vp")])):
+        argv = ["train", *layers, "--pp", "2", *extra, "--steps", "3", "--micro-batch-size", "1",
+                "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "1",
+                "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1",
+                "--data", runs["prefix"], "--load", str(tmp / "ckpt4"),
+                "--receipt", str(tmp / f"{name}.json")]
+        proc = _torchrun_cli(argv, tmp / "cache")
+        assert proc.returncode == 0, (name, (proc.stdout + proc.stderr)[-4000:])
+        recs[name] = json.loads((tmp / f"{name}.json").read_text())
+        receipt.validate(recs[name])
+    assert recs["pp2-vp2"]["topology"]["vp"] == 2 and recs["pp2"]["topology"]["vp"] is None
+    assert recs["pp2-vp2"]["topology"]["num_microbatches"] == 4
+    plain, interleaved = _losses(recs["pp2"]), _losses(recs["pp2-vp2"])
+    assert sorted(plain) == sorted(interleaved) == [2, 3]
+    for step, loss in interleaved.items():
+        assert loss == pytest.approx(plain[step], abs=1e-5), (step, loss, plain[step])
+    bpb = [r["validation"]["final_bpb"] for r in (recs["pp2"], recs["pp2-vp2"])]
+    assert bpb[1] == pytest.approx(bpb[0], abs=1e-5)
+    # the interleaved save holds every chunk's tensors (model and optimizer), as the 1-rank one does
+    from megatron.core import dist_checkpointing
+
+    saved = [set(dist_checkpointing.load_tensors_metadata(str(p))) for p in
+             (tmp / "ckpt4" / "iter_0000001", tmp / "ckpt-vp" / "iter_0000003")]
+    assert saved[0] == saved[1] and "decoder.layers.3.mlp.router.weight" in saved[1]
 
 
 def _free_port() -> int:

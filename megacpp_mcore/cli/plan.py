@@ -1,4 +1,5 @@
-"""``megacpp-mcore plan``: the layer table of a preset or of an explicit pattern."""
+"""``megacpp-mcore plan``: the layer plan (:mod:`megacpp_mcore.models.plan`) of a preset or of an
+explicit pattern."""
 
 from __future__ import annotations
 

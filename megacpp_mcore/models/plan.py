@@ -1,6 +1,15 @@
 """The layer plan of a model: every layer, its block, backend, features and parameter count, the
-pipeline split, and a memory estimate. Counts are analytic (no model is built), so the full 52-layer
-NAM56R plans in milliseconds; tests check them against instantiated modules.
+pipeline split, and a memory estimate, as ``megacpp-mcore plan`` prints it. Analytic (no model is
+built): the counts come from :mod:`megacpp_mcore.models.accounting`.
+
+Names, one concept each (the word "plan" meant three things before):
+
+* **layer table**: the compiled per-layer list (``ModelConfig.layer_table()``, one
+  :class:`~megacpp_mcore.spec.pattern.LayerEntry` per layer: index, symbol, features, stage);
+* **layer plan** (this module, :func:`build_plan`; the ``plan`` command prints it): the layer table
+  plus blocks, backends, parameter counts, pipeline stages and the memory estimate;
+* **checked run** (:class:`megacpp_mcore.train.loop.CheckedRun`): what ``train`` derives from its
+  inputs before anything starts (batch sizes, data-parallel size, checkpoint to load).
 """
 
 from __future__ import annotations
@@ -10,10 +19,9 @@ import hashlib
 import json
 from typing import Any
 
-# The M and R blocks are built from the same dimensions.
-from megacpp_mcore.layers.mixers.dims import m2rnn_dims, mamba_dims
-from megacpp_mcore.spec.pattern import LayerEntry, symbol_counts
+from megacpp_mcore.models.accounting import embedding_params, layer_params
 from megacpp_mcore.models.presets import ModelConfig
+from megacpp_mcore.spec.pattern import LayerEntry, symbol_counts
 
 BLOCK_NAMES = {
     "A": "self-attention",
@@ -21,59 +29,6 @@ BLOCK_NAMES = {
     "M": "mamba2-mixer",
     "R": "m2rnn-mixer",
 }
-
-def attention_params(m: ModelConfig, *, mla: bool) -> int:
-    h = m.hidden_size
-    if mla:
-        c = m.mla
-        heads = m.num_attention_heads
-        qk = c.qk_head_dim + c.qk_pos_emb_head_dim
-        q = (h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * qk) if c.q_lora_rank else h * heads * qk
-        kv = h * (c.kv_lora_rank + c.qk_pos_emb_head_dim) + c.kv_lora_rank
-        kv += c.kv_lora_rank * heads * (c.qk_head_dim + c.v_head_dim)
-        return h + q + kv + heads * c.v_head_dim * h  # input norm + projections
-    head_dim = h // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
-    qkv = h * (h + 2 * groups * head_dim)
-    return h + qkv + h * h  # input norm + QKV + output projection
-
-
-def feedforward_params(m: ModelConfig) -> int:
-    h = m.hidden_size
-    if m.moe is None:
-        return h + 3 * h * m.ffn_hidden_size  # norm + SwiGLU fc1 (2f) + fc2
-    e = m.moe
-    params = h + h * e.num_experts + e.num_experts * 3 * h * e.ffn_hidden_size  # norm, router, experts
-    if e.shared_expert_size:
-        params += 3 * h * e.shared_expert_size
-    return params
-
-
-def mamba_params(m: ModelConfig) -> int:
-    return m.hidden_size + mamba_dims(m.hidden_size).num_params()  # input norm + mixer
-
-
-def m2rnn_params(m: ModelConfig) -> int:
-    return m.hidden_size + m2rnn_dims(m.hidden_size, m.num_attention_heads).num_params()
-
-
-def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
-    if entry.symbol == "A":
-        return attention_params(m, mla="mla" in entry.features)
-    if entry.symbol == "E":
-        return feedforward_params(m)
-    if entry.symbol == "M":
-        return mamba_params(m)
-    return m2rnn_params(m)
-
-
-def embedding_params(m: ModelConfig) -> dict[str, int]:
-    h, v = m.hidden_size, m.vocab_size
-    out = {"embedding": v * h, "output_layer": 0 if m.tie_embeddings else v * h, "final_norm": h}
-    if m.mtp_depth:
-        # shared MTP block: one A + one E, two input norms, the [2h -> h] mixing projection
-        out["mtp_shared_block"] = attention_params(m, mla=m.mla is not None) + feedforward_params(m) + 2 * h + 2 * h * h
-    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

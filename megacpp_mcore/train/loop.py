@@ -1,12 +1,13 @@
 """The training loop: real C/C++ bytes through megatron-core's data pipeline, schedule and optimizer.
 
-:func:`train` validates everything it can before it writes anything (model, sizes, data prefix,
-checkpoint to load), then: starts the parallel world (:mod:`megacpp_mcore.train.runtime`), builds the
-model from the pattern compiler, reads data through ``BlendedMegatronDatasetBuilder``/``GPTDataset``,
-steps through Megatron's forward-backward schedule with Megatron's optimizer and LR scheduler, logs a
-line per interval (step, loss, tokens/s, peak memory, ETA), validates in bits per byte, saves and
-resumes distributed checkpoints (model, optimizer, scheduler, step, data position) and writes the
-run receipt (:mod:`megacpp_mcore.train.receipt`).
+:func:`train` validates everything it can before it writes anything (:func:`check` returns the
+:class:`CheckedRun`: model, sizes, data prefix, checkpoint to load), then: starts the parallel world
+(:mod:`megacpp_mcore.train.runtime`), builds the model from the pattern compiler, reads data through
+``BlendedMegatronDatasetBuilder``/``GPTDataset``, steps through Megatron's forward-backward schedule
+with Megatron's optimizer and LR scheduler, logs a line per interval (step, loss, tokens/s, peak
+memory, ETA), validates in bits per byte, saves and resumes checkpoints
+(:mod:`megacpp_mcore.train.checkpoint`) and hands the run's facts to
+:mod:`megacpp_mcore.train.receipt`, which assembles and writes the run receipt.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from typing import Any, Callable
 
 import torch
 
-from megacpp_mcore.train import data as data_mod
 from megacpp_mcore.models.presets import ModelConfig
+from megacpp_mcore.train import data as data_mod
+from megacpp_mcore.train.checkpoint import (
+    check_checkpoint_matches,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megacpp_mcore.train.runtime import Parallelism
 
-TRACKER = "latest_checkpointed_iteration.txt"
 LN2 = math.log(2.0)
 
 
@@ -80,39 +86,6 @@ class TrainConfig:
             raise ValueError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 
 
-def model_flops_per_token(model: ModelConfig, seq_length: int | None = None) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward): ``6 * N_active + attention``.
-
-    ``N_active`` counts the matmul weights a token passes through (all layers, MoE: router + top-k
-    routed experts + shared expert, the output head; not the embedding lookup or norms). The
-    attention term is ``12 * s * (d_qk + d_v) / 2 * heads`` per attention layer (QK^T and AV,
-    forward and backward, no causal discount), i.e. ``12 * s * h`` for standard attention.
-    Mamba/M2RNN scans are not counted (their projections are, through ``N_active``).
-    """
-    from megacpp_mcore.models import plan
-
-    s = seq_length or model.seq_length
-    h = model.hidden_size
-    active = h * model.vocab_size  # output head
-    attention = 0.0
-    for entry in model.layer_table():
-        if entry.symbol == "E" and model.moe is not None:
-            e = model.moe
-            active += h * e.num_experts + e.topk * 3 * h * e.ffn_hidden_size
-            active += 3 * h * (e.shared_expert_size or 0)
-        else:
-            active += plan.layer_params(model, entry) - h  # minus the input norm
-        if entry.symbol == "A":
-            if "mla" in entry.features and model.mla is not None:
-                qk = model.mla.qk_head_dim + model.mla.qk_pos_emb_head_dim
-                attention += 6 * s * model.num_attention_heads * (qk + model.mla.v_head_dim)
-            else:
-                attention += 12 * s * h
-    dense = 6.0 * active
-    return {"active_params": float(active), "dense": dense, "attention": attention,
-            "total": dense + attention}
-
-
 # ----------------------------------------------------------------------------------- validation --
 
 def _world_size() -> int:
@@ -121,25 +94,11 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def find_checkpoint(directory: str) -> tuple[Path, int]:
-    """The latest checkpoint in ``directory`` and its step; ``ValueError`` when there is none."""
-    root = Path(directory)
-    tracker = root / TRACKER
-    if not root.is_dir():
-        raise ValueError(f"--load {directory!r}: no such directory")
-    try:
-        step = int(tracker.read_text().strip())
-    except (OSError, ValueError):
-        raise ValueError(f"--load {directory!r} holds no checkpoint ({TRACKER} is missing or unreadable)") from None
-    path = root / f"iter_{step:07d}"
-    if not (path / "metadata.json").is_file():
-        raise ValueError(f"--load {directory!r}: {TRACKER} names step {step} but {path} is not a checkpoint")
-    return path, step
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Plan:
-    """Everything :func:`check` derived from the inputs."""
+class CheckedRun:
+    """What :func:`check` derived from the inputs of ``train``, before anything starts: the model
+    (at the run's sequence length), data-parallel size, global batch, micro-batches per step and
+    the checkpoint to load. (Not the layer plan of :mod:`megacpp_mcore.models.plan`.)"""
 
     model: ModelConfig
     seq_length: int
@@ -149,7 +108,7 @@ class _Plan:
     load: tuple[Path, int] | None
 
 
-def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
+def check(model: ModelConfig, cfg: TrainConfig) -> CheckedRun:
     """All input validation, before anything is written or any process group starts."""
     from megacpp_mcore.spec.backends import resolve_backend_name
 
@@ -180,8 +139,8 @@ def check(model: ModelConfig, cfg: TrainConfig) -> _Plan:
         check_checkpoint_matches(load[0], model)
     if load and load[1] > cfg.steps:
         raise ValueError(f"--load {cfg.load!r} is at step {load[1]}, beyond --steps {cfg.steps}")
-    return _Plan(model=model, seq_length=seq, dp=dp, global_batch=gbs,
-                 num_microbatches=gbs // (cfg.micro_batch_size * dp), load=load)
+    return CheckedRun(model=model, seq_length=seq, dp=dp, global_batch=gbs,
+                      num_microbatches=gbs // (cfg.micro_batch_size * dp), load=load)
 
 
 # ------------------------------------------------------------------------------------------ data --
@@ -227,88 +186,6 @@ def micro_batches(dataset, *, first_sample: int, global_batch: int, micro_batch_
     return out
 
 
-# ------------------------------------------------------------------------------------ checkpoint --
-
-def model_signature(model: ModelConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded into ``model`` (topology may differ)."""
-    keys = ("pattern", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-            "ffn_hidden_size", "vocab_size")
-    table = [[e.index, e.symbol, sorted(e.features)] for e in model.layer_table()]
-    return {k: getattr(model, k) for k in keys} | {"moe": repr(model.moe), "layers": table}
-
-
-def check_checkpoint_matches(path: Path, model: ModelConfig) -> None:
-    """``ValueError`` naming the differences when the checkpoint at ``path`` holds another model."""
-    from megatron.core import dist_checkpointing
-
-    saved = dist_checkpointing.load_common_state_dict(str(path)).get("model_signature")
-    if saved is None:
-        raise ValueError(f"--load: {path} was not written by `megacpp-mcore train` (no model signature)")
-    wanted = model_signature(model)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted[k]!r}"
-            for k in wanted if k != "layers" and saved.get(k) != wanted[k]]
-    if not diff and saved.get("layers") != wanted["layers"]:
-        diff.append("layer table (symbols/features per layer) differs")
-    if diff:
-        raise ValueError(f"--load: {path} holds a different model: " + "; ".join(diff))
-
-
-def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is_loading: bool,
-                   model: ModelConfig) -> dict:
-    model_sd: dict = {}
-    for chunk in chunks:
-        model_sd.update(chunk.module.sharded_state_dict(prefix=""))
-    return {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "consumed_samples": consumed,
-        "model_signature": model_signature(model),
-    }
-
-
-def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, consumed: int,
-                    model: ModelConfig) -> Path:
-    """``directory/iter_<step>`` through dist_checkpointing; the tracker file is written last
-    (atomically), so an interrupted save is never picked up by ``--load``."""
-    from megatron.core import dist_checkpointing
-
-    path = Path(directory, f"iter_{step:07d}")
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    state = _sharded_state(chunks, optimizer, scheduler, step=step, consumed=consumed, is_loading=False,
-                           model=model)
-    dist_checkpointing.save(state, str(path))
-    torch.distributed.barrier()
-    if rank == 0:
-        tmp = Path(directory, f".{TRACKER}.tmp")
-        tmp.write_text(f"{step}\n")
-        os.replace(tmp, Path(directory, TRACKER))
-    torch.distributed.barrier()
-    return path
-
-
-def load_checkpoint(path: Path, chunks, optimizer, scheduler, *, model: ModelConfig) -> tuple[int, int]:
-    """Restores model, optimizer and scheduler state; returns (step, consumed samples)."""
-    from megatron.core import dist_checkpointing
-
-    state = _sharded_state(chunks, optimizer, scheduler, step=0, consumed=0, is_loading=True, model=model)
-    loaded = dist_checkpointing.load(state, str(path))
-    for chunk in chunks:
-        own = chunk.module.state_dict(keep_vars=True)
-        missing, _ = chunk.module.load_state_dict(
-            {k: v for k, v in loaded["model"].items() if k in own}, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing:
-            raise RuntimeError(f"checkpoint {path} lacks {missing[:5]}")
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
-    return int(loaded["step"]), int(loaded["consumed_samples"])
-
-
 # ------------------------------------------------------------------------------------- the loop --
 
 def peak_memory_bytes() -> dict[str, Any]:
@@ -316,10 +193,6 @@ def peak_memory_bytes() -> dict[str, Any]:
     if torch.cuda.is_available():
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
     return {"kind": "cpu_max_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -340,22 +213,23 @@ class _Timers:
 
 
 class Trainer:
-    """One training run: set up from a checked plan, :meth:`run` the loop, :meth:`receipt`."""
+    """One training run: set up from a :class:`CheckedRun`, :meth:`run` the loop, :meth:`facts`
+    for the receipt."""
 
-    def __init__(self, plan: _Plan, cfg: TrainConfig, *, log: Callable[[str], None], t_start: float):
+    def __init__(self, checked: CheckedRun, cfg: TrainConfig, *, log: Callable[[str], None], t_start: float):
         from megatron.core import parallel_state
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megacpp_mcore.train import runtime
         from megacpp_mcore.train.stats import StatsCollector
 
-        self.plan, self.cfg, self.model, self.t_start = plan, cfg, plan.model, t_start
+        self.checked, self.cfg, self.model, self.t_start = checked, cfg, checked.model, t_start
         self.timers = _Timers()
         runtime.initialize(cfg.parallel, seed=cfg.seed)
         self.rank = torch.distributed.get_rank()
         self.say = log if self.rank == 0 else (lambda _msg: None)
         self.prepared = self._data()
-        self.gbs, self.seq = plan.global_batch, plan.seq_length
+        self.gbs, self.seq = checked.global_batch, checked.seq_length
         self.train_ds, self.valid_ds = build_datasets(
             self.prepared, seq_length=self.seq, train_samples=cfg.steps * self.gbs,
             valid_samples=cfg.eval_iters * self.gbs, seed=cfg.seed)
@@ -377,10 +251,10 @@ class Trainer:
         self.saved: list[str] = []
         self.compute_s, self.compute_steps, self.last_loss = 0.0, 0, float("nan")
         t = time.perf_counter()
-        if plan.load:
-            self.step, self.consumed = load_checkpoint(plan.load[0], self.chunks, self.optimizer,
+        if checked.load:
+            self.step, self.consumed = load_checkpoint(checked.load[0], self.chunks, self.optimizer,
                                                        self.scheduler, model=self.model)
-            self.loaded_from = str(plan.load[0])
+            self.loaded_from = str(checked.load[0])
             self.say(f"resumed from {self.loaded_from}: step {self.step}, {self.consumed} samples consumed")
             t = self.timers.add("checkpoint", t)
         self.timers.seconds["startup"] = t - t_start - self.timers.seconds["checkpoint"]
@@ -397,14 +271,13 @@ class Trainer:
     def _micro(self, dataset, first_sample: int, *, bytes_only_loss: bool = False) -> list[dict]:
         return micro_batches(dataset, first_sample=first_sample, global_batch=self.gbs,
                              micro_batch_size=self.cfg.micro_batch_size, dp_rank=self.dp_rank,
-                             dp=self.plan.dp, bytes_only_loss=bytes_only_loss)
+                             dp=self.checked.dp, bytes_only_loss=bytes_only_loss)
 
     def _schedule(self, micro: list[dict], *, forward_only: bool = False) -> dict[str, float]:
         from megacpp_mcore.train import runtime
 
-        # One iterator per model chunk: interleaved pipeline stages each read every micro-batch.
-        its = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
-        return runtime.train_step(self.chunks, self.optimizer, its, num_microbatches=len(micro),
+        # The micro-batches themselves: runtime.chunk_iterators makes the schedule's iterator(s).
+        return runtime.train_step(self.chunks, self.optimizer, micro, num_microbatches=len(micro),
                                   micro_batch_size=self.cfg.micro_batch_size, seq_length=self.seq,
                                   forward_only=forward_only)
 
@@ -442,6 +315,7 @@ class Trainer:
         return out
 
     def log_line(self, out: dict[str, float], window_s: float, window_steps: int) -> None:
+        from megacpp_mcore.train.receipt import format_bytes
         from megacpp_mcore.train.stats import format_stats
 
         stats = self.collector.gather()
@@ -453,7 +327,7 @@ class Trainer:
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
         self.say(f"step {self.step:>6}/{self.cfg.steps} | loss {self.last_loss:.4f} | lr {lr:.2e} "
                  f"| grad norm {out['grad_norm']:.3f} | {self.gbs * self.seq / per_step:,.0f} tokens/s "
-                 f"| peak mem {_fmt_bytes(mem['bytes'])} | ETA {_fmt_eta(per_step * (self.cfg.steps - self.step))}"
+                 f"| peak mem {format_bytes(mem['bytes'])} | ETA {_fmt_eta(per_step * (self.cfg.steps - self.step))}"
                  + (f" | {format_stats(stats)}" if stats else ""))
 
     def run(self) -> None:
@@ -461,7 +335,7 @@ class Trainer:
         self.say(f"training {self.model.name} ({self.model.num_layers} layers "
                  f"'{''.join(e.symbol for e in self.model.layer_table())}') for {cfg.steps} steps: "
                  f"global batch {self.gbs} x {self.seq} tokens, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
-                 f"ep={cfg.parallel.ep} dp={self.plan.dp}, backend {self.backend_name}, data {self.prepared.prefix}")
+                 f"ep={cfg.parallel.ep} dp={self.checked.dp}, backend {self.backend_name}, data {self.prepared.prefix}")
         if self.step == 0:
             self.evaluate()
         stop = min(cfg.steps, cfg.stop_after or cfg.steps)
@@ -489,76 +363,28 @@ class Trainer:
 
         return resolve_backend_name(self.cfg.backend)
 
-    def receipt(self, *, started_at: datetime.datetime, preset: str | None) -> dict[str, Any]:
-        """The run receipt (all ranks take part: observed backends and peak memory are gathered)."""
+    def facts(self, *, started_at: datetime.datetime, preset: str | None):
+        """What this run was given and measured, for the receipt (all ranks take part: observed
+        backends are gathered, peak memory is the maximum over ranks)."""
         from megacpp_mcore.train import receipt as receipt_mod
         from megacpp_mcore.train import runtime
-        from megacpp_mcore.models.plan import build_plan
 
-        cfg, model, world = self.cfg, self.model, torch.distributed.get_world_size()
+        world = torch.distributed.get_world_size()
         mem = peak_memory_bytes()
         peak = torch.tensor([mem["bytes"]], dtype=torch.float64, device=runtime.device())
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        observed_all: list = [None] * world
-        torch.distributed.all_gather_object(observed_all, receipt_mod.observe_backends(self.chunks))
-        final_stats = self.collector.gather()
-        flops = model_flops_per_token(model, self.seq)
-        tokens_per_s = self.compute_steps * self.gbs * self.seq / self.compute_s if self.compute_steps else 0.0
-        plan = build_plan(model, pp=cfg.parallel.pp, tp=cfg.parallel.tp, ep=cfg.parallel.ep,
-                          micro_batch=cfg.micro_batch_size, backend=cfg.backend)
-        trained = [v for v in self.validation if v["step"] > 0]  # "first" = first after training began
-        untrained = [v for v in self.validation if v["step"] == 0]
-        best = min(self.validation, key=lambda v: v["bpb"]) if self.validation else None
-        return {
-            "schema_version": receipt_mod.SCHEMA_VERSION,
-            "status": "completed" if self.step >= cfg.steps else "stopped",
-            "command": receipt_mod.command_line(),
-            "started_at": started_at.isoformat(),
-            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "preset": preset,
-            "model": {k: getattr(model, k) for k in ("name", "pattern", "num_layers", "hidden_size",
-                                                     "num_attention_heads", "ffn_hidden_size",
-                                                     "vocab_size", "seq_length", "mtp_depth")},
-            "expanded_pattern": plan["expanded_pattern"],
-            "layer_table_hash": plan["layer_table_hash"],
-            "layer_counts": plan["counts"],
-            "parameters": plan["parameters"]["total"],
-            "features": receipt_mod.feature_states(model),
-            "topology": {"world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                         "ep": cfg.parallel.ep, "dp": self.plan.dp, "sp": cfg.parallel.sp,
-                         "vp": cfg.parallel.vp, "micro_batch_size": cfg.micro_batch_size,
-                         "global_batch_size": self.gbs, "num_microbatches": self.plan.num_microbatches,
-                         "seq_length": self.seq},
-            "backends": {"requested": cfg.backend, "resolved": self.backend_name,
-                         "observed": _merge_observed(observed_all)},
-            "precision": "bf16" if self.config.bf16 else "fp32",
-            "versions": receipt_mod.package_versions(),
-            "data": {"prefix": self.prepared.prefix, "source": self.prepared.manifest.get("source"),
-                     "splits": self.prepared.manifest.get("splits"), "consumed_samples": self.consumed,
-                     "tokenizer": self.prepared.manifest.get("tokenizer")},
-            "training": {"steps": cfg.steps, "completed_steps": self.step, "seed": cfg.seed,
-                         "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
-                         "lr_schedule": "cosine", "losses": self.losses,
-                         "final_loss": _finite(self.last_loss)},
-            "throughput": {"tokens_per_s": tokens_per_s,
-                           "model_flops_per_token": flops["total"],
-                           "active_params": flops["active_params"],
-                           "model_tflops_per_s": tokens_per_s * flops["total"] / 1e12,
-                           "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / world},
-            "peak_memory": {"kind": mem["kind"], "bytes": int(peak.item())},
-            "time": {"total_s": time.perf_counter() - self.t_start,
-                     "cpu_s": time.process_time(),  # this rank's process, all threads
-                     "goodput_s": self.timers.seconds["step_compute"],
-                     "badput_s": {k: v for k, v in self.timers.seconds.items() if k != "step_compute"}},
-            "validation": {"metric": "bits_per_byte", "history": self.validation,
-                           "untrained_bpb": untrained[0]["bpb"] if untrained else None,
-                           "first_bpb": trained[0]["bpb"] if trained else None,
-                           "final_bpb": self.validation[-1]["bpb"] if self.validation else None,
-                           "best_bpb": best["bpb"] if best else None,
-                           "best_step": best["step"] if best else None},
-            "stats": {"latest": final_stats, "history": self.stats_history},
-            "checkpoints": {"saved": self.saved, "loaded_from": self.loaded_from},
-        }
+        observed: list = [None] * world
+        torch.distributed.all_gather_object(observed, receipt_mod.observe_backends(self.chunks))
+        return receipt_mod.RunFacts(
+            config=self.cfg, checked=self.checked, preset=preset, started_at=started_at,
+            world_size=world, backend=self.backend_name, observed=observed, bf16=self.config.bf16,
+            data_prefix=self.prepared.prefix, data_manifest=self.prepared.manifest,
+            consumed_samples=self.consumed, completed_steps=self.step, losses=self.losses,
+            last_loss=self.last_loss, validation=self.validation, stats=self.collector.gather(),
+            stats_history=self.stats_history, compute_s=self.compute_s,
+            compute_steps=self.compute_steps, peak_memory={"kind": mem["kind"], "bytes": int(peak.item())},
+            seconds=dict(self.timers.seconds), total_s=time.perf_counter() - self.t_start,
+            cpu_s=time.process_time(), saved=self.saved, loaded_from=self.loaded_from)
 
 
 def _print(line: str) -> None:
@@ -575,16 +401,17 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
     # Start-up counts from process creation (interpreter and megatron imports included).
     t_start = time.perf_counter() - max(time.time() - _process_start(), 0.0)
     started_at = datetime.datetime.now(datetime.timezone.utc)
-    plan = check(model, cfg)  # raises ValueError before anything is written
-    trainer = Trainer(plan, cfg, log=log, t_start=t_start)
+    checked = check(model, cfg)  # raises ValueError before anything is written
+    trainer = Trainer(checked, cfg, log=log, t_start=t_start)
     trainer.run()
-    receipt = trainer.receipt(started_at=started_at, preset=preset)
+    receipt = receipt_mod.assemble(trainer.facts(started_at=started_at, preset=preset))
     if trainer.rank == 0:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", plan.model.name).strip("-")
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", checked.model.name).strip("-")
         path = cfg.receipt or data_mod.cache_dir() / "runs" / f"{name}-{started_at:%Y%m%d-%H%M%S}.json"
         receipt["receipt_path"] = str(path)
         receipt_mod.write(path, receipt)
-        _summary(receipt, trainer.say)
+        for line in receipt_mod.summary_lines(receipt):
+            trainer.say(line)
     runtime.shutdown()
     return receipt
 
@@ -593,50 +420,3 @@ def _process_start() -> float:
     import psutil
 
     return psutil.Process().create_time()
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _merge_observed(parts: list[dict]) -> dict:
-    """Observed backends of all ranks: layers by global index, class counts summed per rank."""
-    layers = {}
-    summary: dict[str, dict[str, int]] = {}
-    te_attention = None
-    kinds = set()
-    for part in parts:
-        for layer in part["layers"]:
-            layers.setdefault(layer["index"], layer)
-        for role, counts in part["summary"].items():
-            for cls, n in counts.items():
-                summary.setdefault(role, {})
-                summary[role][cls] = summary[role].get(cls, 0) + n
-        te_attention = te_attention or part["te_attention"]
-        if part["attention"] != "none":
-            kinds.add(part["attention"])
-    attention = "none" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
-    return {"attention": attention, "summary": dict(sorted(summary.items())),
-            "layers": [layers[i] for i in sorted(layers)], "te_attention": te_attention,
-            "counted_over_ranks": len(parts)}
-
-
-def _summary(receipt: dict, say: Callable[[str], None]) -> None:
-    v, t, th = receipt["validation"], receipt["time"], receipt["throughput"]
-    say("-" * 72)
-    say(f"{receipt['status']}: {receipt['training']['completed_steps']}/{receipt['training']['steps']} steps "
-        f"in {t['total_s']:.1f} s, {t['cpu_s']:.0f} CPU-s (compute {t['goodput_s']:.1f} s; "
-        + ", ".join(f"{k} {s:.1f} s" for k, s in t["badput_s"].items()) + ")")
-    if v["first_bpb"] is not None:
-        first_step = next(h["step"] for h in v["history"] if h["step"] > 0)
-        say(f"validation bits/byte: first (step {first_step}) {v['first_bpb']:.4f} -> final "
-            f"{v['final_bpb']:.4f} (x{v['final_bpb'] / v['first_bpb']:.3f}); best {v['best_bpb']:.4f} "
-            f"at step {v['best_step']}"
-            + (f"; untrained {v['untrained_bpb']:.4f}" if v["untrained_bpb"] is not None else ""))
-    say(f"throughput {th['tokens_per_s']:,.0f} tokens/s, {th['model_tflops_per_s']:.3f} model TFLOP/s "
-        f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token); peak memory "
-        f"{_fmt_bytes(receipt['peak_memory']['bytes'])} ({receipt['peak_memory']['kind']})")
-    obs = receipt["backends"]["observed"]
-    say(f"backend requested {receipt['backends']['requested']}, observed attention {obs['attention']}"
-        + (f" ({obs['te_attention']['kernel']})" if obs.get("te_attention") else ""))
-    say(f"receipt: {receipt['receipt_path']}")

@@ -1,5 +1,9 @@
 """Run receipts: one JSON file per training run, validated against ``receipt.schema.json``.
 
+The trainer hands over what it was given and measured (:class:`RunFacts`); this module assembles
+the receipt (:func:`assemble`), validates it against the schema (:func:`validate`), writes it
+(:func:`write`) and formats the end-of-run summary (:func:`summary_lines`).
+
 The receipt says what actually ran: the expanded pattern and a hash of the layer table, the
 topology, every feature's state, the backend that was requested AND the one observed in the built
 modules (classes of each layer's attention core, linears, norms, experts; on TE which attention
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import importlib
 import json
 import math
@@ -60,15 +65,21 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+# TE keeps its last attention selection in a module-global dict ``_attention_backends``; its home
+# moved across TE 2.x releases. Searched in this order.
+TE_SELECTION_MODULES = (
+    "transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention",
+    "transformer_engine.pytorch.attention.dot_product_attention.utils",
+    "transformer_engine.pytorch.dot_product_attention.dot_product_attention",
+    "transformer_engine.pytorch.attention",
+)
+
+
 def te_attention_selection() -> dict[str, Any] | None:
     """What TE's ``DotProductAttention`` selected at its last forward (None when TE is absent or
     no TE attention has run yet): flash / fused (with the cuDNN backend enum) / unfused."""
-    # TE keeps its last selection in a module-global dict; its home moved across TE 2.x releases.
     state = None
-    for name in ("transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention",
-                 "transformer_engine.pytorch.attention.dot_product_attention.utils",
-                 "transformer_engine.pytorch.dot_product_attention.dot_product_attention",
-                 "transformer_engine.pytorch.attention"):
+    for name in TE_SELECTION_MODULES:
         try:
             candidate = getattr(importlib.import_module(name), "_attention_backends", None)
         except Exception:
@@ -228,3 +239,157 @@ def write(path: str | os.PathLike, receipt: dict) -> Path:
 
 def command_line() -> list[str]:
     return [Path(sys.argv[0]).name] + sys.argv[1:]
+
+
+# ------------------------------------------------------------------------------------- assembly --
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunFacts:
+    """What a training run was given and measured; :func:`assemble` turns it into the receipt.
+
+    The trainer collects these on every rank (``observed`` has one :func:`observe_backends` per
+    rank, ``peak_memory`` is the maximum over ranks) and hands them over; it writes no receipt
+    field itself.
+    """
+
+    config: Any  # megacpp_mcore.train.loop.TrainConfig: what was asked for
+    checked: Any  # megacpp_mcore.train.loop.CheckedRun: model, seq, dp, global batch, micro-batches
+    preset: str | None
+    started_at: datetime.datetime
+    world_size: int
+    backend: str  # the resolved backend name
+    observed: list[dict]  # observe_backends() of every rank, by rank
+    bf16: bool
+    data_prefix: str
+    data_manifest: dict
+    consumed_samples: int
+    completed_steps: int
+    losses: list[dict]  # per logged step: step, loss, grad_norm
+    last_loss: float
+    validation: list[dict]  # per evaluation: step, bpb
+    stats: dict  # latest StatsCollector.gather()
+    stats_history: list[dict]
+    compute_s: float  # seconds inside training steps
+    compute_steps: int
+    peak_memory: dict  # kind, bytes (max over ranks)
+    seconds: dict[str, float]  # wall seconds per category: step_compute (goodput) and badput
+    total_s: float
+    cpu_s: float  # this rank's process time, all threads
+    saved: list[str]
+    loaded_from: str | None
+
+
+def merge_observed(parts: list[dict]) -> dict:
+    """Observed backends of all ranks: layers by global index, class counts summed per rank."""
+    layers = {}
+    summary: dict[str, dict[str, int]] = {}
+    te_attention = None
+    kinds = set()
+    for part in parts:
+        for layer in part["layers"]:
+            layers.setdefault(layer["index"], layer)
+        for role, counts in part["summary"].items():
+            for cls, n in counts.items():
+                summary.setdefault(role, {})
+                summary[role][cls] = summary[role].get(cls, 0) + n
+        te_attention = te_attention or part["te_attention"]
+        if part["attention"] != "none":
+            kinds.add(part["attention"])
+    attention = "none" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+    return {"attention": attention, "summary": dict(sorted(summary.items())),
+            "layers": [layers[i] for i in sorted(layers)], "te_attention": te_attention,
+            "counted_over_ranks": len(parts)}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def assemble(f: RunFacts) -> dict[str, Any]:
+    """The receipt of a run (``receipt_path`` is added by the writer); see the schema."""
+    from megacpp_mcore.models.accounting import flops_per_token
+    from megacpp_mcore.models.plan import build_plan
+
+    cfg, checked, model = f.config, f.checked, f.checked.model
+    par, gbs, seq = cfg.parallel, checked.global_batch, checked.seq_length
+    flops = flops_per_token(model, seq)
+    tokens_per_s = f.compute_steps * gbs * seq / f.compute_s if f.compute_steps else 0.0
+    layer_plan = build_plan(model, pp=par.pp, tp=par.tp, ep=par.ep, micro_batch=cfg.micro_batch_size,
+                            backend=cfg.backend)
+    trained = [v for v in f.validation if v["step"] > 0]  # "first" = first after training began
+    untrained = [v for v in f.validation if v["step"] == 0]
+    best = min(f.validation, key=lambda v: v["bpb"]) if f.validation else None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "completed" if f.completed_steps >= cfg.steps else "stopped",
+        "command": command_line(),
+        "started_at": f.started_at.isoformat(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "preset": f.preset,
+        "model": {k: getattr(model, k) for k in ("name", "pattern", "num_layers", "hidden_size",
+                                                 "num_attention_heads", "ffn_hidden_size",
+                                                 "vocab_size", "seq_length", "mtp_depth")},
+        "expanded_pattern": layer_plan["expanded_pattern"],
+        "layer_table_hash": layer_plan["layer_table_hash"],
+        "layer_counts": layer_plan["counts"],
+        "parameters": layer_plan["parameters"]["total"],
+        "features": feature_states(model),
+        "topology": {"world_size": f.world_size, "tp": par.tp, "pp": par.pp, "ep": par.ep,
+                     "dp": checked.dp, "sp": par.sp, "vp": par.vp,
+                     "micro_batch_size": cfg.micro_batch_size, "global_batch_size": gbs,
+                     "num_microbatches": checked.num_microbatches, "seq_length": seq},
+        "backends": {"requested": cfg.backend, "resolved": f.backend,
+                     "observed": merge_observed(f.observed)},
+        "precision": "bf16" if f.bf16 else "fp32",
+        "versions": package_versions(),
+        "data": {"prefix": f.data_prefix, "source": f.data_manifest.get("source"),
+                 "splits": f.data_manifest.get("splits"), "consumed_samples": f.consumed_samples,
+                 "tokenizer": f.data_manifest.get("tokenizer")},
+        "training": {"steps": cfg.steps, "completed_steps": f.completed_steps, "seed": cfg.seed,
+                     "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
+                     "lr_schedule": "cosine", "losses": f.losses, "final_loss": _finite(f.last_loss)},
+        "throughput": {"tokens_per_s": tokens_per_s,
+                       "model_flops_per_token": flops["total"],
+                       "active_params": flops["active_params"],
+                       "model_tflops_per_s": tokens_per_s * flops["total"] / 1e12,
+                       "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / f.world_size},
+        "peak_memory": dict(f.peak_memory),
+        "time": {"total_s": f.total_s, "cpu_s": f.cpu_s, "goodput_s": f.seconds["step_compute"],
+                 "badput_s": {k: v for k, v in f.seconds.items() if k != "step_compute"}},
+        "validation": {"metric": "bits_per_byte", "history": f.validation,
+                       "untrained_bpb": untrained[0]["bpb"] if untrained else None,
+                       "first_bpb": trained[0]["bpb"] if trained else None,
+                       "final_bpb": f.validation[-1]["bpb"] if f.validation else None,
+                       "best_bpb": best["bpb"] if best else None,
+                       "best_step": best["step"] if best else None},
+        "stats": {"latest": f.stats, "history": f.stats_history},
+        "checkpoints": {"saved": f.saved, "loaded_from": f.loaded_from},
+    }
+
+
+def format_bytes(n: float) -> str:
+    """``1.50 GiB`` from 1 GiB up, else ``12 MiB`` (progress lines and the summary)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def summary_lines(receipt: dict) -> list[str]:
+    """The end-of-run summary printed by ``megacpp-mcore train``, read from the receipt."""
+    v, t, th = receipt["validation"], receipt["time"], receipt["throughput"]
+    lines = ["-" * 72]
+    lines.append(f"{receipt['status']}: {receipt['training']['completed_steps']}/{receipt['training']['steps']} "
+                 f"steps in {t['total_s']:.1f} s, {t['cpu_s']:.0f} CPU-s (compute {t['goodput_s']:.1f} s; "
+                 + ", ".join(f"{k} {s:.1f} s" for k, s in t["badput_s"].items()) + ")")
+    if v["first_bpb"] is not None:
+        first_step = next(h["step"] for h in v["history"] if h["step"] > 0)
+        lines.append(f"validation bits/byte: first (step {first_step}) {v['first_bpb']:.4f} -> final "
+                     f"{v['final_bpb']:.4f} (x{v['final_bpb'] / v['first_bpb']:.3f}); best {v['best_bpb']:.4f} "
+                     f"at step {v['best_step']}"
+                     + (f"; untrained {v['untrained_bpb']:.4f}" if v["untrained_bpb"] is not None else ""))
+    lines.append(f"throughput {th['tokens_per_s']:,.0f} tokens/s, {th['model_tflops_per_s']:.3f} model TFLOP/s "
+                 f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token); peak memory "
+                 f"{format_bytes(receipt['peak_memory']['bytes'])} ({receipt['peak_memory']['kind']})")
+    obs = receipt["backends"]["observed"]
+    lines.append(f"backend requested {receipt['backends']['requested']}, observed attention {obs['attention']}"
+                 + (f" ({obs['te_attention']['kernel']})" if obs.get("te_attention") else ""))
+    lines.append(f"receipt: {receipt['receipt_path']}")
+    return lines

@@ -1,7 +1,7 @@
 """Process-group setup, model construction and the training step, through megatron-core.
 
 Everything here is shared by ``megacpp-mcore train``, the parity tests and the benchmarks:
-:func:`initialize` (torch.distributed + Megatron parallel state + seeds, CPU shims on CPU hosts),
+:func:`initialize` (the patch registry, torch.distributed + Megatron parallel state + seeds),
 :func:`transformer_config`, :func:`build_model` (GPTModel chunks from the hybrid spec, wrapped in
 Megatron's DDP), :func:`build_optimizer` and :func:`train_step` (Megatron's forward-backward
 schedule, then the optimizer).
@@ -14,7 +14,7 @@ import datetime
 import os
 import socket
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +94,12 @@ def initialize(par: Parallelism, *, seed: int = 1234) -> int:
     parallel state and the seeds. Returns the data-parallel size."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megacpp_mcore.upstream import cpu_shims
-    from megacpp_mcore.layers import mla
+    from megacpp_mcore.patches import cpu_rng_tracker, registry
 
     cuda = torch.cuda.is_available()
-    cpu_shims.apply()
-    mla.apply_patches()
+    # the one registry every entry point applies: CPU shims only here on a host without CUDA,
+    # Transformer Engine's patches where TE is installed, the rest everywhere they are needed
+    registry.apply_needed(host="cuda" if cuda else "cpu")
     if not torch.distributed.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -121,7 +121,7 @@ def initialize(par: Parallelism, *, seed: int = 1234) -> int:
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        cpu_shims.model_parallel_cpu_manual_seed(seed)
+        cpu_rng_tracker.model_parallel_cpu_manual_seed(seed)
     return dp
 
 
@@ -156,7 +156,9 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     """The ``TransformerConfig`` for ``model`` under ``par`` (RMSNorm, SwiGLU, no biases, RoPE)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megacpp_mcore.spec import compat
     from megacpp_mcore.spec.block import pipeline_split_kwargs
+    from megacpp_mcore.spec.pattern import heterogeneous
     from megacpp_mcore.layers.mixers.dims import mixer_config_kwargs
 
     par.check_model(model)
@@ -201,7 +203,7 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     kwargs.update(pipeline_split_kwargs(model.pattern, model.num_layers))
     kwargs.update(mixer_config_kwargs(model))  # mamba_* sizes of the M block
     if "M" in model.pattern:
-        from megacpp_mcore.layers.mixers.mamba import fused_conv_available
+        from megacpp_mcore.spec.backends import fused_conv_available
 
         # MambaMixer's fused ("mem-eff") path needs causal_conv1d; without it the conv runs unfused.
         kwargs["use_mamba_mem_eff_path"] = fused_conv_available()
@@ -221,6 +223,10 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         from megacpp_mcore.layers import mla
 
         kwargs.update(mla.transformer_config_kwargs(model.mla))
+    if heterogeneous(model.layer_table()):
+        # per-layer checkpoint keys for a stack of mixed layer kinds (the model builder owns this
+        # setting; HybridLayer refuses a mixed stack without it)
+        kwargs[compat.HETEROGENEOUS_CHECKPOINT_FIELD] = True
     kwargs.update(overrides)
     if kwargs.get("multi_latent_attention"):
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -229,38 +235,48 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     return TransformerConfig(**kwargs)
 
 
-def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: bool = True) -> list:
-    """GPTModel chunks (one per virtual stage) built from the hybrid spec; DDP-wrapped by default."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def gpt_model(config, layer_spec, *, vocab_size: int, max_sequence_length: int, pre_process: bool,
+              post_process: bool, vp_stage: int | None = None, mtp=None, **gpt_kwargs):
+    """The one GPTModel builder of the package (``train``, the tests, benchmarks and the
+    ``pretrain_gpt.py`` launcher all build through it): one model chunk from ``layer_spec``.
+
+    ``mtp``: a :class:`megacpp_mcore.features.mtp.MTPConfig` with ``depth > 0`` builds
+    ``MTPGPTModel`` (shared-block MTP, on the last pipeline stage only); ``None`` a plain GPTModel.
+    ``gpt_kwargs`` go to the GPTModel constructor as they are (rotary, tied embeddings, ...).
+    """
     from megatron.core.models.gpt import GPTModel
 
+    model_cls, mtp_kwargs = GPTModel, {}
+    if mtp is not None and mtp.depth > 0:
+        from megacpp_mcore.features.mtp import MTPGPTModel
+
+        model_cls, mtp_kwargs = MTPGPTModel, {"mtp": mtp}
+    return model_cls(config=config, transformer_layer_spec=layer_spec, vocab_size=vocab_size,
+                     max_sequence_length=max_sequence_length, pre_process=pre_process,
+                     post_process=post_process, vp_stage=vp_stage, **mtp_kwargs, **gpt_kwargs)
+
+
+def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: bool = True) -> list:
+    """GPTModel chunks (one per virtual stage) of ``model`` through :func:`gpt_model`, from the
+    hybrid spec; DDP-wrapped by default."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megacpp_mcore.features.mtp import MTPConfig
     from megacpp_mcore.spec.block import hybrid_block_spec
 
     spec = hybrid_block_spec(model.pattern, backend=backend, num_layers=model.num_layers,
                              **model.feature_configs)
-    model_cls, mtp_kwargs = GPTModel, {}
-    if model.mtp_depth > 0:  # shared-block MTP on the last stage (megacpp_mcore.features.mtp)
-        from megacpp_mcore.features.mtp import MTPConfig, MTPGPTModel
-
-        model_cls, mtp_kwargs = MTPGPTModel, {"mtp": MTPConfig(depth=model.mtp_depth)}
     vp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp else None
-        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
-        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        gpt = model_cls(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=model.vocab_size,
-            max_sequence_length=model.seq_length,
-            pre_process=pre,
-            post_process=post,
-            share_embeddings_and_output_weights=model.tie_embeddings,
-            position_embedding_type="rope",
-            vp_stage=stage,
-            **mtp_kwargs,
+        gpt = gpt_model(
+            config, spec, vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage, mtp=MTPConfig(depth=model.mtp_depth) if model.mtp_depth else None,
+            share_embeddings_and_output_weights=model.tie_embeddings, position_embedding_type="rope",
         )
         gpt.to(device())
         chunks.append(gpt)
@@ -328,10 +344,29 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
     return output, partial(lm_loss_func, loss_mask)
 
 
+def chunk_iterators(micro_batches: Iterator[dict] | Sequence[dict], *, num_chunks: int,
+                    num_microbatches: int) -> Iterator[dict] | list[Iterator[dict]]:
+    """The ``data_iterator`` Megatron's schedule reads, made in this ONE place: an iterator over
+    this step's ``num_microbatches`` micro-batches (batch dicts), or, for an interleaved pipeline
+    (``num_chunks > 1`` model chunks), one such iterator per chunk, because every virtual stage
+    reads every micro-batch. Callers pass micro-batches, never iterators of their own per chunk."""
+    if isinstance(micro_batches, (list, tuple)):
+        micro = list(micro_batches)
+    else:
+        micro = [next(micro_batches) for _ in range(num_microbatches)]
+    wrong = next((type(b).__name__ for b in micro if not isinstance(b, dict)), None)
+    if wrong is not None:
+        raise TypeError(f"train_step takes micro-batches (dicts of tensors), got a {wrong}; "
+                        "per-chunk iterators are made by runtime.chunk_iterators")
+    if len(micro) != num_microbatches:
+        raise ValueError(f"{len(micro)} micro-batches given for num_microbatches={num_microbatches}")
+    return iter(micro) if num_chunks == 1 else [iter(micro) for _ in range(num_chunks)]
+
+
 def train_step(
     chunks: list,
     optimizer,
-    data_iterator: Iterator[dict] | list[dict],
+    data_iterator: Iterator[dict] | Sequence[dict],
     *,
     num_microbatches: int,
     micro_batch_size: int,
@@ -351,22 +386,13 @@ def train_step(
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
+    # Auxiliary losses (MoE's, MoD's) take their backward scale from Megatron's schedule, which
+    # sets it per micro-batch (patch aux-loss-scale-without-moe: also for models without MoE).
     forward_backward = get_forward_backward_func()
-    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler  # MoD losses: same per-micro-batch scale as MoE aux
-
-    MoDLossAutoScaler.set_loss_scale(1.0 / num_microbatches)
-    iterators = data_iterator
-    if len(chunks) > 1:
-        # Interleaved schedules pull every micro-batch once per model chunk: give each chunk its
-        # own iterator over this step's micro-batches.
-        micro = list(data_iterator) if isinstance(data_iterator, (list, tuple)) else [
-            next(data_iterator) for _ in range(num_microbatches)]
-        iterators = [iter(micro) for _ in chunks]
-    elif isinstance(data_iterator, (list, tuple)):
-        iterators = iter(data_iterator)
     reports = forward_backward(
         forward_step_func=forward_step,
-        data_iterator=iterators,
+        data_iterator=chunk_iterators(data_iterator, num_chunks=len(chunks),
+                                      num_microbatches=num_microbatches),
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,

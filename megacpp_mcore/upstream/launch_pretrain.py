@@ -5,7 +5,8 @@
 What it adds to ``pretrain_gpt.py``, without editing the checkout:
 
 1. applies the needed runtime patches of ``patches/`` (explicitly, and says which);
-2. builds the model with its own builder: ``--spec MODULE ATTR`` (one of ``layer_specs``), with the
+2. builds the model with the package's one GPTModel builder (``megacpp_mcore.train.runtime.gpt_model``,
+   the one ``megacpp-mcore train`` uses): ``--spec MODULE ATTR`` (one of ``layer_specs``), with the
    spec's ``auto`` backend resolved from ``--transformer-impl``, and the package's shared-block MTP
    on the last pipeline stage when ``--megacpp-mtp-depth K`` > 0 (``megacpp_mcore.features.mtp.MTPGPTModel``).
    Megatron-LM 0.16.1's builder cannot do this: it builds its per-depth MTP from the config, ignores
@@ -183,41 +184,43 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
 
 
 def mtp_from_args(args: argparse.Namespace):
-    """``(model class, extra kwargs)``: ``MTPGPTModel`` + ``MTPConfig`` when MTP is requested."""
-    from megatron.core.models.gpt import GPTModel
-
+    """The package's ``MTPConfig`` for ``--megacpp-mtp-depth K`` > 0, else None (no MTP)."""
     if not args.megacpp_mtp_depth:
-        return GPTModel, {}
-    try:
-        from megacpp_mcore.features.mtp import MTPConfig, MTPGPTModel
-    except ImportError as exc:
-        raise LaunchError(
-            f"--megacpp-mtp-depth {args.megacpp_mtp_depth} needs megacpp_mcore.features.mtp (shared-block "
-            f"MTP), which cannot be imported here: {exc}"
-        ) from exc
+        return None
+    from megacpp_mcore.features.mtp import MTPConfig
+
     options = {"depth": args.megacpp_mtp_depth, "decay": args.megacpp_mtp_decay,
                "loss_scale": args.megacpp_mtp_loss_scale}
-    return MTPGPTModel, {"mtp": MTPConfig(**{k: v for k, v in options.items() if v is not None})}
+    return MTPConfig(**{k: v for k, v in options.items() if v is not None})
 
 
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
-    """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``."""
+    """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``, built by
+    the package's one builder (:func:`megacpp_mcore.train.runtime.gpt_model`)."""
+    from megacpp_mcore.train.runtime import gpt_model
+
     _refuse_unsupported(args)
     if config is None:
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
-    model_cls, extra = mtp_from_args(args)
+    mtp = mtp_from_args(args)
     spec = layer_spec_from_args(args)
     _mamba_conv_path(config, spec)
-    _report(args, spec, model_cls, post_process)
-    return model_cls(
-        config=config,
-        transformer_layer_spec=spec,
+    # A mixed stack checkpoints per-layer keys; the builder owns the config (no 0.16.1 flag for it).
+    from megacpp_mcore.spec.block import checkpoint_config_kwargs
+
+    for field, value in checkpoint_config_kwargs(spec, config.num_layers).items():
+        setattr(config, field, value)
+    model = gpt_model(
+        config,
+        spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
+        vp_stage=vp_stage,
+        mtp=mtp,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -225,16 +228,16 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling,
-        vp_stage=vp_stage,
         pg_collection=pg_collection,
-        **extra,
     )
+    _report(args, spec, type(model), post_process)
+    return model
 
 
 def _mamba_conv_path(config, spec) -> None:
     """Megatron-LM has no flag for ``use_mamba_mem_eff_path`` (default True), whose fused path needs
     causal_conv1d. Without it, ``M`` layers take MambaMixer's unfused conv path; said on rank 0."""
-    from megacpp_mcore.layers.mixers.mamba import fused_conv_available
+    from megacpp_mcore.spec.backends import fused_conv_available
 
     pattern = getattr(getattr(spec, "submodules", None), "pattern", "")
     if "M" in pattern and config.use_mamba_mem_eff_path and not fused_conv_available():

@@ -1,6 +1,6 @@
 """Dimensions of the ``M`` (Mamba-2) and ``R`` (M2RNN) mixers, in one place.
 
-Pure Python (no megatron import): :mod:`megacpp_mcore.models.plan` counts parameters from the same numbers
+Pure Python (no megatron import): :mod:`megacpp_mcore.models.accounting` counts parameters from the same numbers
 the mixers are built with, and :func:`mixer_config_kwargs` tells ``runtime.transformer_config`` which
 ``TransformerConfig`` fields the ``M`` block needs for a model.
 """
