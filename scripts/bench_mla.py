@@ -124,7 +124,7 @@ def build_models(args, backend: str):
         spec = get_gpt_layer_with_transformer_engine_spec(multi_latent_attention=True, qk_layernorm=True)
     else:
         spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True)
-        spec.submodules.self_attention.submodules.core_attention = mla.core_attention_class("local")
+        spec.submodules.self_attention.submodules.core_attention = mla.LatentDotProductAttention
     upstream = GPTModel(
         config=up_config, transformer_layer_spec=spec, vocab_size=args.vocab,
         max_sequence_length=args.seq, pre_process=True, post_process=True,

@@ -4,6 +4,7 @@ TP=2(+SP)/PP=2 parity and training of the full AEMEAEMEAEMR pattern, and the GPU
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -230,12 +231,12 @@ def test_mamba_mixer_has_mamba_mixer_parameter_layout_and_checkpoint_keys(mixer_
 
 
 def test_plan_counts_equal_instantiated_mixer_layers(mixer_model):
-    from megacpp_mcore.models import plan
+    from megacpp_mcore.models import accounting
 
     model, gpt, _, _ = mixer_model
     entries = model.layer_table()
     for entry, layer in zip(entries, gpt.decoder.layers):
-        assert plan.layer_params(model, entry) == sum(p.numel() for p in layer.parameters()), entry.symbol
+        assert accounting.layer_params(model, entry) == sum(p.numel() for p in layer.parameters()), entry.symbol
 
 
 def test_mixers_refuse_packed_sequences_and_inference_context(mixer_model):
@@ -265,11 +266,11 @@ def test_dims_refuse_bad_sizes_and_tp_splits():
 
 
 def test_plan_uses_mixer_dims_for_full_size_presets():
-    from megacpp_mcore.models import plan
+    from megacpp_mcore.models import accounting
     from megacpp_mcore.models.presets import get_preset
 
     m = get_preset("nam56r")
-    assert plan.mamba_params(m) == 4096 + mamba_dims(4096).num_params()
+    assert accounting.mamba_params(m) == 4096 + mamba_dims(4096).num_params()
     # MambaMixer defaults at 4096: 128 heads of 64, 8 groups, state 128
     assert mamba_dims(4096) == MambaDims(d_model=4096, nheads=128, ngroups=8)
 
@@ -277,10 +278,18 @@ def test_plan_uses_mixer_dims_for_full_size_presets():
 def test_te_mamba_needs_mamba_ssm_and_says_what_to_install():
     from megacpp_mcore.spec import backends
     from megacpp_mcore.layers.mixers import mamba
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.testing.parity import model_from_spec
 
-    with backends.override_detection(mamba_ssm=None):
+    config = runtime.transformer_config(model_from_spec(TINY_MIXERS), runtime.Parallelism())
+    with backends.override_detection(mamba_ssm=None):  # the TE provider's mamba_mixer checks it
         with pytest.raises(backends.BackendUnavailable, match="pip install mamba-ssm"):
-            mamba.fast_mixer_class()
+            mamba.mixer_spec(config, backends.provider("te"))
+    with backends.override_detection(mamba_ssm="2.2.4", causal_conv1d=None):
+        with pytest.raises(backends.BackendUnavailable, match="pip install causal-conv1d"):
+            backends.provider("te").mamba_mixer(
+                dataclasses.replace(config, use_mamba_mem_eff_path=True))
+    assert backends.provider("local").mamba_mixer(config)[0] is mamba.TorchMambaMixer
 
 
 def test_runtime_config_carries_mamba_groups_for_small_models():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megacpp_mcore.layers import mla
-from megacpp_mcore.models import plan
+from megacpp_mcore.models import accounting
 from megacpp_mcore.train import runtime
 from megacpp_mcore.spec.block import hybrid_block_spec
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError
@@ -173,7 +173,7 @@ def test_plan_attention_params_match_instantiated(single_rank):
         model = _model(q_lora_rank=q_lora_rank)
         layer = _layer(model, _config(model))
         built = sum(p.numel() for p in layer.parameters())
-        assert plan.attention_params(model, mla=True) == built, q_lora_rank
+        assert accounting.attention_params(model, mla=True) == built, q_lora_rank
 
 
 def _packed_params(lengths):
@@ -237,22 +237,19 @@ def test_mla_trains_on_local_backend(single_rank):
 
 
 # ------------------------------------------------------------------------------------- refusals
-class _FakeTE:
-    """A provider named 'te': the support check must fire before any TE class is touched."""
-
-    name = "te"
-
-
 def test_te_head_dims_refused_at_build_time_naming_backend_and_dims():
+    from megacpp_mcore.spec import backends
+
+    te, local = backends.provider("te"), backends.provider("local")  # no TE needed to answer
     model = _model(qk_head_dim=250, qk_pos_emb_head_dim=14)
     config = _config(model)
     with pytest.raises(mla.MLAUnsupported, match=r"backend 'te'.*k_channels=264 \(qk_head_dim=250"):
-        mla.mla_self_attention_spec(config, _FakeTE())
-    mla.check_support(config, "local")  # the local backend runs any head dims
+        mla.mla_self_attention_spec(config, te)  # refused before any TE class is touched
+    mla.check_support(config, local)  # the local backend runs any head dims
     tp2 = _config(_model(), tensor_model_parallel_size=2)
     with pytest.raises(mla.MLAUnsupported, match=r"backend 'te'.*tp=2 needs sequence_parallel=True"):
-        mla.check_support(tp2, "te")
-    mla.check_support(tp2, "local")
+        mla.check_support(tp2, te)
+    mla.check_support(tp2, local)
 
 
 def test_local_tp_split_refused_at_build_time():

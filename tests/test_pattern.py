@@ -106,3 +106,27 @@ def test_bad_placements_are_refused(kwargs, fragment):
 
 def test_pattern_error_is_value_error():
     assert issubclass(PatternError, ValueError)
+
+
+def test_every_feature_has_a_placement_rule_and_a_seam():
+    """The feature table and the placement guards name the same features; the composer's order."""
+    from megacpp_mcore.features import FEATURE_NAMES, FEATURES, SEAMS, Feature, get_feature
+    from megacpp_mcore.spec.pattern import FEATURE_RULES
+
+    assert sorted(FEATURE_RULES) == sorted(FEATURE_NAMES) == ["mla", "mod", "moda"]
+    assert [(f.name, f.seam) for f in FEATURES] == [
+        ("mla", "self_attention"), ("moda", "core_attention"), ("mod", "layer")]
+    assert SEAMS == ("self_attention", "core_attention", "layer")
+    assert get_feature("mod").config_type().__name__ == "MoDConfig"
+    with pytest.raises(KeyError, match="unknown feature 'wings'"):
+        get_feature("wings")
+    with pytest.raises(ValueError, match="unknown seam 'mlp'"):
+        Feature("x", seam="mlp", config_type=object, transform=lambda spec, ctx: spec)
+
+
+def test_heterogeneous_tables():
+    from megacpp_mcore.spec.pattern import heterogeneous
+
+    assert not heterogeneous(compile_layers("A", 4))
+    assert heterogeneous(compile_layers("AE", 4))
+    assert heterogeneous(compile_layers("A", 4, {"mod": FeaturePlacement(layers=(0,))}))

@@ -1,9 +1,11 @@
-"""The shared MLA adapter seam: the only module that imports Megatron's multi-latent attention.
+"""MLA, the ``self_attention`` feature: the only module that imports Megatron's multi-latent attention.
 
-Every attention consumer (plain ``A`` layers, MoD-wrapped attention, MoDA's depth-aware attention,
-the MTP shared block) gets its self-attention spec from :func:`attention_spec` and its input norm
-from :func:`input_norm_spec`; both pick MLA when the layer carries the ``mla`` feature and standard
-attention otherwise. The seam answers only boundary questions:
+:func:`transform` is MLA's entry in the feature table (:mod:`megacpp_mcore.features`): the composer
+hands it the standard self-attention spec of an ``A`` layer carrying ``mla`` and gets MLA's back
+(every attention consumer, trunk ``A`` layers and the MTP shared block, builds through that seam;
+MoDA then wraps the core attention at its own seam). :func:`check_placement` is the table's
+per-layer guard. This module knows MLA only; backend choices (projection classes, core attention,
+what a backend can run) are provider methods in :mod:`megacpp_mcore.spec.backends`. It answers:
 
 * channel metadata for core attention (:func:`channel_metadata`): ``k_channels = qk_head_dim +
   qk_pos_emb_head_dim``, ``v_channels = v_head_dim``. Megatron's local ``DotProductAttention``
@@ -13,8 +15,9 @@ attention otherwise. The seam answers only boundary questions:
 * the packed (``thd``) rotary shape (:func:`packed_rotary_shape`) and packed core attention on both
   backends: the local subclass runs ``thd`` as a block-diagonal causal mask; on TE,
   :class:`LatentTEDotProductAttention` pads V to the QK head dim for ``thd`` (fixed upstream in 0.18);
-* whether a backend can run this MLA shape (:func:`check_support`), raised at build time with the
-  backend and the dimensions in the message, never at the first forward.
+* whether a backend can run this MLA shape (:func:`check_support`, with the provider's
+  ``mla_problems``), raised at build time with the backend and the dimensions in the message,
+  never at the first forward.
 
 Upstream defects that a subclass cannot absorb are patches (``patches.mla_have_te``,
 ``patches.mla_down_proj_tp_marker``), applied by :func:`apply_patches` from explicit entry points
@@ -32,7 +35,6 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
     MLASelfAttentionSubmodules,
@@ -42,12 +44,8 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megacpp_mcore.spec.context import LayerContext
 
-# TE fused attention (cuDNN / flash) limits on sm80+/sm90 for bf16: head dims multiple of 8, <= 256.
-TE_HEAD_DIM_MULTIPLE = 8
-TE_MAX_HEAD_DIM = 256
-
-# Upstream patches the seam needs; applied by apply_patches() only.
-PATCHES = ("megacpp_mcore.patches.mla_have_te", "megacpp_mcore.patches.mla_down_proj_tp_marker")
+# Registry entries (megacpp_mcore.patches) the seam needs; applied by apply_patches() only.
+PATCHES = ("mla-have-te", "mla-down-proj-tp-marker")
 
 
 class MLAUnsupported(ValueError):
@@ -106,55 +104,30 @@ def _dims(config: TransformerConfig) -> str:
     )
 
 
-def check_support(config: TransformerConfig, backend: str) -> None:
-    """Raises :class:`MLAUnsupported` when ``backend`` cannot run this MLA shape (``sbhd`` and
-    packed ``thd`` batches alike: both backends' MLA core attention takes ``thd``).
+def check_support(config: TransformerConfig, backend) -> None:
+    """Raises :class:`MLAUnsupported` when ``backend`` (a provider from
+    :mod:`megacpp_mcore.spec.backends`) cannot run this MLA shape (``sbhd`` and packed ``thd``
+    batches alike: both backends' MLA core attention takes ``thd``).
 
-    Called by :func:`attention_spec` at build time; callable on its own (e.g. before a launch).
+    Called by :func:`mla_self_attention_spec` at build time; callable on its own (e.g. before a
+    launch: ``backends.provider("te")`` needs no Transformer Engine to answer).
     """
     if not is_mla_config(config):
         raise MLAUnsupported(
-            f"MLA on backend {backend!r} needs an MLATransformerConfig with its dims "
+            f"MLA on backend {backend.name!r} needs an MLATransformerConfig with its dims "
             f"(runtime.transformer_config builds one when ModelConfig.mla is set); got "
             f"{type(config).__name__}"
         )
     problems = []
-    meta = channel_metadata(config)
-    tp = config.tensor_model_parallel_size
     if config.qk_pos_emb_head_dim % 2:
         problems.append("qk_pos_emb_head_dim must be even (rotary pairs)")
     if config.rope_type not in ("rope", "yarn"):
         problems.append(f"rope_type={config.rope_type!r} (allowed: 'rope', 'yarn')")
-    if backend == "local":
-        # The local down projections are ColumnParallelLinear, sharded over TP before the gather.
-        if (config.kv_lora_rank + config.qk_pos_emb_head_dim) % tp:
-            problems.append(
-                f"kv_lora_rank + qk_pos_emb_head_dim = "
-                f"{config.kv_lora_rank + config.qk_pos_emb_head_dim} is not divisible by tp={tp}"
-            )
-        if config.q_lora_rank is not None and config.q_lora_rank % tp:
-            problems.append(f"q_lora_rank={config.q_lora_rank} is not divisible by tp={tp}")
-        if config.context_parallel_size > 1:
-            problems.append("context parallelism needs TE attention")
-        if config.apply_rope_fusion:
-            problems.append("apply_rope_fusion needs TE/triton kernels")
-    elif backend == "te":
-        if tp > 1 and not config.sequence_parallel:
-            # Without SP the duplicated down projection gets a rope-key gradient from this rank's
-            # heads only and its replicas drift apart across TP ranks (megatron-core 0.16-0.19).
-            problems.append(f"tp={tp} needs sequence_parallel=True (duplicated down projection)")
-        for name, value in (("k_channels", meta.k_channels), ("v_channels", meta.v_channels)):
-            if value % TE_HEAD_DIM_MULTIPLE or value > TE_MAX_HEAD_DIM:
-                problems.append(
-                    f"{name}={value} must be a multiple of {TE_HEAD_DIM_MULTIPLE} and at most "
-                    f"{TE_MAX_HEAD_DIM} for TE fused attention"
-                )
-    else:
-        problems.append("unknown backend (allowed: 'te', 'local')")
+    problems += backend.mla_problems(config)
     if problems:
         raise MLAUnsupported(
             f"MLA is not supported on backend "
-            f"{backend!r} for {_dims(config)}: " + "; ".join(problems)
+            f"{backend.name!r} for {_dims(config)}: " + "; ".join(problems)
         )
 
 
@@ -266,7 +239,8 @@ def packed_causal_mask(params: PackedSeqParams, sq: int, sk: int, device) -> tor
 
 
 @functools.cache
-def _te_core_attention_class() -> type:
+def te_core_attention_class() -> type:
+    """:class:`LatentTEDotProductAttention` (defined on first use: it subclasses a TE module)."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     class LatentTEDotProductAttention(TEDotProductAttention):
@@ -301,11 +275,6 @@ def _te_core_attention_class() -> type:
     return LatentTEDotProductAttention
 
 
-def core_attention_class(backend_name: str) -> type:
-    """The core attention class MLA uses on ``backend_name``."""
-    return _te_core_attention_class() if backend_name == "te" else LatentDotProductAttention
-
-
 class LatentSelfAttention(MLASelfAttention):
     """Megatron's ``MLASelfAttention``, accepting constructor kwargs newer upstream layers pass
     (``pp_layer_offset``, ``name``, ...). ``layer_number`` arrives global (pipeline offset applied
@@ -326,41 +295,28 @@ def mla_self_attention_spec(config: TransformerConfig, backend: Any) -> ModuleSp
     """MLA self-attention for ``backend`` (a provider from :mod:`megacpp_mcore.spec.backends`).
 
     Latent norms (q/kv ``layernorm`` on the compressed vectors, DeepSeek-V2 style) follow
-    ``config.qk_layernorm``: fused into the up projections on TE, :class:`LocalNorm` locally.
+    ``config.qk_layernorm``; the provider places them (fused into the up projections on TE,
+    :class:`LocalNorm` locally) and names the down-projection class upstream's allow-list expects.
     """
-    name = backend.name
-    check_support(config, name)
+    check_support(config, backend)
     # Building an MLA layer is an explicit entry point too (pretrain_gpt.py --spec never calls
     # runtime.initialize); the patches must be in before the down projections are constructed.
     apply_patches()
-    latent_norm = config.qk_layernorm
-    if name == "te":
-        up = backend.column_parallel_layer_norm_linear() if latent_norm else backend.column_parallel_linear()
-        q_norm = kv_norm = IdentityOp
-        down = backend.linear()  # TELinear, 'duplicated' (upstream allow-list: exact class)
-    else:
-        up = backend.column_parallel_linear()
-        q_norm = kv_norm = backend.layer_norm(for_qk=True) if latent_norm else IdentityOp
-        down = backend.column_parallel_linear()  # ColumnParallelLinear (exact class, see above)
     return ModuleSpec(
         module=LatentSelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
             linear_q_proj=backend.column_parallel_linear(),
-            linear_q_down_proj=down,
-            linear_q_up_proj=up,
-            linear_kv_down_proj=down,
-            linear_kv_up_proj=up,
-            core_attention=core_attention_class(name),
+            core_attention=backend.mla_core_attention(),
             linear_proj=backend.row_parallel_linear(),
-            q_layernorm=q_norm,
-            kv_layernorm=kv_norm,
+            **backend.mla_projections(latent_norm=config.qk_layernorm),
         ),
     )
 
 
-def uses_mla(ctx: LayerContext) -> bool:
-    """Whether this layer's attention is MLA; refuses MLA/standard mixes Megatron cannot build."""
+def check_placement(ctx: LayerContext) -> None:
+    """The feature table's guard for ``mla`` on an ``A`` layer: refuses MLA/standard mixes
+    Megatron cannot build."""
     mla_config = is_mla_config(ctx.config)
     if ctx.has("mla") and not mla_config:
         raise MLAUnsupported(
@@ -374,7 +330,6 @@ def uses_mla(ctx: LayerContext) -> bool:
             "megatron-core 0.16 GPTModel computes no RoPE for standard attention when "
             "config.multi_latent_attention is set; place 'mla' on every attention layer"
         )
-    return ctx.has("mla")
 
 
 MLA_DIM_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
@@ -396,31 +351,12 @@ def _check_dims_agree(ctx: LayerContext) -> None:
         )
 
 
-def attention_spec(ctx: LayerContext) -> ModuleSpec:
-    """The self-attention spec of this layer: MLA when it carries ``mla``, else standard.
-
-    The entry point for every attention consumer (A layers, MoD, MoDA, MTP).
-    """
-    if uses_mla(ctx):
-        _check_dims_agree(ctx)
-        spec = mla_self_attention_spec(ctx.config, ctx.backend)
-        if ctx.has("moda"):
-            from megacpp_mcore.features.moda import attention as moda
-
-            spec.submodules.core_attention = moda.core_attention(
-                ctx, sequence_attention=core_attention_class(ctx.backend.name))
-        return spec
-    from megacpp_mcore.layers.attention import self_attention_spec
-
-    return self_attention_spec(ctx)
-
-
-def input_norm_spec(ctx: LayerContext) -> Any:
-    """The pre-attention norm: explicit for MLA (its down projections take normed input), fused into
-    the QKV projection for standard attention on TE."""
-    if not uses_mla(ctx) and ctx.backend.fuse_layernorm_and_linear():
-        return IdentityOp
-    return ctx.backend.layer_norm()
+def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
+    """MLA's seam transform (``self_attention``): the standard self-attention ``spec`` of layer
+    ``ctx`` becomes MLA self-attention for the layer's backend (its core attention is MLA's;
+    the composer applies the ``core_attention`` seam to it afterwards)."""
+    _check_dims_agree(ctx)
+    return mla_self_attention_spec(ctx.config, ctx.backend)
 
 
 def transformer_config_kwargs(mla) -> dict[str, Any]:
@@ -439,12 +375,8 @@ def transformer_config_kwargs(mla) -> dict[str, Any]:
 
 
 def apply_patches() -> dict[str, list[str]]:
-    """Applies the upstream patches MLA needs (idempotent); returns ``{patch: [changes]}``."""
-    import importlib
+    """Applies the registry entries MLA needs where their status is ``needed`` (through
+    ``registry.apply_needed``: its REQUIRES, scope and status rules); returns ``{patch: [changes]}``."""
+    from megacpp_mcore.patches import registry
 
-    changed = {}
-    for name in PATCHES:
-        patch = importlib.import_module(name)
-        if patch.check() == "needed":
-            changed[patch.NAME] = patch.apply()
-    return changed
+    return registry.apply_needed(PATCHES)

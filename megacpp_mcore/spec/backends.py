@@ -5,6 +5,10 @@ Two backends build every symbol and feature:
 * ``te``: Transformer Engine modules (fused norm+linear, ``TEDotProductAttention``, grouped GEMM);
 * ``local``: Megatron-Core's torch-native modules, runnable on CPU; the parity reference.
 
+Every backend difference a layer needs is a provider method (Megatron's ``BackendSpecProvider``
+plus ``mla_core_attention``, ``mla_projections``, ``mla_problems``, ``moda_cuda_kernel`` and
+``mamba_mixer``): layer code never branches on the backend name.
+
 ``auto`` resolves to ``te`` when Transformer Engine imports on a CUDA host, else ``local``. Asking for
 a backend that cannot run here raises :class:`BackendUnavailable` (an ``ImportError``) at build time,
 saying what to install, instead of a ``NoneType`` error deep inside a forward pass.
@@ -26,6 +30,10 @@ from megatron.core.models.backends import LocalSpecProvider
 from megacpp_mcore.layers.norms import LocalNorm
 
 BACKENDS = ("auto", "te", "local")
+
+# TE fused attention (cuDNN / flash) limits on sm80+/sm90 for bf16: head dims multiple of 8, <= 256.
+TE_HEAD_DIM_MULTIPLE = 8
+TE_MAX_HEAD_DIM = 256
 
 
 class BackendUnavailable(ImportError):
@@ -108,6 +116,59 @@ class LocalBackend(LocalSpecProvider):
 
         return ColumnParallelLinear
 
+    # --- MLA (megacpp_mcore.layers.mla) ---
+    def mla_core_attention(self) -> type:
+        """Local core attention taking MLA's ``k_channels``/``v_channels`` and ``thd`` batches."""
+        from megacpp_mcore.layers.mla import LatentDotProductAttention
+
+        return LatentDotProductAttention
+
+    def mla_projections(self, latent_norm: bool) -> dict[str, type]:
+        """MLA's down/up projections and latent norms (``MLASelfAttentionSubmodules`` fields).
+
+        The down projections are ``ColumnParallelLinear`` exactly (upstream's allow-list compares
+        classes), sharded over TP before MLA's gather; the latent norms are explicit modules.
+        """
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        norm = self.layer_norm(for_qk=True) if latent_norm else IdentityOp
+        up = self.column_parallel_linear()
+        return dict(linear_q_down_proj=ColumnParallelLinear, linear_q_up_proj=up,
+                    linear_kv_down_proj=ColumnParallelLinear, linear_kv_up_proj=up,
+                    q_layernorm=norm, kv_layernorm=norm)
+
+    @staticmethod
+    def mla_problems(config) -> list[str]:
+        """Why this backend cannot run ``config``'s MLA shape (empty when it can)."""
+        tp, problems = config.tensor_model_parallel_size, []
+        if (config.kv_lora_rank + config.qk_pos_emb_head_dim) % tp:
+            problems.append(
+                f"kv_lora_rank + qk_pos_emb_head_dim = "
+                f"{config.kv_lora_rank + config.qk_pos_emb_head_dim} is not divisible by tp={tp}"
+            )
+        if config.q_lora_rank is not None and config.q_lora_rank % tp:
+            problems.append(f"q_lora_rank={config.q_lora_rank} is not divisible by tp={tp}")
+        if config.context_parallel_size > 1:
+            problems.append("context parallelism needs TE attention")
+        if config.apply_rope_fusion:
+            problems.append("apply_rope_fusion needs TE/triton kernels")
+        return problems
+
+    # --- MoDA (megacpp_mcore.features.moda) ---
+    @staticmethod
+    def moda_cuda_kernel(requested: str, *, equal_dims: bool) -> str:
+        """The sequence kernel a MoDA depth-reading layer runs on CUDA (``MoDAConfig.cuda_kernel``
+        with ``"auto"`` resolved): torch's own FlashAttention-2 (aten) on the local backend."""
+        return "flash" if requested == "auto" else requested
+
+    # --- mixers (megacpp_mcore.layers.mixers) ---
+    def mamba_mixer(self, config) -> tuple[type, type]:
+        """The ``M`` mixer class and its submodules dataclass: the portable torch SSD mixer."""
+        from megacpp_mcore.layers.mixers.mamba import MambaSubmodules, TorchMambaMixer
+
+        return TorchMambaMixer, MambaSubmodules
+
 
 def _te_backend_class() -> type:
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
@@ -116,6 +177,68 @@ def _te_backend_class() -> type:
         """Transformer Engine modules; the production path on GPUs."""
 
         name = "te"
+
+        # --- MLA (megacpp_mcore.layers.mla) ---
+        def mla_core_attention(self) -> type:
+            """TE core attention that pads MLA's narrower V for ``thd`` batches."""
+            from megacpp_mcore.layers.mla import te_core_attention_class
+
+            return te_core_attention_class()
+
+        def mla_projections(self, latent_norm: bool) -> dict[str, type]:
+            """MLA's projections: ``TELinear`` down projections ('duplicated'; upstream's
+            allow-list compares the exact class), latent norms fused into the up projections."""
+            from megatron.core.transformer.identity_op import IdentityOp
+
+            up = self.column_parallel_layer_norm_linear() if latent_norm else self.column_parallel_linear()
+            return dict(linear_q_down_proj=self.linear(), linear_q_up_proj=up,
+                        linear_kv_down_proj=self.linear(), linear_kv_up_proj=up,
+                        q_layernorm=IdentityOp, kv_layernorm=IdentityOp)
+
+        @staticmethod
+        def mla_problems(config) -> list[str]:
+            """Why TE cannot run ``config``'s MLA shape (empty when it can); reads no TE module."""
+            problems = []
+            tp = config.tensor_model_parallel_size
+            if tp > 1 and not config.sequence_parallel:
+                # Without SP the duplicated down projection gets a rope-key gradient from this
+                # rank's heads only and its replicas drift apart across TP ranks (0.16-0.19).
+                problems.append(f"tp={tp} needs sequence_parallel=True (duplicated down projection)")
+            channels = {"k_channels": config.qk_head_dim + config.qk_pos_emb_head_dim,
+                        "v_channels": config.v_head_dim}
+            for name, value in channels.items():
+                if value % TE_HEAD_DIM_MULTIPLE or value > TE_MAX_HEAD_DIM:
+                    problems.append(
+                        f"{name}={value} must be a multiple of {TE_HEAD_DIM_MULTIPLE} and at most "
+                        f"{TE_MAX_HEAD_DIM} for TE fused attention"
+                    )
+            return problems
+
+        # --- MoDA (megacpp_mcore.features.moda) ---
+        @staticmethod
+        def moda_cuda_kernel(requested: str, *, equal_dims: bool) -> str:
+            """MoDA's CUDA sequence kernel with ``"auto"`` resolved: TE's fused attention (the
+            cuDNN kernel of ``TEDotProductAttention``, with its softmax statistics) when the K/V
+            head dims are equal, else FlashAttention-2 (aten), which pads MLA's narrower V."""
+            if requested != "auto":
+                return requested
+            return "te" if equal_dims else "flash"
+
+        # --- mixers (megacpp_mcore.layers.mixers) ---
+        def mamba_mixer(self, config) -> tuple[type, type]:
+            """Megatron-Core's ``MambaMixer`` (mamba_ssm kernels) adapted to the attention slot."""
+            require("mamba_ssm", "the 'M' block on the te backend (Megatron-Core MambaMixer)")
+            if config.use_mamba_mem_eff_path and not fused_conv_available():
+                raise BackendUnavailable(
+                    "the 'M' block's fused MambaMixer path (use_mamba_mem_eff_path=True) needs "
+                    "causal_conv1d; install it (pip install causal-conv1d) or set "
+                    "use_mamba_mem_eff_path=False"
+                )
+            from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+
+            from megacpp_mcore.layers.mixers.mamba import fast_mixer_class
+
+            return fast_mixer_class(), MambaMixerSubmodules
 
     return TEBackend
 
@@ -147,8 +270,20 @@ def resolve_backend_name(requested: str) -> str:
 
 def get_backend(requested: str = "auto"):
     """The backend provider object for ``requested`` (``auto``, ``te`` or ``local``)."""
-    name = resolve_backend_name(requested)
+    return provider(resolve_backend_name(requested))
+
+
+def provider(name: str):
+    """The provider of backend ``name`` (``te`` or ``local``) without checking that this host can
+    run it: its ``mla_problems`` answer for a launch elsewhere (no TE module is read)."""
+    if name not in ("te", "local"):
+        raise ValueError(f"unknown backend {name!r}; allowed: te, local")
     return _te_backend_class()() if name == "te" else LocalBackend()
+
+
+def fused_conv_available() -> bool:
+    """Whether MambaMixer's fused ("mem-eff") path can run: it needs causal_conv1d."""
+    return detect().causal_conv1d is not None
 
 
 def require(package: str, feature: str) -> str:

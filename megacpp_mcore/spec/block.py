@@ -5,27 +5,32 @@ returned ``ModuleSpec`` names :class:`HybridLayer`, a ``BaseTransformerLayer`` t
 ``TransformerBlock`` fans out to one spec per layer of its stage (``get_num_layers_to_build``). When
 Megatron builds layer ``layer_number`` (1-based, local to the stage), :class:`HybridLayer` computes
 the global index from the config's pipeline offset, compiles the pattern against
-``config.num_layers`` (validating every feature placement), asks the symbol's builder for that
-layer's real spec and returns the module built from it. The stack therefore holds plain
-``TransformerLayer`` (or feature) modules with upstream parameter names; ``HybridLayer`` itself never
-becomes a module.
+``config.num_layers`` (validating every feature placement), builds that layer's real spec (the
+symbol's builder from :data:`SYMBOL_SPECS`, then the composer's ``layer`` seam,
+:func:`megacpp_mcore.spec.compose.at_seam`) and returns the module built from it. The stack
+therefore holds plain ``TransformerLayer`` (or feature) modules with upstream parameter names;
+``HybridLayer`` itself never becomes a module, and building never writes to the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
+import warnings
 from typing import Any, Callable, Mapping
 
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module, get_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
+from megacpp_mcore.features import FEATURE_NAMES, get_feature
+from megacpp_mcore.layers.attention import attention_layer_spec
+from megacpp_mcore.layers.feedforward import feedforward_layer_spec
+from megacpp_mcore.layers.mixers import m2rnn_layer_spec, mamba_layer_spec
 from megacpp_mcore.spec import backends, compat
-from megacpp_mcore.spec.context import LayerContext
+from megacpp_mcore.spec.compose import at_seam
+from megacpp_mcore.spec.context import ChunkBuild, ChunkCursor, LayerContext
 from megacpp_mcore.spec.pattern import (
-    FEATURE_RULES,
     SEGMENT_SEPARATOR,
     FeaturePlacement,
     LayerEntry,
@@ -34,23 +39,32 @@ from megacpp_mcore.spec.pattern import (
     expand_pattern,
     validate_pattern,
 )
+from megacpp_mcore.spec.pattern import heterogeneous as _mixed_kinds
 
-# Symbol -> "module:function" building that symbol's layer spec from a LayerContext.
-SYMBOL_BUILDERS: dict[str, str] = {
-    "A": "megacpp_mcore.layers.attention:attention_layer_spec",
-    "E": "megacpp_mcore.layers.feedforward:feedforward_layer_spec",
-    "M": "megacpp_mcore.layers.mixers:mamba_layer_spec",
-    "R": "megacpp_mcore.layers.mixers:m2rnn_layer_spec",
+# Symbol -> the function building that symbol's layer spec from a LayerContext.
+SYMBOL_SPECS: dict[str, Callable[[LayerContext], ModuleSpec]] = {
+    "A": attention_layer_spec,
+    "E": feedforward_layer_spec,
+    "M": mamba_layer_spec,
+    "R": m2rnn_layer_spec,
 }
 
+
+def layer_spec(ctx: LayerContext) -> ModuleSpec:
+    """The spec of the layer ``ctx`` describes: its symbol's spec, then the ``layer`` seam."""
+    return at_seam("layer", SYMBOL_SPECS[ctx.symbol](ctx), ctx)
+
+
 def _placement(name: str, value: Any) -> FeaturePlacement:
-    placement = value if isinstance(value, FeaturePlacement) else getattr(value, "placement", None)
-    if not isinstance(placement, FeaturePlacement):
+    """The placement of feature ``name``: a bare FeaturePlacement or the feature's config."""
+    if isinstance(value, FeaturePlacement):
+        return value
+    config_type = get_feature(name).config_type()
+    if not isinstance(value, config_type):
         raise ValueError(
-            f"feature {name!r}: expected a FeaturePlacement or a config with a `.placement` "
-            f"FeaturePlacement, got {value!r}"
+            f"feature {name!r}: expected a FeaturePlacement or a {config_type.__name__}, got {value!r}"
         )
-    return placement
+    return value.placement
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,16 +75,20 @@ class HybridLayerSubmodules:
     backend: str = "auto"
     features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     num_layers: int | None = None  # when given, checked against the config at build time
+    # the chunk being built: HybridLayer starts a ChunkBuild (the owner of what a chunk's layers
+    # share, e.g. MoDA's depth buffers) at each chunk's first layer; build state, not spec data
+    chunks: ChunkCursor = dataclasses.field(default_factory=ChunkCursor, init=False, repr=False,
+                                            compare=False)
 
     def __post_init__(self):
         if self.backend not in backends.BACKENDS:
             raise ValueError(
                 f"unknown backend {self.backend!r}; allowed: {', '.join(backends.BACKENDS)}"
             )
-        unknown = sorted(set(self.features) - set(FEATURE_RULES))
+        unknown = sorted(set(self.features) - set(FEATURE_NAMES))
         if unknown:
             raise ValueError(
-                f"unknown feature {unknown[0]!r}; known features: {', '.join(sorted(FEATURE_RULES))}"
+                f"unknown feature {unknown[0]!r}; known features: {', '.join(sorted(FEATURE_NAMES))}"
             )
         object.__setattr__(
             self, "features", {k: v for k, v in self.features.items() if v is not None}
@@ -86,8 +104,16 @@ class HybridLayerSubmodules:
         """The compiled layer table at depth ``num_layers`` (validated, cached)."""
         return _compiled(self.pattern, num_layers, tuple(sorted(self.placements.items(), key=str)))
 
-    def layer_spec(self, config: TransformerConfig, index: int) -> ModuleSpec:
-        """The concrete spec of global layer ``index`` for ``config``."""
+    def heterogeneous(self, num_layers: int) -> bool:
+        """Whether the stack at depth ``num_layers`` mixes layer kinds, so that Megatron must
+        checkpoint per-layer keys: the model builder then sets
+        ``config.hetereogenous_dist_checkpoint`` (:func:`checkpoint_config_kwargs`)."""
+        return _mixed_kinds(self.table(num_layers))
+
+    def layer_spec(self, config: TransformerConfig, index: int,
+                   chunk: ChunkBuild | None = None) -> ModuleSpec:
+        """The concrete spec of global layer ``index`` for ``config``, a layer of ``chunk`` (by
+        default a chunk of its own)."""
         if self.num_layers is not None and self.num_layers != config.num_layers:
             raise PatternError(
                 f"hybrid spec was declared for {self.num_layers} layers but the model config has "
@@ -101,23 +127,16 @@ class HybridLayerSubmodules:
             symbol=entry.symbol,
             features=entry.features,
             feature_configs=self.features,
+            chunk=chunk if chunk is not None else ChunkBuild(),
         )
-        spec = _builder(entry.symbol)(ctx)
-        if "mod" in entry.features:
-            from megacpp_mcore.features.mod.layer import mod_layer_spec
-
-            spec = mod_layer_spec(spec, ctx)
-        return spec
+        return layer_spec(ctx)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(pattern, num_layers, placements) -> list[LayerEntry]:
-    return compile_layers(pattern, num_layers, dict(placements))
-
-
-def _builder(symbol: str) -> Callable[[LayerContext], ModuleSpec]:
-    module_name, func = SYMBOL_BUILDERS[symbol].split(":")
-    return getattr(importlib.import_module(module_name), func)
+    # a "|"-segmented pattern compiles against its own stage count (Megatron's split is checked
+    # per layer by _check_stage)
+    return compile_layers(pattern, num_layers, dict(placements), pp=len(validate_pattern(pattern)))
 
 
 def _pp_rank(pg_collection) -> int:
@@ -146,12 +165,8 @@ class HybridLayer(BaseTransformerLayer):
         index = compat.global_layer_index(config, layer_number, vp_stage=vp_stage, pp_rank=pp_rank,
                                           **kwargs)
         _check_stage(submodules.pattern, config, index, pp_rank, vp_stage)
-        spec = submodules.layer_spec(config, index)
-        if len({(e.symbol, e.features) for e in submodules.table(config.num_layers)}) > 1:
-            # Megatron stacks homogeneous layers into one checkpoint tensor per parameter name; a
-            # mixed stack (A layers have no MLP, E layers no attention, a feature such as MoD adds
-            # parameters to some layers only) needs per-layer keys.
-            setattr(config, compat.HETEROGENEOUS_CHECKPOINT_FIELD, True)
+        _check_checkpoint_layout(submodules, config)
+        spec = submodules.layer_spec(config, index, submodules.chunks.for_layer(layer_number))
         return build_module(
             spec,
             config=config,
@@ -160,6 +175,35 @@ class HybridLayer(BaseTransformerLayer):
             vp_stage=vp_stage,
             **compat.layer_kwargs(get_module(spec), kwargs),
         )
+
+
+def checkpoint_config_kwargs(spec: ModuleSpec, num_layers: int) -> dict[str, bool]:
+    """TransformerConfig kwargs a model builder passes for hybrid ``spec`` at ``num_layers``:
+    per-layer checkpoint keys when the stack mixes layer kinds (Megatron stacks a homogeneous
+    block's layers into one tensor per parameter name; a mixed stack has holes in those tensors)."""
+    if getattr(spec, "module", None) is not HybridLayer or not spec.submodules.heterogeneous(num_layers):
+        return {}
+    return {compat.HETEROGENEOUS_CHECKPOINT_FIELD: True}
+
+
+def _check_checkpoint_layout(submodules: HybridLayerSubmodules, config: TransformerConfig) -> None:
+    """A mixed stack needs per-layer checkpoint keys. The model builders that own the config set
+    them up front (:func:`checkpoint_config_kwargs`: ``runtime.transformer_config`` and the
+    ``megacpp_mcore.launch_pretrain`` builder), so building a layer leaves their config alone.
+
+    The one exception is stock ``pretrain_gpt.py --spec`` (Megatron-LM 0.16-0.19 has no command-line
+    flag for the field and builds a fresh config per model): there the stack claims the setting on
+    that model's config and says so once, instead of writing a checkpoint with holes."""
+    field = compat.HETEROGENEOUS_CHECKPOINT_FIELD
+    if submodules.heterogeneous(config.num_layers) and not getattr(config, field):
+        warnings.warn(
+            f"pattern {submodules.pattern!r} mixes layer kinds, so its distributed checkpoint needs "
+            f"per-layer keys: setting {field}=True on this model's TransformerConfig (pretrain_gpt.py "
+            "has no flag for it; python -m megacpp_mcore.launch_pretrain and "
+            "megacpp_mcore.spec.block.checkpoint_config_kwargs set it up front)",
+            stacklevel=3,
+        )
+        setattr(config, field, True)
 
 
 def _check_stage(pattern: str, config: TransformerConfig, index: int, pp_rank: int, vp_stage) -> None:

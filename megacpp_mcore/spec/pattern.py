@@ -5,7 +5,8 @@ A pattern shorter than the depth tiles to it; ``|`` splits explicit pipeline-sta
 then the segments must add up to the depth exactly (no tiling).
 
 Features (MLA, MoD, MoDA, ...) attach to layers through :class:`FeaturePlacement` (by symbol class
-and/or explicit 0-based layer index) and are checked by :func:`compile_layers`, which refuses any
+and/or explicit 0-based layer index) and are checked by :func:`compile_layers` against
+:data:`FEATURE_RULES`, which refuses any
 placement that does not mean what the user thinks (an attention-only feature on a Mamba layer, an
 index beyond the depth, ...). Messages name the layer index and its symbol.
 """
@@ -20,7 +21,9 @@ SYMBOLS = "AEMR"
 SEGMENT_SEPARATOR = "|"
 SYMBOL_NAMES = {"A": "attention", "E": "feed-forward", "M": "mamba", "R": "m2rnn"}
 
-# Which symbols each known feature may attach to; ``opt_in`` symbols need ``allow_on``.
+# The placement guards of every layer feature, in one place: which symbols each feature may attach
+# to; ``opt_in`` symbols need ``allow_on``. A feature's seam, config and transform are its row of the
+# feature table (megacpp_mcore.features), which names the same features.
 FEATURE_RULES: dict[str, dict[str, frozenset[str]]] = {
     "mla": {"allowed": frozenset("A"), "opt_in": frozenset()},
     "moda": {"allowed": frozenset("A"), "opt_in": frozenset()},
@@ -222,6 +225,14 @@ def compile_layers(
         LayerEntry(index=i, symbol=s, features=frozenset(per_layer[i]), stage=stage_of[i])
         for i, s in enumerate(symbols)
     ]
+
+
+def heterogeneous(table: Iterable[LayerEntry]) -> bool:
+    """Whether the compiled layers differ in symbol or features. Megatron stacks the layers of a
+    homogeneous block into one checkpoint tensor per parameter name; a mixed stack (A layers have no
+    MLP, E layers no attention, MoD adds parameters to some layers only) needs per-layer keys
+    (``TransformerConfig.hetereogenous_dist_checkpoint``)."""
+    return len({(e.symbol, e.features) for e in table}) > 1
 
 
 def symbol_counts(symbols: Iterable[str]) -> dict[str, int]:

@@ -28,7 +28,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
-from megacpp_mcore.spec import backends
 from megacpp_mcore.layers.mixers.common import (
     check_slot_call,
     mark_tensor_parallel,
@@ -231,8 +230,8 @@ def _split_parts(sh_ten: ShardedTensor, parts: dict[str, int]) -> ShardedTensorF
 
 @functools.cache
 def fast_mixer_class() -> type:
-    """``MambaMixer`` adapted to the self-attention slot (import deferred: it needs mamba_ssm/triton)."""
-    backends.require("mamba_ssm", "the 'M' block on the te backend (Megatron-Core MambaMixer)")
+    """``MambaMixer`` adapted to the self-attention slot (import deferred: it needs mamba_ssm/triton;
+    the TE provider's ``mamba_mixer`` checks that first)."""
     from megatron.core.ssm.mamba_mixer import MambaMixer
 
     accepted = set(inspect.signature(MambaMixer.__init__).parameters)
@@ -254,28 +253,13 @@ def fast_mixer_class() -> type:
     return MambaSlotMixer
 
 
-def fused_conv_available() -> bool:
-    """Whether MambaMixer's fused ("mem-eff") path can run: it needs causal_conv1d."""
-    return backends.detect().causal_conv1d is not None
-
-
 def mixer_spec(config, backend) -> ModuleSpec:
-    """The ``M`` mixer spec for ``backend``: MambaMixer on ``te``, :class:`TorchMambaMixer` on ``local``."""
+    """The ``M`` mixer spec for ``backend``: the provider's ``mamba_mixer`` (MambaMixer on ``te``,
+    :class:`TorchMambaMixer` on ``local``) with the backend's projections."""
     dims: MambaDims = mamba_dims_from_config(config)
     dims.check_tp(config.tensor_model_parallel_size)
     fused = backend.fuse_layernorm_and_linear()
     in_proj = backend.column_parallel_layer_norm_linear() if fused else backend.column_parallel_linear()
-    out_proj = backend.row_parallel_linear()
-    if backend.name != "te":
-        return ModuleSpec(module=TorchMambaMixer, params={"d_model": config.hidden_size},
-                          submodules=MambaSubmodules(in_proj=in_proj, out_proj=out_proj))
-    cls = fast_mixer_class()
-    if config.use_mamba_mem_eff_path and not fused_conv_available():
-        raise backends.BackendUnavailable(
-            "the 'M' block's fused MambaMixer path (use_mamba_mem_eff_path=True) needs causal_conv1d; "
-            "install it (pip install causal-conv1d) or set use_mamba_mem_eff_path=False"
-        )
-    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
-
-    return ModuleSpec(module=cls, params={"d_model": config.hidden_size},
-                      submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=out_proj))
+    module, submodules = backend.mamba_mixer(config)
+    return ModuleSpec(module=module, params={"d_model": config.hidden_size},
+                      submodules=submodules(in_proj=in_proj, out_proj=backend.row_parallel_linear()))
