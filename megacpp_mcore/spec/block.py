@@ -9,7 +9,9 @@ the global index from the config's pipeline offset, compiles the pattern against
 symbol's builder from :data:`SYMBOL_SPECS`, then the composer's ``layer`` seam,
 :func:`megacpp_mcore.spec.compose.at_seam`) and returns the module built from it. The stack
 therefore holds plain ``TransformerLayer`` (or feature) modules with upstream parameter names;
-``HybridLayer`` itself never becomes a module, and building never writes to the config.
+``HybridLayer`` itself never becomes a module. Building writes nothing to a config that our
+builders made (they set the checkpoint layout up front); see :func:`_check_checkpoint_layout` for
+the one setting claimed under stock ``pretrain_gpt.py``.
 """
 
 from __future__ import annotations
