@@ -46,7 +46,8 @@ def _targets():
         scaler = importlib.import_module(_MOE_UTILS).MoEAuxLossAutoScaler
     except (ImportError, AttributeError):
         return None
-    if not callable(getattr(schedules, "forward_step", None)) or not hasattr(scaler, "main_loss_backward_scale"):
+    if not (callable(getattr(schedules, "forward_step", None))
+            and hasattr(scaler, "main_loss_backward_scale")):
         return None
     return schedules, scaler
 

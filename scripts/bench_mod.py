@@ -14,7 +14,8 @@ Measures, in ONE run and on the same synthetic batches (fwd + bwd + Adam step, b
 then checks that a gateskip layer's forward captures in a CUDA graph and replays to the eager output.
 RoPE is TE's fused kernel in every variant (``--rope unfused``: Megatron's unfused ops); a top-k
 layer applies it to its gathered tokens as a flat ``[k*b]`` sequence of positions
-(``mod.TokenRopeAttention``). Prints a table and the ratios; ``--out`` writes JSON.
+(``features.mod.TokenRopeAttention``). ``--mod-kernels torch`` times the MoD variants with torch
+ops instead of the Triton kernels. Prints a table and the ratios; ``--out`` writes JSON.
 
     python scripts/bench_mod.py --out mod_bench.json
 
@@ -73,6 +74,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", default="upstream-dense,dense,gateskip,topk")
     p.add_argument("--skip-graph", action="store_true", help="skip the CUDA graph capture check")
+    p.add_argument("--mod-kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="MoDConfig.kernels of the MoD variants: the fused gateskip seam and the top-k "
+                        "routing as Triton kernels (auto: where Triton imports) or as torch ops (A/B)")
     p.add_argument("--no-te-backend-per-layer", action="store_true",
                    help="do not apply patches.te_attention_backend_per_layer (measure TE's one-entry "
                         "backend cache re-selecting on every top-k/dense alternation)")
@@ -115,17 +119,17 @@ def _check_host(cpu_smoke: bool) -> dict:
 
 
 def _model(args, variant: str):
-    from megacpp_mcore.features.mod.layer import MoDConfig
+    from megacpp_mcore.features.mod import MoDConfig
     from megacpp_mcore.spec.pattern import FeaturePlacement
     from megacpp_mcore.models.presets import ModelConfig
 
     features = {}
     if variant == "gateskip":
-        features["mod"] = MoDConfig(mode="gateskip")
+        features["mod"] = MoDConfig(mode="gateskip", kernels=args.mod_kernels)
     elif variant == "topk":
         first = 0 if args.topk_blocks == "even" else 1
         layers = tuple(i for i in range(2 * args.blocks) if (i // 2) % 2 == first)
-        features["mod"] = MoDConfig(mode="topk", capacity=args.capacity,
+        features["mod"] = MoDConfig(mode="topk", capacity=args.capacity, kernels=args.mod_kernels,
                                     placement=FeaturePlacement(layers=layers))
     return ModelConfig(name=f"bench-{variant}", pattern="AE", num_layers=2 * args.blocks,
                        hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -361,7 +365,7 @@ def _cuda_graph_check(args) -> dict:
     from megacpp_mcore.layers.attention import attention_layer_spec
     from megacpp_mcore.spec.backends import get_backend
     from megacpp_mcore.spec.context import LayerContext
-    from megacpp_mcore.features.mod.layer import mod_layer_spec
+    from megacpp_mcore.features.mod import mod_layer_spec
 
     from megatron.core import tensor_parallel
 

@@ -3,12 +3,14 @@ references, loss and budget values, side contracts (MoE aux loss, MoDA seam), TP
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import pytest
 import torch
 
-from megacpp_mcore.features.mod.layer import MoDConfig
+from megacpp_mcore.features.mod import MoDConfig
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError, compile_layers
 from megacpp_mcore.models.presets import custom_model
 
@@ -58,6 +60,20 @@ def run_all(runs: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- layer helpers
+@contextlib.contextmanager
+def aux_loss_scale(scale):
+    """Megatron's auxiliary-loss backward scale (``MoEAuxLossAutoScaler``, the seam MoD's losses
+    read) set to ``scale`` as a schedule sets it; back to upstream's unset state afterwards."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MoEAuxLossAutoScaler.set_loss_scale(scale)
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 def _config(*, moe: bool = False, **overrides):
     from megacpp_mcore.train import runtime
     from megacpp_mcore.models.presets import MoEConfig
@@ -74,12 +90,13 @@ def _pair(symbol: str, mod: MoDConfig, *, moe: bool = False, features=("mod",)):
     from megacpp_mcore.layers.attention import attention_layer_spec
     from megacpp_mcore.spec.backends import get_backend
     from megacpp_mcore.layers.feedforward import feedforward_layer_spec
-    from megacpp_mcore.spec.context import LayerContext
-    from megacpp_mcore.features.mod.layer import mod_layer_spec
+    from megacpp_mcore.spec.context import ChunkBuild, LayerContext
+    from megacpp_mcore.features.mod import mod_layer_spec
 
     cfg = _config(moe=moe)
     ctx = LayerContext(config=cfg, backend=get_backend("local"), index=0, symbol=symbol,
-                       features=frozenset(features), feature_configs={"mod": mod})
+                       features=frozenset(features), feature_configs={"mod": mod},
+                       chunk=ChunkBuild())  # the owner of MoDA's depth buffer, when it is there
     spec = attention_layer_spec(ctx) if symbol == "A" else feedforward_layer_spec(ctx)
     plain = build_module(spec, config=cfg, layer_number=1)
     wrapped = build_module(mod_layer_spec(spec, ctx), config=cfg, layer_number=1)
@@ -230,7 +247,7 @@ def test_topk_attention_takes_per_token_rope_through_flat_view(single_rank, monk
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer.attention import SelfAttention
 
-    from megacpp_mcore.features.mod.layer import TokenRopeAttention
+    from megacpp_mcore.features.mod import TokenRopeAttention
 
     plain, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25))
     assert type(wrapped.self_attention) is TokenRopeAttention
@@ -290,7 +307,8 @@ def test_topk_causal_inference_decides_per_token(single_rank):
 
 # ---------------------------------------------------------------------------- losses, grads
 def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
-    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler
+    """The sparsity loss's gradient, hand-computed; scaled by Megatron's aux-loss scale (unset: 1)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     cfg = MoDConfig(mode="gateskip", sparsity_loss_weight=0.5, budget_start=1.0, budget_end=0.6,
                     budget_steps=10)
@@ -298,7 +316,7 @@ def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
     _set_router(wrapped, weight=torch.zeros(1, 64), bias=1.0)  # every gate = sigmoid(1)
     g = 1.0 / (1.0 + math.exp(-1.0))
     x, rope = _inputs(), _rope(16)
-    MoDLossAutoScaler.set_loss_scale(1.0)
+    assert MoEAuxLossAutoScaler.main_loss_backward_scale is None  # no schedule ran: scale 1
     wrapped.megacpp_set_step(5)  # budget 0.8 > 0.731: no pressure
     (_call(wrapped, x, rope) * 0).sum().backward()
     assert wrapped.megacpp_stats()["loss_sparsity"] == 0.0
@@ -310,26 +328,30 @@ def test_gateskip_sparsity_loss_and_gradient_hand_computed(single_rank):
     assert stats["budget"] == pytest.approx(0.6)
     assert stats["loss_sparsity"] == pytest.approx(0.5 * (g - 0.6) ** 2, rel=1e-6)
     # d/db of 0.5 * (mean(sigmoid(b)) - 0.6)^2 = (g - 0.6) * g * (1 - g)
-    assert wrapped.mod_router.bias.grad.item() == pytest.approx((g - 0.6) * g * (1 - g), rel=1e-5)
+    expected = (g - 0.6) * g * (1 - g)
+    assert wrapped.mod_router.bias.grad.item() == pytest.approx(expected, rel=1e-5)
+    wrapped.mod_router.bias.grad = None
+    with aux_loss_scale(torch.tensor([0.25])):  # as a schedule sets it at 4 micro-batches
+        (_call(wrapped, x, rope) * 0).sum().backward()
+    assert wrapped.mod_router.bias.grad.item() == pytest.approx(0.25 * expected, rel=1e-5)
 
 
 def test_topk_router_aux_loss_hand_computed(single_rank):
-    from megacpp_mcore.features.mod.layer import MoDLossAutoScaler
-
+    """The router BCE's value and gradient, hand-computed, at Megatron's aux-loss scale 0.5."""
     _, wrapped = _pair("A", MoDConfig(mode="topk", capacity=0.25, router_aux_loss_weight=0.3))
     weight = torch.zeros(1, 64)
     weight[0, 0] = 1.0  # logit = x[..., 0]
     _set_router(wrapped, weight=weight, bias=0.0)
     x, rope = _inputs(), _rope(16)
-    MoDLossAutoScaler.set_loss_scale(1.0)
-    (_call(wrapped, x, rope) * 0).sum().backward()
+    with aux_loss_scale(torch.tensor([0.5])):
+        (_call(wrapped, x, rope) * 0).sum().backward()
     logits = x[..., 0]  # [s, b]
     target = torch.zeros_like(logits).scatter(0, logits.topk(4, dim=0).indices, 1.0)
     p = torch.sigmoid(logits)
     bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
     assert wrapped.megacpp_stats()["loss_router_aux"] == pytest.approx(0.3 * bce.item(), rel=1e-5)
-    # d/db = 0.3 * mean(sigmoid(l) - target)
-    expected = 0.3 * (p - target).mean().item()
+    # d/db = scale * 0.3 * mean(sigmoid(l) - target)
+    expected = 0.5 * 0.3 * (p - target).mean().item()
     assert wrapped.mod_router.bias.grad.item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
@@ -363,7 +385,7 @@ def test_topk_refused_on_moda_layer(single_rank):
 
 
 def test_only_transformer_layers_are_wrapped():
-    from megacpp_mcore.features.mod.layer import MoDLayer, mod_layer_class
+    from megacpp_mcore.features.mod import MoDLayer, mod_layer_class
 
     with pytest.raises(ValueError, match="MoD wraps TransformerLayer-based blocks"):
         mod_layer_class(torch.nn.Linear)
@@ -371,13 +393,135 @@ def test_only_transformer_layers_are_wrapped():
         mod_layer_class(MoDLayer)
 
 
+def test_kernel_choice_is_made_when_the_layer_is_built(single_rank, monkeypatch):
+    """``MoDConfig.kernels`` resolves once, when the layer is built: ``torch`` never takes the
+    Triton kernels, ``auto`` takes them where they import and the hidden size fits, ``triton``
+    requires them; CPU tensors take the torch formulation whatever the layer resolved to."""
+    import sys
+    import types
+
+    from megacpp_mcore.features import mod as mod_package
+    from megacpp_mcore.features.mod import gate
+    from megacpp_mcore.features.mod.topk import TopkRouteIn
+
+    monkeypatch.setattr(gate, "_triton_importable", lambda: "ModuleNotFoundError: no triton")
+    assert _pair("A", MoDConfig(kernels="auto"))[1]._triton is False
+    with pytest.raises(ImportError, match=r"kernels='triton' needs Triton \(pip install triton\)"):
+        _pair("A", MoDConfig(kernels="triton"))
+    fake = types.ModuleType("megacpp_mcore.features.mod.kernels")  # stands in for the Triton module
+    fake.MAX_HIDDEN = 64
+    monkeypatch.setattr(gate, "_triton_importable", lambda: None)
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setattr(mod_package, "kernels", fake, raising=False)
+    built = {k: _pair("A", MoDConfig(mode="topk", capacity=0.25, kernels=k))[1]
+             for k in ("auto", "triton", "torch")}
+    assert {k: (m._triton, m._topk.use_triton) for k, m in built.items()} == {
+        "auto": (True, True), "triton": (True, True), "torch": (False, False)}
+    fake.MAX_HIDDEN = 32  # hidden 64 no longer fits one row of the kernels
+    assert _pair("A", MoDConfig(kernels="auto"))[1]._triton is False
+    with pytest.raises(ValueError, match=r"hidden size 64 is wider than the kernels take \(32\)"):
+        _pair("A", MoDConfig(kernels="triton"))
+    calls = []
+    original = TopkRouteIn.apply
+    monkeypatch.setattr(TopkRouteIn, "apply", staticmethod(lambda *a: calls.append(a[-1]) or original(*a)))
+    _call(built["triton"], _inputs(), _rope(16))
+    assert calls == [False]  # use_triton: CPU tensors
+
+
+# ------------------------------------------------------- aux-loss scale through Megatron's schedule
+def _router_grad_after_schedule(chunk, num_microbatches: int) -> float:
+    """The last layer's MoD router-bias gradient after Megatron's own
+    ``forward_backward_no_pipelining`` over ``num_microbatches`` identical micro-batches whose LM
+    loss is masked out (only the auxiliary losses have gradient)."""
+    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+
+    from megacpp_mcore.train import runtime
+
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.zeros(2, 32)}
+    chunk.zero_grad()
+    forward_backward_no_pipelining(forward_step_func=runtime.gpt_forward_step,
+                                   data_iterator=iter([batch] * num_microbatches), model=chunk,
+                                   num_microbatches=num_microbatches, seq_length=32, micro_batch_size=2)
+    return chunk.decoder.layers[-1].mod_router.bias.grad.item()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_aux_loss_scale_comes_from_megatron_schedule(single_rank, monkeypatch, moe):
+    """With the registry's ``aux-loss-scale-without-moe`` applied, Megatron's schedule scales MoD's
+    sparsity-loss gradient by ``1 / num_microbatches`` on a dense model as it does (upstream) on an
+    MoE one: 1 and 4 identical micro-batches give the hand-computed gradient of one. Without the
+    patch a dense model's 4 micro-batches give 4 times that."""
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megacpp_mcore.patches import aux_loss_scale_without_moe as patch
+    from megacpp_mcore.patches import registry
+    from megacpp_mcore.patches._wrapping import upstream
+    from megacpp_mcore.models.presets import MoEConfig
+    from megacpp_mcore.train import runtime
+
+    registry.apply_needed([patch.NAME])  # what every entry point does (runtime.initialize too)
+    assert patch.applied()
+    mod = MoDConfig(mode="gateskip", sparsity_loss_weight=0.5, budget_start=0.6, budget_end=0.6,
+                    placement=FeaturePlacement(layers=(3,)))  # the last layer: its output only
+    # with MoE, upstream sets the scale itself; its load-balancing loss does not reach the MoD gate
+    moe_cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64) if moe else None
+    model = custom_model(**_BASE, moe=moe_cfg, features={"mod": mod})
+    (chunk,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                   backend="local", wrap_ddp=False)
+    assert (chunk.config.num_moe_experts is None) != moe
+    _set_router(chunk.decoder.layers[-1], weight=torch.zeros(1, 64), bias=1.0)  # every gate sigmoid(1)
+    g = 1.0 / (1.0 + math.exp(-1.0))
+    expected = (g - 0.6) * g * (1 - g)  # d/db of 0.5 * (mean(sigmoid(b)) - 0.6)^2
+    for n in (1, 4):
+        assert _router_grad_after_schedule(chunk, n) == pytest.approx(expected, rel=1e-5), n
+    if not moe:  # upstream's own forward_step leaves the scale unset on a dense model
+        monkeypatch.setattr(schedules, "forward_step", upstream(schedules.forward_step, patch.NAME))
+        monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)  # as never set
+        assert _router_grad_after_schedule(chunk, 4) == pytest.approx(4 * expected, rel=1e-5)
+
+
+def test_aux_loss_scale_patch_protocol(monkeypatch):
+    """check() probes upstream's forward_step (``needed`` while it skips dense models, also after
+    apply), apply() is idempotent, and an upstream that sets the scale reads ``fixed-upstream``."""
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megacpp_mcore.patches import aux_loss_scale_without_moe as patch
+    from megacpp_mcore.patches._wrapping import upstream
+
+    original = upstream(schedules.forward_step, patch.NAME)
+    monkeypatch.setattr(schedules, "forward_step", original)
+    assert patch.check() == "needed" and patch.applied() is False
+    assert patch.apply() == [f"{schedules.__name__}.forward_step"]
+    assert patch.apply() == [] and patch.applied() is True and patch.check() == "needed"
+    assert MoEAuxLossAutoScaler.main_loss_backward_scale is None  # the probe leaves no state
+
+    def fixed(*args, **kwargs):  # an upstream that also scales dense models' aux losses
+        result = original(*args, **kwargs)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / args[3])
+        return result
+
+    monkeypatch.setattr(schedules, "forward_step", fixed)
+    assert patch.check() == "fixed-upstream"
+    monkeypatch.delattr(schedules, "forward_step")
+    assert patch.check() == "target-missing" and patch.apply() == []
+
+
 # --------------------------------------------------------------------- hybrid model, hooks
 def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
+    """A GPTModel from the hybrid spec with threshold MoD on layers 1 and 2: each wrapped layer's
+    statistics and router gradient equal a plain-torch reference computed from the layer's own
+    input ``x`` and output gradient ``dy`` (captured by hooks) and its block output ``f(x)``:
+    ``g = sigmoid(x w + b)``, processed where ``g >= 0.5``, and
+    ``d router = sum_i g_i (1 - g_i) <dy_i, f(x)_i> [x_i, 1]`` over the processed tokens (the
+    sparsity loss is inactive at budget 1)."""
     from megatron.core.models.gpt import GPTModel
 
     from megacpp_mcore.train import runtime
     from megacpp_mcore.spec.block import hybrid_block_spec
-    from megacpp_mcore.features.mod.layer import MoDLayer
+    from megacpp_mcore.features.mod import MoDLayer
 
     mod = MoDConfig(mode="threshold", placement=FeaturePlacement(layers=(1, 2)))
     model = custom_model(**_BASE, moe=None, features={"mod": mod})
@@ -388,17 +532,45 @@ def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
     wrapped = {n: m for n, m in gpt.named_modules() if hasattr(m, "megacpp_stats")}
     assert sorted(wrapped) == ["decoder.layers.1", "decoder.layers.2"]
     assert all(isinstance(m, MoDLayer) for m in wrapped.values())
-    tokens = torch.randint(0, 128, (2, 32))
-    for m in wrapped.values():
+    seen, handles = {}, []
+
+    def keep_input(name, module, args, kwargs):
+        seen[name] = dict(kwargs)
+
+    def keep_output_grad(name, module, args, kwargs, output):
+        output[0].register_hook(lambda grad: seen.__setitem__(name + ":dy", grad))
+
+    for i, (name, m) in enumerate(wrapped.items()):
+        _set_router(m, std=0.5, bias=0.0, seed=i)  # gates around 0.5: some tokens skip
         m.megacpp_set_step(0)
+        handles += [m.register_forward_pre_hook(functools.partial(keep_input, name), with_kwargs=True),
+                    m.register_forward_hook(functools.partial(keep_output_grad, name), with_kwargs=True)]
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     loss = gpt(tokens, torch.arange(32).expand(2, 32), None, labels=tokens)
     assert loss.shape == (2, 32)
     loss.mean().backward()
-    for m in wrapped.values():
+    for h in handles:
+        h.remove()
+    for name, m in wrapped.items():
         stats = m.megacpp_stats()
-        assert set(stats) == {"gate_mean", "fraction_processed", "loss_sparsity", "budget"}
-        assert 0.0 <= stats["fraction_processed"] <= 1.0
-        assert m.mod_router.weight.grad is not None
+        kwargs, dy = seen[name], seen[name + ":dy"]
+        x = kwargs["hidden_states"].detach()  # [s, b, h]
+        w, b = m.mod_router.weight.detach(), m.mod_router.bias.detach()
+        gate = torch.sigmoid(x @ w.T + b)  # [s, b, 1]
+        keep = gate >= 0.5
+        assert 0 < int(keep.sum()) < keep.numel()
+        assert stats == pytest.approx({"gate_mean": gate.mean().item(), "budget": 1.0,
+                                       "fraction_processed": keep.float().mean().item(),
+                                       "loss_sparsity": 0.0}, abs=1e-6)
+        m.force_gate(1.0)  # the same routes with gate 1: x + f(x) where processed
+        with torch.no_grad():
+            f = m(**kwargs)[0] - x
+        m.force_gate(None)
+        dlogit = keep * (dy * f).sum(-1, keepdim=True) * gate * (1 - gate)  # [s, b, 1]
+        torch.testing.assert_close(m.mod_router.weight.grad, (dlogit * x).sum((0, 1))[None],
+                                   rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(m.mod_router.bias.grad, dlogit.sum().reshape(1), rtol=1e-4, atol=1e-8)
+        assert m.mod_router.bias.grad.abs().item() > 1e-6  # the LM loss trains the router
 
 
 def test_mod_on_some_layers_of_one_symbol_checkpoints(single_rank, tmp_path):
@@ -456,7 +628,7 @@ def _te_layer(mode: str, apply_rope_fusion: bool = False, **mod_kwargs):
     from megacpp_mcore.layers.attention import attention_layer_spec
     from megacpp_mcore.spec.backends import get_backend
     from megacpp_mcore.spec.context import LayerContext
-    from megacpp_mcore.features.mod.layer import mod_layer_spec
+    from megacpp_mcore.features.mod import mod_layer_spec
 
     cfg = _config(apply_rope_fusion=apply_rope_fusion)
     mod = MoDConfig(mode=mode, **mod_kwargs)

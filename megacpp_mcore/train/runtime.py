@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megacpp_mcore.models.presets import ModelConfig
+from megacpp_mcore.spec import compat
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,7 +111,7 @@ def initialize(par: Parallelism, *, seed: int = 1234) -> int:
         torch.distributed.init_process_group(**kwargs)
     world = torch.distributed.get_world_size()
     dp = par.data_parallel(world)
-    _reset_moe_loss_tracker()
+    compat.reset_moe_metrics()  # process-global, sized by the first model's depth
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
@@ -125,18 +126,10 @@ def initialize(par: Parallelism, *, seed: int = 1234) -> int:
     return dp
 
 
-def _reset_moe_loss_tracker() -> None:
-    """Megatron's MoE aux-loss tracker is process-global and sized by the first model's depth;
-    a new model (another depth) in the same process needs a fresh one."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    get_moe_layer_wise_logging_tracker().clear()
-
-
 def shutdown() -> None:
     from megatron.core import parallel_state
 
-    _reset_moe_loss_tracker()
+    compat.reset_moe_metrics()  # process-global, sized by the first model's depth
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Triton kernels of the fused gateskip residual (CUDA only; imported lazily by ``mod``).
+"""Triton kernels of MoD's fused gateskip residual and top-k routing (CUDA tensors only; imported
+when a layer is built with them, see ``gate.triton_kernels``, which also checks :data:`MAX_HIDDEN`).
 
 A gateskip layer computes, at its residual seam, ``logit = x . w + b``, ``g = sigmoid(logit)`` and
 ``y = x + g * out`` (``x``: the layer input, which is both the residual and the router's input;
@@ -13,7 +14,7 @@ for ``dg``: about fifteen passes over ``[N, h]``. Fused:
   ``dx = dy + dlogit * w`` (the router's input gradient folded into the residual gradient), ``dlogit``
   and per-program partial sums of ``dlogit * x`` for the router weight's gradient, where
   ``dlogit = (sum_h(dy * out) + extra) * g * (1 - g)`` and ``extra`` is the per-token gradient of the
-  sparsity loss (a 0-d device tensor: no host synchronisation).
+  sparsity loss (a one-element device tensor: no host synchronisation).
 
 Everything accumulates in fp32 whatever the activation dtype; shapes are static (graph-capturable).
 """
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 ROWS = 16  # rows per program: amortises the router-weight load and bounds the dW partial buffer
-MAX_HIDDEN = 16384  # one row in registers; wider rows take the torch path
+MAX_HIDDEN = 16384  # one row in registers; wider layers take the torch formulation
 
 
 @triton.jit
@@ -91,11 +92,6 @@ def _launch(hidden: int):
     return block, (4 if block <= 2048 else 8)
 
 
-def supported(x: torch.Tensor) -> bool:
-    """Whether the kernels take ``x`` (CUDA, row width at most :data:`MAX_HIDDEN`)."""
-    return x.is_cuda and x.shape[-1] <= MAX_HIDDEN
-
-
 def gate_forward(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
     """``x``, ``out``: contiguous ``[N, h]``; ``weight``: ``[h]``; ``bias``: ``[1]``.
     Returns ``y`` (``x.dtype``) and ``g`` (``[N]`` fp32)."""
@@ -134,7 +130,7 @@ def _topk_bwd_kernel(dy_ptr, dsel_ptr, dgate_ptr, pos_ptr, x_ptr, w_ptr, logit_p
     cols = tl.arange(0, BLOCK)
     cmask = cols < hidden
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    if COEF_PTR:  # the BCE coefficient as a 0-d device tensor (a tensor loss scale): no host sync
+    if COEF_PTR:  # the BCE coefficient as a one-element device tensor (tensor loss scale): no sync
         c = tl.load(coef_ptr).to(tl.float32)
     else:
         c = coef
@@ -188,7 +184,7 @@ def topk_backward(dy, dselected, dgate, pos: torch.Tensor, x: torch.Tensor, weig
     ``dlogit = coef * g + (dgate[pos] * g * (1 - g) - coef if pos >= 0 else 0)``, ``g = sigmoid(logits)``
     (``logits``: ``[b, s]`` contiguous, as :func:`router_logits` writes them; rows are ``[s, b]``)
     (the gate's gradient on the selected rows and the router BCE's everywhere; ``coef``: a float
-    or a 0-d device tensor; ``dy``/``dselected``/``dgate`` may be None: zero). Also returns the
+    or a one-element device tensor; ``dy``/``dselected``/``dgate`` may be None: zero). Also returns the
     router's ``dweight`` (``[h]`` fp32) and ``dbias`` (0-d fp32)."""
     n_rows, hidden = x.shape
     dx = torch.empty_like(x)

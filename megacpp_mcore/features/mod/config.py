@@ -1,0 +1,128 @@
+"""MoD's configuration: :class:`MoDConfig` (modes, token budget, placement, kernels), validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from megacpp_mcore.spec.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement
+
+MODES = ("gateskip", "threshold", "topk")
+# Eval-time behaviour per mode; the first entry is the default ("soft" = same as training).
+INFERENCE_MODES = {"gateskip": ("soft", "hard"), "threshold": ("soft",), "topk": ("soft", "causal")}
+# Which formulation of the fused gateskip / top-k routing runs on CUDA tensors (see gate.py).
+KERNELS = ("auto", "triton", "torch")
+
+
+def _number(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoDConfig:
+    """Mixture-of-Depths routing for the layers chosen by ``placement``.
+
+    Args:
+        mode: ``gateskip`` | ``threshold`` | ``topk``.
+        capacity: ``topk`` only: fraction of each sequence's tokens that pay for the layer, (0, 1].
+        threshold: ``threshold`` mode: a token is processed when ``sigmoid(router) >= threshold``.
+        router_init_std: std of the router weight's normal init.
+        router_bias_init: router bias init; ``sigmoid(2) = 0.88``, so training starts near dense.
+        sparsity_loss_weight: weight of ``relu(mean(gate) - budget)^2`` (gateskip, threshold).
+        router_aux_loss_weight: weight of the topk router's BCE against its own top-k choice.
+        budget_start, budget_end, budget_steps: token budget, linear from start to end over
+            ``budget_steps`` training steps, then constant (``budget_steps=0``: always ``end``).
+        inference: eval-time routing: gateskip ``soft``|``hard``; topk ``soft``|``causal``;
+            threshold ``soft``.
+        placement: which layers are wrapped (symbol class and/or 0-based indices).
+        allow_on: opt-in symbols MoD refuses by default (``M``, ``R``); merged into ``placement``.
+        kernels: the fused gateskip seam and the top-k routing on CUDA tensors: ``auto`` (the
+            Triton kernels when Triton imports and the hidden size fits them, else torch ops),
+            ``triton`` (required: building the layer fails without them) or ``torch`` (the torch
+            formulation, e.g. for A/B measurements). Resolved once, when a layer is built; CPU
+            tensors always take the torch formulation.
+    """
+
+    mode: str = "gateskip"
+    capacity: float = 0.125
+    threshold: float = 0.5
+    router_init_std: float = 0.02
+    router_bias_init: float = 2.0
+    sparsity_loss_weight: float = 1e-2
+    router_aux_loss_weight: float = 1e-2
+    budget_start: float = 1.0
+    budget_end: float = 0.8
+    budget_steps: int = 1000
+    inference: str = "soft"
+    placement: FeaturePlacement = FeaturePlacement(symbols="AE")
+    allow_on: str = ""
+    kernels: str = "auto"
+
+    def __post_init__(self):
+        owner = "MoDConfig"
+        if self.mode not in MODES:
+            raise ValueError(f"{owner}.mode={self.mode!r} is unknown; allowed: {', '.join(MODES)}")
+        capacity = _number(owner, "capacity", self.capacity)
+        if not 0.0 < capacity <= 1.0:
+            raise ValueError(
+                f"{owner}.capacity={self.capacity!r} is out of range; allowed: 0 < capacity <= 1 "
+                "(the fraction of each sequence's tokens a topk layer processes)"
+            )
+        threshold = _number(owner, "threshold", self.threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(
+                f"{owner}.threshold={self.threshold!r} is out of range; allowed: 0 < threshold < 1 "
+                "(compared against sigmoid(router))"
+            )
+        for name in ("router_init_std", "sparsity_loss_weight", "router_aux_loss_weight"):
+            if _number(owner, name, getattr(self, name)) < 0:
+                raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)!r}")
+        _number(owner, "router_bias_init", self.router_bias_init)
+        for name in ("budget_start", "budget_end"):
+            value = _number(owner, name, getattr(self, name))
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{owner}.{name}={value!r} is out of range; allowed: 0 < budget <= 1")
+        steps = self.budget_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{owner}.budget_steps must be an int >= 0, got {steps!r}")
+        allowed = INFERENCE_MODES[self.mode]
+        if self.inference not in allowed:
+            raise ValueError(
+                f"{owner}.inference={self.inference!r} is not available in mode {self.mode!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        if self.kernels not in KERNELS:
+            raise ValueError(f"{owner}.kernels={self.kernels!r} is unknown; allowed: {', '.join(KERNELS)}")
+        if not isinstance(self.placement, FeaturePlacement):
+            raise ValueError(f"{owner}.placement must be a FeaturePlacement, got {self.placement!r}")
+        opt_in = FEATURE_RULES["mod"]["opt_in"]
+        if not isinstance(self.allow_on, str) or any(c not in opt_in for c in self.allow_on):
+            raise ValueError(
+                f"{owner}.allow_on={self.allow_on!r}: MoD can only be opted in on "
+                f"{', '.join(sorted(opt_in))} (it is always allowed on A, E)"
+            )
+        if self.allow_on:  # one placement object carries the opt-in to the pattern compiler
+            merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
+            object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
+
+    def budget(self, step: int) -> float:
+        """Token budget at training ``step``: linear from ``budget_start`` to ``budget_end``."""
+        if self.budget_steps == 0:
+            return float(self.budget_end)
+        frac = min(max(step, 0), self.budget_steps) / self.budget_steps
+        return float(self.budget_start + (self.budget_end - self.budget_start) * frac)
+
+    def topk_count(self, seq_len: int, multiple: int = 1) -> int:
+        """Tokens a topk layer processes in a sequence of ``seq_len``: ``ceil(capacity * T)``
+        rounded up to ``multiple`` (the TP size under sequence parallelism), at most ``T``."""
+        k = max(1, math.ceil(round(self.capacity * seq_len, 6)))
+        k = -(-k // multiple) * multiple
+        if k > seq_len:
+            raise ValueError(
+                f"MoD topk: capacity {self.capacity} of a {seq_len}-token sequence rounds up to "
+                f"{k} tokens (a multiple of {multiple}), more than the sequence holds"
+            )
+        return k

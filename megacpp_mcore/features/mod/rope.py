@@ -1,0 +1,96 @@
+"""Per-token rotary embeddings for MoD top-k layers.
+
+A top-k layer's attention sees ``k`` gathered tokens per sequence, each at its own position:
+rotary embeddings ``[k, b, 1, d]`` instead of ``[s, 1, 1, d]``. :class:`TokenRopeAttention` (the
+top-k layer's ``SelfAttention``, swapped in by :func:`with_token_rope`) applies them as a flat
+``[k*b]`` sequence of positions, so TE's fused RoPE kernel runs on top-k layers too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRope:
+    """Per-token rotary embeddings ``[k, b, 1, d]`` (or a ``(q, k)`` pair of them) of top-k
+    gathered tokens, on their way to a :class:`TokenRopeAttention`."""
+
+    freqs: Any
+
+
+def apply_token_rope(t: torch.Tensor, freqs: torch.Tensor, config, cp_group) -> torch.Tensor:
+    """RoPE with a position per (token, sequence): ``t [k, b, h, d]``, ``freqs [k, b, 1, d]``.
+
+    Applied through Megatron's own ``apply_rotary_pos_emb``. With ``apply_rope_fusion`` it runs on
+    the ``[k*b, 1, h, d]`` view, where every row is its own position, so TE's fused kernel (which
+    needs ``[s, 1, 1, d]`` frequencies) takes it exactly as on a dense layer; unfused, the
+    ``[k, b, 1, d]`` frequencies broadcast as they are (no reshaping copies)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer import attention as upstream_attention
+
+    mscale = getattr(upstream_attention, "_yarn_get_concentration_factor_from_config", lambda c: 1.0)(config)
+    if not config.apply_rope_fusion:
+        return apply_rotary_pos_emb(t, freqs, config=config, mscale=mscale, cp_group=cp_group)
+    k, b = t.shape[:2]
+    out = apply_rotary_pos_emb(t.reshape(k * b, 1, *t.shape[2:]),
+                               freqs.reshape(k * b, 1, 1, freqs.shape[-1]), config=config,
+                               mscale=mscale, cp_group=cp_group)
+    return out.view(t.shape)
+
+
+class TokenRopeAttention(SelfAttention):
+    """``SelfAttention`` of a MoD top-k layer: takes :class:`TokenRope` embeddings and applies
+    them to the query and key right after the QKV projection (and the q/k norms), through
+    :func:`apply_token_rope`; upstream's forward then runs with no rotary embedding. Any other
+    ``rotary_pos_emb`` goes to upstream unchanged."""
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
+        if not isinstance(rotary_pos_emb, TokenRope):
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        freqs = rotary_pos_emb.freqs
+        # this module's own slot for the duration of one forward (read by the QKV hook below)
+        self._megacpp_token_rope = freqs if isinstance(freqs, tuple) else (freqs, freqs)
+        try:
+            return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._megacpp_token_rope = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        rope = getattr(self, "_megacpp_token_rope", None)
+        if rope is None:
+            return out
+        if len(out) < 3:  # (mixed_qkv, split list): fused single-QKV RoPE, refused for top-k
+            raise RuntimeError("MoD topk per-token RoPE needs split q/k/v (fused_single_qkv_rope=False)")
+        query, key, *rest = out
+        cp = self.pg_collection.cp
+        if rope[0] is not None:
+            query = apply_token_rope(query, rope[0], self.config, cp)
+        if rope[1] is not None:
+            key = apply_token_rope(key, rope[1], self.config, cp)
+        return (query, key, *rest)
+
+
+@functools.cache
+def _token_rope_class(cls: type) -> type:
+    if cls is SelfAttention:
+        return TokenRopeAttention
+    return type(f"TokenRope{cls.__name__}", (TokenRopeAttention, cls), {"__module__": __name__})
+
+
+def with_token_rope(submodules):
+    """The wrapped layer's submodules with its plain ``SelfAttention`` (or subclass) swapped for the
+    per-token-RoPE one; other attention (MLA, MoDA-carrying specs) is left as it is."""
+    attn = getattr(submodules, "self_attention", None)
+    module = getattr(attn, "module", None)
+    if not (isinstance(attn, ModuleSpec) and isinstance(module, type) and issubclass(module, SelfAttention)):
+        return submodules
+    swapped = ModuleSpec(module=_token_rope_class(module), params=attn.params, submodules=attn.submodules)
+    return dataclasses.replace(submodules, self_attention=swapped)
