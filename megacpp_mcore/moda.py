@@ -1,5 +1,5 @@
 """Stable public name: MoDA lives in :mod:`megacpp_mcore.features.moda`."""
 
-from megacpp_mcore.features.moda.attention import MoDAConfig, depth_kv_bytes
+from megacpp_mcore.features.moda import MoDAConfig, depth_kv_bytes
 
 __all__ = ["MoDAConfig", "depth_kv_bytes"]

@@ -16,7 +16,9 @@ Every (seq, variant) runs in a FRESH Python process (this script re-invoked with
 allocator starts empty and nothing of the previous variant survives (in one process the previous
 model + Adam state, ~10 GiB, stayed allocated and was counted in the next variant's peak).
 Before the runs, ``--check-seq`` compares the fast path with the reference (output and gradients,
-bf16, Megatron-like strided q/k/v) for both CUDA sequence kernels; ``--no-check`` skips it.
+bf16, Megatron-like strided q/k/v) for every CUDA sequence kernel, with the fused Triton depth
+kernels (where triton imports: training runs them unchecked, so this is their check on the
+benchmark's shapes) and, on TE's kernel, with the torch depth path; ``--no-check`` skips it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ VARIANTS = {"base": None, "moda": "flash", "moda-cudnn": "cudnn", "moda-te": "te
 
 
 def moda_config(variant: str):
-    from megacpp_mcore.features.moda.attention import MoDAConfig
+    from megacpp_mcore.features.moda import MoDAConfig
 
     kind = VARIANTS[variant]
     cuda_kernel, depth_kernel = kind if isinstance(kind, tuple) else (kind, "auto")
@@ -104,7 +106,7 @@ def model_config(args, seq: int, variant: str):
 
 def run_variant(args, seq: int, variant: str) -> dict:
     from megacpp_mcore.train import runtime
-    from megacpp_mcore.features.moda.attention import DepthAwareAttention
+    from megacpp_mcore.features.moda import DepthAwareAttention
     from megacpp_mcore.testing.parity import synthetic_batches
 
     start_allocated = torch.cuda.memory_allocated()  # 0 in a fresh process
@@ -138,12 +140,9 @@ def run_variant(args, seq: int, variant: str) -> dict:
     }
     cores = [mod for c in chunks for mod in c.modules() if isinstance(mod, DepthAwareAttention)]
     if cores:
-        from megacpp_mcore.features.moda import attention as moda
-
         result["observed_kernel"] = sorted({c.observed_kernel for c in cores})
-        # fused Triton depth kernels: True = ran (checked against the torch path), False = fell
-        # back, None = not used
-        result["triton_depth_checked"] = dict(moda._TRITON_CHECKED)
+        # the depth part of the depth-reading layers: "triton" (fused kernels) or "torch"
+        result["observed_depth_kernel"] = sorted({c.observed_depth_kernel for c in cores if c.reads})
         result["buffer_bytes_allocated"] = int(sum(
             c.megacpp_stats().get("moda_buffer_bytes", 0) for c in cores))
         result["buffer_bytes_formula"] = m.features["moda"].buffer_bytes(
@@ -187,13 +186,18 @@ def guarded_run(args, seq: int, variant: str) -> dict:
 def kernel_check(args) -> list[dict]:
     """Fast path versus reference on this model's head shapes (bf16, Megatron-like q/k/v strides:
     v a view of the fused QKV output), 7 depth keys: max |error| of the output and of dq/dk/dv,
-    relative to the largest reference value."""
-    from megacpp_mcore.features.moda.attention import fast_depth_attention, reference_depth_attention
+    relative to the largest reference value. Rows name the sequence and the depth kernel."""
+    from megacpp_mcore.features.moda.depth import load_kernels
+    from megacpp_mcore.features.moda.fast import fast_depth_attention
+    from megacpp_mcore.features.moda.reference import reference_depth_attention
+
+    triton_depth = not isinstance(load_kernels(), ImportError)
 
     heads, groups = args.heads, args.kv_groups or args.heads
     d, s, b, n, r = args.hidden // args.heads, args.check_seq, 1, 7, args.heads // (args.kv_groups or args.heads)
     out = []
-    for kernel in ("flash", "cudnn", "te"):
+    for seq_kernel, depth_kernel in (("flash", "auto"), ("cudnn", "auto"), ("te", "auto"), ("te", "torch")):
+        kernel = f"{seq_kernel}+{'triton' if depth_kernel == 'auto' and triton_depth else 'torch'}-depth"
         try:
             g = torch.Generator(device="cuda").manual_seed(0)
             mixed = torch.randn(s, b, groups, (r + 2) * d, device="cuda", dtype=torch.bfloat16,
@@ -204,7 +208,8 @@ def kernel_check(args) -> list[dict]:
             kd = torch.randn(s, b, groups, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
             vd = torch.randn(s, b, groups, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
             grad = torch.randn(s, b, heads, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            fast = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5, cuda_kernel=kernel)
+            fast = fast_depth_attention(q, k, v, kd, vd, scale=d ** -0.5, cuda_kernel=seq_kernel,
+                                        depth_kernel=depth_kernel)
             g_fast = torch.autograd.grad(fast, [mixed], grad, retain_graph=True)[0]
             ref = reference_depth_attention(*(x.float() for x in (q, k, v, kd, vd)), scale=d ** -0.5)
             g_ref = torch.autograd.grad(ref, [mixed], grad.float())[0]
@@ -257,10 +262,8 @@ def main(argv=None) -> int:
 
 def depth_note(r: dict) -> str:
     """' +triton-depth' / ' +torch-depth' for MoDA rows (which depth kernel ran)."""
-    checked = r.get("triton_depth_checked")
-    if checked is None:
-        return ""
-    return " +triton-depth" if checked.get("fwd") and checked.get("bwd") else " +torch-depth"
+    ran = r.get("observed_depth_kernel")
+    return "".join(f" +{name}-depth" for name in ran) if ran else ""
 
 
 def summarize(results: list[dict]) -> list[dict]:

@@ -1,22 +1,20 @@
-"""MoDA: depth-KV buffer and depth-aware attention (megacpp_mcore.features.moda.attention)."""
+"""MoDA: depth-KV buffer and depth-aware attention (megacpp_mcore.features.moda)."""
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import types
 
 import pytest
 import torch
 
-from megacpp_mcore.features.moda import attention as moda
-from megacpp_mcore.features.moda.attention import (
-    DepthAwareAttention,
-    MoDAConfig,
-    depth_kv_bytes,
-    fast_depth_attention,
-    reference_depth_attention,
-)
+from megacpp_mcore.features.moda import DepthAwareAttention, MoDAConfig, depth_kv_bytes, transform
+from megacpp_mcore.features.moda import buffer, depth, sequence
+from megacpp_mcore.features.moda.buffer import claim_slot
+from megacpp_mcore.features.moda.fast import DepthFlashAttention, fast_depth_attention
+from megacpp_mcore.features.moda.reference import reference_depth_attention
+from megacpp_mcore.spec.backends import LocalBackend
+from megacpp_mcore.spec.context import ChunkBuild
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError
 
 # 8 layers AAAEAAAE: MoDA on the six A layers; GQA (4 heads, 2 K/V groups). The buffer restarts at
@@ -37,11 +35,14 @@ def _config(**overrides):
     return TransformerConfig(**kwargs)
 
 
-def _layers(cfg: MoDAConfig, n: int, config=None, **channels) -> list[DepthAwareAttention]:
+def _layers(cfg: MoDAConfig, n: int, config=None, backend=None, **channels) -> list[DepthAwareAttention]:
+    """Layers 0..n-1 of one chunk, built by hand (each claims its slot from the chunk's owner)."""
     from megatron.core.transformer.enums import AttnMaskType
 
     config = config or _config(num_layers=n)
-    return [DepthAwareAttention(config, i + 1, AttnMaskType.causal, "self", moda=cfg, layer_index=i,
+    chunk = ChunkBuild()
+    return [DepthAwareAttention(config, i + 1, AttnMaskType.causal, "self", moda=cfg,
+                                depth=claim_slot(chunk, config, cfg, i), backend=backend or LocalBackend(),
                                 **channels) for i in range(n)]
 
 
@@ -110,11 +111,11 @@ def test_buffer_bytes_from_model_config():
 def test_segments_follow_pipeline_chunks():
     cfg = MoDAConfig(boundaries=(6,))
     pp2 = _config(num_layers=8, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
-    assert moda._chunk_starts(pp2) == [0, 4]
-    assert [(r.start, r.stop) for r in cfg.segments(8, moda._chunk_starts(pp2))] == [(0, 4), (4, 6), (6, 8)]
+    assert buffer.chunk_starts(pp2) == [0, 4]
+    assert [(r.start, r.stop) for r in cfg.segments(8, buffer.chunk_starts(pp2))] == [(0, 4), (4, 6), (6, 8)]
     vp = _config(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
                  pipeline_dtype=torch.float32)
-    assert moda._chunk_starts(vp) == [0, 2, 4, 6]
+    assert buffer.chunk_starts(vp) == [0, 2, 4, 6]
 
 
 # -- fast path versus reference -------------------------------------------------------------------
@@ -151,8 +152,8 @@ def test_fast_path_equals_reference(n, dk, dv, attached):
 def test_fast_path_in_row_chunks_equals_reference(monkeypatch):
     import functools
 
-    monkeypatch.setattr(moda, "_row_chunks", functools.partial(moda._row_chunks, budget=2000))
-    assert len(list(moda._row_chunks(24, 400))) == 5
+    monkeypatch.setattr(depth, "row_chunks", functools.partial(depth.row_chunks, budget=2000))
+    assert len(list(depth.row_chunks(24, 400))) == 5
     torch.manual_seed(3)
     q, k, v = _qkv()
     kd, vd = torch.randn(6, 2, 2, 2, 8, requires_grad=True), torch.randn(6, 2, 2, 2, 8, requires_grad=True)
@@ -214,14 +215,14 @@ def _fake_te_fused():
 @pytest.mark.parametrize("n,attached", [(0, False), (3, False), (2, True)])
 def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
     fake = _fake_te_fused()
-    monkeypatch.setattr(moda, "_te_fused", lambda: fake)
+    monkeypatch.setattr(sequence, "te_fused", lambda: fake)
     torch.manual_seed(n)
     q, k, v = _qkv()
     ks = [torch.randn_like(k).requires_grad_() for _ in range(n)]
     vs = [torch.randn_like(v).requires_grad_() for _ in range(n)]
     kd, vd = (torch.stack(ks, 3), torch.stack(vs, 3)) if n else (None, None)
     ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
-    fast = moda._DepthFlashAttention.apply(
+    fast = DepthFlashAttention.apply(
         q, k, v, None if kd is None else kd.detach(), None if vd is None else vd.detach(), 0.3,
         "te-fused-cuda", "torch", *([t for pair in zip(ks, vs) for t in pair] if attached else []))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
@@ -235,10 +236,10 @@ def test_te_kernel_path_equals_reference(monkeypatch, n, attached):
 
     with backends.override_detection(te=None), pytest.raises(backends.BackendUnavailable,
                                                              match="install transformer-engine"):
-        moda._te_fused()
+        sequence.te_fused()
     with pytest.raises(ValueError, match="K head dim 24 != V head dim 16"):
         q2, k2, v2 = _qkv(dk=24, dv=16)
-        moda._DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda", "torch")
+        DepthFlashAttention.apply(q2, k2, v2, None, None, 0.3, "te-fused-cuda", "torch")
 
 
 def test_reference_masks_the_future():
@@ -278,17 +279,18 @@ def test_buffer_bytes_and_fresh_buffer_per_micro_batch(kernel, groups):
 
 
 def test_bare_placement_layers_share_a_buffer_first_composes_backend(single_rank):
+    """Through the ``core_attention`` seam: layers given one chunk share its buffer, and the first
+    (no depth keys yet) runs the core attention it was handed."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megacpp_mcore.spec.backends import LocalBackend
     from megacpp_mcore.spec.context import LayerContext
 
     config = _config(num_layers=3)
-    built = []
+    built, chunk, backend = [], ChunkBuild(), LocalBackend()
     for i in range(3):
-        ctx = LayerContext(config=config, backend=LocalBackend(), index=i, symbol="A", features=frozenset({"moda"}),
-                           feature_configs={"moda": FeaturePlacement(symbols="A")})
-        built.append(moda.core_attention(ctx)(
+        ctx = LayerContext(config=config, backend=backend, index=i, symbol="A", features=frozenset({"moda"}),
+                           feature_configs={"moda": FeaturePlacement(symbols="A")}, chunk=chunk)
+        built.append(transform(backend.core_attention(), ctx)(
             config=config, layer_number=i + 1, attn_mask_type=AttnMaskType.causal, attention_type="self",
             cp_comm_type=None, softmax_scale=None, pg_collection=None))
     assert all(b.buffer is built[0].buffer for b in built)
@@ -358,12 +360,41 @@ def test_refuses_unsupported_settings():
     _layers(MoDAConfig(), 1, _config(recompute_granularity="selective", recompute_modules=["mlp"]))
     with pytest.raises(ValueError, match="attention dropout > 0"):
         _layers(MoDAConfig(), 1, _config(attention_dropout=0.1))
-    buffer = moda.DepthKVBuffer(segment=range(0, 2), detach=True)
-    buffer.register(0, True), buffer.register(1, True)
-    buffer.begin()
-    buffer.push(0, *_qkv(grad=False)[1:])
+    buf = buffer.DepthKVBuffer(segment=range(0, 2), detach=True)
+    buf.register(0, True), buf.register(1, True)
+    buf.begin()
+    buf.push(0, *_qkv(grad=False)[1:])
     with pytest.raises(ValueError, match=r"slot 1 pushes \(4, 2, 2, 8\)"):  # e.g. MoD top-k dropping tokens
-        buffer.push(1, *_qkv(s=4, grad=False)[1:])
+        buf.push(1, *_qkv(s=4, grad=False)[1:])
+
+
+def test_slots_are_claimed_once_in_order_from_an_explicit_owner():
+    """A layer's place comes from the chunk being built: no chunk is refused (no hidden registry to
+    fall back on), a layer claiming again or out of order is refused (no guessing of a new build),
+    and separate chunks never share a buffer."""
+    config = _config(num_layers=4)
+    with pytest.raises(ValueError, match="MoDA layer 0: LayerContext.chunk is None"):
+        claim_slot(None, config, MoDAConfig(), 0)
+    cfg = MoDAConfig(boundaries=(2,))
+    chunk = ChunkBuild()
+    slots = [claim_slot(chunk, config, cfg, i) for i in range(4)]
+    assert [(d.buffer.segment, d.reads, d.slot, d.starts_micro_batch) for d in slots] == [
+        (range(0, 2), 0, 0, True), (range(0, 2), 1, 1, False),
+        (range(2, 4), 0, 0, True), (range(2, 4), 1, 1, False)]
+    with pytest.raises(RuntimeError, match="layer 1 registered after layer 1"):
+        claim_slot(chunk, config, cfg, 1)
+    assert claim_slot(ChunkBuild(), config, cfg, 1).buffer is not slots[0].buffer
+
+
+def test_chunk_cursor_starts_a_chunk_at_each_first_layer():
+    """HybridLayer's start-of-chunk signal: Megatron builds a chunk's layers as layer_number 1..n."""
+    from megacpp_mcore.spec.context import ChunkCursor
+
+    cursor = ChunkCursor()
+    first = [cursor.for_layer(n) for n in (1, 2, 3)]
+    second = [cursor.for_layer(n) for n in (1, 2)]
+    assert all(c is first[0] for c in first) and all(c is second[0] for c in second)
+    assert first[0] is not second[0]
 
 
 # -- memory: what a MoDA layer holds for backward ---------------------------------------------------
@@ -434,13 +465,13 @@ def test_depth_merge_uses_no_full_width_fp32_copies(monkeypatch):
     """The depth math reads q / depth K/V / dO / O in their own dtype through ``_bmm_acc`` (fp32
     accumulation): no ``.to(float32)`` of [rows, n, d] or [rows, r, d] operands on the fast path."""
     calls = []
-    real = moda._bmm_acc
+    real = depth.bmm_acc
 
     def spy(a, b_):
         calls.append((a.dtype, b_.dtype))
         return real(a, b_)
 
-    monkeypatch.setattr(moda, "_bmm_acc", spy)
+    monkeypatch.setattr(depth, "bmm_acc", spy)
     s, b, heads, groups, d, n = 32, 2, 4, 2, 16, 3
     q, k, v = _qkv(s=s, b=b, heads=heads, groups=groups, dk=d, dv=d, dtype=torch.bfloat16)
     kd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
@@ -490,21 +521,21 @@ def test_depth_path_full_size_passes(monkeypatch, attached):
         assert attached or out.numel() < full, "a full-size fp32 product"
         return out
 
-    monkeypatch.setattr(moda, "_bmm_acc", bmm_acc)
+    monkeypatch.setattr(depth, "bmm_acc", bmm_acc)
     q = torch.randn(s, b, heads, d, dtype=torch.bfloat16)  # contiguous, as the Function saves it
     kd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
     vd = torch.randn(s, b, groups, n, d, dtype=torch.bfloat16)
     seq_out = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
     seq_lse = torch.randn(s, b, heads)
     with mode:
-        out, lse = moda._merge_depth(q, kd, vd, seq_out, seq_lse, d ** -0.5)
+        out, lse = depth.merge_depth(q, kd, vd, seq_out, seq_lse, d ** -0.5)
     assert out.data_ptr() == seq_out.data_ptr()
     assert mode.ops == [("mul_.Tensor", torch.bfloat16, True), ("baddbmm_.default", torch.bfloat16, True)]
     dout = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
     dquery = torch.randn(s, b, heads, d, dtype=torch.bfloat16)
     mode.ops = []
     with mode:
-        ddk, ddv = moda._depth_backward(q, kd, vd, out, lse, dout, d ** -0.5, dquery, want_kv=attached)
+        ddk, ddv = depth.depth_backward(q, kd, vd, out, lse, dout, d ** -0.5, dquery, want_kv=attached)
     # attached: plus the depth-K/V gradients [s, b, g, n, d] themselves (fp32, cast per slot later)
     alloc = [("empty.memory_format", torch.float32, False)] * 2 if attached else []
     extra = [("copy_.default", torch.float32, True)] * 2 if attached else []
@@ -512,29 +543,27 @@ def test_depth_path_full_size_passes(monkeypatch, attached):
     assert (ddk is not None) == attached
 
 
-def _fake_fused(calls, wrong=False):
-    """A stand-in for megacpp_mcore.features.moda.kernels (CPU): the torch path, or a wrong result."""
+def _fake_fused(calls):
+    """A stand-in for megacpp_mcore.features.moda.kernels (CPU): the torch path, recording calls."""
 
     def merge_forward(q, kd, vd, seq_out, seq_lse, scale):
         calls.append("fwd")
-        out, lse = moda._merge_depth(q, kd, vd, seq_out, seq_lse, scale)
-        return (out.mul_(2) if wrong else out), lse
+        return depth.merge_depth(q, kd, vd, seq_out, seq_lse, scale)
 
     def merge_backward_dq(q, kd, vd, out, lse, dout, scale, dquery):
         calls.append("bwd")
-        moda._depth_backward(q, kd, vd, out, lse, dout, scale, dquery, want_kv=False)
-        if wrong:
-            dquery.mul_(2)
+        depth.depth_backward(q, kd, vd, out, lse, dout, scale, dquery, want_kv=False)
 
     return types.SimpleNamespace(merge_forward=merge_forward, merge_backward_dq=merge_backward_dq)
 
 
 _INTERPRETED_KERNEL_CHECK = """
 import torch
-from megacpp_mcore.features.moda import attention as moda, kernels as moda_triton
+from megacpp_mcore.features.moda import depth, kernels as moda_triton
 torch.manual_seed(0)
 # heads, groups, dk, dv, buffer slots, depth keys read, dtype
 for h, g, dk, dv, slots, n, dt in [(4, 4, 16, 16, 5, 5, torch.float32), (4, 4, 16, 16, 5, 2, torch.float32),
+                                   (4, 4, 16, 16, 1, 1, torch.float32),
                                    (8, 2, 32, 32, 4, 4, torch.float32), (4, 4, 24, 16, 3, 2, torch.float32),
                                    (4, 2, 16, 16, 3, 3, torch.float16)]:
     s, b, tol = 24, 2, (1e-5 if dt == torch.float32 else 4e-3)
@@ -542,12 +571,12 @@ for h, g, dk, dv, slots, n, dt in [(4, 4, 16, 16, 5, 5, torch.float32), (4, 4, 1
     kd = torch.randn(s, b, g, slots, dk, dtype=dt)[:, :, :, :n]
     vd = torch.randn(s, b, g, slots, dv, dtype=dt)[:, :, :, :n]
     sl = torch.randn(s, b, h) + 2
-    ro, rl = moda._merge_depth(q.float(), kd.float(), vd.float(), so.float().clone(), sl, dk ** -0.5)
+    ro, rl = depth.merge_depth(q.float(), kd.float(), vd.float(), so.float().clone(), sl, dk ** -0.5)
     o, lse = moda_triton.merge_forward(q, kd, vd, so.clone(), sl, dk ** -0.5)
     torch.testing.assert_close(o.float(), ro, atol=tol, rtol=0)
     torch.testing.assert_close(lse, rl, atol=1e-5, rtol=0)
     rdq, dq = dq0.float().clone(), dq0.clone()
-    moda._depth_backward(q.float(), kd.float(), vd.float(), ro, rl, do.float(), dk ** -0.5, rdq, want_kv=False)
+    depth.depth_backward(q.float(), kd.float(), vd.float(), ro, rl, do.float(), dk ** -0.5, rdq, want_kv=False)
     moda_triton.merge_backward_dq(q, kd, vd, ro.to(dt).contiguous(), rl, do, dk ** -0.5, dq)
     torch.testing.assert_close(dq.float(), rdq, atol=tol, rtol=0)
 print("ok")
@@ -555,9 +584,11 @@ print("ok")
 
 
 def test_fused_triton_depth_kernels_in_interpreter_match_torch_path():
-    """The Triton kernels of moda_triton, run by triton's CPU interpreter (TRITON_INTERPRET=1, a
-    fresh process: read when the kernels are decorated), equal the torch path: strided buffer views
-    (n < slots), GQA, a head dim that is not a power of two, fp16. Needs triton installed."""
+    """The Triton kernels (megacpp_mcore.features.moda.kernels), run by triton's CPU interpreter
+    (TRITON_INTERPRET=1, a fresh process: read when the kernels are decorated), equal the torch path:
+    strided buffer views (n < slots), one depth key, GQA, a head dim that is not a power of two,
+    fp16. This (with its CUDA twin below) is the kernels' correctness check; production runs them
+    unchecked. Needs triton installed."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -572,45 +603,48 @@ def test_fused_triton_depth_kernels_in_interpreter_match_torch_path():
 def test_fused_depth_kernel_selection_without_triton(monkeypatch):
     """Without triton: 'auto' uses the torch path, 'triton' is refused naming what is allowed; CPU
     tensors and 'torch' never use the fused kernels."""
-    monkeypatch.setattr(moda, "_load_moda_triton", lambda: ImportError("No module named 'triton'"))
+    monkeypatch.setattr(depth, "load_kernels", lambda: ImportError("No module named 'triton'"))
     cuda_like = types.SimpleNamespace(is_cuda=True)
-    assert moda._triton_depth("auto", cuda_like) is None
+    assert depth.fused_kernels("auto", cuda_like) is None
     with pytest.raises(ValueError, match="depth_kernel='triton'.*allowed here: 'auto' or 'torch'"):
-        moda._triton_depth("triton", cuda_like)
-    monkeypatch.setattr(moda, "_load_moda_triton", lambda: "kernels")
-    assert moda._triton_depth("auto", cuda_like) == "kernels"
-    assert moda._triton_depth("torch", cuda_like) is None
-    assert moda._triton_depth("triton", torch.zeros(1)) is None
+        depth.fused_kernels("triton", cuda_like)
+    monkeypatch.setattr(depth, "load_kernels", lambda: "kernels")
+    assert depth.fused_kernels("auto", cuda_like) == "kernels"
+    assert depth.fused_kernels("torch", cuda_like) is None
+    assert depth.fused_kernels("triton", torch.zeros(1)) is None
 
 
-@pytest.mark.parametrize("wrong", [False, True])
-def test_fused_depth_kernel_is_checked_once_and_falls_back(monkeypatch, wrong):
-    """depth_kernel='auto': the fused kernel's first forward/backward result is compared with the
-    torch path; agreeing, it runs from then on; disagreeing, a warning and the torch path (results
-    stay exact); depth_kernel='triton' raises instead of falling back."""
+@pytest.mark.parametrize("depth_kernel,attached", [("auto", False), ("triton", False), ("torch", False),
+                                                   ("auto", True)])
+def test_fused_depth_kernels_run_unchecked_where_selected(monkeypatch, depth_kernel, attached):
+    """Where the fused kernels are selected they run on every call, forward and backward, with no
+    comparison against the torch path inside the run (that check is a test, above, and the
+    benchmark's); 'torch' never calls them, and the attached backward (depth-K/V grads, which the
+    fused kernel does not compute) takes the torch path. The layer records which kernel ran."""
     calls = []
-    fake = _fake_fused(calls, wrong)
-    monkeypatch.setattr(moda, "_triton_depth", lambda kind, q: None if kind == "torch" else fake)
-    monkeypatch.setattr(moda, "_TRITON_CHECKED", {"fwd": None, "bwd": None})
-    q, k, v = _qkv(s=8)
-    kd, vd = torch.randn(8, 2, 2, 3, 8), torch.randn(8, 2, 2, 3, 8)
-    ref = reference_depth_attention(q, k, v, kd, vd, scale=0.3)
-    g_ref = torch.autograd.grad(ref.sum(), q)[0]
-    ctx = pytest.warns(UserWarning, match="disagrees with the torch path") if wrong else contextlib.nullcontext()
+    monkeypatch.setattr(depth, "fused_kernels",
+                        lambda kind, q: None if kind == "torch" else _fake_fused(calls))
+    # the second layer only reads (no push), so it can run twice on one micro-batch
+    first, second = _layers(MoDAConfig(depth_kernel=depth_kernel, detach=not attached,
+                                       contributing_layers=(0,)), 2)
+    torch.manual_seed(0)
+    (q0, k0, v0), (q1, k1, v1) = _qkv(), _qkv()
+    first(q0, k0, v0, None)
     for _ in range(2):
-        with ctx:
-            out = fast_depth_attention(q, k, v, kd, vd, scale=0.3)
-            g = torch.autograd.grad(out.sum(), q)[0]
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=0)
-        ctx = contextlib.nullcontext()
-    assert moda._TRITON_CHECKED == {"fwd": not wrong, "bwd": not wrong}
-    # checked once (a call on clones), then: fused per call when agreeing, never when not
-    assert calls == (["fwd", "bwd"] if wrong else ["fwd", "fwd", "bwd", "bwd", "fwd", "bwd"])
-    if wrong:
-        monkeypatch.setattr(moda, "_TRITON_CHECKED", {"fwd": None, "bwd": None})
-        with pytest.raises(RuntimeError, match=r"fused Triton depth kernel \(fwd\) disagrees"):
-            fast_depth_attention(q, k, v, kd, vd, scale=0.3, depth_kernel="triton")
+        out = second(q1, k1, v1, None)
+        grads = torch.autograd.grad(out.sum(), [q1, k0] if attached else [q1])
+    ref = reference_depth_attention(q1, k1, v1, k0[:, :, :, None], v0[:, :, :, None], scale=8 ** -0.5)
+    torch.testing.assert_close(out, ref.reshape(out.shape), atol=1e-5, rtol=0)
+    ref_grads = torch.autograd.grad(ref.sum(), [q1, k0] if attached else [q1])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    fused = depth_kernel != "torch"
+    if not fused:
+        assert calls == []
+    else:
+        assert calls == (["fwd"] * 2 if attached else ["fwd", "bwd"] * 2)
+    assert second.observed_depth_kernel == ("triton" if fused else "torch")
+    assert first.observed_depth_kernel is None  # no depth keys: no depth part
 
 
 # -- a whole model: buffer bytes observed, TP and PP parity ---------------------------------------
@@ -636,6 +670,71 @@ def test_model_buffer_matches_formula(single_rank):
     assert [c.layer_index for c in starters] == [0, 4]
     expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.float32)
     assert [c.megacpp_stats()["moda_buffer_bytes"] for c in starters] == [expected, expected]
+
+
+class _Run:
+    """One model's own config, chunks and optimizer, built from a fixed seed (local backend)."""
+
+    def __init__(self, model, seed: int):
+        from megacpp_mcore.patches import cpu_rng_tracker
+        from megacpp_mcore.train import runtime
+
+        cpu_rng_tracker.model_parallel_cpu_manual_seed(seed)  # same initial weights every build
+        self.model, self.seed = model, seed
+        self.config = runtime.transformer_config(model, runtime.Parallelism())
+        self.chunks = runtime.build_model(model, self.config, backend="local")
+        self.optimizer = runtime.build_optimizer(self.chunks, lr=3e-3)
+        self.cores = [m for c in self.chunks for m in c.modules() if isinstance(m, DepthAwareAttention)]
+
+    def step(self, step: int) -> float:
+        from megacpp_mcore.testing.parity import synthetic_batches
+        from megacpp_mcore.train import runtime
+
+        micro = synthetic_batches(seed=self.seed, step=step, global_batch=4,
+                                  seq_length=self.model.seq_length, vocab=self.model.vocab_size,
+                                  dp_rank=0, dp=1, micro_batch_size=2)
+        return runtime.train_step(self.chunks, self.optimizer, micro, num_microbatches=2,
+                                  micro_batch_size=2, seq_length=self.model.seq_length)["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="bit-exact comparison on the CPU; GPU kernels may reorder reductions")
+def test_two_moda_models_trained_interleaved_match_each_alone(single_rank):
+    """Two MoDA models built in one process from ONE MoDAConfig object (different depths, widths and
+    segments) and trained with alternating optimizer steps give exactly the losses each gives
+    alone; each allocates exactly its own formula's buffer and no buffer is shared. The short model
+    is built first: its only MoDA layer has index 0, the deep model's first layer too (a registry
+    keyed by config and guessing a new build from the layer index would merge them)."""
+    from megacpp_mcore.testing.parity import model_from_spec
+
+    shared = MoDAConfig(boundaries=(4,))
+    short = model_from_spec({"pattern": "AE", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                             "num_query_groups": 2, "ffn_hidden_size": 64, "vocab_size": 128,
+                             "seq_length": 16, "moe": None})
+    models = {"short": short.replace(features={"moda": shared}),
+              "deep": model_from_spec(MODA_MODEL).replace(features={"moda": shared})}
+    seeds = {"short": 11, "deep": 22}
+    steps = 3
+    alone = {}
+    for name, model in models.items():
+        run = _Run(model, seeds[name])
+        alone[name] = [run.step(i) for i in range(steps)]
+        del run
+    runs = {name: _Run(model, seeds[name]) for name, model in models.items()}
+    together = {name: [] for name in models}
+    for i in range(steps):
+        for name, run in runs.items():
+            together[name].append(run.step(i))
+    assert together == alone
+    assert alone["short"] != alone["deep"]
+    assert [len(run.cores) for run in runs.values()] == [1, 6]
+    buffers = {name: {id(c.buffer) for c in run.cores} for name, run in runs.items()}
+    assert len(buffers["short"]) == 1 and len(buffers["deep"]) == 2
+    assert buffers["short"].isdisjoint(buffers["deep"])
+    for name, run in runs.items():
+        expected = shared.buffer_bytes(run.model, 2, dtype=run.config.params_dtype)
+        assert [c.megacpp_stats()["moda_buffer_bytes"] for c in run.cores if c.starts_micro_batch] == [
+            expected] * len(buffers[name]), name
 
 
 @pytest.mark.distributed
@@ -716,8 +815,8 @@ def test_te_model_with_moda_trains_and_reports_buffer(cuda_kernel):
         assert {c.observed_kernel for c in cores if not c.reads} == {"backend:TEDotProductAttention"}
         expected = m.features["moda"].buffer_bytes(m, 2, dtype=torch.bfloat16)
         assert [c.megacpp_stats()["moda_buffer_bytes"] for c in cores if c.starts_micro_batch] == [expected] * 2
-        if not isinstance(moda._load_moda_triton(), ImportError):
-            assert moda._TRITON_CHECKED == {"fwd": True, "bwd": True}
+        if not isinstance(depth.load_kernels(), ImportError):
+            assert {c.observed_depth_kernel for c in cores if c.reads} == {"triton"}
     finally:
         runtime.shutdown()
 
@@ -763,9 +862,9 @@ def test_cuda_depth_math_accumulates_in_fp32_without_upcast_copies():
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(4096, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     b = torch.randn(4096, 128, 7, device="cuda", dtype=torch.bfloat16, generator=g)
-    got = moda._bmm_acc(a, b)
+    got = depth.bmm_acc(a, b)
     assert got.dtype == torch.float32
-    assert moda._NATIVE_FP32_BMM[0], "torch.bmm(out_dtype=float32) is unavailable: depth math upcasts"
+    assert depth.native_fp32_bmm(a, b), "torch.bmm(out_dtype=float32) is unavailable: depth math upcasts"
     torch.testing.assert_close(got, torch.bmm(a.float(), b.float()), atol=1e-4, rtol=1e-5)
 
 
@@ -786,13 +885,13 @@ def test_cuda_fused_triton_depth_kernels_match_torch_path(heads, groups, dk, dv,
     q, seq_out, dout = rnd(s, b, heads, dk), rnd(s, b, heads, dv), rnd(s, b, heads, dv)
     kd, vd = rnd(s, b, groups, slots, dk)[:, :, :, :n], rnd(s, b, groups, slots, dv)[:, :, :, :n]
     seq_lse = torch.randn(s, b, heads, device="cuda", generator=g) + 3
-    ref_out, ref_lse = moda._merge_depth(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
+    ref_out, ref_lse = depth.merge_depth(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
     out, lse = moda_triton.merge_forward(q, kd, vd, seq_out.clone(), seq_lse, dk ** -0.5)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
     dq0 = rnd(s, b, heads, dk)
     ref_dq, dq = dq0.clone(), dq0.clone()
-    moda._depth_backward(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, ref_dq, want_kv=False)
+    depth.depth_backward(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, ref_dq, want_kv=False)
     moda_triton.merge_backward_dq(q, kd, vd, ref_out, ref_lse, dout, dk ** -0.5, dq)
     torch.testing.assert_close(dq.float(), ref_dq.float(), atol=2e-2, rtol=2e-2)
 
@@ -805,9 +904,11 @@ def test_cuda_moda_layer_memory_at_4096():
     peaks stay within the 256 MiB chunk budget of the depth math."""
     s, b, heads, d = 4096, 2, 16, 128
     config = _config(num_layers=8, num_query_groups=heads, hidden_size=heads * d, num_attention_heads=heads)
-    layers = _layers(MoDAConfig(), 8, config)
+    from megacpp_mcore.spec.backends import get_backend
+
+    layers = _layers(MoDAConfig(), 8, config, backend=get_backend("auto"))  # TE's kernel where TE is
     unit = s * b * heads * d * 2
-    # the fused depth kernels' one-time check (clones of out / dQ) happens before the measurement
+    # compile the fused depth kernels (and warm the sequence kernels) before the measurement
     q0 = torch.randn(64, 2, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     kd0 = torch.randn(64, 2, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
     fast_depth_attention(q0, q0[:, :, :2], q0[:, :, :2], kd0, kd0, scale=0.1).sum().backward()

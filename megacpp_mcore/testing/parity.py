@@ -37,7 +37,7 @@ def model_from_spec(spec: dict[str, Any] | str) -> ModelConfig:
         spec["mla"] = MLAConfig(**spec["mla"])
     spec.setdefault("mla", None)
     if isinstance(spec.get("features", {}).get("moda"), dict):
-        from megacpp_mcore.features.moda.attention import MoDAConfig
+        from megacpp_mcore.features.moda import MoDAConfig
 
         spec["features"] = dict(spec["features"], moda=MoDAConfig.from_dict(spec["features"]["moda"]))
     spec.setdefault("mtp_depth", 0)  # the base preset's MTP only when asked for

@@ -13,8 +13,10 @@ registers:
 * :func:`merge_backward_dq`: reads q, dO, O, lse and the depth K/V once and adds the depth part of
   dQ into the sequence kernel's dQ in place (``delta = rowsum(dO * O)`` computed in registers).
 
-:mod:`megacpp_mcore.features.moda.attention` uses them on CUDA (``MoDAConfig.depth_kernel`` ``"auto"``/``"triton"``)
-and checks them once per process against its batched-matmul path (``moda._depth_kernel_ok``).
+:mod:`megacpp_mcore.features.moda.depth` uses them on CUDA (``MoDAConfig.depth_kernel``
+``"auto"``/``"triton"``) as they are; their agreement with its batched-matmul path is checked by
+tests (tests/test_moda.py: on CUDA, and under triton's CPU interpreter) and by the benchmark's
+kernel check (scripts/bench_moda.py), not inside a training run.
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ def _dims(query, depth_key, depth_value):
 
 
 def merge_forward(query, depth_key, depth_value, seq_out, seq_lse, scale: float):
-    """Same contract as ``moda._merge_depth`` (``seq_out`` contiguous ``[s, b, np, dv]``, updated in
-    place and returned; lse fp32 ``[s, b, np]``)."""
+    """Same contract as :func:`megacpp_mcore.features.moda.depth.merge_depth` (``seq_out``
+    contiguous ``[s, b, np, dv]``, updated in place and returned; lse fp32 ``[s, b, np]``)."""
     total, r, n, dk, dv, strides = _dims(query, depth_key, depth_value)
     if not seq_out.is_contiguous():
         raise ValueError("moda_triton.merge_forward: seq_out must be contiguous")
