@@ -720,6 +720,7 @@ def test_te_topk_and_dense_attention_select_backend_once_per_layer(single_rank, 
     from megacpp_mcore.spec.backends import get_backend
     from megacpp_mcore.spec.context import LayerContext
     from megacpp_mcore.features.mod import mod_layer_spec
+    from megacpp_mcore.patches import _wrapping
     from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     calls = []
@@ -731,6 +732,13 @@ def test_te_topk_and_dense_attention_select_backend_once_per_layer(single_rank, 
 
     monkeypatch.setattr(utils, "get_attention_backend", counting)
     assert patch.check() == "needed"
+    # Entry points (runtime.initialize, used by earlier tests in this process) apply the patch:
+    # start from upstream's forward; monkeypatch restores whatever was there afterwards.
+    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention
+
+    dpa_cls = dot_product_attention.DotProductAttention
+    monkeypatch.setattr(dpa_cls, "forward", _wrapping.upstream(dpa_cls.forward, patch.NAME))
+    assert patch.applied() is False
     model = custom_model(pattern="AE", num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
                          ffn_hidden_size=4 * HIDDEN, vocab_size=128, seq_length=SEQ, mla=None,
                          moe=None)
@@ -755,11 +763,6 @@ def test_te_topk_and_dense_attention_select_backend_once_per_layer(single_rank, 
     run(3)
     assert len(calls) >= 6, calls  # upstream: the alternation re-selects on every call
     calls.clear()
-    patch.apply()
-    try:
-        run(4)
-        assert sorted(calls) == sorted({SEQ, _TOPK.topk_count(SEQ)}), calls  # once per layer
-    finally:
-        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention
-        cls = dot_product_attention.DotProductAttention
-        cls.forward = cls.forward.__wrapped__
+    assert patch.apply() and patch.applied() is True
+    run(4)
+    assert sorted(calls) == sorted({SEQ, _TOPK.topk_count(SEQ)}), calls  # once per layer

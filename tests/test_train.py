@@ -167,6 +167,17 @@ def test_te_attention_selection_reads_tes_last_choice(monkeypatch):
     assert selected["kernel"] == "cudnn-fused (NVTE_F16_arbitrary_seqlen)"
     assert selected["use_fused_attention"] and not selected["use_flash_attention"]
     assert selected["env"]["NVTE_FUSED_ATTN"] == "1"
+    # With te-attention-backend-per-layer applied, each instance keeps its own selection and the
+    # module global stays unselected: the instances' dicts are read first.
+    for name in receipt.TE_SELECTION_MODULES:
+        monkeypatch.setitem(sys.modules, name, selection())
+    core = torch.nn.Module()
+    flash = selection(use_flash_attention=True, flash_attention_backend="2.7")._attention_backends
+    setattr(core, receipt.TE_INSTANCE_SELECTION_ATTR, flash)
+    assert receipt.te_attention_selection([torch.nn.Module(), core])["kernel"] == "flash-attention (2.7)"
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
+
+    assert receipt.TE_INSTANCE_SELECTION_ATTR == patch._ATTR  # one name for the patch and the reader
 
 
 def test_stats_hooks_are_driven_every_step(single_rank):

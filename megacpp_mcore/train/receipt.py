@@ -75,19 +75,25 @@ TE_SELECTION_MODULES = (
 )
 
 
-def te_attention_selection() -> dict[str, Any] | None:
+# Where the te-attention-backend-per-layer patch keeps each DotProductAttention's own selection.
+TE_INSTANCE_SELECTION_ATTR = "_megacpp_attention_backends"
+_SELECTED = ("use_flash_attention", "use_fused_attention", "use_unfused_attention")
+
+
+def te_attention_selection(instances: Iterable[torch.nn.Module] = ()) -> dict[str, Any] | None:
     """What TE's ``DotProductAttention`` selected at its last forward (None when TE is absent or
-    no TE attention has run yet): flash / fused (with the cuDNN backend enum) / unfused."""
-    state = None
+    no TE attention has run yet): flash / fused (with the cuDNN backend enum) / unfused.
+
+    With the per-layer patch applied each instance keeps its own selection (read from
+    ``instances``, the model's TE core attentions); without it TE keeps one per process."""
+    candidates = [m.__dict__.get(TE_INSTANCE_SELECTION_ATTR) for m in instances]
     for name in TE_SELECTION_MODULES:
         try:
-            candidate = getattr(importlib.import_module(name), "_attention_backends", None)
+            candidates.append(getattr(importlib.import_module(name), "_attention_backends", None))
         except Exception:
             continue
-        if isinstance(candidate, dict) and any(
-                candidate.get(k) for k in ("use_flash_attention", "use_fused_attention", "use_unfused_attention")):
-            state = candidate
-            break
+    state = next((c for c in candidates
+                  if isinstance(c, dict) and any(c.get(k) for k in _SELECTED)), None)
     if state is None:
         return None
     if state.get("use_flash_attention"):
@@ -127,6 +133,7 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
     layers = []
     summary: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     core_kinds: collections.Counter = collections.Counter()  # "te"/"local" per attention core
+    te_cores: list[torch.nn.Module] = []
     for chunk in chunks:
         model = _unwrap(chunk)
         decoder = getattr(model, "decoder", None)
@@ -139,6 +146,8 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
                     summary[leaf][type(sub).__name__] += 1
                     if leaf == "core_attention":
                         core_kinds["te" if is_te_module(sub) else "local"] += 1
+                        if is_te_module(sub):
+                            te_cores.append(sub)
             index = getattr(layer, "layer_number", len(layers) + 1) - 1
             layers.append({"index": int(index), "class": _class_name(layer), "modules": roles})
         for name, sub in (("final_layernorm", getattr(decoder, "final_layernorm", None)),
@@ -151,7 +160,7 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
         "attention": kind,
         "summary": {role: dict(counts) for role, counts in sorted(summary.items())},
         "layers": sorted(layers, key=lambda x: x["index"]),
-        "te_attention": te_attention_selection() if core_kinds["te"] else None,
+        "te_attention": te_attention_selection(te_cores) if core_kinds["te"] else None,
     }
 
 
