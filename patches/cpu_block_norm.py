@@ -14,7 +14,7 @@ import importlib
 import inspect
 
 NAME = "cpu-block-norm"
-TARGETS = "megatron-core >=0.16,<0.17"
+TARGETS = "megatron-core >=0.16,<0.20"  # defect read in 0.16.1, 0.17.1, 0.18.2, 0.19.2
 SCOPE = "cpu"
 DESCRIPTION = (
     "without TE/apex the fanned-out block's final norm is WrappedTorchNorm, which refuses "

@@ -17,7 +17,7 @@ import torch
 from megacpp_mcore.patches._wrapping import is_patched, upstream, wrap
 
 NAME = "cpu-clip-grads"
-TARGETS = "megatron-core >=0.16,<0.17"
+TARGETS = "megatron-core >=0.16,<0.20"  # defect read in 0.16.1, 0.17.1, 0.18.2, 0.19.2
 SCOPE = "cpu"
 DESCRIPTION = (
     "clip_grad_by_total_norm_fp32 asserts torch.cuda.FloatTensor grads; scale the grads by the "

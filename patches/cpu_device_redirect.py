@@ -19,14 +19,14 @@ import types
 import torch
 
 NAME = "cpu-device-redirect"
-TARGETS = "megatron-core >=0.16,<0.17"
+TARGETS = "megatron-core >=0.16,<0.20"  # defect read in 0.16.1, 0.17.1, 0.18.2, 0.19.2
 SCOPE = "cpu"
 DESCRIPTION = (
     "megatron modules allocate with device='cuda' / torch.cuda.current_device() and call "
     "torch.cuda.synchronize(); in those modules, map CUDA allocations to CPU"
 )
 
-# Modules whose global ``torch`` is replaced (megatron-core 0.16.x).
+# Modules whose global ``torch`` is replaced (megatron-core 0.16.x - 0.19.x: the same list).
 REDIRECTED_MODULES = (
     "megatron.core.utils",
     "megatron.core.transformer.utils",

@@ -16,7 +16,7 @@ import inspect
 import torch
 
 NAME = "cpu-rng-tracker"
-TARGETS = "megatron-core >=0.16,<0.17"
+TARGETS = "megatron-core >=0.16,<0.20"  # defect read in 0.16.1, 0.17.1, 0.18.2, 0.19.2
 SCOPE = "cpu"
 DESCRIPTION = (
     "Megatron's RNG tracker forks torch.cuda generators (model_parallel_cuda_manual_seed needs "

@@ -18,7 +18,7 @@ import torch
 from megacpp_mcore.patches._wrapping import is_patched, upstream, wrap
 
 NAME = "cpu-tied-embedding-copy"
-TARGETS = "megatron-core >=0.16,<0.17"
+TARGETS = "megatron-core >=0.16,<0.20"  # defect read in 0.16.1, 0.17.1, 0.18.2, 0.19.2
 SCOPE = "cpu"
 DESCRIPTION = (
     "LanguageModule.setup_embeddings_and_output_layer moves the tied embedding copy with .cuda() "

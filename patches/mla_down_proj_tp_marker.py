@@ -4,20 +4,28 @@ MLA's q/kv down projections on TE are ``TELinear(parallel_mode="duplicated")``: 
 the full weight. TE marks its weights ``tensor_model_parallel=True`` and megatron-core 0.16's
 ``TELinear`` never resets that for duplicated weights, so the grad-norm reduction
 (``param_is_not_tensor_parallel_duplicate``) counts those gradients once per TP rank and the grad
-norm (and clipping) grows with TP. Fixed upstream in 0.18 (``setattr(param,
-"tensor_model_parallel", False)`` in ``TELinear.__init__``). The patch wraps ``TELinear.__init__`` to
-mark the parameters of non-expert duplicated instances the same way.
+norm (and clipping) grows with TP. Fixed upstream in 0.17.0 (``setattr(param,
+"tensor_model_parallel", False)`` in ``TELinear.__init__``, read at tags core_v0.16.1 / core_v0.17.0).
+The patch wraps ``TELinear.__init__`` to mark the parameters of non-expert duplicated instances the
+same way.
+
+:func:`check` reads ``TELinear.__init__`` from the module's source file, so it answers on a host
+without Transformer Engine too (there ``TELinear`` is a mock); the registry still reports the patch
+``n/a`` there (``REQUIRES``), since nothing would be applied.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
+import importlib.util
 import inspect
+from pathlib import Path
 
 REQUIRES = "transformer_engine"  # TELinear exists only with Transformer Engine
 NAME = "mla-down-proj-tp-marker"
-TARGETS = "megatron-core >=0.16,<0.18"
+TARGETS = "megatron-core >=0.16,<0.17"
 DESCRIPTION = (
     "TELinear(parallel_mode='duplicated') (MLA down projection) keeps tensor_model_parallel=True, "
     "inflating grad norms under TP>1; mark its params tensor_model_parallel=False"
@@ -38,20 +46,34 @@ def _target():
     return cls
 
 
-def _original_init(cls):
-    return getattr(cls.__init__, "_megacpp_original", cls.__init__)
+def _upstream_init_source() -> str | None:
+    """Source of ``TELinear.__init__`` as upstream wrote it (read from the module's file, so
+    neither Transformer Engine nor the state of this patch matters); None when it is gone."""
+    try:
+        spec = importlib.util.find_spec(_MODULE)
+    except ImportError:
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    source = Path(spec.origin).read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == "TELinear":
+            init = next((f for f in node.body
+                         if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+            if init is None or "parallel_mode" not in {a.arg for a in (*init.args.args, *init.args.kwonlyargs)}:
+                return None
+            return ast.get_source_segment(source, init)
+    return None
 
 
 def check() -> str:
-    """``target-missing`` without a real TE ``TELinear``; ``fixed-upstream`` when its constructor
-    already marks duplicated params; ``needed`` otherwise (also after apply)."""
-    cls = _target()
-    if cls is None:
+    """``fixed-upstream`` when upstream's ``TELinear.__init__`` already marks duplicated params
+    (0.17+); ``needed`` otherwise (also after apply); ``target-missing`` when ``TELinear`` or its
+    ``parallel_mode`` argument is gone."""
+    source = _upstream_init_source()
+    if source is None:
         return "target-missing"
-    init = _original_init(cls)
-    if "parallel_mode" not in inspect.signature(init).parameters:
-        return "target-missing"
-    return "fixed-upstream" if _FIX_MARKER in inspect.getsource(init) else "needed"
+    return "fixed-upstream" if _FIX_MARKER in source else "needed"
 
 
 def mark_duplicated(module) -> None:
@@ -89,7 +111,8 @@ def applied() -> bool | None:
 
 
 def apply() -> list[str]:
-    """Patches ``TELinear`` when the defect is present; returns what changed."""
-    if check() != "needed":
+    """Patches ``TELinear`` when the defect is present and TE is installed; returns what changed."""
+    cls = _target()
+    if cls is None or check() != "needed":
         return []
-    return patch_class(_target())
+    return patch_class(cls)

@@ -27,7 +27,7 @@ import importlib
 from megacpp_mcore.patches import _wrapping
 
 NAME = "te-attention-backend-per-layer"
-TARGETS = "transformer-engine >=2.0,<2.12"
+TARGETS = "transformer-engine >=2.0,<2.19"  # the global cache read in 2.11 .. 2.18 (tests)
 REQUIRES = "transformer_engine"
 DESCRIPTION = (
     "TE DotProductAttention caches one attention-backend selection per process, so attention "

@@ -13,8 +13,16 @@ require_file() {  # require_file PATH WHAT: exit 2 naming WHAT when PATH does no
   fi
 }
 
-require_megatron_lm() {  # require_megatron_lm DIR: a Megatron-LM checkout (tag core_v0.16.1)
-  require_file "$1/pretrain_gpt.py" "Megatron-LM checkout (set MEGATRON_LM; git clone --branch core_v0.16.1 https://github.com/NVIDIA/Megatron-LM)"
+require_megatron_lm() {  # require_megatron_lm DIR: a Megatron-LM checkout (core_v0.16.1 .. core_v0.19.0)
+  require_file "$1/pretrain_gpt.py" "Megatron-LM checkout (set MEGATRON_LM; git clone --branch core_v0.19.0 https://github.com/NVIDIA/Megatron-LM for megatron-core 0.19.x, --branch core_v0.16.1 for 0.16.1)"
+  describe_megatron_lm "$1"
+}
+
+describe_megatron_lm() {  # describe_megatron_lm DIR: says on stderr which checkout and release line it is
+  # (the launcher's own reading of megatron/core/package_info.py; stdout stays the command alone)
+  PYTHONPATH="$PYTHONPATH_WITH_REPO" python -c \
+    'import sys; from megacpp_mcore.upstream.launch_pretrain import describe_checkout; print(describe_checkout(sys.argv[1]))' \
+    "$1" >&2 || echo "Megatron-LM checkout $1: version unknown (python could not read it)" >&2
 }
 
 set_data_args() {  # set_data_args PREFIX: DATA_ARGS for a Megatron data prefix, mock data when empty

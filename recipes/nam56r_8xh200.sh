@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NAM56R (52 layers AEMEAEMEAEMR, hidden 4096, 16-expert MoE top-4 + shared expert, MLA,
-# shared-block MTP K=2) on 8 H200s of one node through Megatron-LM's pretrain_gpt.py (core_v0.16.1)
-# and megacpp_mcore's launcher: bf16, Transformer Engine.
+# shared-block MTP K=2) on 8 H200s of one node through Megatron-LM's pretrain_gpt.py and
+# megacpp_mcore's launcher: bf16, Transformer Engine. A core_v0.16.1 checkout (megatron-core 0.16.1,
+# Python 3.11) or a core_v0.19.0 one (0.19.x, Python 3.12); --dry-run says which it found (stderr).
 #
 #   MEGATRON_LM=~/Megatron-LM DATA=/data/cpp_text_document recipes/nam56r_8xh200.sh [--dry-run] [flags]
 #

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # NAM56R-lite (12 layers AEMEAEMEAEMR, hidden 2048, 8-expert MoE, MLA, shared-block MTP K=1) on ONE
-# H200 through Megatron-LM's pretrain_gpt.py (core_v0.16.1) and megacpp_mcore's launcher: bf16, TE.
+# H200 through Megatron-LM's pretrain_gpt.py and megacpp_mcore's launcher: bf16, TE. A core_v0.16.1
+# checkout (megatron-core 0.16.1, Python 3.11) or a core_v0.19.0 one (0.19.x, Python 3.12);
+# --dry-run says which it found (stderr).
 #
 #   MEGATRON_LM=~/Megatron-LM recipes/nam56r_lite_1xh200.sh [--dry-run] [extra pretrain_gpt.py flags]
 #

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packaging.version import Version
 
 import megacpp_mcore.patches as patches
 from megacpp_mcore.patches import cpu_rng_tracker, registry
@@ -24,15 +25,26 @@ def _cpu_modules():
     return [m for m in registry.registered() if registry.scope_of(m) == "cpu"]
 
 
+# Every megatron-core release the package supports (pyproject: 0.16.1 on Python 3.11, 0.17 - 0.19).
+SUPPORTED = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
+
+
 def test_cpu_shims_are_registry_entries_gated_by_targets():
+    """TARGETS cover every supported release up to the one that fixed the defect (FIXED_IN, read
+    from each wheel), and nothing beyond: a release after 0.19 is to be verified first."""
+    from test_patches import FIXED_IN
+
     modules = _cpu_modules()
     assert {m.NAME for m in modules} == CPU_NAMES
     assert all(m.__name__.startswith("megacpp_mcore.patches.cpu_") for m in modules)
     assert all(m.__name__ in patches.REGISTRY for m in modules)
-    for module in modules:  # the old SUPPORTED_MCORE = ("0.16.",) gate, as TARGETS
+    for module in modules:
         requirement = registry.parse_targets(module.TARGETS)
         assert requirement.name == "megatron-core"
-        assert requirement.specifier.contains("0.16.1") and not requirement.specifier.contains("0.17.0")
+        fixed = FIXED_IN[module.NAME]
+        covered = [v for v in SUPPORTED if requirement.specifier.contains(v)]
+        assert covered == [v for v in SUPPORTED if fixed is None or Version(v) < Version(fixed)], module.NAME
+        assert not requirement.specifier.contains("0.20.0")
 
 
 def test_scope_cpu_is_never_applied_on_a_cuda_host(monkeypatch):
@@ -50,19 +62,26 @@ def test_status_of_cpu_shims_on_a_cpu_host():
     """The checks only read upstream's code, so the CPU status can be taken on any host."""
     import megatron.core
 
+    from test_patches import expected_check
+
     rows = {r.name: r for r in registry.status(sorted(CPU_NAMES), host="cpu")}
     for name in CPU_NAMES:
-        row = rows[name]
-        assert (row.scope, row.check, row.action, row.in_targets) == ("cpu", "needed", "keep", True)
+        row, expected = rows[name], expected_check(name)  # cpu-moe-router-gemm: fixed in 0.17
+        assert (row.scope, row.check, row.in_targets) == ("cpu", expected, expected == "needed")
+        assert row.action == {"needed": "keep", "fixed-upstream": "retire"}[expected]
         assert row.installed == megatron.core.__version__ and row.note == ""
 
 
 @applies_cpu_shims
 def test_apply_is_idempotent_and_reports_changes():
+    from test_patches import needed_here
+
+    needed = needed_here(*CPU_NAMES)  # all six on 0.16; cpu-moe-router-gemm retires from 0.17
     registry.apply_needed(sorted(CPU_NAMES), host="cpu")
     again = registry.apply_needed(sorted(CPU_NAMES), host="cpu")
-    assert again == {name: [] for name in CPU_NAMES}
-    assert all(row.applied for row in registry.status(sorted(CPU_NAMES), host="cpu"))
+    assert again == {name: [] for name in needed}
+    rows = registry.status(sorted(CPU_NAMES), host="cpu")
+    assert all(row.applied == (row.name in needed) for row in rows), rows
 
 
 @applies_cpu_shims

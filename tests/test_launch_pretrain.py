@@ -157,6 +157,16 @@ def test_builder_is_the_packages_one_gpt_model_builder(single_rank, monkeypatch)
 def test_builder_refuses_upstream_mtp_from_checkpoint_args():
     with pytest.raises(lp.LaunchError, match="--mtp-num-layers=2 is not supported"):
         lp.gpt_builder(_args(mtp_num_layers=2), pre_process=True, post_process=True, config=None)
+    with pytest.raises(lp.LaunchError, match="--use-legacy-models=True is not supported"):
+        lp.gpt_builder(_args(use_legacy_models=True), pre_process=True, post_process=True, config=None)
+
+
+def test_builder_without_use_legacy_models_as_from_core_v018(single_rank):
+    """core_v0.18+ parsers define no ``use_legacy_models``: the builder does not need it."""
+    args = _args()
+    del args.use_legacy_models
+    gpt = lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
+    assert len(gpt.decoder.layers) == 4
 
 
 def test_builder_adds_our_mtp_on_the_last_stage(single_rank):
@@ -171,15 +181,30 @@ def test_builder_adds_our_mtp_on_the_last_stage(single_rank):
     assert mtp_params == [], "MTP belongs to the last pipeline stage only"
 
 
-@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
-def test_builder_reads_only_flags_megatron_defines():
+# Megatron-LM tags the launcher supports: one per megatron-core release line (lp.CHECKOUT_TAGS).
+TAGS = ("core_v0.16.1", "core_v0.17.1", "core_v0.18.2", "core_v0.19.0")
+needs_mirror = pytest.mark.skipif(not MIRROR.exists(),
+                                  reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+
+
+def _release(tag: str) -> tuple[int, int]:
+    return tuple(int(x) for x in tag.removeprefix("core_v").split(".")[:2])
+
+
+@needs_mirror
+@pytest.mark.parametrize("tag", TAGS)
+def test_builder_reads_only_flags_megatron_defines(tag):
+    from megacpp_mcore.spec import compat
     from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
 
-    dests = parser_dests(str(MIRROR), "core_v0.16.1")
+    dests = parser_dests(str(MIRROR), tag)
     assert {"spec", "num_layers", "untie_embeddings_and_output_weights"} <= dests  # parser sanity
     assert flag_known("--disable-bias-linear", dests) and flag_known("--no-load-optim", dests)
     assert not flag_known("--no-such-megatron-flag", dests) and not flag_known("--num-layer", dests)
-    assert sorted(set(lp.MEGATRON_ARGS_READ) - dests) == []
+    removed = {d for d, (since, _) in compat.REMOVED_MEGATRON_ARGS.items()
+               if _release(tag) >= tuple(int(x) for x in since.split("."))}
+    assert sorted(set(lp.MEGATRON_ARGS_READ) - dests) == sorted(removed)
+    assert tag < "core_v0.18" or removed == {"use_legacy_models"}  # gone from core_v0.18
     ours = {a.dest for a in lp.add_megacpp_arguments(argparse.ArgumentParser())._actions}
     assert not (ours - {"help"}) & dests, "our flags must not shadow Megatron's"
     flags = [f for f in lp.preset_args("nam56r") if f.startswith("--") and not f.startswith("--megacpp")]
@@ -209,28 +234,133 @@ def _defined_names(source: str) -> set[str]:
     return names
 
 
-@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
-def test_run_uses_what_the_core_v0161_checkout_defines():
-    """What ``launch_pretrain.run`` takes from the checkout exists there (a re-base alarm)."""
+@needs_mirror
+@pytest.mark.parametrize("tag", TAGS)
+def test_run_uses_what_each_checkout_defines(tag):
+    """What ``launch_pretrain.run`` and ``compat.call_pretrain`` take from the checkout exists
+    there, at every supported tag (a re-base alarm)."""
     import inspect
 
+    from megacpp_mcore.spec import compat
     from megacpp_mcore.testing.megatron_lm import GitTree
 
-    tree = GitTree(MIRROR, "core_v0.16.1")
+    tree = GitTree(MIRROR, tag)
     pretrain_gpt = _defined_names(tree.read("pretrain_gpt.py"))
     assert {"train_valid_test_datasets_provider", "forward_step", "get_embedding_ranks", "pretrain",
             "set_startup_timestamps", "has_nvidia_modelopt", "add_modelopt_args"} <= pretrain_gpt
     assert "model_provider" in _defined_names(tree.read("model_provider.py"))
     assert "maybe_wrap_for_inprocess_restart" in _defined_names(
         tree.read("megatron/training/inprocess_restart.py"))
-    assert "gpt_builder" in _defined_names(tree.read("gpt_builders.py"))
-    run_source = inspect.getsource(lp.run)
-    training = tree.read("megatron/training/training.py")
-    pretrain_def = training[training.index("def pretrain("):training.index("):", training.index("def pretrain("))]
-    for kwarg in ("args_defaults", "extra_args_provider", "store", "get_embedding_ranks"):
-        assert f"{kwarg}=" in run_source and kwarg in pretrain_def
+    # gpt_builder's config fallback, importable from megatron.training.arguments at every tag
+    assert "core_transformer_config_from_args" in _defined_names(tree.read("megatron/training/arguments.py"))
+    compat_source = inspect.getsource(compat.call_pretrain)
+    if _release(tag) >= (0, 18):  # the caller parses and builds the config container
+        assert "parse_and_validate_args" in _defined_names(tree.read("megatron/training/arguments.py"))
+        utils = tree.read("megatron/training/argument_utils.py")
+        assert "def pretrain_cfg_container_from_args(args: Namespace, model_cfg=None)" in utils
+        assert "megatron.training.arguments import parse_and_validate_args" in compat_source
     # our builder has gpt_builder's signature, as model_provider calls it
     builder = tree.read("gpt_builders.py")
     assert "def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None)" in builder
     assert list(inspect.signature(lp.gpt_builder).parameters) == [
         "args", "pre_process", "post_process", "vp_stage", "config", "pg_collection"]
+
+
+def _pretrain_stub(tag: str):
+    """A function with exactly the parameters of ``megatron.training.training.pretrain`` at ``tag``
+    (annotations dropped), returning what it was called with."""
+    import ast
+
+    from megacpp_mcore.testing.megatron_lm import GitTree
+
+    module = ast.parse(GitTree(MIRROR, tag).read("megatron/training/training.py"))
+    fn = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "pretrain")
+    for arg in (*fn.args.args, *fn.args.kwonlyargs):
+        arg.annotation = None
+    stub = ast.FunctionDef(name="pretrain", args=fn.args, body=[ast.parse("return dict(locals())").body[0]],
+                           decorator_list=[], returns=None, type_params=[])
+    namespace: dict = {}
+    exec(compile(ast.fix_missing_locations(ast.Module(body=[stub], type_ignores=[])), tag, "exec"),
+         namespace)
+    return namespace["pretrain"]
+
+
+@needs_mirror
+@pytest.mark.parametrize("tag", TAGS)
+def test_call_pretrain_binds_our_builder_under_each_signature(tag):
+    """``compat.call_pretrain`` against the real ``pretrain`` signature of each tag: our model
+    provider, the dataset provider and forward step land in their parameters; from core_v0.18 the
+    arguments are parsed first (with our extra-args provider and the defaults) into the container."""
+    from megacpp_mcore.spec import compat
+
+    pretrain, parsed = _pretrain_stub(tag), []
+    provider, dataset, step, extra = object(), object(), object(), object()
+
+    def parse_args(**kwargs):
+        parsed.append(kwargs)
+        return "ARGS"
+
+    got = compat.call_pretrain(
+        pretrain, dataset_provider=dataset, model_provider=provider, model_type="encoder_or_decoder",
+        forward_step=step, extra_args_provider=extra, args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        parse_args=parse_args, config_container=lambda args: ("CONTAINER", args),
+        store="STORE", get_embedding_ranks="RANKS")
+    assert (got["train_valid_test_dataset_provider"], got["model_provider"], got["model_type"],
+            got["forward_step_func"]) == (dataset, provider, "encoder_or_decoder", step)
+    assert (got["store"], got["get_embedding_ranks"]) == ("STORE", "RANKS")
+    if _release(tag) >= (0, 18):
+        assert compat.pretrain_takes_config(pretrain) and got["cfg_container"] == ("CONTAINER", "ARGS")
+        assert parsed == [{"extra_args_provider": extra,
+                           "args_defaults": {"tokenizer_type": "GPT2BPETokenizer"}}]
+    else:
+        assert not compat.pretrain_takes_config(pretrain) and parsed == []
+        assert got["extra_args_provider"] is extra
+        assert got["args_defaults"] == {"tokenizer_type": "GPT2BPETokenizer"}
+    positional = list(_pretrain_stub(tag).__code__.co_varnames[:4])
+    expected = {(0, 16): ["train_valid_test_dataset_provider", "model_provider", "model_type", "forward_step_func"],
+                (0, 17): ["train_valid_test_dataset_provider", "model_provider", "model_type", "forward_step_func"],
+                (0, 18): ["cfg_container", "train_valid_test_dataset_provider", "model_provider", "model_type"],
+                (0, 19): ["cfg_container", "train_valid_test_dataset_provider", "model_type", "forward_step_func"]}
+    assert positional == expected[_release(tag)]  # the three signatures call_pretrain absorbs
+
+
+def test_call_pretrain_decides_on_the_unwrapped_signature():
+    """The in-process-restart wrapper hides ``pretrain``'s signature: ``signature_of`` decides."""
+    from megacpp_mcore.spec import compat
+
+    def pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func,
+                 model_provider=None, store=None):
+        return cfg_container, model_provider
+
+    def wrapper(*args, **kwargs):
+        return pretrain(*args, **kwargs)
+
+    got = compat.call_pretrain(wrapper, signature_of=pretrain, dataset_provider=1, model_provider="MP",
+                               model_type=2, forward_step=3, extra_args_provider=None, args_defaults={},
+                               parse_args=lambda **kw: "ARGS", config_container=lambda a: [a])
+    assert got == (["ARGS"], "MP")
+
+
+def test_checkout_release_and_description(checkout):
+    assert lp.checkout_release(checkout) is None
+    assert "version unknown" in lp.describe_checkout(checkout)
+    info = checkout / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True, exist_ok=True)
+    for (major, minor, patch), says in {(0, 19, 1): "tag line core_v0.19.0, pairs with megatron-core 0.19.x",
+                                        (0, 16, 1): "tag line core_v0.16.1, pairs with megatron-core 0.16.x",
+                                        (0, 15, 0): "not a supported release line"}.items():
+        info.write_text(f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\nPRE_RELEASE = ''\n")
+        assert lp.checkout_release(checkout) == f"{major}.{minor}.{patch}"
+        assert says in lp.describe_checkout(checkout)
+
+
+@needs_mirror
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
+def test_checkout_release_reads_the_tags_package_info(tag, tmp_path):
+    from megacpp_mcore.testing.megatron_lm import GitTree
+
+    info = tmp_path / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True)
+    info.write_text(GitTree(MIRROR, tag).read("megatron/core/package_info.py"))
+    # core_v0.19.0's package_info already says 0.19.1 (the tag is the 0.19 line's checkout)
+    assert lp.checkout_release(tmp_path) == {"core_v0.16.1": "0.16.1", "core_v0.19.0": "0.19.1"}[tag]

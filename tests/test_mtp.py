@@ -81,7 +81,7 @@ def _build(spec: dict, *, backend: str = "local"):
 def test_shared_block_has_one_blocks_parameters_for_any_depth(single_rank):
     from megacpp_mcore.features.mtp.block import SharedMTPBlock
     from megacpp_mcore.features.mtp.model import MTPGPTModel
-    from megacpp_mcore.models.plan import embedding_params
+    from megacpp_mcore.models.accounting import embedding_params
 
     counts = set()
     for depth in (1, 3):
@@ -98,7 +98,7 @@ def test_shared_block_has_one_blocks_parameters_for_any_depth(single_rank):
 
 
 def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
-    from megacpp_mcore.models.plan import embedding_params
+    from megacpp_mcore.models.accounting import embedding_params
 
     moe = {"num_experts": 4, "topk": 2, "ffn_hidden_size": 64, "shared_expert_size": 64}
     model_cfg, model = _build(dict(TINY_MTP, moe=moe))

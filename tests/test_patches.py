@@ -11,16 +11,42 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 import megacpp_mcore.patches as patches
 from megacpp_mcore.patches import registry, spec_import_errors, tp_attributes_without_init
 from megacpp_mcore.patches._wrapping import upstream
+from megacpp_mcore.spec.compat import mcore_version
 
 CPU_SHIMS = {"cpu-device-redirect", "cpu-rng-tracker", "cpu-clip-grads", "cpu-block-norm",
              "cpu-moe-router-gemm", "cpu-tied-embedding-copy"}
+
+# The megatron-core release whose code no longer has the defect (None: still present at 0.19.2).
+# Read from each wheel (0.16.1, 0.17.1, 0.18.2, 0.19.2); the tests assert the verdict the
+# INSTALLED wheel must give, so the 0.16.1 leg and the 0.19.2 leg of CI check both sides.
+FIXED_IN = {
+    "spec-import-errors": None,
+    "tp-attributes-without-init": "0.18",
+    "mla-have-te": "0.17",
+    "mla-down-proj-tp-marker": "0.17",  # TELinear marks duplicated params from core_v0.17.0
+    "cpu-device-redirect": None, "cpu-rng-tracker": None, "cpu-clip-grads": None,
+    "cpu-block-norm": None, "cpu-tied-embedding-copy": None,
+    "cpu-moe-router-gemm": "0.17",  # the no-TE branch assigns te_general_gemm = None from 0.17
+}
+
+
+def expected_check(name: str) -> str:
+    """What ``check()`` must answer for patch ``name`` on the installed megatron-core."""
+    fixed = FIXED_IN[name]
+    return "fixed-upstream" if fixed and mcore_version() >= Version(fixed) else "needed"
+
+
+def needed_here(*names: str) -> list[str]:
+    return [n for n in names if expected_check(n) == "needed"]
 
 
 @pytest.fixture
@@ -55,27 +81,39 @@ def test_registry_modules_follow_the_protocol():
 
 
 def test_status_on_installed_megatron_core(restore_targets):
+    """Each verdict as read from the installed wheel (FIXED_IN); TARGETS agree with it: a needed
+    patch is in its TARGETS, a fixed one is past them, so no row asks to widen TARGETS."""
     import megatron.core
 
-    assert megatron.core.__version__.startswith("0.16."), "these expectations are for 0.16.x"
-    rows = _rows()
-    assert set(rows) >= {"spec-import-errors", "tp-attributes-without-init", "mla-have-te",
-                         "mla-down-proj-tp-marker", "te-attention-backend-per-layer"} | CPU_SHIMS
+    rows = {row.name: row for row in registry.status(host="cpu")}
+    assert set(rows) >= set(FIXED_IN) | {"te-attention-backend-per-layer"}
     assert {name for name, row in rows.items() if row.scope == "cpu"} == CPU_SHIMS
-    for name in ("spec-import-errors", "tp-attributes-without-init"):
-        row = rows[name]
-        assert (row.installed, row.in_targets, row.check, row.action) == (
-            megatron.core.__version__, True, "needed", "keep")
-        assert row.applied is False and row.note == ""
     te = registry.importlib.util.find_spec("transformer_engine") is not None
-    assert rows["mla-have-te"].check == "needed"  # 0.16 derives HAVE_TE from a mock-able import
-    marker = rows["mla-down-proj-tp-marker"]
-    if te:
-        assert (marker.check, marker.action) == ("needed", "keep")
-    else:  # TELinear lives in Transformer Engine: nothing to re-base on a host without it
-        assert (marker.check, marker.action) == ("not-applicable", "n/a")
-        assert marker.note == "needs transformer_engine, which is not installed here"
+    for name in FIXED_IN:
+        row, expected = rows[name], expected_check(name)
+        if name == "mla-down-proj-tp-marker" and not te:
+            # TELinear lives in Transformer Engine: nothing to apply (or re-base) without it
+            assert (row.check, row.action) == ("not-applicable", "n/a")
+            assert row.note == "needs transformer_engine, which is not installed here"
+            continue
+        assert (row.installed, row.check, row.action) == (
+            megatron.core.__version__, expected, {"needed": "keep", "fixed-upstream": "retire"}[expected]), name
+        assert row.in_targets == (expected == "needed"), f"{name}: TARGETS {row.targets}"
+        assert row.note == "", (name, row.note)
+    for name in ("spec-import-errors", "tp-attributes-without-init"):  # restore_targets undid them
+        assert rows[name].applied is False
+    if not te:
         assert rows["te-attention-backend-per-layer"].check == "not-applicable"
+
+
+def test_down_proj_marker_check_reads_the_installed_source():
+    """``mla-down-proj-tp-marker``'s check reads ``TELinear.__init__`` from the installed module's
+    file: the verdict holds on a host without Transformer Engine (there it is never applied)."""
+    from megacpp_mcore.patches import mla_down_proj_tp_marker
+
+    assert mla_down_proj_tp_marker.check() == expected_check("mla-down-proj-tp-marker")
+    if registry.importlib.util.find_spec("transformer_engine") is None:
+        assert mla_down_proj_tp_marker.apply() == [] and mla_down_proj_tp_marker.applied() is None
 
 
 def test_apply_twice_equals_once(restore_targets):
@@ -84,21 +122,24 @@ def test_apply_twice_equals_once(restore_targets):
 
     original_import = spec_utils.import_module
     first = registry.apply_needed()
+    rows = _rows()
+    assert set(first) == {name for name, row in rows.items() if row.check == "needed"}
     assert first["spec-import-errors"] == ["megatron.core.transformer.spec_utils.import_module"]
-    assert len(first["tp-attributes-without-init"]) == 3
+    tp = "tp-attributes-without-init"
+    assert len(first[tp]) == 3 if expected_check(tp) == "needed" else tp not in first  # fixed 0.18
     state = (spec_utils.import_module, layers.RowParallelLinear.__init__)
     assert registry.apply_needed() == {name: [] for name in first}
     assert (spec_utils.import_module, layers.RowParallelLinear.__init__) == state
     assert spec_utils.import_module.__wrapped__ is original_import  # wrapped once, not twice
     rows = _rows()
-    assert rows["spec-import-errors"].applied and rows["tp-attributes-without-init"].applied
-    assert all(row.check in ("needed", "not-applicable") for row in rows.values())
+    assert all(rows[name].applied for name in first if rows[name].applied is not None)
+    assert all(not rows[name].applied for name in rows if name not in first)  # retired: never applied
 
 
 def test_check_probes_upstream_behind_the_patch(restore_targets):
     registry.apply_needed()
     assert spec_import_errors.check() == "needed"
-    assert tp_attributes_without_init.check() == "needed"
+    assert tp_attributes_without_init.check() == expected_check("tp-attributes-without-init")
 
 
 def test_spec_import_errors_name_the_cause(restore_targets):
@@ -182,9 +223,9 @@ def test_changed_constructor_signature_says_re_base(restore_targets):
 
 
 def test_installed_version_outside_targets_is_noted(restore_targets):
-    restore_targets.setattr(registry, "installed_version", lambda dist: "0.18.0")
-    row = _rows()["tp-attributes-without-init"]
-    assert (row.in_targets, row.check) == (False, "needed")  # 0.16's behaviour is still installed
+    restore_targets.setattr(registry, "installed_version", lambda dist: "0.20.0")
+    row = _rows()["spec-import-errors"]
+    assert (row.in_targets, row.check) == (False, "needed")  # the defect is still installed
     assert "widen TARGETS" in row.note
     restore_targets.setattr(registry, "installed_version", lambda dist: None)
     row = _rows()["spec-import-errors"]
@@ -219,7 +260,10 @@ def test_tp_markers_match_initialised_layers(restore_targets):
 
     expected = build(True)
     assert expected == [(True, 0, 2), (True, 1, 2), (True, 0, 1)]
-    assert build(False) == [(None, None, None)] * 3  # the upstream defect
+    if expected_check("tp-attributes-without-init") == "fixed-upstream":  # megatron-core >= 0.18
+        assert build(False) == expected  # upstream sets the markers itself: the patch retires
+        return
+    assert build(False) == [(None, None, None)] * 3  # the upstream defect (0.16, 0.17)
     tp_attributes_without_init.apply()
     assert build(False) == expected
     assert build(True) == expected  # initialised layers are left as upstream made them
@@ -251,12 +295,12 @@ def test_status_lists_cpu_shims_with_their_scope():
     on_cpu = {r.name: r for r in registry.status(host="cpu")}
     on_cuda = {r.name: r for r in registry.status(host="cuda")}
     for name in CPU_SHIMS:
-        assert (on_cpu[name].scope, on_cpu[name].check, on_cpu[name].action) == ("cpu", "needed", "keep")
+        assert (on_cpu[name].scope, on_cpu[name].check) == ("cpu", expected_check(name))
         assert (on_cuda[name].check, on_cuda[name].action) == ("not-applicable", "n/a")
         assert on_cuda[name].note == "scope cpu: never applied on a cuda host"
     for name in ("spec-import-errors", "tp-attributes-without-init"):  # scope any: same on both
         assert on_cpu[name].scope == on_cuda[name].scope == "any"
-        assert on_cpu[name].check == on_cuda[name].check == "needed"
+        assert on_cpu[name].check == on_cuda[name].check == expected_check(name)
     table = registry.format_status(list(on_cuda.values()))
     assert table.splitlines()[0].split()[:3] == ["patch", "scope", "targets"]
     assert "cpu-device-redirect: scope cpu: never applied on a cuda host" in table
@@ -269,10 +313,14 @@ def test_cli_status_and_apply(restore_targets, capsys):
     assert cli.main(["patches", "status"]) == 0
     out = capsys.readouterr().out
     assert "spec-import-errors" in out and "tp-attributes-without-init" in out
-    assert out.count(" keep ") >= 3  # the two above, mla-have-te (+ the TE marker patch with TE)
+    for name in FIXED_IN:  # the table says each patch's verdict for the installed wheel
+        row = next(r for r in registry.status([name]))
+        assert re.search(rf"^{name}\s.*\s{row.check}\s+{row.action}\s", out, re.M), (name, out)
+        if row.check != "not-applicable":
+            assert row.check == expected_check(name)
     assert cli.main(["patches", "apply", "--twice", "--json"]) == 0
     passes = json.loads(capsys.readouterr().out)["passes"]
-    ours = ("spec-import-errors", "tp-attributes-without-init")
+    ours = needed_here("spec-import-errors", "tp-attributes-without-init")
     assert all(passes[0][n] for n in ours) and not any(passes[1].values())
     assert cli.main(["patches", "status", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -328,6 +376,9 @@ def tp_grad_norms() -> dict[str, float]:
 
 
 @pytest.mark.distributed
+@pytest.mark.skipif(expected_check("tp-attributes-without-init") == "fixed-upstream",
+                    reason="megatron-core >= 0.18 sets the TP markers itself (test_tp_markers_match_"
+                           "initialised_layers shows it); the 0.16.1 leg runs this")
 def test_tp2_grad_norm_without_initialization_is_fixed_by_the_patch():
     from megacpp_mcore.testing.dist import run_distributed
 
@@ -361,8 +412,9 @@ def test_train_runtime_applies_the_registry_for_this_host(restore_targets):
     try:
         assert calls == [((), {"host": registry.current_host()})]
         rows = {r.name: r for r in registry.status()}
-        assert rows["spec-import-errors"].applied and rows["tp-attributes-without-init"].applied
-        assert all(rows[n].applied == (registry.current_host() == "cpu") for n in CPU_SHIMS)
+        assert all(rows[n].applied for n in needed_here("spec-import-errors", "tp-attributes-without-init"))
+        assert all(rows[n].applied == (registry.current_host() == "cpu") for n in needed_here(*CPU_SHIMS))
+        assert not any(rows[n].applied for n in set(FIXED_IN) - set(needed_here(*FIXED_IN)))
     finally:
         runtime.shutdown()
 
@@ -376,7 +428,7 @@ def test_mla_patches_go_through_the_registry(restore_targets):
     assert set(mla.PATCHES) <= {m.NAME for m in registry.registered()}
     # REQUIRES and status honoured: without TE mla-down-proj-tp-marker is n/a and not applied
     assert set(changed) == {r.name for r in registry.status(mla.PATCHES) if r.check == "needed"}
-    assert "mla-have-te" in changed
+    assert ("mla-have-te" in changed) == (expected_check("mla-have-te") == "needed")  # fixed 0.17
 
 
 def test_importing_the_package_and_layer_specs_applies_no_patch():
@@ -394,6 +446,49 @@ def test_importing_the_package_and_layer_specs_applies_no_patch():
     assert set(applied) == {m.NAME for m in registry.registered()}
     assert not any(applied.values()), applied
     assert sum(value is False for value in applied.values()) >= 9  # the probes did report
+
+
+# ------------------------------------------------------ te-attention-backend-per-layer, per TE
+WHEELS = Path.home() / ".cache" / "megacpp_mcore" / "wheels"
+DPA_MODULE = "transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py"
+
+
+def _te_wheel(version: str) -> Path:
+    """TE's pure-Python wheel ``version`` (no install): from the cache, else pip-downloaded once."""
+    name = f"transformer_engine-{version}-py3-none-any.whl"
+    if not (WHEELS / name).exists():
+        WHEELS.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "-d", str(WHEELS), f"transformer-engine=={version}"],
+                       capture_output=True, timeout=300, check=False)
+    assert (WHEELS / name).exists(), f"could not fetch {name} into {WHEELS}"
+    return WHEELS / name
+
+
+@pytest.mark.parametrize("te_version", ["2.11.0", "2.14.1", "2.16.0", "2.17.1", "2.18.0"])
+def test_te_attention_backend_cache_is_still_process_wide(te_version):
+    """``check()``'s criterion (``DotProductAttention.forward`` reads the module-global
+    ``_attention_backends``) on TE's real source of every release the ``te`` extra allows (0.16:
+    2.9 - 2.11; 0.17 - 0.19: upstream's locks 2.14.1, 2.16.0, 2.17.1, and 2.18.0): the patch stays
+    needed, and TARGETS cover each of them."""
+    import ast
+    import zipfile
+
+    from megacpp_mcore.patches import te_attention_backend_per_layer as patch
+
+    source = zipfile.ZipFile(_te_wheel(te_version)).read(DPA_MODULE).decode()
+    tree = ast.parse(source)
+    assert any(isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == patch._GLOBAL
+               for n in tree.body), "the module-global cache dict is still there"
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DotProductAttention")
+    forward = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    forward.decorator_list, forward.returns = [], None  # compiled alone: no names to resolve
+    for arg in (*forward.args.args, *forward.args.kwonlyargs):
+        arg.annotation = None
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[forward], type_ignores=[]), DPA_MODULE, "exec"), namespace)
+    assert patch._reads_global(namespace["forward"])  # what check() probes: "needed"
+    assert registry.parse_targets(patch.TARGETS).specifier.contains(te_version)
 
 
 @pytest.mark.gpu

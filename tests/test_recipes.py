@@ -1,6 +1,7 @@
 """recipes/: syntax and shellcheck, ``--dry-run`` (exit 0, prints a command that names only files that
-exist, writes nothing), refusals, preset consistency, and flags Megatron-LM core_v0.16.1 knows.
-The gpu test runs the lite recipe on an H200 (``MEGATRON_LM`` must point at a core_v0.16.1 checkout)."""
+exist, writes nothing, says on stderr which checkout it found), refusals, preset consistency, and flags
+Megatron-LM core_v0.16.1 and core_v0.19.0 know. The gpu test runs the lite recipe on an H200
+(``MEGATRON_LM`` must point at a core_v0.16.1 or core_v0.19.0 checkout)."""
 
 from __future__ import annotations
 
@@ -133,17 +134,34 @@ def test_architecture_matches_preset(recipe, checkout, tmp_path):
 
 
 @pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r.name in PRESET_OF], ids=lambda p: p.name)
-def test_flags_are_known_to_megatron_lm(recipe, checkout, tmp_path):
+def test_flags_are_known_to_megatron_lm(recipe, tag, checkout, tmp_path):
     from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
 
     tokens = _dry_run(recipe, checkout, tmp_path / "out")
     megatron_flags = tokens[tokens.index("megacpp_mcore.launch_pretrain") + 1:]
-    dests = parser_dests(str(MIRROR), "core_v0.16.1")
+    dests = parser_dests(str(MIRROR), tag)
     ours = {"--megatron-lm", "--megacpp-mtp-depth", "--megacpp-mtp-decay", "--megacpp-mtp-loss-scale"}
     unknown = [f for f in megatron_flags
                if f.startswith("--") and f not in ours and not flag_known(f, dests)]
     assert unknown == []
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.name in PRESET_OF], ids=lambda p: p.name)
+def test_dry_run_says_which_checkout_it_found(recipe, checkout, tmp_path):
+    """stderr names the checkout's megatron-core version (megatron/core/package_info.py) and the
+    tag line it belongs to; stdout stays the one command line."""
+    proc = _run(recipe, "--dry-run", MEGATRON_LM=str(checkout), OUT=str(tmp_path), DATA="")
+    assert proc.returncode == 0 and f"Megatron-LM checkout {checkout}: version unknown" in proc.stderr
+    info = checkout / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True, exist_ok=True)
+    for (minor, patch), says in {(19, 1): "megatron-core 0.19.1 (tag line core_v0.19.0",
+                                 (16, 1): "megatron-core 0.16.1 (tag line core_v0.16.1"}.items():
+        info.write_text(f"MAJOR = 0\nMINOR = {minor}\nPATCH = {patch}\n")
+        proc = _run(recipe, "--dry-run", MEGATRON_LM=str(checkout), OUT=str(tmp_path), DATA="")
+        assert proc.returncode == 0 and says in proc.stderr, proc.stderr
+        assert proc.stdout.count("\n") == 1
 
 
 @pytest.mark.parametrize("recipe,fallback", [("nam56r_lite_1xh200.sh", "NAM56R_LITE_AE"),
@@ -232,7 +250,7 @@ GPU_RUNS = [("nam56r_lite_1xh200.sh", 1, "50"), ("nam56r_8xh200.sh", 8, "20")]
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (H200) with TE")
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="set MEGATRON_LM to a core_v0.16.1 checkout")
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="set MEGATRON_LM to a core_v0.16.1 or core_v0.19.0 checkout")
 @pytest.mark.parametrize("recipe,gpus,default_iters", GPU_RUNS, ids=[r[0] for r in GPU_RUNS])
 def test_recipe_trains_on_gpu(recipe, gpus, default_iters, tmp_path):
     if torch.cuda.device_count() < gpus:

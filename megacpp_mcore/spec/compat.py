@@ -11,6 +11,21 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
 * Backend providers gain keyword arguments (``layer_norm(..., has_residual=)`` in 0.18): provider
   methods of :mod:`megacpp_mcore.spec.backends` accept them too.
 * Config field names with upstream's spelling live here (:data:`HETEROGENEOUS_CHECKPOINT_FIELD`).
+* The MoE aux-loss tracker became ``MoEMetricsTracker`` (0.18): :func:`reset_moe_metrics`.
+* Megatron-LM's ``pretrain`` takes a config container (core_v0.18) and then the model provider as a
+  keyword (core_v0.19); ``--use-legacy-models`` is gone from core_v0.18: :func:`call_pretrain`,
+  :func:`megatron_arg`.
+* ``MambaMixer`` holds ``conv1d_weight``/``conv1d_bias`` parameters (0.19) where it had a
+  ``conv1d`` module; dist-checkpoint keys stay ``conv1d.weight``/``conv1d.bias`` (split per part):
+  :func:`mamba_state_dict_as_conv_module` for plain torch state dicts.
+* MLA's Q/KV norms and up projections are resolved by ``QKNormConfigResolver`` (0.19) instead of
+  built as the spec gives them: :func:`mla_norms_as_specified` is the spec's meaning, for
+  ``MLASelfAttention._resolve_qk_norm_config`` (the 0.19 hook; earlier releases never call it).
+* ``dist_checkpointing`` lost ``common_strategy`` (0.19): ``torch_dist`` keeps the common
+  (non-tensor) state inside its files, where 0.16 - 0.18 look for ``common.pt``:
+  :func:`write_legacy_common_file` keeps checkpoints loadable by every supported release.
+* Not used by the package, so nothing to absorb: ``MambaMixer(use_mem_eff_path=)`` (gone in 0.17:
+  the config field stays), ``get_mlp_module_spec_for_backend`` (a ``functools.partial`` from 0.18).
 """
 
 from __future__ import annotations
@@ -98,3 +113,147 @@ def global_layer_index(
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     return get_transformer_layer_offset(config, vp_stage, pp_rank) + layer_number - 1
+
+
+def reset_moe_metrics() -> None:
+    """Drops Megatron's process-global MoE aux-loss tracker: it is sized by the first model's depth,
+    so a model of another depth in the same process needs a fresh one.
+
+    0.18+: ``moe_logging.destroy_moe_metrics_tracker()`` (``get_moe_layer_wise_logging_tracker()``
+    there returns a fresh dict built from the tracker, so clearing it would change nothing).
+    0.16/0.17: the tracker is the module-global dict that getter returns: cleared in place.
+    """
+    try:
+        from megatron.core.transformer.moe import moe_logging
+    except ImportError:  # before 0.18
+        moe_logging = None
+    destroy = getattr(moe_logging, "destroy_moe_metrics_tracker", None)
+    if destroy is not None:
+        destroy()
+        return
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+
+
+# Megatron-LM arguments removed in a later release: dest -> (first release without it, the value
+# that means "not asked for"). Readers go through :func:`megatron_arg`.
+REMOVED_MEGATRON_ARGS: dict[str, tuple[str, Any]] = {"use_legacy_models": ("0.18", False)}
+
+
+def megatron_arg(args, dest: str) -> Any:
+    """``args.<dest>`` from Megatron-LM's parser; for an argument a later release removed and
+    this checkout's parser does not define, its "not asked for" value."""
+    if dest in REMOVED_MEGATRON_ARGS and not hasattr(args, dest):
+        return REMOVED_MEGATRON_ARGS[dest][1]
+    return getattr(args, dest)
+
+
+def pretrain_takes_config(pretrain: Callable) -> bool:
+    """Whether Megatron-LM's ``pretrain`` takes a config container first (core_v0.18+), so the
+    caller parses the arguments; before, ``pretrain`` parses them itself."""
+    return "cfg_container" in inspect.signature(inspect.unwrap(pretrain)).parameters
+
+
+def call_pretrain(
+    pretrain: Callable,
+    *,
+    dataset_provider: Callable,
+    model_provider: Callable,
+    model_type: Any,
+    forward_step: Callable,
+    extra_args_provider: Callable | None,
+    args_defaults: Mapping[str, Any],
+    signature_of: Callable | None = None,
+    parse_args: Callable | None = None,
+    config_container: Callable | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Megatron-LM's ``pretrain`` with our ``model_provider``, in the form its signature takes.
+
+    * core_v0.16/0.17: ``pretrain(dataset_provider, model_provider, model_type, forward_step,
+      extra_args_provider=, args_defaults=, ...)``; it parses the arguments itself.
+    * core_v0.18: ``pretrain(cfg_container, dataset_provider, model_provider, model_type,
+      forward_step, ...)``; core_v0.19 moves ``model_provider`` behind ``forward_step`` as a keyword.
+      The caller parses (``parse_and_validate_args``) and builds the container without a model
+      config (``pretrain_cfg_container_from_args(args)``), so Megatron builds the model through
+      ``model_provider``, as ``pretrain_gpt.py`` did before core_v0.19.
+
+    Everything is passed by keyword, which binds the same way under the three signatures.
+    ``signature_of``: the function whose signature decides (default ``pretrain``; pass the
+    unwrapped one when ``pretrain`` is a restart wrapper). ``parse_args``/``config_container``
+    default to Megatron-LM's (imported only when the signature takes a container). ``kwargs``
+    (``store``, ``get_embedding_ranks``, ...) are passed through.
+    """
+    call = dict(train_valid_test_dataset_provider=dataset_provider, model_provider=model_provider,
+                model_type=model_type, forward_step_func=forward_step, **kwargs)
+    if not pretrain_takes_config(signature_of or pretrain):
+        return pretrain(extra_args_provider=extra_args_provider, args_defaults=dict(args_defaults),
+                        **call)
+    if parse_args is None:
+        from megatron.training.arguments import parse_and_validate_args as parse_args
+    if config_container is None:
+        from megatron.training.argument_utils import (
+            pretrain_cfg_container_from_args as config_container,
+        )
+    args = parse_args(extra_args_provider=extra_args_provider, args_defaults=dict(args_defaults))
+    return pretrain(config_container(args), **call)
+
+
+# MambaMixer's conv parameters (0.19) -> their names as a ``conv1d`` module (before 0.19, ours).
+MAMBA_CONV_PARAMETERS = {"conv1d_weight": "conv1d.weight", "conv1d_bias": "conv1d.bias"}
+
+
+def mamba_state_dict_as_conv_module(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A torch state dict with 0.19 ``MambaMixer`` conv parameter names (``...conv1d_weight``)
+    renamed to the ``conv1d`` module spelling (``...conv1d.weight``) that ``TorchMambaMixer`` and
+    earlier ``MambaMixer`` use and that dist checkpoints keep on every version."""
+    out = {}
+    for key, value in state_dict.items():
+        head, _, last = key.rpartition(".")
+        renamed = MAMBA_CONV_PARAMETERS.get(last)
+        out[f"{head}.{renamed}" if head and renamed else renamed or key] = value
+    return out
+
+
+def write_legacy_common_file(checkpoint_dir: str) -> bool:
+    """After ``dist_checkpointing.save``: writes ``common.pt`` (the common state as 0.16 - 0.18
+    save and load it) when this release did not, i.e. when it stored the common state inside the
+    ``torch_dist`` files (0.19). Older releases then load the checkpoint; 0.19 itself reads
+    ``common.pt`` first when present (same content). Returns whether the file was written here.
+    Rank 0 writes; the caller synchronises the ranks."""
+    import os
+
+    import torch
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(checkpoint_dir, "common.pt")  # COMMON_STATE_FNAME in every release
+    if os.path.exists(path) or torch.distributed.get_rank() != 0:
+        return False
+    torch.save(dist_checkpointing.load_common_state_dict(str(checkpoint_dir)), path)
+    return True
+
+
+# MLASelfAttention's hook (0.19) that returns the modules below; absent before 0.19.
+MLA_NORM_HOOK = "_resolve_qk_norm_config"
+
+
+def mla_norms_as_specified(config, submodules) -> dict[str, Any]:
+    """MLA's Q/KV up projections and latent norms as the spec gives them (what 0.16 - 0.18 build).
+
+    0.19's ``QKNormConfigResolver`` reinterprets ``qk_layernorm`` with ``q_lora_rank=None``: it
+    rejects a spec's Q norm on the local backend, and on TE swaps the plain Q projection for a
+    fused norm+linear one, i.e. normalises the hidden states before Q although the spec has no such
+    norm. Without a Q latent (``q_lora_rank=None``) there is no Q norm, as 0.16 - 0.18 build it; the
+    KV latent norm and every projection are the spec's. Keys: those the 0.19 hook returns.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    has_q_latent = config.q_lora_rank is not None
+    return dict(
+        linear_q_proj=submodules.linear_q_proj,
+        linear_q_up_proj=submodules.linear_q_up_proj,
+        linear_kv_up_proj=submodules.linear_kv_up_proj,
+        q_layernorm=(submodules.q_layernorm or IdentityOp) if has_q_latent else IdentityOp,
+        kv_layernorm=submodules.kv_layernorm or IdentityOp,
+    )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from megacpp_mcore.models.presets import ModelConfig
+from megacpp_mcore.spec import compat
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -93,6 +94,8 @@ def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, 
     state = _sharded_state(chunks, optimizer, scheduler, step=step, consumed=consumed, is_loading=False,
                            model=model)
     dist_checkpointing.save(state, str(path))
+    torch.distributed.barrier()
+    compat.write_legacy_common_file(str(path))  # 0.19 -> 0.16: see its docstring
     torch.distributed.barrier()
     if rank == 0:
         tmp = Path(directory, f".{TRACKER}.tmp")

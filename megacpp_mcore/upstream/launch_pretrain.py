@@ -10,14 +10,19 @@ What it adds to ``pretrain_gpt.py``, without editing the checkout:
    spec's ``auto`` backend resolved from ``--transformer-impl``, and the package's shared-block MTP
    on the last pipeline stage when ``--megacpp-mtp-depth K`` > 0 (``megacpp_mcore.features.mtp.MTPGPTModel``).
    Megatron-LM 0.16.1's builder cannot do this: it builds its per-depth MTP from the config, ignores
-   ``--spec`` for it and raises ``UnboundLocalError`` when ``--spec`` meets ``--mtp-num-layers``;
+   ``--spec`` for it and raises ``UnboundLocalError`` when ``--spec`` meets ``--mtp-num-layers``
+   (still so at core_v0.19.0);
 3. refuses, before any process group starts, flags that would silently build something else
    (``--mtp-num-layers``, legacy models, YAML configs, a missing ``--spec``), and MLA flags that
    disagree with the spec's MLA configuration.
 
 Everything else (data, optimizer, checkpoints, logging) is ``pretrain_gpt.py``'s own: the launcher
 imports that file as a module and calls Megatron's ``pretrain`` with its dataset provider, forward
-step and embedding-rank function, exactly as its ``__main__`` block does, but with our builder.
+step and embedding-rank function, as its ``__main__`` block does, but with our builder. Checkouts
+at tags ``core_v0.16.1`` through ``core_v0.19.0`` work: ``pretrain``'s signature differs between
+them and :func:`megacpp_mcore.spec.compat.call_pretrain` calls each one in its own form. The
+checkout's ``megatron`` package comes first on ``sys.path``, so its ``megatron/core`` is the one
+that runs; :func:`checkout_release` reads its version.
 """
 
 from __future__ import annotations
@@ -33,14 +38,15 @@ from typing import Any, Callable
 
 from megacpp_mcore.models.presets import ModelConfig, get_preset
 
-# Files of a Megatron-LM checkout (tag core_v0.16.1) the launcher runs.
+# Files of a Megatron-LM checkout (tags core_v0.16.1 .. core_v0.19.0) the launcher runs.
 CHECKOUT_FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training")
 
 # ``--transformer-impl`` -> our backend name (resolves a spec's ``auto``).
 TRANSFORMER_IMPL_BACKENDS = {"transformer_engine": "te", "local": "local"}
 
 # Megatron-LM arguments the builder reads (besides ``padded_vocab_size``, which Megatron derives
-# from the tokenizer); tests check that the checkout's parser defines every one of them.
+# from the tokenizer); tests check that each tag's parser defines every one of them, except those
+# compat.REMOVED_MEGATRON_ARGS lists for that release (read through compat.megatron_arg).
 MEGATRON_ARGS_READ = (
     "spec", "transformer_impl", "max_position_embeddings", "fp16_lm_cross_entropy",
     "untie_embeddings_and_output_weights", "position_embedding_type", "rotary_percent",
@@ -53,7 +59,8 @@ MEGATRON_ARGS_READ = (
 REFUSED_FLAGS = {
     "--mtp-num-layers": "use --megacpp-mtp-depth K (the package's shared-block MTP); megatron-core "
                         "0.16.1 builds its own per-depth MTP from the config and ignores --spec",
-    "--use-legacy-models": "the launcher builds megatron-core GPTModels only",
+    "--use-legacy-models": "the launcher builds megatron-core GPTModels only (the flag is gone "
+                           "from Megatron-LM core_v0.18)",
     "--yaml-cfg": "pass the model as pretrain_gpt.py flags (see megacpp_mcore.upstream.launch_pretrain.preset_args)",
 }
 
@@ -103,6 +110,13 @@ def preset_args(preset: str | ModelConfig) -> list[str]:
     return [str(f) for f in flags]
 
 
+# megatron-core release line -> the Megatron-LM tag that goes with it (README, docs/upstream.md).
+CHECKOUT_TAGS = {"0.16": "core_v0.16.1", "0.17": "core_v0.17.1", "0.18": "core_v0.18.2",
+                 "0.19": "core_v0.19.0"}
+CLONE_HINT = ("git clone --branch core_v0.19.0 https://github.com/NVIDIA/Megatron-LM (megatron-core "
+              "0.19.x, Python >= 3.12) or --branch core_v0.16.1 (0.16.1, Python 3.11)")
+
+
 def check_checkout(path: str | os.PathLike) -> Path:
     """The Megatron-LM checkout at ``path``; ``LaunchError`` naming what is missing."""
     root = Path(path).expanduser().resolve()
@@ -110,10 +124,37 @@ def check_checkout(path: str | os.PathLike) -> Path:
     if missing:
         raise LaunchError(
             f"--megatron-lm {path}: not a Megatron-LM checkout (missing {', '.join(missing)}); get "
-            "one with `git clone --branch core_v0.16.1 https://github.com/NVIDIA/Megatron-LM` "
-            "(docs/upstream.md)"
+            f"one with `{CLONE_HINT}` (docs/upstream.md)"
         )
     return root
+
+
+def checkout_release(root: str | os.PathLike) -> str | None:
+    """The megatron-core version a checkout carries (``megatron/core/package_info.py``'s MAJOR,
+    MINOR, PATCH), e.g. ``"0.19.1"``; None when the file or its fields are missing."""
+    import ast
+
+    info = Path(root, "megatron", "core", "package_info.py")
+    try:
+        tree = ast.parse(info.read_text())
+    except (OSError, SyntaxError):
+        return None
+    fields = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
+    parts = [fields.get(k) for k in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(map(str, parts)) if all(isinstance(p, int) for p in parts) else None
+
+
+def describe_checkout(root: str | os.PathLike) -> str:
+    """One line: which checkout was found and which Megatron-LM tag line it belongs to."""
+    version = checkout_release(root)
+    if version is None:
+        return f"Megatron-LM checkout {root}: version unknown (no megatron/core/package_info.py)"
+    line = ".".join(version.split(".")[:2])
+    tag = CHECKOUT_TAGS.get(line)
+    pairs = (f"tag line {tag}, pairs with megatron-core {line}.x" if tag else
+             f"not a supported release line ({', '.join(CHECKOUT_TAGS)}); use {CLONE_HINT}")
+    return f"Megatron-LM checkout {root}: megatron-core {version} ({pairs})"
 
 
 def split_argv(argv: list[str]) -> tuple[Path, list[str]]:
@@ -124,7 +165,7 @@ def split_argv(argv: list[str]) -> tuple[Path, list[str]]:
     ours, megatron_argv = parser.parse_known_args(argv)
     if not ours.megatron_lm:
         raise LaunchError("--megatron-lm PATH (or MEGATRON_LM) is required: a Megatron-LM "
-                          "checkout at tag core_v0.16.1")
+                          "checkout at tag core_v0.16.1 or core_v0.19.0")
     for flag in megatron_argv:
         name = flag.split("=", 1)[0]
         if name in REFUSED_FLAGS:
@@ -176,10 +217,13 @@ def _check_mla(args: argparse.Namespace, sub) -> None:
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:
     """The argv check again, on parsed args (``--use-checkpoint-args`` can bring these back)."""
+    from megacpp_mcore.spec.compat import megatron_arg
+
     for dest in ("mtp_num_layers", "use_legacy_models", "yaml_cfg"):
-        if getattr(args, dest):
+        value = megatron_arg(args, dest)  # use_legacy_models: gone from core_v0.18's parser
+        if value:
             flag = f"--{dest.replace('_', '-')}"
-            raise LaunchError(f"{flag}={getattr(args, dest)!r} is not supported by the launcher: "
+            raise LaunchError(f"{flag}={value!r} is not supported by the launcher: "
                               f"{REFUSED_FLAGS[flag]}")
 
 
@@ -278,7 +322,12 @@ def _apply_patches() -> None:
 
 
 def run(checkout: Path, megatron_argv: list[str]) -> None:
-    """Imports the checkout's ``pretrain_gpt`` and calls Megatron's ``pretrain`` with our builder."""
+    """Imports the checkout's ``pretrain_gpt`` and calls Megatron's ``pretrain`` with our builder
+    (in the form the checkout's ``pretrain`` signature takes: :func:`compat.call_pretrain`)."""
+    from megacpp_mcore.spec import compat
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[megacpp_mcore] {describe_checkout(checkout)}", flush=True)
     sys.path.insert(0, str(checkout))
     sys.argv = [str(checkout / "pretrain_gpt.py"), *megatron_argv]
     _apply_patches()
@@ -292,11 +341,13 @@ def run(checkout: Path, megatron_argv: list[str]) -> None:
             program_start=getattr(pretrain_gpt, "_PROGRAM_START_TIME", None), main_entry=time.time())
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain_gpt.pretrain)
-    pretrain(
-        pretrain_gpt.train_valid_test_datasets_provider,
-        partial(model_provider, gpt_builder),
-        ModelType.encoder_or_decoder,
-        pretrain_gpt.forward_step,
+    compat.call_pretrain(
+        pretrain,
+        signature_of=pretrain_gpt.pretrain,
+        dataset_provider=pretrain_gpt.train_valid_test_datasets_provider,
+        model_provider=partial(model_provider, gpt_builder),
+        model_type=ModelType.encoder_or_decoder,
+        forward_step=pretrain_gpt.forward_step,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         extra_args_provider=_extra_args_provider(
             pretrain_gpt.add_modelopt_args if getattr(pretrain_gpt, "has_nvidia_modelopt", False)
