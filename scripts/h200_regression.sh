@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 for part in $PARTS; do
   case $part in
-    tests) python -m pytest -q -m gpu tests >"$OUT/gpu_tests.log" 2>&1 ;;
+    tests) python -m pytest -q -rfEs -m gpu tests >"$OUT/gpu_tests.log" 2>&1 ;;
     ae) python scripts/bench_ae_vs_upstream.py --batch 8 --out "$OUT/ae.json" >"$OUT/ae.log" 2>&1 ;;
     mod) python scripts/bench_mod.py --batch 8 --blocks 16 --cross-entropy te \
            --variants dense,gateskip,topk --skip-graph --out "$OUT/mod.json" >"$OUT/mod.log" 2>&1 ;;

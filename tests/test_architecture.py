@@ -317,3 +317,28 @@ def test_every_package_directory_is_installed():
     found |= {"layer_specs"} if (ROOT / "layer_specs" / "__init__.py").exists() else set()
     assert sorted(found) == sorted(setuptools["packages"])
     assert dirs == {"megacpp_mcore.patches": "patches"}
+
+
+def test_public_names_earlier_work_promised_still_import():
+    """Names documented before the package layout (README, docs, issue notes) keep working where
+    they were documented (re-exported where they moved), and so does every layer_specs object."""
+    import importlib
+
+    import megacpp_mcore
+    from megacpp_mcore import moda, mtp, pattern
+
+    assert callable(megacpp_mcore.hybrid_block_spec)
+    assert pattern.expand_pattern("AEMR", 8) == list("AEMRAEMR")
+    assert issubclass(pattern.PatternError, ValueError)
+    assert [float(w) for w in mtp.step_weights(2, decay=1.0)] == [0.5, 0.5]
+    assert callable(mtp.roll_and_mask) and callable(mtp.cast_keeping_shard_markers)
+    import torch
+
+    assert moda.depth_kv_bytes(1, 2, 3, 4, 5, torch.bfloat16) == 1 * 2 * 3 * 4 * 5 * 2 * 2
+    assert importlib.util.find_spec("megacpp_mcore.launch_pretrain") is not None
+    for module, names in {"layer_specs.nam56r": ("NAM56R", "NAM56R_DENSE_ATTENTION", "AE"),
+                          "layer_specs.nam56r_lite": ("NAM56R_LITE", "NAM56R_LITE_LOCAL",
+                                                      "NAM56R_LITE_AE")}.items():
+        loaded = importlib.import_module(module)
+        for name in names:
+            assert getattr(loaded, name).submodules.pattern, (module, name)

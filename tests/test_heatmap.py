@@ -50,3 +50,24 @@ def test_heatmap_png_pixels(tmp_path):
         write_heatmap(matrix, ["x"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="must be 2-D and non-empty"):
         write_heatmap([1.0, 2.0], ["x"], tmp_path / "bad.png")
+
+
+def test_usage_heatmaps_one_png_per_logged_statistic(tmp_path):
+    """``train`` draws every dynamic-depth statistic its layers logged, on a fixed 0..1 scale; a
+    run without such layers writes nothing."""
+    from megacpp_mcore.train.heatmap import write_usage_heatmaps
+
+    history = [{"decoder.layers.1.gate_mean": 0.0, "decoder.layers.3.gate_mean": 1.0,
+                "decoder.layers.1.fraction_processed": 1.0, "decoder.layers.3.fraction_processed": 1.0,
+                "loss": 3.0},
+               {"decoder.layers.1.gate_mean": 0.5, "decoder.layers.3.gate_mean": 1.0,
+                "decoder.layers.1.fraction_processed": 1.0, "decoder.layers.3.fraction_processed": 1.0}]
+    written = write_usage_heatmaps(history, tmp_path / "run")
+    assert written == {stat: str(tmp_path / f"run.{stat}.png") for stat in ("fraction_processed", "gate_mean")}
+    image = _read_png(tmp_path / "run.gate_mean.png")
+    left = image.shape[1] - 4 - 2 * 6  # right margin 4, two 6-pixel step columns
+    cell = lambda r, c: tuple(image[4 + r * 14 + 7, left + c * 6 + 3])  # noqa: E731
+    assert [cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1)] == [
+        (68, 1, 84), (33, 145, 140), (253, 231, 37), (253, 231, 37)]  # 0, 0.5, 1, 1 on 0..1
+    assert write_usage_heatmaps([{"loss": 1.0}], tmp_path / "dense") == {}
+    assert not list(tmp_path.glob("dense*"))

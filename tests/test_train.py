@@ -102,6 +102,7 @@ def test_receipts_validate_against_the_schema(runs):
                                        "global_batch_size": 4, "num_microbatches": 2}.items()
     assert rec["features"]["moe"]["enabled"] and rec["features"]["moe"]["layers"] == [1]
     assert not rec["features"]["mla"]["enabled"] and not rec["features"]["mod"]["enabled"]
+    assert rec["stats"]["heatmaps"] == {}  # no dynamic-depth layer, no usage heatmap
     v = rec["validation"]
     assert [h["step"] for h in v["history"]] == [0, 6]
     assert v["best_bpb"] == min(h["bpb"] for h in v["history"]) and v["best_step"] == 6
@@ -111,6 +112,29 @@ def test_receipts_validate_against_the_schema(runs):
     assert rec["throughput"]["tokens_per_s"] > 0 and rec["peak_memory"]["bytes"] > 0
     with pytest.raises(Exception):
         receipt.validate(dict(rec, backends=dict(rec["backends"], resolved="cuda-magic")))
+
+
+def test_mod_run_writes_its_usage_heatmaps(tmp_path, monkeypatch):
+    """A run with MoD layers draws their logged usage (gate mean, fraction processed) per layer and
+    step next to the receipt, and the receipt names the PNGs."""
+    from megacpp_mcore.features.mod import MoDConfig
+    from megacpp_mcore.spec.pattern import FeaturePlacement
+
+    monkeypatch.setenv("MEGACPP_CACHE", str(tmp_path / "cache"))
+    prefix = data.prepare(make_tree(tmp_path / "src", extra=60), tmp_path / "d" / "cpp", valid_percent=20).prefix
+    model = tiny_model().replace(num_layers=4, features={
+        "mod": MoDConfig(placement=FeaturePlacement(symbols="AE"))})
+    rec = training.train(model, tiny_cfg(prefix, steps=3, receipt=str(tmp_path / "r.json")),
+                         log=lambda _: None)
+    receipt.validate(rec)
+    maps = rec["stats"]["heatmaps"]
+    assert set(maps) == {"fraction_processed", "gate_mean"}
+    assert maps["gate_mean"] == str(tmp_path / "r.gate_mean.png")
+    from megacpp_mcore.train.heatmap import usage_matrix
+
+    matrix, rows = usage_matrix(rec["stats"]["history"], "gate_mean")
+    assert matrix.shape == (len(rec["features"]["mod"]["layers"]), 3) and len(rows) == matrix.shape[0]
+    assert Path(maps["gate_mean"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_observed_backends_are_read_from_the_modules(runs):

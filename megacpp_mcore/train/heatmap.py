@@ -153,3 +153,21 @@ def usage_matrix(history: Sequence[Mapping[str, float]], stat: str = "fraction_p
                 if value is not None:
                     matrix[row, col] = float(value)
     return matrix, rows
+
+
+# Per-layer dynamic-depth statistics drawn after a run, each in [0, 1].
+USAGE_STATS = ("fraction_processed", "gate_mean")
+
+
+def write_usage_heatmaps(history: Sequence[Mapping[str, float]], stem: str | Path) -> dict[str, str]:
+    """One PNG per statistic of :data:`USAGE_STATS` that the run logged (layers x logged steps, on
+    a fixed 0..1 scale), at ``<stem>.<stat>.png``; returns ``{stat: path}`` (empty when the model
+    has no dynamic-depth layer)."""
+    written = {}
+    for stat in USAGE_STATS:
+        try:
+            matrix, rows = usage_matrix(history, stat)
+        except ValueError:  # no layer reports this statistic
+            continue
+        written[stat] = str(write_heatmap(matrix, rows, f"{stem}.{stat}.png", vmin=0.0, vmax=1.0))
+    return written

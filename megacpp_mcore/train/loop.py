@@ -395,6 +395,7 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
           preset: str | None = None) -> dict[str, Any]:
     """Runs training; returns the receipt (also written to ``cfg.receipt``, default
     ``<cache>/runs/<model>-<utc>.json``, on rank 0)."""
+    from megacpp_mcore.train import heatmap
     from megacpp_mcore.train import receipt as receipt_mod
     from megacpp_mcore.train import runtime
 
@@ -409,6 +410,8 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", checked.model.name).strip("-")
         path = cfg.receipt or data_mod.cache_dir() / "runs" / f"{name}-{started_at:%Y%m%d-%H%M%S}.json"
         receipt["receipt_path"] = str(path)
+        receipt["stats"]["heatmaps"] = heatmap.write_usage_heatmaps(
+            trainer.stats_history, Path(path).with_suffix(""))
         receipt_mod.write(path, receipt)
         for line in receipt_mod.summary_lines(receipt):
             trainer.say(line)
