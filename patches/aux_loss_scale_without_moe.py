@@ -28,7 +28,7 @@ import torch
 from megacpp_mcore.patches._wrapping import is_patched, upstream, wrap
 
 NAME = "aux-loss-scale-without-moe"
-TARGETS = "megatron-core >=0.16,<0.17"  # verified on 0.16 (the status asks to widen it)
+TARGETS = "megatron-core >=0.16,<0.20"  # verified on 0.16 (the status asks to widen it)
 DESCRIPTION = (
     "schedules.forward_step sets MoEAuxLossAutoScaler's backward scale (grad_scale * cp / "
     "num_microbatches) only when num_moe_experts is set, so auxiliary losses of dense models "

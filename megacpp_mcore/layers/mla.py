@@ -42,6 +42,7 @@ from megatron.core.transformer.multi_latent_attention import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megacpp_mcore.spec import compat
 from megacpp_mcore.spec.context import LayerContext
 
 # Registry entries (megacpp_mcore.patches) the seam needs; applied by apply_patches() only.
@@ -177,6 +178,10 @@ class LatentDotProductAttention(DotProductAttention):
                 packed_seq_params: PackedSeqParams | None = None):
         if self.rope_key_grad_reduction is not None and key.requires_grad:
             key = _SumRopeKeyGrad.apply(key, *self.rope_key_grad_reduction)
+        # Output width from this call's V: from megatron-core 0.18 MLA pads V of a packed (thd)
+        # batch to the Q/K head dim itself and trims the output after (never padded twice: our
+        # TE subclass pads only where upstream does not).
+        self.hidden_size_per_partition = value.size(-1) * self.num_attention_heads_per_partition
         if packed_seq_params is None:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias)
@@ -191,7 +196,7 @@ class LatentDotProductAttention(DotProductAttention):
                                       mask, attention_bias=attention_bias)
         finally:
             softmax.attn_mask_type = causal
-        return context.squeeze(1)  # [t, np * v_channels], TE's thd output layout
+        return context.squeeze(1)  # [t, np * v_width], TE's thd output layout
 
 
 class _SumRopeKeyGrad(torch.autograd.Function):
@@ -289,6 +294,11 @@ class LatentSelfAttention(MLASelfAttention):
             # the local down projection is TP-sharded: see _SumRopeKeyGrad
             self.core_attention.rope_key_grad_reduction = (
                 self.config.qk_pos_emb_head_dim, self.pg_collection.tp)
+
+    def _resolve_qk_norm_config(self, submodules):
+        """megatron-core 0.19 asks this hook which Q/KV norms and projections to build; answer
+        with the spec's own (0.16 - 0.18 never call it): :func:`compat.mla_norms_as_specified`."""
+        return compat.mla_norms_as_specified(self.config, submodules)
 
 
 def mla_self_attention_spec(config: TransformerConfig, backend: Any) -> ModuleSpec:
