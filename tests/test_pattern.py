@@ -113,11 +113,13 @@ def test_every_feature_has_a_placement_rule_and_a_seam():
     from megacpp_mcore.features import FEATURE_NAMES, FEATURES, SEAMS, Feature, get_feature
     from megacpp_mcore.spec.pattern import FEATURE_RULES
 
-    assert sorted(FEATURE_RULES) == sorted(FEATURE_NAMES) == ["mla", "mod", "moda"]
+    assert sorted(FEATURE_RULES) == sorted(FEATURE_NAMES) == ["flexidepth", "mla", "mod", "moda"]
     assert [(f.name, f.seam) for f in FEATURES] == [
-        ("mla", "self_attention"), ("moda", "core_attention"), ("mod", "layer")]
+        ("mla", "self_attention"), ("moda", "core_attention"), ("mod", "layer"),
+        ("flexidepth", "layer")]
     assert SEAMS == ("self_attention", "core_attention", "layer")
     assert get_feature("mod").config_type().__name__ == "MoDConfig"
+    assert get_feature("flexidepth").config_type().__name__ == "FlexiDepthConfig"
     with pytest.raises(KeyError, match="unknown feature 'wings'"):
         get_feature("wings")
     with pytest.raises(ValueError, match="unknown seam 'mlp'"):

@@ -8,7 +8,8 @@ order of :data:`FEATURES`:
   backend); MLA swaps it for multi-latent attention;
 * ``core_attention``: the core attention of that self-attention (the backend's, or MLA's); MoDA
   wraps it with depth-KV attention;
-* ``layer``: the whole layer spec a symbol built; MoD wraps it with a per-token router.
+* ``layer``: the whole layer spec a symbol built; MoD wraps it with a per-token router, FlexiDepth
+  with a per-token choice between the block and an adapter path.
 
 A :class:`Feature` row may also carry a per-layer ``check`` that the composer runs at the seam on
 every layer the feature could attach to, carrying it or not (MLA refuses standard attention in an
@@ -90,11 +91,27 @@ def _mod_transform(layer_spec, ctx):
     return mod.transform(layer_spec, ctx)
 
 
+def _flexidepth_config() -> type:
+    from megacpp_mcore.features.flexidepth import FlexiDepthConfig
+
+    return FlexiDepthConfig
+
+
+def _flexidepth_transform(layer_spec, ctx):
+    from megacpp_mcore.features import flexidepth
+
+    return flexidepth.transform(layer_spec, ctx)
+
+
 FEATURES: tuple[Feature, ...] = (
     Feature("mla", seam="self_attention", config_type=_mla_config, transform=_mla_transform,
             check=_mla_check),
     Feature("moda", seam="core_attention", config_type=_moda_config, transform=_moda_transform),
     Feature("mod", seam="layer", config_type=_mod_config, transform=_mod_transform),
+    # after MoD: on one layer the two are refused (FlexiDepth's transform says so), so the order only
+    # fixes which of them names the conflict: FlexiDepth, which sees MoD's wrapped spec
+    Feature("flexidepth", seam="layer", config_type=_flexidepth_config,
+            transform=_flexidepth_transform),
 )
 
 FEATURE_NAMES = tuple(f.name for f in FEATURES)

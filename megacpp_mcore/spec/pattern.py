@@ -28,6 +28,7 @@ FEATURE_RULES: dict[str, dict[str, frozenset[str]]] = {
     "mla": {"allowed": frozenset("A"), "opt_in": frozenset()},
     "moda": {"allowed": frozenset("A"), "opt_in": frozenset()},
     "mod": {"allowed": frozenset("AE"), "opt_in": frozenset("MR")},
+    "flexidepth": {"allowed": frozenset("AE"), "opt_in": frozenset("MR")},
 }
 
 

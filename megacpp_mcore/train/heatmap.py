@@ -156,7 +156,7 @@ def usage_matrix(history: Sequence[Mapping[str, float]], stat: str = "fraction_p
 
 
 # Per-layer dynamic-depth statistics drawn after a run, each in [0, 1].
-USAGE_STATS = ("fraction_processed", "gate_mean")
+USAGE_STATS = ("fraction_processed", "gate_mean", "skip_rate")
 
 
 def write_usage_heatmaps(history: Sequence[Mapping[str, float]], stem: str | Path) -> dict[str, str]:

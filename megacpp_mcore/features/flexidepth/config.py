@@ -1,0 +1,145 @@
+"""FlexiDepth's configuration: :class:`FlexiDepthConfig` (router, adapter, usage penalty, modes,
+placement, backbone freezing), validated when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from megacpp_mcore.spec.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement
+
+ADAPTERS = ("mlp", "linear", "none")
+TRAINING_MODES = ("soft",)
+INFERENCE_MODES = ("soft", "hard")
+FORCED_ROUTES = ("full", "skip")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"FlexiDepthConfig.{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"FlexiDepthConfig.{name}={value!r} is unknown; allowed: "
+                         f"{', '.join(map(str, allowed))}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlexiDepthConfig:
+    """FlexiDepth (arXiv 2503.23798) on the layers chosen by ``placement``: per token, a router
+    chooses between the full (pretrained, optionally frozen) block and a light adapter path.
+
+    Per wrapped layer, with ``x [s, b, h]`` the layer input, ``z = norm(x)`` (the feature's own
+    trainable norm), ``g = sigmoid(z . w + b)`` (``[s, b, 1]``, the router score) and ``B(x)`` the
+    wrapped layer's output (its residual included):
+
+    * skip path ``P(x) = x + up(act(down(z)))`` (``adapter="mlp"``; ``"linear"``: no activation;
+      ``"none"``: ``P(x) = x``, the paper's attention skip);
+    * training (``training="soft"``, static shapes, both branches on every token):
+      ``y = g * B(x) + (1 - g) * P(x)``;
+    * inference ``"soft"``: the same; ``"hard"``: ``y = B(x)`` where ``g >= threshold`` (kept),
+      ``P(x)`` elsewhere (skipped), and on the layers whose symbol is in ``hard_skip_symbols``
+      the block really runs on the kept tokens only (gathered per sequence, in order).
+
+    Usage penalty (the paper's layer-skipping loss): ``usage_loss_weight * mean_t (sum_l g_t^l)^2``
+    over the tokens ``t`` of a micro-batch, ``l`` over the FlexiDepth layers of one usage segment
+    (the layers of one pipeline chunk, split further at ``usage_boundaries``). Its gradient rides
+    on the router scores' backward, scaled like Megatron's MoE auxiliary losses.
+
+    Args:
+        placement: which layers are wrapped (symbol class and/or 0-based indices).
+        allow_on: opt-in symbols refused by default (``M``, ``R``); merged into ``placement``.
+        adapter: ``mlp`` | ``linear`` | ``none``: the skip path's adapter ``h -> r -> h``.
+        adapter_rank: ``r``; ``None``: ``max(1, hidden_size // 16)`` (the paper's 16x narrower).
+        threshold: ``tau``: a token takes the full block when ``g >= tau`` (0 < tau < 1).
+        router_init_std: std of the router weight's normal init.
+        router_bias_init: router bias init; ``sigmoid(3) = 0.95``: training starts close to the
+            backbone (the adapter's up projection starts at zero, so ``P(x) = x`` at first).
+        usage_loss_weight: weight of the squared total-usage penalty (>= 0).
+        usage_boundaries: 0-based layer indices where a new usage segment starts (the sum over
+            layers restarts); a pipeline chunk's first layer always starts one, so list the
+            chunk starts to make one rank mean the same as ``pp`` ranks.
+        training: ``soft`` (the only training mode: both branches, static shapes).
+        inference: ``soft`` | ``hard`` (eval only; see above).
+        hard_skip_symbols: symbols on which hard inference gathers the kept tokens and runs the
+            block on them only. ``E`` (per-token blocks) gives exactly the output of the block on
+            every token; on ``A``/``M``/``R`` the kept tokens then attend to (or recur over) the
+            kept tokens only, which is not what soft training trained, so they opt in here.
+        freeze_backbone: the wrapped layer's own parameters get ``requires_grad=False``; only the
+            router, its norm and the adapter train (the rest of the model is the caller's).
+        forced_route: ``full`` | ``skip`` | ``None``: a constant score 1 or 0 instead of the
+            router's (tests, ablations).
+    """
+
+    placement: FeaturePlacement = FeaturePlacement(symbols="AE")
+    allow_on: str = ""
+    adapter: str = "mlp"
+    adapter_rank: int | None = None
+    threshold: float = 0.5
+    router_init_std: float = 0.02
+    router_bias_init: float = 3.0
+    usage_loss_weight: float = 1e-4
+    usage_boundaries: tuple[int, ...] = ()
+    training: str = "soft"
+    inference: str = "soft"
+    hard_skip_symbols: str = "E"
+    freeze_backbone: bool = False
+    forced_route: str | None = None
+
+    def __post_init__(self):
+        _choice("adapter", self.adapter, ADAPTERS)
+        _choice("training", self.training, TRAINING_MODES)
+        _choice("inference", self.inference, INFERENCE_MODES)
+        if self.forced_route is not None:
+            _choice("forced_route", self.forced_route, FORCED_ROUTES + (None,))
+        rank = self.adapter_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"FlexiDepthConfig.adapter_rank={rank!r} is invalid; allowed: an int >= 1, "
+                             "or None for hidden_size // 16")
+        threshold = _number("threshold", self.threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"FlexiDepthConfig.threshold={self.threshold!r} is out of range; allowed: "
+                             "0 < threshold < 1 (compared against the router score sigmoid(logit))")
+        for name in ("router_init_std", "usage_loss_weight"):
+            if _number(name, getattr(self, name)) < 0:
+                raise ValueError(f"FlexiDepthConfig.{name}={getattr(self, name)!r} is out of range; "
+                                 "allowed: >= 0")
+        _number("router_bias_init", self.router_bias_init)
+        bounds = self.usage_boundaries
+        if isinstance(bounds, (str, bytes)) or not isinstance(bounds, (tuple, list)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in bounds):
+            raise ValueError(f"FlexiDepthConfig.usage_boundaries={bounds!r} is invalid; allowed: a "
+                             "tuple of 0-based layer indices (ints >= 0)")
+        object.__setattr__(self, "usage_boundaries", tuple(sorted(set(bounds))))
+        for name in ("hard_skip_symbols", "allow_on"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or any(c not in SYMBOLS for c in value):
+                raise ValueError(f"FlexiDepthConfig.{name}={value!r} is invalid; allowed: a string "
+                                 f"of the symbols {', '.join(SYMBOLS)}")
+        if not isinstance(self.freeze_backbone, bool):
+            raise ValueError(f"FlexiDepthConfig.freeze_backbone={self.freeze_backbone!r} must be a bool")
+        if not isinstance(self.placement, FeaturePlacement):
+            raise ValueError(f"FlexiDepthConfig.placement must be a FeaturePlacement, got {self.placement!r}")
+        opt_in = FEATURE_RULES["flexidepth"]["opt_in"]
+        if any(c not in opt_in for c in self.allow_on):
+            raise ValueError(f"FlexiDepthConfig.allow_on={self.allow_on!r}: FlexiDepth can only be opted "
+                             f"in on {', '.join(sorted(opt_in))} (it is always allowed on A, E)")
+        if self.allow_on:  # one placement object carries the opt-in to the pattern compiler
+            merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
+            object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
+
+    def rank(self, hidden_size: int) -> int:
+        """The adapter's inner width ``r`` for a model of ``hidden_size``."""
+        return self.adapter_rank if self.adapter_rank is not None else max(1, hidden_size // 16)
+
+    def added_params(self, hidden_size: int, normalization: str = "RMSNorm") -> int:
+        """Parameters FlexiDepth adds to one layer (what accounting adds per wrapped layer): its
+        norm (``h``; LayerNorm ``2h``), the router ``h + 1`` and the adapter (``down [r, h]``,
+        ``up [h, r]``, no biases; none for ``adapter="none"``)."""
+        h = hidden_size
+        norm = 2 * h if normalization == "LayerNorm" else h
+        adapter = 0 if self.adapter == "none" else 2 * h * self.rank(h)
+        return norm + h + 1 + adapter

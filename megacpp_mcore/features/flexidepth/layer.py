@@ -1,0 +1,232 @@
+"""FlexiDepth layers: a per-token router between the wrapped (pretrained) block and an adapter.
+
+:func:`transform` (FlexiDepth's entry at the composer's ``layer`` seam) wraps the spec of an
+``A``/``E`` layer (``M``/``R`` only when the placement opts in) into :class:`FlexiDepthLayer`, a
+subclass of the wrapped ``TransformerLayer`` class built from the very same submodules: upstream
+parameter names are kept (a dense checkpoint's weights load into the backbone as they are) and
+FlexiDepth adds ``flexidepth.{norm,router,down,up}.*`` (:class:`.branch.SkipBranch`).
+
+Forward, with ``x [s, b, h]`` the layer input (``[s/tp, b, h]`` under sequence parallelism),
+``g [s, b, 1]`` the router score, ``B(x)`` the wrapped layer's output and ``P(x)`` the skip path
+(:class:`.config.FlexiDepthConfig` has the formulas):
+
+* training and ``inference="soft"``: ``y = g * B(x) + (1 - g) * P(x)`` -- both branches on every
+  token, static shapes; a score of exactly 1 reproduces the wrapped layer bit for bit, exactly 0
+  the skip path;
+* ``inference="hard"`` (eval): ``y = B(x)`` where ``g >= threshold``, ``P(x)`` elsewhere. On layers
+  whose symbol is in ``hard_skip_symbols`` the block really runs on the kept tokens only
+  (:class:`.dispatch.SkipDispatcher`: route -> dispatch -> combine, SP inside the dispatcher);
+  elsewhere the block runs on every token and the rows are selected.
+
+Choice of formulation: the paper routes each token to one of the two paths with a thresholded
+router and weights the paths' outputs by ``G`` and ``1 - G`` so that the router learns from the LM
+loss; here every token takes both paths in training (the soft mixture), which keeps static shapes
+and gives the router a gradient on every token, and inference thresholds the same score.
+
+Side contracts of the wrapped block: it runs on every position in training and in soft or
+non-gathering hard inference, so MoE auxiliary losses keep flowing (its output stays in the graph
+even where ``g = 0``) and a MoDA depth K/V push from its attention covers all positions. A
+gathering hard layer's attention sees the kept tokens only, so :func:`transform` refuses MoDA on
+such a layer. MoD on the same layer is refused (two routers over one residual contribution have no
+defined composition).
+
+Losses and statistics: the usage penalty rides on the score's backward (:mod:`.usage`), scaled by
+Megatron's auxiliary-loss scale. ``megacpp_stats()`` gives per layer ``skip_rate`` (fraction of
+tokens with ``g < threshold``: routed to the adapter), ``score_mean`` and, on a usage segment's last
+layer, ``loss_usage``; :func:`.usage.usage_summary` derives mean layers used and the overall skip
+rate. Parallelism: the branch's parameters are replicated (flagged ``sequence_parallel`` under SP);
+statistics are all-reduced over the TP group under SP (one collective per layer and forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megacpp_mcore.features.flexidepth.branch import SkipBranch
+from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig
+from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher, gather_rope
+from megacpp_mcore.features.flexidepth.usage import (
+    FlexiDepthStats,
+    UsageGate,
+    UsageLedger,
+    UsageSlot,
+    shard_means,
+)
+from megacpp_mcore.features.mod.rope import TokenRope, TokenRopeAttention, with_token_rope
+from megacpp_mcore.spec.context import LayerContext
+from megacpp_mcore.spec.pattern import FeaturePlacement
+
+# keyword inputs of a layer that a gathering hard route cannot gather per token
+_GATHER_REFUSED_INPUTS = ("attention_mask", "packed_seq_params", "inference_context", "rotary_pos_cos",
+                          "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "padding_mask",
+                          "context", "sequence_len_offset")
+
+
+class FlexiDepthLayer(TransformerLayer):
+    """A ``TransformerLayer`` (or subclass) with a per-token choice between its block and an
+    adapter path (module docstring). Built by :func:`transform` with ``flexidepth=`` (the config),
+    ``usage=`` (its :class:`.usage.UsageSlot`) and ``gather_kept=`` (hard inference gathers).
+
+    Hooks: ``megacpp_set_step(step)`` starts a statistics window; ``megacpp_stats()`` returns its
+    means; ``force_route("full" | "skip" | None)`` overrides the router (tests, ablations).
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *, flexidepth: FlexiDepthConfig,
+                 usage: UsageSlot | None = None, gather_kept: bool = False, **kwargs):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.fd = flexidepth
+        if flexidepth.freeze_backbone:  # every parameter so far is the wrapped block's
+            for param in self.parameters():
+                param.requires_grad_(False)
+        if flexidepth.usage_loss_weight > 0 and config.recompute_granularity == "full":
+            raise ValueError(
+                f"FlexiDepth on layer {self.layer_number}: the usage penalty sums the router scores "
+                "of a micro-batch over layers in forward order, which full activation recomputation "
+                "re-runs out of order; use recompute_granularity='selective' or usage_loss_weight=0")
+        self.flexidepth = SkipBranch(config, flexidepth)
+        # a layer built alone (not through a chunk) is a usage segment of its own
+        self._usage = usage if usage is not None else UsageLedger(()).register(self.layer_number - 1)
+        self._seq_group = self.tp_group if config.sequence_parallel else None
+        self._shards = self._seq_group.size() if self._seq_group is not None else 1
+        self._dispatcher = SkipDispatcher(self.tp_group, sequence_parallel=config.sequence_parallel) \
+            if gather_kept else None
+        self._forced = flexidepth.forced_route
+        self._stats = FlexiDepthStats()
+
+    # ----------------------------------------------------------------------------- public hooks
+    def force_route(self, route: str | None) -> None:
+        """``"full"`` (score 1: the wrapped layer), ``"skip"`` (score 0: the adapter path) or
+        ``None`` (the router)."""
+        if route is not None and route not in FORCED_ROUTES:
+            raise ValueError(f"force_route({route!r}): allowed: {', '.join(FORCED_ROUTES)}, None")
+        self._forced = route
+
+    def megacpp_set_step(self, step: int) -> None:
+        """Starts a new statistics window (no schedule depends on the step)."""
+        self._stats.start_window()
+
+    def megacpp_stats(self) -> dict[str, float]:
+        """Means since the last ``megacpp_set_step``: ``skip_rate``, ``score_mean`` and, on a
+        usage segment's last layer, ``loss_usage``."""
+        return self._stats.means()
+
+    @property
+    def gathers(self) -> bool:
+        """Whether hard inference runs the block on the kept tokens only."""
+        return self._dispatcher is not None
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        x = hidden_states
+        logits, update = self.flexidepth(x)  # [s, b, 1] fp32, [s, b, h] | None
+        score = self._score(logits)
+        keep = score.detach() >= self.fd.threshold  # [s, b, 1]: takes the full block
+        skip = x if update is None else x + update  # P(x)
+        if self.training or self.fd.inference == "soft":
+            full, context = super().forward(x, *args, **kwargs)
+            g = score.to(full.dtype)
+            out = torch.addcmul(full * g, skip, 1.0 - g)  # g B(x) + (1 - g) P(x)
+        elif self._dispatcher is None:
+            full, context = super().forward(x, *args, **kwargs)
+            out = torch.where(keep, full, skip)
+        else:
+            out, context = self._forward_gathered(x, skip, keep, args, kwargs)
+        self._record(score, keep)
+        return out, context
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        """The router score ``[s, b, 1]`` (fp32), added to the usage sum; in training the usage
+        penalty rides on its backward (:class:`.usage.UsageGate`)."""
+        if self._forced is not None:
+            score = torch.full_like(logits, 1.0 if self._forced == "full" else 0.0)
+        elif self.training and torch.is_grad_enabled() and self.fd.usage_loss_weight > 0:
+            return UsageGate.apply(logits, self._usage, self.fd.usage_loss_weight, self._shards)
+        else:
+            score = torch.sigmoid(logits)
+        self._usage.add(score)
+        return score
+
+    def _record(self, score: torch.Tensor, keep: torch.Tensor) -> None:
+        names, values = ("score_mean", "skip_rate"), [score, ~keep]
+        if self._usage.last:  # the segment's sum is complete: the penalty's value
+            names += ("loss_usage",)
+            values.append(self._usage.segment.total.square() * self.fd.usage_loss_weight)
+        self._stats.record(names, shard_means(values, self._seq_group))
+
+    def _forward_gathered(self, x, skip, keep, args, kwargs):
+        """Route -> dispatch -> the wrapped layer on the kept tokens -> combine."""
+        if args:
+            raise TypeError("FlexiDepth hard-skip layers take the layer inputs as keywords "
+                            "(as TransformerBlock passes them)")
+        for name in _GATHER_REFUSED_INPUTS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"FlexiDepth hard skip on layer {self.layer_number} cannot gather {name!r} per "
+                    "token; it supports causal self-attention with rotary_pos_emb (no explicit mask, "
+                    "no packed sequences, no inference cache)")
+        route = self._dispatcher.route(x, keep)
+        if route.idx.shape[0] == 0:  # every token skips: the block does not run
+            return skip, None
+        rope = kwargs.pop("rotary_pos_emb", None)
+        if rope is not None and not isinstance(self.self_attention, IdentityOp):  # E layers: none
+            rope = gather_rope(rope, route.idx)  # [k, b, 1, d]
+            # plain self-attention (swapped by transform) applies it as a flat [k*b] sequence
+            kwargs["rotary_pos_emb"] = TokenRope(rope) if isinstance(self.self_attention,
+                                                                     TokenRopeAttention) else rope
+        processed, context = super().forward(self._dispatcher.dispatch(route), **kwargs)
+        return self._dispatcher.combine(route, processed, skip), context
+
+
+@functools.cache
+def flexidepth_layer_class(cls: type) -> type:
+    """The FlexiDepth subclass of a ``TransformerLayer`` class (``FlexiDepthLayer`` for the plain
+    one)."""
+    if not (isinstance(cls, type) and issubclass(cls, TransformerLayer)):
+        raise ValueError(f"FlexiDepth wraps TransformerLayer-based blocks; {cls!r} is not one")
+    if issubclass(cls, FlexiDepthLayer):
+        raise ValueError(f"{cls.__name__} is already FlexiDepth-wrapped")
+    if cls is TransformerLayer:
+        return FlexiDepthLayer
+    return type(f"FlexiDepth{cls.__name__}", (FlexiDepthLayer, cls), {"__module__": __name__})
+
+
+def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
+    """FlexiDepth's transform at the ``layer`` seam: wraps layer ``ctx.index``'s spec with the
+    config in ``ctx.feature_configs["flexidepth"]`` (a :class:`FlexiDepthConfig`, or a bare
+    ``FeaturePlacement`` for the defaults) and registers the layer in its chunk's usage ledger."""
+    config = ctx.feature("flexidepth")
+    where = f"layer {ctx.index} ({ctx.symbol!r})"
+    if isinstance(config, FeaturePlacement):
+        config = FlexiDepthConfig(placement=config)
+    if not isinstance(config, FlexiDepthConfig):
+        raise ValueError(f"{where}: feature 'flexidepth' needs a FlexiDepthConfig or a FeaturePlacement, "
+                         f"got {config!r}")
+    if ctx.has("mod"):
+        raise ValueError(f"{where} carries both MoD and FlexiDepth: two routers over one residual "
+                         "contribution have no defined composition; place them on different layers")
+    gather = config.inference == "hard" and ctx.symbol in config.hard_skip_symbols
+    if gather and ctx.has("moda"):
+        raise ValueError(
+            f"{where} carries MoDA and FlexiDepth hard skip with {ctx.symbol!r} in hard_skip_symbols: "
+            "the attention would see the kept tokens only, so its depth K/V push would miss the "
+            f"others; drop {ctx.symbol!r} from hard_skip_symbols (the block then runs on every token)")
+    try:
+        module = flexidepth_layer_class(spec.module)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    submodules = spec.submodules
+    if gather and dataclasses.is_dataclass(submodules):  # per-token RoPE of the gathered tokens
+        submodules = with_token_rope(submodules)
+    if ctx.chunk is not None:
+        ledger = ctx.chunk.shared(("flexidepth", "usage"), lambda: UsageLedger(config.usage_boundaries))
+    else:
+        ledger = UsageLedger(config.usage_boundaries)
+    return ModuleSpec(module=module, submodules=submodules, params={
+        **(spec.params or {}), "flexidepth": config, "usage": ledger.register(ctx.index),
+        "gather_kept": gather})

@@ -1,0 +1,576 @@
+"""FlexiDepth: config validation, placement, exactness against the backbone and plain-torch
+references, hard-skip inference, frozen backbone under Megatron's optimizer, usage statistics and
+penalty (by hand and through Megatron's schedule), TP/SP/PP parity."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacpp_mcore.features.flexidepth import FlexiDepthConfig, usage_summary
+from megacpp_mcore.models.presets import custom_model
+from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError, compile_layers
+
+_BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
+             ffn_hidden_size=128, vocab_size=128, seq_length=32, mla=None)
+
+
+# ----------------------------------------------------------------------------- parity factories
+def parity_soft():
+    """Every layer FlexiDepth with varied router scores and an active usage penalty; the usage
+    sum restarts at layer 2 (the PP=2 chunk start). Hard inference gathers on A and E layers."""
+    fd = FlexiDepthConfig(router_bias_init=0.0, router_init_std=0.3, usage_loss_weight=0.05,
+                          usage_boundaries=(2,), inference="hard", hard_skip_symbols="AE")
+    return custom_model(**_BASE, moe=None, features={"flexidepth": fd})
+
+
+def parity_frozen_moe():
+    """Frozen backbone on the MoE E layers (the router and adapters train), usage penalty on."""
+    from megacpp_mcore.models.presets import MoEConfig
+
+    fd = FlexiDepthConfig(placement=FeaturePlacement(symbols="E"), router_bias_init=0.5,
+                          router_init_std=0.3, usage_loss_weight=0.05, usage_boundaries=(2,),
+                          freeze_backbone=True, inference="hard")
+    moe = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64, shared_expert_size=64)
+    return custom_model(**_BASE, moe=moe, features={"flexidepth": fd})
+
+
+def train_and_eval(*, model: str, parallel=None, steps: int = 3, checkpoint: str, checkpoint_mode: str,
+                   seed: int = 1234, global_batch: int = 4, micro_batch_size: int = 1):
+    """``steps`` training steps (soft), then one hard-inference forward on the next batch;
+    per-step losses and grad norms, the eval loss and the layers skipped per token in that
+    forward (summed over layers and pipeline stages)."""
+    from megatron.core import parallel_state
+
+    from megacpp_mcore.testing.parity import setup_run, synthetic_batches
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.train.stats import StatsCollector
+
+    _, model_cfg, dp, chunks, optimizer = setup_run(
+        model=model, parallel=parallel, seed=seed, backend="local", checkpoint=checkpoint,
+        checkpoint_mode=checkpoint_mode, lr=1e-2)
+    dp_rank = parallel_state.get_data_parallel_rank()
+
+    def step(i: int, forward_only: bool = False) -> dict:
+        micro = synthetic_batches(seed=seed, step=i, global_batch=global_batch,
+                                  seq_length=model_cfg.seq_length, vocab=model_cfg.vocab_size,
+                                  dp_rank=dp_rank, dp=dp, micro_batch_size=micro_batch_size)
+        return runtime.train_step(chunks, optimizer, micro, num_microbatches=len(micro),
+                                  micro_batch_size=micro_batch_size, seq_length=model_cfg.seq_length,
+                                  forward_only=forward_only)
+
+    results = [step(i) for i in range(steps)]
+    for chunk in chunks:
+        chunk.eval()
+    stats = StatsCollector(chunks)
+    stats.set_step(steps)
+    eval_loss = step(steps, forward_only=True)["loss"]
+    # per-layer names are local to a pipeline stage: sum this stage's layers, then the stages'
+    skipped = torch.tensor([usage_summary(stats.collect())["layers_skipped"]], dtype=torch.float64)
+    torch.distributed.all_reduce(skipped, group=parallel_state.get_pipeline_model_parallel_group())
+    parallel_state.destroy_model_parallel()
+    return {"losses": [r["loss"] for r in results], "grad_norms": [r["grad_norm"] for r in results],
+            "eval_loss": eval_loss, "eval_layers_skipped": skipped.item()}
+
+
+def run_all(runs: list[dict]) -> list[dict]:
+    """Several runs in one torchrun launch (the world stays up; only Megatron's state is rebuilt)."""
+    from megacpp_mcore.train import runtime
+
+    results = [train_and_eval(**kwargs) for kwargs in runs]
+    runtime.shutdown()
+    return results
+
+
+# ------------------------------------------------------------------------------- layer helpers
+@contextlib.contextmanager
+def aux_loss_scale(scale):
+    """Megatron's auxiliary-loss backward scale set as a schedule sets it; unset afterwards."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MoEAuxLossAutoScaler.set_loss_scale(scale)
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
+def _config(*, moe: bool = False, **overrides):
+    from megacpp_mcore.models.presets import MoEConfig
+    from megacpp_mcore.train import runtime
+
+    moe_cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=64) if moe else None
+    model = custom_model(**dict(_BASE, seq_length=16), moe=moe_cfg)
+    return runtime.transformer_config(model, runtime.Parallelism(), **overrides)
+
+
+def _ctx(cfg, symbol, fd, *, index=0, features=("flexidepth",), chunk=None):
+    from megacpp_mcore.features.moda import MoDAConfig
+    from megacpp_mcore.features.mod import MoDConfig
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.spec.context import ChunkBuild, LayerContext
+
+    configs = {"flexidepth": fd, "moda": MoDAConfig(placement=FeaturePlacement(symbols="A")),
+               "mod": MoDConfig()}
+    return LayerContext(config=cfg, backend=get_backend("local"), index=index, symbol=symbol,
+                        features=frozenset(features), feature_configs=configs,
+                        chunk=chunk if chunk is not None else ChunkBuild())
+
+
+def _plain_spec(ctx):
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.layers.feedforward import feedforward_layer_spec
+
+    return attention_layer_spec(ctx) if ctx.symbol == "A" else feedforward_layer_spec(ctx)
+
+
+def _pair(symbol: str, fd: FlexiDepthConfig, *, moe: bool = False, features=("flexidepth",)):
+    """(unwrapped layer, FlexiDepth layer) with identical block weights; random adapter weights."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.features.flexidepth import transform
+
+    cfg = _config(moe=moe)
+    ctx = _ctx(cfg, symbol, fd, features=features)
+    spec = _plain_spec(ctx)
+    plain = build_module(spec, config=cfg, layer_number=1)
+    wrapped = build_module(transform(spec, ctx), config=cfg, layer_number=1)
+    missing, unexpected = wrapped.load_state_dict(plain.state_dict(), strict=False)
+    assert {k.split(".")[0] for k in missing} == {"flexidepth"} and not unexpected
+    if fd.adapter != "none":
+        with torch.no_grad():
+            wrapped.flexidepth.up.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    return plain, wrapped
+
+
+def _rope(seq: int, dim: int = 16) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.outer(torch.arange(seq).float(), inv)
+    return torch.cat([freqs, freqs], -1)[:, None, None, :]  # [s, 1, 1, d]
+
+
+def _call(layer, x, rope=None):
+    out, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+    return out
+
+
+def _set_router(layer, *, std: float = 0.0, bias: float = 0.0, seed: int = 0):
+    with torch.no_grad():
+        weight = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed)) * std
+        layer.flexidepth.router.weight.copy_(weight)
+        layer.flexidepth.router.bias.fill_(bias)
+
+
+def _inputs(seq: int = 16, batch: int = 2, seed: int = 1):
+    return torch.randn(seq, batch, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _branch_reference(layer, x):
+    """Plain torch: (score g [s, b, 1], skip path P(x) [s, b, h]) from the layer's weights."""
+    br = layer.flexidepth
+    z = F.rms_norm(x, (64,), br.norm.weight.detach(), 1e-5)
+    g = torch.sigmoid(z @ br.router.weight.detach().T + br.router.bias.detach())
+    if br.kind == "none":
+        return g, x
+    inner = z @ br.down.weight.detach().T
+    inner = F.gelu(inner) if br.kind == "mlp" else inner
+    return g, x + inner @ br.up.weight.detach().T
+
+
+# ------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(adapter="lora"), "adapter='lora' is unknown; allowed: mlp, linear, none"),
+    (dict(adapter_rank=0), "adapter_rank=0 is invalid; allowed: an int >= 1"),
+    (dict(threshold=1.0), "threshold=1.0 is out of range; allowed: 0 < threshold < 1"),
+    (dict(threshold="0.5"), "threshold must be a number, got '0.5'"),
+    (dict(usage_loss_weight=-1.0), "usage_loss_weight=-1.0 is out of range; allowed: >= 0"),
+    (dict(training="hard"), "training='hard' is unknown; allowed: soft"),
+    (dict(inference="causal"), "inference='causal' is unknown; allowed: soft, hard"),
+    (dict(forced_route="half"), "forced_route='half' is unknown; allowed: full, skip, None"),
+    (dict(usage_boundaries=(2, -1)), r"usage_boundaries=\(2, -1\) is invalid"),
+    (dict(hard_skip_symbols="X"), "hard_skip_symbols='X' is invalid; allowed: a string of the symbols"),
+    (dict(allow_on="A"), "allow_on='A': FlexiDepth can only be opted in on M, R"),
+    (dict(freeze_backbone=1), "freeze_backbone=1 must be a bool"),
+    (dict(placement="AE"), "placement must be a FeaturePlacement"),
+])
+def test_invalid_config_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FlexiDepthConfig(**kwargs)
+
+
+def test_placement_guard_and_refused_combinations(single_rank):
+    from megacpp_mcore.spec.block import hybrid_block_spec
+
+    with pytest.raises(PatternError, match="flexidepth cannot attach to symbol class 'M'.*allow_on='M'"):
+        compile_layers("AEMR", 4, {"flexidepth": FlexiDepthConfig(placement=FeaturePlacement(symbols="M")).placement})
+    with pytest.raises(PatternError, match="flexidepth cannot attach to layer 3 is 'R'"):
+        compile_layers("AEMR", 4, {"flexidepth": FeaturePlacement(layers=(3,))})
+    with pytest.raises(PatternError, match="layer 7 is beyond the depth; the model has 4 layers"):
+        hybrid_block_spec("AE", num_layers=4, flexidepth=FlexiDepthConfig(placement=FeaturePlacement(layers=(7,))))
+    opted = FlexiDepthConfig(placement=FeaturePlacement(symbols="ER"), allow_on="R")
+    assert [sorted(e.features) for e in compile_layers("AEMR", 4, {"flexidepth": opted.placement})] == [
+        [], ["flexidepth"], [], ["flexidepth"]]
+    with pytest.raises(ValueError, match=r"layer 0 \('A'\) carries both MoD and FlexiDepth"):
+        _pair("A", FlexiDepthConfig(), features=("flexidepth", "mod"))
+    with pytest.raises(ValueError, match="carries MoDA and FlexiDepth hard skip.*drop 'A' from hard_skip"):
+        _pair("A", FlexiDepthConfig(inference="hard", hard_skip_symbols="AE"), features=("flexidepth", "moda"))
+    with pytest.raises(ValueError, match="full activation recomputation"):
+        from megatron.core.transformer.spec_utils import build_module
+
+        from megacpp_mcore.features.flexidepth import transform
+
+        cfg = _config(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        ctx = _ctx(cfg, "E", FlexiDepthConfig())
+        build_module(transform(_plain_spec(ctx), ctx), config=cfg, layer_number=1)
+
+
+def test_only_transformer_layers_are_wrapped():
+    from megacpp_mcore.features.flexidepth import FlexiDepthLayer, flexidepth_layer_class
+
+    with pytest.raises(ValueError, match="FlexiDepth wraps TransformerLayer-based blocks"):
+        flexidepth_layer_class(torch.nn.Linear)
+    with pytest.raises(ValueError, match="already FlexiDepth-wrapped"):
+        flexidepth_layer_class(FlexiDepthLayer)
+
+
+def test_spec_places_exactly_on_intended_layers(single_rank):
+    from megacpp_mcore.features.flexidepth import FlexiDepthLayer
+    from megacpp_mcore.train import runtime
+
+    for fd, expected in [(FlexiDepthConfig(placement=FeaturePlacement(layers=(1, 4, 5))), [1, 4, 5]),
+                         (FlexiDepthConfig(placement=FeaturePlacement(symbols="E")), [1, 3, 5, 7])]:
+        model = custom_model(**dict(_BASE, pattern="AEME", num_layers=8), moe=None,
+                             features={"flexidepth": fd})
+        (gpt,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                     backend="local", wrap_ddp=False)
+        carried = [i for i, layer in enumerate(gpt.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
+        assert carried == expected
+        assert [e.index for e in model.layer_table() if "flexidepth" in e.features] == expected
+
+
+# ------------------------------------------------------------------------- exactness, refs
+@pytest.mark.parametrize("symbol, moe", [("A", False), ("E", True)])
+@pytest.mark.parametrize("inference", ["soft", "hard"])
+def test_forced_full_is_the_backbone_bit_for_bit(single_rank, symbol, moe, inference):
+    plain, wrapped = _pair(symbol, FlexiDepthConfig(forced_route="full", inference=inference,
+                                                    hard_skip_symbols="AE"), moe=moe)
+    x, rope = _inputs(), _rope(16)
+    assert torch.equal(_call(wrapped, x, rope), _call(plain, x, rope))  # training
+    wrapped.eval(), plain.eval()
+    assert torch.equal(_call(wrapped, x, rope), _call(plain, x, rope))
+    assert wrapped.megacpp_stats()["skip_rate"] == 0.0
+
+
+@pytest.mark.parametrize("adapter", ["mlp", "linear", "none"])
+def test_forced_skip_is_the_adapter_path(single_rank, adapter):
+    fd = FlexiDepthConfig(adapter=adapter, adapter_rank=8)
+    plain, wrapped = _pair("E", fd)
+    added = sum(p.numel() for p in wrapped.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert added == fd.added_params(64) == 64 + 65 + (0 if adapter == "none" else 2 * 64 * 8)
+    assert FlexiDepthConfig().rank(64) == 4 and FlexiDepthConfig().added_params(64, "LayerNorm") == 705
+    wrapped.force_route("skip")
+    x = _inputs()
+    out = _call(wrapped, x)
+    _, skip = _branch_reference(wrapped, x)
+    if adapter == "none":
+        assert torch.equal(out, x)
+    else:
+        torch.testing.assert_close(out, skip, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(out, x)
+    assert wrapped.megacpp_stats()["skip_rate"] == 1.0
+
+
+def test_moe_aux_loss_flows_when_every_token_skips(single_rank):
+    """Forced skip in training: the block still runs (static shapes) and its output stays in the
+    graph with weight 0, so the MoE load-balancing loss keeps training the MoE router."""
+    _, wrapped = _pair("E", FlexiDepthConfig(forced_route="skip"), moe=True)
+    x = _inputs().requires_grad_()
+    out = _call(wrapped, x)
+    torch.testing.assert_close(out, _branch_reference(wrapped, x.detach())[1], atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    assert wrapped.mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_soft_mode_matches_plain_torch_reference_and_its_router_gradient(single_rank):
+    plain, wrapped = _pair("A", FlexiDepthConfig(usage_loss_weight=0.0))
+    _set_router(wrapped, std=0.5, bias=0.2)
+    x, rope = _inputs(), _rope(16)
+    dy = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(9))
+    out = _call(wrapped, x, rope)
+    (out * dy).sum().backward()
+    full = _call(plain, x, rope).detach()
+    router = wrapped.flexidepth.router
+    w = router.weight.detach().clone().requires_grad_()
+    b = router.bias.detach().clone().requires_grad_()
+    z = F.rms_norm(x, (64,), wrapped.flexidepth.norm.weight.detach(), 1e-5)
+    g = torch.sigmoid(z @ w.T + b)
+    _, skip = _branch_reference(wrapped, x)
+    expected = g * full + (1 - g) * skip
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+    (expected * dy).sum().backward()
+    torch.testing.assert_close(router.weight.grad, w.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(router.bias.grad, b.grad, atol=1e-5, rtol=1e-4)
+    assert wrapped.flexidepth.down.weight.grad.abs().sum() > 0  # the adapter trains
+
+
+def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
+    """E layer: the MLP sees [k, b, h] with k the larger per-sequence kept count; the output equals
+    the soft formula with hard gates (B(x) where kept, P(x) elsewhere)."""
+    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"))
+    _set_router(wrapped, std=0.5)
+    wrapped.eval()
+    x = _inputs()
+    shapes = []
+    wrapped.mlp.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        out = _call(wrapped, x)
+        g, skip = _branch_reference(wrapped, x)
+        keep = g >= 0.5
+        expected = torch.where(keep, _call(plain, x), skip)
+    counts = keep.squeeze(-1).sum(0)
+    assert 0 < int(counts.max()) < 16 and shapes == [(int(counts.max()), 2, 64)]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[~keep.squeeze(-1)], skip[~keep.squeeze(-1)])
+    stats = wrapped.megacpp_stats()
+    assert stats["skip_rate"] == pytest.approx(1 - keep.float().mean().item())
+    assert stats["score_mean"] == pytest.approx(g.mean().item(), rel=1e-6)
+    _set_router(wrapped, bias=-10.0)  # every token skips: the block does not run at all
+    with torch.no_grad():
+        assert torch.equal(_call(wrapped, x), _branch_reference(wrapped, x)[1])
+    assert len(shapes) == 1
+
+
+def test_hard_skip_on_attention_gathers_per_sequence_or_selects(single_rank):
+    """A layer: gathering (A in hard_skip_symbols) runs attention on each sequence's kept tokens at
+    their own positions; without it the block runs on every token and rows are selected."""
+    x, rope = _inputs(), _rope(16)
+    for gather in (True, False):
+        plain, wrapped = _pair("A", FlexiDepthConfig(inference="hard", hard_skip_symbols="AE" if gather else "E"))
+        _set_router(wrapped, std=0.5)
+        wrapped.eval(), plain.eval()
+        shapes = []
+        wrapped.self_attention.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+        with torch.no_grad():
+            out = _call(wrapped, x, rope)
+            g, skip = _branch_reference(wrapped, x)
+            keep = (g >= 0.5).squeeze(-1)  # [s, b]
+            assert torch.equal(out[~keep], skip[~keep])
+            if not gather:
+                assert shapes == [(16, 2, 64)]
+                assert torch.equal(out[keep], _call(plain, x, rope)[keep])
+                continue
+            assert shapes == [(int(keep.sum(0).max()), 2, 64)]
+            for j in range(2):  # kept tokens of sequence j, alone, at their positions
+                pos = keep[:, j].nonzero().squeeze(-1)
+                ref = _call(plain, x[pos, j:j + 1], rope[pos])
+                torch.testing.assert_close(out[pos, j], ref[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_moda_on_a_soft_layer_sees_all_positions(single_rank):
+    _, wrapped = _pair("A", FlexiDepthConfig(inference="hard"), features=("flexidepth", "moda"))
+    shapes = []
+    wrapped.self_attention.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    _call(wrapped, _inputs(), _rope(16))
+    wrapped.eval()
+    with torch.no_grad():
+        _call(wrapped, _inputs(), _rope(16))
+    assert not wrapped.gathers and shapes == [(16, 2, 64)] * 2
+
+
+# ---------------------------------------------------------------------- usage: stats, penalty
+def _chunk_pair(fd: FlexiDepthConfig):
+    """Two E layers (global 0 and 1) of one chunk: one usage segment."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.features.flexidepth import transform
+    from megacpp_mcore.spec.context import ChunkBuild
+
+    cfg, chunk = _config(), ChunkBuild()
+    layers = []
+    for i in range(2):
+        ctx = _ctx(cfg, "E", fd, index=i, chunk=chunk)
+        layers.append(build_module(transform(_plain_spec(ctx), ctx), config=cfg, layer_number=i + 1))
+    return layers
+
+
+def test_usage_statistics_and_penalty_hand_computed(single_rank):
+    """Scores g1 (from x) and g2 (from layer 1's output): per-layer skip rate and score mean, the
+    segment's penalty w * mean((g1 + g2)^2) on its last layer, and the router-bias gradients
+    ``2 w sum_t S_t g_t (1 - g_t) / N`` (LM gradient masked out, the layers' graphs cut between
+    them so each bias sees its own score's term), at aux-loss scales 1 and 0.25."""
+    w = 0.3
+    layers = _chunk_pair(FlexiDepthConfig(usage_loss_weight=w))
+    for i, layer in enumerate(layers):
+        _set_router(layer, std=0.5, bias=0.1 * i, seed=i)
+    x = _inputs()
+    h1 = _call(layers[0], x)
+    out = _call(layers[1], h1.detach())  # no path from layer 2's score back into layer 1's router
+    (h1 * 0).sum().backward()
+    (out * 0).sum().backward()
+    g1, _ = _branch_reference(layers[0], x)
+    g2, _ = _branch_reference(layers[1], h1.detach())
+    total = g1 + g2
+    stats = [layer.megacpp_stats() for layer in layers]
+    for g, s in zip((g1, g2), stats):
+        assert s["skip_rate"] == pytest.approx((g < 0.5).float().mean().item())
+        assert s["score_mean"] == pytest.approx(g.mean().item(), rel=1e-6)
+    assert 0 < stats[0]["skip_rate"] < 1 and "loss_usage" not in stats[0]
+    assert stats[1]["loss_usage"] == pytest.approx(w * total.square().mean().item(), rel=1e-6)
+    for layer, g in zip(layers, (g1, g2)):
+        expected = (2 * w * total * g * (1 - g)).sum().item() / total.numel()
+        assert layer.flexidepth.router.bias.grad.item() == pytest.approx(expected, rel=1e-5)
+        layer.flexidepth.router.bias.grad = None
+        layer.megacpp_set_step(1)
+    with aux_loss_scale(torch.tensor([0.25])):  # as a schedule sets it at 4 micro-batches
+        h1 = _call(layers[0], x)
+        (_call(layers[1], h1.detach()) * 0).sum().backward()
+        (h1 * 0).sum().backward()
+    expected = (2 * w * total * g1 * (1 - g1)).sum().item() / total.numel()
+    assert layers[0].flexidepth.router.bias.grad.item() == pytest.approx(0.25 * expected, rel=1e-5)
+    summary = usage_summary({f"decoder.layers.{i}.{k}": v for i, s in enumerate(stats) for k, v in s.items()},
+                            num_layers=4)
+    skipped = stats[0]["skip_rate"] + stats[1]["skip_rate"]
+    assert summary == pytest.approx({"flexidepth_layers": 2, "layers_skipped": skipped,
+                                     "mean_layers_used": 4 - skipped, "overall_skip_rate": skipped / 4})
+
+
+def test_usage_boundaries_split_the_sum():
+    from megacpp_mcore.features.flexidepth.usage import UsageLedger
+
+    ledger = UsageLedger((3,))
+    slots = [ledger.register(i) for i in (0, 2, 3, 5)]
+    assert [(s.segment.start, s.first, s.last) for s in slots] == [
+        (0, True, False), (0, False, True), (3, True, False), (3, False, True)]
+    with pytest.raises(RuntimeError, match="layer 4 registered after layer 5"):
+        ledger.register(4)
+
+
+def test_skip_rate_heatmap_is_written(tmp_path):
+    from megacpp_mcore.train.heatmap import write_usage_heatmaps
+
+    history = [{"decoder.layers.1.skip_rate": 0.1 * i, "decoder.layers.3.skip_rate": 0.2} for i in range(3)]
+    written = write_usage_heatmaps(history, tmp_path / "run")
+    assert list(written) == ["skip_rate"] and (tmp_path / "run.skip_rate.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _router_bias_grads(chunk, num_microbatches: int) -> list[float]:
+    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+
+    from megacpp_mcore.train import runtime
+
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.zeros(2, 32)}
+    chunk.zero_grad()
+    forward_backward_no_pipelining(forward_step_func=runtime.gpt_forward_step,
+                                   data_iterator=iter([batch] * num_microbatches), model=chunk,
+                                   num_microbatches=num_microbatches, seq_length=32, micro_batch_size=2)
+    return [layer.flexidepth.router.bias.grad.item() for layer in chunk.decoder.layers[2:]]
+
+
+def test_usage_penalty_scale_comes_from_megatron_schedule(single_rank):
+    """Through Megatron's own ``forward_backward_no_pipelining`` (the registry's
+    ``aux-loss-scale-without-moe`` applied, as every entry point does), 1 and 4 identical
+    micro-batches give the hand-computed penalty gradient of one: constant scores
+    ``g_l = sigmoid(b_l)`` on layers 2 and 3 give ``dL/db_l = 2 w (g_2 + g_3) g_l (1 - g_l)``."""
+    from megacpp_mcore.patches import aux_loss_scale_without_moe as patch
+    from megacpp_mcore.patches import registry
+    from megacpp_mcore.train import runtime
+
+    registry.apply_needed([patch.NAME])
+    fd = FlexiDepthConfig(usage_loss_weight=0.5, placement=FeaturePlacement(layers=(2, 3)))
+    model = custom_model(**_BASE, moe=None, features={"flexidepth": fd})
+    (chunk,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                   backend="local", wrap_ddp=False)
+    biases = (1.0, -0.5)
+    for layer, bias in zip(chunk.decoder.layers[2:], biases):
+        _set_router(layer, bias=bias)
+    g = [1.0 / (1.0 + math.exp(-b)) for b in biases]
+    expected = [2 * 0.5 * sum(g) * gl * (1 - gl) for gl in g]
+    for n in (1, 4):
+        assert _router_bias_grads(chunk, n) == pytest.approx(expected, rel=1e-5), n
+
+
+# ------------------------------------------------------------------------- frozen backbone
+def test_frozen_backbone_stays_while_router_and_adapter_move(single_rank):
+    from megacpp_mcore.testing.parity import synthetic_batches
+    from megacpp_mcore.train import runtime
+
+    fd = FlexiDepthConfig(freeze_backbone=True, router_bias_init=0.0, usage_loss_weight=0.01)
+    model = custom_model(**_BASE, moe=None, features={"flexidepth": fd})
+    chunks = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                 backend="local")
+    optimizer = runtime.build_optimizer(chunks, lr=1e-2)
+    layers = chunks[0].module.decoder.layers
+    named = {n: p for n, p in layers.named_parameters()}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    embedding = chunks[0].module.embedding.word_embeddings.weight
+    embedding_before = embedding.detach().clone()
+    trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all((id(p) in trainable) == (".flexidepth." in n) for n, p in named.items())
+    for step in range(3):
+        micro = synthetic_batches(seed=1, step=step, global_batch=2, seq_length=32, vocab=128,
+                                  dp_rank=0, dp=1, micro_batch_size=1)
+        runtime.train_step(chunks, optimizer, micro, num_microbatches=2, micro_batch_size=1, seq_length=32)
+    for n, p in named.items():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == (".flexidepth." in n), n
+    assert not torch.equal(embedding.detach(), embedding_before)  # the rest is not the feature's
+
+
+def test_forward_backward_and_hard_inference_read_no_environment(single_rank, monkeypatch):
+    """Training forward/backward and a hard-skip eval forward of a FlexiDepth model (with MoDA on
+    its A layers) read no environment variable."""
+    import os
+
+    from megacpp_mcore.features.moda import MoDAConfig
+    from megacpp_mcore.train import runtime
+    from tests.test_architecture import _RecordingEnviron
+
+    fd = FlexiDepthConfig(router_bias_init=0.0, router_init_std=0.3, inference="hard")
+    model = custom_model(**_BASE, moe=None, features={
+        "flexidepth": fd, "moda": MoDAConfig(placement=FeaturePlacement(symbols="A"))})
+    (gpt,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                 backend="local", wrap_ddp=False)
+    tokens = torch.randint(0, 128, (2, 32))
+    recording = _RecordingEnviron(os.environ)
+    monkeypatch.setattr(os, "environ", recording)
+    gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens).float().mean().backward()
+    gpt.eval()
+    with torch.no_grad():
+        gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens)
+    assert recording.reads == []
+    assert 0 < gpt.decoder.layers[1].megacpp_stats()["skip_rate"] < 1  # E layers really route
+
+
+# ------------------------------------------------------------------------- TP / SP / PP parity
+@pytest.mark.distributed
+def test_parallel_parity_tp_sp_and_pp(tmp_path):
+    """One 1-rank launch (initial weights saved) and one 2-rank launch (TP=2+SP and PP=2 for both
+    models): training losses, grad norms and the hard-skip eval loss match."""
+    from megacpp_mcore.testing.dist import run_distributed
+
+    models = ["tests.test_flexidepth:parity_soft", "tests.test_flexidepth:parity_frozen_moe"]
+    ckpts = []
+    for i in range(len(models)):
+        (tmp_path / str(i)).mkdir()
+        ckpts.append(str(tmp_path / str(i)))
+    (refs,) = run_distributed("tests.test_flexidepth:run_all", nproc=1, kwargs={"runs": [
+        dict(model=m, checkpoint=c, checkpoint_mode="save") for m, c in zip(models, ckpts)]})
+    layouts = [(0, {"tp": 2, "sp": True}), (1, {"tp": 2, "sp": True}), (0, {"pp": 2}), (1, {"pp": 2})]
+    ranks = run_distributed("tests.test_flexidepth:run_all", nproc=2, kwargs={"runs": [
+        dict(model=models[i], parallel=par, checkpoint=ckpts[i], checkpoint_mode="load")
+        for i, par in layouts]})
+    for j, (i, par) in enumerate(layouts):
+        for rank in ranks:
+            got = rank[j]
+            assert got["losses"] == pytest.approx(refs[i]["losses"], abs=1e-5), (models[i], par)
+            assert got["grad_norms"] == pytest.approx(refs[i]["grad_norms"], rel=1e-5), (models[i], par)
+            assert got["eval_loss"] == pytest.approx(refs[i]["eval_loss"], abs=1e-5), (models[i], par)
+            assert got["eval_layers_skipped"] == pytest.approx(refs[i]["eval_layers_skipped"], abs=1e-6)
+    assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
+    assert 0.2 < refs[0]["eval_layers_skipped"] < 3.8 and 0.1 < refs[1]["eval_layers_skipped"] < 1.9
