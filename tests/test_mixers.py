@@ -192,6 +192,26 @@ def mixer_model(single_rank):
     return model, gpt, layers[0].self_attention, layers[1].self_attention
 
 
+def test_torch_mamba_mixer_loads_the_0_19_conv_parameter_names(mixer_model):
+    """megatron-core 0.19's MambaMixer state dict names the conv ``conv1d_weight``/``conv1d_bias``;
+    TorchMambaMixer (a ``conv1d`` module, like every release's dist checkpoint) loads either."""
+    _, _, mamba, _ = mixer_model
+    with torch.no_grad():
+        mamba.conv1d.weight.normal_(0, 0.3)
+        mamba.conv1d.bias.normal_(0, 0.3)
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in mamba.state_dict().items()}
+    renamed = {k.replace("conv1d.weight", "conv1d_weight").replace("conv1d.bias", "conv1d_bias"): v
+               for k, v in saved.items()}
+    assert "conv1d_weight" in renamed and "conv1d.weight" not in renamed
+    with torch.no_grad():
+        mamba.conv1d.weight.zero_()
+        mamba.conv1d.bias.zero_()
+    mamba.load_state_dict(renamed)  # strict: no missing or unexpected keys
+    for key, value in saved.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(mamba.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_mixers_match_plain_torch_references(mixer_model):
     from megacpp_mcore.layers.mixers.m2rnn import M2RNNMixer
     from megacpp_mcore.layers.mixers.mamba import TorchMambaMixer

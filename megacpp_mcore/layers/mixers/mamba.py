@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
+from megacpp_mcore.spec import compat
 from megacpp_mcore.layers.mixers.common import (
     check_slot_call,
     mark_tensor_parallel,
@@ -164,6 +165,15 @@ class TorchMambaMixer(MegatronModule):
             input_is_parallel=True, skip_bias_add=True, is_expert=False,
             tp_comm_buffer_name="fc2", tp_group=self.tp_group,
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also takes a megatron-core 0.19 ``MambaMixer`` state dict, whose conv parameters are
+        ``conv1d_weight``/``conv1d_bias`` (a ``conv1d`` module's ``weight``/``bias`` here and in
+        every release's distributed checkpoint): :data:`compat.MAMBA_CONV_PARAMETERS`."""
+        for name, module_name in compat.MAMBA_CONV_PARAMETERS.items():
+            if prefix + name in state_dict and prefix + module_name not in state_dict:
+                state_dict[prefix + module_name] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
                 rotary_pos_emb=None, packed_seq_params=None, **kwargs):
