@@ -91,14 +91,3 @@ class SkipDispatcher:
         out = skip.clone()
         out[local[mine], cols[mine]] = processed[mine].to(out.dtype)
         return out
-
-
-def gather_rope(rope, idx: torch.Tensor):
-    """Rotary embeddings of the kept positions: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (a ``(q, k)``
-    pair stays a pair)."""
-    if isinstance(rope, tuple):
-        return tuple(None if r is None else gather_rope(r, idx) for r in rope)
-    if rope.dim() != 4 or rope.shape[1] != 1:
-        raise ValueError(f"FlexiDepth hard skip expects rotary_pos_emb of shape [s, 1, 1, d], "
-                         f"got {tuple(rope.shape)}")
-    return rope[:, 0][idx]  # [k, b, 1, d]

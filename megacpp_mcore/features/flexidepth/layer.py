@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megacpp_mcore.features.flexidepth.branch import SkipBranch
 from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig
-from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher, gather_rope
+from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher
 from megacpp_mcore.features.flexidepth.usage import (
     FlexiDepthStats,
     UsageGate,
@@ -58,15 +58,15 @@ from megacpp_mcore.features.flexidepth.usage import (
     UsageSlot,
     shard_means,
 )
-from megacpp_mcore.features.mod.rope import TokenRope, TokenRopeAttention, with_token_rope
+from megacpp_mcore.features.mod.rope import (
+    UNGATHERABLE_INPUTS,
+    TokenRope,
+    TokenRopeAttention,
+    gather_rope,
+    with_token_rope,
+)
 from megacpp_mcore.spec.context import LayerContext
 from megacpp_mcore.spec.pattern import FeaturePlacement
-
-# keyword inputs of a layer that a gathering hard route cannot gather per token
-_GATHER_REFUSED_INPUTS = ("attention_mask", "packed_seq_params", "inference_context", "rotary_pos_cos",
-                          "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "padding_mask",
-                          "context", "sequence_len_offset")
-
 
 class FlexiDepthLayer(TransformerLayer):
     """A ``TransformerLayer`` (or subclass) with a per-token choice between its block and an
@@ -164,7 +164,7 @@ class FlexiDepthLayer(TransformerLayer):
         if args:
             raise TypeError("FlexiDepth hard-skip layers take the layer inputs as keywords "
                             "(as TransformerBlock passes them)")
-        for name in _GATHER_REFUSED_INPUTS:
+        for name in UNGATHERABLE_INPUTS:
             if kwargs.get(name) is not None:
                 raise ValueError(
                     f"FlexiDepth hard skip on layer {self.layer_number} cannot gather {name!r} per "
@@ -175,7 +175,7 @@ class FlexiDepthLayer(TransformerLayer):
             return skip, None
         rope = kwargs.pop("rotary_pos_emb", None)
         if rope is not None and not isinstance(self.self_attention, IdentityOp):  # E layers: none
-            rope = gather_rope(rope, route.idx)  # [k, b, 1, d]
+            rope = gather_rope(rope, route.idx, "FlexiDepth hard skip")  # [k, b, 1, d]
             # plain self-attention (swapped by transform) applies it as a flat [k*b] sequence
             kwargs["rotary_pos_emb"] = TokenRope(rope) if isinstance(self.self_attention,
                                                                      TokenRopeAttention) else rope

@@ -94,17 +94,17 @@ from megacpp_mcore.features.mod.gate import (
     router_logits,
     triton_kernels,
 )
-from megacpp_mcore.features.mod.rope import TokenRope, TokenRopeAttention, with_token_rope
+from megacpp_mcore.features.mod.rope import (
+    UNGATHERABLE_INPUTS,
+    TokenRope,
+    TokenRopeAttention,
+    gather_rope,
+    with_token_rope,
+)
 from megacpp_mcore.features.mod.stats import MoDStats
-from megacpp_mcore.features.mod.topk import TopkDispatcher, gather_rope
+from megacpp_mcore.features.mod.topk import TopkDispatcher
 from megacpp_mcore.spec.context import LayerContext
 from megacpp_mcore.spec.pattern import FeaturePlacement
-
-# keyword inputs of a layer that a top-k route cannot gather per token
-_TOPK_REFUSED_INPUTS = ("attention_mask", "packed_seq_params", "inference_context", "rotary_pos_cos",
-                        "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "padding_mask",
-                        "context", "sequence_len_offset")
-
 
 @dataclasses.dataclass
 class _Route:
@@ -321,7 +321,7 @@ class MoDLayer(TransformerLayer):
         if args:
             raise TypeError("MoD topk layers take the layer inputs as keywords "
                             "(as TransformerBlock passes them)")
-        for name in _TOPK_REFUSED_INPUTS:
+        for name in UNGATHERABLE_INPUTS:
             if kwargs.get(name) is not None:
                 raise ValueError(
                     f"MoD topk on layer {self.layer_number} cannot gather {name!r} per token; it "

@@ -94,3 +94,19 @@ def with_token_rope(submodules):
         return submodules
     swapped = ModuleSpec(module=_token_rope_class(module), params=attn.params, submodules=attn.submodules)
     return dataclasses.replace(submodules, self_attention=swapped)
+
+
+# Keyword inputs of a layer that a per-token gather (MoD top-k, FlexiDepth hard skip) cannot gather.
+UNGATHERABLE_INPUTS = ("attention_mask", "packed_seq_params", "inference_context", "rotary_pos_cos",
+                       "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "padding_mask",
+                       "context", "sequence_len_offset")
+
+
+def gather_rope(rope, idx: torch.Tensor, owner: str = "MoD topk"):
+    """Rotary embeddings of the gathered positions: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (a
+    ``(q, k)`` pair of them stays a pair); ``owner`` names the route in the error."""
+    if isinstance(rope, tuple):
+        return tuple(None if r is None else gather_rope(r, idx, owner) for r in rope)
+    if rope.dim() != 4 or rope.shape[1] != 1:
+        raise ValueError(f"{owner} expects rotary_pos_emb of shape [s, 1, 1, d], got {tuple(rope.shape)}")
+    return rope[:, 0][idx]  # [k, b, 1, d]

@@ -218,13 +218,3 @@ class TopkDispatcher:
             processed = processed.to(route.full.dtype)
         out = TopkRouteOut.apply(route.full, processed, route.idx, route.handoff)  # [s, b, h]
         return scatter_to_sequence_parallel_region(out, group=group) if sp else out
-
-
-def gather_rope(rope, idx: torch.Tensor):
-    """Rotary embeddings of the selected positions: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (a
-    ``(q, k)`` pair of them stays a pair)."""
-    if isinstance(rope, tuple):
-        return tuple(None if r is None else gather_rope(r, idx) for r in rope)
-    if rope.dim() != 4 or rope.shape[1] != 1:
-        raise ValueError(f"MoD topk expects rotary_pos_emb of shape [s, 1, 1, d], got {tuple(rope.shape)}")
-    return rope[:, 0][idx]  # [k, b, 1, d]
