@@ -236,6 +236,29 @@ def test_stats_hooks_are_driven_every_step(single_rank):
     assert collector.gather() == {"inner.1.budget": pytest.approx(0.8), "inner.1.calls": 3.0}
 
 
+def test_stats_name_decoder_layers_by_global_index(single_rank):
+    """Two chunks (pipeline stages or virtual chunks) both number their module lists from 0: the
+    statistics are keyed by each layer's global index, so neither overwrites the other."""
+    from megacpp_mcore.train.stats import StatsCollector
+
+    class Layer(torch.nn.Module):
+        def __init__(self, layer_number, value):
+            super().__init__()
+            self.layer_number, self.value = layer_number, value
+            self.router = torch.nn.Module()
+            self.router.megacpp_stats = lambda: {"gate_mean": value}
+
+    def chunk(first, values):
+        model = torch.nn.Module()
+        model.decoder = torch.nn.Module()
+        model.decoder.layers = torch.nn.ModuleList(Layer(first + i, v) for i, v in enumerate(values))
+        return model
+
+    collector = StatsCollector([chunk(1, [0.1, 0.2]), chunk(3, [0.3, 0.4])])  # layers 0-1 and 2-3
+    assert collector.collect() == {f"decoder.layers.{i}.router.gate_mean": pytest.approx(v)
+                                   for i, v in enumerate([0.1, 0.2, 0.3, 0.4])}
+
+
 def test_model_flops_per_token_matches_instantiated_weights(single_rank):
     """6 * (matmul weights a token passes through) + 12 * s * h per attention layer; dense model."""
     from megacpp_mcore.train import runtime

@@ -31,6 +31,23 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+def _global_layer_prefixes(model: torch.nn.Module) -> dict[str, str]:
+    """``decoder.layers.<i>`` (the index in this chunk's module list) -> ``decoder.layers.<g>`` (the
+    global 0-based layer index, from the layer's ``layer_number``): pipeline stages and virtual
+    chunks number their module lists from 0, so local names of different stages would collide."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    if layers is None:
+        return {}
+    return {f"decoder.layers.{i}": f"decoder.layers.{layer.layer_number - 1}"
+            for i, layer in enumerate(layers) if isinstance(getattr(layer, "layer_number", None), int)}
+
+
+def _globalise(name: str, prefixes: dict[str, str]) -> str:
+    parts = name.split(".")
+    head = ".".join(parts[:3])
+    return ".".join([prefixes[head], *parts[3:]]) if head in prefixes else name
+
+
 class StatsCollector:
     """Drives the ``megacpp_set_step``/``megacpp_stats`` hooks of every module of ``chunks``."""
 
@@ -38,7 +55,10 @@ class StatsCollector:
         self.step_hooks: list[tuple[str, torch.nn.Module]] = []
         self.stat_hooks: list[tuple[str, torch.nn.Module]] = []
         for chunk in chunks:
-            for name, module in _unwrap(chunk).named_modules():
+            model = _unwrap(chunk)
+            global_names = _global_layer_prefixes(model)
+            for name, module in model.named_modules():
+                name = _globalise(name, global_names)
                 if callable(getattr(module, SET_STEP, None)):
                     self.step_hooks.append((name, module))
                 if callable(getattr(module, STATS, None)):
