@@ -9,7 +9,7 @@ import pytest
 from megacpp_mcore.train import runtime
 from megacpp_mcore.cli import main
 from megacpp_mcore.models.accounting import feedforward_params
-from megacpp_mcore.models.plan import build_plan
+from megacpp_mcore.models.plan import build_plan, format_plan
 from megacpp_mcore.models.presets import PRESETS, get_preset
 from megacpp_mcore.testing.parity import TINY_DENSE, TINY_MOE, model_from_spec
 
@@ -22,6 +22,8 @@ def test_plan_json_for_nam56r(capsys):
     assert [layer["index"] for layer in plan["layers"]] == list(range(52))
     assert plan["layers"][0]["symbol"] == "A" and "mla" in plan["layers"][0]["features"]
     assert plan["layers"][2]["features"] == []  # MLA never lands on an M layer
+    assert plan["features"]["mla"]["layers"] == [x["index"] for x in plan["layers"] if x["symbol"] == "A"]
+    assert plan["parameters"]["features"] == sum(sum(x["feature_parameters"].values()) for x in plan["layers"])
     assert plan["parameters"]["total"] > 1e9 and plan["memory"]["total"] > 0
 
 
@@ -71,3 +73,59 @@ def test_analytic_counts_equal_built_modules(spec, single_rank):
     assert plan["parameters"]["total"] == sum(p.numel() for p in chunk.parameters())
     if model.moe is not None:
         assert plan["layers"][1]["parameters"] == feedforward_params(model)
+
+
+def _featured_model():
+    """TINY_MOE (``AE`` x 6, h=64) with MoD on layers 1, 2 and FlexiDepth (rank 8) on 4, 5."""
+    from megacpp_mcore.features.flexidepth import FlexiDepthConfig
+    from megacpp_mcore.features.mod import MoDConfig
+    from megacpp_mcore.spec.pattern import FeaturePlacement
+
+    return model_from_spec(TINY_MOE).replace(num_layers=6, features={
+        "mod": MoDConfig(placement=FeaturePlacement(layers=(1, 2))),
+        "flexidepth": FlexiDepthConfig(placement=FeaturePlacement(layers=(4, 5)), adapter_rank=8),
+    })
+
+
+def test_plan_names_the_feature_layers_and_their_parameters():
+    model = _featured_model()
+    plan = build_plan(model, backend="local")
+    h = model.hidden_size
+    # MoD's router Linear(h, 1): weight [1, h] + bias [1]; FlexiDepth: norm h, router h + 1,
+    # adapter down [8, h] + up [h, 8]
+    mod, flexi = h + 1, h + (h + 1) + 2 * h * 8
+    assert [layer["features"] for layer in plan["layers"]] == [[], ["mod"], ["mod"], [], ["flexidepth"], ["flexidepth"]]
+    assert [layer["feature_parameters"] for layer in plan["layers"]] == [
+        {}, {"mod": mod}, {"mod": mod}, {}, {"flexidepth": flexi}, {"flexidepth": flexi}]
+    assert plan["features"] == {"flexidepth": {"layers": [4, 5], "parameters": 2 * flexi},
+                                "mod": {"layers": [1, 2], "parameters": 2 * mod}}
+    dense = build_plan(model.replace(features={}), backend="local")
+    assert plan["parameters"]["features"] == 2 * mod + 2 * flexi and dense["parameters"]["features"] == 0
+    assert plan["parameters"]["total"] - dense["parameters"]["total"] == 2 * mod + 2 * flexi
+    assert plan["stages"][0]["parameters"] - dense["stages"][0]["parameters"] == 2 * mod + 2 * flexi
+    rows = format_plan(plan).splitlines()
+    assert [r.split()[-1] for r in rows[3:9]] == ["-", f"mod(+{mod})", f"mod(+{mod})", "-",
+                                                  "flexidepth(+1.15K)", "flexidepth(+1.15K)"]
+    assert "  mod: 2 layers (1,2), +130 params" in rows and "  flexidepth: 2 layers (4,5), +2.31K params" in rows
+
+
+def test_feature_counts_equal_the_built_model(single_rank):
+    """Every layer's count (MoD router, FlexiDepth norm/router/adapter included), the total, and the
+    FLOPs' matmul weights (routers and adapters: every token passes them) equal the built modules."""
+    from megacpp_mcore.models.accounting import flops_per_token
+
+    model = _featured_model()
+    plan = build_plan(model, backend="local")
+    (chunk,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                   backend="local", wrap_ddp=False)
+    for layer, built in zip(plan["layers"], chunk.decoder.layers, strict=True):
+        assert layer["parameters"] == sum(p.numel() for p in built.parameters()), layer
+    assert plan["parameters"]["total"] == sum(p.numel() for p in chunk.parameters())
+    router = chunk.decoder.layers[1].mod_router  # the MoD router, by hand: [1, 64] weight + [1] bias
+    assert (router.weight.shape, router.bias.shape) == ((1, 64), (1,))
+    assert plan["layers"][1]["feature_parameters"] == {"mod": 65}
+    active = tuple(f"local_experts.{i}." for i in range(model.moe.topk))
+    matmul = sum(p.numel() for n, p in chunk.named_parameters()
+                 if p.dim() == 2 and "embedding" not in n
+                 and ("local_experts." not in n or any(a in n for a in active)))
+    assert flops_per_token(model)["active_params"] == matmul

@@ -127,6 +127,11 @@ def test_mod_run_writes_its_usage_heatmaps(tmp_path, monkeypatch):
     rec = training.train(model, tiny_cfg(prefix, steps=3, receipt=str(tmp_path / "r.json")),
                          log=lambda _: None)
     receipt.validate(rec)
+    # the receipt's parameter count (the layer plan's) includes the 4 MoD routers Linear(h, 1)
+    from megacpp_mcore.models.plan import build_plan
+
+    dense = build_plan(model.replace(features={}))["parameters"]["total"]
+    assert rec["parameters"] == dense + 4 * (model.hidden_size + 1)
     maps = rec["stats"]["heatmaps"]
     assert set(maps) == {"fraction_processed", "gate_mean"}
     assert maps["gate_mean"] == str(tmp_path / "r.gate_mean.png")

@@ -6,7 +6,8 @@ instantiated modules. Users: the layer plan (:mod:`megacpp_mcore.models.plan`, `
 plan``), the run receipt (:mod:`megacpp_mcore.train.receipt`) and the benchmarks
 (``scripts/bench_train.py``, ``scripts/recipe_benchmark.py``).
 
-Parameter counts include each layer's input norm (they equal ``sum(p.numel())`` of the built layer);
+Parameter counts include each layer's input norm and what its layer features add (MoD's router,
+FlexiDepth's norm, router and adapter; they equal ``sum(p.numel())`` of the built layer);
 FLOP counts include only matmul weights (norms and the embedding lookup do no matmuls).
 """
 
@@ -59,8 +60,9 @@ def m2rnn_params(m: ModelConfig) -> int:
     return m.hidden_size + m2rnn_dims(m.hidden_size, m.num_attention_heads).num_params()
 
 
-def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
-    """Parameters of the layer ``entry`` of ``m``'s layer table."""
+def block_params(m: ModelConfig, entry: LayerEntry) -> int:
+    """Parameters of the block of layer ``entry`` (its symbol's, MLA included), without what the
+    layer-level features add (:func:`feature_params`)."""
     if entry.symbol == "A":
         return attention_params(m, mla="mla" in entry.features)
     if entry.symbol == "E":
@@ -68,6 +70,39 @@ def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
     if entry.symbol == "M":
         return mamba_params(m)
     return m2rnn_params(m)
+
+
+def mod_router_params(m: ModelConfig) -> int:
+    """MoD's router on one layer: a replicated ``Linear(h, 1)`` with bias (weight ``[1, h]`` + bias
+    ``[1]``); MoD adds nothing else."""
+    return m.hidden_size + 1
+
+
+def feature_params(m: ModelConfig, entry: LayerEntry) -> dict[str, int]:
+    """Parameters the layer-level features of ``entry`` add to its block, by feature name: ``mod``
+    (:func:`mod_router_params`) and ``flexidepth`` (norm, router and adapter:
+    ``FlexiDepthConfig.added_params``). MLA reshapes the block (counted in :func:`block_params`);
+    MoDA is parameter-free. Empty for a layer without such features."""
+    added = {}
+    if "mod" in entry.features:
+        added["mod"] = mod_router_params(m)
+    if "flexidepth" in entry.features:
+        added["flexidepth"] = m.features["flexidepth"].added_params(m.hidden_size)
+    return added
+
+
+def feature_matmul_params(m: ModelConfig, entry: LayerEntry) -> int:
+    """Matmul weights of :func:`feature_params` that every token passes through (routers run on
+    every token; soft FlexiDepth runs the adapter on every token): the counts less the biases
+    (one per router) and FlexiDepth's norm (``h``)."""
+    added = feature_params(m, entry)
+    return sum(added.values()) - len(added) - (m.hidden_size if "flexidepth" in added else 0)
+
+
+def layer_params(m: ModelConfig, entry: LayerEntry) -> int:
+    """Parameters of the layer ``entry`` of ``m``'s layer table: its block plus what its features
+    add (equals ``sum(p.numel())`` of the built layer)."""
+    return block_params(m, entry) + sum(feature_params(m, entry).values())
 
 
 def mtp_block_params(m: ModelConfig) -> int:
@@ -112,7 +147,8 @@ def flops_per_token(m: ModelConfig, seq_length: int | None = None, *, causal: bo
     """Training FLOPs per token (forward + backward): ``6 * N_active + attention``.
 
     ``N_active`` counts the matmul weights a token passes through: every layer (MoE: router + top-k
-    routed experts + shared expert), the output head and, per MTP depth, the shared MTP block, its
+    routed experts + shared expert; the MoD/FlexiDepth routers and FlexiDepth's adapter on every
+    token, as training runs them), the output head and, per MTP depth, the shared MTP block, its
     [2h -> h] projection and the output head again; not the embedding lookup or norms. The attention
     term is ``6 * s * heads * (d_qk + d_v)`` per attention layer (QK^T and AV, forward and backward),
     i.e. ``12 * s * h`` for standard attention (receipts, ``scripts/bench_train.py``);
@@ -130,7 +166,8 @@ def flops_per_token(m: ModelConfig, seq_length: int | None = None, *, causal: bo
         if entry.symbol == "E":
             active += active_feedforward_params(m)
         else:
-            active += layer_params(m, entry) - h  # minus the input norm
+            active += block_params(m, entry) - h  # minus the input norm
+        active += feature_matmul_params(m, entry)
         if entry.symbol == "A":
             attention += _attention_flops(m, s, mla="mla" in entry.features, causal=causal)
     if m.mtp_depth:

@@ -19,7 +19,7 @@ import hashlib
 import json
 from typing import Any
 
-from megacpp_mcore.models.accounting import embedding_params, layer_params
+from megacpp_mcore.models.accounting import embedding_params, feature_params, layer_params
 from megacpp_mcore.models.presets import ModelConfig
 from megacpp_mcore.spec.pattern import LayerEntry, symbol_counts
 
@@ -58,7 +58,10 @@ def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: in
 
 def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 1, micro_batch: int = 1,
                backend: str = "auto") -> dict[str, Any]:
-    """The plan as a JSON-able dict: ``layers``, ``counts``, ``stages``, ``parameters``, ``memory``."""
+    """The plan as a JSON-able dict: ``layers`` (each with its ``features`` and the
+    ``feature_parameters`` they add, included in its ``parameters``), ``counts``, ``features``
+    (name -> carrying layers and added parameters), ``stages``, ``parameters`` (``features``: the
+    part of ``layers`` the features add), ``memory``."""
     from megacpp_mcore.spec.backends import resolve_backend_name
 
     table = m.layer_table(pp=pp)
@@ -66,6 +69,7 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
     resolved = resolve_backend_name(backend)
     layers = []
     for entry in table:
+        added = feature_params(m, entry)  # {"mod": router, "flexidepth": norm + router + adapter}
         layers.append({
             "index": entry.index,
             "symbol": entry.symbol,
@@ -73,8 +77,13 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
             "backend": resolved,
             "features": sorted(entry.features),
             "stage": entry.stage,
-            "parameters": layer_params(m, entry),
+            "parameters": layer_params(m, entry),  # the whole built layer, features included
+            "feature_parameters": added,
         })
+    # per feature: the layers carrying it and the parameters it adds over them
+    features = {name: {"layers": [x["index"] for x in layers if name in x["features"]],
+                       "parameters": sum(x["feature_parameters"].get(name, 0) for x in layers)}
+                for name in sorted({f for x in layers for f in x["features"]})}
     extra = embedding_params(m)
     stages = []
     for s in range(pp):
@@ -103,9 +112,11 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
         "parallel": {"tp": tp, "pp": pp, "ep": ep, "micro_batch": micro_batch},
         "layers": layers,
         "counts": symbol_counts(e.symbol for e in table),
+        "features": features,
         "stages": stages,
         "parameters": {"total": total, **extra,
-                       "layers": sum(layer["parameters"] for layer in layers)},
+                       "layers": sum(layer["parameters"] for layer in layers),
+                       "features": sum(f["parameters"] for f in features.values())},
         "memory": dataclasses.asdict(memory) | {"total": memory.total},
     }
 
@@ -153,18 +164,27 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{'idx':>4}  sym  {'block':<15} {'backend':<7} {'stage':>5}  {'params':>9}  features",
     ]
     for layer in plan["layers"]:
+        # a feature that adds parameters shows them: "mla,mod(+4.10K)"
+        added = layer["feature_parameters"]
+        features = ",".join(f + (f"(+{_fmt_count(added[f])})" if added.get(f) else "")
+                            for f in layer["features"])
         lines.append(
             f"{layer['index']:>4}  {layer['symbol']:^3}  {layer['block']:<15} {layer['backend']:<7} "
-            f"{layer['stage']:>5}  {_fmt_count(layer['parameters']):>9}  {','.join(layer['features']) or '-'}"
+            f"{layer['stage']:>5}  {_fmt_count(layer['parameters']):>9}  {features or '-'}"
         )
     counts = "  ".join(f"{s}={n}" for s, n in plan["counts"].items())
-    lines += ["", f"counts: {counts}", "pipeline stages:"]
+    lines += ["", f"counts: {counts}", "features:" if plan["features"] else "features: none"]
+    for name, f in plan["features"].items():
+        lines.append(f"  {name}: {len(f['layers'])} layers ({','.join(map(str, f['layers']))})"
+                     + (f", +{_fmt_count(f['parameters'])} params" if f["parameters"] else ""))
+    lines.append("pipeline stages:")
     for st in plan["stages"]:
         lines.append(f"  stage {st['stage']}: layers {st['layers'][0]}..{st['layers'][-1]} "
                      f"{st['pattern']}  {_fmt_count(st['parameters'])} params")
     p = plan["parameters"]
     lines.append(
-        f"parameters: total {_fmt_count(p['total'])} (layers {_fmt_count(p['layers'])}, "
+        f"parameters: total {_fmt_count(p['total'])} (layers {_fmt_count(p['layers'])} incl. "
+        f"features {_fmt_count(p['features'])}, "
         f"embedding {_fmt_count(p['embedding'])}, output {_fmt_count(p['output_layer'])}"
         + (f", MTP shared block {_fmt_count(p['mtp_shared_block'])}" if "mtp_shared_block" in p else "")
         + ")"
