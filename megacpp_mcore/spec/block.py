@@ -263,8 +263,9 @@ def hybrid_block_spec(
         pattern: NAM56R pattern, e.g. ``"AEMEAEMEAEMR"``; tiles to the config's depth.
         backend: ``auto`` | ``te`` | ``local``, resolved when the model is built.
         num_layers: optional; validates pattern and placements now and the config's depth later.
-        **features: ``mla=``, ``mod=``, ``moda=``: a :class:`FeaturePlacement` or a feature config
-            with a ``placement`` attribute.
+        **features: one keyword per feature of :data:`megacpp_mcore.features.FEATURES` (``mla=``,
+            ``moda=``, ``mod=``, ``flexidepth=``): a :class:`FeaturePlacement` or that feature's
+            config class (which carries a ``placement``).
     """
     validate_pattern(pattern)
     return ModuleSpec(
