@@ -688,3 +688,16 @@ def test_te_topk_fused_rope_matches_unfused(single_rank):
         results.append((out.detach().float(), x.grad.float(), layer.mod_router.weight.grad.float()))
     for name, a, b in zip(("out", "dx", "drouter"), *results):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
+
+
+def test_per_token_gathers_refuse_inputs_they_cannot_follow():
+    """MoD top-k and FlexiDepth's hard skip gather tokens: positional inputs and per-sequence
+    inputs (an explicit mask, packed sequences, an inference cache, ...) are refused by name."""
+    from megacpp_mcore.features.mod.rope import UNGATHERABLE_INPUTS, check_gatherable
+
+    check_gatherable((), {"rotary_pos_emb": object(), "attention_mask": None}, "MoD topk", 3)
+    with pytest.raises(TypeError, match="MoD topk layers take the layer inputs as keywords"):
+        check_gatherable((object(),), {}, "MoD topk", 3)
+    for name in UNGATHERABLE_INPUTS:
+        with pytest.raises(ValueError, match=f"FlexiDepth hard skip on layer 5 cannot gather '{name}'"):
+            check_gatherable((), {name: object()}, "FlexiDepth hard skip", 5)

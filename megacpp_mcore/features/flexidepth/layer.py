@@ -59,9 +59,9 @@ from megacpp_mcore.features.flexidepth.usage import (
     shard_means,
 )
 from megacpp_mcore.features.mod.rope import (
-    UNGATHERABLE_INPUTS,
     TokenRope,
     TokenRopeAttention,
+    check_gatherable,
     gather_rope,
     with_token_rope,
 )
@@ -161,15 +161,7 @@ class FlexiDepthLayer(TransformerLayer):
 
     def _forward_gathered(self, x, skip, keep, args, kwargs):
         """Route -> dispatch -> the wrapped layer on the kept tokens -> combine."""
-        if args:
-            raise TypeError("FlexiDepth hard-skip layers take the layer inputs as keywords "
-                            "(as TransformerBlock passes them)")
-        for name in UNGATHERABLE_INPUTS:
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"FlexiDepth hard skip on layer {self.layer_number} cannot gather {name!r} per "
-                    "token; it supports causal self-attention with rotary_pos_emb (no explicit mask, "
-                    "no packed sequences, no inference cache)")
+        check_gatherable(args, kwargs, "FlexiDepth hard skip", self.layer_number)
         route = self._dispatcher.route(x, keep)
         if route.idx.shape[0] == 0:  # every token skips: the block does not run
             return skip, None

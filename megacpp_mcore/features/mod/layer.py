@@ -95,9 +95,9 @@ from megacpp_mcore.features.mod.gate import (
     triton_kernels,
 )
 from megacpp_mcore.features.mod.rope import (
-    UNGATHERABLE_INPUTS,
     TokenRope,
     TokenRopeAttention,
+    check_gatherable,
     gather_rope,
     with_token_rope,
 )
@@ -318,16 +318,7 @@ class MoDLayer(TransformerLayer):
     def _forward_topk(self, hidden_states, *args, **kwargs):
         """Route -> dispatch -> the wrapped layer on the ``k`` chosen tokens -> combine
         (:class:`.topk.TopkDispatcher`; ``hidden_states``: ``[s/tp, b, h]`` under SP)."""
-        if args:
-            raise TypeError("MoD topk layers take the layer inputs as keywords "
-                            "(as TransformerBlock passes them)")
-        for name in UNGATHERABLE_INPUTS:
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"MoD topk on layer {self.layer_number} cannot gather {name!r} per token; it "
-                    "supports causal self-attention with rotary_pos_emb (no explicit mask, no "
-                    "packed sequences, no inference cache)"
-                )
+        check_gatherable(args, kwargs, "MoD topk", self.layer_number)
         aux_weight = self.mod.router_aux_loss_weight if self.training else 0.0
         route = self._topk.route(hidden_states, self.mod_router, aux_weight)
         self._stats.record_topk(route.logits, route.idx.unsqueeze(-1))

@@ -102,6 +102,20 @@ UNGATHERABLE_INPUTS = ("attention_mask", "packed_seq_params", "inference_context
                        "context", "sequence_len_offset")
 
 
+def check_gatherable(args: tuple, kwargs: dict, owner: str, layer_number) -> None:
+    """Refuses layer inputs a per-token gather cannot follow (positional inputs, any of
+    :data:`UNGATHERABLE_INPUTS`); ``owner`` names the route, e.g. ``"MoD topk"``."""
+    if args:
+        raise TypeError(f"{owner} layers take the layer inputs as keywords "
+                        "(as TransformerBlock passes them)")
+    for name in UNGATHERABLE_INPUTS:
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{owner} on layer {layer_number} cannot gather {name!r} per token; it supports "
+                "causal self-attention with rotary_pos_emb (no explicit mask, no packed sequences, "
+                "no inference cache)")
+
+
 def gather_rope(rope, idx: torch.Tensor, owner: str = "MoD topk"):
     """Rotary embeddings of the gathered positions: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (a
     ``(q, k)`` pair of them stays a pair); ``owner`` names the route in the error."""
