@@ -412,14 +412,25 @@ def _apply_backend_per_layer(args) -> str:
     """Top-k layers attend over k tokens, the dense layers between them over the full sequence:
     without the patch TE re-runs its CPU-heavy backend selection on every attention call.
     Counts the real selections (``dpa_utils.get_attention_backend``, the name TE's forward calls)."""
-    if args.cpu_smoke or args.no_te_backend_per_layer:
+    if args.cpu_smoke:
         return "off"
+    import importlib
+
+    from megacpp_mcore.patches import _wrapping
     from megacpp_mcore.patches import te_attention_backend_per_layer as patch
 
     state = patch.check()
-    changed = patch.apply() if state == "needed" else []
-    print(f"[bench_mod] {patch.NAME}: {state}; applied to {changed or 'nothing'}", flush=True)
-    return f"{state}: {', '.join(changed) or 'nothing applied'}"
+    if args.no_te_backend_per_layer:
+        # runtime.initialize applied every needed registry entry: put TE's own forward back
+        dpa = importlib.import_module(
+            "transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention"
+        ).DotProductAttention
+        dpa.forward = _wrapping.upstream(dpa.forward, patch.NAME)
+        print(f"[bench_mod] {patch.NAME}: {state}; reverted to upstream's forward", flush=True)
+        return f"{state}: reverted (upstream's process-wide cache)"
+    applied = patch.applied()  # runtime.initialize applies it where needed
+    print(f"[bench_mod] {patch.NAME}: {state}; applied: {applied}", flush=True)
+    return f"{state}: applied={applied}"
 
 
 def _count_backend_selections() -> list:
