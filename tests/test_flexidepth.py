@@ -4,7 +4,6 @@ penalty (by hand and through Megatron's schedule), TP/SP/PP parity."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from megacpp_mcore.features.flexidepth import FlexiDepthConfig, usage_summary
 from megacpp_mcore.models.presets import custom_model
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError, compile_layers
+from megacpp_mcore.testing import aux_loss_scale
 
 _BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
              ffn_hidden_size=128, vocab_size=128, seq_length=32, mla=None)
@@ -87,19 +87,6 @@ def run_all(runs: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- layer helpers
-@contextlib.contextmanager
-def aux_loss_scale(scale):
-    """Megatron's auxiliary-loss backward scale set as a schedule sets it; unset afterwards."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MoEAuxLossAutoScaler.set_loss_scale(scale)
-    try:
-        yield
-    finally:
-        MoEAuxLossAutoScaler.main_loss_backward_scale = None
-
-
 def _config(*, moe: bool = False, **overrides):
     from megacpp_mcore.models.presets import MoEConfig
     from megacpp_mcore.train import runtime

@@ -3,7 +3,6 @@ references, loss and budget values, side contracts (MoE aux loss, MoDA seam), TP
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -13,6 +12,7 @@ import torch
 from megacpp_mcore.features.mod import MoDConfig
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError, compile_layers
 from megacpp_mcore.models.presets import custom_model
+from megacpp_mcore.testing import aux_loss_scale
 
 # ----------------------------------------------------------------------------- parity factories
 _BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
@@ -60,20 +60,6 @@ def run_all(runs: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- layer helpers
-@contextlib.contextmanager
-def aux_loss_scale(scale):
-    """Megatron's auxiliary-loss backward scale (``MoEAuxLossAutoScaler``, the seam MoD's losses
-    read) set to ``scale`` as a schedule sets it; back to upstream's unset state afterwards."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MoEAuxLossAutoScaler.set_loss_scale(scale)
-    try:
-        yield
-    finally:
-        MoEAuxLossAutoScaler.main_loss_backward_scale = None
-
-
 def _config(*, moe: bool = False, **overrides):
     from megacpp_mcore.train import runtime
     from megacpp_mcore.models.presets import MoEConfig

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megacpp_mcore.features.mod import MoDConfig
 from megacpp_mcore.models.presets import custom_model
-from test_mod import aux_loss_scale
+from megacpp_mcore.testing import aux_loss_scale
 
 SEQ, HIDDEN, HEADS = 256, 64, 4
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,8 @@
 """Test harness shared by the test suite and by feature modules: multi-process gloo runs and the
 single-rank-versus-parallel training comparison."""
 
+import contextlib
+
 
 def stub_mamba1_extension() -> bool:
     """Lets ``import mamba_ssm`` succeed where mamba_ssm was built without its Mamba-1 CUDA
@@ -24,3 +26,17 @@ def stub_mamba1_extension() -> bool:
     stub.__getattr__ = _missing
     sys.modules["selective_scan_cuda"] = stub
     return True
+
+
+@contextlib.contextmanager
+def aux_loss_scale(scale):
+    """Megatron's auxiliary-loss backward scale set as a schedule sets it (``MoEAuxLossAutoScaler``,
+    which MoD and FlexiDepth read at backward time); unset afterwards."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MoEAuxLossAutoScaler.set_loss_scale(scale)
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
