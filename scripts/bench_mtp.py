@@ -35,6 +35,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+def upstream_mtp_mode(args) -> dict:
+    """``{"mtp_use_repeated_layer": True}`` for ``--upstream-repeated`` where this megatron-core has
+    the field (0.17+); a clear error where it does not."""
+    if not args.upstream_repeated:
+        return {}
+    import dataclasses
+    from megatron.core.transformer import TransformerConfig
+    if "mtp_use_repeated_layer" not in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        raise SystemExit("--upstream-repeated needs megatron-core >= 0.17 (TransformerConfig has no "
+                         "mtp_use_repeated_layer here)")
+    return {"mtp_use_repeated_layer": True}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
@@ -55,6 +68,9 @@ def parse_args(argv=None):
                    help="ours: recompute the shared block in backward (MTPConfig.recompute)")
     p.add_argument("--upstream-ce-fusion", action="store_true",
                    help="config.cross_entropy_loss_fusion=True (TE CE) for the unfused heads")
+    p.add_argument("--upstream-repeated", action="store_true",
+                   help="upstream: one MTP layer repeated K times (config.mtp_use_repeated_layer, "
+                        "megatron-core >= 0.17): the shared-block MTP upstream ships, against ours")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="tiny local-backend run on CPU that exercises this script's code paths only")
@@ -190,7 +206,8 @@ def main(argv=None) -> int:
                                                 bf16=not args.smoke_cpu, **overrides),
             "upstream": runtime.transformer_config(
                 model_cfg, runtime.Parallelism(), bf16=not args.smoke_cpu, **overrides,
-                mtp_num_layers=args.depth, mtp_loss_scaling_factor=args.loss_scale),
+                mtp_num_layers=args.depth, mtp_loss_scaling_factor=args.loss_scale,
+                **upstream_mtp_mode(args)),
         }
         runs = results["runs"][str(vocab)] = {}
         for variant in args.variants:
