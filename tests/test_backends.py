@@ -47,6 +47,15 @@ def test_missing_optional_package_raises_at_request():
             backends.require("mamba_ssm", "the fast Mamba path")
 
 
+def test_broken_optional_package_names_its_import_error():
+    # Installed but failing to import (e.g. a missing compiled extension): the reason is in the
+    # message, not "install it", which would send the user after a package they already have.
+    broken = (("mamba_ssm", "ImportError: libfoo.so: cannot open shared object file"),)
+    with backends.override_detection(mamba_ssm=None, import_errors=broken):
+        with pytest.raises(backends.BackendUnavailable, match=r"installed but does not import.*libfoo"):
+            backends.require("mamba_ssm", "the 'M' block")
+
+
 def test_local_backend_norm_supports_sequence_parallel():
     from megacpp_mcore.layers.norms import LocalNorm
 

@@ -51,6 +51,8 @@ class Environment:
     triton: str | None
     causal_conv1d: str | None = None  # MambaMixer's fused training path needs it
     te_error: str | None = None  # why TE did not import, when it is installed but broken
+    # Why each optional kernel package that is installed did not import: (package, reason) pairs.
+    import_errors: tuple[tuple[str, str], ...] = ()
 
 
 def _version(module_name: str) -> tuple[str | None, str | None]:
@@ -73,14 +75,18 @@ def _detect() -> Environment:
     te, te_error = _version("transformer_engine.pytorch")
     if te_error and "No module named 'transformer_engine'" in te_error:
         te_error = None
+    found, errors = {}, []
+    for package in ("mamba_ssm", "triton", "causal_conv1d"):
+        found[package], reason = _version(package)
+        if reason and f"No module named '{package}'" not in reason:
+            errors.append((package, reason))  # installed but broken: say why when it is required
     return Environment(
         cuda=torch.cuda.is_available(),
         te=te,
         apex=_version("apex")[0] is not None,
-        mamba_ssm=_version("mamba_ssm")[0],
-        triton=_version("triton")[0],
-        causal_conv1d=_version("causal_conv1d")[0],
         te_error=te_error,
+        import_errors=tuple(errors),
+        **found,
     )
 
 
@@ -288,8 +294,15 @@ def fused_conv_available() -> bool:
 
 def require(package: str, feature: str) -> str:
     """Returns the version of optional ``package`` (``mamba_ssm``, ``triton``) or raises with the fix."""
-    version = getattr(detect(), package)
+    env = detect()
+    version = getattr(env, package)
     if not version:
+        reason = dict(env.import_errors).get(package)
+        if reason:
+            raise BackendUnavailable(
+                f"{feature} needs the optional package {package!r}, which is installed but does "
+                f"not import here ({reason}); repair its install or use the portable path"
+            )
         raise BackendUnavailable(
             f"{feature} needs the optional package {package!r}, which is not importable here; "
             f"install it (pip install {package.replace('_', '-')}) or use the portable path"
