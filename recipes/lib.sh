@@ -36,6 +36,21 @@ set_data_args() {  # set_data_args PREFIX: DATA_ARGS for a Megatron data prefix,
   fi
 }
 
+set_tokenizer_args() {  # set_tokenizer_args PREFIX VOCAB: TOKENIZER for pretrain_gpt.py
+  # The byte-level BPE that `megacpp-mcore prepare-data --tokenizer bpe:N --output X` saved beside the
+  # data (X.tokenizer/; PREFIX is X.train or X.valid): Megatron's HuggingFaceTokenizer reads it, and
+  # the vocabulary is its size, padded by Megatron. Otherwise NullTokenizer, which adds an
+  # end-of-document id: VOCAB - 1 ids + EOD = VOCAB (a multiple of 128).
+  local base=${1%.train}
+  base=${base%.valid}
+  # shellcheck disable=SC2034  # TOKENIZER is read by the recipe that calls this
+  if [[ -n $1 && -f $base.tokenizer/tokenizer.json ]]; then
+    TOKENIZER=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$base.tokenizer")
+  else
+    TOKENIZER=(--tokenizer-type NullTokenizer --vocab-size "$(($2 - 1))")
+  fi
+}
+
 launch() {  # launch DRY_RUN OUT_DIR CMD...: print CMD (DRY_RUN=1) or create OUT_DIR and exec CMD
   local dry_run=$1 out=$2
   shift 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megacpp_mcore import cli
 from megacpp_mcore.train import data
@@ -40,6 +41,8 @@ def test_byte_tokenizer_roundtrip_and_specials():
     assert tok.detokenize(list(ids) + [tok.eod, tok.pad]) == "int x; // é"
     assert (tok.vocab_size, tok.eod, tok.pad) == (258, 256, 257)
     assert tok.vocab["<eod>"] == 256 and tok.inv_vocab[65] == "A"
+    lengths = tok.byte_lengths()  # the bits-per-byte denominator: one byte per byte id, specials none
+    assert lengths.shape == (258,) and lengths[:256].tolist() == [1] * 256 and lengths[256:].tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("rel,ok", [
@@ -81,6 +84,9 @@ def test_prepare_writes_megatron_dataset_deterministically(tmp_path):
             assert doc.dtype == np.uint16 and doc[-1] == data.ByteTokenizer.EOD
             assert bytes(doc[:-1].astype(np.uint8)) == raw
     assert data.open_prepared(first.prefix).manifest == first.manifest
+    for split, counts in first.manifest["splits"].items():  # one token per byte, end-of-document apart
+        assert counts["tokens"] == counts["bytes"] == sum(map(len, expected[split]))
+    assert first.manifest["tokenizer"]["kind"] == "bytes" and not Path(f"{first.prefix}.tokenizer").exists()
 
 
 def test_interrupted_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
@@ -126,8 +132,9 @@ def test_gpt_dataset_reads_prepared_data_and_masks_specials_for_bpb(tmp_path, mo
     assert len(train_ds) >= 12 and len(valid_ds) >= 4
     sample = train_ds[0]
     assert sample["tokens"].shape == sample["labels"].shape == (16,)
+    lengths = torch.from_numpy(data.open_tokenizer(prepared).byte_lengths())
     (batch,) = training.micro_batches(valid_ds, first_sample=0, global_batch=4, micro_batch_size=4,
-                                      dp_rank=0, dp=1, bytes_only_loss=True)
+                                      dp_rank=0, dp=1, byte_lengths=lengths)
     special = batch["labels"] >= 256
     assert special.any(), "short documents: some labels are end-of-document tokens"
     assert (batch["loss_mask"][special] == 0).all() and (batch["loss_mask"][~special] == 1).all()

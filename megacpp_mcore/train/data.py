@@ -1,17 +1,20 @@
-"""C/C++ source bytes as a Megatron indexed dataset: byte-level tokenizer, source walker, writer.
+"""C/C++ sources as a Megatron indexed dataset: source walker, writer, the prepared data's tokenizer.
 
-A prepared dataset at ``PREFIX`` is three things, written atomically (temporary names in the same
-directory, then renames, the manifest last):
+A prepared dataset at ``PREFIX`` is written atomically (temporary names in the same directory, then
+renames, the manifest last):
 
 * ``PREFIX.train.bin/.idx`` and ``PREFIX.valid.bin/.idx``: megatron-core ``IndexedDataset`` files
   (written with its ``IndexedDatasetBuilder``), one document per source file, each document the
-  file's bytes followed by the end-of-document token;
-* ``PREFIX.json``: the manifest (source, file and byte counts, split rule, tokenizer). It is the
-  commit marker: :func:`open_prepared` refuses a prefix without it, so an interrupted preparation
-  never leaves a half dataset that a later run would read.
+  file's tokens followed by the end-of-document token; tokens are bytes by default, or the ids of a
+  byte-level BPE trained on the training split (:mod:`megacpp_mcore.train.tokenizer`);
+* ``PREFIX.tokenizer/`` for a BPE only: the tokenizer, loadable by ``transformers.AutoTokenizer``
+  and so by Megatron's ``HuggingFaceTokenizer``;
+* ``PREFIX.json``: the manifest (source; documents, bytes and tokens per split; split rule;
+  tokenizer with its hash). It is the commit marker: :func:`open_prepared` refuses a prefix without
+  it, so an interrupted preparation never leaves a half dataset that a later run would read.
 
 The validation split holds out whole files, chosen by a hash of their relative path (stable across
-machines and runs, independent of walk order).
+machines and runs, independent of walk order, the same for every tokenizer).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from megatron.core.tokenizers import MegatronTokenizerBase
+from megacpp_mcore.train import tokenizer as tokenizer_mod
+from megacpp_mcore.train.tokenizer import ByteTokenizer  # public here too: data.ByteTokenizer
 
 SOURCE_SUFFIXES = (".h", ".hh", ".hpp", ".hxx", ".c", ".cc", ".cpp", ".cxx", ".inl", ".ipp")
 DEFAULT_SOURCE = "/usr/include"
@@ -35,60 +40,6 @@ MANIFEST_VERSION = 1
 
 class DataError(ValueError):
     """Bad data input (missing/empty source, unreadable prefix); one line, exit status 2 in the CLI."""
-
-
-class ByteTokenizer(MegatronTokenizerBase):
-    """Bytes are tokens 0..255; then the special tokens Megatron's GPT dataset needs.
-
-    ``eod`` (256) ends every document; ``pad`` (257) pads partial sequences (GPTDataset masks its
-    loss). ``vocab_size`` is 258; models may use a larger (padded) embedding.
-    """
-
-    NUM_BYTES = 256
-    EOD = 256
-    PAD = 257
-
-    def __init__(self):
-        super().__init__("bytes", {"library": "megacpp-bytes"})
-        # GPTDataset hashes this into the names of its cached sample indices.
-        self.unique_identifiers = {"class": type(self).__name__, "vocab_size": self.vocab_size,
-                                   "eod": self.EOD, "pad": self.PAD}
-
-    def tokenize(self, text: str | bytes) -> np.ndarray:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-
-    def detokenize(self, ids) -> str:
-        raw = bytes(int(i) for i in ids if 0 <= int(i) < self.NUM_BYTES)
-        return raw.decode("utf-8", errors="replace")
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        table = {chr(i) if 32 <= i < 127 else f"<0x{i:02X}>": i for i in range(self.NUM_BYTES)}
-        return table | {"<eod>": self.EOD, "<pad>": self.PAD}
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return {v: k for k, v in self.vocab.items()}
-
-    @property
-    def vocab_size(self) -> int:
-        return self.NUM_BYTES + 2
-
-    @property
-    def eod(self) -> int:
-        return self.EOD
-
-    @property
-    def pad(self) -> int:
-        return self.PAD
-
-    @property
-    def special_tokens_dict(self) -> dict[str, int]:
-        return {"eod_token": self.EOD, "pad_token": self.PAD}
-
-    def apply_chat_template(self, *_, **__):
-        raise NotImplementedError("the byte tokenizer has no chat template")
 
 
 def is_source_file(relpath: str) -> bool:
@@ -163,15 +114,55 @@ def _check_prefix(prefix: str) -> Path:
     return path
 
 
+def _documents(files: list[tuple[str, Path]], valid_percent: float,
+               max_bytes: int | None) -> Iterator[tuple[str, bytes]]:
+    """(split, bytes) of each readable file in walk order, up to ``max_bytes`` source bytes."""
+    total = 0
+    for rel, path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        yield ("valid" if is_validation(rel, valid_percent) else "train"), raw
+        total += len(raw)
+        if max_bytes is not None and total >= max_bytes:
+            return
+
+
+def _train_texts(docs: Iterator[tuple[str, bytes]]) -> Iterator[str]:
+    """The training split's text (valid UTF-8 runs) for the BPE trainer."""
+    for split, raw in docs:
+        if split == "train":
+            yield from (p for p in tokenizer_mod.utf8_pieces(raw) if isinstance(p, str))
+
+
+def _batched(docs: Iterator[tuple[str, bytes]], size: int = 256) -> Iterator[list[tuple[str, bytes]]]:
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def prepare(source: str | os.PathLike = DEFAULT_SOURCE, output: str | os.PathLike = "", *,
-            valid_percent: float = 2.0, max_bytes: int | None = None) -> PreparedData:
+            valid_percent: float = 2.0, max_bytes: int | None = None,
+            tokenizer: str = "byte") -> PreparedData:
     """Walks ``source`` and writes the dataset at prefix ``output`` (see the module docstring).
 
-    ``max_bytes`` stops after that many source bytes (files in walk order). Raises
-    :class:`DataError` before writing anything when ``source`` is missing or has no C/C++ files.
+    ``max_bytes`` stops after that many source bytes (files in walk order). ``tokenizer``: ``byte``
+    or ``bpe:N`` (a byte-level BPE of at most N ids trained on the training split). Raises
+    :class:`DataError` before writing anything on bad input (missing source or no C/C++ files,
+    unknown tokenizer, out-of-range numbers).
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    try:
+        bpe_vocab = tokenizer_mod.parse_spec(tokenizer)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     if not 0 < valid_percent < 50:
         raise DataError(f"valid_percent must be in (0, 50), got {valid_percent}")
     if max_bytes is not None and max_bytes < 1:
@@ -180,30 +171,33 @@ def prepare(source: str | os.PathLike = DEFAULT_SOURCE, output: str | os.PathLik
     check_source(src)
     out = _check_prefix(str(output))
     files = list(walk_sources(src))
+    tok_dir = Path(f"{out}.tokenizer")
     missing_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     published = False
     try:
-        builders = {split: IndexedDatasetBuilder(str(tmpdir / f"{split}.bin"), dtype=np.uint16)
+        if bpe_vocab is None:
+            tok, tok_record = ByteTokenizer(), {"kind": "bytes", "vocab_size": ByteTokenizer().vocab_size,
+                                                "eod": ByteTokenizer.EOD, "pad": ByteTokenizer.PAD}
+        else:  # the BPE learns from the training split only (a first pass over the files)
+            tokenizer_mod.save_bpe(tokenizer_mod.train_bpe(
+                _train_texts(_documents(files, valid_percent, max_bytes)), bpe_vocab), tmpdir / "tokenizer")
+            tok = tokenizer_mod.BPETokenizer(tmpdir / "tokenizer")
+            tok_record = {"kind": "bpe", "vocab_size": tok.vocab_size, "requested_vocab_size": bpe_vocab,
+                          "sha256": tok.sha256, "path": tok_dir.name, "eod": tok.eod, "pad": tok.pad}
+        dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+        builders = {split: IndexedDatasetBuilder(str(tmpdir / f"{split}.bin"), dtype=dtype)
                     for split in ("train", "valid")}
-        counts = {split: {"documents": 0, "bytes": 0} for split in builders}
-        total = 0
-        for rel, path in files:
-            try:
-                raw = path.read_bytes()
-            except OSError:
-                continue
-            split = "valid" if is_validation(rel, valid_percent) else "train"
-            doc = np.empty(len(raw) + 1, dtype=np.uint16)
-            doc[:-1] = np.frombuffer(raw, dtype=np.uint8)
-            doc[-1] = ByteTokenizer.EOD
-            builders[split].add_document(doc, [doc.size])
-            counts[split]["documents"] += 1
-            counts[split]["bytes"] += len(raw)
-            total += len(raw)
-            if max_bytes is not None and total >= max_bytes:
-                break
+        # tokens: the documents' text tokens (end-of-document tokens not counted); bytes / tokens
+        # is the split's bytes per token
+        counts = {split: {"documents": 0, "bytes": 0, "tokens": 0} for split in builders}
+        for batch in _batched(_documents(files, valid_percent, max_bytes)):
+            for (split, raw), doc in zip(batch, tok.encode_documents([raw for _, raw in batch])):
+                builders[split].add_document(doc, [doc.size])
+                counts[split]["documents"] += 1
+                counts[split]["bytes"] += len(raw)
+                counts[split]["tokens"] += doc.size - 1
         for split, builder in builders.items():
             builder.finalize(str(tmpdir / f"{split}.idx"))
         empty = [s for s, c in counts.items() if c["documents"] == 0]
@@ -216,24 +210,27 @@ def prepare(source: str | os.PathLike = DEFAULT_SOURCE, output: str | os.PathLik
         manifest = {
             "version": MANIFEST_VERSION,
             "source": str(src.resolve()),
-            "tokenizer": {"kind": "bytes", "vocab_size": ByteTokenizer().vocab_size,
-                          "eod": ByteTokenizer.EOD, "pad": ByteTokenizer.PAD},
+            "tokenizer": tok_record,
             "valid_percent": valid_percent,
             "max_bytes": max_bytes,
             "splits": counts,
         }
         Path(tmpdir, "manifest.json").write_text(json.dumps(manifest, indent=1))
-        # Publish: data files first, the manifest (the commit marker) last.
+        # Publish: tokenizer and data files first, the manifest (the commit marker) last. A byte
+        # dataset leaves no tokenizer directory of an earlier BPE preparation beside it (recipes
+        # take one there for the data's tokenizer).
         Path(f"{out}.json").unlink(missing_ok=True)
+        if tok_dir.is_dir():
+            shutil.rmtree(tok_dir)
+        if bpe_vocab is not None:
+            os.replace(tmpdir / "tokenizer", tok_dir)
         for split in builders:
             for ext in ("bin", "idx"):
                 os.replace(tmpdir / f"{split}.{ext}", f"{out}.{split}.{ext}")
         os.replace(tmpdir / "manifest.json", f"{out}.json")
         published = True
     finally:
-        for leftover in tmpdir.iterdir():
-            leftover.unlink()
-        tmpdir.rmdir()
+        shutil.rmtree(tmpdir)
         if not published:  # leave no directories behind that this call created
             for parent in missing_parents:
                 if parent.is_dir() and not any(parent.iterdir()):
@@ -261,7 +258,22 @@ def open_prepared(prefix: str | os.PathLike) -> PreparedData:
             path = Path(f"{prefix}.{split}.{ext}")
             if not os.access(path, os.R_OK):
                 raise DataError(f"data prefix {prefix!r}: {path} is missing or unreadable")
+    tok_dir = tokenizer_mod.directory_of(prefix, manifest)
+    if tok_dir is not None:  # the ids mean nothing without the very tokenizer that wrote them
+        tok_json = tok_dir / "tokenizer.json"
+        try:
+            digest = tokenizer_mod.file_sha256(tok_json)
+        except OSError:
+            raise DataError(f"data prefix {prefix!r}: its tokenizer {tok_json} is missing or unreadable") from None
+        if digest != manifest["tokenizer"]["sha256"]:
+            raise DataError(f"data prefix {prefix!r}: {tok_json} has sha256 {digest[:12]}..., not the "
+                            f"{manifest['tokenizer']['sha256'][:12]}... the data was written with")
     return PreparedData(prefix=prefix, manifest=manifest)
+
+
+def open_tokenizer(prepared: PreparedData) -> tokenizer_mod.ByteTokenizer | tokenizer_mod.BPETokenizer:
+    """The tokenizer ``prepared`` was written with (its ``eod``/``pad``, byte lengths, vocab)."""
+    return tokenizer_mod.for_manifest(prepared.prefix, prepared.manifest)
 
 
 def cache_dir() -> Path:
