@@ -1,0 +1,190 @@
+"""Attention with a cache: standard attention (K/V cache) and MLA (latent cache), MoDA included.
+
+Both read the trained module's own submodules (QKV / latent projections, Q/K and latent norms,
+output projection), so a checkpoint loads unchanged and either backend's modules serve; only the
+core attention (``softmax(q k^T * scale) v`` over the cached keys) is computed here, because the
+new queries attend to more keys than they are (``s`` queries, ``start + s`` keys).
+
+* Standard attention caches the rotated K and V per KV group: ``[T, b, g, dk]`` / ``[T, b, g, dv]``.
+* MLA caches what MLA compresses: the KV latent before its norm ``[T, b, kv_lora_rank]`` and the
+  rotated RoPE key ``[T, b, qk_pos_emb_head_dim]``; each step up-projects the cached latents with
+  the layer's own ``kv_layernorm`` + ``linear_kv_up_proj`` (on TE the norm is fused into the up
+  projection, so caching the pre-norm latent serves both backends).
+* MoDA (a :class:`~megacpp_mcore.features.moda.DepthAwareAttention` core attention): the new
+  positions also attend to the depth K/V that earlier layers of the segment pushed at the same
+  positions in this forward (:meth:`.context.StepContext.read_depth`), and push their own.
+
+Caches are preallocated for the session's capacity; rolling back is moving the committed length
+(entries past it are overwritten by the next forward), so they hold no per-step state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+from megacpp_mcore.features.moda import DepthAwareAttention
+from megacpp_mcore.infer.context import StepContext
+from megacpp_mcore.spec import compat
+
+
+class KVCache:
+    """Rotated keys ``[T, b, g, dk]`` and values ``[T, b, g, dv]`` of a standard attention layer."""
+
+    def __init__(self, attn, batch: int, capacity: int, dtype, device):
+        g, d = attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head
+        self.key = torch.zeros(capacity, batch, g, d, dtype=dtype, device=device)
+        self.value = torch.zeros(capacity, batch, g, d, dtype=dtype, device=device)
+
+    def write(self, start: int, key: torch.Tensor, value: torch.Tensor):
+        """Stores the new positions and returns every key/value up to them."""
+        end = start + key.shape[0]
+        self.key[start:end] = key
+        self.value[start:end] = value
+        return self.key[:end], self.value[:end]
+
+
+class LatentCache:
+    """MLA's compressed cache: pre-norm KV latent ``[T, b, kv_lora_rank]`` and rotated RoPE key
+    ``[T, b, qk_pos_emb_head_dim]`` (shared by all heads), not the expanded K/V."""
+
+    def __init__(self, attn, batch: int, capacity: int, dtype, device):
+        config = attn.config
+        self.latent = torch.zeros(capacity, batch, config.kv_lora_rank, dtype=dtype, device=device)
+        self.rope_key = torch.zeros(capacity, batch, config.qk_pos_emb_head_dim, dtype=dtype,
+                                    device=device)
+
+    def write(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor):
+        end = start + latent.shape[0]
+        self.latent[start:end] = latent
+        self.rope_key[start:end] = rope_key
+        return self.latent[:end], self.rope_key[:end]
+
+
+# Up to this many new positions (decode, verification) attention runs as explicit matmuls: SDPA
+# with a mask would pick cuDNN on Hopper, which builds a new graph for every key length (measured
+# on an H200: ~12 ms of host time per call, more than the whole rest of a decode step).
+MATH_MAX_QUERIES = 16
+
+
+def attend(query, key, value, mask, scale: float, depth_key=None, depth_value=None):
+    """Causal attention of ``s`` new queries over ``T`` cached keys, optionally with MoDA depth keys.
+
+    query ``[s, b, np, dk]``; key ``[T, b, g, dk]``; value ``[T, b, g, dv]`` (``np`` divisible by
+    ``g``: head ``i`` reads group ``i // (np / g)``); mask ``[b, 1, s, T]`` (True = attend);
+    depth_key ``[s, b, g', n, dk]`` / depth_value: per-position extra keys (``n`` earlier layers).
+    Returns ``[s, b, np * dv]``.
+    """
+    s, b, heads, _ = query.shape
+    q = query.permute(1, 2, 0, 3)  # [b, np, s, dk]
+    k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, g, T, d]
+    if depth_key is None and s > MATH_MAX_QUERIES:  # prefill
+        r = heads // k.shape[1]
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(r, dim=1),
+                                             v.repeat_interleave(r, dim=1), attn_mask=mask,
+                                             scale=scale)  # [b, np, s, dv]
+    else:
+        out = _explicit(q, k, v, mask, scale, depth_key, depth_value)
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def _explicit(q, k, v, mask, scale, depth_key, depth_value):
+    """``softmax([q k^T, q k_depth^T] * scale) [v, v_depth]`` with fp32 scores; the ``r = np / g``
+    query heads of a group are stacked so that K/V are read once per group. Returns
+    ``[b, np, s, dv]``."""
+    b, heads, s, dk = q.shape
+    g, T = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grouped = q.reshape(b, g, (heads // g) * s, dk)  # head i -> group i // r
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).to(acc).view(b, heads, s, T) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if depth_key is not None:
+        r = heads // depth_key.shape[2]
+        kd = depth_key.repeat_interleave(r, dim=2)  # [s, b, np, n, dk]
+        depth_scores = torch.einsum("bhsd,sbhnd->bhsn", q.to(acc), kd.to(acc)) * scale
+        scores = torch.cat([scores, depth_scores], dim=-1)
+    probs = scores.softmax(dim=-1)
+    seq = probs[..., :T].to(v.dtype).reshape(b, g, (heads // g) * s, T)
+    out = torch.matmul(seq, v).view(b, heads, s, -1)
+    if depth_key is not None:
+        vd = depth_value.repeat_interleave(heads // depth_value.shape[2], dim=2)
+        out = (out.to(acc) + torch.einsum("bhsn,sbhnd->bhsd", probs[..., T:], vd.to(acc))).to(v.dtype)
+    return out
+
+
+def _rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float, attn, rope_config, **kwargs):
+    return apply_rotary_pos_emb(t, freqs, config=rope_config, mscale=mscale,
+                                cp_group=attn.pg_collection.cp, **kwargs)
+
+
+def _moda(core, ctx: StepContext, key, value):
+    """MoDA: this layer's depth keys of the new positions (read first), then its own push."""
+    if not isinstance(core, DepthAwareAttention):
+        return None, None
+    depth = ctx.read_depth(core.buffer, core.reads)
+    if core.slot is not None:
+        ctx.push_depth(core.buffer, core.slot, key, value)
+    return depth
+
+
+def softmax_scale(attn) -> float:
+    """The scale the trained core attention applies: its own ``softmax_scale`` (local, TE and MoDA
+    core attention keep one), else the config's, else ``1 / sqrt(head dim)`` as Megatron sets it."""
+    scale = getattr(attn.core_attention, "softmax_scale", None)
+    if scale is None:
+        scale = getattr(attn.config, "softmax_scale", None) or attn.hidden_size_per_attention_head ** -0.5
+    return float(scale)
+
+
+def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_config):
+    """One standard ``SelfAttention`` over the new positions: ``[s, b, h] -> (out, bias)``.
+
+    ``rotary``: the model's ``RotaryEmbedding`` (None without RoPE); ``rope_config``: the config
+    with RoPE fusion off (per-row positions give ``[s, b, 1, d]`` frequencies, which the fused
+    kernel does not take)."""
+    query, key, value = attn.get_query_key_value_tensors(hidden, None)  # [s, b, np|g, d]
+    if rotary is not None:
+        freqs, mscale = ctx.rotary(rotary)
+        query = _rotate(query, freqs, mscale, attn, rope_config)
+        key = _rotate(key, freqs, mscale, attn, rope_config)
+    depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
+    keys, values = cache.write(ctx.start, key, value)
+    out = attend(query, keys, values, ctx.attention_mask(), softmax_scale(attn),
+                 depth_key, depth_value)
+    return attn.linear_proj(out)
+
+
+def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config):
+    """One ``MLASelfAttention`` over the new positions with the latent cache: ``(out, bias)``.
+
+    The projections, norms and RoPE are MLA's own, in the order ``get_query_key_value_tensors``
+    applies them (tensor parallel size 1: no gather of the down projections)."""
+    config = attn.config
+    s, b, _ = hidden.shape
+    heads, qk, pe, dv = (attn.num_attention_heads_per_partition, config.qk_head_dim,
+                         config.qk_pos_emb_head_dim, config.v_head_dim)
+    if config.q_lora_rank is None:
+        q, _ = attn.linear_q_proj(hidden)
+    else:
+        q_latent, _ = attn.linear_q_down_proj(hidden)
+        q, _ = attn.linear_q_up_proj(attn.q_layernorm(q_latent))
+    q_no_pe, q_pe = torch.split(q.view(s, b, heads, qk + pe), [qk, pe], dim=-1)
+    combined, _ = attn.linear_kv_down_proj(hidden)  # [s, b, kv_lora_rank + pe]
+    latent, k_pe = torch.split(combined, [config.kv_lora_rank, pe], dim=-1)
+
+    freqs, mscale = ctx.rotary(attn.rotary_pos_emb)
+    rope = compat.mla_rotary_kwargs()
+    q_pe = _rotate(q_pe, freqs, mscale, attn, rope_config, **rope)
+    k_pe = _rotate(k_pe.unsqueeze(2), freqs, mscale, attn, rope_config, **rope).squeeze(2)
+    latents, rope_keys = cache.write(ctx.start, latent, k_pe)  # [T, b, r], [T, b, pe]
+
+    kv, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latents))  # [T, b, np * (qk + dv)]
+    k_no_pe, values = torch.split(kv.view(*kv.shape[:2], heads, qk + dv), [qk, dv], dim=-1)
+    keys = torch.cat([k_no_pe, rope_keys.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
+    query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
+    # MoDA pushes the expanded key of the new positions, as MLA hands it to core attention
+    depth_key, depth_value = _moda(attn.core_attention, ctx, keys[ctx.start:], values[ctx.start:])
+    out = attend(query, keys, values, ctx.attention_mask(), float(attn.softmax_scale),
+                 depth_key, depth_value)
+    return attn.linear_proj(out)

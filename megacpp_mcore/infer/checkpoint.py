@@ -1,0 +1,116 @@
+"""A checkpoint of ``megacpp-mcore train --save DIR`` as an inference model.
+
+The checkpoint records the model signature (:func:`megacpp_mcore.train.checkpoint.model_signature`:
+pattern, depth, widths, vocabulary, MoE, the per-layer symbols and features) and, in its completion
+marker, the run's sequence length. :func:`resolve_model` finds the
+:class:`~megacpp_mcore.models.presets.ModelConfig` it was trained with (the preset, or a
+``--pattern/--num-layers`` model on a preset's dimensions) or checks the one the caller names;
+:func:`load_model` builds that model through the package's one builder and loads only the model
+weights (no optimizer), through Megatron's distributed checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from megacpp_mcore.models.presets import PRESETS, ModelConfig, custom_model
+from megacpp_mcore.train.checkpoint import (
+    check_checkpoint_matches,
+    find_checkpoint,
+    model_signature,
+    read_metadata,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint: its directory, step, recorded model signature and the sequence
+    length it was trained at (None where its marker does not say)."""
+
+    path: Path
+    step: int
+    signature: dict
+    seq_length: int | None = None
+
+
+def open_checkpoint(directory: str) -> Checkpoint:
+    """The newest complete checkpoint in ``directory`` (as ``train --load`` finds it: partial saves
+    are ignored); ``ValueError`` (one line) when there is none, when it cannot be read or when it
+    was not written by ``megacpp-mcore train`` (no model signature)."""
+    path, step = find_checkpoint(directory)
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as exc:  # unreadable common state: a broken or foreign checkpoint
+        raise ValueError(f"--load {directory!r}: {path} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    signature = common.get("model_signature") if isinstance(common, dict) else None
+    if signature is None:
+        raise ValueError(f"--load {directory!r}: {path} was not written by `megacpp-mcore train` "
+                         "(no model signature)")
+    run = (read_metadata(path) or {}).get("run") or {}
+    return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"))
+
+
+def _candidates(signature: dict):
+    """Presets as they are, then each preset's dimensions under the recorded pattern/depth."""
+    for name, preset in PRESETS.items():
+        yield preset
+        if (preset.pattern, preset.num_layers) != (signature.get("pattern"), signature.get("num_layers")):
+            try:
+                yield custom_model(pattern=signature["pattern"], num_layers=signature["num_layers"],
+                                   base=name)
+            except (ValueError, KeyError):
+                continue
+
+
+def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
+                  seq_length: int | None = None) -> ModelConfig:
+    """The model ``checkpoint`` holds: ``model`` when given (checked against the signature), else
+    the first preset-based model whose signature matches. The context is ``seq_length`` when
+    given, else the length the run trained at (``train --seq-length``), else the preset's."""
+    if model is not None:
+        check_checkpoint_matches(checkpoint.path, model)
+    else:
+        model = next((c for c in _candidates(checkpoint.signature)
+                      if model_signature(c) == checkpoint.signature), None)
+        if model is None:
+            sig = checkpoint.signature
+            raise ValueError(
+                f"--load: {checkpoint.path} holds a model of no known preset (pattern "
+                f"{sig.get('pattern')!r}, {sig.get('num_layers')} layers, hidden "
+                f"{sig.get('hidden_size')}); name it with --preset/--pattern/--num-layers")
+    seq_length = seq_length or checkpoint.seq_length
+    if seq_length is not None and seq_length != model.seq_length:
+        model = model.replace(seq_length=seq_length)
+    return model
+
+
+def load_model(checkpoint: Checkpoint, model: ModelConfig, *, backend: str = "auto",
+               bf16: bool | None = None):
+    """Builds ``model`` (single process: starts the 1-rank world through ``runtime.initialize``)
+    and loads the checkpoint's model weights. Returns the GPTModel (eval mode)."""
+    from megatron.core import dist_checkpointing
+
+    from megacpp_mcore.train import runtime
+
+    par = runtime.Parallelism()
+    runtime.initialize(par)
+    config = runtime.transformer_config(model, par, bf16=bf16)
+    (gpt,) = runtime.build_model(model, config, backend=backend, wrap_ddp=False)
+    try:
+        loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict(prefix="")},
+                                         str(checkpoint.path))
+    except Exception as exc:
+        raise ValueError(f"--load: the weights in {checkpoint.path} cannot be read into "
+                         f"{model.name} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    own = gpt.state_dict(keep_vars=True)
+    missing, _ = gpt.load_state_dict({k: v for k, v in loaded["model"].items() if k in own},
+                                     strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"--load: {checkpoint.path} lacks weights {missing[:3]}")
+    return gpt.eval()

@@ -1,0 +1,87 @@
+"""What one forward over new positions knows about them: time indices, left padding, the causal
+mask over the cache, per-row rotary embeddings and MoDA's depth K/V of these positions.
+
+Time and position. A batch of prompts of different lengths is left-padded to one length, so every
+row shares the time index ``t`` (the cache slot) and row ``r`` is at position ``t - pad[r]`` (the
+RoPE position its own unpadded run would use). Padded slots are invisible: no query attends to a
+padded key (except itself, so no softmax row is empty), and the recurrent mixers neither read nor
+update state there (:mod:`.mixers`), so each row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StepContext:
+    """The ``s`` new time steps ``start .. start + s - 1`` of one forward over a cache timeline.
+
+    Args:
+        start: time index of the first new position (the cache's committed length).
+        s: number of new positions.
+        pad: ``[b]`` left padding per row (long, on the model's device).
+        rope_tables: the session's cache of full rotary tables (one per rotary module).
+        max_length: the timeline's capacity (rotary tables are built that long, once).
+    """
+
+    def __init__(self, start: int, s: int, pad: torch.Tensor, rope_tables: dict, max_length: int):
+        if start + s > max_length:
+            raise ValueError(f"inference: {start + s} positions exceed the session's capacity of "
+                             f"{max_length}; start a session with a larger max_length")
+        self.start, self.s, self.end = start, s, start + s
+        self.pad = pad
+        device = pad.device
+        self.time = torch.arange(start, self.end, device=device)  # [s]
+        self.valid = self.time[None, :] >= pad[:, None]  # [b, s]: False on padded slots
+        self.positions = (self.time[None, :] - pad[:, None]).clamp(min=0)  # [b, s]
+        self._rope_tables = rope_tables
+        self._max_length = max_length
+        self._mask: torch.Tensor | None = None
+        # MoDA: depth K/V pushed at these positions in this forward, per depth buffer (id -> list)
+        self.depth: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def attention_mask(self) -> torch.Tensor:
+        """``[b, 1, s, end]`` bool, True = attend: causal over the timeline, padded keys hidden
+        (a padded query sees only itself: its output is never used, but must stay finite)."""
+        if self._mask is None:
+            keys = torch.arange(self.end, device=self.pad.device)  # [end]
+            causal = keys[None, :] <= self.time[:, None]  # [s, end]
+            real_key = keys[None, :] >= self.pad[:, None]  # [b, end]
+            itself = keys[None, :] == self.time[:, None]  # [s, end]
+            self._mask = (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]
+        return self._mask
+
+    def rotary(self, module) -> tuple[torch.Tensor, float]:
+        """Per-row rotary frequencies ``[s, b, 1, d]`` of a Megatron ``RotaryEmbedding`` (the
+        GPT model's, or an MLA attention's own) and its mscale (1.0 for plain RoPE).
+
+        The module's full table ``[max_length, 1, 1, d]`` is built once per session and indexed by
+        each row's positions, so a left-padded row gets the rotations of its unpadded run."""
+        key = id(module)
+        if key not in self._rope_tables:
+            table = module(self._max_length)
+            mscale = 1.0
+            if isinstance(table, tuple):  # YaRN returns (emb, mscale)
+                table, mscale = table
+            self._rope_tables[key] = (table[:, 0, 0, :], float(mscale))  # [L, d]
+        table, mscale = self._rope_tables[key]
+        return table[self.positions].transpose(0, 1).unsqueeze(2), mscale  # [s, b, 1, d]
+
+    def push_depth(self, buffer, slot: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """MoDA: layer's K ``[s, b, g, dk]`` / V of these positions into ``slot`` of ``buffer``."""
+        pushed = self.depth.setdefault(id(buffer), [])
+        if slot != len(pushed):
+            raise RuntimeError(f"inference: MoDA slot {slot} pushed after {len(pushed)} slots "
+                               "(layers ran out of order)")
+        pushed.append((key, value))
+
+    def read_depth(self, buffer, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """MoDA: the first ``n`` slots' K ``[s, b, g, n, dk]`` and V of these positions."""
+        if n == 0:
+            return None, None
+        pushed = self.depth.get(id(buffer), [])
+        if len(pushed) < n:
+            raise RuntimeError(f"inference: a MoDA layer reads {n} depth slots, {len(pushed)} "
+                               "were pushed at these positions")
+        keys, values = zip(*pushed[:n])
+        return torch.stack(keys, dim=3), torch.stack(values, dim=3)

@@ -1,0 +1,179 @@
+"""Generation: plain (one trunk step per token) and speculative (``K`` MTP drafts verified by one
+trunk forward over ``K + 1`` positions), through the same session code.
+
+:func:`generate` takes token-id prompts (any lengths; left-padded into one batch), runs the prefill
+in one forward, then decodes until every row has ``max_new_tokens`` tokens, emitted a stop token or
+reached the model's context. Greedy speculative output is token-identical to plain greedy; sampled
+speculative output has the trunk's distribution (:mod:`.sampling`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import torch
+
+from megacpp_mcore.infer.engine import Engine
+from megacpp_mcore.infer.mtp import MTPDrafter
+from megacpp_mcore.infer.sampling import Sampling, verify
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of :func:`generate`: per row the new token ids and why the row stopped, timings, and
+    for speculative decoding the acceptance statistics."""
+
+    tokens: list[list[int]]
+    stop: list[str]  # "length" | "stop_token" | "context"
+    prompt_lengths: list[int]
+    speculative: int
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0  # trunk forwards after the prefill
+    decode_tokens: int = 0  # tokens emitted by those steps (all rows, until each row stopped)
+    attempted: list[int] = dataclasses.field(default_factory=list)  # per draft position
+    accepted: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per draft position ``j``: accepted / attempted, where position ``j`` is attempted when
+        drafts ``1 .. j-1`` of that row were accepted (so position 1 is the plain acceptance rate
+        and later positions are conditional on the earlier ones)."""
+        return [a / t if t else float("nan") for a, t in zip(self.accepted, self.attempted)]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per verification step and row."""
+        rows = self.attempted[0] if self.attempted else 0
+        return sum(self.accepted) / rows if rows else float("nan")
+
+    def summary(self) -> dict:
+        """JSON-able timings and statistics (no token lists)."""
+        out = {"speculative": self.speculative, "prompt_tokens": self.prompt_lengths,
+               "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
+               "decode_s": self.decode_s, "steps": self.steps, "decode_tokens": self.decode_tokens,
+               "decode_tokens_per_s": self.decode_tokens_per_s, "stop": self.stop}
+        if self.speculative:
+            out.update(acceptance_per_position=self.acceptance, attempted=self.attempted,
+                       accepted=self.accepted, mean_accepted=self.mean_accepted)
+        return out
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, P]`` prompt ids right-aligned (pad id 0, never attended) and the pad lengths ``[b]``."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, longest - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+    return tokens.to(device), pad.to(device)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
+    """``ValueError`` for an empty batch, an empty prompt, or one that leaves no room in ``context``
+    for a continuation."""
+    if not prompts:
+        raise ValueError("no prompt given")
+    for i, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        if len(prompt) >= context:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, too long for the model's "
+                             f"context of {context} (at most {context - 1} leave room to generate)")
+
+
+@torch.no_grad()
+def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), speculative: int = 0,
+             stop_tokens: Sequence[int] = (), context: int | None = None,
+             drafter=None) -> Generation:
+    """Continues every prompt (token ids) by up to ``max_new_tokens`` tokens.
+
+    ``speculative``: ``K`` drafts per step from the model's MTP block (0: plain decoding);
+    ``drafter``: another object with the drafter protocol of :class:`.mtp.MTPDrafter` (tests);
+    ``context``: the longest sequence to run (default: the model's ``max_sequence_length``).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = context or engine.model.max_sequence_length
+    check_prompts(prompts, context)
+    device, batch = engine.device, len(prompts)
+    tokens, pad = left_pad(prompts, device)
+    longest = tokens.shape[1]
+    budget = min(max_new_tokens, context - longest)
+    k = speculative if drafter is None else drafter.k
+    session = engine.session(batch, longest + budget + k + 1, pad)
+    generator = sampling.generator(device)
+    result = Generation(tokens=[[] for _ in prompts], stop=["length"] * batch,
+                        prompt_lengths=[len(p) for p in prompts], speculative=k,
+                        attempted=[0] * k, accepted=[0] * k)
+    done = [False] * batch
+
+    def emit(new: torch.Tensor) -> int:  # [b, n] -> tokens emitted by rows still running
+        count = 0
+        for row, ids in enumerate(new.tolist()):
+            for token in ids:
+                if done[row]:
+                    break
+                if token in stop_tokens:
+                    done[row], result.stop[row] = True, "stop_token"
+                    break
+                result.tokens[row].append(token)
+                count += 1
+                if len(result.tokens[row]) >= budget:
+                    done[row] = True
+                    result.stop[row] = "length" if budget == max_new_tokens else "context"
+        return count
+
+    t0 = _sync(device)
+    hidden = session.forward(tokens)
+    session.commit(longest)
+    pending, _ = sampling.choose(engine.logits(hidden[-1:])[:, 0], generator)  # [b]
+    if k and drafter is None:
+        drafter = MTPDrafter(engine, session, k)
+    if k:
+        drafter.start(tokens, hidden)
+    emit(pending[:, None])
+    t1 = _sync(device)
+    result.prefill_s = t1 - t0
+    while not all(done):
+        active = [not d for d in done]
+        if k:
+            drafts, draft_probs = drafter.draft(pending, sampling, generator)  # [b, K]
+            hidden = session.forward(torch.cat([pending[:, None], drafts], dim=1), keep=True)
+            m, accepted, token = verify(sampling, engine.logits(hidden), drafts, draft_probs,
+                                        generator)
+            session.commit(m + 1)
+            new = torch.cat([drafts[:, :m], token[:, None]], dim=1)  # [b, m + 1]
+            drafter.accept(m, hidden[:m + 1], new)
+            for row, a in enumerate(accepted.tolist()):
+                if active[row]:
+                    for j in range(min(a + 1, k)):
+                        result.attempted[j] += 1
+                        result.accepted[j] += j < a
+        else:
+            hidden = session.forward(pending[:, None])
+            session.commit(1)
+            new = sampling.choose(engine.logits(hidden)[:, 0], generator)[0][:, None]  # [b, 1]
+        pending = new[:, -1]
+        result.decode_tokens += emit(new)
+        result.steps += 1
+    result.decode_s = _sync(device) - t1
+    return result

@@ -1,0 +1,141 @@
+"""The trained GPT model as a decoder: :class:`Engine` (the model's parts, planned once) and
+:class:`Session` (the inference state of one batch: caches, recurrent states, committed length).
+
+A session runs the trunk over new positions (:meth:`Session.forward`: prefill in one forward, then
+incremental steps) and keeps them (:meth:`Session.commit`), possibly fewer than it ran: speculative
+decoding verifies ``K + 1`` positions and commits the accepted prefix, which leaves every cache and
+recurrent state as if the rejected positions had never been seen. Everything is read from the
+model's own modules (embedding, layers, final norm, output layer), so a checkpoint written by
+``megacpp-mcore train`` generates unchanged, on either backend.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from megacpp_mcore.infer.context import StepContext
+from megacpp_mcore.infer.layers import LayerPlan, UnsupportedForInference, new_state, plan_layer, run_layer
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+class Engine:
+    """A trained (MTP)GPTModel prepared for decoding: one plan per trunk layer, the MTP block's
+    plans when it has one. The model is put in eval mode; its parameters are not touched."""
+
+    def __init__(self, model):
+        model = _unwrap(model)
+        if not (model.pre_process and model.post_process):
+            raise UnsupportedForInference("inference runs the whole model in one process "
+                                          "(pipeline parallel size 1)")
+        config = model.config
+        if config.tensor_model_parallel_size != 1 or config.context_parallel_size != 1:
+            raise UnsupportedForInference(
+                f"inference runs at tensor/context parallel size 1, got tp="
+                f"{config.tensor_model_parallel_size} cp={config.context_parallel_size}")
+        model.eval()
+        self.model, self.config = model, config
+        self.plans: list[LayerPlan] = [plan_layer(layer, f"layer {i}")
+                                       for i, layer in enumerate(model.decoder.layers)]
+        block = getattr(model, "mtp_block", None)
+        self.mtp_depth = model.mtp_config.depth if block is not None else 0
+        self.mtp_plans = (plan_layer(block.attention, "MTP block attention"),
+                          plan_layer(block.feedforward, "MTP block feed-forward")) if block else ()
+        # RoPE of standard attention (GPTModel's); MLA layers hold their own
+        self.rotary = getattr(model, "rotary_pos_emb", None)
+        # per-row positions give [s, b, 1, d] frequencies, which TE's fused RoPE does not take
+        self.rope_config = copy.copy(config)
+        self.rope_config.apply_rope_fusion = False
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, config.params_dtype
+        self.vocab_size = model.vocab_size
+
+    # ----------------------------------------------------------------------------- model parts
+    def embed(self, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """``[b, s]`` token ids -> ``[s, b, h]`` with the model's embedding."""
+        return self.model.embedding(input_ids=tokens, position_ids=ctx.positions)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = getattr(self.model.decoder, "final_layernorm", None)
+        return hidden if norm is None else norm(hidden)
+
+    def output_weight(self) -> torch.Tensor | None:
+        model = self.model
+        return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed ``[s, b, h]`` -> fp32 logits ``[b, s, V]`` through the output layer."""
+        logits, _ = self.model.output_layer(hidden, weight=self.output_weight())
+        return logits.transpose(0, 1).float()
+
+    def session(self, batch: int, max_length: int, pad: torch.Tensor | None = None) -> "Session":
+        """A fresh session of ``batch`` rows for ``max_length`` time steps (left padding ``pad``)."""
+        return Session(self, batch, max_length, pad)
+
+    @torch.no_grad()
+    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's ordinary full-sequence forward ``[b, s] -> [b, s, V]`` (the reference the
+        cached path must reproduce)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.model(tokens, positions, None).float()
+
+
+class Session:
+    """Inference state of one batch: per-layer caches / recurrent states and the committed length.
+
+    ``forward(tokens, keep=...)`` runs the new positions after the committed ones;
+    ``commit(n)`` keeps the first ``n`` of them (``n < s`` needs ``keep=True``).
+    """
+
+    def __init__(self, engine: Engine, batch: int, max_length: int, pad: torch.Tensor | None):
+        self.engine, self.batch, self.max_length = engine, batch, max_length
+        device = engine.device
+        self.pad = (torch.zeros(batch, dtype=torch.long, device=device) if pad is None
+                    else pad.to(device=device, dtype=torch.long))
+        self.states = [new_state(p, batch, max_length, engine.dtype, device) for p in engine.plans]
+        self.length = 0
+        self._pending = 0  # positions run by the last forward and not yet committed
+        self.rope_tables: dict = {}
+
+    def context(self, start: int, s: int) -> StepContext:
+        """Step context of ``s`` positions from ``start`` on this session's timeline."""
+        return StepContext(start, s, self.pad, self.rope_tables, self.max_length)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, *, keep: bool = False) -> torch.Tensor:
+        """Runs ``tokens`` ``[b, s]`` at the next ``s`` time steps; returns the final-normed hidden
+        states ``[s, b, h]`` (what the output layer and the MTP block read). ``keep``: recurrent
+        layers keep per-position states, so that :meth:`commit` may keep fewer than ``s``."""
+        if self._pending:
+            raise RuntimeError("inference: forward before the previous forward was committed")
+        engine = self.engine
+        ctx = self.context(self.length, tokens.shape[1])
+        hidden = engine.embed(tokens, ctx)
+        for plan, state in zip(engine.plans, self.states):
+            hidden = run_layer(plan, hidden, state, ctx, rotary=engine.rotary,
+                               rope_config=engine.rope_config, keep=keep)
+        self._pending = tokens.shape[1]
+        return engine.final_norm(hidden)
+
+    def commit(self, n: int) -> None:
+        """Keeps the first ``n`` positions of the last forward: caches are truncated to them (by
+        length) and recurrent states take their value at the ``n``-th position."""
+        s = self._pending
+        if not 0 <= n <= s:
+            raise ValueError(f"inference: commit({n}) of a {s}-position forward")
+        for state in self.states:
+            if hasattr(state, "commit"):
+                state.commit(n, s)
+        self.length += n
+        self._pending = 0
+
+    def recurrent_snapshot(self) -> list[dict[str, torch.Tensor] | None]:
+        """Copies of every recurrent layer's conv window and state (tests compare rollbacks)."""
+        return [s.snapshot() if hasattr(s, "snapshot") else None for s in self.states]

@@ -1,0 +1,187 @@
+"""Recurrent state of the ``M`` (Mamba-2) and ``R`` (M2RNN) mixers, advanced over new positions.
+
+Each step reads the trained mixer's own parameters (``in_proj``, the depthwise conv, ``dt_bias``,
+``A_log``, ``D``, the gated norm, ``out_proj``; M2RNN's recurrent weight and forget bias), so the
+portable torch mixers and Megatron's ``MambaMixer`` (te backend, whose conv is a ``conv1d`` module
+before megatron-core 0.19 and ``conv1d_weight``/``conv1d_bias`` parameters from 0.19:
+:data:`megacpp_mcore.spec.compat.MAMBA_CONV_PARAMETERS`) are served by the same code.
+
+State per row: the last ``d_conv - 1`` conv inputs and the recurrent state (Mamba ``[b, h, p, n]``,
+M2RNN ``[b, h, K, V]``, fp32). A forward with ``keep=True`` keeps the state after EVERY new
+position, so :meth:`RecurrentState.commit` can keep the first ``n`` positions only (speculative
+decoding's rollback): the kept state is the one the recurrence reached at that position, i.e. the
+state of a run that never saw the rejected positions. Padded slots (left padding) feed zeros to
+the conv and leave the recurrent state untouched, as if the row started later.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megacpp_mcore.infer.context import StepContext
+from megacpp_mcore.layers.mixers.mamba import ssd_scan_torch
+from megacpp_mcore.spec import compat
+
+# Up to this many new positions the Mamba scan runs in closed form (every position's state is
+# materialised, [b, s, h, p, n]); longer forwards (prefill) use the chunked SSD scan.
+CLOSED_FORM_MAX = 16
+
+
+def conv_parameters(mixer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The depthwise conv's weight ``[C, 1, w]`` and bias of a mixer, under either spelling."""
+    params = dict(mixer.named_parameters())
+    weight, bias = (params.get(dotted, params.get(flat))
+                    for flat, dotted in compat.MAMBA_CONV_PARAMETERS.items())  # weight, bias
+    if weight is None:
+        raise ValueError(f"inference: {type(mixer).__name__} has no depthwise conv parameters")
+    return weight, bias
+
+
+class RecurrentState:
+    """Conv window and recurrent state of one mixer for a batch; see the module docstring."""
+
+    def __init__(self, mixer, conv: torch.Tensor, state: torch.Tensor):
+        self.conv_parameters = conv_parameters(mixer)  # read once, not per step
+        self.conv = conv  # [b, C, w - 1]: the last conv inputs
+        self.state = state  # fp32
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # per position, or last
+        self._per_position = False
+
+    def stage(self, convs: torch.Tensor, states: torch.Tensor, per_position: bool) -> None:
+        """States after the new positions: ``[s, ...]`` per position, or the last one only."""
+        self._pending, self._per_position = (convs, states), per_position
+
+    def commit(self, n: int, s: int) -> None:
+        """Keeps the first ``n`` of the ``s`` staged positions (all ``s`` without per-position
+        states)."""
+        if self._pending is None:
+            raise RuntimeError("inference: commit without a forward")
+        convs, states = self._pending
+        self._pending = None
+        if not self._per_position:
+            if n != s:
+                raise RuntimeError(f"inference: commit({n}) of a {s}-position forward that kept no "
+                                   "per-position state (forward(..., keep=True) allows rollback)")
+            self.conv, self.state = convs, states
+        elif n:
+            self.conv, self.state = convs[n - 1], states[n - 1]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {"conv": self.conv.clone(), "state": self.state.clone()}
+
+
+def _conv(inputs: torch.Tensor, state: RecurrentState, valid: torch.Tensor, keep: bool):
+    """Causal depthwise conv of ``inputs`` ``[b, C, s]`` continuing the state's window; returns
+    SiLU(conv) ``[b, C, s]`` and the windows after each (or the last) position."""
+    weight, bias = state.conv_parameters
+    width = weight.shape[-1]
+    inputs = torch.where(valid[:, None, :], inputs, torch.zeros_like(inputs))  # padded: zeros
+    window = torch.cat([state.conv.to(inputs.dtype), inputs], dim=-1)  # [b, C, w - 1 + s]
+    out = F.silu(F.conv1d(window, weight, bias, groups=weight.shape[0]))  # [b, C, s]
+    s = inputs.shape[-1]
+    if keep:
+        windows = torch.stack([window[..., j + 1:j + width] for j in range(s)])  # [s, b, C, w-1]
+    else:
+        windows = window[..., s:]
+    return out, windows
+
+
+def new_mamba_state(mixer, batch: int, dtype, device) -> RecurrentState:
+    weight, _ = conv_parameters(mixer)
+    conv = torch.zeros(batch, weight.shape[0], weight.shape[-1] - 1, dtype=dtype, device=device)
+    state = torch.zeros(batch, mixer.nheads_local_tp, mixer.headdim, mixer.d_state,
+                        dtype=torch.float32, device=device)
+    return RecurrentState(mixer, conv, state)
+
+
+def _ssd_closed_form(x, dt, A, B, C, s0):
+    """Mamba-2 from state ``s0`` ``[b, h, p, n]`` over ``s`` positions, every state materialised.
+    x ``[b, s, h, p]``, dt ``[b, s, h]``, B/C ``[b, s, h, n]`` -> (y ``[b, s, h, p]``, states
+    ``[b, s, h, p, n]``)."""
+    cum = torch.cumsum(dt * A, dim=1)  # [b, s, h]
+    s = x.shape[1]
+    later = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()  # [j, i]: i <= j
+    seg = cum.transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]  # [b, h, j, i]
+    decay = torch.exp(seg.masked_fill(~later, float("-inf")))
+    xdt = x * dt[..., None]
+    states = torch.einsum("bhji,bihp,bihn->bjhpn", decay, xdt, B)
+    states = states + torch.exp(cum)[..., None, None] * s0[:, None]
+    return torch.einsum("bjhpn,bjhn->bjhp", states, C), states
+
+
+def _ssd_chunked(x, dt, A, B, C, s0, chunk: int):
+    """Long forwards: the layer's chunked scan from zero plus ``s0``'s decayed contribution;
+    returns y and the final state only."""
+    y = ssd_scan_torch(x, dt, A, B, C, chunk)  # B/C per head: one group per head
+    cum = torch.cumsum(dt * A, dim=1)  # [b, s, h]
+    y = y + torch.einsum("bshn,bhpn,bsh->bshp", C, s0, torch.exp(cum))
+    to_end = torch.exp(cum[:, -1:] - cum)  # [b, s, h]
+    final = torch.exp(cum[:, -1])[..., None, None] * s0 + torch.einsum(
+        "bsh,bshp,bshn->bhpn", to_end, x * dt[..., None], B)
+    return y, final
+
+
+def mamba_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: bool):
+    """Mamba-2 mixer over the new positions: ``[s, b, h] -> (out, bias)``; stages the state."""
+    zxBCdt, _ = mixer.in_proj(hidden)  # [s, b, in_proj_dim]
+    di, nh, n = mixer.d_inner_local_tp, mixer.nheads_local_tp, mixer.d_state
+    gn = mixer.ngroups_local_tp * n
+    z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [di, di + 2 * gn, nh], dim=-1)  # [b, s, .]
+    xBC, windows = _conv(xBC.transpose(1, 2), state, ctx.valid, keep)
+    x, B, C = torch.split(xBC.transpose(1, 2).float(), [di, gn, gn], dim=-1)
+    x = x.unflatten(-1, (nh, mixer.headdim))  # [b, s, h, p]
+    dt = F.softplus(dt.float() + mixer.dt_bias.float())
+    dt = torch.where(ctx.valid[..., None], dt, torch.zeros_like(dt))  # padded: no decay, no input
+    A = -torch.exp(mixer.A_log.float())
+    heads_per_group = nh // mixer.ngroups_local_tp
+    B = B.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)  # [b, s, h, n]
+    C = C.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)
+    s = x.shape[1]
+    if keep or s <= CLOSED_FORM_MAX:
+        y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
+        states = states.transpose(0, 1) if keep else states[:, -1]  # [s, b, h, p, n] | last
+    else:
+        y, states = _ssd_chunked(x, dt, A, B, C, state.state, getattr(mixer, "chunk_size", 64))
+    state.stage(windows, states, per_position=keep)
+    y = (y + x * mixer.D.float()[:, None]).flatten(-2)  # [b, s, d_inner]
+    y = mixer.norm(y, z.float()).to(hidden.dtype).transpose(0, 1).contiguous()  # [s, b, d_inner]
+    return mixer.out_proj(y)
+
+
+def new_m2rnn_state(mixer, batch: int, dtype, device) -> RecurrentState:
+    d = mixer.dims
+    weight, _ = conv_parameters(mixer)
+    conv = torch.zeros(batch, weight.shape[0], weight.shape[-1] - 1, dtype=dtype, device=device)
+    state = torch.zeros(batch, mixer.nheads_local, d.k_dim, d.v_dim, dtype=torch.float32,
+                        device=device)
+    return RecurrentState(mixer, conv, state)
+
+
+def m2rnn_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: bool):
+    """M2RNN mixer over the new positions: ``[s, b, h] -> (out, bias)``; stages the state.
+    The recurrence of :func:`~megacpp_mcore.layers.mixers.m2rnn.m2rnn_scan_torch`, from the
+    session's state, one position at a time."""
+    d, nh = mixer.dims, mixer.nheads_local
+    proj, _ = mixer.in_proj(hidden)  # [s, b, nh * (2K + V + 1)]
+    s, b = proj.shape[:2]
+    proj = proj.reshape(s, b, nh, d.head_proj_dim)
+    gate = proj[..., -1]  # [s, b, nh]
+    qkv = proj[..., :-1].reshape(s, b, nh * d.qkv_dim).permute(1, 2, 0)  # [b, C, s]
+    qkv, windows = _conv(qkv, state, ctx.valid, keep)
+    qkv = qkv.permute(0, 2, 1).reshape(b, s, nh, d.qkv_dim).float()
+    q, k, v = torch.split(qkv, [d.k_dim, d.k_dim, d.v_dim], dim=-1)
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    f = torch.sigmoid(gate.float().transpose(0, 1) + mixer.forget_bias)  # [b, s, nh]
+    weight = mixer.recurrent_weight
+    h, ys, states = state.state, [], []
+    for t in range(s):
+        f_t = f[:, t, :, None, None]  # [b, h, 1, 1]
+        update = torch.tanh(h @ weight + k[:, t, :, :, None] * v[:, t, :, None, :])
+        h = torch.where(ctx.valid[:, t, None, None, None], f_t * h + (1 - f_t) * update, h)
+        ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t], h))
+        if keep:
+            states.append(h)
+    state.stage(windows, torch.stack(states) if keep else h, per_position=keep)
+    y = torch.stack(ys, dim=1).to(hidden.dtype)  # [b, s, nh, V]
+    return mixer.out_proj(y.transpose(0, 1).reshape(s, b, nh * d.v_dim))

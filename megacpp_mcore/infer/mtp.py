@@ -1,0 +1,138 @@
+"""The trained shared MTP block as a self-speculative drafter.
+
+Training (:mod:`megacpp_mcore.features.mtp`): depth ``k`` at position ``i`` computes
+``h_k[i] = block(h_{k-1}[i], embed(ids[i + k]))`` (``h_0`` the trunk's final-normed output; the
+block's attention runs causally over the depth-``k`` sequence) and predicts ``ids[i + k + 1]``. The
+drafter keeps exactly that: one attention cache per depth (the block's ``A`` sub-layer, standard or
+MLA latent cache; its ``E`` sub-layer is stateless) and the hidden states the next depth reads.
+
+Drafting at the trunk's last position ``p`` with the pending token ``ids[p + 1]``: depth ``k`` runs
+the positions it has not committed yet up to ``p`` (the whole prompt at the first call: that is the
+MTP prefill) and its output at ``p`` drafts ``d_k = ids[p + 1 + k]``; depth ``k + 1`` reads ``d_k``.
+After verification accepted ``m`` drafts, depth ``k``'s entry at position ``i`` stays valid iff the
+tokens it read are the sequence's (``i + k <= p + 1 + m``) and ``i <= p``; the rest is rolled back
+(its cache length moves back) and recomputed from real tokens at the next call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megacpp_mcore.infer.engine import Engine, Session
+from megacpp_mcore.infer.layers import new_state, run_layer
+from megacpp_mcore.infer.sampling import Sampling
+
+
+class _Hidden:
+    """Hidden states ``[n, b, h]`` of time steps ``start .. start + n - 1``."""
+
+    def __init__(self, start: int, values: torch.Tensor):
+        self.start, self.values = start, values
+
+    @property
+    def end(self) -> int:
+        return self.start + self.values.shape[0]
+
+    def then(self, other: "_Hidden") -> "_Hidden":
+        if other.start != self.end:
+            raise RuntimeError(f"MTP drafter: hidden states {self.start}..{self.end} and "
+                               f"{other.start}..{other.end} do not join")
+        return _Hidden(self.start, torch.cat([self.values, other.values]))
+
+    def slice(self, start: int, end: int) -> "_Hidden":
+        return _Hidden(start, self.values[start - self.start:end - self.start])
+
+
+class MTPDrafter:
+    """Drafts ``k`` tokens per step with the model's shared MTP block (``k`` <= trained depth).
+
+    Protocol shared with test drafters: :meth:`start` after the prefill, :meth:`draft` before each
+    verification, :meth:`accept` after it.
+    """
+
+    def __init__(self, engine: Engine, session: Session, k: int):
+        if engine.mtp_depth == 0:
+            raise ValueError("the model has no MTP block to draft with (trained with mtp_depth=0); "
+                             "use --speculative 0")
+        if not 1 <= k <= engine.mtp_depth:
+            raise ValueError(f"speculative K={k} is beyond the trained MTP depth "
+                             f"{engine.mtp_depth}; allowed: 1..{engine.mtp_depth}")
+        self.engine, self.session, self.k = engine, session, k
+        model = engine.model
+        self.block = model.mtp_block
+        self.head_weight = model._head_weight()  # MTP embeds and predicts with the output head
+        self.attn_plan, self.ffn_plan = engine.mtp_plans  # the block's A and E sub-layers
+        self.caches = [new_state(self.attn_plan, session.batch, session.max_length, engine.dtype,
+                                 engine.device) for _ in range(k)]
+        # depth 1 reads the trunk's hidden states; depth k > 1 reads depth k - 1's outputs
+        self.inputs: list[_Hidden] = [None] * k
+        self.outputs: list[_Hidden] = [None] * k  # this step's outputs per depth
+        self.logits: list[torch.Tensor] = []  # the last draft step's logits [b, V] per depth
+        b = session.batch
+        self.ids = torch.zeros(b, session.max_length + k + 1, dtype=torch.long, device=engine.device)
+
+    @torch.no_grad()
+    def start(self, prompt: torch.Tensor, hidden: torch.Tensor) -> None:
+        """The MTP prefill, after the trunk's: prompt ``[b, P]`` (left-padded) and the trunk's
+        hidden ``[P, b, h]``. Each depth runs the prompt positions whose tokens it reads are all
+        in the prompt; the rest waits for the first :meth:`draft`."""
+        self.ids[:, :prompt.shape[1]] = prompt
+        p = prompt.shape[1] - 1
+        feed = _Hidden(0, hidden)  # depth 0 reads the trunk at 0 .. p
+        for depth in range(self.k):
+            n = max(0, p - depth)  # positions i with ids[i + depth + 1] in the prompt
+            out = self._block(depth, feed.slice(0, n)) if n else hidden[:0]
+            self.inputs[depth] = feed.slice(n, feed.end)
+            feed = _Hidden(0, out)
+
+    def _block(self, depth: int, hidden: _Hidden) -> torch.Tensor:
+        """Depth ``depth`` (0-based) over positions ``hidden.start .. hidden.end - 1``."""
+        engine, block = self.engine, self.block
+        start, n = hidden.start, hidden.values.shape[0]
+        ctx = self.session.context(start, n)
+        tokens = self.ids[:, start + depth + 1:start + depth + 1 + n]  # ids[i + k], k = depth + 1
+        embedded = engine.model._embed(tokens, self.head_weight.to(hidden.values.dtype))  # [n, b, h]
+        x = F.linear(torch.cat([block.enorm(embedded), block.hnorm(hidden.values)], dim=-1),
+                     block.eh_proj)
+        x = run_layer(self.attn_plan, x, self.caches[depth], ctx, rotary=engine.rotary,
+                      rope_config=engine.rope_config, keep=False)
+        return run_layer(self.ffn_plan, x, None, ctx, rotary=engine.rotary,
+                         rope_config=engine.rope_config, keep=False)
+
+    @torch.no_grad()
+    def draft(self, pending: torch.Tensor, sampling: Sampling, generator):
+        """``k`` drafts ``[b, k]`` after the pending token ``[b]`` and their distributions
+        ``[b, k, V]`` (None when greedy)."""
+        engine, p = self.engine, self.session.length - 1  # p: the trunk's last position
+        self.ids[:, p + 1] = pending
+        drafts, probs, self.logits = [], [], []
+        for depth in range(self.k):
+            if depth == 0:
+                hidden = self.inputs[0]
+            else:  # real outputs kept from earlier steps, then this step's outputs of depth - 1
+                hidden = self.inputs[depth].then(self.outputs[depth - 1])
+            out = self._block(depth, hidden)
+            self.outputs[depth] = _Hidden(hidden.start, out)
+            logits = engine.logits(engine.final_norm(out[-1:]))[:, 0]  # [b, V]
+            self.logits.append(logits)
+            token, dist = sampling.choose(logits, generator)
+            self.ids[:, p + 2 + depth] = token
+            drafts.append(token)
+            probs.append(dist)
+        drafts = torch.stack(drafts, dim=1)
+        return drafts, None if sampling.greedy else torch.stack(probs, dim=1)
+
+    def accept(self, m: int, hidden: torch.Tensor, emitted: torch.Tensor) -> None:
+        """After verification: ``m`` drafts accepted, trunk hidden ``[m + 1, b, h]`` of the newly
+        committed positions, ``emitted`` ``[b, m + 1]`` the tokens now known after the pending one."""
+        p = self.session.length - 1 - (m + 1)  # the trunk's last position before this step
+        self.ids[:, p + 2:p + 3 + m] = emitted
+        # depth d (0-based) keeps position i iff i <= p and the token it read, ids[i + d + 1], is
+        # known now (index <= p + 1 + m); its cache is rolled back to that length because the
+        # next _block call writes from its input's start, which is exactly this length
+        committed = [max(0, min(p, p + m - depth) + 1) for depth in range(self.k)]
+        self.inputs[0] = _Hidden(p + 1, hidden)  # depth 1 reads the trunk at p + 1 .. p + 1 + m
+        for depth in range(1, self.k):  # depth reads depth - 1's real outputs from its committed
+            made = self.inputs[depth].then(self.outputs[depth - 1])
+            self.inputs[depth] = made.slice(committed[depth], committed[depth - 1])

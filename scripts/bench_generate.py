@@ -1,0 +1,210 @@
+"""Decode speed of ``megacpp-mcore generate``'s engine: plain greedy against MTP self-speculative
+decoding (K = 1, 2) through the same code, at batch 1 and 8, with the acceptance rate per draft
+position and a check that the speculative output equals plain greedy's token for token.
+
+    python scripts/bench_generate.py --load CKPT_DIR [--batch 1,8] [--speculative 1,2] [--out r.json]
+    python scripts/bench_generate.py                       # nam56r-lite, RANDOM weights (speed only)
+    python scripts/bench_generate.py --preset nam56r-tiny --pattern AEMR --num-layers 4 \\
+        --prompt-tokens 16 --new-tokens 8 --batch 1,2 --speculative 1   # CPU smoke (local backend)
+
+Prompts are C/C++ sources (``--prompt-dir``, default /usr/include): row ``i`` of a batch starts with
+the end-of-document token and the first ``--prompt-tokens`` bytes of the ``i``-th file, as training
+saw documents. Rows never stop early (no stop token), so every run decodes exactly
+``--new-tokens`` per row. Each configuration runs ``--repeats`` times after a warm-up; the fastest
+decode time counts. Figures are decode tokens/s (all rows) excluding the prefill.
+
+Not measured: CUDA graphs of the decode step. Megatron's dropless MoE layer reads the per-expert
+token counts on the host every forward, so a step of an MoE model cannot be captured whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--load", help="checkpoint of `megacpp-mcore train --save` (default: random weights)")
+    p.add_argument("--preset", help="model preset (default: the checkpoint's; without --load nam56r-lite)")
+    p.add_argument("--pattern", help="--pattern the model was trained with")
+    p.add_argument("--num-layers", type=int, help="--num-layers the model was trained with")
+    p.add_argument("--backend", default="auto", choices=["auto", "te", "local"],
+                   help="auto: te on a CUDA host with Transformer Engine, else local")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on CUDA only")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--speculative", default="1,2", help="comma-separated K values (default 1,2)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="bytes per prompt (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
+    p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompts")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.batch = [int(x) for x in args.batch.split(",")]
+    args.speculative = [int(x) for x in args.speculative.split(",") if x.strip()]
+    return args
+
+
+def build_engine(args):
+    """(Engine, description). A checkpoint when ``--load`` is given, else the preset with random
+    weights (said so loudly: acceptance figures then mean nothing)."""
+    from megacpp_mcore.infer import Engine
+    from megacpp_mcore.models.presets import custom_model, get_preset
+    from megacpp_mcore.train import runtime
+
+    named = None
+    if args.preset or args.pattern or args.num_layers:
+        base = args.preset or "nam56r-lite"
+        named = get_preset(base)
+        if args.pattern or args.num_layers:
+            named = custom_model(pattern=args.pattern or named.pattern,
+                                 num_layers=args.num_layers or named.num_layers, base=base)
+    if args.load:
+        from megacpp_mcore.infer import checkpoint as ckpt
+
+        found = ckpt.open_checkpoint(args.load)
+        model = ckpt.resolve_model(found, named)
+        gpt = ckpt.load_model(found, model, backend=args.backend, bf16=args.bf16)
+        return Engine(gpt), f"{model.name} from {found.path} (step {found.step})"
+    model = named or get_preset("nam56r-lite")
+    print(f"[bench_generate] no --load: {model.name} with RANDOM weights; speeds are real, "
+          "acceptance rates are not", flush=True)
+    par = runtime.Parallelism()
+    runtime.initialize(par, seed=1234)
+    config = runtime.transformer_config(model, par, bf16=args.bf16)
+    (gpt,) = runtime.build_model(model, config, backend=args.backend, wrap_ddp=False)
+    return Engine(gpt), f"{model.name} (random weights)"
+
+
+def prompts(args, batch: int) -> list[list[int]]:
+    """``batch`` prompts: the end-of-document token, then the first bytes of distinct sources."""
+    from megacpp_mcore.train.data import ByteTokenizer, walk_sources
+
+    eod, out = ByteTokenizer().eod, []
+    for _, path in walk_sources(args.prompt_dir):
+        body = path.read_bytes()[:args.prompt_tokens]
+        if len(body) == args.prompt_tokens:
+            out.append([eod, *body])
+        if len(out) == batch:
+            return out
+    sys.exit(f"bench_generate: {args.prompt_dir} has fewer than {batch} C/C++ files of "
+             f"{args.prompt_tokens} bytes")
+
+
+def backend_report(engine) -> dict:
+    """What was built, read from the modules: the first layer's projection and core attention
+    classes (the te backend builds TE modules)."""
+    from megacpp_mcore.train.receipt import observe_backends
+
+    observed = observe_backends([engine.model])
+    return {"attention": observed.get("attention"), "device": str(engine.device),
+            "dtype": str(engine.dtype),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling):
+    """The fastest of ``repeats`` runs (after one short warm-up run)."""
+    from megacpp_mcore.infer import generate
+
+    generate(engine, rows, max_new_tokens=min(8, new_tokens), sampling=sampling, speculative=k)
+    best = None
+    for _ in range(repeats):
+        run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+        if best is None or run.decode_s < best.decode_s:
+            best = run
+    return best
+
+
+def measure(engine, args) -> list[dict]:
+    from megacpp_mcore.infer import Sampling
+    from megacpp_mcore.train.data import ByteTokenizer
+
+    vocab = ByteTokenizer().vocab_size
+    sampling = Sampling(vocab_limit=vocab if engine.vocab_size >= vocab else None)
+    usable = [k for k in args.speculative if 1 <= k <= engine.mtp_depth]
+    skipped = sorted(set(args.speculative) - set(usable))
+    if skipped:
+        print(f"[bench_generate] skipping K={skipped}: the model's MTP depth is "
+              f"{engine.mtp_depth}", flush=True)
+    results = []
+    for batch in args.batch:
+        rows = prompts(args, batch)
+        plain = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats,
+                      sampling=sampling)
+        base = plain.decode_tokens_per_s
+        results.append({"batch": batch, "k": 0, "tokens_per_s": base, "speedup": 1.0,
+                        **plain.summary()})
+        print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s", flush=True)
+        for k in usable:
+            spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
+                         sampling=sampling)
+            row = {"batch": batch, "k": k, "tokens_per_s": spec.decode_tokens_per_s,
+                   "speedup": spec.decode_tokens_per_s / base,
+                   "identical": spec.tokens == plain.tokens,
+                   "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
+            results.append(row)
+            print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
+                  f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
+                  f"{row['identical']}", flush=True)
+    return results
+
+
+def agreeing_prefix(got: list[list[int]], want: list[list[int]]) -> float:
+    """Mean share of each row's tokens before its first difference from plain greedy. Below 1.0
+    in bf16 means a near-tie flipped: verifying K + 1 positions in one forward rounds differently
+    from single steps (the logic is exact: tests/test_infer.py checks it in fp32)."""
+    shares = []
+    for a, b in zip(got, want):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        shares.append(same / max(len(b), 1))
+    return sum(shares) / len(shares)
+
+
+def _rates(rates) -> str:
+    return "/".join(f"{r:.2f}" for r in rates)
+
+
+def print_table(description: str, stack: dict, results: list[dict]) -> None:
+    print(f"\n{description}; {stack}")
+    print("| batch | K | decode tokens/s | vs plain | acceptance per position | accepted/step | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
+        mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
+        same = "-" if not r["k"] else ("yes" if r["identical"] else
+                                        f"NO ({r['agreeing_prefix']:.0%} agree)")
+        print(f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} | {acc} "
+              f"| {mean} | {same} |")
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    args = parse_args(argv)
+    if torch.cuda.is_available():
+        from megacpp_mcore.testing import stub_mamba1_extension
+
+        stub_mamba1_extension()  # mamba_ssm without its Mamba-1 extension still has Mamba-2
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from megacpp_mcore.train import runtime
+
+    try:
+        engine, description = build_engine(args)
+        stack = backend_report(engine)
+        results = measure(engine, args)
+    finally:
+        runtime.shutdown()
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": description, "stack": stack,
+                                              "args": vars(args), "results": results}, indent=1))
+    print_table(description, stack, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""``megacpp-mcore generate`` on checkpoints written by the training loop: text and JSON output,
+speculative decoding equal to plain greedy, batches of prompts and prompt files, and bad input
+refused with one line and exit status 2 before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from megacpp_mcore import cli
+from megacpp_mcore.models.presets import get_preset
+from megacpp_mcore.train import data, loop as training
+from test_data import make_tree
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One training step each, saved: a 4-layer AEMR nam56r-tiny (MLA, MoE, MTP depth 1) and a
+    2-layer ae-tiny (no MTP)."""
+    tmp = tmp_path_factory.mktemp("generate")
+    previous = os.environ.get("MEGACPP_CACHE")
+    os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
+    try:
+        prefix = data.prepare(make_tree(tmp / "src", extra=60), tmp / "data" / "cpp",
+                              valid_percent=20).prefix
+        models = {"mtp": get_preset("nam56r-tiny").replace(pattern="AEMR", num_layers=4,
+                                                            seq_length=32),
+                  "plain": get_preset("ae-tiny").replace(num_layers=2, seq_length=32)}
+        for name, model in models.items():
+            cfg = training.TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2,
+                                       warmup_steps=0, eval_interval=100, eval_iters=1,
+                                       data=prefix, save=str(tmp / name),
+                                       receipt=str(tmp / f"{name}.json"))
+            training.train(model, cfg, log=lambda _: None)
+    finally:
+        if previous is None:
+            os.environ.pop("MEGACPP_CACHE", None)
+        else:
+            os.environ["MEGACPP_CACHE"] = previous
+    return tmp
+
+
+def _generate(argv, capsys):
+    code = cli.main(["generate", *argv])
+    return code, capsys.readouterr()
+
+
+def test_generate_json_batch_and_speculative_equals_plain(checkpoints, capsys):
+    prompt_file = checkpoints / "prompt.cpp"
+    prompt_file.write_text("#include <x>\n")  # the model was trained at 32 tokens
+    base = ["--load", str(checkpoints / "mtp"), "--prompt", "int f(int x) {", "--prompt-file",
+            str(prompt_file), "--max-new-tokens", "9", "--json"]
+    outputs = {}
+    for k in (0, 1):
+        code, out = _generate(base + ["--speculative", str(k)], capsys)
+        assert code == 0, out.err
+        outputs[k] = json.loads(out.out)
+    plain, spec = outputs[0], outputs[1]
+    assert [r["tokens"] for r in spec["rows"]] == [r["tokens"] for r in plain["rows"]]
+    assert plain["model"] == "custom(AEMR)" and plain["step"] == 1
+    assert plain["prompt_tokens"] == [1 + len("int f(int x) {"), 1 + len(prompt_file.read_bytes())]
+    for row in plain["rows"]:
+        assert row["stop"] in ("length", "stop_token")
+        assert len(row["tokens"]) == 9 or row["stop"] == "stop_token"
+        assert row["text"] == bytes(t for t in row["tokens"] if t < 256).decode("utf-8", "replace")
+    assert len(spec["acceptance_per_position"]) == 1 and spec["speculative"] == 1
+    assert spec["decode_tokens_per_s"] > 0 and "acceptance_per_position" not in plain
+
+
+def test_generate_prints_the_continuation(checkpoints, capsysbinary):
+    """Bytes out: the continuation's bytes as they are (a random-ish model writes non-UTF-8 too)."""
+    argv = ["generate", "--load", str(checkpoints / "plain"), "--prompt", "x",
+            "--max-new-tokens", "5", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3"]
+    assert cli.main(argv) == 0
+    out = capsysbinary.readouterr()
+    assert out.out.endswith(b"\n") and len(out.out) <= 6 and b"tokens/s" in out.err
+    assert cli.main(argv) == 0
+    assert capsysbinary.readouterr().out == out.out  # the seed fixes the sample
+
+
+def _foreign(path):
+    """A committed distributed checkpoint that `train` did not write (no model signature)."""
+    from megatron.core import dist_checkpointing
+
+    from megacpp_mcore.train import runtime
+
+    (path / "iter_0000001").mkdir(parents=True)
+    runtime.initialize(runtime.Parallelism())
+    try:
+        dist_checkpointing.save({"step": 1}, str(path / "iter_0000001"))
+    finally:
+        runtime.shutdown()
+    (path / "latest_checkpointed_iteration.txt").write_text("1\n")
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "missing-dir", "half-written", "tracker-without-step", "foreign", "prompt-too-long",
+    "k-beyond-depth", "no-mtp", "non-utf8-file", "no-prompt", "zero-tokens", "bad-temperature",
+    "bad-top-p", "negative-k",
+])
+def test_bad_input_one_line_exit_2(checkpoints, tmp_path, capsys, case):
+    mtp, plain = str(checkpoints / "mtp"), str(checkpoints / "plain")
+    foreign = _foreign(tmp_path / "foreign") if case == "foreign" else None
+    half = tmp_path / "half"
+    (half / "iter_0000005").mkdir(parents=True)  # a save interrupted before the tracker
+    tracker = tmp_path / "tracker"
+    tracker.mkdir()
+    (tracker / "latest_checkpointed_iteration.txt").write_text("7\n")
+    binary = tmp_path / "bad.cpp"
+    binary.write_bytes(b"int x = 1;\n\xff\xfe\n")
+    prompt = ["--prompt", "int"]
+    argv, expected = {
+        "missing-dir": (["--load", str(tmp_path / "none"), *prompt], "no such directory"),
+        "half-written": (["--load", str(half), *prompt], "holds no checkpoint"),
+        "tracker-without-step": (["--load", str(tracker), *prompt], "holds no checkpoint"),
+        "foreign": (["--load", str(foreign), *prompt],
+                    "not written by `megacpp-mcore train`"),
+        "prompt-too-long": (["--load", mtp, "--prompt", "x" * 40],  # trained at 32 tokens
+                            "too long for the model's context of 32"),
+        "k-beyond-depth": (["--load", mtp, *prompt, "--speculative", "2"],
+                           "beyond the trained MTP depth 1"),
+        "no-mtp": (["--load", plain, *prompt, "--speculative", "1"], "has no MTP block"),
+        "non-utf8-file": (["--load", mtp, "--prompt-file", str(binary)], "is not UTF-8"),
+        "no-prompt": (["--load", mtp], "no prompt"),
+        "zero-tokens": (["--load", mtp, *prompt, "--max-new-tokens", "0"], "--max-new-tokens"),
+        "bad-temperature": (["--load", mtp, *prompt, "--temperature", "-1"], "temperature"),
+        "bad-top-p": (["--load", mtp, *prompt, "--top-p", "0"], "top_p"),
+        "negative-k": (["--load", mtp, *prompt, "--speculative", "-1"], "--speculative"),
+    }[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out = _generate(argv, capsys)
+    assert code == 2
+    assert out.out == ""
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megacpp-mcore generate: error:"), out.err
+    assert expected in lines[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
+    """scripts/bench_generate.py on the MTP checkpoint: plain and K=1 through the same code,
+    identical greedy output, the table printed last and the JSON written."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_generate", Path(__file__).parents[1] / "scripts" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"f{i}.h").write_text(f"#define F{i} {i}\nint f{i}(void);\n")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--load", str(checkpoints / "mtp"), "--batch", "1,2", "--speculative",
+                       "1,2", "--prompt-tokens", "12", "--new-tokens", "6", "--repeats", "1",
+                       "--prompt-dir", str(src), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1].startswith("| 2 | 1 |")
+    assert "skipping K=[2]" in printed
+    results = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["k"]) for r in results] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r["identical"] for r in results if r["k"])
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 6 * r["batch"] for r in results)

@@ -1,0 +1,270 @@
+"""Inference (megacpp_mcore.infer): cached incremental decoding equals the full-sequence forward for
+every symbol and feature, rollback equals never having seen the rejected tokens, the MTP drafter
+computes what training's MTP computes, greedy speculative decoding equals plain greedy (also with
+drafts always rejected, always accepted and mixed), and sampled speculative decoding has the
+trunk's distribution. Tiny fp32 models on the local backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacpp_mcore.features.mod import MoDConfig
+from megacpp_mcore.features.moda import MoDAConfig
+from megacpp_mcore.models.presets import MLAConfig, ModelConfig, MoEConfig
+from megacpp_mcore.spec.pattern import FeaturePlacement
+
+VOCAB = 64
+MLA = MLAConfig(q_lora_rank=None, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                v_head_dim=16)
+MOE = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=32, shared_expert_size=32)
+
+
+def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, features=None,
+           vocab=VOCAB, hidden=64):
+    from megacpp_mcore.infer import Engine
+    from megacpp_mcore.train import runtime
+
+    cfg = ModelConfig(name="t", pattern=pattern, num_layers=num_layers, hidden_size=hidden,
+                      num_attention_heads=4, num_query_groups=None if mla else 2,
+                      ffn_hidden_size=96, vocab_size=vocab, seq_length=64,
+                      moe=MOE if moe else None, mla=MLA if mla else None, mtp_depth=mtp,
+                      features=features or {})
+    (gpt,) = runtime.build_model(cfg, runtime.transformer_config(cfg, runtime.Parallelism()),
+                                 backend="local", wrap_ddp=False)
+    return Engine(gpt)
+
+
+def _gateskip():
+    return {"mod": MoDConfig(placement=FeaturePlacement(symbols="AE"))}
+
+
+CASES = {  # name -> (pattern, layers, options): each symbol and feature on its own, then together
+    "A": ("A", 2, {}),
+    "A-mla": ("A", 2, {"mla": True}),
+    "E": ("E", 2, {}),
+    "E-moe": ("E", 2, {"moe": True}),
+    "M": ("M", 2, {}),
+    "R": ("R", 2, {}),
+    "mod-gateskip": ("AE", 2, {"features": _gateskip()}),
+    "mod-threshold": ("AE", 2, {"features": {"mod": MoDConfig(
+        mode="threshold", threshold=0.88, placement=FeaturePlacement(symbols="AE"))}}),
+    "moda": ("AA", 3, {"features": {"moda": MoDAConfig()}}),
+    "moda-mla": ("AA", 3, {"mla": True, "features": {"moda": MoDAConfig()}}),
+    "AEMR-mla-mod-moda-mtp": ("AEMR", 8, {"mla": True, "moe": True, "mtp": 2, "features": {
+        **_gateskip(), "moda": MoDAConfig()}}),
+}
+
+
+def _incremental(engine, rows: list[torch.Tensor], prefill: int, steps: list[int]):
+    """Logits per row from a left-padded batch: prefill ``prefill`` tokens of the longest row,
+    then forwards of ``steps`` tokens (the last ones with keep=True and a full commit)."""
+    longest = max(len(r) for r in rows)
+    pad = torch.tensor([longest - len(r) for r in rows])
+    tokens = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for r, p in zip(rows, pad)])
+    session = engine.session(len(rows), longest, pad)
+    out, at = [], 0
+    for i, n in enumerate([prefill, *steps]):
+        hidden = session.forward(tokens[:, at:at + n], keep=i == len(steps))
+        session.commit(n)
+        out.append(engine.logits(hidden))
+        at += n
+    assert at == longest
+    logits = torch.cat(out, dim=1)
+    return [logits[i, p:] for i, p in enumerate(pad.tolist())]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_incremental_decoding_equals_full_forward(single_rank, case):
+    """Prefill (18 positions: Mamba's chunked scan) and single steps and a 3-position step (the
+    closed form, with per-position states) give the full forward's logits within 1e-5 at every
+    position; the rows of a left-padded batch each match their own unpadded run."""
+    pattern, layers, options = CASES[case]
+    torch.manual_seed(0)
+    engine = _model(pattern, layers, **options)
+    rows = [torch.randint(0, VOCAB, (n,)) for n in (24, 21)]
+    got = _incremental(engine, rows, prefill=18, steps=[1, 1, 1, 3])
+    for row, logits in zip(rows, got):
+        ref = engine.full_logits(row[None])[0]
+        assert logits.shape == ref.shape
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_rollback_equals_never_having_seen_rejected_tokens(single_rank):
+    """forward(K + 1 positions, keep) + commit(n) leaves recurrent state, caches and the next logits
+    as a session that only ever saw the first n positions."""
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(1)
+    engine = _model(pattern, layers, **options)
+    prompt, extra = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 4))
+    for n in (0, 1, 3):
+        rolled, clean = engine.session(2, 32), engine.session(2, 32)
+        for session in (rolled, clean):
+            session.forward(prompt)
+            session.commit(9)
+        rolled.forward(extra, keep=True)
+        rolled.commit(n)
+        if n:
+            clean.forward(extra[:, :n])
+            clean.commit(n)
+        for a, b in zip(rolled.recurrent_snapshot(), clean.recurrent_snapshot()):
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        nxt = torch.randint(0, VOCAB, (2, 1))
+        torch.testing.assert_close(engine.logits(rolled.forward(nxt)),
+                                   engine.logits(clean.forward(nxt)), atol=1e-5, rtol=0)
+
+
+def _training_mtp_logits(engine, ids: torch.Tensor, depth: int) -> torch.Tensor:
+    """Training's MTP path over the whole sequence ``ids`` ``[b, p + 1 + depth]``: the depth-``depth``
+    logits ``[b, V]`` at position ``p`` (trunk = decoder forward, block = SharedMTPBlock.forward)."""
+    model = engine.model
+    s = ids.shape[1] - depth
+    pos = torch.arange(s).expand(ids.shape[0], s)
+    rope = model.rotary_pos_emb(s) if engine.rotary is not None else None
+    hidden = model.decoder(hidden_states=model.embedding(input_ids=ids[:, :s], position_ids=pos),
+                           attention_mask=None, rotary_pos_emb=rope)
+    weight = model._head_weight()
+    for k in range(1, depth + 1):
+        hidden = model.mtp_block(hidden, model._embed(ids[:, k:k + s], weight),
+                                 attention_mask=None, rotary_pos_emb=rope)
+    return engine.logits(engine.final_norm(hidden[-1:]))[:, 0]
+
+
+@pytest.mark.parametrize("mla", [False, True])
+def test_mtp_drafts_are_trainings_mtp_after_every_acceptance_length(single_rank, mla):
+    """Drafting keeps one cache per depth and rolls back what the accepted length invalidates: at
+    every step, each depth's draft logits equal training's MTP over the known sequence plus the
+    earlier drafts, for accepted lengths 0..K in turn (forced here)."""
+    from megacpp_mcore.infer import MTPDrafter, Sampling
+
+    torch.manual_seed(2)
+    k = 3
+    engine = _model("AEMR", 4, mla=mla, mtp=k)
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    session = engine.session(2, 64)
+    drafter = MTPDrafter(engine, session, k)
+    hidden = session.forward(prompt)
+    session.commit(6)
+    drafter.start(prompt, hidden)
+    known, pending = prompt, torch.randint(0, VOCAB, (2,))
+    for step in range(8):
+        drafts, _ = drafter.draft(pending, Sampling(), None)
+        for depth in range(1, k + 1):
+            ids = torch.cat([known, pending[:, None], drafts[:, :depth - 1]], dim=1)
+            torch.testing.assert_close(drafter.logits[depth - 1],
+                                       _training_mtp_logits(engine, ids, depth), atol=1e-5, rtol=0)
+        m = step % (k + 1)
+        hidden = session.forward(torch.cat([pending[:, None], drafts], dim=1), keep=True)
+        session.commit(m + 1)
+        emitted = torch.cat([drafts[:, :m], torch.randint(0, VOCAB, (2, 1))], dim=1)
+        drafter.accept(m, hidden[:m + 1], emitted)
+        known = torch.cat([known, pending[:, None], drafts[:, :m]], dim=1)
+        pending = emitted[:, -1]
+
+
+class _ForcedDrafter:
+    """Drafts from a known greedy continuation: ``wrong`` = probability of corrupting a draft
+    (0: every draft accepted, 1: every draft rejected)."""
+
+    def __init__(self, k: int, reference: list[list[int]], wrong: float, seed: int = 0):
+        self.k, self.reference, self.wrong = k, reference, wrong
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def start(self, prompt, hidden):
+        self.emitted = [1] * len(self.reference)  # the first token comes from the prefill
+
+    def draft(self, pending, sampling, generator):
+        drafts = torch.zeros(len(self.reference), self.k, dtype=torch.long)
+        for row, ref in enumerate(self.reference):
+            nxt = ref[self.emitted[row]:self.emitted[row] + self.k]
+            drafts[row, :len(nxt)] = torch.tensor(nxt, dtype=torch.long)
+        flip = torch.rand(drafts.shape, generator=self.generator) < self.wrong
+        return torch.where(flip, (drafts + 1) % VOCAB, drafts), None
+
+    def accept(self, m, hidden, emitted):
+        self.emitted = [e + m + 1 for e in self.emitted]
+
+
+def test_greedy_speculative_equals_plain_greedy(single_rank):
+    """K = 1, 2, 3 with the model's MTP drafter over many prompts (one left-padded batch and single
+    rows), and with forced drafters: all rejected, all accepted, half corrupted."""
+    from megacpp_mcore.infer import generate
+
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(3)
+    engine = _model(pattern, layers, **{**options, "mtp": 3})
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 2, 5, 8, 11, 13)]
+    plain = generate(engine, prompts, max_new_tokens=14)
+    assert [len(t) for t in plain.tokens] == [14] * len(prompts)
+    for k in (1, 2, 3):
+        assert generate(engine, prompts, max_new_tokens=14, speculative=k).tokens == plain.tokens
+        for row in (0, 4):
+            single = generate(engine, [prompts[row]], max_new_tokens=14, speculative=k)
+            assert single.tokens == [plain.tokens[row]]
+    for wrong, rate in ((1.0, 0.0), (0.0, 1.0), (0.5, None)):
+        for k in (1, 3):
+            drafter = _ForcedDrafter(k, plain.tokens, wrong)
+            spec = generate(engine, prompts, max_new_tokens=14, drafter=drafter)
+            assert spec.tokens == plain.tokens, (wrong, k)
+            if rate is not None:
+                assert spec.acceptance[0] == rate
+            if rate == 1.0:
+                assert spec.steps == -(-13 // (k + 1))  # K + 1 tokens per verification
+            if rate == 0.0:
+                assert spec.steps == 13
+
+
+def test_sampled_speculative_tokens_follow_the_trunk_distribution(single_rank):
+    """Temperature 0.8 and top-p 0.9 on a vocabulary of 8: the empirical marginals of the 2nd and
+    3rd sampled tokens over 4000 rows (K = 2 MTP drafts, rejected often) match the trunk's exact
+    marginals, computed by enumerating every continuation (total variation < 0.04, sampling
+    noise about 0.017; the drafts' own distribution is > 0.2 off, so a wrong rule fails)."""
+    from megacpp_mcore.infer import Sampling, generate
+
+    torch.manual_seed(4)
+    vocab, rows = 8, 4000
+    engine = _model("AE", 2, mtp=2, vocab=vocab, hidden=32)
+    with torch.no_grad():  # peaked, different trunk and MTP distributions
+        engine.model.output_layer.weight.mul_(8.0)
+    sampling = Sampling(temperature=0.8, top_p=0.9, seed=5)
+    prompt = [3, 1, 4]
+    out = generate(engine, [prompt] * rows, max_new_tokens=3, sampling=sampling, speculative=2)
+    tokens = torch.tensor(out.tokens)  # [rows, 3]
+    assert 0.1 < out.acceptance[0] < 0.9  # both verification branches are exercised
+
+    # exact marginals: p(x0) p(x1 | x0) p(x2 | x0, x1) over every continuation (x0, x1)
+    grid = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # x0-major
+    seqs = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], dim=1)
+    probs = sampling.probs(engine.full_logits(seqs)).view(vocab, vocab, 5, vocab)
+    p0 = probs[0, 0, 2]  # [x0]
+    p1 = probs[:, 0, 3]  # [x0, x1]
+    p2 = probs[:, :, 4]  # [x0, x1, x2]
+    exact1 = (p0[:, None] * p1).sum(0)
+    exact2 = (p0[:, None, None] * p1[:, :, None] * p2).sum((0, 1))
+    for position, exact in ((1, exact1), (2, exact2)):
+        empirical = torch.bincount(tokens[:, position], minlength=vocab).float() / rows
+        assert 0.5 * (empirical - exact).abs().sum() < 0.04, (position, empirical, exact)
+    # power: emitting the depth-1 drafts unverified would give a clearly different x1
+    heads = torch.arange(vocab)[:, None]
+    q1 = sampling.probs(_training_mtp_logits(engine, torch.cat(
+        [torch.tensor(prompt).expand(vocab, -1), heads, heads], dim=1), 1))  # [x0, x1]
+    assert 0.5 * ((p0[:, None] * q1).sum(0) - exact1).abs().sum() > 0.2
+
+
+def test_refuses_what_has_no_causal_incremental_path(single_rank):
+    """MoD's hard budget and non-causal top-k rank tokens against later ones; K beyond the trained
+    depth and drafting without MTP are refused with the allowed values."""
+    from megacpp_mcore.infer import MTPDrafter, UnsupportedForInference
+
+    for mod in (MoDConfig(inference="hard", placement=FeaturePlacement(symbols="A")),
+                MoDConfig(mode="topk", placement=FeaturePlacement(symbols="A"))):
+        with pytest.raises(UnsupportedForInference, match="allowed for generation"):
+            _model("AE", 2, features={"mod": mod})
+    engine = _model("AE", 2, mtp=1)
+    with pytest.raises(ValueError, match=r"beyond the trained MTP depth 1; allowed: 1\.\.1"):
+        MTPDrafter(engine, engine.session(1, 8), 2)
+    plain = _model("AE", 2)
+    with pytest.raises(ValueError, match="no MTP block"):
+        MTPDrafter(plain, plain.session(1, 8), 1)
