@@ -190,6 +190,32 @@ def test_invalid_config_refused(kwargs, message):
         FlexiDepthConfig(**kwargs)
 
 
+def test_options_string_makes_the_config():
+    """``megacpp-mcore train --flexidepth OPTIONS``: key=value items, placement keys, ':' lists."""
+    fd = FlexiDepthConfig.from_options("layers=1:3, usage_loss_weight=1e-3,inference=hard,adapter_rank=8")
+    assert fd == FlexiDepthConfig(placement=FeaturePlacement(layers=(1, 3)), usage_loss_weight=1e-3,
+                                  inference="hard", adapter_rank=8)
+    assert FlexiDepthConfig.from_options("") == FlexiDepthConfig()
+    assert FlexiDepthConfig.from_options("skip_first=2,usage_boundaries=4:2").placement == FeaturePlacement(
+        symbols="AE", skip_first=2)
+    assert FlexiDepthConfig.from_options("usage_boundaries=4:2").usage_boundaries == (2, 4)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rank=4", "option 'rank=4' is not key=value with a known key; allowed keys: symbols, layers"),
+    ("threshold", "option 'threshold' is not key=value"),
+    ("adapter_rank=x", "option adapter_rank='x' is not an int"),
+    ("threshold=high", "option threshold='high' is not a number"),
+    ("layers=1:a", "option layers='1:a' is not ':'-separated ints"),
+    ("adapter=mlp,adapter=linear", "option 'adapter' is given twice"),
+    ("forced_route=full", "option 'forced_route=full' is not key=value with a known key"),
+    ("threshold=1.5", "threshold=1.5 is out of range"),
+])
+def test_bad_options_string_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        FlexiDepthConfig.from_options(text)
+
+
 def test_placement_guard_and_refused_combinations(single_rank):
     from megacpp_mcore.spec.block import hybrid_block_spec
 
@@ -426,6 +452,23 @@ def test_usage_statistics_and_penalty_hand_computed(single_rank):
                                      "mean_layers_used": 4 - skipped, "overall_skip_rate": skipped / 4})
 
 
+def test_usage_report_of_logged_statistics():
+    """The loop's bookkeeping from per-layer statistics (as StatsCollector names them): per-layer
+    skip rates by global index, the penalty summed over segments, mean layers used of the depth."""
+    from megacpp_mcore.features.flexidepth import format_usage, usage_report
+
+    stats = {"decoder.layers.10.skip_rate": 0.5, "decoder.layers.2.skip_rate": 0.25, "decoder.layers.2.score_mean": 0.7,
+             "decoder.layers.2.loss_usage": 0.01, "decoder.layers.10.loss_usage": 0.02, "decoder.layers.4.gate_mean": 0.9}
+    report = usage_report(stats, num_layers=12)
+    per_layer = report.pop("skip_rate_per_layer")
+    assert report == pytest.approx({"flexidepth_layers": 2, "layers_skipped": 0.75, "mean_layers_used": 11.25,
+                                    "overall_skip_rate": 0.0625, "usage_loss": 0.03})
+    assert list(per_layer.items()) == [("2", 0.25), ("10", 0.5)]
+    report["skip_rate_per_layer"] = per_layer
+    assert format_usage(report) == ("flexidepth layers used 11.25/12 skip 6.2% usage loss 0.03 "
+                                    "(skip per layer 2:0.25 10:0.50)")
+
+
 def test_usage_boundaries_split_the_sum():
     from megacpp_mcore.features.flexidepth.usage import UsageLedger
 
@@ -561,3 +604,22 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
             assert got["eval_layers_skipped"] == pytest.approx(refs[i]["eval_layers_skipped"], abs=1e-6)
     assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
     assert 0.2 < refs[0]["eval_layers_skipped"] < 3.8 and 0.1 < refs[1]["eval_layers_skipped"] < 1.9
+
+
+def test_bench_script_cpu_smoke(tmp_path, monkeypatch):
+    """scripts/bench_flexidepth.py on CPU with a tiny model: the calibrated skip rate is reached on
+    every FlexiDepth layer, the E layers gather, the ratio is reported (timings mean nothing on CPU)."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_flexidepth
+
+    out = tmp_path / "bench.json"
+    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["gathering_layers"] == [1, 3] and result["ratio"] > 0
+    assert all(abs(rate - 0.25) <= 2 / 128 for rate in result["skip_rate_per_layer"].values())
+    with pytest.raises(SystemExit) as exc:
+        bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "1.0"])
+    assert exc.value.code == 2

@@ -155,8 +155,9 @@ def usage_matrix(history: Sequence[Mapping[str, float]], stat: str = "fraction_p
     return matrix, rows
 
 
-# Per-layer dynamic-depth statistics drawn after a run, each in [0, 1].
-USAGE_STATS = ("fraction_processed", "gate_mean", "skip_rate")
+# Per-layer dynamic-depth statistics drawn after a run, each in [0, 1]: MoD's fraction of tokens
+# processed and gate mean, FlexiDepth's skip rate and router score mean.
+USAGE_STATS = ("fraction_processed", "gate_mean", "skip_rate", "score_mean")
 
 
 def write_usage_heatmaps(history: Sequence[Mapping[str, float]], stem: str | Path) -> dict[str, str]:

@@ -11,18 +11,21 @@ the ``layer`` seam (``transform(layer_spec, ctx) -> ModuleSpec``: the layer's sp
 :class:`FlexiDepthLayer`). Modules, in the order data flows through a FlexiDepth layer:
 
 * :mod:`.config`: :class:`FlexiDepthConfig` and its validation;
-* :mod:`.branch`: the trainable norm, router and adapter (:class:`SkipBranch`);
-* :mod:`.usage`: the usage penalty riding on the router score's backward, the per-layer statistics
-  and :func:`usage_summary` (mean layers used, overall skip rate);
+* :mod:`.branch`: the trainable norm, router and adapter (:class:`SkipBranch`) and their names in
+  a model (:func:`is_branch_parameter`: what a frozen-backbone fine-tune trains);
+* :mod:`.usage`: the usage penalty riding on the router score's backward, the per-layer statistics,
+  :func:`usage_summary` (mean layers used, overall skip rate) and :func:`usage_report` (plus the
+  per-layer skip rates and the penalty: the training loop's lines and receipt);
 * :mod:`.dispatch`: hard-skip inference as route -> dispatch -> combine (:class:`SkipDispatcher`);
 * :mod:`.layer`: :class:`FlexiDepthLayer` and :func:`transform`.
 """
 
-from megacpp_mcore.features.flexidepth.branch import SkipBranch
+from megacpp_mcore.features.flexidepth.branch import TRAINABLE_PATTERN, SkipBranch, is_branch_parameter
 from megacpp_mcore.features.flexidepth.config import FlexiDepthConfig
 from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher
 from megacpp_mcore.features.flexidepth.layer import FlexiDepthLayer, flexidepth_layer_class, transform
-from megacpp_mcore.features.flexidepth.usage import usage_summary
+from megacpp_mcore.features.flexidepth.usage import format_usage, usage_report, usage_summary
 
-__all__ = ["FlexiDepthConfig", "FlexiDepthLayer", "SkipBranch", "SkipDispatcher",
-           "flexidepth_layer_class", "transform", "usage_summary"]
+__all__ = ["FlexiDepthConfig", "FlexiDepthLayer", "SkipBranch", "SkipDispatcher", "TRAINABLE_PATTERN",
+           "flexidepth_layer_class", "format_usage", "is_branch_parameter", "transform",
+           "usage_report", "usage_summary"]

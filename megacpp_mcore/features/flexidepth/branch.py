@@ -7,11 +7,15 @@ parallelism) once through its own norm ``z = norm(x)`` and returns the router lo
 replicated over tensor parallelism (plain ``torch.nn`` modules): every token is routed on the rank
 that holds it, so under sequence parallelism their gradients are partial per rank and they are
 flagged ``sequence_parallel`` (Megatron's ``finalize_model_grads`` all-reduces them over TP).
+
+:data:`TRAINABLE_PATTERN` names these parameters in a model (``...layers.<i>.flexidepth.*``): what
+trains when a fine-tune freezes the backbone (:func:`is_branch_parameter`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,16 @@ from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_n
 
 from megacpp_mcore.features.flexidepth.config import FlexiDepthConfig
 from megacpp_mcore.layers.norms import LocalNorm
+
+
+# Parameter names of the branches in a model (the layer holds its SkipBranch as ``flexidepth``).
+TRAINABLE_PATTERN = r"(^|\.)flexidepth\."
+
+
+def is_branch_parameter(name: str) -> bool:
+    """Whether the model parameter ``name`` belongs to a FlexiDepth branch (router, its norm,
+    adapter): the parameters a frozen-backbone fine-tune trains."""
+    return re.search(TRAINABLE_PATTERN, name) is not None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,5 +1,6 @@
 """FlexiDepth's configuration: :class:`FlexiDepthConfig` (router, adapter, usage penalty, modes,
-placement, backbone freezing), validated when it is made."""
+placement, backbone freezing), validated when it is made, and its one-string form
+(:meth:`FlexiDepthConfig.from_options`, what ``megacpp-mcore train --flexidepth`` takes)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,23 @@ ADAPTERS = ("mlp", "linear", "none")
 TRAINING_MODES = ("soft",)
 INFERENCE_MODES = ("soft", "hard")
 FORCED_ROUTES = ("full", "skip")
+# from_options: the settable fields (placement's included) and how each value is read. Not
+# settable there: ``training`` (one mode), ``freeze_backbone`` (the whole backbone is the
+# trainer's --freeze-backbone) and ``forced_route`` (tests, ablations).
+_INT_LIST = "int_list"
+OPTION_TYPES: dict[str, Any] = {
+    "symbols": str, "layers": _INT_LIST, "skip_first": int, "allow_on": str, "adapter": str,
+    "adapter_rank": int, "threshold": float, "router_init_std": float, "router_bias_init": float,
+    "usage_loss_weight": float, "usage_boundaries": _INT_LIST, "inference": str,
+    "hard_skip_symbols": str,
+}
+_PLACEMENT_OPTIONS = ("symbols", "layers", "skip_first")
+
+
+def mod_conflict(where: str) -> str:
+    """Why MoD and FlexiDepth are refused on one layer (``where`` names the layer)."""
+    return (f"{where} carries both MoD and FlexiDepth: two routers over one residual contribution "
+            "have no defined composition; place them on different layers")
 
 
 def _number(name: str, value: Any) -> float:
@@ -130,6 +148,34 @@ class FlexiDepthConfig:
         if self.allow_on:  # one placement object carries the opt-in to the pattern compiler
             merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
             object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
+
+    @classmethod
+    def from_options(cls, text: str) -> "FlexiDepthConfig":
+        """A config from ``"key=value,key=value"`` (empty: the defaults), e.g.
+        ``"usage_loss_weight=1e-3,inference=hard,layers=1:3:5"``: keys from :data:`OPTION_TYPES`
+        (``symbols``/``layers``/``skip_first`` make the placement, default ``symbols=AE``); lists
+        of layer indices are ``:``-separated. ``ValueError`` naming the bad item and what is
+        allowed."""
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = (s.strip() for s in item.partition("="))
+            if not sep or key not in OPTION_TYPES:
+                raise ValueError(f"FlexiDepth option {item!r} is not key=value with a known key; "
+                                 f"allowed keys: {', '.join(OPTION_TYPES)}")
+            if key in values:
+                raise ValueError(f"FlexiDepth option {key!r} is given twice")
+            kind = OPTION_TYPES[key]
+            try:
+                values[key] = (tuple(int(v) for v in raw.split(":") if v) if kind == _INT_LIST
+                               else kind(raw))
+            except ValueError:
+                what = {_INT_LIST: "':'-separated ints", int: "an int", float: "a number"}[kind]
+                raise ValueError(f"FlexiDepth option {key}={raw!r} is not {what}") from None
+        where = {k: values.pop(k) for k in _PLACEMENT_OPTIONS if k in values}
+        if where:
+            where.setdefault("symbols", "" if "layers" in where else "AE")
+            values["placement"] = FeaturePlacement(**where)
+        return cls(**values)
 
     def rank(self, hidden_size: int) -> int:
         """The adapter's inner width ``r`` for a model of ``hidden_size``."""

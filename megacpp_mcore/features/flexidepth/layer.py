@@ -49,7 +49,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megacpp_mcore.features.flexidepth.branch import SkipBranch
-from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig
+from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig, mod_conflict
 from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher
 from megacpp_mcore.features.flexidepth.usage import (
     FlexiDepthStats,
@@ -200,8 +200,7 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
         raise ValueError(f"{where}: feature 'flexidepth' needs a FlexiDepthConfig or a FeaturePlacement, "
                          f"got {config!r}")
     if ctx.has("mod"):
-        raise ValueError(f"{where} carries both MoD and FlexiDepth: two routers over one residual "
-                         "contribution have no defined composition; place them on different layers")
+        raise ValueError(mod_conflict(where))
     gather = config.inference == "hard" and ctx.symbol in config.hard_skip_symbols
     if gather and ctx.has("moda"):
         raise ValueError(

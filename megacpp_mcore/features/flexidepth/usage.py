@@ -156,6 +156,8 @@ class FlexiDepthStats:
 
 
 _SKIP_RATE = re.compile(r"^(?P<layer>.*)[./]skip_rate$")
+_USAGE_LOSS = re.compile(r"^(?P<layer>.*)[./]loss_usage$")
+_LAYER_INDEX = re.compile(r"(^|\.)layers\.(?P<index>\d+)$")
 
 
 def usage_summary(stats: Mapping[str, float], num_layers: int | None = None) -> dict[str, float]:
@@ -172,3 +174,30 @@ def usage_summary(stats: Mapping[str, float], num_layers: int | None = None) -> 
     return {"flexidepth_layers": float(len(rates)), "layers_skipped": skipped,
             "mean_layers_used": depth - skipped,
             "overall_skip_rate": skipped / depth if depth else 0.0}
+
+
+def usage_report(stats: Mapping[str, float], num_layers: int) -> dict:
+    """FlexiDepth's bookkeeping of one window, from the training loop's statistics: the model-level
+    :func:`usage_summary` over ``num_layers``, plus ``skip_rate_per_layer`` (``{"<layer index>":
+    rate}``, the global index read from ``...layers.<i>``, else the module name) and
+    ``usage_loss`` (the squared total-usage penalty, summed over the usage segments; 0 when no
+    segment reported one, e.g. a window without a training forward)."""
+    per_layer = {}
+    for key, value in stats.items():
+        match = _SKIP_RATE.match(key)
+        if match:
+            index = _LAYER_INDEX.search(match["layer"])
+            per_layer[index["index"] if index else match["layer"]] = float(value)
+    loss = sum(float(v) for k, v in stats.items() if _USAGE_LOSS.match(k))
+    return {**usage_summary(stats, num_layers), "usage_loss": loss,
+            "skip_rate_per_layer": dict(sorted(per_layer.items(), key=lambda kv: (len(kv[0]), kv[0])))}
+
+
+def format_usage(report: Mapping) -> str:
+    """One progress-line fragment of a :func:`usage_report`: mean layers used of the depth, the
+    overall skip rate, the usage penalty and the skip rate per layer."""
+    depth = report["mean_layers_used"] + report["layers_skipped"]
+    per_layer = " ".join(f"{k}:{v:.2f}" for k, v in report["skip_rate_per_layer"].items())
+    return (f"flexidepth layers used {report['mean_layers_used']:.2f}/{depth:.0f} skip "
+            f"{100 * report['overall_skip_rate']:.1f}% usage loss {report['usage_loss']:.3g} "
+            f"(skip per layer {per_layer})")

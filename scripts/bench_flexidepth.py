@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""FlexiDepth hard-skip inference forward versus the dense forward of the same backbone, same batch.
+
+Builds ``--preset`` (default nam56r-lite, its MoD and MTP removed: the dense backbone) twice: dense,
+and with FlexiDepth on its A and E layers in ``inference="hard"`` carrying the dense model's weights.
+Both run in eval mode under ``torch.no_grad`` on one synthetic batch (forward to the logits, no
+loss), bf16 with Transformer Engine on CUDA; prints the median forward times and the ratio
+hard / dense (issue 16's target: <= 0.85 at the skip rate FlexiDepth was trained to).
+
+Skip rate: each FlexiDepth layer's router bias is calibrated on the batch so that ``--skip-rate``
+of that layer's tokens score below the threshold (the bias set from the quantile of the layer's
+router logits, layer after layer in one hard-routed forward, so every layer sees the inputs hard
+routing gives it); the measured overall and per-layer rates are printed. ``--hard-skip-symbols``:
+the layers whose block really runs on the kept tokens only (default ``E``, the per-token blocks;
+``AE`` also runs attention on each sequence's kept tokens, which changes what they attend to). On
+the other FlexiDepth layers the block runs on every token and rows are selected (no saving).
+
+    python scripts/bench_flexidepth.py --skip-rate 0.3 --out flexidepth_bench.json
+    python scripts/bench_flexidepth.py --cpu-smoke    # CPU, local backend, tiny model: timings mean nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _fail(message: str) -> None:
+    print(f"bench_flexidepth: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="model dimensions (default nam56r-lite; --cpu-smoke: ae-tiny)")
+    p.add_argument("--num-layers", type=int, default=None, help="default: the preset's (--cpu-smoke: 4)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's; --cpu-smoke: 64)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per forward")
+    p.add_argument("--skip-rate", type=float, default=0.3, help="fraction of tokens each FlexiDepth layer skips")
+    p.add_argument("--hard-skip-symbols", default="E", help="FlexiDepthConfig.hard_skip_symbols (default E)")
+    p.add_argument("--adapter", default="mlp", choices=("mlp", "linear", "none"))
+    p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
+    p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="exercise the script on CPU with the local backend (no timings that mean anything)")
+    args = p.parse_args(argv)
+    smoke = args.cpu_smoke
+    defaults = {"preset": "ae-tiny" if smoke else "nam56r-lite", "num_layers": 4 if smoke else None,
+                "seq": 64 if smoke else None, "warmup": 1 if smoke else 3, "iters": 2 if smoke else 10}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not 0.0 <= args.skip_rate < 1.0:
+        _fail(f"--skip-rate {args.skip_rate} is out of range; allowed: 0 <= rate < 1")
+    for name in ("batch", "iters"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.warmup < 0:
+        _fail(f"--warmup {args.warmup} must be >= 0")
+    return args
+
+
+def _models(args):
+    """(dense ModelConfig, FlexiDepth ModelConfig); ValueError (one line) for bad dimensions."""
+    from megacpp_mcore.features.flexidepth import FlexiDepthConfig
+    from megacpp_mcore.models.presets import get_preset
+
+    base = get_preset(args.preset)
+    dense = base.replace(name=f"{base.name}-bench-dense", mtp_depth=0,
+                         num_layers=args.num_layers or base.num_layers, seq_length=args.seq or base.seq_length,
+                         features={k: v for k, v in base.features.items() if k not in ("mod", "flexidepth")})
+    fd = FlexiDepthConfig(inference="hard", hard_skip_symbols=args.hard_skip_symbols, adapter=args.adapter,
+                          usage_loss_weight=0.0)
+    return dense, dense.replace(name=f"{base.name}-bench-flexidepth", features={**dense.features, "flexidepth": fd})
+
+
+def _calibrate(gpt, tokens, positions, rate: float) -> None:
+    """Sets every FlexiDepth layer's router bias so that ``rate`` of its tokens skip (docstring)."""
+    import torch
+
+    from megacpp_mcore.features.flexidepth import FlexiDepthLayer
+
+    def hook(layer, args, kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        router = layer.flexidepth.router
+        logits, _ = layer.flexidepth(x)  # [s, b, 1] fp32
+        unbiased = (logits - router.bias.float()).flatten().float()
+        cut = math.log(layer.fd.threshold / (1.0 - layer.fd.threshold))  # logit(tau)
+        with torch.no_grad():  # u + b < logit(tau) on a fraction `rate` of the tokens u
+            router.bias.fill_(cut - torch.quantile(unbiased, rate).item())
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True)
+               for layer in gpt.decoder.layers if isinstance(layer, FlexiDepthLayer)]
+    try:
+        with torch.no_grad():
+            gpt(tokens, positions, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _time(gpt, tokens, positions, *, warmup: int, iters: int) -> list[float]:
+    import torch
+
+    cuda = tokens.is_cuda
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gpt(tokens, positions, None)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def run(args) -> dict:
+    import torch
+
+    from megacpp_mcore.features.flexidepth import FlexiDepthLayer, usage_summary
+    from megacpp_mcore.train import runtime
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        _fail("no CUDA device visible; this benchmark needs one GPU with Transformer Engine (or --cpu-smoke)")
+    try:
+        dense_cfg, fd_cfg = _models(args)
+    except ValueError as exc:
+        _fail(str(exc))
+    backend = "local" if args.cpu_smoke else "te"
+    runtime.initialize(runtime.Parallelism(), seed=args.seed)
+    try:
+        built = {}
+        for name, cfg in (("dense", dense_cfg), ("hard", fd_cfg)):
+            config = runtime.transformer_config(cfg, runtime.Parallelism(), bf16=not args.cpu_smoke)
+            (built[name],) = runtime.build_model(cfg, config, backend=backend, wrap_ddp=False)
+        dense, hard = built["dense"].eval(), built["hard"].eval()
+        missing, unexpected = hard.load_state_dict(dense.state_dict(), strict=False)
+        assert not unexpected and all(".flexidepth." in k or k.endswith("_extra_state") for k in missing)
+        gen = torch.Generator().manual_seed(args.seed)
+        for layer in hard.decoder.layers:  # a live adapter (its up projection starts at zero)
+            if isinstance(layer, FlexiDepthLayer) and args.adapter != "none":
+                with torch.no_grad():
+                    up = layer.flexidepth.up.weight
+                    up.copy_(torch.randn(up.shape, generator=gen).mul_(0.02).to(up))
+        dev = runtime.device()
+        seq = dense_cfg.seq_length
+        tokens = torch.randint(0, dense_cfg.vocab_size, (args.batch, seq), generator=gen).to(dev)
+        positions = torch.arange(seq, device=dev).unsqueeze(0).expand_as(tokens)
+        _calibrate(hard, tokens, positions, args.skip_rate)
+        layers = [(i, layer) for i, layer in enumerate(hard.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
+        for _, layer in layers:
+            layer.megacpp_set_step(0)
+        times = {"dense": _time(dense, tokens, positions, warmup=args.warmup, iters=args.iters),
+                 "hard": _time(hard, tokens, positions, warmup=args.warmup, iters=args.iters)}
+        per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
+    finally:
+        runtime.shutdown()
+    median = {k: statistics.median(v) for k, v in times.items()}
+    summary = usage_summary({f"{i}.skip_rate": v for i, v in per_layer.items()}, dense_cfg.num_layers)
+    return {"preset": args.preset, "num_layers": dense_cfg.num_layers, "hidden_size": dense_cfg.hidden_size,
+            "batch": args.batch, "seq_length": seq, "backend": backend,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else "cpu",
+            "requested_skip_rate": args.skip_rate, "hard_skip_symbols": args.hard_skip_symbols,
+            "gathering_layers": [i for i, layer in layers if layer.gathers],
+            "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
+            "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
+            "ratio": median["hard"] / median["dense"]}
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed")
+    args = _args(argv)
+    result = run(args)
+    print(f"{result['preset']} ({result['num_layers']} layers, h={result['hidden_size']}), batch "
+          f"{result['batch']} x {result['seq_length']}, {result['backend']} on {result['device']}")
+    print(f"FlexiDepth skip rate {result['flexidepth_skip_rate']:.3f} (requested {args.skip_rate}), gathering "
+          f"layers {result['gathering_layers']}, mean layers used {result['mean_layers_used']:.2f}")
+    print(f"forward median: dense {1e3 * result['median_s']['dense']:.2f} ms, hard skip "
+          f"{1e3 * result['median_s']['hard']:.2f} ms, ratio {result['ratio']:.3f} (target <= 0.85)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
