@@ -108,7 +108,7 @@ def test_mla_flags_must_match_the_spec():
     with pytest.raises(lp.LaunchError, match=r"--kv-lora-rank 512 \(spec: 256\)"):
         lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **wrong))
     ok = lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **_lite_mla()))
-    assert set(ok.submodules.features) == {"mla"}
+    assert set(ok.submodules.features) == {"mla", "mod"}  # the shipped MoD rides along
     with pytest.raises(lp.LaunchError, match="has no MLA feature"):
         lp.layer_spec_from_args(_args(multi_latent_attention=True))
 

@@ -92,6 +92,11 @@ def test_builds_and_runs_exported_object_as_is(module_name, attr, single_rank):
     num_layers = 12 if "|" not in pattern else len(pattern.replace("|", ""))
     gpt, model = _build(spec, num_layers=num_layers)
     _check_layers(gpt, pattern, num_layers)
+    from megacpp_mcore.features.mod import MoDLayer
+
+    # MoD (the presets' default) exactly on the layers the spec's table gives it
+    assert [isinstance(layer, MoDLayer) for layer in gpt.decoder.layers] == [
+        "mod" in entry.features for entry in spec.submodules.table(num_layers)]
     tokens = torch.randint(0, model.vocab_size, (2, model.seq_length))
     positions = torch.arange(model.seq_length).expand(2, -1)
     loss = gpt(tokens, positions, None, labels=tokens)
@@ -104,5 +109,6 @@ def test_lite_backends_and_pattern():
     assert nam56r_lite.NAM56R_LITE.submodules.pattern == get_preset("nam56r-lite").pattern
     assert nam56r_lite.NAM56R_LITE.submodules.backend == "auto"
     assert nam56r_lite.NAM56R_LITE_LOCAL.submodules.backend == "local"
-    assert set(nam56r_lite.NAM56R_LITE.submodules.features) == {"mla"}
+    assert set(nam56r_lite.NAM56R_LITE.submodules.features) == {"mla", "mod"}
+    assert set(nam56r_lite.NAM56R_LITE_DENSE.submodules.features) == {"mla"}
     assert nam56r_lite.NAM56R_LITE_AE.submodules.features == {}

@@ -124,7 +124,7 @@ def _inputs(seq: int = 16, batch: int = 2, seed: int = 1):
     (dict(mode="threshold", threshold=1.0), "threshold=1.0 is out of range"),
     (dict(mode="topk", inference="hard"), "inference='hard' is not available in mode 'topk'"),
     (dict(budget_end=0.0), "budget_end=0.0 is out of range"),
-    (dict(budget_steps=-1), "budget_steps must be an int >= 0"),
+    (dict(budget_steps=-1), "budget_steps=-1 is not allowed; allowed: an int >= 0"),
     (dict(sparsity_loss_weight=-1.0), "sparsity_loss_weight must be >= 0"),
     (dict(allow_on="A"), "allow_on='A': MoD can only be opted in on M, R"),
     (dict(placement="AE"), "placement must be a FeaturePlacement"),

@@ -121,7 +121,8 @@ class HybridLayerSubmodules:
                 f"hybrid spec was declared for {self.num_layers} layers but the model config has "
                 f"num_layers={config.num_layers}"
             )
-        entry = self.table(config.num_layers)[index]
+        table = self.table(config.num_layers)
+        entry = table[index]
         ctx = LayerContext(
             config=config,
             backend=backends.get_backend(self.backend),
@@ -130,6 +131,7 @@ class HybridLayerSubmodules:
             features=entry.features,
             feature_configs=self.features,
             chunk=chunk if chunk is not None else ChunkBuild(),
+            model_table=tuple(table),
         )
         return layer_spec(ctx)
 

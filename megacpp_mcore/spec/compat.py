@@ -11,7 +11,11 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
 * Backend providers gain keyword arguments (``layer_norm(..., has_residual=)`` in 0.18): provider
   methods of :mod:`megacpp_mcore.spec.backends` accept them too.
 * Config field names with upstream's spelling live here (:data:`HETEROGENEOUS_CHECKPOINT_FIELD`).
-* The MoE aux-loss tracker became ``MoEMetricsTracker`` (0.18): :func:`reset_moe_metrics`.
+* The MoE aux-loss tracker became ``MoEMetricsTracker`` (0.18): :func:`reset_moe_metrics`,
+  :func:`record_layer_metric` (what Megatron-LM's ``training_log`` reports; see
+  :func:`tracker_layer_count` for the average it prints).
+* Megatron-LM's training loop keeps its position in its global arguments (``args.curr_iteration``,
+  ``args.train_iters``, core_v0.16 - core_v0.19): :func:`training_iteration`.
 * Megatron-LM's ``pretrain`` takes a config container (core_v0.18) and then the model provider as a
   keyword (core_v0.19); ``--use-legacy-models`` is gone from core_v0.18: :func:`call_pretrain`,
   :func:`megatron_arg`.
@@ -21,6 +25,8 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
 * MLA's Q/KV norms and up projections are resolved by ``QKNormConfigResolver`` (0.19) instead of
   built as the spec gives them: :func:`mla_norms_as_specified` is the spec's meaning, for
   ``MLASelfAttention._resolve_qk_norm_config`` (the 0.19 hook; earlier releases never call it).
+* ``rope_utils.apply_rotary_pos_emb`` takes ``mla_rotary_interleaved`` (0.19) where it read
+  ``config.multi_latent_attention``: :func:`mla_rotary_kwargs`.
 * ``dist_checkpointing`` lost ``common_strategy`` (0.19): ``torch_dist`` keeps the common
   (non-tensor) state inside its files, where 0.16 - 0.18 look for ``common.pt``:
   :func:`write_legacy_common_file` keeps checkpoints loadable by every supported release.
@@ -134,6 +140,82 @@ def reset_moe_metrics() -> None:
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     get_moe_layer_wise_logging_tracker().clear()
+
+
+def record_layer_metric(name: str, value, *, layer_number: int, num_layers: int) -> None:
+    """Adds ``value`` (a 0-d tensor) to layer ``layer_number``'s (1-based) slot of metric ``name``
+    in Megatron's MoE metrics tracker, the one Megatron-LM's ``training_log`` reports each
+    iteration (scaled by ``1 / num_microbatches``, summed over the layers and divided by
+    :func:`tracker_layer_count`) and then clears.
+
+    0.18+: ``moe_logging.get_moe_metrics_tracker().record`` (averaged over data-parallel ranks at
+    report time). 0.16/0.17: ``moe_utils.save_to_aux_losses_tracker`` (the module-global dict).
+    An entry of another size (left by a model of another depth in this process) is replaced by a
+    zero one of ``num_layers`` first.
+    """
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # before 0.18
+        get_moe_metrics_tracker = None
+    if get_moe_metrics_tracker is not None:
+        tracker = get_moe_metrics_tracker()
+        entry = tracker.metrics.get(name)
+        if entry is not None and entry.values.numel() != num_layers:
+            del tracker.metrics[name]
+        tracker.record(name, value, layer_number=layer_number, num_layers=num_layers)
+        return
+    from megatron.core.transformer.moe.moe_utils import (
+        get_moe_layer_wise_logging_tracker,
+        save_to_aux_losses_tracker,
+    )
+
+    entry = get_moe_layer_wise_logging_tracker().get(name)
+    if entry is not None and entry["values"].numel() != num_layers:
+        del get_moe_layer_wise_logging_tracker()[name]
+    save_to_aux_losses_tracker(name, value, layer_number, num_layers)
+
+
+def tracker_layer_count(config) -> int:
+    """The layer count Megatron-LM's ``training_log`` divides a tracked metric's sum over layers
+    by (core_v0.16 - core_v0.19, GPT models): the layers ``moe_layer_freq`` marks as MoE (an int
+    ``f``: every ``f``-th from 0; a list: its ones) plus ``mtp_num_layers``. A feature that wants
+    its log line to read as the mean over the ``n`` layers carrying it records ``value *
+    tracker_layer_count(config) / n`` per layer."""
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int):
+        count = sum(1 for i in range(config.num_layers) if i % freq == 0)
+    else:
+        count = sum(freq)
+    return count + (getattr(config, "mtp_num_layers", None) or 0)
+
+
+def tracker_size(config) -> int:
+    """Slots per metric in Megatron's MoE metrics tracker: ``num_layers + mtp_num_layers``, as
+    Megatron's own routers and ``training_log``'s pre-initialisation size them."""
+    return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+
+
+def training_iteration() -> tuple[int, int] | None:
+    """``(iteration, train_iters)`` of the Megatron-LM training loop running in this process (its
+    global arguments: ``curr_iteration``, the 0-based iteration being trained, which its ``train``
+    sets before every step, and ``train_iters``, the run's length, which it derives from
+    ``--train-samples`` when needed), or ``None`` when no such loop runs (Megatron-LM's
+    ``megatron.training`` not imported, its arguments not parsed, or training not started).
+
+    Reads only modules already imported (``sys.modules``): no import, no environment read, so a
+    forward may ask. Core_v0.16 - core_v0.19 keep both in the same fields."""
+    import sys
+
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    try:
+        args = global_vars.get_args() if global_vars is not None else None
+    except AssertionError:  # arguments not parsed yet
+        return None
+    iteration = getattr(args, "curr_iteration", None)
+    total = getattr(args, "train_iters", None)
+    if not isinstance(iteration, int) or not isinstance(total, int):
+        return None
+    return iteration, total
 
 
 # Megatron-LM arguments removed in a later release: dest -> (first release without it, the value
@@ -257,3 +339,16 @@ def mla_norms_as_specified(config, submodules) -> dict[str, Any]:
         q_layernorm=(submodules.q_layernorm or IdentityOp) if has_q_latent else IdentityOp,
         kv_layernorm=submodules.kv_layernorm or IdentityOp,
     )
+
+
+@functools.cache
+def mla_rotary_kwargs() -> dict[str, bool]:
+    """Keyword arguments that make ``rope_utils.apply_rotary_pos_emb`` rotate the way
+    ``MLASelfAttention`` does (DeepSeek's interleaved pairs): 0.19 takes
+    ``mla_rotary_interleaved=True`` (MLA passes it); 0.16 - 0.18 read
+    ``config.multi_latent_attention`` instead (no argument). Used by the inference cache path
+    (:mod:`megacpp_mcore.infer.attention`), which applies MLA's RoPE at per-row positions."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    params = inspect.signature(apply_rotary_pos_emb).parameters
+    return {"mla_rotary_interleaved": True} if "mla_rotary_interleaved" in params else {}

@@ -64,6 +64,9 @@ class LayerContext:
     features: frozenset[str]
     feature_configs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     chunk: ChunkBuild | None = None  # the owner of state this layer shares with its chunk
+    # the compiled table of the whole model (every stage; LayerEntry rows), when the builder has
+    # one: e.g. how many layers carry a feature (MoD averages its logged statistics over them)
+    model_table: tuple = ()
 
     def has(self, feature: str) -> bool:
         return feature in self.features

@@ -117,14 +117,18 @@ def stage_lengths(pattern: str, num_layers: int, pp: int = 1) -> list[int]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FeaturePlacement:
-    """Which layers carry a feature: every layer whose symbol is in ``symbols``, plus ``layers``.
+    """Which layers carry a feature: every layer whose symbol is in ``symbols`` from layer index
+    ``skip_first`` on, plus ``layers``.
 
     ``allow_on`` opts in symbols that the feature refuses by default (e.g. MoD on ``M``/``R``).
+    ``skip_first`` keeps the symbol class off the first layers at any depth (the public NAM56R
+    stack's MoD ``skip_first_n=4``); explicit ``layers`` are not affected by it.
     """
 
     symbols: str = ""
     layers: tuple[int, ...] = ()
     allow_on: str = ""
+    skip_first: int = 0
 
     def __post_init__(self):
         for field_name in ("symbols", "allow_on"):
@@ -149,6 +153,10 @@ class FeaturePlacement:
             dup = [i for i, n in Counter(layers).items() if n > 1]
             raise PatternError(f"FeaturePlacement.layers lists layer {dup[0]} more than once")
         object.__setattr__(self, "layers", layers)
+        skip = self.skip_first
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise PatternError(f"FeaturePlacement.skip_first={skip!r} must be an int >= 0 (the number "
+                               "of leading layers the symbol class leaves out)")
 
     @property
     def empty(self) -> bool:
@@ -170,7 +178,7 @@ class FeaturePlacement:
         for sym in self.symbols:
             if sym not in allowed:
                 raise PatternError(self._refusal(feature, sym, None, rules, allowed))
-        chosen = {i for i, s in enumerate(symbols) if s in self.symbols}
+        chosen = {i for i, s in enumerate(symbols) if s in self.symbols and i >= self.skip_first}
         for idx in self.layers:
             if idx >= len(symbols):
                 raise PatternError(

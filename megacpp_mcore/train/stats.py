@@ -3,7 +3,8 @@
 Any ``nn.Module`` in the model may define
 
 * ``megacpp_set_step(self, step: int) -> None``: called before every training step (schedules that
-  depend on the step, e.g. a MoD token budget that decays over training);
+  depend on the step, e.g. a MoD token budget that decays over training); a hook that also takes
+  ``total_steps`` gets the run's length (a budget that decays over the whole run);
 * ``megacpp_stats(self) -> dict[str, float]``: called after every training step (per-layer
   statistics: MoD fraction processed, MTP per-depth loss, ...).
 
@@ -11,10 +12,15 @@ Any ``nn.Module`` in the model may define
 Megatron's DDP wrapper), prefixes each key with the module's qualified name and keeps the latest
 values; :meth:`StatsCollector.gather` merges them over all ranks (pipeline stages hold different
 layers) for logging and the run receipt.
+
+Under Megatron-LM's own loop (``pretrain_gpt.py``) nobody calls these hooks: the MoD layers read
+Megatron-LM's iteration themselves and record their statistics in Megatron's MoE metrics tracker,
+which its ``training_log`` prints (:mod:`megacpp_mcore.features.mod.stats`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Iterable
 
@@ -53,6 +59,7 @@ class StatsCollector:
 
     def __init__(self, chunks: Iterable[torch.nn.Module]):
         self.step_hooks: list[tuple[str, torch.nn.Module]] = []
+        self._takes_total: set[int] = set()  # id() of the modules whose hook takes total_steps
         self.stat_hooks: list[tuple[str, torch.nn.Module]] = []
         for chunk in chunks:
             model = _unwrap(chunk)
@@ -61,6 +68,8 @@ class StatsCollector:
                 name = _globalise(name, global_names)
                 if callable(getattr(module, SET_STEP, None)):
                     self.step_hooks.append((name, module))
+                    if "total_steps" in inspect.signature(getattr(module, SET_STEP)).parameters:
+                        self._takes_total.add(id(module))
                 if callable(getattr(module, STATS, None)):
                     self.stat_hooks.append((name, module))
         self.latest: dict[str, float] = {}
@@ -68,10 +77,14 @@ class StatsCollector:
     def __len__(self) -> int:
         return len({name for name, _ in self.step_hooks + self.stat_hooks})
 
-    def set_step(self, step: int) -> None:
-        """Before step ``step``: tell every scheduled module the step."""
+    def set_step(self, step: int, total_steps: int | None = None) -> None:
+        """Before step ``step`` (0-based) of a ``total_steps`` run: tell every scheduled module the
+        step (and the run's length, to the hooks that take it)."""
         for _, module in self.step_hooks:
-            getattr(module, SET_STEP)(step)
+            if id(module) in self._takes_total:
+                getattr(module, SET_STEP)(step, total_steps=total_steps)
+            else:
+                getattr(module, SET_STEP)(step)
 
     def collect(self) -> dict[str, float]:
         """After a step: every module's statistics, keys prefixed ``<qualified name>.``."""

@@ -4,7 +4,11 @@
 
 What it adds to ``pretrain_gpt.py``, without editing the checkout:
 
-1. applies the needed runtime patches of ``patches/`` (explicitly, and says which);
+1. applies the needed runtime patches of ``patches/`` (explicitly, and says which): among them
+   ``aux-loss-scale-without-moe`` (MoD's loss scale on models without experts) and
+   ``layer-metrics-in-moe-report`` (MoD's ``mod_*`` statistics in ``training_log``'s line and
+   tensorboard on every release, summed over pipeline stages; docs/upstream.md, "MoD under
+   pretrain_gpt.py");
 2. builds the model with the package's one GPTModel builder (``megacpp_mcore.train.runtime.gpt_model``,
    the one ``megacpp-mcore train`` uses): ``--spec MODULE ATTR`` (one of ``layer_specs``), with the
    spec's ``auto`` backend resolved from ``--transformer-impl``, and the package's shared-block MTP

@@ -11,14 +11,31 @@ seam (``transform(layer_spec, ctx) -> ModuleSpec``: the layer's spec wrapped int
 * :mod:`.rope`: per-token rotary embeddings of the gathered tokens (:class:`TokenRopeAttention`);
 * :mod:`.layer`: :class:`MoDLayer` and the spec builder; :mod:`.stats`: its lazy statistics;
 * :mod:`.kernels`: the Triton kernels (CUDA; imported only when a layer uses them).
+
+Importing the package (or :mod:`.config`, as the presets do) loads the config only; the layer
+modules (torch, megatron) load when one of their names is first asked for.
 """
 
-from megacpp_mcore.features.mod.config import MoDConfig
-from megacpp_mcore.features.mod.layer import MoDLayer, mod_layer_class, mod_layer_spec
-from megacpp_mcore.features.mod.rope import TokenRopeAttention
-from megacpp_mcore.features.mod.topk import TopkDispatcher
+import importlib
 
-transform = mod_layer_spec
+from megacpp_mcore.features.mod.config import MoDConfig
+
+# name -> (module, attribute): the torch/megatron side, loaded on first access
+_LAZY = {
+    "MoDLayer": ("layer", "MoDLayer"),
+    "mod_layer_class": ("layer", "mod_layer_class"),
+    "mod_layer_spec": ("layer", "mod_layer_spec"),
+    "transform": ("layer", "mod_layer_spec"),
+    "TokenRopeAttention": ("rope", "TokenRopeAttention"),
+    "TopkDispatcher": ("topk", "TopkDispatcher"),
+}
 
 __all__ = ["MoDConfig", "MoDLayer", "TokenRopeAttention", "TopkDispatcher", "mod_layer_class",
            "mod_layer_spec", "transform"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)

@@ -34,7 +34,9 @@ class MoDConfig:
         sparsity_loss_weight: weight of ``relu(mean(gate) - budget)^2`` (gateskip, threshold).
         router_aux_loss_weight: weight of the topk router's BCE against its own top-k choice.
         budget_start, budget_end, budget_steps: token budget, linear from start to end over
-            ``budget_steps`` training steps, then constant (``budget_steps=0``: always ``end``).
+            ``budget_steps`` training steps, then constant (``budget_steps=0``: always ``end``;
+            ``None``: over the whole run, whose length the training loop gives: ``train
+            --steps`` in ``megacpp-mcore train``, ``--train-iters`` under Megatron-LM's loop).
         inference: eval-time routing: gateskip ``soft``|``hard``; topk ``soft``|``causal``;
             threshold ``soft``.
         placement: which layers are wrapped (symbol class and/or 0-based indices).
@@ -55,7 +57,7 @@ class MoDConfig:
     router_aux_loss_weight: float = 1e-2
     budget_start: float = 1.0
     budget_end: float = 0.8
-    budget_steps: int = 1000
+    budget_steps: int | None = 1000
     inference: str = "soft"
     placement: FeaturePlacement = FeaturePlacement(symbols="AE")
     allow_on: str = ""
@@ -86,8 +88,9 @@ class MoDConfig:
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{owner}.{name}={value!r} is out of range; allowed: 0 < budget <= 1")
         steps = self.budget_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{owner}.budget_steps must be an int >= 0, got {steps!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"{owner}.budget_steps={steps!r} is not allowed; allowed: an int >= 0, "
+                             "or None (decay over the whole run)")
         allowed = INFERENCE_MODES[self.mode]
         if self.inference not in allowed:
             raise ValueError(
@@ -108,12 +111,30 @@ class MoDConfig:
             merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
             object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
 
-    def budget(self, step: int) -> float:
-        """Token budget at training ``step``: linear from ``budget_start`` to ``budget_end``."""
-        if self.budget_steps == 0:
+    def budget(self, step: int, total_steps: int | None = None) -> float:
+        """Token budget at training ``step`` (0-based): linear from ``budget_start`` to
+        ``budget_end`` over ``budget_steps`` steps, or over the run's ``total_steps`` when
+        ``budget_steps`` is None (reaching ``budget_end`` at the run's last step)."""
+        span = self.budget_steps
+        if span is None:
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise ValueError(
+                    f"MoDConfig.budget_steps=None decays the budget over the whole run, but the "
+                    f"training loop gave total_steps={total_steps!r}; allowed: the run's step count "
+                    "(an int >= 1), e.g. megacpp_set_step(step, total_steps=N)"
+                )
+            span = total_steps - 1
+        if span == 0:
             return float(self.budget_end)
-        frac = min(max(step, 0), self.budget_steps) / self.budget_steps
+        frac = min(max(step, 0), span) / span
         return float(self.budget_start + (self.budget_end - self.budget_start) * frac)
+
+    def describe(self) -> str:
+        """One line for ``megacpp-mcore plan``: mode and token budget schedule."""
+        over = ("the run" if self.budget_steps is None else f"{self.budget_steps} steps")
+        what = (f"capacity {self.capacity:g}" if self.mode == "topk"
+                else f"budget {float(self.budget_start)} -> {float(self.budget_end)} over {over}")
+        return f"{self.mode}, {what}"
 
     def topk_count(self, seq_len: int, multiple: int = 1) -> int:
         """Tokens a topk layer processes in a sequence of ``seq_len``: ``ceil(capacity * T)``

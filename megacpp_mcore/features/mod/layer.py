@@ -10,10 +10,10 @@ Modes (``MoDConfig.mode``):
 * ``gateskip`` (default): every token goes through the block; the gate ``g = sigmoid(router)``
   scales the block's residual contribution, ``y = x + g * f(x)``. A sparsity loss
   ``w_s * relu(mean(g) - budget)^2`` pushes the gate mass under a token budget that decays
-  linearly over training (``budget_start -> budget_end`` over ``budget_steps``, driven by
-  ``megacpp_set_step``). ``inference="hard"`` (eval only) keeps, per sequence, the
-  ``ceil(budget * T)`` highest-gate tokens and lets the others pass through exactly: the budget
-  training wrote is the budget inference reads.
+  linearly over training (``budget_start -> budget_end`` over ``budget_steps``, or over the run;
+  driven by the training iteration: see "Any loop" below). ``inference="hard"`` (eval only)
+  keeps, per sequence, the ``ceil(budget * T)`` highest-gate tokens and lets the others pass
+  through exactly: the budget training wrote is the budget inference reads.
 * ``threshold``: tokens with ``g < threshold`` skip the block (``torch.where`` on a mask: static
   shapes, the block still runs on all tokens); processed tokens get ``x + g * f(x)``.
 * ``topk`` (original MoD): per sequence, the ``ceil(capacity * T)`` tokens with the highest router
@@ -54,6 +54,16 @@ Megatron's pipeline schedule sets for every auxiliary loss (:func:`.gate.aux_los
 ``MoEAuxLossAutoScaler``'s, ``1 / num_microbatches`` for a per-micro-batch mean LM loss), so they
 are scaled right under any Megatron loop (ours or ``pretrain_gpt.py``'s; for models without MoE
 the ``aux-loss-scale-without-moe`` patch makes the schedule set it).
+
+Any loop. The budget follows the training iteration of whatever loop trains: ``megacpp-mcore
+train`` calls ``megacpp_set_step(step, total_steps=)`` before every step; without such a call (stock
+``pretrain_gpt.py``, with or without the package's launcher) every forward reads Megatron-LM's own
+position (:func:`megacpp_mcore.spec.compat.training_iteration`: its ``curr_iteration`` and
+``train_iters``) and moves the budget when it changes; while that loop runs, the statistics of
+every training forward also go to Megatron's MoE metrics tracker (:class:`.stats.TrackerMetrics`),
+which Megatron-LM's ``training_log`` prints and writes to tensorboard each iteration
+(``docs/upstream.md`` says what each release shows without the launcher). Other loops read
+``megacpp_stats()`` (``train/stats.py``), so their forwards pay nothing for the tracker.
 
 Performance. A gateskip layer with one residual seam (every split ``A``/``E`` layer) reads its
 router AT the seam, where the layer input is also the residual (:class:`.gate.FusedGateSkip`:
@@ -101,8 +111,9 @@ from megacpp_mcore.features.mod.rope import (
     gather_rope,
     with_token_rope,
 )
-from megacpp_mcore.features.mod.stats import MoDStats
+from megacpp_mcore.features.mod.stats import MoDStats, TrackerMetrics
 from megacpp_mcore.features.mod.topk import TopkDispatcher
+from megacpp_mcore.spec import compat
 from megacpp_mcore.spec.context import LayerContext
 from megacpp_mcore.spec.pattern import FeaturePlacement
 
@@ -119,13 +130,15 @@ class _Route:
 class MoDLayer(TransformerLayer):
     """A ``TransformerLayer`` (or subclass) whose residual contributions are routed per token.
 
-    Built by :func:`mod_layer_spec` from the wrapped spec's submodules plus ``mod=MoDConfig``.
-    Exposes ``megacpp_set_step(step)`` (budget schedule) and ``megacpp_stats()`` (per-layer
-    fraction processed, gate mean, loss terms, budget; averaged over the forwards since the last
-    ``megacpp_set_step``).
+    Built by :func:`mod_layer_spec` from the wrapped spec's submodules plus ``mod=MoDConfig``
+    and ``mod_layers`` (how many layers of the model carry MoD; None: unknown, the tracker gets
+    unscaled values). Exposes ``megacpp_set_step(step, total_steps=None)`` (budget schedule) and
+    ``megacpp_stats()`` (per-layer fraction processed, gate mean, loss terms, budget; averaged over
+    the forwards since the last step change).
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, *, mod: MoDConfig, **kwargs):
+    def __init__(self, config, submodules, layer_number: int = 1, *, mod: MoDConfig,
+                 mod_layers: int | None = None, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
         self.mod = mod
         if mod.mode == "topk" and config.fused_single_qkv_rope:
@@ -163,8 +176,18 @@ class MoDLayer(TransformerLayer):
                                     use_triton=self._triton) if mod.mode == "topk" else None
         self._route: _Route | None = None
         self._forced_gate: float | None = None
-        self._budget = mod.budget(0)
+        self._budget = mod.budget_start if mod.budget_steps is None else mod.budget(0)
         self._stats = MoDStats(mod, self._budget)
+        # where the budget's step comes from: "loop" once megacpp_set_step was called, else each
+        # forward reads Megatron-LM's iteration (compat.training_iteration); last position seen
+        self._loop_driven = False
+        self._position: tuple[int, int] | None = None
+        # whether this forward's statistics also go to Megatron's metrics tracker: while a
+        # Megatron-LM training loop drives the layer (its training_log reports the tracker)
+        self._to_tracker = False
+        scale = compat.tracker_layer_count(config) / mod_layers if mod_layers else 1.0
+        self._tracker = TrackerMetrics(mod, layer_number=self.layer_number,
+                                       size=compat.tracker_size(config), scale=scale)
 
     def _init_router(self) -> None:
         weight, bias = self.mod_router.weight, self.mod_router.bias
@@ -192,10 +215,25 @@ class MoDLayer(TransformerLayer):
         (routing decisions still come from the router); ``None`` restores the learned gate."""
         self._forced_gate = None if value is None else float(value)
 
-    def megacpp_set_step(self, step: int) -> None:
-        """Sets the budget for training ``step`` and starts a new statistics window."""
-        self._budget = self.mod.budget(step)
+    def megacpp_set_step(self, step: int, total_steps: int | None = None) -> None:
+        """Sets the budget for training ``step`` of a ``total_steps`` run (needed when
+        ``budget_steps`` is None) and starts a new statistics window. From the first call on, the
+        layer stops reading Megatron-LM's iteration: the calling loop drives it."""
+        self._loop_driven = True
+        self._set_budget(step, total_steps)
+
+    def _set_budget(self, step: int, total_steps: int | None) -> None:
+        self._budget = self.mod.budget(step, total_steps)
         self._stats.start_window(self._budget)
+
+    def _follow_megatron(self) -> None:
+        """Without a loop calling :meth:`megacpp_set_step`: the budget of Megatron-LM's current
+        iteration (a new statistics window when it changes); nothing when no such loop runs."""
+        position = compat.training_iteration()
+        self._to_tracker = self.training and position is not None
+        if position is not None and position != self._position:
+            self._position = position
+            self._set_budget(*position)
 
     def megacpp_stats(self) -> dict[str, float]:
         """Means since the last ``megacpp_set_step``: fraction processed, gate mean, losses."""
@@ -207,6 +245,10 @@ class MoDLayer(TransformerLayer):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self._loop_driven:
+            self._to_tracker = False
+        else:
+            self._follow_megatron()
         if self.mod.mode == "topk" and not (not self.training and self.mod.inference == "causal"):
             return self._forward_topk(hidden_states, *args, **kwargs)
         if self._fused_gateskip():
@@ -217,7 +259,7 @@ class MoDLayer(TransformerLayer):
                 output, context = super().forward(hidden_states, *args, **kwargs)
             finally:
                 self._route = None
-            self._stats.record("fraction_processed", 1.0)
+            self._record_fraction(1.0, hidden_states)
             return output, context
         logits, gate = self._gate(hidden_states)
         mask = None
@@ -229,8 +271,15 @@ class MoDLayer(TransformerLayer):
             mask = budget_mask(gate.detach(), self._budget, self._seq_group)
         output, context = self._run_inner(hidden_states, self._weight(gate), mask, *args, **kwargs)
         fraction = 1.0 if mask is None else global_mean(mask.float(), self._seq_group)[0]
-        self._stats.record("fraction_processed", fraction)
+        self._record_fraction(fraction, hidden_states)
         return output, context
+
+    def _record_fraction(self, fraction, hidden_states: torch.Tensor) -> None:
+        """The forward's fraction of tokens processed, in the layer's statistics and (training)
+        Megatron's metrics tracker, with the budget it trained against."""
+        self._stats.record("fraction_processed", fraction)
+        if self._to_tracker:
+            self._tracker.step(fraction, self._budget, hidden_states.device)
 
     def _fused_gateskip(self) -> bool:
         """gateskip with the learned gate, no hard budget mask, one residual seam and no dropout
@@ -252,8 +301,13 @@ class MoDLayer(TransformerLayer):
         else:
             gate = torch.sigmoid(logits)
             gate_mean = global_mean(gate, self._seq_group)[0]
-        self._stats.record("gate_mean", gate_mean)
+        self._record_gate(gate_mean)
         return logits, gate
+
+    def _record_gate(self, gate_mean: torch.Tensor) -> None:
+        self._stats.record("gate_mean", gate_mean)
+        if self._to_tracker:
+            self._tracker.gate(gate_mean, self._budget)
 
     def _weight(self, gate: torch.Tensor) -> torch.Tensor:
         """The gate that scales the block's contribution (``force_gate`` overrides its value; the
@@ -311,7 +365,7 @@ class MoDLayer(TransformerLayer):
             residual, out, router.weight, router.bias,
             self.mod.sparsity_loss_weight if self._with_sparsity_loss() else 0.0, self._budget,
             self._seq_group, self._triton and residual.is_cuda)
-        self._stats.record("gate_mean", gate_mean)
+        self._record_gate(gate_mean)
         return mixed
 
     # ------------------------------------------------------------------------------ topk path
@@ -322,6 +376,8 @@ class MoDLayer(TransformerLayer):
         aux_weight = self.mod.router_aux_loss_weight if self.training else 0.0
         route = self._topk.route(hidden_states, self.mod_router, aux_weight)
         self._stats.record_topk(route.logits, route.idx.unsqueeze(-1))
+        if self._to_tracker:
+            self._tracker.topk(route.logits, route.idx.unsqueeze(-1))
         rope = kwargs.pop("rotary_pos_emb", None)
         if rope is not None and not isinstance(self.self_attention, IdentityOp):  # E layers: no rope
             rope = gather_rope(rope, route.idx)  # [k, b, 1, d]
@@ -332,7 +388,7 @@ class MoDLayer(TransformerLayer):
         tokens, weight = self._topk.dispatch(route, self._weight(route.gate))
         processed, context = self._run_inner(tokens, weight, None, **kwargs)
         out = self._topk.combine(route, processed)
-        self._stats.record("fraction_processed", route.idx.shape[0] / route.full.shape[0])
+        self._record_fraction(route.idx.shape[0] / route.full.shape[0], hidden_states)
         return out, context
 
 
@@ -376,5 +432,9 @@ def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
     submodules = spec.submodules
     if config.mode == "topk" and dataclasses.is_dataclass(submodules):
         submodules = with_token_rope(submodules)
-    return ModuleSpec(module=module, params={**(spec.params or {}), "mod": config},
+    # the model's MoD layer count (its logged statistics are averaged over them); unknown without
+    # the builder's table
+    mod_layers = sum("mod" in entry.features for entry in ctx.model_table) or None
+    return ModuleSpec(module=module, params={**(spec.params or {}), "mod": config,
+                                             "mod_layers": mod_layers},
                       submodules=submodules)
