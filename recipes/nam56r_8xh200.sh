@@ -1,21 +1,41 @@
 #!/usr/bin/env bash
-# NAM56R (52 layers AEMEAEMEAEMR, hidden 4096, 16-expert MoE top-4 + shared expert, MLA,
-# shared-block MTP K=2) on 8 H200s of one node through Megatron-LM's pretrain_gpt.py and
+# NAM56R, the public configuration (52 layers AEMEAEMEAEMR, hidden 4096, 32 heads, MLA q/kv latents
+# 64/64, MoE 16 x 896 top-4 + a 1024 shared expert, Mamba-2 d_state 128, M2RNN k 64 v 16, shared-block
+# MTP K=2, vocab 131072, seq 4096) on 8 H200s of one node through Megatron-LM's pretrain_gpt.py and
 # megacpp_mcore's launcher: bf16, Transformer Engine. A core_v0.16.1 checkout (megatron-core 0.16.1,
 # Python 3.11) or a core_v0.19.0 one (0.19.x, Python 3.12); --dry-run says which it found (stderr).
 #
 #   MEGATRON_LM=~/Megatron-LM DATA=/data/cpp_text_document recipes/nam56r_8xh200.sh [--dry-run] [flags]
 #
-# Layout: TP=1, PP=1, EP=8, DP=8 (why, from `megacpp-mcore plan --preset nam56r --ep 8`):
-# * ~7.5B parameters, ~3.9B of them in experts. EP=8 puts 2 of the 16 experts on each GPU (the
-#   all-to-all stays inside the node on NVLink); the dense ~3.6B are replicated over DP=8 and the
-#   distributed optimizer shards their fp32 state 8 ways: ~8 GiB bf16 weights + ~16 GiB fp32 grads
-#   + ~11 GiB optimizer state per GPU, leaving room for activations of 2 x 4096 tokens without
-#   recomputation (~36 GiB estimated) on a 141 GiB card.
-# * TP=1: hidden 4096 is too narrow for tensor parallelism to pay for its per-layer all-reduces on
-#   H200s; PP=1: no pipeline bubble, and the MTP block and its loss sit on the last (only) stage.
-#   For longer sequences raise TP (with SP, which MoE needs at TP>1) before PP.
-# * MBS=2, GBS=128: 8 micro-batches per rank per step, 128 x 4096 = 524k tokens per step.
+# Layout: TP=1, PP=1, EP=8, DP=8, MBS=4, GBS=64. The arithmetic (`megacpp-mcore plan --preset nam56r
+# --ep 8 --dp 8 --micro-batch-size 4`, models/accounting.py):
+# * 7.10B parameters: 4.05B in experts (22 E layers + the MTP block's E, 16 x 3 x 4096 x 896 each),
+#   3.04B dense. EP=8 puts 2 of the 16 experts on each GPU; the dense part is replicated over DP=8
+#   and the distributed optimizer shards its fp32 master + Adam state 8 ways (expert state: expert-DP
+#   = dp*tp/ep = 1, unsharded). Per GPU: 6.6 GiB bf16 weights + 13.2 GiB fp32 grads + 9.9 GiB
+#   optimizer + ~72.7 GiB activations at MBS 4 (rough, no recompute) = ~102 GiB of 141 GiB, leaving
+#   room for the main head's [4 x 4096 x 131072] logits; MBS 8 (the public stack's) estimates at
+#   ~175 GiB and would need activation recompute.
+# * Compute per GPU: all 52 layers for its own tokens (PP=1: no pipeline bubble; the MTP block and its
+#   loss sit on the one stage), and the experts' share of every GPU's routed tokens (balanced routing:
+#   the same expert FLOPs as EP=1). By hybrid_flops 35.23 GFLOP/token (ours: 29.29 G), so 12,000
+#   tokens/s/GPU is 423 TFLOP/s/GPU.
+# * Communication per GPU per step (32,768 tokens per GPU): MoE all-to-all, dispatch + combine, forward
+#   + backward, over 24 E passes (22 + the MTP block's E at both depths): 4 x 24 x 32,768 x 4 (top-k)
+#   x 4096 x 2 B x 7/8 leaving the GPU = 90 GB, ~0.3 s at an assumed 300 GB/s NVLink all-to-all (~11%
+#   of a 2.7 s step at 12,000 tokens/s, unless hidden); gradient reduce-scatter (fp32) + parameter
+#   all-gather (bf16) of the 3.04B dense parameters: 16 GB, ~0.05 s, overlapped with backward
+#   (--overlap-grad-reduce --overlap-param-gather). Experts need no gradient reduction (expert-DP 1).
+# * TP=1: hidden 4096 is too narrow for tensor parallelism to pay for its per-layer all-reduces;
+#   EP=8 over EP=4 (the public stack's): half the expert weights and optimizer state per GPU and
+#   larger per-expert GEMMs, the same all-to-all bytes per GPU (7/8 vs 3/4 of them leave the GPU).
+# TO MEASURE (scripts/bench_stage.py on one H200, then this recipe on 8): peak memory at MBS 4 (and
+# whether MBS 8 fits with recompute), the stage tokens/s and its projection, the all-to-all time
+# (the 300 GB/s above is an assumption), EP=4 against EP=8.
+#
+# Start-up: TRITON_CACHE_AUTOTUNING=1 keeps Triton's autotuning results (mamba_ssm's SSD kernels,
+# MLA's fused RoPE) in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache), so a second launch
+# on the machine skips the autotuning.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -23,18 +43,19 @@ DRY_RUN=0
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 
 MEGATRON_LM=${MEGATRON_LM:-$HOME/Megatron-LM}
-DATA=${DATA:-}                     # .bin/.idx prefix; empty: Megatron's mock data
+DATA=${DATA:-}                     # .bin/.idx prefix, e.g. X.train of `prepare-data --output X` (its BPE
+                                   # X.tokenizer/, if any, becomes the tokenizer); empty: mock data
 OUT=${OUT:-$REPO/runs/nam56r_8xh200}
-SPEC=${SPEC:-NAM56R}               # an object of layer_specs/nam56r.py
+SPEC=${SPEC:-NAM56R}               # an object of layer_specs/nam56r.py (NAM56R_DENSE: without MoD)
 NPROC=${NPROC:-8}
 TP=${TP:-1}
 PP=${PP:-1}
 EP=${EP:-8}
 ITERS=${ITERS:-20}
-MBS=${MBS:-2}
-GBS=${GBS:-128}
+MBS=${MBS:-4}
+GBS=${GBS:-64}
 LR=${LR:-3e-4}
-VOCAB=${VOCAB:-131072}
+VOCAB=${VOCAB:-131072}             # with NullTokenizer (mock or byte data); a BPE of the data sets its own
 SEED=${SEED:-1234}
 USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_DENSE_ATTENTION)
 MTP_DEPTH=${MTP_DEPTH:-2}           # 0: no MTP
@@ -54,15 +75,15 @@ MODEL=(
 )
 MOE=(
   --num-experts 16 --moe-router-topk 4 --moe-ffn-hidden-size 896
-  --moe-shared-expert-intermediate-size 896 --moe-aux-loss-coeff 0.01
+  --moe-shared-expert-intermediate-size 1024 --moe-aux-loss-coeff 0.01
   --moe-router-load-balancing-type aux_loss --moe-router-dtype fp32
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm
 )
 MLA=()
 if (( USE_MLA )); then
   MLA=(
-    --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512
-    --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
+    --multi-latent-attention --q-lora-rank 64 --kv-lora-rank 64
+    --qk-head-dim 64 --qk-pos-emb-head-dim 64 --v-head-dim 64
   )
 fi
 MTP=()                             # shared-block MTP, built on the last pipeline stage only
@@ -84,14 +105,14 @@ TRAINING=(
   ${GRAD_ACC_FUSION_FLAG[@]+"${GRAD_ACC_FUSION_FLAG[@]}"}
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 )
-# NullTokenizer adds an end-of-document id: VOCAB - 1 ids + EOD = VOCAB (a multiple of 128).
-TOKENIZER=(--tokenizer-type NullTokenizer --vocab-size "$((VOCAB - 1))")
+set_tokenizer_args "$DATA" "$VOCAB"  # the data's BPE (prepare-data --tokenizer bpe:N), else NullTokenizer
 OUTPUT=(
   --save "$OUT/checkpoints" --save-interval "$ITERS" --tensorboard-dir "$OUT/tensorboard"
   --log-interval 1 --eval-interval "$ITERS" --eval-iters 2
 )
 
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" CUDA_DEVICE_MAX_CONNECTIONS=1 \
+  TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}" \
   torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \
   "${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" \
   "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@"

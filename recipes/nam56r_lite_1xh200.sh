@@ -6,7 +6,9 @@
 #
 #   MEGATRON_LM=~/Megatron-LM recipes/nam56r_lite_1xh200.sh [--dry-run] [extra pretrain_gpt.py flags]
 #
-# Empty DATA trains on Megatron's mock data; otherwise DATA is a .bin/.idx prefix.
+# Empty DATA trains on Megatron's mock data; otherwise DATA is a .bin/.idx prefix. The preset ships
+# MoD (gateskip, budget 1.0 -> 0.8 over --train-iters; its statistics print as mod_* on every log
+# line); SPEC=NAM56R_LITE_DENSE is the same model without MoD, the ablation baseline.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -14,14 +16,15 @@ DRY_RUN=0
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 
 MEGATRON_LM=${MEGATRON_LM:-$HOME/Megatron-LM}
-DATA=${DATA:-}
+DATA=${DATA:-}                     # .bin/.idx prefix, e.g. X.train of `prepare-data --output X` (its BPE
+                                   # X.tokenizer/, if any, becomes the tokenizer); empty: mock data
 OUT=${OUT:-$REPO/runs/nam56r_lite_1xh200}
-SPEC=${SPEC:-NAM56R_LITE}          # an object of layer_specs/nam56r_lite.py
+SPEC=${SPEC:-NAM56R_LITE}          # an object of layer_specs/nam56r_lite.py (NAM56R_LITE_DENSE: without MoD)
 ITERS=${ITERS:-50}
 MBS=${MBS:-2}                      # ~15 GiB estimated per micro-batch of 2 x 4096 (megacpp-mcore plan)
 GBS=${GBS:-16}
 LR=${LR:-3e-4}
-VOCAB=${VOCAB:-32768}
+VOCAB=${VOCAB:-32768}              # with NullTokenizer (mock or byte data); a BPE of the data sets its own
 SEED=${SEED:-1234}
 USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_LITE_AE)
 MTP_DEPTH=${MTP_DEPTH:-1}           # 0: no MTP
@@ -66,8 +69,7 @@ TRAINING=(
   --bf16 --transformer-impl transformer_engine --use-distributed-optimizer
   ${GRAD_ACC_FUSION_FLAG[@]+"${GRAD_ACC_FUSION_FLAG[@]}"}
 )
-# NullTokenizer adds an end-of-document id: VOCAB - 1 ids + EOD = VOCAB (a multiple of 128).
-TOKENIZER=(--tokenizer-type NullTokenizer --vocab-size "$((VOCAB - 1))")
+set_tokenizer_args "$DATA" "$VOCAB"  # the data's BPE (prepare-data --tokenizer bpe:N), else NullTokenizer
 OUTPUT=(
   --save "$OUT/checkpoints" --save-interval "$ITERS" --tensorboard-dir "$OUT/tensorboard"
   --log-interval 1 --eval-interval "$ITERS" --eval-iters 5

@@ -10,19 +10,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DRY_RUN=0
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 
-DATA=${DATA:-}                     # .bin/.idx prefix from `megacpp-mcore prepare-data`; empty: default
+DATA=${DATA:-}                     # prefix X of `megacpp-mcore prepare-data --output X` (bytes or its
+                                   # BPE, which train takes from X.json); empty: the default data
 OUT=${OUT:-$REPO/runs/nam56r_tiny_cpu}
 NPROC=${NPROC:-1}                  # ranks (gloo); with 2, pass e.g. --tp 2 or --pp 2
+PRESET=${PRESET:-nam56r-tiny}      # ships MoD; nam56r-tiny-dense: the same without MoD (baseline)
 STEPS=${STEPS:-200}
 MBS=${MBS:-4}
 SEED=${SEED:-1234}
 
-MODEL=(--preset nam56r-tiny)
+MODEL=(--preset "$PRESET")
 TRAINING=(--steps "$STEPS" --micro-batch-size "$MBS" --seed "$SEED" --save "$OUT/checkpoints")
 DATA_ARGS=()
 if [[ -n $DATA ]]; then
-  require_file "$DATA.bin" "data prefix (DATA)"
-  require_file "$DATA.idx" "data prefix (DATA)"
+  require_file "$DATA.json" "prepared data prefix (DATA, from megacpp-mcore prepare-data --output)"
   DATA_ARGS=(--data "$DATA")
 fi
 

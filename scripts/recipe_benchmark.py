@@ -12,11 +12,13 @@ attention+MoE trunk built two ways in ONE invocation: our spec (``NAM56R_LITE_AE
 ``pretrain_gpt.py``); same parameters and math, so the step-time ratio measures our spec's overhead
 (expected ~1.0) and the losses should track each other.
 
-Model FLOPs per token: ``megacpp_mcore.models.accounting.flops_per_token(model, causal=True)``
-(training = 3 x forward): 6 x the matmul parameters a token passes through (attention projections,
-the top-k routed experts + shared expert + router, dense MLPs, mixer projections, the output layer,
-and per MTP depth the shared block + its projection + the output layer) + causal attention
-scores/values per ``A`` layer (seq/2 keys on average).
+Model FLOPs per token, two ways (``megacpp_mcore.models.accounting.flop_counts``; training = 3 x
+forward): ours, ``flops_per_token(model, causal=True)``: 6 x the matmul parameters a token passes
+through (attention projections, the top-k routed experts + shared expert + router, dense MLPs,
+mixer projections, the output layer, and per MTP depth the shared block + its projection + the
+output layer) + causal attention scores/values per ``A`` layer (seq/2 keys on average); and
+Megatron-Bridge's ``hybrid_flops`` convention (``hybrid_flops_per_token``), the count behind the
+public NAM56R's 289 TFLOP/s/GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megacpp_mcore.models.accounting import flops_per_token  # noqa: E402
+from megacpp_mcore.models.accounting import flop_counts  # noqa: E402
 from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 
 RECIPES = {
@@ -59,7 +61,8 @@ class RunSummary:
     losses: list[float]
     ms_per_iteration: float | None
     tokens_per_s_per_gpu: float | None
-    tflops_per_gpu: float | None
+    tflops_per_gpu: float | None  # ours: 6 x active matmul params + causal attention
+    hybrid_tflops_per_gpu: float | None  # Megatron-Bridge's hybrid_flops convention
     peak_memory_gib: float | None
     log: str
 
@@ -84,7 +87,8 @@ def flag(tokens: list[str], name: str) -> str:
 
 
 def summarize(name: str, tokens: list[str], proc: subprocess.CompletedProcess, *, gpus: int,
-              warmup: int, fpt: float) -> RunSummary:
+              warmup: int, fpt: dict[str, float]) -> RunSummary:
+    """``fpt``: training FLOPs per token, ``ours`` and ``hybrid`` (:func:`flop_counts`)."""
     log = proc.stdout + proc.stderr
     losses, times, peak = parse_log(log)
     steady = times[warmup:] or times
@@ -93,7 +97,8 @@ def summarize(name: str, tokens: list[str], proc: subprocess.CompletedProcess, *
     tps = tokens_per_step / (ms / 1000) / gpus if ms else None
     return RunSummary(name=name, command=tokens, returncode=proc.returncode, iterations=len(losses),
                       losses=losses, ms_per_iteration=ms, tokens_per_s_per_gpu=tps,
-                      tflops_per_gpu=tps * fpt / 1e12 if tps else None, peak_memory_gib=peak,
+                      tflops_per_gpu=tps * fpt["ours"] / 1e12 if tps else None,
+                      hybrid_tflops_per_gpu=tps * fpt["hybrid"] / 1e12 if tps else None, peak_memory_gib=peak,
                       log=log[-4000:])
 
 
@@ -174,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = recipe_tokens(recipe, env)
     gpus = int(flag(tokens, "--nproc-per-node"))
     runs = [run(args.recipe, tokens, env, log_dir, gpus=gpus, warmup=args.warmup,
-                fpt=flops_per_token(preset, causal=True)["total"])]
+                fpt=flop_counts(preset))]
     if args.compare_upstream:
         ours, upstream, depth = ab_commands(tokens, args.megatron_lm)
-        fpt = flops_per_token(ae_trunk(preset, depth), causal=True)["total"]
+        fpt = flop_counts(ae_trunk(preset, depth))
         runs.append(run("ae_trunk_ours", ours, env, log_dir, gpus=gpus, warmup=args.warmup, fpt=fpt))
         runs.append(run("ae_trunk_upstream", upstream, env, log_dir, gpus=gpus, warmup=args.warmup, fpt=fpt))
     print_table(runs)
@@ -193,20 +198,23 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_table(runs: list[RunSummary]) -> None:
-    print("\n| run | iters | loss first -> last | fell | ms/iter | tokens/s/GPU | TFLOP/s/GPU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| run | iters | loss first -> last | fell | ms/iter | tokens/s/GPU | TFLOP/s/GPU ours "
+          "| TFLOP/s/GPU hybrid_flops | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         loss = f"{r.losses[0]:.3f} -> {r.losses[-1]:.3f}" if r.losses else "-"
         print(f"| {r.name} | {r.iterations} | {loss} | {'yes' if r.loss_fell else 'NO'} | "
               f"{_fmt(r.ms_per_iteration, '.1f')} | {_fmt(r.tokens_per_s_per_gpu, ',.0f')} | "
-              f"{_fmt(r.tflops_per_gpu, '.1f')} | {_fmt(r.peak_memory_gib, '.1f')} |")
+              f"{_fmt(r.tflops_per_gpu, '.1f')} | {_fmt(r.hybrid_tflops_per_gpu, '.1f')} | "
+              f"{_fmt(r.peak_memory_gib, '.1f')} |")
     named = {r.name: r for r in runs}
     ours, up = named.get("ae_trunk_ours"), named.get("ae_trunk_upstream")
     if ours and up and ours.ms_per_iteration and up.ms_per_iteration:
         print(f"\nAE trunk step-time ratio ours/upstream: {ours.ms_per_iteration / up.ms_per_iteration:.3f}"
               f" (expected ~1.0); final loss ours {ours.losses[-1]:.4f} vs upstream {up.losses[-1]:.4f}")
-    if "8x" in named and named["8x"].tflops_per_gpu:
-        print(f"8xH200: {named['8x'].tflops_per_gpu:.1f} TFLOP/s/GPU vs the public NAM56R figure 289")
+    if "8x" in named and named["8x"].hybrid_tflops_per_gpu:
+        print(f"8xH200: {named['8x'].hybrid_tflops_per_gpu:.1f} TFLOP/s/GPU by hybrid_flops (ours "
+              f"{named['8x'].tflops_per_gpu:.1f}) vs the public NAM56R figure 289 (hybrid_flops)")
 
 
 if __name__ == "__main__":

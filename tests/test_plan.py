@@ -8,7 +8,7 @@ import pytest
 
 from megacpp_mcore.train import runtime
 from megacpp_mcore.cli import main
-from megacpp_mcore.models.accounting import feedforward_params
+from megacpp_mcore.models.accounting import feedforward_params, flops_per_token, hybrid_flops_per_token
 from megacpp_mcore.models.plan import build_plan, format_plan
 from megacpp_mcore.models.presets import PRESETS, get_preset
 from megacpp_mcore.testing.parity import TINY_DENSE, TINY_MOE, model_from_spec
@@ -25,6 +25,24 @@ def test_plan_json_for_nam56r(capsys):
     assert plan["features"]["mla"]["layers"] == [x["index"] for x in plan["layers"] if x["symbol"] == "A"]
     assert plan["parameters"]["features"] == sum(sum(x["feature_parameters"].values()) for x in plan["layers"])
     assert plan["parameters"]["total"] > 1e9 and plan["memory"]["total"] > 0
+    # FLOPs per token both ways (tests/test_accounting.py checks them by hand)
+    assert plan["flops_per_token"] == {"ours": flops_per_token(get_preset("nam56r"), causal=True)["total"],
+                                       "hybrid_flops": hybrid_flops_per_token(get_preset("nam56r"))["total"]}
+
+
+def test_distributed_optimizer_shards_the_state_over_data_parallel_ranks(capsys):
+    """dp > 1: fp32 master + Adam state (12 B/param) of the dense part over dp ranks, of the
+    experts over the expert-data-parallel ranks (dp * tp / ep = 1 at dp 8, ep 8): weights and
+    grads stay whole."""
+    m = get_preset("nam56r")
+    one, eight = build_plan(m, ep=8)["memory"], build_plan(m, ep=8, dp=8)["memory"]
+    assert (eight["weights"], eight["grads"]) == (one["weights"], one["grads"])
+    experts = 23 * 16 * 3 * 4096 * 896 // 8  # 22 E layers + the MTP block's E, 2 of 16 experts per GPU
+    dense = one["weights"] // 2 - experts
+    assert one["optimizer"] == 12 * (dense + experts) and eight["optimizer"] == 12 * (dense // 8 + experts)
+    assert main(["plan", "--preset", "nam56r", "--ep", "8", "--dp", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "ep=8 dp=8" in out and "training FLOPs per token: ours 29.29 G" in out and "hybrid_flops 35.23 G" in out
 
 
 def test_plan_table_shows_stages(capsys):
@@ -97,8 +115,10 @@ def test_plan_names_the_feature_layers_and_their_parameters():
     assert [layer["features"] for layer in plan["layers"]] == [[], ["mod"], ["mod"], [], ["flexidepth"], ["flexidepth"]]
     assert [layer["feature_parameters"] for layer in plan["layers"]] == [
         {}, {"mod": mod}, {"mod": mod}, {}, {"flexidepth": flexi}, {"flexidepth": flexi}]
-    assert plan["features"] == {"flexidepth": {"layers": [4, 5], "parameters": 2 * flexi},
-                                "mod": {"layers": [1, 2], "parameters": 2 * mod}}
+    assert plan["features"] == {
+        "flexidepth": {"layers": [4, 5], "parameters": 2 * flexi, "config": None},
+        "mod": {"layers": [1, 2], "parameters": 2 * mod,
+                "config": "gateskip, budget 1.0 -> 0.8 over 1000 steps"}}
     dense = build_plan(model.replace(features={}), backend="local")
     assert plan["parameters"]["features"] == 2 * mod + 2 * flexi and dense["parameters"]["features"] == 0
     assert plan["parameters"]["total"] - dense["parameters"]["total"] == 2 * mod + 2 * flexi
@@ -106,7 +126,7 @@ def test_plan_names_the_feature_layers_and_their_parameters():
     rows = format_plan(plan).splitlines()
     assert [r.split()[-1] for r in rows[3:9]] == ["-", f"mod(+{mod})", f"mod(+{mod})", "-",
                                                   "flexidepth(+1.15K)", "flexidepth(+1.15K)"]
-    assert "  mod: 2 layers (1,2), +130 params" in rows and "  flexidepth: 2 layers (4,5), +2.31K params" in rows
+    assert "  mod: 2 layers (1,2), +130 params; gateskip, budget 1.0 -> 0.8 over 1000 steps" in rows and "  flexidepth: 2 layers (4,5), +2.31K params" in rows
 
 
 def test_feature_counts_equal_the_built_model(single_rank):

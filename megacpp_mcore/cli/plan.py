@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline-parallel stages (default: the pattern's '|' stages, else 1)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the memory estimate")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size for the memory estimate")
+    parser.add_argument("--dp", type=int, default=1,
+                        help="data-parallel size: the distributed optimizer shards its state over it")
     parser.add_argument("--micro-batch-size", type=int, default=1, help="for the activation estimate")
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -39,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megacpp_mcore.models.plan import build_plan, format_plan
 
-    for flag in ("pp", "tp", "ep", "micro_batch_size"):
+    for flag in ("pp", "tp", "ep", "dp", "micro_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model = model_from_args(args)
-    plan = build_plan(model, pp=args.pp, tp=args.tp, ep=args.ep,
+    plan = build_plan(model, pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp,
                       micro_batch=args.micro_batch_size, backend=args.backend)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0

@@ -52,7 +52,7 @@ def feedforward_params(m: ModelConfig) -> int:
 
 def mamba_params(m: ModelConfig) -> int:
     """One ``M`` layer: input norm + Mamba-2 mixer."""
-    return m.hidden_size + mamba_dims(m.hidden_size).num_params()
+    return m.hidden_size + mamba_dims(m.hidden_size, d_state=m.mamba_state_dim).num_params()
 
 
 def m2rnn_params(m: ModelConfig) -> int:
@@ -132,6 +132,28 @@ def active_feedforward_params(m: ModelConfig) -> int:
     return h * e.num_experts + e.topk * 3 * h * e.ffn_hidden_size + 3 * h * (e.shared_expert_size or 0)
 
 
+def attention_matmul_params(m: ModelConfig, *, mla: bool) -> int:
+    """Matmul weights of one ``A`` layer: :func:`attention_params` less the input norm and, for MLA,
+    the norms of the q/kv latents."""
+    norms = m.hidden_size
+    if mla:
+        norms += (m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank
+    return attention_params(m, mla=mla) - norms
+
+
+def block_matmul_params(m: ModelConfig, entry: LayerEntry) -> int:
+    """Matmul weights of the block of ``entry`` that a token passes through: attention projections,
+    MoE's router + top-k routed + shared expert (or the dense MLP), the mixers' projections (and
+    M2RNN's recurrent weight); no norms, convolutions or per-head vectors."""
+    if entry.symbol == "A":
+        return attention_matmul_params(m, mla="mla" in entry.features)
+    if entry.symbol == "E":
+        return active_feedforward_params(m)
+    if entry.symbol == "M":
+        return mamba_dims(m.hidden_size, d_state=m.mamba_state_dim).matmul_params()
+    return m2rnn_dims(m.hidden_size, m.num_attention_heads).matmul_params()
+
+
 def _attention_flops(m: ModelConfig, seq: int, *, mla: bool, causal: bool) -> float:
     """Scores and values of one attention layer per token, forward + backward: ``2 * s * heads *
     (d_qk + d_v)`` forward, x3 for training; half when ``causal`` (a query sees s/2 keys on average)."""
@@ -146,9 +168,10 @@ def _attention_flops(m: ModelConfig, seq: int, *, mla: bool, causal: bool) -> fl
 def flops_per_token(m: ModelConfig, seq_length: int | None = None, *, causal: bool = False) -> dict[str, float]:
     """Training FLOPs per token (forward + backward): ``6 * N_active + attention``.
 
-    ``N_active`` counts the matmul weights a token passes through: every layer (MoE: router + top-k
-    routed experts + shared expert; the MoD/FlexiDepth routers and FlexiDepth's adapter on every
-    token, as training runs them), the output head and, per MTP depth, the shared MTP block, its
+    ``N_active`` counts the matmul weights a token passes through (:func:`block_matmul_params`):
+    every layer (MoE: router + top-k routed experts + shared expert; M/R: the mixers' projections
+    and M2RNN's recurrent weight, not their convolutions; the MoD/FlexiDepth routers and
+    FlexiDepth's adapter on every token, as training runs them), the output head and, per MTP depth, the shared MTP block, its
     [2h -> h] projection and the output head again; not the embedding lookup or norms. The attention
     term is ``6 * s * heads * (d_qk + d_v)`` per attention layer (QK^T and AV, forward and backward),
     i.e. ``12 * s * h`` for standard attention (receipts, ``scripts/bench_train.py``);
@@ -163,17 +186,85 @@ def flops_per_token(m: ModelConfig, seq_length: int | None = None, *, causal: bo
     active = h * m.vocab_size  # output head
     attention = 0.0
     for entry in m.layer_table():
-        if entry.symbol == "E":
-            active += active_feedforward_params(m)
-        else:
-            active += block_params(m, entry) - h  # minus the input norm
-        active += feature_matmul_params(m, entry)
+        active += block_matmul_params(m, entry) + feature_matmul_params(m, entry)
         if entry.symbol == "A":
             attention += _attention_flops(m, s, mla="mla" in entry.features, causal=causal)
     if m.mtp_depth:
-        block = attention_params(m, mla=m.mla is not None) - h + active_feedforward_params(m) + 2 * h * h
+        block = attention_matmul_params(m, mla=m.mla is not None) + active_feedforward_params(m) + 2 * h * h
         active += m.mtp_depth * (block + h * m.vocab_size)
         attention += m.mtp_depth * _attention_flops(m, s, mla=m.mla is not None, causal=causal)
     dense = 6.0 * active
     return {"active_params": float(active), "dense": dense, "attention": attention,
             "total": dense + attention}
+
+
+# -------------------------------------------------------- FLOPs, Megatron-Bridge's hybrid convention --
+
+def _hybrid_attention_fwd(m: ModelConfig, s: float) -> float:
+    """One ``A`` layer's forward FLOPs per token as Bridge's ``attn_layer_flops`` counts it: dense
+    attention whatever the block (MLA included), ``4 h (h + h g / n + s / 2)``: Q and O (``4 h^2``),
+    K and V over ``g`` query groups (``4 h^2 g / n``), QK^T and AV at seq/2 keys (``2 h s``).
+    (Bridge's ``kv_channels * n / h`` factor is 1 here: our head dim is ``h / n``.)"""
+    h, n = m.hidden_size, m.num_attention_heads
+    g = m.num_query_groups or n
+    return 4.0 * h * (h + h * g / n + s / 2)
+
+
+def _hybrid_feedforward_fwd(m: ModelConfig) -> float:
+    """One ``E`` layer's forward FLOPs per token (SwiGLU: 3 matmuls of ``h x f``, ``6 h f``): MoE as
+    top-k routed experts + the shared expert (no router), or the dense MLP."""
+    h = m.hidden_size
+    if m.moe is None:
+        return 6.0 * h * m.ffn_hidden_size
+    return 6.0 * h * (m.moe.topk * m.moe.ffn_hidden_size + (m.moe.shared_expert_size or 0))
+
+
+def _hybrid_mamba_fwd(m: ModelConfig) -> float:
+    """One Mamba layer's forward FLOPs per token with ``d_inner = 2h``: in_proj ``2 h (2 d_in + 2
+    groups d_state + heads)``, the scan ``7 d_in d_state``, out_proj ``2 d_in h``."""
+    h = m.hidden_size
+    dims = mamba_dims(h, d_state=m.mamba_state_dim)
+    d_in = 2 * h
+    return (2.0 * h * (2 * d_in + 2 * dims.ngroups * dims.d_state + dims.nheads)
+            + 7.0 * d_in * dims.d_state + 2.0 * d_in * h)
+
+
+def hybrid_flops_per_token(m: ModelConfig, seq_length: int | None = None) -> dict[str, float]:
+    """Training FLOPs per token by Megatron-Bridge's ``hybrid_flops`` convention (its
+    ``training/utils/flop_utils.py``), the count behind published hybrid figures such as the public
+    NAM56R's 289 TFLOP/s/GPU; read there, re-derived here for our layer table.
+
+    Forward FLOPs per token, summed over the layers, times 3 (forward + backward):
+
+    * ``A``: dense causal attention, ``4 h (h + h g / n + s / 2)`` (MLA layers are counted as dense
+      attention too: the convention knows no MLA in a hybrid stack);
+    * ``E``: ``6 h (topk f + f_shared)`` for MoE (top-k routed + shared expert, router not counted),
+      ``6 h f`` for a dense SwiGLU MLP;
+    * ``M``: Mamba with ``d_inner = 2h``, ``2 h (2 d_in + 2 G N + heads) + 7 d_in N + 2 d_in h``
+      (G groups, N = d_state); ``R`` (M2RNN) has no symbol in the convention and is counted as
+      an ``M`` layer, the layer upstream's hybrid runs in its place (``scripts/bench_stage.py``);
+    * logits: ``2 h V (1 + mtp_depth)``; the MTP blocks themselves are not counted (the
+      convention counts MTP layers only when the hybrid pattern spells them out).
+
+    Norms, embeddings and features (MoD/FlexiDepth routers) are not counted. Returns per-token
+    training FLOPs per part (``attention``, ``feedforward``, ``mamba``, ``logits``) and ``total``.
+    """
+    s = seq_length or m.seq_length
+    symbols = [entry.symbol for entry in m.layer_table()]
+    parts = {
+        "attention": symbols.count("A") * _hybrid_attention_fwd(m, s),
+        "feedforward": symbols.count("E") * _hybrid_feedforward_fwd(m),
+        "mamba": (symbols.count("M") + symbols.count("R")) * _hybrid_mamba_fwd(m),
+        "logits": 2.0 * m.hidden_size * m.vocab_size * (1 + m.mtp_depth),
+    }
+    out = {name: 3.0 * value for name, value in parts.items()}  # forward + backward (2x)
+    out["total"] = sum(out.values())
+    return out
+
+
+def flop_counts(m: ModelConfig, seq_length: int | None = None) -> dict[str, float]:
+    """Training FLOPs per token both ways, for figures printed side by side: ``ours`` (6 x active
+    matmul parameters + causal attention, :func:`flops_per_token` with ``causal=True``) and
+    ``hybrid`` (:func:`hybrid_flops_per_token`)."""
+    return {"ours": flops_per_token(m, seq_length, causal=True)["total"],
+            "hybrid": hybrid_flops_per_token(m, seq_length)["total"]}

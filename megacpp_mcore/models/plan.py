@@ -19,7 +19,8 @@ import hashlib
 import json
 from typing import Any
 
-from megacpp_mcore.models.accounting import embedding_params, feature_params, layer_params
+from megacpp_mcore.models.accounting import (embedding_params, feature_params, flops_per_token,
+                                              hybrid_flops_per_token, layer_params)
 from megacpp_mcore.models.presets import ModelConfig
 from megacpp_mcore.spec.pattern import LayerEntry, symbol_counts
 
@@ -33,7 +34,9 @@ BLOCK_NAMES = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryEstimate:
-    """Bytes per GPU of the heaviest pipeline stage (bf16 weights, fp32 grads + Adam state)."""
+    """Bytes per GPU of the heaviest pipeline stage (bf16 weights, fp32 grads + Adam state; the
+    fp32 master weights and Adam moments sharded over data-parallel ranks by the distributed
+    optimizer when ``dp`` > 1)."""
 
     weights: int
     grads: int
@@ -57,11 +60,14 @@ def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: in
 
 
 def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 1, micro_batch: int = 1,
-               backend: str = "auto") -> dict[str, Any]:
+               backend: str = "auto", dp: int = 1) -> dict[str, Any]:
     """The plan as a JSON-able dict: ``layers`` (each with its ``features`` and the
     ``feature_parameters`` they add, included in its ``parameters``), ``counts``, ``features``
     (name -> carrying layers and added parameters), ``stages``, ``parameters`` (``features``: the
-    part of ``layers`` the features add), ``memory``."""
+    part of ``layers`` the features add), ``flops_per_token`` (training FLOPs per token two ways:
+    ``ours``, 6 x active matmul parameters + causal attention, and ``hybrid_flops``, Megatron-Bridge's
+    convention, :func:`~megacpp_mcore.models.accounting.hybrid_flops_per_token`), ``memory``
+    (``dp`` > 1: distributed-optimizer state sharded over ``dp`` data-parallel ranks)."""
     from megacpp_mcore.spec.backends import resolve_backend_name
 
     table = m.layer_table(pp=pp)
@@ -80,9 +86,11 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
             "parameters": layer_params(m, entry),  # the whole built layer, features included
             "feature_parameters": added,
         })
-    # per feature: the layers carrying it and the parameters it adds over them
+    # per feature: the layers carrying it, the parameters it adds over them (MoD: its routers) and
+    # its configuration in one line, when its config describes itself (MoD: mode and budget)
     features = {name: {"layers": [x["index"] for x in layers if name in x["features"]],
-                       "parameters": sum(x["feature_parameters"].get(name, 0) for x in layers)}
+                       "parameters": sum(x["feature_parameters"].get(name, 0) for x in layers),
+                       "config": _describe(m.feature_configs.get(name))}
                 for name in sorted({f for x in layers for f in x["features"]})}
     extra = embedding_params(m)
     stages = []
@@ -98,7 +106,7 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
         stages.append({"stage": s, "layers": [layer["index"] for layer in members],
                        "pattern": "".join(layer["symbol"] for layer in members), "parameters": params})
     total = sum(layer["parameters"] for layer in layers) + sum(extra.values())
-    memory = _memory(m, table, stages, tp=tp, ep=ep, micro_batch=micro_batch)
+    memory = _memory(m, table, stages, tp=tp, ep=ep, micro_batch=micro_batch, dp=dp)
     layer_hash = hashlib.sha256(
         json.dumps([[x["index"], x["symbol"], x["features"]] for x in layers]).encode()
     ).hexdigest()[:16]
@@ -109,7 +117,7 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
         "expanded_pattern": "".join(e.symbol for e in table),
         "layer_table_hash": layer_hash,
         "backend": {"requested": backend, "resolved": resolved},
-        "parallel": {"tp": tp, "pp": pp, "ep": ep, "micro_batch": micro_batch},
+        "parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "micro_batch": micro_batch},
         "layers": layers,
         "counts": symbol_counts(e.symbol for e in table),
         "features": features,
@@ -117,19 +125,33 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
         "parameters": {"total": total, **extra,
                        "layers": sum(layer["parameters"] for layer in layers),
                        "features": sum(f["parameters"] for f in features.values())},
+        "flops_per_token": {"ours": flops_per_token(m, causal=True)["total"],
+                            "hybrid_flops": hybrid_flops_per_token(m)["total"]},
         "memory": dataclasses.asdict(memory) | {"total": memory.total},
     }
 
 
-def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int) -> MemoryEstimate:
+def _describe(config: Any) -> str | None:
+    describe = getattr(config, "describe", None)
+    return describe() if callable(describe) else None
+
+
+def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int, dp: int) -> MemoryEstimate:
     heaviest = max(stages, key=lambda s: s["parameters"])
     expert_share = 0
     if m.moe is not None:
         per_layer = m.moe.num_experts * 3 * m.hidden_size * m.moe.ffn_hidden_size
         n_e = sum(1 for i in heaviest["layers"] if table[i].symbol == "E")
+        if m.mtp_depth and heaviest["stage"] == len(stages) - 1:
+            n_e += 1  # the MTP shared block's E, on the last stage
         expert_share = per_layer * n_e
     dense = heaviest["parameters"] - expert_share
-    params_per_gpu = dense // tp + expert_share // (ep * tp)
+    dense_per_gpu, experts_per_gpu = dense // tp, expert_share // (ep * tp)
+    params_per_gpu = dense_per_gpu + experts_per_gpu
+    # fp32 master + Adam m, v (12 B/param): dense state over dp ranks, expert state over the
+    # expert-data-parallel ranks (dp * tp / ep); one copy each when dp == 1
+    expert_dp = max(1, dp * tp // ep)
+    optimizer = 12 * (dense_per_gpu // dp + experts_per_gpu // expert_dp)
     acts = sum(activation_bytes(m, table[i], micro_batch, tp) for i in heaviest["layers"])
     moda = 0
     moda_cfg = m.features.get("moda")
@@ -138,7 +160,7 @@ def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int
     return MemoryEstimate(
         weights=params_per_gpu * 2,
         grads=params_per_gpu * 4,
-        optimizer=params_per_gpu * 12,
+        optimizer=optimizer,
         activations=acts,
         moda_depth_kv=moda,
     )
@@ -176,7 +198,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += ["", f"counts: {counts}", "features:" if plan["features"] else "features: none"]
     for name, f in plan["features"].items():
         lines.append(f"  {name}: {len(f['layers'])} layers ({','.join(map(str, f['layers']))})"
-                     + (f", +{_fmt_count(f['parameters'])} params" if f["parameters"] else ""))
+                     + (f", +{_fmt_count(f['parameters'])} params" if f["parameters"] else "")
+                     + (f"; {f['config']}" if f.get("config") else ""))
     lines.append("pipeline stages:")
     for st in plan["stages"]:
         lines.append(f"  stage {st['stage']}: layers {st['layers'][0]}..{st['layers'][-1]} "
@@ -191,8 +214,11 @@ def format_plan(plan: dict[str, Any]) -> str:
     )
     mem = plan["memory"]
     par = plan["parallel"]
+    fl = plan["flops_per_token"]
+    lines.append(f"training FLOPs per token: ours {fl['ours'] / 1e9:.2f} G (6 x active matmul params + "
+                 f"causal attention), hybrid_flops {fl['hybrid_flops'] / 1e9:.2f} G (Megatron-Bridge)")
     lines.append(
-        f"memory estimate per GPU, heaviest stage (tp={par['tp']} ep={par['ep']} "
+        f"memory estimate per GPU, heaviest stage (tp={par['tp']} ep={par['ep']} dp={par['dp']} "
         f"micro-batch={par['micro_batch']}): weights {_fmt_bytes(mem['weights'])}, grads "
         f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}, activations "
         f"{_fmt_bytes(mem['activations'])}, MoDA depth-KV {_fmt_bytes(mem['moda_depth_kv'])}; "

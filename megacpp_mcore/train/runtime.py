@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from megacpp_mcore.models.presets import ModelConfig
 from megacpp_mcore.spec import compat
+from megacpp_mcore.train.fast_paths import FastPaths
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,11 +146,16 @@ def fused_rope_available() -> bool:
     return getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
 
 
-def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | None = None, **overrides):
-    """The ``TransformerConfig`` for ``model`` under ``par`` (RMSNorm, SwiGLU, no biases, RoPE)."""
+def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | None = None,
+                       fast: FastPaths | None = None, **overrides):
+    """The ``TransformerConfig`` for ``model`` under ``par`` (RMSNorm, SwiGLU, no biases, RoPE).
+
+    ``fast``: the kernel-path switches (:class:`~megacpp_mcore.train.fast_paths.FastPaths`; the
+    default reproduces this host's defaults); ``overrides`` are set last, as given."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megacpp_mcore.spec import compat
+    from megacpp_mcore.spec.backends import fused_conv_available
     from megacpp_mcore.spec.block import pipeline_split_kwargs
     from megacpp_mcore.spec.pattern import heterogeneous
     from megacpp_mcore.layers.mixers.dims import mixer_config_kwargs
@@ -184,9 +190,6 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         # global count: aux gradients would shrink by TP and TP=2 would not match TP=1.
         calculate_per_token_loss=False,
         gradient_accumulation_fusion=False,
-        bias_dropout_fusion=cuda,
-        # TE's fused RoPE on GPU (Megatron-LM's default); MLA's own rope kernels stay unfused
-        apply_rope_fusion=model.mla is None and fused_rope_available(),
         masked_softmax_fusion=cuda,
         persist_layer_norm=False,
         # Batched isend/irecv over gloo mis-delivers in the interleaved 1F1B steady state (losses
@@ -195,11 +198,6 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     )
     kwargs.update(pipeline_split_kwargs(model.pattern, model.num_layers))
     kwargs.update(mixer_config_kwargs(model))  # mamba_* sizes of the M block
-    if "M" in model.pattern:
-        from megacpp_mcore.spec.backends import fused_conv_available
-
-        # MambaMixer's fused ("mem-eff") path needs causal_conv1d; without it the conv runs unfused.
-        kwargs["use_mamba_mem_eff_path"] = fused_conv_available()
     if model.moe is not None:
         kwargs.update(
             num_moe_experts=model.moe.num_experts,
@@ -209,7 +207,6 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
             moe_aux_loss_coeff=model.moe.aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss",
             moe_grouped_gemm=cuda and model.moe.grouped_gemm,
-            moe_token_dispatcher_type="alltoall" if cuda else "allgather",
             moe_router_dtype="fp32",
         )
     if model.mla is not None:
@@ -220,6 +217,11 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         # per-layer checkpoint keys for a stack of mixed layer kinds (the model builder owns this
         # setting; HybridLayer refuses a mixed stack without it)
         kwargs[compat.HETEROGENEOUS_CHECKPOINT_FIELD] = True
+    # Kernel paths (fused residual add, RoPE fusion (MLA's via YaRN at factor 1), MambaMixer's fused
+    # path where causal_conv1d is installed, MoE dispatcher/fusions, CUDA graphs, FP8)
+    fused_rope = model.mla is None and fused_rope_available()
+    kwargs.update((fast or FastPaths()).config_kwargs(
+        model, cuda=cuda, fused_rope=fused_rope, fused_conv="M" in model.pattern and fused_conv_available()))
     kwargs.update(overrides)
     if kwargs.get("multi_latent_attention"):
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -249,9 +251,14 @@ def gpt_model(config, layer_spec, *, vocab_size: int, max_sequence_length: int, 
                      post_process=post_process, vp_stage=vp_stage, **mtp_kwargs, **gpt_kwargs)
 
 
-def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: bool = True) -> list:
+def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: bool = True,
+                trainable: Callable[[str], bool] | None = None) -> list:
     """GPTModel chunks (one per virtual stage) of ``model`` through :func:`gpt_model`, from the
-    hybrid spec; DDP-wrapped by default."""
+    hybrid spec; DDP-wrapped by default.
+
+    ``trainable(name)``: only the parameters it accepts (names inside the GPTModel) keep
+    ``requires_grad``; the rest are frozen before the DDP wrap, which gives gradient buffers to
+    trainable parameters only (and Megatron's optimizer then holds only those)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -272,6 +279,8 @@ def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: 
             share_embeddings_and_output_weights=model.tie_embeddings, position_embedding_type="rope",
         )
         gpt.to(device())
+        for name, param in gpt.named_parameters() if trainable else ():
+            param.requires_grad_(param.requires_grad and trainable(name))
         chunks.append(gpt)
     if not wrap_ddp:
         return chunks

@@ -63,6 +63,10 @@ class MambaDims:
         return (self.d_model * self.in_proj_dim + self.conv_dim * (self.d_conv + 1)
                 + 3 * self.nheads + self.d_inner + self.d_inner * self.d_model)
 
+    def matmul_params(self) -> int:
+        """The weights every token's projections multiply (FLOP accounting): in_proj and out_proj."""
+        return self.d_model * self.in_proj_dim + self.d_inner * self.d_model
+
 
 def default_mamba_groups(hidden_size: int) -> int:
     """``MAMBA_GROUPS`` (8), reduced to a divisor of the head count for small models."""
@@ -70,8 +74,9 @@ def default_mamba_groups(hidden_size: int) -> int:
     return math.gcd(MAMBA_GROUPS, max(nheads, 1))
 
 
-def mamba_dims(hidden_size: int) -> MambaDims:
-    """The ``M`` mixer of a model with ``hidden_size`` built by this package's runtime."""
+def mamba_dims(hidden_size: int, *, d_state: int = MAMBA_STATE) -> MambaDims:
+    """The ``M`` mixer of a model with ``hidden_size`` (and SSM state size ``d_state``, a preset's
+    ``mamba_state_dim``) built by this package's runtime."""
     if (MAMBA_EXPAND * hidden_size) % MAMBA_HEAD_DIM:
         raise ValueError(
             f"Mamba mixer: expand*hidden_size={MAMBA_EXPAND * hidden_size} is not a multiple of "
@@ -79,7 +84,7 @@ def mamba_dims(hidden_size: int) -> MambaDims:
             f"{MAMBA_HEAD_DIM // math.gcd(MAMBA_HEAD_DIM, MAMBA_EXPAND)}"
         )
     return MambaDims(d_model=hidden_size, nheads=MAMBA_EXPAND * hidden_size // MAMBA_HEAD_DIM,
-                     ngroups=default_mamba_groups(hidden_size))
+                     d_state=d_state, ngroups=default_mamba_groups(hidden_size))
 
 
 def mamba_dims_from_config(config: Any) -> MambaDims:
@@ -135,9 +140,18 @@ class M2RNNDims:
         return (self.d_model * h * self.head_proj_dim + h * self.qkv_dim * (self.d_conv + 1)
                 + h * self.v_dim * self.v_dim + h + h * self.v_dim * self.d_model)
 
+    def matmul_params(self) -> int:
+        """The weights every token multiplies (FLOP accounting): in_proj, the per-head ``V x V``
+        recurrent weight (applied to the state once per token) and out_proj."""
+        h = self.nheads
+        return (self.d_model * h * self.head_proj_dim + h * self.v_dim * self.v_dim
+                + h * self.v_dim * self.d_model)
+
 
 def m2rnn_dims(hidden_size: int, num_heads: int) -> M2RNNDims:
-    """The ``R`` mixer: one recurrent head per attention head."""
+    """The ``R`` mixer: one recurrent head per attention head, each with a ``M2RNN_K_DIM x
+    M2RNN_V_DIM`` (64 x 16) state. The R builder reads only the TransformerConfig (hidden size and
+    heads), so these per-head sizes are package constants, not a per-model setting."""
     return M2RNNDims(d_model=hidden_size, nheads=num_heads)
 
 
@@ -145,6 +159,6 @@ def mixer_config_kwargs(model: Any) -> dict[str, int]:
     """TransformerConfig fields for the ``M`` mixer of ``model`` (a presets.ModelConfig)."""
     if "M" not in model.pattern:
         return {}
-    dims = mamba_dims(model.hidden_size)
+    dims = mamba_dims(model.hidden_size, d_state=model.mamba_state_dim)
     return {"mamba_num_groups": dims.ngroups, "mamba_head_dim": dims.head_dim,
             "mamba_state_dim": dims.d_state}

@@ -1,0 +1,530 @@
+"""Stage benchmark on one H200: the layers one GPU of the 8 x H200 NAM56R layout runs, through
+Megatron-LM's stock training scripts, ours against upstream's own hybrid, and a projection of the
+whole model on 8 GPUs.
+
+    python scripts/bench_stage.py --megatron-lm $MEGATRON_LM [--set ab,stage] [--out stage.json]
+    python scripts/bench_stage.py --megatron-lm $MEGATRON_LM --set fast --fast mla_rope_fusion=off \\
+        --fast moe_permute_fusion=on          # each fast path on/off in the same call
+    python scripts/bench_stage.py --megatron-lm $MEGATRON_LM --set startup   # cold vs warm start
+    python scripts/bench_stage.py ... --dry-run                              # print the commands
+
+Layout (recipes/nam56r_8xh200.sh): TP 1, PP 1, EP 8, DP 8. With PP 1 every GPU runs all 52 layers
+for its own tokens; with EP 8 it holds 2 of the 16 experts and, under balanced routing, computes the
+same expert FLOPs per token as one GPU holding all 16. So one GPU's work per token is the whole
+trunk at full width, which does not fit one GPU's memory at once: it is measured in slices of the
+12-layer period ``AEMEAEMEAEMR`` (all experts local) and the rest is modelled (below).
+
+Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-repeats`` times):
+
+* ``ab``: the NAM56R structure on the symbols upstream has (``AEMEAEMEAEMM``, standard attention,
+  M for R, no MTP), 12 layers at the public dims; ours (``pretrain_gpt.py`` through the launcher,
+  ``layer_specs.nam56r NAM56R_UPSTREAM_SYMBOLS``) against upstream's hybrid (``pretrain_mamba.py``
+  ``*EME*EME*EMM``, or ``pretrain_hybrid.py`` on core_v0.19); same dims, mock data, seed, batch.
+* ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) at 12 and 24 layers and at 12
+  layers with MTP depth 2, plus one run per ``--fast`` toggle (the 12-layer slice with it flipped);
+  ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
+* ``startup``: the nam56r-lite preset (MLA, MTP 1) twice on a new, empty Triton cache: cold (a
+  fresh machine compiles and autotunes every Triton kernel), then warm (all of it cached).
+
+Every run reports: start-up (launch to the first finished iteration, and the Triton autotuning
+seconds inside it with ``--print-autotuning``), median ms per iteration after ``--warmup``, tokens/s,
+TFLOP/s both ways (``models/accounting.py``: ours = 6 x active matmul params + causal attention;
+hybrid = Megatron-Bridge's hybrid_flops), peak allocated memory and first/last LM loss.
+
+Projection of the whole model on 8 H200s (assumptions printed with it): per-token times t12, t24,
+t12+MTP of the stage slices give one period ``t24 - t12``, the head (embedding, output layer, loss,
+optimizer share) ``2 t12 - t24`` and MTP ``t12mtp - t12``; the 52-layer trunk is 4 periods plus
+``AEME`` scaled from a period by hybrid FLOPs; all-to-all per token = 4 (dispatch, combine; forward,
+backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed fraction
+``1 - --a2a-overlap``; gradient sync per step = dense params x (4 B reduce-scatter + 2 B
+all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megacpp_mcore.models.accounting import (embedding_params, flops_per_token,  # noqa: E402
+                                             hybrid_flops_per_token, layer_params)
+from megacpp_mcore.layers.mixers.dims import mamba_dims  # noqa: E402
+from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
+from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
+
+SETS = ("ab", "stage", "fast", "startup")
+UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
+
+# Fast paths of the stage slice: name -> (default, {value: Megatron-LM flags}); "{cg}" is the CUDA
+# graph module flag of the checkout (--cuda-graph-scope to 0.18, --cuda-graph-modules from 0.19).
+FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
+    "mamba_fused": ("on", {"on": [], "off": ["--no-use-mamba-mem-eff-path"]}),  # causal_conv1d path
+    "fused_residual": ("on", {"on": [], "off": ["--no-bias-dropout-fusion"]}),
+    "mla_rope_fusion": ("on", {"on": [], "off": ["--no-rope-fusion"]}),  # MLA's YaRN(1) fused kernels
+    "moe_grouped_gemm": ("on", {"on": ["--moe-grouped-gemm"], "off": []}),
+    "moe_dispatcher": ("alltoall", {v: ["--moe-token-dispatcher-type", v]
+                                    for v in ("alltoall", "allgather", "flex")}),
+    "moe_permute_fusion": ("off", {"on": ["--moe-permute-fusion"], "off": []}),
+    "moe_router_fusion": ("off", {"on": ["--moe-router-fusion"], "off": []}),
+    "ce_fusion": ("off", {"on": ["--cross-entropy-loss-fusion"], "off": []}),
+    "cuda_graphs": ("off", {"on": ["--cuda-graph-impl", "transformer_engine", "{cg}", "attn", "mamba"],
+                            "off": []}),
+    "fp8": ("off", {"on": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "off": []}),
+}
+
+
+class BenchError(ValueError):
+    """Bad input: one line, exit status 2."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One launch: what ran and what its log says."""
+
+    name: str
+    model: ModelConfig
+    command: list[str]
+    env: dict[str, str]
+    returncode: int | None = None
+    startup_s: float | None = None  # launch -> first finished iteration
+    autotune_s: float = 0.0  # Triton autotuning inside the run (with --print-autotuning)
+    ms: list[float] = dataclasses.field(default_factory=list)  # per iteration
+    losses: list[float] = dataclasses.field(default_factory=list)
+    peak_gib: float | None = None
+    megatron_tflops: float | None = None  # Megatron's own count (hybrid models only)
+
+
+def model_args(m: ModelConfig, *, mla: bool, mtp: bool) -> list[str]:
+    """Architecture flags of ``m`` (the launcher's :func:`preset_args`, less what a side lacks)
+    and the Mamba sizes our ``M`` builds with (megatron-core's defaults today, said explicitly)."""
+    flags = lp.preset_args(m.replace(mla=m.mla if mla else None, mtp_depth=m.mtp_depth if mtp else 0))
+    dims = mamba_dims(m.hidden_size, d_state=m.mamba_state_dim)
+    return flags + ["--mamba-state-dim", str(dims.d_state), "--mamba-head-dim", str(dims.head_dim),
+                    "--mamba-num-groups", str(dims.ngroups)]
+
+
+def common_args(m: ModelConfig, args, iters: int, fast: dict[str, str]) -> list[str]:
+    """Flags both sides share: training, precision, mock data, logging (as the 8x recipe's) and the
+    fast-path settings ``fast`` (name -> value of :data:`FAST_PATHS`)."""
+    release = lp.checkout_release(args.megatron_lm)
+    paths = [flag for name, value in fast.items() for flag in fast_flags(name, value, release)]
+    return paths + [
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
+        "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+        "--attention-dropout", "0", "--hidden-dropout", "0", "--init-method-std", "0.02",
+        "--moe-router-load-balancing-type", "aux_loss", "--moe-router-dtype", "fp32",
+        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+        "--expert-model-parallel-size", "1",
+        "--micro-batch-size", str(args.mbs), "--global-batch-size", str(args.gbs),
+        "--train-iters", str(iters), "--seed", "1234", "--lr", "3e-4", "--min-lr", "3e-5",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--weight-decay", "0.1",
+        "--clip-grad", "1.0", "--adam-beta2", "0.95", "--bf16", "--transformer-impl",
+        "transformer_engine", "--no-gradient-accumulation-fusion", "--use-distributed-optimizer",
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(m.vocab_size - 1),
+        "--log-interval", "1", "--log-throughput", "--eval-interval", str(iters + 1), "--eval-iters", "0",
+    ]
+
+
+def upstream_entry(root: Path) -> tuple[str, list[str], str]:
+    """(script, --spec MODULE ATTR, pattern flag) of upstream's hybrid in this checkout."""
+    if (root / "pretrain_hybrid.py").exists():  # core_v0.18+: HybridModel
+        return ("pretrain_hybrid.py", ["megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"],
+                "--hybrid-layer-pattern")
+    if (root / "pretrain_mamba.py").exists():
+        return ("pretrain_mamba.py", ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
+                "--hybrid-override-pattern")
+    raise BenchError(f"--megatron-lm {root}: neither pretrain_hybrid.py nor pretrain_mamba.py found "
+                     "(upstream's hybrid); use a core_v0.16.1 or core_v0.19.0 checkout")
+
+
+def launcher(args) -> list[str]:
+    """One process on one GPU, stopped by ``timeout`` after ``--run-timeout`` seconds (exit 124)."""
+    return ["timeout", "--kill-after=30", str(int(args.run_timeout)),
+            "torchrun", "--standalone", "--nproc-per-node", "1"]
+
+
+def ours(name: str, m: ModelConfig, spec: tuple[str, str], args, *, iters: int, mla: bool,
+         fast: dict[str, str], env=None) -> Run:
+    """Our spec ``spec`` (module, attribute) through the launcher and ``pretrain_gpt.py``."""
+    command = [*launcher(args), "-m", "megacpp_mcore.launch_pretrain", "--megatron-lm",
+               str(args.megatron_lm), "--spec", *spec, *model_args(m, mla=mla, mtp=m.mtp_depth > 0),
+               *common_args(m, args, iters, fast), *args.ours_extra]
+    return Run(name=name, model=m, command=command, env=dict(env or {}))
+
+
+def upstream(name: str, m: ModelConfig, args, *, iters: int, fast: dict[str, str]) -> Run:
+    """Upstream's own hybrid on ``m``'s layer table (A -> ``*``, E, M)."""
+    script, spec, pattern_flag = upstream_entry(args.megatron_lm)
+    pattern = "".join(UPSTREAM_SYMBOLS[e.symbol] for e in m.layer_table())
+    command = [*launcher(args), str(args.megatron_lm / script), "--spec", *spec, pattern_flag, pattern,
+               *model_args(m, mla=False, mtp=False), *common_args(m, args, iters, fast)]
+    return Run(name=name, model=m, command=command, env={})
+
+
+def fast_flags(name: str, value: str, release: str | None) -> list[str]:
+    graph_flag = "--cuda-graph-modules" if release and tuple(map(int, release.split(".")[:2])) >= (0, 19) \
+        else "--cuda-graph-scope"
+    return [graph_flag if f == "{cg}" else f for f in FAST_PATHS[name][1][value]]
+
+
+def parse_settings(items: list[str], option: str) -> list[tuple[str, str]]:
+    """``NAME=VALUE`` items of ``--fast`` / ``--base`` checked against :data:`FAST_PATHS`."""
+    out = []
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in FAST_PATHS:
+            raise BenchError(f"{option} {item}: unknown fast path {name!r}; known: {', '.join(FAST_PATHS)}")
+        allowed = FAST_PATHS[name][1]
+        if value not in allowed:
+            raise BenchError(f"{option} {item}: value {value!r}; allowed for {name}: {', '.join(allowed)}")
+        out.append((name, value))
+    return out
+
+
+def base_settings(args) -> dict[str, str]:
+    """The fast-path settings of every run: the defaults, changed by ``--base``."""
+    return {name: default for name, (default, _) in FAST_PATHS.items()} | dict(args.base)
+
+
+def spec_features(module: str, attr: str) -> dict:
+    """The layer features (MoD, ...) the spec object builds, MLA aside (the flags carry MLA): the
+    model each run counts FLOPs for is the one its spec builds."""
+    import importlib
+
+    features = getattr(importlib.import_module(module), attr).submodules.features
+    return {name: cfg for name, cfg in features.items() if name != "mla"}
+
+
+def plan_runs(args) -> list[Run]:
+    """The launches of the selected sets, interleaved within each repeat."""
+    nam, base = get_preset("nam56r"), base_settings(args)
+    runs: list[Run] = []
+    if "ab" in args.set:
+        shared = nam.replace(name="nam56r-upstream-symbols", pattern="AEMEAEMEAEMM", num_layers=12,
+                             mla=None, mtp_depth=0, features={})
+        for r in range(args.repeats):
+            runs += [ours(f"ab_ours#{r}", shared, ("layer_specs.nam56r", "NAM56R_UPSTREAM_SYMBOLS"), args,
+                          iters=args.iters, mla=False, fast=base),
+                     upstream(f"ab_upstream#{r}", shared, args, iters=args.iters, fast=base)]
+    if "stage" in args.set or "fast" in args.set:
+        spec = ("layer_specs.nam56r", args.stage_spec)
+        built = nam.replace(features=spec_features(*spec))
+        slices = {"stage12": built.replace(num_layers=12, mtp_depth=0),
+                  "stage24": built.replace(num_layers=24, mtp_depth=0),
+                  "stage12_mtp": built.replace(num_layers=12)}
+        if "stage" not in args.set:  # "fast": the 12-layer baseline and the --fast variants only
+            slices = {"stage12": slices["stage12"]}
+        for r in range(args.stage_repeats):
+            for name, m in slices.items():
+                runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base))
+            for fast, value in args.fast:
+                runs.append(ours(f"stage12_{fast}={value}#{r}", slices["stage12"], spec, args,
+                                 iters=args.iters, mla=True, fast=base | {fast: value}))
+    if "startup" in args.set:
+        lite = get_preset("nam56r-lite")
+        lite = lite.replace(features=spec_features("layer_specs.nam56r_lite", "NAM56R_LITE"))
+        # a new, empty Triton cache: the first run compiles and autotunes everything (a fresh
+        # machine), the second finds it all in the cache
+        cache = str(Path(args.log_dir) / f"triton-cache-startup-{time.strftime('%Y%m%d-%H%M%S')}")
+        for phase in ("cold", "warm"):
+            runs.append(ours(f"startup_{phase}", lite, ("layer_specs.nam56r_lite", "NAM56R_LITE"), args,
+                             iters=args.warmup + 2, mla=True, fast=base, env={"TRITON_CACHE_DIR": cache}))
+    return runs
+
+
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+")
+ELAPSED = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
+LOSS = re.compile(r"\blm loss: ([0-9.Ee+-]+)")
+TFLOPS = re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+)")
+MAX_ALLOC = re.compile(r"max allocated: ([0-9.]+)")
+AUTOTUNE = re.compile(r"finished after ([0-9.]+)s")
+
+
+def run_env(run: Run, args) -> dict[str, str]:
+    """The environment a run adds: the repository on PYTHONPATH, unbuffered logs, one CUDA queue
+    (as the 8x recipe), Triton's persistent autotuning cache (``--no-autotune-cache`` leaves it
+    off), ``--triton-cache`` and ``--print-autotuning``; then the run's own (e.g. its cache dir)."""
+    env = {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}".rstrip(":"),
+           "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    if args.autotune_cache:
+        env["TRITON_CACHE_AUTOTUNING"] = "1"
+    if args.triton_cache:
+        env["TRITON_CACHE_DIR"] = str(args.triton_cache)
+    if args.print_autotuning:
+        env["TRITON_PRINT_AUTOTUNING"] = "1"
+    return env | run.env
+
+
+def execute(run: Run, args, log_dir: Path) -> None:
+    """Runs ``run``, streaming its log to ``log_dir`` with the time of the first finished iteration."""
+    env = {**os.environ, **run_env(run, args)}
+    print(f"[{run.name}] {shlex.join(run.command)}", flush=True)
+    t0 = time.monotonic()
+    log = (log_dir / f"{run.name.replace('#', '_')}.log").open("w")
+    proc = subprocess.Popen(run.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO)
+    try:
+        for line in proc.stdout:
+            log.write(line)
+            it = ITERATION.search(line)
+            if it:
+                if run.startup_s is None:
+                    run.startup_s = time.monotonic() - t0
+                for regex, target in ((ELAPSED, run.ms), (LOSS, run.losses)):
+                    found = regex.search(line)
+                    if found:
+                        target.append(float(found.group(1)))
+                found = TFLOPS.search(line)
+                run.megatron_tflops = float(found.group(1)) if found else run.megatron_tflops
+            found = MAX_ALLOC.search(line)
+            if found:
+                run.peak_gib = max(run.peak_gib or 0.0, float(found.group(1)) / 1024)
+            found = AUTOTUNE.search(line)
+            if found:
+                run.autotune_s += float(found.group(1))
+        run.returncode = proc.wait()  # 124: stopped by timeout after --run-timeout seconds
+    finally:
+        log.close()
+    status = "ok" if run.returncode == 0 else f"FAILED ({run.returncode}), log {log.name}"
+    print(f"[{run.name}] {status}: start-up {_fmt(run.startup_s, '.1f')} s, "
+          f"{len(run.ms)} iterations", flush=True)
+
+
+def summarize(run: Run, args) -> dict:
+    """Per-run figures; tokens/s from the median iteration after ``--warmup``."""
+    steady = run.ms[args.warmup:]
+    ms = statistics.median(steady) if steady else None
+    seq = run.model.seq_length
+    tokens = args.gbs * seq / (ms / 1e3) if ms else None
+    flops = flops_per_token(run.model, seq, causal=True)["total"]
+    hybrid = hybrid_flops_per_token(run.model, seq)["total"]
+    return {"name": run.name, "returncode": run.returncode, "startup_s": run.startup_s,
+            "autotune_s": run.autotune_s, "first_iteration_ms": run.ms[0] if run.ms else None,
+            "ms_per_iteration": ms, "tokens_per_s": tokens,
+            "tflops_ours": tokens * flops / 1e12 if tokens else None,
+            "tflops_hybrid": tokens * hybrid / 1e12 if tokens else None,
+            "megatron_reported_tflops": run.megatron_tflops, "peak_gib": run.peak_gib,
+            "loss_first": run.losses[0] if run.losses else None,
+            "loss_last": run.losses[-1] if run.losses else None,
+            "parameters": sum(layer_params(run.model, e) for e in run.model.layer_table()),
+            "command": run.command}
+
+
+def _median_by_base(rows: list[dict], key: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        if row[key] is not None and row["returncode"] == 0:
+            groups.setdefault(row["name"].split("#")[0], []).append(row[key])
+    return {name: statistics.median(values) for name, values in groups.items()}
+
+
+def projection(tps: dict[str, float], args) -> dict | None:
+    """Whole NAM56R on 8 H200s (TP 1, PP 1, EP ``--ep``, DP ``--dp``) from the stage slices."""
+    if not {"stage12", "stage24", "stage12_mtp"} <= tps.keys():
+        return None
+    nam = get_preset("nam56r")
+    t12, t24, tmtp = (1 / tps[k] for k in ("stage12", "stage24", "stage12_mtp"))  # s per token
+    period, head, mtp = t24 - t12, 2 * t12 - t24, tmtp - t12
+
+    def layer_flops(m: ModelConfig) -> float:
+        parts = hybrid_flops_per_token(m.replace(mtp_depth=0))
+        return parts["total"] - parts["logits"]
+
+    tail = nam.replace(pattern="AEME", num_layers=4, mtp_depth=0)
+    trunk = 4 * period + period * layer_flops(tail) / layer_flops(nam.replace(num_layers=12, mtp_depth=0))
+    compute = trunk + head + mtp
+    e_passes = sum(e.symbol == "E" for e in nam.layer_table()) + nam.mtp_depth
+    a2a_bytes = 4 * e_passes * nam.moe.topk * nam.hidden_size * 2 * (args.ep - 1) / args.ep
+    a2a = a2a_bytes / (args.a2a_gbps * 1e9) * (1 - args.a2a_overlap)
+    # parameters outside the experts (replicated over DP); the experts of the E layers and of the
+    # MTP block's E are split over EP with expert-DP 1 (no gradient reduction)
+    e_layers = sum(e.symbol == "E" for e in nam.layer_table()) + (1 if nam.mtp_depth else 0)
+    experts = e_layers * nam.moe.num_experts * 3 * nam.hidden_size * nam.moe.ffn_hidden_size
+    total = sum(layer_params(nam, e) for e in nam.layer_table()) + sum(embedding_params(nam).values())
+    dense = total - experts
+    tokens_per_step = args.gbs_8x * nam.seq_length / args.dp
+    grad_bytes = dense * (4 + 2) * (args.dp - 1) / args.dp
+    grad = grad_bytes / (args.allreduce_gbps * 1e9) * (1 - args.grad_overlap) / tokens_per_step
+    per_token = compute + a2a + grad
+    tokens = 1 / per_token
+    return {
+        "seconds_per_token": {"period_12_layers": period, "head": head, "mtp_depth_2": mtp,
+                              "trunk_52_layers": trunk, "all_to_all": a2a, "gradient_sync": grad},
+        "tokens_per_s_per_gpu": tokens,
+        "tflops_hybrid_per_gpu": tokens * hybrid_flops_per_token(nam)["total"] / 1e12,
+        "tflops_ours_per_gpu": tokens * flops_per_token(nam, causal=True)["total"] / 1e12,
+        "assumptions": [
+            f"TP 1, PP 1, EP {args.ep}, DP {args.dp}, global batch {args.gbs_8x} x {nam.seq_length}",
+            "balanced routing: each GPU's expert FLOPs per token equal the one-GPU slice's",
+            "trunk = 4 x (t24 - t12) + AEME scaled from a period by hybrid FLOPs; head = 2 t12 - t24 "
+            "(embedding, output layer, loss, optimizer share); MTP = t12mtp - t12",
+            f"all-to-all: 4 x {e_passes} E passes x top-{nam.moe.topk} x h x 2 B x {args.ep - 1}/{args.ep} "
+            f"per token at {args.a2a_gbps} GB/s, {args.a2a_overlap:.0%} hidden",
+            f"gradient sync: {dense / 1e9:.2f}B dense params x (4 B reduce-scatter + 2 B all-gather) x "
+            f"{args.dp - 1}/{args.dp} per step at {args.allreduce_gbps} GB/s, {args.grad_overlap:.0%} "
+            "hidden; expert gradients need none (expert-DP 1)",
+            f"the stage slices ran at micro-batch {args.mbs} and {args.gbs} x {nam.seq_length} tokens "
+            f"per optimizer step, as one GPU of the 8-GPU recipe at micro-batch {args.mbs} "
+            f"({args.gbs_8x} x {nam.seq_length} / {args.dp} tokens per GPU and step)",
+        ],
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(rows: list[dict], args) -> dict:
+    print("\n| run | rc | start-up s | autotune s | ms/iter | tokens/s | TFLOP/s ours | TFLOP/s hybrid "
+          "| Megatron's | peak GiB | loss first -> last |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['returncode']} | {_fmt(r['startup_s'], '.1f')} | {r['autotune_s']:.1f} "
+              f"| {_fmt(r['ms_per_iteration'], '.1f')} | {_fmt(r['tokens_per_s'], ',.0f')} "
+              f"| {_fmt(r['tflops_ours'], '.1f')} | {_fmt(r['tflops_hybrid'], '.1f')} "
+              f"| {_fmt(r['megatron_reported_tflops'], '.1f')} | {_fmt(r['peak_gib'], '.1f')} "
+              f"| {_fmt(r['loss_first'], '.3f')} -> {_fmt(r['loss_last'], '.3f')} |")
+    tps = _median_by_base(rows, "tokens_per_s")
+    out: dict = {"median_tokens_per_s": tps, "ratios": {}}
+    if "ab_ours" in tps and "ab_upstream" in tps:
+        out["ratios"]["ab_ours_over_upstream"] = tps["ab_ours"] / tps["ab_upstream"]
+        print(f"\nshared structure (AEMEAEMEAEMM): ours/upstream tokens/s = "
+              f"{out['ratios']['ab_ours_over_upstream']:.3f} (median over repeats; target >= 1.05)")
+    for name in tps:
+        if name.startswith("stage12_") and name != "stage12_mtp" and "stage12" in tps:
+            out["ratios"][name] = tps[name] / tps["stage12"]
+            print(f"{name}: {out['ratios'][name]:.3f} x the default stage12 tokens/s")
+    hybrid = _median_by_base(rows, "tflops_hybrid")
+    if "stage12" in hybrid:
+        print(f"full-width NAM56R stage (12 layers): {hybrid['stage12']:.1f} TFLOP/s by hybrid_flops "
+              "(target >= 350)")
+    starts = _median_by_base(rows, "startup_s")
+    if "startup_cold" in starts:
+        print(f"nam56r-lite start-up to the first step: cold {starts['startup_cold']:.1f} s, warm "
+              f"{_fmt(starts.get('startup_warm'), '.1f')} s (target <= 60)")
+    proj = projection(tps, args)
+    if proj:
+        out["projection_8xh200"] = proj
+        print(f"\nprojection, whole NAM56R on 8 x H200: {proj['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+              f"{proj['tflops_hybrid_per_gpu']:.0f} TFLOP/s/GPU by hybrid_flops "
+              f"({proj['tflops_ours_per_gpu']:.0f} ours); target >= 12,000 tokens/s/GPU")
+        for name, seconds in proj["seconds_per_token"].items():
+            print(f"  {name}: {seconds * 1e6:.1f} us/token")
+        for line in proj["assumptions"]:
+            print(f"  assumption: {line}")
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
+                   help="Megatron-LM checkout (core_v0.16.1 or core_v0.19.0; default $MEGATRON_LM)")
+    p.add_argument("--set", default="ab,stage", help=f"comma-separated, of: {', '.join(SETS)}")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved ours/upstream pairs (ab)")
+    p.add_argument("--stage-repeats", type=int, default=1, help="repeats of the stage runs")
+    p.add_argument("--iters", type=int, default=8, help="training iterations per run")
+    p.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing")
+    p.add_argument("--mbs", type=int, default=4, help="micro-batch (the 8x recipe's)")
+    p.add_argument("--gbs", type=int, default=8, help="global batch of the one-GPU runs")
+    p.add_argument("--fast", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"one more stage12 run with this fast path set; names: {', '.join(FAST_PATHS)}")
+    p.add_argument("--base", action="append", default=[], metavar="NAME=VALUE",
+                   help="change a fast path's setting for every run (ours and upstream's)")
+    p.add_argument("--stage-spec", default="NAM56R",
+                   help="object of layer_specs/nam56r.py for the stage runs (NAM56R_DENSE: without MoD)")
+    p.add_argument("--ours-extra", default="", help="extra Megatron-LM flags for our runs (one string)")
+    p.add_argument("--triton-cache", help="TRITON_CACHE_DIR for the runs (persistent; default Triton's)")
+    p.add_argument("--no-autotune-cache", dest="autotune_cache", action="store_false",
+                   help="do not set TRITON_CACHE_AUTOTUNING=1 (autotune in every launch)")
+    p.add_argument("--print-autotuning", action="store_true",
+                   help="TRITON_PRINT_AUTOTUNING=1: sum the autotuning seconds per run")
+    p.add_argument("--run-timeout", type=float, default=420, help="seconds before a run is stopped")
+    p.add_argument("--ep", type=int, default=8)
+    p.add_argument("--dp", type=int, default=8)
+    p.add_argument("--gbs-8x", type=int, default=64, help="global batch of the 8-GPU recipe")
+    p.add_argument("--a2a-gbps", type=float, default=300.0, help="assumed all-to-all GB/s per GPU")
+    p.add_argument("--a2a-overlap", type=float, default=0.0, help="fraction of all-to-all hidden")
+    p.add_argument("--allreduce-gbps", type=float, default=300.0, help="assumed gradient-sync GB/s")
+    p.add_argument("--grad-overlap", type=float, default=0.0, help="fraction of gradient sync hidden")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    if not args.megatron_lm:
+        raise BenchError("--megatron-lm PATH (or MEGATRON_LM) is required")
+    args.megatron_lm = lp.check_checkout(args.megatron_lm)
+    args.set = [s for s in args.set.split(",") if s]
+    unknown = [s for s in args.set if s not in SETS]
+    if unknown or not args.set:
+        raise BenchError(f"--set {','.join(args.set)}: unknown {unknown or 'empty'}; allowed: {', '.join(SETS)}")
+    if args.iters <= args.warmup:
+        raise BenchError(f"--iters {args.iters} must exceed --warmup {args.warmup}")
+    for name in ("repeats", "stage_repeats", "mbs", "gbs", "ep", "dp", "gbs_8x"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.gbs % args.mbs:
+        raise BenchError(f"--gbs {args.gbs} is not a multiple of --mbs {args.mbs}")
+    for name in ("a2a_overlap", "grad_overlap"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    args.ours_extra = shlex.split(args.ours_extra)
+    if args.stage_spec not in ("NAM56R", "NAM56R_DENSE"):
+        raise BenchError(f"--stage-spec {args.stage_spec}: allowed: NAM56R, NAM56R_DENSE (MLA on every A)")
+    args.base = parse_settings(args.base, "--base")
+    args.fast = parse_settings(args.fast, "--fast")
+    if args.fast and not {"stage", "fast"} & set(args.set):
+        raise BenchError("--fast runs variants of the stage slice: add --set stage or --set fast")
+    base = base_settings(args)
+    same = [f"{n}={v}" for n, v in args.fast if base[n] == v]
+    if same:
+        raise BenchError(f"--fast {same[0]}: that is already every run's setting (the default or "
+                         "--base); give the other value to measure")
+    args.log_dir = Path(os.environ.get("OUT", REPO / "runs" / "bench_stage"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        runs = plan_runs(args)
+    except (BenchError, lp.LaunchError) as exc:
+        print(f"bench_stage: error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for run in runs:
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run_env(run, args).items())
+            print(f"# {run.name}\nenv {env} {shlex.join(run.command)}")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_stage: error: no CUDA device; run on the H200 (--dry-run prints the commands)",
+              file=sys.stderr)
+        return 2
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in runs:
+        execute(run, args, args.log_dir)
+        rows.append(summarize(run, args))
+    result = {"runs": rows, **report(rows, args),
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "device": torch.cuda.get_device_name()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

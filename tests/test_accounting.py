@@ -1,0 +1,484 @@
+"""models/accounting.py: the public NAM56R preset (layer table, parameters checked by hand for one
+layer of each symbol), FLOPs two ways (ours and Megatron-Bridge's hybrid_flops) for a small model
+written out by hand, the matmul weights behind our count against a built model, the Mamba state size
+reaching the built mixer, the first-step start-up badput of receipts; scripts/bench_stage.py and
+scripts/recipe_benchmark.py, which print both counts (--dry-run commands, refusals, flags Megatron-LM
+knows, log reading, the 8-GPU projection); and the builder's fast-path switches (train/fast_paths.py)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from megacpp_mcore.models import accounting
+from megacpp_mcore.models.presets import MLAConfig, ModelConfig, MoEConfig, get_preset
+from megacpp_mcore.spec.pattern import LayerEntry
+from megacpp_mcore.upstream import launch_pretrain as lp
+
+
+def _entry(symbol: str, *features: str) -> LayerEntry:
+    return next(e for e in get_preset("nam56r").layer_table()
+                if e.symbol == symbol and set(features) <= set(e.features))
+
+
+def test_nam56r_is_the_public_configuration():
+    m = get_preset("nam56r")
+    assert (m.pattern, m.num_layers, m.hidden_size, m.num_attention_heads) == ("AEMEAEMEAEMR", 52, 4096, 32)
+    assert (m.vocab_size, m.seq_length, m.mtp_depth, m.mamba_state_dim) == (131072, 4096, 2, 128)
+    assert m.moe == MoEConfig(num_experts=16, topk=4, ffn_hidden_size=896, shared_expert_size=1024)
+    assert m.mla == MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_head_dim=64, qk_pos_emb_head_dim=64,
+                              v_head_dim=64)
+    from megacpp_mcore.layers.mixers.dims import m2rnn_dims
+
+    assert (m2rnn_dims(4096, 32).k_dim, m2rnn_dims(4096, 32).v_dim) == (64, 16)
+    # the earlier dimensions stay available under their own name
+    wide = get_preset("nam56r-wide")
+    assert (wide.mla.q_lora_rank, wide.mla.kv_lora_rank, wide.moe.shared_expert_size) == (1536, 512, 896)
+
+
+def test_nam56r_layer_table():
+    table = get_preset("nam56r").layer_table()
+    symbols = "".join(e.symbol for e in table)
+    assert symbols == "AEMEAEMEAEMR" * 4 + "AEME"  # the 12-symbol pattern tiled to 52
+    assert {s: symbols.count(s) for s in "AEMR"} == {"A": 13, "E": 22, "M": 13, "R": 4}
+    assert [e.index for e in table if e.symbol == "R"] == [11, 23, 35, 47]
+    assert all(("mla" in e.features) == (e.symbol == "A") for e in table)
+    assert {e.stage for e in table} == {0}
+
+
+def test_nam56r_parameters_by_hand():
+    m = get_preset("nam56r")
+    h = 4096
+    # A (MLA): input norm; q: down [64, h], latent norm 64, up [32 * (64 + 64), 64];
+    # kv: down [64 + 64 (rope key), h], latent norm 64, up [32 * (64 + 64), 64]; out [h, 32 * 64]
+    a = h + (h * 64 + 64 + 64 * 32 * 128) + (h * 128 + 64 + 64 * 32 * 128) + 32 * 64 * h
+    assert a == 4096 + 524_352 + 786_496 + 8_388_608 == 9_703_552
+    # E: norm; router [16, h]; 16 experts of SwiGLU 896 (fc1 [2 * 896, h], fc2 [h, 896]); shared 1024
+    e = h + 16 * h + 16 * 3 * h * 896 + 3 * h * 1024
+    assert e == 4096 + 65_536 + 176_160_768 + 12_582_912 == 188_813_312
+    # M: norm; d_inner 8192, 128 heads of 64, 8 groups, d_state 128: in_proj [2*8192 + 2*8*128 + 128, h],
+    # conv (8192 + 2*8*128 channels) x (4 + bias), A_log/D/dt_bias per head, gated norm 8192, out [h, 8192]
+    mm = h + h * 18_560 + 10_240 * 5 + 3 * 128 + 8192 + 8192 * h
+    assert mm == 4096 + 76_021_760 + 51_200 + 384 + 8192 + 33_554_432 == 109_640_064
+    # R: norm; 32 heads, k 64, v 16: in_proj [32 * (64 + 64 + 16 + 1), h], conv 32*144 channels x (4 + bias),
+    # recurrent W [32, 16, 16], forget bias 32, out [h, 32 * 16]
+    r = h + h * 32 * 145 + 4608 * 5 + 32 * 16 * 16 + 32 + 32 * 16 * h
+    assert r == 4096 + 19_005_440 + 23_040 + 8192 + 32 + 2_097_152 == 21_137_952
+    for symbol, count, features in (("A", a, ("mla",)), ("E", e, ()), ("M", mm, ()), ("R", r, ())):
+        assert accounting.block_params(m, _entry(symbol, *features)) == count, symbol
+    # whole model: blocks + embedding and (untied) output [131072, h] + final norm + the MTP shared
+    # block (one A, one E, two norms, the [2h -> h] projection) ...
+    mtp = a + e + 2 * h + 2 * h * h
+    total = 13 * a + 22 * e + 13 * mm + 4 * r + 2 * 131072 * h + h + mtp
+    assert total == 7_095_737_088
+    table = m.layer_table()
+    assert sum(accounting.block_params(m, x) for x in table) + sum(
+        accounting.embedding_params(m).values()) == total
+    # ... + what layer features add: MoD's router Linear(h, 1) (weight + bias) on each layer it routes
+    added = sum(accounting.layer_params(m, x) - accounting.block_params(m, x) for x in table)
+    assert added == (h + 1) * sum("mod" in x.features for x in table)
+
+
+def small_model() -> ModelConfig:
+    """All four symbols and MTP, small enough to build on CPU: h 64, 4 heads, MoE 4 x 32 top-2 +
+    shared 16, Mamba d_state 16, vocab 128, seq 16, MTP depth 1."""
+    return ModelConfig(name="small", pattern="AEMR", num_layers=4, hidden_size=64, num_attention_heads=4,
+                       ffn_hidden_size=128, vocab_size=128, seq_length=16, mamba_state_dim=16,
+                       moe=MoEConfig(num_experts=4, topk=2, ffn_hidden_size=32, shared_expert_size=16),
+                       mtp_depth=1)
+
+
+def test_both_flop_counts_by_hand():
+    m = small_model()
+    # ours: 6 x the matmul weights a token passes through + causal attention
+    attn = 64 * (64 + 2 * 4 * 16) + 64 * 64  # QKV [h + 2 * 4 groups * 16, h] + out [h, h] = 16,384
+    moe = 64 * 4 + 2 * 3 * 64 * 32 + 3 * 64 * 16  # router + 2 of 4 experts + shared = 15,616
+    # M: 2 heads of 64 (d_inner 128), 2 groups, d_state 16: in_proj [2*128 + 2*2*16 + 2, h] + out [h, 128]
+    mamba = 64 * 322 + 128 * 64  # 28,800
+    m2rnn = 64 * 4 * 145 + 4 * 16 * 16 + 4 * 16 * 64  # in_proj + recurrent W + out = 42,240
+    head = 64 * 128  # 8,192
+    mtp = attn + moe + 2 * 64 * 64 + head  # one depth: shared A + E, [2h -> h] proj, the head again
+    active = attn + moe + mamba + m2rnn + head + mtp
+    assert active == 159_616
+    # causal attention per A layer (trunk + MTP): 6 * s * heads * (d_qk + d_v) / 2 = 6 * 16 * 4 * 32 / 2
+    attention = 2 * 6 * 16 * 4 * 32 / 2
+    assert attention == 12_288
+    ours = accounting.flops_per_token(m, causal=True)
+    assert ours["active_params"] == active and ours["attention"] == attention
+    assert ours["total"] == 6 * 159_616 + 12_288 == 969_984
+
+    # Megatron-Bridge's hybrid_flops, forward per token then x 3:
+    a_fwd = 4 * 64 * (64 + 64 * 4 / 4 + 16 / 2)  # 4h(h + h g/n + s/2) = 34,816
+    e_fwd = 6 * 64 * (2 * 32 + 16)  # 6h(topk f + shared) = 30,720
+    # Mamba with d_in = 2h = 128, 2 groups, d_state 16, 2 heads: in_proj + scan + out_proj
+    m_fwd = 2 * 64 * (2 * 128 + 2 * 2 * 16 + 2) + 7 * 128 * 16 + 2 * 128 * 64  # 41,216 + 14,336 + 16,384
+    logits_fwd = 2 * 64 * 128 * (1 + 1)  # 2hV (1 + MTP depth) = 32,768
+    hybrid = accounting.hybrid_flops_per_token(m)
+    assert hybrid == {"attention": 3 * a_fwd, "feedforward": 3 * e_fwd, "mamba": 3 * 2 * m_fwd,  # M + R
+                      "logits": 3 * logits_fwd, "total": 3 * (34_816 + 30_720 + 2 * 71_936 + 32_768)}
+    assert hybrid["total"] == 726_528
+    assert accounting.flop_counts(m) == {"ours": 969_984, "hybrid": 726_528}
+
+
+def test_hybrid_count_of_the_public_preset():
+    """The published 289 TFLOP/s/GPU divided by the preset's count gives tokens/s/GPU."""
+    hybrid = accounting.hybrid_flops_per_token(get_preset("nam56r"))
+    # per token, forward: A 4h(2h + s/2) = 167.8M x 13, E 6h(4*896 + 1024) x 22, Mamba x (13 + 4),
+    # logits 2 h V x 3
+    h, s, v = 4096, 4096, 131072
+    a = 4 * h * (2 * h + s / 2)
+    e = 6 * h * (4 * 896 + 1024)
+    mamba = 2 * h * (4 * h + 2 * 8 * 128 + 128) + 7 * 2 * h * 128 + 2 * 2 * h * h
+    assert hybrid["total"] == 3 * (13 * a + 22 * e + 17 * mamba + 2 * h * v * 3)
+    assert 289e12 / hybrid["total"] == pytest.approx(8203, abs=1)
+
+
+def test_matmul_params_and_state_size_equal_the_built_model(single_rank):
+    """Our count's matmul weights are the built model's projections (attention, top-k experts,
+    mixer in/out projections, M2RNN's recurrent weight, head, MTP block); d_state reaches the M mixer."""
+    from megacpp_mcore.models.plan import build_plan
+    from megacpp_mcore.train import runtime
+
+    m = small_model()
+    config = runtime.transformer_config(m, runtime.Parallelism())
+    assert config.mamba_state_dim == 16
+    (chunk,) = runtime.build_model(m, config, backend="local", wrap_ddp=False)
+    plan = build_plan(m, backend="local")
+    for layer, built in zip(plan["layers"], chunk.decoder.layers, strict=True):
+        assert layer["parameters"] == sum(p.numel() for p in built.parameters()), layer
+    mixer = chunk.decoder.layers[2].self_attention
+    assert mixer.d_state == 16
+    active = tuple(f"local_experts.{i}." for i in range(m.moe.topk))
+    matmul = sum(p.numel() for n, p in chunk.named_parameters()
+                 if (p.dim() == 2 or n.endswith("recurrent_weight")) and "embedding" not in n
+                 and ("local_experts." not in n or any(x in n for x in active)))
+    # the output head runs once more per MTP depth (its weight is counted once in the model)
+    assert accounting.flops_per_token(m)["active_params"] == matmul + m.mtp_depth * 64 * 128
+
+
+def test_mamba_state_dim_is_validated():
+    with pytest.raises(ValueError, match=r"mamba_state_dim must be an int >= 1, got 0"):
+        small_model().replace(mamba_state_dim=0)
+
+
+def test_first_step_overhead_is_startup_badput():
+    from megacpp_mcore.train.receipt import first_step_overhead
+
+    facts = types.SimpleNamespace(first_step_compute_s=12.0, compute_s=16.0, compute_steps=5)
+    assert first_step_overhead(facts) == 11.0  # 12 s first step, later steps 1 s each
+    assert first_step_overhead(types.SimpleNamespace(first_step_compute_s=3.0, compute_s=3.0,
+                                                     compute_steps=1)) == 0.0
+    assert first_step_overhead(types.SimpleNamespace(first_step_compute_s=None, compute_s=0.0,
+                                                     compute_steps=0)) == 0.0
+
+
+# ------------------------------------------------------------------------ scripts/bench_stage.py --
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
+
+
+def _bench(argv, checkout, tmp_path, *, hybrid_script: bool = False):
+    """Runs ``scripts/bench_stage.py`` on a stand-in checkout (no CUDA needed with --dry-run)."""
+    for name in (*lp.CHECKOUT_FILES, "pretrain_hybrid.py" if hybrid_script else "pretrain_mamba.py"):
+        path = checkout / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".py"):
+            path.write_text("")
+        else:
+            path.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "bench_stage.py"), "--megatron-lm",
+                           str(checkout), *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": str(tmp_path / "out")})
+
+
+def _commands(stdout: str) -> dict[str, list[str]]:
+    lines = stdout.strip().splitlines()
+    return {name[2:]: shlex.split(cmd) for name, cmd in zip(lines[::2], lines[1::2], strict=True)}
+
+
+def _flag(tokens: list[str], name: str) -> str:
+    return tokens[tokens.index(name) + 1]
+
+
+@pytest.fixture(scope="module")
+def default_dry_run(tmp_path_factory):
+    """``--dry-run`` of the default sets with two fast-path variants (one subprocess per module)."""
+    tmp = tmp_path_factory.mktemp("bench_stage")
+    proc = _bench(["--dry-run", "--fast", "mla_rope_fusion=off", "--fast", "moe_permute_fusion=on"],
+                  tmp / "mlm", tmp)
+    assert proc.returncode == 0, proc.stderr
+    return tmp, _commands(proc.stdout)
+
+
+def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
+    tmp_path, runs = default_dry_run
+    assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours#1", "ab_upstream#1", "stage12#0",
+                          "stage24#0", "stage12_mtp#0", "stage12_mla_rope_fusion=off#0",
+                          "stage12_moe_permute_fusion=on#0"]
+    assert not (tmp_path / "out").exists(), "--dry-run writes nothing"
+    ours, up = runs["ab_ours#0"], runs["ab_upstream#0"]
+    assert "TRITON_CACHE_AUTOTUNING=1" in ours and ours[ours.index("-m") + 1] == "megacpp_mcore.launch_pretrain"
+    spec = ours.index("--spec")
+    assert hasattr(importlib.import_module(ours[spec + 1]), ours[spec + 2])  # NAM56R_UPSTREAM_SYMBOLS
+    assert up[up.index("--hybrid-override-pattern") + 1] == "*EME*EME*EMM"
+    assert up[up.index("--spec") + 1:up.index("--spec") + 3] == ["megatron.core.models.mamba.mamba_layer_specs",
+                                                                 "mamba_stack_spec"]
+    # the same model, data and batch on both sides: everything after the entry point but the spec
+    ours_flags = ours[spec + 3:]
+    up_flags = up[up.index("--hybrid-override-pattern") + 2:]
+    assert ours_flags == up_flags
+    assert (_flag(ours, "--hidden-size"), _flag(ours, "--moe-shared-expert-intermediate-size")) == ("4096", "1024")
+    stage, mtp = runs["stage12#0"], runs["stage12_mtp#0"]
+    assert _flag(stage, "--q-lora-rank") == "64" and "--megacpp-mtp-depth" not in stage
+    assert _flag(mtp, "--megacpp-mtp-depth") == "2" and _flag(runs["stage24#0"], "--num-layers") == "24"
+    assert "--no-rope-fusion" in runs["stage12_mla_rope_fusion=off#0"] and "--no-rope-fusion" not in stage
+    assert "--moe-permute-fusion" in runs["stage12_moe_permute_fusion=on#0"]
+
+
+def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
+    proc = _bench(["--dry-run", "--set", "fast", "--fast", "cuda_graphs=on", "--fast", "moe_dispatcher=allgather",
+                   "--base", "moe_permute_fusion=on", "--stage-spec", "NAM56R_DENSE"], tmp_path / "mlm", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = _commands(proc.stdout)
+    assert all(cmd[cmd.index("--spec") + 2] == "NAM56R_DENSE" for cmd in runs.values())
+    assert list(runs) == ["stage12#0", "stage12_cuda_graphs=on#0", "stage12_moe_dispatcher=allgather#0"]
+    assert all("--moe-permute-fusion" in cmd for cmd in runs.values())  # --base: every run
+    graphs = runs["stage12_cuda_graphs=on#0"]
+    assert graphs[graphs.index("--cuda-graph-impl") + 1:graphs.index("--cuda-graph-impl") + 5] == [
+        "transformer_engine", "--cuda-graph-scope", "attn", "mamba"]  # a checkout before 0.19
+    assert _flag(runs["stage12_moe_dispatcher=allgather#0"], "--moe-token-dispatcher-type") == "allgather"
+
+
+def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
+    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1"], tmp_path / "mlm", tmp_path,
+                  hybrid_script=True)
+    assert proc.returncode == 0, proc.stderr
+    up = _commands(proc.stdout)["ab_upstream#0"]
+    assert up[up.index("--hybrid-layer-pattern") + 1] == "*EME*EME*EMM"
+    assert any(t.endswith("pretrain_hybrid.py") for t in up)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--fast", "warp=on"], "--fast warp=on: unknown fast path 'warp'; known: mamba_fused"),
+    (["--fast", "fp8=e5m2"], "--fast fp8=e5m2: value 'e5m2'; allowed for fp8: on, off"),
+    (["--fast", "mamba_fused=on"], "--fast mamba_fused=on: that is already every run's setting"),
+    (["--set", "ab,bogus"], "--set ab,bogus: unknown ['bogus']; allowed: ab, stage, fast, startup"),
+    (["--set", "ab", "--fast", "fp8=on"], "--fast runs variants of the stage slice: add --set stage or --set fast"),
+    (["--iters", "3"], "--iters 3 must exceed --warmup 3"),
+    (["--gbs", "6"], "--gbs 6 is not a multiple of --mbs 4"),
+    (["--stage-spec", "AE"], "--stage-spec AE: allowed: NAM56R, NAM56R_DENSE"),
+])
+def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
+    proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+@pytest.mark.parametrize("tag", ["core_v0.16.1", "core_v0.19.0"])
+def test_bench_stage_flags_are_known_to_megatron_lm(tag, default_dry_run):
+    """Every flag of every run, each fast-path setting included, exists in that tag's parser."""
+    from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
+
+    bench = _load_bench()
+    dests = parser_dests(str(MIRROR), tag)
+    release = "0.19.0" if tag == "core_v0.19.0" else "0.16.1"
+    flags = {f for _, values in bench.FAST_PATHS.values() for v in values
+             for f in bench.fast_flags(_name_of(bench, values), v, release) if f.startswith("--")}
+    for tokens in default_dry_run[1].values():
+        start = next(i for i, t in enumerate(tokens) if t.endswith(".py") or t == "megacpp_mcore.launch_pretrain")
+        flags |= {t for t in tokens[start + 1:] if t.startswith("--")}
+    ours = {"--megatron-lm", "--megacpp-mtp-depth", "--no-rope-fusion"}  # the last: add_argument by hand
+    assert [f for f in sorted(flags) if f not in ours and not flag_known(f, dests)] == []
+
+
+def _load_bench():
+    """scripts/bench_stage.py as a module (registered first: its dataclass needs its module)."""
+    if "bench_stage" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_stage", REPO / "scripts" / "bench_stage.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_stage"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_stage"]
+
+
+def _name_of(bench, values) -> str:
+    return next(name for name, (_, v) in bench.FAST_PATHS.items() if v is values)
+
+
+def test_bench_stage_projection_by_hand():
+    """t12, t24, t12+MTP = 100, 180, 130 us/token: period 80, head 20, MTP 30; the trunk is 4 periods
+    + AEME at 0.3142 of a period (hybrid FLOPs 1.862 G / 5.927 G); all-to-all 4 x 24 x 4 x 4096 x 2 B
+    x 7/8 = 2,752,512 B at 300 GB/s; gradient sync 3,044,039,424 x 6 B x 7/8 at 300 GB/s over
+    32,768 tokens per GPU and step."""
+    bench = _load_bench()
+    args = types.SimpleNamespace(ep=8, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0,
+                                 allreduce_gbps=300.0, grad_overlap=0.0, mbs=4, gbs=8)
+    proj = bench.projection({"stage12": 1 / 100e-6, "stage24": 1 / 180e-6, "stage12_mtp": 1 / 130e-6}, args)
+    t = proj["seconds_per_token"]
+    aeme = 503_316_480 + 2 * 339_738_624 + 679_477_248  # hybrid A + 2 E + M per token
+    period = 3 * 503_316_480 + 5 * 339_738_624 + 4 * 679_477_248  # A3 E5 M3 + R (as M)
+    assert (aeme, period) == (1_862_270_976, 5_926_551_552)
+    assert t["trunk_52_layers"] == pytest.approx(4 * 80e-6 + 80e-6 * aeme / period)
+    assert (t["head"], t["mtp_depth_2"]) == (pytest.approx(20e-6), pytest.approx(30e-6))
+    assert t["all_to_all"] == pytest.approx(2_752_512 / 300e9)
+    # dense = all 7,095,737,088 parameters less the 4,051,697,664 of 23 x 16 experts, + MoD routers
+    mod = 4097 * sum("mod" in x.features for x in get_preset("nam56r").layer_table())
+    assert t["gradient_sync"] == pytest.approx((3_044_039_424 + mod) * 6 * 7 / 8 / 300e9 / 32_768)
+    assert proj["tokens_per_s_per_gpu"] == pytest.approx(1 / (t["trunk_52_layers"] + 50e-6 + t["all_to_all"]
+                                                              + t["gradient_sync"]))
+    assert bench.projection({"stage12": 1.0}, args) is None  # needs all three slices
+
+
+def test_recipe_benchmark_prints_both_counts(capsys):
+    """scripts/recipe_benchmark.py: TFLOP/s/GPU ours and by hybrid_flops from the same tokens/s."""
+    spec = importlib.util.spec_from_file_location("recipe_benchmark", REPO / "scripts" / "recipe_benchmark.py")
+    rb = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = rb  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(rb)
+    log = "".join(f"iteration {i}/ 3 | elapsed time per iteration (ms): 1000.0 | lm loss: {11 - i}.0E+00 |\n"
+                  for i in (1, 2, 3))
+    proc = subprocess.CompletedProcess([], 0, stdout=log, stderr="")
+    run = rb.summarize("lite", ["--global-batch-size", "8", "--seq-length", "4096"], proc, gpus=1,
+                       warmup=1, fpt={"ours": 2e9, "hybrid": 3e9})
+    # 8 x 4096 tokens per 1.0 s = 32,768 tokens/s; x 2 GFLOP = 65.5 TFLOP/s, x 3 GFLOP = 98.3
+    assert run.tokens_per_s_per_gpu == 32_768
+    assert (run.tflops_per_gpu, run.hybrid_tflops_per_gpu) == (pytest.approx(65.536), pytest.approx(98.304))
+    rb.print_table([run])
+    out = capsys.readouterr().out
+    assert "TFLOP/s/GPU ours | TFLOP/s/GPU hybrid_flops" in out and "| 65.5 | 98.3 |" in out
+    assert accounting.flop_counts(get_preset("nam56r-lite"))["hybrid"] > 0
+
+
+def test_bench_stage_reads_a_megatron_log(tmp_path):
+    """execute() + summarize() on a stand-in run printing Megatron-LM's log lines: start-up to the
+    first finished iteration, autotuning seconds, median ms after warm-up, both TFLOP/s, peak."""
+    bench = _load_bench()
+    lines = ["Triton autotuning for function _chunk_scan_fwd_kernel,", "finished after 2.50s,",
+             "finished after 1.25s,"]
+    lines += [f" [2026-12-04] iteration {i}/ 5 | elapsed time per iteration (ms): {ms} | throughput per GPU "
+              f"(TFLOP/s/GPU): 300.0 | lm loss: {12 - i}.0E+00 |" for i, ms in enumerate([9000, 1100, 1000, 1000, 900], 1)]
+    lines.insert(4, "[Rank 0] (after 1 iterations) memory (MB) | allocated: 1.0 | max allocated: 40960.0 |")
+    script = "import sys\nfor line in sys.argv[1:]: print(line)\n"
+    m = get_preset("nam56r").replace(num_layers=12, mtp_depth=0, features={})
+    run = bench.Run(name="stage12#0", model=m, command=[sys.executable, "-c", script, *lines], env={})
+    args = types.SimpleNamespace(autotune_cache=True, triton_cache=None, print_autotuning=True, warmup=2,
+                                 gbs=8)
+    bench.execute(run, args, tmp_path)
+    row = bench.summarize(run, args)
+    assert row["returncode"] == 0 and row["startup_s"] > 0 and row["autotune_s"] == 3.75
+    assert (row["first_iteration_ms"], row["ms_per_iteration"]) == (9000, 1000)  # median of 1000, 1000, 900
+    tokens = 8 * 4096 / 1.0
+    assert row["tokens_per_s"] == tokens and row["peak_gib"] == 40.0
+    assert row["tflops_hybrid"] == pytest.approx(tokens * accounting.hybrid_flops_per_token(m)["total"] / 1e12)
+    assert row["tflops_ours"] == pytest.approx(tokens * accounting.flops_per_token(m, causal=True)["total"] / 1e12)
+    assert (row["loss_first"], row["loss_last"], row["megatron_reported_tflops"]) == (11.0, 7.0, 300.0)
+    assert (tmp_path / "stage12_0.log").read_text().count("lm loss") == 5  # the log is kept
+
+
+# ------------------------------------------------------------- train/fast_paths.py (the builder) --
+
+def _fast_kwargs(fast, model, *, cuda=True, fused_rope=True, fused_conv=True):
+    return fast.config_kwargs(model, cuda=cuda, fused_rope=fused_rope, fused_conv=fused_conv)
+
+
+def test_fast_paths_default_reproduces_the_builder_defaults():
+    from megacpp_mcore.train.fast_paths import FastPaths
+
+    tiny = get_preset("nam56r-tiny")  # MLA, M, MoE
+    assert _fast_kwargs(FastPaths(), tiny, cuda=False, fused_rope=False, fused_conv=False) == {
+        "bias_dropout_fusion": False, "cross_entropy_loss_fusion": False, "cuda_graph_impl": "none",
+        "apply_rope_fusion": False, "use_mamba_mem_eff_path": False,
+        "moe_token_dispatcher_type": "allgather", "moe_permute_fusion": False, "moe_router_fusion": False}
+    on_gpu = _fast_kwargs(FastPaths(), tiny)
+    assert on_gpu["bias_dropout_fusion"] and on_gpu["use_mamba_mem_eff_path"]
+    assert on_gpu["moe_token_dispatcher_type"] == "alltoall" and not on_gpu["apply_rope_fusion"]  # MLA: off
+    dense = get_preset("ae-tiny").replace(moe=None)
+    assert _fast_kwargs(FastPaths(), dense)["apply_rope_fusion"] and "use_mamba_mem_eff_path" not in \
+        _fast_kwargs(FastPaths(), dense)
+
+
+def test_fast_paths_switch_each_kernel_path():
+    from megacpp_mcore.train.fast_paths import FastPaths
+
+    tiny = get_preset("nam56r-tiny")
+    kw = _fast_kwargs(FastPaths(mamba_fused=False, fused_residual=False, moe_dispatcher="alltoall",
+                                moe_permute_fusion=True, moe_router_fusion=True, cross_entropy_fusion=True,
+                                cuda_graphs="transformer_engine", fp8="hybrid"), tiny)
+    assert {k: kw[k] for k in ("use_mamba_mem_eff_path", "bias_dropout_fusion",
+                                                   "moe_permute_fusion", "moe_router_fusion",
+                                                   "cross_entropy_loss_fusion", "cuda_graph_impl", "fp8",
+                                                   "fp8_recipe")} == {
+        "use_mamba_mem_eff_path": False, "bias_dropout_fusion": False, "moe_permute_fusion": True,
+        "moe_router_fusion": True, "cross_entropy_loss_fusion": True, "cuda_graph_impl": "transformer_engine",
+        "fp8": "hybrid", "fp8_recipe": "delayed"}
+    # MLA's fused RoPE: YaRN at factor 1 (== RoPE, next test), the fused kernels' path
+    mla = _fast_kwargs(FastPaths(mla_rope_fusion=True), tiny)
+    assert {k: mla[k] for k in ("apply_rope_fusion", "rope_type", "rotary_scaling_factor", "mscale",
+                                "mscale_all_dim", "original_max_position_embeddings")} == {
+        "apply_rope_fusion": True, "rope_type": "yarn", "rotary_scaling_factor": 1.0, "mscale": 1.0,
+        "mscale_all_dim": 0.0, "original_max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("fast,host,fragment", [
+    (dict(mla_rope_fusion=True), dict(cuda=False), "needs a CUDA device for mla_rope_fusion"),
+    (dict(fp8="hybrid", cuda_graphs="local"), dict(cuda=False), "for cuda_graphs, fp8"),
+    (dict(mamba_fused=True), dict(fused_conv=False), "mamba_fused=True needs causal_conv1d"),
+    (dict(rope_fusion=True), dict(fused_rope=False, model="ae-tiny"), "rope_fusion=True needs Transformer Engine"),
+    (dict(mla_rope_fusion=True), dict(model="ae-tiny"), "needs a model with MLA"),
+])
+def test_fast_paths_refuse_what_the_host_lacks(fast, host, fragment):
+    from megacpp_mcore.train.fast_paths import FastPaths
+
+    model = get_preset(host.pop("model", "nam56r-tiny"))
+    with pytest.raises(ValueError, match=fragment):
+        _fast_kwargs(FastPaths(**fast), model, **host)
+
+
+@pytest.mark.parametrize("fast,fragment", [
+    (dict(moe_dispatcher="nccl"), "FastPaths.moe_dispatcher='nccl'; allowed: alltoall, allgather, flex"),
+    (dict(cuda_graphs="full"), "FastPaths.cuda_graphs='full'; allowed: none, local, transformer_engine"),
+    (dict(fp8="e5m2"), "FastPaths.fp8='e5m2'; allowed: e4m3, hybrid"),
+    (dict(moe_permute_fusion="yes"), "FastPaths.moe_permute_fusion must be True, False or None"),
+])
+def test_fast_paths_validate_their_values(fast, fragment):
+    from megacpp_mcore.train.fast_paths import FastPaths
+
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        FastPaths(**fast)
+
+
+def test_yarn_at_factor_one_is_rope(monkeypatch):
+    """The rotary embedding MLA's fused path uses (YaRN, factor 1, mscale 1, mscale_all_dim 0)
+    equals plain RoPE, so switching mla_rope_fusion on changes kernels, not the model."""
+    import torch
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # YaRN moves its tables there
+    rope = RotaryEmbedding(kv_channels=64, rotary_percent=1.0, use_cpu_initialization=True)
+    yarn = YarnRotaryEmbedding(kv_channels=64, scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0,
+                               original_max_position_embeddings=256, use_cpu_initialization=True)
+    emb, mscale = yarn(256)
+    assert mscale == 1.0 and torch.equal(emb, rope(256))  # [s, 1, 1, 64]
+
+
+def test_transformer_config_takes_the_fast_paths():
+    from megacpp_mcore.train import runtime
+    from megacpp_mcore.train.fast_paths import FastPaths
+
+    tiny = get_preset("nam56r-tiny")
+    config = runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(moe_dispatcher="alltoall"))
+    assert config.moe_token_dispatcher_type == "alltoall" and config.rope_type == "rope"
+    with pytest.raises(ValueError, match="needs a CUDA device for fp8"):
+        runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(fp8="hybrid"))
