@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megacpp_mcore import cli
-from megacpp_mcore.models.accounting import flops_per_token
+from megacpp_mcore.models.accounting import flops_per_token, hybrid_flops_per_token
 from megacpp_mcore.train import checkpoint, data, receipt, loop as training
 from megacpp_mcore.models.presets import ModelConfig, get_preset
 from test_data import make_tree
@@ -108,6 +108,9 @@ def test_receipts_validate_against_the_schema(runs):
     assert v["best_bpb"] == min(h["bpb"] for h in v["history"]) and v["best_step"] == 6
     t = rec["time"]
     assert t["goodput_s"] > 0 and t["badput_s"]["evaluation"] > 0 and t["badput_s"]["startup"] > 0
+    # launch -> first finished step covers the start-up and the first step; its excess is badput
+    assert t["startup_to_first_step_s"] > t["badput_s"]["startup"] and t["badput_s"]["first_step_overhead"] >= 0
+    assert rec["throughput"]["hybrid_flops_per_token"] == hybrid_flops_per_token(tiny_model())["total"]
     assert runs["stopped"]["time"]["badput_s"]["checkpoint"] > 0
     assert rec["throughput"]["tokens_per_s"] > 0 and rec["peak_memory"]["bytes"] > 0
     with pytest.raises(Exception):

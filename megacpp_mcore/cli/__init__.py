@@ -16,6 +16,8 @@ COMMANDS = {
     "patches": ("megacpp_mcore.cli.patches", "status/apply of runtime patches against upstream"),
     "prepare-data": ("megacpp_mcore.cli.prepare_data", "C/C++ sources -> byte-level Megatron indexed dataset"),
     "train": ("megacpp_mcore.cli.train", "train a preset on C/C++ bytes through megatron-core"),
+    "generate": ("megacpp_mcore.cli.generate", "continue a prompt with a trained checkpoint (MTP drafts optional)"),
+    "compare": ("megacpp_mcore.cli.compare", "run receipts side by side: substrate, best/final bits per byte, INVALID, plot"),
 }
 
 

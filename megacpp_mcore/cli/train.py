@@ -3,11 +3,16 @@
 Single process: ``megacpp-mcore train --preset nam56r-tiny``; several ranks:
 ``torchrun --nproc-per-node 2 -m megacpp_mcore.cli train --tp 2 ...``.
 Options left unset take :class:`megacpp_mcore.train.loop.TrainConfig`'s defaults.
+
+FlexiDepth fine-tune of a dense checkpoint (:mod:`megacpp_mcore.train.dynamic_depth`):
+``megacpp-mcore train --preset nam56r-tiny-dense --load DENSE --flexidepth [OPTIONS] --freeze-backbone
+--save FT``; resuming it: the same command with ``--load FT``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from megacpp_mcore.cli.plan import add_model_arguments, model_from_args
 
@@ -15,7 +20,7 @@ from megacpp_mcore.cli.plan import add_model_arguments, model_from_args
 _FIELDS = ("steps", "micro_batch_size", "global_batch_size", "seq_length", "lr", "min_lr",
            "warmup_steps", "weight_decay", "seed", "backend", "bf16", "data", "source",
            "log_interval", "eval_interval", "eval_iters", "receipt", "save", "save_interval",
-           "load", "stop_after")
+           "load", "stop_after", "on_nonfinite", "test_fault", "freeze_backbone")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=["auto", "te", "local"], help="default auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
+    group.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                       help="NaN/inf gradients are never applied; on such a step (or a NaN/inf loss) stop the "
+                            "run, or skip the step and go on (default stop); either way the receipt marks the "
+                            "run INVALID")
+    # Test-only fault injection (megacpp_mcore.train.faults): kills and NaN/spike steps on purpose.
+    group.add_argument("--test-fault", help=argparse.SUPPRESS)
     group = parser.add_argument_group("data")
-    group.add_argument("--data", help="prefix from `prepare-data`; default: --source prepared into the cache")
+    group.add_argument("--data", help="prefix from `prepare-data` (its tokenizer, bytes or BPE, comes with it and "
+                                      "sets the vocabulary); default: --source prepared into the cache, bytes")
     group.add_argument("--source", help="default data source (default /usr/include)")
     group = parser.add_argument_group("logging and evaluation")
     group.add_argument("--log-interval", type=int, help="steps per progress line (default 25)")
@@ -49,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--load", help="resume from the latest checkpoint in this directory")
     group.add_argument("--stop-after", type=int,
                        help="stop (and save, with --save) after this step, keeping the --steps schedule")
+    group = parser.add_argument_group("dynamic depth: FlexiDepth fine-tune (arXiv 2503.23798)")
+    group.add_argument("--flexidepth", nargs="?", const="", metavar="OPTIONS",
+                       help="add FlexiDepth (per layer and token, a router between the block and a light "
+                            "adapter) on the A and E layers; OPTIONS: key=value,... of FlexiDepthConfig, e.g. "
+                            "usage_loss_weight=1e-3,inference=hard,layers=1:3:5 (with --load of a checkpoint "
+                            "without it: its weights make the backbone, and steps, LR schedule and optimizer "
+                            "start fresh)")
+    group.add_argument("--freeze-backbone", action="store_true", default=None,
+                       help="train FlexiDepth's routers and adapters only (needs --flexidepth and --load)")
     group = parser.add_argument_group("parallelism")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -67,11 +88,27 @@ def run(args: argparse.Namespace) -> int:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     from megacpp_mcore.train import loop as training
+    from megacpp_mcore.train.checkpoint import CheckpointError
     from megacpp_mcore.train.runtime import Parallelism
 
     model = model_from_args(args)
+    if args.flexidepth is not None:
+        from megacpp_mcore.features.flexidepth.config import FlexiDepthConfig
+
+        try:
+            fd = FlexiDepthConfig.from_options(args.flexidepth)
+        except ValueError as exc:
+            raise ValueError(f"--flexidepth {args.flexidepth!r}: {exc}") from None
+        model = model.replace(name=f"{model.name}+flexidepth", features={**model.features, "flexidepth": fd})
     given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+    if "test_fault" in given:
+        given["fault"] = given.pop("test_fault")
     cfg = training.TrainConfig(
         **given, parallel=Parallelism(tp=args.tp, pp=args.pp, ep=args.ep, vp=args.vp, sp=args.sp))
-    training.train(model, cfg, preset=args.preset)
-    return 0
+    try:
+        receipt = training.train(model, cfg, preset=args.preset)
+    except CheckpointError as exc:  # not bad input: the run failed while writing (exit 1)
+        print(f"megacpp-mcore train: error: {exc}", file=sys.stderr)
+        return 1
+    # A run that stopped before the step it was asked to reach (--on-nonfinite stop) failed.
+    return 0 if receipt["training"]["completed_steps"] >= min(cfg.steps, cfg.stop_after or cfg.steps) else 1

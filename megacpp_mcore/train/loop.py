@@ -6,7 +6,8 @@
 ``BlendedMegatronDatasetBuilder``/``GPTDataset``, steps through Megatron's forward-backward schedule
 with Megatron's optimizer and LR scheduler, logs a line per interval (step, loss, tokens/s, peak
 memory, ETA), validates in bits per byte, saves and resumes checkpoints
-(:mod:`megacpp_mcore.train.checkpoint`) and hands the run's facts to
+(:mod:`megacpp_mcore.train.checkpoint`, atomically), refuses NaN/inf updates and records the
+INVALID rules that fire (:mod:`megacpp_mcore.train.guards`) and hands the run's facts to
 :mod:`megacpp_mcore.train.receipt`, which assembles and writes the run receipt.
 """
 
@@ -17,7 +18,6 @@ import datetime
 import math
 import os
 import re
-import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,13 +26,18 @@ import torch
 
 from megacpp_mcore.models.presets import ModelConfig
 from megacpp_mcore.train import data as data_mod
+from megacpp_mcore.train import dynamic_depth, faults, invalid, storage
+from megacpp_mcore.train.guards import RunGuards
+from megacpp_mcore.train import tokenizer as tokenizer_mod
 from megacpp_mcore.train.checkpoint import (
-    check_checkpoint_matches,
     find_checkpoint,
+    load_backbone,
     load_checkpoint,
+    read_metadata,
     save_checkpoint,
 )
 from megacpp_mcore.train.runtime import Parallelism
+from megacpp_mcore.train.timing import Timers, fmt_eta, peak_memory_bytes, process_start
 
 LN2 = math.log(2.0)
 
@@ -62,12 +67,15 @@ class TrainConfig:
     save: str | None = None
     save_interval: int | None = None  # default: only at the end (when ``save`` is set)
     load: str | None = None
+    freeze_backbone: bool = False  # train FlexiDepth's routers and adapters only (train.dynamic_depth)
     stop_after: int | None = None  # save (if ``save``) and stop after this step, as if interrupted
     seed: int = 1234
     backend: str = "auto"
     parallel: Parallelism = Parallelism()
     bf16: bool | None = None  # default: on CUDA
     receipt: str | None = None  # default: <cache>/runs/<model>-<utc>.json
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the update
+    fault: str | None = None  # test-only fault injection (megacpp_mcore.train.faults), hidden in the CLI
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "log_interval", "eval_interval", "eval_iters"):
@@ -84,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in 0..steps-1 = 0..{self.steps - 1}, got {self.warmup_steps}")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.on_nonfinite not in invalid.NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r} is unknown; allowed: "
+                             f"{', '.join(invalid.NONFINITE_POLICIES)}")
+        faults.FaultPlan.parse(self.fault)
 
 
 # ----------------------------------------------------------------------------------- validation --
@@ -106,6 +118,7 @@ class CheckedRun:
     global_batch: int
     num_microbatches: int
     load: tuple[Path, int] | None
+    load_mode: str | None = None  # "resume", or "backbone" (a fine-tune's start; train.dynamic_depth)
 
 
 def check(model: ModelConfig, cfg: TrainConfig) -> CheckedRun:
@@ -116,9 +129,9 @@ def check(model: ModelConfig, cfg: TrainConfig) -> CheckedRun:
     seq = cfg.seq_length or model.seq_length
     if seq != model.seq_length:
         model = model.replace(seq_length=seq)
-    vocab = data_mod.ByteTokenizer().vocab_size
-    if model.vocab_size < vocab:
-        raise ValueError(f"model vocab_size={model.vocab_size} is smaller than the byte tokenizer's {vocab}")
+    # the embedding the data's tokenizer needs (a BPE's size, padded; bytes: the preset's)
+    data_tokenizer = data_mod.open_prepared(cfg.data).manifest.get("tokenizer") if cfg.data is not None else None
+    model = tokenizer_mod.fit_model_vocab(model, data_tokenizer, tp=cfg.parallel.tp)
     model.layer_table(pp=cfg.parallel.pp if "|" in model.pattern else None)  # pattern + placements
     par = cfg.parallel
     dp = par.data_parallel(_world_size())
@@ -127,20 +140,22 @@ def check(model: ModelConfig, cfg: TrainConfig) -> CheckedRun:
     if gbs % (cfg.micro_batch_size * dp):
         raise ValueError(f"global batch {gbs} is not divisible by micro batch {cfg.micro_batch_size} "
                          f"x data-parallel size {dp}")
-    if cfg.data is not None:
-        data_mod.open_prepared(cfg.data)
-    else:
+    if cfg.data is None:  # (--data was opened above, for its tokenizer)
         try:
             data_mod.open_prepared(data_mod.default_prefix(cfg.source))
         except data_mod.DataError:  # not cached yet: it will be prepared from the source
             data_mod.check_source(cfg.source)
     load = find_checkpoint(cfg.load) if cfg.load else None
-    if load:
-        check_checkpoint_matches(load[0], model)
-    if load and load[1] > cfg.steps:
+    load_mode = dynamic_depth.check(model, cfg, load)
+    if load_mode == "resume":
+        invalid.check_resume_optimizer(load[0], read_metadata(load[0]), cfg)
+    if load_mode == "resume" and load[1] > cfg.steps:
         raise ValueError(f"--load {cfg.load!r} is at step {load[1]}, beyond --steps {cfg.steps}")
+    storage.preflight(save=cfg.save, receipt=cfg.receipt, cache=data_mod.cache_dir(), model=model,
+                      bf16=torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16)
     return CheckedRun(model=model, seq_length=seq, dp=dp, global_batch=gbs,
-                      num_microbatches=gbs // (cfg.micro_batch_size * dp), load=load)
+                      num_microbatches=gbs // (cfg.micro_batch_size * dp), load=load,
+                      load_mode=load_mode)
 
 
 # ------------------------------------------------------------------------------------------ data --
@@ -155,7 +170,7 @@ def build_datasets(prepared: data_mod.PreparedData, *, seq_length: int, train_sa
         random_seed=seed,
         sequence_length=seq_length,
         blend_per_split=[([prepared.train_prefix], None), ([prepared.valid_prefix], None), None],
-        tokenizer=data_mod.ByteTokenizer(),
+        tokenizer=data_mod.open_tokenizer(prepared),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -168,11 +183,12 @@ def build_datasets(prepared: data_mod.PreparedData, *, seq_length: int, train_sa
 
 
 def micro_batches(dataset, *, first_sample: int, global_batch: int, micro_batch_size: int,
-                  dp_rank: int, dp: int, bytes_only_loss: bool = False) -> list[dict[str, torch.Tensor]]:
+                  dp_rank: int, dp: int, byte_lengths: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of the global batch starting at sample ``first_sample``.
 
-    ``bytes_only_loss`` masks positions whose label is a special token (validation in bits per
-    byte counts byte predictions only).
+    ``byte_lengths`` (``[vocab]``, the tokenizer's bytes per id, 0 for special tokens) masks the
+    positions whose label is a special token: validation in bits per byte counts the predictions
+    of text only.
     """
     per_rank = global_batch // dp
     start = first_sample + dp_rank * per_rank
@@ -180,37 +196,13 @@ def micro_batches(dataset, *, first_sample: int, global_batch: int, micro_batch_
     for m in range(per_rank // micro_batch_size):
         samples = [dataset[start + m * micro_batch_size + i] for i in range(micro_batch_size)]
         batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        if bytes_only_loss:
-            batch["loss_mask"] = batch["loss_mask"] * (batch["labels"] < data_mod.ByteTokenizer.NUM_BYTES)
+        if byte_lengths is not None:
+            batch["loss_mask"] = batch["loss_mask"] * (byte_lengths[batch["labels"]] > 0)
         out.append(batch)
     return out
 
 
 # ------------------------------------------------------------------------------------- the loop --
-
-def peak_memory_bytes() -> dict[str, Any]:
-    """Peak device memory on CUDA (allocated by torch), else the process's peak RSS."""
-    if torch.cuda.is_available():
-        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
-    return {"kind": "cpu_max_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
-
-
-def _fmt_eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
-
-
-class _Timers:
-    """Wall seconds per category (goodput = step compute; the rest is badput)."""
-
-    def __init__(self):
-        self.seconds = {"startup": 0.0, "step_compute": 0.0, "data_wait": 0.0,
-                        "evaluation": 0.0, "checkpoint": 0.0}
-
-    def add(self, name: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[name] += now - since
-        return now
-
 
 class Trainer:
     """One training run: set up from a :class:`CheckedRun`, :meth:`run` the loop, :meth:`facts`
@@ -224,17 +216,20 @@ class Trainer:
         from megacpp_mcore.train.stats import StatsCollector
 
         self.checked, self.cfg, self.model, self.t_start = checked, cfg, checked.model, t_start
-        self.timers = _Timers()
+        self.timers = Timers()
         runtime.initialize(cfg.parallel, seed=cfg.seed)
         self.rank = torch.distributed.get_rank()
         self.say = log if self.rank == 0 else (lambda _msg: None)
         self.prepared = self._data()
+        # [vocab] UTF-8 bytes per id (0: special): the bits-per-byte denominator, for any tokenizer
+        self.byte_lengths = torch.from_numpy(data_mod.open_tokenizer(self.prepared).byte_lengths())
         self.gbs, self.seq = checked.global_batch, checked.seq_length
         self.train_ds, self.valid_ds = build_datasets(
             self.prepared, seq_length=self.seq, train_samples=cfg.steps * self.gbs,
             valid_samples=cfg.eval_iters * self.gbs, seed=cfg.seed)
         self.config = runtime.transformer_config(self.model, cfg.parallel, bf16=cfg.bf16)
-        self.chunks = runtime.build_model(self.model, self.config, backend=cfg.backend)
+        self.chunks = runtime.build_model(self.model, self.config, backend=cfg.backend,
+                                          trainable=dynamic_depth.trainable(cfg))
         self.optimizer = runtime.build_optimizer(self.chunks, lr=cfg.lr, min_lr=cfg.min_lr,
                                                  weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad)
         self.scheduler = OptimizerParamScheduler(
@@ -250,13 +245,30 @@ class Trainer:
         self.stats_history: list[dict[str, Any]] = []
         self.saved: list[str] = []
         self.compute_s, self.compute_steps, self.last_loss = 0.0, 0, float("nan")
+        # this run's first step: its compute seconds and its end, from process start (receipt)
+        self.first_step_compute_s: float | None = None
+        self.first_step_end_s: float | None = None
+        # INVALID ledger, NaN/inf step guard, test faults (train.guards)
+        self.guards = RunGuards(cfg, model=self.model, chunks=self.chunks, optimizer=self.optimizer,
+                                device=runtime.device(), rank=self.rank, signature=invalid.run_signature(
+                                    cfg, global_batch=self.gbs, seq_length=self.seq, manifest=self.prepared.manifest))
         t = time.perf_counter()
-        if checked.load:
-            self.step, self.consumed = load_checkpoint(checked.load[0], self.chunks, self.optimizer,
-                                                       self.scheduler, model=self.model)
+        if checked.load_mode == "backbone":  # a fine-tune: fresh optimizer, schedule, step and data
+            fresh = load_backbone(checked.load[0], self.chunks, model=self.model)
             self.loaded_from = str(checked.load[0])
+            self.say(f"backbone from {self.loaded_from} (step {checked.load[1]} of its run), {len(fresh)} "
+                     "new FlexiDepth tensors; step, LR schedule, optimizer and data start at 0")
+            t = self.timers.add("checkpoint", t)
+        elif checked.load:
+            path = checked.load[0]
+            self.step, self.consumed = load_checkpoint(path, self.chunks, self.optimizer,
+                                                       self.scheduler, model=self.model)
+            self.loaded_from = str(path)
+            self.guards.resumed(path, self.step, self.consumed)
             self.say(f"resumed from {self.loaded_from}: step {self.step}, {self.consumed} samples consumed")
             t = self.timers.add("checkpoint", t)
+        for line in self.guards.announce():
+            self.say(line)
         self.timers.seconds["startup"] = t - t_start - self.timers.seconds["checkpoint"]
 
     def _data(self) -> data_mod.PreparedData:
@@ -268,50 +280,63 @@ class Trainer:
         torch.distributed.barrier()
         return data_mod.ensure_default(self.cfg.source, log=self.say)
 
-    def _micro(self, dataset, first_sample: int, *, bytes_only_loss: bool = False) -> list[dict]:
+    def _micro(self, dataset, first_sample: int, *, text_only_loss: bool = False) -> list[dict]:
         return micro_batches(dataset, first_sample=first_sample, global_batch=self.gbs,
                              micro_batch_size=self.cfg.micro_batch_size, dp_rank=self.dp_rank,
-                             dp=self.checked.dp, bytes_only_loss=bytes_only_loss)
+                             dp=self.checked.dp, byte_lengths=self.byte_lengths if text_only_loss else None)
 
     def _schedule(self, micro: list[dict], *, forward_only: bool = False) -> dict[str, float]:
         from megacpp_mcore.train import runtime
 
         # The micro-batches themselves: runtime.chunk_iterators makes the schedule's iterator(s).
-        return runtime.train_step(self.chunks, self.optimizer, micro, num_microbatches=len(micro),
+        return runtime.train_step(self.chunks, self.guards.step_guard, micro, num_microbatches=len(micro),
                                   micro_batch_size=self.cfg.micro_batch_size, seq_length=self.seq,
                                   forward_only=forward_only)
 
     def evaluate(self) -> float:
-        """Validation bits per byte: mean nats over byte labels (specials excluded) / ln 2."""
+        """Validation bits per byte: summed nats over the text labels (specials excluded) / ln 2 /
+        the UTF-8 bytes those labels stand for (for bytes: one per label; for a BPE: its tokens'
+        byte lengths), so byte-level and BPE runs report the same quantity."""
         t0 = time.perf_counter()
-        total_loss, total_tokens = 0.0, 0
-        for i in range(self.cfg.eval_iters):
-            out = self._schedule(self._micro(self.valid_ds, i * self.gbs, bytes_only_loss=True),
-                                 forward_only=True)
-            total_loss += out["loss"] * out["tokens"]
-            total_tokens += out["tokens"]
+        total_loss, total_bytes = 0.0, 0
+        with dynamic_depth.validating(self.chunks, self.collector, self.model, self.step) as usage:
+            for i in range(self.cfg.eval_iters):
+                micro = self._micro(self.valid_ds, i * self.gbs, text_only_loss=True)
+                out = self._schedule(micro, forward_only=True)
+                total_loss += out["loss"] * out["tokens"]
+                total_bytes += tokenizer_mod.label_bytes(micro, self.byte_lengths)
+                self.guards.kill_at("eval", self.step)
+        total_bytes = tokenizer_mod.data_parallel_sum(total_bytes)  # the loss covers all DP ranks too
         self.timers.add("evaluation", t0)
-        bpb = total_loss / max(total_tokens, 1) / LN2
-        self.validation.append({"step": self.step, "bpb": bpb})
-        self.say(f"validation step {self.step}: {bpb:.4f} bits/byte" + (" (untrained)" if self.step == 0 else ""))
+        bpb = total_loss / max(total_bytes, 1) / LN2
+        # tokens: training tokens consumed so far (`compare` plots bits/byte against them too);
+        # bytes: the validation bytes in the denominator
+        self.validation.append({"step": self.step, "tokens": self.consumed * self.seq, "bpb": bpb,
+                                "bytes": total_bytes, **usage})
+        self.say(f"validation step {self.step}: {bpb:.4f} bits/byte" + (" (untrained)" if self.step == 0 else "")
+                 + "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in usage.items()))
         return bpb
 
     def train_one_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         micro = self._micro(self.train_ds, self.consumed)
         t1 = self.timers.add("data_wait", t0)
-        self.collector.set_step(self.step)
+        self.collector.set_step(self.step, total_steps=self.cfg.steps)
+        self.guards.before_step(self.step + 1)
         out = self._schedule(micro)
-        self.scheduler.step(increment=1)
+        if not self.guards.skipped:  # a skipped update leaves the LR schedule alone (as Megatron-LM)
+            self.scheduler.step(increment=1)
         self.collector.collect()
         self.compute_s += time.perf_counter() - t1
-        self.timers.add("step_compute", t1)
+        end = self.timers.add("step_compute", t1)
+        if self.first_step_compute_s is None:
+            self.first_step_compute_s, self.first_step_end_s = end - t1, end - self.t_start
         self.compute_steps += 1
         self.step += 1
         self.consumed += self.gbs
         self.last_loss = out["loss"]
-        if not math.isfinite(self.last_loss):
-            raise RuntimeError(f"loss became {self.last_loss} at step {self.step}; lower --lr (now {self.cfg.lr})")
+        for line in self.guards.after_step(self.step, self.last_loss):
+            self.say(line)
         return out
 
     def log_line(self, out: dict[str, float], window_s: float, window_steps: int) -> None:
@@ -327,8 +352,8 @@ class Trainer:
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
         self.say(f"step {self.step:>6}/{self.cfg.steps} | loss {self.last_loss:.4f} | lr {lr:.2e} "
                  f"| grad norm {out['grad_norm']:.3f} | {self.gbs * self.seq / per_step:,.0f} tokens/s "
-                 f"| peak mem {format_bytes(mem['bytes'])} | ETA {_fmt_eta(per_step * (self.cfg.steps - self.step))}"
-                 + (f" | {format_stats(stats)}" if stats else ""))
+                 f"| peak mem {format_bytes(mem['bytes'])} | ETA {fmt_eta(per_step * (self.cfg.steps - self.step))}"
+                 + (f" | {format_stats(stats)}" if stats else "") + dynamic_depth.usage_text(stats, self.model))
 
     def run(self) -> None:
         cfg = self.cfg
@@ -344,18 +369,28 @@ class Trainer:
             before = self.compute_s
             out = self.train_one_step()
             window_s, window_steps = window_s + self.compute_s - before, window_steps + 1
-            if self.step % cfg.log_interval == 0 or self.step == stop:
+            if self.step % cfg.log_interval == 0 or self.step == stop or self.guards.halted:
                 self.log_line(out, window_s, window_steps)
                 window_s, window_steps = 0.0, 0
+            if self.guards.halted:
+                break
             if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                 self.evaluate()
             if cfg.save and ((cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop):
-                t0 = time.perf_counter()
-                self.saved.append(str(save_checkpoint(cfg.save, self.chunks, self.optimizer, self.scheduler,
-                                                      step=self.step, consumed=self.consumed,
-                                                      model=self.model)))
-                self.timers.add("checkpoint", t0)
-                self.say(f"saved checkpoint {self.saved[-1]}")
+                self.save()
+
+    def save(self) -> None:
+        """Checkpoint of this step; its marker records the run's settings, the spike baseline and
+        flags (a loss spike just before it)."""
+        t0 = time.perf_counter()
+        meta, hook = self.guards.saving(self.step)
+        for flag in meta["flags"]:
+            self.say(f"step {self.step}: {flag['reason']}")
+        self.saved.append(str(save_checkpoint(self.cfg.save, self.chunks, self.optimizer, self.scheduler,
+                                              step=self.step, consumed=self.consumed, model=self.model,
+                                              metadata=meta, hook=hook)))
+        self.timers.add("checkpoint", t0)
+        self.say(f"saved checkpoint {self.saved[-1]}")
 
     @property
     def backend_name(self) -> str:
@@ -384,7 +419,10 @@ class Trainer:
             stats_history=self.stats_history, compute_s=self.compute_s,
             compute_steps=self.compute_steps, peak_memory={"kind": mem["kind"], "bytes": int(peak.item())},
             seconds=dict(self.timers.seconds), total_s=time.perf_counter() - self.t_start,
-            cpu_s=time.process_time(), saved=self.saved, loaded_from=self.loaded_from)
+            cpu_s=time.process_time(), saved=self.saved, loaded_from=self.loaded_from,
+            load_mode=self.checked.load_mode, trainable=dynamic_depth.frozen_report(self.cfg),
+            first_step_end_s=self.first_step_end_s, first_step_compute_s=self.first_step_compute_s,
+            invalid=self.guards.report(), nonfinite_steps=self.guards.nonfinite_steps)
 
 
 def _print(line: str) -> None:
@@ -400,11 +438,15 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
     from megacpp_mcore.train import runtime
 
     # Start-up counts from process creation (interpreter and megatron imports included).
-    t_start = time.perf_counter() - max(time.time() - _process_start(), 0.0)
+    t_start = time.perf_counter() - max(time.time() - process_start(), 0.0)
     started_at = datetime.datetime.now(datetime.timezone.utc)
     checked = check(model, cfg)  # raises ValueError before anything is written
-    trainer = Trainer(checked, cfg, log=log, t_start=t_start)
-    trainer.run()
+    try:
+        trainer = Trainer(checked, cfg, log=log, t_start=t_start)
+        trainer.run()
+    except BaseException:  # e.g. CheckpointError: leave no process group behind (in-process callers)
+        runtime.shutdown()
+        raise
     receipt = receipt_mod.assemble(trainer.facts(started_at=started_at, preset=preset))
     if trainer.rank == 0:
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", checked.model.name).strip("-")
@@ -417,9 +459,3 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
             trainer.say(line)
     runtime.shutdown()
     return receipt
-
-
-def _process_start() -> float:
-    import psutil
-
-    return psutil.Process().create_time()

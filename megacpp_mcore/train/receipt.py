@@ -286,6 +286,18 @@ class RunFacts:
     cpu_s: float  # this rank's process time, all threads
     saved: list[str]
     loaded_from: str | None
+    # Start-up as the user sees it: process start to the end of this run's first training step,
+    # and that step's own seconds (kernel compilation and autotuning land in it). None: no step ran.
+    first_step_end_s: float | None = None
+    first_step_compute_s: float | None = None
+    # INVALID rules that fired (megacpp_mcore.train.invalid: rule, reason, step) and the count of
+    # steps with a non-finite loss or gradients.
+    invalid: list[dict] = dataclasses.field(default_factory=list)
+    nonfinite_steps: int = 0
+    # --load as a resume or as a fine-tune's "backbone"; the trainable parameters' name pattern
+    # when the backbone was frozen (megacpp_mcore.train.dynamic_depth)
+    load_mode: str | None = None
+    trainable: str | None = None
 
 
 def merge_observed(parts: list[dict]) -> dict:
@@ -314,14 +326,45 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def first_step_overhead(f: RunFacts) -> float:
+    """Seconds the first step took beyond a steady step (compilation, autotuning, allocator warm-up):
+    its compute time less the mean of the later steps'; 0 with fewer than two steps."""
+    if f.first_step_compute_s is None or f.compute_steps < 2:
+        return 0.0
+    steady = (f.compute_s - f.first_step_compute_s) / (f.compute_steps - 1)
+    return max(f.first_step_compute_s - steady, 0.0)
+
+
+def frozen_backbone(f: RunFacts, plan: dict) -> dict[str, Any] | None:
+    """What a frozen-backbone run trained (``None``: everything): the trainable names' pattern,
+    the layer plan's parameter counts (FlexiDepth's branches vs the rest) and the layers carrying
+    them."""
+    if f.trainable is None:
+        return None
+    fd = plan["features"].get("flexidepth", {"layers": [], "parameters": 0})
+    return {"trainable_pattern": f.trainable, "trainable_params": fd["parameters"],
+            "frozen_params": plan["parameters"]["total"] - fd["parameters"], "trainable_layers": fd["layers"]}
+
+
 def assemble(f: RunFacts) -> dict[str, Any]:
-    """The receipt of a run (``receipt_path`` is added by the writer); see the schema."""
-    from megacpp_mcore.models.accounting import flops_per_token
+    """The receipt of a run (``receipt_path`` is added by the writer); see the schema.
+
+    Throughput carries FLOPs two ways: ``model_*`` by 6 x active matmul parameters + attention
+    (:func:`~megacpp_mcore.models.accounting.flops_per_token`), ``hybrid_*`` by Megatron-Bridge's
+    ``hybrid_flops`` convention (:func:`~megacpp_mcore.models.accounting.hybrid_flops_per_token`),
+    the count published hybrid figures use. Time: the first step's excess over a steady step is
+    start-up badput (``first_step_overhead``), not goodput."""
+    from megacpp_mcore.models.accounting import flops_per_token, hybrid_flops_per_token
     from megacpp_mcore.models.plan import build_plan
+    from megacpp_mcore.train import dynamic_depth
+    from megacpp_mcore.train.substrate import corpus_fingerprint
+    from megacpp_mcore.train.tokenizer import record as tokenizer_record
 
     cfg, checked, model = f.config, f.checked, f.checked.model
     par, gbs, seq = cfg.parallel, checked.global_batch, checked.seq_length
     flops = flops_per_token(model, seq)
+    hybrid = hybrid_flops_per_token(model, seq)["total"]
+    warmup = first_step_overhead(f)
     tokens_per_s = f.compute_steps * gbs * seq / f.compute_s if f.compute_steps else 0.0
     layer_plan = build_plan(model, pp=par.pp, tp=par.tp, ep=par.ep, micro_batch=cfg.micro_batch_size,
                             backend=cfg.backend)
@@ -351,28 +394,40 @@ def assemble(f: RunFacts) -> dict[str, Any]:
                      "observed": merge_observed(f.observed)},
         "precision": "bf16" if f.bf16 else "fp32",
         "versions": package_versions(),
+        # kind/vocab/hash of the data's tokenizer: substrate for `compare` (bits/byte stays comparable)
+        "tokenizer": tokenizer_record(f.data_manifest.get("tokenizer")),
         "data": {"prefix": f.data_prefix, "source": f.data_manifest.get("source"),
                  "splits": f.data_manifest.get("splits"), "consumed_samples": f.consumed_samples,
-                 "tokenizer": f.data_manifest.get("tokenizer")},
+                 "tokenizer": f.data_manifest.get("tokenizer"),
+                 "fingerprint": corpus_fingerprint(f.data_manifest.get("splits"))},
         "training": {"steps": cfg.steps, "completed_steps": f.completed_steps, "seed": cfg.seed,
                      "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
-                     "lr_schedule": "cosine", "losses": f.losses, "final_loss": _finite(f.last_loss)},
+                     "lr_schedule": "cosine", "losses": f.losses, "final_loss": _finite(f.last_loss),
+                     "nonfinite_steps": f.nonfinite_steps,
+                     "frozen_backbone": frozen_backbone(f, layer_plan)},
         "throughput": {"tokens_per_s": tokens_per_s,
                        "model_flops_per_token": flops["total"],
                        "active_params": flops["active_params"],
                        "model_tflops_per_s": tokens_per_s * flops["total"] / 1e12,
-                       "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / f.world_size},
+                       "model_tflops_per_s_per_device": tokens_per_s * flops["total"] / 1e12 / f.world_size,
+                       "hybrid_flops_per_token": hybrid,
+                       "hybrid_tflops_per_s_per_device": tokens_per_s * hybrid / 1e12 / f.world_size},
         "peak_memory": dict(f.peak_memory),
-        "time": {"total_s": f.total_s, "cpu_s": f.cpu_s, "goodput_s": f.seconds["step_compute"],
-                 "badput_s": {k: v for k, v in f.seconds.items() if k != "step_compute"}},
+        "time": {"total_s": f.total_s, "cpu_s": f.cpu_s,
+                 "goodput_s": max(f.seconds["step_compute"] - warmup, 0.0),
+                 "startup_to_first_step_s": f.first_step_end_s,
+                 "badput_s": {"first_step_overhead": warmup,
+                              **{k: v for k, v in f.seconds.items() if k != "step_compute"}}},
         "validation": {"metric": "bits_per_byte", "history": f.validation,
                        "untrained_bpb": untrained[0]["bpb"] if untrained else None,
                        "first_bpb": trained[0]["bpb"] if trained else None,
                        "final_bpb": f.validation[-1]["bpb"] if f.validation else None,
                        "best_bpb": best["bpb"] if best else None,
                        "best_step": best["step"] if best else None},
-        "stats": {"latest": f.stats, "history": f.stats_history},
-        "checkpoints": {"saved": f.saved, "loaded_from": f.loaded_from},
+        "stats": {"latest": f.stats, "history": f.stats_history,
+                  "flexidepth": dynamic_depth.usage(f.stats, model)},
+        "checkpoints": {"saved": f.saved, "loaded_from": f.loaded_from, "load_mode": f.load_mode},
+        "invalid": [dict(item) for item in f.invalid],
     }
 
 
@@ -395,10 +450,15 @@ def summary_lines(receipt: dict) -> list[str]:
                      f"at step {v['best_step']}"
                      + (f"; untrained {v['untrained_bpb']:.4f}" if v["untrained_bpb"] is not None else ""))
     lines.append(f"throughput {th['tokens_per_s']:,.0f} tokens/s, {th['model_tflops_per_s']:.3f} model TFLOP/s "
-                 f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token); peak memory "
+                 f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token; hybrid_flops "
+                 f"{th['hybrid_tflops_per_s_per_device']:.3f} TFLOP/s/device); peak memory "
                  f"{format_bytes(receipt['peak_memory']['bytes'])} ({receipt['peak_memory']['kind']})")
+    if t["startup_to_first_step_s"] is not None:
+        lines.append(f"start-up to the first finished step {t['startup_to_first_step_s']:.1f} s (first step "
+                     f"{t['badput_s']['first_step_overhead']:.1f} s over a steady one)")
     obs = receipt["backends"]["observed"]
     lines.append(f"backend requested {receipt['backends']['requested']}, observed attention {obs['attention']}"
                  + (f" ({obs['te_attention']['kernel']})" if obs.get("te_attention") else ""))
+    lines.extend(f"INVALID ({item['rule']}): {item['reason']}" for item in receipt["invalid"])
     lines.append(f"receipt: {receipt['receipt_path']}")
     return lines
