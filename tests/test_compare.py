@@ -252,9 +252,13 @@ def test_directory_resolution(tmp_path, capsys):
 
 
 def test_colliding_stems_are_told_apart(tmp_path):
+    # Run directories are named by the directory; two receipts of one stem by parent/stem.
     a = write(tmp_path / "x" / "receipt.json", make_receipt())
     b = write(tmp_path / "y" / "receipt.json", make_receipt())
-    assert [r.label for r in compare.compare([a, b])] == ["x/receipt", "y/receipt"]
+    assert [r.label for r in compare.compare([a, b])] == ["x", "y"]
+    c = write(tmp_path / "x" / "run.json", make_receipt())
+    d = write(tmp_path / "y" / "run.json", make_receipt())
+    assert [r.label for r in compare.compare([c, d])] == ["x/run", "y/run"]
 
 
 def _bad_inputs(tmp_path):

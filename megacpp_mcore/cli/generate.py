@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    # torch.distributed.checkpoint's deprecation notices while megatron-core loads the weights:
+    # about upstream's API use, nothing a user of `generate` can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
     from megacpp_mcore.infer import checkpoint as ckpt
     from megacpp_mcore.infer.decode import check_prompts
     from megacpp_mcore.infer.sampling import Sampling

@@ -12,7 +12,12 @@ FlexiDepth fine-tune of a dense checkpoint (:mod:`megacpp_mcore.train.dynamic_de
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import re
+import shlex
 import sys
+from pathlib import Path
 
 from megacpp_mcore.cli.plan import add_model_arguments, model_from_args
 
@@ -28,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.set_defaults(preset="nam56r-tiny")
     group = parser.add_argument_group("run (unset: the CPU smoke-run defaults)")
-    group.add_argument("--steps", type=int, help="training steps (default 300)")
+    group.add_argument("--steps", type=int, help="training steps (default 250)")
     group.add_argument("--micro-batch-size", type=int, help="default 8")
     group.add_argument("--global-batch-size", type=int, help="default: micro batch x data-parallel size")
     group.add_argument("--seq-length", type=int, help="default: the preset's")
@@ -56,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-iters", type=int, help="global batches per validation (default 4)")
     group.add_argument("--receipt", help="run receipt path (default: <cache>/runs/<model>-<utc>.json)")
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--save", help="checkpoint directory")
+    group.add_argument("--save", help="checkpoint directory (default, single process and no --receipt: a run "
+                                      "directory <cache>/runs/<model>-<utc>/ holding the final checkpoint and "
+                                      "receipt.json, which `compare` and `generate --load` take)")
+    group.add_argument("--no-checkpoint", action="store_true",
+                       help="without --save: write the receipt only, no checkpoint")
     group.add_argument("--save-interval", type=int, help="default: at the end only")
     group.add_argument("--load", help="resume from the latest checkpoint in this directory")
     group.add_argument("--stop-after", type=int,
@@ -82,6 +91,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 QUIET_WARNINGS = (r"(Transformer Engine and Apex are|Apex is) not installed", r"full scope is deprecated")
 
 
+def default_run_dir(model_name: str) -> Path:
+    """``<cache>/runs/<model>-<utc>``: where a run without --save/--receipt keeps its outputs."""
+    from megacpp_mcore.train.data import cache_dir
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-")
+    return cache_dir() / "runs" / f"{name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def next_commands(receipt_path: str, save: str | None) -> list[str]:
+    """The lines a user runs next: compare this run (with others), continue a prompt with it."""
+    run = str(Path(receipt_path).parent) if Path(receipt_path).name == "receipt.json" else receipt_path
+    lines = [f"next: megacpp-mcore compare {shlex.quote(run)}   (add other runs or receipts to compare them)"]
+    if save:
+        lines.append(f"      megacpp-mcore generate --load {shlex.quote(save)} --prompt '#include <' "
+                     f"--max-new-tokens 200")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     import warnings
 
@@ -100,7 +127,16 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"--flexidepth {args.flexidepth!r}: {exc}") from None
         model = model.replace(name=f"{model.name}+flexidepth", features={**model.features, "flexidepth": fd})
+    if args.no_checkpoint and args.save is not None:
+        raise ValueError(f"--no-checkpoint and --save {args.save!r} contradict each other; give one of them")
     given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+    if args.save is None and args.receipt is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        # One directory per run, so that `compare RUN_DIR` and `generate --load RUN_DIR` just work.
+        # (Under torchrun the ranks could disagree on the timestamp: name --save/--receipt there.)
+        run_dir = default_run_dir(model.name)
+        given["receipt"] = str(run_dir / "receipt.json")
+        if not args.no_checkpoint:
+            given["save"] = str(run_dir)
     if "test_fault" in given:
         given["fault"] = given.pop("test_fault")
     cfg = training.TrainConfig(
@@ -110,5 +146,8 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:  # not bad input: the run failed while writing (exit 1)
         print(f"megacpp-mcore train: error: {exc}", file=sys.stderr)
         return 1
+    if receipt.get("receipt_path"):  # rank 0
+        for line in next_commands(receipt["receipt_path"], cfg.save):
+            print(line, flush=True)
     # A run that stopped before the step it was asked to reach (--on-nonfinite stop) failed.
     return 0 if receipt["training"]["completed_steps"] >= min(cfg.steps, cfg.stop_after or cfg.steps) else 1

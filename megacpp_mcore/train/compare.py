@@ -219,9 +219,10 @@ def summarize(path: str | os.PathLike, receipt: Mapping[str, Any], *, label: str
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """File stems; where two collide, ``parent/stem``; where those collide too, numbered."""
-    stems = [p.stem for p in paths]
-    labels = [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    """File stems (a run directory's ``receipt.json``: the directory's name); where two collide,
+    ``parent/stem``; where those collide too, numbered."""
+    stems = [p.parent.name if p.name == "receipt.json" else p.stem for p in paths]
+    labels = [f"{p.parent.name}/{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems)]
     return [f"{lab}#{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
 
 

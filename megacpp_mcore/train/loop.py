@@ -40,6 +40,8 @@ from megacpp_mcore.train.runtime import Parallelism
 from megacpp_mcore.train.timing import Timers, fmt_eta, peak_memory_bytes, process_start
 
 LN2 = math.log(2.0)
+# Steps timed before the run says how long it will take (the first step pays one-off costs).
+ESTIMATE_AFTER_STEPS = 3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,10 +49,10 @@ class TrainConfig:
     """What to run: steps, batch, schedule, data, checkpoints, topology. Defaults are the CPU
     smoke run (the README's main command)."""
 
-    # Defaults: the CPU smoke run (docs/benchmarks.md). nam56r-tiny needs ~1.5 CPU-seconds a step,
-    # so 300 steps fit the 10-minute budget of a 2-core machine; its final validation bits/byte is
-    # 0.63x the first (step 50).
-    steps: int = 300
+    # Defaults: the CPU smoke run, the README's main job (docs/benchmarks.md). nam56r-tiny with its
+    # shipped MoD needs ~1.45 CPU-seconds a step, so 250 steps with their validations fit the
+    # 5-minute budget of an idle 2-core machine.
+    steps: int = 250
     micro_batch_size: int = 8
     global_batch_size: int | None = None  # default: micro_batch_size * data-parallel size
     seq_length: int | None = None  # default: the model's
@@ -245,6 +247,7 @@ class Trainer:
         self.stats_history: list[dict[str, Any]] = []
         self.saved: list[str] = []
         self.compute_s, self.compute_steps, self.last_loss = 0.0, 0, float("nan")
+        self.eval_s: float | None = None  # seconds of the last validation (for the run's estimate)
         # this run's first step: its compute seconds and its end, from process start (receipt)
         self.first_step_compute_s: float | None = None
         self.first_step_end_s: float | None = None
@@ -307,6 +310,7 @@ class Trainer:
                 total_bytes += tokenizer_mod.label_bytes(micro, self.byte_lengths)
                 self.guards.kill_at("eval", self.step)
         total_bytes = tokenizer_mod.data_parallel_sum(total_bytes)  # the loss covers all DP ranks too
+        self.eval_s = time.perf_counter() - t0
         self.timers.add("evaluation", t0)
         bpb = total_loss / max(total_bytes, 1) / LN2
         # tokens: training tokens consumed so far (`compare` plots bits/byte against them too);
@@ -369,6 +373,8 @@ class Trainer:
             before = self.compute_s
             out = self.train_one_step()
             window_s, window_steps = window_s + self.compute_s - before, window_steps + 1
+            if self.compute_steps == ESTIMATE_AFTER_STEPS and stop - self.step > 0:
+                self.say(self.estimate_line(self.compute_s - before, stop))
             if self.step % cfg.log_interval == 0 or self.step == stop or self.guards.halted:
                 self.log_line(out, window_s, window_steps)
                 window_s, window_steps = 0.0, 0
@@ -378,6 +384,17 @@ class Trainer:
                 self.evaluate()
             if cfg.save and ((cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop):
                 self.save()
+
+    def estimate_line(self, step_s: float, stop: int) -> str:
+        """How long the rest of the run will take on this machine: the last step's compute time
+        for each step left, plus the measured step-0 validation (or a forward-only third of a step
+        per validation batch) for each validation left."""
+        evals_left = sum(1 for s in range(self.step + 1, stop + 1)
+                         if s % self.cfg.eval_interval == 0 or s == self.cfg.steps)
+        eval_s = self.eval_s if self.eval_s is not None else step_s / 3 * self.cfg.eval_iters
+        left = step_s * (stop - self.step) + eval_s * evals_left
+        return (f"estimate: about {fmt_eta(left)} more on this machine ({stop - self.step} steps at "
+                f"{step_s:.2f} s, {evals_left} validations at {eval_s:.1f} s)")
 
     def save(self) -> None:
         """Checkpoint of this step; its marker records the run's settings, the spike baseline and
