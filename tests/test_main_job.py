@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_run_without_outputs_gets_a_run_directory_and_next_commands(cache, capsys):
     prefix = data.prepare(make_tree(cache / "src", extra=60), cache / "d" / "cpp", valid_percent=20).prefix
-    argv = ["train", *TINY_ARGS, "--steps", "5", "--micro-batch-size", "2", "--eval-interval", "5",
+    argv = ["train", *TINY_ARGS, "--steps", "7", "--micro-batch-size", "2", "--eval-interval", "5",
             "--eval-iters", "1", "--log-interval", "5", "--data", str(prefix)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -33,12 +33,13 @@ def test_run_without_outputs_gets_a_run_directory_and_next_commands(cache, capsy
     assert len(runs) == 1 and runs[0].is_dir()
     run = runs[0]
     receipt = json.loads((run / "receipt.json").read_text())
-    assert receipt["training"]["completed_steps"] == 5
+    assert receipt["training"]["completed_steps"] == 7
     assert any(p.name.startswith("iter_") for p in run.iterdir())  # the final checkpoint
 
-    # The estimate comes once, after the timed steps, and counts the validations still to run.
+    # The estimate comes once, after the timed steps (5), and counts the validations still to run:
+    # step 5's own (it follows the estimate) and the final one.
     estimates = [line for line in out.splitlines() if line.startswith("estimate: ")]
-    assert len(estimates) == 1 and "2 steps at" in estimates[0] and "1 validations" in estimates[0]
+    assert len(estimates) == 1 and "2 steps at" in estimates[0] and "2 validations" in estimates[0]
 
     compare_line, generate_line = [line.strip() for line in out.splitlines()[-2:]]
     assert compare_line.startswith("next: megacpp-mcore compare ")

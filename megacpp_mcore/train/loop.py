@@ -40,8 +40,9 @@ from megacpp_mcore.train.runtime import Parallelism
 from megacpp_mcore.train.timing import Timers, fmt_eta, peak_memory_bytes, process_start
 
 LN2 = math.log(2.0)
-# Steps timed before the run says how long it will take (the first step pays one-off costs).
-ESTIMATE_AFTER_STEPS = 3
+# Steps timed before the run says how long it will take (the mean of all but the first, which
+# pays one-off costs).
+ESTIMATE_AFTER_STEPS = 5
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -369,12 +370,15 @@ class Trainer:
             self.evaluate()
         stop = min(cfg.steps, cfg.stop_after or cfg.steps)
         window_s, window_steps = 0.0, 0  # compute seconds and steps since the last log line
+        after_first = 0.0  # compute seconds once the first step of this process is done
         while self.step < stop:
             before = self.compute_s
             out = self.train_one_step()
             window_s, window_steps = window_s + self.compute_s - before, window_steps + 1
-            if self.compute_steps == ESTIMATE_AFTER_STEPS and stop - self.step > 0:
-                self.say(self.estimate_line(self.compute_s - before, stop))
+            if self.compute_steps == 1:
+                after_first = self.compute_s  # the first step pays one-off costs: leave it out
+            elif self.compute_steps == ESTIMATE_AFTER_STEPS and stop - self.step > 0:
+                self.say(self.estimate_line((self.compute_s - after_first) / (ESTIMATE_AFTER_STEPS - 1), stop))
             if self.step % cfg.log_interval == 0 or self.step == stop or self.guards.halted:
                 self.log_line(out, window_s, window_steps)
                 window_s, window_steps = 0.0, 0
@@ -386,10 +390,11 @@ class Trainer:
                 self.save()
 
     def estimate_line(self, step_s: float, stop: int) -> str:
-        """How long the rest of the run will take on this machine: the last step's compute time
-        for each step left, plus the measured step-0 validation (or a forward-only third of a step
+        """How long the rest of the run will take on this machine: ``step_s`` (the mean compute time
+        of the timed steps) for each step left, plus the measured step-0 validation (or a forward-only third of a step
         per validation batch) for each validation left."""
-        evals_left = sum(1 for s in range(self.step + 1, stop + 1)
+        # called after step ``self.step`` trained and before its own validation, if it has one
+        evals_left = sum(1 for s in range(self.step, stop + 1)
                          if s % self.cfg.eval_interval == 0 or s == self.cfg.steps)
         eval_s = self.eval_s if self.eval_s is not None else step_s / 3 * self.cfg.eval_iters
         left = step_s * (stop - self.step) + eval_s * evals_left
