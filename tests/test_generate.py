@@ -165,3 +165,27 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
     assert [(r["batch"], r["k"]) for r in results] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(r["identical"] for r in results if r["k"])
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 6 * r["batch"] for r in results)
+
+
+def test_bpe_run_carries_its_tokenizer_and_generate_uses_it(tmp_path, monkeypatch, capsys):
+    """A run on BPE data copies the tokenizer into its --save directory; `generate` encodes the
+    prompt and decodes the output with it (with bytes, a BPE model's ids would come out as noise)."""
+    from megacpp_mcore.train.tokenizer import BPETokenizer, for_checkpoint
+
+    monkeypatch.setenv("MEGACPP_CACHE", str(tmp_path / "cache"))
+    prefix = data.prepare(make_tree(tmp_path / "src", extra=60), tmp_path / "bpe" / "cpp",
+                          valid_percent=20, tokenizer="bpe:300").prefix
+    save = tmp_path / "run"
+    cfg = training.TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2, warmup_steps=0,
+                               eval_interval=100, eval_iters=1, data=str(prefix), save=str(save),
+                               receipt=str(tmp_path / "r.json"))
+    training.train(get_preset("ae-tiny").replace(num_layers=2, seq_length=32), cfg, log=lambda _: None)
+    tok = for_checkpoint(save)
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 300
+
+    code, out = _generate(["--load", str(save), "--prompt", "int main(", "--max-new-tokens", "5",
+                           "--json"], capsys)
+    assert code == 0, out.err
+    row = json.loads(out.out)["rows"][0]
+    assert all(0 <= t < tok.vocab_size for t in row["tokens"])  # ids of the BPE, not bytes
+    assert row["text"] == tok.decode_bytes(row["tokens"]).decode("utf-8", errors="replace")

@@ -1,7 +1,8 @@
 """``megacpp-mcore generate``: continue C/C++ text with a checkpoint of ``megacpp-mcore train``.
 
 ``megacpp-mcore generate --load DIR --prompt '#include <vector>'`` prints the continuation (bytes in,
-bytes out for the byte tokenizer; each prompt follows an end-of-document token, as every document
+bytes out; a run on BPE data keeps its tokenizer in its ``--save`` directory, which is used to
+encode the prompt and decode the output); each prompt follows an end-of-document token, as every document
 does in training, and a row stops at the next one). Several ``--prompt``/``--prompt-file`` make a
 batch. ``--speculative K`` drafts K tokens per step with the model's trained MTP block (greedy
 output is identical to ``--speculative 0``); ``--json`` prints tokens, text, timings, tokens/s and
@@ -98,16 +99,17 @@ def run(args: argparse.Namespace) -> int:
     from megacpp_mcore.infer.decode import check_prompts
     from megacpp_mcore.infer.sampling import Sampling
     from megacpp_mcore.spec.backends import resolve_backend_name
-    from megacpp_mcore.train.data import ByteTokenizer
+    from megacpp_mcore.train.tokenizer import for_checkpoint
 
     # --- everything checked before the model is built
     _check_numbers(args)
     resolve_backend_name(args.backend)
-    tokenizer = ByteTokenizer()
+    found = ckpt.open_checkpoint(args.load)
+    # bytes, or the BPE a run on BPE data copied beside its checkpoints (train/tokenizer.py)
+    tokenizer = for_checkpoint(found.path.parent)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         vocab_limit=tokenizer.vocab_size)
-    prompts = [[tokenizer.eod, *data] for data in read_prompts(args)]
-    found = ckpt.open_checkpoint(args.load)
+    prompts = [[tokenizer.eod, *(int(t) for t in tokenizer.tokenize(data))] for data in read_prompts(args)]
     model = ckpt.resolve_model(found, _named_model(args), args.seq_length)
     if args.speculative and not model.mtp_depth:
         raise ValueError(f"--speculative {args.speculative}: the checkpoint's model {model.name} "
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                           speculative=args.speculative, stop_tokens=(tokenizer.eod, tokenizer.pad))
     finally:
         runtime.shutdown()
-    texts = [bytes(t for t in row if t < tokenizer.NUM_BYTES) for row in result.tokens]
+    texts = [tokenizer.decode_bytes(row) for row in result.tokens]
     if args.json:
         report = {"checkpoint": str(found.path), "step": found.step, "model": model.name,
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p,

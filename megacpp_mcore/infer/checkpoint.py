@@ -54,7 +54,7 @@ def open_checkpoint(directory: str) -> Checkpoint:
     return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"))
 
 
-def _candidates(signature: dict):
+def _preset_shapes(signature: dict):
     """Presets as they are, then each preset's dimensions under the recorded pattern/depth."""
     for name, preset in PRESETS.items():
         yield preset
@@ -64,6 +64,16 @@ def _candidates(signature: dict):
                                    base=name)
             except (ValueError, KeyError):
                 continue
+
+
+def _candidates(signature: dict):
+    """:func:`_preset_shapes`, each also with the recorded vocabulary (a run on BPE data sizes the
+    embedding to its tokenizer, see ``train.tokenizer.fit_model_vocab``)."""
+    vocab = signature.get("vocab_size")
+    for model in _preset_shapes(signature):
+        yield model
+        if isinstance(vocab, int) and vocab != model.vocab_size:
+            yield model.replace(vocab_size=vocab)
 
 
 def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,

@@ -411,6 +411,8 @@ class Trainer:
         self.saved.append(str(save_checkpoint(self.cfg.save, self.chunks, self.optimizer, self.scheduler,
                                               step=self.step, consumed=self.consumed, model=self.model,
                                               metadata=meta, hook=hook)))
+        if self.rank == 0:  # a BPE's ids mean nothing without it: the run directory carries it
+            tokenizer_mod.store_with_checkpoint(self.prepared.prefix, self.prepared.manifest, self.cfg.save)
         self.timers.add("checkpoint", t0)
         self.say(f"saved checkpoint {self.saved[-1]}")
 

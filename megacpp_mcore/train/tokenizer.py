@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -275,6 +277,33 @@ def record(manifest_tokenizer: dict | None) -> dict[str, Any]:
     if tok.get("kind") == "bpe":
         return {"kind": "bpe", "vocab_size": int(tok["vocab_size"]), "sha256": tok["sha256"]}
     return {"kind": "byte", "vocab_size": int(tok.get("vocab_size", ByteTokenizer().vocab_size)), "sha256": None}
+
+
+CHECKPOINT_TOKENIZER = "tokenizer"  # a BPE run's tokenizer, copied into its --save directory
+
+
+def store_with_checkpoint(prefix: str | Path, manifest: dict, save_dir: str | Path) -> Path | None:
+    """Copies a BPE dataset's tokenizer into ``save_dir/tokenizer`` (once; atomically), so the
+    checkpoint carries what its ids mean (``generate --load`` reads it). Bytes: nothing to copy."""
+    source = directory_of(prefix, manifest)
+    if source is None:
+        return None
+    target = Path(save_dir) / CHECKPOINT_TOKENIZER
+    if (target / "tokenizer.json").is_file() and \
+            file_sha256(target / "tokenizer.json") == manifest["tokenizer"]["sha256"]:
+        return target
+    partial = Path(save_dir) / f".{CHECKPOINT_TOKENIZER}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target
+
+
+def for_checkpoint(save_dir: str | Path) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer of a ``train --save`` directory: its copied BPE, else bytes."""
+    directory = Path(save_dir) / CHECKPOINT_TOKENIZER
+    return BPETokenizer(directory) if (directory / "tokenizer.json").is_file() else ByteTokenizer()
 
 
 def fit_model_vocab(model, manifest_tokenizer: dict | None, *, tp: int = 1):
