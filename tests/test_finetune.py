@@ -116,6 +116,9 @@ def test_fine_tune_starts_fresh_and_resumes_as_itself(runs):
     assert recs["full"]["checkpoints"]["loaded_from"].endswith("dense/iter_0000003")
     assert recs["resumed"]["checkpoints"]["load_mode"] == "resume" and recs["dense"]["checkpoints"]["load_mode"] is None
     assert not recs["resumed"]["invalid"]
+    # step 0's validation measured the dense weights (routers fresh), not an untrained model
+    assert any(line.startswith("validation step 0:") and "(loaded backbone)" in line for line in runs["lines"])
+    assert any("; loaded backbone " in line for line in runs["lines"])  # the end-of-run summary
     lr1 = next(line for line in runs["lines"] if line.startswith("step      1/4")).split("| lr ")[1].split()[0]
     assert float(lr1) == pytest.approx(3e-3)  # warmup 1 step: the fine-tune's own peak, not the dense end
 

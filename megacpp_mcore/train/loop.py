@@ -318,7 +318,8 @@ class Trainer:
         # bytes: the validation bytes in the denominator
         self.validation.append({"step": self.step, "tokens": self.consumed * self.seq, "bpb": bpb,
                                 "bytes": total_bytes, **usage})
-        self.say(f"validation step {self.step}: {bpb:.4f} bits/byte" + (" (untrained)" if self.step == 0 else "")
+        step0 = "loaded backbone" if self.checked.load_mode == "backbone" else "untrained"
+        self.say(f"validation step {self.step}: {bpb:.4f} bits/byte" + (f" ({step0})" if self.step == 0 else "")
                  + "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in usage.items()))
         return bpb
 

@@ -436,6 +436,11 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def _step0_label(receipt: dict) -> str:
+    """What step 0's validation measured: random weights, or the loaded backbone of a fine-tune."""
+    return "loaded backbone" if receipt["checkpoints"].get("load_mode") == "backbone" else "untrained"
+
+
 def summary_lines(receipt: dict) -> list[str]:
     """The end-of-run summary printed by ``megacpp-mcore train``, read from the receipt."""
     v, t, th = receipt["validation"], receipt["time"], receipt["throughput"]
@@ -448,7 +453,8 @@ def summary_lines(receipt: dict) -> list[str]:
         lines.append(f"validation bits/byte: first (step {first_step}) {v['first_bpb']:.4f} -> final "
                      f"{v['final_bpb']:.4f} (x{v['final_bpb'] / v['first_bpb']:.3f}); best {v['best_bpb']:.4f} "
                      f"at step {v['best_step']}"
-                     + (f"; untrained {v['untrained_bpb']:.4f}" if v["untrained_bpb"] is not None else ""))
+                     + (f"; {_step0_label(receipt)} {v['untrained_bpb']:.4f}"
+                        if v["untrained_bpb"] is not None else ""))
     lines.append(f"throughput {th['tokens_per_s']:,.0f} tokens/s, {th['model_tflops_per_s']:.3f} model TFLOP/s "
                  f"({th['model_flops_per_token'] / 1e6:.2f} MFLOP/token; hybrid_flops "
                  f"{th['hybrid_tflops_per_s_per_device']:.3f} TFLOP/s/device); peak memory "
