@@ -52,6 +52,7 @@ from megacpp_mcore.features.flexidepth.branch import SkipBranch
 from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig, mod_conflict
 from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher
 from megacpp_mcore.features.flexidepth.usage import (
+    TrackerUsage,
     FlexiDepthStats,
     UsageGate,
     UsageLedger,
@@ -65,6 +66,7 @@ from megacpp_mcore.features.mod.rope import (
     gather_rope,
     with_token_rope,
 )
+from megacpp_mcore.spec import compat
 from megacpp_mcore.spec.context import LayerContext
 from megacpp_mcore.spec.pattern import FeaturePlacement
 
@@ -78,9 +80,14 @@ class FlexiDepthLayer(TransformerLayer):
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, *, flexidepth: FlexiDepthConfig,
-                 usage: UsageSlot | None = None, gather_kept: bool = False, **kwargs):
+                 usage: UsageSlot | None = None, gather_kept: bool = False,
+                 flexidepth_layers: int | None = None, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
         self.fd = flexidepth
+        # Under a Megatron-LM loop (no megacpp_set_step calls) the statistics also go to Megatron's
+        # MoE metrics tracker, which its training_log reports (see TrackerUsage).
+        self._loop_driven = False
+        self._tracker = TrackerUsage(config, layer_number=self.layer_number, layers=flexidepth_layers)
         if flexidepth.freeze_backbone:  # every parameter so far is the wrapped block's
             for param in self.parameters():
                 param.requires_grad_(False)
@@ -108,7 +115,8 @@ class FlexiDepthLayer(TransformerLayer):
         self._forced = route
 
     def megacpp_set_step(self, step: int) -> None:
-        """Starts a new statistics window (no schedule depends on the step)."""
+        """Starts a new statistics window (no schedule depends on the step); our loop drives it."""
+        self._loop_driven = True
         self._stats.start_window()
 
     def megacpp_stats(self) -> dict[str, float]:
@@ -157,7 +165,10 @@ class FlexiDepthLayer(TransformerLayer):
         if self._usage.last:  # the segment's sum is complete: the penalty's value
             names += ("loss_usage",)
             values.append(self._usage.segment.total.square() * self.fd.usage_loss_weight)
-        self._stats.record(names, shard_means(values, self._seq_group))
+        means = shard_means(values, self._seq_group)
+        self._stats.record(names, means)
+        if self.training and not self._loop_driven and compat.training_iteration() is not None:
+            self._tracker.record(names, means)
 
     def _forward_gathered(self, x, skip, keep, args, kwargs):
         """Route -> dispatch -> the wrapped layer on the kept tokens -> combine."""
@@ -218,6 +229,7 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
         ledger = ctx.chunk.shared(("flexidepth", "usage"), lambda: UsageLedger(config.usage_boundaries))
     else:
         ledger = UsageLedger(config.usage_boundaries)
+    layers = sum("flexidepth" in entry.features for entry in ctx.model_table) or None
     return ModuleSpec(module=module, submodules=submodules, params={
         **(spec.params or {}), "flexidepth": config, "usage": ledger.register(ctx.index),
-        "gather_kept": gather})
+        "gather_kept": gather, "flexidepth_layers": layers})

@@ -160,6 +160,40 @@ _USAGE_LOSS = re.compile(r"^(?P<layer>.*)[./]loss_usage$")
 _LAYER_INDEX = re.compile(r"(^|\.)layers\.(?P<index>\d+)$")
 
 
+# FlexiDepth's statistics in Megatron's MoE metrics tracker (what training_log reports).
+TRACKER_NAMES = {
+    "skip_rate": "flexidepth_skip_rate",
+    "score_mean": "flexidepth_score_mean",
+    "loss_usage": "flexidepth_usage_loss",
+}
+
+
+class TrackerUsage:
+    """One FlexiDepth layer's statistics of a training forward, recorded into Megatron's MoE
+    metrics tracker (:func:`megacpp_mcore.spec.compat.record_layer_metric`) while a Megatron-LM
+    loop runs. ``training_log`` takes a metric's mean over micro-batches, sums it over layers and
+    divides by :func:`~megacpp_mcore.spec.compat.tracker_layer_count`; so ``skip_rate`` and
+    ``score_mean`` are recorded times ``count / layers`` (the printed figure: their mean over the
+    FlexiDepth layers) and ``loss_usage`` (only on a usage segment's last layer) times ``count``
+    (the printed figure: the total penalty over the segments)."""
+
+    def __init__(self, config, *, layer_number: int, layers: int | None):
+        from megacpp_mcore.spec import compat
+
+        count = compat.tracker_layer_count(config)
+        self.layer_number, self.size = layer_number, compat.tracker_size(config)
+        self.scale = {"skip_rate": count / layers if layers else 1.0,
+                      "score_mean": count / layers if layers else 1.0, "loss_usage": float(count)}
+
+    def record(self, names: tuple[str, ...], means: torch.Tensor) -> None:
+        """``means[i]`` (0-d, this forward's) is statistic ``names[i]``."""
+        from megacpp_mcore.spec.compat import record_layer_metric
+
+        for name, value in zip(names, means.detach().float()):
+            record_layer_metric(TRACKER_NAMES[name], value * self.scale[name],
+                                layer_number=self.layer_number, num_layers=self.size)
+
+
 def usage_summary(stats: Mapping[str, float], num_layers: int | None = None) -> dict[str, float]:
     """Model-level usage from per-layer statistics (keys ``<layer>.skip_rate``, as the training
     loop logs ``megacpp_stats()``): ``flexidepth_layers``, ``layers_skipped`` (mean per token,
