@@ -78,8 +78,10 @@ def placement_overrides(model) -> list[dict[str, Any]]:
     return items
 
 
-def data_fingerprint(manifest: dict) -> str:
-    """16 hex digits identifying a prepared dataset (source, tokenizer, split sizes)."""
+def prepared_data_id(manifest: dict) -> str:
+    """16 hex digits identifying one prepared dataset exactly (its whole manifest: source path,
+    tokenizer, split sizes), for resume checks. Not ``substrate.corpus_fingerprint``, which names
+    the corpus whatever its path or tokenizer, for ``compare``."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,7 +90,7 @@ def run_signature(cfg, *, global_batch: int, seq_length: int, manifest: dict) ->
     return {"seed": cfg.seed, "global_batch_size": global_batch, "seq_length": seq_length,
             "steps": cfg.steps, "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
             "weight_decay": cfg.weight_decay, "clip_grad": cfg.clip_grad,
-            "data": data_fingerprint(manifest)}
+            "data": prepared_data_id(manifest)}
 
 
 def check_resume_optimizer(path: Path, metadata: dict | None, cfg) -> None:
