@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -94,9 +93,9 @@ QUIET_WARNINGS = (r"(Transformer Engine and Apex are|Apex is) not installed", r"
 def default_run_dir(model_name: str) -> Path:
     """``<cache>/runs/<model>-<utc>``: where a run without --save/--receipt keeps its outputs."""
     from megacpp_mcore.train.data import cache_dir
+    from megacpp_mcore.train.loop import file_name
 
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-")
-    return cache_dir() / "runs" / f"{name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    return cache_dir() / "runs" / f"{file_name(model_name)}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def next_commands(receipt_path: str, save: str | None) -> list[str]:

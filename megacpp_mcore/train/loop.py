@@ -450,6 +450,12 @@ class Trainer:
             invalid=self.guards.report(), nonfinite_steps=self.guards.nonfinite_steps)
 
 
+def file_name(model_name: str) -> str:
+    """``model_name`` as a file-name part (``nam56r-tiny+flexidepth`` -> ``nam56r-tiny-flexidepth``):
+    default receipt paths and run directories under ``<cache>/runs``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-")
+
+
 def _print(line: str) -> None:
     print(line, flush=True)  # progress must show up promptly also when piped to a file
 
@@ -474,7 +480,7 @@ def train(model: ModelConfig, cfg: TrainConfig, *, log: Callable[[str], None] = 
         raise
     receipt = receipt_mod.assemble(trainer.facts(started_at=started_at, preset=preset))
     if trainer.rank == 0:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", checked.model.name).strip("-")
+        name = file_name(checked.model.name)
         path = cfg.receipt or data_mod.cache_dir() / "runs" / f"{name}-{started_at:%Y%m%d-%H%M%S}.json"
         receipt["receipt_path"] = str(path)
         receipt["stats"]["heatmaps"] = heatmap.write_usage_heatmaps(
