@@ -66,6 +66,9 @@ def commands(megatron_lm: str, iters: int, stock_iters: int, env: dict) -> dict[
     if stock_iters:
         tokens = _set(out["mod"], "--train-iters", str(stock_iters))
         tokens = _set(tokens, "--eval-interval", str(stock_iters))
+        # Megatron's scheduler needs warm-up < decay iterations (= --train-iters here)
+        warmup = int(tokens[tokens.index("--lr-warmup-iters") + 1])
+        tokens = _set(tokens, "--lr-warmup-iters", str(min(warmup, stock_iters - 1)))
         start = tokens.index("-m")  # torchrun ... -m megacpp_mcore.launch_pretrain --megatron-lm PATH
         tokens = tokens[:start] + [str(Path(megatron_lm) / "pretrain_gpt.py")] + tokens[start + 4:]
         out["mod-stock"] = _drop(tokens, "--megacpp-mtp-depth", 1)

@@ -500,6 +500,10 @@ def test_bench_mod_pretrain_commands_and_log_parsing(tmp_path):
     stock = runs["mod-stock"]
     assert str(tmp_path / "pretrain_gpt.py") in stock and "megacpp_mcore.launch_pretrain" not in stock
     assert "--megacpp-mtp-depth" not in stock and stock[stock.index("--train-iters") + 1] == "10"
+    # a short stock run keeps Megatron's warm-up below its decay iterations (5 -> 4 at 5 iterations)
+    short = bench.commands(str(tmp_path), 30, 5, env)["mod-stock"]
+    assert short[short.index("--lr-warmup-iters") + 1] == "4"
+    assert runs["mod"][runs["mod"].index("--lr-warmup-iters") + 1] == "5"
     log = "\n".join([
         " [2026] iteration        1/      30 | consumed samples: 16 | elapsed time per iteration (ms): "
         "912.5 | lm loss: 1.0E+01 | mod_gate_mean: 8.807971E-01 | mod_budget: 1.000000E+00 |",
