@@ -30,20 +30,22 @@ import torch
 
 from megacpp_mcore.features.flexidepth.usage import TRACKER_NAMES as FLEXIDEPTH_TRACKER_NAMES
 from megacpp_mcore.features.mod.stats import TRACKER_NAMES
+from megacpp_mcore.features.mtp.block import TRACKER_NAMES as MTP_TRACKER_NAMES
 from megacpp_mcore.patches._wrapping import is_patched, upstream, wrap
 
 NAME = "layer-metrics-in-moe-report"
 TARGETS = "megatron-core >=0.16,<0.20"
 DESCRIPTION = (
     "training_log's MoE tracker report takes only the MoE names it passes (0.18+: others are never "
-    "printed; 0.16/0.17: never reduced over pipeline stages), so MoD's and FlexiDepth's statistics are missing"
+    "printed; 0.16/0.17: never reduced over pipeline stages), so MoD's, FlexiDepth's and MTP's statistics are missing"
 )
 
 _MOE = "megatron.core.transformer.moe"
 
 
-# The tracker names the package's features record (MoD's and FlexiDepth's).
-METRIC_NAMES = tuple(TRACKER_NAMES.values()) + tuple(FLEXIDEPTH_TRACKER_NAMES.values())
+# The tracker names the package's features record (MoD's, FlexiDepth's, the shared MTP block's).
+METRIC_NAMES = (tuple(TRACKER_NAMES.values()) + tuple(FLEXIDEPTH_TRACKER_NAMES.values())
+                + tuple(MTP_TRACKER_NAMES.values()))
 
 
 def _targets():

@@ -20,11 +20,16 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megacpp_mcore.spec import backends
+from megacpp_mcore.spec import backends, compat
 from megacpp_mcore.spec.context import LayerContext
 
 # Features of the trunk that also shape the MTP block (MoD / MoDA are per-trunk-layer only).
 BLOCK_FEATURES = ("mla",)
+
+# The per-depth cross entropy in Megatron's MoE metrics tracker (what Megatron-LM's training_log
+# reports, with the registry's layer-metrics-in-moe-report patch on 0.18+): depth k -> name. Not
+# upstream's own "mtp_k loss" key, which its MTP helper owns.
+TRACKER_NAMES = {f"loss_depth{k}": f"mtp_depth{k}_loss" for k in range(1, 9)}  # MTPConfig.depth <= 8
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -91,6 +96,7 @@ class SharedMTPBlock(MegatronModule):
         self.attention = build_module(submodules.attention, **layer_kwargs)
         self.feedforward = build_module(submodules.feedforward, **layer_kwargs)
         self._reset_stats()
+        self._loop_driven = False  # set by megacpp_set_step: our loop reads megacpp_stats instead
 
     def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, *, attention_mask=None,
                 rotary_pos_emb=None, packed_seq_params=None) -> torch.Tensor:
@@ -108,12 +114,23 @@ class SharedMTPBlock(MegatronModule):
         self._count = 0
 
     def record(self, losses: Mapping[str, torch.Tensor]) -> None:
-        """Accumulates one micro-batch's detached MTP losses (``loss``, ``loss_depth<k>``)."""
+        """Accumulates one micro-batch's detached MTP losses (``loss``, ``loss_depth<k>``). While a
+        Megatron-LM training loop drives the model (and not ours), each depth's cross entropy also
+        goes to Megatron's MoE metrics tracker, so its log line shows ``mtp_depth<k>_loss`` (the
+        mean over the iteration's micro-batches: recorded times ``tracker_layer_count``, the
+        divisor training_log applies to the sum over layers). Device ops only, no host sync."""
         for name, value in losses.items():
             self._sums[name] = self._sums.get(name, 0) + value.detach().float()
         self._count += 1
+        if self.training and not self._loop_driven and compat.training_iteration() is not None:
+            count, size = compat.tracker_layer_count(self.config), compat.tracker_size(self.config)
+            for name, value in losses.items():
+                if name in TRACKER_NAMES:
+                    compat.record_layer_metric(TRACKER_NAMES[name], value.detach().float() * count,
+                                               layer_number=1, num_layers=size)
 
     def megacpp_set_step(self, step: int) -> None:
+        self._loop_driven = True
         self._reset_stats()
 
     def megacpp_stats(self) -> dict[str, float]:
