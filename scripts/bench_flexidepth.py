@@ -10,10 +10,15 @@ hard / dense (issue 16's target: <= 0.85 at the skip rate FlexiDepth was trained
 Skip rate: each FlexiDepth layer's router bias is calibrated on the batch so that ``--skip-rate``
 of that layer's tokens score below the threshold (the bias set from the quantile of the layer's
 router logits, layer after layer in one hard-routed forward, so every layer sees the inputs hard
-routing gives it); the measured overall and per-layer rates are printed. ``--hard-skip-symbols``:
+routing gives it); the measured overall and per-layer rates are printed. Dense and hard forwards
+are timed interleaved (after their warm-ups) so that drift of a shared machine hits both; the
+spread (min/median/max) and the host time of each are printed. ``--hard-skip-symbols``:
 the layers whose block really runs on the kept tokens only (default ``E``, the per-token blocks;
-``AE`` also runs attention on each sequence's kept tokens, which changes what they attend to). On
-the other FlexiDepth layers the block runs on every token and rows are selected (no saving).
+``AE`` also runs attention on each sequence's kept tokens, which changes what they attend to).
+MLA attention, as in the nam56r presets, computes its rotary embedding from its input's length, so
+FlexiDepth refuses hard skip on MLA ``A`` layers; ``--no-mla`` times the preset with standard
+attention instead (``AE`` needs it on the nam56r presets). On the other FlexiDepth layers the block
+runs on every token and rows are selected (no saving).
 
     python scripts/bench_flexidepth.py --skip-rate 0.3 --out flexidepth_bench.json
     python scripts/bench_flexidepth.py --cpu-smoke    # CPU, local backend, tiny model: timings mean nothing
@@ -49,6 +54,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-mla", action="store_true",
+                   help="standard attention instead of the preset's MLA (needed for A in --hard-skip-symbols)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
@@ -77,7 +84,8 @@ def _models(args):
     base = get_preset(args.preset)
     dense = base.replace(name=f"{base.name}-bench-dense", mtp_depth=0,
                          num_layers=args.num_layers or base.num_layers, seq_length=args.seq or base.seq_length,
-                         features={k: v for k, v in base.features.items() if k not in ("mod", "flexidepth")})
+                         features={k: v for k, v in base.features.items() if k not in ("mod", "flexidepth")},
+                         **({"mla": None} if args.no_mla else {}))
     fd = FlexiDepthConfig(inference="hard", hard_skip_symbols=args.hard_skip_symbols, adapter=args.adapter,
                           usage_loss_weight=0.0)
     return dense, dense.replace(name=f"{base.name}-bench-flexidepth", features={**dense.features, "flexidepth": fd})
@@ -108,22 +116,37 @@ def _calibrate(gpt, tokens, positions, rate: float) -> None:
             handle.remove()
 
 
-def _time(gpt, tokens, positions, *, warmup: int, iters: int) -> list[float]:
+def _time(models: dict, tokens, positions, *, warmup: int, iters: int) -> tuple[dict, dict]:
+    """Interleaved timing of ``models`` (name -> model) on one batch: ``warmup`` untimed forwards
+    of each, then ``iters`` rounds of one timed forward of each, the order reversed every round
+    (dense, hard, hard, dense, ...), so drift of a shared machine hits every model alike. Returns
+    per model the forward times (s, device synchronised before and after) and the host times (s,
+    until the forward call returned, before the closing synchronisation: close to the forward
+    time when the forward is host-bound)."""
     import torch
 
     cuda = tokens.is_cuda
-    times = []
+    names = list(models)
+    times = {name: [] for name in names}
+    host = {name: [] for name in names}
     with torch.no_grad():
         for i in range(warmup + iters):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            gpt(tokens, positions, None)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return times
+            for name in (names if i % 2 == 0 else names[::-1]):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                models[name](tokens, positions, None)
+                t1 = time.perf_counter()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+                    host[name].append(t1 - t0)
+    return times, host
+
+
+def _spread(times: list[float]) -> dict[str, float]:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
 
 def run(args) -> dict:
@@ -144,7 +167,10 @@ def run(args) -> dict:
         built = {}
         for name, cfg in (("dense", dense_cfg), ("hard", fd_cfg)):
             config = runtime.transformer_config(cfg, runtime.Parallelism(), bf16=not args.cpu_smoke)
-            (built[name],) = runtime.build_model(cfg, config, backend=backend, wrap_ddp=False)
+            try:
+                (built[name],) = runtime.build_model(cfg, config, backend=backend, wrap_ddp=False)
+            except ValueError as exc:  # e.g. hard skip on MLA attention: one line, exit 2
+                _fail(f"{exc} (--no-mla times the preset with standard attention)")
         dense, hard = built["dense"].eval(), built["hard"].eval()
         missing, unexpected = hard.load_state_dict(dense.state_dict(), strict=False)
         assert not unexpected and all(".flexidepth." in k or k.endswith("_extra_state") for k in missing)
@@ -162,8 +188,8 @@ def run(args) -> dict:
         layers = [(i, layer) for i, layer in enumerate(hard.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
         for _, layer in layers:
             layer.megacpp_set_step(0)
-        times = {"dense": _time(dense, tokens, positions, warmup=args.warmup, iters=args.iters),
-                 "hard": _time(hard, tokens, positions, warmup=args.warmup, iters=args.iters)}
+        times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
+                            iters=args.iters)
         per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
     finally:
         runtime.shutdown()
@@ -176,7 +202,9 @@ def run(args) -> dict:
             "gathering_layers": [i for i, layer in layers if layer.gathers],
             "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
-            "ratio": median["hard"] / median["dense"]}
+            "ratio": median["hard"] / median["dense"], "timing": "interleaved",
+            "spread_s": {k: _spread(v) for k, v in times.items()}, "host_times_s": host,
+            "host_median_s": {k: statistics.median(v) for k, v in host.items()}}
 
 
 def main(argv=None) -> int:
@@ -191,6 +219,10 @@ def main(argv=None) -> int:
           f"layers {result['gathering_layers']}, mean layers used {result['mean_layers_used']:.2f}")
     print(f"forward median: dense {1e3 * result['median_s']['dense']:.2f} ms, hard skip "
           f"{1e3 * result['median_s']['hard']:.2f} ms, ratio {result['ratio']:.3f} (target <= 0.85)")
+    for name, spread in result["spread_s"].items():
+        print(f"  {name}: min/median/max {1e3 * spread['min']:.2f}/{1e3 * spread['median']:.2f}/"
+              f"{1e3 * spread['max']:.2f} ms over {len(result['times_s'][name])} interleaved forwards, "
+              f"host median {1e3 * result['host_median_s'][name]:.2f} ms")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -27,8 +27,10 @@ for part in $PARTS; do
     mtp-repeated) python scripts/bench_mtp.py --upstream-repeated --vocab 32768 131072 \
                     --out "$OUT/mtp-repeated.json" >"$OUT/mtp-repeated.log" 2>&1 ;;
     mod-pretrain) python scripts/bench_mod_pretrain.py >"$OUT/mod-pretrain.log" 2>&1 ;;
-    flexidepth) python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols AE \
-                  --out "$OUT/flexidepth.json" >"$OUT/flexidepth.log" 2>&1 ;;
+    flexidepth) { python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols E --iters 20 \
+                    --out "$OUT/flexidepth.json" &&
+                  python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols AE --no-mla \
+                    --iters 20 --out "$OUT/flexidepth-ae.json"; } >"$OUT/flexidepth.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
     generate) python scripts/bench_generate.py --batch 1,8 --speculative 1 \

@@ -358,6 +358,76 @@ def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
     assert len(shapes) == 1
 
 
+@pytest.mark.parametrize("columns", [
+    ("none", "all", "alternate", "last"),  # k = s: one sequence keeps every token
+    ("none", "alternate", "last", "first3"),  # k = 4 < s: the shorter sequences padded
+    ("none", "none", "none", "none"),  # k = 0: nothing to process
+])
+def test_skip_dispatcher_route_dispatch_combine_equal_reference(columns):
+    """Non-SP dispatcher on hand-made keep masks (a sequence with no kept token, all kept,
+    padding): dispatch hands each sequence's kept tokens in order, combine writes a row-wise
+    block's outputs into exactly the kept rows and leaves every other row (padding targets
+    included) the skip path's, bit for bit."""
+    from megacpp_mcore.features.flexidepth import SkipDispatcher
+
+    s, h = 8, 16
+    patterns = {"none": [False] * s, "all": [True] * s, "alternate": [i % 2 == 0 for i in range(s)],
+                "last": [i == s - 1 for i in range(s)], "first3": [i < 3 for i in range(s)]}
+    keep = torch.tensor([patterns[c] for c in columns]).T.unsqueeze(-1)  # [s, b, 1]
+    x = torch.randn(s, len(columns), h, generator=torch.Generator().manual_seed(0))
+    skip = x * 0.5 - 1.0  # the skip path's output, distinct from x and from the block's
+    dispatcher = SkipDispatcher(None, sequence_parallel=False)
+    route = dispatcher.route(x, keep)
+    counts = keep.squeeze(-1).sum(0)
+    assert route.idx.shape == (int(counts.max()), len(columns))
+    tokens = dispatcher.dispatch(route)  # [k, b, h]
+    for j in range(len(columns)):
+        kept = keep[:, j, 0].nonzero().squeeze(-1)
+        assert torch.equal(tokens[:len(kept), j], x[kept, j])
+    out = dispatcher.combine(route, tokens * 3.0 + 1.0, skip)  # a row-wise "block"
+    assert torch.equal(out, torch.where(keep, x * 3.0 + 1.0, skip))
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that read device data on the host (a device synchronisation on
+    CUDA): scalar reads, ``nonzero``-like ops and boolean-mask indexing."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "masked_scatter", "is_nonzero",
+               "equal", "unique", "_unique2", "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+        if name in self.SYNCING or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_hard_eval_forward_reads_the_device_once_per_gathering_layer(single_rank, monkeypatch, gather):
+    """One eval forward of a hard E layer with a plain MLP: exactly one host read (the kept count
+    that sizes the block's input) when it gathers, none when it selects rows."""
+    _, wrapped = _pair("E", FlexiDepthConfig(inference="hard", hard_skip_symbols="E" if gather else "A"))
+    _set_router(wrapped, std=0.5)
+    wrapped.eval()
+    x = _inputs()
+    reads = []
+    for method in ("tolist", "numpy", "cpu", "item"):  # host reads that bypass the dispatcher
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _f=original, _m=method, **k:
+                            (reads.append(_m), _f(self, *a, **k))[1])
+    with torch.no_grad(), _HostSyncs() as syncs:
+        _call(wrapped, x)
+    monkeypatch.undo()
+    assert wrapped.gathers == gather
+    assert syncs.seen + reads == (["_local_scalar_dense"] if gather else [])
+    assert 0 < wrapped.megacpp_stats()["skip_rate"] < 1  # statistics still recorded
+
+
 def test_hard_skip_on_attention_gathers_per_sequence_or_selects(single_rank):
     """A layer: gathering (A in hard_skip_symbols) runs attention on each sequence's kept tokens at
     their own positions; without it the block runs on every token and rows are selected."""
@@ -619,7 +689,39 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch):
     assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["gathering_layers"] == [1, 3] and result["ratio"] > 0
+    assert result["timing"] == "interleaved"
+    for name in ("dense", "hard"):  # --cpu-smoke: 2 timed forwards each, after the warm-up
+        spread, times = result["spread_s"][name], result["times_s"][name]
+        assert len(times) == len(result["host_times_s"][name]) == 2
+        assert spread["min"] == min(times) <= spread["median"] <= spread["max"] == max(times)
     assert all(abs(rate - 0.25) <= 2 / 128 for rate in result["skip_rate_per_layer"].values())
     with pytest.raises(SystemExit) as exc:
         bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "1.0"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("feature", ["flexidepth-hard", "mod-topk"])
+def test_gathers_on_mla_attention_are_refused(single_rank, feature):
+    """A per-token gather on an MLA ``A`` layer is refused at build time, naming the layer and the
+    remedy: MLA computes RoPE from the length it is given, so gathered tokens would be rotated as
+    positions 0..k-1. The same gather on the E layers of the same model builds."""
+    from megacpp_mcore.features.mod import MoDConfig
+    from megacpp_mcore.models.presets import MLAConfig
+    from megacpp_mcore.train import runtime
+
+    mla = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16)
+
+    def build(symbols: str):
+        if feature == "mod-topk":
+            features = {"mod": MoDConfig(mode="topk", capacity=0.5, placement=FeaturePlacement(symbols=symbols))}
+        else:
+            features = {"flexidepth": FlexiDepthConfig(inference="hard", hard_skip_symbols=symbols)}
+        model = custom_model(**{**_BASE, "mla": mla}, moe=None, features=features)
+        return runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                   backend="local", wrap_ddp=False)
+
+    owner = "MoD topk" if feature == "mod-topk" else "FlexiDepth hard skip"
+    with pytest.raises(ValueError, match=rf"layer 0 \('A'\) uses MLA with {owner}: .*positions 0\.\.k-1"):
+        build("AE")
+    (chunk,) = build("E")
+    assert len(chunk.decoder.layers) == 4

@@ -269,8 +269,9 @@ def _two_models():
     hybrid = model_from_spec({"pattern": "AEMR", "num_layers": 8, "hidden_size": 64,
                               "num_attention_heads": 4, "ffn_hidden_size": 128, "vocab_size": 128,
                               "seq_length": 32, "moe": None, "mla": MLA_DIMS})
+    # top-k on E only: a gather on MLA's A layers is refused (MLA takes no per-token RoPE)
     hybrid = hybrid.replace(features={"mod": MoDConfig(mode="topk", capacity=0.5,
-                                                       placement=FeaturePlacement(symbols="AE"))})
+                                                       placement=FeaturePlacement(symbols="E"))})
     plain = model_from_spec({"pattern": "AE", "num_layers": 6, "hidden_size": 64,
                              "num_attention_heads": 4, "ffn_hidden_size": 128, "vocab_size": 128,
                              "seq_length": 32, "moe": {"num_experts": 4, "topk": 2,

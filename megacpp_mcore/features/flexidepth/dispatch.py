@@ -6,13 +6,16 @@
 * ``route``: the whole sequence and its keep mask (all-gathered from their sequence-parallel
   shards); per sequence, the kept positions in sequence order (the causal order stays right),
   padded at the END to the batch's largest count ``k`` (rounded up to a multiple of the TP size
-  under SP). Pads sit after every real token, so a causal block never lets a real token see one;
-  their outputs are dropped. ``k`` is read on the host (the block's shape depends on it).
+  under SP) with the sequence's skipped positions, in order (each column of the index is a prefix
+  of a permutation: no position twice). Pads sit after every real token, so a causal block never
+  lets a real token see one; their outputs are dropped. ``k`` is read on the host (the block's
+  shape depends on it): the one host synchronisation of a forward.
 * ``dispatch``: the gathered tokens ``[k, b, h]`` for the wrapped block, split over the TP ranks
   under SP (``[k/tp, b, h]``).
-* ``combine``: the processed tokens (gathered back over TP under SP) written into their rows of
-  this rank's skip-path output (``[s/tp, b, h]`` under SP, else ``[s, b, h]``); every other row
-  keeps the skip path.
+* ``combine``: the processed tokens (gathered back over TP under SP) scattered to their positions
+  of a full-sequence buffer, then selected by this rank's keep mask against its skip-path output
+  (``[s/tp, b, h]`` under SP, else ``[s, b, h]``): every skipped row, padded ones included, keeps
+  the skip path. Static shapes and no data-dependent indexing, so no host synchronisation.
 
 Every TP rank computes the same route (the whole sequence, replicated router), so the wrapped
 block's TP collectives see equal shapes on all ranks.
@@ -34,8 +37,8 @@ class SkipRoute:
     """One forward's hard route (what :meth:`SkipDispatcher.route` returns)."""
 
     full: torch.Tensor  # [s, b, h] the whole sequence
-    idx: torch.Tensor  # [k, b] kept positions per sequence, in order, then padding
-    valid: torch.Tensor  # [k, b] bool: a real kept token (False: padding)
+    idx: torch.Tensor  # [k, b] kept positions per sequence, in order, then skipped ones (padding)
+    keep: torch.Tensor  # [s/tp, b, 1] bool (SP; else [s, b, 1]): this rank's rows taking the block
     start: int  # this rank's first sequence position (0 without SP)
     rows: int  # this rank's sequence rows
 
@@ -59,35 +62,37 @@ class SkipDispatcher:
         SP -> the route of the whole sequence."""
         sp = self.sequence_parallel
         full = self._gather(hidden_states) if sp else hidden_states
-        mask = self._gather(keep.to(hidden_states.dtype)) if sp else keep
-        mask = mask.squeeze(-1).bool()  # [s, b]
-        counts = mask.sum(0)  # [b]
-        k = int(counts.max())
+        mask = self._gather(keep.to(hidden_states.dtype)).bool() if sp else keep
+        mask = mask.squeeze(-1)  # [s, b]
+        longest = mask.sum(0).max()  # 0-d: the largest per-sequence kept count
+        # kept positions first, each group in sequence order (a stable sort on "skipped"); queued
+        # before the host read below, so the device sorts while the host waits
+        order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices  # [s, b]
+        k = int(longest)  # the forward's one host synchronisation
         if sp:
             tp = self.tp_group.size()
             k = -(-k // tp) * tp
-        # kept positions first, each group in sequence order (a stable sort on "skipped")
-        order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices  # [s, b]
-        idx = order[:k]
-        valid = torch.arange(k, device=idx.device).unsqueeze(-1) < counts.unsqueeze(0)
         rows = hidden_states.shape[0]
         start = self.tp_group.rank() * rows if sp else 0
-        return SkipRoute(full=full, idx=idx, valid=valid, start=start, rows=rows)
+        return SkipRoute(full=full, idx=order[:k], keep=keep, start=start, rows=rows)
+
+    @staticmethod
+    def _rows(idx: torch.Tensor, h: int) -> torch.Tensor:
+        return idx.unsqueeze(-1).expand(-1, -1, h)  # [k, b, h] index along the sequence dim
 
     def dispatch(self, route: SkipRoute) -> torch.Tensor:
         """The block's input: the kept tokens ``[k, b, h]`` (``[k/tp, b, h]`` under SP)."""
-        h = route.full.shape[-1]
-        tokens = route.full.gather(0, route.idx.unsqueeze(-1).expand(-1, -1, h))
+        tokens = route.full.gather(0, self._rows(route.idx, route.full.shape[-1]))
         return scatter_to_sequence_parallel_region(tokens, group=self.tp_group) if self.sequence_parallel else tokens
 
     def combine(self, route: SkipRoute, processed: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``skip`` (this rank's skip-path output) with the kept rows replaced by ``processed``
-        (the block's output of :meth:`dispatch`'s tokens)."""
+        (the block's output of :meth:`dispatch`'s tokens); a new tensor."""
         if self.sequence_parallel:
             processed = self._gather(processed)  # [k, b, h]
-        local = route.idx - route.start  # [k, b] row in this rank's shard
-        mine = route.valid & (local >= 0) & (local < route.rows)
-        cols = torch.arange(local.shape[1], device=local.device).expand_as(local)
-        out = skip.clone()
-        out[local[mine], cols[mine]] = processed[mine].to(out.dtype)
-        return out
+        # every row of the buffer that keep selects is written: a kept position is in idx (the
+        # pads, skipped positions, land on rows keep drops); positions are distinct per column
+        placed = processed.new_empty(route.full.shape[:2] + processed.shape[2:])  # [s, b, h]
+        placed.scatter_(0, self._rows(route.idx, processed.shape[-1]), processed)
+        placed = placed[route.start:route.start + route.rows]  # this rank's rows (a view)
+        return torch.where(route.keep, placed.to(skip.dtype), skip)

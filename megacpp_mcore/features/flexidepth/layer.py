@@ -64,6 +64,7 @@ from megacpp_mcore.features.mod.rope import (
     TokenRopeAttention,
     check_gatherable,
     gather_rope,
+    refuse_mla_gather,
     with_token_rope,
 )
 from megacpp_mcore.spec import compat
@@ -149,22 +150,24 @@ class FlexiDepthLayer(TransformerLayer):
         return out, context
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
-        """The router score ``[s, b, 1]`` (fp32), added to the usage sum; in training the usage
-        penalty rides on its backward (:class:`.usage.UsageGate`)."""
+        """The router score ``[s, b, 1]`` (fp32), added to the usage sum when the usage penalty
+        has a weight; in training the penalty rides on its backward (:class:`.usage.UsageGate`)."""
         if self._forced is not None:
             score = torch.full_like(logits, 1.0 if self._forced == "full" else 0.0)
         elif self.training and torch.is_grad_enabled() and self.fd.usage_loss_weight > 0:
             return UsageGate.apply(logits, self._usage, self.fd.usage_loss_weight, self._shards)
         else:
             score = torch.sigmoid(logits)
-        self._usage.add(score)
+        if self.fd.usage_loss_weight > 0:  # weight 0: the sum feeds nothing (_record reports 0)
+            self._usage.add(score)
         return score
 
     def _record(self, score: torch.Tensor, keep: torch.Tensor) -> None:
         names, values = ("score_mean", "skip_rate"), [score, ~keep]
         if self._usage.last:  # the segment's sum is complete: the penalty's value
             names += ("loss_usage",)
-            values.append(self._usage.segment.total.square() * self.fd.usage_loss_weight)
+            weight = self.fd.usage_loss_weight
+            values.append(self._usage.segment.total.square() * weight if weight > 0 else score.new_zeros(()))
         means = shard_means(values, self._seq_group)
         self._stats.record(names, means)
         if self.training and not self._loop_driven and compat.training_iteration() is not None:
@@ -218,6 +221,9 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             f"{where} carries MoDA and FlexiDepth hard skip with {ctx.symbol!r} in hard_skip_symbols: "
             "the attention would see the kept tokens only, so its depth K/V push would miss the "
             f"others; drop {ctx.symbol!r} from hard_skip_symbols (the block then runs on every token)")
+    if gather:
+        refuse_mla_gather(ctx, "FlexiDepth hard skip", "drop 'A' from hard_skip_symbols (the "
+                          "attention then runs on every token and the rows are selected)")
     try:
         module = flexidepth_layer_class(spec.module)
     except ValueError as exc:

@@ -109,6 +109,7 @@ from megacpp_mcore.features.mod.rope import (
     TokenRopeAttention,
     check_gatherable,
     gather_rope,
+    refuse_mla_gather,
     with_token_rope,
 )
 from megacpp_mcore.features.mod.stats import MoDStats, TrackerMetrics
@@ -425,6 +426,9 @@ def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             "attention only sees the selected tokens, so its depth K/V push would miss the other "
             "positions; use MoD mode 'gateskip' or 'threshold' on MoDA layers"
         )
+    if config.mode == "topk" and config.capacity < 1.0:
+        refuse_mla_gather(ctx, "MoD topk", "use MoD mode 'gateskip' or 'threshold' on MLA layers, "
+                          "or place topk on E layers only (placement symbols 'E')")
     try:
         module = mod_layer_class(spec.module)
     except ValueError as exc:

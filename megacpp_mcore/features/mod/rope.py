@@ -124,3 +124,15 @@ def gather_rope(rope, idx: torch.Tensor, owner: str = "MoD topk"):
     if rope.dim() != 4 or rope.shape[1] != 1:
         raise ValueError(f"{owner} expects rotary_pos_emb of shape [s, 1, 1, d], got {tuple(rope.shape)}")
     return rope[:, 0][idx]  # [k, b, 1, d]
+
+
+def refuse_mla_gather(ctx, owner: str, remedy: str) -> None:
+    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) on an MLA ``A``
+    layer: Megatron's MLA computes its RoPE inside the attention from the length of what it is
+    given, so the gathered tokens would be rotated as positions ``0..k-1`` instead of their own
+    (dense attention takes :class:`TokenRope` instead; MLA has no such entry)."""
+    if ctx.symbol == "A" and ctx.has("mla"):
+        raise ValueError(
+            f"layer {ctx.index} ('A') uses MLA with {owner}: MLA computes RoPE from the gathered "
+            f"length, so the kept tokens would get positions 0..k-1 instead of their own; {remedy}")
+
