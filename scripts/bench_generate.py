@@ -3,7 +3,7 @@ decoding (K = 1, 2) through the same code, at batch 1 and 8, with the acceptance
 position and a check that the speculative output equals plain greedy's token for token.
 
     python scripts/bench_generate.py --load CKPT_DIR [--batch 1,8] [--speculative 1,2] [--out r.json]
-    python scripts/bench_generate.py                       # nam56r-lite, RANDOM weights (speed only)
+    python scripts/bench_generate.py [--mtp-depth 2]       # nam56r-lite, RANDOM weights (speed only)
     python scripts/bench_generate.py --preset nam56r-tiny --pattern AEMR --num-layers 4 \\
         --prompt-tokens 16 --new-tokens 8 --batch 1,2 --speculative 1   # CPU smoke (local backend)
 
@@ -13,8 +13,18 @@ saw documents. Rows never stop early (no stop token), so every run decodes exact
 ``--new-tokens`` per row. Each configuration runs ``--repeats`` times after a warm-up; the fastest
 decode time counts. Figures are decode tokens/s (all rows) excluding the prefill.
 
-Not measured: CUDA graphs of the decode step. Megatron's dropless MoE layer reads the per-expert
-token counts on the host every forward, so a step of an MoE model cannot be captured whole.
+Numerics: ``--dtype fp32`` (the default) with torch's TF32 off, so that the speculative-vs-plain
+identity check compares fp32 arithmetic (Transformer Engine's own GEMMs run fp32 tensors in TF32
+whatever torch's flag says, still with fp32 outputs; ``--backend local`` avoids them). In bf16 a
+verification forward over K + 1 positions rounds differently from single steps and near-ties can
+flip (the table then says how much agrees).
+
+Host syncs: the decode step runs MoE layers without host synchronisation (``infer/moe.py``); on
+CUDA the last column counts the synchronising CUDA calls per decode step (``torch.cuda``'s sync
+debug mode over two run lengths): 0 for plain decoding, 1 per speculative step (the accepted
+length), more where a layer fell back to Megatron's MoE (the engine logs which).
+
+Not measured: CUDA graphs of the decode step (the decode code has none yet).
 """
 
 from __future__ import annotations
@@ -35,8 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, help="--num-layers the model was trained with")
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"],
                    help="auto: te on a CUDA host with Transformer Engine, else local")
+    p.add_argument("--dtype", choices=["bf16", "fp32"],
+                   help="weights and compute (default fp32, TF32 off: exact identity check)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on CUDA only")
+                   help="same as --dtype bf16 / --dtype fp32")
+    p.add_argument("--mtp-depth", type=int,
+                   help="MTP depth of the random-weight model (default: the preset's; not with --load)")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--speculative", default="1,2", help="comma-separated K values (default 1,2)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="bytes per prompt (default 128)")
@@ -45,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.dtype is not None and args.bf16 is not None and args.bf16 != (args.dtype == "bf16"):
+        p.error(f"--dtype {args.dtype} contradicts --{'' if args.bf16 else 'no-'}bf16")
+    args.bf16 = args.dtype == "bf16" if args.dtype is not None else bool(args.bf16)
+    if args.mtp_depth is not None and args.load:
+        p.error("--mtp-depth is for random weights; a checkpoint records the depth it was trained at")
     args.batch = [int(x) for x in args.batch.split(",")]
     args.speculative = [int(x) for x in args.speculative.split(",") if x.strip()]
     return args
@@ -72,6 +91,11 @@ def build_engine(args):
         gpt = ckpt.load_model(found, model, backend=args.backend, bf16=args.bf16)
         return Engine(gpt), f"{model.name} from {found.path} (step {found.step})"
     model = named or get_preset("nam56r-lite")
+    if args.mtp_depth is not None:
+        try:
+            model = model.replace(mtp_depth=args.mtp_depth)
+        except ValueError as exc:
+            sys.exit(f"bench_generate: --mtp-depth {args.mtp_depth}: {exc}")
     print(f"[bench_generate] no --load: {model.name} with RANDOM weights; speeds are real, "
           "acceptance rates are not", flush=True)
     par = runtime.Parallelism()
@@ -98,13 +122,44 @@ def prompts(args, batch: int) -> list[list[int]]:
 
 def backend_report(engine) -> dict:
     """What was built, read from the modules: the first layer's projection and core attention
-    classes (the te backend builds TE modules)."""
+    classes (the te backend builds TE modules), and which MoE layers decode without host syncs."""
     from megacpp_mcore.train.receipt import observe_backends
 
     observed = observe_backends([engine.model])
+    plans = [p for p in (*engine.plans, *engine.mtp_plans) if p.moe is not None or p.moe_fallback]
+    cuda = torch.cuda.is_available()
     return {"attention": observed.get("attention"), "device": str(engine.device),
-            "dtype": str(engine.dtype),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "dtype": str(engine.dtype), "tf32": cuda and torch.backends.cuda.matmul.allow_tf32,
+            "moe_sync_free": f"{sum(p.moe is not None for p in plans)}/{len(plans)}",
+            "gpu": torch.cuda.get_device_name() if cuda else None}
+
+
+def syncs_per_step(engine, rows, *, k: int, sampling) -> float | None:
+    """Synchronising CUDA calls per decode step (None off CUDA or where torch cannot count them):
+    torch.cuda's sync debug mode warns once per such call; two run lengths cancel the prefill's."""
+    import warnings
+
+    from megacpp_mcore.infer import generate
+
+    if not torch.cuda.is_available():
+        return None
+    counts = []
+    try:
+        for new_tokens in (8, 24):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling,
+                                   speculative=k)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts.append((sum("synchroniz" in str(w.message) for w in caught), run.steps))
+    except Exception as exc:  # a diagnostic: never fails the benchmark
+        print(f"[bench_generate] sync count unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    (c1, s1), (c2, s2) = counts
+    return (c2 - c1) / (s2 - s1) if s2 > s1 else None
 
 
 def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling):
@@ -138,6 +193,8 @@ def measure(engine, args) -> list[dict]:
                       sampling=sampling)
         base = plain.decode_tokens_per_s
         results.append({"batch": batch, "k": 0, "tokens_per_s": base, "speedup": 1.0,
+                        "ms_per_step": 1e3 * plain.decode_s / max(plain.steps, 1),
+                        "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
                         **plain.summary()})
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s", flush=True)
         for k in usable:
@@ -145,6 +202,8 @@ def measure(engine, args) -> list[dict]:
                          sampling=sampling)
             row = {"batch": batch, "k": k, "tokens_per_s": spec.decode_tokens_per_s,
                    "speedup": spec.decode_tokens_per_s / base,
+                   "ms_per_step": 1e3 * spec.decode_s / max(spec.steps, 1),
+                   "syncs_per_step": syncs_per_step(engine, rows, k=k, sampling=sampling),
                    "identical": spec.tokens == plain.tokens,
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
             results.append(row)
@@ -171,15 +230,17 @@ def _rates(rates) -> str:
 
 def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print(f"\n{description}; {stack}")
-    print("| batch | K | decode tokens/s | vs plain | acceptance per position | accepted/step | identical |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
+          "| accepted/step | identical | host syncs/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
         same = "-" if not r["k"] else ("yes" if r["identical"] else
                                         f"NO ({r['agreeing_prefix']:.0%} agree)")
-        print(f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} | {acc} "
-              f"| {mean} | {same} |")
+        syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}"
+        print(f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
+              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} |")
 
 
 def main(argv=None) -> int:
@@ -191,6 +252,9 @@ def main(argv=None) -> int:
 
         stub_mamba1_extension()  # mamba_ssm without its Mamba-1 extension still has Mamba-2
     warnings.filterwarnings("ignore", category=UserWarning)
+    if torch.cuda.is_available() and not args.bf16:  # real fp32 GEMMs for the identity check
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     from megacpp_mcore.train import runtime
 
     try:

@@ -17,8 +17,8 @@ from test_data import make_tree
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """One training step each, saved: a 4-layer AEMR nam56r-tiny (MLA, MoE, MTP depth 1) and a
-    2-layer ae-tiny (no MTP)."""
+    """One training step each, saved: a 4-layer AEMR nam56r-tiny (MLA, MoE, MTP depth 1), a
+    2-layer ae-tiny (no MTP), and through the CLI the AEMR model with ``--mtp-depth 2``."""
     tmp = tmp_path_factory.mktemp("generate")
     previous = os.environ.get("MEGACPP_CACHE")
     os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
@@ -34,12 +34,21 @@ def checkpoints(tmp_path_factory):
                                        data=prefix, save=str(tmp / name),
                                        receipt=str(tmp / f"{name}.json"))
             training.train(model, cfg, log=lambda _: None)
+        code = cli.main(["train", *_TINY_AEMR, "--data", str(prefix), "--mtp-depth", "2",
+                         "--save", str(tmp / "mtp2"), "--receipt", str(tmp / "mtp2.json")])
+        assert code == 0
     finally:
         if previous is None:
             os.environ.pop("MEGACPP_CACHE", None)
         else:
             os.environ["MEGACPP_CACHE"] = previous
     return tmp
+
+
+# `megacpp-mcore train` flags of the AEMR model above (one step, no validation to speak of)
+_TINY_AEMR = ["--preset", "nam56r-tiny", "--pattern", "AEMR", "--num-layers", "4", "--seq-length",
+              "32", "--steps", "1", "--micro-batch-size", "2", "--global-batch-size", "2",
+              "--warmup-steps", "0", "--eval-interval", "100", "--eval-iters", "1"]
 
 
 def _generate(argv, capsys):
@@ -67,6 +76,31 @@ def test_generate_json_batch_and_speculative_equals_plain(checkpoints, capsys):
         assert row["text"] == bytes(t for t in row["tokens"] if t < 256).decode("utf-8", "replace")
     assert len(spec["acceptance_per_position"]) == 1 and spec["speculative"] == 1
     assert spec["decode_tokens_per_s"] > 0 and "acceptance_per_position" not in plain
+
+
+def test_train_mtp_depth_reaches_generate(checkpoints, tmp_path, capsys):
+    """`train --mtp-depth 2` records the depth (receipt and checkpoint): `generate --speculative
+    2` drafts two tokens and equals plain greedy, 3 is refused naming the trained depth; a depth
+    outside 0..8 and a resume at another depth are refused with one line and exit 2."""
+    mtp2 = str(checkpoints / "mtp2")
+    assert json.loads((checkpoints / "mtp2.json").read_text())["model"]["mtp_depth"] == 2
+    base = ["--load", mtp2, "--prompt", "int f(", "--max-new-tokens", "6", "--json"]
+    runs = []
+    for k in ("0", "2"):
+        code, out = _generate(base + ["--speculative", k], capsys)
+        assert code == 0, out.err
+        runs.append(json.loads(out.out))
+    assert [r["tokens"] for r in runs[1]["rows"]] == [r["tokens"] for r in runs[0]["rows"]]
+    assert len(runs[1]["acceptance_per_position"]) == 2
+    code, out = _generate(base + ["--speculative", "3"], capsys)
+    assert code == 2 and "beyond the trained MTP depth 2" in out.err, out.err
+    for argv, expected in ((["--mtp-depth", "9"], "--mtp-depth 9: ModelConfig"),
+                           (["--load", mtp2], "resume it with --mtp-depth 2")):
+        code = cli.main(["train", *_TINY_AEMR, "--data", str(checkpoints / "data" / "cpp"), *argv,
+                         "--save", str(tmp_path / "run"), "--receipt", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+        assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_generate_prints_the_continuation(checkpoints, capsysbinary):

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Heavy imports (torch, megatron-core) stay in run(): building the CLI parser must stay instant.
     add_model_arguments(parser)
     parser.set_defaults(preset="nam56r-tiny")
+    parser.add_argument("--mtp-depth", type=int,
+                        help="shared-block MTP depth (0 = no MTP block, at most 8; default: the "
+                             "preset's); `generate --speculative K` drafts up to it")
     group = parser.add_argument_group("run (unset: the CPU smoke-run defaults)")
     group.add_argument("--steps", type=int, help="training steps (default 250)")
     group.add_argument("--micro-batch-size", type=int, help="default 8")
@@ -118,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
     from megacpp_mcore.train.runtime import Parallelism
 
     model = model_from_args(args)
+    if args.mtp_depth is not None:
+        try:
+            model = model.replace(mtp_depth=args.mtp_depth)
+        except ValueError as exc:  # names the allowed depths
+            raise ValueError(f"--mtp-depth {args.mtp_depth}: {exc}") from None
     if args.flexidepth is not None:
         from megacpp_mcore.features.flexidepth.config import FlexiDepthConfig
 

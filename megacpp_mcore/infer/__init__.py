@@ -10,10 +10,12 @@ Modules, in the order data flows:
 * :mod:`.layers`: one layer over new positions (norms, bias-dropout-add, MoD's per-token gate)
   around the cached mixers of :mod:`.attention` (K/V cache; MLA's latent cache; MoDA's depth K/V
   of the new positions, :mod:`.context`) and :mod:`.mixers` (Mamba-2 / M2RNN conv + recurrent
-  state, with per-position states for rollback);
+  state, with per-position states for rollback), and MoE layers through :mod:`.moe` (Megatron's
+  router and experts without a host sync at decode sizes);
 * :mod:`.mtp`: :class:`MTPDrafter`, the trained shared block with one attention cache per depth;
 * :mod:`.sampling`: greedy / temperature / top-p and the speculative verification rule;
-* :mod:`.decode`: :func:`generate`, plain and speculative decoding through the same session code.
+* :mod:`.decode`: :func:`generate`, plain and speculative decoding through the same session code
+  (without stop tokens a plain step never waits for the device; a speculative step waits once).
 
 Everything reads the trained modules' own parameters, so checkpoints load unchanged; CPU paths use
 Megatron's local modules, GPU paths whatever the te backend built.

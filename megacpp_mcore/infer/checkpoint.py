@@ -1,8 +1,9 @@
 """A checkpoint of ``megacpp-mcore train --save DIR`` as an inference model.
 
 The checkpoint records the model signature (:func:`megacpp_mcore.train.checkpoint.model_signature`:
-pattern, depth, widths, vocabulary, MoE, the per-layer symbols and features) and, in its completion
-marker, the run's sequence length. :func:`resolve_model` finds the
+pattern, depth, widths, vocabulary, MoE, the per-layer symbols and features), the trained MTP depth
+(``train --mtp-depth``; the shared block's weights do not show it) and, in its completion marker,
+the run's sequence length. :func:`resolve_model` finds the
 :class:`~megacpp_mcore.models.presets.ModelConfig` it was trained with (the preset, or a
 ``--pattern/--num-layers`` model on a preset's dimensions) or checks the one the caller names;
 :func:`load_model` builds that model through the package's one builder and loads only the model
@@ -25,13 +26,14 @@ from megacpp_mcore.train.checkpoint import (
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A committed checkpoint: its directory, step, recorded model signature and the sequence
-    length it was trained at (None where its marker does not say)."""
+    """A committed checkpoint: its directory, step, recorded model signature, the sequence
+    length and MTP depth it was trained at (None where it does not say: then the preset's)."""
 
     path: Path
     step: int
     signature: dict
     seq_length: int | None = None
+    mtp_depth: int | None = None
 
 
 def open_checkpoint(directory: str) -> Checkpoint:
@@ -51,7 +53,8 @@ def open_checkpoint(directory: str) -> Checkpoint:
         raise ValueError(f"--load {directory!r}: {path} was not written by `megacpp-mcore train` "
                          "(no model signature)")
     run = (read_metadata(path) or {}).get("run") or {}
-    return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"))
+    return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"),
+                      mtp_depth=common.get("mtp_depth"))
 
 
 def _preset_shapes(signature: dict):
@@ -79,9 +82,13 @@ def _candidates(signature: dict):
 def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
                   seq_length: int | None = None) -> ModelConfig:
     """The model ``checkpoint`` holds: ``model`` when given (checked against the signature), else
-    the first preset-based model whose signature matches. The context is ``seq_length`` when
-    given, else the length the run trained at (``train --seq-length``), else the preset's."""
+    the first preset-based model whose signature matches, with the MTP depth it was trained at.
+    The context is ``seq_length`` when given, else the length the run trained at
+    (``train --seq-length``), else the preset's."""
+    depth = checkpoint.mtp_depth
     if model is not None:
+        if depth is not None:
+            model = model.replace(mtp_depth=depth)
         check_checkpoint_matches(checkpoint.path, model)
     else:
         model = next((c for c in _candidates(checkpoint.signature)
@@ -92,6 +99,8 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
                 f"--load: {checkpoint.path} holds a model of no known preset (pattern "
                 f"{sig.get('pattern')!r}, {sig.get('num_layers')} layers, hidden "
                 f"{sig.get('hidden_size')}); name it with --preset/--pattern/--num-layers")
+        if depth is not None:
+            model = model.replace(mtp_depth=depth)
     seq_length = seq_length or checkpoint.seq_length
     if seq_length is not None and seq_length != model.seq_length:
         model = model.replace(seq_length=seq_length)

@@ -5,6 +5,12 @@ trunk forward over ``K + 1`` positions), through the same session code.
 in one forward, then decodes until every row has ``max_new_tokens`` tokens, emitted a stop token or
 reached the model's context. Greedy speculative output is token-identical to plain greedy; sampled
 speculative output has the trunk's distribution (:mod:`.sampling`).
+
+Host synchronisation. The host reads from the device only what it must: a speculative step reads
+the accepted lengths and the verified tokens in one transfer (the accepted length decides what
+runs next); a plain step reads nothing unless stop tokens are given (then each step's tokens are
+read to stop rows), so without them the host queues step after step and reads every token at the
+end (:class:`_Emitter`).
 """
 
 from __future__ import annotations
@@ -69,6 +75,66 @@ class Generation:
         return out
 
 
+class _Emitter:
+    """The rows' new tokens as the steps produce them, ``[b, n]`` per step (the same ``n`` for
+    every row), into ``result.tokens`` / ``result.stop``; a row stops at ``budget`` tokens or
+    before its first stop token.
+
+    With stop tokens each step's tokens are read on the host at once. Without, only the rows'
+    common length decides when they stop, which the host knows: the tokens stay where they are
+    (device tensors, or host rows a speculative step has read anyway) until :meth:`finish`."""
+
+    def __init__(self, result: Generation, budget: int, max_new_tokens: int,
+                 stop_tokens: Sequence[int]):
+        self.result, self.budget = result, budget
+        self.stop_tokens = frozenset(stop_tokens)
+        self.limit = "length" if budget == max_new_tokens else "context"
+        self.done = [False] * len(result.tokens)
+        self.length = 0  # tokens per row so far (without stop tokens: the same for every row)
+        self._held: list = []  # without stop tokens: [b, n] device tensors or host rows, in order
+
+    def add(self, new: torch.Tensor, rows: list[list[int]] | None = None) -> int:
+        """Emits ``new`` ``[b, n]`` (``rows``: the same ids, when already on the host); returns
+        how many tokens the rows still running emitted."""
+        if not self.stop_tokens:
+            n = new.shape[1]
+            count = min(n, self.budget - self.length) * sum(not d for d in self.done)
+            self._held.append(new if rows is None else rows)
+            self.length += n
+            if self.length >= self.budget:
+                self.done = [True] * len(self.done)
+                self.result.stop = [self.limit] * len(self.done)
+            return count
+        count, result = 0, self.result
+        for row, ids in enumerate(new.tolist() if rows is None else rows):
+            for token in ids:
+                if self.done[row]:
+                    break
+                if token in self.stop_tokens:
+                    self.done[row], result.stop[row] = True, "stop_token"
+                    break
+                result.tokens[row].append(token)
+                count += 1
+                if len(result.tokens[row]) >= self.budget:
+                    self.done[row], result.stop[row] = True, self.limit
+        return count
+
+    def finish(self) -> None:
+        """Reads the held tokens (one transfer for all device tensors) into ``result.tokens``."""
+        on_device = [chunk for chunk in self._held if isinstance(chunk, torch.Tensor)]
+        read = torch.cat(on_device, dim=1).tolist() if on_device else []  # [b][all device ids]
+        at = 0
+        for chunk in self._held:
+            if isinstance(chunk, torch.Tensor):
+                n = chunk.shape[1]
+                chunk, at = [ids[at:at + n] for ids in read], at + n
+            for row, ids in enumerate(chunk):
+                self.result.tokens[row].extend(ids)
+        self._held = []
+        for row in self.result.tokens:
+            del row[self.budget:]
+
+
 def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -124,23 +190,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     result = Generation(tokens=[[] for _ in prompts], stop=["length"] * batch,
                         prompt_lengths=[len(p) for p in prompts], speculative=k,
                         attempted=[0] * k, accepted=[0] * k)
-    done = [False] * batch
-
-    def emit(new: torch.Tensor) -> int:  # [b, n] -> tokens emitted by rows still running
-        count = 0
-        for row, ids in enumerate(new.tolist()):
-            for token in ids:
-                if done[row]:
-                    break
-                if token in stop_tokens:
-                    done[row], result.stop[row] = True, "stop_token"
-                    break
-                result.tokens[row].append(token)
-                count += 1
-                if len(result.tokens[row]) >= budget:
-                    done[row] = True
-                    result.stop[row] = "length" if budget == max_new_tokens else "context"
-        return count
+    emitter = _Emitter(result, budget, max_new_tokens, stop_tokens)
 
     t0 = _sync(device)
     hidden = session.forward(tokens)
@@ -150,30 +200,34 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
         drafter = MTPDrafter(engine, session, k)
     if k:
         drafter.start(tokens, hidden)
-    emit(pending[:, None])
+    emitter.add(pending[:, None])
     t1 = _sync(device)
     result.prefill_s = t1 - t0
-    while not all(done):
-        active = [not d for d in done]
+    while not all(emitter.done):
+        rows = None
         if k:
             drafts, draft_probs = drafter.draft(pending, sampling, generator)  # [b, K]
             hidden = session.forward(torch.cat([pending[:, None], drafts], dim=1), keep=True)
-            m, accepted, token = verify(sampling, engine.logits(hidden), drafts, draft_probs,
-                                        generator)
+            accepted, tokens = verify(sampling, engine.logits(hidden), drafts, draft_probs,
+                                      generator)
+            # the step's one read from the device: each row's accepted count, then its tokens
+            read = torch.cat([accepted[:, None], tokens], dim=1).tolist()
+            m = min(row[0] for row in read)
             session.commit(m + 1)
-            new = torch.cat([drafts[:, :m], token[:, None]], dim=1)  # [b, m + 1]
+            new, rows = tokens[:, :m + 1], [row[1:m + 2] for row in read]  # [b, m + 1]
             drafter.accept(m, hidden[:m + 1], new)
-            for row, a in enumerate(accepted.tolist()):
-                if active[row]:
-                    for j in range(min(a + 1, k)):
+            for row, done in zip(read, emitter.done):
+                if not done:
+                    for j in range(min(row[0] + 1, k)):
                         result.attempted[j] += 1
-                        result.accepted[j] += j < a
+                        result.accepted[j] += j < row[0]
         else:
             hidden = session.forward(pending[:, None])
             session.commit(1)
             new = sampling.choose(engine.logits(hidden)[:, 0], generator)[0][:, None]  # [b, 1]
         pending = new[:, -1]
-        result.decode_tokens += emit(new)
+        result.decode_tokens += emitter.add(new, rows)
         result.steps += 1
+    emitter.finish()
     result.decode_s = _sync(device) - t1
     return result

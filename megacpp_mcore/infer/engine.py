@@ -12,11 +12,15 @@ model's own modules (embedding, layers, final norm, output layer), so a checkpoi
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
 from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.infer.layers import LayerPlan, UnsupportedForInference, new_state, plan_layer, run_layer
+
+
+_log = logging.getLogger(__name__)
 
 
 def _unwrap(model):
@@ -48,6 +52,11 @@ class Engine:
         self.mtp_depth = model.mtp_config.depth if block is not None else 0
         self.mtp_plans = (plan_layer(block.attention, "MTP block attention"),
                           plan_layer(block.feedforward, "MTP block feed-forward")) if block else ()
+        fallbacks = [f"{p.where} ({p.moe_fallback})" for p in (*self.plans, *self.mtp_plans)
+                     if p.moe_fallback]
+        if fallbacks:  # one line: these MoE layers sync the host once per decode step each
+            _log.warning("inference: Megatron's MoE layer (host syncs every step) for %s",
+                         "; ".join(fallbacks))
         # RoPE of standard attention (GPTModel's); MLA layers hold their own
         self.rotary = getattr(model, "rotary_pos_emb", None)
         # per-row positions give [s, b, 1, d] frequencies, which TE's fused RoPE does not take

@@ -9,7 +9,8 @@ bias-dropout-add around the cached mixer steps of :mod:`.attention` and :mod:`.m
 * ``A``: K/V cache (standard attention) or latent cache (MLA), MoDA's depth K/V of the new
   positions through the step context;
 * ``M`` / ``R``: conv window + recurrent state, rolled back by keeping per-position states;
-* ``E``: stateless (MoE routing and the MLP are per token).
+* ``E``: stateless (MoE routing and the MLP are per token); an MoE layer runs without host syncs
+  at decode sizes through :mod:`.moe` where its layout allows, else through Megatron's layer.
 
 MoD. A MoD layer's router reads the layer input per token, as in training: ``gateskip`` (soft)
 gives ``x + sigmoid(router(x)) * f(x)``; ``threshold`` and ``topk`` with ``inference="causal"``
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -35,6 +37,7 @@ from megacpp_mcore.features.mod import MoDLayer
 from megacpp_mcore.features.mod.gate import router_logits
 from megacpp_mcore.infer import attention, mixers
 from megacpp_mcore.infer.context import StepContext
+from megacpp_mcore.infer.moe import plan_moe
 from megacpp_mcore.layers.mixers.m2rnn import M2RNNMixer
 from megacpp_mcore.layers.mixers.mamba import TorchMambaMixer
 
@@ -54,13 +57,16 @@ def _is_mamba(mixer) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """How one layer runs: its mixer kind (``attention``, ``mla``, ``mamba``, ``m2rnn`` or
-    ``None``), whether it has an MLP, and its MoD rule (``None``, ``soft``, ``mask``, ``causal``)."""
+    ``None``), whether it has an MLP, its MoD rule (``None``, ``soft``, ``mask``, ``causal``), and
+    for an MoE layer its sync-free path (:class:`.moe.SyncFreeMoE`) or why it has none."""
 
     layer: Any
     where: str  # e.g. "layer 3" or "MTP block": for error messages
     mixer: str | None
     has_mlp: bool
     mod: str | None
+    moe: Any = None  # SyncFreeMoE, or None: the layer's own mlp forward
+    moe_fallback: str | None = None  # why an MoE layer runs through Megatron's layer
 
 
 def plan_layer(layer, where: str) -> LayerPlan:
@@ -97,8 +103,10 @@ def plan_layer(layer, where: str) -> LayerPlan:
                 "tokens of the sequence, which decoding has not seen; allowed for generation: "
                 "gateskip (soft), threshold, topk with inference='causal'")
         mod = allowed[(mode, rule)]
+    moe, fallback = plan_moe(layer.mlp) if isinstance(layer.mlp, MoELayer) else (None, None)
     return LayerPlan(layer=layer, where=where, mixer=mixer,
-                     has_mlp=not isinstance(layer.mlp, IdentityOp), mod=mod)
+                     has_mlp=not isinstance(layer.mlp, IdentityOp), mod=mod, moe=moe,
+                     moe_fallback=fallback)
 
 
 def new_state(plan: LayerPlan, batch: int, capacity: int, dtype, device):
@@ -163,6 +171,7 @@ def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *,
         out = _mixer(plan, layer.input_layernorm(hidden), state, ctx, rotary, rope_config, keep)
         hidden = _residual(layer, "self_attn_bda", out, hidden, gate, mask)
     if plan.has_mlp:
-        out = layer.mlp(layer.pre_mlp_layernorm(hidden))
+        mlp = layer.mlp if plan.moe is None else plan.moe
+        out = mlp(layer.pre_mlp_layernorm(hidden))
         hidden = _residual(layer, "mlp_bda", out, hidden, gate, mask)
     return hidden

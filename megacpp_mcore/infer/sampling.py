@@ -82,22 +82,24 @@ def draw(probs: torch.Tensor, generator) -> torch.Tensor:
 
 
 def verify(sampling: Sampling, logits: torch.Tensor, drafts: torch.Tensor,
-           draft_probs: torch.Tensor | None, generator) -> tuple[int, torch.Tensor, torch.Tensor]:
+           draft_probs: torch.Tensor | None, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks ``K`` drafts against the trunk's logits at the ``K + 1`` verified positions.
 
     logits ``[b, K + 1, V]`` (position ``j`` predicts the token after ``j`` drafts); drafts
-    ``[b, K]``; draft_probs ``[b, K, V]`` (sampling) or None (greedy). Returns ``m`` (the common
-    accepted length), ``accepted`` ``[b]`` (each row's own accepted count, for statistics) and
-    the token each row emits at position ``m`` ``[b]``.
+    ``[b, K]``; draft_probs ``[b, K, V]`` (sampling) or None (greedy). Returns ``accepted``
+    ``[b]`` (each row's own accepted count) and ``tokens`` ``[b, >= m + 1]``: with ``m`` the common
+    accepted length (the smallest count), every row emits ``tokens[:, :m + 1]``.
+
+    Greedy never waits for the device: ``tokens`` is the trunk's argmax at every verified position
+    (where a row accepted, that is its draft), and the caller reads ``m`` together with the
+    tokens in one transfer. Sampling reads ``m`` here (which residual to draw from).
     """
     b, k = drafts.shape
     rows = torch.arange(b, device=drafts.device)
     if sampling.greedy:
         target = sampling.limit(logits).argmax(dim=-1)  # [b, K + 1]
         agree = target[:, :k] == drafts
-        accepted = agree.long().cumprod(dim=1).sum(dim=1)  # leading agreements
-        m = int(accepted.min())
-        return m, accepted, target[:, m]
+        return agree.long().cumprod(dim=1).sum(dim=1), target  # leading agreements
     p = sampling.probs(logits)  # [b, K + 1, V]
     p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [b, K]
     q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
@@ -106,11 +108,11 @@ def verify(sampling: Sampling, logits: torch.Tensor, drafts: torch.Tensor,
     accepted = ok.long().cumprod(dim=1).sum(dim=1)
     m = int(accepted.min())
     if m == k:  # every row accepted everything: the bonus draw from p after the drafts
-        return m, accepted, draw(p[:, k], generator)
+        return accepted, torch.cat([drafts, draw(p[:, k], generator)[:, None]], dim=1)
     residual = (p[:, m] - draft_probs[:, m]).clamp(min=0.0)  # [b, V]
     mass = residual.sum(dim=-1, keepdim=True)
     # p == q makes the residual empty, but then the draft is accepted with probability 1
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p[:, m])
     resampled = draw(residual, generator)
     token = torch.where(accepted > m, drafts[rows, m], resampled)
-    return m, accepted, token
+    return accepted, torch.cat([drafts[:, :m], token[:, None]], dim=1)

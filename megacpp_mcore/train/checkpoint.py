@@ -113,10 +113,11 @@ def _signature_diff(saved: dict, wanted: dict) -> list[str]:
 
 def check_checkpoint_matches(path: Path, model: ModelConfig, *, frozen_backbone: bool = False) -> str:
     """How the checkpoint at ``path`` loads into ``model``: ``"resume"`` when it holds ``model``
-    itself, saved by a run that froze the backbone exactly when this one does (``frozen_backbone``;
-    the optimizer state holds the trainable parameters only); ``"backbone"`` when it holds
-    ``model`` without the :data:`ADDABLE_FEATURES` it carries (a dense checkpoint to fine-tune
-    from: :func:`load_backbone`). ``ValueError`` naming the differences otherwise."""
+    itself (also its MTP depth, where recorded), saved by a run that froze the backbone exactly
+    when this one does (``frozen_backbone``; the optimizer state holds the trainable parameters
+    only); ``"backbone"`` when it holds ``model`` without the :data:`ADDABLE_FEATURES` it carries
+    (a dense checkpoint to fine-tune from: :func:`load_backbone`). ``ValueError`` naming the
+    differences otherwise."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -125,6 +126,10 @@ def check_checkpoint_matches(path: Path, model: ModelConfig, *, frozen_backbone:
         raise ValueError(f"--load: {path} was not written by `megacpp-mcore train` (no model signature)")
     diff = _signature_diff(saved, model_signature(model))
     if not diff:
+        depth = common.get("mtp_depth", model.mtp_depth)  # absent before train --mtp-depth existed
+        if depth != model.mtp_depth:
+            raise ValueError(f"--load: {path} was trained with MTP depth {depth}, this run has "
+                             f"{model.mtp_depth}; resume it with --mtp-depth {depth}")
         if bool(common.get("frozen_backbone", False)) != frozen_backbone:
             was = "with" if common.get("frozen_backbone") else "without"
             raise ValueError(f"--load: {path} was saved by a run {was} --freeze-backbone; resume it {was} "
@@ -155,6 +160,9 @@ def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is
         "step": step,
         "consumed_samples": consumed,
         "model_signature": model_signature(model),
+        # the trained MTP depth (`train --mtp-depth`): the shared block's weights do not show it, and
+        # `generate --speculative K` drafts at most that many tokens (infer.checkpoint reads it)
+        "mtp_depth": model.mtp_depth,
         # a frozen-backbone fine-tune: resumed only as one (check_checkpoint_matches)
         "frozen_backbone": any(not p.requires_grad for c in chunks for p in c.module.parameters()),
     }

@@ -1,0 +1,206 @@
+"""Megatron's MoE layer at decode and verification sizes, without a host synchronisation.
+
+Megatron's dropless MoE groups the tokens by expert: its dispatcher and experts read the per-expert
+token counts on the host (``tokens_per_expert.tolist()`` / ``.cpu()``) in every forward. A decode
+step has a handful of tokens, so that wait for the device dominates the step (measured on an H200:
+~2.6 ms of host time per MoE layer against ~0.1 ms of GPU work). :class:`SyncFreeMoE` computes the
+same layer for up to :data:`MAX_TOKENS` tokens from
+
+* the layer's own router module (its top-k, score function, expert bias, scaling and
+  ``moe_router_dtype``: the probabilities are Megatron's, ``[n, E]`` and zero outside the top-k);
+* the routed experts' weights, stacked once when the engine is built (SequentialMLP's per-expert
+  MLPs, TE's grouped linear ``weight0..`` or single grouped ``weight``, the legacy GroupedMLP's
+  ``weight1``/``weight2``), applied as Megatron's experts apply them: SwiGLU, the routing
+  probability multiplied in after the activation (in the probabilities' dtype, then cast back),
+  the second projection, the top-k outputs summed in the activation dtype;
+* the layer's own shared-expert module, added last.
+
+Anything else (another expert class or activation, expert parallelism, token dropping, latent
+projections, FP8) keeps Megatron's own layer: :func:`plan_moe` says why, and the engine logs it once.
+Every fast path is checked against Megatron's layer on a probe batch when it is planned, and a
+mismatch also keeps Megatron's layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Up to this many tokens (rows x new positions) a forward runs here: decode steps (b tokens),
+# speculative verification (b (K + 1)) and MTP drafting. Longer forwards (the prefill) run
+# Megatron's layer: one host sync per layer is nothing there, and it computes no unrouted experts.
+MAX_TOKENS = 128
+
+# Expert modules whose parameter layouts are read here (megatron-core 0.16 - 0.19).
+KNOWN_EXPERTS = ("SequentialMLP", "TEGroupedMLP", "InferenceGroupedMLP", "GroupedMLP")
+
+# Relative error (Frobenius norm) allowed between this path and Megatron's layer on the probe: a
+# wrong layout (another expert, swapped GLU halves, a transposed weight) is off by O(1); rounding
+# is far below: bf16 GEMMs blocked differently ~4e-3, fp32 against TE's grouped GEMM (which runs
+# fp32 tensors in TF32 whatever torch's flag says) ~5e-4.
+_PROBE_TOLERANCE = {torch.float32: 1e-2, torch.float64: 1e-2}
+_PROBE_TOLERANCE_16BIT = 5e-2
+
+
+def _plain(t) -> bool:
+    """A dense tensor the stacking can read (not an FP8 / quantized tensor subclass)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _grouped_linear(linear, num_experts: int) -> torch.Tensor:
+    """``[E, out, in]`` of a TE grouped linear: ``weight0 .. weight{E-1}`` or one grouped
+    ``weight`` (``moe_single_grouped_weight``)."""
+    params = dict(linear.named_parameters(recurse=False))
+    if all(f"weight{e}" in params for e in range(num_experts)):
+        weights = [params[f"weight{e}"] for e in range(num_experts)]
+        if not all(_plain(w) and w.dim() == 2 for w in weights):
+            raise ValueError("grouped expert weights are not plain 2-D tensors")
+        return torch.stack(weights)
+    weight = params.get("weight")
+    if weight is not None and _plain(weight) and weight.dim() == 3 and weight.shape[0] == num_experts:
+        return weight
+    raise ValueError(f"{type(linear).__name__} has neither weight0..weight{num_experts - 1} nor "
+                     f"a grouped [E, out, in] weight")
+
+
+def stacked_expert_weights(experts, num_experts: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts' weights as ``w1`` ``[E, h, F1]`` (``F1``: gate and up halves, as
+    Megatron's SwiGLU chunks them) and ``w2`` ``[E, f, h]``, contiguous: copies, except for the
+    legacy GroupedMLP whose parameters already have that layout (so the engine sees the weights as
+    they were when it was built). ``ValueError`` (the reason) for a layout not read here."""
+    kind = type(experts).__name__
+    if kind not in KNOWN_EXPERTS:
+        raise ValueError(f"expert module {kind} is not one of {', '.join(KNOWN_EXPERTS)}")
+    if hasattr(experts, "local_experts"):  # SequentialMLP: one MLP per expert, weights [out, in]
+        mlps = list(experts.local_experts)
+        if len(mlps) != num_experts:
+            raise ValueError(f"{len(mlps)} local experts, expected {num_experts}")
+        fc1 = [m.linear_fc1.weight for m in mlps]
+        fc2 = [m.linear_fc2.weight for m in mlps]
+        if not all(_plain(w) and w.dim() == 2 for w in fc1 + fc2):
+            raise ValueError("expert weights are not plain 2-D tensors")
+        if any(getattr(m.linear_fc1, "bias", None) is not None or
+               getattr(m.linear_fc2, "bias", None) is not None for m in mlps):
+            raise ValueError("experts with biases")
+        w1, w2 = torch.stack(fc1).transpose(1, 2), torch.stack(fc2).transpose(1, 2)
+    elif hasattr(experts, "weight1") and hasattr(experts, "weight2"):  # legacy GroupedMLP
+        # weight1 [h, E * F1] and weight2 [E * f, h] hold expert-major [h, F1] / [f, h] blocks
+        # (GroupedMLP's forward views them as [E, h, F1] / [E, f, h])
+        w1 = experts.weight1.view(num_experts, hidden, -1)
+        w2 = experts.weight2.view(num_experts, -1, hidden)
+    elif hasattr(experts, "linear_fc1") and hasattr(experts, "linear_fc2"):  # TE grouped GEMM
+        if getattr(experts.linear_fc1, "use_bias", False) or getattr(experts.linear_fc2, "use_bias", False):
+            raise ValueError("grouped experts with biases")
+        w1 = _grouped_linear(experts.linear_fc1, num_experts).transpose(1, 2)
+        w2 = _grouped_linear(experts.linear_fc2, num_experts).transpose(1, 2)
+    else:
+        raise ValueError(f"{kind} has no expert weights in a known layout")
+    if w1.shape[1] != hidden or w2.shape[2] != hidden or w1.shape[2] != 2 * w2.shape[1]:
+        raise ValueError(f"expert weight shapes {tuple(w1.shape)} / {tuple(w2.shape)} do not make "
+                         f"a SwiGLU MLP of hidden size {hidden}")
+    return w1.detach().contiguous(), w2.detach().contiguous()
+
+
+def _unsupported_config(moe) -> str | None:
+    """Why the layer's configuration has no sync-free path here (None: it has one)."""
+    config = moe.config
+    checks = (
+        (moe.num_local_experts != config.num_moe_experts, "expert parallelism"),
+        (bool(getattr(config, "moe_latent_size", None)), "MoE latent projections"),
+        (config.moe_expert_capacity_factor is not None, "token dropping (capacity factor)"),
+        (bool(getattr(config, "moe_apply_probs_on_input", False)), "moe_apply_probs_on_input"),
+        (bool(getattr(config, "fp8", None) or getattr(config, "fp4", None)), "FP8/FP4"),
+        (not (config.gated_linear_unit and config.activation_func is F.silu), "an activation other than SwiGLU"),
+        (bool(getattr(config, "use_te_activation_func", False)), "TE activation modules"),
+        (getattr(config, "activation_func_clamp_value", None) is not None, "clamped activations"),
+        (bool(getattr(config, "glu_linear_offset", 0.0)), "a GLU linear offset"),
+        (config.add_bias_linear, "expert biases"),
+    )
+    return next((why for bad, why in checks if bad), None)
+
+
+class SyncFreeMoE:
+    """One MoE layer's forward for small token counts without host syncs; see the module docstring.
+
+    Call it like the layer: ``[s, b, h] -> (out [s, b, h], None)``. More than :data:`MAX_TOKENS`
+    tokens run the layer itself."""
+
+    def __init__(self, moe, w1: torch.Tensor, w2: torch.Tensor):
+        self.moe, self.w1, self.w2 = moe, w1, w2
+        self.num_experts, self.topk = w1.shape[0], moe.config.moe_router_topk
+
+    def __call__(self, hidden: torch.Tensor):
+        s, b, h = hidden.shape
+        n = s * b
+        if n > MAX_TOKENS:
+            return self.moe(hidden)
+        probs, _ = self.moe.router(hidden)  # [n, E], zero outside each token's top-k
+        x = hidden.reshape(n, h)
+        # Memory traffic decides: the gathered route reads (and copies) the n * k chosen experts'
+        # weights, the dense one reads all E once and computes every expert for every token
+        # (unrouted ones weighted by 0). Gathering reads less while n * k < E (decode at batch 1).
+        routed = self.gathered(x, probs) if n * self.topk < self.num_experts else self.dense(x, probs)
+        out = routed.view(s, b, h)
+        if self.moe.shared_experts is not None:
+            out = out + self.moe.shared_experts(hidden)
+        return out, None
+
+    @staticmethod
+    def _swiglu(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of ``y`` ``[..., 2f]`` times the routing probability ``weight`` (broadcast), as
+        Megatron's experts apply it: product in the probabilities' dtype, cast back to ``y``'s."""
+        gate, up = torch.chunk(y, 2, dim=-1)
+        return (F.silu(gate) * up * weight).to(y.dtype)
+
+    def dense(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token ``x`` ``[n, h]``, weighted by ``probs`` ``[n, E]``."""
+        y = torch.matmul(x, self.w1)  # [E, n, 2f]
+        act = self._swiglu(y, probs.t().unsqueeze(-1))  # [E, n, f]
+        return torch.matmul(act, self.w2).sum(dim=0)  # [n, h]
+
+    def gathered(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Each token ``x`` ``[n, h]`` through its top-k experts only. The top-k of ``probs`` are
+        the router's choices (an expert whose probability underflowed to 0 contributes 0 under
+        either choice)."""
+        weight, index = probs.topk(self.topk, dim=-1)  # [n, k]
+        y = torch.matmul(x[:, None, None, :], self.w1[index])  # [n, k, 1, 2f]
+        act = self._swiglu(y, weight[..., None, None])  # [n, k, 1, f]
+        return torch.matmul(act, self.w2[index]).sum(dim=1).squeeze(1)  # [n, h]
+
+
+def _probe_error(fast: SyncFreeMoE, moe, route: str, tokens: int) -> float:
+    """Relative error of one route against Megatron's layer on ``tokens`` seeded random tokens."""
+    hidden = moe.config.hidden_size
+    generator = torch.Generator().manual_seed(tokens)  # never touches the global RNG
+    weight = fast.w1
+    x = torch.randn(tokens, 1, hidden, generator=generator).to(weight.device, weight.dtype)
+    ref, _ = moe(x)
+    probs, _ = moe.router(x)
+    got = getattr(fast, route)(x.view(tokens, hidden), probs).view_as(ref)
+    if moe.shared_experts is not None:
+        got = got + moe.shared_experts(x)
+    ref, got = ref.double(), got.double()
+    return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def plan_moe(moe) -> tuple[SyncFreeMoE | None, str | None]:
+    """The sync-free path of the MoE layer ``moe`` and None, or None and why it has none."""
+    why = _unsupported_config(moe)
+    if why is not None:
+        return None, why
+    try:
+        w1, w2 = stacked_expert_weights(moe.experts, moe.config.num_moe_experts, moe.config.hidden_size)
+    except ValueError as exc:
+        return None, str(exc)
+    fast = SyncFreeMoE(moe, w1, w2)
+    tolerance = _PROBE_TOLERANCE.get(w1.dtype, _PROBE_TOLERANCE_16BIT)
+    for route, tokens in (("gathered", 2), ("dense", 32)):
+        try:
+            error = _probe_error(fast, moe, route, tokens)
+        except Exception as exc:  # e.g. a router that returns something else than [n, E] probs
+            return None, f"the {route} expert path failed on a probe ({type(exc).__name__}: {exc})"
+        if not error <= tolerance:  # also catches NaN
+            return None, (f"the {route} expert path differs from Megatron's layer on a probe "
+                          f"(relative error {error:.2e} > {tolerance:.0e})")
+    return fast, None
