@@ -29,6 +29,7 @@ REGISTRY = (
     "megacpp_mcore.patches.te_attention_backend_per_layer",
     "megacpp_mcore.patches.aux_loss_scale_without_moe",
     "megacpp_mcore.patches.layer_metrics_in_moe_report",
+    "megacpp_mcore.patches.float16_optimizer_fp32_params",
     # SCOPE "cpu": hosts without CUDA only
     "megacpp_mcore.patches.cpu_device_redirect",
     "megacpp_mcore.patches.cpu_rng_tracker",

@@ -36,6 +36,7 @@ FIXED_IN = {
     "cpu-device-redirect": None, "cpu-rng-tracker": None, "cpu-clip-grads": None,
     "cpu-block-norm": None, "cpu-tied-embedding-copy": None,
     "cpu-moe-router-gemm": "0.17",  # the no-TE branch assigns te_general_gemm = None from 0.17
+    "float16-optimizer-fp32-params": None,
 }
 
 
