@@ -7,7 +7,7 @@
 # with its table. The pretrain_gpt parts need MEGATRON_LM (a core_v0.16.1 or core_v0.19.0 checkout).
 #   bash scripts/h200_regression.sh                 # the regression pass (longer than one 10-minute call)
 #   bash scripts/h200_regression.sh tests ae        # any of: tests ae mod mtp moda mtp-repeated
-#                                                   #   mod-pretrain flexidepth stage-ab generate
+#                                                   #   mod-pretrain flexidepth stage-ab lite-mtp2 generate
 # A fresh machine compiles Triton kernels for 2-3 minutes before the first step of a hybrid model:
 # keep the pretrain_gpt parts in one call after a warm-up, or give them a call of their own.
 set -uo pipefail
@@ -33,10 +33,16 @@ for part in $PARTS; do
                     --iters 20 --out "$OUT/flexidepth-ae.json"; } >"$OUT/flexidepth.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
-    generate) python scripts/bench_generate.py --batch 1,8 --speculative 1 \
+    lite-mtp2) megacpp-mcore train --preset nam56r-lite --mtp-depth 2 --seq-length 1024 \
+                 --micro-batch-size 8 --global-batch-size 8 --steps 600 --warmup-steps 50 --lr 1e-3 \
+                 --min-lr 1e-4 --eval-interval 300 --eval-iters 2 --log-interval 50 --on-nonfinite skip \
+                 --save "$OUT/lite-mtp2" --save-interval 300 --receipt "$OUT/lite-mtp2/receipt.json" \
+                 >"$OUT/lite-mtp2.log" 2>&1 ;;
+    generate) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")  # else random weights
+              python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
     *) echo "unknown part '$part'; parts: tests ae mod mtp moda mtp-repeated mod-pretrain flexidepth" \
-            "stage-ab generate" >&2; exit 2 ;;
+            "stage-ab lite-mtp2 generate" >&2; exit 2 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"
