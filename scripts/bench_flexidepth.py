@@ -122,7 +122,8 @@ def _time(models: dict, tokens, positions, *, warmup: int, iters: int) -> tuple[
     (dense, hard, hard, dense, ...), so drift of a shared machine hits every model alike. Returns
     per model the forward times (s, device synchronised before and after) and the host times (s,
     until the forward call returned, before the closing synchronisation: close to the forward
-    time when the forward is host-bound)."""
+    time when the forward is host-bound, but also when it reads the device late in the forward, as
+    Megatron's dropless MoE does in every E layer; a profile tells the two apart)."""
     import torch
 
     cuda = tokens.is_cuda
