@@ -56,27 +56,18 @@ def _target():
 def _id_map(optimizer, model_sharded_state_dict) -> tuple[dict, set[int]]:
     """(inner-optimizer parameter index -> the model's ShardedTensor, the indices that are fp32
     main copies of 16-bit parameters). Indices follow ``torch.optim.Optimizer.state_dict``: every
-    parameter of every group, in order."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+    parameter of every group, in order; upstream's own mapping helper takes them in that order,
+    each main copy replaced by its 16-bit model parameter."""
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
     model_of = {}  # id(fp32 main copy) -> the 16-bit model parameter
     for params, mains in zip(optimizer.float16_groups, optimizer.fp32_from_float16_groups):
         for param, main in zip(params, mains):
             model_of[id(main)] = param
-    sharded, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
-    by_tensor = {id(t.data): t for t in nested_values(sharded)}
-    id_map, mains = {}, set()
-    index = 0
-    for group in optimizer.optimizer.param_groups:
-        for param in group["params"]:
-            model_param = model_of.get(id(param), param)
-            if id(param) in model_of:
-                mains.add(index)
-            if id(model_param) in by_tensor:
-                id_map[index] = by_tensor[id(model_param)]
-            index += 1
-    return id_map, mains
+    inner = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict,
+                                               [model_of.get(id(p), p) for p in inner])
+    return id_map, {i for i, p in enumerate(inner) if id(p) in model_of}
 
 
 def _sharded_state_dict(optimizer, model_sharded_state_dict, is_loading: bool = False):
