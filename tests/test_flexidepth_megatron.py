@@ -14,9 +14,9 @@ from megacpp_mcore.spec.pattern import FeaturePlacement
 from test_mod_shipped import (  # noqa: F401  (fixtures)
     _BASE,
     _Writer,
-    _batches,
     _moe,
     megatron_args,
+    megatron_schedule,
     report_as_training_log,
     restore_metrics_patch,
 )
@@ -25,8 +25,6 @@ from test_mod_shipped import (  # noqa: F401  (fixtures)
 def _run(n: int, megatron_args, *, loop_driven: bool = False):
     """FlexiDepth on every layer of an AE x 2 MoE model, ``n`` micro-batches of Megatron-LM's
     iteration 3 through Megatron's schedule; the layers' own means."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megacpp_mcore.spec import compat
     from megacpp_mcore.train import runtime
 
@@ -43,9 +41,7 @@ def _run(n: int, megatron_args, *, loop_driven: bool = False):
             with torch.no_grad():
                 p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(i))
         layer.megacpp_set_step(0) if loop_driven else None
-    get_forward_backward_func()(forward_step_func=runtime.gpt_forward_step,
-                                data_iterator=iter(_batches(n)), model=chunk, num_microbatches=n,
-                                seq_length=32, micro_batch_size=2)
+    megatron_schedule(chunk, n)
     per_layer = [layer.megacpp_stats() for layer in layers]
     return {"skip_rate": sum(s["skip_rate"] for s in per_layer) / len(per_layer),
             "score_mean": sum(s["score_mean"] for s in per_layer) / len(per_layer),

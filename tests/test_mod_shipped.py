@@ -146,6 +146,18 @@ def _batches(n: int, *, masked: bool = False):
     return [{"tokens": tokens, "labels": tokens, "loss_mask": mask}] * n
 
 
+def megatron_schedule(chunk, n: int, *, masked: bool = False) -> None:
+    """``n`` micro-batches of :func:`_batches` through Megatron's own forward-backward schedule
+    (what Megatron-LM's ``train_step`` runs), with the package's forward step."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megacpp_mcore.train import runtime
+
+    get_forward_backward_func()(forward_step_func=runtime.gpt_forward_step,
+                                data_iterator=iter(_batches(n, masked=masked)), model=chunk,
+                                num_microbatches=n, seq_length=32, micro_batch_size=2)
+
+
 def _tracked_names() -> set[str]:
     try:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
@@ -218,8 +230,6 @@ def test_mod_aux_grad_megatron_schedule_equals_train_step(single_rank, moe):
     through ``runtime.train_step``, at 1 and 4 micro-batches, and both equal the hand-computed
     gradient of one micro-batch: the schedule scales MoD's loss by ``1 / num_microbatches`` as it
     scales MoE's (with MoE upstream sets the scale; without, the registry's patch does)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megacpp_mcore.patches import registry
     from megacpp_mcore.train import runtime
 
@@ -235,9 +245,7 @@ def test_mod_aux_grad_megatron_schedule_equals_train_step(single_rank, moe):
     expected = (g - 0.6) * g * (1 - g)  # d/db of 0.5 * (mean(sigmoid(b)) - 0.6)^2
     for n in (1, 4):
         chunks[0].zero_grad_buffer()
-        get_forward_backward_func()(
-            forward_step_func=runtime.gpt_forward_step, data_iterator=iter(_batches(n, masked=True)),
-            model=chunks[0], num_microbatches=n, seq_length=32, micro_batch_size=2)
+        megatron_schedule(chunks[0], n, masked=True)
         megatron = router.bias.main_grad.item()
         recorder = _RecordingOptimizer([router.bias])
         runtime.train_step(chunks, recorder, _batches(n, masked=True), num_microbatches=n,
@@ -278,10 +286,7 @@ def _run_and_collect(n: int, megatron_args):
     """A MoE model with threshold MoD on layers 1-3 (AE x 2, skip_first=1), ``n`` micro-batches
     of Megatron-LM's iteration 3 through Megatron's schedule; the per-layer means the layers
     themselves kept."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megacpp_mcore.spec import compat
-    from megacpp_mcore.train import runtime
 
     compat.reset_moe_metrics()
     megatron_args.args = types.SimpleNamespace(curr_iteration=3, train_iters=10)
@@ -293,9 +298,7 @@ def _run_and_collect(n: int, megatron_args):
         with torch.no_grad():
             layer.mod_router.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(i))
             layer.mod_router.bias.zero_()
-    get_forward_backward_func()(forward_step_func=runtime.gpt_forward_step,
-                                data_iterator=iter(_batches(n)), model=chunk, num_microbatches=n,
-                                seq_length=32, micro_batch_size=2)
+    megatron_schedule(chunk, n)
     per_layer = [layer.megacpp_stats() for layer in layers]
     return {key: sum(s[key] for s in per_layer) / len(per_layer) for key in per_layer[0]}
 

@@ -12,10 +12,10 @@ from megacpp_mcore.models.presets import custom_model
 from test_mod_shipped import (  # noqa: F401  (fixtures)
     _BASE,
     _Writer,
-    _batches,
     _moe,
     _tracked_names,
     megatron_args,
+    megatron_schedule,
     report_as_training_log,
     restore_metrics_patch,
 )
@@ -24,8 +24,6 @@ from test_mod_shipped import (  # noqa: F401  (fixtures)
 def _run(n: int, megatron_args, *, loop_driven: bool = False) -> dict[str, float]:
     """An AE x 2 MoE model with shared MTP depth 2, ``n`` micro-batches of Megatron-LM's iteration
     3 through Megatron's schedule; the block's own per-depth means."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megacpp_mcore.spec import compat
     from megacpp_mcore.train import runtime
 
@@ -36,9 +34,7 @@ def _run(n: int, megatron_args, *, loop_driven: bool = False) -> dict[str, float
                                    backend="local", wrap_ddp=False)
     if loop_driven:
         chunk.mtp_block.megacpp_set_step(0)
-    get_forward_backward_func()(forward_step_func=runtime.gpt_forward_step,
-                                data_iterator=iter(_batches(n)), model=chunk, num_microbatches=n,
-                                seq_length=32, micro_batch_size=2)
+    megatron_schedule(chunk, n)
     return chunk.mtp_block.megacpp_stats()
 
 
