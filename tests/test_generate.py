@@ -5,7 +5,6 @@ refused with one line and exit status 2 before anything runs."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -20,9 +19,8 @@ def checkpoints(tmp_path_factory):
     """One training step each, saved: a 4-layer AEMR nam56r-tiny (MLA, MoE, MTP depth 1), a
     2-layer ae-tiny (no MTP), and through the CLI the AEMR model with ``--mtp-depth 2``."""
     tmp = tmp_path_factory.mktemp("generate")
-    previous = os.environ.get("MEGACPP_CACHE")
-    os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the module's own cache, restored afterwards
+        mp.setenv("MEGACPP_CACHE", str(tmp / "cache"))
         prefix = data.prepare(make_tree(tmp / "src", extra=60), tmp / "data" / "cpp",
                               valid_percent=20).prefix
         models = {"mtp": get_preset("nam56r-tiny").replace(pattern="AEMR", num_layers=4,
@@ -37,11 +35,6 @@ def checkpoints(tmp_path_factory):
         code = cli.main(["train", *_TINY_AEMR, "--data", str(prefix), "--mtp-depth", "2",
                          "--save", str(tmp / "mtp2"), "--receipt", str(tmp / "mtp2.json")])
         assert code == 0
-    finally:
-        if previous is None:
-            os.environ.pop("MEGACPP_CACHE", None)
-        else:
-            os.environ["MEGACPP_CACHE"] = previous
     return tmp
 
 

@@ -142,10 +142,9 @@ def faulted(tmp_path_factory):
     """Tiny runs: clean with saves; NaN at step 2 (skip) and a spike at step 7 with saves every 2
     steps; resumed from that run's iter 4 with another lr."""
     tmp = tmp_path_factory.mktemp("invalid")
-    previous = os.environ.get("MEGACPP_CACHE")
-    os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
-    quiet = lambda _: None  # noqa: E731
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the module's own cache, restored afterwards
+        mp.setenv("MEGACPP_CACHE", str(tmp / "cache"))
+        quiet = lambda _: None  # noqa: E731
         prefix = data.prepare(make_tree(tmp / "src", extra=120), tmp / "data" / "cpp", valid_percent=20).prefix
         runs = {"prefix": prefix, "tmp": tmp}
         runs["clean"] = training.train(tiny_model(), tiny_cfg(
@@ -160,11 +159,6 @@ def faulted(tmp_path_factory):
         os.symlink(tmp / "ck" / "iter_0000004", resume / "iter_0000004")
         runs["resumed"] = training.train(tiny_model(), tiny_cfg(
             prefix, steps=12, seed=7, load=str(resume), stop_after=5, receipt=str(tmp / "resumed.json")), log=quiet)
-    finally:
-        if previous is None:
-            os.environ.pop("MEGACPP_CACHE", None)
-        else:
-            os.environ["MEGACPP_CACHE"] = previous
     return runs
 
 
