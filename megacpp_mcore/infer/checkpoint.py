@@ -85,12 +85,8 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
     the first preset-based model whose signature matches, with the MTP depth it was trained at.
     The context is ``seq_length`` when given, else the length the run trained at
     (``train --seq-length``), else the preset's."""
-    depth = checkpoint.mtp_depth
-    if model is not None:
-        if depth is not None:
-            model = model.replace(mtp_depth=depth)
-        check_checkpoint_matches(checkpoint.path, model)
-    else:
+    named = model is not None
+    if not named:
         model = next((c for c in _candidates(checkpoint.signature)
                       if model_signature(c) == checkpoint.signature), None)
         if model is None:
@@ -99,8 +95,10 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
                 f"--load: {checkpoint.path} holds a model of no known preset (pattern "
                 f"{sig.get('pattern')!r}, {sig.get('num_layers')} layers, hidden "
                 f"{sig.get('hidden_size')}); name it with --preset/--pattern/--num-layers")
-        if depth is not None:
-            model = model.replace(mtp_depth=depth)
+    if checkpoint.mtp_depth is not None:
+        model = model.replace(mtp_depth=checkpoint.mtp_depth)
+    if named:
+        check_checkpoint_matches(checkpoint.path, model)
     seq_length = seq_length or checkpoint.seq_length
     if seq_length is not None and seq_length != model.seq_length:
         model = model.replace(seq_length=seq_length)
