@@ -130,20 +130,23 @@ class SyncFreeMoE:
         self.num_experts, self.topk = w1.shape[0], moe.config.moe_router_topk
 
     def __call__(self, hidden: torch.Tensor):
-        s, b, h = hidden.shape
-        n = s * b
+        n = hidden.shape[0] * hidden.shape[1]
         if n > MAX_TOKENS:
             return self.moe(hidden)
-        probs, _ = self.moe.router(hidden)  # [n, E], zero outside each token's top-k
-        x = hidden.reshape(n, h)
         # Memory traffic decides: the gathered route reads (and copies) the n * k chosen experts'
         # weights, the dense one reads all E once and computes every expert for every token
         # (unrouted ones weighted by 0). Gathering reads less while n * k < E (decode at batch 1).
-        routed = self.gathered(x, probs) if n * self.topk < self.num_experts else self.dense(x, probs)
-        out = routed.view(s, b, h)
+        return self.run(hidden, "gathered" if n * self.topk < self.num_experts else "dense"), None
+
+    def run(self, hidden: torch.Tensor, route: str) -> torch.Tensor:
+        """The layer's output ``[s, b, h]`` through ``route`` (``"gathered"`` or ``"dense"``):
+        the layer's router, the routed experts, then its shared expert."""
+        s, b, h = hidden.shape
+        probs, _ = self.moe.router(hidden)  # [n, E], zero outside each token's top-k
+        out = getattr(self, route)(hidden.reshape(s * b, h), probs).view(s, b, h)
         if self.moe.shared_experts is not None:
             out = out + self.moe.shared_experts(hidden)
-        return out, None
+        return out
 
     @staticmethod
     def _swiglu(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -175,11 +178,7 @@ def _probe_error(fast: SyncFreeMoE, moe, route: str, tokens: int) -> float:
     weight = fast.w1
     x = torch.randn(tokens, 1, hidden, generator=generator).to(weight.device, weight.dtype)
     ref, _ = moe(x)
-    probs, _ = moe.router(x)
-    got = getattr(fast, route)(x.view(tokens, hidden), probs).view_as(ref)
-    if moe.shared_experts is not None:
-        got = got + moe.shared_experts(x)
-    ref, got = ref.double(), got.double()
+    ref, got = ref.double(), fast.run(x, route).double()
     return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
