@@ -111,6 +111,12 @@ class MoDConfig:
             merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
             object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
 
+    @property
+    def gathers(self) -> bool:
+        """Whether training runs the wrapped block on each sequence's selected tokens only
+        (``topk`` below capacity 1) rather than on the whole ``[s, b, h]`` sequence."""
+        return self.mode == "topk" and self.capacity < 1.0
+
     def budget(self, step: int, total_steps: int | None = None) -> float:
         """Token budget at training ``step`` (0-based): linear from ``budget_start`` to
         ``budget_end`` over ``budget_steps`` steps, or over the run's ``total_steps`` when

@@ -209,7 +209,7 @@ class MoDLayer(TransformerLayer):
         """True when, in training, the wrapped attention runs on every position (so MoDA depth
         pushes cover all positions): gateskip/threshold see the full ``[s, b, h]`` sequence; topk
         only the ``k`` selected tokens (unless capacity is 1). See :meth:`_run_inner`."""
-        return self.mod.mode != "topk" or self.mod.capacity == 1.0
+        return not self.mod.gathers
 
     def force_gate(self, value: float | None) -> None:
         """Ablation/test hook: use a constant gate ``value`` instead of ``sigmoid(router)``
@@ -420,13 +420,13 @@ def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             f"layer {ctx.index} ({ctx.symbol!r}): feature 'mod' needs a MoDConfig or a "
             f"FeaturePlacement, got {config!r}"
         )
-    if config.mode == "topk" and ctx.has("moda") and config.capacity < 1.0:
+    if config.gathers and ctx.has("moda"):
         raise ValueError(
             f"layer {ctx.index} ({ctx.symbol!r}) carries both MoD topk and MoDA: the wrapped "
             "attention only sees the selected tokens, so its depth K/V push would miss the other "
             "positions; use MoD mode 'gateskip' or 'threshold' on MoDA layers"
         )
-    if config.mode == "topk" and config.capacity < 1.0:
+    if config.gathers:
         refuse_mla_gather(ctx, "MoD topk", "use MoD mode 'gateskip' or 'threshold' on MLA layers, "
                           "or place topk on E layers only (placement symbols 'E')")
     try:
