@@ -53,6 +53,7 @@ if (( USE_MLA )); then
   MLA=(
     --multi-latent-attention --q-lora-rank 768 --kv-lora-rank 256
     --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
+    --qk-layernorm --rope-type rope --rotary-percent 1.0  # latent norms, plain RoPE: the package's MLA
   )
 fi
 MTP=()                             # shared-block MTP, built on the last pipeline stage only

@@ -56,7 +56,7 @@ MEGATRON_ARGS_READ = (
     "untie_embeddings_and_output_weights", "position_embedding_type", "rotary_percent",
     "rotary_base", "use_rope_scaling", "mtp_num_layers", "use_legacy_models", "yaml_cfg",
     "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
-    "v_head_dim",
+    "v_head_dim", "qk_layernorm", "rope_type",
 )
 
 # Megatron-LM flags the launcher refuses, with what to use instead.
@@ -69,6 +69,23 @@ REFUSED_FLAGS = {
 }
 
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def mla_settings(mla) -> dict[str, Any]:
+    """What the package's MLA is built with beyond its sizes (``layers.mla.transformer_config_kwargs``:
+    RMSNorm on the q/kv latents, plain RoPE), by Megatron-LM argument name. Megatron-LM's defaults
+    differ (``--qk-layernorm`` off: no latent norms; ``--rope-type`` unset: YaRN for MLA), so
+    :func:`preset_args` passes these and the launcher refuses flags that disagree."""
+    from megacpp_mcore.layers.mla import transformer_config_kwargs
+
+    return {k: v for k, v in transformer_config_kwargs(mla).items()
+            if k not in MLA_FIELDS and k != "multi_latent_attention"}
+
+
+def _flag(name: str, value: Any) -> list[Any]:
+    """``--name value`` (``--name`` alone for True)."""
+    flag = f"--{name.replace('_', '-')}"
+    return [flag] if value is True else [flag, value]
 
 
 class LaunchError(ValueError):
@@ -108,7 +125,9 @@ def preset_args(preset: str | ModelConfig) -> list[str]:
         for field in MLA_FIELDS:
             value = getattr(m.mla, field)
             if value is not None:
-                flags += [f"--{field.replace('_', '-')}", value]
+                flags += _flag(field, value)
+        for field, value in mla_settings(m.mla).items():
+            flags += _flag(field, value)
     if m.mtp_depth:
         flags += ["--megacpp-mtp-depth", m.mtp_depth]
     return [str(f) for f in flags]
@@ -215,8 +234,11 @@ def _check_mla(args: argparse.Namespace, sub) -> None:
                           "--multi-latent-attention and the MLA sizes (preset_args lists them)")
     wrong = [f"--{f.replace('_', '-')} {getattr(args, f)} (spec: {getattr(mla, f)})"
              for f in MLA_FIELDS if hasattr(mla, f) and getattr(args, f) != getattr(mla, f)]
+    wrong += [f"--{f.replace('_', '-')} {getattr(args, f, None)!r} (the package's MLA: {value!r}; pass "
+              f"{' '.join(map(str, _flag(f, value)))})"
+              for f, value in mla_settings(mla).items() if getattr(args, f, None) != value]
     if wrong:
-        raise LaunchError("MLA flags disagree with the spec's MLAConfig: " + "; ".join(wrong))
+        raise LaunchError("MLA flags disagree with the spec's MLA: " + "; ".join(wrong))
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:
