@@ -4,8 +4,8 @@ TransformerConfig the block is built with, so the same object serves any ``--num
 parallel layout.
 
 * ``NAM56R``: the flagship pattern ``AEMEAEMEAEMR`` with MLA on every ``A`` layer (pass
-  ``--multi-latent-attention``, the MLA dims, ``--qk-layernorm --rope-type rope`` so Megatron builds
-  the package's MLA config: ``launch_pretrain.preset_args("nam56r")`` lists them) and the shipped
+  ``--multi-latent-attention``, the MLA dims and ``--qk-layernorm`` so Megatron builds the package's
+  MLA config: ``launch_pretrain.preset_args("nam56r")`` lists them) and the shipped
   MoD (``gateskip`` on the ``A``/``E`` layers from index 4 on, token budget 1.0 -> 0.8 over the
   run: ``megacpp_mcore.models.presets.shipped_mod``).
 * ``NAM56R_DENSE``: ``NAM56R`` without MoD (preset ``nam56r-dense``), the ablation baseline.

@@ -31,6 +31,7 @@ REDIRECTED_MODULES = (
     "megatron.core.utils",
     "megatron.core.transformer.utils",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",  # MLA's default RoPE
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.optimizer.clip_grads",

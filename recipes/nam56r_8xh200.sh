@@ -84,7 +84,7 @@ if (( USE_MLA )); then
   MLA=(
     --multi-latent-attention --q-lora-rank 64 --kv-lora-rank 64
     --qk-head-dim 64 --qk-pos-emb-head-dim 64 --v-head-dim 64
-    --qk-layernorm --rope-type rope --rotary-percent 1.0  # latent norms, plain RoPE: the package's MLA
+    --qk-layernorm                 # RMSNorm on the q/kv latents, as the package's MLA has
   )
 fi
 MTP=()                             # shared-block MTP, built on the last pipeline stage only

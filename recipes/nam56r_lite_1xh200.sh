@@ -53,7 +53,7 @@ if (( USE_MLA )); then
   MLA=(
     --multi-latent-attention --q-lora-rank 768 --kv-lora-rank 256
     --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
-    --qk-layernorm --rope-type rope --rotary-percent 1.0  # latent norms, plain RoPE: the package's MLA
+    --qk-layernorm                 # RMSNorm on the q/kv latents, as the package's MLA has
   )
 fi
 MTP=()                             # shared-block MTP, built on the last pipeline stage only

@@ -144,7 +144,7 @@ def test_bad_input_one_line_exit_2(checkpoints, tmp_path, capsys, case):
         "half-written": (["--load", str(half), *prompt], "holds no checkpoint"),
         "tracker-without-step": (["--load", str(tracker), *prompt], "holds no checkpoint"),
         "foreign": (["--load", str(foreign), *prompt],
-                    "not written by `megacpp-mcore train`"),
+                    "written neither by `megacpp-mcore train`"),
         "prompt-too-long": (["--load", mtp, "--prompt", "x" * 40],  # trained at 32 tokens
                             "too long for the model's context of 32"),
         "k-beyond-depth": (["--load", mtp, *prompt, "--speculative", "2"],

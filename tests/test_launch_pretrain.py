@@ -46,7 +46,7 @@ def _args(**overrides) -> argparse.Namespace:
         rotary_percent=1.0, rotary_base=10000, use_rope_scaling=False, mtp_num_layers=None,
         use_legacy_models=False, yaml_cfg=None, multi_latent_attention=False, q_lora_rank=None,
         kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
-        qk_layernorm=False, rope_type=None, megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
+        qk_layernorm=False, rope_type=None, rotary_scaling_factor=1.0, megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
     )
     assert set(lp.MEGATRON_ARGS_READ) <= set(values)
     values.update(overrides)
@@ -107,12 +107,16 @@ def test_mla_flags_must_match_the_spec():
     wrong = dict(_lite_mla(), kv_lora_rank=512)
     with pytest.raises(lp.LaunchError, match=r"--kv-lora-rank 512 \(spec: 256\)"):
         lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **wrong))
-    # Megatron-LM's defaults build MLA without latent norms and with YaRN: not the package's MLA
-    megatron_defaults = dict(_lite_mla(), qk_layernorm=False, rope_type=None)
+    # Megatron-LM's default builds MLA without the latent norms: not the package's MLA
     with pytest.raises(lp.LaunchError, match=r"--qk-layernorm False \(the package's MLA: True; pass "
-                                             r"--qk-layernorm\); --rope-type None \(the package's MLA: "
-                                             r"'rope'; pass --rope-type rope\)"):
-        lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **megatron_defaults))
+                                             r"--qk-layernorm\)"):
+        lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True,
+                                      **dict(_lite_mla(), qk_layernorm=False)))
+    with pytest.raises(lp.LaunchError, match=r"--rotary-scaling-factor 40.0 \(YaRN"):
+        lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, rotary_scaling_factor=40.0,
+                                      **_lite_mla()))
+    # YaRN at factor 1 (Megatron-LM's MLA default, what its fused MLA RoPE takes) is plain RoPE
+    lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, rope_type="yarn", **_lite_mla()))
     ok = lp.layer_spec_from_args(_args(spec=lite, multi_latent_attention=True, **_lite_mla()))
     assert set(ok.submodules.features) == {"mla", "mod"}  # the shipped MoD rides along
     with pytest.raises(lp.LaunchError, match="has no MLA feature"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -267,3 +268,14 @@ def test_recipe_trains_on_gpu(recipe, gpus, default_iters, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
     print(f"{recipe}: {iters} iterations, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"median {statistics.median(times[5:] or times):.1f} ms/iteration")
+    if gpus > 1:
+        return
+    # the checkpoint pretrain_gpt.py saved (--save OUT/checkpoints) generates, drafting with its MTP
+    gen = subprocess.run(
+        [sys.executable, "-m", "megacpp_mcore.cli", "generate", "--load", str(tmp_path / "out" / "checkpoints"),
+         "--prompt", "int main(", "--max-new-tokens", "16", "--speculative", "1", "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    report = json.loads(gen.stdout)
+    assert report["step"] == iters and len(report["rows"][0]["tokens"]) >= 1
+    print(f"{recipe}: generate on its checkpoint, acceptance {report['acceptance_per_position']}")

@@ -1,4 +1,6 @@
-"""``megacpp-mcore generate``: continue C/C++ text with a checkpoint of ``megacpp-mcore train``.
+"""``megacpp-mcore generate``: continue C/C++ text with a checkpoint of ``megacpp-mcore train``, or of
+Megatron-LM's ``pretrain_gpt.py`` run with one of our ``layer_specs`` objects (the launcher, the
+recipes: model, settings and tokenizer come from the run's arguments, ``infer/megatron_lm.py``).
 
 ``megacpp-mcore generate --load DIR --prompt '#include <vector>'`` prints the continuation (bytes in,
 bytes out; a run on BPE data keeps its tokenizer in its ``--save`` directory, which is used to
@@ -20,7 +22,8 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Heavy imports (torch, megatron-core) stay in run(): building the CLI parser must stay instant.
     parser.add_argument("--load", required=True, metavar="DIR",
-                        help="checkpoint directory of `megacpp-mcore train --save DIR` (latest step)")
+                        help="checkpoint directory of `megacpp-mcore train --save DIR` or of "
+                             "pretrain_gpt.py --save DIR with our --spec (latest step)")
     group = parser.add_argument_group("model (default: found from the checkpoint's signature)")
     group.add_argument("--preset", help="the preset it was trained as")
     group.add_argument("--pattern", help="the --pattern it was trained with")
@@ -99,14 +102,12 @@ def run(args: argparse.Namespace) -> int:
     from megacpp_mcore.infer.decode import check_prompts
     from megacpp_mcore.infer.sampling import Sampling
     from megacpp_mcore.spec.backends import resolve_backend_name
-    from megacpp_mcore.train.tokenizer import for_checkpoint
 
     # --- everything checked before the model is built
     _check_numbers(args)
     resolve_backend_name(args.backend)
     found = ckpt.open_checkpoint(args.load)
-    # bytes, or the BPE a run on BPE data copied beside its checkpoints (train/tokenizer.py)
-    tokenizer = for_checkpoint(found.path.parent)
+    tokenizer = ckpt.tokenizer(found)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         vocab_limit=tokenizer.vocab_size)
     prompts = [[tokenizer.eod, *(int(t) for t in tokenizer.tokenize(data))] for data in read_prompts(args)]

@@ -8,13 +8,19 @@ the run's sequence length. :func:`resolve_model` finds the
 ``--pattern/--num-layers`` model on a preset's dimensions) or checks the one the caller names;
 :func:`load_model` builds that model through the package's one builder and loads only the model
 weights (no optimizer), through Megatron's distributed checkpointing.
+
+A checkpoint of Megatron-LM's ``pretrain_gpt.py`` run with one of our ``layer_specs`` objects (the
+launcher, the recipes) loads the same way; its model, settings and tokenizer come from the run's
+arguments (:mod:`megacpp_mcore.infer.megatron_lm`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
+from megacpp_mcore.infer import megatron_lm
 from megacpp_mcore.models.presets import PRESETS, ModelConfig, custom_model
 from megacpp_mcore.train.checkpoint import (
     check_checkpoint_matches,
@@ -27,13 +33,16 @@ from megacpp_mcore.train.checkpoint import (
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """A committed checkpoint: its directory, step, recorded model signature, the sequence
-    length and MTP depth it was trained at (None where it does not say: then the preset's)."""
+    length and MTP depth it was trained at (None where it does not say: then the preset's);
+    ``args``: the parsed arguments of the ``pretrain_gpt.py`` run that wrote it (None for
+    ``megacpp-mcore train``'s, which carry a signature instead)."""
 
     path: Path
     step: int
     signature: dict
     seq_length: int | None = None
     mtp_depth: int | None = None
+    args: Any = None
 
 
 def open_checkpoint(directory: str) -> Checkpoint:
@@ -48,10 +57,14 @@ def open_checkpoint(directory: str) -> Checkpoint:
     except Exception as exc:  # unreadable common state: a broken or foreign checkpoint
         raise ValueError(f"--load {directory!r}: {path} cannot be read ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if megatron_lm.is_megatron_lm(common):
+        args = common["args"]
+        return Checkpoint(path=path, step=step, signature={}, seq_length=getattr(args, "seq_length", None),
+                          mtp_depth=int(getattr(args, "megacpp_mtp_depth", 0) or 0), args=args)
     signature = common.get("model_signature") if isinstance(common, dict) else None
     if signature is None:
-        raise ValueError(f"--load {directory!r}: {path} was not written by `megacpp-mcore train` "
-                         "(no model signature)")
+        raise ValueError(f"--load {directory!r}: {path} was written neither by `megacpp-mcore train` "
+                         "(no model signature) nor by Megatron-LM's pretrain_gpt.py (no arguments)")
     run = (read_metadata(path) or {}).get("run") or {}
     return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"),
                       mtp_depth=common.get("mtp_depth"))
@@ -85,6 +98,8 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
     the first preset-based model whose signature matches, with the MTP depth it was trained at.
     The context is ``seq_length`` when given, else the length the run trained at
     (``train --seq-length``), else the preset's."""
+    if checkpoint.args is not None:
+        return _resolve_megatron_lm(checkpoint, model, seq_length)
     named = model is not None
     if not named:
         model = next((c for c in _candidates(checkpoint.signature)
@@ -105,6 +120,36 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
     return model
 
 
+def _resolve_megatron_lm(checkpoint: Checkpoint, named: ModelConfig | None,
+                         seq_length: int | None) -> ModelConfig:
+    """The model of a ``pretrain_gpt.py`` checkpoint, from its arguments (``named``, when given,
+    must be that model); its flags are checked against what the package builds."""
+    from megacpp_mcore.train import runtime
+
+    where = str(checkpoint.path)
+    model = megatron_lm.model_from_args(checkpoint.args, where)
+    if named is not None and model_signature(named) != model_signature(model):
+        raise ValueError(f"--load: {where} holds {model.name} (pattern {model.pattern!r}, "
+                         f"{model.num_layers} layers, hidden {model.hidden_size}), not {named.name}; "
+                         "leave out --preset/--pattern/--num-layers for a pretrain_gpt.py checkpoint")
+    if seq_length is not None:
+        model = model.replace(seq_length=seq_length)
+    config = runtime.transformer_config(model, runtime.Parallelism(), bf16=False,
+                                        **megatron_lm.config_overrides(checkpoint.args, model))
+    megatron_lm.check_args(checkpoint.args, config, where)
+    return model
+
+
+def tokenizer(checkpoint: Checkpoint):
+    """What the checkpoint's ids mean: a ``train`` run's tokenizer (bytes, or the BPE a run on BPE
+    data copied beside its checkpoints), or the one a ``pretrain_gpt.py`` run was given."""
+    from megacpp_mcore.train.tokenizer import for_checkpoint
+
+    if checkpoint.args is not None:
+        return megatron_lm.tokenizer_from_args(checkpoint.args, str(checkpoint.path))
+    return for_checkpoint(checkpoint.path.parent)
+
+
 def load_model(checkpoint: Checkpoint, model: ModelConfig, *, backend: str = "auto",
                bf16: bool | None = None):
     """Builds ``model`` (single process: starts the 1-rank world through ``runtime.initialize``)
@@ -115,7 +160,8 @@ def load_model(checkpoint: Checkpoint, model: ModelConfig, *, backend: str = "au
 
     par = runtime.Parallelism()
     runtime.initialize(par)
-    config = runtime.transformer_config(model, par, bf16=bf16)
+    overrides = megatron_lm.config_overrides(checkpoint.args, model) if checkpoint.args is not None else {}
+    config = runtime.transformer_config(model, par, bf16=bf16, **overrides)
     (gpt,) = runtime.build_model(model, config, backend=backend, wrap_ddp=False)
     try:
         loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict(prefix="")},

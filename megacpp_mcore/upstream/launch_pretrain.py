@@ -56,7 +56,7 @@ MEGATRON_ARGS_READ = (
     "untie_embeddings_and_output_weights", "position_embedding_type", "rotary_percent",
     "rotary_base", "use_rope_scaling", "mtp_num_layers", "use_legacy_models", "yaml_cfg",
     "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
-    "v_head_dim", "qk_layernorm", "rope_type",
+    "v_head_dim", "qk_layernorm", "rope_type", "rotary_scaling_factor",
 )
 
 # Megatron-LM flags the launcher refuses, with what to use instead.
@@ -72,14 +72,14 @@ MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim
 
 
 def mla_settings(mla) -> dict[str, Any]:
-    """What the package's MLA is built with beyond its sizes (``layers.mla.transformer_config_kwargs``:
-    RMSNorm on the q/kv latents, plain RoPE), by Megatron-LM argument name. Megatron-LM's defaults
-    differ (``--qk-layernorm`` off: no latent norms; ``--rope-type`` unset: YaRN for MLA), so
-    :func:`preset_args` passes these and the launcher refuses flags that disagree."""
+    """What the package's MLA is built with beyond its sizes, by Megatron-LM argument name: RMSNorm
+    on the q/kv latents (``layers.mla.transformer_config_kwargs``). Megatron-LM's default
+    (``--qk-layernorm`` off) builds MLA without them, so :func:`preset_args` passes the flag and the
+    launcher refuses a run without it. RoPE needs no flag: Megatron-LM's default for MLA, YaRN at
+    ``--rotary-scaling-factor 1``, computes plain RoPE (and is what its fused MLA RoPE kernels take)."""
     from megacpp_mcore.layers.mla import transformer_config_kwargs
 
-    return {k: v for k, v in transformer_config_kwargs(mla).items()
-            if k not in MLA_FIELDS and k != "multi_latent_attention"}
+    return {"qk_layernorm": transformer_config_kwargs(mla)["qk_layernorm"]}
 
 
 def _flag(name: str, value: Any) -> list[Any]:
@@ -237,6 +237,9 @@ def _check_mla(args: argparse.Namespace, sub) -> None:
     wrong += [f"--{f.replace('_', '-')} {getattr(args, f, None)!r} (the package's MLA: {value!r}; pass "
               f"{' '.join(map(str, _flag(f, value)))})"
               for f, value in mla_settings(mla).items() if getattr(args, f, None) != value]
+    if getattr(args, "rope_type", None) != "rope" and getattr(args, "rotary_scaling_factor", 1.0) != 1.0:
+        wrong.append(f"--rotary-scaling-factor {args.rotary_scaling_factor} (YaRN; the package's MLA: "
+                     "plain RoPE, i.e. YaRN at 1.0 or --rope-type rope)")
     if wrong:
         raise LaunchError("MLA flags disagree with the spec's MLA: " + "; ".join(wrong))
 
