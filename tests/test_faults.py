@@ -213,3 +213,35 @@ def test_failed_save_keeps_the_last_good_checkpoint(prepared, tmp_path, monkeypa
     assert sorted(p.name for p in ck.iterdir()) == ["iter_0000002", checkpoint.TRACKER]
     assert checkpoint.find_checkpoint(str(ck)) == (ck / "iter_0000002", 2)
     assert checkpoint.read_metadata(ck / "iter_0000002")["step"] == 2
+
+
+def test_fail_items_parse_and_raise_on_their_rank(monkeypatch):
+    plan = faults.FaultPlan.parse("fail:save:4:1,fail:publish:6")
+    assert plan.fails == {("save", 4, 1), ("publish", 6, None)}
+    monkeypatch.setenv("RANK", "0")
+    plan.at_save("save", 4)  # rank 1's fault: nothing on rank 0
+    with pytest.raises(OSError, match="injected I/O error at publish of step 6 on rank 0"):
+        plan.at_save("publish", 6)
+    for bad in ("fail:step:4", "fail:save:4:x", "fail:save"):
+        with pytest.raises(ValueError, match="allowed: kill:"):
+            faults.FaultPlan.parse(bad)
+
+
+@pytest.mark.distributed
+def test_a_save_failing_on_one_rank_stops_every_rank(prepared, tmp_path):
+    """2 ranks (gloo): rank 1's writes fail while the checkpoint of step 4 is saved. Every rank
+    learns it after that phase (none waits in a barrier for a rank that gave up): the run stops with
+    the error naming the rank, the step-2 checkpoint intact and still the one --load takes."""
+    from test_train import _torchrun_cli
+
+    ck = tmp_path / "ck"
+    proc = _torchrun_cli(["train", *RUN_ARGS, "--steps", "4", "--eval-interval", "100",
+                          "--data", prepared["prefix"], "--save", str(ck), "--receipt", str(tmp_path / "r.json"),
+                          "--test-fault", "fail:save:4:1"], prepared["tmp"] / "cache")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "checkpoint of step 4 could not be written" in out, out[-3000:]
+    assert "injected I/O error at save of step 4 on rank 1 (rank 1)" in out
+    assert f"the last good checkpoint {ck / 'iter_0000002'} is intact" in out
+    assert sorted(p.name for p in ck.iterdir()) == ["iter_0000002", checkpoint.TRACKER]
+    assert checkpoint.find_checkpoint(str(ck)) == (ck / "iter_0000002", 2)

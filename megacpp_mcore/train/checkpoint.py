@@ -207,52 +207,74 @@ def _failure_reason(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+class _PhaseFailed(Exception):
+    """A save phase failed on some rank; raised on every rank with that rank's reason."""
+
+
+def _phase(work: Callable[[], None] | None) -> None:
+    """Runs ``work`` (None: nothing on this rank), then agrees with every rank on the outcome: a
+    collective, so that a rank whose part failed does not leave the others waiting in a barrier.
+    Raises :class:`_PhaseFailed` on every rank when any rank failed (the lowest failing rank's
+    reason)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reason = None
+    if work is not None:
+        try:
+            work()
+        except (OSError, CheckpointException) as exc:
+            reason = _failure_reason(exc)
+    world = torch.distributed.get_world_size()
+    reasons: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(reasons, reason)
+    failed = [(rank, text) for rank, text in enumerate(reasons) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        raise _PhaseFailed(text if world == 1 else f"{text} (rank {rank})")
+
+
 def save_checkpoint(directory: str, chunks, optimizer, scheduler, *, step: int, consumed: int,
                     model: ModelConfig, metadata: dict | None = None,
                     hook: Callable[[str], None] | None = None) -> Path:
     """``directory/iter_<step>``, written atomically (module docstring); ``metadata`` (JSON) goes
     into the marker. ``hook(phase)`` runs on every rank at ``"save"`` (all files written, nothing
-    published) and ``"publish"`` (renamed, tracker not yet updated): the fault tests' kill points.
-    Raises :class:`CheckpointError` when the files cannot be written."""
+    published) and ``"publish"`` (renamed, tracker not yet updated): the fault tests' kill points;
+    an ``OSError`` it raises fails the save like a failed write.
+    Raises :class:`CheckpointError` on every rank when the files cannot be written on any rank (the
+    ranks agree after each phase, so none is left waiting for one that failed)."""
     from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
 
     root = Path(directory)
     final = iteration_path(root, step)
     partial = root / f".{final.name}{PARTIAL_SUFFIX}"
-    rank = torch.distributed.get_rank()
+    rank0 = torch.distributed.get_rank() == 0
     marker = {"format": MARKER_FORMAT, "complete": True, "step": step, "consumed_samples": consumed,
               "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "flags": [],
               **(metadata or {})}
+
+    def prepare():
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        partial.mkdir()
+
     try:
-        if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(root)
-            partial.mkdir()
-        torch.distributed.barrier()
+        _phase(prepare if rank0 else None)
         state = _sharded_state(chunks, optimizer, scheduler, step=step, consumed=consumed,
                                is_loading=False, model=model)
-        dist_checkpointing.save(state, str(partial))
-        torch.distributed.barrier()
-        compat.write_legacy_common_file(str(partial))  # 0.19 -> 0.16: see its docstring
-        torch.distributed.barrier()
-        if hook:
-            hook("save")
-        if rank == 0:
-            _publish(partial, final, marker)
-        torch.distributed.barrier()
-        if hook:
-            hook("publish")
-        if rank == 0:  # Megatron-LM's tools read the tracker; our loader does not need it
-            storage.write_atomic(root / TRACKER, f"{step}\n")
-    except (OSError, CheckpointException) as exc:
-        if rank == 0:
+        _phase(lambda: dist_checkpointing.save(state, str(partial)))
+        _phase(lambda: compat.write_legacy_common_file(str(partial)))  # 0.19 -> 0.16: its docstring
+        _phase(hook and (lambda: hook("save")))
+        _phase((lambda: _publish(partial, final, marker)) if rank0 else None)
+        _phase(hook and (lambda: hook("publish")))
+        # Megatron-LM's tools read the tracker; our loader does not need it
+        _phase((lambda: storage.write_atomic(root / TRACKER, f"{step}\n")) if rank0 else None)
+    except _PhaseFailed as exc:
+        if rank0:
             shutil.rmtree(partial, ignore_errors=True)
         good = complete_checkpoints(root)
         last = f"the last good checkpoint {good[-1][1]} is intact" if good else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint of step {step} could not be written to {final}: "
-                              f"{_failure_reason(exc)}; {last}") from None
-    torch.distributed.barrier()
+                              f"{exc}; {last}") from None
     return final
 
 

@@ -9,6 +9,9 @@ Spec: comma-separated items
   ``step`` (step STEP's gradients computed, its update not applied), ``eval`` (the validation
   after step STEP, after its first batch), ``save`` (checkpoint of step STEP fully written, not yet
   published) or ``publish`` (checkpoint published, the tracker not yet updated);
+- ``fail:PHASE:STEP[:RANK]``: an I/O error (``OSError`` EIO) at ``PHASE`` (``save`` or
+  ``publish``, as above) of the checkpoint of ``STEP``, on rank ``RANK`` only (default: every
+  rank): a save that fails on one node;
 - ``nan:STEP``: a NaN in step STEP's gradients (a non-finite step);
 - ``spike:STEP``: Gaussian noise (std 1) added to every weight before step STEP (a loss spike;
   CPU fp32 runs, where the optimizer steps the model's own parameters).
@@ -17,11 +20,14 @@ Spec: comma-separated items
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 
 PHASES = ("step", "eval", "save", "publish")
-GRAMMAR = "kill:{step|eval|save|publish}:STEP, nan:STEP or spike:STEP, comma-separated"
+SAVE_PHASES = ("save", "publish")
+GRAMMAR = ("kill:{step|eval|save|publish}:STEP, fail:{save|publish}:STEP[:RANK], nan:STEP or "
+           "spike:STEP, comma-separated")
 
 
 def _step(item: str, text: str) -> int:
@@ -35,29 +41,47 @@ class FaultPlan:
     """The faults to inject into one run (see the module docstring)."""
 
     kills: frozenset[tuple[str, int]] = frozenset()
+    fails: frozenset[tuple[str, int, int | None]] = frozenset()  # (phase, step, rank or None: all)
     nans: frozenset[int] = frozenset()
     spikes: frozenset[int] = frozenset()
 
     @classmethod
     def parse(cls, spec: str | None) -> "FaultPlan":
         """The plan of ``spec``; ``ValueError`` naming a malformed item."""
-        kills, nans, spikes = set(), set(), set()
+        kills, fails, nans, spikes = set(), set(), set(), set()
         for item in (spec or "").split(","):
             if not item:
                 continue
             kind, *rest = item.split(":")
             if kind == "kill" and len(rest) == 2 and rest[0] in PHASES:
                 kills.add((rest[0], _step(item, rest[1])))
+            elif kind == "fail" and len(rest) in (2, 3) and rest[0] in SAVE_PHASES:
+                rank = None
+                if len(rest) == 3:
+                    if not rest[2].isdigit():
+                        raise ValueError(f"--test-fault item {item!r}: rank {rest[2]!r} is not an "
+                                         f"int >= 0; allowed: {GRAMMAR}")
+                    rank = int(rest[2])
+                fails.add((rest[0], _step(item, rest[1]), rank))
             elif kind in ("nan", "spike") and len(rest) == 1:
                 (nans if kind == "nan" else spikes).add(_step(item, rest[0]))
             else:
                 raise ValueError(f"--test-fault item {item!r} is malformed; allowed: {GRAMMAR}")
-        return cls(kills=frozenset(kills), nans=frozenset(nans), spikes=frozenset(spikes))
+        return cls(kills=frozenset(kills), fails=frozenset(fails), nans=frozenset(nans),
+                   spikes=frozenset(spikes))
 
     def kill_at(self, phase: str, step: int) -> None:
         """SIGKILLs this process when the plan kills at ``phase`` of ``step``."""
         if (phase, step) in self.kills:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def at_save(self, phase: str, step: int) -> None:
+        """At ``phase`` of the checkpoint of ``step``: the planned kill, or the planned I/O error
+        on this rank."""
+        self.kill_at(phase, step)
+        rank = int(os.environ.get("RANK", "0"))
+        if (phase, step, None) in self.fails or (phase, step, rank) in self.fails:
+            raise OSError(errno.EIO, f"injected I/O error at {phase} of step {step} on rank {rank}")
 
     def before_update(self, step: int, grads) -> None:
         """Between step ``step``'s backward and its update; ``grads`` are the gradient tensors."""

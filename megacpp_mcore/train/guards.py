@@ -73,7 +73,7 @@ class RunGuards:
     def saving(self, step: int) -> tuple[dict[str, Any], Callable[[str], None]]:
         """The marker metadata and the phase hook of the checkpoint of ``step`` in ``cfg.save``."""
         meta = {"run": self.signature, **self.checks.saving(step, iteration_path(self.cfg.save, step))}
-        return meta, lambda phase: self.faults.kill_at(phase, step)
+        return meta, lambda phase: self.faults.at_save(phase, step)
 
     @property
     def nonfinite_steps(self) -> int:
