@@ -10,6 +10,8 @@
 #                                                   #   mod-pretrain flexidepth stage-ab lite-mtp2 generate
 # A fresh machine compiles Triton kernels for 2-3 minutes before the first step of a hybrid model:
 # keep the pretrain_gpt parts in one call after a warm-up, or give them a call of their own.
+# Through the device tool, run it with scripts/h200_session.sh (deadline, Megatron-LM checkout,
+# mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
 OUT=${OUT:-./h200}
 PARTS=${*:-tests ae mod mtp moda}

@@ -60,7 +60,8 @@ def test_recipes_present():
                                           "nam56r_tiny_cpu.sh"]
 
 
-@pytest.mark.parametrize("script", [*RECIPES, REPO / "recipes" / "lib.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*RECIPES, REPO / "recipes" / "lib.sh", *sorted((REPO / "scripts").glob("*.sh"))],
+                         ids=lambda p: p.name)
 def test_bash_syntax_and_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     shellcheck = shutil.which("shellcheck")
