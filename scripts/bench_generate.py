@@ -24,6 +24,14 @@ CUDA the last column counts the synchronising CUDA calls per decode step (``torc
 debug mode over two run lengths): 0 for plain decoding, 1 per speculative step (the accepted
 length), more where a layer fell back to Megatron's MoE (the engine logs which).
 
+Host work: ``torch ops/step`` counts the operator calls of a decode step at torch's dispatcher
+(device-independent); ``host-bound vs plain`` is the speed-up speculative decoding would reach if
+a step's time were that count alone (tokens per step over the step's ops relative to plain's).
+Drafting runs the MTP block (one ``A`` and one ``E`` sub-layer, the head) per draft, so on a
+shallow trunk it costs a large share of a plain step: on the 12-layer tiny/lite pattern a plain
+step is ~1,130 ops and each draft ~240 (CPU count, docs/benchmarks.md), which caps K=1 at x1.56
+with every draft accepted while the step is host-bound.
+
 Not measured: CUDA graphs of the decode step (the decode code has none yet).
 """
 
@@ -162,6 +170,44 @@ def syncs_per_step(engine, rows, *, k: int, sampling) -> float | None:
     return (c2 - c1) / (s2 - s1) if s2 > s1 else None
 
 
+def ops_per_step(engine, rows, *, k: int, sampling) -> float | None:
+    """Torch operator calls per decode step (counted at the dispatcher; two run lengths cancel the
+    prefill's): the host work of a step, the same on every device. Where each call costs the host
+    about the same (decode at small batch is host-bound: ~17 us per call on the H200 host), the
+    step time follows this count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megacpp_mcore.infer import generate
+
+    class _Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    try:
+        for new_tokens in (8, 24):
+            _Count.calls = 0
+            with _Count():
+                run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+            counts.append((_Count.calls, run.steps))
+    except Exception as exc:  # a diagnostic: never fails the benchmark
+        print(f"[bench_generate] op count unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    (c1, s1), (c2, s2) = counts
+    return (c2 - c1) / (s2 - s1) if s2 > s1 else None
+
+
+def host_bound(spec: dict, plain: dict) -> float | None:
+    """The speed-up speculative decoding would reach if a step's time were its op count alone:
+    tokens per step over the step's ops relative to a plain step's."""
+    if not spec.get("ops_per_step") or not plain.get("ops_per_step") or not spec["steps"]:
+        return None
+    return (spec["decode_tokens"] / spec["steps"]) / (spec["ops_per_step"] / plain["ops_per_step"])
+
+
 def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling):
     """The fastest of ``repeats`` runs (after one short warm-up run)."""
     from megacpp_mcore.infer import generate
@@ -192,10 +238,12 @@ def measure(engine, args) -> list[dict]:
         plain = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats,
                       sampling=sampling)
         base = plain.decode_tokens_per_s
-        results.append({"batch": batch, "k": 0, "tokens_per_s": base, "speedup": 1.0,
-                        "ms_per_step": 1e3 * plain.decode_s / max(plain.steps, 1),
-                        "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
-                        **plain.summary()})
+        plain_row = {"batch": batch, "k": 0, "tokens_per_s": base, "speedup": 1.0,
+                     "ms_per_step": 1e3 * plain.decode_s / max(plain.steps, 1),
+                     "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
+                     "ops_per_step": ops_per_step(engine, rows, k=0, sampling=sampling),
+                     **plain.summary()}
+        results.append(plain_row)
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s", flush=True)
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -204,8 +252,10 @@ def measure(engine, args) -> list[dict]:
                    "speedup": spec.decode_tokens_per_s / base,
                    "ms_per_step": 1e3 * spec.decode_s / max(spec.steps, 1),
                    "syncs_per_step": syncs_per_step(engine, rows, k=k, sampling=sampling),
+                   "ops_per_step": ops_per_step(engine, rows, k=k, sampling=sampling),
                    "identical": spec.tokens == plain.tokens,
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
+            row["host_bound_speedup"] = host_bound(row, plain_row)
             results.append(row)
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
@@ -231,16 +281,18 @@ def _rates(rates) -> str:
 def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print(f"\n{description}; {stack}")
     print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
-          "| accepted/step | identical | host syncs/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
         same = "-" if not r["k"] else ("yes" if r["identical"] else
                                         f"NO ({r['agreeing_prefix']:.0%} agree)")
         syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}"
+        ops = "-" if r["ops_per_step"] is None else f"{r['ops_per_step']:.0f}"
+        bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
         print(f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
-              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} |")
+              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} |")
 
 
 def main(argv=None) -> int:
