@@ -21,6 +21,7 @@ attention instead (``AE`` needs it on the nam56r presets). On the other FlexiDep
 runs on every token and rows are selected (no saving).
 
     python scripts/bench_flexidepth.py --skip-rate 0.3 --out flexidepth_bench.json
+    python scripts/bench_flexidepth.py --skip-rates RUN/receipt.json  # the rates a fine-tune trained to
     python scripts/bench_flexidepth.py --cpu-smoke    # CPU, local backend, tiny model: timings mean nothing
 """
 
@@ -49,6 +50,10 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's; --cpu-smoke: 64)")
     p.add_argument("--batch", type=int, default=2, help="sequences per forward")
     p.add_argument("--skip-rate", type=float, default=0.3, help="fraction of tokens each FlexiDepth layer skips")
+    p.add_argument("--skip-rates", default=None, metavar="RECEIPT|I:RATE,...",
+                   help="per-layer skip rates instead: a `megacpp-mcore train` receipt of a FlexiDepth "
+                        "run (its trained rates per layer index) or index:rate pairs; layers not named "
+                        "take --skip-rate")
     p.add_argument("--hard-skip-symbols", default="E", help="FlexiDepthConfig.hard_skip_symbols (default E)")
     p.add_argument("--adapter", default="mlp", choices=("mlp", "linear", "none"))
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
@@ -68,12 +73,39 @@ def _args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     if not 0.0 <= args.skip_rate < 1.0:
         _fail(f"--skip-rate {args.skip_rate} is out of range; allowed: 0 <= rate < 1")
+    args.layer_rates = _layer_rates(args.skip_rates) if args.skip_rates else {}
     for name in ("batch", "iters"):
         if getattr(args, name) < 1:
             _fail(f"--{name} {getattr(args, name)} must be >= 1")
     if args.warmup < 0:
         _fail(f"--warmup {args.warmup} must be >= 0")
     return args
+
+
+def _layer_rates(spec: str) -> dict[int, float]:
+    """``--skip-rates``: {layer index: rate} from a receipt's FlexiDepth statistics
+    (``stats.flexidepth.skip_rate_per_layer``, what the run trained to) or from ``I:RATE`` pairs."""
+    path = Path(spec)
+    if path.is_file():
+        try:
+            rates = json.loads(path.read_text())["stats"]["flexidepth"]["skip_rate_per_layer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            _fail(f"--skip-rates {spec}: not a receipt of a FlexiDepth run (no "
+                  "stats.flexidepth.skip_rate_per_layer)")
+        pairs = list(rates.items())
+    else:
+        pairs = [item.split(":", 1) for item in spec.split(",") if item]
+    out = {}
+    for pair in pairs:
+        try:
+            index, rate = int(pair[0]), float(pair[1])
+        except (ValueError, IndexError):
+            _fail(f"--skip-rates {spec!r}: {':'.join(map(str, pair))!r} is not INDEX:RATE; allowed: a "
+                  "receipt path or index:rate pairs, e.g. 1:0.5,3:0.6")
+        if not 0.0 <= rate < 1.0 or index < 0:
+            _fail(f"--skip-rates: layer {index} rate {rate}; allowed: index >= 0, 0 <= rate < 1")
+        out[index] = min(rate, 0.999)
+    return out
 
 
 def _models(args):
@@ -91,13 +123,22 @@ def _models(args):
     return dense, dense.replace(name=f"{base.name}-bench-flexidepth", features={**dense.features, "flexidepth": fd})
 
 
-def _calibrate(gpt, tokens, positions, rate: float) -> None:
-    """Sets every FlexiDepth layer's router bias so that ``rate`` of its tokens skip (docstring)."""
+def _calibrate(gpt, tokens, positions, rate: float, layer_rates: dict[int, float]) -> None:
+    """Sets every FlexiDepth layer's router bias so that ``rate`` of its tokens skip, or the rate
+    ``layer_rates`` gives its layer index (docstring)."""
     import torch
 
     from megacpp_mcore.features.flexidepth import FlexiDepthLayer
 
+    flexi = {index: layer for index, layer in enumerate(gpt.decoder.layers) if isinstance(layer, FlexiDepthLayer)}
+    unknown = sorted(set(layer_rates) - set(flexi))
+    if unknown:
+        _fail(f"--skip-rates names layers {unknown}, which carry no FlexiDepth in this model; its "
+              f"FlexiDepth layers: {sorted(flexi)}")
+    rates = {id(layer): layer_rates.get(index, rate) for index, layer in flexi.items()}
+
     def hook(layer, args, kwargs):
+        rate = rates[id(layer)]
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         router = layer.flexidepth.router
         logits, _ = layer.flexidepth(x)  # [s, b, 1] fp32
@@ -106,8 +147,7 @@ def _calibrate(gpt, tokens, positions, rate: float) -> None:
         with torch.no_grad():  # u + b < logit(tau) on a fraction `rate` of the tokens u
             router.bias.fill_(cut - torch.quantile(unbiased, rate).item())
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True)
-               for layer in gpt.decoder.layers if isinstance(layer, FlexiDepthLayer)]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in flexi.values()]
     try:
         with torch.no_grad():
             gpt(tokens, positions, None)
@@ -185,7 +225,7 @@ def run(args) -> dict:
         seq = dense_cfg.seq_length
         tokens = torch.randint(0, dense_cfg.vocab_size, (args.batch, seq), generator=gen).to(dev)
         positions = torch.arange(seq, device=dev).unsqueeze(0).expand_as(tokens)
-        _calibrate(hard, tokens, positions, args.skip_rate)
+        _calibrate(hard, tokens, positions, args.skip_rate, args.layer_rates)
         layers = [(i, layer) for i, layer in enumerate(hard.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
         for _, layer in layers:
             layer.megacpp_set_step(0)
@@ -199,7 +239,8 @@ def run(args) -> dict:
     return {"preset": args.preset, "num_layers": dense_cfg.num_layers, "hidden_size": dense_cfg.hidden_size,
             "batch": args.batch, "seq_length": seq, "backend": backend,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else "cpu",
-            "requested_skip_rate": args.skip_rate, "hard_skip_symbols": args.hard_skip_symbols,
+            "requested_skip_rate": args.skip_rate, "requested_per_layer": args.layer_rates,
+            "hard_skip_symbols": args.hard_skip_symbols,
             "gathering_layers": [i for i, layer in layers if layer.gathers],
             "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
@@ -216,8 +257,10 @@ def main(argv=None) -> int:
     result = run(args)
     print(f"{result['preset']} ({result['num_layers']} layers, h={result['hidden_size']}), batch "
           f"{result['batch']} x {result['seq_length']}, {result['backend']} on {result['device']}")
-    print(f"FlexiDepth skip rate {result['flexidepth_skip_rate']:.3f} (requested {args.skip_rate}), gathering "
+    requested = args.skip_rates or args.skip_rate
+    print(f"FlexiDepth skip rate {result['flexidepth_skip_rate']:.3f} (requested {requested}), gathering "
           f"layers {result['gathering_layers']}, mean layers used {result['mean_layers_used']:.2f}")
+    print("  per layer: " + ", ".join(f"{i}: {r:.2f}" for i, r in result["skip_rate_per_layer"].items()))
     print(f"forward median: dense {1e3 * result['median_s']['dense']:.2f} ms, hard skip "
           f"{1e3 * result['median_s']['hard']:.2f} ms, ratio {result['ratio']:.3f} (target <= 0.85)")
     for name, spread in result["spread_s"].items():

@@ -676,7 +676,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     assert 0.2 < refs[0]["eval_layers_skipped"] < 3.8 and 0.1 < refs[1]["eval_layers_skipped"] < 1.9
 
 
-def test_bench_script_cpu_smoke(tmp_path, monkeypatch):
+def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
     """scripts/bench_flexidepth.py on CPU with a tiny model: the calibrated skip rate is reached on
     every FlexiDepth layer, the E layers gather, the ratio is reported (timings mean nothing on CPU)."""
     import json
@@ -698,6 +698,21 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "1.0"])
     assert exc.value.code == 2
+    # per-layer rates, as a FlexiDepth run's receipt records what it trained to (layers 0..3 here)
+    receipt = tmp_path / "receipt.json"
+    receipt.write_text(json.dumps({"stats": {"flexidepth": {"skip_rate_per_layer": {"1": 0.5, "3": 0.75}}}}))
+    for spec in (str(receipt), "1:0.5,3:0.75"):
+        assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--skip-rates", spec,
+                                      "--out", str(out)]) == 0
+        rates = json.loads(out.read_text())["skip_rate_per_layer"]
+        for layer, want in {"0": 0.25, "1": 0.5, "2": 0.25, "3": 0.75}.items():
+            assert abs(rates[layer] - want) <= 2 / 128, (layer, rates)
+    for bad, message in (("1:x", "is not INDEX:RATE"), ("7:0.5", "names layers [7], which carry no"),
+                         ("1:1.5", "rate 1.5"), (str(tmp_path / "bench.json"), "not a receipt")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            bench_flexidepth.main(["--cpu-smoke", "--skip-rates", bad])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("feature", ["flexidepth-hard", "mod-topk"])
