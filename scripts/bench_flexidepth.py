@@ -15,10 +15,10 @@ are timed interleaved (after their warm-ups) so that drift of a shared machine h
 spread (min/median/max) and the host time of each are printed. ``--hard-skip-symbols``:
 the layers whose block really runs on the kept tokens only (default ``E``, the per-token blocks;
 ``AE`` also runs attention on each sequence's kept tokens, which changes what they attend to).
-MLA attention, as in the nam56r presets, computes its rotary embedding from its input's length, so
-FlexiDepth refuses hard skip on MLA ``A`` layers; ``--no-mla`` times the preset with standard
-attention instead (``AE`` needs it on the nam56r presets). On the other FlexiDepth layers the block
-runs on every token and rows are selected (no saving).
+MLA attention, as in the nam56r presets, is handed the kept tokens' own positions (it builds its
+rotary table inside; its fused RoPE is refused with hard skip on ``A``); ``--no-mla`` times the
+preset with standard attention instead. On the other FlexiDepth layers the block runs on every
+token and rows are selected (no saving).
 
     python scripts/bench_flexidepth.py --skip-rate 0.3 --out flexidepth_bench.json
     python scripts/bench_flexidepth.py --skip-rates RUN/receipt.json  # the rates a fine-tune trained to
@@ -210,8 +210,8 @@ def run(args) -> dict:
             config = runtime.transformer_config(cfg, runtime.Parallelism(), bf16=not args.cpu_smoke)
             try:
                 (built[name],) = runtime.build_model(cfg, config, backend=backend, wrap_ddp=False)
-            except ValueError as exc:  # e.g. hard skip on MLA attention: one line, exit 2
-                _fail(f"{exc} (--no-mla times the preset with standard attention)")
+            except ValueError as exc:  # e.g. hard skip on MLA with fused RoPE: one line, exit 2
+                _fail(str(exc))
         dense, hard = built["dense"].eval(), built["hard"].eval()
         missing, unexpected = hard.load_state_dict(dense.state_dict(), strict=False)
         assert not unexpected and all(".flexidepth." in k or k.endswith("_extra_state") for k in missing)

@@ -34,7 +34,7 @@ for part in $PARTS; do
     flexidepth) trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
                 { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --iters 20 \
                     --out "$OUT/flexidepth-trained.json" &&
-                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --no-mla \
+                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE \
                     --iters 20 --out "$OUT/flexidepth-trained-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols E --iters 20 \
                     --out "$OUT/flexidepth.json"; } >"$OUT/flexidepth.log" 2>&1 ;;

@@ -716,27 +716,52 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("feature", ["flexidepth-hard", "mod-topk"])
-def test_gathers_on_mla_attention_are_refused(single_rank, feature):
-    """A per-token gather on an MLA ``A`` layer is refused at build time, naming the layer and the
-    remedy: MLA computes RoPE from the length it is given, so gathered tokens would be rotated as
-    positions 0..k-1. The same gather on the E layers of the same model builds."""
+def test_gathers_on_mla_attention_rotate_at_own_positions(single_rank, feature):
+    """A per-token gather on an MLA ``A`` layer hands MLA the gathered tokens' own positions
+    (``TokenPositions``: MLA builds its rotary table from the length it is given, so without them
+    the kept tokens would be rotated as positions 0..k-1; ``test_mla`` checks the rotation against
+    the plain-torch MLA): per sequence, its kept positions in order, out of the whole length. MLA's
+    fused RoPE (one table for the sequence) is refused at build time, naming the switch."""
     from megacpp_mcore.features.mod import MoDConfig
+    from megacpp_mcore.layers.mla import TokenPositions
     from megacpp_mcore.models.presets import MLAConfig
     from megacpp_mcore.train import runtime
 
     mla = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16)
-
-    def build(symbols: str):
-        if feature == "mod-topk":
-            features = {"mod": MoDConfig(mode="topk", capacity=0.5, placement=FeaturePlacement(symbols=symbols))}
-        else:
-            features = {"flexidepth": FlexiDepthConfig(inference="hard", hard_skip_symbols=symbols)}
-        model = custom_model(**{**_BASE, "mla": mla}, moe=None, features=features)
-        return runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
-                                   backend="local", wrap_ddp=False)
-
+    if feature == "mod-topk":
+        features = {"mod": MoDConfig(mode="topk", capacity=0.5, placement=FeaturePlacement(symbols="AE"))}
+    else:
+        features = {"flexidepth": FlexiDepthConfig(inference="hard", hard_skip_symbols="AE",
+                                                   router_init_std=0.5)}
+    model = custom_model(**{**_BASE, "mla": mla}, moe=None, features=features)
     owner = "MoD topk" if feature == "mod-topk" else "FlexiDepth hard skip"
-    with pytest.raises(ValueError, match=rf"layer 0 \('A'\) uses MLA with {owner}: .*positions 0\.\.k-1"):
-        build("AE")
-    (chunk,) = build("E")
-    assert len(chunk.decoder.layers) == 4
+    # (the local backend refuses MLA's fused RoPE itself, before any feature: the guard alone)
+    from types import SimpleNamespace
+
+    from megacpp_mcore.features.mod.rope import check_mla_gather
+
+    fused = SimpleNamespace(symbol="A", index=0, has=lambda name: name == "mla",
+                            config=SimpleNamespace(apply_rope_fusion=True))
+    with pytest.raises(ValueError, match=rf"layer 0 \('A'\) uses MLA with fused RoPE .* and {owner}: "
+                                         r".*--no-rope-fusion"):
+        check_mla_gather(fused, owner)
+    check_mla_gather(SimpleNamespace(**{**vars(fused), "config": SimpleNamespace(apply_rope_fusion=False)}), owner)
+    (chunk,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
+                                   backend="local", wrap_ddp=False)
+    chunk.eval()
+    seen = []
+    attention = chunk.decoder.layers[0].self_attention
+    attention.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["rotary_pos_emb"]),
+                                        with_kwargs=True)
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = chunk(tokens, torch.arange(32).expand_as(tokens), None)
+    assert torch.isfinite(out).all()
+    (rope,) = seen
+    assert isinstance(rope, TokenPositions) and rope.length == 32
+    k = rope.index.shape[0]
+    assert 0 < k < 32
+    for b in range(2):  # each sequence's positions ascend (causal order), within the sequence
+        row = rope.index[:, b]
+        kept = row[: int((row[1:] > row[:-1]).long().cumprod(0).sum()) + 1]
+        assert torch.equal(kept, kept.sort().values) and int(row.max()) < 32 and len(kept) > 1

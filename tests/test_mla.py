@@ -430,3 +430,27 @@ def test_te_same_loss_as_upstream_te_mla_spec():
     assert result["backend"] == "te"
     assert "LatentTEDotProductAttention" in result["attention_modules"]["ours"]
     assert result["loss_match"], result["step0_loss"]
+
+
+@pytest.mark.parametrize("rope_type", ["rope", "yarn"])
+def test_gathered_tokens_rotate_at_their_own_positions(single_rank, rope_type):
+    """``rotary_pos_emb=TokenPositions(index, length)`` (MoD top-k, FlexiDepth hard skip hand MLA
+    tokens gathered from a longer sequence): each token is rotated at its own position, per
+    sequence; the plain-torch reference with those positions gives the same output (YaRN at factor
+    1, Megatron-LM's MLA default, is plain RoPE)."""
+    from megacpp_mcore.layers.mla import TokenPositions
+
+    model = _model()
+    layer = _layer(model, _config(model, rope_type=rope_type, rotary_scaling_factor=1.0))
+    torch.manual_seed(0)
+    ref = ReferenceMLA(hidden=64, heads=4, **MLA_DIMS)
+    layer.load_state_dict(ref.megatron_state_dict(), strict=False)
+    index = torch.tensor([[0, 1], [3, 2], [4, 7], [9, 8], [15, 13]])  # [k, b]: kept positions, in order
+    x = torch.randn(5, 2, 64)
+    out, _ = layer(x, attention_mask=None, rotary_pos_emb=TokenPositions(index, length=16))
+    for b in range(2):
+        expected = ref.attention(x[:, b:b + 1], index[:, b])
+        torch.testing.assert_close(out[:, b:b + 1], expected, atol=1e-5, rtol=1e-5)
+    assert "rotary_pos_emb" not in layer.self_attention.__dict__  # the module is back
+    plain, _ = layer(x, attention_mask=None)  # positions 0..4: what the gather used to give
+    assert not torch.allclose(plain, out, atol=1e-3)

@@ -280,10 +280,45 @@ def te_core_attention_class() -> type:
     return LatentTEDotProductAttention
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenPositions:
+    """The positions ``index`` ``[k, b]`` (long) of ``k`` tokens per sequence gathered from a
+    sequence of ``length`` (MoD top-k, FlexiDepth hard skip), handed to MLA as its
+    ``rotary_pos_emb``: MLA builds its rotary table inside the attention from the length of what it
+    is given, which for gathered tokens would be positions ``0..k-1``."""
+
+    index: torch.Tensor
+    length: int
+
+
+class _GatheredRotary:
+    """Stands in for an MLA attention's rotary module for one forward: the table of the whole
+    sequence, gathered at :class:`TokenPositions` (``[k, b, 1, d]``, which Megatron's unfused
+    ``apply_rotary_pos_emb`` broadcasts over the heads); everything else is the module's."""
+
+    def __init__(self, module, positions: TokenPositions):
+        self._module, self._positions = module, positions
+
+    def __getattr__(self, name):
+        if name == "get_cached_cos_sin":  # the fused MLA RoPE path: refused at build time
+            raise RuntimeError("MLA with gathered tokens needs the unfused RoPE (apply_rope_fusion=False)")
+        return getattr(self._module, name)
+
+    def __call__(self, _seq_len, *args, **kwargs):
+        out = self._module(self._positions.length, *args, **kwargs)  # [L, 1, 1, d] (YaRN: , mscale)
+        table, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        gathered = table[:, 0][self._positions.index]  # [k, b, 1, d]
+        return gathered if rest is None else (gathered, *rest)
+
+
 class LatentSelfAttention(MLASelfAttention):
     """Megatron's ``MLASelfAttention``, accepting constructor kwargs newer upstream layers pass
     (``pp_layer_offset``, ``name``, ...). ``layer_number`` arrives global (pipeline offset applied
-    by ``TransformerLayer``), which is what MLA's core attention and checkpoint keys use."""
+    by ``TransformerLayer``), which is what MLA's core attention and checkpoint keys use.
+
+    ``rotary_pos_emb=TokenPositions(...)`` (gathered tokens: MoD top-k, FlexiDepth hard skip)
+    rotates each token at its own position; any other value goes to upstream unchanged (MLA builds
+    its own table)."""
 
     def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
                  cp_comm_type=None, pg_collection=None, **_newer_upstream_kwargs):
@@ -294,6 +329,17 @@ class LatentSelfAttention(MLASelfAttention):
             # the local down projection is TP-sharded: see _SumRopeKeyGrad
             self.core_attention.rope_key_grad_reduction = (
                 self.config.qk_pos_emb_head_dim, self.pg_collection.tp)
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
+        if not isinstance(rotary_pos_emb, TokenPositions):
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        # an instance attribute shadows the registered submodule for this forward only
+        object.__setattr__(self, "rotary_pos_emb", _GatheredRotary(self._modules["rotary_pos_emb"],
+                                                                   rotary_pos_emb))
+        try:
+            return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            del self.__dict__["rotary_pos_emb"]
 
     def _resolve_qk_norm_config(self, submodules):
         """megatron-core 0.19 asks this hook which Q/KV norms and projections to build; answer

@@ -44,7 +44,6 @@ import dataclasses
 import functools
 
 import torch
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -60,11 +59,9 @@ from megacpp_mcore.features.flexidepth.usage import (
     shard_means,
 )
 from megacpp_mcore.features.mod.rope import (
-    TokenRope,
-    TokenRopeAttention,
     check_gatherable,
-    gather_rope,
-    refuse_mla_gather,
+    check_mla_gather,
+    gathered_rotary,
     with_token_rope,
 )
 from megacpp_mcore.spec import compat
@@ -179,12 +176,8 @@ class FlexiDepthLayer(TransformerLayer):
         route = self._dispatcher.route(x, keep)
         if route.idx.shape[0] == 0:  # every token skips: the block does not run
             return skip, None
-        rope = kwargs.pop("rotary_pos_emb", None)
-        if rope is not None and not isinstance(self.self_attention, IdentityOp):  # E layers: none
-            rope = gather_rope(rope, route.idx, "FlexiDepth hard skip")  # [k, b, 1, d]
-            # plain self-attention (swapped by transform) applies it as a flat [k*b] sequence
-            kwargs["rotary_pos_emb"] = TokenRope(rope) if isinstance(self.self_attention,
-                                                                     TokenRopeAttention) else rope
+        kwargs["rotary_pos_emb"] = gathered_rotary(self.self_attention, kwargs.pop("rotary_pos_emb", None),
+                                                   route.idx, route.full.shape[0], "FlexiDepth hard skip")
         processed, context = super().forward(self._dispatcher.dispatch(route), **kwargs)
         return self._dispatcher.combine(route, processed, skip), context
 
@@ -222,8 +215,7 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             "the attention would see the kept tokens only, so its depth K/V push would miss the "
             f"others; drop {ctx.symbol!r} from hard_skip_symbols (the block then runs on every token)")
     if gather:
-        refuse_mla_gather(ctx, "FlexiDepth hard skip", "drop 'A' from hard_skip_symbols (the "
-                          "attention then runs on every token and the rows are selected)")
+        check_mla_gather(ctx, "FlexiDepth hard skip")
     try:
         module = flexidepth_layer_class(spec.module)
     except ValueError as exc:

@@ -72,7 +72,8 @@ gradient). Other gateskip cases (forced gate, hard-budget eval, dropout, two sea
 ``threshold`` read the router before the block and apply the gate with one ``addcmul`` in the
 bias-dropout-add. A topk layer's attention and MLP run on the ``k`` gathered tokens only; its
 attention (:class:`.rope.TokenRopeAttention`) applies their RoPE as a flat ``[k*b]`` sequence, so
-TE's fused RoPE kernel runs on top-k layers too. On CUDA the fused gateskip seam and the top-k
+TE's fused RoPE kernel runs on top-k layers too; MLA, which builds its own rotary table, is handed
+the tokens' positions (:func:`.rope.gathered_rotary`; its fused RoPE is refused). On CUDA the fused gateskip seam and the top-k
 routing are Triton kernels (:mod:`.kernels`; ``MoDConfig.kernels``, resolved when the layer is
 built). A top-k layer's GPU work is small enough that its host time (Megatron's layer code plus the
 routing, a few ms per layer) exceeds it: where no dense layer before it has built the host a lead
@@ -91,7 +92,7 @@ import functools
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
-from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.identity_op import IdentityFuncOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -105,11 +106,9 @@ from megacpp_mcore.features.mod.gate import (
     triton_kernels,
 )
 from megacpp_mcore.features.mod.rope import (
-    TokenRope,
-    TokenRopeAttention,
     check_gatherable,
-    gather_rope,
-    refuse_mla_gather,
+    check_mla_gather,
+    gathered_rotary,
     with_token_rope,
 )
 from megacpp_mcore.features.mod.stats import MoDStats, TrackerMetrics
@@ -379,13 +378,8 @@ class MoDLayer(TransformerLayer):
         self._stats.record_topk(route.logits, route.idx.unsqueeze(-1))
         if self._to_tracker:
             self._tracker.topk(route.logits, route.idx.unsqueeze(-1))
-        rope = kwargs.pop("rotary_pos_emb", None)
-        if rope is not None and not isinstance(self.self_attention, IdentityOp):  # E layers: no rope
-            rope = gather_rope(rope, route.idx)  # [k, b, 1, d]
-            # plain self-attention (swapped by mod_layer_spec) applies it as a flat [k*b] sequence,
-            # which the fused RoPE kernel takes; other attention gets the [k, b, 1, d] tensor
-            token_rope = isinstance(self.self_attention, TokenRopeAttention)
-            kwargs["rotary_pos_emb"] = TokenRope(rope) if token_rope else rope
+        kwargs["rotary_pos_emb"] = gathered_rotary(self.self_attention, kwargs.pop("rotary_pos_emb", None),
+                                                   route.idx, route.full.shape[0], "MoD topk")
         tokens, weight = self._topk.dispatch(route, self._weight(route.gate))
         processed, context = self._run_inner(tokens, weight, None, **kwargs)
         out = self._topk.combine(route, processed)
@@ -427,8 +421,7 @@ def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             "positions; use MoD mode 'gateskip' or 'threshold' on MoDA layers"
         )
     if config.gathers:
-        refuse_mla_gather(ctx, "MoD topk", "use MoD mode 'gateskip' or 'threshold' on MLA layers, "
-                          "or place topk on E layers only (placement symbols 'E')")
+        check_mla_gather(ctx, "MoD topk")
     try:
         module = mod_layer_class(spec.module)
     except ValueError as exc:

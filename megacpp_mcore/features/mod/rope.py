@@ -126,13 +126,37 @@ def gather_rope(rope, idx: torch.Tensor, owner: str = "MoD topk"):
     return rope[:, 0][idx]  # [k, b, 1, d]
 
 
-def refuse_mla_gather(ctx, owner: str, remedy: str) -> None:
-    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) on an MLA ``A``
-    layer: Megatron's MLA computes its RoPE inside the attention from the length of what it is
-    given, so the gathered tokens would be rotated as positions ``0..k-1`` instead of their own
-    (dense attention takes :class:`TokenRope` instead; MLA has no such entry)."""
-    if ctx.symbol == "A" and ctx.has("mla"):
+def gathered_rotary(attention, rope, idx: torch.Tensor, length: int, owner: str):
+    """The ``rotary_pos_emb`` a gathering layer (``owner``: MoD topk, FlexiDepth hard skip) hands its
+    attention for the ``k`` tokens at ``idx`` ``[k, b]`` of a sequence of ``length``, given the
+    model's ``rope`` (``[s, 1, 1, d]``, or None):
+
+    * MLA builds its own table: :class:`~megacpp_mcore.layers.mla.TokenPositions` (it rotates each
+      token at its own position instead of ``0..k-1``);
+    * self-attention swapped by :func:`with_token_rope`: :class:`TokenRope` of the gathered rows;
+    * other attention: the gathered ``[k, b, 1, d]`` rows; no attention (``E``) or no RoPE: None.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megacpp_mcore.layers.mla import LatentSelfAttention, TokenPositions
+
+    if isinstance(attention, LatentSelfAttention):
+        return TokenPositions(idx, length)
+    if rope is None or isinstance(attention, IdentityOp):
+        return None
+    rope = gather_rope(rope, idx, owner)  # [k, b, 1, d]
+    # plain self-attention applies it as a flat [k*b] sequence, which the fused RoPE kernel takes
+    return TokenRope(rope) if isinstance(attention, TokenRopeAttention) else rope
+
+
+def check_mla_gather(ctx, owner: str) -> None:
+    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) on an MLA ``A`` layer
+    whose RoPE is fused: MLA's fused kernels take one rotary table for the whole sequence, not a
+    position per gathered token (the unfused path takes :class:`TokenPositions`)."""
+    if ctx.symbol == "A" and ctx.has("mla") and getattr(ctx.config, "apply_rope_fusion", False):
         raise ValueError(
-            f"layer {ctx.index} ('A') uses MLA with {owner}: MLA computes RoPE from the gathered "
-            f"length, so the kept tokens would get positions 0..k-1 instead of their own; {remedy}")
+            f"layer {ctx.index} ('A') uses MLA with fused RoPE (apply_rope_fusion=True) and {owner}: "
+            "the fused kernels rotate by one table for the whole sequence, not at each gathered "
+            "token's position; turn RoPE fusion off (pretrain_gpt.py: --no-rope-fusion; "
+            "FastPaths(mla_rope_fusion=False), the default)")
 
