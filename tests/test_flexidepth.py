@@ -28,6 +28,15 @@ def parity_soft():
     return custom_model(**_BASE, moe=None, features={"flexidepth": fd})
 
 
+def parity_mla():
+    """:func:`parity_soft` with MLA on the A layers: hard inference hands MLA the kept tokens' own
+    positions (TokenPositions), under TP=2+SP on the sequence gathered from its shards."""
+    from megacpp_mcore.models.presets import MLAConfig
+
+    mla = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16)
+    return parity_soft().replace(mla=mla)
+
+
 def parity_frozen_moe():
     """Frozen backbone on the MoE E layers (the router and adapters train), usage penalty on."""
     from megacpp_mcore.models.presets import MoEConfig
@@ -654,14 +663,16 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     models): training losses, grad norms and the hard-skip eval loss match."""
     from megacpp_mcore.testing.dist import run_distributed
 
-    models = ["tests.test_flexidepth:parity_soft", "tests.test_flexidepth:parity_frozen_moe"]
+    models = ["tests.test_flexidepth:parity_soft", "tests.test_flexidepth:parity_frozen_moe",
+              "tests.test_flexidepth:parity_mla"]
     ckpts = []
     for i in range(len(models)):
         (tmp_path / str(i)).mkdir()
         ckpts.append(str(tmp_path / str(i)))
     (refs,) = run_distributed("tests.test_flexidepth:run_all", nproc=1, kwargs={"runs": [
         dict(model=m, checkpoint=c, checkpoint_mode="save") for m, c in zip(models, ckpts)]})
-    layouts = [(0, {"tp": 2, "sp": True}), (1, {"tp": 2, "sp": True}), (0, {"pp": 2}), (1, {"pp": 2})]
+    layouts = [(0, {"tp": 2, "sp": True}), (1, {"tp": 2, "sp": True}), (0, {"pp": 2}), (1, {"pp": 2}),
+               (2, {"tp": 2, "sp": True}), (2, {"pp": 2})]
     ranks = run_distributed("tests.test_flexidepth:run_all", nproc=2, kwargs={"runs": [
         dict(model=models[i], parallel=par, checkpoint=ckpts[i], checkpoint_mode="load")
         for i, par in layouts]})
@@ -674,6 +685,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
             assert got["eval_layers_skipped"] == pytest.approx(refs[i]["eval_layers_skipped"], abs=1e-6)
     assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
     assert 0.2 < refs[0]["eval_layers_skipped"] < 3.8 and 0.1 < refs[1]["eval_layers_skipped"] < 1.9
+    assert 0.2 < refs[2]["eval_layers_skipped"] < 3.8  # MLA layers gathered too
 
 
 def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):

@@ -25,6 +25,15 @@ def parity_topk():
     return custom_model(**_BASE, moe=None, features={"mod": mod})
 
 
+def parity_topk_mla():
+    """:func:`parity_topk` with MLA on the A layers (the gathered tokens' own positions reach MLA
+    as TokenPositions; under SP the route is taken on the gathered sequence)."""
+    from megacpp_mcore.models.presets import MLAConfig
+
+    mla = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16)
+    return parity_topk().replace(mla=mla)
+
+
 def parity_gateskip_moe():
     """Every layer gateskip with an active sparsity loss (gates start at ~0.88 > budget 0.5)
     and MoE E layers, whose aux loss must keep flowing through the gate."""
@@ -580,19 +589,19 @@ def test_mod_on_some_layers_of_one_symbol_checkpoints(single_rank, tmp_path):
 # ------------------------------------------------------------------------- TP / SP / PP parity
 @pytest.mark.distributed
 def test_parallel_parity_tp_sp_and_pp(tmp_path):
-    """One 1-rank launch (three MoD models, initial weights saved) and one 2-rank launch
-    (TP=2+SP for all three, PP=2 for topk and gateskip+MoE): losses and grad norms match."""
+    """One 1-rank launch (four MoD models, initial weights saved) and one 2-rank launch (TP=2+SP
+    for all four, PP=2 for topk, topk on MLA and gateskip+MoE): losses and grad norms match."""
     from megacpp_mcore.testing.dist import run_distributed
 
     models = ["tests.test_mod:parity_topk", "tests.test_mod:parity_gateskip_moe",
-              "tests.test_mod:parity_threshold"]
+              "tests.test_mod:parity_threshold", "tests.test_mod:parity_topk_mla"]
     ckpts = []
     for i in range(len(models)):
         (tmp_path / str(i)).mkdir()
         ckpts.append(str(tmp_path / str(i)))
     (refs,) = run_distributed("tests.test_mod:run_all", nproc=1, kwargs={"runs": [
         dict(model=m, steps=3, checkpoint=c, checkpoint_mode="save") for m, c in zip(models, ckpts)]})
-    layouts = [(i, {"tp": 2, "sp": True}) for i in range(3)] + [(0, {"pp": 2}), (1, {"pp": 2})]
+    layouts = [(i, {"tp": 2, "sp": True}) for i in range(4)] + [(0, {"pp": 2}), (1, {"pp": 2}), (3, {"pp": 2})]
     ranks = run_distributed("tests.test_mod:run_all", nproc=2, kwargs={"runs": [
         dict(model=models[i], parallel=par, steps=3, checkpoint=ckpts[i], checkpoint_mode="load")
         for i, par in layouts]})
