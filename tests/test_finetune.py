@@ -164,6 +164,24 @@ def test_usage_heatmap_matches_the_receipt(runs):
             assert tuple(image[4 + r * 14 + 7, left + c * 6 + 3]) == tuple(colormap(np.array(matrix[r, c])))
 
 
+def test_generate_on_the_fine_tuned_checkpoint(runs, capsys):
+    """The checkpoint records how FlexiDepth was configured (the signature only names it per
+    layer): ``generate`` rebuilds the fine-tuned model with the same config and decodes with the
+    router choosing per token (tests/test_infer.py checks those steps against the full forward)."""
+    import json
+
+    from megacpp_mcore.infer import checkpoint as ckpt
+
+    found = ckpt.open_checkpoint(str(runs["ft"]))
+    model = ckpt.resolve_model(found)
+    assert model.name == "custom(AE)+flexidepth"
+    assert model.features["flexidepth"] == FlexiDepthConfig.from_options(FD_OPTIONS)
+    assert cli.main(["generate", "--load", str(runs["ft"]), "--prompt", "int x", "--max-new-tokens",
+                     "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "custom(AE)+flexidepth" and len(report["rows"][0]["tokens"]) >= 1
+
+
 def _cli(argv, capsys):
     code = cli.main(argv)
     return code, capsys.readouterr()

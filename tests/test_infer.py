@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megacpp_mcore.features.flexidepth import FlexiDepthConfig
 from megacpp_mcore.features.mod import MoDConfig
 from megacpp_mcore.features.moda import MoDAConfig
 from megacpp_mcore.models.presets import MLAConfig, ModelConfig, MoEConfig
@@ -39,6 +40,12 @@ def _gateskip():
     return {"mod": MoDConfig(placement=FeaturePlacement(symbols="AE"))}
 
 
+def _flexidepth(inference: str, hard_skip_symbols: str = "E"):
+    """FlexiDepth on A and E with routers that keep some tokens and skip others."""
+    return {"flexidepth": FlexiDepthConfig(inference=inference, hard_skip_symbols=hard_skip_symbols,
+                                           router_init_std=0.5, router_bias_init=0.0)}
+
+
 CASES = {  # name -> (pattern, layers, options): each symbol and feature on its own, then together
     "A": ("A", 2, {}),
     "A-mla": ("A", 2, {"mla": True}),
@@ -49,6 +56,10 @@ CASES = {  # name -> (pattern, layers, options): each symbol and feature on its 
     "mod-gateskip": ("AE", 2, {"features": _gateskip()}),
     "mod-threshold": ("AE", 2, {"features": {"mod": MoDConfig(
         mode="threshold", threshold=0.88, placement=FeaturePlacement(symbols="AE"))}}),
+    "flexidepth-soft": ("AE", 4, {"features": _flexidepth("soft")}),
+    "flexidepth-hard": ("AE", 4, {"moe": True, "features": _flexidepth("hard")}),
+    "flexidepth-hard-gather-A": ("AE", 4, {"features": _flexidepth("hard", "AE")}),
+    "flexidepth-hard-gather-A-mla": ("AE", 4, {"mla": True, "features": _flexidepth("hard", "AE")}),
     "moda": ("AA", 3, {"features": {"moda": MoDAConfig()}}),
     "moda-mla": ("AA", 3, {"mla": True, "features": {"moda": MoDAConfig()}}),
     "AEMR-mla-mod-moda-mtp": ("AEMR", 8, {"mla": True, "moe": True, "mtp": 2, "features": {

@@ -29,36 +29,64 @@ from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.spec import compat
 
 
-class KVCache:
+class _Visibility:
+    """Which cached positions later queries may see, for a layer that hides some (FlexiDepth hard
+    skip that gathers the attention: the positions this layer skipped); ``visible`` is None for
+    every other layer (all positions are keys)."""
+
+    def _init_visibility(self, enabled: bool, capacity: int, batch: int, device) -> None:
+        self.visible = torch.ones(capacity, batch, dtype=torch.bool, device=device) if enabled else None
+
+    def _mark(self, start: int, end: int, visible: torch.Tensor | None) -> None:
+        if self.visible is not None:
+            self.visible[start:end] = True if visible is None else visible
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        """The step's attention mask ``[b, 1, s, end]``, less the hidden keys (a query still sees
+        itself, so that a skipped query's discarded output stays finite)."""
+        mask = ctx.attention_mask()
+        if self.visible is None:
+            return mask
+        keys = torch.arange(ctx.end, device=mask.device)
+        itself = keys[None, :] == ctx.time[:, None]  # [s, end]
+        return mask & (self.visible[:ctx.end].t()[:, None, None, :] | itself[None, None])
+
+
+class KVCache(_Visibility):
     """Rotated keys ``[T, b, g, dk]`` and values ``[T, b, g, dv]`` of a standard attention layer."""
 
-    def __init__(self, attn, batch: int, capacity: int, dtype, device):
+    def __init__(self, attn, batch: int, capacity: int, dtype, device, *, visibility: bool = False):
         g, d = attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head
         self.key = torch.zeros(capacity, batch, g, d, dtype=dtype, device=device)
         self.value = torch.zeros(capacity, batch, g, d, dtype=dtype, device=device)
+        self._init_visibility(visibility, capacity, batch, device)
 
-    def write(self, start: int, key: torch.Tensor, value: torch.Tensor):
-        """Stores the new positions and returns every key/value up to them."""
+    def write(self, start: int, key: torch.Tensor, value: torch.Tensor, visible=None):
+        """Stores the new positions (``visible`` ``[s, b]``: which later queries may see) and
+        returns every key/value up to them."""
         end = start + key.shape[0]
         self.key[start:end] = key
         self.value[start:end] = value
+        self._mark(start, end, visible)
         return self.key[:end], self.value[:end]
 
 
-class LatentCache:
+class LatentCache(_Visibility):
     """MLA's compressed cache: pre-norm KV latent ``[T, b, kv_lora_rank]`` and rotated RoPE key
     ``[T, b, qk_pos_emb_head_dim]`` (shared by all heads), not the expanded K/V."""
 
-    def __init__(self, attn, batch: int, capacity: int, dtype, device):
+    def __init__(self, attn, batch: int, capacity: int, dtype, device, *, visibility: bool = False):
         config = attn.config
         self.latent = torch.zeros(capacity, batch, config.kv_lora_rank, dtype=dtype, device=device)
         self.rope_key = torch.zeros(capacity, batch, config.qk_pos_emb_head_dim, dtype=dtype,
                                     device=device)
+        self._init_visibility(visibility, capacity, batch, device)
 
-    def write(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor):
+    def write(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor, visible=None):
         end = start + latent.shape[0]
         self.latent[start:end] = latent
         self.rope_key[start:end] = rope_key
+        self._mark(start, end, visible)
         return self.latent[:end], self.rope_key[:end]
 
 
@@ -137,7 +165,7 @@ def softmax_scale(attn) -> float:
     return float(scale)
 
 
-def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_config):
+def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_config, visible=None):
     """One standard ``SelfAttention`` over the new positions: ``[s, b, h] -> (out, bias)``.
 
     ``rotary``: the model's ``RotaryEmbedding`` (None without RoPE); ``rope_config``: the config
@@ -149,13 +177,13 @@ def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_
         query = _rotate(query, freqs, mscale, attn, rope_config)
         key = _rotate(key, freqs, mscale, attn, rope_config)
     depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
-    keys, values = cache.write(ctx.start, key, value)
-    out = attend(query, keys, values, ctx.attention_mask(), softmax_scale(attn),
+    keys, values = cache.write(ctx.start, key, value, visible)
+    out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn),
                  depth_key, depth_value)
     return attn.linear_proj(out)
 
 
-def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config):
+def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config, visible=None):
     """One ``MLASelfAttention`` over the new positions with the latent cache: ``(out, bias)``.
 
     The projections, norms and RoPE are MLA's own, in the order ``get_query_key_value_tensors``
@@ -177,7 +205,7 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config):
     rope = compat.mla_rotary_kwargs()
     q_pe = _rotate(q_pe, freqs, mscale, attn, rope_config, **rope)
     k_pe = _rotate(k_pe.unsqueeze(2), freqs, mscale, attn, rope_config, **rope).squeeze(2)
-    latents, rope_keys = cache.write(ctx.start, latent, k_pe)  # [T, b, r], [T, b, pe]
+    latents, rope_keys = cache.write(ctx.start, latent, k_pe, visible)  # [T, b, r], [T, b, pe]
 
     kv, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latents))  # [T, b, np * (qk + dv)]
     k_no_pe, values = torch.split(kv.view(*kv.shape[:2], heads, qk + dv), [qk, dv], dim=-1)
@@ -185,6 +213,6 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config):
     query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
     # MoDA pushes the expanded key of the new positions, as MLA hands it to core attention
     depth_key, depth_value = _moda(attn.core_attention, ctx, keys[ctx.start:], values[ctx.start:])
-    out = attend(query, keys, values, ctx.attention_mask(), float(attn.softmax_scale),
+    out = attend(query, keys, values, cache.mask(ctx), float(attn.softmax_scale),
                  depth_key, depth_value)
     return attn.linear_proj(out)

@@ -26,6 +26,7 @@ from megacpp_mcore.train.checkpoint import (
     check_checkpoint_matches,
     find_checkpoint,
     model_signature,
+    read_added_features,
     read_metadata,
 )
 
@@ -43,6 +44,7 @@ class Checkpoint:
     seq_length: int | None = None
     mtp_depth: int | None = None
     args: Any = None
+    added: dict = dataclasses.field(default_factory=dict)  # fine-tune features (FlexiDepth) and configs
 
 
 def open_checkpoint(directory: str) -> Checkpoint:
@@ -66,8 +68,12 @@ def open_checkpoint(directory: str) -> Checkpoint:
         raise ValueError(f"--load {directory!r}: {path} was written neither by `megacpp-mcore train` "
                          "(no model signature) nor by Megatron-LM's pretrain_gpt.py (no arguments)")
     run = (read_metadata(path) or {}).get("run") or {}
+    try:
+        added = read_added_features(common.get("added_features"))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--load {directory!r}: {path}: {exc}") from None
     return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"),
-                      mtp_depth=common.get("mtp_depth"))
+                      mtp_depth=common.get("mtp_depth"), added=added)
 
 
 def _preset_shapes(signature: dict):
@@ -92,6 +98,18 @@ def _candidates(signature: dict):
             yield model.replace(vocab_size=vocab)
 
 
+def _with_added(model: ModelConfig, added: dict) -> ModelConfig | None:
+    """``model`` with the features a fine-tune added (FlexiDepth, as configured then), named as
+    ``train`` names it; None where they cannot sit on it."""
+    if not added:
+        return model
+    try:
+        return model.replace(name=model.name + "".join(f"+{name}" for name in added),
+                             features={**model.features, **added})
+    except ValueError:
+        return None
+
+
 def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
                   seq_length: int | None = None) -> ModelConfig:
     """The model ``checkpoint`` holds: ``model`` when given (checked against the signature), else
@@ -101,9 +119,12 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
     if checkpoint.args is not None:
         return _resolve_megatron_lm(checkpoint, model, seq_length)
     named = model is not None
-    if not named:
-        model = next((c for c in _candidates(checkpoint.signature)
-                      if model_signature(c) == checkpoint.signature), None)
+    if named:
+        model = _with_added(model, checkpoint.added) or model
+    else:
+        model = next((m for c in _candidates(checkpoint.signature)
+                      for m in [_with_added(c, checkpoint.added)]
+                      if m is not None and model_signature(m) == checkpoint.signature), None)
         if model is None:
             sig = checkpoint.signature
             raise ValueError(

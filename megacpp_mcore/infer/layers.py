@@ -16,7 +16,16 @@ MoD. A MoD layer's router reads the layer input per token, as in training: ``gat
 gives ``x + sigmoid(router(x)) * f(x)``; ``threshold`` and ``topk`` with ``inference="causal"``
 also skip a token exactly where the per-token rule says so. ``gateskip`` with the hard budget and
 ``topk`` with ``inference="soft"`` rank tokens against later tokens of the sequence, which a
-decoder has not seen: refused. FlexiDepth layers are refused (no cached path yet).
+decoder has not seen: refused.
+
+FlexiDepth. The router reads the layer input per token, as the layer does: ``inference="soft"``
+gives ``g * B(x) + (1 - g) * P(x)``, ``"hard"`` gives ``B(x)`` where ``g >= threshold`` and the skip
+path ``P(x)`` elsewhere. Where the layer's hard skip gathers its attention (``A`` in
+``hard_skip_symbols``: the kept tokens attend to the kept tokens only), the attention cache marks
+the positions this layer skipped as invisible to later queries; ``E`` blocks are per token, so
+running them on every new position and selecting equals running them on the kept ones. A gathering
+``M``/``R`` layer (an opted-in placement) is refused: its recurrence would run over the kept
+tokens only.
 """
 
 from __future__ import annotations
@@ -67,13 +76,11 @@ class LayerPlan:
     mod: str | None
     moe: Any = None  # SyncFreeMoE, or None: the layer's own mlp forward
     moe_fallback: str | None = None  # why an MoE layer runs through Megatron's layer
+    flexi: str | None = None  # FlexiDepth: "soft", "hard", or "gather" (hard, attention on kept only)
 
 
 def plan_layer(layer, where: str) -> LayerPlan:
     """The :class:`LayerPlan` of ``layer``; :class:`UnsupportedForInference` when it has none."""
-    if isinstance(layer, FlexiDepthLayer):
-        raise UnsupportedForInference(f"{where}: FlexiDepth layers have no cached inference path "
-                                      "yet; generate with a model without FlexiDepth")
     if not isinstance(layer, TransformerLayer):
         raise UnsupportedForInference(f"{where}: {type(layer).__name__} is not a TransformerLayer")
     slot = layer.self_attention
@@ -103,19 +110,30 @@ def plan_layer(layer, where: str) -> LayerPlan:
                 "tokens of the sequence, which decoding has not seen; allowed for generation: "
                 "gateskip (soft), threshold, topk with inference='causal'")
         mod = allowed[(mode, rule)]
+    flexi = None
+    if isinstance(layer, FlexiDepthLayer):
+        flexi = layer.fd.inference
+        if flexi == "hard" and layer.gathers and mixer is not None:
+            if mixer in ("mamba", "m2rnn"):
+                raise UnsupportedForInference(
+                    f"{where}: FlexiDepth hard skip gathers this {mixer} layer's recurrence over the "
+                    "kept tokens only, which a decoder's per-position state cannot follow; allowed "
+                    "for generation: hard_skip_symbols without M/R, or inference='soft'")
+            flexi = "gather"
     moe, fallback = plan_moe(layer.mlp) if isinstance(layer.mlp, MoELayer) else (None, None)
     return LayerPlan(layer=layer, where=where, mixer=mixer,
                      has_mlp=not isinstance(layer.mlp, IdentityOp), mod=mod, moe=moe,
-                     moe_fallback=fallback)
+                     moe_fallback=fallback, flexi=flexi)
 
 
 def new_state(plan: LayerPlan, batch: int, capacity: int, dtype, device):
     """The layer's empty inference state (``None`` for a stateless layer)."""
     slot = plan.layer.self_attention
+    gathers = plan.flexi == "gather"  # the cache tracks which positions later queries may see
     if plan.mixer == "attention":
-        return attention.KVCache(slot, batch, capacity, dtype, device)
+        return attention.KVCache(slot, batch, capacity, dtype, device, visibility=gathers)
     if plan.mixer == "mla":
-        return attention.LatentCache(slot, batch, capacity, dtype, device)
+        return attention.LatentCache(slot, batch, capacity, dtype, device, visibility=gathers)
     if plan.mixer == "mamba":
         return mixers.new_mamba_state(slot, batch, dtype, device)
     if plan.mixer == "m2rnn":
@@ -123,12 +141,13 @@ def new_state(plan: LayerPlan, batch: int, capacity: int, dtype, device):
     return None
 
 
-def _mixer(plan: LayerPlan, hidden, state, ctx: StepContext, rotary, rope_config, keep: bool):
+def _mixer(plan: LayerPlan, hidden, state, ctx: StepContext, rotary, rope_config, keep: bool,
+           visible=None):
     slot = plan.layer.self_attention
     if plan.mixer == "attention":
-        return attention.attention_step(slot, hidden, state, ctx, rotary, rope_config)
+        return attention.attention_step(slot, hidden, state, ctx, rotary, rope_config, visible)
     if plan.mixer == "mla":
-        return attention.mla_step(slot, hidden, state, ctx, rope_config)
+        return attention.mla_step(slot, hidden, state, ctx, rope_config, visible)
     if plan.mixer == "mamba":
         return mixers.mamba_step(slot, hidden, state, ctx, keep)
     return mixers.m2rnn_step(slot, hidden, state, ctx, keep)
@@ -159,6 +178,18 @@ def _residual(layer, bda_name: str, output_with_bias, residual, gate, mask):
     return mixed if mask is None else torch.where(mask, mixed, residual)
 
 
+def _flexidepth_route(layer: FlexiDepthLayer, hidden: torch.Tensor):
+    """FlexiDepth's score ``[s, b, 1]`` (fp32), keep-mask (takes the block) and skip path ``P(x)``
+    of the new positions, from the layer input (as ``FlexiDepthLayer.forward`` reads it in eval)."""
+    logits, update = layer.flexidepth(hidden)
+    if layer._forced is not None:  # the layer's forced-route hook (tests, ablations)
+        score = torch.full_like(logits, 1.0 if layer._forced == "full" else 0.0)
+    else:
+        score = torch.sigmoid(logits)
+    skip = hidden if update is None else hidden + update
+    return score, score >= layer.fd.threshold, skip
+
+
 def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *, rotary,
               rope_config, keep: bool) -> torch.Tensor:
     """The layer over the new positions ``[s, b, h] -> [s, b, h]``, advancing ``state``.
@@ -167,11 +198,20 @@ def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *,
     ``keep``: recurrent mixers keep per-position states (for a later partial commit)."""
     layer = plan.layer
     gate, mask = _mod_gate(layer, plan.mod, hidden) if plan.mod else (None, None)
+    score = kept = skip = None
+    if plan.flexi:
+        score, kept, skip = _flexidepth_route(layer, hidden)
+    visible = kept[..., 0] if plan.flexi == "gather" else None  # [s, b]: keys later tokens may see
     if plan.mixer is not None:
-        out = _mixer(plan, layer.input_layernorm(hidden), state, ctx, rotary, rope_config, keep)
+        out = _mixer(plan, layer.input_layernorm(hidden), state, ctx, rotary, rope_config, keep, visible)
         hidden = _residual(layer, "self_attn_bda", out, hidden, gate, mask)
     if plan.has_mlp:
         mlp = layer.mlp if plan.moe is None else plan.moe
         out = mlp(layer.pre_mlp_layernorm(hidden))
         hidden = _residual(layer, "mlp_bda", out, hidden, gate, mask)
+    if plan.flexi == "soft":
+        g = score.to(hidden.dtype)
+        return torch.addcmul(hidden * g, skip, 1.0 - g)  # g B(x) + (1 - g) P(x)
+    if plan.flexi:
+        return torch.where(kept, hidden, skip)
     return hidden

@@ -16,6 +16,7 @@ raises :class:`CheckpointError`; the checkpoints before it are never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -103,6 +104,31 @@ def model_signature(model: ModelConfig) -> dict[str, Any]:
 ADDABLE_FEATURES = ("flexidepth",)
 
 
+def added_feature_configs(model: ModelConfig) -> dict[str, dict]:
+    """The configs of the :data:`ADDABLE_FEATURES` ``model`` carries, as plain data for a
+    checkpoint (the signature names a layer's features, not how they were configured: ``generate``
+    rebuilds them with :func:`read_added_features`)."""
+    return {name: dataclasses.asdict(model.features[name]) for name in ADDABLE_FEATURES
+            if name in model.features and dataclasses.is_dataclass(model.features[name])}
+
+
+def read_added_features(saved: dict | None) -> dict[str, Any]:
+    """The feature configs :func:`added_feature_configs` stored (``{}`` for a checkpoint without
+    them); ``ValueError`` naming what cannot be rebuilt."""
+    from megacpp_mcore.features.flexidepth import FlexiDepthConfig
+    from megacpp_mcore.spec.pattern import FeaturePlacement
+
+    out = {}
+    for name, fields in (saved or {}).items():
+        if name != "flexidepth" or not isinstance(fields, dict):
+            raise ValueError(f"the checkpoint records feature {name!r}, which this release cannot "
+                             f"rebuild; allowed: {', '.join(ADDABLE_FEATURES)}")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        placement = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.pop("placement").items()}
+        out[name] = FlexiDepthConfig(**fields, placement=FeaturePlacement(**placement))
+    return out
+
+
 def _signature_diff(saved: dict, wanted: dict) -> list[str]:
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted[k]!r}"
             for k in wanted if k != "layers" and saved.get(k) != wanted[k]]
@@ -163,6 +189,8 @@ def _sharded_state(chunks, optimizer, scheduler, *, step: int, consumed: int, is
         # the trained MTP depth (`train --mtp-depth`): the shared block's weights do not show it, and
         # `generate --speculative K` drafts at most that many tokens (infer.checkpoint reads it)
         "mtp_depth": model.mtp_depth,
+        # how a fine-tune's added features (FlexiDepth) were configured: generate rebuilds them
+        "added_features": added_feature_configs(model),
         # a frozen-backbone fine-tune: resumed only as one (check_checkpoint_matches)
         "frozen_backbone": any(not p.requires_grad for c in chunks for p in c.module.parameters()),
     }
