@@ -265,14 +265,21 @@ def test_sampled_speculative_tokens_follow_the_trunk_distribution(single_rank):
 
 
 def test_refuses_what_has_no_causal_incremental_path(single_rank):
-    """MoD's hard budget and non-causal top-k rank tokens against later ones; K beyond the trained
-    depth and drafting without MTP are refused with the allowed values."""
+    """MoD's hard budget and non-causal top-k rank tokens against later ones, FlexiDepth's hard skip
+    gathering a recurrent layer runs it over kept tokens only; K beyond the trained depth and
+    drafting without MTP are refused with the allowed values."""
     from megacpp_mcore.infer import MTPDrafter, UnsupportedForInference
 
     for mod in (MoDConfig(inference="hard", placement=FeaturePlacement(symbols="A")),
                 MoDConfig(mode="topk", placement=FeaturePlacement(symbols="A"))):
         with pytest.raises(UnsupportedForInference, match="allowed for generation"):
             _model("AE", 2, features={"mod": mod})
+    # FlexiDepth hard skip gathering an opted-in M layer: its recurrence would skip tokens
+    gathered_m = FlexiDepthConfig(inference="hard", hard_skip_symbols="M", allow_on="M",
+                                  placement=FeaturePlacement(symbols="M"))
+    with pytest.raises(UnsupportedForInference, match=r"layer 0: FlexiDepth hard skip gathers this "
+                                                      r"mamba layer.*allowed for generation"):
+        _model("ME", 2, features={"flexidepth": gathered_m})
     engine = _model("AE", 2, mtp=1)
     with pytest.raises(ValueError, match=r"beyond the trained MTP depth 1; allowed: 1\.\.1"):
         MTPDrafter(engine, engine.session(1, 8), 2)
