@@ -758,6 +758,28 @@ def test_gathers_on_mla_attention_rotate_at_own_positions(single_rank, feature):
                                          r".*--no-rope-fusion"):
         check_mla_gather(fused, owner)
     check_mla_gather(SimpleNamespace(**{**vars(fused), "config": SimpleNamespace(apply_rope_fusion=False)}), owner)
+    # context parallelism: each rank holds a slice of the sequence the route gathers from
+    from megacpp_mcore.features.mod.rope import check_gather_layout
+
+    with pytest.raises(ValueError, match=rf"uses {owner} with context_parallel_size=2: .*allowed: "
+                                         r"context_parallel_size=1"):
+        check_gather_layout(SimpleNamespace(symbol="E", index=1, config=SimpleNamespace(context_parallel_size=2)),
+                            owner)
+    # ... and the layer transforms ask it (a config is enough: the refusal comes before any build)
+    import dataclasses
+
+    from megacpp_mcore.features.flexidepth import transform
+    from megacpp_mcore.features.mod import mod_layer_spec
+
+    ctx = _ctx(_config(context_parallel_size=2), "E", features[next(iter(features))]
+               if feature == "flexidepth-hard" else FlexiDepthConfig())
+    plain = _plain_spec(ctx)
+    with pytest.raises(ValueError, match="context_parallel_size=2"):
+        if feature == "mod-topk":
+            mod_layer_spec(plain, dataclasses.replace(ctx, features=frozenset({"mod"}), feature_configs={
+                "mod": features["mod"]}))
+        else:
+            transform(plain, ctx)
     (chunk,) = runtime.build_model(model, runtime.transformer_config(model, runtime.Parallelism()),
                                    backend="local", wrap_ddp=False)
     chunk.eval()

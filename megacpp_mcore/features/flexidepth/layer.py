@@ -60,6 +60,7 @@ from megacpp_mcore.features.flexidepth.usage import (
 )
 from megacpp_mcore.features.mod.rope import (
     check_gatherable,
+    check_gather_layout,
     check_mla_gather,
     gathered_rotary,
     with_token_rope,
@@ -215,6 +216,7 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             "the attention would see the kept tokens only, so its depth K/V push would miss the "
             f"others; drop {ctx.symbol!r} from hard_skip_symbols (the block then runs on every token)")
     if gather:
+        check_gather_layout(ctx, "FlexiDepth hard skip")
         check_mla_gather(ctx, "FlexiDepth hard skip")
     try:
         module = flexidepth_layer_class(spec.module)

@@ -149,6 +149,19 @@ def gathered_rotary(attention, rope, idx: torch.Tensor, length: int, owner: str)
     return TokenRope(rope) if isinstance(attention, TokenRopeAttention) else rope
 
 
+def check_gather_layout(ctx, owner: str) -> None:
+    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) under context
+    parallelism: each rank holds a slice of the sequence (and of the rotary table), while the route
+    gathers positions of the whole sequence."""
+    cp = getattr(ctx.config, "context_parallel_size", 1) or 1
+    if cp > 1:
+        raise ValueError(
+            f"layer {ctx.index} ({ctx.symbol!r}) uses {owner} with context_parallel_size={cp}: the "
+            "route gathers positions of the whole sequence, while each rank holds a slice of it; "
+            "allowed: context_parallel_size=1 (tensor, sequence, pipeline and expert parallelism "
+            "work)")
+
+
 def check_mla_gather(ctx, owner: str) -> None:
     """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) on an MLA ``A`` layer
     whose RoPE is fused: MLA's fused kernels take one rotary table for the whole sequence, not a
