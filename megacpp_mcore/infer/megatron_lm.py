@@ -104,7 +104,7 @@ def _spec_submodules(args, where: str):
 def model_from_args(args, where: str) -> ModelConfig:
     """The :class:`ModelConfig` a ``pretrain_gpt.py`` run built: pattern and features from its
     ``--spec`` object, sizes from its flags, MTP depth from ``--megacpp-mtp-depth``."""
-    from megacpp_mcore.upstream.launch_pretrain import MLA_FIELDS
+    from megacpp_mcore.upstream.launch_pretrain import mla_size_mismatches
 
     sub = _spec_submodules(args, where)
     features = dict(sub.features)
@@ -114,8 +114,7 @@ def model_from_args(args, where: str) -> ModelConfig:
                          f"{'set' if mla is None else 'unset'} but --spec {' '.join(args.spec)} "
                          f"{'has no' if mla is None else 'puts'} MLA on its A layers")
     if mla is not None:
-        wrong = [f"{_flag(f)} {getattr(args, f)} (spec: {getattr(mla, f)})" for f in MLA_FIELDS
-                 if getattr(args, f, None) != getattr(mla, f)]
+        wrong = mla_size_mismatches(args, mla)
         if wrong:
             raise ValueError(f"--load: {where}: MLA flags disagree with the spec's MLA: " + "; ".join(wrong))
     moe = None

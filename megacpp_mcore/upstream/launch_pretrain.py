@@ -82,6 +82,14 @@ def mla_settings(mla) -> dict[str, Any]:
     return {"qk_layernorm": transformer_config_kwargs(mla)["qk_layernorm"]}
 
 
+def mla_size_mismatches(args, mla) -> list[str]:
+    """The MLA size flags of ``args`` that differ from the spec's ``mla`` config, each as
+    ``--flag value (spec: value)`` (the launcher refuses them; ``generate`` refuses a checkpoint
+    whose saved arguments have them)."""
+    return [f"--{f.replace('_', '-')} {getattr(args, f, None)} (spec: {getattr(mla, f)})"
+            for f in MLA_FIELDS if getattr(args, f, None) != getattr(mla, f)]
+
+
 def _flag(name: str, value: Any) -> list[Any]:
     """``--name value`` (``--name`` alone for True)."""
     flag = f"--{name.replace('_', '-')}"
@@ -232,8 +240,7 @@ def _check_mla(args: argparse.Namespace, sub) -> None:
     if not args.multi_latent_attention:
         raise LaunchError(f"spec {' '.join(args.spec)} puts MLA on its A layers; add "
                           "--multi-latent-attention and the MLA sizes (preset_args lists them)")
-    wrong = [f"--{f.replace('_', '-')} {getattr(args, f)} (spec: {getattr(mla, f)})"
-             for f in MLA_FIELDS if hasattr(mla, f) and getattr(args, f) != getattr(mla, f)]
+    wrong = mla_size_mismatches(args, mla)
     wrong += [f"--{f.replace('_', '-')} {getattr(args, f, None)!r} (the package's MLA: {value!r}; pass "
               f"{' '.join(map(str, _flag(f, value)))})"
               for f, value in mla_settings(mla).items() if getattr(args, f, None) != value]
