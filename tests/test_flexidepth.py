@@ -750,21 +750,19 @@ def test_gathers_on_mla_attention_rotate_at_own_positions(single_rank, feature):
     # (the local backend refuses MLA's fused RoPE itself, before any feature: the guard alone)
     from types import SimpleNamespace
 
-    from megacpp_mcore.features.mod.rope import check_mla_gather
+    from megacpp_mcore.features.mod.rope import check_gather
 
     fused = SimpleNamespace(symbol="A", index=0, has=lambda name: name == "mla",
                             config=SimpleNamespace(apply_rope_fusion=True))
     with pytest.raises(ValueError, match=rf"layer 0 \('A'\) uses MLA with fused RoPE .* and {owner}: "
                                          r".*--no-rope-fusion"):
-        check_mla_gather(fused, owner)
-    check_mla_gather(SimpleNamespace(**{**vars(fused), "config": SimpleNamespace(apply_rope_fusion=False)}), owner)
+        check_gather(fused, owner)
+    check_gather(SimpleNamespace(**{**vars(fused), "config": SimpleNamespace(apply_rope_fusion=False)}), owner)
     # context parallelism: each rank holds a slice of the sequence the route gathers from
-    from megacpp_mcore.features.mod.rope import check_gather_layout
-
     with pytest.raises(ValueError, match=rf"uses {owner} with context_parallel_size=2: .*allowed: "
                                          r"context_parallel_size=1"):
-        check_gather_layout(SimpleNamespace(symbol="E", index=1, config=SimpleNamespace(context_parallel_size=2)),
-                            owner)
+        check_gather(SimpleNamespace(symbol="E", index=1, has=lambda name: False,
+                                     config=SimpleNamespace(context_parallel_size=2)), owner)
     # ... and the layer transforms ask it (a config is enough: the refusal comes before any build)
     import dataclasses
 

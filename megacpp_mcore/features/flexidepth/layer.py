@@ -59,9 +59,8 @@ from megacpp_mcore.features.flexidepth.usage import (
     shard_means,
 )
 from megacpp_mcore.features.mod.rope import (
+    check_gather,
     check_gatherable,
-    check_gather_layout,
-    check_mla_gather,
     gathered_rotary,
     with_token_rope,
 )
@@ -216,8 +215,7 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             "the attention would see the kept tokens only, so its depth K/V push would miss the "
             f"others; drop {ctx.symbol!r} from hard_skip_symbols (the block then runs on every token)")
     if gather:
-        check_gather_layout(ctx, "FlexiDepth hard skip")
-        check_mla_gather(ctx, "FlexiDepth hard skip")
+        check_gather(ctx, "FlexiDepth hard skip")
     try:
         module = flexidepth_layer_class(spec.module)
     except ValueError as exc:

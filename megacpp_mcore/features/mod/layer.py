@@ -106,9 +106,8 @@ from megacpp_mcore.features.mod.gate import (
     triton_kernels,
 )
 from megacpp_mcore.features.mod.rope import (
+    check_gather,
     check_gatherable,
-    check_gather_layout,
-    check_mla_gather,
     gathered_rotary,
     with_token_rope,
 )
@@ -422,8 +421,7 @@ def mod_layer_spec(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
             "positions; use MoD mode 'gateskip' or 'threshold' on MoDA layers"
         )
     if config.gathers:
-        check_gather_layout(ctx, "MoD topk")
-        check_mla_gather(ctx, "MoD topk")
+        check_gather(ctx, "MoD topk")
     try:
         module = mod_layer_class(spec.module)
     except ValueError as exc:

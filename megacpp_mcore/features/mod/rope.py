@@ -149,10 +149,15 @@ def gathered_rotary(attention, rope, idx: torch.Tensor, length: int, owner: str)
     return TokenRope(rope) if isinstance(attention, TokenRopeAttention) else rope
 
 
-def check_gather_layout(ctx, owner: str) -> None:
-    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) under context
-    parallelism: each rank holds a slice of the sequence (and of the rotary table), while the route
-    gathers positions of the whole sequence."""
+def check_gather(ctx, owner: str) -> None:
+    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) where it cannot give
+    each gathered token its own position:
+
+    * under context parallelism: each rank holds a slice of the sequence (and of the rotary table),
+      while the route gathers positions of the whole sequence;
+    * on an MLA ``A`` layer whose RoPE is fused: MLA's fused kernels take one rotary table for the
+      whole sequence, not a position per gathered token (the unfused path takes
+      :class:`~megacpp_mcore.layers.mla.TokenPositions`)."""
     cp = getattr(ctx.config, "context_parallel_size", 1) or 1
     if cp > 1:
         raise ValueError(
@@ -160,16 +165,9 @@ def check_gather_layout(ctx, owner: str) -> None:
             "route gathers positions of the whole sequence, while each rank holds a slice of it; "
             "allowed: context_parallel_size=1 (tensor, sequence, pipeline and expert parallelism "
             "work)")
-
-
-def check_mla_gather(ctx, owner: str) -> None:
-    """Refuses a per-token gather (``owner``: MoD topk, FlexiDepth hard skip) on an MLA ``A`` layer
-    whose RoPE is fused: MLA's fused kernels take one rotary table for the whole sequence, not a
-    position per gathered token (the unfused path takes :class:`TokenPositions`)."""
     if ctx.symbol == "A" and ctx.has("mla") and getattr(ctx.config, "apply_rope_fusion", False):
         raise ValueError(
             f"layer {ctx.index} ('A') uses MLA with fused RoPE (apply_rope_fusion=True) and {owner}: "
             "the fused kernels rotate by one table for the whole sequence, not at each gathered "
             "token's position; turn RoPE fusion off (pretrain_gpt.py: --no-rope-fusion; "
             "FastPaths(mla_rope_fusion=False), the default)")
-
