@@ -178,18 +178,6 @@ def _residual(layer, bda_name: str, output_with_bias, residual, gate, mask):
     return mixed if mask is None else torch.where(mask, mixed, residual)
 
 
-def _flexidepth_route(layer: FlexiDepthLayer, hidden: torch.Tensor):
-    """FlexiDepth's score ``[s, b, 1]`` (fp32), keep-mask (takes the block) and skip path ``P(x)``
-    of the new positions, from the layer input (as ``FlexiDepthLayer.forward`` reads it in eval)."""
-    logits, update = layer.flexidepth(hidden)
-    if layer._forced is not None:  # the layer's forced-route hook (tests, ablations)
-        score = torch.full_like(logits, 1.0 if layer._forced == "full" else 0.0)
-    else:
-        score = torch.sigmoid(logits)
-    skip = hidden if update is None else hidden + update
-    return score, score >= layer.fd.threshold, skip
-
-
 def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *, rotary,
               rope_config, keep: bool) -> torch.Tensor:
     """The layer over the new positions ``[s, b, h] -> [s, b, h]``, advancing ``state``.
@@ -199,8 +187,8 @@ def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *,
     layer = plan.layer
     gate, mask = _mod_gate(layer, plan.mod, hidden) if plan.mod else (None, None)
     score = kept = skip = None
-    if plan.flexi:
-        score, kept, skip = _flexidepth_route(layer, hidden)
+    if plan.flexi:  # the layer's own route, as its eval forward takes it (no usage bookkeeping)
+        score, kept, skip = layer.route(hidden, bookkeeping=False)
     visible = kept[..., 0] if plan.flexi == "gather" else None  # [s, b]: keys later tokens may see
     if plan.mixer is not None:
         out = _mixer(plan, layer.input_layernorm(hidden), state, ctx, rotary, rope_config, keep, visible)

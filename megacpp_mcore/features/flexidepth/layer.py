@@ -130,10 +130,7 @@ class FlexiDepthLayer(TransformerLayer):
     # ---------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states
-        logits, update = self.flexidepth(x)  # [s, b, 1] fp32, [s, b, h] | None
-        score = self._score(logits)
-        keep = score.detach() >= self.fd.threshold  # [s, b, 1]: takes the full block
-        skip = x if update is None else x + update  # P(x)
+        score, keep, skip = self.route(x)
         if self.training or self.fd.inference == "soft":
             full, context = super().forward(x, *args, **kwargs)
             g = score.to(full.dtype)
@@ -146,16 +143,26 @@ class FlexiDepthLayer(TransformerLayer):
         self._record(score, keep)
         return out, context
 
-    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor, *, bookkeeping: bool = True):
+        """The router score ``[s, b, 1]`` (fp32), the keep mask (``g >= threshold``: takes the
+        full block) and the skip path ``P(x)`` of ``x``. ``bookkeeping=False`` (a decoder's steps,
+        :mod:`megacpp_mcore.infer`): the score alone, not added to the usage sum."""
+        logits, update = self.flexidepth(x)  # [s, b, 1] fp32, [s, b, h] | None
+        score = self._score(logits, bookkeeping)
+        keep = score.detach() >= self.fd.threshold  # [s, b, 1]
+        return score, keep, (x if update is None else x + update)
+
+    def _score(self, logits: torch.Tensor, bookkeeping: bool = True) -> torch.Tensor:
         """The router score ``[s, b, 1]`` (fp32), added to the usage sum when the usage penalty
         has a weight; in training the penalty rides on its backward (:class:`.usage.UsageGate`)."""
+        weighted = bookkeeping and self.fd.usage_loss_weight > 0
         if self._forced is not None:
             score = torch.full_like(logits, 1.0 if self._forced == "full" else 0.0)
-        elif self.training and torch.is_grad_enabled() and self.fd.usage_loss_weight > 0:
+        elif weighted and self.training and torch.is_grad_enabled():
             return UsageGate.apply(logits, self._usage, self.fd.usage_loss_weight, self._shards)
         else:
             score = torch.sigmoid(logits)
-        if self.fd.usage_loss_weight > 0:  # weight 0: the sum feeds nothing (_record reports 0)
+        if weighted:  # weight 0: the sum feeds nothing (_record reports 0)
             self._usage.add(score)
         return score
 
