@@ -44,12 +44,7 @@ class _Visibility:
     def mask(self, ctx: StepContext) -> torch.Tensor:
         """The step's attention mask ``[b, 1, s, end]``, less the hidden keys (a query still sees
         itself, so that a skipped query's discarded output stays finite)."""
-        mask = ctx.attention_mask()
-        if self.visible is None:
-            return mask
-        keys = torch.arange(ctx.end, device=mask.device)
-        itself = keys[None, :] == ctx.time[:, None]  # [s, end]
-        return mask & (self.visible[:ctx.end].t()[:, None, None, :] | itself[None, None])
+        return ctx.attention_mask(None if self.visible is None else self.visible[:ctx.end])
 
 
 class KVCache(_Visibility):

@@ -40,16 +40,23 @@ class StepContext:
         # MoDA: depth K/V pushed at these positions in this forward, per depth buffer (id -> list)
         self.depth: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def attention_mask(self) -> torch.Tensor:
+    def attention_mask(self, visible: torch.Tensor | None = None) -> torch.Tensor:
         """``[b, 1, s, end]`` bool, True = attend: causal over the timeline, padded keys hidden
-        (a padded query sees only itself: its output is never used, but must stay finite)."""
-        if self._mask is None:
-            keys = torch.arange(self.end, device=self.pad.device)  # [end]
-            causal = keys[None, :] <= self.time[:, None]  # [s, end]
-            real_key = keys[None, :] >= self.pad[:, None]  # [b, end]
-            itself = keys[None, :] == self.time[:, None]  # [s, end]
-            self._mask = (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]
-        return self._mask
+        (a padded query sees only itself: its output is never used, but must stay finite).
+        ``visible`` ``[end, b]``: keys a layer lets later queries see (False: hidden like padding;
+        FlexiDepth's gathering hard skip); None: every key."""
+        if visible is None and self._mask is not None:
+            return self._mask
+        keys = torch.arange(self.end, device=self.pad.device)  # [end]
+        causal = keys[None, :] <= self.time[:, None]  # [s, end]
+        real_key = keys[None, :] >= self.pad[:, None]  # [b, end]
+        if visible is not None:
+            real_key = real_key & visible.t()
+        itself = keys[None, :] == self.time[:, None]  # [s, end]
+        mask = (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]
+        if visible is None:
+            self._mask = mask
+        return mask
 
     def rotary(self, module) -> tuple[torch.Tensor, float]:
         """Per-row rotary frequencies ``[s, b, 1, d]`` of a Megatron ``RotaryEmbedding`` (the
