@@ -13,12 +13,11 @@ from megacpp_mcore.models.presets import custom_model
 from megacpp_mcore.spec.pattern import FeaturePlacement
 from test_mod_shipped import (  # noqa: F401  (fixtures)
     _BASE,
-    _Writer,
     _moe,
     megatron_args,
     megatron_schedule,
-    report_as_training_log,
     restore_metrics_patch,
+    shown_in_training_log,
 )
 
 
@@ -53,9 +52,7 @@ def test_flexidepth_stats_reach_training_log(single_rank, restore_metrics_patch,
 
     patch.apply()
     expected = _run(2, megatron_args)
-    writer = _Writer()
-    totals, _ = report_as_training_log(num_layers=4, num_microbatches=2, writer=writer)
-    shown = {**{k: float(v) for k, v in totals.items()}, **writer.scalars}
+    shown, _, _ = shown_in_training_log(num_layers=4, num_microbatches=2)
     assert 0 < expected["skip_rate"] < 1 and expected["loss_usage"] > 0
     assert shown["flexidepth_skip_rate"] == pytest.approx(expected["skip_rate"], rel=1e-5)
     assert shown["flexidepth_score_mean"] == pytest.approx(expected["score_mean"], rel=1e-5)

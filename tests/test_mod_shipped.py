@@ -282,6 +282,15 @@ class _Writer:
         self.scalars[name] = float(value)
 
 
+def shown_in_training_log(*, num_layers: int, num_microbatches: int) -> tuple[dict, dict, str]:
+    """:func:`report_as_training_log` with a tensorboard writer: ``(shown, totals, console)``,
+    ``shown`` being every figure by name (the interval totals and the scalars written)."""
+    writer = _Writer()
+    totals, console = report_as_training_log(num_layers=num_layers, num_microbatches=num_microbatches,
+                                             writer=writer)
+    return {**{k: float(v) for k, v in totals.items()}, **writer.scalars}, totals, console
+
+
 def _run_and_collect(n: int, megatron_args):
     """A MoE model with threshold MoD on layers 1-3 (AE x 2, skip_first=1), ``n`` micro-batches
     of Megatron-LM's iteration 3 through Megatron's schedule; the per-layer means the layers
@@ -314,9 +323,7 @@ def test_stats_reach_the_tracker_training_log_reports(single_rank, restore_metri
     if patched:
         patch.apply()
     expected = _run_and_collect(2, megatron_args)
-    writer = _Writer()
-    totals, console = report_as_training_log(num_layers=4, num_microbatches=2, writer=writer)
-    shown = {**{k: float(v) for k, v in totals.items()}, **writer.scalars}
+    shown, totals, console = shown_in_training_log(num_layers=4, num_microbatches=2)
     new_tracker = patch._targets()[0] == "report"
     if new_tracker and not patched:
         assert not any(k.startswith("mod_") for k in shown)

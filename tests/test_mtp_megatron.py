@@ -11,13 +11,12 @@ import pytest
 from megacpp_mcore.models.presets import custom_model
 from test_mod_shipped import (  # noqa: F401  (fixtures)
     _BASE,
-    _Writer,
     _moe,
     _tracked_names,
     megatron_args,
     megatron_schedule,
-    report_as_training_log,
     restore_metrics_patch,
+    shown_in_training_log,
 )
 
 
@@ -43,9 +42,7 @@ def test_mtp_depth_losses_reach_training_log(single_rank, restore_metrics_patch,
 
     patch.apply()
     expected = _run(2, megatron_args)
-    writer = _Writer()
-    totals, _ = report_as_training_log(num_layers=4, num_microbatches=2, writer=writer)
-    shown = {**{k: float(v) for k, v in totals.items()}, **writer.scalars}
+    shown, _, _ = shown_in_training_log(num_layers=4, num_microbatches=2)
     assert set(expected) == {"loss", "loss_depth1", "loss_depth2"}
     assert expected["loss_depth1"] > 1.0  # an untrained model's CE over 128 ids (~ln 128)
     assert shown["mtp_depth1_loss"] == pytest.approx(expected["loss_depth1"], rel=1e-5)
