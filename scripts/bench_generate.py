@@ -32,7 +32,11 @@ shallow trunk it costs a large share of a plain step: on the 12-layer tiny/lite 
 step is ~1,130 ops and each draft ~240 (CPU count, docs/benchmarks.md), which caps K=1 at x1.56
 with every draft accepted while the step is host-bound.
 
-Not measured: CUDA graphs of the decode step (the decode code has none yet).
+Device work: on CUDA, ``GPU ms/step`` is the kernels' time per decode step (torch.profiler, summed
+device time of every kernel and copy; two run lengths cancel the prefill's), the floor a step
+would reach with its host work hidden (CUDA graphs of the decode step, which the decode code does
+not have yet), and ``device-bound vs plain`` the speed-up speculative decoding would have there:
+tokens per step over the step's device time relative to plain's.
 """
 
 from __future__ import annotations
@@ -200,6 +204,38 @@ def ops_per_step(engine, rows, *, k: int, sampling) -> float | None:
     return (c2 - c1) / (s2 - s1) if s2 > s1 else None
 
 
+def gpu_ms_per_step(engine, rows, *, k: int, sampling) -> float | None:
+    """Device time (kernels and copies, ms) per decode step on CUDA, else None: the summed device
+    time of a profiled run, two run lengths cancelling the prefill's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megacpp_mcore.infer import generate
+
+    if not torch.cuda.is_available():
+        return None
+    totals = []
+    try:
+        for new_tokens in (8, 24):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+                torch.cuda.synchronize()
+            device_us = sum(e.self_device_time_total for e in prof.key_averages())
+            totals.append((device_us / 1e3, run.steps))
+    except Exception as exc:  # a diagnostic: never fails the benchmark
+        print(f"[bench_generate] device time unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    (t1, s1), (t2, s2) = totals
+    return (t2 - t1) / (s2 - s1) if s2 > s1 else None
+
+
+def device_bound(spec: dict, plain: dict) -> float | None:
+    """The speed-up speculative decoding would reach if a step's time were its device work alone
+    (host work hidden, as CUDA graphs would): tokens per step over device ms relative to plain's."""
+    if not spec.get("gpu_ms_per_step") or not plain.get("gpu_ms_per_step") or not spec["steps"]:
+        return None
+    return (spec["decode_tokens"] / spec["steps"]) / (spec["gpu_ms_per_step"] / plain["gpu_ms_per_step"])
+
+
 def host_bound(spec: dict, plain: dict) -> float | None:
     """The speed-up speculative decoding would reach if a step's time were its op count alone:
     tokens per step over the step's ops relative to a plain step's."""
@@ -242,6 +278,7 @@ def measure(engine, args) -> list[dict]:
                      "ms_per_step": 1e3 * plain.decode_s / max(plain.steps, 1),
                      "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
                      "ops_per_step": ops_per_step(engine, rows, k=0, sampling=sampling),
+                     "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=0, sampling=sampling),
                      **plain.summary()}
         results.append(plain_row)
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s", flush=True)
@@ -253,9 +290,11 @@ def measure(engine, args) -> list[dict]:
                    "ms_per_step": 1e3 * spec.decode_s / max(spec.steps, 1),
                    "syncs_per_step": syncs_per_step(engine, rows, k=k, sampling=sampling),
                    "ops_per_step": ops_per_step(engine, rows, k=k, sampling=sampling),
+                   "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=k, sampling=sampling),
                    "identical": spec.tokens == plain.tokens,
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
             row["host_bound_speedup"] = host_bound(row, plain_row)
+            row["device_bound_speedup"] = device_bound(row, plain_row)
             results.append(row)
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
@@ -281,8 +320,9 @@ def _rates(rates) -> str:
 def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print(f"\n{description}; {stack}")
     print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
-          "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain "
+          "| GPU ms/step | device-bound vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
@@ -291,8 +331,11 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}"
         ops = "-" if r["ops_per_step"] is None else f"{r['ops_per_step']:.0f}"
         bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
+        gpu = "-" if r.get("gpu_ms_per_step") is None else f"{r['gpu_ms_per_step']:.2f}"
+        dbound = "-" if r.get("device_bound_speedup") is None else f"x{r['device_bound_speedup']:.2f}"
         print(f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
-              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} |")
+              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {gpu} "
+              f"| {dbound} |")
 
 
 def main(argv=None) -> int:
