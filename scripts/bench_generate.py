@@ -230,18 +230,25 @@ def gpu_ms_per_step(engine, rows, *, k: int, sampling) -> float | None:
 
 def device_bound(spec: dict, plain: dict) -> float | None:
     """The speed-up speculative decoding would reach if a step's time were its device work alone
-    (host work hidden, as CUDA graphs would): tokens per step over device ms relative to plain's."""
-    if not spec.get("gpu_ms_per_step") or not plain.get("gpu_ms_per_step") or not spec["steps"]:
+    (host work hidden, as CUDA graphs would): tokens per step over device ms, relative to plain's."""
+    if not spec.get("gpu_ms_per_step") or not plain.get("gpu_ms_per_step") or not spec["steps"] \
+            or not plain["steps"]:
         return None
-    return (spec["decode_tokens"] / spec["steps"]) / (spec["gpu_ms_per_step"] / plain["gpu_ms_per_step"])
+    return _gain(spec, plain) / (spec["gpu_ms_per_step"] / plain["gpu_ms_per_step"])
 
 
 def host_bound(spec: dict, plain: dict) -> float | None:
     """The speed-up speculative decoding would reach if a step's time were its op count alone:
     tokens per step over the step's ops relative to a plain step's."""
-    if not spec.get("ops_per_step") or not plain.get("ops_per_step") or not spec["steps"]:
+    if not spec.get("ops_per_step") or not plain.get("ops_per_step") or not spec["steps"] \
+            or not plain["steps"]:
         return None
-    return (spec["decode_tokens"] / spec["steps"]) / (spec["ops_per_step"] / plain["ops_per_step"])
+    return _gain(spec, plain) / (spec["ops_per_step"] / plain["ops_per_step"])
+
+
+def _gain(spec: dict, plain: dict) -> float:
+    """Tokens per speculative step over tokens per plain step (plain: one per running row)."""
+    return (spec["decode_tokens"] / spec["steps"]) / (plain["decode_tokens"] / plain["steps"])
 
 
 def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling):
