@@ -34,9 +34,10 @@ with every draft accepted while the step is host-bound.
 
 Device work: on CUDA, ``GPU ms/step`` is the kernels' time per decode step (torch.profiler, summed
 device time of every kernel and copy; two run lengths cancel the prefill's), the floor a step
-would reach with its host work hidden (CUDA graphs of the decode step, which the decode code does
-not have yet), and ``device-bound vs plain`` the speed-up speculative decoding would have there:
-tokens per step over the step's device time relative to plain's.
+would reach with its host work hidden, and ``device-bound vs plain`` the speed-up speculative
+decoding would have there: tokens per step over the step's device time relative to plain's.
+``--cuda-graphs`` also times plain greedy decoding replaying one captured CUDA graph per step
+(``generate(..., cuda_graphs=True)``; speculative steps have no graph yet).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
     p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompts")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time plain greedy decoding replaying one CUDA graph per step (CUDA only)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.dtype is not None and args.bf16 is not None and args.bf16 != (args.dtype == "bf16"):
@@ -76,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.bf16 = args.dtype == "bf16" if args.dtype is not None else bool(args.bf16)
     if args.mtp_depth is not None and args.load:
         p.error("--mtp-depth is for random weights; a checkpoint records the depth it was trained at")
+    if args.cuda_graphs and not torch.cuda.is_available():
+        p.error("--cuda-graphs needs a CUDA device; none is visible here")
     args.batch = [int(x) for x in args.batch.split(",")]
     args.speculative = [int(x) for x in args.speculative.split(",") if x.strip()]
     return args
@@ -251,14 +256,15 @@ def _gain(spec: dict, plain: dict) -> float:
     return (spec["decode_tokens"] / spec["steps"]) / (plain["decode_tokens"] / plain["steps"])
 
 
-def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling):
+def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda_graphs=False):
     """The fastest of ``repeats`` runs (after one short warm-up run)."""
     from megacpp_mcore.infer import generate
 
-    generate(engine, rows, max_new_tokens=min(8, new_tokens), sampling=sampling, speculative=k)
+    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs)
+    generate(engine, rows, max_new_tokens=min(8, new_tokens), **opts)
     best = None
     for _ in range(repeats):
-        run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+        run = generate(engine, rows, max_new_tokens=new_tokens, **opts)
         if best is None or run.decode_s < best.decode_s:
             best = run
     return best
@@ -289,6 +295,20 @@ def measure(engine, args) -> list[dict]:
                      **plain.summary()}
         results.append(plain_row)
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s", flush=True)
+        if args.cuda_graphs:  # plain greedy replaying one CUDA graph per step
+            graphed = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats,
+                            sampling=sampling, cuda_graphs=True)
+            results.append({"batch": batch, "k": 0, "graphs": True,
+                            "tokens_per_s": graphed.decode_tokens_per_s,
+                            "speedup": graphed.decode_tokens_per_s / base,
+                            "ms_per_step": 1e3 * graphed.decode_s / max(graphed.steps, 1),
+                            "syncs_per_step": None, "ops_per_step": None, "gpu_ms_per_step": None,
+                            "identical": graphed.tokens == plain.tokens,
+                            "agreeing_prefix": agreeing_prefix(graphed.tokens, plain.tokens),
+                            **graphed.summary()})
+            print(f"[bench_generate] batch {batch} plain, CUDA graphs: "
+                  f"{graphed.decode_tokens_per_s:.1f} tokens/s (x{results[-1]['speedup']:.2f}), "
+                  f"identical {results[-1]['identical']}", flush=True)
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
                          sampling=sampling)
@@ -333,14 +353,15 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
-        same = "-" if not r["k"] else ("yes" if r["identical"] else
-                                        f"NO ({r['agreeing_prefix']:.0%} agree)")
+        same = "-" if "identical" not in r else ("yes" if r["identical"] else
+                                                  f"NO ({r['agreeing_prefix']:.0%} agree)")
+        k = f"{r['k']} (CUDA graphs)" if r.get("graphs") else r["k"]
         syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}"
         ops = "-" if r["ops_per_step"] is None else f"{r['ops_per_step']:.0f}"
         bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
         gpu = "-" if r.get("gpu_ms_per_step") is None else f"{r['gpu_ms_per_step']:.2f}"
         dbound = "-" if r.get("device_bound_speedup") is None else f"x{r['device_bound_speedup']:.2f}"
-        print(f"| {r['batch']} | {r['k']} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
+        print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
               f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {gpu} "
               f"| {dbound} |")
 

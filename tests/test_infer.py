@@ -67,9 +67,10 @@ CASES = {  # name -> (pattern, layers, options): each symbol and feature on its 
 }
 
 
-def _incremental(engine, rows: list[torch.Tensor], prefill: int, steps: list[int]):
+def _incremental(engine, rows: list[torch.Tensor], prefill: int, steps: list[int], static=False):
     """Logits per row from a left-padded batch: prefill ``prefill`` tokens of the longest row,
-    then forwards of ``steps`` tokens (the last ones with keep=True and a full commit)."""
+    then forwards of ``steps`` tokens (the last ones with keep=True and a full commit); ``static``:
+    the steps after the prefill run with static shapes (``Session.make_static``)."""
     longest = max(len(r) for r in rows)
     pad = torch.tensor([longest - len(r) for r in rows])
     tokens = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for r, p in zip(rows, pad)])
@@ -78,6 +79,8 @@ def _incremental(engine, rows: list[torch.Tensor], prefill: int, steps: list[int
     for i, n in enumerate([prefill, *steps]):
         hidden = session.forward(tokens[:, at:at + n], keep=i == len(steps))
         session.commit(n)
+        if static:
+            session.make_static()
         out.append(engine.logits(hidden))
         at += n
     assert at == longest
@@ -85,20 +88,96 @@ def _incremental(engine, rows: list[torch.Tensor], prefill: int, steps: list[int
     return [logits[i, p:] for i, p in enumerate(pad.tolist())]
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_incremental_decoding_equals_full_forward(single_rank, case):
+def test_incremental_decoding_equals_full_forward(single_rank, case, static):
     """Prefill (18 positions: Mamba's chunked scan) and single steps and a 3-position step (the
     closed form, with per-position states) give the full forward's logits within 1e-5 at every
-    position; the rows of a left-padded batch each match their own unpadded run."""
+    position; the rows of a left-padded batch each match their own unpadded run. ``static``: the
+    steps after the prefill with static shapes (whole-capacity attention, writes by device index,
+    in-place recurrent states: what a CUDA graph of the step replays)."""
     pattern, layers, options = CASES[case]
     torch.manual_seed(0)
     engine = _model(pattern, layers, **options)
     rows = [torch.randint(0, VOCAB, (n,)) for n in (24, 21)]
-    got = _incremental(engine, rows, prefill=18, steps=[1, 1, 1, 3])
+    got = _incremental(engine, rows, prefill=18, steps=[1, 1, 1, 3], static=static)
     for row, logits in zip(rows, got):
         ref = engine.full_logits(row[None])[0]
         assert logits.shape == ref.shape
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_static_session_keeps_its_buffers_and_rolls_back(single_rank):
+    """A static session's steps write into the buffers it started with (their addresses are
+    what a CUDA graph reads), its device-side length follows commits, and a partial commit of a
+    kept K + 1-position forward leaves the state of a session that never saw the rest."""
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(5)
+    engine = _model(pattern, layers, **options)
+    prompt, extra = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 4))
+    rolled, clean = engine.session(2, 32), engine.session(2, 32)
+    for session in (rolled, clean):
+        session.forward(prompt)
+        session.commit(9)
+        session.make_static()
+    buffers = [t.data_ptr() for st in rolled.states if st is not None
+               for t in vars(st).values() if isinstance(t, torch.Tensor)]
+    rolled.forward(extra, keep=True)
+    rolled.commit(2)
+    clean.forward(extra[:, :2])
+    clean.commit(2)
+    assert int(rolled.start_index) == rolled.length == 11
+    assert [t.data_ptr() for st in rolled.states if st is not None
+            for t in vars(st).values() if isinstance(t, torch.Tensor)] == buffers
+    for a, b in zip(rolled.recurrent_snapshot(), clean.recurrent_snapshot()):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    nxt = torch.randint(0, VOCAB, (2, 1))
+    torch.testing.assert_close(engine.logits(rolled.forward(nxt)), engine.logits(clean.forward(nxt)),
+                               atol=1e-5, rtol=0)
+
+
+def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):
+    """generate(static=True) emits plain greedy's tokens, plain and speculative (the trunk static,
+    the drafter's caches dynamic); CUDA graphs are refused on a CPU model and with speculative
+    decoding, each with the reason and what is allowed."""
+    from megacpp_mcore.infer import generate
+
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(6)
+    engine = _model(pattern, layers, **options)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 4, 9)]
+    plain = generate(engine, prompts, max_new_tokens=10)
+    assert generate(engine, prompts, max_new_tokens=10, static=True).tokens == plain.tokens
+    assert generate(engine, prompts, max_new_tokens=10, static=True, speculative=2).tokens == plain.tokens
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; the model is on cpu"):
+        generate(engine, prompts, max_new_tokens=4, cuda_graphs=True)
+    with pytest.raises(ValueError, match="allowed with speculative decoding: cuda_graphs=False"):
+        generate(engine, prompts, max_new_tokens=4, cuda_graphs=True, speculative=1)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_equals_eager(single_rank):
+    """On a CUDA device: plain greedy decoding replaying one captured graph per step emits the
+    eager decoder's tokens, for a left-padded batch and a single row, with stop tokens too."""
+    from megacpp_mcore.infer import generate
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(7)
+    engine = _model(pattern, layers, **options)
+    assert engine.device.type == "cuda"
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 4, 9)]
+    eager = generate(engine, prompts, max_new_tokens=20)
+    graphed = generate(engine, prompts, max_new_tokens=20, cuda_graphs=True)
+    assert graphed.tokens == eager.tokens
+    assert generate(engine, prompts[1:2], max_new_tokens=20, cuda_graphs=True).tokens == eager.tokens[1:2]
+    stop = eager.tokens[0][5]
+    assert (generate(engine, prompts, max_new_tokens=20, cuda_graphs=True, stop_tokens=[stop]).tokens
+            == generate(engine, prompts, max_new_tokens=20, stop_tokens=[stop]).tokens)
 
 
 def test_rollback_equals_never_having_seen_rejected_tokens(single_rank):

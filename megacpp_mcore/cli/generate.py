@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     group.add_argument("--speculative", type=int, default=0, metavar="K",
                        help="MTP drafts per step, 1..the trained MTP depth (default 0: off)")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="plain greedy decoding replays one CUDA graph per step (CUDA only; "
+                            "not with --speculative or sampling)")
     group.add_argument("--backend", choices=["auto", "te", "local"], default="auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
@@ -73,6 +76,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.speculative < 0:
         raise ValueError(f"--speculative must be >= 0 (0 = off), got {args.speculative}")
+    if args.cuda_graphs:
+        import torch
+
+        if args.speculative or args.temperature > 0:
+            raise ValueError("--cuda-graphs is built for plain greedy decoding; allowed with "
+                             f"--speculative {args.speculative} / --temperature {args.temperature}: "
+                             "leave --cuda-graphs off")
+        if not torch.cuda.is_available():
+            raise ValueError("--cuda-graphs needs a CUDA device; none is visible here")
     if args.seq_length is not None and args.seq_length < 2:
         raise ValueError(f"--seq-length must be >= 2, got {args.seq_length}")
 
@@ -128,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     try:  # load_model starts the 1-rank world; it ends here
         engine = Engine(ckpt.load_model(found, model, backend=args.backend, bf16=args.bf16))
         result = generate(engine, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                          speculative=args.speculative, stop_tokens=(tokenizer.eod, tokenizer.pad))
+                          speculative=args.speculative, stop_tokens=(tokenizer.eod, tokenizer.pad),
+                          cuda_graphs=args.cuda_graphs)
     finally:
         runtime.shutdown()
     texts = [tokenizer.decode_bytes(row) for row in result.tokens]

@@ -37,9 +37,10 @@ class _Visibility:
     def _init_visibility(self, enabled: bool, capacity: int, batch: int, device) -> None:
         self.visible = torch.ones(capacity, batch, dtype=torch.bool, device=device) if enabled else None
 
-    def _mark(self, start: int, end: int, visible: torch.Tensor | None) -> None:
+    def _mark(self, ctx: StepContext, visible: torch.Tensor | None) -> None:
         if self.visible is not None:
-            self.visible[start:end] = True if visible is None else visible
+            ctx.store(self.visible, torch.ones(ctx.s, self.visible.shape[1], dtype=torch.bool,
+                                               device=self.visible.device) if visible is None else visible)
 
     def mask(self, ctx: StepContext) -> torch.Tensor:
         """The step's attention mask ``[b, 1, s, end]``, less the hidden keys (a query still sees
@@ -56,14 +57,11 @@ class KVCache(_Visibility):
         self.value = torch.zeros(capacity, batch, g, d, dtype=dtype, device=device)
         self._init_visibility(visibility, capacity, batch, device)
 
-    def write(self, start: int, key: torch.Tensor, value: torch.Tensor, visible=None):
+    def write(self, ctx: StepContext, key: torch.Tensor, value: torch.Tensor, visible=None):
         """Stores the new positions (``visible`` ``[s, b]``: which later queries may see) and
-        returns every key/value up to them."""
-        end = start + key.shape[0]
-        self.key[start:end] = key
-        self.value[start:end] = value
-        self._mark(start, end, visible)
-        return self.key[:end], self.value[:end]
+        returns the keys/values the step attends over."""
+        self._mark(ctx, visible)
+        return ctx.store(self.key, key), ctx.store(self.value, value)
 
 
 class LatentCache(_Visibility):
@@ -77,12 +75,9 @@ class LatentCache(_Visibility):
                                     device=device)
         self._init_visibility(visibility, capacity, batch, device)
 
-    def write(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor, visible=None):
-        end = start + latent.shape[0]
-        self.latent[start:end] = latent
-        self.rope_key[start:end] = rope_key
-        self._mark(start, end, visible)
-        return self.latent[:end], self.rope_key[:end]
+    def write(self, ctx: StepContext, latent: torch.Tensor, rope_key: torch.Tensor, visible=None):
+        self._mark(ctx, visible)
+        return ctx.store(self.latent, latent), ctx.store(self.rope_key, rope_key)
 
 
 # Up to this many new positions (decode, verification) attention runs as explicit matmuls: SDPA
@@ -172,7 +167,7 @@ def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_
         query = _rotate(query, freqs, mscale, attn, rope_config)
         key = _rotate(key, freqs, mscale, attn, rope_config)
     depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
-    keys, values = cache.write(ctx.start, key, value, visible)
+    keys, values = cache.write(ctx, key, value, visible)
     out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn),
                  depth_key, depth_value)
     return attn.linear_proj(out)
@@ -200,14 +195,15 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config, vi
     rope = compat.mla_rotary_kwargs()
     q_pe = _rotate(q_pe, freqs, mscale, attn, rope_config, **rope)
     k_pe = _rotate(k_pe.unsqueeze(2), freqs, mscale, attn, rope_config, **rope).squeeze(2)
-    latents, rope_keys = cache.write(ctx.start, latent, k_pe, visible)  # [T, b, r], [T, b, pe]
+    latents, rope_keys = cache.write(ctx, latent, k_pe, visible)  # [T, b, r], [T, b, pe]
 
     kv, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latents))  # [T, b, np * (qk + dv)]
     k_no_pe, values = torch.split(kv.view(*kv.shape[:2], heads, qk + dv), [qk, dv], dim=-1)
     keys = torch.cat([k_no_pe, rope_keys.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
     query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
     # MoDA pushes the expanded key of the new positions, as MLA hands it to core attention
-    depth_key, depth_value = _moda(attn.core_attention, ctx, keys[ctx.start:], values[ctx.start:])
+    depth_key, depth_value = _moda(attn.core_attention, ctx, ctx.new_rows(keys),
+                                  ctx.new_rows(values))
     out = attend(query, keys, values, cache.mask(ctx), float(attn.softmax_scale),
                  depth_key, depth_value)
     return attn.linear_proj(out)

@@ -6,6 +6,13 @@ row shares the time index ``t`` (the cache slot) and row ``r`` is at position ``
 RoPE position its own unpadded run would use). Padded slots are invisible: no query attends to a
 padded key (except itself, so no softmax row is empty), and the recurrent mixers neither read nor
 update state there (:mod:`.mixers`), so each row computes exactly what it would alone.
+
+Static shapes (for CUDA graphs of the decode step). With ``start_index`` (a 0-d long device tensor
+holding ``start``) the context takes its time indices from the device, every forward attends over
+the session's whole capacity (keys past the new positions are masked by causality, so slots not
+written yet are never read) and caches are written by index (:meth:`StepContext.store`): one
+forward of ``s`` positions has the same shapes and the same kernels at every ``start``, and the
+host need not know ``start`` for it.
 """
 
 from __future__ import annotations
@@ -24,14 +31,21 @@ class StepContext:
         max_length: the timeline's capacity (rotary tables are built that long, once).
     """
 
-    def __init__(self, start: int, s: int, pad: torch.Tensor, rope_tables: dict, max_length: int):
+    def __init__(self, start: int, s: int, pad: torch.Tensor, rope_tables: dict, max_length: int,
+                 start_index: torch.Tensor | None = None):
         if start + s > max_length:
             raise ValueError(f"inference: {start + s} positions exceed the session's capacity of "
                              f"{max_length}; start a session with a larger max_length")
-        self.start, self.s, self.end = start, s, start + s
+        self.start, self.s = start, s
+        self.static = start_index is not None
+        # keys a forward attends over: up to its last new position, or (static) the whole capacity
+        self.end = max_length if self.static else start + s
         self.pad = pad
         device = pad.device
-        self.time = torch.arange(start, self.end, device=device)  # [s]
+        if self.static:  # [s]: start_index + 0 .. s - 1, read on the device
+            self.time = start_index + torch.arange(s, device=device)
+        else:
+            self.time = torch.arange(start, start + s, device=device)  # [s]
         self.valid = self.time[None, :] >= pad[:, None]  # [b, s]: False on padded slots
         self.positions = (self.time[None, :] - pad[:, None]).clamp(min=0)  # [b, s]
         self._rope_tables = rope_tables
@@ -57,6 +71,19 @@ class StepContext:
         if visible is None:
             self._mask = mask
         return mask
+
+    def store(self, buffer: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Writes the new positions' ``values`` ``[s, ...]`` into the timeline ``buffer``
+        ``[T, ...]`` and returns the keys this forward attends over (``buffer[:end]``)."""
+        if self.static:
+            buffer.index_copy_(0, self.time, values.to(buffer.dtype))
+        else:
+            buffer[self.start:self.start + self.s] = values
+        return buffer[:self.end]
+
+    def new_rows(self, timeline: torch.Tensor) -> torch.Tensor:
+        """The rows of the new positions of a ``[end, ...]`` timeline tensor."""
+        return timeline.index_select(0, self.time) if self.static else timeline[self.start:]
 
     def rotary(self, module) -> tuple[torch.Tensor, float]:
         """Per-row rotary frequencies ``[s, b, 1, d]`` of a Megatron ``RotaryEmbedding`` (the

@@ -135,6 +135,53 @@ class _Emitter:
             del row[self.budget:]
 
 
+class _PlainStep:
+    """One plain decode step of a static session, ``pending [b] -> new tokens [b]``: forward of the
+    pending token, commit, next token. With ``graphs`` the step runs eagerly once on a side stream
+    (the warm-up CUDA graphs need: lazy initialisation, workspaces), is then captured once and
+    replayed for every later step: one launch per token instead of a thousand, and the host never
+    waits for the device. The captured step reads its input from, and writes its output to, fixed
+    buffers, and advances the session's device-side length itself; the host keeps its own count.
+    """
+
+    def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool):
+        if graphs:
+            if engine.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
+            if not sampling.greedy:
+                raise ValueError("CUDA graphs of the decode step are built for greedy decoding; "
+                                 "allowed with sampling: cuda_graphs=False")
+        self.engine, self.session, self.sampling, self.generator = engine, session, sampling, generator
+        self.graphs, self.graph = graphs, None
+        self.input = torch.zeros(session.batch, 1, dtype=torch.long, device=engine.device)
+        self.output: torch.Tensor | None = None
+
+    def _body(self) -> torch.Tensor:
+        hidden = self.session.forward(self.input)
+        self.session.commit(1)
+        return self.sampling.choose(self.engine.logits(hidden)[:, 0], self.generator)[0]
+
+    def __call__(self, pending: torch.Tensor) -> torch.Tensor:
+        self.input.copy_(pending[:, None])
+        if not self.graphs:
+            return self._body()
+        if self.graph is not None:
+            self.graph.replay()
+            self.session.length += 1  # the host's count; the device's advanced in the graph
+            return self.output.clone()
+        side = torch.cuda.Stream(device=self.engine.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            new = self._body()  # the warm-up is a real step
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        length = self.session.length
+        with torch.cuda.graph(self.graph):  # records only: nothing runs, nothing advances
+            self.output = self._body()
+        self.session.length = length
+        return new
+
+
 def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,15 +216,21 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), speculative: int = 0,
              stop_tokens: Sequence[int] = (), context: int | None = None,
-             drafter=None) -> Generation:
+             drafter=None, static: bool = False, cuda_graphs: bool = False) -> Generation:
     """Continues every prompt (token ids) by up to ``max_new_tokens`` tokens.
 
     ``speculative``: ``K`` drafts per step from the model's MTP block (0: plain decoding);
     ``drafter``: another object with the drafter protocol of :class:`.mtp.MTPDrafter` (tests);
-    ``context``: the longest sequence to run (default: the model's ``max_sequence_length``).
+    ``context``: the longest sequence to run (default: the model's ``max_sequence_length``);
+    ``static``: the trunk decodes with static shapes after the prefill (:meth:`.engine.Session.make_static`;
+    same tokens, attention over the whole capacity); ``cuda_graphs``: plain greedy decoding replays
+    one CUDA graph per step (implies ``static``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cuda_graphs and (speculative or drafter is not None):
+        raise ValueError("CUDA graphs are built for plain decoding; allowed with speculative "
+                         "decoding: cuda_graphs=False")
     context = context or engine.model.max_sequence_length
     check_prompts(prompts, context)
     device, batch = engine.device, len(prompts)
@@ -201,6 +254,11 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if k:
         drafter.start(tokens, hidden)
     emitter.add(pending[:, None])
+    plain_step = None
+    if static or cuda_graphs:
+        session.make_static()
+        if not k:
+            plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
     while not all(emitter.done):
@@ -221,6 +279,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
                     for j in range(min(row[0] + 1, k)):
                         result.attempted[j] += 1
                         result.accepted[j] += j < row[0]
+        elif plain_step is not None:
+            new = plain_step(pending)[:, None]  # [b, 1]
         else:
             hidden = session.forward(pending[:, None])
             session.commit(1)

@@ -101,6 +101,11 @@ class Session:
 
     ``forward(tokens, keep=...)`` runs the new positions after the committed ones;
     ``commit(n)`` keeps the first ``n`` of them (``n < s`` needs ``keep=True``).
+
+    ``make_static()`` switches to static shapes (:mod:`.context`): the committed length also lives
+    on the device (``start_index``, advanced by ``commit`` in place), forwards attend over the whole
+    capacity and recurrent states are updated in place, so a forward + commit of ``s`` positions
+    runs the same kernels on the same buffers at every step (what a CUDA graph replays).
     """
 
     def __init__(self, engine: Engine, batch: int, max_length: int, pad: torch.Tensor | None):
@@ -112,9 +117,26 @@ class Session:
         self.length = 0
         self._pending = 0  # positions run by the last forward and not yet committed
         self.rope_tables: dict = {}
+        self.start_index: torch.Tensor | None = None  # static shapes: the committed length
+
+    @property
+    def static(self) -> bool:
+        return self.start_index is not None
+
+    def make_static(self) -> None:
+        """Static shapes from now on (class docstring); the committed length is copied to the
+        device once here."""
+        if self._pending:
+            raise RuntimeError("inference: make_static between a forward and its commit")
+        if self.start_index is None:
+            self.start_index = torch.tensor(self.length, dtype=torch.long, device=self.engine.device)
+            for state in self.states:
+                if hasattr(state, "in_place"):
+                    state.in_place = True
 
     def context(self, start: int, s: int) -> StepContext:
-        """Step context of ``s`` positions from ``start`` on this session's timeline."""
+        """Step context of ``s`` positions from ``start`` on this session's timeline (dynamic
+        shapes; the MTP drafter's caches run on these)."""
         return StepContext(start, s, self.pad, self.rope_tables, self.max_length)
 
     @torch.no_grad()
@@ -125,7 +147,8 @@ class Session:
         if self._pending:
             raise RuntimeError("inference: forward before the previous forward was committed")
         engine = self.engine
-        ctx = self.context(self.length, tokens.shape[1])
+        ctx = StepContext(self.length, tokens.shape[1], self.pad, self.rope_tables, self.max_length,
+                          self.start_index)
         hidden = engine.embed(tokens, ctx)
         for plan, state in zip(engine.plans, self.states):
             hidden = run_layer(plan, hidden, state, ctx, rotary=engine.rotary,
@@ -143,6 +166,8 @@ class Session:
             if hasattr(state, "commit"):
                 state.commit(n, s)
         self.length += n
+        if self.static:
+            self.start_index.add_(n)
         self._pending = 0
 
     def recurrent_snapshot(self) -> list[dict[str, torch.Tensor] | None]:

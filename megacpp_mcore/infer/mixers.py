@@ -47,6 +47,9 @@ class RecurrentState:
         self.state = state  # fp32
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # per position, or last
         self._per_position = False
+        # commit copies into the same buffers (their addresses stay fixed for a CUDA graph)
+        # instead of taking the staged tensors
+        self.in_place = False
 
     def stage(self, convs: torch.Tensor, states: torch.Tensor, per_position: bool) -> None:
         """States after the new positions: ``[s, ...]`` per position, or the last one only."""
@@ -63,9 +66,16 @@ class RecurrentState:
             if n != s:
                 raise RuntimeError(f"inference: commit({n}) of a {s}-position forward that kept no "
                                    "per-position state (forward(..., keep=True) allows rollback)")
-            self.conv, self.state = convs, states
+            self._take(convs, states)
         elif n:
-            self.conv, self.state = convs[n - 1], states[n - 1]
+            self._take(convs[n - 1], states[n - 1])
+
+    def _take(self, conv: torch.Tensor, state: torch.Tensor) -> None:
+        if self.in_place:
+            self.conv.copy_(conv)
+            self.state.copy_(state)
+        else:
+            self.conv, self.state = conv, state
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"conv": self.conv.clone(), "state": self.state.clone()}
