@@ -23,6 +23,12 @@ token and rows are selected (no saving).
     python scripts/bench_flexidepth.py --skip-rate 0.3 --out flexidepth_bench.json
     python scripts/bench_flexidepth.py --skip-rates RUN/receipt.json  # the rates a fine-tune trained to
     python scripts/bench_flexidepth.py --cpu-smoke    # CPU, local backend, tiny model: timings mean nothing
+
+``--profile N``: after the timing, one profiled forward of each model (torch.profiler): per model
+the summed device time, kernel launches and host synchronisations (``cudaStreamSynchronize`` /
+``cudaMemcpy``...), then the ``N`` operators with the largest device time (host time on CPU), so
+the hard path's extra cost can be told apart: routing, sort/gather/scatter, adapters, the MoE
+layers' own host reads.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-mla", action="store_true",
                    help="standard attention instead of the preset's MLA (needed for A in --hard-skip-symbols)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one forward of each model and print its top N operators")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
     args = p.parse_args(argv)
@@ -186,6 +194,49 @@ def _time(models: dict, tokens, positions, *, warmup: int, iters: int) -> tuple[
     return times, host
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
+              "cudaEventSynchronize")
+
+
+def _profile(models: dict, tokens, positions, rows: int) -> dict:
+    """One profiled forward per model: totals (device ms, host ms, kernel launches, host syncs)
+    and the ``rows`` top operators by device time (CUDA) or host time (CPU), printed and
+    returned."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = tokens.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            with profile(activities=activities) as prof:
+                model(tokens, positions, None)
+                if cuda:
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            # operators (aten::...) own host time; kernels own device time; runtime calls count
+            device_ms = sum(e.self_device_time_total for e in events) / 1e3
+            host_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                                 "cuLaunchKernel", "cuLaunchKernelEx"))
+            syncs = sum(e.count for e in events if e.key in SYNC_CALLS)
+            aten = sum(e.count for e in events if e.key.startswith("aten::"))  # host operator calls
+            top = sorted(events, key=lambda e: getattr(e, sort), reverse=True)[:rows]
+            out[name] = {"device_ms": device_ms, "host_ms": host_ms, "aten_calls": aten,
+                         "kernel_launches": launches,
+                         "host_sync_calls": syncs,
+                         "top": [{"op": e.key, "count": e.count, "self_device_ms": e.self_device_time_total / 1e3,
+                                  "self_host_ms": e.self_cpu_time_total / 1e3} for e in top]}
+            print(f"profile {name}: device {device_ms:.2f} ms, host (self, all ops) {host_ms:.2f} ms, "
+                  f"{aten} aten calls, {launches} kernel launches, {syncs} synchronising runtime calls")
+            for e in out[name]["top"]:
+                print(f"    {e['self_device_ms']:8.3f} ms dev {e['self_host_ms']:8.3f} ms host "
+                      f"x{e['count']:<5d} {e['op'][:90]}")
+    return out
+
+
 def _spread(times: list[float]) -> dict[str, float]:
     return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
@@ -232,6 +283,8 @@ def run(args) -> dict:
         times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
                             iters=args.iters)
         per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
+        profiled = _profile({"dense": dense, "hard": hard}, tokens, positions, args.profile) \
+            if args.profile else None
     finally:
         runtime.shutdown()
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -246,7 +299,8 @@ def run(args) -> dict:
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",
             "spread_s": {k: _spread(v) for k, v in times.items()}, "host_times_s": host,
-            "host_median_s": {k: statistics.median(v) for k, v in host.items()}}
+            "host_median_s": {k: statistics.median(v) for k, v in host.items()},
+            "profile": profiled}
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ for part in $PARTS; do
     # 3% of the dense bits/byte (docs/benchmarks.md, "FlexiDepth fine-tuned from the dense checkpoint")
     flexidepth) trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
                 { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --iters 20 \
-                    --out "$OUT/flexidepth-trained.json" &&
+                    --profile 25 --out "$OUT/flexidepth-trained.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE \
                     --iters 20 --out "$OUT/flexidepth-trained-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols E --iters 20 \
@@ -46,7 +46,7 @@ for part in $PARTS; do
                  --save "$OUT/lite-mtp2" --save-interval 300 --receipt "$OUT/lite-mtp2/receipt.json" \
                  >"$OUT/lite-mtp2.log" 2>&1 ;;
     generate) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")  # else random weights
-              python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
+              python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 --cuda-graphs \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
     *) echo "unknown part '$part'; parts: tests ae mod mtp moda mtp-repeated mod-pretrain flexidepth" \
             "stage-ab lite-mtp2 generate" >&2; exit 2 ;;

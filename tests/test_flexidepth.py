@@ -698,9 +698,13 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
     import bench_flexidepth
 
     out = tmp_path / "bench.json"
-    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--out", str(out)]) == 0
+    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--profile", "3",
+                                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["gathering_layers"] == [1, 3] and result["ratio"] > 0
+    profiled = result["profile"]  # one profiled forward each: the hard path calls more operators
+    assert profiled["hard"]["aten_calls"] > profiled["dense"]["aten_calls"] > 0
+    assert all(len(p["top"]) == 3 and p["device_ms"] == 0 for p in profiled.values())  # CPU
     assert result["timing"] == "interleaved"
     for name in ("dense", "hard"):  # --cpu-smoke: 2 timed forwards each, after the warm-up
         spread, times = result["spread_s"][name], result["times_s"][name]
