@@ -308,7 +308,8 @@ def measure(engine, args) -> list[dict]:
                             **graphed.summary()})
             print(f"[bench_generate] batch {batch} plain, CUDA graphs: "
                   f"{graphed.decode_tokens_per_s:.1f} tokens/s (x{results[-1]['speedup']:.2f}), "
-                  f"identical {results[-1]['identical']}", flush=True)
+                  f"identical {results[-1]['identical']}, capture {1e3 * graphed.graph_capture_s:.0f} ms "
+                  "(once per generate call, not in the decode time)", flush=True)
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
                          sampling=sampling)

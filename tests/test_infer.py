@@ -139,9 +139,10 @@ def test_static_session_keeps_its_buffers_and_rolls_back(single_rank):
 
 def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):
     """generate(static=True) emits plain greedy's tokens, plain and speculative (the trunk static,
-    the drafter's caches dynamic); CUDA graphs are refused on a CPU model and with speculative
-    decoding, each with the reason and what is allowed."""
-    from megacpp_mcore.infer import generate
+    the drafter's caches dynamic); CUDA graphs are refused on a CPU model, with speculative
+    decoding, with sampling and with a host-syncing MoE layer, each with the reason and what is
+    allowed."""
+    from megacpp_mcore.infer import Sampling, generate
 
     pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
     torch.manual_seed(6)
@@ -155,6 +156,13 @@ def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_ran
         generate(engine, prompts, max_new_tokens=4, cuda_graphs=True)
     with pytest.raises(ValueError, match="allowed with speculative decoding: cuda_graphs=False"):
         generate(engine, prompts, max_new_tokens=4, cuda_graphs=True, speculative=1)
+    with pytest.raises(ValueError, match="built for greedy decoding; allowed with sampling"):
+        generate(engine, prompts, max_new_tokens=4, cuda_graphs=True, sampling=Sampling(temperature=1.0))
+    import dataclasses
+
+    engine.plans[1] = dataclasses.replace(engine.plans[1], moe=None, moe_fallback="its layout")
+    with pytest.raises(ValueError, match="CUDA graphs: layer 1 run Megatron's MoE layer"):
+        generate(engine, prompts, max_new_tokens=4, cuda_graphs=True)
 
 
 @pytest.mark.gpu

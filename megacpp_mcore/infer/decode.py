@@ -41,6 +41,7 @@ class Generation:
     decode_tokens: int = 0  # tokens emitted by those steps (all rows, until each row stopped)
     attempted: list[int] = dataclasses.field(default_factory=list)  # per draft position
     accepted: list[int] = dataclasses.field(default_factory=list)
+    graph_capture_s: float = 0.0  # CUDA graphs: the one-time capture, not counted in decode_s
 
     @property
     def new_tokens(self) -> int:
@@ -67,7 +68,8 @@ class Generation:
         """JSON-able timings and statistics (no token lists)."""
         out = {"speculative": self.speculative, "prompt_tokens": self.prompt_lengths,
                "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
-               "decode_s": self.decode_s, "steps": self.steps, "decode_tokens": self.decode_tokens,
+               "decode_s": self.decode_s, "graph_capture_s": self.graph_capture_s,
+               "steps": self.steps, "decode_tokens": self.decode_tokens,
                "decode_tokens_per_s": self.decode_tokens_per_s, "stop": self.stop}
         if self.speculative:
             out.update(acceptance_per_position=self.acceptance, attempted=self.attempted,
@@ -146,15 +148,21 @@ class _PlainStep:
 
     def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool):
         if graphs:
-            if engine.device.type != "cuda":
-                raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
             if not sampling.greedy:
                 raise ValueError("CUDA graphs of the decode step are built for greedy decoding; "
                                  "allowed with sampling: cuda_graphs=False")
+            syncing = [p.where for p in engine.plans if p.moe_fallback]
+            if syncing:  # a host read inside a captured step is an error of the capture
+                raise ValueError(f"CUDA graphs: {', '.join(syncing)} run Megatron's MoE layer, which "
+                                 "reads token counts on the host every step; allowed: models whose "
+                                 "MoE layers decode without host syncs, or cuda_graphs=False")
+            if engine.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
         self.engine, self.session, self.sampling, self.generator = engine, session, sampling, generator
         self.graphs, self.graph = graphs, None
         self.input = torch.zeros(session.batch, 1, dtype=torch.long, device=engine.device)
         self.output: torch.Tensor | None = None
+        self.capture_s = 0.0  # the one-time capture (the warm-up step counts as a decode step)
 
     def _body(self) -> torch.Tensor:
         hidden = self.session.forward(self.input)
@@ -175,10 +183,11 @@ class _PlainStep:
             new = self._body()  # the warm-up is a real step
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        length = self.session.length
+        length, t0 = self.session.length, _sync(self.engine.device)
         with torch.cuda.graph(self.graph):  # records only: nothing runs, nothing advances
             self.output = self._body()
         self.session.length = length
+        self.capture_s = _sync(self.engine.device) - t0
         return new
 
 
@@ -290,4 +299,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
         result.steps += 1
     emitter.finish()
     result.decode_s = _sync(device) - t1
+    if plain_step is not None and plain_step.capture_s:
+        result.graph_capture_s = plain_step.capture_s
+        result.decode_s -= plain_step.capture_s
     return result
