@@ -147,17 +147,6 @@ class _PlainStep:
     """
 
     def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool):
-        if graphs:
-            if not sampling.greedy:
-                raise ValueError("CUDA graphs of the decode step are built for greedy decoding; "
-                                 "allowed with sampling: cuda_graphs=False")
-            syncing = [p.where for p in engine.plans if p.moe_fallback]
-            if syncing:  # a host read inside a captured step is an error of the capture
-                raise ValueError(f"CUDA graphs: {', '.join(syncing)} run Megatron's MoE layer, which "
-                                 "reads token counts on the host every step; allowed: models whose "
-                                 "MoE layers decode without host syncs, or cuda_graphs=False")
-            if engine.device.type != "cuda":
-                raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
         self.engine, self.session, self.sampling, self.generator = engine, session, sampling, generator
         self.graphs, self.graph = graphs, None
         self.input = torch.zeros(session.batch, 1, dtype=torch.long, device=engine.device)
@@ -189,6 +178,23 @@ class _PlainStep:
         self.session.length = length
         self.capture_s = _sync(self.engine.device) - t0
         return new
+
+
+def check_graphs(engine: Engine, sampling: Sampling, speculative: int) -> None:
+    """``ValueError`` where plain greedy decoding cannot replay a CUDA graph per step."""
+    if speculative:
+        raise ValueError("CUDA graphs are built for plain decoding; allowed with speculative "
+                         "decoding: cuda_graphs=False")
+    if not sampling.greedy:
+        raise ValueError("CUDA graphs of the decode step are built for greedy decoding; "
+                         "allowed with sampling: cuda_graphs=False")
+    syncing = [p.where for p in engine.plans if p.moe_fallback]
+    if syncing:  # a host read inside a captured step is an error of the capture
+        raise ValueError(f"CUDA graphs: {', '.join(syncing)} run Megatron's MoE layer, which "
+                         "reads token counts on the host every step; allowed: models whose "
+                         "MoE layers decode without host syncs, or cuda_graphs=False")
+    if engine.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
 
 
 def _sync(device: torch.device) -> float:
@@ -237,9 +243,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if cuda_graphs and (speculative or drafter is not None):
-        raise ValueError("CUDA graphs are built for plain decoding; allowed with speculative "
-                         "decoding: cuda_graphs=False")
+    if cuda_graphs:  # before any work
+        check_graphs(engine, sampling, speculative or (drafter is not None))
     context = context or engine.model.max_sequence_length
     check_prompts(prompts, context)
     device, batch = engine.device, len(prompts)
