@@ -24,6 +24,10 @@ CUDA the last column counts the synchronising CUDA calls per decode step (``torc
 debug mode over two run lengths): 0 for plain decoding, 1 per speculative step (the accepted
 length), more where a layer fell back to Megatron's MoE (the engine logs which).
 
+Output loops: ``distinct 8-grams`` (plain rows) is the mean share of distinct 8-grams in each
+row's output; greedy output of a weakly trained model falls into loops, which a drafter predicts
+trivially, so acceptance rates are only comparable with published ones where this is near 1.
+
 Host work: ``torch ops/step`` counts the operator calls of a decode step at torch's dispatcher
 (device-independent); ``host-bound vs plain`` is the speed-up speculative decoding would reach if
 a step's time were that count alone (tokens per step over the step's ops relative to plain's).
@@ -292,9 +296,12 @@ def measure(engine, args) -> list[dict]:
                      "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
                      "ops_per_step": ops_per_step(engine, rows, k=0, sampling=sampling),
                      "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=0, sampling=sampling),
-                     **plain.summary()}
+                     "distinct_8grams": distinct_ngrams(plain.tokens), **plain.summary()}
         results.append(plain_row)
-        print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s", flush=True)
+        loops = plain_row["distinct_8grams"]
+        print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s, distinct 8-grams of the "
+              f"output {'-' if loops is None else f'{loops:.2f}'} (near 0: the output loops, and "
+              "acceptance rates say little)", flush=True)
         if args.cuda_graphs:  # plain greedy replaying one CUDA graph per step
             graphed = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats,
                             sampling=sampling, cuda_graphs=True)
@@ -339,6 +346,18 @@ def agreeing_prefix(got: list[list[int]], want: list[list[int]]) -> float:
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         shares.append(same / max(len(b), 1))
     return sum(shares) / len(shares)
+
+
+def distinct_ngrams(rows: list[list[int]], n: int = 8) -> float | None:
+    """Mean share of distinct ``n``-grams among each row's ``n``-grams (1.0: no ``n``-gram
+    repeats; near 0: the row loops). Greedy output of a weak model falls into loops, which a
+    drafter predicts trivially, so acceptance rates are read next to this."""
+    shares = []
+    for row in rows:
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        if grams:
+            shares.append(len(set(grams)) / len(grams))
+    return sum(shares) / len(shares) if shares else None
 
 
 def _rates(rates) -> str:

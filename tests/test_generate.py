@@ -198,6 +198,9 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["k"]) for r in results] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(r["identical"] for r in results if r["k"])
+    assert all(0 < r["distinct_8grams"] <= 1 for r in results if not r["k"] and r["distinct_8grams"])
+    assert bench.distinct_ngrams([[1, 2] * 8], n=4) == pytest.approx(2 / 13)  # a loop of 2
+    assert bench.distinct_ngrams([list(range(12))], n=4) == 1.0
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 6 * r["batch"] for r in results)
     # host work: a speculative step (a K+1-position forward and a draft) calls more operators than
     # a plain one; the host-bound speed-up is its tokens per step, relative to a plain step's (one
