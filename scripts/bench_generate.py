@@ -155,40 +155,49 @@ def backend_report(engine) -> dict:
             "gpu": torch.cuda.get_device_name() if cuda else None}
 
 
+def _per_step(label: str, measure, *, warmup: bool = False) -> float | None:
+    """``measure(new_tokens) -> (amount, steps)`` for runs of 8 and 24 new tokens (after one
+    discarded run of 8 with ``warmup``); the difference per step (the two run lengths cancel the
+    prefill's share). A diagnostic: a failure prints one line naming ``label`` and gives None,
+    never failing the benchmark."""
+    try:
+        if warmup:
+            measure(8)
+        (a1, s1), (a2, s2) = (measure(new_tokens) for new_tokens in (8, 24))
+    except Exception as exc:
+        print(f"[bench_generate] {label} unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    return (a2 - a1) / (s2 - s1) if s2 > s1 else None
+
+
 def syncs_per_step(engine, rows, *, k: int, sampling) -> float | None:
     """Synchronising CUDA calls per decode step (None off CUDA or where torch cannot count them):
-    torch.cuda's sync debug mode warns once per such call; two run lengths cancel the prefill's."""
+    torch.cuda's sync debug mode warns once per such call (after a warm-up run, so one-time
+    synchronisations do not count)."""
     import warnings
 
     from megacpp_mcore.infer import generate
 
     if not torch.cuda.is_available():
         return None
-    counts = []
-    try:
-        generate(engine, rows, max_new_tokens=8, sampling=sampling, speculative=k)  # one-time syncs
-        for new_tokens in (8, 24):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling,
-                                   speculative=k)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            counts.append((sum("synchroniz" in str(w.message) for w in caught), run.steps))
-    except Exception as exc:  # a diagnostic: never fails the benchmark
-        print(f"[bench_generate] sync count unavailable: {type(exc).__name__}: {exc}", flush=True)
-        return None
-    (c1, s1), (c2, s2) = counts
-    return (c2 - c1) / (s2 - s1) if s2 > s1 else None
+
+    def measure(new_tokens):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), run.steps
+
+    return _per_step("sync count", measure, warmup=True)
 
 
 def ops_per_step(engine, rows, *, k: int, sampling) -> float | None:
-    """Torch operator calls per decode step (counted at the dispatcher; two run lengths cancel the
-    prefill's): the host work of a step, the same on every device. Where each call costs the host
-    about the same (decode at small batch is host-bound: ~17 us per call on the H200 host), the
-    step time follows this count."""
+    """Torch operator calls per decode step (counted at the dispatcher): the host work of a step,
+    the same on every device. Where each call costs the host about the same (decode at small batch
+    is host-bound: ~17 us per call on the H200 host), the step time follows this count."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from megacpp_mcore.infer import generate
@@ -200,60 +209,41 @@ def ops_per_step(engine, rows, *, k: int, sampling) -> float | None:
             _Count.calls += 1
             return func(*args, **(kwargs or {}))
 
-    counts = []
-    try:
-        for new_tokens in (8, 24):
-            _Count.calls = 0
-            with _Count():
-                run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
-            counts.append((_Count.calls, run.steps))
-    except Exception as exc:  # a diagnostic: never fails the benchmark
-        print(f"[bench_generate] op count unavailable: {type(exc).__name__}: {exc}", flush=True)
-        return None
-    (c1, s1), (c2, s2) = counts
-    return (c2 - c1) / (s2 - s1) if s2 > s1 else None
+    def measure(new_tokens):
+        _Count.calls = 0
+        with _Count():
+            run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+        return _Count.calls, run.steps
+
+    return _per_step("op count", measure)
 
 
 def gpu_ms_per_step(engine, rows, *, k: int, sampling) -> float | None:
     """Device time (kernels and copies, ms) per decode step on CUDA, else None: the summed device
-    time of a profiled run, two run lengths cancelling the prefill's."""
+    time of a profiled run."""
     from torch.profiler import ProfilerActivity, profile
 
     from megacpp_mcore.infer import generate
 
     if not torch.cuda.is_available():
         return None
-    totals = []
-    try:
-        for new_tokens in (8, 24):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
-                torch.cuda.synchronize()
-            device_us = sum(e.self_device_time_total for e in prof.key_averages())
-            totals.append((device_us / 1e3, run.steps))
-    except Exception as exc:  # a diagnostic: never fails the benchmark
-        print(f"[bench_generate] device time unavailable: {type(exc).__name__}: {exc}", flush=True)
+
+    def measure(new_tokens):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, run.steps
+
+    return _per_step("device time", measure)
+
+
+def _bound(spec: dict, plain: dict, cost: str) -> float | None:
+    """The speed-up speculative decoding would reach if a step's time were its ``cost``
+    (``ops_per_step``: host-bound; ``gpu_ms_per_step``: device-bound, host work hidden as CUDA
+    graphs would): tokens per step over the step's cost, relative to a plain step's."""
+    if not spec.get(cost) or not plain.get(cost) or not spec["steps"] or not plain["steps"]:
         return None
-    (t1, s1), (t2, s2) = totals
-    return (t2 - t1) / (s2 - s1) if s2 > s1 else None
-
-
-def device_bound(spec: dict, plain: dict) -> float | None:
-    """The speed-up speculative decoding would reach if a step's time were its device work alone
-    (host work hidden, as CUDA graphs would): tokens per step over device ms, relative to plain's."""
-    if not spec.get("gpu_ms_per_step") or not plain.get("gpu_ms_per_step") or not spec["steps"] \
-            or not plain["steps"]:
-        return None
-    return _gain(spec, plain) / (spec["gpu_ms_per_step"] / plain["gpu_ms_per_step"])
-
-
-def host_bound(spec: dict, plain: dict) -> float | None:
-    """The speed-up speculative decoding would reach if a step's time were its op count alone:
-    tokens per step over the step's ops relative to a plain step's."""
-    if not spec.get("ops_per_step") or not plain.get("ops_per_step") or not spec["steps"] \
-            or not plain["steps"]:
-        return None
-    return _gain(spec, plain) / (spec["ops_per_step"] / plain["ops_per_step"])
+    return _gain(spec, plain) / (spec[cost] / plain[cost])
 
 
 def _gain(spec: dict, plain: dict) -> float:
@@ -329,8 +319,8 @@ def measure(engine, args) -> list[dict]:
                    "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=k, sampling=sampling),
                    "identical": spec.tokens == plain.tokens,
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
-            row["host_bound_speedup"] = host_bound(row, plain_row)
-            row["device_bound_speedup"] = device_bound(row, plain_row)
+            row["host_bound_speedup"] = _bound(row, plain_row, "ops_per_step")
+            row["device_bound_speedup"] = _bound(row, plain_row, "gpu_ms_per_step")
             results.append(row)
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
