@@ -134,10 +134,11 @@ class Session:
                 if hasattr(state, "in_place"):
                     state.in_place = True
 
-    def context(self, start: int, s: int) -> StepContext:
-        """Step context of ``s`` positions from ``start`` on this session's timeline (dynamic
-        shapes; the MTP drafter's caches run on these)."""
-        return StepContext(start, s, self.pad, self.rope_tables, self.max_length)
+    def context(self, start: int, s: int, start_index: torch.Tensor | None = None) -> StepContext:
+        """Step context of ``s`` positions from ``start`` on this session's timeline; with
+        ``start_index`` (the device's copy of ``start``) static shapes, else dynamic (the MTP
+        drafter's caches run on these)."""
+        return StepContext(start, s, self.pad, self.rope_tables, self.max_length, start_index)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, *, keep: bool = False) -> torch.Tensor:
@@ -147,8 +148,7 @@ class Session:
         if self._pending:
             raise RuntimeError("inference: forward before the previous forward was committed")
         engine = self.engine
-        ctx = StepContext(self.length, tokens.shape[1], self.pad, self.rope_tables, self.max_length,
-                          self.start_index)
+        ctx = self.context(self.length, tokens.shape[1], self.start_index)
         hidden = engine.embed(tokens, ctx)
         for plan, state in zip(engine.plans, self.states):
             hidden = run_layer(plan, hidden, state, ctx, rotary=engine.rotary,
