@@ -107,36 +107,6 @@ def test_incremental_decoding_equals_full_forward(single_rank, case, static):
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
 
 
-def test_static_session_keeps_its_buffers_and_rolls_back(single_rank):
-    """A static session's steps write into the buffers it started with (their addresses are
-    what a CUDA graph reads), its device-side length follows commits, and a partial commit of a
-    kept K + 1-position forward leaves the state of a session that never saw the rest."""
-    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
-    torch.manual_seed(5)
-    engine = _model(pattern, layers, **options)
-    prompt, extra = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 4))
-    rolled, clean = engine.session(2, 32), engine.session(2, 32)
-    for session in (rolled, clean):
-        session.forward(prompt)
-        session.commit(9)
-        session.make_static()
-    buffers = [t.data_ptr() for st in rolled.states if st is not None
-               for t in vars(st).values() if isinstance(t, torch.Tensor)]
-    rolled.forward(extra, keep=True)
-    rolled.commit(2)
-    clean.forward(extra[:, :2])
-    clean.commit(2)
-    assert int(rolled.start_index) == rolled.length == 11
-    assert [t.data_ptr() for st in rolled.states if st is not None
-            for t in vars(st).values() if isinstance(t, torch.Tensor)] == buffers
-    for a, b in zip(rolled.recurrent_snapshot(), clean.recurrent_snapshot()):
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    nxt = torch.randint(0, VOCAB, (2, 1))
-    torch.testing.assert_close(engine.logits(rolled.forward(nxt)), engine.logits(clean.forward(nxt)),
-                               atol=1e-5, rtol=0)
-
-
 def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):
     """generate(static=True) emits plain greedy's tokens, plain and speculative (the trunk static,
     the drafter's caches dynamic); CUDA graphs are refused on a CPU model, with speculative
@@ -188,23 +158,37 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
             == generate(engine, prompts, max_new_tokens=20, stop_tokens=[stop]).tokens)
 
 
-def test_rollback_equals_never_having_seen_rejected_tokens(single_rank):
+def _state_buffers(session) -> list[int]:
+    return [t.data_ptr() for state in session.states if state is not None
+            for t in vars(state).values() if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_rollback_equals_never_having_seen_rejected_tokens(single_rank, static):
     """forward(K + 1 positions, keep) + commit(n) leaves recurrent state, caches and the next logits
-    as a session that only ever saw the first n positions."""
+    as a session that only ever saw the first n positions. ``static``: also the session writes into
+    the buffers it started with (their addresses are what a CUDA graph reads) and its device-side
+    length follows the commits."""
     pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
     torch.manual_seed(1)
     engine = _model(pattern, layers, **options)
     prompt, extra = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 4))
-    for n in (0, 1, 3):
+    for n in (0, 1, 2, 3):
         rolled, clean = engine.session(2, 32), engine.session(2, 32)
         for session in (rolled, clean):
             session.forward(prompt)
             session.commit(9)
+            if static:
+                session.make_static()
+        buffers = _state_buffers(rolled)
         rolled.forward(extra, keep=True)
         rolled.commit(n)
         if n:
             clean.forward(extra[:, :n])
             clean.commit(n)
+        if static:
+            assert int(rolled.start_index) == rolled.length == 9 + n
+            assert _state_buffers(rolled) == buffers
         for a, b in zip(rolled.recurrent_snapshot(), clean.recurrent_snapshot()):
             if a is not None:
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
