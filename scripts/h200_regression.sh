@@ -6,8 +6,9 @@
 # skip, the stage benchmark, decoding). Logs and JSON go to $OUT (default ./h200); each part ends
 # with its table. The pretrain_gpt parts need MEGATRON_LM (a core_v0.16.1 or core_v0.19.0 checkout).
 #   bash scripts/h200_regression.sh                 # the regression pass (longer than one 10-minute call)
-#   bash scripts/h200_regression.sh tests ae        # any of: tests ae mod mtp moda mtp-repeated
-#                                                   #   mod-pretrain flexidepth stage-ab lite-mtp2 generate
+#   bash scripts/h200_regression.sh tests ae        # any of: tests startup ae mod mtp moda mtp-repeated
+#                                                   #   mod-pretrain flexidepth flexidepth-batch stage-ab
+#                                                   #   lite-mtp2 generate
 # A fresh machine compiles Triton kernels for 2-3 minutes before the first step of a hybrid model:
 # keep the pretrain_gpt parts in one call after a warm-up, or give them a call of their own.
 # Through the device tool, run it with scripts/h200_session.sh (deadline, Megatron-LM checkout,
@@ -20,6 +21,16 @@ export PYTHONUNBUFFERED=1
 for part in $PARTS; do
   case $part in
     tests) python -m pytest -q -rfEs -m gpu tests >"$OUT/gpu_tests.log" 2>&1 ;;
+    # first on a fresh machine: launch to the first finished step of nam56r-lite (the receipt's
+    # start-up figure), every log line stamped with seconds since launch, Triton's autotuning report
+    startup) { t0=${EPOCHREALTIME/./}
+               TRITON_PRINT_AUTOTUNING=1 megacpp-mcore train --preset nam56r-lite --seq-length 1024 \
+                 --micro-batch-size 8 --global-batch-size 8 --steps 4 --eval-interval 100 --log-interval 1 \
+                 --receipt "$OUT/startup/receipt.json" 2>&1 | while IFS= read -r line; do
+                   now=${EPOCHREALTIME/./}; printf '%5d.%d %s\n' $(((now - t0) / 1000000)) $(((now - t0) / 100000 % 10)) "$line"
+                 done
+               python -X importtime -c 'import megatron.core, transformer_engine.pytorch, mamba_ssm, megacpp_mcore.spec' \
+                 2>&1 | sort -t'|' -k2 -n | tail -n 25; } >"$OUT/startup.log" 2>&1 ;;
     ae) python scripts/bench_ae_vs_upstream.py --batch 8 --out "$OUT/ae.json" >"$OUT/ae.log" 2>&1 ;;
     mod) python scripts/bench_mod.py --batch 8 --blocks 16 --cross-entropy te \
            --variants dense,gateskip,topk --skip-graph --out "$OUT/mod.json" >"$OUT/mod.log" 2>&1 ;;
@@ -38,6 +49,13 @@ for part in $PARTS; do
                     --iters 20 --out "$OUT/flexidepth-trained-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols E --iters 20 \
                     --out "$OUT/flexidepth.json"; } >"$OUT/flexidepth.log" 2>&1 ;;
+    # the same trained rates at batch 8 x 4096, where the dense forward's device time exceeds its
+    # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only)
+    flexidepth-batch) trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
+                { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+                    --iters 10 --out "$OUT/flexidepth-batch8-ae.json" &&
+                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --batch 8 \
+                    --iters 10 --out "$OUT/flexidepth-batch8-e.json"; } >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
     lite-mtp2) megacpp-mcore train --preset nam56r-lite --mtp-depth 2 --seq-length 1024 \
@@ -48,8 +66,8 @@ for part in $PARTS; do
     generate) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")  # else random weights
               python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 --cuda-graphs \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
-    *) echo "unknown part '$part'; parts: tests ae mod mtp moda mtp-repeated mod-pretrain flexidepth" \
-            "stage-ab lite-mtp2 generate" >&2; exit 2 ;;
+    *) echo "unknown part '$part'; parts: tests startup ae mod mtp moda mtp-repeated mod-pretrain" \
+            "flexidepth flexidepth-batch stage-ab lite-mtp2 generate" >&2; exit 2 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"
