@@ -78,7 +78,8 @@ def test_registry_modules_follow_the_protocol():
     assert len(set(names)) == len(names)
     for module in modules:
         assert module.DESCRIPTION.strip()
-        assert registry.parse_targets(module.TARGETS).name in ("megatron-core", "transformer-engine")
+        assert registry.parse_targets(module.TARGETS).name in ("megatron-core", "transformer-engine",
+                                                                "mamba-ssm")
 
 
 def test_status_on_installed_megatron_core(restore_targets):
@@ -514,3 +515,91 @@ def test_train_on_te_applies_te_attention_backend_per_layer(tmp_path, monkeypatc
     te_row = rows["te-attention-backend-per-layer"]
     assert (te_row.check, te_row.applied) == ("needed", True), te_row
     assert not any(rows[n].applied for n in CPU_SHIMS)  # never on a CUDA host
+
+
+# ------------------------------------------------------------------ mamba-ssd-tuned-configs
+class _Config:
+    """The attributes of ``triton.Config`` the patch reads."""
+
+    def __init__(self, num_warps, num_stages, **kwargs):
+        self.kwargs, self.num_warps, self.num_stages = kwargs, num_warps, num_stages
+
+
+class _Autotuner:
+    def __init__(self, configs):
+        self.configs, self.cache = configs, {}
+
+
+def test_mamba_tuned_configs_seed_the_autotuners_own_choice():
+    """Seeding puts the autotuner's own config object under the exact key Triton builds, keeps a
+    choice this process already measured, and refuses a table entry the kernel no longer lists."""
+    from megacpp_mcore.patches import mamba_ssd_tuned_configs as patch
+
+    small, big = _Config(4, 3, BLOCK_SIZE_M=32), _Config(4, 3, BLOCK_SIZE_M=64)
+    tuner = _Autotuner([small, big])
+    entries = [("(128, 64, 'torch.bfloat16', True)", "BLOCK_SIZE_M=64 num_warps=4 num_stages=3"),
+               ("(128, 32, 'torch.float32', False)", "BLOCK_SIZE_M=32 num_warps=4 num_stages=3")]
+    added = patch.seed(tuner, entries)
+    assert len(added) == 2
+    assert tuner.cache == {(128, 64, "torch.bfloat16", True): big, (128, 32, "torch.float32", False): small}
+    assert tuner.cache[(128, 64, "torch.bfloat16", True)] is big  # the kernel's object, not a copy
+    tuner.cache[(128, 64, "torch.bfloat16", True)] = small  # measured here: stays
+    assert patch.seed(tuner, entries) == []
+    assert tuner.cache[(128, 64, "torch.bfloat16", True)] is small
+    with pytest.raises(LookupError, match="no configuration BLOCK_SIZE_M=16 num_warps=4 num_stages=3"):
+        patch.seed(_Autotuner([small]), [("(1,)", "BLOCK_SIZE_M=16 num_warps=4 num_stages=3")])
+    assert patch.parse_config("BLOCK_SIZE=512 num_warps=4 num_stages=3") == {
+        "BLOCK_SIZE": 512, "num_warps": 4, "num_stages": 3}
+
+
+def test_mamba_tuned_configs_table_and_status():
+    """Every table entry is a key tuple Triton could build (shape values, then dtype names) and a
+    parseable config; without mamba_ssm the row is n/a and nothing is applied."""
+    import ast
+
+    from megacpp_mcore.patches import mamba_ssd_tuned_configs as patch
+
+    assert len(patch.TUNED) == 15 and sum(len(e) for e in patch.TUNED.values()) == 16
+    for name, entries in patch.TUNED.items():
+        for key, config in entries:
+            key = ast.literal_eval(key)
+            assert isinstance(key, tuple) and any(str(k).startswith("torch.") for k in key), name
+            assert {"num_warps", "num_stages"} <= set(patch.parse_config(config)), name
+    if importlib.util.find_spec("mamba_ssm") is None:
+        row = next(r for r in registry.status(["mamba-ssd-tuned-configs"]))
+        assert (row.check, row.action) == ("not-applicable", "n/a")
+        assert row.note == "needs mamba_ssm, which is not installed here"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("mamba_ssm") is None
+                    or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs an SM90 GPU with mamba_ssm")
+def test_mamba_tuned_configs_leave_nothing_to_autotune_at_lite_shapes():
+    """After the registry applied the patch, a bf16 forward and backward of the SSD scan at
+    nam56r-lite's shapes (chunk 128, head dim 64, d_state 128, 64 heads) adds no autotuner key:
+    every call found its seeded choice, none benchmarked."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    from megacpp_mcore.patches import mamba_ssd_tuned_configs as patch
+
+    assert registry.status(["mamba-ssd-tuned-configs"])[0].check == "needed"
+    registry.apply_needed(["mamba-ssd-tuned-configs"])
+    assert patch.applied() is True
+    kernels = patch._autotuners()
+    before = {name: set(k.cache) for name, k in kernels.items()}
+    b, s, h, p, n = 2, 1024, 64, 64, 128
+    cuda = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(b, s, h, p, **cuda, requires_grad=True)
+    dt = torch.rand(b, s, h, **cuda, requires_grad=True)
+    A = -torch.rand(h, device="cuda", dtype=torch.float32, requires_grad=True)
+    B, C = (torch.randn(b, s, 1, n, **cuda, requires_grad=True) for _ in range(2))
+    D = torch.ones(h, device="cuda", dtype=torch.float32, requires_grad=True)
+    z = torch.randn(b, s, h, p, **cuda, requires_grad=True)
+    dt_bias = torch.zeros(h, device="cuda", dtype=torch.float32, requires_grad=True)
+    y = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=128, D=D, z=z, dt_bias=dt_bias,
+                                  dt_softplus=True)
+    y.float().square().mean().backward()
+    torch.cuda.synchronize()
+    grown = {name: set(k.cache) - before[name] for name, k in kernels.items()}
+    assert not any(grown.values()), grown
