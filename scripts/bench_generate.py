@@ -40,8 +40,9 @@ Device work: on CUDA, ``GPU ms/step`` is the kernels' time per decode step (torc
 device time of every kernel and copy; two run lengths cancel the prefill's), the floor a step
 would reach with its host work hidden, and ``device-bound vs plain`` the speed-up speculative
 decoding would have there: tokens per step over the step's device time relative to plain's.
-``--cuda-graphs`` also times plain greedy decoding replaying one captured CUDA graph per step
-(``generate(..., cuda_graphs=True)``; speculative steps have no graph yet).
+``--cuda-graphs`` also times greedy decoding replaying one captured CUDA graph per step
+(``generate(..., cuda_graphs=True)``), plain and speculative; ``vs graphed plain`` is then the
+speed-up with both at their best settings (the speculative step's one read per step included).
 """
 
 from __future__ import annotations
@@ -308,6 +309,7 @@ def measure(engine, args) -> list[dict]:
                   f"{graphed.decode_tokens_per_s:.1f} tokens/s (x{results[-1]['speedup']:.2f}), "
                   f"identical {results[-1]['identical']}, capture {1e3 * graphed.graph_capture_s:.0f} ms "
                   "(once per generate call, not in the decode time)", flush=True)
+        graphed_plain = results[-1] if args.cuda_graphs else None
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
                          sampling=sampling)
@@ -325,6 +327,22 @@ def measure(engine, args) -> list[dict]:
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
                   f"{row['identical']}", flush=True)
+            if args.cuda_graphs:  # both with their best settings: graphed against graphed
+                fast = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
+                             sampling=sampling, cuda_graphs=True)
+                results.append({"batch": batch, "k": k, "graphs": True,
+                                "tokens_per_s": fast.decode_tokens_per_s,
+                                "speedup": fast.decode_tokens_per_s / base,
+                                "vs_graphed_plain": fast.decode_tokens_per_s / graphed_plain["tokens_per_s"],
+                                "ms_per_step": 1e3 * fast.decode_s / max(fast.steps, 1),
+                                "syncs_per_step": None, "ops_per_step": None, "gpu_ms_per_step": None,
+                                "identical": fast.tokens == plain.tokens,
+                                "agreeing_prefix": agreeing_prefix(fast.tokens, plain.tokens),
+                                **fast.summary()})
+                print(f"[bench_generate] batch {batch} K={k}, CUDA graphs: "
+                      f"{fast.decode_tokens_per_s:.1f} tokens/s (x{results[-1]['vs_graphed_plain']:.2f} "
+                      f"graphed plain), acceptance {_rates(fast.acceptance)}, identical "
+                      f"{results[-1]['identical']}", flush=True)
     return results
 
 
@@ -359,8 +377,8 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print(f"\n{description}; {stack}")
     print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
           "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain "
-          "| GPU ms/step | device-bound vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| GPU ms/step | device-bound vs plain | vs graphed plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
@@ -372,9 +390,10 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
         gpu = "-" if r.get("gpu_ms_per_step") is None else f"{r['gpu_ms_per_step']:.2f}"
         dbound = "-" if r.get("device_bound_speedup") is None else f"x{r['device_bound_speedup']:.2f}"
+        vs_graphed = "-" if r.get("vs_graphed_plain") is None else f"x{r['vs_graphed_plain']:.2f}"
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
               f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {gpu} "
-              f"| {dbound} |")
+              f"| {dbound} | {vs_graphed} |")
 
 
 def main(argv=None) -> int:

@@ -126,7 +126,7 @@ def _foreign(path):
 @pytest.mark.parametrize("case", [
     "missing-dir", "half-written", "tracker-without-step", "foreign", "prompt-too-long",
     "k-beyond-depth", "no-mtp", "non-utf8-file", "no-prompt", "zero-tokens", "bad-temperature",
-    "bad-top-p", "negative-k", "graphs-speculative", "graphs-sampling",
+    "bad-top-p", "negative-k", "graphs-speculative-no-cuda", "graphs-sampling",
     pytest.param("graphs-no-cuda", marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="refusal of a host without CUDA")),
 ])
@@ -158,10 +158,10 @@ def test_bad_input_one_line_exit_2(checkpoints, tmp_path, capsys, case):
         "bad-temperature": (["--load", mtp, *prompt, "--temperature", "-1"], "temperature"),
         "bad-top-p": (["--load", mtp, *prompt, "--top-p", "0"], "top_p"),
         "negative-k": (["--load", mtp, *prompt, "--speculative", "-1"], "--speculative"),
-        "graphs-speculative": (["--load", mtp, *prompt, "--cuda-graphs", "--speculative", "1"],
-                               "--cuda-graphs is built for plain greedy decoding"),
+        "graphs-speculative-no-cuda": (["--load", mtp, *prompt, "--cuda-graphs", "--speculative", "1"],
+                                       "--cuda-graphs needs a CUDA device"),
         "graphs-sampling": (["--load", mtp, *prompt, "--cuda-graphs", "--temperature", "0.5"],
-                            "--cuda-graphs is built for plain greedy decoding"),
+                            "--cuda-graphs is built for greedy decoding (plain or speculative)"),
         "graphs-no-cuda": (["--load", mtp, *prompt, "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
     }[case]
     before = sorted(p.name for p in tmp_path.rglob("*"))

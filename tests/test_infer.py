@@ -108,10 +108,9 @@ def test_incremental_decoding_equals_full_forward(single_rank, case, static):
 
 
 def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):
-    """generate(static=True) emits plain greedy's tokens, plain and speculative (the trunk static,
-    the drafter's caches dynamic); CUDA graphs are refused on a CPU model, with speculative
-    decoding, with sampling and with a host-syncing MoE layer, each with the reason and what is
-    allowed."""
+    """generate(static=True) emits plain greedy's tokens; CUDA graphs are refused on a CPU model,
+    with a drafter other than the model's MTP block, with sampling and with a host-syncing MoE
+    layer, each with the reason and what is allowed."""
     from megacpp_mcore.infer import Sampling, generate
 
     pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
@@ -121,11 +120,10 @@ def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_ran
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 4, 9)]
     plain = generate(engine, prompts, max_new_tokens=10)
     assert generate(engine, prompts, max_new_tokens=10, static=True).tokens == plain.tokens
-    assert generate(engine, prompts, max_new_tokens=10, static=True, speculative=2).tokens == plain.tokens
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; the model is on cpu"):
         generate(engine, prompts, max_new_tokens=4, cuda_graphs=True)
-    with pytest.raises(ValueError, match="allowed with speculative decoding: cuda_graphs=False"):
-        generate(engine, prompts, max_new_tokens=4, cuda_graphs=True, speculative=1)
+    with pytest.raises(ValueError, match="allowed with another drafter: cuda_graphs=False"):
+        generate(engine, prompts, max_new_tokens=4, cuda_graphs=True, drafter=object())
     with pytest.raises(ValueError, match="built for greedy decoding; allowed with sampling"):
         generate(engine, prompts, max_new_tokens=4, cuda_graphs=True, sampling=Sampling(temperature=1.0))
     import dataclasses
@@ -135,10 +133,66 @@ def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_ran
         generate(engine, prompts, max_new_tokens=4, cuda_graphs=True)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_static_speculative_step_equals_eager_speculative(single_rank, monkeypatch, k):
+    """Greedy speculative decoding with static shapes (the step entirely on the device: static
+    drafter windows, device-side acceptance and commit, one read per step) emits plain greedy's
+    tokens, the eager speculative decoder's acceptance statistics and, step for step, its draft
+    logits within 1e-5 (a stale drafter position shifts them by ~1e-2 while the argmax often
+    survives), for a left-padded batch and a single row, on the full AEMR+MLA+MoD+MoDA+MTP
+    pattern; over the two heads drafts are both accepted and rejected."""
+    from megacpp_mcore.infer import Sampling, generate, mtp
+
+    logits = {}
+    for cls in (mtp.MTPDrafter, mtp.StaticMTPDrafter):
+        def recording(self, *args, _draft=cls.draft, _name=cls.__name__):
+            out = _draft(self, *args)
+            logits.setdefault(_name, []).append(torch.stack(self.logits, dim=1))
+            return out
+        monkeypatch.setattr(cls, "draft", recording)
+    accepted = rejected = 0
+    for agreement in (0.05, 0.2):
+        engine, prompts = _agreeing_model(agreement)
+        plain = generate(engine, prompts, max_new_tokens=14)
+        for batch in (prompts, prompts[2:]):
+            logits.clear()
+            eager = generate(engine, batch, max_new_tokens=14, speculative=k)
+            static = generate(engine, batch, max_new_tokens=14, speculative=k, static=True)
+            assert static.tokens == eager.tokens == plain.tokens[-len(batch):]
+            assert (static.steps, static.attempted, static.accepted) == (
+                eager.steps, eager.attempted, eager.accepted)
+            assert len(logits["MTPDrafter"]) == len(logits["StaticMTPDrafter"]) == eager.steps
+            for dynamic, fixed in zip(logits["MTPDrafter"], logits["StaticMTPDrafter"]):
+                torch.testing.assert_close(fixed, dynamic, atol=1e-5, rtol=0)
+            accepted += eager.accepted[0]
+            rejected += eager.attempted[0] - eager.accepted[0]
+        limited = Sampling(vocab_limit=VOCAB // 2)  # a tokenizer smaller than the head: drafts too
+        assert (generate(engine, prompts, max_new_tokens=14, speculative=k, static=True, sampling=limited).tokens
+                == generate(engine, prompts, max_new_tokens=14, sampling=limited).tokens)
+    assert accepted > 10 and rejected > 10
+
+
+def _agreeing_model(agreement: float):
+    """AEMR+MLA+MoD+MoDA with an MTP block of depth 3, and prompts. ``agreement`` adds a rank-1
+    part of that scale to the output head (shared by trunk and drafter), which pulls both towards
+    the same few tokens: drafts of a random model are almost all rejected; at 0.05 about a sixth
+    of the first drafts are accepted, at 0.2 about half."""
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(24)
+    engine = _model(pattern, layers, **{**options, "mtp": 3})
+    head = engine.output_weight()
+    head = engine.model.output_layer.weight if head is None else head
+    with torch.no_grad():
+        head.add_(agreement * torch.randn(head.shape[0], 1) * torch.randn(1, head.shape[1]))
+    gen = torch.Generator().manual_seed(24)
+    return engine, [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 3, 8)]
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decoding_equals_eager(single_rank):
-    """On a CUDA device: plain greedy decoding replaying one captured graph per step emits the
-    eager decoder's tokens, for a left-padded batch and a single row, with stop tokens too."""
+    """On a CUDA device: greedy decoding replaying one captured graph per step emits the eager
+    decoder's tokens, plain (a left-padded batch and a single row, with stop tokens too) and
+    speculative (K = 1, 2, 3; with the acceptance statistics)."""
     from megacpp_mcore.infer import generate
 
     if not torch.cuda.is_available():
@@ -156,6 +210,17 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
     stop = eager.tokens[0][5]
     assert (generate(engine, prompts, max_new_tokens=20, cuda_graphs=True, stop_tokens=[stop]).tokens
             == generate(engine, prompts, max_new_tokens=20, stop_tokens=[stop]).tokens)
+    for k in (1, 2):  # the speculative step captured whole: same tokens and statistics
+        spec = generate(engine, prompts, max_new_tokens=20, speculative=k)
+        graphed = generate(engine, prompts, max_new_tokens=20, speculative=k, cuda_graphs=True)
+        assert graphed.tokens == spec.tokens == eager.tokens
+        assert (graphed.steps, graphed.accepted) == (spec.steps, spec.accepted)
+        assert graphed.graph_capture_s > 0
+    agreeing, rows = _agreeing_model(0.2)  # drafts accepted too
+    for k in (1, 2, 3):
+        spec = generate(agreeing, rows, max_new_tokens=20, speculative=k)
+        graphed = generate(agreeing, rows, max_new_tokens=20, speculative=k, cuda_graphs=True)
+        assert graphed.tokens == spec.tokens and graphed.accepted == spec.accepted and sum(spec.accepted)
 
 
 def _state_buffers(session) -> list[int]:

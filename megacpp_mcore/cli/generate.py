@@ -79,10 +79,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.cuda_graphs:
         import torch
 
-        if args.speculative or args.temperature > 0:
-            raise ValueError("--cuda-graphs is built for plain greedy decoding; allowed with "
-                             f"--speculative {args.speculative} / --temperature {args.temperature}: "
-                             "leave --cuda-graphs off")
+        if args.temperature > 0:
+            raise ValueError("--cuda-graphs is built for greedy decoding (plain or speculative); "
+                             f"allowed with --temperature {args.temperature}: leave --cuda-graphs off")
         if not torch.cuda.is_available():
             raise ValueError("--cuda-graphs needs a CUDA device; none is visible here")
     if args.seq_length is not None and args.seq_length < 2:

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from megacpp_mcore.infer.engine import Engine
-from megacpp_mcore.infer.mtp import MTPDrafter
+from megacpp_mcore.infer.mtp import MTPDrafter, StaticMTPDrafter
 from megacpp_mcore.infer.sampling import Sampling, verify
 
 
@@ -95,11 +95,12 @@ class _Emitter:
         self.length = 0  # tokens per row so far (without stop tokens: the same for every row)
         self._held: list = []  # without stop tokens: [b, n] device tensors or host rows, in order
 
-    def add(self, new: torch.Tensor, rows: list[list[int]] | None = None) -> int:
-        """Emits ``new`` ``[b, n]`` (``rows``: the same ids, when already on the host); returns
+    def add(self, new: torch.Tensor | None, rows: list[list[int]] | None = None) -> int:
+        """Emits ``new`` ``[b, n]`` (``rows``: the same ids, when already on the host; then
+        ``new`` may be None); returns
         how many tokens the rows still running emitted."""
         if not self.stop_tokens:
-            n = new.shape[1]
+            n = new.shape[1] if rows is None else len(rows[0])
             count = min(n, self.budget - self.length) * sum(not d for d in self.done)
             self._held.append(new if rows is None else rows)
             self.length += n
@@ -166,29 +167,87 @@ class _PlainStep:
             self.graph.replay()
             self.session.length += 1  # the host's count; the device's advanced in the graph
             return self.output.clone()
-        side = torch.cuda.Stream(device=self.engine.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            new = self._body()  # the warm-up is a real step
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        length, t0 = self.session.length, _sync(self.engine.device)
-        with torch.cuda.graph(self.graph):  # records only: nothing runs, nothing advances
-            self.output = self._body()
-        self.session.length = length
-        self.capture_s = _sync(self.engine.device) - t0
+        new, self.graph, self.output, self.capture_s = _warm_up_and_capture(self._body, self.session)
         return new
 
 
-def check_graphs(engine: Engine, sampling: Sampling, speculative: int) -> None:
-    """``ValueError`` where plain greedy decoding cannot replay a CUDA graph per step."""
-    if speculative:
-        raise ValueError("CUDA graphs are built for plain decoding; allowed with speculative "
-                         "decoding: cuda_graphs=False")
+class _SpeculativeStep:
+    """One greedy speculative step of a static session with the model's MTP block, entirely on
+    the device: drafts (:class:`.mtp.StaticMTPDrafter`), the trunk's verification over ``K + 1``
+    positions, the acceptance, the commit of the common accepted prefix (the device's length and
+    recurrent states, by device index) and the drafter's bookkeeping. The host reads one
+    ``[b, 1 + K + 1]`` tensor per step (each row's accepted count, then the trunk's tokens at the
+    verified positions) and only then advances its own count; the next pending token stays on the
+    device (:attr:`next`). With ``graphs`` the step is captured once (after an eager warm-up step,
+    as :class:`_PlainStep`) and replayed."""
+
+    def __init__(self, engine: Engine, session, drafter: MTPDrafter, sampling: Sampling, graphs: bool):
+        self.engine, self.session, self.graphs, self.graph = engine, session, graphs, None
+        self.sampling = sampling  # greedy (its vocabulary limit applies to drafts and verification)
+        self.drafter = StaticMTPDrafter(drafter)
+        self.input = torch.zeros(session.batch, dtype=torch.long, device=engine.device)
+        self.output: torch.Tensor | None = None
+        self.next: torch.Tensor | None = None  # the next pending token [b], on the device
+        self.capture_s = 0.0
+
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        session, drafter = self.session, self.drafter
+        length = session.start_index.clone()  # the pending token's time index, before the commit
+        drafts = drafter.draft(self.input, length, self.sampling)  # [b, K]
+        hidden = session.forward(torch.cat([self.input[:, None], drafts], dim=1), keep=True)
+        accepted, tokens = verify(self.sampling, self.engine.logits(hidden), drafts, None, None)
+        m = accepted.min()  # the common accepted length (0-d, on the device)
+        session.commit(m + 1)
+        drafter.accept(length, m, hidden, tokens)
+        following = tokens.gather(1, m.view(1, 1).expand(tokens.shape[0], 1))[:, 0]
+        return torch.cat([accepted[:, None], tokens], dim=1), following
+
+    def __call__(self, pending: torch.Tensor) -> list[list[int]]:
+        """The step after ``pending`` ``[b]``: per row its accepted count, then the trunk's
+        ``K + 1`` tokens (the step's one read); the host's length is advanced by the caller."""
+        self.input.copy_(pending)
+        if not self.graphs:
+            out, self.next = self._body()
+        elif self.graph is not None:
+            self.graph.replay()
+            out, self.next = self.output
+        else:  # this step is the eager warm-up; later ones replay the recorded one
+            (out, self.next), self.graph, self.output, self.capture_s = _warm_up_and_capture(
+                self._body, self.session)
+        return out.tolist()
+
+
+def _warm_up_and_capture(body, session):
+    """CUDA graphs of a decode step: runs ``body`` once eagerly on a side stream (lazy
+    initialisation, workspaces; its result is this step's), then records it (nothing runs,
+    nothing advances: the host's session length is put back). Returns (the eager result, the
+    graph, the graph's output tensor, the capture's seconds)."""
+    device = session.engine.device
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    length, t0 = session.length, _sync(device)
+    with torch.cuda.graph(graph):
+        output = body()
+    session.length = length
+    return result, graph, output, _sync(device) - t0
+
+
+def check_graphs(engine: Engine, sampling: Sampling, speculative: int,
+                 custom_drafter: bool = False) -> None:
+    """``ValueError`` where greedy decoding (plain, or speculative with the model's MTP block)
+    cannot replay a CUDA graph per step."""
+    if custom_drafter:
+        raise ValueError("CUDA graphs of the speculative step draft with the model's MTP block; "
+                         "allowed with another drafter: cuda_graphs=False")
     if not sampling.greedy:
         raise ValueError("CUDA graphs of the decode step are built for greedy decoding; "
                          "allowed with sampling: cuda_graphs=False")
-    syncing = [p.where for p in engine.plans if p.moe_fallback]
+    plans = [*engine.plans, *(engine.mtp_plans if speculative else ())]
+    syncing = [p.where for p in plans if p.moe_fallback]
     if syncing:  # a host read inside a captured step is an error of the capture
         raise ValueError(f"CUDA graphs: {', '.join(syncing)} run Megatron's MoE layer, which "
                          "reads token counts on the host every step; allowed: models whose "
@@ -238,13 +297,14 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     ``drafter``: another object with the drafter protocol of :class:`.mtp.MTPDrafter` (tests);
     ``context``: the longest sequence to run (default: the model's ``max_sequence_length``);
     ``static``: the trunk decodes with static shapes after the prefill (:meth:`.engine.Session.make_static`;
-    same tokens, attention over the whole capacity); ``cuda_graphs``: plain greedy decoding replays
-    one CUDA graph per step (implies ``static``).
+    same tokens, attention over the whole capacity; greedy speculative decoding with the model's MTP
+    block then runs each step on the device with one read); ``cuda_graphs``: greedy decoding,
+    plain or speculative, replays one CUDA graph per step (implies ``static``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if cuda_graphs:  # before any work
-        check_graphs(engine, sampling, speculative or (drafter is not None))
+        check_graphs(engine, sampling, speculative, custom_drafter=drafter is not None)
     context = context or engine.model.max_sequence_length
     check_prompts(prompts, context)
     device, batch = engine.device, len(prompts)
@@ -268,16 +328,23 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if k:
         drafter.start(tokens, hidden)
     emitter.add(pending[:, None])
-    plain_step = None
+    plain_step = spec_step = None
     if static or cuda_graphs:
         session.make_static()
         if not k:
             plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs)
+        elif isinstance(drafter, MTPDrafter) and sampling.greedy:
+            spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
     while not all(emitter.done):
         rows = None
-        if k:
+        if spec_step is not None:  # the whole step on the device, one read
+            read = spec_step(pending)
+            m = min(row[0] for row in read)
+            session.advance(m + 1)
+            new, rows, pending = None, [row[1:m + 2] for row in read], spec_step.next
+        elif k:
             drafts, draft_probs = drafter.draft(pending, sampling, generator)  # [b, K]
             hidden = session.forward(torch.cat([pending[:, None], drafts], dim=1), keep=True)
             accepted, tokens = verify(sampling, engine.logits(hidden), drafts, draft_probs,
@@ -288,23 +355,27 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
             session.commit(m + 1)
             new, rows = tokens[:, :m + 1], [row[1:m + 2] for row in read]  # [b, m + 1]
             drafter.accept(m, hidden[:m + 1], new)
+            pending = new[:, -1]
+        elif plain_step is not None:
+            new = plain_step(pending)[:, None]  # [b, 1]
+            pending = new[:, -1]
+        else:
+            hidden = session.forward(pending[:, None])
+            session.commit(1)
+            new = sampling.choose(engine.logits(hidden)[:, 0], generator)[0][:, None]  # [b, 1]
+            pending = new[:, -1]
+        if k:
             for row, done in zip(read, emitter.done):
                 if not done:
                     for j in range(min(row[0] + 1, k)):
                         result.attempted[j] += 1
                         result.accepted[j] += j < row[0]
-        elif plain_step is not None:
-            new = plain_step(pending)[:, None]  # [b, 1]
-        else:
-            hidden = session.forward(pending[:, None])
-            session.commit(1)
-            new = sampling.choose(engine.logits(hidden)[:, 0], generator)[0][:, None]  # [b, 1]
-        pending = new[:, -1]
         result.decode_tokens += emitter.add(new, rows)
         result.steps += 1
     emitter.finish()
     result.decode_s = _sync(device) - t1
-    if plain_step is not None and plain_step.capture_s:
-        result.graph_capture_s = plain_step.capture_s
-        result.decode_s -= plain_step.capture_s
+    step = plain_step or spec_step
+    if step is not None and step.capture_s:
+        result.graph_capture_s = step.capture_s
+        result.decode_s -= step.capture_s
     return result

@@ -156,10 +156,23 @@ class Session:
         self._pending = tokens.shape[1]
         return engine.final_norm(hidden)
 
-    def commit(self, n: int) -> None:
+    def commit(self, n: int | torch.Tensor) -> None:
         """Keeps the first ``n`` positions of the last forward: caches are truncated to them (by
-        length) and recurrent states take their value at the ``n``-th position."""
+        length) and recurrent states take their value at the ``n``-th position.
+
+        ``n`` may be a 0-d device tensor (static sessions; ``1 <= n <= s``, not checked): then only
+        the device's length advances, and the host adds ``n`` to ``length`` once it has read it
+        (:meth:`advance`), so a speculative step commits without waiting for the device."""
         s = self._pending
+        if isinstance(n, torch.Tensor):
+            if not self.static:
+                raise RuntimeError("inference: a device-side commit needs a static session")
+            for state in self.states:
+                if hasattr(state, "commit"):
+                    state.commit(n, s)
+            self.start_index.add_(n)
+            self._pending = 0
+            return
         if not 0 <= n <= s:
             raise ValueError(f"inference: commit({n}) of a {s}-position forward")
         for state in self.states:
@@ -169,6 +182,10 @@ class Session:
         if self.static:
             self.start_index.add_(n)
         self._pending = 0
+
+    def advance(self, n: int) -> None:
+        """The host's count after a device-side :meth:`commit` of ``n`` positions."""
+        self.length += n
 
     def recurrent_snapshot(self) -> list[dict[str, torch.Tensor] | None]:
         """Copies of every recurrent layer's conv window and state (tests compare rollbacks)."""

@@ -55,13 +55,21 @@ class RecurrentState:
         """States after the new positions: ``[s, ...]`` per position, or the last one only."""
         self._pending, self._per_position = (convs, states), per_position
 
-    def commit(self, n: int, s: int) -> None:
+    def commit(self, n: int | torch.Tensor, s: int) -> None:
         """Keeps the first ``n`` of the ``s`` staged positions (all ``s`` without per-position
-        states)."""
+        states). ``n`` may be a 0-d device tensor (>= 1; per-position states, in place): the host
+        need not know it."""
         if self._pending is None:
             raise RuntimeError("inference: commit without a forward")
         convs, states = self._pending
         self._pending = None
+        if isinstance(n, torch.Tensor):
+            if not (self._per_position and self.in_place):
+                raise RuntimeError("inference: a device-side commit needs per-position states "
+                                   "(forward(..., keep=True)) of a static session")
+            last = (n - 1).view(1)
+            self._take(convs.index_select(0, last)[0], states.index_select(0, last)[0])
+            return
         if not self._per_position:
             if n != s:
                 raise RuntimeError(f"inference: commit({n}) of a {s}-position forward that kept no "

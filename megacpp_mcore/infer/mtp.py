@@ -88,12 +88,16 @@ class MTPDrafter:
 
     def _block(self, depth: int, hidden: _Hidden) -> torch.Tensor:
         """Depth ``depth`` (0-based) over positions ``hidden.start .. hidden.end - 1``."""
-        engine, block = self.engine, self.block
         start, n = hidden.start, hidden.values.shape[0]
-        ctx = self.session.context(start, n)
         tokens = self.ids[:, start + depth + 1:start + depth + 1 + n]  # ids[i + k], k = depth + 1
-        embedded = engine.model._embed(tokens, self.head_weight.to(hidden.values.dtype))  # [n, b, h]
-        x = F.linear(torch.cat([block.enorm(embedded), block.hnorm(hidden.values)], dim=-1),
+        return self._run(depth, hidden.values, tokens, self.session.context(start, n))
+
+    def _run(self, depth: int, hidden: torch.Tensor, tokens: torch.Tensor, ctx) -> torch.Tensor:
+        """Depth ``depth`` over the positions of ``ctx``: inputs ``hidden`` ``[n, b, h]`` and the
+        tokens they read ``[b, n]``."""
+        engine, block = self.engine, self.block
+        embedded = engine.model._embed(tokens, self.head_weight.to(hidden.dtype))  # [n, b, h]
+        x = F.linear(torch.cat([block.enorm(embedded), block.hnorm(hidden)], dim=-1),
                      block.eh_proj)
         x = run_layer(self.attn_plan, x, self.caches[depth], ctx, rotary=engine.rotary,
                       rope_config=engine.rope_config, keep=False)
@@ -136,3 +140,69 @@ class MTPDrafter:
         for depth in range(1, self.k):  # depth reads depth - 1's real outputs from its committed
             made = self.inputs[depth].then(self.outputs[depth - 1])
             self.inputs[depth] = made.slice(committed[depth], committed[depth - 1])
+
+
+class StaticMTPDrafter:
+    """The drafter with static shapes, for a speculative step that runs (and is captured as a CUDA
+    graph) without the host: made from an :class:`MTPDrafter` after its :meth:`~MTPDrafter.start`.
+
+    What the dynamic drafter keeps as variable-length lists lives in fixed buffers indexed by time:
+    ``inputs[d]`` ``[T, b, h]`` what depth ``d`` reads (the trunk's hidden states for depth 0,
+    depth ``d - 1``'s outputs after), and ``committed[d]`` (device) how many positions of depth
+    ``d`` are final. Each step every depth runs a fixed window of ``K + 1`` positions from its
+    committed length: that covers the positions it has not committed up to the trunk's last one
+    (at most ``K + 1`` after any acceptance, see the module docstring), and the window's extra
+    positions are written past the committed length, where the next window overwrites them before
+    any query can see them (the static cache's causal rule, :mod:`.context`).
+    """
+
+    def __init__(self, drafter: MTPDrafter):
+        self.drafter, self.k = drafter, drafter.k
+        session, k = drafter.session, drafter.k
+        self.session, self.window = session, k + 1
+        first = drafter.inputs[0].values
+        capacity, b, h = session.max_length, first.shape[1], first.shape[2]
+        device = first.device
+        self.inputs = [torch.zeros(capacity, b, h, dtype=first.dtype, device=device) for _ in range(k)]
+        for depth, hidden in enumerate(drafter.inputs):
+            self.inputs[depth][hidden.start:hidden.end] = hidden.values
+        self.committed = torch.tensor([hidden.start for hidden in drafter.inputs], dtype=torch.long,
+                                      device=device)
+        self.offsets = torch.arange(self.window, device=device)
+        self.logits: list[torch.Tensor] = []
+
+    def draft(self, pending: torch.Tensor, length: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """Greedy drafts ``[b, K]`` after the pending token ``[b]``, the trunk's committed length
+        ``length`` (0-d device tensor) being the pending token's time index; ``sampling`` (greedy)
+        limits the vocabulary as it does for the trunk."""
+        drafter, ids = self.drafter, self.drafter.ids
+        ids.index_copy_(1, length.view(1), pending[:, None])
+        drafts, self.logits = [], []  # the step's draft logits [b, V] per depth, as MTPDrafter's
+        for depth in range(self.k):
+            start = self.committed[depth]
+            times = start + self.offsets  # [K + 1]
+            ctx = self.session.context(0, self.window, start_index=start)
+            out = drafter._run(depth, self.inputs[depth].index_select(0, times),
+                               ids.index_select(1, times + depth + 1), ctx)  # [K + 1, b, h]
+            if depth + 1 < self.k:
+                self.inputs[depth + 1].index_copy_(0, times, out)
+            last = out.index_select(0, (length - 1 - start).view(1))  # the trunk's last position
+            logits = drafter.engine.logits(drafter.engine.final_norm(last))[:, 0]
+            self.logits.append(logits)
+            token, _ = sampling.choose(logits, None)
+            ids.index_copy_(1, (length + 1 + depth).view(1), token[:, None])
+            drafts.append(token)
+        return torch.stack(drafts, dim=1)
+
+    def accept(self, length: torch.Tensor, m: torch.Tensor, hidden: torch.Tensor,
+               tokens: torch.Tensor) -> None:
+        """After a verification at ``length`` (the trunk's committed length before it) accepted
+        ``m`` drafts (0-d device tensors): the trunk's hidden ``[K + 1, b, h]`` and tokens
+        ``[b, K + 1]`` of the verified positions (only the first ``m + 1`` are real; the rest are
+        overwritten before they are read). Depth ``d`` keeps the positions whose tokens are known,
+        ``length + min(0, m - d)`` of them, as :meth:`MTPDrafter.accept`."""
+        times = length + self.offsets
+        self.inputs[0].index_copy_(0, times, hidden.to(self.inputs[0].dtype))
+        self.drafter.ids.index_copy_(1, times + 1, tokens)
+        depths = torch.arange(self.k, device=m.device)
+        self.committed.copy_((length + torch.clamp(m - depths, max=0)).clamp(min=0))
