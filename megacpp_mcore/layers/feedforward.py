@@ -23,7 +23,7 @@ def feedforward_layer_spec(ctx: LayerContext) -> ModuleSpec:
     mlp = get_mlp_module_spec_for_backend(
         backend=backend,
         num_experts=config.num_moe_experts,
-        moe_grouped_gemm=config.moe_grouped_gemm,
+        moe_grouped_gemm=backend.moe_grouped_gemm(config.moe_grouped_gemm),
     )
     # Dense MLP on TE fuses the norm into fc1; MoE (and every local MLP) needs an explicit norm.
     fused_norm = not moe and backend.fuse_layernorm_and_linear()

@@ -122,6 +122,12 @@ class LocalBackend(LocalSpecProvider):
 
         return ColumnParallelLinear
 
+    def moe_grouped_gemm(self, requested: bool) -> bool:
+        """Local experts are a ``SequentialMLP`` whatever the config asks: upstream's local
+        grouped-GEMM experts (``GroupedMLP``) need the separate ``grouped_gemm`` package, which a
+        CUDA host rarely has (the model failed to build there with ``--backend local``)."""
+        return False
+
     # --- MLA (megacpp_mcore.layers.mla) ---
     def mla_core_attention(self) -> type:
         """Local core attention taking MLA's ``k_channels``/``v_channels`` and ``thd`` batches."""
@@ -183,6 +189,10 @@ def _te_backend_class() -> type:
         """Transformer Engine modules; the production path on GPUs."""
 
         name = "te"
+
+        def moe_grouped_gemm(self, requested: bool) -> bool:
+            """TE's grouped-GEMM experts when the config asks for them."""
+            return requested
 
         # --- MLA (megacpp_mcore.layers.mla) ---
         def mla_core_attention(self) -> type:
