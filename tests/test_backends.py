@@ -60,3 +60,26 @@ def test_local_backend_norm_supports_sequence_parallel():
     from megacpp_mcore.layers.norms import LocalNorm
 
     assert backends.LocalBackend().layer_norm() is LocalNorm
+
+
+def test_local_experts_are_sequential_whatever_the_config_asks():
+    """The local backend never builds upstream's local ``GroupedMLP`` (it needs the separate
+    grouped_gemm package, absent on the H200 where ``--backend local`` with MoE failed to build):
+    an ``E`` spec from a config with ``moe_grouped_gemm=True`` holds a ``SequentialMLP``; TE
+    keeps the request."""
+    import dataclasses
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megacpp_mcore.layers.feedforward import feedforward_layer_spec
+    from megacpp_mcore.models.presets import get_preset
+    from megacpp_mcore.spec.context import ChunkBuild, LayerContext
+    from megacpp_mcore.train import runtime
+
+    model = get_preset("nam56r-tiny")
+    config = dataclasses.replace(runtime.transformer_config(model, runtime.Parallelism()), moe_grouped_gemm=True)
+    ctx = LayerContext(config=config, backend=backends.get_backend("local"), index=1, symbol="E",
+                       features=frozenset(), feature_configs={}, chunk=ChunkBuild())
+    assert feedforward_layer_spec(ctx).submodules.mlp.submodules.experts.module is SequentialMLP
+    assert backends.provider("local").moe_grouped_gemm(True) is False
+    assert backends.provider("te").moe_grouped_gemm(True) is True
