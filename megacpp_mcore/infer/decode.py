@@ -175,20 +175,29 @@ class _SpeculativeStep:
     """One greedy speculative step of a static session with the model's MTP block, entirely on
     the device: drafts (:class:`.mtp.StaticMTPDrafter`), the trunk's verification over ``K + 1``
     positions, the acceptance, the commit of the common accepted prefix (the device's length and
-    recurrent states, by device index) and the drafter's bookkeeping. The host reads one
-    ``[b, 1 + K + 1]`` tensor per step (each row's accepted count, then the trunk's tokens at the
-    verified positions) and only then advances its own count; the next pending token stays on the
-    device (:attr:`next`). With ``graphs`` the step is captured once (after an eager warm-up step,
-    as :class:`_PlainStep`) and replayed."""
+    recurrent states, by device index) and the drafter's bookkeeping; the next pending token stays
+    on the device (:attr:`next`). With ``graphs`` the step is captured once (after an eager
+    warm-up step, as :class:`_PlainStep`) and replayed.
+
+    Since nothing the step needs comes from the host, the host queues step ``n + 1`` before it
+    reads step ``n``'s result (:meth:`launch` returns a copy to the host in flight, :meth:`read`
+    waits for it): the read of each row's accepted count and tokens never leaves the device idle.
+    The price is one step computed past the end of generation (its result is never read)."""
 
     def __init__(self, engine: Engine, session, drafter: MTPDrafter, sampling: Sampling, graphs: bool):
         self.engine, self.session, self.graphs, self.graph = engine, session, graphs, None
         self.sampling = sampling  # greedy (its vocabulary limit applies to drafts and verification)
         self.drafter = StaticMTPDrafter(drafter)
         self.input = torch.zeros(session.batch, dtype=torch.long, device=engine.device)
-        self.output: torch.Tensor | None = None
+        self.output = None  # the graph's (result, next token) buffers
         self.next: torch.Tensor | None = None  # the next pending token [b], on the device
         self.capture_s = 0.0
+        cuda = engine.device.type == "cuda"
+        width = 2 + drafter.k  # accepted count, then the K + 1 verified tokens
+        # two pinned host buffers: the step being read and the one queued after it
+        self._host = [torch.zeros(session.batch, width, dtype=torch.long, pin_memory=cuda)
+                      for _ in range(2)] if cuda else None
+        self._turn = 0
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         session, drafter = self.session, self.drafter
@@ -202,9 +211,9 @@ class _SpeculativeStep:
         following = tokens.gather(1, m.view(1, 1).expand(tokens.shape[0], 1))[:, 0]
         return torch.cat([accepted[:, None], tokens], dim=1), following
 
-    def __call__(self, pending: torch.Tensor) -> list[list[int]]:
-        """The step after ``pending`` ``[b]``: per row its accepted count, then the trunk's
-        ``K + 1`` tokens (the step's one read); the host's length is advanced by the caller."""
+    def launch(self, pending: torch.Tensor):
+        """Queues the step after ``pending`` ``[b]`` (device); returns a handle for :meth:`read`.
+        The host's session length is advanced by the caller once it has read the step."""
         self.input.copy_(pending)
         if not self.graphs:
             out, self.next = self._body()
@@ -214,7 +223,22 @@ class _SpeculativeStep:
         else:  # this step is the eager warm-up; later ones replay the recorded one
             (out, self.next), self.graph, self.output, self.capture_s = _warm_up_and_capture(
                 self._body, self.session)
-        return out.tolist()
+        if self._host is None:
+            return out.clone(), None
+        host, self._turn = self._host[self._turn], 1 - self._turn
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def read(handle) -> list[list[int]]:
+        """A launched step's result: per row its accepted count, then the trunk's ``K + 1``
+        tokens at the verified positions."""
+        values, done = handle
+        if done is not None:
+            done.synchronize()
+        return values.tolist()
 
 
 def _warm_up_and_capture(body, session):
@@ -312,7 +336,9 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     longest = tokens.shape[1]
     budget = min(max_new_tokens, context - longest)
     k = speculative if drafter is None else drafter.k
-    session = engine.session(batch, longest + budget + k + 1, pad)
+    # room for the last verification's K + 1 positions, and for one more step (the step on the
+    # device is queued before the previous one is read, so one runs past the end)
+    session = engine.session(batch, longest + budget + (2 * (k + 1) if k else 1), pad)
     generator = sampling.generator(device)
     result = Generation(tokens=[[] for _ in prompts], stop=["length"] * batch,
                         prompt_lengths=[len(p) for p in prompts], speculative=k,
@@ -337,13 +363,16 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
             spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
+    queued = spec_step.launch(pending) if spec_step is not None else None
     while not all(emitter.done):
         rows = None
-        if spec_step is not None:  # the whole step on the device, one read
-            read = spec_step(pending)
+        if spec_step is not None:  # the whole step on the device: queue the next, read this one
+            following = spec_step.launch(spec_step.next)
+            read = spec_step.read(queued)
+            queued = following
             m = min(row[0] for row in read)
             session.advance(m + 1)
-            new, rows, pending = None, [row[1:m + 2] for row in read], spec_step.next
+            new, rows = None, [row[1:m + 2] for row in read]
         elif k:
             drafts, draft_probs = drafter.draft(pending, sampling, generator)  # [b, K]
             hidden = session.forward(torch.cat([pending[:, None], drafts], dim=1), keep=True)
