@@ -8,7 +8,7 @@
 #   bash scripts/h200_regression.sh                 # the regression pass (longer than one 10-minute call)
 #   bash scripts/h200_regression.sh tests ae        # any of: tests startup ae mod mtp moda mtp-repeated
 #                                                   #   mod-pretrain flexidepth flexidepth-batch stage-ab
-#                                                   #   lite-mtp2 generate
+#                                                   #   stage lite-mtp2 generate generate-random
 # A fresh machine compiles Triton kernels for 2-3 minutes before the first step of a hybrid model:
 # keep the pretrain_gpt parts in one call after a warm-up, or give them a call of their own.
 # Through the device tool, run it with scripts/h200_session.sh (deadline, Megatron-LM checkout,
@@ -58,6 +58,11 @@ for part in $PARTS; do
                     --iters 10 --out "$OUT/flexidepth-batch8-e.json"; } >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
+    # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection
+    stage) python scripts/bench_stage.py --set stage --out "$OUT/stage.json" >"$OUT/stage.log" 2>&1 ;;
+    # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
+    generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
+                       --cuda-graphs --out "$OUT/generate-random.json" >"$OUT/generate-random.log" 2>&1 ;;
     lite-mtp2) megacpp-mcore train --preset nam56r-lite --mtp-depth 2 --seq-length 1024 \
                  --micro-batch-size 8 --global-batch-size 8 --steps 600 --warmup-steps 50 --lr 1e-3 \
                  --min-lr 1e-4 --eval-interval 300 --eval-iters 2 --log-interval 50 --on-nonfinite skip \
@@ -67,7 +72,7 @@ for part in $PARTS; do
               python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 --cuda-graphs \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
     *) echo "unknown part '$part'; parts: tests startup ae mod mtp moda mtp-repeated mod-pretrain" \
-            "flexidepth flexidepth-batch stage-ab lite-mtp2 generate" >&2; exit 2 ;;
+            "flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random" >&2; exit 2 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"
