@@ -184,7 +184,8 @@ def _agreeing_model(agreement: float):
     head = engine.output_weight()
     head = engine.model.output_layer.weight if head is None else head
     with torch.no_grad():
-        head.add_(agreement * torch.randn(head.shape[0], 1) * torch.randn(1, head.shape[1]))
+        rank1 = agreement * torch.randn(head.shape[0], 1) * torch.randn(1, head.shape[1])
+        head.add_(rank1.to(head.device))  # drawn on the CPU: the same head on a GPU host
     gen = torch.Generator().manual_seed(24)
     return engine, [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 3, 8)]
 
