@@ -266,6 +266,22 @@ def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda
     return best
 
 
+def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: dict | None = None) -> dict:
+    """One configuration decoded replaying a CUDA graph per step, as a table row: speed-ups over
+    eager plain decoding (``plain``) and, for speculative rows, over graphed plain decoding."""
+    run = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
+                sampling=sampling, cuda_graphs=True)
+    row = {"batch": len(rows), "k": k, "graphs": True, "tokens_per_s": run.decode_tokens_per_s,
+           "speedup": run.decode_tokens_per_s / plain.decode_tokens_per_s,
+           "ms_per_step": 1e3 * run.decode_s / max(run.steps, 1),
+           "syncs_per_step": None, "ops_per_step": None, "gpu_ms_per_step": None,
+           "identical": run.tokens == plain.tokens,
+           "agreeing_prefix": agreeing_prefix(run.tokens, plain.tokens), **run.summary()}
+    if graphed_plain is not None:
+        row["vs_graphed_plain"] = run.decode_tokens_per_s / graphed_plain["tokens_per_s"]
+    return row
+
+
 def measure(engine, args) -> list[dict]:
     from megacpp_mcore.infer import Sampling
     from megacpp_mcore.train.data import ByteTokenizer
@@ -295,20 +311,12 @@ def measure(engine, args) -> list[dict]:
               f"output {'-' if loops is None else f'{loops:.2f}'} (near 0: the output loops, and "
               "acceptance rates say little)", flush=True)
         if args.cuda_graphs:  # plain greedy replaying one CUDA graph per step
-            graphed = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats,
-                            sampling=sampling, cuda_graphs=True)
-            results.append({"batch": batch, "k": 0, "graphs": True,
-                            "tokens_per_s": graphed.decode_tokens_per_s,
-                            "speedup": graphed.decode_tokens_per_s / base,
-                            "ms_per_step": 1e3 * graphed.decode_s / max(graphed.steps, 1),
-                            "syncs_per_step": None, "ops_per_step": None, "gpu_ms_per_step": None,
-                            "identical": graphed.tokens == plain.tokens,
-                            "agreeing_prefix": agreeing_prefix(graphed.tokens, plain.tokens),
-                            **graphed.summary()})
-            print(f"[bench_generate] batch {batch} plain, CUDA graphs: "
-                  f"{graphed.decode_tokens_per_s:.1f} tokens/s (x{results[-1]['speedup']:.2f}), "
-                  f"identical {results[-1]['identical']}, capture {1e3 * graphed.graph_capture_s:.0f} ms "
-                  "(once per generate call, not in the decode time)", flush=True)
+            graphed = graphed_row(engine, rows, args, sampling, k=0, plain=plain)
+            results.append(graphed)
+            print(f"[bench_generate] batch {batch} plain, CUDA graphs: {graphed['tokens_per_s']:.1f} "
+                  f"tokens/s (x{graphed['speedup']:.2f}), identical {graphed['identical']}, capture "
+                  f"{1e3 * graphed['graph_capture_s']:.0f} ms (once per generate call, not in the "
+                  "decode time)", flush=True)
         graphed_plain = results[-1] if args.cuda_graphs else None
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -328,21 +336,13 @@ def measure(engine, args) -> list[dict]:
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
                   f"{row['identical']}", flush=True)
             if args.cuda_graphs:  # both with their best settings: graphed against graphed
-                fast = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
-                             sampling=sampling, cuda_graphs=True)
-                results.append({"batch": batch, "k": k, "graphs": True,
-                                "tokens_per_s": fast.decode_tokens_per_s,
-                                "speedup": fast.decode_tokens_per_s / base,
-                                "vs_graphed_plain": fast.decode_tokens_per_s / graphed_plain["tokens_per_s"],
-                                "ms_per_step": 1e3 * fast.decode_s / max(fast.steps, 1),
-                                "syncs_per_step": None, "ops_per_step": None, "gpu_ms_per_step": None,
-                                "identical": fast.tokens == plain.tokens,
-                                "agreeing_prefix": agreeing_prefix(fast.tokens, plain.tokens),
-                                **fast.summary()})
-                print(f"[bench_generate] batch {batch} K={k}, CUDA graphs: "
-                      f"{fast.decode_tokens_per_s:.1f} tokens/s (x{results[-1]['vs_graphed_plain']:.2f} "
-                      f"graphed plain), acceptance {_rates(fast.acceptance)}, identical "
-                      f"{results[-1]['identical']}", flush=True)
+                fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain,
+                                   graphed_plain=graphed_plain)
+                results.append(fast)
+                print(f"[bench_generate] batch {batch} K={k}, CUDA graphs: {fast['tokens_per_s']:.1f} "
+                      f"tokens/s (x{fast['vs_graphed_plain']:.2f} graphed plain), acceptance "
+                      f"{_rates(fast['acceptance_per_position'])}, identical {fast['identical']}",
+                      flush=True)
     return results
 
 
