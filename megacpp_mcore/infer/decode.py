@@ -10,7 +10,10 @@ Host synchronisation. The host reads from the device only what it must: a specul
 the accepted lengths and the verified tokens in one transfer (the accepted length decides what
 runs next); a plain step reads nothing unless stop tokens are given (then each step's tokens are
 read to stop rows), so without them the host queues step after step and reads every token at the
-end (:class:`_Emitter`).
+end (:class:`_Emitter`). With static shapes (``static`` / ``cuda_graphs``) the greedy speculative
+step decides what runs next on the device too (:class:`_SpeculativeStep`), so the host queues the
+next step before it reads the last one, and with ``cuda_graphs`` every step, plain or speculative,
+is one graph replay.
 """
 
 from __future__ import annotations
