@@ -62,14 +62,15 @@ def test_local_backend_norm_supports_sequence_parallel():
     assert backends.LocalBackend().layer_norm() is LocalNorm
 
 
-def test_local_experts_are_sequential_whatever_the_config_asks():
+def test_local_experts_are_sequential_whatever_the_config_asks(single_rank):
     """The local backend never builds upstream's local ``GroupedMLP`` (it needs the separate
     grouped_gemm package, absent on the H200 where ``--backend local`` with MoE failed to build):
-    an ``E`` spec from a config with ``moe_grouped_gemm=True`` holds a ``SequentialMLP``; TE
-    keeps the request."""
+    an ``E`` layer built from a config with ``moe_grouped_gemm=True`` holds a ``SequentialMLP``;
+    TE keeps the request."""
     import dataclasses
 
     from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.spec_utils import build_module
 
     from megacpp_mcore.layers.feedforward import feedforward_layer_spec
     from megacpp_mcore.models.presets import get_preset
@@ -80,6 +81,7 @@ def test_local_experts_are_sequential_whatever_the_config_asks():
     config = dataclasses.replace(runtime.transformer_config(model, runtime.Parallelism()), moe_grouped_gemm=True)
     ctx = LayerContext(config=config, backend=backends.get_backend("local"), index=1, symbol="E",
                        features=frozenset(), feature_configs={}, chunk=ChunkBuild())
-    assert feedforward_layer_spec(ctx).submodules.mlp.submodules.experts.module is SequentialMLP
+    layer = build_module(feedforward_layer_spec(ctx), config=config, layer_number=2)
+    assert type(layer.mlp.experts) is SequentialMLP
     assert backends.provider("local").moe_grouped_gemm(True) is False
     assert backends.provider("te").moe_grouped_gemm(True) is True

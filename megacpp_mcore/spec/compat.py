@@ -30,8 +30,10 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
 * ``dist_checkpointing`` lost ``common_strategy`` (0.19): ``torch_dist`` keeps the common
   (non-tensor) state inside its files, where 0.16 - 0.18 look for ``common.pt``:
   :func:`write_legacy_common_file` keeps checkpoints loadable by every supported release.
-* Not used by the package, so nothing to absorb: ``MambaMixer(use_mem_eff_path=)`` (gone in 0.17:
-  the config field stays), ``get_mlp_module_spec_for_backend`` (a ``functools.partial`` from 0.18).
+* Nothing to absorb: ``MambaMixer(use_mem_eff_path=)`` (gone in 0.17, not used by the package:
+  the config field stays); ``get_mlp_module_spec_for_backend`` returns a ``functools.partial``
+  from 0.18 instead of a ``ModuleSpec`` (``layers/feedforward.py`` only hands it to
+  ``build_module``, which takes either; tests build modules rather than read the spec).
 """
 
 from __future__ import annotations
