@@ -366,7 +366,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
             spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
-    queued = spec_step.launch(pending) if spec_step is not None else None
+    queued = spec_step.launch(pending) if spec_step is not None and not all(emitter.done) else None
     while not all(emitter.done):
         rows = None
         if spec_step is not None:  # the whole step on the device: queue the next, read this one
