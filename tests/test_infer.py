@@ -168,7 +168,7 @@ def test_static_speculative_step_equals_eager_speculative(single_rank, monkeypat
             accepted += eager.accepted[0]
             rejected += eager.attempted[0] - eager.accepted[0]
         one = generate(engine, prompts, max_new_tokens=1, speculative=k, static=True)
-        assert one.tokens == [t[:1] for t in plain.tokens] and one.steps == 0  # nothing queued
+        assert one.tokens == [t[:1] for t in plain.tokens] and one.steps == 0  # the prefill ends it
         limited = Sampling(vocab_limit=VOCAB // 2)  # a tokenizer smaller than the head: drafts too
         assert (generate(engine, prompts, max_new_tokens=14, speculative=k, static=True, sampling=limited).tokens
                 == generate(engine, prompts, max_new_tokens=14, sampling=limited).tokens)
