@@ -33,9 +33,11 @@
 # whether MBS 8 fits with recompute), the stage tokens/s and its projection, the all-to-all time
 # (the 300 GB/s above is an assumption), EP=4 against EP=8.
 #
-# Start-up: TRITON_CACHE_AUTOTUNING=1 keeps Triton's autotuning results (mamba_ssm's SSD kernels,
-# MLA's fused RoPE) in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache), so a second launch
-# on the machine skips the autotuning.
+# Start-up: the launcher applies the patch registry, whose mamba-ssd-tuned-configs seeds mamba_ssm's
+# SSD autotuners on SM90 with the H200's choices (for nam56r-lite's keys: start-up to the first step
+# 124 -> 43.7 s on a fresh H200; here the two _state_passing kernels, whose key holds the width,
+# still tune). TRITON_CACHE_AUTOTUNING=1 keeps the rest of Triton's autotuning results (MLA's fused
+# RoPE) in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache) for a second launch.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

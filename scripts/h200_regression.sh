@@ -9,8 +9,10 @@
 #   bash scripts/h200_regression.sh tests ae        # any of: tests startup ae mod mtp moda mtp-repeated
 #                                                   #   mod-pretrain flexidepth flexidepth-batch stage-ab
 #                                                   #   stage lite-mtp2 generate generate-random
-# A fresh machine compiles Triton kernels for 2-3 minutes before the first step of a hybrid model:
-# keep the pretrain_gpt parts in one call after a warm-up, or give them a call of their own.
+# A fresh machine compiles (and, for shapes the mamba-ssd-tuned-configs patch does not seed, or in
+# scripts that do not apply the registry, autotunes) Triton kernels before the first step of a
+# hybrid model: 124 s unseeded, 44 s seeded for nam56r-lite. Keep the pretrain_gpt parts in one
+# call after a warm-up, or give them a call of their own.
 # Through the device tool, run it with scripts/h200_session.sh (deadline, Megatron-LM checkout,
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail

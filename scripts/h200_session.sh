@@ -19,7 +19,8 @@
 #   (its __init__ imports it; Megatron's Mamba-2 mixer needs only the Triton kernels), so that
 #   subprocesses (pretrain_gpt.py, megacpp-mcore train) import mamba_ssm too;
 # * TRITON_CACHE_DIR=/root/w/triton and TRITON_CACHE_AUTOTUNING=1: later calls on a warm machine
-#   skip the 2-3 minutes of Triton compilation and autotuning a fresh one spends.
+#   skip the Triton compilation and autotuning a fresh one spends (up to 2-3 minutes where the
+#   mamba-ssd-tuned-configs patch is not applied).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-540}
