@@ -141,21 +141,41 @@ class _Emitter:
             del row[self.budget:]
 
 
-class _PlainStep:
-    """One plain decode step of a static session, ``pending [b] -> new tokens [b]``: forward of the
-    pending token, commit, next token. With ``graphs`` the step runs eagerly once on a side stream
-    (the warm-up CUDA graphs need: lazy initialisation, workspaces), is then captured once and
-    replayed for every later step: one launch per token instead of a thousand, and the host never
-    waits for the device. The captured step reads its input from, and writes its output to, fixed
-    buffers, and advances the session's device-side length itself; the host keeps its own count.
-    """
+class _GraphedStep:
+    """A decode step of a static session as a body over fixed input buffers, run eagerly or, with
+    ``graphs``, eagerly once on a side stream (the warm-up CUDA graphs need: lazy initialisation,
+    workspaces), then captured once and replayed for every later step: one launch per step instead
+    of a thousand. The body advances the session's device-side length itself; the host keeps its
+    own count."""
+
+    def __init__(self, session, graphs: bool):
+        self.session, self.graphs, self.graph = session, graphs, None
+        self.output = None  # the graph's output buffers (what a replay writes)
+        self.capture_s = 0.0  # the one-time capture (the warm-up step counts as a decode step)
+
+    def _body(self):
+        raise NotImplementedError
+
+    def _step(self):
+        """This step's body result: computed eagerly, by the warm-up before the capture, or by a
+        replay (then the graph's own output buffers, overwritten by the next replay)."""
+        if not self.graphs:
+            return self._body()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        result, self.graph, self.output, self.capture_s = _warm_up_and_capture(self._body, self.session)
+        return result
+
+
+class _PlainStep(_GraphedStep):
+    """One plain decode step, ``pending [b] -> new tokens [b]``: forward of the pending token,
+    commit, next token. Replayed, the host never waits for the device."""
 
     def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool):
-        self.engine, self.session, self.sampling, self.generator = engine, session, sampling, generator
-        self.graphs, self.graph = graphs, None
+        super().__init__(session, graphs)
+        self.engine, self.sampling, self.generator = engine, sampling, generator
         self.input = torch.zeros(session.batch, 1, dtype=torch.long, device=engine.device)
-        self.output: torch.Tensor | None = None
-        self.capture_s = 0.0  # the one-time capture (the warm-up step counts as a decode step)
 
     def _body(self) -> torch.Tensor:
         hidden = self.session.forward(self.input)
@@ -164,23 +184,21 @@ class _PlainStep:
 
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
         self.input.copy_(pending[:, None])
-        if not self.graphs:
-            return self._body()
-        if self.graph is not None:
-            self.graph.replay()
-            self.session.length += 1  # the host's count; the device's advanced in the graph
-            return self.output.clone()
-        new, self.graph, self.output, self.capture_s = _warm_up_and_capture(self._body, self.session)
+        replay = self.graph is not None
+        new = self._step()
+        if replay:  # the host's count (the device's advanced in the graph); the buffer is reused
+            self.session.length += 1
+            return new.clone()
         return new
 
 
-class _SpeculativeStep:
+class _SpeculativeStep(_GraphedStep):
     """One greedy speculative step of a static session with the model's MTP block, entirely on
     the device: drafts (:class:`.mtp.StaticMTPDrafter`), the trunk's verification over ``K + 1``
     positions, the acceptance, the commit of the common accepted prefix (the device's length and
     recurrent states, by device index) and the drafter's bookkeeping; the next pending token stays
-    on the device (:attr:`next`). With ``graphs`` the step is captured once (after an eager
-    warm-up step, as :class:`_PlainStep`) and replayed.
+    on the device (:attr:`next`). With ``graphs`` the step is captured once and replayed
+    (:class:`_GraphedStep`).
 
     Since nothing the step needs comes from the host, the host queues step ``n + 1`` before it
     reads step ``n``'s result (:meth:`launch` returns a copy to the host in flight, :meth:`read`
@@ -188,13 +206,12 @@ class _SpeculativeStep:
     The price is one step computed past the end of generation (its result is never read)."""
 
     def __init__(self, engine: Engine, session, drafter: MTPDrafter, sampling: Sampling, graphs: bool):
-        self.engine, self.session, self.graphs, self.graph = engine, session, graphs, None
+        super().__init__(session, graphs)
+        self.engine = engine
         self.sampling = sampling  # greedy (its vocabulary limit applies to drafts and verification)
         self.drafter = StaticMTPDrafter(drafter)
         self.input = torch.zeros(session.batch, dtype=torch.long, device=engine.device)
-        self.output = None  # the graph's (result, next token) buffers
         self.next: torch.Tensor | None = None  # the next pending token [b], on the device
-        self.capture_s = 0.0
         cuda = engine.device.type == "cuda"
         width = 2 + drafter.k  # accepted count, then the K + 1 verified tokens
         # two pinned host buffers: the step being read and the one queued after it
@@ -218,14 +235,7 @@ class _SpeculativeStep:
         """Queues the step after ``pending`` ``[b]`` (device); returns a handle for :meth:`read`.
         The host's session length is advanced by the caller once it has read the step."""
         self.input.copy_(pending)
-        if not self.graphs:
-            out, self.next = self._body()
-        elif self.graph is not None:
-            self.graph.replay()
-            out, self.next = self.output
-        else:  # this step is the eager warm-up; later ones replay the recorded one
-            (out, self.next), self.graph, self.output, self.capture_s = _warm_up_and_capture(
-                self._body, self.session)
+        out, self.next = self._step()
         if self._host is None:
             return out.clone(), None
         host, self._turn = self._host[self._turn], 1 - self._turn
