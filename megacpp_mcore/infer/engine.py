@@ -164,21 +164,16 @@ class Session:
         the device's length advances, and the host adds ``n`` to ``length`` once it has read it
         (:meth:`advance`), so a speculative step commits without waiting for the device."""
         s = self._pending
-        if isinstance(n, torch.Tensor):
-            if not self.static:
-                raise RuntimeError("inference: a device-side commit needs a static session")
-            for state in self.states:
-                if hasattr(state, "commit"):
-                    state.commit(n, s)
-            self.start_index.add_(n)
-            self._pending = 0
-            return
-        if not 0 <= n <= s:
+        on_device = isinstance(n, torch.Tensor)
+        if on_device and not self.static:
+            raise RuntimeError("inference: a device-side commit needs a static session")
+        if not on_device and not 0 <= n <= s:
             raise ValueError(f"inference: commit({n}) of a {s}-position forward")
         for state in self.states:
             if hasattr(state, "commit"):
                 state.commit(n, s)
-        self.length += n
+        if not on_device:
+            self.length += n
         if self.static:
             self.start_index.add_(n)
         self._pending = 0
