@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speculative", type=int, default=0, metavar="K",
                        help="MTP drafts per step, 1..the trained MTP depth (default 0: off)")
     group.add_argument("--cuda-graphs", action="store_true",
-                       help="plain greedy decoding replays one CUDA graph per step (CUDA only; "
-                            "not with --speculative or sampling)")
+                       help="greedy decoding, plain or speculative, replays one CUDA graph per "
+                            "step (CUDA only; not with sampling)")
     group.add_argument("--backend", choices=["auto", "te", "local"], default="auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
