@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompts")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="also time plain greedy decoding replaying one CUDA graph per step (CUDA only)")
+                   help="also time greedy decoding, plain and speculative, replaying one CUDA graph "
+                        "per step (CUDA only)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.dtype is not None and args.bf16 is not None and args.bf16 != (args.dtype == "bf16"):
@@ -310,6 +311,7 @@ def measure(engine, args) -> list[dict]:
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s, distinct 8-grams of the "
               f"output {'-' if loops is None else f'{loops:.2f}'} (near 0: the output loops, and "
               "acceptance rates say little)", flush=True)
+        graphed = None
         if args.cuda_graphs:  # plain greedy replaying one CUDA graph per step
             graphed = graphed_row(engine, rows, args, sampling, k=0, plain=plain)
             results.append(graphed)
@@ -317,7 +319,6 @@ def measure(engine, args) -> list[dict]:
                   f"tokens/s (x{graphed['speedup']:.2f}), identical {graphed['identical']}, capture "
                   f"{1e3 * graphed['graph_capture_s']:.0f} ms (once per generate call, not in the "
                   "decode time)", flush=True)
-        graphed_plain = results[-1] if args.cuda_graphs else None
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
                          sampling=sampling)
@@ -336,8 +337,7 @@ def measure(engine, args) -> list[dict]:
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
                   f"{row['identical']}", flush=True)
             if args.cuda_graphs:  # both with their best settings: graphed against graphed
-                fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain,
-                                   graphed_plain=graphed_plain)
+                fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain, graphed_plain=graphed)
                 results.append(fast)
                 print(f"[bench_generate] batch {batch} K={k}, CUDA graphs: {fast['tokens_per_s']:.1f} "
                       f"tokens/s (x{fast['vs_graphed_plain']:.2f} graphed plain), acceptance "
