@@ -20,6 +20,10 @@ OUT=${OUT:-./h200}
 PARTS=${*:-tests ae mod mtp moda}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# FlexiDepth's per-layer skip rates, as the CPU fine-tune of nam56r-tiny (same 12-layer pattern)
+# trained them to within 3% of the dense bits/byte (docs/benchmarks.md, "FlexiDepth fine-tuned
+# from the dense checkpoint")
+trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
 for part in $PARTS; do
   case $part in
     tests) python -m pytest -q -rfEs -m gpu tests >"$OUT/gpu_tests.log" 2>&1 ;;
@@ -42,10 +46,7 @@ for part in $PARTS; do
     mtp-repeated) python scripts/bench_mtp.py --upstream-repeated --vocab 32768 131072 \
                     --out "$OUT/mtp-repeated.json" >"$OUT/mtp-repeated.log" 2>&1 ;;
     mod-pretrain) python scripts/bench_mod_pretrain.py >"$OUT/mod-pretrain.log" 2>&1 ;;
-    # the per-layer rates the CPU fine-tune of nam56r-tiny (same 12-layer pattern) trained to within
-    # 3% of the dense bits/byte (docs/benchmarks.md, "FlexiDepth fine-tuned from the dense checkpoint")
-    flexidepth) trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
-                { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --iters 20 \
+    flexidepth) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --iters 20 \
                     --profile 25 --out "$OUT/flexidepth-trained.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE \
                     --iters 20 --out "$OUT/flexidepth-trained-ae.json" &&
@@ -53,8 +54,7 @@ for part in $PARTS; do
                     --out "$OUT/flexidepth.json"; } >"$OUT/flexidepth.log" 2>&1 ;;
     # the same trained rates at batch 8 x 4096, where the dense forward's device time exceeds its
     # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only)
-    flexidepth-batch) trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
-                { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+    flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --iters 10 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --batch 8 \
                     --iters 10 --out "$OUT/flexidepth-batch8-e.json"; } >"$OUT/flexidepth-batch.log" 2>&1 ;;
