@@ -38,9 +38,12 @@ class _Visibility:
         self.visible = torch.ones(capacity, batch, dtype=torch.bool, device=device) if enabled else None
 
     def _mark(self, ctx: StepContext, visible: torch.Tensor | None) -> None:
-        if self.visible is not None:
-            ctx.store(self.visible, torch.ones(ctx.s, self.visible.shape[1], dtype=torch.bool,
-                                               device=self.visible.device) if visible is None else visible)
+        if self.visible is None:
+            return
+        if visible is None:  # every new position visible: a fill, nothing to allocate
+            self.visible.index_fill_(0, ctx.time, True)
+        else:
+            ctx.store(self.visible, visible)
 
     def mask(self, ctx: StepContext) -> torch.Tensor:
         """The step's attention mask ``[b, 1, s, end]``, less the hidden keys (a query still sees
