@@ -22,7 +22,7 @@ MOE = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=32, shared_expert_size=32
 
 
 def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, features=None,
-           vocab=VOCAB, hidden=64):
+           vocab=VOCAB, hidden=64, tie=False):
     from megacpp_mcore.infer import Engine
     from megacpp_mcore.train import runtime
 
@@ -30,7 +30,7 @@ def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, featur
                       num_attention_heads=4, num_query_groups=None if mla else 2,
                       ffn_hidden_size=96, vocab_size=vocab, seq_length=64,
                       moe=MOE if moe else None, mla=MLA if mla else None, mtp_depth=mtp,
-                      features=features or {})
+                      features=features or {}, tie_embeddings=tie)
     (gpt,) = runtime.build_model(cfg, runtime.transformer_config(cfg, runtime.Parallelism()),
                                  backend="local", wrap_ddp=False)
     return Engine(gpt)
@@ -105,6 +105,41 @@ def test_incremental_decoding_equals_full_forward(single_rank, case, static):
         ref = engine.full_logits(row[None])[0]
         assert logits.shape == ref.shape
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@torch.no_grad()
+def test_logits_under_a_vocabulary_limit_are_the_first_ids_and_decode_alike(single_rank, tie):
+    """``Engine.logits(hidden, vocab)`` (decoding's head under a tokenizer smaller than the padded
+    vocabulary) gives the full head's logits of ids ``< vocab`` within 1e-6 from the first
+    ``vocab`` rows of the output weight (tied or not), the full head at or above the vocabulary;
+    greedy decoding under the limit, plain and speculative, emits what limiting the full logits
+    emits (the head before this change), every token below the limit."""
+    from megacpp_mcore.infer import Sampling, generate
+    from megacpp_mcore.infer import engine as engine_module
+
+    torch.manual_seed(5)
+    engine = _model("AE", 2, mtp=2, features={}, tie=tie)
+    assert engine.model.share_embeddings_and_output_weights == tie
+    hidden = torch.randn(3, 2, 64)
+    full = engine.logits(hidden)
+    for vocab in (1, 17, VOCAB - 1):
+        got = engine.logits(hidden, vocab)
+        assert got.shape == (2, 3, vocab)
+        torch.testing.assert_close(got, full[..., :vocab], atol=1e-6, rtol=0)
+    for vocab in (VOCAB, VOCAB + 9, None):
+        assert torch.equal(engine.logits(hidden, vocab), full)
+
+    limited = Sampling(vocab_limit=VOCAB // 3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    sliced = [generate(engine, prompts, max_new_tokens=10, sampling=limited, speculative=k).tokens
+              for k in (0, 2)]
+    whole = engine_module.Engine.logits
+    with pytest.MonkeyPatch.context() as patch:  # the head before: full logits, then the limit
+        patch.setattr(engine_module.Engine, "logits", lambda self, h, vocab=None: whole(self, h))
+        before = generate(engine, prompts, max_new_tokens=10, sampling=limited).tokens
+    assert sliced[0] == sliced[1] == before
+    assert max(max(row) for row in before) < VOCAB // 3
 
 
 def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):

@@ -81,6 +81,55 @@ def test_sync_free_moe_equals_megatron_layer(single_rank, router):
     torch.testing.assert_close(fast(big)[0], layer(big)[0], atol=0, rtol=0)
 
 
+def _bytes_moved(fn) -> int:
+    """Bytes an eager call moves, counted at torch's dispatcher: every non-view operator's tensor
+    inputs and outputs, a gather (``index``) its output twice (what it reads, what it writes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def size(t):
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    class _Traffic(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if not func.is_view:
+                written = sum(size(o) for o in outs)
+                read = 2 * written if func._opname == "index" else written + sum(map(size, args))
+                _Traffic.total += read
+            return out
+
+    with _Traffic():
+        fn()
+    return _Traffic.total
+
+
+@pytest.mark.parametrize("experts,topk", [(8, 2), (12, 3), (16, 4)])
+@torch.no_grad()
+def test_sync_free_moe_takes_the_route_that_moves_fewer_bytes(single_rank, experts, topk):
+    """Decode is bound by reading weights: for 1 .. 4 tokens the route the layer takes moves at
+    most the bytes of the other one (the gathered route copies the chosen experts' weights before
+    its GEMMs read them; it is cheaper for one token only here)."""
+    from megacpp_mcore.infer import moe as moe_module
+
+    torch.manual_seed(0)
+    (layer,) = _moe_layers(_gpt(moe=MoEConfig(num_experts=experts, topk=topk, ffn_hidden_size=32,
+                                              shared_expert_size=32)))
+    fast, why = moe_module.plan_moe(layer)
+    assert why is None
+    chosen = []
+    for tokens in (1, 2, 3, 4):
+        x = torch.randn(tokens, HIDDEN)
+        probs, _ = layer.router(x[:, None])
+        moved = {route: _bytes_moved(lambda r=route: getattr(fast, r)(x, probs))
+                 for route in ("gathered", "dense")}
+        chosen.append(fast.route(tokens))
+        assert moved[chosen[-1]] <= min(moved.values()), (tokens, moved)
+    assert chosen[0] == "gathered" and chosen[-1] == "dense"  # both routes are exercised
+
+
 def _fake(name: str, **modules_and_params) -> torch.nn.Module:
     """A module of class ``name`` holding the given submodules / parameters."""
     fake = type(name, (torch.nn.Module,), {})()

@@ -180,7 +180,8 @@ class _PlainStep(_GraphedStep):
     def _body(self) -> torch.Tensor:
         hidden = self.session.forward(self.input)
         self.session.commit(1)
-        return self.sampling.choose(self.engine.logits(hidden)[:, 0], self.generator)[0]
+        logits = self.engine.logits(hidden, self.sampling.vocab_limit)[:, 0]
+        return self.sampling.choose(logits, self.generator)[0]
 
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
         self.input.copy_(pending[:, None])
@@ -224,7 +225,8 @@ class _SpeculativeStep(_GraphedStep):
         length = session.start_index.clone()  # the pending token's time index, before the commit
         drafts = drafter.draft(self.input, length, self.sampling)  # [b, K]
         hidden = session.forward(torch.cat([self.input[:, None], drafts], dim=1), keep=True)
-        accepted, tokens = verify(self.sampling, self.engine.logits(hidden), drafts, None, None)
+        logits = self.engine.logits(hidden, self.sampling.vocab_limit)
+        accepted, tokens = verify(self.sampling, logits, drafts, None, None)
         m = accepted.min()  # the common accepted length (0-d, on the device)
         session.commit(m + 1)
         drafter.accept(length, m, hidden, tokens)
@@ -361,7 +363,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     t0 = _sync(device)
     hidden = session.forward(tokens)
     session.commit(longest)
-    pending, _ = sampling.choose(engine.logits(hidden[-1:])[:, 0], generator)  # [b]
+    pending, _ = sampling.choose(engine.logits(hidden[-1:], sampling.vocab_limit)[:, 0], generator)  # [b]
     if k and drafter is None:
         drafter = MTPDrafter(engine, session, k)
     if k:
@@ -389,8 +391,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
         elif k:
             drafts, draft_probs = drafter.draft(pending, sampling, generator)  # [b, K]
             hidden = session.forward(torch.cat([pending[:, None], drafts], dim=1), keep=True)
-            accepted, tokens = verify(sampling, engine.logits(hidden), drafts, draft_probs,
-                                      generator)
+            logits = engine.logits(hidden, sampling.vocab_limit)
+            accepted, tokens = verify(sampling, logits, drafts, draft_probs, generator)
             # the step's one read from the device: each row's accepted count, then its tokens
             read = torch.cat([accepted[:, None], tokens], dim=1).tolist()
             m = min(row[0] for row in read)
@@ -404,7 +406,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
         else:
             hidden = session.forward(pending[:, None])
             session.commit(1)
-            new = sampling.choose(engine.logits(hidden)[:, 0], generator)[0][:, None]  # [b, 1]
+            logits = engine.logits(hidden, sampling.vocab_limit)[:, 0]
+            new = sampling.choose(logits, generator)[0][:, None]  # [b, 1]
             pending = new[:, -1]
         if k:
             for row, done in zip(read, emitter.done):

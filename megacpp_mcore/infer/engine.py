@@ -15,6 +15,7 @@ import copy
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.infer.layers import LayerPlan, UnsupportedForInference, new_state, plan_layer, run_layer
@@ -79,9 +80,21 @@ class Engine:
         model = self.model
         return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed ``[s, b, h]`` -> fp32 logits ``[b, s, V]`` through the output layer."""
-        logits, _ = self.model.output_layer(hidden, weight=self.output_weight())
+    def logits(self, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """Final-normed ``[s, b, h]`` -> fp32 logits ``[b, s, V]`` through the output layer.
+
+        With ``vocab`` (a sampling's ``vocab_limit``): the logits of the ids below it only,
+        ``[b, s, vocab]``, from the first ``vocab`` rows of the output weight. Decoding chooses no
+        id above the tokenizer's, and a decode step is bound by reading weights: the byte
+        tokenizer's 257 ids inside nam56r-lite's padded 32,768 read 1/128 of the head."""
+        layer, weight = self.model.output_layer, self.output_weight()
+        if weight is None:
+            weight = layer.weight
+        if vocab is None or vocab >= weight.shape[0]:
+            logits, _ = layer(hidden, weight=self.output_weight())
+        else:
+            bias = getattr(layer, "bias", None)
+            logits = F.linear(hidden, weight[:vocab], None if bias is None else bias[:vocab])
         return logits.transpose(0, 1).float()
 
     def session(self, batch: int, max_length: int, pad: torch.Tensor | None = None) -> "Session":

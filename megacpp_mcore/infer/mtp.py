@@ -118,7 +118,7 @@ class MTPDrafter:
                 hidden = self.inputs[depth].then(self.outputs[depth - 1])
             out = self._block(depth, hidden)
             self.outputs[depth] = _Hidden(hidden.start, out)
-            logits = engine.logits(engine.final_norm(out[-1:]))[:, 0]  # [b, V]
+            logits = engine.logits(engine.final_norm(out[-1:]), sampling.vocab_limit)[:, 0]  # [b, V]
             self.logits.append(logits)
             token, dist = sampling.choose(logits, generator)
             self.ids[:, p + 2 + depth] = token
@@ -187,7 +187,7 @@ class StaticMTPDrafter:
             if depth + 1 < self.k:
                 self.inputs[depth + 1].index_copy_(0, times, out)
             last = out.index_select(0, (length - 1 - start).view(1))  # the trunk's last position
-            logits = drafter.engine.logits(drafter.engine.final_norm(last))[:, 0]
+            logits = drafter.engine.logits(drafter.engine.final_norm(last), sampling.vocab_limit)[:, 0]
             self.logits.append(logits)
             token, _ = sampling.choose(logits, None)
             ids.index_copy_(1, (length + 1 + depth).view(1), token[:, None])
