@@ -36,6 +36,12 @@ shallow trunk it costs a large share of a plain step: on the 12-layer tiny/lite 
 step is ~1,130 ops and each draft ~240 (CPU count, docs/benchmarks.md), which caps K=1 at x1.56
 with every draft accepted while the step is host-bound.
 
+Memory traffic: ``MB/step`` models the bytes the static-shape step's kernels read and write (the
+step CUDA graphs replay; counted at the dispatcher on any device, ``megacpp_mcore.infer.traffic``:
+every weight a step uses is one read from memory), and ``bytes-bound vs plain`` is the speed-up
+speculative decoding would reach if a step's time were its bytes. A graphed decode step at batch 1
+is close to that bound: it reads each weight it uses once and does little else.
+
 Device work: on CUDA, ``GPU ms/step`` is the kernels' time per decode step (torch.profiler, summed
 device time of every kernel and copy; two run lengths cancel the prefill's), the floor a step
 would reach with its host work hidden, and ``device-bound vs plain`` the speed-up speculative
@@ -157,10 +163,10 @@ def backend_report(engine) -> dict:
             "gpu": torch.cuda.get_device_name() if cuda else None}
 
 
-def _per_step(label: str, measure, *, warmup: bool = False) -> float | None:
-    """``measure(new_tokens) -> (amount, steps)`` for runs of 8 and 24 new tokens (after one
-    discarded run of 8 with ``warmup``); the difference per step (the two run lengths cancel the
-    prefill's share). A diagnostic: a failure prints one line naming ``label`` and gives None,
+def _per_step(label: str, measure, *, warmup: bool = False):
+    """``measure(new_tokens) -> (amount or tuple of amounts, steps)`` for runs of 8 and 24 new
+    tokens (after one discarded run of 8 with ``warmup``); the difference per step (the two run
+    lengths cancel the prefill's share). A diagnostic: a failure prints one line naming ``label`` and gives None,
     never failing the benchmark."""
     try:
         if warmup:
@@ -169,7 +175,11 @@ def _per_step(label: str, measure, *, warmup: bool = False) -> float | None:
     except Exception as exc:
         print(f"[bench_generate] {label} unavailable: {type(exc).__name__}: {exc}", flush=True)
         return None
-    return (a2 - a1) / (s2 - s1) if s2 > s1 else None
+    if s2 <= s1:
+        return None
+    if isinstance(a1, tuple):
+        return tuple((y - x) / (s2 - s1) for x, y in zip(a1, a2))
+    return (a2 - a1) / (s2 - s1)
 
 
 def syncs_per_step(engine, rows, *, k: int, sampling) -> float | None:
@@ -196,28 +206,31 @@ def syncs_per_step(engine, rows, *, k: int, sampling) -> float | None:
     return _per_step("sync count", measure, warmup=True)
 
 
-def ops_per_step(engine, rows, *, k: int, sampling) -> float | None:
-    """Torch operator calls per decode step (counted at the dispatcher): the host work of a step,
-    the same on every device. Where each call costs the host about the same (decode at small batch
-    is host-bound: ~17 us per call on the H200 host), the step time follows this count."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def traffic_per_step(engine, rows, *, k: int, sampling, static: bool = False) -> tuple:
+    """(torch operator calls, MB moved) per decode step, counted at the dispatcher on any device
+    (:class:`megacpp_mcore.infer.traffic.Traffic`); ``static``: the static-shape step CUDA
+    graphs replay. The calls are the host work of an eager step (decode at small batch is
+    host-bound: ~17 us per call on the H200 host); the bytes what a step's kernels read and write,
+    which bound a graphed step (the model counts every weight read as a read from memory)."""
     from megacpp_mcore.infer import generate
-
-    class _Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Count.calls += 1
-            return func(*args, **(kwargs or {}))
+    from megacpp_mcore.infer.traffic import Traffic
 
     def measure(new_tokens):
-        _Count.calls = 0
-        with _Count():
-            run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k)
-        return _Count.calls, run.steps
+        with Traffic() as traffic:
+            run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
+                           static=static)
+        return (traffic.ops, traffic.bytes / 1e6), run.steps
 
-    return _per_step("op count", measure)
+    counted = _per_step("traffic count", measure)
+    return (None, None) if counted is None else counted
+
+
+def _traffic(engine, rows, *, k: int, sampling) -> dict:
+    """A row's ``ops_per_step`` (the eager step's operator calls: what bounds it on the host)
+    and ``mb_per_step`` (the static-shape step's bytes: what bounds the step CUDA graphs replay)."""
+    ops, _ = traffic_per_step(engine, rows, k=k, sampling=sampling)
+    _, mb = traffic_per_step(engine, rows, k=k, sampling=sampling, static=True)
+    return {"ops_per_step": ops, "mb_per_step": mb}
 
 
 def gpu_ms_per_step(engine, rows, *, k: int, sampling) -> float | None:
@@ -241,7 +254,8 @@ def gpu_ms_per_step(engine, rows, *, k: int, sampling) -> float | None:
 
 def _bound(spec: dict, plain: dict, cost: str) -> float | None:
     """The speed-up speculative decoding would reach if a step's time were its ``cost``
-    (``ops_per_step``: host-bound; ``gpu_ms_per_step``: device-bound, host work hidden as CUDA
+    (``ops_per_step``: host-bound; ``mb_per_step``: bound by memory traffic, the static step's
+    bytes; ``gpu_ms_per_step``: device-bound, host work hidden as CUDA
     graphs would): tokens per step over the step's cost, relative to a plain step's."""
     if not spec.get(cost) or not plain.get(cost) or not spec["steps"] or not plain["steps"]:
         return None
@@ -275,7 +289,7 @@ def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: d
     row = {"batch": len(rows), "k": k, "graphs": True, "tokens_per_s": run.decode_tokens_per_s,
            "speedup": run.decode_tokens_per_s / plain.decode_tokens_per_s,
            "ms_per_step": 1e3 * run.decode_s / max(run.steps, 1),
-           "syncs_per_step": None, "ops_per_step": None, "gpu_ms_per_step": None,
+           "syncs_per_step": None, "ops_per_step": None, "mb_per_step": None, "gpu_ms_per_step": None,
            "identical": run.tokens == plain.tokens,
            "agreeing_prefix": agreeing_prefix(run.tokens, plain.tokens), **run.summary()}
     if graphed_plain is not None:
@@ -303,7 +317,7 @@ def measure(engine, args) -> list[dict]:
         plain_row = {"batch": batch, "k": 0, "tokens_per_s": base, "speedup": 1.0,
                      "ms_per_step": 1e3 * plain.decode_s / max(plain.steps, 1),
                      "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
-                     "ops_per_step": ops_per_step(engine, rows, k=0, sampling=sampling),
+                     **_traffic(engine, rows, k=0, sampling=sampling),
                      "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=0, sampling=sampling),
                      "distinct_8grams": distinct_ngrams(plain.tokens), **plain.summary()}
         results.append(plain_row)
@@ -326,11 +340,12 @@ def measure(engine, args) -> list[dict]:
                    "speedup": spec.decode_tokens_per_s / base,
                    "ms_per_step": 1e3 * spec.decode_s / max(spec.steps, 1),
                    "syncs_per_step": syncs_per_step(engine, rows, k=k, sampling=sampling),
-                   "ops_per_step": ops_per_step(engine, rows, k=k, sampling=sampling),
+                   **_traffic(engine, rows, k=k, sampling=sampling),
                    "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=k, sampling=sampling),
                    "identical": spec.tokens == plain.tokens,
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
             row["host_bound_speedup"] = _bound(row, plain_row, "ops_per_step")
+            row["bytes_bound_speedup"] = _bound(row, plain_row, "mb_per_step")
             row["device_bound_speedup"] = _bound(row, plain_row, "gpu_ms_per_step")
             results.append(row)
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
@@ -377,8 +392,8 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print(f"\n{description}; {stack}")
     print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
           "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain "
-          "| GPU ms/step | device-bound vs plain | vs graphed plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MB/step | bytes-bound vs plain | GPU ms/step | device-bound vs plain | vs graphed plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
@@ -388,11 +403,14 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}"
         ops = "-" if r["ops_per_step"] is None else f"{r['ops_per_step']:.0f}"
         bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
+        mb = "-" if r.get("mb_per_step") is None else f"{r['mb_per_step']:.1f}"
+        mbound = "-" if r.get("bytes_bound_speedup") is None else f"x{r['bytes_bound_speedup']:.2f}"
         gpu = "-" if r.get("gpu_ms_per_step") is None else f"{r['gpu_ms_per_step']:.2f}"
         dbound = "-" if r.get("device_bound_speedup") is None else f"x{r['device_bound_speedup']:.2f}"
         vs_graphed = "-" if r.get("vs_graphed_plain") is None else f"x{r['vs_graphed_plain']:.2f}"
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
-              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {gpu} "
+              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {mb} "
+              f"| {mbound} | {gpu} "
               f"| {dbound} | {vs_graphed} |")
 
 

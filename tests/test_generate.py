@@ -211,6 +211,11 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
         assert plain["decode_tokens"] / plain["steps"] == plain["batch"]
         gain = spec["decode_tokens"] / spec["steps"] / plain["batch"]
         assert spec["host_bound_speedup"] == pytest.approx(gain / ratio)
+        # memory traffic of the static step (what a CUDA graph replays): more for K + 1 positions
+        # and a draft, the bytes-bound speed-up from it alike
+        assert spec["mb_per_step"] > plain["mb_per_step"] > 0
+        mb_ratio = spec["mb_per_step"] / plain["mb_per_step"]
+        assert spec["bytes_bound_speedup"] == pytest.approx(gain / mb_ratio)
         assert spec["gpu_ms_per_step"] is None and spec["device_bound_speedup"] is None  # CPU
 
 

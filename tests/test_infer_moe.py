@@ -81,29 +81,28 @@ def test_sync_free_moe_equals_megatron_layer(single_rank, router):
     torch.testing.assert_close(fast(big)[0], layer(big)[0], atol=0, rtol=0)
 
 
-def _bytes_moved(fn) -> int:
-    """Bytes an eager call moves, counted at torch's dispatcher: every non-view operator's tensor
-    inputs and outputs, a gather (``index``) its output twice (what it reads, what it writes)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def test_traffic_counts_calls_and_the_bytes_a_device_would_move():
+    """The byte model of megacpp_mcore.infer.traffic on known operators: a GEMM reads both
+    operands and writes its output, a view moves nothing, an in-place op is not counted twice,
+    a gather reads only what it writes, an in-place scatter moves its source's size."""
+    from megacpp_mcore.infer.traffic import Traffic
 
-    def size(t):
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-    class _Traffic(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            if not func.is_view:
-                written = sum(size(o) for o in outs)
-                read = 2 * written if func._opname == "index" else written + sum(map(size, args))
-                _Traffic.total += read
-            return out
-
-    with _Traffic():
-        fn()
-    return _Traffic.total
+    w, x = torch.randn(8, 16, 32), torch.randn(1, 16)  # 4-byte elements
+    index = torch.tensor([1, 5])
+    with Traffic() as t:
+        y = x @ w[0]
+    assert (t.ops, t.bytes) == (2, 4 * (16 + 16 * 32 + 32))  # select (a view), mm
+    with Traffic() as t:
+        w.view(8, 512).t()
+        y.mul_(2.0)
+    assert (t.ops, t.bytes) == (3, 4 * 32)
+    with Traffic() as t:
+        w[index]
+    assert t.bytes == 2 * 4 * 2 * 16 * 32  # the two experts' weights, in and out
+    source = torch.ones(2, 16, 32)
+    with Traffic() as t:
+        w.index_copy_(0, index, source)
+    assert t.bytes == 2 * 4 * 2 * 16 * 32  # the source, in and out (not all of w)
 
 
 @pytest.mark.parametrize("experts,topk", [(8, 2), (12, 3), (16, 4)])
@@ -113,6 +112,7 @@ def test_sync_free_moe_takes_the_route_that_moves_fewer_bytes(single_rank, exper
     most the bytes of the other one (the gathered route copies the chosen experts' weights before
     its GEMMs read them; it is cheaper for one token only here)."""
     from megacpp_mcore.infer import moe as moe_module
+    from megacpp_mcore.infer.traffic import Traffic
 
     torch.manual_seed(0)
     (layer,) = _moe_layers(_gpt(moe=MoEConfig(num_experts=experts, topk=topk, ffn_hidden_size=32,
@@ -123,8 +123,11 @@ def test_sync_free_moe_takes_the_route_that_moves_fewer_bytes(single_rank, exper
     for tokens in (1, 2, 3, 4):
         x = torch.randn(tokens, HIDDEN)
         probs, _ = layer.router(x[:, None])
-        moved = {route: _bytes_moved(lambda r=route: getattr(fast, r)(x, probs))
-                 for route in ("gathered", "dense")}
+        moved = {}
+        for route in ("gathered", "dense"):
+            with Traffic() as traffic:
+                getattr(fast, route)(x, probs)
+            moved[route] = traffic.bytes
         chosen.append(fast.route(tokens))
         assert moved[chosen[-1]] <= min(moved.values()), (tokens, moved)
     assert chosen[0] == "gathered" and chosen[-1] == "dense"  # both routes are exercised
