@@ -84,8 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time greedy decoding, plain and speculative, replaying one CUDA graph "
                         "per step (CUDA only)")
+    p.add_argument("--moe-routes", default="dense,gathered,sparse",
+                   help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
+                        "sparse is the Triton kernel, CUDA only); dense,gathered: without the kernel")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    from megacpp_mcore.infer.moe import ROUTES
+
+    args.moe_routes = tuple(r.strip() for r in args.moe_routes.split(",") if r.strip())
+    unknown = sorted(set(args.moe_routes) - set(ROUTES))
+    if unknown or not args.moe_routes:
+        p.error(f"--moe-routes: {unknown or 'nothing'}; allowed: a comma-separated subset of "
+                f"{', '.join(ROUTES)}")
     if args.dtype is not None and args.bf16 is not None and args.bf16 != (args.dtype == "bf16"):
         p.error(f"--dtype {args.dtype} contradicts --{'' if args.bf16 else 'no-'}bf16")
     args.bf16 = args.dtype == "bf16" if args.dtype is not None else bool(args.bf16)
@@ -160,6 +170,8 @@ def backend_report(engine) -> dict:
     return {"attention": observed.get("attention"), "device": str(engine.device),
             "dtype": str(engine.dtype), "tf32": cuda and torch.backends.cuda.matmul.allow_tf32,
             "moe_sync_free": f"{sum(p.moe is not None for p in plans)}/{len(plans)}",
+            "moe_routes": ",".join(next((p.moe.routes for p in plans if p.moe is not None), ())),
+            "moe_kernel": any(p.moe is not None and p.moe.kernel for p in plans),
             "gpu": torch.cuda.get_device_name() if cuda else None}
 
 
@@ -430,6 +442,9 @@ def main(argv=None) -> int:
 
     try:
         engine, description = build_engine(args)
+        for plan in (*engine.plans, *engine.mtp_plans):
+            if plan.moe is not None:
+                plan.moe.routes = args.moe_routes
         stack = backend_report(engine)
         results = measure(engine, args)
     finally:

@@ -8,7 +8,7 @@
 #   bash scripts/h200_regression.sh                 # the regression pass (longer than one 10-minute call)
 #   bash scripts/h200_regression.sh tests ae        # any of: tests startup ae mod mtp moda mtp-repeated
 #                                                   #   mod-pretrain flexidepth flexidepth-batch stage-ab
-#                                                   #   stage lite-mtp2 generate generate-random
+#                                                   #   stage lite-mtp2 generate generate-random moe-decode
 # A fresh machine compiles (and, for shapes the mamba-ssd-tuned-configs patch does not seed, or in
 # scripts that do not apply the registry, autotunes) Triton kernels before the first step of a
 # hybrid model: 124 s unseeded, 44 s seeded for nam56r-lite. Keep the pretrain_gpt parts in one
@@ -65,6 +65,12 @@ for part in $PARTS; do
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
                        --cuda-graphs --out "$OUT/generate-random.json" >"$OUT/generate-random.log" 2>&1 ;;
+    # the decode-sized MoE routes side by side, then generate-random without the sparse kernel
+    # (its on/off: against the generate-random part, which takes the kernel where it reads less)
+    moe-decode) { python scripts/bench_moe_decode.py --out "$OUT/moe-decode.json" &&
+                  python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
+                    --cuda-graphs --moe-routes dense,gathered --out "$OUT/generate-random-torch-moe.json"; } \
+                  >"$OUT/moe-decode.log" 2>&1 ;;
     lite-mtp2) megacpp-mcore train --preset nam56r-lite --mtp-depth 2 --seq-length 1024 \
                  --micro-batch-size 8 --global-batch-size 8 --steps 600 --warmup-steps 50 --lr 1e-3 \
                  --min-lr 1e-4 --eval-interval 300 --eval-iters 2 --log-interval 50 --on-nonfinite skip \
@@ -74,7 +80,7 @@ for part in $PARTS; do
               python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 --cuda-graphs \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
     *) echo "unknown part '$part'; parts: tests startup ae mod mtp moda mtp-repeated mod-pretrain" \
-            "flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random" >&2; exit 2 ;;
+            "flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random moe-decode" >&2; exit 2 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"

@@ -6,7 +6,7 @@
 #   bash .gpu/p4/install.sh >/tmp/install.log 2>&1; BUDGET=540 bash scripts/h200_session.sh PART...
 #
 # PART: any part of h200_regression.sh (tests startup ae mod mtp moda mtp-repeated mod-pretrain
-# flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random), or `info` (GPU
+# flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random moe-decode), or `info` (GPU
 # and versions). Parts that a call cannot finish are cut at the deadline (their log so far comes
 # back) and the rest are skipped, so put the part that must not be lost first.
 #

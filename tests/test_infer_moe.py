@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -274,3 +279,118 @@ def test_decode_steps_read_the_device_once_per_verification(single_rank):
             steps.append(run.steps)
         assert steps[1] > steps[0]
         assert reads[1] - reads[0] == per_step * (steps[1] - steps[0]), (k, stop, reads, steps)
+
+
+def test_moe_route_takes_the_sparse_kernel_while_it_reads_fewer_experts(single_rank):
+    """With the Triton kernel (CUDA) the sparse route reads each chosen expert once: it wins over
+    gathering (~3 reads per chosen expert) and over the dense route until the tokens' choices
+    could cover every expert (a tie goes to the dense route), and never above its tile of tokens;
+    narrowing the routes (a benchmark's on/off) keeps the torch routes' choice."""
+    from megacpp_mcore.infer import moe as moe_module
+
+    torch.manual_seed(0)
+    (layer,) = _moe_layers(_gpt())  # 8 experts, top-2
+    fast, _ = moe_module.plan_moe(layer)
+    assert not fast.kernel  # CPU tensors: the torch routes
+    assert [fast.route(n) for n in (1, 2, 4, 5)] == ["gathered", "dense", "dense", "dense"]
+    fast.kernel = True
+    assert [fast.route(n) for n in (1, 2, 3, 4, 5)] == ["sparse"] * 3 + ["dense"] * 2
+    assert fast.route(moe_module.KERNEL_MAX_TOKENS + 1) == "dense"
+    fast.routes = ("dense", "gathered")
+    assert [fast.route(n) for n in (1, 2)] == ["gathered", "dense"]
+    fast.routes = ("sparse",)
+    assert fast.route(1) == "sparse" and fast.route(moe_module.KERNEL_MAX_TOKENS + 1) == "dense"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
+def test_sparse_expert_kernel_interpreted_equals_torch():
+    """The sparse route's Triton kernel under Triton's CPU interpreter: expert_gemm equals the
+    per-expert products of the used experts and zeros elsewhere (an input shared by all experts
+    and one per expert; 1, 3, 17 and 64 tokens: tiles of 16, 32 and 64 rows; split K with a
+    ragged last block; N not a multiple of the block), and the sparse route equals the dense route
+    (itself checked against Megatron's layer above) on 8 experts top-2."""
+    code = textwrap.dedent("""
+        import torch
+        from megacpp_mcore.infer.moe import SyncFreeMoE
+        from megacpp_mcore.infer.moe_triton import expert_gemm
+        g = torch.Generator().manual_seed(0)
+        for E, n, K, N, shared, split in [(4, 1, 32, 48, True, 1), (4, 3, 100, 70, False, 1),
+                                          (5, 17, 130, 64, True, 2), (3, 64, 64, 96, False, 3)]:
+            w = torch.randn(E, K, N, generator=g)
+            a = torch.randn(1 if shared else E, n, K, generator=g)
+            used = torch.tensor([e % 2 == 1 for e in range(E)])
+            out = expert_gemm(a, w, used, split_k=split)
+            ref = torch.matmul(a, w) * used[:, None, None]
+            assert out.shape == (E, n, N)
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        fast = SyncFreeMoE.__new__(SyncFreeMoE)
+        fast.w1 = torch.randn(8, 64, 64, generator=g) / 8
+        fast.w2 = torch.randn(8, 32, 64, generator=g) / 6
+        for n in (1, 3, 5):
+            x = torch.randn(n, 64, generator=g)
+            scores = torch.randn(n, 8, generator=g).softmax(-1)
+            top = scores.topk(2, dim=-1)
+            probs = torch.zeros(n, 8).scatter(1, top.indices, top.values)
+            torch.testing.assert_close(fast.sparse(x, probs), fast.dense(x, probs), atol=1e-5, rtol=0)
+        print("TRITON-INTERPRET-OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "TRITON-INTERPRET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_bench_moe_decode_cpu_smoke(tmp_path, capsys):
+    """scripts/bench_moe_decode.py --cpu-smoke: the torch routes agree with the dense one, the
+    picked route is SyncFreeMoE's, bad flags name the value."""
+    import importlib.util as util
+    import json
+    from pathlib import Path
+
+    spec = util.spec_from_file_location("bench_moe_decode",
+                                        Path(__file__).parents[1] / "scripts" / "bench_moe_decode.py")
+    bench = util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "moe.json"
+    assert bench.main(["--cpu-smoke", "--tokens", "1,3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["tokens"]) for r in rows] == [("tiny", 1), ("tiny", 3)]
+    assert all(r["gathered_max_err"] < 1e-5 and r["dense_max_err"] == 0 for r in rows)
+    assert all(r["picked"] == "dense" for r in rows)  # 4 experts top-2: gathering never reads less
+    assert "| tiny | fp32 | 3 |" in capsys.readouterr().out
+    for bad, named in ((["--shapes", "huge"], "'huge'"), (["--tokens", "0"], "[0]")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(bad)
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sparse_route_on_cuda_equals_dense_and_replays_in_a_graph(single_rank):
+    """On a CUDA device with Triton: the planned layer takes the sparse kernel at decode sizes; it
+    equals Megatron's layer (fp32, TF32 off) like the torch routes, and a CUDA graph of it
+    replays the routing of new inputs (nothing read on the host)."""
+    from megacpp_mcore.infer import moe as moe_module
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    (layer,) = _moe_layers(_gpt().cuda())
+    fast, why = moe_module.plan_moe(layer)
+    assert why is None and fast.kernel, "the sparse kernel is off on CUDA"
+    for tokens in (1, 2, 3, 24):
+        assert fast.route(tokens) == ("sparse" if 2 * tokens < 8 else "dense")
+        x = torch.randn(tokens, 1, HIDDEN, device="cuda")
+        ref, _ = layer(x)
+        torch.testing.assert_close(fast.run(x, "sparse"), ref, atol=1e-5, rtol=0)
+    static = torch.randn(2, 1, HIDDEN, device="cuda")
+    fast.run(static, "sparse")  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fast.run(static, "sparse")
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        static.copy_(torch.randn_like(static))
+        graph.replay()
+        torch.testing.assert_close(out, layer(static)[0], atol=1e-5, rtol=0)

@@ -12,7 +12,9 @@ same layer for up to :data:`MAX_TOKENS` tokens from
   MLPs, TE's grouped linear ``weight0..`` or single grouped ``weight``, the legacy GroupedMLP's
   ``weight1``/``weight2``), applied as Megatron's experts apply them: SwiGLU, the routing
   probability multiplied in after the activation (in the probabilities' dtype, then cast back),
-  the second projection, the top-k outputs summed in the activation dtype;
+  the second projection, the top-k outputs summed in the activation dtype; by the route that
+  reads the fewest expert weights (:meth:`SyncFreeMoE.route`: every expert, each token's top-k
+  gathered, or on CUDA the chosen experts only through :mod:`.moe_triton`'s kernel);
 * the layer's own shared-expert module, added last.
 
 Anything else (another expert class or activation, expert parallelism, token dropping, latent
@@ -23,13 +25,25 @@ mismatch also keeps Megatron's layer.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+from megacpp_mcore.spec import backends
+
+_log = logging.getLogger(__name__)
 
 # Up to this many tokens (rows x new positions) a forward runs here: decode steps (b tokens),
 # speculative verification (b (K + 1)) and MTP drafting. Longer forwards (the prefill) run
 # Megatron's layer: one host sync per layer is nothing there, and it computes no unrouted experts.
 MAX_TOKENS = 128
+
+# The expert routes of SyncFreeMoE, cheapest first on a tie (see SyncFreeMoE.route).
+ROUTES = ("dense", "gathered", "sparse")
+
+# Up to this many tokens the sparse route's kernel runs (one tile of them: moe_triton).
+KERNEL_MAX_TOKENS = 64
 
 # Expert modules whose parameter layouts are read here (megatron-core 0.16 - 0.19).
 KNOWN_EXPERTS = ("SequentialMLP", "TEGroupedMLP", "InferenceGroupedMLP", "GroupedMLP")
@@ -125,9 +139,15 @@ class SyncFreeMoE:
     Call it like the layer: ``[s, b, h] -> (out [s, b, h], None)``. More than :data:`MAX_TOKENS`
     tokens run the layer itself."""
 
-    def __init__(self, moe, w1: torch.Tensor, w2: torch.Tensor):
+    def __init__(self, moe, w1: torch.Tensor, w2: torch.Tensor, topk: int | None = None):
+        """``moe``: the layer (its router and shared expert); None with ``topk`` gives the expert
+        routes alone (``dense`` / ``gathered`` / ``sparse`` on given probabilities: benchmarks)."""
         self.moe, self.w1, self.w2 = moe, w1, w2
-        self.num_experts, self.topk = w1.shape[0], moe.config.moe_router_topk
+        self.num_experts = w1.shape[0]
+        self.topk = moe.config.moe_router_topk if topk is None else topk
+        # the Triton kernel of the sparse route runs on CUDA tensors where Triton is installed
+        self.kernel = w1.is_cuda and backends.detect().triton is not None
+        self.routes = ROUTES  # the routes route() may take (a benchmark narrows them)
 
     def __call__(self, hidden: torch.Tensor):
         n = hidden.shape[0] * hidden.shape[1]
@@ -136,14 +156,22 @@ class SyncFreeMoE:
         return self.run(hidden, self.route(n)), None
 
     def route(self, tokens: int) -> str:
-        """The cheaper route for ``tokens`` tokens. Memory traffic decides (a decode-sized forward
-        is bound by reading weights): the gathered route copies the ``tokens * k`` chosen experts'
-        weights (one read, one write) and its GEMMs read the copies, ~3 passes over ``tokens * k``
-        experts; the dense route reads all ``E`` experts once and computes every expert for every
-        token (unrouted ones weighted by 0). Gathering wins while ``3 * tokens * k < E``: a plain
-        decode step at batch 1, not a speculative verification of ``K + 1`` positions (on
-        nam56r-lite, 8 experts top-2, the gathered route read 1.5x the dense one at 2 tokens)."""
-        return "gathered" if 3 * tokens * self.topk < self.num_experts else "dense"
+        """The route of :data:`ROUTES` (among :attr:`routes`) that reads the fewest expert
+        weights for ``tokens`` tokens, in units of one expert's weights: a decode-sized forward is
+        bound by reading weights. ``dense`` reads all ``E`` experts once (and computes every
+        expert for every token, unrouted ones weighted by 0); ``gathered`` copies the ``tokens * k``
+        chosen experts' weights (one read, one write) before its GEMMs read the copies, ~3 reads
+        per chosen expert; ``sparse`` (the Triton kernel, CUDA only) reads each chosen expert once,
+        at most ``min(E, tokens * k)``. Ties go to the earlier route. Without the kernel gathering
+        wins while ``3 * tokens * k < E``: a plain decode step at batch 1, not a speculative
+        verification of ``K + 1`` positions (on nam56r-lite, 8 experts top-2, the gathered route
+        read 1.5x the dense one at 2 tokens)."""
+        chosen = self.topk * tokens
+        cost = {"dense": self.num_experts, "gathered": 3 * chosen}
+        if self.kernel and tokens <= KERNEL_MAX_TOKENS:
+            cost["sparse"] = min(self.num_experts, chosen)
+        allowed = [r for r in ROUTES if r in cost and r in self.routes] or ["dense"]
+        return min(allowed, key=lambda r: (cost[r], ROUTES.index(r)))
 
     def run(self, hidden: torch.Tensor, route: str) -> torch.Tensor:
         """The layer's output ``[s, b, h]`` through ``route`` (``"gathered"`` or ``"dense"``):
@@ -167,6 +195,18 @@ class SyncFreeMoE:
         y = torch.matmul(x, self.w1)  # [E, n, 2f]
         act = self._swiglu(y, probs.t().unsqueeze(-1))  # [E, n, f]
         return torch.matmul(act, self.w2).sum(dim=0)  # [n, h]
+
+    def sparse(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Every token ``x`` ``[n, h]`` through every expert some token chose, weighted by
+        ``probs`` ``[n, E]`` (0 where a token did not choose the expert): :meth:`dense` reading
+        only the chosen experts' weights (:func:`.moe_triton.expert_gemm`; ``n`` <= its
+        ``MAX_TOKENS``). The routing stays on the device."""
+        from megacpp_mcore.infer.moe_triton import expert_gemm
+
+        used = (probs != 0).any(dim=0)  # [E]: an expert chosen by no token computes nothing
+        y = expert_gemm(x.unsqueeze(0), self.w1, used)  # [E, n, 2f], zeros for unused experts
+        act = self._swiglu(y, probs.t().unsqueeze(-1))  # [E, n, f]
+        return expert_gemm(act, self.w2, used).sum(dim=0)  # [n, h]
 
     def gathered(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Each token ``x`` ``[n, h]`` through its top-k experts only. The top-k of ``probs`` are
@@ -201,12 +241,20 @@ def plan_moe(moe) -> tuple[SyncFreeMoE | None, str | None]:
         return None, str(exc)
     fast = SyncFreeMoE(moe, w1, w2)
     tolerance = _PROBE_TOLERANCE.get(w1.dtype, _PROBE_TOLERANCE_16BIT)
-    for route, tokens in (("gathered", 2), ("dense", 32)):
+    for route, tokens in (("gathered", 2), ("dense", 32), ("sparse", 3)):
+        if route == "sparse" and not fast.kernel:
+            continue
         try:
             error = _probe_error(fast, moe, route, tokens)
         except Exception as exc:  # e.g. a router that returns something else than [n, E] probs
-            return None, f"the {route} expert path failed on a probe ({type(exc).__name__}: {exc})"
-        if not error <= tolerance:  # also catches NaN
-            return None, (f"the {route} expert path differs from Megatron's layer on a probe "
-                          f"(relative error {error:.2e} > {tolerance:.0e})")
+            error, why = float("nan"), f"failed on a probe ({type(exc).__name__}: {exc})"
+        else:
+            why = (f"differs from Megatron's layer on a probe (relative error {error:.2e} > "
+                   f"{tolerance:.0e})")
+        if error <= tolerance:
+            continue
+        if route != "sparse":
+            return None, f"the {route} expert path {why}"
+        fast.kernel = False  # the torch routes stay
+        _log.warning("inference: the sparse MoE expert kernel %s; the torch routes decode", why)
     return fast, None
