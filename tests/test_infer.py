@@ -22,7 +22,7 @@ MOE = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=32, shared_expert_size=32
 
 
 def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, features=None,
-           vocab=VOCAB, hidden=64, tie=False):
+           vocab=VOCAB, hidden=64, tie=False, backend="local"):
     from megacpp_mcore.infer import Engine
     from megacpp_mcore.train import runtime
 
@@ -32,7 +32,7 @@ def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, featur
                       moe=MOE if moe else None, mla=MLA if mla else None, mtp_depth=mtp,
                       features=features or {}, tie_embeddings=tie)
     (gpt,) = runtime.build_model(cfg, runtime.transformer_config(cfg, runtime.Parallelism()),
-                                 backend="local", wrap_ddp=False)
+                                 backend=backend, wrap_ddp=False)
     return Engine(gpt)
 
 
@@ -142,6 +142,46 @@ def test_logits_under_a_vocabulary_limit_are_the_first_ids_and_decode_alike(sing
     assert max(max(row) for row in before) < VOCAB // 3
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("depth", [False, True], ids=["plain", "moda"])
+@torch.no_grad()
+def test_absorbed_mla_attention_equals_the_expanded_cache(bias, depth):
+    """MLA decode attention folded into the latents (the up projection's key half into the
+    queries, its value half after the weighted sum) equals attention over the expanded keys and
+    values within 1e-5 (fp32), with a biased up projection (``q . b_k``, ``b_v``) and with MoDA
+    depth keys in the softmax; a masked position (padding, a skipped query's neighbour) is not
+    seen. The latent norm fused into TE's up projection (RMSNorm, zero-centred gamma) is applied
+    as TE defines it."""
+    from types import SimpleNamespace
+
+    from megacpp_mcore.infer.attention import _absorbed, _expand, _latent_norm, attend
+
+    g = torch.Generator().manual_seed(0)
+    s, b, heads, qk, pe, dv, r, T = 3, 2, 4, 8, 4, 6, 10, 9
+    up = torch.nn.Linear(r, heads * (qk + dv), bias=bias)
+    torch.nn.init.normal_(up.weight, std=0.5, generator=g)
+    if bias:
+        torch.nn.init.normal_(up.bias, std=0.5, generator=g)
+    attn = SimpleNamespace(config=SimpleNamespace(v_head_dim=dv), linear_kv_up_proj=up)
+    q_no_pe, q_pe = torch.randn(s, b, heads, qk, generator=g), torch.randn(s, b, heads, pe, generator=g)
+    latents, rope_keys = torch.randn(T, b, r, generator=g), torch.randn(T, b, pe, generator=g)
+    mask = torch.ones(b, 1, s, T, dtype=torch.bool).tril(diagonal=T - s)
+    mask[0, :, :, 2] = False
+    depth_key = torch.randn(s, b, heads, 2, qk + pe, generator=g) if depth else None
+    depth_value = torch.randn(s, b, heads, 2, dv, generator=g) if depth else None
+    keys, values = _expand(up(latents), rope_keys, heads, qk, dv)
+    want = attend(torch.cat([q_no_pe, q_pe], dim=-1), keys, values, mask, 0.3, depth_key, depth_value)
+    got = _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, 0.3, depth_key, depth_value)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    fused = SimpleNamespace(layer_norm_weight=torch.randn(r, generator=g), zero_centered_gamma=True,
+                            normalization="RMSNorm", eps=1e-5)
+    normed = _latent_norm(SimpleNamespace(linear_kv_up_proj=fused), latents)
+    rms = torch.rsqrt(latents.square().mean(-1, keepdim=True) + 1e-5)
+    ref = latents * rms * (1 + fused.layer_norm_weight)
+    torch.testing.assert_close(normed, ref, atol=1e-6, rtol=0)
+
+
 def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):
     """generate(static=True) emits plain greedy's tokens; CUDA graphs are refused on a CPU model,
     with a drafter other than the model's MTP block, with sampling and with a host-syncing MoE
@@ -225,6 +265,35 @@ def _agreeing_model(agreement: float):
         head.add_(rank1.to(head.device))  # drawn on the CPU: the same head on a GPU host
     gen = torch.Generator().manual_seed(24)
     return engine, [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 3, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["A-mla", "moda-mla", "AEMR-mla-mod-moda-mtp"])
+def test_te_backend_incremental_decoding_equals_full_forward(single_rank, case):
+    """On a CUDA host with Transformer Engine: the te backend's modules (MLA's latent norm fused
+    into TE's up projection, read by the absorbed decode attention; TE linears, grouped experts)
+    decode incrementally to the full forward's logits. TE runs fp32 GEMMs in TF32 whatever
+    torch's flag says, so the tolerance is TF32's (a wrong norm or projection is off by O(1))."""
+    from megacpp_mcore.spec import backends
+
+    if not torch.cuda.is_available() or backends.detect().te is None:
+        pytest.skip("needs a CUDA device with Transformer Engine")
+    pattern, layers, options = CASES[case]
+    torch.manual_seed(0)
+    engine = _model(pattern, layers, backend="te", **options)
+    assert engine.device.type == "cuda"
+    up = [m for m in engine.model.modules() if hasattr(m, "layer_norm_weight")]
+    assert up, "no TE module with a fused norm: the te backend was not built"
+    with torch.no_grad():  # a latent norm that is not all ones, so that leaving it out shows
+        for module in up:
+            module.layer_norm_weight.normal_(1.0, 0.3)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, VOCAB, (n,), generator=gen).cuda() for n in (24, 21)]
+    for static in (False, True):
+        got = _incremental(engine, rows, prefill=18, steps=[1, 1, 1, 3], static=static)
+        for row, logits in zip(rows, got):
+            ref = engine.full_logits(row[None])[0]
+            torch.testing.assert_close(logits, ref, atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu

@@ -7,9 +7,12 @@ new queries attend to more keys than they are (``s`` queries, ``start + s`` keys
 
 * Standard attention caches the rotated K and V per KV group: ``[T, b, g, dk]`` / ``[T, b, g, dv]``.
 * MLA caches what MLA compresses: the KV latent before its norm ``[T, b, kv_lora_rank]`` and the
-  rotated RoPE key ``[T, b, qk_pos_emb_head_dim]``; each step up-projects the cached latents with
-  the layer's own ``kv_layernorm`` + ``linear_kv_up_proj`` (on TE the norm is fused into the up
-  projection, so caching the pre-norm latent serves both backends).
+  rotated RoPE key ``[T, b, qk_pos_emb_head_dim]`` (on TE the norm is fused into the up
+  projection, so caching the pre-norm latent serves both backends). The prefill up-projects the
+  latents with the layer's own ``kv_layernorm`` + ``linear_kv_up_proj``; decode and verification
+  steps never expand the cache: the up projection's halves are absorbed into the queries and the
+  output (:func:`_absorbed`), so a step reads ``kv_lora_rank + pe`` values per cached position
+  instead of writing and reading ``heads * (qk + v)``.
 * MoDA (a :class:`~megacpp_mcore.features.moda.DepthAwareAttention` core attention): the new
   positions also attend to the depth K/V that earlier layers of the segment pushed at the same
   positions in this forward (:meth:`.context.StepContext.read_depth`), and push their own.
@@ -199,14 +202,93 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config, vi
     q_pe = _rotate(q_pe, freqs, mscale, attn, rope_config, **rope)
     k_pe = _rotate(k_pe.unsqueeze(2), freqs, mscale, attn, rope_config, **rope).squeeze(2)
     latents, rope_keys = cache.write(ctx, latent, k_pe, visible)  # [T, b, r], [T, b, pe]
+    scale, mask = float(attn.softmax_scale), cache.mask(ctx)
+    if s > MATH_MAX_QUERIES:  # prefill: the expanded keys and values, SDPA
+        kv, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latents))  # [T, b, np * (qk + dv)]
+        keys, values = _expand(kv, rope_keys, heads, qk, dv)
+        query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
+        depth_key, depth_value = _moda(attn.core_attention, ctx, ctx.new_rows(keys),
+                                      ctx.new_rows(values))
+        out = attend(query, keys, values, mask, scale, depth_key, depth_value)
+        return attn.linear_proj(out)
+    # decode / verification: absorbed into the latents (never the expanded cache); MoDA pushes
+    # and reads the expanded keys of the new positions, as MLA hands them to core attention
+    depth_key = depth_value = None
+    if isinstance(attn.core_attention, DepthAwareAttention):
+        kv_new, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latent))
+        depth_key, depth_value = _moda(attn.core_attention, ctx, *_expand(kv_new, k_pe, heads, qk, dv))
+    out = _absorbed(attn, q_no_pe, q_pe, _latent_norm(attn, latents), rope_keys, mask, scale,
+                    depth_key, depth_value)
+    return attn.linear_proj(out)
 
-    kv, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latents))  # [T, b, np * (qk + dv)]
+
+def _expand(kv: torch.Tensor, rope_keys: torch.Tensor, heads: int, qk: int, dv: int):
+    """MLA's keys ``[T, b, np, qk + pe]`` (the RoPE key shared by all heads) and values from the
+    up projection ``kv`` ``[T, b, np * (qk + dv)]``."""
     k_no_pe, values = torch.split(kv.view(*kv.shape[:2], heads, qk + dv), [qk, dv], dim=-1)
     keys = torch.cat([k_no_pe, rope_keys.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
-    query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
-    # MoDA pushes the expanded key of the new positions, as MLA hands it to core attention
-    depth_key, depth_value = _moda(attn.core_attention, ctx, ctx.new_rows(keys),
-                                  ctx.new_rows(values))
-    out = attend(query, keys, values, cache.mask(ctx), float(attn.softmax_scale),
-                 depth_key, depth_value)
-    return attn.linear_proj(out)
+    return keys, values
+
+
+def _latent_norm(attn, latents: torch.Tensor) -> torch.Tensor:
+    """The KV latents as MLA's up projection sees them: through ``kv_layernorm`` (local), or the
+    norm TE fuses into ``linear_kv_up_proj`` (its ``layer_norm_weight``, ``normalization``,
+    ``eps``, ``zero_centered_gamma``), or as they are without a latent norm."""
+    up = attn.linear_kv_up_proj
+    weight = getattr(up, "layer_norm_weight", None)
+    if weight is None:
+        return attn.kv_layernorm(latents)
+    weight = weight.float() + 1.0 if getattr(up, "zero_centered_gamma", False) else weight.float()
+    eps = up.eps if hasattr(up, "eps") else attn.config.layernorm_epsilon
+    shape, x = (latents.shape[-1],), latents.float()
+    if getattr(up, "normalization", "LayerNorm") == "RMSNorm":  # in fp32, cast back (as TE does)
+        return F.rms_norm(x, shape, weight, eps).to(latents.dtype)
+    bias = getattr(up, "layer_norm_bias", None)
+    return F.layer_norm(x, shape, weight, None if bias is None else bias.float(), eps).to(latents.dtype)
+
+
+def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, scale, depth_key, depth_value):
+    """MLA attention of ``s`` new queries over the normed latent cache without expanding it:
+    the up projection's key half is folded into the queries (``q W_uk``, ``[s, b, np, r]``) and
+    its value half applied after the attention weights sum the latents, so a step reads the cache
+    at its compressed size (``kv_lora_rank + pe`` per position, not ``np * (qk + dv)``) and
+    up-projects nothing per cached position. The same scores and outputs as the expanded path up
+    to rounding (a bias of the up projection included: ``q . b_k`` per query, ``b_v`` per
+    output). q_no_pe ``[s, b, np, qk]``, q_pe ``[s, b, np, pe]``, latents ``[T, b, r]``,
+    rope_keys ``[T, b, pe]``, mask ``[b, 1, s, T]``; MoDA's depth keys/values as :func:`attend`
+    takes them. Returns ``[s, b, np * dv]``."""
+    config = attn.config
+    s, b, heads, qk = q_no_pe.shape
+    up = attn.linear_kv_up_proj
+    w = up.weight.view(heads, qk + config.v_head_dim, -1)  # [np, qk + dv, r]
+    w_k, w_v = w[:, :qk], w[:, qk:]
+    acc = torch.float64 if latents.dtype == torch.float64 else torch.float32
+    q_latent = torch.einsum("sbhq,hqr->bhsr", q_no_pe, w_k.to(q_no_pe.dtype))  # [b, np, s, r]
+    scores = torch.matmul(q_latent, latents.permute(1, 2, 0).unsqueeze(1))  # [b, np, s, T]
+    scores = scores + torch.matmul(q_pe.permute(1, 2, 0, 3), rope_keys.permute(1, 2, 0).unsqueeze(1))
+    bias = getattr(up, "bias", None)
+    b_v = None
+    if bias is not None and bias.numel() and not getattr(up, "skip_bias_add", False):
+        bias = bias.view(heads, qk + config.v_head_dim)
+        b_k, b_v = bias[:, :qk], bias[:, qk:]
+        scores = scores + torch.einsum("sbhq,hq->bhs", q_no_pe, b_k.to(q_no_pe.dtype)).unsqueeze(-1)
+    T = scores.shape[-1]
+    scores = scores.to(acc) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if depth_key is not None:
+        query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
+        depth_key = depth_key.repeat_interleave(heads // depth_key.shape[2], dim=2)
+        depth_value = depth_value.repeat_interleave(heads // depth_value.shape[2], dim=2)
+        depth_scores = torch.einsum("sbhd,sbhnd->bhsn", query.to(acc), depth_key.to(acc)) * scale
+        scores = torch.cat([scores, depth_scores], dim=-1)
+    probs = scores.softmax(dim=-1)
+    seq = probs[..., :T].to(latents.dtype)
+    summed = torch.matmul(seq, latents.permute(1, 0, 2).unsqueeze(1))  # [b, np, s, r]
+    out = torch.einsum("bhsr,hvr->bhsv", summed, w_v.to(summed.dtype))  # [b, np, s, dv]
+    if b_v is not None:  # each value carries b_v: weighted by the sequence part's total weight
+        mass = probs[..., :T].sum(-1, keepdim=True).to(out.dtype)  # [b, np, s, 1]
+        out = out + mass * b_v.to(out.dtype)[None, :, None]
+    if depth_key is not None:
+        depth = torch.einsum("bhsn,sbhnd->bhsd", probs[..., T:], depth_value.to(acc))
+        out = (out.to(acc) + depth).to(out.dtype)
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
