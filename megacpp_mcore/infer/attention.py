@@ -259,20 +259,27 @@ def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, scale, depth_key, d
     takes them. Returns ``[s, b, np * dv]``."""
     config = attn.config
     s, b, heads, qk = q_no_pe.shape
+    dv = config.v_head_dim
     up = attn.linear_kv_up_proj
-    w = up.weight.view(heads, qk + config.v_head_dim, -1)  # [np, qk + dv, r]
-    w_k, w_v = w[:, :qk], w[:, qk:]
+    w = up.weight.view(heads, qk + dv, -1)  # [np, qk + dv, r]
     acc = torch.float64 if latents.dtype == torch.float64 else torch.float32
-    q_latent = torch.einsum("sbhq,hqr->bhsr", q_no_pe, w_k.to(q_no_pe.dtype))  # [b, np, s, r]
-    scores = torch.matmul(q_latent, latents.permute(1, 2, 0).unsqueeze(1))  # [b, np, s, T]
-    scores = scores + torch.matmul(q_pe.permute(1, 2, 0, 3), rope_keys.permute(1, 2, 0).unsqueeze(1))
+    # per head q W_uk (one batched GEMM over heads), then the heads stacked as rows of one
+    # [np * s, r] query block per sequence, so the latents are read once for all heads
+    q_heads = q_no_pe.permute(2, 1, 0, 3).reshape(heads, b * s, qk)
+    q_latent = torch.bmm(q_heads, w[:, :qk].to(q_heads.dtype))  # [np, b * s, r]
+    rows = heads * s
+    q_latent = q_latent.view(heads, b, s, -1).transpose(0, 1).reshape(b, rows, -1)
+    q_rope = q_pe.permute(1, 2, 0, 3).reshape(b, rows, -1)  # [b, np * s, pe]
+    scores = torch.baddbmm(torch.bmm(q_rope, rope_keys.permute(1, 2, 0)), q_latent,
+                           latents.permute(1, 2, 0))  # [b, np * s, T]
+    T = scores.shape[-1]
+    scores = scores.view(b, heads, s, T)
     bias = getattr(up, "bias", None)
     b_v = None
     if bias is not None and bias.numel() and not getattr(up, "skip_bias_add", False):
-        bias = bias.view(heads, qk + config.v_head_dim)
+        bias = bias.view(heads, qk + dv)
         b_k, b_v = bias[:, :qk], bias[:, qk:]
         scores = scores + torch.einsum("sbhq,hq->bhs", q_no_pe, b_k.to(q_no_pe.dtype)).unsqueeze(-1)
-    T = scores.shape[-1]
     scores = scores.to(acc) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     if depth_key is not None:
@@ -282,9 +289,11 @@ def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, scale, depth_key, d
         depth_scores = torch.einsum("sbhd,sbhnd->bhsn", query.to(acc), depth_key.to(acc)) * scale
         scores = torch.cat([scores, depth_scores], dim=-1)
     probs = scores.softmax(dim=-1)
-    seq = probs[..., :T].to(latents.dtype)
-    summed = torch.matmul(seq, latents.permute(1, 0, 2).unsqueeze(1))  # [b, np, s, r]
-    out = torch.einsum("bhsr,hvr->bhsv", summed, w_v.to(summed.dtype))  # [b, np, s, dv]
+    seq = probs[..., :T].to(latents.dtype).reshape(b, rows, T)
+    summed = torch.bmm(seq, latents.transpose(0, 1))  # [b, np * s, r]
+    summed = summed.view(b, heads, s, -1).transpose(0, 1).reshape(heads, b * s, -1)
+    out = torch.bmm(summed, w[:, qk:].transpose(1, 2).to(summed.dtype))  # [np, b * s, dv]
+    out = out.view(heads, b, s, dv).permute(1, 0, 2, 3)  # [b, np, s, dv]
     if b_v is not None:  # each value carries b_v: weighted by the sequence part's total weight
         mass = probs[..., :T].sum(-1, keepdim=True).to(out.dtype)  # [b, np, s, 1]
         out = out + mass * b_v.to(out.dtype)[None, :, None]

@@ -84,13 +84,21 @@ class SkipBranch(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [s, b, h]`` -> (router logits ``[s, b, 1]`` in fp32/fp64, adapter update
         ``[s, b, h]`` in ``x.dtype`` or ``None``)."""
+        z, logits = self.gate(x)
+        return logits, self.adapter(z, x.dtype)
+
+    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normed input ``z`` and the router logits (the first half of :meth:`forward`)."""
         z = self.norm(x)
         acc = accumulation_dtype(x.dtype)
         # the GEMV in the activation dtype (fp32 accumulation), the logits in fp32
-        logits = F.linear(z, self.router.weight.to(z.dtype), self.router.bias.to(z.dtype)).to(acc)
+        return z, F.linear(z, self.router.weight.to(z.dtype), self.router.bias.to(z.dtype)).to(acc)
+
+    def adapter(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The adapter's update of the normed input ``z`` in ``dtype`` (the second half)."""
         if self.kind == "none":
-            return logits, None
+            return None
         inner = self.down(z.to(self.down.weight.dtype))
         if self.kind == "mlp":
             inner = F.gelu(inner)
-        return logits, self.up(inner).to(x.dtype)
+        return self.up(inner).to(dtype)

@@ -9,7 +9,9 @@
   under SP) with the sequence's skipped positions, in order (each column of the index is a prefix
   of a permutation: no position twice). Pads sit after every real token, so a causal block never
   lets a real token see one; their outputs are dropped. ``k`` is read on the host (the block's
-  shape depends on it): the one host synchronisation of a forward.
+  shape depends on it): the one host synchronisation of a forward. :meth:`SkipDispatcher.start`
+  queues its copy and :meth:`SkipDispatcher.finish` waits for it, so work queued between them
+  (the layer's skip path) runs on the device while the host waits and then queues the block.
 * ``dispatch``: the gathered tokens ``[k, b, h]`` for the wrapped block, split over the TP ranks
   under SP (``[k/tp, b, h]``).
 * ``combine``: the processed tokens (gathered back over TP under SP) scattered to their positions
@@ -43,6 +45,18 @@ class SkipRoute:
     rows: int  # this rank's sequence rows
 
 
+@dataclasses.dataclass
+class _PendingRoute:
+    """A route whose kept count is on its way to the host (:meth:`SkipDispatcher.start`)."""
+
+    full: torch.Tensor
+    keep: torch.Tensor
+    order: torch.Tensor  # [s, b] kept positions first, in order, then skipped ones
+    longest: torch.Tensor  # 0-d: on the host (pinned) once ``ready`` fired, or on the CPU
+    ready: torch.cuda.Event | None
+    rows: int  # this rank's sequence rows
+
+
 class SkipDispatcher:
     """Route -> dispatch -> combine of one layer's hard-skip inference (module docstring).
 
@@ -59,22 +73,42 @@ class SkipDispatcher:
 
     def route(self, hidden_states: torch.Tensor, keep: torch.Tensor) -> SkipRoute:
         """``hidden_states`` and ``keep`` (bool ``[s, b, 1]``: take the full block), shards under
-        SP -> the route of the whole sequence."""
+        SP -> the route of the whole sequence (:meth:`start`, then :meth:`finish`)."""
+        return self.finish(self.start(hidden_states, keep))
+
+    def start(self, hidden_states: torch.Tensor, keep: torch.Tensor) -> _PendingRoute:
+        """Queues the route's device work and the kept count's copy to the host (on CUDA into
+        pinned memory, with an event), without waiting: what the caller queues next (the skip
+        path) keeps the device busy while the count travels and the host queues the block."""
         sp = self.sequence_parallel
         full = self._gather(hidden_states) if sp else hidden_states
         mask = self._gather(keep.to(hidden_states.dtype)).bool() if sp else keep
         mask = mask.squeeze(-1)  # [s, b]
         longest = mask.sum(0).max()  # 0-d: the largest per-sequence kept count
-        # kept positions first, each group in sequence order (a stable sort on "skipped"); queued
-        # before the host read below, so the device sorts while the host waits
+        ready = None
+        if longest.is_cuda:
+            host = torch.empty((), dtype=longest.dtype, pin_memory=True)
+            host.copy_(longest, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            longest = host
+        # kept positions first, each group in sequence order (a stable sort on "skipped")
         order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices  # [s, b]
-        k = int(longest)  # the forward's one host synchronisation
-        if sp:
+        return _PendingRoute(full, keep, order, longest, ready, hidden_states.shape[0])
+
+    def finish(self, pending: _PendingRoute) -> SkipRoute:
+        """The route of :meth:`start`, once the kept count is on the host: the forward's one
+        host synchronisation (on CUDA it waits for the count's copy only, not for the work
+        queued after it)."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        k = int(pending.longest)
+        if self.sequence_parallel:
             tp = self.tp_group.size()
             k = -(-k // tp) * tp
-        rows = hidden_states.shape[0]
-        start = self.tp_group.rank() * rows if sp else 0
-        return SkipRoute(full=full, idx=order[:k], keep=keep, start=start, rows=rows)
+        start = self.tp_group.rank() * pending.rows if self.sequence_parallel else 0
+        return SkipRoute(full=pending.full, idx=pending.order[:k], keep=pending.keep, start=start,
+                         rows=pending.rows)
 
     @staticmethod
     def _rows(idx: torch.Tensor, h: int) -> torch.Tensor:

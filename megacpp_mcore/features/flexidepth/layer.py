@@ -130,16 +130,18 @@ class FlexiDepthLayer(TransformerLayer):
     # ---------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states
+        if self._dispatcher is not None and not self.training and self.fd.inference == "hard":
+            out, context, score, keep = self._forward_gathered(x, args, kwargs)
+            self._record(score, keep)
+            return out, context
         score, keep, skip = self.route(x)
         if self.training or self.fd.inference == "soft":
             full, context = super().forward(x, *args, **kwargs)
             g = score.to(full.dtype)
             out = torch.addcmul(full * g, skip, 1.0 - g)  # g B(x) + (1 - g) P(x)
-        elif self._dispatcher is None:
+        else:  # hard, selecting rows: the block runs on every token
             full, context = super().forward(x, *args, **kwargs)
             out = torch.where(keep, full, skip)
-        else:
-            out, context = self._forward_gathered(x, skip, keep, args, kwargs)
         self._record(score, keep)
         return out, context
 
@@ -147,10 +149,17 @@ class FlexiDepthLayer(TransformerLayer):
         """The router score ``[s, b, 1]`` (fp32), the keep mask (``g >= threshold``: takes the
         full block) and the skip path ``P(x)`` of ``x``. ``bookkeeping=False`` (a decoder's steps,
         :mod:`megacpp_mcore.infer`): the score alone, not added to the usage sum."""
-        logits, update = self.flexidepth(x)  # [s, b, 1] fp32, [s, b, h] | None
+        z, logits = self.flexidepth.gate(x)  # [s, b, 1] fp32
+        score, keep = self._keep(logits, bookkeeping)
+        return score, keep, self._skip_path(x, z)
+
+    def _keep(self, logits: torch.Tensor, bookkeeping: bool = True):
         score = self._score(logits, bookkeeping)
-        keep = score.detach() >= self.fd.threshold  # [s, b, 1]
-        return score, keep, (x if update is None else x + update)
+        return score, score.detach() >= self.fd.threshold  # [s, b, 1]: takes the full block
+
+    def _skip_path(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        update = self.flexidepth.adapter(z, x.dtype)  # [s, b, h] | None
+        return x if update is None else x + update
 
     def _score(self, logits: torch.Tensor, bookkeeping: bool = True) -> torch.Tensor:
         """The router score ``[s, b, 1]`` (fp32), added to the usage sum when the usage penalty
@@ -177,16 +186,23 @@ class FlexiDepthLayer(TransformerLayer):
         if self.training and not self._loop_driven and compat.training_iteration() is not None:
             self._tracker.record(names, means)
 
-    def _forward_gathered(self, x, skip, keep, args, kwargs):
-        """Route -> dispatch -> the wrapped layer on the kept tokens -> combine."""
+    def _forward_gathered(self, x, args, kwargs):
+        """Route -> dispatch -> the wrapped layer on the kept tokens -> combine. The kept count
+        the block's shape needs travels to the host while the device computes the skip path
+        (:meth:`.dispatch.SkipDispatcher.start`), so the device is not left idle while the host
+        queues the block after reading it. Returns (output, context, score, keep)."""
         check_gatherable(args, kwargs, "FlexiDepth hard skip", self.layer_number)
-        route = self._dispatcher.route(x, keep)
+        z, logits = self.flexidepth.gate(x)
+        score, keep = self._keep(logits)
+        pending = self._dispatcher.start(x, keep)
+        skip = self._skip_path(x, z)  # queued behind the count's copy
+        route = self._dispatcher.finish(pending)
         if route.idx.shape[0] == 0:  # every token skips: the block does not run
-            return skip, None
+            return skip, None, score, keep
         kwargs["rotary_pos_emb"] = gathered_rotary(self.self_attention, kwargs.pop("rotary_pos_emb", None),
                                                    route.idx, route.full.shape[0], "FlexiDepth hard skip")
         processed, context = super().forward(self._dispatcher.dispatch(route), **kwargs)
-        return self._dispatcher.combine(route, processed, skip), context
+        return self._dispatcher.combine(route, processed, skip), context, score, keep
 
 
 @functools.cache
