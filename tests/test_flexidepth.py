@@ -367,6 +367,29 @@ def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
     assert len(shapes) == 1
 
 
+@pytest.mark.gpu
+def test_hard_skip_on_cuda_reads_the_count_without_a_stream_sync(single_rank):
+    """On a CUDA device the gathering layer's one host read is the kept count's copy into pinned
+    memory (an event wait, not a synchronising CUDA call: torch's sync debug mode raises on
+    those), and the output equals the same layer's on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"))
+    _set_router(wrapped, std=0.5)
+    wrapped.eval()
+    x = _inputs()
+    with torch.no_grad():
+        want = _call(wrapped, x)
+        wrapped.cuda()
+        _call(wrapped, x.cuda())  # warm-up: lazy CUDA initialisation may synchronise
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = _call(wrapped, x.cuda())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("columns", [
     ("none", "all", "alternate", "last"),  # k = s: one sequence keeps every token
     ("none", "alternate", "last", "first3"),  # k = 4 < s: the shorter sequences padded
