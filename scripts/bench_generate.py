@@ -40,7 +40,11 @@ Memory traffic: ``MB/step`` models the bytes the static-shape step's kernels rea
 step CUDA graphs replay; counted at the dispatcher on any device, ``megacpp_mcore.infer.traffic``:
 every weight a step uses is one read from memory), and ``bytes-bound vs plain`` is the speed-up
 speculative decoding would reach if a step's time were its bytes. A graphed decode step at batch 1
-is close to that bound: it reads each weight it uses once and does little else.
+is close to that bound: it reads each weight it uses once and does little else. The sparse MoE
+kernel (``infer/moe_triton.py``, CUDA) is a Triton kernel the dispatcher does not see: its reads
+(the distinct chosen experts' weights) are added per call, and ``MB/step, sparse MoE kernel`` puts
+them in place of the torch routes' bytes wherever those ran (on the CPU: what the kernel would
+read).
 
 Device work: on CUDA, ``GPU ms/step`` is the kernels' time per decode step (torch.profiler, summed
 device time of every kernel and copy; two run lengths cancel the prefill's), the floor a step
@@ -54,6 +58,7 @@ speed-up with both at their best settings (the speculative step's one read per s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -219,30 +224,70 @@ def syncs_per_step(engine, rows, *, k: int, sampling) -> float | None:
 
 
 def traffic_per_step(engine, rows, *, k: int, sampling, static: bool = False) -> tuple:
-    """(torch operator calls, MB moved) per decode step, counted at the dispatcher on any device
-    (:class:`megacpp_mcore.infer.traffic.Traffic`); ``static``: the static-shape step CUDA
-    graphs replay. The calls are the host work of an eager step (decode at small batch is
-    host-bound: ~17 us per call on the H200 host); the bytes what a step's kernels read and write,
-    which bound a graphed step (the model counts every weight read as a read from memory)."""
+    """(torch operator calls, MB moved, MB moved with the sparse MoE kernel) per decode step,
+    counted at the dispatcher on any device (:class:`megacpp_mcore.infer.traffic.Traffic`);
+    ``static``: the static-shape step CUDA graphs replay. The calls are the host work of an eager
+    step (decode at small batch is host-bound: ~17 us per call on the H200 host); the bytes what a
+    step's kernels read and write, which bound a graphed step (the model counts every weight read
+    as a read from memory). The dispatcher does not see the sparse route's Triton kernel: each
+    routed-expert call is counted on its own (:func:`_expert_traffic`), the kernel's reads (the
+    distinct chosen experts' weights, once) added where it ran, and the third figure puts them in
+    place of the torch routes' bytes wherever those ran (on the CPU: the kernel's figure, modelled)."""
     from megacpp_mcore.infer import generate
     from megacpp_mcore.infer.traffic import Traffic
 
     def measure(new_tokens):
-        with Traffic() as traffic:
+        with _expert_traffic() as experts, Traffic() as traffic:
             run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
                            static=static)
-        return (traffic.ops, traffic.bytes / 1e6), run.steps
+        total = traffic.bytes + experts["kernel_ran"]
+        return (traffic.ops, total / 1e6, (total - experts["routed"] + experts["kernel"]) / 1e6), run.steps
 
     counted = _per_step("traffic count", measure)
-    return (None, None) if counted is None else counted
+    return (None, None, None) if counted is None else counted
+
+
+@contextlib.contextmanager
+def _expert_traffic():
+    """Per call of a decode-sized MoE expert route (``SyncFreeMoE.dense`` / ``gathered`` /
+    ``sparse``, patched for the block): ``routed``, the bytes the call moved (the sparse kernel's
+    reads included), ``kernel``, what the sparse kernel reads for the call (the distinct chosen
+    experts' weights), and ``kernel_ran``, that figure for the calls the kernel did run."""
+    from megacpp_mcore.infer.moe import ROUTES, SyncFreeMoE
+    from megacpp_mcore.infer.traffic import Traffic
+
+    tally = {"routed": 0, "kernel": 0, "kernel_ran": 0}
+    originals = {route: getattr(SyncFreeMoE, route) for route in ROUTES}
+
+    def counted(route):
+        def call(self, x, probs):
+            with Traffic() as inner:
+                out = originals[route](self, x, probs)
+            chosen = int((probs != 0).any(dim=0).sum())  # a host read: counting runs are eager
+            kernel = chosen * (self.w1[0].numel() + self.w2[0].numel()) * self.w1.element_size()
+            ran = kernel if route == "sparse" else 0
+            tally["routed"] += inner.bytes + ran
+            tally["kernel"] += kernel
+            tally["kernel_ran"] += ran
+            return out
+        return call
+
+    try:
+        for route in ROUTES:
+            setattr(SyncFreeMoE, route, counted(route))
+        yield tally
+    finally:
+        for route, original in originals.items():
+            setattr(SyncFreeMoE, route, original)
 
 
 def _traffic(engine, rows, *, k: int, sampling) -> dict:
-    """A row's ``ops_per_step`` (the eager step's operator calls: what bounds it on the host)
-    and ``mb_per_step`` (the static-shape step's bytes: what bounds the step CUDA graphs replay)."""
-    ops, _ = traffic_per_step(engine, rows, k=k, sampling=sampling)
-    _, mb = traffic_per_step(engine, rows, k=k, sampling=sampling, static=True)
-    return {"ops_per_step": ops, "mb_per_step": mb}
+    """A row's ``ops_per_step`` (the eager step's operator calls: what bounds it on the host),
+    ``mb_per_step`` (the static-shape step's bytes: what bounds the step CUDA graphs replay) and
+    ``mb_per_step_kernel`` (the same with the sparse MoE kernel wherever a torch route ran)."""
+    ops, _, _ = traffic_per_step(engine, rows, k=k, sampling=sampling)
+    _, mb, mb_kernel = traffic_per_step(engine, rows, k=k, sampling=sampling, static=True)
+    return {"ops_per_step": ops, "mb_per_step": mb, "mb_per_step_kernel": mb_kernel}
 
 
 def gpu_ms_per_step(engine, rows, *, k: int, sampling) -> float | None:
@@ -301,7 +346,8 @@ def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: d
     row = {"batch": len(rows), "k": k, "graphs": True, "tokens_per_s": run.decode_tokens_per_s,
            "speedup": run.decode_tokens_per_s / plain.decode_tokens_per_s,
            "ms_per_step": 1e3 * run.decode_s / max(run.steps, 1),
-           "syncs_per_step": None, "ops_per_step": None, "mb_per_step": None, "gpu_ms_per_step": None,
+           "syncs_per_step": None, "ops_per_step": None, "mb_per_step": None,
+           "mb_per_step_kernel": None, "gpu_ms_per_step": None,
            "identical": run.tokens == plain.tokens,
            "agreeing_prefix": agreeing_prefix(run.tokens, plain.tokens), **run.summary()}
     if graphed_plain is not None:
@@ -358,6 +404,7 @@ def measure(engine, args) -> list[dict]:
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
             row["host_bound_speedup"] = _bound(row, plain_row, "ops_per_step")
             row["bytes_bound_speedup"] = _bound(row, plain_row, "mb_per_step")
+            row["bytes_bound_speedup_kernel"] = _bound(row, plain_row, "mb_per_step_kernel")
             row["device_bound_speedup"] = _bound(row, plain_row, "gpu_ms_per_step")
             results.append(row)
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
@@ -404,8 +451,9 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print(f"\n{description}; {stack}")
     print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
           "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain "
-          "| MB/step | bytes-bound vs plain | GPU ms/step | device-bound vs plain | vs graphed plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MB/step | bytes-bound vs plain | MB/step, sparse MoE kernel | its bytes-bound vs plain "
+          "| GPU ms/step | device-bound vs plain | vs graphed plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
@@ -417,12 +465,15 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
         mb = "-" if r.get("mb_per_step") is None else f"{r['mb_per_step']:.1f}"
         mbound = "-" if r.get("bytes_bound_speedup") is None else f"x{r['bytes_bound_speedup']:.2f}"
+        mbk = "-" if r.get("mb_per_step_kernel") is None else f"{r['mb_per_step_kernel']:.1f}"
+        kbound = ("-" if r.get("bytes_bound_speedup_kernel") is None
+                  else f"x{r['bytes_bound_speedup_kernel']:.2f}")
         gpu = "-" if r.get("gpu_ms_per_step") is None else f"{r['gpu_ms_per_step']:.2f}"
         dbound = "-" if r.get("device_bound_speedup") is None else f"x{r['device_bound_speedup']:.2f}"
         vs_graphed = "-" if r.get("vs_graphed_plain") is None else f"x{r['vs_graphed_plain']:.2f}"
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
               f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {mb} "
-              f"| {mbound} | {gpu} "
+              f"| {mbound} | {mbk} | {kbound} | {gpu} "
               f"| {dbound} | {vs_graphed} |")
 
 

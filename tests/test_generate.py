@@ -216,6 +216,9 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
         assert spec["mb_per_step"] > plain["mb_per_step"] > 0
         mb_ratio = spec["mb_per_step"] / plain["mb_per_step"]
         assert spec["bytes_bound_speedup"] == pytest.approx(gain / mb_ratio)
+        # the sparse MoE kernel reads each chosen expert once: never more than a torch route
+        for row in (plain, spec):
+            assert 0 < row["mb_per_step_kernel"] < row["mb_per_step"]
         assert spec["gpu_ms_per_step"] is None and spec["device_bound_speedup"] is None  # CPU
 
 
