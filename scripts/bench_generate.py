@@ -183,8 +183,8 @@ def backend_report(engine) -> dict:
 def _per_step(label: str, measure, *, warmup: bool = False):
     """``measure(new_tokens) -> (amount or tuple of amounts, steps)`` for runs of 8 and 24 new
     tokens (after one discarded run of 8 with ``warmup``); the difference per step (the two run
-    lengths cancel the prefill's share). A diagnostic: a failure prints one line naming ``label`` and gives None,
-    never failing the benchmark."""
+    lengths cancel the prefill's share). A diagnostic: a failure prints one line naming ``label``
+    and gives None, never failing the benchmark."""
     try:
         if warmup:
             measure(8)
