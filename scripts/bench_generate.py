@@ -89,9 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time greedy decoding, plain and speculative, replaying one CUDA graph "
                         "per step (CUDA only)")
-    p.add_argument("--moe-routes", default="dense,gathered,sparse",
+    p.add_argument("--moe-routes", default="dense,gathered",
                    help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
-                        "sparse is the Triton kernel, CUDA only); dense,gathered: without the kernel")
+                        "default dense,gathered; add sparse for the Triton kernel, CUDA only)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     from megacpp_mcore.infer.moe import ROUTES

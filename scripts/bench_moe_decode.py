@@ -64,14 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def routes_for(shape: str, dtype: torch.dtype, device: str):
-    """A SyncFreeMoE holding random stacked expert weights of ``shape`` (routes only: no router)."""
-    from megacpp_mcore.infer.moe import SyncFreeMoE
+    """A SyncFreeMoE holding random stacked expert weights of ``shape`` (routes only: no router),
+    every route allowed (``picked``: what SyncFreeMoE.route takes with the kernel opted in)."""
+    from megacpp_mcore.infer.moe import ROUTES, SyncFreeMoE
 
     experts, topk, hidden, ffn = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     w1 = (torch.randn(experts, hidden, 2 * ffn, generator=g) / hidden ** 0.5).to(device, dtype)
     w2 = (torch.randn(experts, ffn, hidden, generator=g) / ffn ** 0.5).to(device, dtype)
-    return SyncFreeMoE(None, w1, w2, topk=topk)
+    fast = SyncFreeMoE(None, w1, w2, topk=topk)
+    fast.routes = ROUTES
+    return fast
 
 
 def inputs(fast, tokens: int, seed: int):

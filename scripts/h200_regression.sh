@@ -65,11 +65,11 @@ for part in $PARTS; do
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
                        --cuda-graphs --out "$OUT/generate-random.json" >"$OUT/generate-random.log" 2>&1 ;;
-    # the decode-sized MoE routes side by side, then generate-random without the sparse kernel
-    # (its on/off: against the generate-random part, which takes the kernel where it reads less)
+    # the decode-sized MoE routes side by side, then generate-random with the sparse kernel
+    # allowed (its on/off: against the generate-random part, which decodes with the torch routes)
     moe-decode) { python scripts/bench_moe_decode.py --out "$OUT/moe-decode.json" &&
                   python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
-                    --cuda-graphs --moe-routes dense,gathered --out "$OUT/generate-random-torch-moe.json"; } \
+                    --cuda-graphs --moe-routes dense,gathered,sparse --out "$OUT/generate-random-sparse-moe.json"; } \
                   >"$OUT/moe-decode.log" 2>&1 ;;
     lite-mtp2) megacpp-mcore train --preset nam56r-lite --mtp-depth 2 --seq-length 1024 \
                  --micro-batch-size 8 --global-batch-size 8 --steps 600 --warmup-steps 50 --lr 1e-3 \

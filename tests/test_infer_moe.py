@@ -293,7 +293,9 @@ def test_moe_route_takes_the_sparse_kernel_while_it_reads_fewer_experts(single_r
     fast, _ = moe_module.plan_moe(layer)
     assert not fast.kernel  # CPU tensors: the torch routes
     assert [fast.route(n) for n in (1, 2, 4, 5)] == ["gathered", "dense", "dense", "dense"]
-    fast.kernel = True
+    fast.kernel = True  # as on CUDA; the kernel is opt-in
+    assert fast.routes == moe_module.DEFAULT_ROUTES and fast.route(1) == "gathered"
+    fast.routes = moe_module.ROUTES
     assert [fast.route(n) for n in (1, 2, 3, 4, 5)] == ["sparse"] * 3 + ["dense"] * 2
     assert fast.route(moe_module.KERNEL_MAX_TOKENS + 1) == "dense"
     fast.routes = ("dense", "gathered")
@@ -378,7 +380,8 @@ def test_sparse_route_on_cuda_equals_dense_and_replays_in_a_graph(single_rank):
     torch.manual_seed(0)
     (layer,) = _moe_layers(_gpt().cuda())
     fast, why = moe_module.plan_moe(layer)
-    assert why is None and fast.kernel, "the sparse kernel is off on CUDA"
+    assert why is None and fast.kernel, "the sparse kernel failed its probe on CUDA"
+    fast.routes = moe_module.ROUTES  # opted in
     for tokens in (1, 2, 3, 24):
         assert fast.route(tokens) == ("sparse" if 2 * tokens < 8 else "dense")
         x = torch.randn(tokens, 1, HIDDEN, device="cuda")

@@ -41,6 +41,10 @@ MAX_TOKENS = 128
 
 # The expert routes of SyncFreeMoE, cheapest first on a tie (see SyncFreeMoE.route).
 ROUTES = ("dense", "gathered", "sparse")
+# The routes a layer may take unless told otherwise: the sparse route's kernel is opt-in
+# (SyncFreeMoE.routes, bench_generate.py --moe-routes) until an H200 run has timed it against the
+# torch routes (scripts/bench_moe_decode.py; h200_regression.sh moe-decode).
+DEFAULT_ROUTES = ("dense", "gathered")
 
 # Up to this many tokens the sparse route's kernel runs (one tile of them: moe_triton).
 KERNEL_MAX_TOKENS = 64
@@ -147,7 +151,7 @@ class SyncFreeMoE:
         self.topk = moe.config.moe_router_topk if topk is None else topk
         # the Triton kernel of the sparse route runs on CUDA tensors where Triton is installed
         self.kernel = w1.is_cuda and backends.detect().triton is not None
-        self.routes = ROUTES  # the routes route() may take (a benchmark narrows them)
+        self.routes = DEFAULT_ROUTES  # the routes route() may take (ROUTES: the kernel too)
 
     def __call__(self, hidden: torch.Tensor):
         n = hidden.shape[0] * hidden.shape[1]

@@ -12,9 +12,8 @@ gathered one copies each token's ``k`` experts before its GEMMs read the copies,
 experts' bytes) that is the fewest bytes a decode step can read, without reading the routing on
 the host (a CUDA graph replays it).
 
-Tokens are padded to ``BLOCK_M`` rows (16 .. 64: one tile of ``tl.dot``); fp32 inputs multiply in
-IEEE fp32 (no TF32), so each output element is one fp32 dot product whose order does not depend
-on the other tokens. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests).
+Tokens are padded to ``BLOCK_M`` rows (16 .. 64: one tile of ``tl.dot``; up to 8 fp32 tokens take
+their own rows and plain multiply-adds instead); fp32 inputs multiply in IEEE fp32 (no TF32). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests).
 """
 
 from __future__ import annotations
@@ -26,13 +25,15 @@ import triton.language as tl
 from megacpp_mcore.infer.moe import KERNEL_MAX_TOKENS as MAX_TOKENS  # one BLOCK_M tile of tokens
 BLOCK_N = 64
 BLOCK_K = 64
+SMALL_ROWS = 8  # fp32 tokens up to this many skip tl.dot (see expert_gemm)
+SMALL_BLOCK_K = 32
 
 
 @triton.jit
 def _expert_gemm_kernel(a_ptr, w_ptr, used_ptr, out_ptr, n, K, N,
                         stride_ae, stride_am, stride_we, stride_wk, stride_os, stride_oe, stride_om,
                         K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
     e = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -46,7 +47,10 @@ def _expert_gemm_kernel(a_ptr, w_ptr, used_ptr, out_ptr, n, K, N,
             a = tl.load(a_rows + rk[None, :], mask=(rm[:, None] < n) & (rk[None, :] < K), other=0.0)
             w = tl.load(w_cols + rk[:, None] * stride_wk, mask=(rk[:, None] < K) & (rn[None, :] < N),
                         other=0.0)
-            acc += tl.dot(a, w, input_precision=PRECISION)
+            if USE_DOT:
+                acc += tl.dot(a, w, input_precision=PRECISION)
+            else:  # a few fp32 rows: FMAs on exactly those rows, no tile of 16
+                acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     out = out_ptr + split * stride_os + e * stride_oe + rm[:, None] * stride_om + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < n) & (rn[None, :] < N))
 
@@ -68,12 +72,19 @@ def expert_gemm(a: torch.Tensor, w: torch.Tensor, used: torch.Tensor, *, split_k
     partial = split_k > 1
     out = torch.empty(split_k, num_experts, tokens, n_dim, device=w.device,
                       dtype=torch.float32 if partial else w.dtype)
+    # tl.dot takes tiles of >= 16 rows: 16-bit weights run on tensor cores, padding is free; fp32
+    # (IEEE, no tensor cores) would spend 16 FMAs per real one at decode's 1-2 tokens, so up to
+    # SMALL_ROWS fp32 tokens multiply-add on their own rows (a narrower K block bounds registers)
+    dot = w.dtype != torch.float32 or tokens > SMALL_ROWS
+    rows = max(16, triton.next_power_of_2(tokens)) if dot else triton.next_power_of_2(tokens)
+    if not dot:
+        block_k = min(block_k, SMALL_BLOCK_K)
     grid = (num_experts, triton.cdiv(n_dim, block_n), split_k)
     _expert_gemm_kernel[grid](
         a, w, used, out, tokens, k_dim, n_dim,
         0 if a.shape[0] == 1 else a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         K_PER_SPLIT=triton.cdiv(triton.cdiv(k_dim, split_k), block_k) * block_k,
-        BLOCK_M=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=dot,
         PRECISION="ieee" if w.dtype == torch.float32 else "tf32")
     return out.sum(dim=0).to(w.dtype) if partial else out[0]
