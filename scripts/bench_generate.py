@@ -253,6 +253,8 @@ def _expert_traffic():
     ``sparse``, patched for the block): ``routed``, the bytes the call moved (the sparse kernel's
     reads included), ``kernel``, what the sparse kernel reads for the call (the distinct chosen
     experts' weights), and ``kernel_ran``, that figure for the calls the kernel did run."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
     from megacpp_mcore.infer.moe import ROUTES, SyncFreeMoE
     from megacpp_mcore.infer.traffic import Traffic
 
@@ -263,7 +265,8 @@ def _expert_traffic():
         def call(self, x, probs):
             with Traffic() as inner:
                 out = originals[route](self, x, probs)
-            chosen = int((probs != 0).any(dim=0).sum())  # a host read: counting runs are eager
+            with _disable_current_modes():  # not part of the step: not counted
+                chosen = int((probs != 0).any(dim=0).sum())
             kernel = chosen * (self.w1[0].numel() + self.w2[0].numel()) * self.w1.element_size()
             ran = kernel if route == "sparse" else 0
             tally["routed"] += inner.bytes + ran

@@ -178,8 +178,8 @@ class SyncFreeMoE:
         return min(allowed, key=lambda r: (cost[r], ROUTES.index(r)))
 
     def run(self, hidden: torch.Tensor, route: str) -> torch.Tensor:
-        """The layer's output ``[s, b, h]`` through ``route`` (``"gathered"`` or ``"dense"``):
-        the layer's router, the routed experts, then its shared expert."""
+        """The layer's output ``[s, b, h]`` through ``route`` (one of :data:`ROUTES`): the
+        layer's router, the routed experts, then its shared expert."""
         s, b, h = hidden.shape
         probs, _ = self.moe.router(hidden)  # [n, E], zero outside each token's top-k
         out = getattr(self, route)(hidden.reshape(s * b, h), probs).view(s, b, h)
