@@ -86,21 +86,27 @@ class MTPDrafter:
             self.inputs[depth] = feed.slice(n, feed.end)
             feed = _Hidden(0, out)
 
-    def _block(self, depth: int, hidden: _Hidden) -> torch.Tensor:
-        """Depth ``depth`` (0-based) over positions ``hidden.start .. hidden.end - 1``."""
+    def _block(self, depth: int, hidden: _Hidden, rows=None) -> torch.Tensor:
+        """Depth ``depth`` (0-based) over positions ``hidden.start .. hidden.end - 1`` (the
+        output's ``rows`` only, see :meth:`_run`)."""
         start, n = hidden.start, hidden.values.shape[0]
         tokens = self.ids[:, start + depth + 1:start + depth + 1 + n]  # ids[i + k], k = depth + 1
-        return self._run(depth, hidden.values, tokens, self.session.context(start, n))
+        return self._run(depth, hidden.values, tokens, self.session.context(start, n), rows)
 
-    def _run(self, depth: int, hidden: torch.Tensor, tokens: torch.Tensor, ctx) -> torch.Tensor:
+    def _run(self, depth: int, hidden: torch.Tensor, tokens: torch.Tensor, ctx, rows=None) -> torch.Tensor:
         """Depth ``depth`` over the positions of ``ctx``: inputs ``hidden`` ``[n, b, h]`` and the
-        tokens they read ``[b, n]``."""
+        tokens they read ``[b, n]``. ``rows`` (a slice or an index tensor of positions): the
+        block's feed-forward sub-layer, per token, runs on those positions only and only they are
+        returned; the attention sub-layer runs on all (its cache needs every position). The last
+        depth of a draft step needs only its last position: nothing reads its other outputs."""
         engine, block = self.engine, self.block
         embedded = engine.model._embed(tokens, self.head_weight.to(hidden.dtype))  # [n, b, h]
         x = F.linear(torch.cat([block.enorm(embedded), block.hnorm(hidden)], dim=-1),
                      block.eh_proj)
         x = run_layer(self.attn_plan, x, self.caches[depth], ctx, rotary=engine.rotary,
                       rope_config=engine.rope_config, keep=False)
+        if rows is not None:
+            x = x[rows]
         return run_layer(self.ffn_plan, x, None, ctx, rotary=engine.rotary,
                          rope_config=engine.rope_config, keep=False)
 
@@ -116,8 +122,11 @@ class MTPDrafter:
                 hidden = self.inputs[0]
             else:  # real outputs kept from earlier steps, then this step's outputs of depth - 1
                 hidden = self.inputs[depth].then(self.outputs[depth - 1])
-            out = self._block(depth, hidden)
-            self.outputs[depth] = _Hidden(hidden.start, out)
+            if depth + 1 < self.k:  # the next depth reads every output
+                out = self._block(depth, hidden)
+                self.outputs[depth] = _Hidden(hidden.start, out)
+            else:
+                out = self._block(depth, hidden, rows=slice(-1, None))
             logits = engine.logits(engine.final_norm(out[-1:]), sampling.vocab_limit)[:, 0]  # [b, V]
             self.logits.append(logits)
             token, dist = sampling.choose(logits, generator)
@@ -182,12 +191,15 @@ class StaticMTPDrafter:
             start = self.committed[depth]
             times = start + self.offsets  # [K + 1]
             ctx = self.session.context(0, self.window, start_index=start)
+            last = (length - 1 - start).view(1)  # the trunk's last position in the window
+            deeper = depth + 1 < self.k
             out = drafter._run(depth, self.inputs[depth].index_select(0, times),
-                               ids.index_select(1, times + depth + 1), ctx)  # [K + 1, b, h]
-            if depth + 1 < self.k:
+                               ids.index_select(1, times + depth + 1), ctx,
+                               None if deeper else last)  # [K + 1 or 1, b, h]
+            if deeper:
                 self.inputs[depth + 1].index_copy_(0, times, out)
-            last = out.index_select(0, (length - 1 - start).view(1))  # the trunk's last position
-            logits = drafter.engine.logits(drafter.engine.final_norm(last), sampling.vocab_limit)[:, 0]
+                out = out.index_select(0, last)
+            logits = drafter.engine.logits(drafter.engine.final_norm(out), sampling.vocab_limit)[:, 0]
             self.logits.append(logits)
             token, _ = sampling.choose(logits, None)
             ids.index_copy_(1, (length + 1 + depth).view(1), token[:, None])
