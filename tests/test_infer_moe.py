@@ -314,8 +314,9 @@ def test_sparse_expert_kernel_interpreted_equals_torch():
     (itself checked against Megatron's layer above) on 8 experts top-2."""
     code = textwrap.dedent("""
         import torch
-        from megacpp_mcore.infer.moe import SyncFreeMoE
-        from megacpp_mcore.infer.moe_triton import expert_gemm
+        from megacpp_mcore.infer.moe import KERNEL_MAX_TOKENS, SyncFreeMoE
+        from megacpp_mcore.infer.moe_triton import MAX_TOKENS, expert_gemm
+        assert MAX_TOKENS == KERNEL_MAX_TOKENS
         g = torch.Generator().manual_seed(0)
         for E, n, K, N, shared, split in [(4, 1, 32, 48, True, 1), (4, 3, 100, 70, False, 1),
                                           (5, 17, 130, 64, True, 2), (3, 64, 64, 96, False, 3)]:

@@ -46,7 +46,8 @@ ROUTES = ("dense", "gathered", "sparse")
 # torch routes (scripts/bench_moe_decode.py; h200_regression.sh moe-decode).
 DEFAULT_ROUTES = ("dense", "gathered")
 
-# Up to this many tokens the sparse route's kernel runs (one tile of them: moe_triton).
+# Up to this many tokens the sparse route's kernel runs (one tile of them: moe_triton.MAX_TOKENS,
+# which imports Triton; this module does not).
 KERNEL_MAX_TOKENS = 64
 
 # Expert modules whose parameter layouts are read here (megatron-core 0.16 - 0.19).

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megacpp_mcore.infer.moe import KERNEL_MAX_TOKENS as MAX_TOKENS  # one BLOCK_M tile of tokens
+MAX_TOKENS = 64  # one BLOCK_M tile of tokens (moe.KERNEL_MAX_TOKENS routes no more here)
 BLOCK_N = 64
 BLOCK_K = 64
 SMALL_ROWS = 8  # fp32 tokens up to this many skip tl.dot (see expert_gemm)
