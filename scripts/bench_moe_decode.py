@@ -8,7 +8,9 @@ expert shapes.
     python scripts/bench_moe_decode.py --cpu-smoke     # the torch routes at tiny shapes, no timing claims
 
 Each route runs as one CUDA graph of ``--calls`` calls (launch overhead hidden, as in a graphed
-decode step), timed by CUDA events, the median of ``--repeats``. ``experts read`` is the bytes model
+decode step), timed by CUDA events, the median of ``--repeats``; the sparse kernel once per
+``--kernel-configs`` entry (block sizes and split of ``moe_triton.expert_gemm``), the fastest shown
+with its configuration (what ``moe_triton``'s defaults should be). ``experts read`` is the bytes model
 of ``SyncFreeMoE.route`` (in experts' weights); ``GB/s`` divides the bytes of the experts the route
 reads (dense: all; gathered: 3 reads per chosen expert; sparse: the distinct chosen ones) by the
 time. ``vs best torch`` is the sparse route's time against the faster torch route's, ``max err``
@@ -41,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated of fp32, bf16")
     p.add_argument("--calls", type=int, default=20, help="route calls per CUDA graph (default 20)")
     p.add_argument("--repeats", type=int, default=10, help="timed graph replays (default 10)")
+    p.add_argument("--kernel-configs", default="64x64x1,32x64x1,128x64x1,64x32x1,64x64x2,32x64x4",
+                   help="the sparse kernel's BLOCK_NxBLOCK_KxSPLIT_K configurations to time; the "
+                        "table shows the fastest per row (default: a sweep of six)")
     p.add_argument("--cpu-smoke", action="store_true", help="torch routes, tiny shape, on the CPU")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -56,6 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tokens: {args.tokens!r} is not a comma-separated list of integers")
     if any(t < 1 for t in args.tokens):
         p.error(f"--tokens: {args.tokens} has a count below 1")
+    raw = args.kernel_configs
+    try:
+        args.kernel_configs = [dict(zip(("block_n", "block_k", "split_k"), map(int, c.split("x"))))
+                               for c in raw.split(",")]
+    except ValueError:
+        args.kernel_configs = None
+    if not args.kernel_configs or any(len(c) != 3 or min(c.values()) < 1 for c in args.kernel_configs):
+        p.error(f"--kernel-configs: {raw!r} is not a comma-separated list of BLOCK_NxBLOCK_KxSPLIT_K "
+                "(positive integers, e.g. 64x64x1)")
     if args.cpu_smoke:
         args.shapes, args.dtype = "tiny", "fp32"
     elif not torch.cuda.is_available():
@@ -131,10 +145,20 @@ def measure(args) -> list[dict]:
                     out = getattr(fast, route)(x, probs).float()
                     row[f"{route}_max_err"] = float((out - ref).abs().max())
                     if device == "cuda":
-                        us = time_route(lambda r=route: getattr(fast, r)(x, probs), args.calls,
-                                        args.repeats)
+                        configs = args.kernel_configs if route == "sparse" else [{}]
+                        timed = {}
+                        for options in configs:
+                            fast.kernel_options = options
+                            name = "x".join(map(str, options.values()))
+                            timed[name] = time_route(lambda r=route: getattr(fast, r)(x, probs),
+                                                     args.calls, args.repeats)
+                        fast.kernel_options = {}
+                        best = min(timed, key=timed.get)
+                        us = timed[best]
                         row[f"{route}_us"] = us
                         row[f"{route}_gb_s"] = read[route] * expert_mb / 1e3 / (us / 1e6)
+                        if route == "sparse":
+                            row["sparse_config"], row["sparse_us_by_config"] = best, timed
                 if "sparse_us" in row:
                     row["sparse_vs_best_torch"] = min(row["dense_us"], row["gathered_us"]) / row["sparse_us"]
                 rows.append(row)
@@ -155,14 +179,15 @@ def print_table(rows: list[dict]) -> None:
         return "-" if row.get(key) is None else format(row[key], fmt)
 
     print("\n| shape | dtype | tokens | experts chosen | picked | dense us (GB/s) | gathered us (GB/s) "
-          "| sparse us (GB/s) | sparse vs best torch | gathered max err | sparse max err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| sparse us (GB/s) | its config | sparse vs best torch | gathered max err | sparse max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         timed = [f"{cell(r, f'{k}_us', '.1f')} ({cell(r, f'{k}_gb_s', '.0f')})"
                  for k in ("dense", "gathered", "sparse")]
         ratio = "-" if r.get("sparse_vs_best_torch") is None else f"x{r['sparse_vs_best_torch']:.2f}"
         print(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['distinct_experts']} | {r['picked']} "
-              f"| {' | '.join(timed)} | {ratio} | {cell(r, 'gathered_max_err', '.1e')} "
+              f"| {' | '.join(timed)} | {r.get('sparse_config', '-')} | {ratio} "
+              f"| {cell(r, 'gathered_max_err', '.1e')} "
               f"| {cell(r, 'sparse_max_err', '.1e')} |")
 
 

@@ -327,7 +327,15 @@ def test_sparse_expert_kernel_interpreted_equals_torch():
             ref = torch.matmul(a, w) * used[:, None, None]
             assert out.shape == (E, n, N)
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        for bad in ({"block_n": 48}, {"block_k": 8}, {"split_k": 0}):
+            try:
+                expert_gemm(a, w, used, **bad)
+            except ValueError as exc:
+                assert str(list(bad.values())[0]) in str(exc)
+            else:
+                raise AssertionError(bad)
         fast = SyncFreeMoE.__new__(SyncFreeMoE)
+        fast.kernel_options = {"block_n": 32, "split_k": 2}
         fast.w1 = torch.randn(8, 64, 64, generator=g) / 8
         fast.w2 = torch.randn(8, 32, 64, generator=g) / 6
         for n in (1, 3, 5):
@@ -361,7 +369,8 @@ def test_bench_moe_decode_cpu_smoke(tmp_path, capsys):
     assert all(r["gathered_max_err"] < 1e-5 and r["dense_max_err"] == 0 for r in rows)
     assert all(r["picked"] == "dense" for r in rows)  # 4 experts top-2: gathering never reads less
     assert "| tiny | fp32 | 3 |" in capsys.readouterr().out
-    for bad, named in ((["--shapes", "huge"], "'huge'"), (["--tokens", "0"], "[0]")):
+    for bad, named in ((["--shapes", "huge"], "'huge'"), (["--tokens", "0"], "[0]"),
+                       (["--kernel-configs", "64x64"], "'64x64'")):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(bad)
         assert exit_info.value.code == 2 and named in capsys.readouterr().err

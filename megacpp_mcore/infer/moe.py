@@ -153,6 +153,7 @@ class SyncFreeMoE:
         # the Triton kernel of the sparse route runs on CUDA tensors where Triton is installed
         self.kernel = w1.is_cuda and backends.detect().triton is not None
         self.routes = DEFAULT_ROUTES  # the routes route() may take (ROUTES: the kernel too)
+        self.kernel_options: dict = {}  # expert_gemm's block sizes / split (benchmarks sweep them)
 
     def __call__(self, hidden: torch.Tensor):
         n = hidden.shape[0] * hidden.shape[1]
@@ -209,9 +210,10 @@ class SyncFreeMoE:
         from megacpp_mcore.infer.moe_triton import expert_gemm
 
         used = (probs != 0).any(dim=0)  # [E]: an expert chosen by no token computes nothing
-        y = expert_gemm(x.unsqueeze(0), self.w1, used)  # [E, n, 2f], zeros for unused experts
+        options = self.kernel_options
+        y = expert_gemm(x.unsqueeze(0), self.w1, used, **options)  # [E, n, 2f], 0 for unused experts
         act = self._swiglu(y, probs.t().unsqueeze(-1))  # [E, n, f]
-        return expert_gemm(act, self.w2, used).sum(dim=0)  # [n, h]
+        return expert_gemm(act, self.w2, used, **options).sum(dim=0)  # [n, h]
 
     def gathered(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Each token ``x`` ``[n, h]`` through its top-k experts only. The top-k of ``probs`` are

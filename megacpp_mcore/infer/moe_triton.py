@@ -67,6 +67,9 @@ def expert_gemm(a: torch.Tensor, w: torch.Tensor, used: torch.Tensor, *, split_k
         raise ValueError(f"expert_gemm: {tokens} tokens; allowed 1..{MAX_TOKENS}")
     if split_k < 1:
         raise ValueError(f"expert_gemm: split_k={split_k}; allowed >= 1")
+    for name, block in (("block_n", block_n), ("block_k", block_k)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"expert_gemm: {name}={block}; allowed: a power of two >= 16")
     a, w = a.contiguous(), w.contiguous()
     used = used.to(torch.int32)
     partial = split_k > 1
