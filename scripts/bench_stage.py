@@ -458,7 +458,11 @@ def parse_args(argv):
     p.add_argument("--a2a-overlap", type=float, default=0.0, help="fraction of all-to-all hidden")
     p.add_argument("--allreduce-gbps", type=float, default=300.0, help="assumed gradient-sync GB/s")
     p.add_argument("--grad-overlap", type=float, default=0.0, help="fraction of gradient sync hidden")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (rewritten after every run, so a "
+                                   "call cut at its deadline keeps the runs it finished)")
+    p.add_argument("--resume", metavar="JSON",
+                   help="the --out of an earlier call with the same settings: its finished runs are "
+                        "kept, not run again (the stage set over two device calls)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     if not args.megatron_lm:
@@ -491,7 +495,35 @@ def parse_args(argv):
         raise BenchError(f"--fast {same[0]}: that is already every run's setting (the default or "
                          "--base); give the other value to measure")
     args.log_dir = Path(os.environ.get("OUT", REPO / "runs" / "bench_stage"))
+    args.resumed = _resumed_rows(args) if args.resume else []
     return args
+
+
+# settings an earlier call must share for its runs to be kept by --resume
+RESUME_SETTINGS = ("megatron_lm", "set", "repeats", "stage_repeats", "iters", "warmup", "mbs", "gbs",
+                   "fast", "base", "stage_spec", "ours_extra")
+
+
+def _settings(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            if k not in ("resumed", "log_dir")}
+
+
+def _resumed_rows(args) -> list[dict]:
+    """The finished runs of ``--resume``'s JSON; BenchError for a file that is not one, or one
+    written with other settings (named)."""
+    path = Path(args.resume)
+    try:
+        earlier = json.loads(path.read_text())
+        rows, settings = earlier["runs"], earlier["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"--resume {path}: not a bench_stage --out file ({type(exc).__name__}: {exc})")
+    now = json.loads(json.dumps(_settings(args)))  # lists and tuples as JSON has them
+    differ = [k for k in RESUME_SETTINGS if settings.get(k) != now.get(k)]
+    if differ:
+        raise BenchError(f"--resume {path}: written with other settings ({', '.join(differ)}); "
+                         "resume with the same flags")
+    return [row for row in rows if row.get("returncode") == 0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,17 +545,31 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = list(args.resumed)
+    done = {row["name"] for row in rows}
+    if done:
+        print(f"[resume] kept {len(done)} finished runs of {args.resume}: {', '.join(sorted(done))}",
+              flush=True)
     for run in runs:
+        if run.name in done:
+            continue
         execute(run, args, args.log_dir)
         rows.append(summarize(run, args))
-    result = {"runs": rows, **report(rows, args),
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        if args.out:  # after every run: a call cut at its deadline keeps what it finished
+            _write(args.out, {"runs": rows, "complete": False, "settings": _settings(args)})
+    result = {"runs": rows, "complete": True, **report(rows, args), "settings": _settings(args),
               "device": torch.cuda.get_device_name()}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        _write(args.out, result)
         print(f"wrote {args.out}")
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+def _write(path: str, result: dict) -> None:
+    """Writes ``result`` as JSON through a temporary file, so that ``path`` is never half-written."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

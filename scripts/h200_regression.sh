@@ -60,8 +60,12 @@ for part in $PARTS; do
                     --iters 10 --out "$OUT/flexidepth-batch8-e.json"; } >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
-    # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection
-    stage) python scripts/bench_stage.py --set stage --out "$OUT/stage.json" >"$OUT/stage.log" 2>&1 ;;
+    # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection; a call cut
+    # at its deadline keeps the runs it finished, and the next call on the same machine resumes
+    # (a finished stage.json is kept too: remove it for a fresh measurement)
+    stage) resume=(); [[ -f $OUT/stage.json ]] && resume=(--resume "$OUT/stage.json")
+           python scripts/bench_stage.py --set stage --out "$OUT/stage.json" ${resume[@]+"${resume[@]}"} \
+             >>"$OUT/stage.log" 2>&1 ;;
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
                        --cuda-graphs --out "$OUT/generate-random.json" >"$OUT/generate-random.log" 2>&1 ;;

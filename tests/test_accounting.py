@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -187,8 +188,8 @@ REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
 
 
-def _bench(argv, checkout, tmp_path, *, hybrid_script: bool = False):
-    """Runs ``scripts/bench_stage.py`` on a stand-in checkout (no CUDA needed with --dry-run)."""
+def _checkout(checkout: Path, *, hybrid_script: bool = False) -> Path:
+    """A stand-in Megatron-LM checkout: the files the launcher checks for, empty."""
     for name in (*lp.CHECKOUT_FILES, "pretrain_hybrid.py" if hybrid_script else "pretrain_mamba.py"):
         path = checkout / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +197,12 @@ def _bench(argv, checkout, tmp_path, *, hybrid_script: bool = False):
             path.write_text("")
         else:
             path.mkdir(exist_ok=True)
+    return checkout
+
+
+def _bench(argv, checkout, tmp_path, *, hybrid_script: bool = False):
+    """Runs ``scripts/bench_stage.py`` on a stand-in checkout (no CUDA needed with --dry-run)."""
+    _checkout(checkout, hybrid_script=hybrid_script)
     return subprocess.run([sys.executable, str(REPO / "scripts" / "bench_stage.py"), "--megatron-lm",
                            str(checkout), *argv], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OUT": str(tmp_path / "out")})
@@ -314,6 +321,50 @@ def _load_bench():
 
 def _name_of(bench, values) -> str:
     return next(name for name, (_, v) in bench.FAST_PATHS.items() if v is values)
+
+
+def test_bench_stage_writes_after_every_run_and_resumes_the_rest(tmp_path, monkeypatch, capsys):
+    """A call cut at its deadline (here: the second run) leaves an --out file with the runs it
+    finished; --resume of it runs only the others and writes the complete result. A resume file
+    of other settings, or not a result at all, is refused (exit 2, the reason named)."""
+    import torch
+
+    bench = _load_bench()
+    checkout = _checkout(tmp_path / "mlm")
+    monkeypatch.setenv("OUT", str(tmp_path / "logs"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")
+    executed, cut = [], {"at": 2}
+
+    def execute(run, args, log_dir):
+        executed.append(run.name)
+        if len(executed) == cut["at"]:
+            raise KeyboardInterrupt  # the deadline
+        run.returncode, run.startup_s = 0, 1.0
+        run.ms, run.losses = [100.0 + len(executed)] * args.iters, [5.0, 4.0]
+
+    monkeypatch.setattr(bench, "execute", execute)
+    out = tmp_path / "stage.json"
+    argv = ["--megatron-lm", str(checkout), "--set", "fast", "--fast", "cuda_graphs=on",
+            "--fast", "moe_permute_fusion=on", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    partial = json.loads(out.read_text())
+    assert [r["name"] for r in partial["runs"]] == ["stage12#0"] and partial["complete"] is False
+    cut["at"] = None
+    executed.clear()
+    assert bench.main([*argv, "--resume", str(out)]) == 0
+    assert executed == ["stage12_cuda_graphs=on#0", "stage12_moe_permute_fusion=on#0"]
+    result = json.loads(out.read_text())
+    assert result["complete"] and [r["name"] for r in result["runs"]] == [
+        "stage12#0", "stage12_cuda_graphs=on#0", "stage12_moe_permute_fusion=on#0"]
+    assert result["runs"][0]["ms_per_iteration"] == 101.0  # the first call's run, kept
+    capsys.readouterr()
+    assert bench.main([*argv, "--iters", "9", "--resume", str(out)]) == 2
+    assert "other settings (iters)" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    assert bench.main([*argv, "--resume", str(tmp_path / "junk.json")]) == 2
+    assert "not a bench_stage --out file" in capsys.readouterr().err
 
 
 def test_bench_stage_projection_by_hand():
