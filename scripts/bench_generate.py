@@ -457,27 +457,21 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
           "| MB/step | bytes-bound vs plain | MB/step, sparse MoE kernel | its bytes-bound vs plain "
           "| GPU ms/step | device-bound vs plain | vs graphed plain |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    # (key, format) of the columns after "identical"; a missing or None value prints "-"
+    measured = (("syncs_per_step", "{:.1f}"), ("ops_per_step", "{:.0f}"), ("host_bound_speedup", "x{:.2f}"),
+                ("mb_per_step", "{:.1f}"), ("bytes_bound_speedup", "x{:.2f}"),
+                ("mb_per_step_kernel", "{:.1f}"), ("bytes_bound_speedup_kernel", "x{:.2f}"),
+                ("gpu_ms_per_step", "{:.2f}"), ("device_bound_speedup", "x{:.2f}"),
+                ("vs_graphed_plain", "x{:.2f}"))
     for r in results:
         acc = _rates(r["acceptance_per_position"]) if r["k"] else "-"
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
         same = "-" if "identical" not in r else ("yes" if r["identical"] else
                                                   f"NO ({r['agreeing_prefix']:.0%} agree)")
         k = f"{r['k']} (CUDA graphs)" if r.get("graphs") else r["k"]
-        syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}"
-        ops = "-" if r["ops_per_step"] is None else f"{r['ops_per_step']:.0f}"
-        bound = "-" if r.get("host_bound_speedup") is None else f"x{r['host_bound_speedup']:.2f}"
-        mb = "-" if r.get("mb_per_step") is None else f"{r['mb_per_step']:.1f}"
-        mbound = "-" if r.get("bytes_bound_speedup") is None else f"x{r['bytes_bound_speedup']:.2f}"
-        mbk = "-" if r.get("mb_per_step_kernel") is None else f"{r['mb_per_step_kernel']:.1f}"
-        kbound = ("-" if r.get("bytes_bound_speedup_kernel") is None
-                  else f"x{r['bytes_bound_speedup_kernel']:.2f}")
-        gpu = "-" if r.get("gpu_ms_per_step") is None else f"{r['gpu_ms_per_step']:.2f}"
-        dbound = "-" if r.get("device_bound_speedup") is None else f"x{r['device_bound_speedup']:.2f}"
-        vs_graphed = "-" if r.get("vs_graphed_plain") is None else f"x{r['vs_graphed_plain']:.2f}"
+        cells = ["-" if r.get(key) is None else fmt.format(r[key]) for key, fmt in measured]
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
-              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {syncs} | {ops} | {bound} | {mb} "
-              f"| {mbound} | {mbk} | {kbound} | {gpu} "
-              f"| {dbound} | {vs_graphed} |")
+              f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {' | '.join(cells)} |")
 
 
 def main(argv=None) -> int:
