@@ -135,9 +135,10 @@ def measure(args) -> list[dict]:
             for tokens in args.tokens:
                 x, probs, chosen = inputs(fast, tokens, seed=tokens)
                 distinct = int(chosen.unique().numel())
-                read = {"dense": fast.num_experts, "gathered": 3 * tokens * fast.topk, "sparse": distinct}
-                kernel = fast.kernel and tokens <= _kernel_max()
-                routes = ["dense", "gathered"] + (["sparse"] if kernel else [])
+                read = fast.expert_reads(tokens)  # the routes this run can take, and their reads
+                if "sparse" in read:
+                    read["sparse"] = distinct  # what the kernel reads here, not its bound
+                routes = list(read)
                 ref = fast.dense(x, probs).float()
                 row = {"shape": shape, "dtype": dtype_name, "tokens": tokens,
                        "distinct_experts": distinct, "expert_mb": expert_mb, "picked": fast.route(tokens)}
@@ -166,12 +167,6 @@ def measure(args) -> list[dict]:
                     f"{r} {row[f'{r}_us']:.1f} us" if f"{r}_us" in row else
                     f"{r} max err {row[f'{r}_max_err']:.1e}" for r in routes), flush=True)
     return rows
-
-
-def _kernel_max() -> int:
-    from megacpp_mcore.infer.moe import KERNEL_MAX_TOKENS
-
-    return KERNEL_MAX_TOKENS
 
 
 def print_table(rows: list[dict]) -> None:

@@ -87,11 +87,10 @@ class Engine:
         ``[b, s, vocab]``, from the first ``vocab`` rows of the output weight. Decoding chooses no
         id above the tokenizer's, and a decode step is bound by reading weights: the byte
         tokenizer's 257 ids inside nam56r-lite's padded 32,768 read 1/128 of the head."""
-        layer, weight = self.model.output_layer, self.output_weight()
-        if weight is None:
-            weight = layer.weight
+        layer, tied = self.model.output_layer, self.output_weight()
+        weight = layer.weight if tied is None else tied
         if vocab is None or vocab >= weight.shape[0]:
-            logits, _ = layer(hidden, weight=self.output_weight())
+            logits, _ = layer(hidden, weight=tied)
         else:
             bias = getattr(layer, "bias", None)
             logits = F.linear(hidden, weight[:vocab], None if bias is None else bias[:vocab])

@@ -161,23 +161,29 @@ class SyncFreeMoE:
             return self.moe(hidden)
         return self.run(hidden, self.route(n)), None
 
+    def expert_reads(self, tokens: int) -> dict[str, int]:
+        """Per route this layer can take for ``tokens`` tokens, the expert weights it reads, in
+        units of one expert's weights (a decode-sized forward is bound by reading weights).
+        ``dense`` reads all ``E`` experts once (and computes every expert for every token,
+        unrouted ones weighted by 0); ``gathered`` copies the ``tokens * k`` chosen experts'
+        weights (one read, one write) before its GEMMs read the copies, ~3 reads per chosen
+        expert; ``sparse`` (the Triton kernel: CUDA, up to :data:`KERNEL_MAX_TOKENS`) reads each
+        chosen expert once, at most ``min(E, tokens * k)``."""
+        chosen = self.topk * tokens
+        reads = {"dense": self.num_experts, "gathered": 3 * chosen}
+        if self.kernel and tokens <= KERNEL_MAX_TOKENS:
+            reads["sparse"] = min(self.num_experts, chosen)
+        return reads
+
     def route(self, tokens: int) -> str:
         """The route of :data:`ROUTES` (among :attr:`routes`) that reads the fewest expert
-        weights for ``tokens`` tokens, in units of one expert's weights: a decode-sized forward is
-        bound by reading weights. ``dense`` reads all ``E`` experts once (and computes every
-        expert for every token, unrouted ones weighted by 0); ``gathered`` copies the ``tokens * k``
-        chosen experts' weights (one read, one write) before its GEMMs read the copies, ~3 reads
-        per chosen expert; ``sparse`` (the Triton kernel, CUDA only) reads each chosen expert once,
-        at most ``min(E, tokens * k)``. Ties go to the earlier route. Without the kernel gathering
-        wins while ``3 * tokens * k < E``: a plain decode step at batch 1, not a speculative
-        verification of ``K + 1`` positions (on nam56r-lite, 8 experts top-2, the gathered route
-        read 1.5x the dense one at 2 tokens)."""
-        chosen = self.topk * tokens
-        cost = {"dense": self.num_experts, "gathered": 3 * chosen}
-        if self.kernel and tokens <= KERNEL_MAX_TOKENS:
-            cost["sparse"] = min(self.num_experts, chosen)
-        allowed = [r for r in ROUTES if r in cost and r in self.routes] or ["dense"]
-        return min(allowed, key=lambda r: (cost[r], ROUTES.index(r)))
+        weights for ``tokens`` tokens (:meth:`expert_reads`); ties go to the earlier route.
+        Without the kernel gathering wins while ``3 * tokens * k < E``: a plain decode step at
+        batch 1, not a speculative verification of ``K + 1`` positions (on nam56r-lite, 8 experts
+        top-2, the gathered route read 1.5x the dense one at 2 tokens)."""
+        reads = self.expert_reads(tokens)
+        allowed = [r for r in ROUTES if r in reads and r in self.routes] or ["dense"]
+        return min(allowed, key=reads.get)  # the first of equal minima: ROUTES' order
 
     def run(self, hidden: torch.Tensor, route: str) -> torch.Tensor:
         """The layer's output ``[s, b, h]`` through ``route`` (one of :data:`ROUTES`): the

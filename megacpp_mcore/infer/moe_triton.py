@@ -13,7 +13,8 @@ experts' bytes) that is the fewest bytes a decode step can read, without reading
 the host (a CUDA graph replays it).
 
 Tokens are padded to ``BLOCK_M`` rows (16 .. 64: one tile of ``tl.dot``; up to 8 fp32 tokens take
-their own rows and plain multiply-adds instead); fp32 inputs multiply in IEEE fp32 (no TF32). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests).
+their own rows and plain multiply-adds instead); fp32 inputs multiply in IEEE fp32 (no TF32).
+Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests).
 """
 
 from __future__ import annotations
