@@ -24,6 +24,7 @@ from megacpp_mcore.models import accounting
 from megacpp_mcore.models.presets import MLAConfig, ModelConfig, MoEConfig, get_preset
 from megacpp_mcore.spec.pattern import LayerEntry
 from megacpp_mcore.upstream import launch_pretrain as lp
+from scripts_module import load_script
 
 
 def _entry(symbol: str, *features: str) -> LayerEntry:
@@ -310,13 +311,7 @@ def test_bench_stage_flags_are_known_to_megatron_lm(tag, default_dry_run):
 
 
 def _load_bench():
-    """scripts/bench_stage.py as a module (registered first: its dataclass needs its module)."""
-    if "bench_stage" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_stage", REPO / "scripts" / "bench_stage.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_stage"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_stage"]
+    return load_script("bench_stage")
 
 
 def _name_of(bench, values) -> str:
@@ -393,10 +388,7 @@ def test_bench_stage_projection_by_hand():
 
 def test_recipe_benchmark_prints_both_counts(capsys):
     """scripts/recipe_benchmark.py: TFLOP/s/GPU ours and by hybrid_flops from the same tokens/s."""
-    spec = importlib.util.spec_from_file_location("recipe_benchmark", REPO / "scripts" / "recipe_benchmark.py")
-    rb = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = rb  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(rb)
+    rb = load_script("recipe_benchmark")
     log = "".join(f"iteration {i}/ 3 | elapsed time per iteration (ms): 1000.0 | lm loss: {11 - i}.0E+00 |\n"
                   for i in (1, 2, 3))
     proc = subprocess.CompletedProcess([], 0, stdout=log, stderr="")

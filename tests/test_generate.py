@@ -12,6 +12,7 @@ from megacpp_mcore import cli
 from megacpp_mcore.models.presets import get_preset
 from megacpp_mcore.train import data, loop as training
 from test_data import make_tree
+from scripts_module import load_script
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +178,7 @@ def test_bad_input_one_line_exit_2(checkpoints, tmp_path, capsys, case):
 def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
     """scripts/bench_generate.py on the MTP checkpoint: plain and K=1 through the same code,
     identical greedy output, the table printed last and the JSON written."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_generate", Path(__file__).parents[1] / "scripts" / "bench_generate.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_generate")
     src = tmp_path / "src"
     src.mkdir()
     for i in range(2):

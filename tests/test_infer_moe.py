@@ -21,6 +21,7 @@ import torch
 from megacpp_mcore.features.mod import MoDConfig
 from megacpp_mcore.models.presets import MLAConfig, ModelConfig, MoEConfig
 from megacpp_mcore.spec.pattern import FeaturePlacement
+from scripts_module import load_script
 
 VOCAB, HIDDEN = 64, 64
 
@@ -354,14 +355,9 @@ def test_sparse_expert_kernel_interpreted_equals_torch():
 def test_bench_moe_decode_cpu_smoke(tmp_path, capsys):
     """scripts/bench_moe_decode.py --cpu-smoke: the torch routes agree with the dense one, the
     picked route is SyncFreeMoE's, bad flags name the value."""
-    import importlib.util as util
     import json
-    from pathlib import Path
 
-    spec = util.spec_from_file_location("bench_moe_decode",
-                                        Path(__file__).parents[1] / "scripts" / "bench_moe_decode.py")
-    bench = util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_moe_decode")
     out = tmp_path / "moe.json"
     assert bench.main(["--cpu-smoke", "--tokens", "1,3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

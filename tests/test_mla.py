@@ -15,6 +15,7 @@ from megacpp_mcore.spec.block import hybrid_block_spec
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError
 from megacpp_mcore.models.presets import get_preset
 from megacpp_mcore.testing.parity import model_from_spec
+from scripts_module import load_script
 
 MLA_DIMS = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8,
             "v_head_dim": 24}
@@ -405,14 +406,7 @@ def test_te_down_projection_not_marked_tensor_parallel(single_rank):
 
 # ------------------------------------------------------------------------ ours vs upstream spec
 def _bench():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_mla.py"
-    spec = importlib.util.spec_from_file_location("bench_mla", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_mla")
 
 
 def test_bench_smoke_same_loss_as_upstream_spec(tmp_path):

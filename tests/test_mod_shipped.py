@@ -14,6 +14,7 @@ import torch
 from megacpp_mcore.features.mod import MoDConfig
 from megacpp_mcore.models.presets import MoEConfig, custom_model, get_preset
 from megacpp_mcore.spec.pattern import FeaturePlacement, PatternError
+from scripts_module import load_script
 
 # the A/E layers of AEMEAEMEAEMR from index 2 (depth 12) and 4 (depth 52) on
 LITE_MOD_LAYERS = [3, 4, 5, 7, 8, 9]
@@ -478,14 +479,7 @@ def test_megatron_lm_train_sets_the_iteration_mod_reads():
 
 # ------------------------------------------------------------ the H200 script's commands and parsing
 def _bench_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_mod_pretrain.py"
-    spec = importlib.util.spec_from_file_location("bench_mod_pretrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_mod_pretrain")
 
 
 def test_bench_mod_pretrain_commands_and_log_parsing(tmp_path):

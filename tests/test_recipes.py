@@ -22,6 +22,7 @@ import torch
 
 from megacpp_mcore.models.accounting import flops_per_token
 from megacpp_mcore.upstream import launch_pretrain as lp
+from scripts_module import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.sh") if p.name != "lib.sh")
@@ -206,11 +207,7 @@ def test_tiny_cpu_recipe_uses_train_flags(tmp_path, checkout):
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("recipe_benchmark", REPO / "scripts" / "recipe_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipe_benchmark")
 
 
 def test_benchmark_script_ab_commands_and_log_parsing(checkout, tmp_path):

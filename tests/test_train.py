@@ -19,6 +19,7 @@ from megacpp_mcore.models.accounting import flops_per_token, hybrid_flops_per_to
 from megacpp_mcore.train import checkpoint, data, receipt, loop as training
 from megacpp_mcore.models.presets import ModelConfig, get_preset
 from test_data import make_tree
+from scripts_module import load_script
 
 # Small enough for seconds per run on CPU; ae-tiny's A/E blocks (MoE with a shared expert).
 TINY_ARGS = ["--preset", "ae-tiny", "--num-layers", "2", "--seq-length", "32"]
@@ -453,12 +454,7 @@ def test_gpu_train_uses_te_and_records_the_kernel(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Transformer Engine")
 def test_gpu_bench_script_compares_ours_with_upstream(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_train", Path(__file__).parents[1] / "scripts" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_train")
     out = tmp_path / "bench.json"
     assert bench.main(["--preset", "ae-tiny", "--steps", "3", "--warmup", "2", "--skip-full",
                        "--out", str(out)]) == 0
