@@ -125,13 +125,14 @@ def _plain_spec(ctx):
     return attention_layer_spec(ctx) if ctx.symbol == "A" else feedforward_layer_spec(ctx)
 
 
-def _pair(symbol: str, fd: FlexiDepthConfig, *, moe: bool = False, features=("flexidepth",)):
-    """(unwrapped layer, FlexiDepth layer) with identical block weights; random adapter weights."""
+def _pair(symbol: str, fd: FlexiDepthConfig, *, moe: bool = False, features=("flexidepth",), **config):
+    """(unwrapped layer, FlexiDepth layer) with identical block weights; random adapter weights
+    (drawn on the CPU: the same on every host). ``config``: TransformerConfig overrides."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megacpp_mcore.features.flexidepth import transform
 
-    cfg = _config(moe=moe)
+    cfg = _config(moe=moe, **config)
     ctx = _ctx(cfg, symbol, fd, features=features)
     spec = _plain_spec(ctx)
     plain = build_module(spec, config=cfg, layer_number=1)
@@ -140,7 +141,8 @@ def _pair(symbol: str, fd: FlexiDepthConfig, *, moe: bool = False, features=("fl
     assert {k.split(".")[0] for k in missing} == {"flexidepth"} and not unexpected
     if fd.adapter != "none":
         with torch.no_grad():
-            wrapped.flexidepth.up.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+            up = wrapped.flexidepth.up.weight
+            up.copy_(torch.empty(up.shape).normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3)))
     return plain, wrapped
 
 
@@ -374,7 +376,9 @@ def test_hard_skip_on_cuda_reads_the_count_without_a_stream_sync(single_rank):
     those), and the output equals the same layer's on the CPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"))
+    # built in fp32 on the CPU (a CUDA host's default is bf16 on the device), then moved
+    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"), bf16=False, use_cpu_initialization=True,
+                           masked_softmax_fusion=False)
     _set_router(wrapped, std=0.5)
     wrapped.eval()
     x = _inputs()

@@ -73,7 +73,7 @@ def _incremental(engine, rows: list[torch.Tensor], prefill: int, steps: list[int
     the steps after the prefill run with static shapes (``Session.make_static``)."""
     longest = max(len(r) for r in rows)
     pad = torch.tensor([longest - len(r) for r in rows])
-    tokens = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for r, p in zip(rows, pad)])
+    tokens = torch.stack([torch.cat([r.new_zeros(p), r]) for r, p in zip(rows, pad.tolist())])
     session = engine.session(len(rows), longest, pad)
     out, at = [], 0
     for i, n in enumerate([prefill, *steps]):
@@ -328,7 +328,28 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
     for k in (1, 2, 3):
         spec = generate(agreeing, rows, max_new_tokens=20, speculative=k)
         graphed = generate(agreeing, rows, max_new_tokens=20, speculative=k, cuda_graphs=True)
-        assert graphed.tokens == spec.tokens and graphed.accepted == spec.accepted and sum(spec.accepted)
+        assert sum(spec.accepted)
+        if _same_or_near_tie(agreeing, rows, graphed.tokens, spec.tokens):
+            assert graphed.accepted == spec.accepted
+
+
+def _same_or_near_tie(engine, prompts, got, want, rel=1e-2) -> bool:
+    """Whether greedy outputs ``got`` and ``want`` are equal; if not, asserts that each row's
+    first difference is a near tie of the full forward's logits (within ``rel`` of their largest
+    magnitude). On a GPU the cached static step and the eager one reduce in different orders and
+    the Mamba kernels run TF32, so two greedy decoders may part at a near tie (the agreeing model's
+    rank-1 head makes them common); a wrong step parts at a clear winner."""
+    for prompt, a, b in zip(prompts, got, want):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if n is None:
+            assert len(a) == len(b)
+            continue
+        tokens = torch.tensor([prompt + a[:n]], device=engine.device)
+        logits = engine.full_logits(tokens)[0, -1]
+        gap = (logits[a[n]] - logits[b[n]]).abs().item()
+        assert gap <= rel * logits.abs().max().item(), (
+            f"greedy outputs part at position {n} ({a[n]} vs {b[n]}) with a logit gap of {gap:.4g}: not a near tie")
+    return got == want
 
 
 def _state_buffers(session) -> list[int]:
