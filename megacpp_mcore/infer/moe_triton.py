@@ -12,8 +12,8 @@ gathered one copies each token's ``k`` experts before its GEMMs read the copies,
 experts' bytes) that is the fewest bytes a decode step can read, without reading the routing on
 the host (a CUDA graph replays it).
 
-Tokens are padded to ``BLOCK_M`` rows (16 .. 64: one tile of ``tl.dot``; up to 8 fp32 tokens take
-their own rows and plain multiply-adds instead); fp32 inputs multiply in IEEE fp32 (no TF32).
+Tokens are padded to ``BLOCK_M`` rows (16 .. 64: one tile of ``tl.dot``; up to ``SMALL_ROWS``
+fp32 tokens take their own rows and plain multiply-adds instead); fp32 inputs multiply in IEEE fp32 (no TF32).
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests).
 """
 
@@ -26,7 +26,11 @@ import triton.language as tl
 MAX_TOKENS = 64  # one BLOCK_M tile of tokens (moe.KERNEL_MAX_TOKENS routes no more here)
 BLOCK_N = 64
 BLOCK_K = 64
-SMALL_ROWS = 8  # fp32 tokens up to this many skip tl.dot (see expert_gemm)
+# fp32 tokens up to SMALL_ROWS skip tl.dot (see expert_gemm). From the H200 sweep of
+# scripts/bench_moe_decode.py (2026-12-05, docs/benchmarks.md): the multiply-add path beats the
+# torch routes at 1-3 tokens and loses to the tl.dot tile at 8 (221 vs ~94 us at nam56r-lite's
+# shapes); its best blocks were BLOCK_N 32, split 4 at one token and BLOCK_N 64, split 2 at 2-3.
+SMALL_ROWS = 4
 SMALL_BLOCK_K = 32
 
 
@@ -56,16 +60,25 @@ def _expert_gemm_kernel(a_ptr, w_ptr, used_ptr, out_ptr, n, K, N,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < n) & (rn[None, :] < N))
 
 
-def expert_gemm(a: torch.Tensor, w: torch.Tensor, used: torch.Tensor, *, split_k: int = 1,
-                block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
+def expert_gemm(a: torch.Tensor, w: torch.Tensor, used: torch.Tensor, *, split_k: int | None = None,
+                block_n: int | None = None, block_k: int = BLOCK_K) -> torch.Tensor:
     """``[E, n, N]``: ``a[e] @ w[e]`` where ``used[e]``, zeros elsewhere (see the module
-    docstring); ``a`` ``[E or 1, n, K]``, ``w`` ``[E, K, N]``, ``used`` ``[E]`` (bool or int)."""
+    docstring); ``a`` ``[E or 1, n, K]``, ``w`` ``[E, K, N]``, ``used`` ``[E]`` (bool or int).
+    ``split_k`` / ``block_n`` left out: the H200's best for the path taken (see SMALL_ROWS)."""
     num_experts, k_dim, n_dim = w.shape
     if a.dim() != 3 or a.shape[0] not in (1, num_experts) or a.shape[2] != k_dim:
         raise ValueError(f"expert_gemm: input {tuple(a.shape)} does not match weights {tuple(w.shape)}")
     tokens = a.shape[1]
     if not 1 <= tokens <= MAX_TOKENS:
         raise ValueError(f"expert_gemm: {tokens} tokens; allowed 1..{MAX_TOKENS}")
+    # tl.dot takes tiles of >= 16 rows: 16-bit weights run on tensor cores, padding is free; fp32
+    # (IEEE, no tensor cores) would spend 16 FMAs per real one at decode's 1-2 tokens, so up to
+    # SMALL_ROWS fp32 tokens multiply-add on their own rows (a narrower K block bounds registers)
+    dot = w.dtype != torch.float32 or tokens > SMALL_ROWS
+    if split_k is None:
+        split_k = 1 if dot else 4 if tokens == 1 else 2
+    if block_n is None:
+        block_n = BLOCK_N if dot or tokens > 1 else 32
     if split_k < 1:
         raise ValueError(f"expert_gemm: split_k={split_k}; allowed >= 1")
     for name, block in (("block_n", block_n), ("block_k", block_k)):
@@ -76,10 +89,6 @@ def expert_gemm(a: torch.Tensor, w: torch.Tensor, used: torch.Tensor, *, split_k
     partial = split_k > 1
     out = torch.empty(split_k, num_experts, tokens, n_dim, device=w.device,
                       dtype=torch.float32 if partial else w.dtype)
-    # tl.dot takes tiles of >= 16 rows: 16-bit weights run on tensor cores, padding is free; fp32
-    # (IEEE, no tensor cores) would spend 16 FMAs per real one at decode's 1-2 tokens, so up to
-    # SMALL_ROWS fp32 tokens multiply-add on their own rows (a narrower K block bounds registers)
-    dot = w.dtype != torch.float32 or tokens > SMALL_ROWS
     rows = max(16, triton.next_power_of_2(tokens)) if dot else triton.next_power_of_2(tokens)
     if not dot:
         block_k = min(block_k, SMALL_BLOCK_K)
