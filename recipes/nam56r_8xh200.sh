@@ -29,9 +29,13 @@
 # * TP=1: hidden 4096 is too narrow for tensor parallelism to pay for its per-layer all-reduces;
 #   EP=8 over EP=4 (the public stack's): half the expert weights and optimizer state per GPU and
 #   larger per-expert GEMMs, the same all-to-all bytes per GPU (7/8 vs 3/4 of them leave the GPU).
-# TO MEASURE (scripts/bench_stage.py on one H200, then this recipe on 8): peak memory at MBS 4 (and
-# whether MBS 8 fits with recompute), the stage tokens/s and its projection, the all-to-all time
-# (the 300 GB/s above is an assumption), EP=4 against EP=8.
+# Measured on one H200 (scripts/bench_stage.py --set stage, 2026-12-05, docs/benchmarks.md): the
+# public-dims slices at MBS 4 peak at 67.0 GiB (12 layers) and 103.8 GiB (24 layers), each with all 16
+# experts and an unsharded optimizer on the one GPU, so MBS 4 without recompute holds here; 16.8 us
+# per token per 12-layer period, head 11.0 us, MTP (depth 2) 16.3 us; projected 9,036 tokens/s/GPU
+# (318 TFLOP/s/GPU by hybrid_flops) with the all-to-all and gradient sync above, not hidden.
+# TO MEASURE on 8 GPUs: the all-to-all time (the 300 GB/s is an assumption), EP=4 against EP=8,
+# whether MBS 8 fits with recompute.
 #
 # Start-up: the launcher applies the patch registry, whose mamba-ssd-tuned-configs seeds mamba_ssm's
 # SSD autotuners on SM90 with the H200's choices (for nam56r-lite's keys: start-up to the first step
