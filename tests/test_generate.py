@@ -5,8 +5,10 @@ refused with one line and exit status 2 before anything runs."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
+import torch
 
 from megacpp_mcore import cli
 from megacpp_mcore.models.presets import get_preset
@@ -195,6 +197,10 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
     assert all(r["identical"] for r in results if r["k"])
     assert all(0 < r["distinct_8grams"] <= 1 for r in results if not r["k"] and r["distinct_8grams"])
     assert bench.distinct_ngrams([[1, 2] * 8], n=4) == pytest.approx(2 / 13)  # a loop of 2
+    # the byte columns only where the dispatcher sees the work: not on a TE build
+    te_linear = type("Linear", (torch.nn.Module,), {"__module__": "transformer_engine.pytorch.module.linear"})
+    assert not bench.bytes_visible(types.SimpleNamespace(model=torch.nn.Sequential(te_linear())))
+    assert bench.bytes_visible(types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(2, 2))))
     assert bench.distinct_ngrams([list(range(12))], n=4) == 1.0
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 6 * r["batch"] for r in results)
     # host work: a speculative step (a K+1-position forward and a draft) calls more operators than
