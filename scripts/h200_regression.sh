@@ -6,9 +6,8 @@
 # skip, the stage benchmark, decoding). Logs and JSON go to $OUT (default ./h200); each part ends
 # with its table. The pretrain_gpt parts need MEGATRON_LM (a core_v0.16.1 or core_v0.19.0 checkout).
 #   bash scripts/h200_regression.sh                 # the regression pass (longer than one 10-minute call)
-#   bash scripts/h200_regression.sh tests ae        # any of: tests startup ae mod mtp moda mtp-repeated
-#                                                   #   mod-pretrain flexidepth flexidepth-batch stage-ab
-#                                                   #   stage lite-mtp2 generate generate-random moe-decode
+#   bash scripts/h200_regression.sh tests ae        # any parts of ALL_PARTS below
+#   bash scripts/h200_regression.sh --list          # ALL_PARTS
 # A fresh machine compiles (and, for shapes the mamba-ssd-tuned-configs patch does not seed, or in
 # scripts that do not apply the registry, autotunes) Triton kernels before the first step of a
 # hybrid model: 124 s unseeded, 44 s seeded for nam56r-lite. Keep the pretrain_gpt parts in one
@@ -16,6 +15,15 @@
 # Through the device tool, run it with scripts/h200_session.sh (deadline, Megatron-LM checkout,
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
+ALL_PARTS=(tests startup ae mod mtp moda mtp-repeated mod-pretrain flexidepth flexidepth-batch stage-ab stage
+           fast lite-mtp2 generate generate-random moe-decode)
+if [[ ${1:-} == --list ]]; then echo "${ALL_PARTS[*]}"; exit 0; fi
+for part in "$@"; do
+  if [[ " ${ALL_PARTS[*]} " != *" $part "* ]]; then
+    echo "unknown part '$part'; parts: ${ALL_PARTS[*]}" >&2
+    exit 2
+  fi
+done
 OUT=${OUT:-./h200}
 PARTS=${*:-tests ae mod mtp moda}
 mkdir -p "$OUT"
@@ -55,7 +63,7 @@ for part in $PARTS; do
     # the same trained rates at batch 8 x 4096, where the dense forward's device time exceeds its
     # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only)
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --iters 10 --out "$OUT/flexidepth-batch8-ae.json" &&
+                    --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --batch 8 \
                     --iters 10 --out "$OUT/flexidepth-batch8-e.json"; } >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
@@ -66,6 +74,13 @@ for part in $PARTS; do
     stage) resume=(); [[ -f $OUT/stage.json ]] && resume=(--resume "$OUT/stage.json")
            python scripts/bench_stage.py --set stage --out "$OUT/stage.json" ${resume[@]+"${resume[@]}"} \
              >>"$OUT/stage.log" 2>&1 ;;
+    # each fast path flipped on the 12-layer public slice, twice (resumable like stage; the
+    # permute fusion's x1.05 of the eighth session was one run, within the calls' spread)
+    fast) resume=(); [[ -f $OUT/fast.json ]] && resume=(--resume "$OUT/fast.json")
+          python scripts/bench_stage.py --set fast --stage-repeats 2 --run-timeout 150 --fast moe_permute_fusion=on \
+            --fast mamba_fused=off --fast fused_residual=off --fast moe_router_fusion=on --fast ce_fusion=on \
+            --fast cuda_graphs=on --fast fp8=on --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} \
+            >>"$OUT/fast.log" 2>&1 ;;
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
                        --cuda-graphs --out "$OUT/generate-random.json" >"$OUT/generate-random.log" 2>&1 ;;
@@ -83,8 +98,6 @@ for part in $PARTS; do
     generate) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")  # else random weights
               python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 --cuda-graphs \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
-    *) echo "unknown part '$part'; parts: tests startup ae mod mtp moda mtp-repeated mod-pretrain" \
-            "flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random moe-decode" >&2; exit 2 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"

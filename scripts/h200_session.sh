@@ -5,10 +5,10 @@
 #
 #   bash .gpu/p4/install.sh >/tmp/install.log 2>&1; BUDGET=540 bash scripts/h200_session.sh PART...
 #
-# PART: any part of h200_regression.sh (tests startup ae mod mtp moda mtp-repeated mod-pretrain
-# flexidepth flexidepth-batch stage-ab stage lite-mtp2 generate generate-random moe-decode), or `info` (GPU
-# and versions). Parts that a call cannot finish are cut at the deadline (their log so far comes
-# back) and the rest are skipped, so put the part that must not be lost first.
+# PART: any part of h200_regression.sh (`bash scripts/h200_regression.sh --list`), or `info` (GPU
+# and versions); an unknown one stops the call before anything runs. Parts that a call cannot finish
+# are cut at the deadline (their log so far comes back) and the rest are skipped, so put the part
+# that must not be lost first.
 #
 # Work files live in /root/w and persist while the machine stays warm (about 30 s after a call), so
 # `lite-mtp2` in one call and `generate` in the next decode the same checkpoint. Also set up here:
@@ -23,6 +23,13 @@
 #   mamba-ssd-tuned-configs patch is not applied).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+known=" info $(bash "$(dirname "$0")/h200_regression.sh" --list) "
+for part in "$@"; do
+  if [[ $known != *" $part "* ]]; then
+    echo "h200_session: unknown part '$part'; parts:$known" >&2
+    exit 2
+  fi
+done
 BUDGET=${BUDGET:-540}
 OUT=${OUT:-./h200}
 W=/root/w

@@ -277,3 +277,18 @@ def test_recipe_trains_on_gpu(recipe, gpus, default_iters, tmp_path):
     report = json.loads(gen.stdout)
     assert report["step"] == iters and len(report["rows"][0]["tokens"]) >= 1
     print(f"{recipe}: generate on its checkpoint, acceptance {report['acceptance_per_position']}")
+
+
+def test_h200_scripts_list_their_parts_and_refuse_unknown_ones(tmp_path):
+    """scripts/h200_regression.sh --list is the one list of parts; both H200 scripts refuse an
+    unknown part with exit status 2, naming it and the parts, before anything runs or is written."""
+    listed = subprocess.run(["bash", str(REPO / "scripts" / "h200_regression.sh"), "--list"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert {"tests", "stage", "fast", "moe-decode", "flexidepth-batch"} <= set(listed)
+    for script, argv in (("h200_regression.sh", ["stage", "stagee"]), ("h200_session.sh", ["info", "nope"])):
+        out = tmp_path / script
+        proc = subprocess.run(["bash", str(REPO / "scripts" / script), *argv], capture_output=True, text=True,
+                              env={**os.environ, "OUT": str(out)}, timeout=60)
+        assert proc.returncode == 2
+        assert f"unknown part '{argv[1]}'" in proc.stderr and "moe-decode" in proc.stderr
+        assert not out.exists()
