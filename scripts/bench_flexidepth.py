@@ -61,6 +61,9 @@ def _args(argv=None) -> argparse.Namespace:
                         "run (its trained rates per layer index) or index:rate pairs; layers not named "
                         "take --skip-rate")
     p.add_argument("--hard-skip-symbols", default="E", help="FlexiDepthConfig.hard_skip_symbols (default E)")
+    p.add_argument("--hard-skip-moe", default="gather", choices=("gather", "route"),
+                   help="FlexiDepthConfig.hard_skip_moe: MoE E layers gather the kept tokens, or run on "
+                        "every token with the skipped ones routed to no expert")
     p.add_argument("--adapter", default="mlp", choices=("mlp", "linear", "none"))
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
@@ -127,7 +130,7 @@ def _models(args):
                          features={k: v for k, v in base.features.items() if k not in ("mod", "flexidepth")},
                          **({"mla": None} if args.no_mla else {}))
     fd = FlexiDepthConfig(inference="hard", hard_skip_symbols=args.hard_skip_symbols, adapter=args.adapter,
-                          usage_loss_weight=0.0)
+                          hard_skip_moe=args.hard_skip_moe, usage_loss_weight=0.0)
     return dense, dense.replace(name=f"{base.name}-bench-flexidepth", features={**dense.features, "flexidepth": fd})
 
 
@@ -293,8 +296,9 @@ def run(args) -> dict:
             "batch": args.batch, "seq_length": seq, "backend": backend,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else "cpu",
             "requested_skip_rate": args.skip_rate, "requested_per_layer": args.layer_rates,
-            "hard_skip_symbols": args.hard_skip_symbols,
+            "hard_skip_symbols": args.hard_skip_symbols, "hard_skip_moe": args.hard_skip_moe,
             "gathering_layers": [i for i, layer in layers if layer.gathers],
+            "routing_layers": [i for i, layer in layers if layer.routes_kept],
             "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",
@@ -313,7 +317,8 @@ def main(argv=None) -> int:
           f"{result['batch']} x {result['seq_length']}, {result['backend']} on {result['device']}")
     requested = args.skip_rates or args.skip_rate
     print(f"FlexiDepth skip rate {result['flexidepth_skip_rate']:.3f} (requested {requested}), gathering "
-          f"layers {result['gathering_layers']}, mean layers used {result['mean_layers_used']:.2f}")
+          f"layers {result['gathering_layers']}, routing layers {result['routing_layers']}, mean layers "
+          f"used {result['mean_layers_used']:.2f}")
     print("  per layer: " + ", ".join(f"{i}: {r:.2f}" for i, r in result["skip_rate_per_layer"].items()))
     print(f"forward median: dense {1e3 * result['median_s']['dense']:.2f} ms, hard skip "
           f"{1e3 * result['median_s']['hard']:.2f} ms, ratio {result['ratio']:.3f} (target <= 0.85)")

@@ -64,8 +64,11 @@ for part in $PARTS; do
     # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only)
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae.json" &&
+                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+                    --hard-skip-moe route --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-route.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --batch 8 \
-                    --iters 10 --out "$OUT/flexidepth-batch8-e.json"; } >"$OUT/flexidepth-batch.log" 2>&1 ;;
+                    --hard-skip-moe route --iters 10 --out "$OUT/flexidepth-batch8-e-route.json"; } \
+                  >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
     # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection; a call cut

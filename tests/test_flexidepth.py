@@ -48,6 +48,16 @@ def parity_frozen_moe():
     return custom_model(**_BASE, moe=moe, features={"flexidepth": fd})
 
 
+def parity_moe_route():
+    """:func:`parity_frozen_moe` with hard inference masking the skipped tokens' MoE routing
+    (``hard_skip_moe="route"``): under TP=2+SP the router sees this rank's shard of the tokens."""
+    import dataclasses
+
+    model = parity_frozen_moe()
+    fd = dataclasses.replace(model.features["flexidepth"], hard_skip_moe="route")
+    return model.replace(features={**model.features, "flexidepth": fd})
+
+
 def train_and_eval(*, model: str, parallel=None, steps: int = 3, checkpoint: str, checkpoint_mode: str,
                    seed: int = 1234, global_batch: int = 4, micro_batch_size: int = 1):
     """``steps`` training steps (soft), then one hard-inference forward on the next batch;
@@ -367,6 +377,41 @@ def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
     with torch.no_grad():
         assert torch.equal(_call(wrapped, x), _branch_reference(wrapped, x)[1])
     assert len(shapes) == 1
+
+
+def test_hard_skip_route_mode_sends_the_skipped_tokens_to_no_expert(single_rank):
+    """``hard_skip_moe="route"`` on a MoE ``E`` layer: no gathering; the output equals the
+    unwrapped layer's where kept and the skip path elsewhere (the gathering mode's output); the
+    experts receive top-k rows per kept token only; training and soft inference route as before."""
+    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard", hard_skip_moe="route"), moe=True)
+    _, gathering = _pair("E", FlexiDepthConfig(inference="hard"), moe=True)
+    assert wrapped.routes_kept and not wrapped.gathers and gathering.gathers and not gathering.routes_kept
+    gathering.load_state_dict(wrapped.state_dict())
+    for layer in (wrapped, gathering):
+        _set_router(layer, std=0.5)
+    rows = []
+    wrapped.mlp.experts.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    x = _inputs()
+    with torch.no_grad():
+        wrapped.eval()
+        gathering.eval()
+        _, keep, skip = wrapped.route(x, bookkeeping=False)
+        want = torch.where(keep, _call(plain, x), skip)
+        got = _call(wrapped, x)
+        kept = int(keep.sum())
+        assert 0 < kept < keep.numel()
+        assert rows == [2 * kept]  # top-2 of the kept tokens only
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, _call(gathering, x), atol=1e-6, rtol=0)
+        wrapped.train()
+        _call(wrapped, x)  # training: every token routed
+        assert rows[-1] == 2 * keep.numel()
+    # only E layers with routed experts route; elsewhere "route" gathers as before
+    _, dense = _pair("E", FlexiDepthConfig(inference="hard", hard_skip_moe="route"))
+    assert dense.gathers and not dense.routes_kept
+    with pytest.raises(ValueError, match="hard_skip_moe='scatter' is unknown; allowed: gather, route"):
+        FlexiDepthConfig(hard_skip_moe="scatter")
+    assert FlexiDepthConfig.from_options("inference=hard,hard_skip_moe=route").hard_skip_moe == "route"
 
 
 @pytest.mark.gpu
@@ -691,7 +736,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     from megacpp_mcore.testing.dist import run_distributed
 
     models = ["tests.test_flexidepth:parity_soft", "tests.test_flexidepth:parity_frozen_moe",
-              "tests.test_flexidepth:parity_mla"]
+              "tests.test_flexidepth:parity_mla", "tests.test_flexidepth:parity_moe_route"]
     ckpts = []
     for i in range(len(models)):
         (tmp_path / str(i)).mkdir()
@@ -699,7 +744,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     (refs,) = run_distributed("tests.test_flexidepth:run_all", nproc=1, kwargs={"runs": [
         dict(model=m, checkpoint=c, checkpoint_mode="save") for m, c in zip(models, ckpts)]})
     layouts = [(0, {"tp": 2, "sp": True}), (1, {"tp": 2, "sp": True}), (0, {"pp": 2}), (1, {"pp": 2}),
-               (2, {"tp": 2, "sp": True}), (2, {"pp": 2})]
+               (2, {"tp": 2, "sp": True}), (2, {"pp": 2}), (3, {"tp": 2, "sp": True})]
     ranks = run_distributed("tests.test_flexidepth:run_all", nproc=2, kwargs={"runs": [
         dict(model=models[i], parallel=par, checkpoint=ckpts[i], checkpoint_mode="load")
         for i, par in layouts]})
@@ -713,6 +758,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
     assert 0.2 < refs[0]["eval_layers_skipped"] < 3.8 and 0.1 < refs[1]["eval_layers_skipped"] < 1.9
     assert 0.2 < refs[2]["eval_layers_skipped"] < 3.8  # MLA layers gathered too
+    assert refs[3]["eval_loss"] == pytest.approx(refs[1]["eval_loss"], abs=1e-5)  # route = gather
 
 
 def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
@@ -738,6 +784,12 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
         assert len(times) == len(result["host_times_s"][name]) == 2
         assert spread["min"] == min(times) <= spread["median"] <= spread["max"] == max(times)
     assert all(abs(rate - 0.25) <= 2 / 128 for rate in result["skip_rate_per_layer"].values())
+    assert result["routing_layers"] == []
+    # the MoE E layers routing the skipped tokens to no expert instead of gathering
+    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--hard-skip-moe", "route",
+                                  "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["gathering_layers"], result["routing_layers"], result["hard_skip_moe"]) == ([], [1, 3], "route")
     with pytest.raises(SystemExit) as exc:
         bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "1.0"])
     assert exc.value.code == 2

@@ -14,6 +14,7 @@ ADAPTERS = ("mlp", "linear", "none")
 TRAINING_MODES = ("soft",)
 INFERENCE_MODES = ("soft", "hard")
 FORCED_ROUTES = ("full", "skip")
+HARD_SKIP_MOE = ("gather", "route")
 # from_options: the settable fields (placement's included) and how each value is read. Not
 # settable there: ``training`` (one mode), ``freeze_backbone`` (the whole backbone is the
 # trainer's --freeze-backbone) and ``forced_route`` (tests, ablations).
@@ -22,7 +23,7 @@ OPTION_TYPES: dict[str, Any] = {
     "symbols": str, "layers": _INT_LIST, "skip_first": int, "allow_on": str, "adapter": str,
     "adapter_rank": int, "threshold": float, "router_init_std": float, "router_bias_init": float,
     "usage_loss_weight": float, "usage_boundaries": _INT_LIST, "inference": str,
-    "hard_skip_symbols": str,
+    "hard_skip_symbols": str, "hard_skip_moe": str,
 }
 _PLACEMENT_OPTIONS = ("symbols", "layers", "skip_first")
 
@@ -86,6 +87,11 @@ class FlexiDepthConfig:
             block on them only. ``E`` (per-token blocks) gives exactly the output of the block on
             every token; on ``A``/``M``/``R`` the kept tokens then attend to (or recur over) the
             kept tokens only, which is not what soft training trained, so they opt in here.
+        hard_skip_moe: how hard inference skips on an ``E`` layer with routed experts that
+            ``hard_skip_symbols`` names: ``gather`` (as above) or ``route``: the layer runs on every
+            token, but its router sends the skipped tokens to no routed expert, so the experts
+            compute the kept tokens only (the norm and a shared expert still see every token)
+            with no host read of a kept count and no gather or scatter. The same output.
         freeze_backbone: the wrapped layer's own parameters get ``requires_grad=False``; only the
             router, its norm and the adapter train (the rest of the model is the caller's).
         forced_route: ``full`` | ``skip`` | ``None``: a constant score 1 or 0 instead of the
@@ -104,6 +110,7 @@ class FlexiDepthConfig:
     training: str = "soft"
     inference: str = "soft"
     hard_skip_symbols: str = "E"
+    hard_skip_moe: str = "gather"
     freeze_backbone: bool = False
     forced_route: str | None = None
 
@@ -111,6 +118,7 @@ class FlexiDepthConfig:
         _choice("adapter", self.adapter, ADAPTERS)
         _choice("training", self.training, TRAINING_MODES)
         _choice("inference", self.inference, INFERENCE_MODES)
+        _choice("hard_skip_moe", self.hard_skip_moe, HARD_SKIP_MOE)
         if self.forced_route is not None:
             _choice("forced_route", self.forced_route, FORCED_ROUTES + (None,))
         rank = self.adapter_rank

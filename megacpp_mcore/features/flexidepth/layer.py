@@ -15,7 +15,9 @@ Forward, with ``x [s, b, h]`` the layer input (``[s/tp, b, h]`` under sequence p
   the skip path;
 * ``inference="hard"`` (eval): ``y = B(x)`` where ``g >= threshold``, ``P(x)`` elsewhere. On layers
   whose symbol is in ``hard_skip_symbols`` the block really runs on the kept tokens only
-  (:class:`.dispatch.SkipDispatcher`: route -> dispatch -> combine, SP inside the dispatcher);
+  (:class:`.dispatch.SkipDispatcher`: route -> dispatch -> combine, SP inside the dispatcher), or,
+  on an ``E`` layer with routed experts and ``hard_skip_moe="route"``, the block runs on every
+  token while its MoE router sends the skipped tokens to no expert (:meth:`FlexiDepthLayer._route_kept`);
   elsewhere the block runs on every token and the rows are selected.
 
 Choice of formulation: the paper routes each token to one of the two paths with a thresholded
@@ -71,14 +73,15 @@ from megacpp_mcore.spec.pattern import FeaturePlacement
 class FlexiDepthLayer(TransformerLayer):
     """A ``TransformerLayer`` (or subclass) with a per-token choice between its block and an
     adapter path (module docstring). Built by :func:`transform` with ``flexidepth=`` (the config),
-    ``usage=`` (its :class:`.usage.UsageSlot`) and ``gather_kept=`` (hard inference gathers).
+    ``usage=`` (its :class:`.usage.UsageSlot`), ``gather_kept=`` (hard inference gathers) and
+    ``route_kept=`` (hard inference masks the MoE routing of the skipped tokens).
 
     Hooks: ``megacpp_set_step(step)`` starts a statistics window; ``megacpp_stats()`` returns its
     means; ``force_route("full" | "skip" | None)`` overrides the router (tests, ablations).
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, *, flexidepth: FlexiDepthConfig,
-                 usage: UsageSlot | None = None, gather_kept: bool = False,
+                 usage: UsageSlot | None = None, gather_kept: bool = False, route_kept: bool = False,
                  flexidepth_layers: int | None = None, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
         self.fd = flexidepth
@@ -103,6 +106,14 @@ class FlexiDepthLayer(TransformerLayer):
             if gather_kept else None
         self._forced = flexidepth.forced_route
         self._stats = FlexiDepthStats()
+        self._routing_keep: torch.Tensor | None = None  # set for one hard forward (route_kept)
+        self.routes_kept = route_kept
+        if route_kept:
+            router = getattr(self.mlp, "router", None)
+            if router is None:
+                raise ValueError(f"FlexiDepth on layer {self.layer_number}: hard_skip_moe='route' needs "
+                                 f"an MoE block with a router; {type(self.mlp).__name__} has none")
+            router.register_forward_hook(self._route_kept)
 
     # ----------------------------------------------------------------------------- public hooks
     def force_route(self, route: str | None) -> None:
@@ -139,8 +150,13 @@ class FlexiDepthLayer(TransformerLayer):
             full, context = super().forward(x, *args, **kwargs)
             g = score.to(full.dtype)
             out = torch.addcmul(full * g, skip, 1.0 - g)  # g B(x) + (1 - g) P(x)
-        else:  # hard, selecting rows: the block runs on every token
-            full, context = super().forward(x, *args, **kwargs)
+        else:  # hard, selecting rows: the block runs on every token (its experts on the kept ones
+            # where routes_kept)
+            self._routing_keep = keep if self.routes_kept else None
+            try:
+                full, context = super().forward(x, *args, **kwargs)
+            finally:
+                self._routing_keep = None
             out = torch.where(keep, full, skip)
         self._record(score, keep)
         return out, context
@@ -174,6 +190,21 @@ class FlexiDepthLayer(TransformerLayer):
         if weighted:  # weight 0: the sum feeds nothing (_record reports 0)
             self._usage.add(score)
         return score
+
+    def _route_kept(self, router, inputs, output):
+        """Forward hook of the MoE router (``route_kept``): during a hard forward the skipped
+        tokens get no expert (routing map cleared, probabilities zero), so the dispatcher counts
+        and the experts compute the kept tokens only. The router's tokens are its input's ``[s, b]``
+        flattened, the layout of ``keep``; otherwise (training, soft, decoding) it passes through."""
+        keep = self._routing_keep
+        if keep is None:
+            return None
+        probs, routing_map = output
+        rows = keep.reshape(-1, 1)
+        if rows.shape[0] != routing_map.shape[0]:
+            raise RuntimeError(f"FlexiDepth on layer {self.layer_number}: the router saw {routing_map.shape[0]} "
+                               f"tokens, the keep mask has {rows.shape[0]}")
+        return probs * rows.to(probs.dtype), routing_map & rows
 
     def _record(self, score: torch.Tensor, keep: torch.Tensor) -> None:
         names, values = ("score_mean", "skip_rate"), [score, ~keep]
@@ -231,7 +262,9 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
                          f"got {config!r}")
     if ctx.has("mod"):
         raise ValueError(mod_conflict(where))
-    gather = config.inference == "hard" and ctx.symbol in config.hard_skip_symbols
+    hard = config.inference == "hard" and ctx.symbol in config.hard_skip_symbols
+    route = hard and config.hard_skip_moe == "route" and ctx.symbol == "E" and bool(ctx.config.num_moe_experts)
+    gather = hard and not route
     if gather and ctx.has("moda"):
         raise ValueError(
             f"{where} carries MoDA and FlexiDepth hard skip with {ctx.symbol!r} in hard_skip_symbols: "
@@ -253,4 +286,4 @@ def transform(spec: ModuleSpec, ctx: LayerContext) -> ModuleSpec:
     layers = sum("flexidepth" in entry.features for entry in ctx.model_table) or None
     return ModuleSpec(module=module, submodules=submodules, params={
         **(spec.params or {}), "flexidepth": config, "usage": ledger.register(ctx.index),
-        "gather_kept": gather, "flexidepth_layers": layers})
+        "gather_kept": gather, "route_kept": route, "flexidepth_layers": layers})
