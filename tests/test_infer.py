@@ -40,10 +40,11 @@ def _gateskip():
     return {"mod": MoDConfig(placement=FeaturePlacement(symbols="AE"))}
 
 
-def _flexidepth(inference: str, hard_skip_symbols: str = "E"):
+def _flexidepth(inference: str, hard_skip_symbols: str = "E", hard_skip_moe: str = "gather"):
     """FlexiDepth on A and E with routers that keep some tokens and skip others."""
     return {"flexidepth": FlexiDepthConfig(inference=inference, hard_skip_symbols=hard_skip_symbols,
-                                           router_init_std=0.5, router_bias_init=0.0)}
+                                           hard_skip_moe=hard_skip_moe, router_init_std=0.5,
+                                           router_bias_init=0.0)}
 
 
 CASES = {  # name -> (pattern, layers, options): each symbol and feature on its own, then together
@@ -58,6 +59,7 @@ CASES = {  # name -> (pattern, layers, options): each symbol and feature on its 
         mode="threshold", threshold=0.88, placement=FeaturePlacement(symbols="AE"))}}),
     "flexidepth-soft": ("AE", 4, {"features": _flexidepth("soft")}),
     "flexidepth-hard": ("AE", 4, {"moe": True, "features": _flexidepth("hard")}),
+    "flexidepth-hard-route": ("AE", 4, {"moe": True, "features": _flexidepth("hard", hard_skip_moe="route")}),
     "flexidepth-hard-gather-A": ("AE", 4, {"features": _flexidepth("hard", "AE")}),
     "flexidepth-hard-gather-A-mla": ("AE", 4, {"mla": True, "features": _flexidepth("hard", "AE")}),
     "moda": ("AA", 3, {"features": {"moda": MoDAConfig()}}),
@@ -105,6 +107,31 @@ def test_incremental_decoding_equals_full_forward(single_rank, case, static):
         ref = engine.full_logits(row[None])[0]
         assert logits.shape == ref.shape
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_flexidepth_route_mode_decodes_skipped_tokens_without_experts(single_rank):
+    """FlexiDepth hard_skip_moe="route": in the decoder's steps too, the tokens a layer skips
+    reach its MoE with all-zero expert weights (the sparse route then reads fewer experts), the
+    kept ones with their top-k; the logits are the full forward's (the parametrized test above)."""
+    pattern, layers, options = CASES["flexidepth-hard-route"]
+    torch.manual_seed(0)
+    engine = _model(pattern, layers, **options)
+    seen = []
+    for layer in engine.model.decoder.layers:
+        if getattr(layer, "routes_kept", False):
+            layer.mlp.router.register_forward_hook(
+                lambda module, args, out, layer=layer: seen.append((layer._routing_keep, out[0])))
+    assert seen == [] and any(getattr(layer, "routes_kept", False) for layer in engine.model.decoder.layers)
+    rows = [torch.randint(0, VOCAB, (n,)) for n in (24, 21)]
+    _incremental(engine, rows, prefill=18, steps=[1, 1, 1, 3])
+    assert seen
+    skipped = 0
+    for keep, probs in seen:
+        assert keep is not None, "the decoder called the MoE outside experts_for"
+        keep = keep.reshape(-1)
+        assert torch.all(probs[~keep] == 0) and torch.all((probs[keep] != 0).sum(-1) == MOE.topk)
+        skipped += int((~keep).sum())
+    assert skipped > 0
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])

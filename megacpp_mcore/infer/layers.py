@@ -30,6 +30,8 @@ tokens only.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import sys
 from typing import Any
@@ -195,7 +197,9 @@ def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *,
         hidden = _residual(layer, "self_attn_bda", out, hidden, gate, mask)
     if plan.has_mlp:
         mlp = layer.mlp if plan.moe is None else plan.moe
-        out = mlp(layer.pre_mlp_layernorm(hidden))
+        routing = layer.experts_for(kept) if plan.flexi == "hard" else contextlib.nullcontext()
+        with routing:  # FlexiDepth hard_skip_moe="route": skipped tokens take no routed expert
+            out = mlp(layer.pre_mlp_layernorm(hidden))
         hidden = _residual(layer, "mlp_bda", out, hidden, gate, mask)
     if plan.flexi == "soft":
         g = score.to(hidden.dtype)

@@ -42,6 +42,7 @@ statistics are all-reduced over the TP group under SP (one collective per layer 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -152,11 +153,8 @@ class FlexiDepthLayer(TransformerLayer):
             out = torch.addcmul(full * g, skip, 1.0 - g)  # g B(x) + (1 - g) P(x)
         else:  # hard, selecting rows: the block runs on every token (its experts on the kept ones
             # where routes_kept)
-            self._routing_keep = keep if self.routes_kept else None
-            try:
+            with self.experts_for(keep):
                 full, context = super().forward(x, *args, **kwargs)
-            finally:
-                self._routing_keep = None
             out = torch.where(keep, full, skip)
         self._record(score, keep)
         return out, context
@@ -190,6 +188,17 @@ class FlexiDepthLayer(TransformerLayer):
         if weighted:  # weight 0: the sum feeds nothing (_record reports 0)
             self._usage.add(score)
         return score
+
+    @contextlib.contextmanager
+    def experts_for(self, keep: torch.Tensor):
+        """While open, a ``route_kept`` layer's MoE router sends the tokens ``keep`` (``[s, b, 1]``,
+        the router's tokens) drops to no expert: the hard forward, and a decoder's steps around
+        the layer's MoE call. A no-op on other layers."""
+        self._routing_keep = keep if self.routes_kept else None
+        try:
+            yield
+        finally:
+            self._routing_keep = None
 
     def _route_kept(self, router, inputs, output):
         """Forward hook of the MoE router (``route_kept``): during a hard forward the skipped
