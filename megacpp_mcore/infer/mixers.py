@@ -10,8 +10,11 @@ State per row: the last ``d_conv - 1`` conv inputs and the recurrent state (Mamb
 M2RNN ``[b, h, K, V]``, fp32). A forward with ``keep=True`` keeps the state after EVERY new
 position, so :meth:`RecurrentState.commit` can keep the first ``n`` positions only (speculative
 decoding's rollback): the kept state is the one the recurrence reached at that position, i.e. the
-state of a run that never saw the rejected positions. Padded slots (left padding) feed zeros to
-the conv and leave the recurrent state untouched, as if the row started later.
+state of a run that never saw the rejected positions. Mamba's are kept unmaterialised
+(:class:`PendingSSDStates`: the step's inputs, from which the commit computes the one state it
+keeps; the outputs come from the scan's quadratic form), so a verification step reads the old
+state once and writes one new state, not one per position. Padded slots (left padding) feed zeros
+to the conv and leave the recurrent state untouched, as if the row started later.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ class RecurrentState:
         """States after the new positions: ``[s, ...]`` per position, or the last one only."""
         self._pending, self._per_position = (convs, states), per_position
 
+    @staticmethod
+    def _after(states, n: int | torch.Tensor) -> torch.Tensor:
+        """The staged per-position state after ``n`` positions (int >= 1 or a 0-d device tensor)."""
+        if isinstance(states, PendingSSDStates):
+            return states.after(n)
+        return states.index_select(0, (n - 1).view(1))[0] if isinstance(n, torch.Tensor) else states[n - 1]
+
     def commit(self, n: int | torch.Tensor, s: int) -> None:
         """Keeps the first ``n`` of the ``s`` staged positions (all ``s`` without per-position
         states). ``n`` may be a 0-d device tensor (>= 1; per-position states, in place): the host
@@ -67,8 +77,7 @@ class RecurrentState:
             if not (self._per_position and self.in_place):
                 raise RuntimeError("inference: a device-side commit needs per-position states "
                                    "(forward(..., keep=True)) of a static session")
-            last = (n - 1).view(1)
-            self._take(convs.index_select(0, last)[0], states.index_select(0, last)[0])
+            self._take(convs.index_select(0, (n - 1).view(1))[0], self._after(states, n))
             return
         if not self._per_position:
             if n != s:
@@ -76,7 +85,7 @@ class RecurrentState:
                                    "per-position state (forward(..., keep=True) allows rollback)")
             self._take(convs, states)
         elif n:
-            self._take(convs[n - 1], states[n - 1])
+            self._take(convs[n - 1], self._after(states, n))
 
     def _take(self, conv: torch.Tensor, state: torch.Tensor) -> None:
         if self.in_place:
@@ -128,6 +137,47 @@ def _ssd_closed_form(x, dt, A, B, C, s0):
     return torch.einsum("bjhpn,bjhn->bjhp", states, C), states
 
 
+class PendingSSDStates:
+    """Mamba-2's states after each of ``s`` new positions, not materialised: the state ``s0``
+    ``[b, h, p, n]`` the step started from, the cumulated log decays ``cum`` ``[b, s, h]``, the
+    inputs ``xdt`` ``[b, s, h, p]`` and ``B`` ``[b, s, h, n]``. :meth:`after` computes the one a
+    commit keeps (``s0`` must still hold the step's start state then: commits come before the
+    next forward)."""
+
+    def __init__(self, s0, cum, xdt, B):
+        self.s0, self.cum, self.xdt, self.B = s0, cum, xdt, B
+
+    def after(self, n: int | torch.Tensor) -> torch.Tensor:
+        """The state after the first ``n`` positions (``n`` >= 1: an int, or a 0-d device
+        tensor, read by index on the device)."""
+        s = self.cum.shape[1]
+        if isinstance(n, torch.Tensor):
+            end = self.cum.index_select(1, (n - 1).view(1))  # [b, 1, h]
+            taken = torch.arange(s, device=self.cum.device) < n  # [s]
+            weight = torch.exp((end - self.cum).masked_fill(~taken[None, :, None], float("-inf")))
+            xdt, B = self.xdt, self.B
+        else:
+            end = self.cum[:, n - 1:n]
+            weight, xdt, B = torch.exp(end - self.cum[:, :n]), self.xdt[:, :n], self.B[:, :n]
+        return torch.exp(end[:, 0])[..., None, None] * self.s0 + torch.einsum("bih,bihp,bihn->bhpn", weight, xdt, B)
+
+
+def _ssd_verify(x, dt, A, B, C, s0):
+    """Mamba-2 from state ``s0`` over ``s`` positions without materialising a state: the outputs
+    by the scan's quadratic form (``y_j = sum_{i<=j} exp(cum_j - cum_i) (C_j . B_i) x_i dt_i +
+    exp(cum_j) C_j . s0``) and the states as :class:`PendingSSDStates`. Shapes as
+    :func:`_ssd_closed_form`."""
+    cum = torch.cumsum(dt * A, dim=1)  # [b, s, h]
+    s = x.shape[1]
+    later = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()  # [j, i]: i <= j
+    seg = cum.transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]  # [b, h, j, i]
+    mix = torch.exp(seg.masked_fill(~later, float("-inf"))) * torch.einsum("bjhn,bihn->bhji", C, B)
+    xdt = x * dt[..., None]
+    y = torch.einsum("bhji,bihp->bjhp", mix, xdt)
+    y = y + torch.einsum("bjhn,bhpn->bjhp", C, s0) * torch.exp(cum)[..., None]
+    return y, PendingSSDStates(s0, cum, xdt, B)
+
+
 def _ssd_chunked(x, dt, A, B, C, s0, chunk: int):
     """Long forwards: the layer's chunked scan from zero plus ``s0``'s decayed contribution;
     returns y and the final state only."""
@@ -156,9 +206,11 @@ def mamba_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: boo
     B = B.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)  # [b, s, h, n]
     C = C.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)
     s = x.shape[1]
-    if keep or s <= CLOSED_FORM_MAX:
+    if keep:  # a verification: the state a later commit keeps, computed then
+        y, states = _ssd_verify(x, dt, A, B, C, state.state)
+    elif s <= CLOSED_FORM_MAX:
         y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
-        states = states.transpose(0, 1) if keep else states[:, -1]  # [s, b, h, p, n] | last
+        states = states[:, -1]  # the last
     else:
         y, states = _ssd_chunked(x, dt, A, B, C, state.state, getattr(mixer, "chunk_size", 64))
     state.stage(windows, states, per_position=keep)
