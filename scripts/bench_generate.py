@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe-routes", default="dense,gathered",
                    help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
                         "default dense,gathered; add sparse for the Triton kernel, CUDA only)")
+    p.add_argument("--bytes-by-part", action="store_true",
+                   help="also split the static step's MB/step (first --batch, plain and each K) by part of "
+                        "the model: weights by part, routed experts, caches/states/activations")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     from megacpp_mcore.infer.moe import ROUTES
@@ -293,6 +296,62 @@ def bytes_visible(engine) -> bool:
     return not any(is_te_module(module) for module in engine.model.modules())
 
 
+# bytes_by_part: the parts, in the order printed ("other" of Traffic.by_owner last)
+PARTS = ("trunk attention, mixers, norms", "trunk MLPs, shared experts, routers", "trunk routed experts",
+         "MTP block", "MTP routed experts", "output head", "embedding", "other")
+
+
+def byte_owners(engine) -> dict[int, str]:
+    """Traffic's labels (:data:`PARTS`): the model's weights by part, and the decode-sized MoE's
+    stacked expert weights (what the torch routes read, gathered copies included)."""
+    owners = {}
+    for name, param in engine.model.named_parameters():
+        if name.startswith("decoder."):
+            label = PARTS[1] if ".mlp." in name else PARTS[0]
+        else:
+            label = {"output_layer": PARTS[5], "embedding": PARTS[6]}.get(name.split(".")[0], PARTS[3])
+        owners.setdefault(param.untyped_storage().data_ptr(), label)
+    for plans, label in ((engine.plans, PARTS[2]), (engine.mtp_plans, PARTS[4])):
+        for plan in plans:
+            if plan.moe is not None:
+                for weight in (plan.moe.w1, plan.moe.w2):
+                    owners[weight.untyped_storage().data_ptr()] = label
+    return owners
+
+
+def bytes_by_part(engine, rows, ks: list[int], sampling) -> dict[int, dict[str, float]]:
+    """``{K: {part: MB per static step}}`` (K = 0: plain) by :data:`PARTS`; ``other`` is the
+    caches, recurrent states and activations. Torch routes only (the sparse kernel is invisible
+    to the dispatcher); empty where the dispatcher does not see the work (:func:`bytes_visible`)."""
+    from megacpp_mcore.infer import generate
+    from megacpp_mcore.infer.traffic import Traffic
+
+    if not bytes_visible(engine):
+        return {}
+    owners, out = byte_owners(engine), {}
+    for k in (0, *ks):
+        def measure(new_tokens, k=k):
+            with Traffic(owners) as traffic:
+                run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
+                               static=True)
+            return tuple(traffic.by_owner.get(part, 0) / 1e6 for part in PARTS), run.steps
+
+        per_step = _per_step(f"bytes by part (K={k})", measure)
+        if per_step is not None:
+            out[k] = dict(zip(PARTS, per_step))
+    return out
+
+
+def print_bytes_by_part(parts: dict[int, dict[str, float]], batch: int) -> None:
+    ks = sorted(parts)
+    print(f"\nMB per static step by part, batch {batch} (other: caches, recurrent states, activations)")
+    print("| part | " + " | ".join("plain" if k == 0 else f"K={k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for part in (*PARTS, "total"):
+        values = [sum(parts[k].values()) if part == "total" else parts[k][part] for k in ks]
+        print(f"| {part} | " + " | ".join(f"{v:,.1f}" for v in values) + " |")
+
+
 def _traffic(engine, rows, *, k: int, sampling) -> dict:
     """A row's ``ops_per_step`` (the eager step's operator calls: what bounds it on the host),
     ``mb_per_step`` (the static-shape step's bytes: what bounds the step CUDA graphs replay) and
@@ -370,13 +429,22 @@ def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: d
     return row
 
 
-def measure(engine, args) -> list[dict]:
+def byte_sampling(engine):
+    """Greedy over the byte tokenizer's ids (the model's vocabulary may be larger)."""
     from megacpp_mcore.infer import Sampling
     from megacpp_mcore.train.data import ByteTokenizer
 
     vocab = ByteTokenizer().vocab_size
-    sampling = Sampling(vocab_limit=vocab if engine.vocab_size >= vocab else None)
-    usable = [k for k in args.speculative if 1 <= k <= engine.mtp_depth]
+    return Sampling(vocab_limit=vocab if engine.vocab_size >= vocab else None)
+
+
+def usable_ks(engine, args) -> list[int]:
+    return [k for k in args.speculative if 1 <= k <= engine.mtp_depth]
+
+
+def measure(engine, args) -> list[dict]:
+    sampling = byte_sampling(engine)
+    usable = usable_ks(engine, args)
     skipped = sorted(set(args.speculative) - set(usable))
     if skipped:
         print(f"[bench_generate] skipping K={skipped}: the model's MTP depth is "
@@ -510,11 +578,17 @@ def main(argv=None) -> int:
             print("[bench_generate] MB/step: not counted (Transformer Engine modules run outside "
                   "torch's dispatcher; --backend local counts them)", flush=True)
         results = measure(engine, args)
+        parts = {}
+        if args.bytes_by_part:
+            parts = bytes_by_part(engine, prompts(args, args.batch[0]), usable_ks(engine, args),
+                                  byte_sampling(engine))
     finally:
         runtime.shutdown()
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": description, "stack": stack,
-                                              "args": vars(args), "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"model": description, "stack": stack, "args": vars(args),
+                                              "results": results, "bytes_by_part": parts}, indent=1))
+    if parts:
+        print_bytes_by_part(parts, args.batch[0])
     print_table(description, stack, results)
     return 0
 

@@ -188,9 +188,19 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--load", str(checkpoints / "mtp"), "--batch", "1,2", "--speculative",
                        "1,2", "--prompt-tokens", "12", "--new-tokens", "6", "--repeats", "1",
-                       "--prompt-dir", str(src), "--out", str(out)]) == 0
+                       "--prompt-dir", str(src), "--bytes-by-part", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1].startswith("| 2 | 1 |")
+    # the static step's bytes by part (batch 1): the parts add up to the row's MB/step, the MTP
+    # block is read by drafting only, the trunk's weights by both
+    parts = {int(k): v for k, v in json.loads(out.read_text())["bytes_by_part"].items()}
+    assert sorted(parts) == [0, 1] and "| trunk routed experts |" in printed
+    rows = {r["k"]: r for r in json.loads(out.read_text())["results"] if r["batch"] == 1}
+    for k in (0, 1):
+        assert sum(parts[k].values()) == pytest.approx(rows[k]["mb_per_step"], rel=1e-6)
+    assert parts[0]["MTP block"] == 0 < parts[1]["MTP block"]
+    trunk = "trunk attention, mixers, norms"  # each read once per step (a norm read again: a few KB)
+    assert parts[1][trunk] == pytest.approx(parts[0][trunk], rel=0.01)
     assert "skipping K=[2]" in printed
     results = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["k"]) for r in results] == [(1, 0), (1, 1), (2, 0), (2, 1)]

@@ -109,6 +109,14 @@ def test_traffic_counts_calls_and_the_bytes_a_device_would_move():
     with Traffic() as t:
         w.index_copy_(0, index, source)
     assert t.bytes == 2 * 4 * 2 * 16 * 32  # the source, in and out (not all of w)
+    # by owner: a labelled tensor's reads count for its label, a gather's figure for its
+    # labelled input's, the rest (activations) for "other"; the parts add up to the total
+    owners = {w.untyped_storage().data_ptr(): "experts"}
+    with Traffic(owners) as t:
+        y = x @ w[0]
+        w[index]
+    assert t.by_owner == {"experts": 4 * 16 * 32 + 2 * 4 * 2 * 16 * 32, "other": 4 * (16 + 32)}
+    assert sum(t.by_owner.values()) == t.bytes
 
 
 @pytest.mark.parametrize("experts,topk", [(8, 2), (12, 3), (16, 4)])

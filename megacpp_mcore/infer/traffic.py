@@ -17,6 +17,8 @@ counts twice.
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,21 +42,45 @@ def _size(tensors) -> int:
 
 class Traffic(TorchDispatchMode):
     """``with Traffic() as t: ...`` counts ``t.ops`` (operator calls) and ``t.bytes`` (the model
-    of the module docstring) of the eager work inside."""
+    of the module docstring) of the eager work inside.
 
-    def __init__(self):
+    ``owners`` (a tensor storage's address -> a label, e.g. the weights of one part of a model):
+    ``t.by_owner`` splits ``t.bytes`` by label; an operator's reads of a labelled tensor count
+    for its label (a gather or scatter's whole figure for its labelled input's), the rest for
+    ``"other"`` (activations, caches, states)."""
+
+    def __init__(self, owners: dict[int, str] | None = None):
         super().__init__()
         self.ops = 0
         self.bytes = 0
+        self.owners = owners
+        self.by_owner: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
         if not func.is_view:
-            self.bytes += self.moved(func._opname, _tensors(args) + _tensors(kwargs.values()),
-                                     _tensors(out if isinstance(out, (list, tuple)) else (out,)))
+            inputs = _tensors(args) + _tensors(kwargs.values())
+            moved = self.moved(func._opname, inputs,
+                               _tensors(out if isinstance(out, (list, tuple)) else (out,)))
+            self.bytes += moved
+            if self.owners is not None:
+                self._attribute(func._opname, inputs, moved)
         return out
+
+    def _attribute(self, name: str, inputs: list[torch.Tensor], moved: int) -> None:
+        owned = [(self.owners.get(t.untyped_storage().data_ptr()), t) for t in inputs]
+        if name in _GATHERS or name in _SCATTERS:
+            self.by_owner[next((owner for owner, _ in owned if owner), "other")] += moved
+            return
+        rest = moved
+        for owner, tensor in owned:
+            if owner:
+                size = _size([tensor])
+                self.by_owner[owner] += size
+                rest -= size
+        self.by_owner["other"] += max(rest, 0)
 
     @staticmethod
     def moved(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
