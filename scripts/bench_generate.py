@@ -321,7 +321,8 @@ def byte_owners(engine) -> dict[int, str]:
 
 def bytes_by_part(engine, rows, ks: list[int], sampling) -> dict[int, dict[str, float]]:
     """``{K: {part: MB per static step}}`` (K = 0: plain) by :data:`PARTS`; ``other`` is the
-    caches, recurrent states and activations. Torch routes only (the sparse kernel is invisible
+    caches, recurrent states and activations (and the gathered route's GEMMs reading its copies of
+    the experts; the copying counts for the routed experts). Torch routes only (the sparse kernel is invisible
     to the dispatcher); empty where the dispatcher does not see the work (:func:`bytes_visible`)."""
     from megacpp_mcore.infer import generate
     from megacpp_mcore.infer.traffic import Traffic
@@ -344,7 +345,8 @@ def bytes_by_part(engine, rows, ks: list[int], sampling) -> dict[int, dict[str, 
 
 def print_bytes_by_part(parts: dict[int, dict[str, float]], batch: int) -> None:
     ks = sorted(parts)
-    print(f"\nMB per static step by part, batch {batch} (other: caches, recurrent states, activations)")
+    print(f"\nMB per static step by part, batch {batch} (other: caches, recurrent states, activations, "
+          "and the gathered MoE route's reads of its expert copies)")
     print("| part | " + " | ".join("plain" if k == 0 else f"K={k}" for k in ks) + " |")
     print("|---|" + "---|" * len(ks))
     for part in (*PARTS, "total"):
