@@ -31,7 +31,6 @@ tokens only.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import sys
 from typing import Any

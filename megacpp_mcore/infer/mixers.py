@@ -26,8 +26,9 @@ from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.layers.mixers.mamba import ssd_scan_torch
 from megacpp_mcore.spec import compat
 
-# Up to this many new positions the Mamba scan runs in closed form (every position's state is
-# materialised, [b, s, h, p, n]); longer forwards (prefill) use the chunked SSD scan.
+# Up to this many new positions a forward that keeps no per-position state runs the Mamba scan in
+# closed form (every position's state is materialised, [b, s, h, p, n]); longer forwards (prefill)
+# use the chunked SSD scan, verifications (keep=True) the quadratic form of _ssd_verify.
 CLOSED_FORM_MAX = 16
 
 
@@ -122,15 +123,21 @@ def new_mamba_state(mixer, batch: int, dtype, device) -> RecurrentState:
     return RecurrentState(mixer, conv, state)
 
 
+def _decays(dt, A):
+    """The cumulated log decays ``cum`` ``[b, s, h]`` of ``s`` positions and the decay from
+    position ``i`` to ``j`` ``[b, h, j, i]`` (``exp(cum_j - cum_i)`` for ``i <= j``, else 0)."""
+    cum = torch.cumsum(dt * A, dim=1)
+    s = cum.shape[1]
+    later = torch.ones(s, s, dtype=torch.bool, device=cum.device).tril()  # [j, i]: i <= j
+    seg = cum.transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]  # [b, h, j, i]
+    return cum, torch.exp(seg.masked_fill(~later, float("-inf")))
+
+
 def _ssd_closed_form(x, dt, A, B, C, s0):
     """Mamba-2 from state ``s0`` ``[b, h, p, n]`` over ``s`` positions, every state materialised.
     x ``[b, s, h, p]``, dt ``[b, s, h]``, B/C ``[b, s, h, n]`` -> (y ``[b, s, h, p]``, states
     ``[b, s, h, p, n]``)."""
-    cum = torch.cumsum(dt * A, dim=1)  # [b, s, h]
-    s = x.shape[1]
-    later = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()  # [j, i]: i <= j
-    seg = cum.transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]  # [b, h, j, i]
-    decay = torch.exp(seg.masked_fill(~later, float("-inf")))
+    cum, decay = _decays(dt, A)
     xdt = x * dt[..., None]
     states = torch.einsum("bhji,bihp,bihn->bjhpn", decay, xdt, B)
     states = states + torch.exp(cum)[..., None, None] * s0[:, None]
@@ -167,11 +174,8 @@ def _ssd_verify(x, dt, A, B, C, s0):
     by the scan's quadratic form (``y_j = sum_{i<=j} exp(cum_j - cum_i) (C_j . B_i) x_i dt_i +
     exp(cum_j) C_j . s0``) and the states as :class:`PendingSSDStates`. Shapes as
     :func:`_ssd_closed_form`."""
-    cum = torch.cumsum(dt * A, dim=1)  # [b, s, h]
-    s = x.shape[1]
-    later = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()  # [j, i]: i <= j
-    seg = cum.transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]  # [b, h, j, i]
-    mix = torch.exp(seg.masked_fill(~later, float("-inf"))) * torch.einsum("bjhn,bihn->bhji", C, B)
+    cum, decay = _decays(dt, A)
+    mix = decay * torch.einsum("bjhn,bihn->bhji", C, B)
     xdt = x * dt[..., None]
     y = torch.einsum("bhji,bihp->bjhp", mix, xdt)
     y = y + torch.einsum("bjhn,bhpn->bjhp", C, s0) * torch.exp(cum)[..., None]
