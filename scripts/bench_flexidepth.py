@@ -29,6 +29,12 @@ the summed device time, kernel launches and host synchronisations (``cudaStreamS
 ``cudaMemcpy``...), then the ``N`` operators with the largest device time (host time on CPU), so
 the hard path's extra cost can be told apart: routing, sort/gather/scatter, adapters, the MoE
 layers' own host reads.
+
+Per layer (always): after the timing, ``--layer-rounds`` forwards of each model with the time of
+every decoder layer and of the output head taken between forward hooks (CUDA events on the
+device, so host work and the dropless MoE's host reads do not blur it; wall time on CPU): the
+medians per layer, dense against hard, show which layers save, what each symbol's share of the
+dense forward is in time (not FLOPs), and so the best ratio the trained rates allow.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one forward of each model and print its top N operators")
+    p.add_argument("--layer-rounds", type=int, default=3, metavar="N",
+                   help="forwards of each model timed layer by layer after the timing (0: none)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
     args = p.parse_args(argv)
@@ -88,6 +96,8 @@ def _args(argv=None) -> argparse.Namespace:
     for name in ("batch", "iters"):
         if getattr(args, name) < 1:
             _fail(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.layer_rounds < 0:
+        _fail(f"--layer-rounds {args.layer_rounds} must be >= 0")
     if args.warmup < 0:
         _fail(f"--warmup {args.warmup} must be >= 0")
     return args
@@ -240,6 +250,90 @@ def _profile(models: dict, tokens, positions, rows: int) -> dict:
     return out
 
 
+class _LayerClock:
+    """Times the decoder layers and the output head of a model between forward hooks: CUDA events
+    recorded on the current stream (device time between the layer's first and last kernel, queued
+    while the host runs ahead) or, on CPU, wall time."""
+
+    def __init__(self, model, cuda: bool):
+        import torch
+
+        self.cuda = cuda
+        self.parts = [(str(i), layer) for i, layer in enumerate(model.decoder.layers)]
+        head = getattr(model, "output_layer", None)
+        if head is not None:
+            self.parts.append(("head", head))
+        self.marks: dict[str, list] = {}
+        self._now = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else None
+        self.handles = []
+        for name, module in self.parts:
+            self.handles.append(module.register_forward_pre_hook(self._mark(name, 0)))
+            self.handles.append(module.register_forward_hook(self._mark(name, 1)))
+
+    def _mark(self, name: str, end: int):
+        def hook(*_):
+            if self.cuda:
+                event = self._now()
+                event.record()
+            else:
+                event = time.perf_counter()
+            self.marks.setdefault(name, [None, None])[end] = event
+        return hook
+
+    def read(self) -> dict[str, float]:
+        """ms per part of the last forward (the device synchronised first)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {name: a.elapsed_time(b) for name, (a, b) in self.marks.items()}
+        return {name: 1e3 * (b - a) for name, (a, b) in self.marks.items()}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _layer_times(models: dict, tokens, positions, rounds: int) -> dict[str, dict[str, float]]:
+    """Median ms per decoder layer and head of each model over ``rounds`` forwards (interleaved)."""
+    import torch
+
+    clocks = {name: _LayerClock(model, tokens.is_cuda) for name, model in models.items()}
+    seen: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    try:
+        with torch.no_grad():
+            for i in range(rounds):
+                for name in (list(models) if i % 2 == 0 else list(models)[::-1]):
+                    models[name](tokens, positions, None)
+                    for part, ms in clocks[name].read().items():
+                        seen[name].setdefault(part, []).append(ms)
+    finally:
+        for clock in clocks.values():
+            clock.close()
+    return {name: {part: statistics.median(v) for part, v in parts.items()} for name, parts in seen.items()}
+
+
+def _layer_table(per_layer: dict[str, dict[str, float]], pattern: list[str], rates: dict[str, float]) -> dict:
+    """Rows (part, symbol, dense ms, hard ms, skip rate) and per-symbol sums of the layer times,
+    with the ratio a hard forward would reach if each FlexiDepth layer's time scaled with its kept
+    fraction and everything else stayed (``scaled_bound``), against the measured layer sum."""
+    dense, hard = per_layer["dense"], per_layer["hard"]
+    rows, by_symbol = [], {}
+    bound = 0.0
+    for part in dense:
+        symbol = pattern[int(part)] if part.isdigit() else "head"
+        rate = rates.get(part)
+        rows.append({"part": part, "symbol": symbol, "dense_ms": dense[part], "hard_ms": hard.get(part),
+                     "skip_rate": rate})
+        sums = by_symbol.setdefault(symbol, {"dense_ms": 0.0, "hard_ms": 0.0})
+        sums["dense_ms"] += dense[part]
+        sums["hard_ms"] += hard.get(part, 0.0)
+        bound += dense[part] * (1.0 - rate if rate is not None else 1.0)
+    total_dense, total_hard = sum(dense.values()), sum(hard.values())
+    return {"rows": rows, "by_symbol": by_symbol, "dense_sum_ms": total_dense, "hard_sum_ms": total_hard,
+            "layer_sum_ratio": total_hard / total_dense, "scaled_bound": bound / total_dense}
+
+
 def _spread(times: list[float]) -> dict[str, float]:
     return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
@@ -248,6 +342,7 @@ def run(args) -> dict:
     import torch
 
     from megacpp_mcore.features.flexidepth import FlexiDepthLayer, usage_summary
+    from megacpp_mcore.spec.pattern import expand_pattern
     from megacpp_mcore.train import runtime
 
     if not args.cpu_smoke and not torch.cuda.is_available():
@@ -286,6 +381,9 @@ def run(args) -> dict:
         times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
                             iters=args.iters)
         per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
+        layer_table = _layer_table(_layer_times({"dense": dense, "hard": hard}, tokens, positions,
+                                                args.layer_rounds), expand_pattern(dense_cfg.pattern, dense_cfg.num_layers), per_layer) \
+            if args.layer_rounds else None
         profiled = _profile({"dense": dense, "hard": hard}, tokens, positions, args.profile) \
             if args.profile else None
     finally:
@@ -304,7 +402,7 @@ def run(args) -> dict:
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",
             "spread_s": {k: _spread(v) for k, v in times.items()}, "host_times_s": host,
             "host_median_s": {k: statistics.median(v) for k, v in host.items()},
-            "profile": profiled}
+            "profile": profiled, "layer_times": layer_table}
 
 
 def main(argv=None) -> int:
@@ -326,6 +424,17 @@ def main(argv=None) -> int:
         print(f"  {name}: min/median/max {1e3 * spread['min']:.2f}/{1e3 * spread['median']:.2f}/"
               f"{1e3 * spread['max']:.2f} ms over {len(result['times_s'][name])} interleaved forwards, "
               f"host median {1e3 * result['host_median_s'][name]:.2f} ms")
+    table = result["layer_times"]
+    if table:
+        print(f"per layer (median of {args.layer_rounds} forwards, ms): part symbol dense hard skip-rate")
+        for row in table["rows"]:
+            rate = "" if row["skip_rate"] is None else f"{row['skip_rate']:.2f}"
+            print(f"  {row['part']:>4} {row['symbol']:>4} {row['dense_ms']:8.2f} {row['hard_ms']:8.2f} {rate}")
+        print("  by symbol: " + ", ".join(f"{sym} {v['dense_ms']:.1f}/{v['hard_ms']:.1f}"
+                                          for sym, v in table["by_symbol"].items()))
+        print(f"  layer sums dense {table['dense_sum_ms']:.2f} / hard {table['hard_sum_ms']:.2f} ms: "
+              f"{table['layer_sum_ratio']:.3f}; if each FlexiDepth layer scaled with its kept "
+              f"fraction at no cost: {table['scaled_bound']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

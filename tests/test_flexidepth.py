@@ -785,6 +785,15 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
         assert spread["min"] == min(times) <= spread["median"] <= spread["max"] == max(times)
     assert all(abs(rate - 0.25) <= 2 / 128 for rate in result["skip_rate_per_layer"].values())
     assert result["routing_layers"] == []
+    table = result["layer_times"]  # every decoder layer and the head, timed in both models
+    assert [(r["part"], r["symbol"]) for r in table["rows"]] == [("0", "A"), ("1", "E"), ("2", "A"), ("3", "E"),
+                                                                ("head", "head")]
+    assert all(r["dense_ms"] > 0 and r["hard_ms"] > 0 for r in table["rows"])
+    assert table["dense_sum_ms"] == pytest.approx(sum(r["dense_ms"] for r in table["rows"]))
+    # every layer carries FlexiDepth at 0.25: the bound scales the four layers, not the head
+    head = table["rows"][-1]["dense_ms"]
+    assert table["scaled_bound"] == pytest.approx(
+        (0.75 * (table["dense_sum_ms"] - head) + head) / table["dense_sum_ms"], abs=0.02)
     # the MoE E layers routing the skipped tokens to no expert instead of gathering
     assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--hard-skip-moe", "route",
                                   "--out", str(out)]) == 0
