@@ -256,6 +256,7 @@ def test_static_speculative_step_equals_eager_speculative(single_rank, monkeypat
     for agreement in (0.05, 0.2):
         engine, prompts = _agreeing_model(agreement)
         plain = generate(engine, prompts, max_new_tokens=14)
+        eager_full = generate(engine, prompts, max_new_tokens=14, speculative=k)
         for batch in (prompts, prompts[2:]):
             logits.clear()
             eager = generate(engine, batch, max_new_tokens=14, speculative=k)
@@ -269,6 +270,10 @@ def test_static_speculative_step_equals_eager_speculative(single_rank, monkeypat
                 torch.testing.assert_close(fixed, dynamic, atol=1e-5, rtol=0)
             accepted += eager.accepted[0]
             rejected += eager.attempted[0] - eager.accepted[0]
+        engine.ssd_verify = "closed"  # Mamba's per-position states materialised: the same step
+        closed = generate(engine, prompts, max_new_tokens=14, speculative=k, static=True)
+        assert (closed.tokens, closed.steps, closed.accepted) == (plain.tokens, eager_full.steps, eager_full.accepted)
+        engine.ssd_verify = "quadratic"
         one = generate(engine, prompts, max_new_tokens=1, speculative=k, static=True)
         assert one.tokens == [t[:1] for t in plain.tokens] and one.steps == 0  # the prefill ends it
         limited = Sampling(vocab_limit=VOCAB // 2)  # a tokenizer smaller than the head: drafts too
@@ -384,15 +389,18 @@ def _state_buffers(session) -> list[int]:
             for t in vars(state).values() if isinstance(t, torch.Tensor)]
 
 
+@pytest.mark.parametrize("ssd_verify", ["quadratic", "closed"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_rollback_equals_never_having_seen_rejected_tokens(single_rank, static):
+def test_rollback_equals_never_having_seen_rejected_tokens(single_rank, static, ssd_verify):
     """forward(K + 1 positions, keep) + commit(n) leaves recurrent state, caches and the next logits
     as a session that only ever saw the first n positions. ``static``: also the session writes into
     the buffers it started with (their addresses are what a CUDA graph reads) and its device-side
-    length follows the commits."""
+    length follows the commits. ``ssd_verify``: Mamba's verification states unmaterialised or
+    materialised (mixers.VERIFY_STATES)."""
     pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
     torch.manual_seed(1)
     engine = _model(pattern, layers, **options)
+    engine.ssd_verify = ssd_verify
     prompt, extra = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 4))
     for n in (0, 1, 2, 3):
         rolled, clean = engine.session(2, 32), engine.session(2, 32)

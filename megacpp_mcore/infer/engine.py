@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.infer.layers import LayerPlan, UnsupportedForInference, new_state, plan_layer, run_layer
+from megacpp_mcore.infer.mixers import VERIFY_STATES
 
 
 _log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, config.params_dtype
         self.vocab_size = model.vocab_size
+        self.ssd_verify = "quadratic"  # Mamba's verification states: mixers.VERIFY_STATES
 
     # ----------------------------------------------------------------------------- model parts
     def embed(self, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -126,6 +128,11 @@ class Session:
         self.pad = (torch.zeros(batch, dtype=torch.long, device=device) if pad is None
                     else pad.to(device=device, dtype=torch.long))
         self.states = [new_state(p, batch, max_length, engine.dtype, device) for p in engine.plans]
+        if engine.ssd_verify not in VERIFY_STATES:
+            raise ValueError(f"inference: ssd_verify={engine.ssd_verify!r}; allowed: {', '.join(VERIFY_STATES)}")
+        for plan, state in zip(engine.plans, self.states):
+            if plan.mixer == "mamba":
+                state.verify = engine.ssd_verify
         self.length = 0
         self._pending = 0  # positions run by the last forward and not yet committed
         self.rope_tables: dict = {}

@@ -28,8 +28,18 @@ from megacpp_mcore.spec import compat
 
 # Up to this many new positions a forward that keeps no per-position state runs the Mamba scan in
 # closed form (every position's state is materialised, [b, s, h, p, n]); longer forwards (prefill)
-# use the chunked SSD scan, verifications (keep=True) the quadratic form of _ssd_verify.
+# use the chunked SSD scan, verifications (keep=True) the way VERIFY_STATES names.
 CLOSED_FORM_MAX = 16
+
+# How a Mamba verification (keep=True) keeps its per-position states for the commit:
+# * "quadratic": outputs by the scan's quadratic form, states left unmaterialised
+#   (PendingSSDStates), the one kept computed at the commit: fewer bytes (one state read, one
+#   written), more kernels (~12 more per layer and step);
+# * "closed": the closed form, every position's state materialised and the commit selecting one:
+#   fewer kernels, s states written. A step replayed as a CUDA graph at small batch is bound by
+#   its kernel count more than by its bytes (docs/benchmarks.md), so the choice is measured.
+# The engine's ``ssd_verify`` picks one for its sessions.
+VERIFY_STATES = ("quadratic", "closed")
 
 
 def conv_parameters(mixer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -54,6 +64,7 @@ class RecurrentState:
         # commit copies into the same buffers (their addresses stay fixed for a CUDA graph)
         # instead of taking the staged tensors
         self.in_place = False
+        self.verify = "quadratic"  # Mamba's verification states (VERIFY_STATES)
 
     def stage(self, convs: torch.Tensor, states: torch.Tensor, per_position: bool) -> None:
         """States after the new positions: ``[s, ...]`` per position, or the last one only."""
@@ -210,8 +221,11 @@ def mamba_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: boo
     B = B.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)  # [b, s, h, n]
     C = C.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)
     s = x.shape[1]
-    if keep:  # a verification: the state a later commit keeps, computed then
+    if keep and state.verify == "quadratic":  # the state a later commit keeps, computed then
         y, states = _ssd_verify(x, dt, A, B, C, state.state)
+    elif keep:  # "closed": every position's state materialised, [s, b, h, p, n]
+        y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
+        states = states.transpose(0, 1)
     elif s <= CLOSED_FORM_MAX:
         y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
         states = states[:, -1]  # the last
