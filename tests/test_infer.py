@@ -356,13 +356,18 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
         assert graphed.tokens == spec.tokens == eager.tokens
         assert (graphed.steps, graphed.accepted) == (spec.steps, spec.accepted)
         assert graphed.graph_capture_s > 0
-    agreeing, rows = _agreeing_model(0.2)  # drafts accepted too
-    for k in (1, 2, 3):
-        spec = generate(agreeing, rows, max_new_tokens=20, speculative=k)
-        graphed = generate(agreeing, rows, max_new_tokens=20, speculative=k, cuda_graphs=True)
-        assert sum(spec.accepted)
-        if _same_or_near_tie(agreeing, rows, graphed.tokens, spec.tokens):
-            assert graphed.accepted == spec.accepted
+    # drafts accepted too: the H100 run of 2026-12-05 accepted none at agreement 0.2 (bf16 on the
+    # device; about half of the first drafts on the CPU in fp32), so a stronger pull is added
+    accepted = 0
+    for agreement in (0.2, 1.0):
+        agreeing, rows = _agreeing_model(agreement)
+        for k in (1, 2, 3):
+            spec = generate(agreeing, rows, max_new_tokens=20, speculative=k)
+            graphed = generate(agreeing, rows, max_new_tokens=20, speculative=k, cuda_graphs=True)
+            accepted += sum(spec.accepted)
+            if _same_or_near_tie(agreeing, rows, graphed.tokens, spec.tokens):
+                assert graphed.accepted == spec.accepted
+    assert accepted
 
 
 def _same_or_near_tie(engine, prompts, got, want, rel=1e-2) -> bool:

@@ -145,6 +145,8 @@ class FlexiDepthStats:
         """One forward's ``values`` (``[len(names)]``) of the statistics ``names`` (the same names
         every forward of a layer)."""
         self._names = names
+        if self._sum is not None and self._sum.device != values.device:  # the layer was moved
+            self._sum = self._sum.to(values.device)
         self._sum = values if self._sum is None else self._sum + values
         self._count += 1
 
