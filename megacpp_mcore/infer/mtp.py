@@ -100,7 +100,9 @@ class MTPDrafter:
         returned; the attention sub-layer runs on all (its cache needs every position). The last
         depth of a draft step needs only its last position: nothing reads its other outputs."""
         engine, block = self.engine, self.block
-        embedded = engine.model._embed(tokens, self.head_weight.to(hidden.dtype))  # [n, b, h]
+        # the head's rows of the tokens, [n, b, h]: training's vocab-parallel lookup at TP=1 (the
+        # engine's only size), in one kernel instead of its masking around the lookup
+        embedded = F.embedding(tokens.t(), self.head_weight.to(hidden.dtype))
         x = F.linear(torch.cat([block.enorm(embedded), block.hnorm(hidden)], dim=-1),
                      block.eh_proj)
         x = run_layer(self.attn_plan, x, self.caches[depth], ctx, rotary=engine.rotary,
