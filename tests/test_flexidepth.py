@@ -430,10 +430,11 @@ def test_hard_skip_on_cuda_reads_the_count_without_a_stream_sync(single_rank):
     with torch.no_grad():
         want = _call(wrapped, x)
         wrapped.cuda()
-        _call(wrapped, x.cuda())  # warm-up: lazy CUDA initialisation may synchronise
+        x = x.cuda()  # a copy from pageable host memory synchronises: before the check
+        _call(wrapped, x)  # warm-up: lazy CUDA initialisation may synchronise
         torch.cuda.set_sync_debug_mode("error")
         try:
-            got = _call(wrapped, x.cuda())
+            got = _call(wrapped, x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)

@@ -373,7 +373,7 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
 def _same_or_near_tie(engine, prompts, got, want, rel=1e-2) -> bool:
     """Whether greedy outputs ``got`` and ``want`` are equal; if not, asserts that each row's
     first difference is a near tie of the full forward's logits (within ``rel`` of their largest
-    magnitude). On a GPU the cached static step and the eager one reduce in different orders and
+    magnitude, or 4 units of the model dtype's last place). On a GPU the cached static step and the eager one reduce in different orders and
     the Mamba kernels run TF32, so two greedy decoders may part at a near tie (the agreeing model's
     rank-1 head makes them common); a wrong step parts at a clear winner."""
     for prompt, a, b in zip(prompts, got, want):
@@ -384,7 +384,9 @@ def _same_or_near_tie(engine, prompts, got, want, rel=1e-2) -> bool:
         tokens = torch.tensor([prompt + a[:n]], device=engine.device)
         logits = engine.full_logits(tokens)[0, -1]
         gap = (logits[a[n]] - logits[b[n]]).abs().item()
-        assert gap <= rel * logits.abs().max().item(), (
+        # in bf16 a few units of the logits' last place are a tie too (the H100 parted at 2 ulps)
+        scale = logits.abs().max().item()
+        assert gap <= max(rel, 4 * torch.finfo(engine.dtype).eps) * scale, (
             f"greedy outputs part at position {n} ({a[n]} vs {b[n]}) with a logit gap of {gap:.4g}: not a near tie")
     return got == want
 
