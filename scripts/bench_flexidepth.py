@@ -70,6 +70,10 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--hard-skip-moe", default="gather", choices=("gather", "route"),
                    help="FlexiDepthConfig.hard_skip_moe: MoE E layers gather the kept tokens, or run on "
                         "every token with the skipped ones routed to no expert")
+    p.add_argument("--hard-skip-capacity", default=None, metavar="C|kept+M",
+                   help="FlexiDepthConfig.hard_skip_capacity of the gathering layers (a fixed gathered "
+                        "length, no host read): a fraction C for all, or kept+M: each layer's calibrated "
+                        "kept fraction plus M (e.g. kept+0.05); default none (the exact count)")
     p.add_argument("--adapter", default="mlp", choices=("mlp", "linear", "none"))
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
@@ -93,6 +97,7 @@ def _args(argv=None) -> argparse.Namespace:
     if not 0.0 <= args.skip_rate < 1.0:
         _fail(f"--skip-rate {args.skip_rate} is out of range; allowed: 0 <= rate < 1")
     args.layer_rates = _layer_rates(args.skip_rates) if args.skip_rates else {}
+    args.capacity = _capacity(args.hard_skip_capacity)
     for name in ("batch", "iters"):
         if getattr(args, name) < 1:
             _fail(f"--{name} {getattr(args, name)} must be >= 1")
@@ -101,6 +106,26 @@ def _args(argv=None) -> argparse.Namespace:
     if args.warmup < 0:
         _fail(f"--warmup {args.warmup} must be >= 0")
     return args
+
+
+def _capacity(spec: str | None) -> tuple[str, float] | None:
+    """``--hard-skip-capacity``: None, ("fixed", C) or ("kept", M)."""
+    if spec is None:
+        return None
+    text = spec.strip()
+    try:
+        if text.startswith("kept"):
+            margin = float(text[4:] or 0.0)
+            if not 0.0 <= margin < 1.0:
+                raise ValueError
+            return "kept", margin
+        value = float(text)
+        if not 0.0 < value <= 1.0:
+            raise ValueError
+        return "fixed", value
+    except ValueError:
+        _fail(f"--hard-skip-capacity {spec!r}; allowed: a fraction 0 < C <= 1, or kept+M with 0 <= M < 1 "
+              "(each layer's calibrated kept fraction plus M)")
 
 
 def _layer_rates(spec: str) -> dict[int, float]:
@@ -376,6 +401,12 @@ def run(args) -> dict:
         positions = torch.arange(seq, device=dev).unsqueeze(0).expand_as(tokens)
         _calibrate(hard, tokens, positions, args.skip_rate, args.layer_rates)
         layers = [(i, layer) for i, layer in enumerate(hard.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
+        if args.capacity is not None:  # after the calibration, which reads the exact kept counts
+            kind, value = args.capacity
+            for i, layer in layers:
+                if layer.gathers:
+                    kept = 1.0 - args.layer_rates.get(i, args.skip_rate)
+                    layer.set_hard_skip_capacity(value if kind == "fixed" else min(1.0, kept + value))
         for _, layer in layers:
             layer.megacpp_set_step(0)
         times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
@@ -396,6 +427,7 @@ def run(args) -> dict:
             "requested_skip_rate": args.skip_rate, "requested_per_layer": args.layer_rates,
             "hard_skip_symbols": args.hard_skip_symbols, "hard_skip_moe": args.hard_skip_moe,
             "gathering_layers": [i for i, layer in layers if layer.gathers],
+            "hard_skip_capacity": {str(i): layer.hard_skip_capacity for i, layer in layers if layer.gathers},
             "routing_layers": [i for i, layer in layers if layer.routes_kept],
             "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
@@ -417,6 +449,9 @@ def main(argv=None) -> int:
     print(f"FlexiDepth skip rate {result['flexidepth_skip_rate']:.3f} (requested {requested}), gathering "
           f"layers {result['gathering_layers']}, routing layers {result['routing_layers']}, mean layers "
           f"used {result['mean_layers_used']:.2f}")
+    if args.capacity is not None:
+        print("  hard-skip capacity per gathering layer: " + ", ".join(
+            f"{i}: {c:.2f}" for i, c in result["hard_skip_capacity"].items()))
     print("  per layer: " + ", ".join(f"{i}: {r:.2f}" for i, r in result["skip_rate_per_layer"].items()))
     print(f"forward median: dense {1e3 * result['median_s']['dense']:.2f} ms, hard skip "
           f"{1e3 * result['median_s']['hard']:.2f} ms, ratio {result['ratio']:.3f} (target <= 0.85)")

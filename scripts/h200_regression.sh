@@ -61,11 +61,15 @@ for part in $PARTS; do
                   python scripts/bench_flexidepth.py --skip-rate 0.3 --hard-skip-symbols E --iters 20 \
                     --out "$OUT/flexidepth.json"; } >"$OUT/flexidepth.log" 2>&1 ;;
     # the same trained rates at batch 8 x 4096, where the dense forward's device time exceeds its
-    # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only)
+    # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only);
+    # gathering with the exact kept count, with the MoE layers' route mode, with a fixed capacity
+    # per layer (its trained kept fraction + 0.05: no host read), and route mode on E alone
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --hard-skip-moe route --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-route.json" &&
+                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+                    --hard-skip-capacity kept+0.05 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --batch 8 \
                     --hard-skip-moe route --iters 10 --out "$OUT/flexidepth-batch8-e-route.json"; } \
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;

@@ -58,6 +58,16 @@ def parity_moe_route():
     return model.replace(features={**model.features, "flexidepth": fd})
 
 
+def parity_capacity():
+    """:func:`parity_soft` with a hard-skip capacity (a fixed gathered length, no host read) that
+    the router's kept tokens overflow: the same tokens fit on one rank and under TP=2+SP."""
+    import dataclasses
+
+    model = parity_soft()
+    fd = dataclasses.replace(model.features["flexidepth"], hard_skip_capacity=0.3)
+    return model.replace(features={**model.features, "flexidepth": fd})
+
+
 def train_and_eval(*, model: str, parallel=None, steps: int = 3, checkpoint: str, checkpoint_mode: str,
                    seed: int = 1234, global_batch: int = 4, micro_batch_size: int = 1):
     """``steps`` training steps (soft), then one hard-inference forward on the next batch;
@@ -205,6 +215,9 @@ def _branch_reference(layer, x):
     (dict(allow_on="A"), "allow_on='A': FlexiDepth can only be opted in on M, R"),
     (dict(freeze_backbone=1), "freeze_backbone=1 must be a bool"),
     (dict(placement="AE"), "placement must be a FeaturePlacement"),
+    (dict(hard_skip_capacity=0.0), r"hard_skip_capacity=0.0 is invalid; allowed: None .* or a fraction 0 < c <= 1"),
+    (dict(hard_skip_capacity=1.5), "hard_skip_capacity=1.5 is invalid"),
+    (dict(hard_skip_capacity="half"), "hard_skip_capacity='half' is invalid"),
 ])
 def test_invalid_config_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -220,6 +233,7 @@ def test_options_string_makes_the_config():
     assert FlexiDepthConfig.from_options("skip_first=2,usage_boundaries=4:2").placement == FeaturePlacement(
         symbols="AE", skip_first=2)
     assert FlexiDepthConfig.from_options("usage_boundaries=4:2").usage_boundaries == (2, 4)
+    assert FlexiDepthConfig.from_options("inference=hard,hard_skip_capacity=0.6").hard_skip_capacity == 0.6
 
 
 @pytest.mark.parametrize("text, message", [
@@ -377,6 +391,45 @@ def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
     with torch.no_grad():
         assert torch.equal(_call(wrapped, x), _branch_reference(wrapped, x)[1])
     assert len(shapes) == 1
+
+
+def test_hard_skip_capacity_runs_a_fixed_length_without_a_host_read(single_rank):
+    """``hard_skip_capacity``: the block's input has ``ceil(c * s)`` positions whatever the router
+    keeps and the forward reads nothing on the host; each sequence's first kept tokens up to the
+    capacity take the block, its later kept ones the skip path (counted as skipped); a capacity
+    of 1 gives the exact output. Set on a layer that does not gather: refused."""
+    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"))
+    _set_router(wrapped, std=0.5)
+    wrapped.eval()
+    x = _inputs()
+    shapes = []
+    wrapped.mlp.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        exact = _call(wrapped, x)
+        g, skip = _branch_reference(wrapped, x)
+        full = _call(plain, x)
+    keep = (g >= 0.5).squeeze(-1)  # [s, b]
+    k = int(keep.sum(0).min()) - 1  # below every sequence's kept count: each loses its last ones
+    assert k >= 1 and wrapped.hard_skip_capacity is None
+    for capacity, length in ((1.0, 16), ((k - 0.5) / 16, k)):
+        wrapped.set_hard_skip_capacity(capacity)
+        wrapped.megacpp_set_step(0)
+        shapes.clear()
+        with torch.no_grad(), _HostSyncs() as syncs:
+            out = _call(wrapped, x)
+        fits = keep & (keep.cumsum(0) <= length)
+        assert shapes == [(length, 2, 64)] and syncs.seen == []
+        torch.testing.assert_close(out, torch.where(fits[..., None], full, skip), atol=1e-6, rtol=1e-6)
+        assert wrapped.megacpp_stats()["skip_rate"] == pytest.approx(1 - fits.float().mean().item())
+        if capacity == 1.0:
+            assert torch.equal(out, exact)
+        else:
+            assert not fits.equal(keep)  # the capacity did cut
+    with pytest.raises(ValueError, match="hard_skip_capacity=1.2 is invalid"):
+        wrapped.set_hard_skip_capacity(1.2)
+    _, selecting = _pair("E", FlexiDepthConfig(inference="hard", hard_skip_symbols="A"))
+    with pytest.raises(ValueError, match="applies to a layer whose hard skip gathers"):
+        selecting.set_hard_skip_capacity(0.5)
 
 
 def test_hard_skip_route_mode_sends_the_skipped_tokens_to_no_expert(single_rank):
@@ -737,7 +790,8 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     from megacpp_mcore.testing.dist import run_distributed
 
     models = ["tests.test_flexidepth:parity_soft", "tests.test_flexidepth:parity_frozen_moe",
-              "tests.test_flexidepth:parity_mla", "tests.test_flexidepth:parity_moe_route"]
+              "tests.test_flexidepth:parity_mla", "tests.test_flexidepth:parity_moe_route",
+              "tests.test_flexidepth:parity_capacity"]
     ckpts = []
     for i in range(len(models)):
         (tmp_path / str(i)).mkdir()
@@ -745,7 +799,7 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
     (refs,) = run_distributed("tests.test_flexidepth:run_all", nproc=1, kwargs={"runs": [
         dict(model=m, checkpoint=c, checkpoint_mode="save") for m, c in zip(models, ckpts)]})
     layouts = [(0, {"tp": 2, "sp": True}), (1, {"tp": 2, "sp": True}), (0, {"pp": 2}), (1, {"pp": 2}),
-               (2, {"tp": 2, "sp": True}), (2, {"pp": 2}), (3, {"tp": 2, "sp": True})]
+               (2, {"tp": 2, "sp": True}), (2, {"pp": 2}), (3, {"tp": 2, "sp": True}), (4, {"tp": 2, "sp": True})]
     ranks = run_distributed("tests.test_flexidepth:run_all", nproc=2, kwargs={"runs": [
         dict(model=models[i], parallel=par, checkpoint=ckpts[i], checkpoint_mode="load")
         for i, par in layouts]})
@@ -757,6 +811,9 @@ def test_parallel_parity_tp_sp_and_pp(tmp_path):
             assert got["eval_loss"] == pytest.approx(refs[i]["eval_loss"], abs=1e-5), (models[i], par)
             assert got["eval_layers_skipped"] == pytest.approx(refs[i]["eval_layers_skipped"], abs=1e-6)
     assert refs[0]["losses"][2] < refs[0]["losses"][0]  # it trains
+    # the same trained model with the capacity: its kept tokens overflow it, so more skip
+    assert refs[4]["losses"] == refs[0]["losses"]
+    assert refs[4]["eval_layers_skipped"] > refs[0]["eval_layers_skipped"]
     assert 0.2 < refs[0]["eval_layers_skipped"] < 3.8 and 0.1 < refs[1]["eval_layers_skipped"] < 1.9
     assert 0.2 < refs[2]["eval_layers_skipped"] < 3.8  # MLA layers gathered too
     assert refs[3]["eval_loss"] == pytest.approx(refs[1]["eval_loss"], abs=1e-5)  # route = gather
@@ -812,6 +869,15 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
         rates = json.loads(out.read_text())["skip_rate_per_layer"]
         for layer, want in {"0": 0.25, "1": 0.5, "2": 0.25, "3": 0.75}.items():
             assert abs(rates[layer] - want) <= 2 / 128, (layer, rates)
+    # a fixed gathered length per layer: its calibrated kept fraction plus a margin
+    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rates", "1:0.5,3:0.75", "--hard-skip-capacity",
+                                  "kept+0.05", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["hard_skip_capacity"] == pytest.approx({"1": 0.55, "3": 0.30})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        bench_flexidepth.main(["--cpu-smoke", "--hard-skip-capacity", "1.5"])
+    assert exc.value.code == 2 and "--hard-skip-capacity '1.5'; allowed" in capsys.readouterr().err
     for bad, message in (("1:x", "is not INDEX:RATE"), ("7:0.5", "names layers [7], which carry no"),
                          ("1:1.5", "rate 1.5"), (str(tmp_path / "bench.json"), "not a receipt")):
         capsys.readouterr()

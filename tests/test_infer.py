@@ -587,6 +587,10 @@ def test_refuses_what_has_no_causal_incremental_path(single_rank):
     with pytest.raises(UnsupportedForInference, match=r"layer 0: FlexiDepth hard skip gathers this "
                                                       r"mamba layer.*allowed for generation"):
         _model("ME", 2, features={"flexidepth": gathered_m})
+    capped = FlexiDepthConfig(inference="hard", hard_skip_capacity=0.5)  # E gathers, capped
+    with pytest.raises(UnsupportedForInference, match=r"layer 1: FlexiDepth hard_skip_capacity=0.5 .*"
+                                                      r"allowed for generation: hard_skip_capacity=None"):
+        _model("AE", 2, features={"flexidepth": capped})
     engine = _model("AE", 2, mtp=1)
     with pytest.raises(ValueError, match=r"beyond the trained MTP depth 1; allowed: 1\.\.1"):
         MTPDrafter(engine, engine.session(1, 8), 2)

@@ -114,6 +114,11 @@ def plan_layer(layer, where: str) -> LayerPlan:
     flexi = None
     if isinstance(layer, FlexiDepthLayer):
         flexi = layer.fd.inference
+        if flexi == "hard" and layer.hard_skip_capacity is not None:
+            raise UnsupportedForInference(
+                f"{where}: FlexiDepth hard_skip_capacity={layer.hard_skip_capacity} sends a kept "
+                "token past each sequence's capacity to the skip path, which needs a per-row "
+                "count a decoder does not keep; allowed for generation: hard_skip_capacity=None")
         if flexi == "hard" and layer.gathers and mixer is not None:
             if mixer in ("mamba", "m2rnn"):
                 raise UnsupportedForInference(

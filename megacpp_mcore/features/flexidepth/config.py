@@ -23,7 +23,7 @@ OPTION_TYPES: dict[str, Any] = {
     "symbols": str, "layers": _INT_LIST, "skip_first": int, "allow_on": str, "adapter": str,
     "adapter_rank": int, "threshold": float, "router_init_std": float, "router_bias_init": float,
     "usage_loss_weight": float, "usage_boundaries": _INT_LIST, "inference": str,
-    "hard_skip_symbols": str, "hard_skip_moe": str,
+    "hard_skip_symbols": str, "hard_skip_moe": str, "hard_skip_capacity": float,
 }
 _PLACEMENT_OPTIONS = ("symbols", "layers", "skip_first")
 
@@ -44,6 +44,15 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"FlexiDepthConfig.{name}={value!r} is unknown; allowed: "
                          f"{', '.join(map(str, allowed))}")
+
+
+def check_capacity(value: Any, name: str = "FlexiDepthConfig.hard_skip_capacity") -> None:
+    """``ValueError`` unless ``value`` is None or a number with ``0 < value <= 1``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: None (the exact kept count, read on "
+                         "the host) or a fraction 0 < c <= 1 of the sequence")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,6 +101,16 @@ class FlexiDepthConfig:
             token, but its router sends the skipped tokens to no routed expert, so the experts
             compute the kept tokens only (the norm and a shared expert still see every token)
             with no host read of a kept count and no gather or scatter. The same output.
+        hard_skip_capacity: ``None`` (exact: the gathered length is each forward's largest
+            per-sequence kept count, read on the host once per gathering layer) or a fraction
+            ``0 < c <= 1``: a gathering layer runs its block on a fixed ``ceil(c * s)`` positions
+            per sequence (padded to a multiple of the TP size under SP), so the forward reads nothing on the
+            host and the device never waits for it. The first kept tokens of each sequence, in
+            order, fill the capacity; a kept token past it takes the skip path, as a skipped one
+            does (causal: a token's path depends on the tokens before it only), and the
+            statistics count it as skipped. With ``c`` at least every sequence's kept fraction
+            the output is the exact one. Generation refuses it (a decoder's per-row count is
+            not built).
         freeze_backbone: the wrapped layer's own parameters get ``requires_grad=False``; only the
             router, its norm and the adapter train (the rest of the model is the caller's).
         forced_route: ``full`` | ``skip`` | ``None``: a constant score 1 or 0 instead of the
@@ -111,6 +130,7 @@ class FlexiDepthConfig:
     inference: str = "soft"
     hard_skip_symbols: str = "E"
     hard_skip_moe: str = "gather"
+    hard_skip_capacity: float | None = None
     freeze_backbone: bool = False
     forced_route: str | None = None
 
@@ -134,6 +154,7 @@ class FlexiDepthConfig:
                 raise ValueError(f"FlexiDepthConfig.{name}={getattr(self, name)!r} is out of range; "
                                  "allowed: >= 0")
         _number("router_bias_init", self.router_bias_init)
+        check_capacity(self.hard_skip_capacity)
         bounds = self.usage_boundaries
         if isinstance(bounds, (str, bytes)) or not isinstance(bounds, (tuple, list)) or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in bounds):

@@ -21,11 +21,18 @@
 
 Every TP rank computes the same route (the whole sequence, replicated router), so the wrapped
 block's TP collectives see equal shapes on all ranks.
+
+With a ``capacity`` (``FlexiDepthConfig.hard_skip_capacity``) ``k`` is fixed, ``ceil(capacity *
+s)`` (padded like a read count under SP), and nothing is read on the host: each sequence's first
+``ceil(capacity * s)`` kept positions take the block and its later kept ones the skip path (the route's ``keep`` is
+that effective mask), so the host can queue the block while the device still computes the layers
+before it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from megatron.core.tensor_parallel.mappings import (
@@ -41,6 +48,7 @@ class SkipRoute:
     full: torch.Tensor  # [s, b, h] the whole sequence
     idx: torch.Tensor  # [k, b] kept positions per sequence, in order, then skipped ones (padding)
     keep: torch.Tensor  # [s/tp, b, 1] bool (SP; else [s, b, 1]): this rank's rows taking the block
+    # (with a capacity, the kept rows that fit in it)
     start: int  # this rank's first sequence position (0 without SP)
     rows: int  # this rank's sequence rows
 
@@ -52,7 +60,8 @@ class _PendingRoute:
     full: torch.Tensor
     keep: torch.Tensor
     order: torch.Tensor  # [s, b] kept positions first, in order, then skipped ones
-    longest: torch.Tensor  # 0-d: on the host (pinned) once ``ready`` fired, or on the CPU
+    longest: torch.Tensor | int  # 0-d: on the host (pinned) once ``ready`` fired, or on the CPU;
+    # an int with a capacity
     ready: torch.cuda.Event | None
     rows: int  # this rank's sequence rows
 
@@ -64,9 +73,17 @@ class SkipDispatcher:
     inputs and outputs are ``[s/tp, b, h]`` shards of it (all gathers and scatters happen here).
     """
 
-    def __init__(self, tp_group, *, sequence_parallel: bool):
+    def __init__(self, tp_group, *, sequence_parallel: bool, capacity: float | None = None):
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
+        self.capacity = capacity  # None: the exact kept count (one host read per forward)
+
+    def _round(self, k: int) -> int:
+        """``k`` rounded up to a multiple of the TP size under SP (the block's input is split)."""
+        if not self.sequence_parallel:
+            return k
+        tp = self.tp_group.size()
+        return -(-k // tp) * tp
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=False, group=self.tp_group)
@@ -84,6 +101,15 @@ class SkipDispatcher:
         full = self._gather(hidden_states) if sp else hidden_states
         mask = self._gather(keep.to(hidden_states.dtype)).bool() if sp else keep
         mask = mask.squeeze(-1)  # [s, b]
+        rows = hidden_states.shape[0]
+        if self.capacity is not None:  # a fixed length: the first k kept positions, no host read
+            fit = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))  # the same on any TP
+            mask = mask & (mask.cumsum(0) <= fit)
+            k = self._round(fit)  # under SP, padded like a read count
+            first = self.tp_group.rank() * rows if sp else 0
+            keep = mask[first:first + rows].unsqueeze(-1)  # this rank's rows of the effective mask
+            order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices
+            return _PendingRoute(full, keep, order, k, None, rows)
         longest = mask.sum(0).max()  # 0-d: the largest per-sequence kept count
         ready = None
         if longest.is_cuda:
@@ -94,7 +120,7 @@ class SkipDispatcher:
             longest = host
         # kept positions first, each group in sequence order (a stable sort on "skipped")
         order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices  # [s, b]
-        return _PendingRoute(full, keep, order, longest, ready, hidden_states.shape[0])
+        return _PendingRoute(full, keep, order, longest, ready, rows)
 
     def finish(self, pending: _PendingRoute) -> SkipRoute:
         """The route of :meth:`start`, once the kept count is on the host: the forward's one
@@ -102,10 +128,7 @@ class SkipDispatcher:
         queued after it)."""
         if pending.ready is not None:
             pending.ready.synchronize()
-        k = int(pending.longest)
-        if self.sequence_parallel:
-            tp = self.tp_group.size()
-            k = -(-k // tp) * tp
+        k = self._round(int(pending.longest))
         start = self.tp_group.rank() * pending.rows if self.sequence_parallel else 0
         return SkipRoute(full=pending.full, idx=pending.order[:k], keep=pending.keep, start=start,
                          rows=pending.rows)

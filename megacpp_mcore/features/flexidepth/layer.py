@@ -51,7 +51,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megacpp_mcore.features.flexidepth.branch import SkipBranch
-from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig, mod_conflict
+from megacpp_mcore.features.flexidepth.config import FORCED_ROUTES, FlexiDepthConfig, check_capacity, mod_conflict
 from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher
 from megacpp_mcore.features.flexidepth.usage import (
     TrackerUsage,
@@ -103,8 +103,8 @@ class FlexiDepthLayer(TransformerLayer):
         self._usage = usage if usage is not None else UsageLedger(()).register(self.layer_number - 1)
         self._seq_group = self.tp_group if config.sequence_parallel else None
         self._shards = self._seq_group.size() if self._seq_group is not None else 1
-        self._dispatcher = SkipDispatcher(self.tp_group, sequence_parallel=config.sequence_parallel) \
-            if gather_kept else None
+        self._dispatcher = SkipDispatcher(self.tp_group, sequence_parallel=config.sequence_parallel,
+                                          capacity=flexidepth.hard_skip_capacity) if gather_kept else None
         self._forced = flexidepth.forced_route
         self._stats = FlexiDepthStats()
         self._routing_keep: torch.Tensor | None = None  # set for one hard forward (route_kept)
@@ -133,6 +133,19 @@ class FlexiDepthLayer(TransformerLayer):
         """Means since the last ``megacpp_set_step``: ``skip_rate``, ``score_mean`` and, on a
         usage segment's last layer, ``loss_usage``."""
         return self._stats.means()
+
+    def set_hard_skip_capacity(self, capacity: float | None) -> None:
+        """This layer's ``hard_skip_capacity`` (config docstring), e.g. from its own trained rate
+        (benchmarks); a gathering layer only."""
+        check_capacity(capacity, f"layer {self.layer_number}: hard_skip_capacity")
+        if self._dispatcher is None:
+            raise ValueError(f"FlexiDepth on layer {self.layer_number}: hard_skip_capacity applies to "
+                             "a layer whose hard skip gathers; this one does not")
+        self._dispatcher.capacity = capacity
+
+    @property
+    def hard_skip_capacity(self) -> float | None:
+        return None if self._dispatcher is None else self._dispatcher.capacity
 
     @property
     def gathers(self) -> bool:
@@ -237,6 +250,7 @@ class FlexiDepthLayer(TransformerLayer):
         pending = self._dispatcher.start(x, keep)
         skip = self._skip_path(x, z)  # queued behind the count's copy
         route = self._dispatcher.finish(pending)
+        keep = route.keep  # with a capacity, the kept tokens that fit in it
         if route.idx.shape[0] == 0:  # every token skips: the block does not run
             return skip, None, score, keep
         kwargs["rotary_pos_emb"] = gathered_rotary(self.self_attention, kwargs.pop("rotary_pos_emb", None),
