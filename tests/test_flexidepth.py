@@ -366,15 +366,22 @@ def test_soft_mode_matches_plain_torch_reference_and_its_router_gradient(single_
     assert wrapped.flexidepth.down.weight.grad.abs().sum() > 0  # the adapter trains
 
 
-def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
-    """E layer: the MLP sees [k, b, h] with k the larger per-sequence kept count; the output equals
-    the soft formula with hard gates (B(x) where kept, P(x) elsewhere)."""
+def _hard_e_layer():
+    """(unwrapped, hard FlexiDepth E layer in eval with a varied router, input, the list of the
+    shapes its MLP is called with)."""
     plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"))
     _set_router(wrapped, std=0.5)
     wrapped.eval()
     x = _inputs()
     shapes = []
     wrapped.mlp.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    return plain, wrapped, x, shapes
+
+
+def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
+    """E layer: the MLP sees [k, b, h] with k the larger per-sequence kept count; the output equals
+    the soft formula with hard gates (B(x) where kept, P(x) elsewhere)."""
+    plain, wrapped, x, shapes = _hard_e_layer()
     with torch.no_grad():
         out = _call(wrapped, x)
         g, skip = _branch_reference(wrapped, x)
@@ -398,12 +405,7 @@ def test_hard_skip_capacity_runs_a_fixed_length_without_a_host_read(single_rank)
     keeps and the forward reads nothing on the host; each sequence's first kept tokens up to the
     capacity take the block, its later kept ones the skip path (counted as skipped); a capacity
     of 1 gives the exact output. Set on a layer that does not gather: refused."""
-    plain, wrapped = _pair("E", FlexiDepthConfig(inference="hard"))
-    _set_router(wrapped, std=0.5)
-    wrapped.eval()
-    x = _inputs()
-    shapes = []
-    wrapped.mlp.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    plain, wrapped, x, shapes = _hard_e_layer()
     with torch.no_grad():
         exact = _call(wrapped, x)
         g, skip = _branch_reference(wrapped, x)
