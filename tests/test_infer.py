@@ -256,10 +256,10 @@ def test_static_speculative_step_equals_eager_speculative(single_rank, monkeypat
     for agreement in (0.05, 0.2):
         engine, prompts = _agreeing_model(agreement)
         plain = generate(engine, prompts, max_new_tokens=14)
-        eager_full = generate(engine, prompts, max_new_tokens=14, speculative=k)
         for batch in (prompts, prompts[2:]):
             logits.clear()
             eager = generate(engine, batch, max_new_tokens=14, speculative=k)
+            eager_full = eager if batch is prompts else eager_full
             static = generate(engine, batch, max_new_tokens=14, speculative=k, static=True)
             assert static.tokens == eager.tokens == plain.tokens[-len(batch):]
             assert (static.steps, static.attempted, static.accepted) == (
@@ -373,9 +373,10 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
 def _same_or_near_tie(engine, prompts, got, want, rel=1e-2) -> bool:
     """Whether greedy outputs ``got`` and ``want`` are equal; if not, asserts that each row's
     first difference is a near tie of the full forward's logits (within ``rel`` of their largest
-    magnitude, or 4 units of the model dtype's last place). On a GPU the cached static step and the eager one reduce in different orders and
-    the Mamba kernels run TF32, so two greedy decoders may part at a near tie (the agreeing model's
-    rank-1 head makes them common); a wrong step parts at a clear winner."""
+    magnitude, or 4 units of the model dtype's last place). On a GPU the cached static step and
+    the eager one reduce in different orders and the Mamba kernels run TF32, so two greedy decoders
+    may part at a near tie (the agreeing model's rank-1 head makes them common); a wrong step parts
+    at a clear winner."""
     for prompt, a, b in zip(prompts, got, want):
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if n is None:

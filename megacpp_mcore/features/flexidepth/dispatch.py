@@ -63,6 +63,7 @@ class _PendingRoute:
     longest: torch.Tensor | int  # 0-d: on the host (pinned) once ``ready`` fired, or on the CPU;
     # an int with a capacity
     ready: torch.cuda.Event | None
+    start: int  # this rank's first sequence position (0 without SP)
     rows: int  # this rank's sequence rows
 
 
@@ -102,25 +103,23 @@ class SkipDispatcher:
         mask = self._gather(keep.to(hidden_states.dtype)).bool() if sp else keep
         mask = mask.squeeze(-1)  # [s, b]
         rows = hidden_states.shape[0]
-        if self.capacity is not None:  # a fixed length: the first k kept positions, no host read
-            fit = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))  # the same on any TP
-            mask = mask & (mask.cumsum(0) <= fit)
-            k = self._round(fit)  # under SP, padded like a read count
-            first = self.tp_group.rank() * rows if sp else 0
-            keep = mask[first:first + rows].unsqueeze(-1)  # this rank's rows of the effective mask
-            order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices
-            return _PendingRoute(full, keep, order, k, None, rows)
-        longest = mask.sum(0).max()  # 0-d: the largest per-sequence kept count
+        start = self.tp_group.rank() * rows if sp else 0
         ready = None
-        if longest.is_cuda:
-            host = torch.empty((), dtype=longest.dtype, pin_memory=True)
-            host.copy_(longest, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            longest = host
+        if self.capacity is not None:  # a fixed length: the first kept positions, no host read
+            longest = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))  # the same on any TP
+            mask = mask & (mask.cumsum(0) <= longest)
+            keep = mask[start:start + rows].unsqueeze(-1)  # this rank's rows of the effective mask
+        else:
+            longest = mask.sum(0).max()  # 0-d: the largest per-sequence kept count
+            if longest.is_cuda:
+                host = torch.empty((), dtype=longest.dtype, pin_memory=True)
+                host.copy_(longest, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                longest = host
         # kept positions first, each group in sequence order (a stable sort on "skipped")
         order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices  # [s, b]
-        return _PendingRoute(full, keep, order, longest, ready, rows)
+        return _PendingRoute(full, keep, order, longest, ready, start, rows)
 
     def finish(self, pending: _PendingRoute) -> SkipRoute:
         """The route of :meth:`start`, once the kept count is on the host: the forward's one
@@ -129,8 +128,7 @@ class SkipDispatcher:
         if pending.ready is not None:
             pending.ready.synchronize()
         k = self._round(int(pending.longest))
-        start = self.tp_group.rank() * pending.rows if self.sequence_parallel else 0
-        return SkipRoute(full=pending.full, idx=pending.order[:k], keep=pending.keep, start=start,
+        return SkipRoute(full=pending.full, idx=pending.order[:k], keep=pending.keep, start=pending.start,
                          rows=pending.rows)
 
     @staticmethod
