@@ -65,13 +65,11 @@ for part in $PARTS; do
     # gathering with the exact kept count, with the MoE layers' route mode, with a fixed capacity
     # per layer (its trained kept fraction + 0.05: no host read), and route mode on E alone
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+                    --hard-skip-capacity kept+0.05 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
+                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --hard-skip-moe route --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-route.json" &&
-                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --hard-skip-capacity kept+0.05 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
-                  python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols E --batch 8 \
-                    --hard-skip-moe route --iters 10 --out "$OUT/flexidepth-batch8-e-route.json"; } \
+                    --hard-skip-moe route --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-route.json"; } \
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
@@ -84,9 +82,9 @@ for part in $PARTS; do
     # each fast path flipped on the 12-layer public slice, twice (resumable like stage; the
     # permute fusion's x1.05 of the eighth session was one run, within the calls' spread)
     fast) resume=(); [[ -f $OUT/fast.json ]] && resume=(--resume "$OUT/fast.json")
-          python scripts/bench_stage.py --set fast --stage-repeats 2 --run-timeout 150 --fast moe_permute_fusion=on \
-            --fast mamba_fused=off --fast fused_residual=off --fast moe_router_fusion=on --fast ce_fusion=on \
-            --fast cuda_graphs=on --fast fp8=on --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} \
+          python scripts/bench_stage.py --set fast --stage-repeats 2 --run-timeout 150 --fast fp8=on \
+            --fast cuda_graphs=on --fast moe_permute_fusion=on --fast moe_router_fusion=on --fast ce_fusion=on \
+            --fast mamba_fused=off --fast fused_residual=off --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} \
             >>"$OUT/fast.log" 2>&1 ;;
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
