@@ -16,7 +16,7 @@
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
 ALL_PARTS=(tests startup ae mod mtp moda mtp-repeated mod-pretrain flexidepth flexidepth-batch stage-ab stage
-           fast lite-mtp2 generate generate-random moe-decode)
+           fast lite-mtp2 generate generate-random moe-decode profile-decode)
 if [[ ${1:-} == --list ]]; then echo "${ALL_PARTS[*]}"; exit 0; fi
 for part in "$@"; do
   if [[ " ${ALL_PARTS[*]} " != *" $part "* ]]; then
@@ -86,6 +86,11 @@ for part in $PARTS; do
             --fast cuda_graphs=on --fast moe_permute_fusion=on --fast moe_router_fusion=on --fast ce_fusion=on \
             --fast mamba_fused=off --fast fused_residual=off --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} \
             >>"$OUT/fast.log" 2>&1 ;;
+    # where a static decode step's device time goes (plain, K = 1, 2; batch 1): the trained
+    # checkpoint of lite-mtp2 when there is one, else random weights (the kernels are the same)
+    profile-decode) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
+                    python scripts/profile_decode_step.py ${load[@]+"${load[@]}"} --out "$OUT/profile-decode.json" \
+                      >"$OUT/profile-decode.log" 2>&1 ;;
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
                        --cuda-graphs --out "$OUT/generate-random.json" >"$OUT/generate-random.log" 2>&1 ;;
