@@ -16,7 +16,7 @@
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
 ALL_PARTS=(tests startup ae mod mtp moda mtp-repeated mod-pretrain flexidepth flexidepth-batch stage-ab stage
-           fast lite-mtp2 generate generate-random moe-decode profile-decode)
+           fast lite-mtp2 generate generate-sparse generate-random moe-decode profile-decode)
 if [[ ${1:-} == --list ]]; then echo "${ALL_PARTS[*]}"; exit 0; fi
 for part in "$@"; do
   if [[ " ${ALL_PARTS[*]} " != *" $part "* ]]; then
@@ -108,6 +108,12 @@ for part in $PARTS; do
     generate) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")  # else random weights
               python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 --cuda-graphs \
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
+    # the same with the sparse MoE kernel allowed (its best configurations since the eighth
+    # session), batch 1: each side's best of the two runs is what issue 18 compares
+    generate-sparse) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
+                     python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1 --speculative 1,2 --repeats 2 \
+                       --cuda-graphs --moe-routes dense,gathered,sparse --out "$OUT/generate-sparse.json" \
+                       >"$OUT/generate-sparse.log" 2>&1 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"
