@@ -62,14 +62,14 @@ for part in $PARTS; do
                     --out "$OUT/flexidepth.json"; } >"$OUT/flexidepth.log" 2>&1 ;;
     # the same trained rates at batch 8 x 4096, where the dense forward's device time exceeds its
     # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only);
-    # gathering with the exact kept count, with the MoE layers' route mode, with a fixed capacity
-    # per layer (its trained kept fraction + 0.05: no host read), and route mode on E alone
+    # gathering with a fixed capacity per layer (its trained kept fraction + 0.05, then + 0.1: no
+    # host read; the CPU checkpoint's bits/byte cost +0.5% / +0.05%), then with the exact kept count
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --hard-skip-capacity kept+0.05 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --hard-skip-moe route --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-route.json"; } \
+                    --hard-skip-capacity kept+0.1 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity10.json"; } \
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
