@@ -104,8 +104,10 @@ class FlexiDepthConfig:
         hard_skip_capacity: ``None`` (exact: the gathered length is each forward's largest
             per-sequence kept count, read on the host once per gathering layer) or a fraction
             ``0 < c <= 1``: a gathering layer runs its block on a fixed ``ceil(c * s)`` positions
-            per sequence (padded to a multiple of the TP size under SP), so the forward reads nothing on the
-            host and the device never waits for it. The first kept tokens of each sequence, in
+            per sequence (padded to a multiple of the TP size under SP), so FlexiDepth reads
+            nothing on the host (other host reads, e.g. a dropless MoE layer's expert counts,
+            remain: on an H100 at batch 8 x 4096 it measured no faster than exact,
+            docs/benchmarks.md). The first kept tokens of each sequence, in
             order, fill the capacity; a kept token past it takes the skip path, as a skipped one
             does (causal: a token's path depends on the tokens before it only), and the
             statistics count it as skipped. With ``c`` at least every sequence's kept fraction
