@@ -182,6 +182,36 @@ def test_generate_on_the_fine_tuned_checkpoint(runs, capsys):
     assert report["model"] == "custom(AE)+flexidepth" and len(report["rows"][0]["tokens"]) >= 1
 
 
+def test_a_named_model_resolves_on_a_frozen_fine_tune(runs):
+    """Naming the model (``generate --preset``, needed for checkpoints that do not record it)
+    checks it against the checkpoint but not the optimizer's frozen-backbone layout, which
+    inference never loads."""
+    from megacpp_mcore.infer import checkpoint as ckpt
+
+    found = ckpt.open_checkpoint(str(runs["ft"]))
+    assert found.frozen_backbone
+    assert ckpt.resolve_model(found, _flexidepth()).features["flexidepth"] == FlexiDepthConfig.from_options(FD_OPTIONS)
+
+
+def test_capacity_evaluation_script(runs, monkeypatch):
+    """``scripts/eval_flexidepth_capacity.py`` on the fine-tune: a margin that lifts every
+    capacity to 1 reproduces the exact hard forward's bits/byte and skip rates bit for bit (each
+    setting is really applied and then replaced), a zero margin never skips less."""
+    from scripts_module import load_script
+
+    monkeypatch.setenv("MEGACPP_CACHE", str(runs["tmp"] / "cache"))
+    name, rows = load_script("eval_flexidepth_capacity").evaluate_capacities(
+        str(runs["ft"]), symbols="AE", margins=(0.99, 0.0), eval_iters=1, data=runs["prefix"])
+    exact, full, tight = rows
+    assert name == "custom(AE)+flexidepth" and [r["setting"] for r in rows] == ["exact", "kept+0.99", "kept+0"]
+    assert set(exact["skip_rate_per_layer"]) == {0, 1} and exact["capacity"] == {}
+    assert 0 < exact["skip_rate"] < 1
+    assert full["capacity"] == {0: 1.0, 1: 1.0}
+    assert full["bpb"] == exact["bpb"] and full["skip_rate_per_layer"] == exact["skip_rate_per_layer"]
+    assert tight["capacity"] == {i: pytest.approx(1 - r) for i, r in exact["skip_rate_per_layer"].items()}
+    assert all(tight["skip_rate_per_layer"][i] >= r for i, r in exact["skip_rate_per_layer"].items())
+
+
 def _cli(argv, capsys):
     code = cli.main(argv)
     return code, capsys.readouterr()

@@ -45,6 +45,7 @@ class Checkpoint:
     mtp_depth: int | None = None
     args: Any = None
     added: dict = dataclasses.field(default_factory=dict)  # fine-tune features (FlexiDepth) and configs
+    frozen_backbone: bool = False  # written by a --freeze-backbone fine-tune (no bearing on inference)
 
 
 def open_checkpoint(directory: str) -> Checkpoint:
@@ -73,7 +74,8 @@ def open_checkpoint(directory: str) -> Checkpoint:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"--load {directory!r}: {path}: {exc}") from None
     return Checkpoint(path=path, step=step, signature=signature, seq_length=run.get("seq_length"),
-                      mtp_depth=common.get("mtp_depth"), added=added)
+                      mtp_depth=common.get("mtp_depth"), added=added,
+                      frozen_backbone=bool(common.get("frozen_backbone", False)))
 
 
 def _preset_shapes(signature: dict):
@@ -134,7 +136,7 @@ def resolve_model(checkpoint: Checkpoint, model: ModelConfig | None = None,
     if checkpoint.mtp_depth is not None:
         model = model.replace(mtp_depth=checkpoint.mtp_depth)
     if named:
-        check_checkpoint_matches(checkpoint.path, model)
+        check_checkpoint_matches(checkpoint.path, model, frozen_backbone=checkpoint.frozen_backbone)
     seq_length = seq_length or checkpoint.seq_length
     if seq_length is not None and seq_length != model.seq_length:
         model = model.replace(seq_length=seq_length)
