@@ -14,30 +14,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench_moe_decode import time_route  # median us per call, replayed as one CUDA graph
+
 SHAPES = ((2048, 2048), (5632, 2048), (2048, 5632), (6144, 2048))  # (out, in) of nam56r-lite
-
-
-def graphed_us(fn, calls: int = 200, per_graph: int = 20) -> float:
-    """us per ``fn()`` call, ``per_graph`` calls captured in one CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls // per_graph):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
 
 
 def main() -> int:
@@ -54,10 +33,10 @@ def main() -> int:
             name = str(dtype).removeprefix("torch.")
             for rows in (1, 2, 3):
                 x = torch.randn(rows, in_dim, device="cuda", dtype=dtype)
-                us = graphed_us(lambda: F.linear(x, weight))
+                us = time_route(lambda: F.linear(x, weight), calls=20, repeats=10)
                 print(f"{out_dim:>5}x{in_dim:<5} {name:>8} {rows:>4} {us:7.1f} {size / us / 1e3:6.0f}")
             x = torch.randn(3, in_dim, device="cuda", dtype=dtype)
-            us = graphed_us(lambda: [F.linear(x[j:j + 1], weight) for j in range(3)])
+            us = time_route(lambda: [F.linear(x[j:j + 1], weight) for j in range(3)], calls=20, repeats=10)
             print(f"{out_dim:>5}x{in_dim:<5} {name:>8}  3x1 {us:7.1f}")
     return 0
 
