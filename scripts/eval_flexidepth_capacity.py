@@ -8,9 +8,9 @@ take the adapter path).
 CKPT: a `megacpp-mcore train --flexidepth ...` checkpoint; its model and FlexiDepth options come
 from it (as `generate --load` reads them), put in hard inference gathering on ``--symbols``. The
 validation batches are the training loop's (``--eval-iters`` global batches of ``--data``, default
-the default data). Prints one row per
-setting: bits/byte, its change against exact, the skip rate over the FlexiDepth layers (overflow
-counted as skipped) and the capacities; ``--out`` writes them as JSON.
+the default data). Prints one row per setting: bits/byte, its change against exact, the skip rate
+over the FlexiDepth layers (overflow counted as skipped) and the capacities; ``--out`` writes them
+as JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 
 def hard_model(load: str, symbols: str, named=None):
-    """(ModelConfig, checkpoint step): the checkpoint's FlexiDepth model (``named``, a ModelConfig,
+    """(ModelConfig, its :class:`~megacpp_mcore.infer.checkpoint.Checkpoint`): the checkpoint's FlexiDepth model (``named``, a ModelConfig,
     where the checkpoint does not record it) in hard inference gathering on ``symbols``;
     ValueError for a checkpoint without FlexiDepth."""
     from megacpp_mcore.infer import checkpoint as ckpt
@@ -63,27 +63,27 @@ def hard_model(load: str, symbols: str, named=None):
         raise ValueError(f"--load {load}: {model.name} carries no FlexiDepth (fine-tune it with "
                          "megacpp-mcore train --flexidepth)")
     fd = dataclasses.replace(fd, inference="hard", hard_skip_symbols=symbols)
-    return model.replace(features={**model.features, "flexidepth": fd}), found.step
+    return model.replace(features={**model.features, "flexidepth": fd}), found
 
 
 def evaluate_capacities(load: str, *, symbols: str = "AE", margins=(0.05, 0.1), eval_iters: int = 4,
                         data: str | None = None, named=None) -> tuple[str, list[dict]]:
     """(model name, rows): validation bits/byte exact, then with each margin's capacities."""
     from megacpp_mcore.features.flexidepth import FlexiDepthLayer
+    from megacpp_mcore.infer.engine import _unwrap
     from megacpp_mcore.train import loop, runtime
     from megacpp_mcore.train.checkpoint import read_metadata
     from megacpp_mcore.train.invalid import OPTIMIZER_KEYS
 
-    model, step = hard_model(load, symbols, named)
-    path, _ = loop.find_checkpoint(load)
+    model, found = hard_model(load, symbols, named)
     # the run's own optimizer settings: a resume must match them (nothing is trained here)
-    saved = (read_metadata(path) or {}).get("run") or {}
-    cfg = loop.TrainConfig(load=load, steps=step, eval_iters=eval_iters, freeze_backbone=True, data=data,
+    saved = (read_metadata(found.path) or {}).get("run") or {}
+    cfg = loop.TrainConfig(load=load, steps=found.step, eval_iters=eval_iters, freeze_backbone=True, data=data,
                            **{k: saved[k] for k in OPTIMIZER_KEYS if k in saved})
     checked = loop.check(model, cfg)
     trainer = loop.Trainer(checked, cfg, log=lambda _line: None, t_start=time.perf_counter())
     try:
-        layers = [(i, m) for i, m in enumerate(_decoder(trainer.chunks[0]).layers)
+        layers = [(i, m) for i, m in enumerate(_unwrap(trainer.chunks[0]).decoder.layers)
                   if isinstance(m, FlexiDepthLayer)]
         gathering = [(i, m) for i, m in layers if m.gathers]
 
@@ -102,12 +102,6 @@ def evaluate_capacities(load: str, *, symbols: str = "AE", margins=(0.05, 0.1), 
     finally:
         runtime.shutdown()
     return model.name, rows
-
-
-def _decoder(chunk):
-    while not hasattr(chunk, "decoder"):  # DDP / Float16Module wrappers
-        chunk = chunk.module
-    return chunk.decoder
 
 
 def main(argv=None) -> int:

@@ -110,15 +110,15 @@ for part in $PARTS; do
                 --out "$OUT/generate.json" >"$OUT/generate.log" 2>&1 ;;
     # the same with the sparse MoE kernel allowed (its best configurations since the eighth
     # session), batch 1: each side's best of the two runs is what issue 18 compares
+    generate-sparse) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
+                     python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1 --speculative 1,2 --repeats 2 \
+                       --cuda-graphs --moe-routes dense,gathered,sparse --out "$OUT/generate-sparse.json" \
+                       >"$OUT/generate-sparse.log" 2>&1 ;;
     # the same checkpoint decoded in bf16, the dtype it trained in: an fp32 GEMM of K + 1 rows
     # reads its weight up to 3.7x slower than one row, a bf16 one as fast (bench_small_gemm.py)
     generate-bf16) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
                    python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
                      --cuda-graphs --dtype bf16 --out "$OUT/generate-bf16.json" >"$OUT/generate-bf16.log" 2>&1 ;;
-    generate-sparse) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
-                     python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1 --speculative 1,2 --repeats 2 \
-                       --cuda-graphs --moe-routes dense,gathered,sparse --out "$OUT/generate-sparse.json" \
-                       >"$OUT/generate-sparse.log" 2>&1 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"
