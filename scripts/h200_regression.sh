@@ -86,10 +86,12 @@ for part in $PARTS; do
             --fast cuda_graphs=on --fast moe_permute_fusion=on --fast moe_router_fusion=on --fast ce_fusion=on \
             --fast mamba_fused=off --fast fused_residual=off --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} \
             >>"$OUT/fast.log" 2>&1 ;;
-    # where a static decode step's device time goes (plain, K = 1, 2; batch 1): the trained
-    # checkpoint of lite-mtp2 when there is one, else random weights (the kernels are the same)
+    # where a static decode step's device time goes (plain, K = 1, 2; batch 1, bf16: the decode
+    # dtype that wins): the trained checkpoint of lite-mtp2 when there is one, else random weights
+    # (the kernels are the same)
     profile-decode) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
-                    python scripts/profile_decode_step.py ${load[@]+"${load[@]}"} --out "$OUT/profile-decode.json" \
+                    python scripts/profile_decode_step.py ${load[@]+"${load[@]}"} --dtype bf16 --steps 8 \
+                      --top 40 --out "$OUT/profile-decode.json" \
                       >"$OUT/profile-decode.log" 2>&1 ;;
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \

@@ -1,17 +1,21 @@
 """Where a static decode step's device time goes, by part of the step: plain and speculative (K
-drafts), batch 1 by default, the step CUDA graphs replay profiled eagerly on CUDA.
+drafts), batch 1 by default, the step CUDA graphs replay profiled eagerly.
 
-    python scripts/profile_decode_step.py [--load CKPT] [--speculative 0,1,2] [--batch 1]
+    python scripts/profile_decode_step.py [--load CKPT] [--speculative 0,1,2] [--batch 1] [--dtype bf16]
 
 For each K: the graphed ms/step (as ``bench_generate --cuda-graphs`` times it), then the eager
 static step under torch's profiler: every kernel is charged to the innermost package function
-that launched it (``file:function``) inside its phase (``trunk``: the verification's or plain
+that was running when it was launched (``file:function``, from the profiler's Python-function
+events by time, on the launching thread) inside its phase (``trunk``: the verification's or plain
 step's layers; ``mtp``: the drafter; ``step``: embedding, head, acceptance, commits), with its
 kernel count and device microseconds per step. A graphed step costs its kernels' device time plus
 a gap per kernel, so the count matters at batch 1 as much as the microseconds.
 
+On a CPU (no kernels) it counts the step's aten operators instead, views and allocations left
+out, with their CPU microseconds: the same attribution, a proxy for the kernel count.
+
 Prints one table per K (largest parts first) and, last, the totals side by side; ``--out`` writes
-them as JSON. CUDA only (on a CPU the script says so and exits 2).
+them as JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=16, help="profiled steps per K (after 4 warm-up ones)")
     p.add_argument("--top", type=int, default=25, help="rows per table")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32",
+                   help="weights and compute, as bench_generate's (default fp32, TF32 off)")
+    p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompt")
     p.add_argument("--out", help="JSON of the tables")
     args = p.parse_args(argv)
     args.speculative = [int(k) for k in args.speculative.split(",") if k.strip()]
@@ -46,9 +53,18 @@ def parse_args(argv=None):
     return args
 
 
+# operators that launch no kernel: views, allocations, scalar reads (left out of the CPU count)
+_NO_KERNEL = frozenset(f"aten::{name}" for name in (
+    "empty", "empty_strided", "empty_like", "view", "as_strided", "_reshape_alias", "reshape",
+    "_unsafe_view", "detach", "t", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
+    "permute", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "split", "split_with_sizes",
+    "narrow", "unbind", "chunk", "flatten", "contiguous", "result_type", "is_nonzero", "item",
+    "_local_scalar_dense", "view_as", "expand_as", "numpy_T", "movedim"))
+
+
 def _site(frames: list[str]) -> tuple[str, str]:
-    """(phase, innermost package ``file:function``) of an operator's Python frames (the
-    profiler's ``path(line): function`` events above it, innermost first)."""
+    """(phase, innermost package ``file:function``) of the package's Python frames around an
+    operator (``path(line): function`` names, innermost first)."""
     frames = [f for f in frames if PACKAGE in f]
     phase = "mtp" if any("infer/mtp.py" in f for f in frames) else (
         "trunk" if any("infer/layers.py" in f for f in frames) else "step")
@@ -59,17 +75,54 @@ def _site(frames: list[str]) -> tuple[str, str]:
     return phase, f"{name}:{func}"
 
 
-def _frames(event) -> list[str]:
-    """The names of an event's ancestors, innermost first."""
-    names, parent = [], event.cpu_parent
+def attribute(events, *, cuda: bool) -> dict:
+    """``{(phase, site): [count, us]}`` over profiler events: kernels and their device time on
+    CUDA, else kernel-launching aten operators (``_NO_KERNEL`` left out, outermost operator only)
+    and their CPU time. An event is placed among the package's Python-function events (names
+    ``path(line): function``) by its start time on its thread: a sweep over intervals that nest."""
+    frames_by_thread: dict = collections.defaultdict(list)
+    items_by_thread: dict = collections.defaultdict(list)
+    for event in events:
+        if PACKAGE in event.name and "): " in event.name:
+            frames_by_thread[event.thread].append(event)
+        elif cuda:
+            kernels = getattr(event, "kernels", None) or []
+            if kernels:
+                items_by_thread[event.thread].append(
+                    (event, len(kernels), sum(kernel.duration for kernel in kernels)))
+        elif event.name.startswith("aten::") and event.name not in _NO_KERNEL and not any(
+                parent.name.startswith("aten::") for parent in _ancestors(event)):
+            items_by_thread[event.thread].append((event, 1, event.cpu_time_total))
+    table: dict = collections.defaultdict(lambda: [0, 0.0])
+    for thread, items in items_by_thread.items():
+        frames = sorted(frames_by_thread[thread], key=lambda e: (e.time_range.start, -e.time_range.end))
+        items.sort(key=lambda item: item[0].time_range.start)
+        open_frames, i = [], 0
+        for event, count, us in items:
+            t = event.time_range.start
+            while i < len(frames) and frames[i].time_range.start <= t:
+                while open_frames and open_frames[-1].time_range.end <= frames[i].time_range.start:
+                    open_frames.pop()
+                open_frames.append(frames[i])
+                i += 1
+            while open_frames and open_frames[-1].time_range.end <= t:
+                open_frames.pop()
+            key = _site([f.name for f in reversed(open_frames)])
+            table[key][0] += count
+            table[key][1] += us
+    return table
+
+
+def _ancestors(event):
+    parent = event.cpu_parent
     while parent is not None:
-        names.append(parent.name)
+        yield parent
         parent = parent.cpu_parent
-    return names
 
 
 def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
-    """Kernels and device time per step by (phase, site), eager static decoding."""
+    """Kernels (CPU: aten ops) and their microseconds per step by (phase, site), eager static
+    decoding; the rows say ``kernels`` either way."""
     from torch.profiler import ProfilerActivity, profile
 
     from megacpp_mcore.infer import generate
@@ -78,19 +131,15 @@ def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
         return generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
                         static=True)
 
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
     def measured(new_tokens):
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        with profile(activities=activities, with_stack=True) as prof:
             out = run(new_tokens)
-            torch.cuda.synchronize()
-        table: dict = collections.defaultdict(lambda: [0, 0.0])
-        for event in prof.events():
-            kernels = getattr(event, "kernels", None) or []
-            if not kernels:
-                continue
-            key = _site(_frames(event))
-            table[key][0] += len(kernels)
-            table[key][1] += sum(kernel.duration for kernel in kernels)
-        return table, out.steps
+            if cuda:
+                torch.cuda.synchronize()
+        return attribute(prof.events(), cuda=cuda), out.steps
 
     run(4)
     short, n_short = measured(4)
@@ -121,12 +170,12 @@ def graphed_ms(engine, rows, *, k: int, sampling, new_tokens: int = 64) -> tuple
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_decode_step: needs a CUDA device (kernel times); none is visible here", file=sys.stderr)
-        return 2
     import bench_generate as bg
 
-    gen_args = bg.parse_args(["--batch", str(args.batch)] + (["--load", args.load] if args.load else [])
+    cuda = torch.cuda.is_available()
+    unit = "kernels" if cuda else "ops"
+    gen_args = bg.parse_args(["--batch", str(args.batch), "--dtype", args.dtype, "--prompt-dir", args.prompt_dir]
+                             + (["--load", args.load] if args.load else [])
                              + (["--mtp-depth", str(args.mtp_depth)] if args.mtp_depth else []))
     engine, description = bg.build_engine(gen_args)
     sampling = bg.byte_sampling(engine)
@@ -134,28 +183,32 @@ def main(argv=None) -> int:
     ks = [k for k in args.speculative if k == 0 or 1 <= k <= engine.mtp_depth]
     results = {}
     for k in ks:
-        ms, tokens = graphed_ms(engine, rows, k=k, sampling=sampling)
+        ms, tokens = graphed_ms(engine, rows, k=k, sampling=sampling) if cuda else (None, None)
         parts = profile_steps(engine, rows, k=k, steps=args.steps, sampling=sampling)
         total_n = sum(p["kernels"] for p in parts.values())
         total_us = sum(p["us"] for p in parts.values())
-        results[k] = {"graphed_ms_per_step": ms, "tokens_per_step": tokens, "kernels": total_n,
-                      "device_us": total_us, "parts": parts}
-        print(f"\nK={k}: graphed {ms:.3f} ms/step, {tokens:.2f} tokens/step; eager static step: "
-              f"{total_n:.0f} kernels, {total_us:.0f} us of device time "
-              f"(gap per kernel if graphed: {(1e3 * ms - total_us) / max(total_n, 1):.2f} us)")
-        print(f"  {'part':<58} {'kernels':>8} {'us':>8} {'us/kernel':>9}")
-        for name, p in sorted(parts.items(), key=lambda kv: -kv[1]["us"])[:args.top]:
+        results[k] = {"graphed_ms_per_step": ms, "tokens_per_step": tokens, unit: total_n,
+                      "device_us" if cuda else "cpu_us": total_us, "parts": parts}
+        if cuda:
+            print(f"\nK={k}: graphed {ms:.3f} ms/step, {tokens:.2f} tokens/step; eager static step: "
+                  f"{total_n:.0f} kernels, {total_us:.0f} us of device time "
+                  f"(gap per kernel if graphed: {(1e3 * ms - total_us) / max(total_n, 1):.2f} us)")
+        else:
+            print(f"\nK={k}: eager static step on the CPU: {total_n:.0f} aten ops, {total_us:.0f} us")
+        print(f"  {'part':<58} {unit:>8} {'us':>8} {'us/' + unit[:-1]:>9}")
+        for name, p in sorted(parts.items(), key=lambda kv: -kv[1]["kernels"])[:args.top]:
             print(f"  {name:<58} {p['kernels']:8.1f} {p['us']:8.1f} {p['us'] / max(p['kernels'], 1e-9):9.2f}")
     print(f"\n{description}, batch {args.batch}")
-    print(f"{'K':>2} {'graphed ms':>10} {'tokens':>7} {'kernels':>8} {'device us':>9} {'by phase (kernels / us)'}")
+    print(f"{'K':>2} {'graphed ms':>10} {'tokens':>7} {unit:>8} {'us':>9} by phase ({unit} / us)")
     for k, r in results.items():
         phases = collections.defaultdict(lambda: [0.0, 0.0])
         for name, p in r["parts"].items():
             phases[name.split()[0]][0] += p["kernels"]
             phases[name.split()[0]][1] += p["us"]
         by = ", ".join(f"{ph} {v[0]:.0f} / {v[1]:.0f}" for ph, v in sorted(phases.items()))
-        print(f"{k:>2} {r['graphed_ms_per_step']:10.3f} {r['tokens_per_step']:7.2f} {r['kernels']:8.0f} "
-              f"{r['device_us']:9.0f} {by}")
+        graphed = "-" if r["graphed_ms_per_step"] is None else f"{r['graphed_ms_per_step']:.3f}"
+        tokens = "-" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
+        print(f"{k:>2} {graphed:>10} {tokens:>7} {r[unit]:8.0f} {r.get('device_us', r.get('cpu_us')):9.0f} {by}")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": description, "batch": args.batch,
                                               "results": results}, indent=1))
