@@ -73,7 +73,9 @@ done
 
 # what comes back: logs (gzipped), JSON, receipts; never checkpoints or caches
 cp "$W"/*.json "$OUT"/ 2>/dev/null
-for log in "$W"/*.log; do [[ -f $log ]] && gzip -c "$log" >"$OUT/$(basename "$log").gz"; done
+for log in "$W"/*.log; do  # '=' (bench_stage's run names) is not a name the device tool brings back
+  name=$(basename "$log"); [[ -f $log ]] && gzip -c "$log" >"$OUT/${name//=/-}.gz"
+done
 for receipt in "$W"/*/receipt.json; do
   [[ -f $receipt ]] && cp "$receipt" "$OUT/$(basename "$(dirname "$receipt")")-receipt.json"
 done

@@ -79,37 +79,36 @@ def attribute(events, *, cuda: bool) -> dict:
     """``{(phase, site): [count, us]}`` over profiler events: kernels and their device time on
     CUDA, else kernel-launching aten operators (``_NO_KERNEL`` left out, outermost operator only)
     and their CPU time. An event is placed among the package's Python-function events (names
-    ``path(line): function``) by its start time on its thread: a sweep over intervals that nest."""
-    frames_by_thread: dict = collections.defaultdict(list)
-    items_by_thread: dict = collections.defaultdict(list)
+    ``path(line): function``) by its start time: a sweep over intervals that nest."""
+    # one sweep over all threads: decoding runs on one Python thread, and on CUDA the profiler
+    # gives its Python-function events another thread id than the operators it records
+    frames, items = [], []
     for event in events:
         if PACKAGE in event.name and "): " in event.name:
-            frames_by_thread[event.thread].append(event)
+            frames.append(event)
         elif cuda:
             kernels = getattr(event, "kernels", None) or []
             if kernels:
-                items_by_thread[event.thread].append(
-                    (event, len(kernels), sum(kernel.duration for kernel in kernels)))
+                items.append((event, len(kernels), sum(kernel.duration for kernel in kernels)))
         elif event.name.startswith("aten::") and event.name not in _NO_KERNEL and not any(
                 parent.name.startswith("aten::") for parent in _ancestors(event)):
-            items_by_thread[event.thread].append((event, 1, event.cpu_time_total))
+            items.append((event, 1, event.cpu_time_total))
     table: dict = collections.defaultdict(lambda: [0, 0.0])
-    for thread, items in items_by_thread.items():
-        frames = sorted(frames_by_thread[thread], key=lambda e: (e.time_range.start, -e.time_range.end))
-        items.sort(key=lambda item: item[0].time_range.start)
-        open_frames, i = [], 0
-        for event, count, us in items:
-            t = event.time_range.start
-            while i < len(frames) and frames[i].time_range.start <= t:
-                while open_frames and open_frames[-1].time_range.end <= frames[i].time_range.start:
-                    open_frames.pop()
-                open_frames.append(frames[i])
-                i += 1
-            while open_frames and open_frames[-1].time_range.end <= t:
+    frames.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+    items.sort(key=lambda item: item[0].time_range.start)
+    open_frames, i = [], 0
+    for event, count, us in items:
+        t = event.time_range.start
+        while i < len(frames) and frames[i].time_range.start <= t:
+            while open_frames and open_frames[-1].time_range.end <= frames[i].time_range.start:
                 open_frames.pop()
-            key = _site([f.name for f in reversed(open_frames)])
-            table[key][0] += count
-            table[key][1] += us
+            open_frames.append(frames[i])
+            i += 1
+        while open_frames and open_frames[-1].time_range.end <= t:
+            open_frames.pop()
+        key = _site([f.name for f in reversed(open_frames)])
+        table[key][0] += count
+        table[key][1] += us
     return table
 
 
