@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32",
                    help="weights and compute, as bench_generate's (default fp32, TF32 off)")
     p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompt")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="bytes per prompt (default 128)")
     p.add_argument("--out", help="JSON of the tables")
     args = p.parse_args(argv)
     args.speculative = [int(k) for k in args.speculative.split(",") if k.strip()]
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     unit = "kernels" if cuda else "ops"
-    gen_args = bg.parse_args(["--batch", str(args.batch), "--dtype", args.dtype, "--prompt-dir", args.prompt_dir]
+    gen_args = bg.parse_args(["--batch", str(args.batch), "--dtype", args.dtype, "--prompt-dir", args.prompt_dir,
+                              "--prompt-tokens", str(args.prompt_tokens)]
                              + (["--load", args.load] if args.load else [])
                              + (["--mtp-depth", str(args.mtp_depth)] if args.mtp_depth else []))
     engine, description = bg.build_engine(gen_args)

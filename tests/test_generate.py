@@ -255,3 +255,25 @@ def test_bpe_run_carries_its_tokenizer_and_generate_uses_it(tmp_path, monkeypatc
     row = json.loads(out.out)["rows"][0]
     assert all(0 <= t < tok.vocab_size for t in row["tokens"])  # ids of the BPE, not bytes
     assert row["text"] == tok.decode_bytes(row["tokens"]).decode("utf-8", errors="replace")
+
+
+def test_profile_decode_step_cpu_attributes_ops(checkpoints, tmp_path, capsys):
+    """scripts/profile_decode_step.py on a CPU: each aten op of a static step is charged to the
+    package function running when it was called (the sweep over Python frames by time), phases
+    as the drafter and the trunk split them; K=1 adds the drafter's ops to the plain step's."""
+    profile = load_script("profile_decode_step")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.h").write_text("#define F 1\nint f(void);\n" * 2)
+    out = tmp_path / "profile.json"
+    assert profile.main(["--load", str(checkpoints / "mtp"), "--speculative", "0,1", "--steps", "3",
+                         "--prompt-dir", str(src), "--prompt-tokens", "12", "--out", str(out)]) == 0
+    assert "aten ops" in capsys.readouterr().out
+    results = {int(k): r for k, r in json.loads(out.read_text())["results"].items()}
+    plain, spec = results[0]["parts"], results[1]["parts"]
+    assert all(r["graphed_ms_per_step"] is None for r in results.values())  # no CUDA graphs here
+    assert {name.split()[0] for name in plain} <= {"trunk", "step"}
+    assert any(name.startswith("mtp ") for name in spec) and "mtp infer/mtp.py:draft" in spec
+    assert "trunk infer/attention.py:mla_step" in plain  # the AEMR model's A layer
+    assert "step ?" not in plain, "every op of a decode step runs inside a package function"
+    assert results[1]["ops"] > results[0]["ops"] > 50
