@@ -5,11 +5,16 @@ drafts), batch 1 by default, the step CUDA graphs replay profiled eagerly.
 
 For each K: the graphed ms/step (as ``bench_generate --cuda-graphs`` times it), then the eager
 static step under torch's profiler: every kernel is charged to the innermost package function
-that was running when it was launched (``file:function``, from the profiler's Python-function
-events by time, on the launching thread) inside its phase (``trunk``: the verification's or plain
+that was running when it was launched (``file:function``) inside its phase (``trunk``: the verification's or plain
 step's layers; ``mtp``: the drafter; ``step``: embedding, head, acceptance, commits), with its
 kernel count and device microseconds per step. A graphed step costs its kernels' device time plus
 a gap per kernel, so the count matters at batch 1 as much as the microseconds.
+
+To know which function was running, the profiled steps run with every function and method of the
+loaded ``megacpp_mcore`` modules wrapped in a ``record_function`` range named like a Python frame
+(``megacpp_mcore/infer/mtp.py(0): _run``), restored afterwards; each kernel-launching event is placed
+among those ranges by time. (Torch's own Python-function events, ``with_stack=True``, do not join
+the CUDA operators of torch 2.11 to their frames.)
 
 On a CPU (no kernels) it counts the step's aten operators instead, views and allocations left
 out, with their CPU microseconds: the same attribution, a proxy for the kernel count.
@@ -22,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -120,6 +128,51 @@ def _ancestors(event):
         parent = parent.cpu_parent
 
 
+@contextlib.contextmanager
+def labelled_functions():
+    """Every function of the loaded package modules (module-level, and methods defined in their
+    classes) replaced, wherever a package module or class refers to it, by a wrapper that runs it
+    inside ``record_function("<file>(0): <name>")``; all restored on exit."""
+    from torch.autograd.profiler import record_function
+
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (name == PACKAGE or name.startswith(PACKAGE + "."))]
+    wrappers: dict = {}
+
+    def wrapped(fn):
+        if fn not in wrappers:
+            path = inspect.getsourcefile(fn) or "?"
+            label = f"{PACKAGE}/{path.split(PACKAGE + '/')[-1]}(0): {fn.__name__}"
+
+            @functools.wraps(fn)
+            def wrapper(*args, __fn=fn, __label=label, **kwargs):
+                with record_function(__label):
+                    return __fn(*args, **kwargs)
+
+            wrappers[fn] = wrapper
+        return wrappers[fn]
+
+    def ours(fn) -> bool:
+        return inspect.isfunction(fn) and (fn.__module__ or "").startswith(PACKAGE)
+
+    undo = []
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if ours(value):
+                undo.append((module, name, value))
+                setattr(module, name, wrapped(value))
+            elif inspect.isclass(value) and value.__module__ == module.__name__:
+                for attr, fn in list(vars(value).items()):
+                    if ours(fn) and (not attr.startswith("__") or attr == "__call__"):
+                        undo.append((value, attr, fn))
+                        setattr(value, attr, wrapped(fn))
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(undo):
+            setattr(owner, name, value)
+
+
 def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
     """Kernels (CPU: aten ops) and their microseconds per step by (phase, site), eager static
     decoding; the rows say ``kernels`` either way."""
@@ -135,7 +188,7 @@ def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
     def measured(new_tokens):
-        with profile(activities=activities, with_stack=True) as prof:
+        with labelled_functions(), profile(activities=activities) as prof:
             out = run(new_tokens)
             if cuda:
                 torch.cuda.synchronize()
