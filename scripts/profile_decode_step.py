@@ -202,7 +202,7 @@ def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
     for key in long:
         count = (long[key][0] - short.get(key, [0, 0.0])[0]) / per
         us = (long[key][1] - short.get(key, [0, 0.0])[1]) / per
-        if count > 0.01 or us > 0.01:
+        if count > 0.01:  # a part with no kernels per step: only the runs' timing noise
             rows_out[f"{key[0]} {key[1]}"] = {"kernels": count, "us": us}
     return rows_out
 
