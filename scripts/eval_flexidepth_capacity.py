@@ -51,9 +51,9 @@ def parse_args(argv=None):
 
 
 def hard_model(load: str, symbols: str, named=None):
-    """(ModelConfig, its :class:`~megacpp_mcore.infer.checkpoint.Checkpoint`): the checkpoint's FlexiDepth model (``named``, a ModelConfig,
-    where the checkpoint does not record it) in hard inference gathering on ``symbols``;
-    ValueError for a checkpoint without FlexiDepth."""
+    """(ModelConfig, its :class:`~megacpp_mcore.infer.checkpoint.Checkpoint`): the checkpoint's
+    FlexiDepth model (``named``, a ModelConfig, where the checkpoint does not record it) in hard
+    inference gathering on ``symbols``; ValueError for a checkpoint without FlexiDepth."""
     from megacpp_mcore.infer import checkpoint as ckpt
 
     found = ckpt.open_checkpoint(load)

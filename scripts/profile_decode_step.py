@@ -72,8 +72,8 @@ _NO_KERNEL = frozenset(f"aten::{name}" for name in (
 
 
 def _site(frames: list[str]) -> tuple[str, str]:
-    """(phase, innermost package ``file:function``) of the package's Python frames around an
-    operator (``path(line): function`` names, innermost first)."""
+    """(phase, innermost package ``file:function``) of the package's ranges around an operator
+    (``path(line): function`` names, innermost first)."""
     frames = [f for f in frames if PACKAGE in f]
     phase = "mtp" if any("infer/mtp.py" in f for f in frames) else (
         "trunk" if any("infer/layers.py" in f for f in frames) else "step")
@@ -87,10 +87,9 @@ def _site(frames: list[str]) -> tuple[str, str]:
 def attribute(events, *, cuda: bool) -> dict:
     """``{(phase, site): [count, us]}`` over profiler events: kernels and their device time on
     CUDA, else kernel-launching aten operators (``_NO_KERNEL`` left out, outermost operator only)
-    and their CPU time. An event is placed among the package's Python-function events (names
-    ``path(line): function``) by its start time: a sweep over intervals that nest."""
-    # one sweep over all threads: decoding runs on one Python thread, and on CUDA the profiler
-    # gives its Python-function events another thread id than the operators it records
+    and their CPU time. An event is placed among the package's ranges (:func:`labelled_functions`,
+    names ``path(line): function``) by its start time: a sweep over intervals that nest, on one
+    timeline (decoding runs on one Python thread)."""
     frames, items = [], []
     for event in events:
         if PACKAGE in event.name and "): " in event.name:

@@ -259,7 +259,7 @@ def test_bpe_run_carries_its_tokenizer_and_generate_uses_it(tmp_path, monkeypatc
 
 def test_profile_decode_step_cpu_attributes_ops(checkpoints, tmp_path, capsys):
     """scripts/profile_decode_step.py on a CPU: each aten op of a static step is charged to the
-    package function running when it was called (the sweep over Python frames by time), phases
+    package function running when it was called (the sweep over its labelled ranges), phases
     as the drafter and the trunk split them; K=1 adds the drafter's ops to the plain step's."""
     profile = load_script("profile_decode_step")
     src = tmp_path / "src"
