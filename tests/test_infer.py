@@ -209,6 +209,52 @@ def test_absorbed_mla_attention_equals_the_expanded_cache(bias, depth):
     torch.testing.assert_close(normed, ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("deinterleave", [False, True], ids=["halves", "mla-pairs"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate-half", "rotate-interleaved"])
+@torch.no_grad()
+def test_rotation_equals_megatron_unfused_rope_bit_for_bit(dtype, deinterleave, interleaved):
+    """The cache path's RoPE (one gather, one product, one pair sum per tensor) equals Megatron's
+    unfused ``apply_rotary_pos_emb`` exactly, in fp32 and bf16, for every layout (MLA's (even, odd)
+    regrouping, rotate-half or interleaved pairs), with YaRN's mscale, a partially rotated head
+    (the tail passes through) and per-row positions of left-padded rows; modules with equal tables
+    share one table, and one forward looks each up once."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megacpp_mcore.infer.context import StepContext
+
+    L, d, s, b, heads = 16, 8, 3, 2, 4
+    angles = torch.arange(L, dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.3, d)[None]
+
+    class Module:  # a RotaryEmbedding: [L, 1, 1, d] angles, (emb, mscale) as YaRN returns them
+        calls = 0
+
+        def __call__(self, length):
+            Module.calls += 1
+            return angles[:length, None, None, :], 0.75
+
+    pad = torch.tensor([0, 2])
+    ctx = StepContext(5, s, pad, {}, L)
+    rotation = ctx.rotation(Module(), dtype, deinterleave, interleaved)
+    assert ctx.rotation(Module(), dtype, deinterleave, interleaved) is rotation  # equal tables
+    assert Module.calls == 2
+
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=interleaved,
+                             multi_latent_attention=deinterleave, mrope_section=None)
+    takes_flag = "mla_rotary_interleaved" in __import__("inspect").signature(
+        rope_utils.apply_rotary_pos_emb).parameters
+    kwargs = {"mla_rotary_interleaved": deinterleave} if takes_flag else {}
+    freqs = angles[ctx.positions].transpose(0, 1).unsqueeze(2)  # [s, b, 1, d]
+    g = torch.Generator().manual_seed(1)
+    for width in (d, d + 4):  # a head of only rotated dims, and one with a passed-through tail
+        t = torch.randn(s, b, heads, width, generator=g).to(dtype)
+        want = rope_utils.apply_rotary_pos_emb(t, freqs, config=config, mscale=0.75,
+                                               cp_group=object(), **kwargs)
+        assert torch.equal(rotation.apply(t), want), (width, dtype)
+
+
 def test_static_generation_equals_dynamic_and_refuses_graphs_off_cuda(single_rank):
     """generate(static=True) emits plain greedy's tokens; CUDA graphs are refused on a CPU model,
     with a drafter other than the model's MTP block, with sampling and with a host-syncing MoE

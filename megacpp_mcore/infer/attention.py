@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 from megacpp_mcore.features.moda import DepthAwareAttention
 from megacpp_mcore.infer.context import StepContext
@@ -137,11 +136,6 @@ def _explicit(q, k, v, mask, scale, depth_key, depth_value):
     return out
 
 
-def _rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float, attn, rope_config, **kwargs):
-    return apply_rotary_pos_emb(t, freqs, config=rope_config, mscale=mscale,
-                                cp_group=attn.pg_collection.cp, **kwargs)
-
-
 def _moda(core, ctx: StepContext, key, value):
     """MoDA: this layer's depth keys of the new positions (read first), then its own push."""
     if not isinstance(core, DepthAwareAttention):
@@ -161,17 +155,18 @@ def softmax_scale(attn) -> float:
     return float(scale)
 
 
-def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_config, visible=None):
+def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, visible=None):
     """One standard ``SelfAttention`` over the new positions: ``[s, b, h] -> (out, bias)``.
 
-    ``rotary``: the model's ``RotaryEmbedding`` (None without RoPE); ``rope_config``: the config
-    with RoPE fusion off (per-row positions give ``[s, b, 1, d]`` frequencies, which the fused
-    kernel does not take)."""
+    ``rotary``: the model's ``RotaryEmbedding`` (None without RoPE), applied at each row's own
+    positions (:meth:`.context.StepContext.rotation`; a fused RoPE kernel takes one position per
+    sequence index, not per row)."""
     query, key, value = attn.get_query_key_value_tensors(hidden, None)  # [s, b, np|g, d]
     if rotary is not None:
-        freqs, mscale = ctx.rotary(rotary)
-        query = _rotate(query, freqs, mscale, attn, rope_config)
-        key = _rotate(key, freqs, mscale, attn, rope_config)
+        config = attn.config
+        rotation = ctx.rotation(rotary, query.dtype, compat.rope_deinterleaves(config, mla=False),
+                                config.rotary_interleaved)
+        query, key = rotation.apply(query), rotation.apply(key)
     depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
     keys, values = cache.write(ctx, key, value, visible)
     out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn),
@@ -179,7 +174,7 @@ def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, rope_
     return attn.linear_proj(out)
 
 
-def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config, visible=None):
+def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, visible=None):
     """One ``MLASelfAttention`` over the new positions with the latent cache: ``(out, bias)``.
 
     The projections, norms and RoPE are MLA's own, in the order ``get_query_key_value_tensors``
@@ -197,10 +192,9 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, rope_config, vi
     combined, _ = attn.linear_kv_down_proj(hidden)  # [s, b, kv_lora_rank + pe]
     latent, k_pe = torch.split(combined, [config.kv_lora_rank, pe], dim=-1)
 
-    freqs, mscale = ctx.rotary(attn.rotary_pos_emb)
-    rope = compat.mla_rotary_kwargs()
-    q_pe = _rotate(q_pe, freqs, mscale, attn, rope_config, **rope)
-    k_pe = _rotate(k_pe.unsqueeze(2), freqs, mscale, attn, rope_config, **rope).squeeze(2)
+    rotation = ctx.rotation(attn.rotary_pos_emb, q_pe.dtype, compat.rope_deinterleaves(config, mla=True),
+                            config.rotary_interleaved)
+    q_pe, k_pe = rotation.apply(q_pe), rotation.apply(k_pe.unsqueeze(2)).squeeze(2)
     latents, rope_keys = cache.write(ctx, latent, k_pe, visible)  # [T, b, r], [T, b, pe]
     scale, mask = float(attn.softmax_scale), cache.mask(ctx)
     if s > MATH_MAX_QUERIES:  # prefill: the expanded keys and values, SDPA

@@ -27,7 +27,7 @@ class StepContext:
         start: time index of the first new position (the cache's committed length).
         s: number of new positions.
         pad: ``[b]`` left padding per row (long, on the model's device).
-        rope_tables: the session's cache of full rotary tables (one per rotary module).
+        rope_tables: the session's :class:`RopeTable` per rotary module (built on first use).
         max_length: the timeline's capacity (rotary tables are built that long, once).
     """
 
@@ -51,6 +51,7 @@ class StepContext:
         self._rope_tables = rope_tables
         self._max_length = max_length
         self._mask: torch.Tensor | None = None
+        self._rotations: dict[tuple, Rotation] = {}
         # MoDA: depth K/V pushed at these positions in this forward, per depth buffer (id -> list)
         self.depth: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -85,21 +86,24 @@ class StepContext:
         """The rows of the new positions of a ``[end, ...]`` timeline tensor."""
         return timeline.index_select(0, self.time) if self.static else timeline[self.start:]
 
-    def rotary(self, module) -> tuple[torch.Tensor, float]:
-        """Per-row rotary frequencies ``[s, b, 1, d]`` of a Megatron ``RotaryEmbedding`` (the
-        GPT model's, or an MLA attention's own) and its mscale (1.0 for plain RoPE).
+    def rotation(self, module, dtype: torch.dtype, deinterleave: bool, interleaved: bool) -> "Rotation":
+        """The rotary embedding of a Megatron ``RotaryEmbedding`` (the GPT model's, or an MLA
+        attention's own) at each row's positions, as a :class:`Rotation` for tensors of ``dtype``.
+        ``deinterleave``/``interleaved``: the layout Megatron's unfused RoPE uses for the layer
+        (:func:`megacpp_mcore.spec.compat.rope_deinterleaves`, ``config.rotary_interleaved``).
 
-        The module's full table ``[max_length, 1, 1, d]`` is built once per session and indexed by
-        each row's positions, so a left-padded row gets the rotations of its unpadded run."""
-        key = id(module)
-        if key not in self._rope_tables:
-            table = module(self._max_length)
-            mscale = 1.0
-            if isinstance(table, tuple):  # YaRN returns (emb, mscale)
-                table, mscale = table
-            self._rope_tables[key] = (table[:, 0, 0, :], float(mscale))  # [L, d]
-        table, mscale = self._rope_tables[key]
-        return table[self.positions].transpose(0, 1).unsqueeze(2), mscale  # [s, b, 1, d]
+        The module's table over the session's capacity is built once per session (modules with
+        equal tables share one: every MLA layer has its own module, all with the same angles) and
+        indexed by each row's positions once per forward, so a left-padded row gets the
+        rotations of its unpadded run and the layers of one forward share the lookup."""
+        table = _rope_table(self._rope_tables, module, self._max_length)
+        key = (id(table), dtype, deinterleave, interleaved)
+        rotation = self._rotations.get(key)
+        if rotation is None:
+            index, coefficients = table.coefficients(dtype, deinterleave, interleaved)
+            step = coefficients[self.positions].transpose(0, 1).unsqueeze(2)  # [s, b, 1, 2d]
+            rotation = self._rotations[key] = Rotation(index, step)
+        return rotation
 
     def push_depth(self, buffer, slot: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """MoDA: layer's K ``[s, b, g, dk]`` / V of these positions into ``slot`` of ``buffer``."""
@@ -119,3 +123,81 @@ class StepContext:
                                "were pushed at these positions")
         keys, values = zip(*pushed[:n])
         return torch.stack(keys, dim=3), torch.stack(values, dim=3)
+
+
+class RopeTable:
+    """One rotary embedding over a session's capacity: the angles ``[L, d]`` (fp32, as Megatron's
+    ``RotaryEmbedding`` returns them) and its mscale (1.0 for plain RoPE; YaRN's otherwise), with
+    the rotation's coefficients per dtype and layout built once (:meth:`coefficients`)."""
+
+    def __init__(self, angles: torch.Tensor, mscale: float):
+        self.angles, self.mscale = angles, mscale
+        self._coefficients: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def same(self, other: "RopeTable") -> bool:
+        return (self.mscale == other.mscale and self.angles.shape == other.angles.shape
+                and bool(torch.equal(self.angles, other.angles)))
+
+    def coefficients(self, dtype: torch.dtype, deinterleave: bool,
+                     interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index [2d], coefficients [L, 2d])`` such that the rotated ``t`` is
+        ``(t[..., index] * coefficients[pos]).view(..., 2, d).sum(-2)``.
+
+        The rotation Megatron's unfused RoPE computes: ``u = t`` with its dims regrouped as
+        (even, odd) halves where ``deinterleave``, then ``u cos + rotate_half(u) sin`` with
+        ``cos``/``sin`` of the angles times mscale cast to the tensor's dtype, ``rotate_half``
+        pairing dim ``j`` with ``j +- d/2`` (or, ``interleaved``, ``2i`` with ``2i + 1``) and
+        negating the first of each pair. Written as one gather of each output dim's two source
+        dims, one product with the coefficients (cos, then the signed sin) and a sum over the
+        pair: the same products and the same rounded sum, in three kernels for any layout."""
+        key = (dtype, deinterleave, interleaved)
+        if key not in self._coefficients:
+            d = self.angles.shape[-1]
+            half = torch.arange(d // 2)
+            if deinterleave:  # u[j] = t[2j] for j < d/2, t[2(j - d/2) + 1] after
+                source = torch.cat([2 * half, 2 * half + 1])
+            else:
+                source = torch.arange(d)
+            if interleaved:  # rotate_half(u)[2i] = -u[2i + 1], [2i + 1] = u[2i]
+                partner = torch.stack([2 * half + 1, 2 * half], dim=1).flatten()
+                sign = torch.tensor([-1.0, 1.0]).repeat(d // 2)
+            else:  # rotate_half(u)[j] = -u[j + d/2] for j < d/2, u[j - d/2] after
+                partner = torch.cat([half + d // 2, half])
+                sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)])
+            index = torch.cat([source, source[partner]]).to(self.angles.device)
+            cos = (torch.cos(self.angles) * self.mscale).to(dtype)
+            sin = (torch.sin(self.angles) * self.mscale).to(dtype)
+            signed = sin * sign.to(device=sin.device, dtype=dtype)  # exact: a sign flip
+            self._coefficients[key] = (index, torch.cat([cos, signed], dim=-1))
+        return self._coefficients[key]
+
+
+def _rope_table(tables: dict, module, max_length: int) -> RopeTable:
+    """The session's :class:`RopeTable` of ``module`` (built on first use; a module whose table
+    equals one already built shares it)."""
+    key = id(module)
+    if key not in tables:
+        emb = module(max_length)
+        mscale = 1.0
+        if isinstance(emb, tuple):  # YaRN returns (emb, mscale)
+            emb, mscale = emb
+        table = RopeTable(emb[:, 0, 0, :], float(mscale))  # [L, d]
+        tables[key] = next((t for t in tables.values() if t.same(table)), table)
+    return tables[key]
+
+
+class Rotation:
+    """The rotary embedding of one forward's positions for one table, dtype and layout
+    (:meth:`StepContext.rotation`): :meth:`apply` rotates ``[s, b, n, dim]`` tensors whose first
+    ``d`` dims are rotated (the rest pass through, as in Megatron)."""
+
+    def __init__(self, index: torch.Tensor, coefficients: torch.Tensor):
+        self.index, self.coefficients = index, coefficients  # [2d], [s, b, 1, 2d]
+        self.dim = index.shape[0] // 2
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        rotated, passed = (t, None) if t.shape[-1] == d else (t[..., :d], t[..., d:])
+        pairs = rotated.index_select(-1, self.index) * self.coefficients  # [s, b, n, 2d]
+        out = pairs.unflatten(-1, (2, d)).sum(dim=-2)
+        return out if passed is None else torch.cat([out, passed], dim=-1)

@@ -11,7 +11,6 @@ model's own modules (embedding, layers, final norm, output layer), so a checkpoi
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -61,9 +60,6 @@ class Engine:
                          "; ".join(fallbacks))
         # RoPE of standard attention (GPTModel's); MLA layers hold their own
         self.rotary = getattr(model, "rotary_pos_emb", None)
-        # per-row positions give [s, b, 1, d] frequencies, which TE's fused RoPE does not take
-        self.rope_config = copy.copy(config)
-        self.rope_config.apply_rope_fusion = False
         param = next(model.parameters())
         self.device, self.dtype = param.device, config.params_dtype
         self.vocab_size = model.vocab_size
@@ -170,8 +166,7 @@ class Session:
         ctx = self.context(self.length, tokens.shape[1], self.start_index)
         hidden = engine.embed(tokens, ctx)
         for plan, state in zip(engine.plans, self.states):
-            hidden = run_layer(plan, hidden, state, ctx, rotary=engine.rotary,
-                               rope_config=engine.rope_config, keep=keep)
+            hidden = run_layer(plan, hidden, state, ctx, rotary=engine.rotary, keep=keep)
         self._pending = tokens.shape[1]
         return engine.final_norm(hidden)
 

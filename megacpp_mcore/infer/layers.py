@@ -147,13 +147,12 @@ def new_state(plan: LayerPlan, batch: int, capacity: int, dtype, device):
     return None
 
 
-def _mixer(plan: LayerPlan, hidden, state, ctx: StepContext, rotary, rope_config, keep: bool,
-           visible=None):
+def _mixer(plan: LayerPlan, hidden, state, ctx: StepContext, rotary, keep: bool, visible=None):
     slot = plan.layer.self_attention
     if plan.mixer == "attention":
-        return attention.attention_step(slot, hidden, state, ctx, rotary, rope_config, visible)
+        return attention.attention_step(slot, hidden, state, ctx, rotary, visible)
     if plan.mixer == "mla":
-        return attention.mla_step(slot, hidden, state, ctx, rope_config, visible)
+        return attention.mla_step(slot, hidden, state, ctx, visible)
     if plan.mixer == "mamba":
         return mixers.mamba_step(slot, hidden, state, ctx, keep)
     return mixers.m2rnn_step(slot, hidden, state, ctx, keep)
@@ -185,7 +184,7 @@ def _residual(layer, bda_name: str, output_with_bias, residual, gate, mask):
 
 
 def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *, rotary,
-              rope_config, keep: bool) -> torch.Tensor:
+              keep: bool) -> torch.Tensor:
     """The layer over the new positions ``[s, b, h] -> [s, b, h]``, advancing ``state``.
 
     ``rotary``: the model's RoPE module for standard attention (MLA uses its own);
@@ -197,7 +196,7 @@ def run_layer(plan: LayerPlan, hidden: torch.Tensor, state, ctx: StepContext, *,
         score, kept, skip = layer.route(hidden, bookkeeping=False)
     visible = kept[..., 0] if plan.flexi == "gather" else None  # [s, b]: keys later tokens may see
     if plan.mixer is not None:
-        out = _mixer(plan, layer.input_layernorm(hidden), state, ctx, rotary, rope_config, keep, visible)
+        out = _mixer(plan, layer.input_layernorm(hidden), state, ctx, rotary, keep, visible)
         hidden = _residual(layer, "self_attn_bda", out, hidden, gate, mask)
     if plan.has_mlp:
         mlp = layer.mlp if plan.moe is None else plan.moe

@@ -105,12 +105,10 @@ class MTPDrafter:
         embedded = F.embedding(tokens.t(), self.head_weight.to(hidden.dtype))
         x = F.linear(torch.cat([block.enorm(embedded), block.hnorm(hidden)], dim=-1),
                      block.eh_proj)
-        x = run_layer(self.attn_plan, x, self.caches[depth], ctx, rotary=engine.rotary,
-                      rope_config=engine.rope_config, keep=False)
+        x = run_layer(self.attn_plan, x, self.caches[depth], ctx, rotary=engine.rotary, keep=False)
         if rows is not None:
             x = x[rows]
-        return run_layer(self.ffn_plan, x, None, ctx, rotary=engine.rotary,
-                         rope_config=engine.rope_config, keep=False)
+        return run_layer(self.ffn_plan, x, None, ctx, rotary=engine.rotary, keep=False)
 
     @torch.no_grad()
     def draft(self, pending: torch.Tensor, sampling: Sampling, generator):

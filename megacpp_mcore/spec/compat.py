@@ -26,7 +26,9 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
   built as the spec gives them: :func:`mla_norms_as_specified` is the spec's meaning, for
   ``MLASelfAttention._resolve_qk_norm_config`` (the 0.19 hook; earlier releases never call it).
 * ``rope_utils.apply_rotary_pos_emb`` takes ``mla_rotary_interleaved`` (0.19) where it read
-  ``config.multi_latent_attention``: :func:`mla_rotary_kwargs`.
+  ``config.multi_latent_attention``: :func:`rope_deinterleaves`.
+* CUDA graph capture is chosen by ``cuda_graph_scope`` (0.16 - 0.18) or ``cuda_graph_modules``
+  (0.19): :func:`cuda_graph_modules`.
 * ``dist_checkpointing`` lost ``common_strategy`` (0.19): ``torch_dist`` keeps the common
   (non-tensor) state inside its files, where 0.16 - 0.18 look for ``common.pt``:
   :func:`write_legacy_common_file` keeps checkpoints loadable by every supported release.
@@ -344,13 +346,36 @@ def mla_norms_as_specified(config, submodules) -> dict[str, Any]:
 
 
 @functools.cache
-def mla_rotary_kwargs() -> dict[str, bool]:
-    """Keyword arguments that make ``rope_utils.apply_rotary_pos_emb`` rotate the way
-    ``MLASelfAttention`` does (DeepSeek's interleaved pairs): 0.19 takes
-    ``mla_rotary_interleaved=True`` (MLA passes it); 0.16 - 0.18 read
-    ``config.multi_latent_attention`` instead (no argument). Used by the inference cache path
-    (:mod:`megacpp_mcore.infer.attention`), which applies MLA's RoPE at per-row positions."""
+def _rope_takes_mla_flag() -> bool:
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-    params = inspect.signature(apply_rotary_pos_emb).parameters
-    return {"mla_rotary_interleaved": True} if "mla_rotary_interleaved" in params else {}
+    return "mla_rotary_interleaved" in inspect.signature(apply_rotary_pos_emb).parameters
+
+
+def rope_deinterleaves(config, mla: bool) -> bool:
+    """Whether Megatron's unfused RoPE first regroups the rotated dims as (even, odd) halves
+    (DeepSeek's interleaved pairs) for a layer: 0.19 does it where the caller passes
+    ``mla_rotary_interleaved=True`` (``MLASelfAttention`` does, plain attention does not);
+    0.16 - 0.18 take no argument and do it for every layer of a ``multi_latent_attention``
+    config. Used by the inference cache path (:mod:`megacpp_mcore.infer.context`), which applies
+    the rotation itself at per-row positions."""
+    if _rope_takes_mla_flag():
+        return mla
+    return bool(getattr(config, "multi_latent_attention", False))
+
+
+def cuda_graph_modules(config) -> tuple[str, ...] | None:
+    """What Megatron's CUDA graphs capture for ``config``: None without CUDA graphs
+    (``cuda_graph_impl`` ``"none"``), ``()`` for whole layers (no scope set), else the scope's
+    names (``"attn"``, ``"mamba"``, ``"moe_router"``, ...; ``"full_iteration"`` for local graphs
+    of the whole step). The setting is ``cuda_graph_scope`` to 0.18 and ``cuda_graph_modules``
+    from 0.19."""
+    if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
+        return None
+    field = "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"
+    raw = getattr(config, field, None) or ()
+    if isinstance(raw, str):
+        raw = [part for part in raw.split(",") if part]
+    elif not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    return tuple(getattr(item, "name", str(item)) for item in raw)
