@@ -78,7 +78,9 @@ FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
     "moe_permute_fusion": ("off", {"on": ["--moe-permute-fusion"], "off": []}),
     "moe_router_fusion": ("off", {"on": ["--moe-router-fusion"], "off": []}),
     "ce_fusion": ("off", {"on": ["--cross-entropy-loss-fusion"], "off": []}),
-    "cuda_graphs": ("off", {"on": ["--cuda-graph-impl", "transformer_engine", "{cg}", "attn", "mamba"],
+    # "{cg_modules}": attn and mamba, or mamba alone where the model carries MoD (a captured
+    # attention or MoE layer would bypass MoD's gate: MoDLayer refuses such configs)
+    "cuda_graphs": ("off", {"on": ["--cuda-graph-impl", "transformer_engine", "{cg}", "{cg_modules}"],
                             "off": []}),
     "fp8": ("off", {"on": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "off": []}),
 }
@@ -118,7 +120,8 @@ def common_args(m: ModelConfig, args, iters: int, fast: dict[str, str]) -> list[
     """Flags both sides share: training, precision, mock data, logging (as the 8x recipe's) and the
     fast-path settings ``fast`` (name -> value of :data:`FAST_PATHS`)."""
     release = lp.checkout_release(args.megatron_lm)
-    paths = [flag for name, value in fast.items() for flag in fast_flags(name, value, release)]
+    mod = "mod" in m.features
+    paths = [flag for name, value in fast.items() for flag in fast_flags(name, value, release, mod)]
     return paths + [
         "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
         "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
@@ -172,10 +175,16 @@ def upstream(name: str, m: ModelConfig, args, *, iters: int, fast: dict[str, str
     return Run(name=name, model=m, command=command, env={})
 
 
-def fast_flags(name: str, value: str, release: str | None) -> list[str]:
+def fast_flags(name: str, value: str, release: str | None, mod: bool = False) -> list[str]:
+    """Megatron-LM flags of one fast-path setting for a checkout of ``release``; ``mod``: the
+    model carries MoD (CUDA graphs then capture the Mamba layers only)."""
     graph_flag = "--cuda-graph-modules" if release and tuple(map(int, release.split(".")[:2])) >= (0, 19) \
         else "--cuda-graph-scope"
-    return [graph_flag if f == "{cg}" else f for f in FAST_PATHS[name][1][value]]
+    modules = ["mamba"] if mod else ["attn", "mamba"]
+    out: list[str] = []
+    for flag in FAST_PATHS[name][1][value]:
+        out += [graph_flag] if flag == "{cg}" else modules if flag == "{cg_modules}" else [flag]
+    return out
 
 
 def parse_settings(items: list[str], option: str) -> list[tuple[str, str]]:

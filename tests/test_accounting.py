@@ -263,7 +263,13 @@ def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
     assert all("--moe-permute-fusion" in cmd for cmd in runs.values())  # --base: every run
     graphs = runs["stage12_cuda_graphs=on#0"]
     assert graphs[graphs.index("--cuda-graph-impl") + 1:graphs.index("--cuda-graph-impl") + 5] == [
-        "transformer_engine", "--cuda-graph-scope", "attn", "mamba"]  # a checkout before 0.19
+        "transformer_engine", "--cuda-graph-scope", "attn", "mamba"]  # a checkout before 0.19; no MoD
+    proc = _bench(["--dry-run", "--set", "fast", "--fast", "cuda_graphs=on"], tmp_path / "mlm", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    graphs = _commands(proc.stdout)["stage12_cuda_graphs=on#0"]  # NAM56R carries MoD: Mamba only
+    start = graphs.index("--cuda-graph-impl")
+    assert graphs[start + 1:start + 4] == ["transformer_engine", "--cuda-graph-scope", "mamba"]
+    assert graphs[start + 4].startswith("--")
     assert _flag(runs["stage12_moe_dispatcher=allgather#0"], "--moe-token-dispatcher-type") == "allgather"
 
 

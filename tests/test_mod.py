@@ -379,6 +379,36 @@ def test_topk_refused_on_moda_layer(single_rank):
     _pair("A", MoDConfig(mode="gateskip"), features=("mod", "moda"))  # all positions: allowed
 
 
+@pytest.mark.parametrize("modules, refused", [(["attn", "mamba"], True), ([], True), (["mamba"], False)],
+                         ids=["attn+mamba", "whole-layers", "mamba-only"])
+def test_cuda_graphs_that_capture_a_mod_layer_are_refused(single_rank, modules, refused):
+    """Megatron's per-layer CUDA graphs run a captured layer without its Python forward: MoD's
+    gate would be bypassed (the run failed on the H100 with ``bench_stage --fast cuda_graphs=on``)
+    and its token budget frozen. A config whose graphs capture attention or MoE layers is refused
+    when the MoD layer is built, naming the setting and what is allowed; Mamba-only graphs pass."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.features.mod import mod_layer_spec
+    from megacpp_mcore.layers.attention import attention_layer_spec
+    from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.spec.context import ChunkBuild, LayerContext
+
+    cfg = _config()
+    cfg.cuda_graph_impl = "transformer_engine"  # set after validation: TE is not on this host
+    setattr(cfg, "cuda_graph_modules" if hasattr(cfg, "cuda_graph_modules") else "cuda_graph_scope",
+            modules)
+    ctx = LayerContext(config=cfg, backend=get_backend("local"), index=0, symbol="A",
+                       features=frozenset({"mod"}), feature_configs={"mod": MoDConfig()},
+                       chunk=ChunkBuild())
+    spec = mod_layer_spec(attention_layer_spec(ctx), ctx)
+    if refused:
+        with pytest.raises(ValueError, match=r"CUDA graphs \(cuda_graph_impl='transformer_engine'.*"
+                                             r"capture only \['mamba'\]"):
+            build_module(spec, config=cfg, layer_number=1)
+    else:
+        build_module(spec, config=cfg, layer_number=1)
+
+
 def test_only_transformer_layers_are_wrapped():
     from megacpp_mcore.features.mod import MoDLayer, mod_layer_class
 
