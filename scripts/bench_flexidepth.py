@@ -24,6 +24,11 @@ token and rows are selected (no saving).
     python scripts/bench_flexidepth.py --skip-rates RUN/receipt.json  # the rates a fine-tune trained to
     python scripts/bench_flexidepth.py --cpu-smoke    # CPU, local backend, tiny model: timings mean nothing
 
+``--moe``: both models' MoE layers run sync-free (the default: :func:`megacpp_mcore.infer.moe.
+sync_free_moe_layers`, a grouped GEMM with device offsets, so no MoE layer reads its per-expert
+counts on the host and the host can queue ahead of the device) or as Megatron's dropless layers
+(``megatron``: one host read per MoE layer and forward, which made the hard forward host-bound).
+
 ``--profile N``: after the timing, one profiled forward of each model (torch.profiler): per model
 the summed device time, kernel launches and host synchronisations (``cudaStreamSynchronize`` /
 ``cudaMemcpy``...), then the ``N`` operators with the largest device time (host time on CPU), so
@@ -40,6 +45,7 @@ dense forward is in time (not FLOPs), and so the best ratio the trained rates al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -75,6 +81,10 @@ def _args(argv=None) -> argparse.Namespace:
                         "length, no host read): a fraction C for all, or kept+M: each layer's calibrated "
                         "kept fraction plus M (e.g. kept+0.05); default none (the exact count)")
     p.add_argument("--adapter", default="mlp", choices=("mlp", "linear", "none"))
+    p.add_argument("--moe", default="sync-free", choices=("sync-free", "megatron"),
+                   help="MoE layers of both models: sync-free (infer.moe.sync_free_moe_layers: grouped "
+                        "GEMM with device offsets, no host read; the default) or Megatron's dropless layer "
+                        "(reads its per-expert counts on the host in every MoE layer)")
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
     p.add_argument("--seed", type=int, default=1234)
@@ -367,6 +377,7 @@ def run(args) -> dict:
     import torch
 
     from megacpp_mcore.features.flexidepth import FlexiDepthLayer, usage_summary
+    from megacpp_mcore.infer.moe import sync_free_moe_layers
     from megacpp_mcore.spec.pattern import expand_pattern
     from megacpp_mcore.train import runtime
 
@@ -409,14 +420,19 @@ def run(args) -> dict:
                     layer.set_hard_skip_capacity(value if kind == "fixed" else min(1.0, kept + value))
         for _, layer in layers:
             layer.megacpp_set_step(0)
-        times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
-                            iters=args.iters)
-        per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
-        layer_table = _layer_table(_layer_times({"dense": dense, "hard": hard}, tokens, positions,
-                                                args.layer_rounds), expand_pattern(dense_cfg.pattern, dense_cfg.num_layers), per_layer) \
-            if args.layer_rounds else None
-        profiled = _profile({"dense": dense, "hard": hard}, tokens, positions, args.profile) \
-            if args.profile else None
+        with contextlib.ExitStack() as stack:
+            moe_layers = {}
+            if args.moe == "sync-free":  # after the calibration, which ran Megatron's layers
+                moe_layers = {name: stack.enter_context(sync_free_moe_layers(model))
+                              for name, model in (("dense", dense), ("hard", hard))}
+            times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
+                                iters=args.iters)
+            per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
+            layer_table = _layer_table(_layer_times({"dense": dense, "hard": hard}, tokens, positions,
+                                                    args.layer_rounds), expand_pattern(dense_cfg.pattern, dense_cfg.num_layers), per_layer) \
+                if args.layer_rounds else None
+            profiled = _profile({"dense": dense, "hard": hard}, tokens, positions, args.profile) \
+                if args.profile else None
     finally:
         runtime.shutdown()
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -429,6 +445,8 @@ def run(args) -> dict:
             "gathering_layers": [i for i, layer in layers if layer.gathers],
             "hard_skip_capacity": {str(i): layer.hard_skip_capacity for i, layer in layers if layer.gathers},
             "routing_layers": [i for i, layer in layers if layer.routes_kept],
+            "moe": args.moe, "moe_layers_kept_megatron": {
+                model: {name: why for name, why in report.items() if why} for model, report in moe_layers.items()},
             "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",
@@ -449,6 +467,8 @@ def main(argv=None) -> int:
     print(f"FlexiDepth skip rate {result['flexidepth_skip_rate']:.3f} (requested {requested}), gathering "
           f"layers {result['gathering_layers']}, routing layers {result['routing_layers']}, mean layers "
           f"used {result['mean_layers_used']:.2f}")
+    kept = {model: sorted(why) for model, why in result["moe_layers_kept_megatron"].items() if why}
+    print(f"MoE layers: {args.moe}" + (f" (Megatron's layer kept for {kept})" if kept else ""))
     if args.capacity is not None:
         print("  hard-skip capacity per gathering layer: " + ", ".join(
             f"{i}: {c:.2f}" for i, c in result["hard_skip_capacity"].items()))

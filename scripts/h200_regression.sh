@@ -64,12 +64,15 @@ for part in $PARTS; do
     # host time (at batch 2 the forward is host-bound, so skipped blocks save device time only);
     # gathering with a fixed capacity per layer (its trained kept fraction + 0.05, then + 0.1: no
     # host read; the CPU checkpoint's bits/byte cost +0.5% / +0.05%), then with the exact kept count
+    # sync-free MoE layers (the default) with the fixed capacity (no host read at all) and with the
+    # exact kept count (one overlapped read per gathering layer), then Megatron's MoE layers
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --hard-skip-capacity kept+0.05 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
+                    --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae.json" &&
+                    --iters 10 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --hard-skip-capacity kept+0.1 --iters 10 --out "$OUT/flexidepth-batch8-ae-capacity10.json"; } \
+                    --hard-skip-capacity kept+0.05 --iters 10 --moe megatron \
+                    --out "$OUT/flexidepth-batch8-ae-capacity-megatron-moe.json"; } \
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;

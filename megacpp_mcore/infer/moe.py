@@ -17,6 +17,11 @@ same layer for up to :data:`MAX_TOKENS` tokens from
   gathered, or on CUDA the chosen experts only through :mod:`.moe_triton`'s kernel);
 * the layer's own shared-expert module, added last.
 
+For forwards of any length (a prefill, the FlexiDepth hard-skip forward) the ``grouped`` route sorts
+the (token, expert) rows by expert on the device and runs each projection as one grouped GEMM with
+device offsets: Megatron's dropless output without its host read (:func:`sync_free_moe_layers`
+swaps it in for a model's eval forward).
+
 Anything else (another expert class or activation, expert parallelism, token dropping, latent
 projections, FP8) keeps Megatron's own layer: :func:`plan_moe` says why, and the engine logs it once.
 Every fast path is checked against Megatron's layer on a probe batch when it is planned, and a
@@ -25,6 +30,7 @@ mismatch also keeps Megatron's layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -39,7 +45,8 @@ _log = logging.getLogger(__name__)
 # Megatron's layer: one host sync per layer is nothing there, and it computes no unrouted experts.
 MAX_TOKENS = 128
 
-# The expert routes of SyncFreeMoE, cheapest first on a tie (see SyncFreeMoE.route).
+# The expert routes of SyncFreeMoE, cheapest first on a tie (see SyncFreeMoE.route). A forward of
+# any length may also take the "grouped" route (SyncFreeMoE.grouped, :func:`sync_free_moe_layers`).
 ROUTES = ("dense", "gathered", "sparse")
 # The routes a layer may take unless told otherwise: the sparse route's kernel is opt-in
 # (SyncFreeMoE.routes, bench_generate.py --moe-routes) until an H200 run has timed it against the
@@ -154,6 +161,7 @@ class SyncFreeMoE:
         self.kernel = w1.is_cuda and backends.detect().triton is not None
         self.routes = DEFAULT_ROUTES  # the routes route() may take (ROUTES: the kernel too)
         self.kernel_options: dict = {}  # expert_gemm's block sizes / split (benchmarks sweep them)
+        self.grouped_ok = True  # torch's grouped GEMM runs here (plan_moe probes it)
 
     def __call__(self, hidden: torch.Tensor):
         n = hidden.shape[0] * hidden.shape[1]
@@ -185,11 +193,14 @@ class SyncFreeMoE:
         allowed = [r for r in ROUTES if r in reads and r in self.routes] or ["dense"]
         return min(allowed, key=reads.get)  # the first of equal minima: ROUTES' order
 
-    def run(self, hidden: torch.Tensor, route: str) -> torch.Tensor:
-        """The layer's output ``[s, b, h]`` through ``route`` (one of :data:`ROUTES`): the
-        layer's router, the routed experts, then its shared expert."""
+    def run(self, hidden: torch.Tensor, route: str, padding_mask=None) -> torch.Tensor:
+        """The layer's output ``[s, b, h]`` through ``route`` (one of :data:`ROUTES`, or
+        ``grouped``): the layer's router, the routed experts, then its shared expert.
+        ``padding_mask`` goes to the router as Megatron's layer passes it (it only shapes the
+        training losses)."""
         s, b, h = hidden.shape
-        probs, _ = self.moe.router(hidden)  # [n, E], zero outside each token's top-k
+        extra = () if padding_mask is None else (padding_mask,)
+        probs, _ = self.moe.router(hidden, *extra)  # [n, E], zero outside each token's top-k
         out = getattr(self, route)(hidden.reshape(s * b, h), probs).view(s, b, h)
         if self.moe.shared_experts is not None:
             out = out + self.moe.shared_experts(hidden)
@@ -220,6 +231,29 @@ class SyncFreeMoE:
         y = expert_gemm(x.unsqueeze(0), self.w1, used, **options)  # [E, n, 2f], 0 for unused experts
         act = self._swiglu(y, probs.t().unsqueeze(-1))  # [E, n, f]
         return expert_gemm(act, self.w2, used, **options).sum(dim=0)  # [n, h]
+
+    def grouped(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Each token ``x`` ``[n, h]`` through its top-k experts, for any ``n``: the ``n * k``
+        (token, expert) rows sorted by expert on the device and each projection run as one
+        grouped GEMM over the experts' row ranges (``torch._grouped_mm`` with device offsets).
+        What Megatron's dropless layer computes, without reading the per-expert counts on the
+        host (its dispatcher and grouped experts do, once per layer and forward), so a forward
+        of MoE layers queues without waiting for the device; the top-k outputs are summed in the
+        activation dtype as :meth:`gathered` sums them."""
+        n, h = x.shape
+        k = self.topk
+        weight, index = probs.topk(k, dim=-1)  # [n, k]
+        expert = index.reshape(-1)  # [n k]: row r is token r // k's choice r % k
+        order = torch.argsort(expert, stable=True)  # rows grouped by expert
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, expert, torch.ones_like(expert, dtype=torch.int32))
+        ends = torch.cumsum(counts, dim=0, dtype=torch.int32)  # each expert's last row + 1
+        rows = x.index_select(0, order // k)  # [n k, h]
+        y = torch._grouped_mm(rows, self.w1, offs=ends)  # [n k, 2f]
+        act = self._swiglu(y, weight.reshape(-1).index_select(0, order)[:, None])
+        out = torch._grouped_mm(act, self.w2, offs=ends)  # [n k, h], grouped order
+        unsorted = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, choice)
+        return unsorted.view(n, k, h).sum(dim=1)
 
     def gathered(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Each token ``x`` ``[n, h]`` through its top-k experts only. The top-k of ``probs`` are
@@ -254,7 +288,7 @@ def plan_moe(moe) -> tuple[SyncFreeMoE | None, str | None]:
         return None, str(exc)
     fast = SyncFreeMoE(moe, w1, w2)
     tolerance = _PROBE_TOLERANCE.get(w1.dtype, _PROBE_TOLERANCE_16BIT)
-    for route, tokens in (("gathered", 2), ("dense", 32), ("sparse", 3)):
+    for route, tokens in (("gathered", 2), ("dense", 32), ("sparse", 3), ("grouped", 40)):
         if route == "sparse" and not fast.kernel:
             continue
         try:
@@ -266,8 +300,61 @@ def plan_moe(moe) -> tuple[SyncFreeMoE | None, str | None]:
                    f"{tolerance:.0e})")
         if error <= tolerance:
             continue
+        if route == "grouped":  # e.g. no grouped GEMM for this dtype on this device: long
+            fast.grouped_ok = False  # forwards keep Megatron's layer
+            _log.warning("inference: the grouped MoE expert path %s; Megatron's layer runs long "
+                         "forwards", why)
+            continue
         if route != "sparse":
             return None, f"the {route} expert path {why}"
         fast.kernel = False  # the torch routes stay
         _log.warning("inference: the sparse MoE expert kernel %s; the torch routes decode", why)
     return fast, None
+
+
+class SyncFreeMoELayer(torch.nn.Module):
+    """Stands in for a Megatron MoE layer (``TransformerLayer.mlp``) in an inference forward of
+    any length: :meth:`SyncFreeMoE.run` through :meth:`~SyncFreeMoE.grouped` (no host read), the
+    layer's own router (its hooks included) and shared expert. Installed by
+    :func:`sync_free_moe_layers`; not for training (no aux losses, no backward through Megatron's
+    dispatcher)."""
+
+    def __init__(self, fast: SyncFreeMoE):
+        super().__init__()
+        self.fast = fast  # not a submodule: the layer it stands for keeps its parameters
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
+        return self.fast.run(hidden_states, "grouped", padding_mask), None
+
+
+@contextlib.contextmanager
+def sync_free_moe_layers(model):
+    """While open, the MoE layers of ``model`` (``mlp`` of its layers) that have a sync-free
+    path (:func:`plan_moe`, the grouped route included) run as :class:`SyncFreeMoELayer`: an
+    eval forward of any length queues every layer without waiting for the device (e.g. the
+    FlexiDepth hard-skip forward, ``scripts/bench_flexidepth.py``). Yields ``{layer name: None
+    (swapped) or why not}``; the layers are restored on exit."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    swapped, report = [], {}
+    try:
+        for name, layer in model.named_modules():
+            moe = getattr(layer, "mlp", None)
+            if not isinstance(moe, MoELayer):
+                continue
+            if getattr(layer, "routes_kept", False):  # FlexiDepth hard_skip_moe="route"
+                report[name] = ("FlexiDepth sends its skipped tokens to no expert here, and "
+                                "Megatron's dispatcher drops their rows (the grouped route would "
+                                "compute them)")
+                continue
+            fast, why = plan_moe(moe)
+            if fast is not None and not fast.grouped_ok:
+                fast, why = None, "the grouped expert path does not run here"
+            report[name] = why
+            if fast is not None:
+                layer.mlp = SyncFreeMoELayer(fast)
+                swapped.append((layer, moe))
+        yield report
+    finally:
+        for layer, moe in swapped:
+            layer.mlp = moe
