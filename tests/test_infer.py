@@ -198,7 +198,8 @@ def test_absorbed_mla_attention_equals_the_expanded_cache(bias, depth):
     depth_value = torch.randn(s, b, heads, 2, dv, generator=g) if depth else None
     keys, values = _expand(up(latents), rope_keys, heads, qk, dv)
     want = attend(torch.cat([q_no_pe, q_pe], dim=-1), keys, values, mask, 0.3, depth_key, depth_value)
-    got = _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, 0.3, depth_key, depth_value)
+    bias = torch.where(mask, 0.0, float("-inf"))
+    got = _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, bias, 0.3, depth_key, depth_value)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     fused = SimpleNamespace(layer_norm_weight=torch.randn(r, generator=g), zero_centered_gamma=True,

@@ -52,6 +52,10 @@ class _Visibility:
         itself, so that a skipped query's discarded output stays finite)."""
         return ctx.attention_mask(None if self.visible is None else self.visible[:ctx.end])
 
+    def bias(self, ctx: StepContext) -> torch.Tensor:
+        """:meth:`mask` as an additive fp32 score bias (0 / -inf)."""
+        return ctx.attention_bias(None if self.visible is None else self.visible[:ctx.end])
+
 
 class KVCache(_Visibility):
     """Rotated keys ``[T, b, g, dk]`` and values ``[T, b, g, dv]`` of a standard attention layer."""
@@ -91,13 +95,14 @@ class LatentCache(_Visibility):
 MATH_MAX_QUERIES = 16
 
 
-def attend(query, key, value, mask, scale: float, depth_key=None, depth_value=None):
+def attend(query, key, value, mask, scale: float, depth_key=None, depth_value=None, bias=None):
     """Causal attention of ``s`` new queries over ``T`` cached keys, optionally with MoDA depth keys.
 
     query ``[s, b, np, dk]``; key ``[T, b, g, dk]``; value ``[T, b, g, dv]`` (``np`` divisible by
     ``g``: head ``i`` reads group ``i // (np / g)``); mask ``[b, 1, s, T]`` (True = attend);
-    depth_key ``[s, b, g', n, dk]`` / depth_value: per-position extra keys (``n`` earlier layers).
-    Returns ``[s, b, np * dv]``.
+    depth_key ``[s, b, g', n, dk]`` / depth_value: per-position extra keys (``n`` earlier layers);
+    bias: the mask as an additive fp32 bias (:meth:`.context.StepContext.attention_bias`), used
+    by the explicit path when given. Returns ``[s, b, np * dv]``.
     """
     s, b, heads, _ = query.shape
     q = query.permute(1, 2, 0, 3)  # [b, np, s, dk]
@@ -108,20 +113,22 @@ def attend(query, key, value, mask, scale: float, depth_key=None, depth_value=No
                                              v.repeat_interleave(r, dim=1), attn_mask=mask,
                                              scale=scale)  # [b, np, s, dv]
     else:
-        out = _explicit(q, k, v, mask, scale, depth_key, depth_value)
+        if bias is None:
+            bias = torch.where(mask, 0.0, float("-inf"))
+        out = _explicit(q, k, v, bias, scale, depth_key, depth_value)
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def _explicit(q, k, v, mask, scale, depth_key, depth_value):
-    """``softmax([q k^T, q k_depth^T] * scale) [v, v_depth]`` with fp32 scores; the ``r = np / g``
-    query heads of a group are stacked so that K/V are read once per group. Returns
-    ``[b, np, s, dv]``."""
+def _explicit(q, k, v, bias, scale, depth_key, depth_value):
+    """``softmax([q k^T * scale + bias, q k_depth^T * scale]) [v, v_depth]`` with fp32 scores
+    (``bias`` ``[b, 1, s, T]``: 0 / -inf); the ``r = np / g`` query heads of a group are stacked
+    so that K/V are read once per group. Returns ``[b, np, s, dv]``."""
     b, heads, s, dk = q.shape
     g, T = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grouped = q.reshape(b, g, (heads // g) * s, dk)  # head i -> group i // r
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).to(acc).view(b, heads, s, T) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(b, heads, s, T)
+    scores = torch.add(bias.to(acc), scores, alpha=scale)  # in acc: scale x + 0 is scale x exactly
     if depth_key is not None:
         r = heads // depth_key.shape[2]
         kd = depth_key.repeat_interleave(r, dim=2)  # [s, b, np, n, dk]
@@ -170,7 +177,7 @@ def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, visib
     depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
     keys, values = cache.write(ctx, key, value, visible)
     out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn),
-                 depth_key, depth_value)
+                 depth_key, depth_value, bias=cache.bias(ctx) if query.shape[0] <= MATH_MAX_QUERIES else None)
     return attn.linear_proj(out)
 
 
@@ -196,8 +203,9 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, visible=None):
                             config.rotary_interleaved)
     q_pe, k_pe = rotation.apply(q_pe), rotation.apply(k_pe.unsqueeze(2)).squeeze(2)
     latents, rope_keys = cache.write(ctx, latent, k_pe, visible)  # [T, b, r], [T, b, pe]
-    scale, mask = float(attn.softmax_scale), cache.mask(ctx)
+    scale = float(attn.softmax_scale)
     if s > MATH_MAX_QUERIES:  # prefill: the expanded keys and values, SDPA
+        mask = cache.mask(ctx)
         kv, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latents))  # [T, b, np * (qk + dv)]
         keys, values = _expand(kv, rope_keys, heads, qk, dv)
         query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
@@ -211,8 +219,8 @@ def mla_step(attn, hidden, cache: LatentCache, ctx: StepContext, visible=None):
     if isinstance(attn.core_attention, DepthAwareAttention):
         kv_new, _ = attn.linear_kv_up_proj(attn.kv_layernorm(latent))
         depth_key, depth_value = _moda(attn.core_attention, ctx, *_expand(kv_new, k_pe, heads, qk, dv))
-    out = _absorbed(attn, q_no_pe, q_pe, _latent_norm(attn, latents), rope_keys, mask, scale,
-                    depth_key, depth_value)
+    out = _absorbed(attn, q_no_pe, q_pe, _latent_norm(attn, latents), rope_keys, cache.bias(ctx),
+                    scale, depth_key, depth_value)
     return attn.linear_proj(out)
 
 
@@ -241,7 +249,7 @@ def _latent_norm(attn, latents: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, shape, weight, None if bias is None else bias.float(), eps).to(latents.dtype)
 
 
-def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, scale, depth_key, depth_value):
+def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, bias, scale, depth_key, depth_value):
     """MLA attention of ``s`` new queries over the normed latent cache without expanding it:
     the up projection's key half is folded into the queries (``q W_uk``, ``[s, b, np, r]``) and
     its value half applied after the attention weights sum the latents, so a step reads the cache
@@ -249,8 +257,8 @@ def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, scale, depth_key, d
     up-projects nothing per cached position. The same scores and outputs as the expanded path up
     to rounding (a bias of the up projection included: ``q . b_k`` per query, ``b_v`` per
     output). q_no_pe ``[s, b, np, qk]``, q_pe ``[s, b, np, pe]``, latents ``[T, b, r]``,
-    rope_keys ``[T, b, pe]``, mask ``[b, 1, s, T]``; MoDA's depth keys/values as :func:`attend`
-    takes them. Returns ``[s, b, np * dv]``."""
+    rope_keys ``[T, b, pe]``, bias ``[b, 1, s, T]`` (the mask as 0 / -inf); MoDA's depth
+    keys/values as :func:`attend` takes them. Returns ``[s, b, np * dv]``."""
     config = attn.config
     s, b, heads, qk = q_no_pe.shape
     dv = config.v_head_dim
@@ -268,14 +276,13 @@ def _absorbed(attn, q_no_pe, q_pe, latents, rope_keys, mask, scale, depth_key, d
                            latents.permute(1, 2, 0))  # [b, np * s, T]
     T = scores.shape[-1]
     scores = scores.view(b, heads, s, T)
-    bias = getattr(up, "bias", None)
+    up_bias = getattr(up, "bias", None)
     b_v = None
-    if bias is not None and bias.numel() and not getattr(up, "skip_bias_add", False):
-        bias = bias.view(heads, qk + dv)
-        b_k, b_v = bias[:, :qk], bias[:, qk:]
+    if up_bias is not None and up_bias.numel() and not getattr(up, "skip_bias_add", False):
+        up_bias = up_bias.view(heads, qk + dv)
+        b_k, b_v = up_bias[:, :qk], up_bias[:, qk:]
         scores = scores + torch.einsum("sbhq,hq->bhs", q_no_pe, b_k.to(q_no_pe.dtype)).unsqueeze(-1)
-    scores = scores.to(acc) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.add(bias.to(acc), scores, alpha=scale)  # in acc: scale x + 0 is scale x exactly
     if depth_key is not None:
         query = torch.cat([q_no_pe, q_pe], dim=-1)  # [s, b, np, qk + pe]
         depth_key = depth_key.repeat_interleave(heads // depth_key.shape[2], dim=2)

@@ -51,6 +51,7 @@ class StepContext:
         self._rope_tables = rope_tables
         self._max_length = max_length
         self._mask: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
         self._rotations: dict[tuple, Rotation] = {}
         # MoDA: depth K/V pushed at these positions in this forward, per depth buffer (id -> list)
         self.depth: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -72,6 +73,18 @@ class StepContext:
         if visible is None:
             self._mask = mask
         return mask
+
+    def attention_bias(self, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`attention_mask` as an additive fp32 score bias: 0 where a query attends, -inf
+        elsewhere (one kernel per forward; a layer adds it to its scaled scores in the same
+        kernel, where a boolean mask costs a negation and a masked fill per layer)."""
+        if visible is None and self._bias is not None:
+            return self._bias
+        mask = self.attention_mask(visible)
+        bias = torch.where(mask, 0.0, float("-inf"))  # fp32
+        if visible is None:
+            self._bias = bias
+        return bias
 
     def store(self, buffer: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Writes the new positions' ``values`` ``[s, ...]`` into the timeline ``buffer``
