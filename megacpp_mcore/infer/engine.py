@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.infer.layers import LayerPlan, UnsupportedForInference, new_state, plan_layer, run_layer
-from megacpp_mcore.infer.mixers import VERIFY_STATES
+from megacpp_mcore.infer.mixers import VERIFY_STATES, DeviceCount
 
 
 _log = logging.getLogger(__name__)
@@ -183,9 +183,10 @@ class Session:
             raise RuntimeError("inference: a device-side commit needs a static session")
         if not on_device and not 0 <= n <= s:
             raise ValueError(f"inference: commit({n}) of a {s}-position forward")
+        count = DeviceCount(n, s) if on_device else n  # derived once for every layer
         for state in self.states:
             if hasattr(state, "commit"):
-                state.commit(n, s)
+                state.commit(count, s)
         if not on_device:
             self.length += n
         if self.static:

@@ -42,6 +42,26 @@ CLOSED_FORM_MAX = 16
 VERIFY_STATES = ("quadratic", "closed")
 
 
+class DeviceCount:
+    """A commit's kept-position count ``n`` as a 0-d device tensor (``1 <= n <= s`` of an
+    ``s``-position forward) with what every recurrent layer's commit derives from it, computed
+    once per commit (:meth:`megacpp_mcore.infer.engine.Session.commit`) instead of once per
+    layer: the last kept index ``[1]`` and an additive bias ``[s]`` (0 on kept positions, -inf
+    after them)."""
+
+    def __init__(self, n: torch.Tensor, s: int):
+        self.n, self.s = n, s
+        self.last = (n - 1).view(1)
+        self._bias: torch.Tensor | None = None
+
+    @property
+    def bias(self) -> torch.Tensor:
+        if self._bias is None:
+            kept = torch.arange(self.s, device=self.n.device) < self.n
+            self._bias = torch.where(kept, 0.0, float("-inf"))
+        return self._bias
+
+
 def conv_parameters(mixer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The depthwise conv's weight ``[C, 1, w]`` and bias of a mixer, under either spelling."""
     params = dict(mixer.named_parameters())
@@ -71,25 +91,27 @@ class RecurrentState:
         self._pending, self._per_position = (convs, states), per_position
 
     @staticmethod
-    def _after(states, n: int | torch.Tensor) -> torch.Tensor:
-        """The staged per-position state after ``n`` positions (int >= 1 or a 0-d device tensor)."""
+    def _after(states, n: int | DeviceCount) -> torch.Tensor:
+        """The staged per-position state after ``n`` positions (int >= 1 or a device count)."""
         if isinstance(states, PendingSSDStates):
             return states.after(n)
-        return states.index_select(0, (n - 1).view(1))[0] if isinstance(n, torch.Tensor) else states[n - 1]
+        return states.index_select(0, n.last)[0] if isinstance(n, DeviceCount) else states[n - 1]
 
-    def commit(self, n: int | torch.Tensor, s: int) -> None:
+    def commit(self, n: int | torch.Tensor | DeviceCount, s: int) -> None:
         """Keeps the first ``n`` of the ``s`` staged positions (all ``s`` without per-position
-        states). ``n`` may be a 0-d device tensor (>= 1; per-position states, in place): the host
-        need not know it."""
+        states). ``n`` may be on the device (a 0-d tensor >= 1, or its :class:`DeviceCount`;
+        per-position states, in place): the host need not know it."""
         if self._pending is None:
             raise RuntimeError("inference: commit without a forward")
         convs, states = self._pending
         self._pending = None
         if isinstance(n, torch.Tensor):
+            n = DeviceCount(n, s)
+        if isinstance(n, DeviceCount):
             if not (self._per_position and self.in_place):
                 raise RuntimeError("inference: a device-side commit needs per-position states "
                                    "(forward(..., keep=True)) of a static session")
-            self._take(convs.index_select(0, (n - 1).view(1))[0], self._after(states, n))
+            self._take(convs.index_select(0, n.last)[0], self._after(states, n))
             return
         if not self._per_position:
             if n != s:
@@ -165,14 +187,14 @@ class PendingSSDStates:
     def __init__(self, s0, cum, xdt, B):
         self.s0, self.cum, self.xdt, self.B = s0, cum, xdt, B
 
-    def after(self, n: int | torch.Tensor) -> torch.Tensor:
-        """The state after the first ``n`` positions (``n`` >= 1: an int, or a 0-d device
-        tensor, read by index on the device)."""
-        s = self.cum.shape[1]
+    def after(self, n: int | torch.Tensor | DeviceCount) -> torch.Tensor:
+        """The state after the first ``n`` positions (``n`` >= 1: an int, or on the device, read
+        by index there)."""
         if isinstance(n, torch.Tensor):
-            end = self.cum.index_select(1, (n - 1).view(1))  # [b, 1, h]
-            taken = torch.arange(s, device=self.cum.device) < n  # [s]
-            weight = torch.exp((end - self.cum).masked_fill(~taken[None, :, None], float("-inf")))
+            n = DeviceCount(n, self.cum.shape[1])
+        if isinstance(n, DeviceCount):
+            end = self.cum.index_select(1, n.last)  # [b, 1, h]
+            weight = torch.exp(end - self.cum + n.bias[None, :, None])  # 0 past the kept ones
             xdt, B = self.xdt, self.B
         else:
             end = self.cum[:, n - 1:n]
