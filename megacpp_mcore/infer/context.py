@@ -27,11 +27,12 @@ class StepContext:
         start: time index of the first new position (the cache's committed length).
         s: number of new positions.
         pad: ``[b]`` left padding per row (long, on the model's device).
-        rope_tables: the session's :class:`RopeTable` per rotary module (built on first use).
+        tables: the session's tables, built on first use and kept while the session lives (its
+            :class:`RopeTable` per rotary module; the key ranks of :meth:`attention_mask`).
         max_length: the timeline's capacity (rotary tables are built that long, once).
     """
 
-    def __init__(self, start: int, s: int, pad: torch.Tensor, rope_tables: dict, max_length: int,
+    def __init__(self, start: int, s: int, pad: torch.Tensor, tables: dict, max_length: int,
                  start_index: torch.Tensor | None = None):
         if start + s > max_length:
             raise ValueError(f"inference: {start + s} positions exceed the session's capacity of "
@@ -48,7 +49,7 @@ class StepContext:
             self.time = torch.arange(start, start + s, device=device)  # [s]
         self.valid = self.time[None, :] >= pad[:, None]  # [b, s]: False on padded slots
         self.positions = (self.time[None, :] - pad[:, None]).clamp(min=0)  # [b, s]
-        self._rope_tables = rope_tables
+        self._tables = tables
         self._max_length = max_length
         self._mask: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
@@ -63,16 +64,26 @@ class StepContext:
         FlexiDepth's gathering hard skip); None: every key."""
         if visible is None and self._mask is not None:
             return self._mask
-        keys = torch.arange(self.end, device=self.pad.device)  # [end]
-        causal = keys[None, :] <= self.time[:, None]  # [s, end]
-        real_key = keys[None, :] >= self.pad[:, None]  # [b, end]
-        if visible is not None:
-            real_key = real_key & visible.t()
-        itself = keys[None, :] == self.time[:, None]  # [s, end]
-        mask = (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]
+        keys, rank = self._key_ranks()
+        if visible is not None:  # a hidden key ranks after every query, like a padded one
+            rank = torch.where(visible.t(), rank, _NEVER)
+        time = self.time[:, None]  # [s, 1]
+        seen = rank[:, None, :] <= time  # [b, s, end]: causal over the real (visible) keys
+        mask = (seen | (keys == time))[:, None]  # and each query itself
         if visible is None:
             self._mask = mask
         return mask
+
+    def _key_ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timeline's key indices ``[end]`` and their ranks ``[b, end]`` (the index, or
+        :data:`_NEVER` on a row's padded slots), kept per session: a query at time ``t`` sees
+        the keys ranked ``<= t``."""
+        key = ("key_ranks", self.end)
+        if key not in self._tables:
+            keys = torch.arange(self.end, device=self.pad.device)
+            ranks = torch.where(keys[None, :] >= self.pad[:, None], keys, _NEVER)
+            self._tables[key] = (keys, ranks)
+        return self._tables[key]
 
     def attention_bias(self, visible: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`attention_mask` as an additive fp32 score bias: 0 where a query attends, -inf
@@ -109,7 +120,7 @@ class StepContext:
         equal tables share one: every MLA layer has its own module, all with the same angles) and
         indexed by each row's positions once per forward, so a left-padded row gets the
         rotations of its unpadded run and the layers of one forward share the lookup."""
-        table = _rope_table(self._rope_tables, module, self._max_length)
+        table = _rope_table(self._tables, module, self._max_length)
         key = (id(table), dtype, deinterleave, interleaved)
         rotation = self._rotations.get(key)
         if rotation is None:
@@ -136,6 +147,10 @@ class StepContext:
                                "were pushed at these positions")
         keys, values = zip(*pushed[:n])
         return torch.stack(keys, dim=3), torch.stack(values, dim=3)
+
+
+# The rank of a key no query sees (a padded or hidden slot): past any time index.
+_NEVER = torch.iinfo(torch.long).max
 
 
 class RopeTable:
@@ -195,7 +210,7 @@ def _rope_table(tables: dict, module, max_length: int) -> RopeTable:
         if isinstance(emb, tuple):  # YaRN returns (emb, mscale)
             emb, mscale = emb
         table = RopeTable(emb[:, 0, 0, :], float(mscale))  # [L, d]
-        tables[key] = next((t for t in tables.values() if t.same(table)), table)
+        tables[key] = next((t for t in tables.values() if isinstance(t, RopeTable) and t.same(table)), table)
     return tables[key]
 
 

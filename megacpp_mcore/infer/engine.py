@@ -131,7 +131,7 @@ class Session:
                 state.verify = engine.ssd_verify
         self.length = 0
         self._pending = 0  # positions run by the last forward and not yet committed
-        self.rope_tables: dict = {}
+        self.tables: dict = {}  # StepContext's per-session tables (rotary, key ranks)
         self.start_index: torch.Tensor | None = None  # static shapes: the committed length
 
     @property
@@ -153,7 +153,7 @@ class Session:
         """Step context of ``s`` positions from ``start`` on this session's timeline; with
         ``start_index`` (the device's copy of ``start``) static shapes, else dynamic (the MTP
         drafter's caches run on these)."""
-        return StepContext(start, s, self.pad, self.rope_tables, self.max_length, start_index)
+        return StepContext(start, s, self.pad, self.tables, self.max_length, start_index)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, *, keep: bool = False) -> torch.Tensor:
