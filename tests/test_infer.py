@@ -6,6 +6,12 @@ trunk's distribution. Tiny fp32 models on the local backend."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -645,3 +651,74 @@ def test_refuses_what_has_no_causal_incremental_path(single_rank):
     plain = _model("AE", 2)
     with pytest.raises(ValueError, match="no MTP block"):
         MTPDrafter(plain, plain.session(1, 8), 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
+def test_m2rnn_step_kernel_interpreted_equals_the_torch_recurrence():
+    """The M2RNN step kernel (Triton's CPU interpreter) equals the torch recurrence it replaces:
+    readout and states after every position (keep) or after the last, a left-padded row whose
+    padded slots leave the state alone, strided conv output and gate in bf16 and fp32."""
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from megacpp_mcore.infer.m2rnn_triton import m2rnn_step
+        from megacpp_mcore.infer.mixers import m2rnn_recurrence
+        g = torch.Generator().manual_seed(0)
+        b, s, H, K, V = 2, 3, 2, 8, 4
+        D = 2 * K + V
+        for dtype in (torch.float32, torch.bfloat16):
+            proj = torch.randn(s, b, H, D + 1, generator=g).to(dtype)
+            gate = proj[..., -1]                                   # [s, b, H], strided
+            x = torch.randn(b, s, H * D, generator=g).to(dtype).transpose(1, 2)  # [b, C, s], strided
+            w = torch.randn(H, V, V, generator=g) * 0.5
+            fb = torch.linspace(1.0, 4.0, H)
+            h0 = torch.randn(b, H, K, V, generator=g)
+            valid = torch.tensor([[True, True, True], [False, True, True]])
+            xs = x.permute(0, 2, 1).reshape(b, s, H, D).float()
+            q, k, v = torch.split(xs, [K, K, V], dim=-1)
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            f = torch.sigmoid(gate.float().transpose(0, 1) + fb)
+            for keep in (True, False):
+                y_ref, st_ref = m2rnn_recurrence(q, k, v, f, w, h0, valid, keep)
+                y, st = m2rnn_step(x, gate, fb, w, h0, valid, keep, dtype)
+                want = y_ref.to(dtype).transpose(0, 1).reshape(s, b, H * V)
+                tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+                torch.testing.assert_close(y, want, **tol)
+                torch.testing.assert_close(st, st_ref, atol=1e-5, rtol=1e-5)
+        print("M2RNN-STEP-INTERPRET-OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "M2RNN-STEP-INTERPRET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_m2rnn_step_kernel_on_cuda_equals_the_torch_recurrence():
+    """On a CUDA device the compiled M2RNN step kernel equals the torch recurrence (nam56r's head
+    sizes K=64, V=16; 1 and 3 positions, keep on and off)."""
+    import torch.nn.functional as F
+
+    from megacpp_mcore.infer.m2rnn_triton import m2rnn_step
+    from megacpp_mcore.infer.mixers import m2rnn_recurrence
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, H, K, V = 2, 4, 64, 16
+    for s in (1, 3):
+        x = torch.randn(b, H * (2 * K + V), s, device="cuda", generator=g, dtype=torch.bfloat16)
+        gate = torch.randn(s, b, H, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(H, V, V, device="cuda", generator=g) * 0.25
+        fb = torch.linspace(1.0, 4.0, H, device="cuda")
+        h0 = torch.randn(b, H, K, V, device="cuda", generator=g)
+        valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
+        xs = x.permute(0, 2, 1).reshape(b, s, H, 2 * K + V).float()
+        q, k, v = torch.split(xs, [K, K, V], dim=-1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        f = torch.sigmoid(gate.float().transpose(0, 1) + fb)
+        for keep in (True, False):
+            y_ref, st_ref = m2rnn_recurrence(q, k, v, f, w, h0, valid, keep)
+            y, st = m2rnn_step(x, gate, fb, w, h0, valid, keep, torch.float32)
+            torch.testing.assert_close(y, y_ref.transpose(0, 1).reshape(s, b, H * V), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(st, st_ref, atol=1e-4, rtol=1e-4)

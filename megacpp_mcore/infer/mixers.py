@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.layers.mixers.mamba import ssd_scan_torch
-from megacpp_mcore.spec import compat
+from megacpp_mcore.spec import backends, compat
 
 # Up to this many new positions a forward that keeps no per-position state runs the Mamba scan in
 # closed form (every position's state is materialised, [b, s, h, p, n]); longer forwards (prefill)
@@ -271,7 +271,8 @@ def new_m2rnn_state(mixer, batch: int, dtype, device) -> RecurrentState:
 def m2rnn_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: bool):
     """M2RNN mixer over the new positions: ``[s, b, h] -> (out, bias)``; stages the state.
     The recurrence of :func:`~megacpp_mcore.layers.mixers.m2rnn.m2rnn_scan_torch`, from the
-    session's state, one position at a time."""
+    session's state, one position at a time: in one Triton kernel on CUDA
+    (:mod:`.m2rnn_triton`), else :func:`m2rnn_recurrence`."""
     d, nh = mixer.dims, mixer.nheads_local
     proj, _ = mixer.in_proj(hidden)  # [s, b, nh * (2K + V + 1)]
     s, b = proj.shape[:2]
@@ -279,19 +280,44 @@ def m2rnn_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: boo
     gate = proj[..., -1]  # [s, b, nh]
     qkv = proj[..., :-1].reshape(s, b, nh * d.qkv_dim).permute(1, 2, 0)  # [b, C, s]
     qkv, windows = _conv(qkv, state, ctx.valid, keep)
+    if _step_kernel(qkv, d.k_dim, d.v_dim, s):
+        from megacpp_mcore.infer import m2rnn_triton
+
+        y, states = m2rnn_triton.m2rnn_step(qkv, gate, mixer.forget_bias, mixer.recurrent_weight,
+                                            state.state, ctx.valid, keep, hidden.dtype)
+        state.stage(windows, states, per_position=keep)
+        return mixer.out_proj(y)
     qkv = qkv.permute(0, 2, 1).reshape(b, s, nh, d.qkv_dim).float()
     q, k, v = torch.split(qkv, [d.k_dim, d.k_dim, d.v_dim], dim=-1)
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     f = torch.sigmoid(gate.float().transpose(0, 1) + mixer.forget_bias)  # [b, s, nh]
-    weight = mixer.recurrent_weight
-    h, ys, states = state.state, [], []
-    for t in range(s):
+    y, states = m2rnn_recurrence(q, k, v, f, mixer.recurrent_weight, state.state, ctx.valid, keep)
+    state.stage(windows, states, per_position=keep)
+    y = y.to(hidden.dtype)  # [b, s, nh, V]
+    return mixer.out_proj(y.transpose(0, 1).reshape(s, b, nh * d.v_dim))
+
+
+def _step_kernel(x: torch.Tensor, k_dim: int, v_dim: int, s: int) -> bool:
+    """Whether the M2RNN step runs as the Triton kernel: CUDA tensors, Triton installed, head
+    sizes and a number of positions it takes."""
+    if not x.is_cuda or backends.detect().triton is None:
+        return False
+    from megacpp_mcore.infer import m2rnn_triton
+
+    return m2rnn_triton.supported(k_dim, v_dim, s)
+
+
+def m2rnn_recurrence(q, k, v, f, weight, h0, valid, keep: bool):
+    """The M2RNN recurrence in torch from state ``h0`` ``[b, heads, K, V]`` over ``s`` positions:
+    q, k ``[b, s, heads, K]`` (normalised), v ``[b, s, heads, V]``, f ``[b, s, heads]``, valid
+    ``[b, s]`` (a padded slot leaves the state as it is). Returns y ``[b, s, heads, V]`` (fp32)
+    and the states ``[s, b, heads, K, V]`` after every position (``keep``) or the last."""
+    h, ys, states = h0, [], []
+    for t in range(q.shape[1]):
         f_t = f[:, t, :, None, None]  # [b, h, 1, 1]
         update = torch.tanh(h @ weight + k[:, t, :, :, None] * v[:, t, :, None, :])
-        h = torch.where(ctx.valid[:, t, None, None, None], f_t * h + (1 - f_t) * update, h)
+        h = torch.where(valid[:, t, None, None, None], f_t * h + (1 - f_t) * update, h)
         ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t], h))
         if keep:
             states.append(h)
-    state.stage(windows, torch.stack(states) if keep else h, per_position=keep)
-    y = torch.stack(ys, dim=1).to(hidden.dtype)  # [b, s, nh, V]
-    return mixer.out_proj(y.transpose(0, 1).reshape(s, b, nh * d.v_dim))
+    return torch.stack(ys, dim=1), torch.stack(states) if keep else h
