@@ -33,7 +33,7 @@ class StepContext:
     """
 
     def __init__(self, start: int, s: int, pad: torch.Tensor, tables: dict, max_length: int,
-                 start_index: torch.Tensor | None = None):
+                 start_index: torch.Tensor | None = None, time: torch.Tensor | None = None):
         if start + s > max_length:
             raise ValueError(f"inference: {start + s} positions exceed the session's capacity of "
                              f"{max_length}; start a session with a larger max_length")
@@ -43,8 +43,8 @@ class StepContext:
         self.end = max_length if self.static else start + s
         self.pad = pad
         device = pad.device
-        if self.static:  # [s]: start_index + 0 .. s - 1, read on the device
-            self.time = start_index + torch.arange(s, device=device)
+        if self.static:  # [s]: start_index + 0 .. s - 1, read on the device (or given so)
+            self.time = start_index + torch.arange(s, device=device) if time is None else time
         else:
             self.time = torch.arange(start, start + s, device=device)  # [s]
         self.valid = self.time[None, :] >= pad[:, None]  # [b, s]: False on padded slots

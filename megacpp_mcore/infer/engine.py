@@ -149,11 +149,13 @@ class Session:
                 if hasattr(state, "in_place"):
                     state.in_place = True
 
-    def context(self, start: int, s: int, start_index: torch.Tensor | None = None) -> StepContext:
+    def context(self, start: int, s: int, start_index: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> StepContext:
         """Step context of ``s`` positions from ``start`` on this session's timeline; with
-        ``start_index`` (the device's copy of ``start``) static shapes, else dynamic (the MTP
-        drafter's caches run on these)."""
-        return StepContext(start, s, self.pad, self.tables, self.max_length, start_index)
+        ``start_index`` (the device's copy of ``start``; ``time``: its ``start_index + 0 .. s - 1``
+        when the caller has it) static shapes, else dynamic (the MTP drafter's caches run on
+        these)."""
+        return StepContext(start, s, self.pad, self.tables, self.max_length, start_index, time)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, *, keep: bool = False) -> torch.Tensor:

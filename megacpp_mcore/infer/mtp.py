@@ -178,6 +178,7 @@ class StaticMTPDrafter:
         self.committed = torch.tensor([hidden.start for hidden in drafter.inputs], dtype=torch.long,
                                       device=device)
         self.offsets = torch.arange(self.window, device=device)
+        self.ahead = torch.arange(1, k + 1, device=device)  # depth d reads ids[i + d + 1], drafts at length + 1 + d
         self.logits: list[torch.Tensor] = []
 
     def draft(self, pending: torch.Tensor, length: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -187,22 +188,27 @@ class StaticMTPDrafter:
         drafter, ids = self.drafter, self.drafter.ids
         ids.index_copy_(1, length.view(1), pending[:, None])
         drafts, self.logits = [], []  # the step's draft logits [b, V] per depth, as MTPDrafter's
+        # every depth's indices at once: its window's times, the tokens it reads, the trunk's last
+        # position in its window, where its draft goes
+        times = self.committed[:, None] + self.offsets  # [K, K + 1]
+        reads = times + self.ahead[:, None]
+        lasts = (length - 1) - self.committed  # [K]
+        slots = length + self.ahead  # [K]
         for depth in range(self.k):
-            start = self.committed[depth]
-            times = start + self.offsets  # [K + 1]
-            ctx = self.session.context(0, self.window, start_index=start)
-            last = (length - 1 - start).view(1)  # the trunk's last position in the window
+            ctx = self.session.context(0, self.window, start_index=self.committed[depth],
+                                       time=times[depth])
+            last = lasts[depth:depth + 1]
             deeper = depth + 1 < self.k
-            out = drafter._run(depth, self.inputs[depth].index_select(0, times),
-                               ids.index_select(1, times + depth + 1), ctx,
+            out = drafter._run(depth, self.inputs[depth].index_select(0, times[depth]),
+                               ids.index_select(1, reads[depth]), ctx,
                                None if deeper else last)  # [K + 1 or 1, b, h]
             if deeper:
-                self.inputs[depth + 1].index_copy_(0, times, out)
+                self.inputs[depth + 1].index_copy_(0, times[depth], out)
                 out = out.index_select(0, last)
             logits = drafter.engine.logits(drafter.engine.final_norm(out), sampling.vocab_limit)[:, 0]
             self.logits.append(logits)
             token, _ = sampling.choose(logits, None)
-            ids.index_copy_(1, (length + 1 + depth).view(1), token[:, None])
+            ids.index_copy_(1, slots[depth:depth + 1], token[:, None])
             drafts.append(token)
         return torch.stack(drafts, dim=1)
 
