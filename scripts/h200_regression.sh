@@ -34,7 +34,8 @@ export PYTHONUNBUFFERED=1
 trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
 for part in $PARTS; do
   case $part in
-    tests) python -m pytest -q -rfEs -m gpu ${TESTS:-tests} >"$OUT/gpu_tests.log" 2>&1 ;;  # TESTS: a subset
+    # TESTS: files (default all), TESTS_K: a -k expression
+    tests) python -m pytest -q -rfEs -m gpu ${TESTS:-tests} ${TESTS_K:+-k "$TESTS_K"} >"$OUT/gpu_tests.log" 2>&1 ;;
     # first on a fresh machine: launch to the first finished step of nam56r-lite (the receipt's
     # start-up figure), every log line stamped with seconds since launch, Triton's autotuning report
     startup) { t0=${EPOCHREALTIME/./}

@@ -76,14 +76,14 @@ class StepContext:
 
     def _key_ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The timeline's key indices ``[end]`` and their ranks ``[b, end]`` (the index, or
-        :data:`_NEVER` on a row's padded slots), kept per session: a query at time ``t`` sees
-        the keys ranked ``<= t``."""
-        key = ("key_ranks", self.end)
-        if key not in self._tables:
-            keys = torch.arange(self.end, device=self.pad.device)
+        :data:`_NEVER` on a row's padded slots), built once per session over its capacity: a
+        query at time ``t`` sees the keys ranked ``<= t``."""
+        if "key_ranks" not in self._tables:
+            keys = torch.arange(self._max_length, device=self.pad.device)
             ranks = torch.where(keys[None, :] >= self.pad[:, None], keys, _NEVER)
-            self._tables[key] = (keys, ranks)
-        return self._tables[key]
+            self._tables["key_ranks"] = (keys, ranks)
+        keys, ranks = self._tables["key_ranks"]
+        return keys[:self.end], ranks[:, :self.end]
 
     def attention_bias(self, visible: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`attention_mask` as an additive fp32 score bias: 0 where a query attends, -inf

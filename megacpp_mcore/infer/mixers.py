@@ -297,10 +297,14 @@ def m2rnn_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: boo
     return mixer.out_proj(y.transpose(0, 1).reshape(s, b, nh * d.v_dim))
 
 
+# The M2RNN step's Triton kernel where it runs (False: the torch recurrence everywhere).
+M2RNN_STEP_KERNEL = True
+
+
 def _step_kernel(x: torch.Tensor, k_dim: int, v_dim: int, s: int) -> bool:
-    """Whether the M2RNN step runs as the Triton kernel: CUDA tensors, Triton installed, head
-    sizes and a number of positions it takes."""
-    if not x.is_cuda or backends.detect().triton is None:
+    """Whether the M2RNN step runs as the Triton kernel: allowed (:data:`M2RNN_STEP_KERNEL`),
+    CUDA tensors, Triton installed, head sizes and a number of positions it takes."""
+    if not (M2RNN_STEP_KERNEL and x.is_cuda) or backends.detect().triton is None:
         return False
     from megacpp_mcore.infer import m2rnn_triton
 
