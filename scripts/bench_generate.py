@@ -425,7 +425,7 @@ def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: d
                 sampling=sampling, cuda_graphs=True)
     row = {"batch": len(rows), "k": k, "graphs": True, "tokens_per_s": run.decode_tokens_per_s,
            "speedup": run.decode_tokens_per_s / plain.decode_tokens_per_s,
-           "ms_per_step": 1e3 * run.decode_s / max(run.steps, 1),
+           "ms_per_step": 1e3 * run.decode_s / max(run.steady_steps, 1),
            "syncs_per_step": None, "ops_per_step": None, "mb_per_step": None,
            "mb_per_step_kernel": None, "gpu_ms_per_step": None,
            "identical": run.tokens == plain.tokens,
@@ -478,7 +478,8 @@ def measure(engine, args) -> list[dict]:
             results.append(graphed)
             print(f"[bench_generate] batch {batch} plain, CUDA graphs: {graphed['tokens_per_s']:.1f} "
                   f"tokens/s (x{graphed['speedup']:.2f}), identical {graphed['identical']}, capture "
-                  f"{1e3 * graphed['graph_capture_s']:.0f} ms (once per generate call, not in the "
+                  f"{1e3 * graphed['graph_capture_s']:.0f} ms, warm-up step "
+                  f"{1e3 * graphed['graph_warmup_s']:.0f} ms (once per generate call, not in the "
                   "decode time)", flush=True)
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,

@@ -408,7 +408,8 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
         graphed = generate(engine, prompts, max_new_tokens=20, speculative=k, cuda_graphs=True)
         assert graphed.tokens == spec.tokens == eager.tokens
         assert (graphed.steps, graphed.accepted) == (spec.steps, spec.accepted)
-        assert graphed.graph_capture_s > 0
+        assert graphed.graph_capture_s > 0 and graphed.graph_warmup_s > 0  # setup, not decode time
+        assert graphed.steady_steps == graphed.steps - 1 and 1 <= graphed.graph_warmup_tokens <= 3 * (k + 1)
     # drafts accepted too: the H100 run of 2026-12-05 accepted none at agreement 0.2 (bf16 on the
     # device; about half of the first drafts on the CPU in fp32), so a stronger pull is added
     accepted = 0

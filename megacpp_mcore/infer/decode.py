@@ -44,15 +44,29 @@ class Generation:
     decode_tokens: int = 0  # tokens emitted by those steps (all rows, until each row stopped)
     attempted: list[int] = dataclasses.field(default_factory=list)  # per draft position
     accepted: list[int] = dataclasses.field(default_factory=list)
-    graph_capture_s: float = 0.0  # CUDA graphs: the one-time capture, not counted in decode_s
+    # CUDA graphs: the one-time setup of the step's graph, not counted in decode_s: the capture,
+    # and the warm-up step run eagerly before it (its tokens are emitted, and counted in
+    # decode_tokens and steps, but the rates leave them out: steady_steps, decode_tokens_per_s)
+    graph_capture_s: float = 0.0
+    graph_warmup_s: float = 0.0
+    graph_warmup_tokens: int = 0
 
     @property
     def new_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
 
     @property
+    def steady_steps(self) -> int:
+        """Steps after the prefill that ``decode_s`` times (all of them, less a graph's warm-up)."""
+        return self.steps - (1 if self.graph_warmup_s else 0)
+
+    @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        """Tokens per second of the decode steps ``decode_s`` times (steady state: with CUDA
+        graphs the one-time warm-up step and capture are left out, for plain and speculative
+        decoding alike)."""
+        tokens = self.decode_tokens - self.graph_warmup_tokens
+        return tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
     @property
     def acceptance(self) -> list[float]:
@@ -72,7 +86,8 @@ class Generation:
         out = {"speculative": self.speculative, "prompt_tokens": self.prompt_lengths,
                "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
                "decode_s": self.decode_s, "graph_capture_s": self.graph_capture_s,
-               "steps": self.steps, "decode_tokens": self.decode_tokens,
+               "graph_warmup_s": self.graph_warmup_s, "graph_warmup_tokens": self.graph_warmup_tokens,
+               "steps": self.steps, "steady_steps": self.steady_steps, "decode_tokens": self.decode_tokens,
                "decode_tokens_per_s": self.decode_tokens_per_s, "stop": self.stop}
         if self.speculative:
             out.update(acceptance_per_position=self.acceptance, attempted=self.attempted,
@@ -151,7 +166,8 @@ class _GraphedStep:
     def __init__(self, session, graphs: bool):
         self.session, self.graphs, self.graph = session, graphs, None
         self.output = None  # the graph's output buffers (what a replay writes)
-        self.capture_s = 0.0  # the one-time capture (the warm-up step counts as a decode step)
+        self.capture_s = 0.0  # the one-time capture
+        self.warmup_s = 0.0  # the eager warm-up step before it (a decode step: its result is used)
 
     def _body(self):
         raise NotImplementedError
@@ -164,7 +180,8 @@ class _GraphedStep:
         if self.graph is not None:
             self.graph.replay()
             return self.output
-        result, self.graph, self.output, self.capture_s = _warm_up_and_capture(self._body, self.session)
+        result, self.graph, self.output, self.warmup_s, self.capture_s = _warm_up_and_capture(
+            self._body, self.session)
         return result
 
 
@@ -260,19 +277,20 @@ def _warm_up_and_capture(body, session):
     """CUDA graphs of a decode step: runs ``body`` once eagerly on a side stream (lazy
     initialisation, workspaces; its result is this step's), then records it (nothing runs,
     nothing advances: the host's session length is put back). Returns (the eager result, the
-    graph, the graph's output tensor, the capture's seconds)."""
+    graph, the graph's output tensor, the warm-up's seconds, the capture's seconds)."""
     device = session.engine.device
+    t0 = _sync(device)
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         result = body()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    length, t0 = session.length, _sync(device)
+    length, t1 = session.length, _sync(device)
     with torch.cuda.graph(graph):
         output = body()
     session.length = length
-    return result, graph, output, _sync(device) - t0
+    return result, graph, output, t1 - t0, _sync(device) - t1
 
 
 def check_graphs(engine: Engine, sampling: Sampling, speculative: int,
@@ -415,12 +433,15 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
                     for j in range(min(row[0] + 1, k)):
                         result.attempted[j] += 1
                         result.accepted[j] += j < row[0]
-        result.decode_tokens += emitter.add(new, rows)
+        emitted = emitter.add(new, rows)
+        if not result.steps and (plain_step or spec_step) is not None and cuda_graphs:
+            result.graph_warmup_tokens = emitted  # the first step read is the graph's warm-up
+        result.decode_tokens += emitted
         result.steps += 1
     emitter.finish()
     result.decode_s = _sync(device) - t1
     step = plain_step or spec_step
     if step is not None and step.capture_s:
-        result.graph_capture_s = step.capture_s
-        result.decode_s -= step.capture_s
+        result.graph_capture_s, result.graph_warmup_s = step.capture_s, step.warmup_s
+        result.decode_s = max(result.decode_s - step.capture_s - step.warmup_s, 0.0)
     return result
