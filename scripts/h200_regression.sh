@@ -35,7 +35,8 @@ trained=0:0.10,1:0.11,3:0.47,4:0.58,5:0.70,7:0.56,8:0.98,9:0.84
 for part in $PARTS; do
   case $part in
     # TESTS: files (default all), TESTS_K: a -k expression
-    tests) python -m pytest -q -rfEs -m gpu ${TESTS:-tests} ${TESTS_K:+-k "$TESTS_K"} >"$OUT/gpu_tests.log" 2>&1 ;;
+    tests) read -r -a files <<<"${TESTS:-tests}"
+           python -m pytest -q -rfEs -m gpu "${files[@]}" ${TESTS_K:+-k "$TESTS_K"} >"$OUT/gpu_tests.log" 2>&1 ;;
     # first on a fresh machine: launch to the first finished step of nam56r-lite (the receipt's
     # start-up figure), every log line stamped with seconds since launch, Triton's autotuning report
     startup) { t0=${EPOCHREALTIME/./}
@@ -106,8 +107,9 @@ for part in $PARTS; do
                   python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
                     --cuda-graphs --moe-routes dense,gathered,sparse --out "$OUT/generate-random-sparse-moe.json"; } \
                   >"$OUT/moe-decode.log" 2>&1 ;;
+    # LITE_STEPS: training steps (default 600, the recipe of the ninth to twelfth sessions)
     lite-mtp2) megacpp-mcore train --preset nam56r-lite --mtp-depth 2 --seq-length 1024 \
-                 --micro-batch-size 8 --global-batch-size 8 --steps 600 --warmup-steps 50 --lr 1e-3 \
+                 --micro-batch-size 8 --global-batch-size 8 --steps "${LITE_STEPS:-600}" --warmup-steps 50 --lr 1e-3 \
                  --min-lr 1e-4 --eval-interval 300 --eval-iters 2 --log-interval 50 --on-nonfinite skip \
                  --save "$OUT/lite-mtp2" --save-interval 300 --receipt "$OUT/lite-mtp2/receipt.json" \
                  >"$OUT/lite-mtp2.log" 2>&1 ;;
