@@ -428,9 +428,9 @@ def run(args) -> dict:
             times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
                                 iters=args.iters)
             per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
-            layer_table = _layer_table(_layer_times({"dense": dense, "hard": hard}, tokens, positions,
-                                                    args.layer_rounds), expand_pattern(dense_cfg.pattern, dense_cfg.num_layers), per_layer) \
-                if args.layer_rounds else None
+            layer_table = _layer_table(
+                _layer_times({"dense": dense, "hard": hard}, tokens, positions, args.layer_rounds),
+                expand_pattern(dense_cfg.pattern, dense_cfg.num_layers), per_layer) if args.layer_rounds else None
             profiled = _profile({"dense": dense, "hard": hard}, tokens, positions, args.profile) \
                 if args.profile else None
     finally:
@@ -445,8 +445,9 @@ def run(args) -> dict:
             "gathering_layers": [i for i, layer in layers if layer.gathers],
             "hard_skip_capacity": {str(i): layer.hard_skip_capacity for i, layer in layers if layer.gathers},
             "routing_layers": [i for i, layer in layers if layer.routes_kept],
-            "moe": args.moe, "moe_layers_kept_megatron": {
-                model: {name: why for name, why in report.items() if why} for model, report in moe_layers.items()},
+            "moe": args.moe,
+            "moe_layers_kept_megatron": {model: {name: why for name, why in report.items() if why}
+                                         for model, report in moe_layers.items()},
             "skip_rate_per_layer": per_layer, "flexidepth_skip_rate": summary["layers_skipped"] / len(layers),
             "mean_layers_used": summary["mean_layers_used"], "times_s": times, "median_s": median,
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",

@@ -176,8 +176,9 @@ def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, visib
         query, key = rotation.apply(query), rotation.apply(key)
     depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
     keys, values = cache.write(ctx, key, value, visible)
-    out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn),
-                 depth_key, depth_value, bias=cache.bias(ctx) if query.shape[0] <= MATH_MAX_QUERIES else None)
+    bias = cache.bias(ctx) if query.shape[0] <= MATH_MAX_QUERIES else None  # explicit path
+    out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn), depth_key, depth_value,
+                 bias=bias)
     return attn.linear_proj(out)
 
 

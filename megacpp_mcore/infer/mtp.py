@@ -178,7 +178,8 @@ class StaticMTPDrafter:
         self.committed = torch.tensor([hidden.start for hidden in drafter.inputs], dtype=torch.long,
                                       device=device)
         self.offsets = torch.arange(self.window, device=device)
-        self.ahead = torch.arange(1, k + 1, device=device)  # depth d reads ids[i + d + 1], drafts at length + 1 + d
+        # depth d reads ids[i + d + 1] and drafts the token at length + 1 + d
+        self.ahead = torch.arange(1, k + 1, device=device)
         self.logits: list[torch.Tensor] = []
 
     def draft(self, pending: torch.Tensor, length: torch.Tensor, sampling: Sampling) -> torch.Tensor:
