@@ -132,6 +132,46 @@ def test_sync_free_moe_layers_make_a_long_forward_read_nothing(single_rank):
     assert sum(counter.values()) > 0  # Megatron's layers read their counts
 
 
+@pytest.mark.parametrize("router", list(ROUTERS) + ["softmax-pre", "sigmoid-expert-bias", "groups"])
+@torch.no_grad()
+def test_few_kernel_routing_equals_the_router_module(single_rank, router, caplog):
+    """The decode path's own top-k routing (the router's gating, then top-k, softmax or sigmoid,
+    scatter) gives the router module's eval probabilities exactly for the plain settings (softmax
+    after or before the top-k, sigmoid with scaling or an expert bias); expert groups keep the
+    module; a routing that differs from the module on the planning probe is dropped with one log
+    line and the module routes."""
+    from megacpp_mcore.infer import moe as moe_module
+
+    moe_cfg, overrides = ROUTERS.get(router, ROUTERS["softmax-top2-shared"])
+    if router == "softmax-pre":
+        overrides = {"moe_router_pre_softmax": True}
+    elif router == "sigmoid-expert-bias":
+        overrides = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}
+    elif router == "groups":
+        overrides = {"moe_router_num_groups": 2, "moe_router_group_topk": 1}
+    torch.manual_seed(3)
+    (layer,) = _moe_layers(_gpt(moe=moe_cfg, **overrides))
+    if router == "sigmoid-expert-bias":
+        layer.router.expert_bias.copy_(torch.randn_like(layer.router.expert_bias))
+    fast, why = moe_module.plan_moe(layer)
+    assert why is None
+    if router == "groups":
+        assert fast.router is None
+        return
+    assert fast.router is not None
+    for tokens in (1, 3, 40):
+        x = torch.randn(tokens, 1, HIDDEN)
+        assert torch.equal(fast.router(x), layer.router(x)[0])
+    broken = moe_module._TopKRouting.of(layer.router)
+    broken.scale = 3.0  # not the module's routing any more
+    with caplog.at_level(logging.WARNING, logger=moe_module.__name__):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(moe_module._TopKRouting, "of", classmethod(lambda cls, r: broken))
+            fast, why = moe_module.plan_moe(layer)
+    assert why is None and fast.router is None
+    assert "few-kernel routing differs" in caplog.text
+
+
 def test_traffic_counts_calls_and_the_bytes_a_device_would_move():
     """The byte model of megacpp_mcore.infer.traffic on known operators: a GEMM reads both
     operands and writes its output, a view moves nothing, an in-place op is not counted twice,

@@ -162,6 +162,9 @@ class SyncFreeMoE:
         self.routes = DEFAULT_ROUTES  # the routes route() may take (ROUTES: the kernel too)
         self.kernel_options: dict = {}  # expert_gemm's block sizes / split (benchmarks sweep them)
         self.grouped_ok = True  # torch's grouped GEMM runs here (plan_moe probes it)
+        # the router's top-k in a few kernels where its settings are plain ones (plan_moe probes
+        # it against the layer's router; else the router module itself runs)
+        self.router = _TopKRouting.of(moe.router) if moe is not None else None
 
     def __call__(self, hidden: torch.Tensor):
         n = hidden.shape[0] * hidden.shape[1]
@@ -199,8 +202,11 @@ class SyncFreeMoE:
         ``padding_mask`` goes to the router as Megatron's layer passes it (it only shapes the
         training losses)."""
         s, b, h = hidden.shape
-        extra = () if padding_mask is None else (padding_mask,)
-        probs, _ = self.moe.router(hidden, *extra)  # [n, E], zero outside each token's top-k
+        if self.router is not None and padding_mask is None:
+            probs = self.router(hidden)  # [n, E], zero outside each token's top-k
+        else:
+            extra = () if padding_mask is None else (padding_mask,)
+            probs, _ = self.moe.router(hidden, *extra)
         out = getattr(self, route)(hidden.reshape(s * b, h), probs).view(s, b, h)
         if self.moe.shared_experts is not None:
             out = out + self.moe.shared_experts(hidden)
@@ -265,6 +271,66 @@ class SyncFreeMoE:
         return torch.matmul(act, self.w2[index]).sum(dim=1).squeeze(1)  # [n, h]
 
 
+class _TopKRouting:
+    """An MoE router's top-k probabilities ``[n, E]`` (zero outside each token's top k) in a
+    handful of kernels, for a decode step: the router's own gating (its GEMM, in its router
+    dtype), then the top-k and its softmax (or sigmoid) and the scatter, without the routing
+    map, statistics and checks the router module computes around them for training. The routing
+    Megatron's ``TopKRouter`` applies in eval for plain settings (:meth:`of` says which: no
+    expert groups, no token dropping, no hooks on the module, softmax before or after the top-k,
+    or sigmoid normalised over the top k with an optional expert bias, a top-k scaling factor);
+    :func:`plan_moe` checks it against the module on a probe and keeps the module where they
+    differ."""
+
+    def __init__(self, router, score: str, pre_softmax: bool, scale, expert_bias):
+        self.router, self.topk = router, router.topk
+        self.score, self.pre_softmax, self.scale, self.expert_bias = score, pre_softmax, scale, expert_bias
+
+    @classmethod
+    def of(cls, router) -> "_TopKRouting | None":
+        """The fast routing of ``router``, or None where its settings are not the plain ones."""
+        config = getattr(router, "config", None)
+        if (type(router).__name__ != "TopKRouter" or config is None or router._forward_hooks
+                or router._forward_pre_hooks or not hasattr(router, "gating")):
+            return None
+        score = getattr(router, "score_function", None)
+        plain = (score in ("softmax", "sigmoid") and not getattr(config, "moe_router_num_groups", None)
+                 and getattr(router, "routing_type", "aux_loss") != "sinkhorn"
+                 and config.moe_expert_capacity_factor is None
+                 and not getattr(config, "moe_router_force_load_balancing", False)
+                 and getattr(router, "router_replay", None) is None)
+        if not plain:
+            return None
+        bias = getattr(router, "expert_bias", None) if getattr(
+            config, "moe_router_enable_expert_bias", False) else None
+        return cls(router, score, bool(config.moe_router_pre_softmax),
+                   config.moe_router_topk_scaling_factor, bias)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.router.gating(hidden)
+        logits = logits.reshape(-1, logits.shape[-1])  # [n, E] in the router dtype
+        k = self.topk
+        if self.score == "softmax":
+            if self.pre_softmax:
+                scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+                probs, index = scores.topk(k, dim=-1)
+            else:
+                top, index = logits.topk(k, dim=-1)
+                probs = torch.softmax(top, dim=-1, dtype=torch.float32).type_as(logits)
+        else:  # sigmoid, normalised over the top k
+            scores = torch.sigmoid(logits.float()).type_as(logits)
+            if self.expert_bias is None:
+                probs, index = scores.topk(k, dim=-1)
+            else:
+                index = (scores + self.expert_bias).topk(k, dim=-1)[1]
+                probs = scores.gather(1, index)
+            if k > 1:
+                probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.scale:
+            probs = probs * self.scale
+        return torch.zeros_like(logits).scatter(1, index, probs)
+
+
 def _probe_error(fast: SyncFreeMoE, moe, route: str, tokens: int) -> float:
     """Relative error of one route against Megatron's layer on ``tokens`` seeded random tokens."""
     hidden = moe.config.hidden_size
@@ -288,6 +354,20 @@ def plan_moe(moe) -> tuple[SyncFreeMoE | None, str | None]:
         return None, str(exc)
     fast = SyncFreeMoE(moe, w1, w2)
     tolerance = _PROBE_TOLERANCE.get(w1.dtype, _PROBE_TOLERANCE_16BIT)
+    if fast.router is not None:  # the few-kernel routing against the router module's own
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(24, 1, moe.config.hidden_size, generator=generator).to(w1.device, w1.dtype)
+        try:
+            want, got = moe.router(x)[0].double(), fast.router(x).double()
+            error = float((got - want).norm() / want.norm().clamp(min=1e-30))
+        except Exception as exc:  # a router that is not what it looks like
+            error, exc_text = float("nan"), f" ({type(exc).__name__}: {exc})"
+        else:
+            exc_text = ""
+        if not error <= tolerance:
+            fast.router = None
+            _log.warning("inference: the MoE router's module runs (its few-kernel routing differs "
+                         "on a probe: relative error %.2e%s)", error, exc_text)
     for route, tokens in (("gathered", 2), ("dense", 32), ("sparse", 3), ("grouped", 40)):
         if route == "sparse" and not fast.kernel:
             continue
