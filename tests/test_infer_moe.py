@@ -136,7 +136,7 @@ def test_sync_free_moe_layers_make_a_long_forward_read_nothing(single_rank):
 @torch.no_grad()
 def test_few_kernel_routing_equals_the_router_module(single_rank, router, caplog):
     """The decode path's own top-k routing (the router's gating, then top-k, softmax or sigmoid,
-    scatter) gives the router module's eval probabilities exactly for the plain settings (softmax
+    scatter) gives the router module's eval probabilities for the plain settings (softmax
     after or before the top-k, sigmoid with scaling or an expert bias); expert groups keep the
     module; a routing that differs from the module on the planning probe is dropped with one log
     line and the module routes."""
@@ -161,7 +161,8 @@ def test_few_kernel_routing_equals_the_router_module(single_rank, router, caplog
     assert fast.router is not None
     for tokens in (1, 3, 40):
         x = torch.randn(tokens, 1, HIDDEN)
-        assert torch.equal(fast.router(x), layer.router(x)[0])
+        # to the last bit but for the order of a top-k sum (0.19 takes the top k unsorted in eval)
+        torch.testing.assert_close(fast.router(x), layer.router(x)[0], atol=1e-6, rtol=1e-6)
     broken = moe_module._TopKRouting.of(layer.router)
     broken.scale = 3.0  # not the module's routing any more
     with caplog.at_level(logging.WARNING, logger=moe_module.__name__):
