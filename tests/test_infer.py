@@ -244,8 +244,9 @@ def test_rotation_equals_megatron_unfused_rope_bit_for_bit(dtype, deinterleave, 
 
     pad = torch.tensor([0, 2])
     ctx = StepContext(5, s, pad, {}, L)
-    rotation = ctx.rotation(Module(), dtype, deinterleave, interleaved)
-    assert ctx.rotation(Module(), dtype, deinterleave, interleaved) is rotation  # equal tables
+    first, second = Module(), Module()  # both alive: the session's tables are keyed by module
+    rotation = ctx.rotation(first, dtype, deinterleave, interleaved)
+    assert ctx.rotation(second, dtype, deinterleave, interleaved) is rotation  # equal tables
     assert Module.calls == 2
 
     config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=interleaved,
