@@ -70,7 +70,6 @@ def evaluate_capacities(load: str, *, symbols: str = "AE", margins=(0.05, 0.1), 
                         data: str | None = None, named=None) -> tuple[str, list[dict]]:
     """(model name, rows): validation bits/byte exact, then with each margin's capacities."""
     from megacpp_mcore.features.flexidepth import FlexiDepthLayer
-    from megacpp_mcore.infer.engine import _unwrap
     from megacpp_mcore.train import loop, runtime
     from megacpp_mcore.train.checkpoint import read_metadata
     from megacpp_mcore.train.invalid import OPTIMIZER_KEYS
@@ -83,7 +82,7 @@ def evaluate_capacities(load: str, *, symbols: str = "AE", margins=(0.05, 0.1), 
     checked = loop.check(model, cfg)
     trainer = loop.Trainer(checked, cfg, log=lambda _line: None, t_start=time.perf_counter())
     try:
-        layers = [(i, m) for i, m in enumerate(_unwrap(trainer.chunks[0]).decoder.layers)
+        layers = [(i, m) for i, m in enumerate(runtime.unwrap_model(trainer.chunks[0]).decoder.layers)
                   if isinstance(m, FlexiDepthLayer)]
         gathering = [(i, m) for i, m in layers if m.gathers]
 

@@ -19,16 +19,10 @@ import torch.nn.functional as F
 from megacpp_mcore.infer.context import StepContext
 from megacpp_mcore.infer.layers import LayerPlan, UnsupportedForInference, new_state, plan_layer, run_layer
 from megacpp_mcore.infer.mixers import VERIFY_STATES, DeviceCount
+from megacpp_mcore.train.runtime import unwrap_model
 
 
 _log = logging.getLogger(__name__)
-
-
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 class Engine:
@@ -36,7 +30,7 @@ class Engine:
     plans when it has one. The model is put in eval mode; its parameters are not touched."""
 
     def __init__(self, model):
-        model = _unwrap(model)
+        model = unwrap_model(model)
         if not (model.pre_process and model.post_process):
             raise UnsupportedForInference("inference runs the whole model in one process "
                                           "(pipeline parallel size 1)")

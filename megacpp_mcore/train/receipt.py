@@ -29,6 +29,8 @@ from typing import Any, Iterable
 
 import torch
 
+from megacpp_mcore.train.runtime import unwrap_model
+
 SCHEMA_PATH = Path(__file__).with_name("receipt.schema.json")
 SCHEMA_VERSION = 1
 
@@ -57,12 +59,6 @@ def validate(receipt: dict) -> None:
 def _class_name(module: torch.nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 # TE keeps its last attention selection in a module-global dict ``_attention_backends``; its home
@@ -135,7 +131,7 @@ def observe_backends(chunks: Iterable[torch.nn.Module]) -> dict[str, Any]:
     core_kinds: collections.Counter = collections.Counter()  # "te"/"local" per attention core
     te_cores: list[torch.nn.Module] = []
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         decoder = getattr(model, "decoder", None)
         for layer in getattr(decoder, "layers", []):
             roles = {}

@@ -294,6 +294,15 @@ def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: 
     ]
 
 
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Megatron's wrappers (DDP, ``Float16Module``: each holds what it wraps as
+    ``.module``), e.g. the GPTModel of a :func:`build_model` chunk, whose parameter names are the
+    checkpoint's keys."""
+    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
 def build_optimizer(chunks: list, *, lr: float = 1e-3, weight_decay: float = 0.0,
                     clip_grad: float = 1.0, min_lr: float | None = None):
     """Megatron's Adam (fp32 on CPU, bf16 mixed precision with fp32 master weights on GPU)."""

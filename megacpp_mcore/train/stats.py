@@ -26,15 +26,10 @@ from typing import Iterable
 
 import torch
 
+from megacpp_mcore.train.runtime import unwrap_model
+
 SET_STEP = "megacpp_set_step"
 STATS = "megacpp_stats"
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model below Megatron's DDP (and similar) wrappers, so names match the checkpoint keys."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 def _global_layer_prefixes(model: torch.nn.Module) -> dict[str, str]:
@@ -62,7 +57,7 @@ class StatsCollector:
         self._takes_total: set[int] = set()  # id() of the modules whose hook takes total_steps
         self.stat_hooks: list[tuple[str, torch.nn.Module]] = []
         for chunk in chunks:
-            model = _unwrap(chunk)
+            model = unwrap_model(chunk)
             global_names = _global_layer_prefixes(model)
             for name, module in model.named_modules():
                 name = _globalise(name, global_names)
