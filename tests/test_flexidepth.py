@@ -277,6 +277,31 @@ def test_placement_guard_and_refused_combinations(single_rank):
         build_module(transform(_plain_spec(ctx), ctx), config=cfg, layer_number=1)
 
 
+@pytest.mark.parametrize("modules, refused", [(["attn", "mamba"], True), ([], True), (["mamba"], False)],
+                         ids=["attn+mamba", "whole-layers", "mamba-only"])
+def test_cuda_graphs_that_capture_a_flexidepth_layer_are_refused(single_rank, modules, refused):
+    """Megatron's per-layer CUDA graphs run a captured layer without its Python forward, so the
+    router and the adapter would be skipped and the block would train alone, silently: a config
+    whose graphs capture attention or MoE layers is refused when the FlexiDepth layer is built,
+    naming the setting and what is allowed; Mamba-only graphs pass."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.features.flexidepth import transform
+
+    cfg = _config()
+    cfg.cuda_graph_impl = "transformer_engine"  # set after validation: TE is not on this host
+    setattr(cfg, "cuda_graph_modules" if hasattr(cfg, "cuda_graph_modules") else "cuda_graph_scope",
+            modules)
+    ctx = _ctx(cfg, "A", FlexiDepthConfig())
+    spec = transform(_plain_spec(ctx), ctx)
+    if refused:
+        with pytest.raises(ValueError, match=r"FlexiDepth on layer 1: CUDA graphs \(cuda_graph_impl="
+                                             r"'transformer_engine'.*capture only \['mamba'\]"):
+            build_module(spec, config=cfg, layer_number=1)
+    else:
+        build_module(spec, config=cfg, layer_number=1)
+
+
 def test_only_transformer_layers_are_wrapped():
     from megacpp_mcore.features.flexidepth import FlexiDepthLayer, flexidepth_layer_class
 

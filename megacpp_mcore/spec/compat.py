@@ -379,3 +379,18 @@ def cuda_graph_modules(config) -> tuple[str, ...] | None:
     elif not isinstance(raw, (list, tuple)):
         raw = [raw]
     return tuple(getattr(item, "name", str(item)) for item in raw)
+
+
+# Megatron CUDA-graph modules that capture no TransformerLayer (Mamba layers are modules of their
+# own): the only graphs a model whose A/E layers wrap their forward (MoD, FlexiDepth) may take.
+LAYER_FREE_GRAPH_MODULES = frozenset({"mamba"})
+
+
+def graphs_capturing_layers(config) -> str | None:
+    """How ``config``'s CUDA graphs would capture attention or MoE ``TransformerLayer`` s (a
+    captured layer runs without its Python ``forward``: a wrapper's routing is bypassed and its
+    Python state frozen), or None where they capture none (no graphs, or Mamba-only ones)."""
+    captured = cuda_graph_modules(config)
+    if captured is None or (captured and set(captured) <= LAYER_FREE_GRAPH_MODULES):
+        return None
+    return f"cuda_graph_impl={config.cuda_graph_impl!r}, modules {list(captured) or 'whole layers'}"

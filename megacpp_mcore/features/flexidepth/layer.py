@@ -86,6 +86,14 @@ class FlexiDepthLayer(TransformerLayer):
                  flexidepth_layers: int | None = None, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
         self.fd = flexidepth
+        graphs = compat.graphs_capturing_layers(config)
+        if graphs is not None:
+            raise ValueError(
+                f"FlexiDepth on layer {self.layer_number}: CUDA graphs ({graphs}) would capture "
+                "this layer, and a captured forward bypasses the router and the adapter (the block "
+                "would train and run as if FlexiDepth were not there); with FlexiDepth allowed: "
+                f"cuda_graph_impl='none', or capture only {sorted(compat.LAYER_FREE_GRAPH_MODULES)} "
+                "(Megatron-LM: --cuda-graph-scope mamba, 0.19: --cuda-graph-modules mamba)")
         # Under a Megatron-LM loop (no megacpp_set_step calls) the statistics also go to Megatron's
         # MoE metrics tracker, which its training_log reports (see TrackerUsage).
         self._loop_driven = False

@@ -117,10 +117,6 @@ from megacpp_mcore.spec import compat
 from megacpp_mcore.spec.context import LayerContext
 from megacpp_mcore.spec.pattern import FeaturePlacement
 
-# Megatron CUDA-graph modules that never capture a MoD layer (MoD wraps attention and MoE layers;
-# Mamba layers are separate modules): a model with MoD may capture these.
-MOD_GRAPH_SAFE_MODULES = frozenset({"mamba"})
-
 
 @dataclasses.dataclass
 class _Route:
@@ -152,15 +148,14 @@ class MoDLayer(TransformerLayer):
                 "embeddings [k, b, 1, d], which the fused single-QKV RoPE kernel does not take; "
                 "set fused_single_qkv_rope=False (apply_rope_fusion is fine)"
             )
-        captured = compat.cuda_graph_modules(config)
-        if captured is not None and not (captured and set(captured) <= MOD_GRAPH_SAFE_MODULES):
+        graphs = compat.graphs_capturing_layers(config)
+        if graphs is not None:
             raise ValueError(
-                f"MoD on layer {self.layer_number}: CUDA graphs (cuda_graph_impl="
-                f"{config.cuda_graph_impl!r}, modules {list(captured) or 'whole layers'}) would "
-                "capture this layer, and a captured forward bypasses MoD's gate and freezes its "
-                "token budget; with MoD allowed: cuda_graph_impl='none', or capture only "
-                f"{sorted(MOD_GRAPH_SAFE_MODULES)} (Megatron-LM: --cuda-graph-scope mamba, 0.19: "
-                "--cuda-graph-modules mamba)"
+                f"MoD on layer {self.layer_number}: CUDA graphs ({graphs}) would capture this "
+                "layer, and a captured forward bypasses MoD's gate and freezes its token budget; "
+                "with MoD allowed: cuda_graph_impl='none', or capture only "
+                f"{sorted(compat.LAYER_FREE_GRAPH_MODULES)} (Megatron-LM: --cuda-graph-scope "
+                "mamba, 0.19: --cuda-graph-modules mamba)"
             )
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.mod_router = torch.nn.Linear(config.hidden_size, 1, bias=True, device=device,
