@@ -331,15 +331,20 @@ class _TopKRouting:
         return torch.zeros_like(logits).scatter(1, index, probs)
 
 
-def _probe_error(fast: SyncFreeMoE, moe, route: str, tokens: int) -> float:
-    """Relative error of one route against Megatron's layer on ``tokens`` seeded random tokens."""
-    hidden = moe.config.hidden_size
+def _probe(fast: SyncFreeMoE, want, got, tokens: int, tolerance: float) -> str | None:
+    """Why ``got`` differs from Megatron's ``want`` (callables of the same ``tokens`` seeded random
+    hidden states ``[tokens, 1, h]``) by more than ``tolerance`` (relative error, Frobenius norm)
+    or fails, else None."""
     generator = torch.Generator().manual_seed(tokens)  # never touches the global RNG
-    weight = fast.w1
-    x = torch.randn(tokens, 1, hidden, generator=generator).to(weight.device, weight.dtype)
-    ref, _ = moe(x)
-    ref, got = ref.double(), fast.run(x, route).double()
-    return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+    x = torch.randn(tokens, 1, fast.w1.shape[1], generator=generator).to(fast.w1.device, fast.w1.dtype)
+    try:
+        ref, out = want(x).double(), got(x).double()
+    except Exception as exc:  # e.g. a router that returns something else than [n, E] probs
+        return f"failed on a probe ({type(exc).__name__}: {exc})"
+    error = float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+    if error <= tolerance:
+        return None
+    return f"differs from Megatron's layer on a probe (relative error {error:.2e} > {tolerance:.0e})"
 
 
 @torch.no_grad()
@@ -355,30 +360,15 @@ def plan_moe(moe) -> tuple[SyncFreeMoE | None, str | None]:
     fast = SyncFreeMoE(moe, w1, w2)
     tolerance = _PROBE_TOLERANCE.get(w1.dtype, _PROBE_TOLERANCE_16BIT)
     if fast.router is not None:  # the few-kernel routing against the router module's own
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(24, 1, moe.config.hidden_size, generator=generator).to(w1.device, w1.dtype)
-        try:
-            want, got = moe.router(x)[0].double(), fast.router(x).double()
-            error = float((got - want).norm() / want.norm().clamp(min=1e-30))
-        except Exception as exc:  # a router that is not what it looks like
-            error, exc_text = float("nan"), f" ({type(exc).__name__}: {exc})"
-        else:
-            exc_text = ""
-        if not error <= tolerance:
+        why = _probe(fast, lambda x: moe.router(x)[0], fast.router, 24, tolerance)
+        if why is not None:
             fast.router = None
-            _log.warning("inference: the MoE router's module runs (its few-kernel routing differs "
-                         "on a probe: relative error %.2e%s)", error, exc_text)
+            _log.warning("inference: the MoE router's module runs: its few-kernel routing %s", why)
     for route, tokens in (("gathered", 2), ("dense", 32), ("sparse", 3), ("grouped", 40)):
         if route == "sparse" and not fast.kernel:
             continue
-        try:
-            error = _probe_error(fast, moe, route, tokens)
-        except Exception as exc:  # e.g. a router that returns something else than [n, E] probs
-            error, why = float("nan"), f"failed on a probe ({type(exc).__name__}: {exc})"
-        else:
-            why = (f"differs from Megatron's layer on a probe (relative error {error:.2e} > "
-                   f"{tolerance:.0e})")
-        if error <= tolerance:
+        why = _probe(fast, lambda x: moe(x)[0], lambda x: fast.run(x, route), tokens, tolerance)
+        if why is None:
             continue
         if route == "grouped":  # e.g. no grouped GEMM for this dtype on this device: long
             fast.grouped_ok = False  # forwards keep Megatron's layer
