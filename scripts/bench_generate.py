@@ -53,6 +53,8 @@ decoding would have there: tokens per step over the step's device time relative 
 ``--cuda-graphs`` also times greedy decoding replaying one captured CUDA graph per step
 (``generate(..., cuda_graphs=True)``), plain and speculative; ``vs graphed plain`` is then the
 speed-up with both at their best settings (the speculative step's one read per step included).
+``--compile-drafter`` (with ``--cuda-graphs``) adds, per K, the graphed speculative step with the
+drafter compiled (``generate(..., compile_drafter=True)``), so the two drafters are timed in one run.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time greedy decoding, plain and speculative, replaying one CUDA graph "
                         "per step (CUDA only)")
+    p.add_argument("--compile-drafter", action="store_true",
+                   help="with --cuda-graphs: also time each K's graphed step with the MTP drafter "
+                        "through torch.compile")
     p.add_argument("--moe-routes", default="dense,gathered",
                    help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
                         "default dense,gathered; add sparse for the Triton kernel, CUDA only)")
@@ -114,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--mtp-depth is for random weights; a checkpoint records the depth it was trained at")
     if args.cuda_graphs and not torch.cuda.is_available():
         p.error("--cuda-graphs needs a CUDA device; none is visible here")
+    if args.compile_drafter and not args.cuda_graphs:
+        p.error("--compile-drafter adds graphed rows; allowed with --cuda-graphs")
     args.batch = [int(x) for x in args.batch.split(",")]
     args.speculative = [int(x) for x in args.speculative.split(",") if x.strip()]
     return args
@@ -404,11 +411,12 @@ def _gain(spec: dict, plain: dict) -> float:
     return (spec["decode_tokens"] / spec["steps"]) / (plain["decode_tokens"] / plain["steps"])
 
 
-def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda_graphs=False):
+def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda_graphs=False,
+          compile_drafter=False):
     """The fastest of ``repeats`` runs (after one short warm-up run)."""
     from megacpp_mcore.infer import generate
 
-    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs)
+    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs, compile_drafter=compile_drafter)
     generate(engine, rows, max_new_tokens=min(8, new_tokens), **opts)
     best = None
     for _ in range(repeats):
@@ -418,12 +426,14 @@ def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda
     return best
 
 
-def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: dict | None = None) -> dict:
+def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: dict | None = None,
+                compile_drafter: bool = False) -> dict:
     """One configuration decoded replaying a CUDA graph per step, as a table row: speed-ups over
     eager plain decoding (``plain``) and, for speculative rows, over graphed plain decoding."""
     run = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
-                sampling=sampling, cuda_graphs=True)
-    row = {"batch": len(rows), "k": k, "graphs": True, "tokens_per_s": run.decode_tokens_per_s,
+                sampling=sampling, cuda_graphs=True, compile_drafter=compile_drafter)
+    row = {"batch": len(rows), "k": k, "graphs": True, "compiled_drafter": compile_drafter,
+           "tokens_per_s": run.decode_tokens_per_s,
            "speedup": run.decode_tokens_per_s / plain.decode_tokens_per_s,
            "ms_per_step": 1e3 * run.decode_s / max(run.steady_steps, 1),
            "syncs_per_step": None, "ops_per_step": None, "mb_per_step": None,
@@ -479,7 +489,7 @@ def measure(engine, args) -> list[dict]:
             print(f"[bench_generate] batch {batch} plain, CUDA graphs: {graphed['tokens_per_s']:.1f} "
                   f"tokens/s (x{graphed['speedup']:.2f}), identical {graphed['identical']}, capture "
                   f"{1e3 * graphed['graph_capture_s']:.0f} ms, warm-up step "
-                  f"{1e3 * graphed['graph_warmup_s']:.0f} ms (once per generate call, not in the "
+                  f"{1e3 * graphed['warmup_s']:.0f} ms (once per generate call, not in the "
                   "decode time)", flush=True)
         for k in usable:
             spec = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -507,6 +517,14 @@ def measure(engine, args) -> list[dict]:
                       f"tokens/s (x{fast['vs_graphed_plain']:.2f} graphed plain), acceptance "
                       f"{_rates(fast['acceptance_per_position'])}, identical {fast['identical']}",
                       flush=True)
+            if args.compile_drafter:  # the same graphed step, its drafter compiled
+                fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain, graphed_plain=graphed,
+                                   compile_drafter=True)
+                results.append(fast)
+                print(f"[bench_generate] batch {batch} K={k}, CUDA graphs, compiled drafter: "
+                      f"{fast['tokens_per_s']:.1f} tokens/s (x{fast['vs_graphed_plain']:.2f} graphed "
+                      f"plain), {fast['ms_per_step']:.3f} ms/step, warm-up (compiles) "
+                      f"{fast['warmup_s']:.1f} s, identical {fast['identical']}", flush=True)
     return results
 
 
@@ -555,7 +573,8 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
         same = "-" if "identical" not in r else ("yes" if r["identical"] else
                                                   f"NO ({r['agreeing_prefix']:.0%} agree)")
-        k = f"{r['k']} (CUDA graphs)" if r.get("graphs") else r["k"]
+        k = (f"{r['k']} (CUDA graphs{', compiled drafter' if r.get('compiled_drafter') else ''})"
+             if r.get("graphs") else r["k"])
         cells = ["-" if r.get(key) is None else fmt.format(r[key]) for key, fmt in measured]
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
               f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {' | '.join(cells)} |")

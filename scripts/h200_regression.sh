@@ -16,7 +16,8 @@
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
 ALL_PARTS=(tests startup ae mod mtp moda mtp-repeated mod-pretrain flexidepth flexidepth-batch stage-ab stage
-           fast lite-mtp2 generate generate-sparse generate-bf16 generate-random moe-decode profile-decode)
+           fast lite-mtp2 generate generate-sparse generate-bf16 generate-compiled generate-random moe-decode
+           profile-decode)
 if [[ ${1:-} == --list ]]; then echo "${ALL_PARTS[*]}"; exit 0; fi
 for part in "$@"; do
   if [[ " ${ALL_PARTS[*]} " != *" $part "* ]]; then
@@ -96,7 +97,7 @@ for part in $PARTS; do
     # (the kernels are the same)
     profile-decode) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
                     python scripts/profile_decode_step.py ${load[@]+"${load[@]}"} --dtype bf16 --steps 8 \
-                      --top 40 --out "$OUT/profile-decode.json" \
+                      --top 40 --out "$OUT/profile-decode.json" ${COMPILE_DRAFTER:+--compile-drafter} \
                       >"$OUT/profile-decode.log" 2>&1 ;;
     # generation step costs without a checkpoint: nam56r-lite, random weights, MTP depth 2
     generate-random) python scripts/bench_generate.py --mtp-depth 2 --batch 1,8 --speculative 1,2 --repeats 2 \
@@ -127,6 +128,13 @@ for part in $PARTS; do
     generate-bf16) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
                    python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
                      --cuda-graphs --dtype bf16 --out "$OUT/generate-bf16.json" >"$OUT/generate-bf16.log" 2>&1 ;;
+    # batch 1, bf16, graphed: the speculative step with the eager and the compiled MTP drafter in
+    # one run (the drafter's kernel count is what the x1.6 target hinges on); COMPILE_DRAFTER=1
+    # also profiles the compiled drafter in profile-decode
+    generate-compiled) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
+                       python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1 --speculative 1,2 \
+                         --repeats 2 --cuda-graphs --compile-drafter --dtype bf16 \
+                         --out "$OUT/generate-compiled.json" >"$OUT/generate-compiled.log" 2>&1 ;;
   esac
   echo "== $part (rc $?)"
   tail -n 14 "$OUT/$( [[ $part == tests ]] && echo gpu_tests || echo "$part").log"

@@ -19,6 +19,12 @@ the CUDA operators of torch 2.11 to their frames.)
 On a CPU (no kernels) it counts the step's aten operators instead, views and allocations left
 out, with their CPU microseconds: the same attribution, a proxy for the kernel count.
 
+``--compile-drafter``: the speculative rows (K >= 1) run the drafter compiled
+(``generate(..., compile_drafter=True)``, :class:`megacpp_mcore.infer.mtp.StaticMTPDrafter`); its
+fused kernels count as kernels (on the CPU: Inductor's C++ kernels count as operators). The
+wrappers would change the code the compiler traces, so those rows label one function only,
+``StaticMTPDrafter.draft``: its kernels are the ``mtp`` phase, every other kernel counts as ``step``.
+
 Prints one table per K (largest parts first) and, last, the totals side by side; ``--out`` writes
 them as JSON.
 """
@@ -54,6 +60,8 @@ def parse_args(argv=None):
                    help="weights and compute, as bench_generate's (default fp32, TF32 off)")
     p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompt")
     p.add_argument("--prompt-tokens", type=int, default=128, help="bytes per prompt (default 128)")
+    p.add_argument("--compile-drafter", action="store_true",
+                   help="speculative rows with the drafter through torch.compile")
     p.add_argument("--out", help="JSON of the tables")
     args = p.parse_args(argv)
     args.speculative = [int(k) for k in args.speculative.split(",") if k.strip()]
@@ -98,9 +106,9 @@ def attribute(events, *, cuda: bool) -> dict:
             kernels = getattr(event, "kernels", None) or []
             if kernels:
                 items.append((event, len(kernels), sum(kernel.duration for kernel in kernels)))
-        elif event.name.startswith("aten::") and event.name not in _NO_KERNEL and not any(
-                parent.name.startswith("aten::") for parent in _ancestors(event)):
-            items.append((event, 1, event.cpu_time_total))
+        elif (event.name.startswith("aten::") and event.name not in _NO_KERNEL and not any(
+                parent.name.startswith("aten::") for parent in _ancestors(event))) or "cpp_fused_" in event.name:
+            items.append((event, 1, event.cpu_time_total))  # an operator, or an Inductor C++ kernel
     table: dict = collections.defaultdict(lambda: [0, 0.0])
     frames.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
     items.sort(key=lambda item: item[0].time_range.start)
@@ -128,10 +136,11 @@ def _ancestors(event):
 
 
 @contextlib.contextmanager
-def labelled_functions():
+def labelled_functions(only: frozenset[str] | None = None):
     """Every function of the loaded package modules (module-level, and methods defined in their
     classes) replaced, wherever a package module or class refers to it, by a wrapper that runs it
-    inside ``record_function("<file>(0): <name>")``; all restored on exit."""
+    inside ``record_function("<file>(0): <name>")``; all restored on exit. ``only``: just the
+    functions of these qualified names (``Class.method`` or ``function``)."""
     from torch.autograd.profiler import record_function
 
     modules = [m for name, m in list(sys.modules.items())
@@ -152,7 +161,8 @@ def labelled_functions():
         return wrappers[fn]
 
     def ours(fn) -> bool:
-        return inspect.isfunction(fn) and (fn.__module__ or "").startswith(PACKAGE)
+        return (inspect.isfunction(fn) and (fn.__module__ or "").startswith(PACKAGE)
+                and (only is None or fn.__qualname__ in only))
 
     undo = []
     for module in modules:
@@ -172,28 +182,31 @@ def labelled_functions():
             setattr(owner, name, value)
 
 
-def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
+def profile_steps(engine, rows, *, k: int, steps: int, sampling, compile_drafter: bool = False) -> dict:
     """Kernels (CPU: aten ops) and their microseconds per step by (phase, site), eager static
-    decoding; the rows say ``kernels`` either way."""
+    decoding (the drafter compiled with ``compile_drafter``); the rows say ``kernels`` either way."""
     from torch.profiler import ProfilerActivity, profile
 
     from megacpp_mcore.infer import generate
 
     def run(new_tokens):
         return generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
-                        static=True)
+                        static=True, compile_drafter=compile_drafter)
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
+    only = frozenset({"StaticMTPDrafter.draft"}) if compile_drafter else None  # module docstring
+
     def measured(new_tokens):
-        with labelled_functions(), profile(activities=activities) as prof:
+        with labelled_functions(only), profile(activities=activities) as prof:
             out = run(new_tokens)
             if cuda:
                 torch.cuda.synchronize()
         return attribute(prof.events(), cuda=cuda), out.steps
 
     run(4)
+    run(4 + steps)  # a compiled drafter compiles per session capacity: both lengths, before the profile
     short, n_short = measured(4)
     long, n_long = measured(4 + steps)
     per = max(n_long - n_short, 1)
@@ -206,15 +219,16 @@ def profile_steps(engine, rows, *, k: int, steps: int, sampling) -> dict:
     return rows_out
 
 
-def graphed_ms(engine, rows, *, k: int, sampling, new_tokens: int = 64) -> tuple[float, float]:
+def graphed_ms(engine, rows, *, k: int, sampling, new_tokens: int = 64,
+               compile_drafter: bool = False) -> tuple[float, float]:
     """(ms per graphed step, tokens per step), the faster of two runs."""
     from megacpp_mcore.infer import generate
 
-    generate(engine, rows, max_new_tokens=8, sampling=sampling, speculative=k, cuda_graphs=True)
+    opts = dict(sampling=sampling, speculative=k, cuda_graphs=True, compile_drafter=compile_drafter)
+    generate(engine, rows, max_new_tokens=8, **opts)
     best = None
     for _ in range(2):
-        run = generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
-                       cuda_graphs=True)
+        run = generate(engine, rows, max_new_tokens=new_tokens, **opts)
         if best is None or run.decode_s < best.decode_s:
             best = run
     return (1e3 * best.decode_s / max(best.steady_steps, 1),
@@ -235,10 +249,16 @@ def main(argv=None) -> int:
     sampling = bg.byte_sampling(engine)
     rows = bg.prompts(gen_args, args.batch)
     ks = [k for k in args.speculative if k == 0 or 1 <= k <= engine.mtp_depth]
+    if args.compile_drafter and not cuda:  # Inductor's C++ kernels as profiler events
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     results = {}
     for k in ks:
-        ms, tokens = graphed_ms(engine, rows, k=k, sampling=sampling) if cuda else (None, None)
-        parts = profile_steps(engine, rows, k=k, steps=args.steps, sampling=sampling)
+        compiled = args.compile_drafter and k > 0
+        ms, tokens = graphed_ms(engine, rows, k=k, sampling=sampling, compile_drafter=compiled) \
+            if cuda else (None, None)
+        parts = profile_steps(engine, rows, k=k, steps=args.steps, sampling=sampling, compile_drafter=compiled)
         total_n = sum(p["kernels"] for p in parts.values())
         total_us = sum(p["us"] for p in parts.values())
         results[k] = {"graphed_ms_per_step": ms, "tokens_per_step": tokens, unit: total_n,

@@ -336,6 +336,63 @@ def test_static_speculative_step_equals_eager_speculative(single_rank, monkeypat
     assert accepted > 10 and rejected > 10
 
 
+def _compiler_available() -> bool:
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+@pytest.mark.skipif(not _compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_drafter_emits_plain_greedy_and_drafts_as_eager(single_rank):
+    """``compile_drafter``: the static speculative step with the MTP block through torch.compile
+    emits plain greedy's tokens with the eager static step's acceptance statistics and draft
+    logits (within 1e-4: Inductor's fused kernels round differently), for drafts both accepted and
+    rejected; its first step is the timed warm-up (it compiles); a second session of the same
+    shapes compiles nothing (the compiled code's guards hold no session object); and the settings
+    without a static greedy step are refused by name."""
+    import torch._dynamo
+
+    from megacpp_mcore.infer import Sampling, generate, mtp
+
+    torch._dynamo.reset()
+    logits = []
+    original = mtp.StaticMTPDrafter.draft
+
+    def recording(self, *args):
+        out = original(self, *args)
+        logits.append(torch.stack(self.logits, dim=1))
+        return out
+
+    engine, prompts = _agreeing_model(0.2)
+    plain = generate(engine, prompts, max_new_tokens=14)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mtp.StaticMTPDrafter, "draft", recording)
+        eager = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True)
+        eager_logits, logits[:] = list(logits), []
+        compiled = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_drafter=True)
+    assert compiled.tokens == eager.tokens == plain.tokens
+    assert (compiled.steps, compiled.attempted, compiled.accepted) == (eager.steps, eager.attempted, eager.accepted)
+    assert 0 < compiled.accepted[0] < compiled.attempted[0]
+    assert len(logits) == len(eager_logits)
+    for got, want in zip(logits, eager_logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert compiled.warmup_steps == 1 and compiled.warmup_s > 0 and compiled.steady_steps == compiled.steps - 1
+    assert eager.warmup_steps == 0 and eager.steady_steps == eager.steps
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_drafter=True)
+    assert again.tokens == plain.tokens and again.accepted == compiled.accepted
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
+
+    for kwargs, message in (
+            ({"static": True}, "allowed: speculative decoding with it"),
+            ({"speculative": 1}, "allowed: static=True or cuda_graphs=True"),
+            ({"speculative": 1, "static": True, "sampling": Sampling(temperature=0.7)},
+             "allowed with sampling: compile_drafter=False")):
+        with pytest.raises(ValueError, match=message):
+            generate(engine, prompts, max_new_tokens=4, compile_drafter=True, **kwargs)
+
+
 def _agreeing_model(agreement: float):
     """AEMR+MLA+MoD+MoDA with an MTP block of depth 3, and prompts. ``agreement`` adds a rank-1
     part of that scale to the output head (shared by trunk and drafter), which pulls both towards
@@ -409,8 +466,11 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
         graphed = generate(engine, prompts, max_new_tokens=20, speculative=k, cuda_graphs=True)
         assert graphed.tokens == spec.tokens == eager.tokens
         assert (graphed.steps, graphed.accepted) == (spec.steps, spec.accepted)
-        assert graphed.graph_capture_s > 0 and graphed.graph_warmup_s > 0  # setup, not decode time
-        assert graphed.steady_steps == graphed.steps - 1 and 1 <= graphed.graph_warmup_tokens <= 3 * (k + 1)
+        assert graphed.graph_capture_s > 0 and graphed.warmup_s > 0  # setup, not decode time
+        assert graphed.steady_steps == graphed.steps - 1 and 1 <= graphed.warmup_tokens <= 3 * (k + 1)
+        compiled = generate(engine, prompts, max_new_tokens=20, speculative=k, cuda_graphs=True,
+                            compile_drafter=True)  # the drafter's Triton kernels inside the graph
+        assert compiled.tokens == eager.tokens and compiled.warmup_steps == 1
     # drafts accepted too: the H100 run of 2026-12-05 accepted none at agreement 0.2 (bf16 on the
     # device; about half of the first drafts on the CPU in fp32), so a stronger pull is added
     accepted = 0

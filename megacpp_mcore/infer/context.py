@@ -121,7 +121,7 @@ class StepContext:
         indexed by each row's positions once per forward, so a left-padded row gets the
         rotations of its unpadded run and the layers of one forward share the lookup."""
         table = _rope_table(self._tables, module, self._max_length)
-        key = (id(table), dtype, deinterleave, interleaved)
+        key = (table.number, dtype, deinterleave, interleaved)
         rotation = self._rotations.get(key)
         if rotation is None:
             index, coefficients = table.coefficients(dtype, deinterleave, interleaved)
@@ -156,10 +156,12 @@ _NEVER = torch.iinfo(torch.long).max
 class RopeTable:
     """One rotary embedding over a session's capacity: the angles ``[L, d]`` (fp32, as Megatron's
     ``RotaryEmbedding`` returns them) and its mscale (1.0 for plain RoPE; YaRN's otherwise), with
-    the rotation's coefficients per dtype and layout built once (:meth:`coefficients`)."""
+    the rotation's coefficients per dtype and layout built once (:meth:`coefficients`).
+    ``number``: its order among the session's tables, what a forward's lookups are keyed by (the
+    same in every session of a model, so a compiled drafter's guards hold across sessions)."""
 
-    def __init__(self, angles: torch.Tensor, mscale: float):
-        self.angles, self.mscale = angles, mscale
+    def __init__(self, angles: torch.Tensor, mscale: float, number: int = 0):
+        self.angles, self.mscale, self.number = angles, mscale, number
         self._coefficients: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def same(self, other: "RopeTable") -> bool:
@@ -209,7 +211,8 @@ def _rope_table(tables: dict, module, max_length: int) -> RopeTable:
         mscale = 1.0
         if isinstance(emb, tuple):  # YaRN returns (emb, mscale)
             emb, mscale = emb
-        table = RopeTable(emb[:, 0, 0, :], float(mscale))  # [L, d]
+        built = {id(t) for t in tables.values() if isinstance(t, RopeTable)}
+        table = RopeTable(emb[:, 0, 0, :], float(mscale), number=len(built))  # [L, d]
         tables[key] = next((t for t in tables.values() if isinstance(t, RopeTable) and t.same(table)), table)
     return tables[key]
 

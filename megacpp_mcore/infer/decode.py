@@ -44,12 +44,14 @@ class Generation:
     decode_tokens: int = 0  # tokens emitted by those steps (all rows, until each row stopped)
     attempted: list[int] = dataclasses.field(default_factory=list)  # per draft position
     accepted: list[int] = dataclasses.field(default_factory=list)
-    # CUDA graphs: the one-time setup of the step's graph, not counted in decode_s: the capture,
-    # and the warm-up step run eagerly before it (its tokens are emitted, and counted in
-    # decode_tokens and steps, but the rates leave them out: steady_steps, decode_tokens_per_s)
+    # The one-time setup of a static step, not counted in decode_s: with CUDA graphs the capture,
+    # and the warm-up step before it (run eagerly; with a compiled drafter it also compiles). Its
+    # tokens are emitted and counted in decode_tokens and steps, but the rates leave the warm-up
+    # step out (steady_steps, decode_tokens_per_s), for plain and speculative decoding alike.
     graph_capture_s: float = 0.0
-    graph_warmup_s: float = 0.0
-    graph_warmup_tokens: int = 0
+    warmup_s: float = 0.0
+    warmup_steps: int = 0  # 0 or 1
+    warmup_tokens: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -57,15 +59,15 @@ class Generation:
 
     @property
     def steady_steps(self) -> int:
-        """Steps after the prefill that ``decode_s`` times (all of them, less a graph's warm-up)."""
-        return self.steps - (1 if self.graph_warmup_s else 0)
+        """Steps after the prefill that ``decode_s`` times (all of them, less the warm-up)."""
+        return self.steps - self.warmup_steps
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens per second of the decode steps ``decode_s`` times (steady state: with CUDA
-        graphs the one-time warm-up step and capture are left out, for plain and speculative
-        decoding alike)."""
-        tokens = self.decode_tokens - self.graph_warmup_tokens
+        """Tokens per second of the decode steps ``decode_s`` times (steady state: a static
+        step's one-time warm-up and capture are left out, for plain and speculative decoding
+        alike)."""
+        tokens = self.decode_tokens - self.warmup_tokens
         return tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
     @property
@@ -86,7 +88,7 @@ class Generation:
         out = {"speculative": self.speculative, "prompt_tokens": self.prompt_lengths,
                "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
                "decode_s": self.decode_s, "graph_capture_s": self.graph_capture_s,
-               "graph_warmup_s": self.graph_warmup_s, "graph_warmup_tokens": self.graph_warmup_tokens,
+               "warmup_s": self.warmup_s, "warmup_tokens": self.warmup_tokens,
                "steps": self.steps, "steady_steps": self.steady_steps, "decode_tokens": self.decode_tokens,
                "decode_tokens_per_s": self.decode_tokens_per_s, "stop": self.stop}
         if self.speculative:
@@ -161,13 +163,16 @@ class _GraphedStep:
     ``graphs``, eagerly once on a side stream (the warm-up CUDA graphs need: lazy initialisation,
     workspaces), then captured once and replayed for every later step: one launch per step instead
     of a thousand. The body advances the session's device-side length itself; the host keeps its
-    own count."""
+    own count. ``warm_up``: the first step is a one-time warm-up even without graphs (it compiles),
+    timed on its own (:attr:`warmup_s`) so the rates can leave it out."""
 
-    def __init__(self, session, graphs: bool):
+    def __init__(self, session, graphs: bool, warm_up: bool = False):
         self.session, self.graphs, self.graph = session, graphs, None
+        self.warms_up = graphs or warm_up
         self.output = None  # the graph's output buffers (what a replay writes)
         self.capture_s = 0.0  # the one-time capture
-        self.warmup_s = 0.0  # the eager warm-up step before it (a decode step: its result is used)
+        self.warmup_s = 0.0  # the warm-up step (a decode step: its result is used)
+        self._warm = False
 
     def _body(self):
         raise NotImplementedError
@@ -176,7 +181,13 @@ class _GraphedStep:
         """This step's body result: computed eagerly, by the warm-up before the capture, or by a
         replay (then the graph's own output buffers, overwritten by the next replay)."""
         if not self.graphs:
-            return self._body()
+            if self._warm or not self.warms_up:
+                return self._body()
+            device = self.session.engine.device
+            t0 = _sync(device)
+            result, self._warm = self._body(), True
+            self.warmup_s = _sync(device) - t0
+            return result
         if self.graph is not None:
             self.graph.replay()
             return self.output
@@ -223,11 +234,12 @@ class _SpeculativeStep(_GraphedStep):
     waits for it): the read of each row's accepted count and tokens never leaves the device idle.
     The price is one step computed past the end of generation (its result is never read)."""
 
-    def __init__(self, engine: Engine, session, drafter: MTPDrafter, sampling: Sampling, graphs: bool):
-        super().__init__(session, graphs)
+    def __init__(self, engine: Engine, session, drafter: MTPDrafter, sampling: Sampling, graphs: bool,
+                 compile_drafter: bool = False):
+        super().__init__(session, graphs, warm_up=compile_drafter)
         self.engine = engine
         self.sampling = sampling  # greedy (its vocabulary limit applies to drafts and verification)
-        self.drafter = StaticMTPDrafter(drafter)
+        self.drafter = StaticMTPDrafter(drafter, compiled=compile_drafter)
         self.input = torch.zeros(session.batch, dtype=torch.long, device=engine.device)
         self.next: torch.Tensor | None = None  # the next pending token [b], on the device
         cuda = engine.device.type == "cuda"
@@ -313,6 +325,21 @@ def check_graphs(engine: Engine, sampling: Sampling, speculative: int,
         raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
 
 
+def check_compile_drafter(speculative: int, sampling: Sampling, static: bool,
+                          custom_drafter: bool = False) -> None:
+    """``ValueError`` where ``compile_drafter`` has no static speculative step to compile for."""
+    if not speculative or custom_drafter:
+        raise ValueError("compile_drafter compiles the model's MTP drafter; allowed: speculative "
+                         f"decoding with it (speculative >= 1, no other drafter), got speculative={speculative}"
+                         + (" with another drafter" if custom_drafter else ""))
+    if not sampling.greedy:
+        raise ValueError("compile_drafter compiles the static greedy speculative step; allowed with "
+                         "sampling: compile_drafter=False")
+    if not static:
+        raise ValueError("compile_drafter needs the static speculative step (its shapes never "
+                         "change, so each depth compiles once); allowed: static=True or cuda_graphs=True")
+
+
 def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -347,7 +374,8 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), speculative: int = 0,
              stop_tokens: Sequence[int] = (), context: int | None = None,
-             drafter=None, static: bool = False, cuda_graphs: bool = False) -> Generation:
+             drafter=None, static: bool = False, cuda_graphs: bool = False,
+             compile_drafter: bool = False) -> Generation:
     """Continues every prompt (token ids) by up to ``max_new_tokens`` tokens.
 
     ``speculative``: ``K`` drafts per step from the model's MTP block (0: plain decoding);
@@ -356,10 +384,15 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     ``static``: the trunk decodes with static shapes after the prefill (:meth:`.engine.Session.make_static`;
     same tokens, attention over the whole capacity; greedy speculative decoding with the model's MTP
     block then runs each step on the device with one read); ``cuda_graphs``: greedy decoding,
-    plain or speculative, replays one CUDA graph per step (implies ``static``).
+    plain or speculative, replays one CUDA graph per step (implies ``static``);
+    ``compile_drafter``: the static speculative step's MTP block runs through ``torch.compile``
+    (:class:`.mtp.StaticMTPDrafter`; the same tokens, fewer kernels per draft; the first step
+    compiles and is timed as the warm-up).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if compile_drafter:
+        check_compile_drafter(speculative, sampling, static or cuda_graphs, custom_drafter=drafter is not None)
     if cuda_graphs:  # before any work
         check_graphs(engine, sampling, speculative, custom_drafter=drafter is not None)
     context = context or engine.model.max_sequence_length
@@ -393,7 +426,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
         if not k:
             plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs)
         elif isinstance(drafter, MTPDrafter) and sampling.greedy:
-            spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs)
+            spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs, compile_drafter)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
     queued = spec_step.launch(pending) if spec_step is not None and not all(emitter.done) else None
@@ -434,14 +467,14 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
                         result.attempted[j] += 1
                         result.accepted[j] += j < row[0]
         emitted = emitter.add(new, rows)
-        if not result.steps and (plain_step or spec_step) is not None and cuda_graphs:
-            result.graph_warmup_tokens = emitted  # the first step read is the graph's warm-up
+        if not result.steps and (plain_step or spec_step) is not None and (plain_step or spec_step).warms_up:
+            result.warmup_tokens, result.warmup_steps = emitted, 1  # the first step read is the warm-up
         result.decode_tokens += emitted
         result.steps += 1
     emitter.finish()
     result.decode_s = _sync(device) - t1
     step = plain_step or spec_step
-    if step is not None and step.capture_s:
-        result.graph_capture_s, result.graph_warmup_s = step.capture_s, step.warmup_s
+    if step is not None and step.warms_up:
+        result.graph_capture_s, result.warmup_s = step.capture_s, step.warmup_s
         result.decode_s = max(result.decode_s - step.capture_s - step.warmup_s, 0.0)
     return result
