@@ -70,13 +70,32 @@ def parse_args(argv=None):
     return args
 
 
-# operators that launch no kernel: views, allocations, scalar reads (left out of the CPU count)
-_NO_KERNEL = frozenset(f"aten::{name}" for name in (
-    "empty", "empty_strided", "empty_like", "view", "as_strided", "_reshape_alias", "reshape",
-    "_unsafe_view", "detach", "t", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
-    "permute", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "split", "split_with_sizes",
-    "narrow", "unbind", "chunk", "flatten", "contiguous", "result_type", "is_nonzero", "item",
-    "_local_scalar_dense", "view_as", "expand_as", "numpy_T", "movedim"))
+# operators that launch no kernel and are not views: allocations, scalar reads, queries
+_NO_KERNEL_OPS = frozenset({
+    "empty", "empty_like", "empty_strided", "_unsafe_view", "item", "_local_scalar_dense",
+    "is_nonzero", "result_type", "_has_compatible_shallow_copy_type", "is_same_size"})
+
+
+@functools.cache
+def launches_no_kernel(name: str) -> bool:
+    """Whether the aten operator of profiler event ``name`` (``aten::<op>``) launches no kernel of
+    its own: a view (its schema returns an alias of an input: ``view``, ``reshape``, ``to``,
+    ``contiguous``...; where such an operator copies, the copy is its child and is counted) or one
+    of :data:`_NO_KERNEL_OPS`."""
+    op = name.removeprefix("aten::")
+    if op in _NO_KERNEL_OPS:
+        return True
+    packet = getattr(torch.ops.aten, op, None)
+    return packet is not None and any(getattr(packet, o).is_view for o in packet.overloads())
+
+
+def _counted(event) -> bool:
+    """An aten operator that launches a kernel and runs inside no other counted operator (its
+    own children are its kernels; an operator inside a view-like one, e.g. the copy of a
+    ``to``, counts)."""
+    return (event.name.startswith("aten::") and not launches_no_kernel(event.name)
+            and not any(p.name.startswith("aten::") and not launches_no_kernel(p.name)
+                        for p in _ancestors(event)))
 
 
 def _site(frames: list[str]) -> tuple[str, str]:
@@ -94,7 +113,7 @@ def _site(frames: list[str]) -> tuple[str, str]:
 
 def attribute(events, *, cuda: bool) -> dict:
     """``{(phase, site): [count, us]}`` over profiler events: kernels and their device time on
-    CUDA, else kernel-launching aten operators (``_NO_KERNEL`` left out, outermost operator only)
+    CUDA, else kernel-launching aten operators (:func:`_counted`)
     and their CPU time. An event is placed among the package's ranges (:func:`labelled_functions`,
     names ``path(line): function``) by its start time: a sweep over intervals that nest, on one
     timeline (decoding runs on one Python thread)."""
@@ -106,8 +125,7 @@ def attribute(events, *, cuda: bool) -> dict:
             kernels = getattr(event, "kernels", None) or []
             if kernels:
                 items.append((event, len(kernels), sum(kernel.duration for kernel in kernels)))
-        elif (event.name.startswith("aten::") and event.name not in _NO_KERNEL and not any(
-                parent.name.startswith("aten::") for parent in _ancestors(event))) or "cpp_fused_" in event.name:
+        elif _counted(event) or "cpp_fused_" in event.name:
             items.append((event, 1, event.cpu_time_total))  # an operator, or an Inductor C++ kernel
     table: dict = collections.defaultdict(lambda: [0, 0.0])
     frames.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
