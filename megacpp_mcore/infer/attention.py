@@ -95,6 +95,12 @@ class LatentCache(_Visibility):
 MATH_MAX_QUERIES = 16
 
 
+def uses_sdpa(queries: int, depth_key=None) -> bool:
+    """:func:`attend`'s path: SDPA for a prefill-sized forward without MoDA depth keys (the mask),
+    else the explicit softmax (the additive bias)."""
+    return depth_key is None and queries > MATH_MAX_QUERIES
+
+
 def attend(query, key, value, mask, scale: float, depth_key=None, depth_value=None, bias=None):
     """Causal attention of ``s`` new queries over ``T`` cached keys, optionally with MoDA depth keys.
 
@@ -107,7 +113,7 @@ def attend(query, key, value, mask, scale: float, depth_key=None, depth_value=No
     s, b, heads, _ = query.shape
     q = query.permute(1, 2, 0, 3)  # [b, np, s, dk]
     k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, g, T, d]
-    if depth_key is None and s > MATH_MAX_QUERIES:  # prefill
+    if uses_sdpa(s, depth_key):  # prefill
         r = heads // k.shape[1]
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(r, dim=1),
                                              v.repeat_interleave(r, dim=1), attn_mask=mask,
@@ -176,7 +182,7 @@ def attention_step(attn, hidden, cache: KVCache, ctx: StepContext, rotary, visib
         query, key = rotation.apply(query), rotation.apply(key)
     depth_key, depth_value = _moda(attn.core_attention, ctx, key, value)
     keys, values = cache.write(ctx, key, value, visible)
-    bias = cache.bias(ctx) if query.shape[0] <= MATH_MAX_QUERIES else None  # explicit path
+    bias = None if uses_sdpa(query.shape[0], depth_key) else cache.bias(ctx)
     out = attend(query, keys, values, cache.mask(ctx), softmax_scale(attn), depth_key, depth_value,
                  bias=bias)
     return attn.linear_proj(out)
