@@ -53,8 +53,9 @@ decoding would have there: tokens per step over the step's device time relative 
 ``--cuda-graphs`` also times greedy decoding replaying one captured CUDA graph per step
 (``generate(..., cuda_graphs=True)``), plain and speculative; ``vs graphed plain`` is then the
 speed-up with both at their best settings (the speculative step's one read per step included).
-``--compile-drafter`` (with ``--cuda-graphs``) adds, per K, the graphed speculative step with the
-drafter compiled (``generate(..., compile_drafter=True)``), so the two drafters are timed in one run.
+``--compile-speculative`` (with ``--cuda-graphs``) adds, per K, the graphed speculative step with its
+own work compiled (``generate(..., compile_speculative=True)``: the drafter and the verification's
+bookkeeping; the trunk eager), so both are timed in one run.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time greedy decoding, plain and speculative, replaying one CUDA graph "
                         "per step (CUDA only)")
-    p.add_argument("--compile-drafter", action="store_true",
-                   help="with --cuda-graphs: also time each K's graphed step with the MTP drafter "
-                        "through torch.compile")
+    p.add_argument("--compile-speculative", action="store_true",
+                   help="with --cuda-graphs: also time each K's graphed step with its own work (the "
+                        "drafter, the verification's bookkeeping) through torch.compile")
     p.add_argument("--moe-routes", default="dense,gathered",
                    help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
                         "default dense,gathered; add sparse for the Triton kernel, CUDA only)")
@@ -119,8 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--mtp-depth is for random weights; a checkpoint records the depth it was trained at")
     if args.cuda_graphs and not torch.cuda.is_available():
         p.error("--cuda-graphs needs a CUDA device; none is visible here")
-    if args.compile_drafter and not args.cuda_graphs:
-        p.error("--compile-drafter adds graphed rows; allowed with --cuda-graphs")
+    if args.compile_speculative and not args.cuda_graphs:
+        p.error("--compile-speculative adds graphed rows; allowed with --cuda-graphs")
     args.batch = [int(x) for x in args.batch.split(",")]
     args.speculative = [int(x) for x in args.speculative.split(",") if x.strip()]
     return args
@@ -412,13 +413,13 @@ def _gain(spec: dict, plain: dict) -> float:
 
 
 def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda_graphs=False,
-          compile_drafter=False):
+          compile_speculative=False):
     """The fastest of ``repeats`` runs (after one short warm-up run)."""
     from megacpp_mcore.infer import generate
 
-    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs, compile_drafter=compile_drafter)
-    # a compiled drafter compiles per session capacity: its warm-up runs the timed runs' length
-    generate(engine, rows, max_new_tokens=new_tokens if compile_drafter else min(8, new_tokens), **opts)
+    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs, compile_speculative=compile_speculative)
+    # compiled code is compiled per session capacity: the warm-up runs the timed runs' length
+    generate(engine, rows, max_new_tokens=new_tokens if compile_speculative else min(8, new_tokens), **opts)
     best = None
     for _ in range(repeats):
         run = generate(engine, rows, max_new_tokens=new_tokens, **opts)
@@ -428,12 +429,12 @@ def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda
 
 
 def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: dict | None = None,
-                compile_drafter: bool = False) -> dict:
+                compile_speculative: bool = False) -> dict:
     """One configuration decoded replaying a CUDA graph per step, as a table row: speed-ups over
     eager plain decoding (``plain``) and, for speculative rows, over graphed plain decoding."""
     run = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
-                sampling=sampling, cuda_graphs=True, compile_drafter=compile_drafter)
-    row = {"batch": len(rows), "k": k, "graphs": True, "compiled_drafter": compile_drafter,
+                sampling=sampling, cuda_graphs=True, compile_speculative=compile_speculative)
+    row = {"batch": len(rows), "k": k, "graphs": True, "compiled": compile_speculative,
            "tokens_per_s": run.decode_tokens_per_s,
            "speedup": run.decode_tokens_per_s / plain.decode_tokens_per_s,
            "ms_per_step": 1e3 * run.decode_s / max(run.steady_steps, 1),
@@ -518,11 +519,11 @@ def measure(engine, args) -> list[dict]:
                       f"tokens/s (x{fast['vs_graphed_plain']:.2f} graphed plain), acceptance "
                       f"{_rates(fast['acceptance_per_position'])}, identical {fast['identical']}",
                       flush=True)
-            if args.compile_drafter:  # the same graphed step, its drafter compiled
+            if args.compile_speculative:  # the same graphed step, its own work compiled
                 fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain, graphed_plain=graphed,
-                                   compile_drafter=True)
+                                   compile_speculative=True)
                 results.append(fast)
-                print(f"[bench_generate] batch {batch} K={k}, CUDA graphs, compiled drafter: "
+                print(f"[bench_generate] batch {batch} K={k}, CUDA graphs, compiled: "
                       f"{fast['tokens_per_s']:.1f} tokens/s (x{fast['vs_graphed_plain']:.2f} graphed "
                       f"plain), {fast['ms_per_step']:.3f} ms/step, warm-up (compiles) "
                       f"{fast['warmup_s']:.1f} s, identical {fast['identical']}", flush=True)
@@ -574,7 +575,7 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         mean = f"{r['mean_accepted']:.2f}" if r["k"] else "-"
         same = "-" if "identical" not in r else ("yes" if r["identical"] else
                                                   f"NO ({r['agreeing_prefix']:.0%} agree)")
-        k = (f"{r['k']} (CUDA graphs{', compiled drafter' if r.get('compiled_drafter') else ''})"
+        k = (f"{r['k']} (CUDA graphs{', compiled' if r.get('compiled') else ''})"
              if r.get("graphs") else r["k"])
         cells = ["-" if r.get(key) is None else fmt.format(r[key]) for key, fmt in measured]
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "

@@ -19,11 +19,13 @@ the CUDA operators of torch 2.11 to their frames.)
 On a CPU (no kernels) it counts the step's aten operators instead, views and allocations left
 out, with their CPU microseconds: the same attribution, a proxy for the kernel count.
 
-``--compile-drafter``: the speculative rows (K >= 1) run the drafter compiled
-(``generate(..., compile_drafter=True)``, :class:`megacpp_mcore.infer.mtp.StaticMTPDrafter`); its
-fused kernels count as kernels (on the CPU: Inductor's C++ kernels count as operators). The
-wrappers would change the code the compiler traces, so those rows label one function only,
-``StaticMTPDrafter.draft``: its kernels are the ``mtp`` phase, every other kernel counts as ``step``.
+``--compile-speculative``: the speculative rows (K >= 1) run the step's own work compiled
+(``generate(..., compile_speculative=True)``, :mod:`megacpp_mcore.infer.compiled`: the drafter and
+the verification's bookkeeping); fused kernels count as kernels (on the CPU: Inductor's C++ kernels
+count as operators). The
+wrappers would change the code the compiler traces, so those rows label two eager functions only,
+``StaticMTPDrafter.draft`` (the ``mtp`` phase) and ``Session.forward`` (``trunk``): every other
+kernel (the compiled bookkeeping included) counts as ``step``.
 
 Prints one table per K (largest parts first) and, last, the totals side by side; ``--out`` writes
 them as JSON.
@@ -60,8 +62,8 @@ def parse_args(argv=None):
                    help="weights and compute, as bench_generate's (default fp32, TF32 off)")
     p.add_argument("--prompt-dir", default="/usr/include", help="C/C++ sources for the prompt")
     p.add_argument("--prompt-tokens", type=int, default=128, help="bytes per prompt (default 128)")
-    p.add_argument("--compile-drafter", action="store_true",
-                   help="speculative rows with the drafter through torch.compile")
+    p.add_argument("--compile-speculative", action="store_true",
+                   help="speculative rows with the step's own work through torch.compile")
     p.add_argument("--out", help="JSON of the tables")
     args = p.parse_args(argv)
     args.speculative = [int(k) for k in args.speculative.split(",") if k.strip()]
@@ -103,7 +105,8 @@ def _site(frames: list[str]) -> tuple[str, str]:
     (``path(line): function`` names, innermost first)."""
     frames = [f for f in frames if PACKAGE in f]
     phase = "mtp" if any("infer/mtp.py" in f for f in frames) else (
-        "trunk" if any("infer/layers.py" in f for f in frames) else "step")
+        "trunk" if any("infer/layers.py" in f or f.endswith("infer/engine.py(0): forward") for f in frames)
+        else "step")
     if not frames:
         return phase, "?"
     path, _, func = frames[0].partition(": ")
@@ -167,7 +170,7 @@ def labelled_functions(only: frozenset[str] | None = None):
 
     def wrapped(fn):
         if fn not in wrappers:
-            path = inspect.getsourcefile(fn) or "?"
+            path = inspect.getsourcefile(inspect.unwrap(fn)) or "?"  # a decorated one: its own file
             label = f"{PACKAGE}/{path.split(PACKAGE + '/')[-1]}(0): {fn.__name__}"
 
             @functools.wraps(fn)
@@ -200,21 +203,22 @@ def labelled_functions(only: frozenset[str] | None = None):
             setattr(owner, name, value)
 
 
-def profile_steps(engine, rows, *, k: int, steps: int, sampling, compile_drafter: bool = False) -> dict:
+def profile_steps(engine, rows, *, k: int, steps: int, sampling, compile_speculative: bool = False) -> dict:
     """Kernels (CPU: aten ops) and their microseconds per step by (phase, site), eager static
-    decoding (the drafter compiled with ``compile_drafter``); the rows say ``kernels`` either way."""
+    decoding (with ``compile_speculative``, the step's own work compiled); the rows say ``kernels``
+    either way."""
     from torch.profiler import ProfilerActivity, profile
 
     from megacpp_mcore.infer import generate
 
     def run(new_tokens):
         return generate(engine, rows, max_new_tokens=new_tokens, sampling=sampling, speculative=k,
-                        static=True, compile_drafter=compile_drafter)
+                        static=True, compile_speculative=compile_speculative)
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
-    only = frozenset({"StaticMTPDrafter.draft"}) if compile_drafter else None  # module docstring
+    only = frozenset({"StaticMTPDrafter.draft", "Session.forward"}) if compile_speculative else None  # docstring
 
     def measured(new_tokens):
         with labelled_functions(only), profile(activities=activities) as prof:
@@ -224,7 +228,7 @@ def profile_steps(engine, rows, *, k: int, steps: int, sampling, compile_drafter
         return attribute(prof.events(), cuda=cuda), out.steps
 
     run(4)
-    run(4 + steps)  # a compiled drafter compiles per session capacity: both lengths, before the profile
+    run(4 + steps)  # compiled code is compiled per session capacity: both lengths, before the profile
     short, n_short = measured(4)
     long, n_long = measured(4 + steps)
     per = max(n_long - n_short, 1)
@@ -238,11 +242,11 @@ def profile_steps(engine, rows, *, k: int, steps: int, sampling, compile_drafter
 
 
 def graphed_ms(engine, rows, *, k: int, sampling, new_tokens: int = 64,
-               compile_drafter: bool = False) -> tuple[float, float]:
+               compile_speculative: bool = False) -> tuple[float, float]:
     """(ms per graphed step, tokens per step), the faster of two runs."""
     from megacpp_mcore.infer import generate
 
-    opts = dict(sampling=sampling, speculative=k, cuda_graphs=True, compile_drafter=compile_drafter)
+    opts = dict(sampling=sampling, speculative=k, cuda_graphs=True, compile_speculative=compile_speculative)
     generate(engine, rows, max_new_tokens=8, **opts)
     best = None
     for _ in range(2):
@@ -267,16 +271,16 @@ def main(argv=None) -> int:
     sampling = bg.byte_sampling(engine)
     rows = bg.prompts(gen_args, args.batch)
     ks = [k for k in args.speculative if k == 0 or 1 <= k <= engine.mtp_depth]
-    if args.compile_drafter and not cuda:  # Inductor's C++ kernels as profiler events
+    if args.compile_speculative and not cuda:  # Inductor's C++ kernels as profiler events
         from torch._inductor import config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True
     results = {}
     for k in ks:
-        compiled = args.compile_drafter and k > 0
-        ms, tokens = graphed_ms(engine, rows, k=k, sampling=sampling, compile_drafter=compiled) \
+        compiled = args.compile_speculative and k > 0
+        ms, tokens = graphed_ms(engine, rows, k=k, sampling=sampling, compile_speculative=compiled) \
             if cuda else (None, None)
-        parts = profile_steps(engine, rows, k=k, steps=args.steps, sampling=sampling, compile_drafter=compiled)
+        parts = profile_steps(engine, rows, k=k, steps=args.steps, sampling=sampling, compile_speculative=compiled)
         total_n = sum(p["kernels"] for p in parts.values())
         total_us = sum(p["us"] for p in parts.values())
         results[k] = {"graphed_ms_per_step": ms, "tokens_per_step": tokens, unit: total_n,

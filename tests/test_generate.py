@@ -166,8 +166,8 @@ def test_bad_input_one_line_exit_2(checkpoints, tmp_path, capsys, case):
         "graphs-sampling": (["--load", mtp, *prompt, "--cuda-graphs", "--temperature", "0.5"],
                             "--cuda-graphs is built for greedy decoding (plain or speculative)"),
         "graphs-no-cuda": (["--load", mtp, *prompt, "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
-        "compile-drafter-no-graphs": (["--load", mtp, *prompt, "--compile-drafter", "--speculative", "1"],
-                                      "--compile-drafter compiles the graphed speculative step's drafter"),
+        "compile-speculative-no-graphs": (["--load", mtp, *prompt, "--compile-speculative", "--speculative", "1"],
+                                      "--compile-speculative compiles the graphed speculative step"),
     }[case]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     code, out = _generate(argv, capsys)

@@ -343,13 +343,15 @@ def _compiler_available() -> bool:
 
 
 @pytest.mark.skipif(not _compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_drafter_emits_plain_greedy_and_drafts_as_eager(single_rank):
-    """``compile_drafter``: the static speculative step with the MTP block through torch.compile
-    emits plain greedy's tokens with the eager static step's acceptance statistics and draft
-    logits (within 1e-4: Inductor's fused kernels round differently), for drafts both accepted and
-    rejected; its first step is the timed warm-up (it compiles); a second session of the same
-    shapes compiles nothing (the compiled code's guards hold no session object); and the settings
-    without a static greedy step are refused by name."""
+def test_compiled_speculative_step_emits_plain_greedy_and_drafts_as_eager(single_rank):
+    """``compile_speculative``: the static speculative step with its own work through torch.compile
+    (the MTP block, and the verification's bookkeeping with the rollback of Mamba's and M2RNN's
+    states) emits plain greedy's tokens with the eager static step's acceptance statistics and
+    draft logits (within 1e-4: Inductor's fused kernels round differently), for drafts both
+    accepted and rejected on the AEMR+MLA+MoD+MoDA pattern; its first step is the timed warm-up
+    (it compiles); a second session of the same shapes compiles nothing (the compiled code's
+    guards hold no session object); and the settings without a static greedy step are refused by
+    name."""
     import torch._dynamo
 
     from megacpp_mcore.infer import Sampling, generate, mtp
@@ -369,7 +371,7 @@ def test_compiled_drafter_emits_plain_greedy_and_drafts_as_eager(single_rank):
         patch.setattr(mtp.StaticMTPDrafter, "draft", recording)
         eager = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True)
         eager_logits, logits[:] = list(logits), []
-        compiled = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_drafter=True)
+        compiled = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_speculative=True)
     assert compiled.tokens == eager.tokens == plain.tokens
     assert (compiled.steps, compiled.attempted, compiled.accepted) == (eager.steps, eager.attempted, eager.accepted)
     assert 0 < compiled.accepted[0] < compiled.attempted[0]
@@ -380,7 +382,7 @@ def test_compiled_drafter_emits_plain_greedy_and_drafts_as_eager(single_rank):
     assert eager.warmup_steps == 0 and eager.steady_steps == eager.steps
 
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    again = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_drafter=True)
+    again = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_speculative=True)
     assert again.tokens == plain.tokens and again.accepted == compiled.accepted
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
 
@@ -388,9 +390,9 @@ def test_compiled_drafter_emits_plain_greedy_and_drafts_as_eager(single_rank):
             ({"static": True}, "allowed: speculative decoding with it"),
             ({"speculative": 1}, "allowed: static=True or cuda_graphs=True"),
             ({"speculative": 1, "static": True, "sampling": Sampling(temperature=0.7)},
-             "allowed with sampling: compile_drafter=False")):
+             "allowed with sampling: compile_speculative=False")):
         with pytest.raises(ValueError, match=message):
-            generate(engine, prompts, max_new_tokens=4, compile_drafter=True, **kwargs)
+            generate(engine, prompts, max_new_tokens=4, compile_speculative=True, **kwargs)
 
 
 def _agreeing_model(agreement: float):
@@ -469,7 +471,7 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
         assert graphed.graph_capture_s > 0 and graphed.warmup_s > 0  # setup, not decode time
         assert graphed.steady_steps == graphed.steps - 1 and 1 <= graphed.warmup_tokens <= 3 * (k + 1)
         compiled = generate(engine, prompts, max_new_tokens=20, speculative=k, cuda_graphs=True,
-                            compile_drafter=True)  # the drafter's Triton kernels inside the graph
+                            compile_speculative=True)  # the drafter's Triton kernels inside the graph
         assert compiled.tokens == eager.tokens and compiled.warmup_steps == 1
     # drafts accepted too: the H100 run of 2026-12-05 accepted none at agreement 0.2 (bf16 on the
     # device; about half of the first drafts on the CPU in fp32), so a stronger pull is added

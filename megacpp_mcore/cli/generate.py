@@ -44,10 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cuda-graphs", action="store_true",
                        help="greedy decoding, plain or speculative, replays one CUDA graph per "
                             "step (CUDA only; not with sampling)")
-    group.add_argument("--compile-drafter", action="store_true",
-                       help="with --cuda-graphs and --speculative K: the MTP drafter's block runs "
-                            "through torch.compile (fewer kernels per draft, same output; the "
-                            "first step compiles it)")
+    group.add_argument("--compile-speculative", action="store_true",
+                       help="with --cuda-graphs and --speculative K: the speculative step's own work "
+                            "(the MTP drafter, the verification's bookkeeping) runs through "
+                            "torch.compile, the trunk stays eager (fewer kernels per step; the "
+                            "first step compiles)")
     group.add_argument("--backend", choices=["auto", "te", "local"], default="auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
@@ -88,8 +89,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              f"allowed with --temperature {args.temperature}: leave --cuda-graphs off")
         if not torch.cuda.is_available():
             raise ValueError("--cuda-graphs needs a CUDA device; none is visible here")
-    if args.compile_drafter and not (args.cuda_graphs and args.speculative >= 1):
-        raise ValueError("--compile-drafter compiles the graphed speculative step's drafter; "
+    if args.compile_speculative and not (args.cuda_graphs and args.speculative >= 1):
+        raise ValueError("--compile-speculative compiles the graphed speculative step; "
                          "allowed with --cuda-graphs and --speculative K >= 1 (got "
                          f"{'--cuda-graphs' if args.cuda_graphs else 'no --cuda-graphs'}, "
                          f"--speculative {args.speculative})")
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine(ckpt.load_model(found, model, backend=args.backend, bf16=args.bf16))
         result = generate(engine, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                           speculative=args.speculative, stop_tokens=(tokenizer.eod, tokenizer.pad),
-                          cuda_graphs=args.cuda_graphs, compile_drafter=args.compile_drafter)
+                          cuda_graphs=args.cuda_graphs, compile_speculative=args.compile_speculative)
     finally:
         runtime.shutdown()
     texts = [tokenizer.decode_bytes(row) for row in result.tokens]

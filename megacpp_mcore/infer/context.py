@@ -158,7 +158,7 @@ class RopeTable:
     ``RotaryEmbedding`` returns them) and its mscale (1.0 for plain RoPE; YaRN's otherwise), with
     the rotation's coefficients per dtype and layout built once (:meth:`coefficients`).
     ``number``: its order among the session's tables, what a forward's lookups are keyed by (the
-    same in every session of a model, so a compiled drafter's guards hold across sessions)."""
+    same in every session of a model, so compiled code's guards hold across sessions)."""
 
     def __init__(self, angles: torch.Tensor, mscale: float, number: int = 0):
         self.angles, self.mscale, self.number = angles, mscale, number

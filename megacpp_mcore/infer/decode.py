@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from megacpp_mcore.infer.compiled import static_compiled
 from megacpp_mcore.infer.engine import Engine
 from megacpp_mcore.infer.mtp import MTPDrafter, StaticMTPDrafter
 from megacpp_mcore.infer.sampling import Sampling, verify
@@ -45,7 +46,7 @@ class Generation:
     attempted: list[int] = dataclasses.field(default_factory=list)  # per draft position
     accepted: list[int] = dataclasses.field(default_factory=list)
     # The one-time setup of a static step, not counted in decode_s: with CUDA graphs the capture,
-    # and the warm-up step before it (run eagerly; with a compiled drafter it also compiles). Its
+    # and the warm-up step before it (run eagerly; with compile_speculative it also compiles). Its
     # tokens are emitted and counted in decode_tokens and steps, but the rates leave the warm-up
     # step out (steady_steps, decode_tokens_per_s), for plain and speculative decoding alike.
     graph_capture_s: float = 0.0
@@ -235,11 +236,12 @@ class _SpeculativeStep(_GraphedStep):
     The price is one step computed past the end of generation (its result is never read)."""
 
     def __init__(self, engine: Engine, session, drafter: MTPDrafter, sampling: Sampling, graphs: bool,
-                 compile_drafter: bool = False):
-        super().__init__(session, graphs, warm_up=compile_drafter)
+                 compile_speculative: bool = False):
+        super().__init__(session, graphs, warm_up=compile_speculative)
         self.engine = engine
         self.sampling = sampling  # greedy (its vocabulary limit applies to drafts and verification)
-        self.drafter = StaticMTPDrafter(drafter, compiled=compile_drafter)
+        self.drafter = StaticMTPDrafter(drafter, compiled=compile_speculative)
+        self._settle = static_compiled(self._settle_eager) if compile_speculative else self._settle_eager
         self.input = torch.zeros(session.batch, dtype=torch.long, device=engine.device)
         self.next: torch.Tensor | None = None  # the next pending token [b], on the device
         cuda = engine.device.type == "cuda"
@@ -255,10 +257,16 @@ class _SpeculativeStep(_GraphedStep):
         drafts = drafter.draft(self.input, length, self.sampling)  # [b, K]
         hidden = session.forward(torch.cat([self.input[:, None], drafts], dim=1), keep=True)
         logits = self.engine.logits(hidden, self.sampling.vocab_limit)
+        return self._settle(length, drafts, hidden, logits)
+
+    def _settle_eager(self, length, drafts, hidden, logits) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verification's bookkeeping after the trunk's forward: acceptance, the commit of the
+        common accepted prefix (caches by length, recurrent states rolled back by device index),
+        the drafter's; returns the step's result and the next pending token."""
         accepted, tokens = verify(self.sampling, logits, drafts, None, None)
         m = accepted.min()  # the common accepted length (0-d, on the device)
-        session.commit(m + 1)
-        drafter.accept(length, m, hidden, tokens)
+        self.session.commit(m + 1)
+        self.drafter.accept(length, m, hidden, tokens)
         following = tokens.gather(1, m.view(1, 1).expand(tokens.shape[0], 1))[:, 0]
         return torch.cat([accepted[:, None], tokens], dim=1), following
 
@@ -325,18 +333,18 @@ def check_graphs(engine: Engine, sampling: Sampling, speculative: int,
         raise ValueError(f"CUDA graphs need a CUDA device; the model is on {engine.device}")
 
 
-def check_compile_drafter(speculative: int, sampling: Sampling, static: bool,
+def check_compile_speculative(speculative: int, sampling: Sampling, static: bool,
                           custom_drafter: bool = False) -> None:
-    """``ValueError`` where ``compile_drafter`` has no static speculative step to compile for."""
+    """``ValueError`` where ``compile_speculative`` has no static speculative step to compile for."""
     if not speculative or custom_drafter:
-        raise ValueError("compile_drafter compiles the model's MTP drafter; allowed: speculative "
+        raise ValueError("compile_speculative compiles the speculative step of the model's MTP drafter; allowed: speculative "
                          f"decoding with it (speculative >= 1, no other drafter), got speculative={speculative}"
                          + (" with another drafter" if custom_drafter else ""))
     if not sampling.greedy:
-        raise ValueError("compile_drafter compiles the static greedy speculative step; allowed with "
-                         "sampling: compile_drafter=False")
+        raise ValueError("compile_speculative compiles the static greedy speculative step; allowed with "
+                         "sampling: compile_speculative=False")
     if not static:
-        raise ValueError("compile_drafter needs the static speculative step (its shapes never "
+        raise ValueError("compile_speculative needs the static speculative step (its shapes never "
                          "change, so each depth compiles once); allowed: static=True or cuda_graphs=True")
 
 
@@ -375,7 +383,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
              sampling: Sampling = Sampling(), speculative: int = 0,
              stop_tokens: Sequence[int] = (), context: int | None = None,
              drafter=None, static: bool = False, cuda_graphs: bool = False,
-             compile_drafter: bool = False) -> Generation:
+             compile_speculative: bool = False) -> Generation:
     """Continues every prompt (token ids) by up to ``max_new_tokens`` tokens.
 
     ``speculative``: ``K`` drafts per step from the model's MTP block (0: plain decoding);
@@ -385,14 +393,15 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     same tokens, attention over the whole capacity; greedy speculative decoding with the model's MTP
     block then runs each step on the device with one read); ``cuda_graphs``: greedy decoding,
     plain or speculative, replays one CUDA graph per step (implies ``static``);
-    ``compile_drafter``: the static speculative step's MTP block runs through ``torch.compile``
-    (:class:`.mtp.StaticMTPDrafter`; the same tokens, fewer kernels per draft; the first step
-    compiles and is timed as the warm-up).
+    ``compile_speculative``: the static speculative step's own work (the MTP drafter's block, the
+    verification's bookkeeping and rollback) runs through ``torch.compile`` (:mod:`.compiled`;
+    the trunk's forward stays eager; fewer kernels per step; the first step compiles and is timed
+    as the warm-up).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if compile_drafter:
-        check_compile_drafter(speculative, sampling, static or cuda_graphs, custom_drafter=drafter is not None)
+    if compile_speculative:
+        check_compile_speculative(speculative, sampling, static or cuda_graphs, custom_drafter=drafter is not None)
     if cuda_graphs:  # before any work
         check_graphs(engine, sampling, speculative, custom_drafter=drafter is not None)
     context = context or engine.model.max_sequence_length
@@ -426,7 +435,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
         if not k:
             plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs)
         elif isinstance(drafter, MTPDrafter) and sampling.greedy:
-            spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs, compile_drafter)
+            spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs, compile_speculative)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
     queued = spec_step.launch(pending) if spec_step is not None and not all(emitter.done) else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megacpp_mcore.infer.compiled import static_compiled
 from megacpp_mcore.infer.engine import Engine, Session
 from megacpp_mcore.infer.layers import new_state, run_layer
 from megacpp_mcore.infer.sampling import Sampling
@@ -151,10 +152,6 @@ class MTPDrafter:
             self.inputs[depth] = made.slice(committed[depth], committed[depth - 1])
 
 
-# Compiled drafter: session shapes (batch, capacity, K, depth) one process may compile
-COMPILED_SHAPES = 256
-
-
 class StaticMTPDrafter:
     """The drafter with static shapes, for a speculative step that runs (and is captured as a CUDA
     graph) without the host: made from an :class:`MTPDrafter` after its :meth:`~MTPDrafter.start`.
@@ -180,9 +177,7 @@ class StaticMTPDrafter:
     def __init__(self, drafter: MTPDrafter, compiled: bool = False):
         self.drafter, self.k = drafter, drafter.k
         self.compiled = compiled
-        # dynamic=False: a session's windows never change shape, so each depth compiles once per
-        # session shape (batch, capacity, K); later sessions of those shapes reuse the code
-        self._compiled = torch.compile(drafter._run, dynamic=False) if compiled else None
+        self._run = static_compiled(drafter._run) if compiled else drafter._run  # (:mod:`.compiled`)
         session, k = drafter.session, drafter.k
         self.session, self.window = session, k + 1
         first = drafter.inputs[0].values
@@ -197,16 +192,6 @@ class StaticMTPDrafter:
         # depth d reads ids[i + d + 1] and drafts the token at length + 1 + d
         self.ahead = torch.arange(1, k + 1, device=device)
         self.logits: list[torch.Tensor] = []
-
-    def _block(self, *args):
-        """:meth:`MTPDrafter._run`, compiled with ``compiled``. Every session shape is a new entry
-        of the compiler's cache, and past torch's default limit of 8 entries per function it
-        would run the block eagerly without saying so (a benchmark sweeping batches, K and
-        lengths reaches it): the limit is raised while the block runs."""
-        if self._compiled is None:
-            return self.drafter._run(*args)
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-            return self._compiled(*args)
 
     def draft(self, pending: torch.Tensor, length: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         """Greedy drafts ``[b, K]`` after the pending token ``[b]``, the trunk's committed length
@@ -226,7 +211,7 @@ class StaticMTPDrafter:
                                        time=times[depth])
             last = lasts[depth:depth + 1]
             deeper = depth + 1 < self.k
-            out = self._block(depth, self.inputs[depth].index_select(0, times[depth]),
+            out = self._run(depth, self.inputs[depth].index_select(0, times[depth]),
                                ids.index_select(1, reads[depth]), ctx,
                                None if deeper else last)  # [K + 1 or 1, b, h]
             if deeper:
