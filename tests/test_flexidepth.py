@@ -528,8 +528,8 @@ def test_hard_skip_on_cuda_reads_the_count_without_a_stream_sync(single_rank):
 def test_skip_dispatcher_route_dispatch_combine_equal_reference(columns):
     """Non-SP dispatcher on hand-made keep masks (a sequence with no kept token, all kept,
     padding): dispatch hands each sequence's kept tokens in order, combine writes a row-wise
-    block's outputs into exactly the kept rows and leaves every other row (padding targets
-    included) the skip path's, bit for bit."""
+    block's outputs, in place, into exactly the kept rows of the skip path's buffer and leaves
+    every other row (padding targets included) the skip path's, bit for bit."""
     from megacpp_mcore.features.flexidepth import SkipDispatcher
 
     s, h = 8, 16
@@ -546,8 +546,13 @@ def test_skip_dispatcher_route_dispatch_combine_equal_reference(columns):
     for j in range(len(columns)):
         kept = keep[:, j, 0].nonzero().squeeze(-1)
         assert torch.equal(tokens[:len(kept), j], x[kept, j])
-    out = dispatcher.combine(route, tokens * 3.0 + 1.0, skip)  # a row-wise "block"
+    buffer = dispatcher.skip_buffer(x)  # the skip path's rows and a spare one
+    buffer[:s] = skip
+    out = dispatcher.combine(route, tokens * 3.0 + 1.0, buffer)  # a row-wise "block"
     assert torch.equal(out, torch.where(keep, x * 3.0 + 1.0, skip))
+    assert out.data_ptr() == buffer.data_ptr()  # in place, no full-size select
+    with pytest.raises(ValueError, match="takes a skip_buffer"):
+        dispatcher.combine(route, tokens, skip)
 
 
 class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):

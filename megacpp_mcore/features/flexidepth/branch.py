@@ -94,6 +94,27 @@ class SkipBranch(torch.nn.Module):
         # the GEMV in the activation dtype (fp32 accumulation), the logits in fp32
         return z, F.linear(z, self.router.weight.to(z.dtype), self.router.bias.to(z.dtype)).to(acc)
 
+    def skip_path(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The skip path ``P(x) = x + up(act(down(z)))`` (``x`` itself for ``adapter="none"``), in
+        ``out`` when given (``[s, b, h]``, e.g. the first rows of a hard layer's combine buffer).
+        The residual add rides in the up projection's GEMM (``addmm`` with ``x`` as its input
+        matrix): one pass over ``[s, b, h]`` less than a separate add, the sum rounded once."""
+        up = getattr(self, "up", None)
+        if self.kind == "none" or x.dtype != up.weight.dtype:  # no adapter; or mixed dtypes
+            update = self.adapter(z, x.dtype)
+            result = x if update is None else x + update
+            return result if out is None else out.copy_(result)
+        inner = self.down(z.to(self.down.weight.dtype))
+        if self.kind == "mlp":
+            inner = F.gelu(inner)
+        flat = (x.reshape(-1, x.shape[-1]), inner.reshape(-1, inner.shape[-1]), up.weight.t())
+        if out is None:
+            return torch.addmm(*flat).view(x.shape)
+        if torch.is_grad_enabled():  # out= is not differentiable: the sum, then a copy
+            return out.copy_(torch.addmm(*flat).view(x.shape))
+        torch.addmm(*flat, out=out.view(-1, x.shape[-1]))
+        return out
+
     def adapter(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The adapter's update of the normed input ``z`` in ``dtype`` (the second half)."""
         if self.kind == "none":

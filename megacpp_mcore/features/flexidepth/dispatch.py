@@ -14,10 +14,12 @@
   (the layer's skip path) runs on the device while the host waits and then queues the block.
 * ``dispatch``: the gathered tokens ``[k, b, h]`` for the wrapped block, split over the TP ranks
   under SP (``[k/tp, b, h]``).
-* ``combine``: the processed tokens (gathered back over TP under SP) scattered to their positions
-  of a full-sequence buffer, then selected by this rank's keep mask against its skip-path output
-  (``[s/tp, b, h]`` under SP, else ``[s, b, h]``): every skipped row, padded ones included, keeps
-  the skip path. Static shapes and no data-dependent indexing, so no host synchronisation.
+* ``combine``: the processed tokens (gathered back over TP under SP) scattered, in place, into the
+  buffer that holds this rank's skip-path output (``[s/tp, b, h]`` under SP, else ``[s, b, h]``,
+  plus one spare row, :meth:`SkipDispatcher.skip_buffer`): each row of a kept token of this rank
+  lands on its position, every other row (the pads, other ranks' tokens) on the spare row, which
+  is dropped. Every skipped position keeps the skip path. One pass over the ``k`` processed rows
+  (no full-size select), static shapes, no data-dependent indexing, so no host synchronisation.
 
 Every TP rank computes the same route (the whole sequence, replicated router), so the wrapped
 block's TP collectives see equal shapes on all ranks.
@@ -51,6 +53,7 @@ class SkipRoute:
     # (with a capacity, the kept rows that fit in it)
     start: int  # this rank's first sequence position (0 without SP)
     rows: int  # this rank's sequence rows
+    real: torch.Tensor  # [k, b] bool: idx's entry is a kept position (not a pad)
 
 
 @dataclasses.dataclass
@@ -60,6 +63,7 @@ class _PendingRoute:
     full: torch.Tensor
     keep: torch.Tensor
     order: torch.Tensor  # [s, b] kept positions first, in order, then skipped ones
+    mask: torch.Tensor  # [s, b] bool: the whole sequence's (effective) keep mask
     longest: torch.Tensor | int  # 0-d: on the host (pinned) once ``ready`` fired, or on the CPU;
     # an int with a capacity
     ready: torch.cuda.Event | None
@@ -119,7 +123,7 @@ class SkipDispatcher:
                 longest = host
         # kept positions first, each group in sequence order (a stable sort on "skipped")
         order = torch.sort((~mask).to(torch.int32), dim=0, stable=True).indices  # [s, b]
-        return _PendingRoute(full, keep, order, longest, ready, start, rows)
+        return _PendingRoute(full, keep, order, mask, longest, ready, start, rows)
 
     def finish(self, pending: _PendingRoute) -> SkipRoute:
         """The route of :meth:`start`, once the kept count is on the host: the forward's one
@@ -128,8 +132,9 @@ class SkipDispatcher:
         if pending.ready is not None:
             pending.ready.synchronize()
         k = self._round(int(pending.longest))
-        return SkipRoute(full=pending.full, idx=pending.order[:k], keep=pending.keep, start=pending.start,
-                         rows=pending.rows)
+        idx = pending.order[:k]
+        return SkipRoute(full=pending.full, idx=idx, keep=pending.keep, start=pending.start,
+                         rows=pending.rows, real=pending.mask.gather(0, idx))
 
     @staticmethod
     def _rows(idx: torch.Tensor, h: int) -> torch.Tensor:
@@ -140,14 +145,25 @@ class SkipDispatcher:
         tokens = route.full.gather(0, self._rows(route.idx, route.full.shape[-1]))
         return scatter_to_sequence_parallel_region(tokens, group=self.tp_group) if self.sequence_parallel else tokens
 
+    @staticmethod
+    def skip_buffer(hidden_states: torch.Tensor) -> torch.Tensor:
+        """The buffer :meth:`combine` takes: this rank's rows of ``hidden_states`` and one spare
+        row, ``[rows + 1, b, h]`` (uninitialised); the skip path goes into its first ``rows``."""
+        return hidden_states.new_empty((hidden_states.shape[0] + 1, *hidden_states.shape[1:]))
+
     def combine(self, route: SkipRoute, processed: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """``skip`` (this rank's skip-path output) with the kept rows replaced by ``processed``
-        (the block's output of :meth:`dispatch`'s tokens); a new tensor."""
+        """This rank's skip-path output, held in ``skip`` (a :meth:`skip_buffer`: its first
+        ``route.rows`` rows), with its kept rows replaced in place by ``processed`` (the block's
+        output of :meth:`dispatch`'s tokens); returns those rows, a view of ``skip``."""
+        if skip.shape[0] != route.rows + 1:
+            raise ValueError(f"SkipDispatcher.combine: skip holds {skip.shape[0]} rows; it takes "
+                             f"a skip_buffer of this rank's {route.rows} rows plus a spare one")
         if self.sequence_parallel:
             processed = self._gather(processed)  # [k, b, h]
-        # every row of the buffer that keep selects is written: a kept position is in idx (the
-        # pads, skipped positions, land on rows keep drops); positions are distinct per column
-        placed = processed.new_empty(route.full.shape[:2] + processed.shape[2:])  # [s, b, h]
-        placed.scatter_(0, self._rows(route.idx, processed.shape[-1]), processed)
-        placed = placed[route.start:route.start + route.rows]  # this rank's rows (a view)
-        return torch.where(route.keep, placed.to(skip.dtype), skip)
+        # each kept position of this rank is in idx once per column (k covers every kept one);
+        # pads and other ranks' positions all go to the spare row, which is dropped
+        local = route.idx - route.start
+        mine = route.real & (local >= 0) & (local < route.rows)
+        target = torch.where(mine, local, route.rows)  # [k, b]
+        skip.scatter_(0, self._rows(target, processed.shape[-1]), processed.to(skip.dtype))
+        return skip[:route.rows]

@@ -193,8 +193,7 @@ class FlexiDepthLayer(TransformerLayer):
         return score, score.detach() >= self.fd.threshold  # [s, b, 1]: takes the full block
 
     def _skip_path(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        update = self.flexidepth.adapter(z, x.dtype)  # [s, b, h] | None
-        return x if update is None else x + update
+        return self.flexidepth.skip_path(x, z)  # [s, b, h]
 
     def _score(self, logits: torch.Tensor, bookkeeping: bool = True) -> torch.Tensor:
         """The router score ``[s, b, 1]`` (fp32), added to the usage sum when the usage penalty
@@ -256,11 +255,13 @@ class FlexiDepthLayer(TransformerLayer):
         z, logits = self.flexidepth.gate(x)
         score, keep = self._keep(logits)
         pending = self._dispatcher.start(x, keep)
-        skip = self._skip_path(x, z)  # queued behind the count's copy
+        # the skip path, queued behind the count's copy, into the combine's buffer (a spare row)
+        skip = self._dispatcher.skip_buffer(x)
+        self.flexidepth.skip_path(x, z, out=skip[:x.shape[0]])
         route = self._dispatcher.finish(pending)
         keep = route.keep  # with a capacity, the kept tokens that fit in it
         if route.idx.shape[0] == 0:  # every token skips: the block does not run
-            return skip, None, score, keep
+            return skip[:x.shape[0]], None, score, keep
         kwargs["rotary_pos_emb"] = gathered_rotary(self.self_attention, kwargs.pop("rotary_pos_emb", None),
                                                    route.idx, route.full.shape[0], "FlexiDepth hard skip")
         processed, context = super().forward(self._dispatcher.dispatch(route), **kwargs)
