@@ -471,8 +471,10 @@ def test_cuda_graph_decoding_equals_eager(single_rank):
         assert graphed.graph_capture_s > 0 and graphed.warmup_s > 0  # setup, not decode time
         assert graphed.steady_steps == graphed.steps - 1 and 1 <= graphed.warmup_tokens <= 3 * (k + 1)
         compiled = generate(engine, prompts, max_new_tokens=20, speculative=k, cuda_graphs=True,
-                            compile_speculative=True)  # the drafter's Triton kernels inside the graph
-        assert compiled.tokens == eager.tokens and compiled.warmup_steps == 1
+                            compile_speculative=True)  # Inductor's Triton kernels inside the graph
+        # the compiled rollback rounds Mamba's kept state its own way: equal, or a near tie
+        _same_or_near_tie(engine, prompts, compiled.tokens, eager.tokens)
+        assert compiled.warmup_steps == 1
     # drafts accepted too: the H100 run of 2026-12-05 accepted none at agreement 0.2 (bf16 on the
     # device; about half of the first drafts on the CPU in fp32), so a stronger pull is added
     accepted = 0
