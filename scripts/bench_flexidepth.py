@@ -95,6 +95,9 @@ def _args(argv=None) -> argparse.Namespace:
                    help="after timing, profile one forward of each model and print its top N operators")
     p.add_argument("--layer-rounds", type=int, default=3, metavar="N",
                    help="forwards of each model timed layer by layer after the timing (0: none)")
+    p.add_argument("--traffic", action="store_true",
+                   help="after the timing, the bytes each FlexiDepth layer moves outside its block in "
+                        "one hard forward, by operator (infer/traffic.py's model; any device)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on CPU with the local backend (no timings that mean anything)")
     args = p.parse_args(argv)
@@ -369,6 +372,96 @@ def _layer_table(per_layer: dict[str, dict[str, float]], pattern: list[str], rat
             "layer_sum_ratio": total_hard / total_dense, "scaled_bound": bound / total_dense}
 
 
+# allocations and views that the byte model would charge for the tensors they are handed
+_NOT_MOVED = frozenset({"new_empty", "empty", "empty_like", "empty_strided", "_unsafe_view"})
+_FUSED_NORMS = ("rms_norm", "layer_norm")  # one kernel on CUDA and in TE; composite on the CPU
+
+
+def _overhead_traffic(model, tokens, positions) -> dict:
+    """The bytes each FlexiDepth layer of ``model`` moves outside its wrapped block in one forward
+    (its router, adapter, route, gather and combine), by operator, as activation passes: bytes /
+    (the layer input's bytes). The model of :class:`megacpp_mcore.infer.traffic.Traffic` (each
+    operator reads its inputs and writes its outputs once), with allocations left out and a norm
+    counted as the one kernel it is on CUDA (on the CPU torch composes it from five). An operator is
+    the block's when a ``TransformerLayer`` method of Megatron runs inside the layer's forward (its
+    ``super().forward``)."""
+    import collections
+    import functools
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from megatron.core.transformer import transformer_layer
+
+    from megacpp_mcore.features.flexidepth import FlexiDepthLayer
+    from megacpp_mcore.infer.traffic import Traffic, _tensors
+
+    block_file = transformer_layer.__file__
+    layer_forward = FlexiDepthLayer.forward.__code__
+    current: list = []  # the FlexiDepth layer running (its index), innermost last
+    table: dict = collections.defaultdict(collections.Counter)
+    fused = {"depth": 0}
+
+    def owner() -> tuple | None:
+        if not current:
+            return None
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code is not layer_forward:  # up to the layer's forward
+            if frame.f_code.co_filename == block_file:
+                return None  # inside it, the wrapped block's own work
+            frame = frame.f_back
+        return current[-1]
+
+    class Norms(TorchFunctionMode):  # a norm as one fused kernel: its input, weights and output
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") not in _FUSED_NORMS:
+                return func(*args, **kwargs)
+            fused["depth"] += 1
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                fused["depth"] -= 1
+            layer = owner()
+            if layer is not None:
+                table[layer][func.__name__] += Traffic.moved(func.__name__, _tensors(args) + _tensors(kwargs.values()), [out])
+            return out
+
+    class Outside(Traffic):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = self.bytes
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            name = func._opname
+            layer = owner() if not fused["depth"] and name not in _NOT_MOVED else None
+            if layer is not None:
+                table[layer][name] += self.bytes - before
+            return out
+
+    handles = []
+    for index, layer in enumerate(model.decoder.layers):
+        if isinstance(layer, FlexiDepthLayer):
+            handles.append(layer.register_forward_pre_hook(lambda *_, i=index: current.append(i)))
+            handles.append(layer.register_forward_hook(lambda *_: (current.pop(), None)[1]))
+    sizes = {}
+    def size(_, args, kwargs, i):  # the layer input's bytes: one pass
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        sizes.setdefault(i, x.numel() * x.element_size())
+
+    handles += [layer.register_forward_pre_hook(functools.partial(size, i=i), with_kwargs=True)
+                for i, layer in enumerate(model.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
+    try:
+        with torch.no_grad(), Norms(), Outside():
+            model(tokens, positions, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for index, ops in sorted(table.items()):
+        unit = sizes[index]
+        out[str(index)] = {"passes": sum(ops.values()) / unit,
+                           "by_op": {k: v / unit for k, v in ops.most_common() if v}}
+    return out
+
+
 def _spread(times: list[float]) -> dict[str, float]:
     return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
@@ -433,6 +526,7 @@ def run(args) -> dict:
                 expand_pattern(dense_cfg.pattern, dense_cfg.num_layers), per_layer) if args.layer_rounds else None
             profiled = _profile({"dense": dense, "hard": hard}, tokens, positions, args.profile) \
                 if args.profile else None
+            traffic = _overhead_traffic(hard, tokens, positions) if args.traffic else None
     finally:
         runtime.shutdown()
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -453,7 +547,7 @@ def run(args) -> dict:
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",
             "spread_s": {k: _spread(v) for k, v in times.items()}, "host_times_s": host,
             "host_median_s": {k: statistics.median(v) for k, v in host.items()},
-            "profile": profiled, "layer_times": layer_table}
+            "profile": profiled, "layer_times": layer_table, "overhead_traffic": traffic}
 
 
 def main(argv=None) -> int:
@@ -491,6 +585,12 @@ def main(argv=None) -> int:
         print(f"  layer sums dense {table['dense_sum_ms']:.2f} / hard {table['hard_sum_ms']:.2f} ms: "
               f"{table['layer_sum_ratio']:.3f}; if each FlexiDepth layer scaled with its kept "
               f"fraction at no cost: {table['scaled_bound']:.3f}")
+    if result["overhead_traffic"]:
+        print("bytes each FlexiDepth layer moves outside its block, in passes over its input "
+              "(traffic model; norms as one kernel):")
+        for index, row in result["overhead_traffic"].items():
+            top = ", ".join(f"{op} {v:.2f}" for op, v in list(row["by_op"].items())[:8])
+            print(f"  {index:>4} {row['passes']:6.2f}  ({top})")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -861,10 +861,19 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
     import bench_flexidepth
 
     out = tmp_path / "bench.json"
-    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--profile", "3",
+    assert bench_flexidepth.main(["--cpu-smoke", "--skip-rate", "0.25", "--profile", "3", "--traffic",
                                   "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["gathering_layers"] == [1, 3] and result["ratio"] > 0
+    # the bytes outside the block of each FlexiDepth layer: the gathering ones scatter the block's
+    # rows into the skip path's buffer, no full-size select or add (the residual rides in addmm)
+    traffic = result["overhead_traffic"]
+    assert sorted(traffic) == ["0", "1", "2", "3"] and all(t["passes"] > 0 for t in traffic.values())
+    for layer in ("1", "3"):
+        ops = traffic[layer]["by_op"]
+        assert ops["gather"] > 0.2 and ops["scatter_"] > 0.2  # index-sized ops are ~0
+        assert ops.get("where", 0.0) < 0.05 and ops.get("add", 0.0) < 0.05
+        assert ops["rms_norm"] == pytest.approx(2.0)  # the router's norm: one read, one write
     profiled = result["profile"]  # one profiled forward each: the hard path calls more operators
     assert profiled["hard"]["aten_calls"] > profiled["dense"]["aten_calls"] > 0
     assert all(len(p["top"]) == 3 and p["device_ms"] == 0 for p in profiled.values())  # CPU

@@ -8,11 +8,11 @@ almost nothing else). So these counts compare two ways of computing a step on th
 GPU times them.
 
 The byte count is a model, not a measurement: every operator reads its tensor arguments whole and
-writes its outputs, except that views move nothing, an in-place operator's output is its input
-(not counted twice), a gather (``index``, ``index_select``, ``gather``, ``embedding``) reads only
-what it writes, and an in-place scatter (``index_copy_``, ``index_put_``, ``scatter_``,
-``index_add_``) reads and writes only its source's size. Caches are ignored: a weight read twice
-counts twice.
+writes its outputs (an ``out=`` argument is only written), except that views move nothing, an
+in-place operator's output is its input (not counted twice), a gather (``index``, ``index_select``,
+``gather``, ``embedding``) reads only what it writes, and an in-place scatter (``index_copy_``,
+``index_put_``, ``scatter_``, ``index_add_``) reads and writes only its source's size. Caches are
+ignored: a weight read twice counts twice.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.ops += 1
         if not func.is_view:
-            inputs = _tensors(args) + _tensors(kwargs.values())
+            # an out= argument is where the output goes, not a read
+            inputs = _tensors(args) + _tensors(v for k, v in kwargs.items() if k != "out")
             moved = self.moved(func._opname, inputs,
                                _tensors(out if isinstance(out, (list, tuple)) else (out,)))
             self.bytes += moved
