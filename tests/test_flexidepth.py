@@ -873,7 +873,7 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
         ops = traffic[layer]["by_op"]
         assert ops["gather"] > 0.2 and ops["scatter_"] > 0.2  # index-sized ops are ~0
         assert ops.get("where", 0.0) < 0.05 and ops.get("add", 0.0) < 0.05
-        assert ops["rms_norm"] == pytest.approx(2.0)  # the router's norm: one read, one write
+        assert ops["rms_norm"] == pytest.approx(2.0, abs=0.05)  # the router's norm: one read, one write (+ weights)
     profiled = result["profile"]  # one profiled forward each: the hard path calls more operators
     assert profiled["hard"]["aten_calls"] > profiled["dense"]["aten_calls"] > 0
     assert all(len(p["top"]) == 3 and p["device_ms"] == 0 for p in profiled.values())  # CPU
