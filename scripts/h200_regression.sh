@@ -70,7 +70,7 @@ for part in $PARTS; do
     # sync-free MoE layers (the default) with the fixed capacity (no host read at all) and with the
     # exact kept count (one overlapped read per gathering layer), then Megatron's MoE layers
     flexidepth-batch) { python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                    --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
+                    --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --traffic --out "$OUT/flexidepth-batch8-ae-capacity.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                     --iters 10 --out "$OUT/flexidepth-batch8-ae.json" &&
                   python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
