@@ -423,7 +423,8 @@ def _overhead_traffic(model, tokens, positions) -> dict:
                 fused["depth"] -= 1
             layer = owner()
             if layer is not None:
-                table[layer][func.__name__] += Traffic.moved(func.__name__, _tensors(args) + _tensors(kwargs.values()), [out])
+                inputs = _tensors(args) + _tensors(kwargs.values())
+                table[layer][func.__name__] += Traffic.moved(func.__name__, inputs, [out])
             return out
 
     class Outside(Traffic):

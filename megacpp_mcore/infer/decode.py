@@ -334,11 +334,12 @@ def check_graphs(engine: Engine, sampling: Sampling, speculative: int,
 
 
 def check_compile_speculative(speculative: int, sampling: Sampling, static: bool,
-                          custom_drafter: bool = False) -> None:
+                              custom_drafter: bool = False) -> None:
     """``ValueError`` where ``compile_speculative`` has no static speculative step to compile for."""
     if not speculative or custom_drafter:
-        raise ValueError("compile_speculative compiles the speculative step of the model's MTP drafter; allowed: speculative "
-                         f"decoding with it (speculative >= 1, no other drafter), got speculative={speculative}"
+        raise ValueError("compile_speculative compiles the speculative step of the model's MTP "
+                         "drafter; allowed: speculative decoding with it (speculative >= 1, no other "
+                         f"drafter), got speculative={speculative}"
                          + (" with another drafter" if custom_drafter else ""))
     if not sampling.greedy:
         raise ValueError("compile_speculative compiles the static greedy speculative step; allowed with "
