@@ -15,7 +15,9 @@ Modules, in the order data flows:
 * :mod:`.mtp`: :class:`MTPDrafter`, the trained shared block with one attention cache per depth;
 * :mod:`.sampling`: greedy / temperature / top-p and the speculative verification rule;
 * :mod:`.decode`: :func:`generate`, plain and speculative decoding through the same session code
-  (without stop tokens a plain step never waits for the device; a speculative step waits once).
+  (without stop tokens a plain step never waits for the device; a speculative step waits once);
+  :mod:`.compiled`: ``torch.compile`` of the static speculative step's own work (the drafter, the
+  verification's bookkeeping) when ``generate(..., compile_speculative=True)`` asks for it.
 
 Everything reads the trained modules' own parameters, so checkpoints load unchanged; CPU paths use
 Megatron's local modules, GPU paths whatever the te backend built.
