@@ -235,6 +235,46 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
         assert spec["gpu_ms_per_step"] is None and spec["device_bound_speedup"] is None  # CPU
 
 
+@pytest.mark.skipif(__import__("shutil").which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_bench_generate_graphed_rows_through_the_static_step(checkpoints, tmp_path, monkeypatch, capsys):
+    """bench_generate's CUDA-graph rows (``--cuda-graphs``, with ``--compile-speculative`` the
+    compiled step's row too) on the CPU, with ``generate(cuda_graphs=True)`` replaced by the static
+    step it captures: the rows, their labels and the warm-up accounting the GPU run will print."""
+    import megacpp_mcore.infer as infer
+    from megacpp_mcore.train import runtime
+
+    bench = load_script("bench_generate")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.h").write_text("#define F 1\nint f(void);\n" * 2)
+    real = infer.generate
+
+    def static_generate(*args, cuda_graphs=False, static=False, **kwargs):
+        return real(*args, static=static or cuda_graphs, **kwargs)
+
+    monkeypatch.setattr(infer, "generate", static_generate)
+    args = bench.parse_args(["--load", str(checkpoints / "mtp2"), "--batch", "1", "--speculative", "1",
+                             "--prompt-tokens", "12", "--new-tokens", "6", "--repeats", "1",
+                             "--prompt-dir", str(src)])
+    args.cuda_graphs = args.compile_speculative = True  # parse_args refuses both without CUDA
+    try:
+        engine, description = bench.build_engine(args)
+        results = bench.measure(engine, args)
+    finally:
+        runtime.shutdown()
+    rows = [(r["k"], r.get("graphs", False), r.get("compiled", False)) for r in results]
+    assert rows == [(0, False, False), (0, True, False), (1, False, False), (1, True, False), (1, True, True)]
+    graphed_plain, graphed, compiled = results[1], results[3], results[4]
+    assert compiled["identical"] and graphed["identical"] and graphed_plain["identical"]
+    assert compiled["warmup_steps"] == 1 and compiled["warmup_s"] > 0  # it compiled there
+    assert graphed["warmup_steps"] == 0  # the static stand-in has no warm-up
+    assert compiled["accepted"] == graphed["accepted"] and compiled["vs_graphed_plain"] > 0
+    bench.print_table(description, {}, results)
+    printed = capsys.readouterr().out
+    assert "K=1, CUDA graphs, compiled:" in printed and "| 1 | 1 (CUDA graphs, compiled) |" in printed
+
+
 def test_bpe_run_carries_its_tokenizer_and_generate_uses_it(tmp_path, monkeypatch, capsys):
     """A run on BPE data copies the tokenizer into its --save directory; `generate` encodes the
     prompt and decodes the output with it (with bytes, a BPE model's ids would come out as noise)."""
@@ -279,3 +319,19 @@ def test_profile_decode_step_cpu_attributes_ops(checkpoints, tmp_path, capsys):
     assert "trunk infer/attention.py:mla_step" in plain  # the AEMR model's A layer
     assert "step ?" not in plain, "every op of a decode step runs inside a package function"
     assert results[1]["ops"] > results[0]["ops"] > 50
+    if __import__("shutil").which("g++") is None:  # torch.compile on the CPU needs a C++ compiler
+        return
+    # the step's own work compiled: the drafter's and the bookkeeping's operators fewer, the trunk's
+    # the same (the phases split by the two eager functions it labels then)
+    assert profile.main(["--load", str(checkpoints / "mtp"), "--speculative", "1", "--steps", "3",
+                         "--prompt-dir", str(src), "--prompt-tokens", "12", "--compile-speculative",
+                         "--out", str(out)]) == 0
+    compiled = json.loads(out.read_text())["results"]["1"]
+
+    def phases(parts):
+        return {ph: sum(p["kernels"] for name, p in parts.items() if name.startswith(ph + " "))
+                for ph in ("mtp", "step", "trunk")}
+
+    eager, fused = phases(spec), phases(compiled["parts"])
+    assert fused["mtp"] < 0.8 * eager["mtp"] and fused["step"] < eager["step"]
+    assert abs(fused["trunk"] - eager["trunk"]) <= 5  # eager either way

@@ -89,7 +89,8 @@ class Generation:
         out = {"speculative": self.speculative, "prompt_tokens": self.prompt_lengths,
                "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
                "decode_s": self.decode_s, "graph_capture_s": self.graph_capture_s,
-               "warmup_s": self.warmup_s, "warmup_tokens": self.warmup_tokens,
+               "warmup_s": self.warmup_s, "warmup_steps": self.warmup_steps,
+               "warmup_tokens": self.warmup_tokens,
                "steps": self.steps, "steady_steps": self.steady_steps, "decode_tokens": self.decode_tokens,
                "decode_tokens_per_s": self.decode_tokens_per_s, "stop": self.stop}
         if self.speculative:
