@@ -52,7 +52,9 @@ would reach with its host work hidden, and ``device-bound vs plain`` the speed-u
 decoding would have there: tokens per step over the step's device time relative to plain's.
 ``--cuda-graphs`` also times greedy decoding replaying one captured CUDA graph per step
 (``generate(..., cuda_graphs=True)``), plain and speculative; ``vs graphed plain`` is then the
-speed-up with both at their best settings (the speculative step's one read per step included).
+speed-up with both at their best settings (the speculative step's one read per step included),
+and ``identical to graphed plain`` compares their outputs (in bf16 a graphed step's kernels round
+like no eager step's, so graphed against graphed is the comparison of equals).
 ``--compile-speculative`` (with ``--cuda-graphs``) adds, per K, the graphed speculative step with its
 own work compiled (``generate(..., compile_speculative=True)``: the drafter and the verification's
 bookkeeping; the trunk eager), so both are timed in one run.
@@ -431,7 +433,9 @@ def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda
 def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: dict | None = None,
                 compile_speculative: bool = False) -> dict:
     """One configuration decoded replaying a CUDA graph per step, as a table row: speed-ups over
-    eager plain decoding (``plain``) and, for speculative rows, over graphed plain decoding."""
+    eager plain decoding (``plain``) and, for speculative rows, over graphed plain decoding, whose
+    output it is also compared with (both at their best settings; in bf16 a graphed step rounds
+    like no eager one, so equal to graphed plain is the identity that holds there)."""
     run = timed(engine, rows, k=k, new_tokens=args.new_tokens, repeats=args.repeats,
                 sampling=sampling, cuda_graphs=True, compile_speculative=compile_speculative)
     row = {"batch": len(rows), "k": k, "graphs": True, "compiled": compile_speculative,
@@ -441,9 +445,12 @@ def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: d
            "syncs_per_step": None, "ops_per_step": None, "mb_per_step": None,
            "mb_per_step_kernel": None, "gpu_ms_per_step": None,
            "identical": run.tokens == plain.tokens,
-           "agreeing_prefix": agreeing_prefix(run.tokens, plain.tokens), **run.summary()}
+           "agreeing_prefix": agreeing_prefix(run.tokens, plain.tokens), "tokens": run.tokens,
+           **run.summary()}
     if graphed_plain is not None:
         row["vs_graphed_plain"] = run.decode_tokens_per_s / graphed_plain["tokens_per_s"]
+        row["identical_to_graphed_plain"] = run.tokens == graphed_plain["tokens"]
+        row["agreeing_prefix_graphed"] = agreeing_prefix(run.tokens, graphed_plain["tokens"])
     return row
 
 
@@ -517,8 +524,8 @@ def measure(engine, args) -> list[dict]:
                 results.append(fast)
                 print(f"[bench_generate] batch {batch} K={k}, CUDA graphs: {fast['tokens_per_s']:.1f} "
                       f"tokens/s (x{fast['vs_graphed_plain']:.2f} graphed plain), acceptance "
-                      f"{_rates(fast['acceptance_per_position'])}, identical {fast['identical']}",
-                      flush=True)
+                      f"{_rates(fast['acceptance_per_position'])}, identical {fast['identical']} "
+                      f"(to graphed plain: {fast['identical_to_graphed_plain']})", flush=True)
             if args.compile_speculative:  # the same graphed step, its own work compiled
                 fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain, graphed_plain=graphed,
                                    compile_speculative=True)
@@ -526,7 +533,8 @@ def measure(engine, args) -> list[dict]:
                 print(f"[bench_generate] batch {batch} K={k}, CUDA graphs, compiled: "
                       f"{fast['tokens_per_s']:.1f} tokens/s (x{fast['vs_graphed_plain']:.2f} graphed "
                       f"plain), {fast['ms_per_step']:.3f} ms/step, warm-up (compiles) "
-                      f"{fast['warmup_s']:.1f} s, identical {fast['identical']}", flush=True)
+                      f"{fast['warmup_s']:.1f} s, identical {fast['identical']} (to graphed plain: "
+                      f"{fast['identical_to_graphed_plain']})", flush=True)
     return results
 
 
@@ -562,8 +570,8 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
     print("| batch | K | decode tokens/s | vs plain | ms/step | acceptance per position "
           "| accepted/step | identical | host syncs/step | torch ops/step | host-bound vs plain "
           "| MB/step | bytes-bound vs plain | MB/step, sparse MoE kernel | its bytes-bound vs plain "
-          "| GPU ms/step | device-bound vs plain | vs graphed plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| GPU ms/step | device-bound vs plain | vs graphed plain | identical to graphed plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     # (key, format) of the columns after "identical"; a missing or None value prints "-"
     measured = (("syncs_per_step", "{:.1f}"), ("ops_per_step", "{:.0f}"), ("host_bound_speedup", "x{:.2f}"),
                 ("mb_per_step", "{:.1f}"), ("bytes_bound_speedup", "x{:.2f}"),
@@ -578,6 +586,11 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
         k = (f"{r['k']} (CUDA graphs{', compiled' if r.get('compiled') else ''})"
              if r.get("graphs") else r["k"])
         cells = ["-" if r.get(key) is None else fmt.format(r[key]) for key, fmt in measured]
+        if "identical_to_graphed_plain" in r:
+            cells.append("yes" if r["identical_to_graphed_plain"] else
+                         f"NO ({r['agreeing_prefix_graphed']:.0%} agree)")
+        else:
+            cells.append("-")
         print(f"| {r['batch']} | {k} | {r['tokens_per_s']:.1f} | x{r['speedup']:.2f} "
               f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {' | '.join(cells)} |")
 

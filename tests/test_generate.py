@@ -270,6 +270,7 @@ def test_bench_generate_graphed_rows_through_the_static_step(checkpoints, tmp_pa
     assert compiled["warmup_steps"] == 1 and compiled["warmup_s"] > 0  # it compiled there
     assert graphed["warmup_steps"] == 0  # the static stand-in has no warm-up
     assert compiled["accepted"] == graphed["accepted"] and compiled["vs_graphed_plain"] > 0
+    assert compiled["identical_to_graphed_plain"] and graphed["agreeing_prefix_graphed"] == 1.0
     bench.print_table(description, {}, results)
     printed = capsys.readouterr().out
     assert "K=1, CUDA graphs, compiled:" in printed and "| 1 | 1 (CUDA graphs, compiled) |" in printed
