@@ -401,7 +401,8 @@ def _overhead_traffic(model, tokens, positions) -> dict:
     table: dict = collections.defaultdict(collections.Counter)
     fused = {"depth": 0}
 
-    def owner() -> tuple | None:
+    def owner() -> int | None:
+        """The FlexiDepth layer whose own work the running operator is, if any."""
         if not current:
             return None
         frame = sys._getframe(2)
@@ -437,18 +438,21 @@ def _overhead_traffic(model, tokens, positions) -> dict:
                 table[layer][name] += self.bytes - before
             return out
 
+    sizes: dict[int, int] = {}  # per layer: its input's bytes, one pass
+
+    def enter(_, args, kwargs, index):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        sizes.setdefault(index, x.numel() * x.element_size())
+        current.append(index)
+
+    def leave(*_):
+        current.pop()
+
     handles = []
     for index, layer in enumerate(model.decoder.layers):
         if isinstance(layer, FlexiDepthLayer):
-            handles.append(layer.register_forward_pre_hook(lambda *_, i=index: current.append(i)))
-            handles.append(layer.register_forward_hook(lambda *_: (current.pop(), None)[1]))
-    sizes = {}
-    def size(_, args, kwargs, i):  # the layer input's bytes: one pass
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        sizes.setdefault(i, x.numel() * x.element_size())
-
-    handles += [layer.register_forward_pre_hook(functools.partial(size, i=i), with_kwargs=True)
-                for i, layer in enumerate(model.decoder.layers) if isinstance(layer, FlexiDepthLayer)]
+            handles.append(layer.register_forward_pre_hook(functools.partial(enter, index=index), with_kwargs=True))
+            handles.append(layer.register_forward_hook(leave))
     try:
         with torch.no_grad(), Norms(), Outside():
             model(tokens, positions, None)

@@ -22,10 +22,9 @@ out, with their CPU microseconds: the same attribution, a proxy for the kernel c
 ``--compile-speculative``: the speculative rows (K >= 1) run the step's own work compiled
 (``generate(..., compile_speculative=True)``, :mod:`megacpp_mcore.infer.compiled`: the drafter and
 the verification's bookkeeping); fused kernels count as kernels (on the CPU: Inductor's C++ kernels
-count as operators). The
-wrappers would change the code the compiler traces, so those rows label two eager functions only,
-``StaticMTPDrafter.draft`` (the ``mtp`` phase) and ``Session.forward`` (``trunk``): every other
-kernel (the compiled bookkeeping included) counts as ``step``.
+count as operators). The wrappers would change the code the compiler traces, so those rows label
+two eager functions only, ``StaticMTPDrafter.draft`` (the ``mtp`` phase) and ``Session.forward``
+(``trunk``): every other kernel (the compiled bookkeeping included) counts as ``step``.
 
 Prints one table per K (largest parts first) and, last, the totals side by side; ``--out`` writes
 them as JSON.

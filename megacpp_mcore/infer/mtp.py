@@ -176,7 +176,6 @@ class StaticMTPDrafter:
 
     def __init__(self, drafter: MTPDrafter, compiled: bool = False):
         self.drafter, self.k = drafter, drafter.k
-        self.compiled = compiled
         self._run = static_compiled(drafter._run) if compiled else drafter._run  # (:mod:`.compiled`)
         session, k = drafter.session, drafter.k
         self.session, self.window = session, k + 1
@@ -212,8 +211,8 @@ class StaticMTPDrafter:
             last = lasts[depth:depth + 1]
             deeper = depth + 1 < self.k
             out = self._run(depth, self.inputs[depth].index_select(0, times[depth]),
-                               ids.index_select(1, reads[depth]), ctx,
-                               None if deeper else last)  # [K + 1 or 1, b, h]
+                            ids.index_select(1, reads[depth]), ctx,
+                            None if deeper else last)  # [K + 1 or 1, b, h]
             if deeper:
                 self.inputs[depth + 1].index_copy_(0, times[depth], out)
                 out = out.index_select(0, last)
