@@ -287,11 +287,11 @@ def test_cuda_graphs_that_capture_a_flexidepth_layer_are_refused(single_rank, mo
     from megatron.core.transformer.spec_utils import build_module
 
     from megacpp_mcore.features.flexidepth import transform
+    from megacpp_mcore.spec import compat
 
     cfg = _config()
     cfg.cuda_graph_impl = "transformer_engine"  # set after validation: TE is not on this host
-    setattr(cfg, "cuda_graph_modules" if hasattr(cfg, "cuda_graph_modules") else "cuda_graph_scope",
-            modules)
+    setattr(cfg, compat.cuda_graph_modules_field(cfg), modules)
     ctx = _ctx(cfg, "A", FlexiDepthConfig())
     spec = transform(_plain_spec(ctx), ctx)
     if refused:

@@ -391,12 +391,12 @@ def test_cuda_graphs_that_capture_a_mod_layer_are_refused(single_rank, modules, 
     from megacpp_mcore.features.mod import mod_layer_spec
     from megacpp_mcore.layers.attention import attention_layer_spec
     from megacpp_mcore.spec.backends import get_backend
+    from megacpp_mcore.spec import compat
     from megacpp_mcore.spec.context import ChunkBuild, LayerContext
 
     cfg = _config()
     cfg.cuda_graph_impl = "transformer_engine"  # set after validation: TE is not on this host
-    setattr(cfg, "cuda_graph_modules" if hasattr(cfg, "cuda_graph_modules") else "cuda_graph_scope",
-            modules)
+    setattr(cfg, compat.cuda_graph_modules_field(cfg), modules)
     ctx = LayerContext(config=cfg, backend=get_backend("local"), index=0, symbol="A",
                        features=frozenset({"mod"}), feature_configs={"mod": MoDConfig()},
                        chunk=ChunkBuild())

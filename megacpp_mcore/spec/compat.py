@@ -364,6 +364,12 @@ def rope_deinterleaves(config, mla: bool) -> bool:
     return bool(getattr(config, "multi_latent_attention", False))
 
 
+def cuda_graph_modules_field(config) -> str:
+    """The config field naming what CUDA graphs capture: ``cuda_graph_modules`` (0.19) or
+    ``cuda_graph_scope`` (0.16 - 0.18)."""
+    return "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"
+
+
 def cuda_graph_modules(config) -> tuple[str, ...] | None:
     """What Megatron's CUDA graphs capture for ``config``: None without CUDA graphs
     (``cuda_graph_impl`` ``"none"``), ``()`` for whole layers (no scope set), else the scope's
@@ -372,8 +378,7 @@ def cuda_graph_modules(config) -> tuple[str, ...] | None:
     from 0.19."""
     if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
         return None
-    field = "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"
-    raw = getattr(config, field, None) or ()
+    raw = getattr(config, cuda_graph_modules_field(config), None) or ()
     if isinstance(raw, str):
         raw = [part for part in raw.split(",") if part]
     elif not isinstance(raw, (list, tuple)):
