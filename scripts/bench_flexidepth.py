@@ -259,7 +259,7 @@ def _profile(models: dict, tokens, positions, rows: int) -> dict:
     cuda = tokens.is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    out = {}
+    out, by_key = {}, {}
     with torch.no_grad():
         for name, model in models.items():
             with profile(activities=activities) as prof:
@@ -285,7 +285,29 @@ def _profile(models: dict, tokens, positions, rows: int) -> dict:
             for e in out[name]["top"]:
                 print(f"    {e['self_device_ms']:8.3f} ms dev {e['self_host_ms']:8.3f} ms host "
                       f"x{e['count']:<5d} {e['op'][:90]}")
+            by_key[name] = {e.key: (e.count, e.self_device_time_total / 1e3, e.self_cpu_time_total / 1e3)
+                            for e in events}
+    if "dense" in by_key and "hard" in by_key:
+        out["hard_minus_dense"] = _difference(by_key["dense"], by_key["hard"], rows, cuda)
     return out
+
+
+def _difference(dense: dict, hard: dict, rows: int, cuda: bool) -> list[dict]:
+    """The ``rows`` operators or kernels whose self time grows most from the dense forward to the
+    hard one (device time on CUDA, host time on CPU): where the hard path's overhead goes, kernel by
+    kernel, since the block's own kernels shrink with the kept fraction. Printed and returned."""
+    zero = (0, 0.0, 0.0)
+    at = 1 if cuda else 2
+    keys = set(dense) | set(hard)
+    grown = sorted(keys, key=lambda k: hard.get(k, zero)[at] - dense.get(k, zero)[at], reverse=True)[:rows]
+    table = [{"op": k, "count_dense": dense.get(k, zero)[0], "count_hard": hard.get(k, zero)[0],
+              "ms_dense": dense.get(k, zero)[at], "ms_hard": hard.get(k, zero)[at],
+              "ms_added": hard.get(k, zero)[at] - dense.get(k, zero)[at]} for k in grown]
+    print(f"hard minus dense, {'device' if cuda else 'host'} self time, the {rows} largest increases:")
+    for e in table:
+        print(f"    {e['ms_added']:+8.3f} ms ({e['ms_dense']:.3f} -> {e['ms_hard']:.3f}) "
+              f"x{e['count_dense']}->{e['count_hard']} {e['op'][:90]}")
+    return table
 
 
 class _LayerClock:

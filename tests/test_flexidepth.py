@@ -876,7 +876,12 @@ def test_bench_script_cpu_smoke(tmp_path, monkeypatch, capsys):
         assert ops["rms_norm"] == pytest.approx(2.0, abs=0.05)  # the router's norm: one read, one write (+ weights)
     profiled = result["profile"]  # one profiled forward each: the hard path calls more operators
     assert profiled["hard"]["aten_calls"] > profiled["dense"]["aten_calls"] > 0
-    assert all(len(p["top"]) == 3 and p["device_ms"] == 0 for p in profiled.values())  # CPU
+    assert all(len(profiled[m]["top"]) == 3 and profiled[m]["device_ms"] == 0 for m in ("dense", "hard"))  # CPU
+    # the operators the hard path adds, by how much their self time grows: the dispatcher's are new
+    added = {e["op"]: e for e in profiled["hard_minus_dense"]}
+    assert len(added) == 3 and all(e["ms_added"] == e["ms_hard"] - e["ms_dense"] for e in added.values())
+    grown = [e["ms_added"] for e in profiled["hard_minus_dense"]]
+    assert grown == sorted(grown, reverse=True)
     assert result["timing"] == "interleaved"
     for name in ("dense", "hard"):  # --cpu-smoke: 2 timed forwards each, after the warm-up
         spread, times = result["spread_s"][name], result["times_s"][name]
