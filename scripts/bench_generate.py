@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ssd-verify", default="quadratic", choices=("quadratic", "closed"),
                    help="how a verification keeps Mamba's per-position states (infer/mixers.py: "
                         "VERIFY_STATES): unmaterialised (fewer bytes) or materialised (fewer kernels)")
+    p.add_argument("--head-dtype", default="fp32", choices=("fp32", "model"),
+                   help="the vocabulary-limited head's GEMM (Engine.fp32_head): fp32 (default; bf16 logits "
+                        "tie close candidates) or the model's dtype (before the fourteenth session)")
     p.add_argument("--bytes-by-part", action="store_true",
                    help="also split the static step's MB/step (first --batch, plain and each K) by part of "
                         "the model: weights by part, routed experts, caches/states/activations")
@@ -193,7 +196,7 @@ def backend_report(engine) -> dict:
             "moe_sync_free": f"{sum(p.moe is not None for p in plans)}/{len(plans)}",
             "moe_routes": ",".join(next((p.moe.routes for p in plans if p.moe is not None), ())),
             "moe_kernel": any(p.moe is not None and p.moe.kernel for p in plans),
-            "ssd_verify": engine.ssd_verify,
+            "ssd_verify": engine.ssd_verify, "head": "fp32" if engine.fp32_head else "model dtype",
             "gpu": torch.cuda.get_device_name() if cuda else None}
 
 
@@ -612,6 +615,7 @@ def main(argv=None) -> int:
     try:
         engine, description = build_engine(args)
         engine.ssd_verify = args.ssd_verify
+        engine.fp32_head = args.head_dtype == "fp32"
         for plan in (*engine.plans, *engine.mtp_plans):
             if plan.moe is not None:
                 plan.moe.routes = args.moe_routes

@@ -124,10 +124,12 @@ for part in $PARTS; do
                        --cuda-graphs --moe-routes dense,gathered,sparse --out "$OUT/generate-sparse.json" \
                        >"$OUT/generate-sparse.log" 2>&1 ;;
     # the same checkpoint decoded in bf16, the dtype it trained in: an fp32 GEMM of K + 1 rows
-    # reads its weight up to 3.7x slower than one row, a bf16 one as fast (bench_small_gemm.py)
+    # reads its weight up to 3.7x slower than one row, a bf16 one as fast (bench_small_gemm.py);
+    # HEAD_DTYPE=model: the head's GEMM in bf16 as before the fourteenth session (identity A/B)
     generate-bf16) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
                    python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
-                     --cuda-graphs --dtype bf16 --out "$OUT/generate-bf16.json" >"$OUT/generate-bf16.log" 2>&1 ;;
+                     --cuda-graphs --dtype bf16 --head-dtype "${HEAD_DTYPE:-fp32}" --out "$OUT/generate-bf16.json" \
+                     >"$OUT/generate-bf16.log" 2>&1 ;;
     # batch 1, bf16, graphed: the speculative step eager and with its own work compiled (drafter,
     # verification bookkeeping) in one run (their kernel count is what the x1.6 target hinges on);
     # COMPILE_SPECULATIVE=1 also profiles the compiled step in profile-decode

@@ -175,6 +175,27 @@ def test_logits_under_a_vocabulary_limit_are_the_first_ids_and_decode_alike(sing
     assert max(max(row) for row in before) < VOCAB // 3
 
 
+@torch.no_grad()
+def test_bf16_model_limited_head_runs_in_fp32(single_rank):
+    """In a bf16 model the vocabulary-limited head's GEMM runs in fp32 (``Engine.fp32_head``):
+    the logits are the fp32 product of the bf16 hidden state and head rows, not bf16-rounded
+    values (which tie two close candidates); ``fp32_head=False`` gives the model dtype's GEMM."""
+    from megacpp_mcore.infer import Engine
+
+    torch.manual_seed(5)
+    engine = Engine(_model("AE", 2, features={}).model.bfloat16())  # the weights in bf16
+    hidden = torch.randn(3, 2, 64).bfloat16()
+    weight = engine.model.output_layer.weight[:17]
+    got = engine.logits(hidden, 17)
+    expected = torch.nn.functional.linear(hidden.float(), weight.float()).transpose(0, 1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.equal(got, got.bfloat16().float())  # finer than bf16's steps
+    engine.fp32_head = False
+    rounded = engine.logits(hidden, 17)
+    assert torch.equal(rounded, rounded.bfloat16().float())
+    torch.testing.assert_close(rounded, expected, atol=0.1, rtol=0.02)
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("depth", [False, True], ids=["plain", "moda"])
 @torch.no_grad()

@@ -58,6 +58,8 @@ class Engine:
         self.device, self.dtype = param.device, config.params_dtype
         self.vocab_size = model.vocab_size
         self.ssd_verify = "quadratic"  # Mamba's verification states: mixers.VERIFY_STATES
+        # the vocabulary-limited head's GEMM in fp32 (logits); False: in the model's dtype
+        self.fp32_head = True
 
     # ----------------------------------------------------------------------------- model parts
     def embed(self, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -78,14 +80,25 @@ class Engine:
         With ``vocab`` (a sampling's ``vocab_limit``): the logits of the ids below it only,
         ``[b, s, vocab]``, from the first ``vocab`` rows of the output weight. Decoding chooses no
         id above the tokenizer's, and a decode step is bound by reading weights: the byte
-        tokenizer's 257 ids inside nam56r-lite's padded 32,768 read 1/128 of the head."""
+        tokenizer's 257 ids inside nam56r-lite's padded 32,768 read 1/128 of the head.
+
+        Those rows' GEMM runs in fp32 (``fp32_head``; one small cast of the rows per call): bf16
+        logits are rounded to 8 bits of mantissa (steps of 1/16 near 10), so two candidates a
+        hair apart become an exact tie or swap at the last rounding, and greedy decoding then
+        turns on how a GEMM of another shape rounded (a verification's K + 1 rows against a
+        plain step's one). In fp32 only a margin below the hidden state's own rounding can
+        swap. The whole head (``vocab`` None) runs as the model's output layer does."""
         layer, tied = self.model.output_layer, self.output_weight()
         weight = layer.weight if tied is None else tied
         if vocab is None or vocab >= weight.shape[0]:
             logits, _ = layer(hidden, weight=tied)
         else:
             bias = getattr(layer, "bias", None)
-            logits = F.linear(hidden, weight[:vocab], None if bias is None else bias[:vocab])
+            weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+            if self.fp32_head and hidden.dtype != torch.float64:
+                hidden, weight = hidden.float(), weight.float()
+                bias = None if bias is None else bias.float()
+            logits = F.linear(hidden, weight, bias)
         return logits.transpose(0, 1).float()
 
     def session(self, batch: int, max_length: int, pad: torch.Tensor | None = None) -> "Session":
