@@ -370,8 +370,8 @@ def test_compiled_speculative_step_emits_plain_greedy_and_drafts_as_eager(single
     states) emits plain greedy's tokens with the eager static step's acceptance statistics and
     draft logits (within 1e-4: Inductor's fused kernels round differently), for drafts both
     accepted and rejected on the AEMR+MLA+MoD+MoDA pattern; its first step is the timed warm-up
-    (it compiles); a second session of the same shapes compiles nothing (the compiled code's
-    guards hold no session object); and the settings without a static greedy step are refused by
+    (it compiles); a second session of the same capacity compiles nothing (the compiled code's
+    guards hold no session object), also for another length rounding to it; and the settings without a static greedy step are refused by
     name."""
     import torch._dynamo
 
@@ -405,6 +405,9 @@ def test_compiled_speculative_step_emits_plain_greedy_and_drafts_as_eager(single
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     again = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_speculative=True)
     assert again.tokens == plain.tokens and again.accepted == compiled.accepted
+    # fewer new tokens: the same rounded capacity (decode.session_capacity), the same shapes
+    shorter = generate(engine, prompts, max_new_tokens=9, speculative=2, static=True, compile_speculative=True)
+    assert shorter.tokens == [row[:9] for row in plain.tokens]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
 
     for kwargs, message in (
@@ -643,6 +646,31 @@ class _ForcedDrafter:
 
     def accept(self, m, hidden, emitted):
         self.emitted = [e + m + 1 for e in self.emitted]
+
+
+def test_plain_and_speculative_sessions_share_one_rounded_capacity(single_rank):
+    """``generate`` sizes its session by the model's MTP depth whatever K it drafts with, rounded up
+    to ``CAPACITY_STEP``: plain and speculative decoding of the same prompts attend over one static
+    capacity (the reduction length of a static step's softmax), with room for the last
+    verification and the step queued past the end."""
+    from megacpp_mcore.infer import decode, generate
+
+    torch.manual_seed(3)
+    engine = _model("AE", 2, mtp=2, features={})
+    seen = []
+    session = engine.session
+
+    def recording(batch, max_length, pad=None):
+        seen.append(max_length)
+        return session(batch, max_length, pad)
+
+    engine.session = recording
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    for k in (0, 1, 2):
+        generate(engine, prompts, max_new_tokens=10, speculative=k)
+    assert seen == [decode.CAPACITY_STEP] * 3
+    assert decode.session_capacity(5 + 10, 2) == 64 and decode.session_capacity(58, 2) == 64
+    assert decode.session_capacity(59, 2) == 128  # 59 + 2 * (2 + 1) > 64
 
 
 def test_greedy_speculative_equals_plain_greedy(single_rank):

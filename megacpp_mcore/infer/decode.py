@@ -380,6 +380,23 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
                              f"context of {context} (at most {context - 1} leave room to generate)")
 
 
+# Session capacities are multiples of this (see session_capacity).
+CAPACITY_STEP = 64
+
+
+def session_capacity(length: int, k: int) -> int:
+    """The positions a generation's session holds: ``length`` (prompt and new tokens), room for
+    the last verification's ``k + 1`` positions and for one more step (the step on the device is
+    queued before the previous one is read, so one runs past the end), rounded up to
+    :data:`CAPACITY_STEP`. ``generate`` passes the model's MTP depth as ``k`` whatever it drafts,
+    so plain and speculative decoding of the same prompts get one capacity: a static step attends
+    over the whole capacity, and equal capacities give its softmax and its value sum the same
+    reduction length (speculative decoding can then emit plain's tokens in bf16 too). The rounding
+    lets sessions of nearby lengths share shapes (compiled steps, captured graphs)."""
+    need = length + 2 * (k + 1)
+    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+
+
 @torch.no_grad()
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), speculative: int = 0,
@@ -413,9 +430,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     longest = tokens.shape[1]
     budget = min(max_new_tokens, context - longest)
     k = speculative if drafter is None else drafter.k
-    # room for the last verification's K + 1 positions, and for one more step (the step on the
-    # device is queued before the previous one is read, so one runs past the end)
-    session = engine.session(batch, longest + budget + (2 * (k + 1) if k else 1), pad)
+    session = engine.session(batch, session_capacity(longest + budget, max(k, engine.mtp_depth)), pad)
     generator = sampling.generator(device)
     result = Generation(tokens=[[] for _ in prompts], stop=["length"] * batch,
                         prompt_lengths=[len(p) for p in prompts], speculative=k,
