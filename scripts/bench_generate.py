@@ -100,9 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe-routes", default="dense,gathered",
                    help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
                         "default dense,gathered; add sparse for the Triton kernel, CUDA only)")
-    p.add_argument("--ssd-verify", default="quadratic", choices=("quadratic", "closed"),
+    p.add_argument("--ssd-verify", default="quadratic", choices=("quadratic", "closed", "recurrent"),
                    help="how a verification keeps Mamba's per-position states (infer/mixers.py: "
-                        "VERIFY_STATES): unmaterialised (fewer bytes) or materialised (fewer kernels)")
+                        "VERIFY_STATES): unmaterialised (fewer bytes), materialised (fewer kernels), or "
+                        "one position at a time (a plain step's arithmetic)")
     p.add_argument("--head-dtype", default="fp32", choices=("fp32", "model"),
                    help="the vocabulary-limited head's GEMM (Engine.fp32_head): fp32 (default; bf16 logits "
                         "tie close candidates) or the model's dtype (before the fourteenth session)")

@@ -540,14 +540,14 @@ def _state_buffers(session) -> list[int]:
             for t in vars(state).values() if isinstance(t, torch.Tensor)]
 
 
-@pytest.mark.parametrize("ssd_verify", ["quadratic", "closed"])
+@pytest.mark.parametrize("ssd_verify", ["quadratic", "closed", "recurrent"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_rollback_equals_never_having_seen_rejected_tokens(single_rank, static, ssd_verify):
     """forward(K + 1 positions, keep) + commit(n) leaves recurrent state, caches and the next logits
     as a session that only ever saw the first n positions. ``static``: also the session writes into
     the buffers it started with (their addresses are what a CUDA graph reads) and its device-side
-    length follows the commits. ``ssd_verify``: Mamba's verification states unmaterialised or
-    materialised (mixers.VERIFY_STATES)."""
+    length follows the commits. ``ssd_verify``: Mamba's verification states unmaterialised,
+    materialised, or computed one position at a time (mixers.VERIFY_STATES)."""
     pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
     torch.manual_seed(1)
     engine = _model(pattern, layers, **options)
@@ -575,6 +575,71 @@ def test_rollback_equals_never_having_seen_rejected_tokens(single_rank, static, 
         nxt = torch.randint(0, VOCAB, (2, 1))
         torch.testing.assert_close(engine.logits(rolled.forward(nxt)),
                                    engine.logits(clean.forward(nxt)), atol=1e-5, rtol=0)
+
+
+class _OnePositionAtATime(torch.nn.Module):
+    """A projection of ``[s, b, h]`` run one position at a time: GEMMs of ``b`` rows whatever
+    ``s`` is, so that a test sees what the rest of a step does with the position count (a GEMM of
+    another row count rounds otherwise, on the CPU too)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, hidden):
+        outs = [self.linear(hidden[j:j + 1]) for j in range(hidden.shape[0])]
+        return torch.cat([o[0] for o in outs], dim=0), outs[0][1]
+
+
+@pytest.mark.parametrize("ssd_verify", ["recurrent", "closed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@torch.no_grad()
+def test_recurrent_verification_is_plain_steps_bit_for_bit(single_rank, dtype, ssd_verify):
+    """``ssd_verify="recurrent"``: a Mamba verification over 4 positions, committed at n, leaves
+    the conv window and the SSM state bit for bit where n plain one-position steps over the same
+    tokens leave them, and each position's mixer output is the plain step's, bit for bit (the
+    mixers' projections run one position at a time here, so only the recurrence's own arithmetic
+    is compared). The materialised closed form ("closed") is not: it sums the positions otherwise."""
+    from megacpp_mcore.infer import Engine, mixers
+
+    torch.manual_seed(2)
+    engine = Engine(_model("M", 2).model.to(dtype))
+    engine.ssd_verify = ssd_verify
+    for layer in engine.model.decoder.layers:
+        mixer = layer.self_attention
+        mixer.in_proj, mixer.out_proj = _OnePositionAtATime(mixer.in_proj), _OnePositionAtATime(mixer.out_proj)
+    prompt, extra = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 4))
+    outputs = {}
+    original = mixers.mamba_step
+
+    def recording(mixer, hidden, state, ctx, keep):
+        out = original(mixer, hidden, state, ctx, keep)
+        outputs.setdefault(id(state), []).append(out[0])
+        return out
+
+    equal = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mixers, "mamba_step", recording)
+        for n in (1, 2, 4):
+            rolled, plain = engine.session(2, 32), engine.session(2, 32)
+            for session in (rolled, plain):
+                session.forward(prompt)
+                session.commit(7)
+            outputs.clear()
+            rolled.forward(extra, keep=True)
+            rolled.commit(n)
+            for j in range(n):
+                plain.forward(extra[:, j:j + 1])
+                plain.commit(1)
+            for a, b in zip(rolled.states, plain.states):
+                verified = torch.cat(outputs[id(a)], dim=0)[:n]  # [n, b, h]
+                stepped = torch.cat(outputs[id(b)], dim=0)
+                equal.append(torch.equal(a.conv, b.conv) and torch.equal(a.state, b.state)
+                             and torch.equal(verified, stepped))
+    if ssd_verify == "recurrent":
+        assert all(equal)
+    else:
+        assert not all(equal)
 
 
 def _training_mtp_logits(engine, ids: torch.Tensor, depth: int) -> torch.Tensor:

@@ -37,9 +37,14 @@ CLOSED_FORM_MAX = 16
 #   written), more kernels (~12 more per layer and step);
 # * "closed": the closed form, every position's state materialised and the commit selecting one:
 #   fewer kernels, s states written. A step replayed as a CUDA graph at small batch is bound by
-#   its kernel count more than by its bytes (docs/benchmarks.md), so the choice is measured.
+#   its kernel count more than by its bytes (docs/benchmarks.md), so the choice is measured;
+# * "recurrent": one position at a time, each with a plain step's own operations on the same
+#   shapes (the conv over one window, the closed form of one position from the previous state),
+#   every state materialised: the kept state and the outputs are bit for bit those of plain
+#   steps over the same tokens, whatever the device's kernels do with other shapes; the most
+#   kernels (s times a step's). The piece of the recurrence an exact speculative mode needs.
 # The engine's ``ssd_verify`` picks one for its sessions.
-VERIFY_STATES = ("quadratic", "closed")
+VERIFY_STATES = ("quadratic", "closed", "recurrent")
 
 
 class DeviceCount:
@@ -132,15 +137,21 @@ class RecurrentState:
         return {"conv": self.conv.clone(), "state": self.state.clone()}
 
 
-def _conv(inputs: torch.Tensor, state: RecurrentState, valid: torch.Tensor, keep: bool):
+def _conv(inputs: torch.Tensor, state: RecurrentState, valid: torch.Tensor, keep: bool,
+          one_by_one: bool = False):
     """Causal depthwise conv of ``inputs`` ``[b, C, s]`` continuing the state's window; returns
-    SiLU(conv) ``[b, C, s]`` and the windows after each (or the last) position."""
+    SiLU(conv) ``[b, C, s]`` and the windows after each (or the last) position. ``one_by_one``:
+    each position's conv over its own window, as a one-position step computes it."""
     weight, bias = state.conv_parameters
     width = weight.shape[-1]
     inputs = torch.where(valid[:, None, :], inputs, torch.zeros_like(inputs))  # padded: zeros
     window = torch.cat([state.conv.to(inputs.dtype), inputs], dim=-1)  # [b, C, w - 1 + s]
-    out = F.silu(F.conv1d(window, weight, bias, groups=weight.shape[0]))  # [b, C, s]
     s = inputs.shape[-1]
+    if one_by_one:
+        out = torch.cat([F.silu(F.conv1d(window[..., j:j + width], weight, bias, groups=weight.shape[0]))
+                         for j in range(s)], dim=-1)
+    else:
+        out = F.silu(F.conv1d(window, weight, bias, groups=weight.shape[0]))  # [b, C, s]
     if keep:
         windows = torch.stack([window[..., j + 1:j + width] for j in range(s)])  # [s, b, C, w-1]
     else:
@@ -202,6 +213,20 @@ class PendingSSDStates:
         return torch.exp(end[:, 0])[..., None, None] * self.s0 + torch.einsum("bih,bihp,bihn->bhpn", weight, xdt, B)
 
 
+def _ssd_recurrent(x, dt, A, B, C, s0):
+    """Mamba-2 from state ``s0`` over ``s`` positions one at a time, each through
+    :func:`_ssd_closed_form` of one position from the previous state (a plain step's arithmetic);
+    shapes as :func:`_ssd_closed_form`."""
+    ys, states = [], []
+    for j in range(x.shape[1]):
+        one = slice(j, j + 1)
+        y, state = _ssd_closed_form(x[:, one], dt[:, one], A, B[:, one], C[:, one], s0)
+        s0 = state[:, 0]
+        ys.append(y)
+        states.append(state)
+    return torch.cat(ys, dim=1), torch.cat(states, dim=1)
+
+
 def _ssd_verify(x, dt, A, B, C, s0):
     """Mamba-2 from state ``s0`` over ``s`` positions without materialising a state: the outputs
     by the scan's quadratic form (``y_j = sum_{i<=j} exp(cum_j - cum_i) (C_j . B_i) x_i dt_i +
@@ -233,7 +258,8 @@ def mamba_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: boo
     di, nh, n = mixer.d_inner_local_tp, mixer.nheads_local_tp, mixer.d_state
     gn = mixer.ngroups_local_tp * n
     z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [di, di + 2 * gn, nh], dim=-1)  # [b, s, .]
-    xBC, windows = _conv(xBC.transpose(1, 2), state, ctx.valid, keep)
+    recurrent = keep and state.verify == "recurrent"
+    xBC, windows = _conv(xBC.transpose(1, 2), state, ctx.valid, keep, one_by_one=recurrent)
     x, B, C = torch.split(xBC.transpose(1, 2).float(), [di, gn, gn], dim=-1)
     x = x.unflatten(-1, (nh, mixer.headdim))  # [b, s, h, p]
     dt = F.softplus(dt.float() + mixer.dt_bias.float())
@@ -245,8 +271,9 @@ def mamba_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: boo
     s = x.shape[1]
     if keep and state.verify == "quadratic":  # the state a later commit keeps, computed then
         y, states = _ssd_verify(x, dt, A, B, C, state.state)
-    elif keep:  # "closed": every position's state materialised, [s, b, h, p, n]
-        y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
+    elif keep:  # "closed" / "recurrent": every position's state materialised, [s, b, h, p, n]
+        form = _ssd_recurrent if recurrent else _ssd_closed_form
+        y, states = form(x, dt, A, B, C, state.state)
         states = states.transpose(0, 1)
     elif s <= CLOSED_FORM_MAX:
         y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
