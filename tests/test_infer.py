@@ -405,7 +405,7 @@ def test_compiled_speculative_step_emits_plain_greedy_and_drafts_as_eager(single
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     again = generate(engine, prompts, max_new_tokens=14, speculative=2, static=True, compile_speculative=True)
     assert again.tokens == plain.tokens and again.accepted == compiled.accepted
-    # fewer new tokens: the same rounded capacity (decode.session_capacity), the same shapes
+    # fewer new tokens: the same rounded capacity (engine.session_capacity), the same shapes
     shorter = generate(engine, prompts, max_new_tokens=9, speculative=2, static=True, compile_speculative=True)
     assert shorter.tokens == [row[:9] for row in plain.tokens]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
@@ -718,7 +718,7 @@ def test_plain_and_speculative_sessions_share_one_rounded_capacity(single_rank):
     to ``CAPACITY_STEP``: plain and speculative decoding of the same prompts attend over one static
     capacity (the reduction length of a static step's softmax), with room for the last
     verification and the step queued past the end."""
-    from megacpp_mcore.infer import decode, generate
+    from megacpp_mcore.infer import engine as engine_module, generate
 
     torch.manual_seed(3)
     engine = _model("AE", 2, mtp=2, features={})
@@ -733,9 +733,9 @@ def test_plain_and_speculative_sessions_share_one_rounded_capacity(single_rank):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     for k in (0, 1, 2):
         generate(engine, prompts, max_new_tokens=10, speculative=k)
-    assert seen == [decode.CAPACITY_STEP] * 3
-    assert decode.session_capacity(5 + 10, 2) == 64 and decode.session_capacity(58, 2) == 64
-    assert decode.session_capacity(59, 2) == 128  # 59 + 2 * (2 + 1) > 64
+    assert seen == [engine_module.CAPACITY_STEP] * 3
+    assert engine_module.session_capacity(5 + 10, 2) == 64 and engine_module.session_capacity(58, 2) == 64
+    assert engine_module.session_capacity(59, 2) == 128  # 59 + 2 * (2 + 1) > 64
 
 
 def test_greedy_speculative_equals_plain_greedy(single_rank):

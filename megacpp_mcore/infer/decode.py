@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from megacpp_mcore.infer.compiled import static_compiled
-from megacpp_mcore.infer.engine import Engine
+from megacpp_mcore.infer.engine import Engine, session_capacity
 from megacpp_mcore.infer.mtp import MTPDrafter, StaticMTPDrafter
 from megacpp_mcore.infer.sampling import Sampling, verify
 
@@ -378,23 +378,6 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
         if len(prompt) >= context:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens, too long for the model's "
                              f"context of {context} (at most {context - 1} leave room to generate)")
-
-
-# Session capacities are multiples of this (see session_capacity).
-CAPACITY_STEP = 64
-
-
-def session_capacity(length: int, k: int) -> int:
-    """The positions a generation's session holds: ``length`` (prompt and new tokens), room for
-    the last verification's ``k + 1`` positions and for one more step (the step on the device is
-    queued before the previous one is read, so one runs past the end), rounded up to
-    :data:`CAPACITY_STEP`. ``generate`` passes the model's MTP depth as ``k`` whatever it drafts,
-    so plain and speculative decoding of the same prompts get one capacity: a static step attends
-    over the whole capacity, and equal capacities give its softmax and its value sum the same
-    reduction length (speculative decoding can then emit plain's tokens in bf16 too). The rounding
-    lets sessions of nearby lengths share shapes (compiled steps, captured graphs)."""
-    need = length + 2 * (k + 1)
-    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
 
 
 @torch.no_grad()

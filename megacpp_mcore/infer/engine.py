@@ -25,6 +25,23 @@ from megacpp_mcore.train.runtime import unwrap_model
 _log = logging.getLogger(__name__)
 
 
+# Session capacities are multiples of this (see session_capacity).
+CAPACITY_STEP = 64
+
+
+def session_capacity(length: int, k: int) -> int:
+    """The positions a generation's session holds: ``length`` (prompt and new tokens), room for
+    the last verification's ``k + 1`` positions and for one more step (the step on the device is
+    queued before the previous one is read, so one runs past the end), rounded up to
+    :data:`CAPACITY_STEP`. ``decode.generate`` passes the model's MTP depth as ``k`` whatever it
+    drafts, so plain and speculative decoding of the same prompts get one capacity: a static step
+    attends over the whole capacity, and equal capacities give its softmax and its value sum the
+    same reduction length (speculative decoding can then emit plain's tokens in bf16 too). The
+    rounding lets sessions of nearby lengths share shapes (compiled steps, captured graphs)."""
+    need = length + 2 * (k + 1)
+    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+
+
 class Engine:
     """A trained (MTP)GPTModel prepared for decoding: one plan per trunk layer, the MTP block's
     plans when it has one. The model is put in eval mode; its parameters are not touched."""
