@@ -298,11 +298,13 @@ def _difference(dense: dict, hard: dict, rows: int, cuda: bool) -> list[dict]:
     kernel, since the block's own kernels shrink with the kept fraction. Printed and returned."""
     zero = (0, 0.0, 0.0)
     at = 1 if cuda else 2
-    keys = set(dense) | set(hard)
-    grown = sorted(keys, key=lambda k: hard.get(k, zero)[at] - dense.get(k, zero)[at], reverse=True)[:rows]
-    table = [{"op": k, "count_dense": dense.get(k, zero)[0], "count_hard": hard.get(k, zero)[0],
-              "ms_dense": dense.get(k, zero)[at], "ms_hard": hard.get(k, zero)[at],
-              "ms_added": hard.get(k, zero)[at] - dense.get(k, zero)[at]} for k in grown]
+    table = []
+    for key in set(dense) | set(hard):
+        (count_dense, *before), (count_hard, *after) = dense.get(key, zero), hard.get(key, zero)
+        table.append({"op": key, "count_dense": count_dense, "count_hard": count_hard,
+                      "ms_dense": before[at - 1], "ms_hard": after[at - 1],
+                      "ms_added": after[at - 1] - before[at - 1]})
+    table = sorted(table, key=lambda e: e["ms_added"], reverse=True)[:rows]
     print(f"hard minus dense, {'device' if cuda else 'host'} self time, the {rows} largest increases:")
     for e in table:
         print(f"    {e['ms_added']:+8.3f} ms ({e['ms_dense']:.3f} -> {e['ms_hard']:.3f}) "

@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe-routes", default="dense,gathered",
                    help="expert routes the decode-sized MoE may take (infer/moe.py: SyncFreeMoE.route; "
                         "default dense,gathered; add sparse for the Triton kernel, CUDA only)")
-    p.add_argument("--ssd-verify", default="quadratic", choices=("quadratic", "closed", "recurrent"),
+    p.add_argument("--ssd-verify", default="quadratic",
                    help="how a verification keeps Mamba's per-position states (infer/mixers.py: "
                         "VERIFY_STATES): unmaterialised (fewer bytes), materialised (fewer kernels), or "
                         "one position at a time (a plain step's arithmetic)")
@@ -112,8 +112,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the model: weights by part, routed experts, caches/states/activations")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    from megacpp_mcore.infer.mixers import VERIFY_STATES
     from megacpp_mcore.infer.moe import ROUTES
 
+    if args.ssd_verify not in VERIFY_STATES:
+        p.error(f"--ssd-verify {args.ssd_verify!r}; allowed: {', '.join(VERIFY_STATES)}")
     args.moe_routes = tuple(r.strip() for r in args.moe_routes.split(",") if r.strip())
     unknown = sorted(set(args.moe_routes) - set(ROUTES))
     if unknown or not args.moe_routes:

@@ -147,11 +147,9 @@ def _conv(inputs: torch.Tensor, state: RecurrentState, valid: torch.Tensor, keep
     inputs = torch.where(valid[:, None, :], inputs, torch.zeros_like(inputs))  # padded: zeros
     window = torch.cat([state.conv.to(inputs.dtype), inputs], dim=-1)  # [b, C, w - 1 + s]
     s = inputs.shape[-1]
-    if one_by_one:
-        out = torch.cat([F.silu(F.conv1d(window[..., j:j + width], weight, bias, groups=weight.shape[0]))
-                         for j in range(s)], dim=-1)
-    else:
-        out = F.silu(F.conv1d(window, weight, bias, groups=weight.shape[0]))  # [b, C, s]
+    spans = [window[..., j:j + width] for j in range(s)] if one_by_one else [window]
+    out = torch.cat([F.silu(F.conv1d(span, weight, bias, groups=weight.shape[0])) for span in spans],
+                    dim=-1)  # [b, C, s]
     if keep:
         windows = torch.stack([window[..., j + 1:j + width] for j in range(s)])  # [s, b, C, w-1]
     else:
