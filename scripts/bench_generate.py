@@ -107,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dtype", default="fp32", choices=("fp32", "model"),
                    help="the vocabulary-limited head's GEMM (Engine.fp32_head): fp32 (default; bf16 logits "
                         "tie close candidates) or the model's dtype (before the fourteenth session)")
+    p.add_argument("--matched-plain", action="store_true",
+                   help="also time plain greedy with each K's verification shapes (generate(plain_width=K + 1), "
+                        "with --cuda-graphs graphed) and compare the speculative output with it: the bf16 "
+                        "identity (exact with --ssd-verify recurrent)")
     p.add_argument("--bytes-by-part", action="store_true",
                    help="also split the static step's MB/step (first --batch, plain and each K) by part of "
                         "the model: weights by part, routed experts, caches/states/activations")
@@ -422,11 +426,12 @@ def _gain(spec: dict, plain: dict) -> float:
 
 
 def timed(engine, rows, *, k: int, new_tokens: int, repeats: int, sampling, cuda_graphs=False,
-          compile_speculative=False):
+          compile_speculative=False, plain_width=1):
     """The fastest of ``repeats`` runs (after one short warm-up run)."""
     from megacpp_mcore.infer import generate
 
-    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs, compile_speculative=compile_speculative)
+    opts = dict(sampling=sampling, speculative=k, cuda_graphs=cuda_graphs, compile_speculative=compile_speculative,
+                plain_width=plain_width)
     # compiled code is compiled per session capacity: the warm-up runs the timed runs' length
     generate(engine, rows, max_new_tokens=new_tokens if compile_speculative else min(8, new_tokens), **opts)
     best = None
@@ -461,6 +466,23 @@ def graphed_row(engine, rows, args, sampling, *, k: int, plain, graphed_plain: d
     return row
 
 
+def matched_row(engine, rows, args, sampling, *, k: int, plain: dict, spec: dict) -> dict:
+    """Plain greedy decoding with the shapes of a K-draft verification (``plain_width=K + 1``),
+    with the same CUDA-graph setting as ``plain`` and ``spec`` (rows of the table): its speed
+    against one-row plain steps, and whether the speculative output equals it token for token."""
+    graphs = bool(spec.get("graphs"))
+    run = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats, sampling=sampling,
+                cuda_graphs=graphs, plain_width=k + 1)
+    return {"batch": len(rows), "k": k, "graphs": graphs, "tokens_per_s": run.decode_tokens_per_s,
+            "plain_tokens_per_s": plain["tokens_per_s"], "spec_tokens_per_s": spec["tokens_per_s"],
+            "vs_one_row_plain": run.decode_tokens_per_s / plain["tokens_per_s"],
+            "spec_vs_matched": spec["tokens_per_s"] / run.decode_tokens_per_s,
+            "spec_vs_one_row_plain": spec["tokens_per_s"] / plain["tokens_per_s"],
+            "identical": spec["tokens"] == run.tokens,
+            "agreeing_prefix": agreeing_prefix(spec["tokens"], run.tokens),
+            "identical_one_row": plain["tokens"] == run.tokens, "tokens": run.tokens, **run.summary()}
+
+
 def byte_sampling(engine):
     """Greedy over the byte tokenizer's ids (the model's vocabulary may be larger)."""
     from megacpp_mcore.infer import Sampling
@@ -474,14 +496,15 @@ def usable_ks(engine, args) -> list[int]:
     return [k for k in args.speculative if 1 <= k <= engine.mtp_depth]
 
 
-def measure(engine, args) -> list[dict]:
+def measure(engine, args) -> tuple[list[dict], list[dict]]:
+    """The table's rows, and with ``--matched-plain`` the matched-plain rows (:func:`matched_row`)."""
     sampling = byte_sampling(engine)
     usable = usable_ks(engine, args)
     skipped = sorted(set(args.speculative) - set(usable))
     if skipped:
         print(f"[bench_generate] skipping K={skipped}: the model's MTP depth is "
               f"{engine.mtp_depth}", flush=True)
-    results = []
+    results, matched = [], []
     for batch in args.batch:
         rows = prompts(args, batch)
         plain = timed(engine, rows, k=0, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -494,6 +517,7 @@ def measure(engine, args) -> list[dict]:
                      "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=0, sampling=sampling),
                      "distinct_8grams": distinct_ngrams(plain.tokens), **plain.summary()}
         results.append(plain_row)
+        plain_row["tokens"] = plain.tokens
         loops = plain_row["distinct_8grams"]
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s, distinct 8-grams of the "
               f"output {'-' if loops is None else f'{loops:.2f}'} (near 0: the output loops, and "
@@ -516,7 +540,7 @@ def measure(engine, args) -> list[dict]:
                    "syncs_per_step": syncs_per_step(engine, rows, k=k, sampling=sampling),
                    **_traffic(engine, rows, k=k, sampling=sampling),
                    "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=k, sampling=sampling),
-                   "identical": spec.tokens == plain.tokens,
+                   "identical": spec.tokens == plain.tokens, "tokens": spec.tokens,
                    "agreeing_prefix": agreeing_prefix(spec.tokens, plain.tokens), **spec.summary()}
             row["host_bound_speedup"] = _bound(row, plain_row, "ops_per_step")
             row["bytes_bound_speedup"] = _bound(row, plain_row, "mb_per_step")
@@ -526,8 +550,9 @@ def measure(engine, args) -> list[dict]:
             print(f"[bench_generate] batch {batch} K={k}: {row['tokens_per_s']:.1f} tokens/s "
                   f"(x{row['speedup']:.2f}), acceptance {_rates(spec.acceptance)}, identical "
                   f"{row['identical']}", flush=True)
+            best = row
             if args.cuda_graphs:  # both with their best settings: graphed against graphed
-                fast = graphed_row(engine, rows, args, sampling, k=k, plain=plain, graphed_plain=graphed)
+                fast = best = graphed_row(engine, rows, args, sampling, k=k, plain=plain, graphed_plain=graphed)
                 results.append(fast)
                 print(f"[bench_generate] batch {batch} K={k}, CUDA graphs: {fast['tokens_per_s']:.1f} "
                       f"tokens/s (x{fast['vs_graphed_plain']:.2f} graphed plain), acceptance "
@@ -542,7 +567,13 @@ def measure(engine, args) -> list[dict]:
                       f"plain), {fast['ms_per_step']:.3f} ms/step, warm-up (compiles) "
                       f"{fast['warmup_s']:.1f} s, identical {fast['identical']} (to graphed plain: "
                       f"{fast['identical_to_graphed_plain']})", flush=True)
-    return results
+            if args.matched_plain:  # plain steps of K + 1 rows, the same graph setting as `best`
+                same = matched_row(engine, rows, args, sampling, k=k, plain=graphed or plain_row, spec=best)
+                matched.append(same)
+                print(f"[bench_generate] batch {batch} plain of {k + 1} rows{', CUDA graphs' if same['graphs'] else ''}: "
+                      f"{same['tokens_per_s']:.1f} tokens/s (x{same['vs_one_row_plain']:.2f} one-row plain), "
+                      f"K={k} x{same['spec_vs_matched']:.2f} it, identical {same['identical']}", flush=True)
+    return results, matched
 
 
 def agreeing_prefix(got: list[list[int]], want: list[list[int]]) -> float:
@@ -602,6 +633,19 @@ def print_table(description: str, stack: dict, results: list[dict]) -> None:
               f"| {r['ms_per_step']:.2f} | {acc} | {mean} | {same} | {' | '.join(cells)} |")
 
 
+def print_matched(rows: list[dict]) -> None:
+    print("\n| batch | K | graphs | one-row plain tokens/s | plain of K + 1 rows tokens/s | its speed vs one-row "
+          "| speculative tokens/s | vs one-row plain | vs plain of K + 1 rows | identical to plain of K + 1 rows "
+          "| plain of K + 1 rows identical to one-row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = "yes" if r["identical"] else f"NO ({r['agreeing_prefix']:.0%} agree)"
+        print(f"| {r['batch']} | {r['k']} | {'yes' if r['graphs'] else 'no'} | {r['plain_tokens_per_s']:.1f} "
+              f"| {r['tokens_per_s']:.1f} | x{r['vs_one_row_plain']:.2f} | {r['spec_tokens_per_s']:.1f} "
+              f"| x{r['spec_vs_one_row_plain']:.2f} | x{r['spec_vs_matched']:.2f} | {same} "
+              f"| {'yes' if r['identical_one_row'] else 'no'} |")
+
+
 def main(argv=None) -> int:
     import warnings
 
@@ -627,7 +671,7 @@ def main(argv=None) -> int:
         if not bytes_visible(engine):
             print("[bench_generate] MB/step: not counted (Transformer Engine modules run outside "
                   "torch's dispatcher; --backend local counts them)", flush=True)
-        results = measure(engine, args)
+        results, matched = measure(engine, args)
         parts = {}
         if args.bytes_by_part:
             parts = bytes_by_part(engine, prompts(args, args.batch[0]), usable_ks(engine, args),
@@ -636,10 +680,13 @@ def main(argv=None) -> int:
         runtime.shutdown()
     if args.out:
         Path(args.out).write_text(json.dumps({"model": description, "stack": stack, "args": vars(args),
-                                              "results": results, "bytes_by_part": parts}, indent=1))
+                                              "results": results, "matched_plain": matched,
+                                              "bytes_by_part": parts}, indent=1))
     if parts:
         print_bytes_by_part(parts, args.batch[0])
     print_table(description, stack, results)
+    if matched:
+        print_matched(matched)
     return 0
 
 

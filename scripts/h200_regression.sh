@@ -16,7 +16,7 @@
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
 ALL_PARTS=(tests startup ae mod mtp moda mtp-repeated mod-pretrain flexidepth flexidepth-batch stage-ab stage
-           fast lite-mtp2 generate generate-sparse generate-bf16 generate-compiled generate-random moe-decode
+           fast lite-mtp2 generate generate-sparse generate-bf16 generate-exact generate-compiled generate-random moe-decode
            profile-decode)
 if [[ ${1:-} == --list ]]; then echo "${ALL_PARTS[*]}"; exit 0; fi
 for part in "$@"; do
@@ -130,6 +130,13 @@ for part in $PARTS; do
                    python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
                      --cuda-graphs --dtype bf16 --head-dtype "${HEAD_DTYPE:-fp32}" --out "$OUT/generate-bf16.json" \
                      >"$OUT/generate-bf16.log" 2>&1 ;;
+    # bf16, graphed, Mamba verified one position at a time: speculative against plain steps of
+    # K + 1 rows (generate(plain_width=K + 1), the verification's shapes): the exact identity, and
+    # what those plain steps cost against one-row ones
+    generate-exact) load=(); [[ -d $OUT/lite-mtp2 ]] && load=(--load "$OUT/lite-mtp2")
+                    python scripts/bench_generate.py ${load[@]+"${load[@]}"} --batch 1,8 --speculative 1,2 --repeats 2 \
+                      --cuda-graphs --dtype bf16 --ssd-verify recurrent --matched-plain \
+                      --out "$OUT/generate-exact.json" >"$OUT/generate-exact.log" 2>&1 ;;
     # batch 1, bf16, graphed: the speculative step eager and with its own work compiled (drafter,
     # verification bookkeeping) in one run (their kernel count is what the x1.6 target hinges on);
     # COMPILE_SPECULATIVE=1 also profiles the compiled step in profile-decode

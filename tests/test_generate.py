@@ -58,12 +58,14 @@ def test_generate_json_batch_and_speculative_equals_plain(checkpoints, capsys):
     base = ["--load", str(checkpoints / "mtp"), "--prompt", "int f(int x) {", "--prompt-file",
             str(prompt_file), "--max-new-tokens", "9", "--json"]
     outputs = {}
-    for k in (0, 1):
-        code, out = _generate(base + ["--speculative", str(k)], capsys)
+    for name, extra in (("plain", ["--speculative", "0"]), ("spec", ["--speculative", "1"]),
+                        ("wide", ["--plain-width", "2", "--ssd-verify", "recurrent"])):
+        code, out = _generate(base + extra, capsys)
         assert code == 0, out.err
-        outputs[k] = json.loads(out.out)
-    plain, spec = outputs[0], outputs[1]
+        outputs[name] = json.loads(out.out)
+    plain, spec = outputs["plain"], outputs["spec"]
     assert [r["tokens"] for r in spec["rows"]] == [r["tokens"] for r in plain["rows"]]
+    assert [r["tokens"] for r in outputs["wide"]["rows"]] == [r["tokens"] for r in plain["rows"]]
     assert plain["model"] == "custom(AEMR)" and plain["step"] == 1
     assert plain["prompt_tokens"] == [1 + len("int f(int x) {"), 1 + len(prompt_file.read_bytes())]
     for row in plain["rows"]:
@@ -130,6 +132,7 @@ def _foreign(path):
     "missing-dir", "half-written", "tracker-without-step", "foreign", "prompt-too-long",
     "k-beyond-depth", "no-mtp", "non-utf8-file", "no-prompt", "zero-tokens", "bad-temperature",
     "bad-top-p", "negative-k", "graphs-speculative-no-cuda", "graphs-sampling",
+    "compile-speculative-no-graphs", "bad-plain-width", "plain-width-speculative", "bad-ssd-verify",
     pytest.param("graphs-no-cuda", marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="refusal of a host without CUDA")),
 ])
@@ -168,6 +171,11 @@ def test_bad_input_one_line_exit_2(checkpoints, tmp_path, capsys, case):
         "graphs-no-cuda": (["--load", mtp, *prompt, "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
         "compile-speculative-no-graphs": (["--load", mtp, *prompt, "--compile-speculative", "--speculative", "1"],
                                       "--compile-speculative compiles the graphed speculative step"),
+        "bad-plain-width": (["--load", mtp, *prompt, "--plain-width", "0"], "--plain-width must be >= 1, got 0"),
+        "plain-width-speculative": (["--load", mtp, *prompt, "--plain-width", "2", "--speculative", "1"],
+                                    "allowed with --speculative 1: --plain-width 1"),
+        "bad-ssd-verify": (["--load", mtp, *prompt, "--ssd-verify", "exact"],
+                           "--ssd-verify 'exact'; allowed: quadratic, closed, recurrent"),
     }[case]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     code, out = _generate(argv, capsys)
@@ -239,8 +247,9 @@ def test_bench_generate_cpu_smoke(checkpoints, tmp_path, capsys):
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_bench_generate_graphed_rows_through_the_static_step(checkpoints, tmp_path, monkeypatch, capsys):
     """bench_generate's CUDA-graph rows (``--cuda-graphs``, with ``--compile-speculative`` the
-    compiled step's row too) on the CPU, with ``generate(cuda_graphs=True)`` replaced by the static
-    step it captures: the rows, their labels and the warm-up accounting the GPU run will print."""
+    compiled step's row too, with ``--matched-plain`` plain steps of K + 1 rows) on the CPU, with
+    ``generate(cuda_graphs=True)`` replaced by the static step it captures: the rows, their labels
+    and the warm-up accounting the GPU run will print."""
     import megacpp_mcore.infer as infer
     from megacpp_mcore.train import runtime
 
@@ -256,14 +265,18 @@ def test_bench_generate_graphed_rows_through_the_static_step(checkpoints, tmp_pa
     monkeypatch.setattr(infer, "generate", static_generate)
     args = bench.parse_args(["--load", str(checkpoints / "mtp2"), "--batch", "1", "--speculative", "1",
                              "--prompt-tokens", "12", "--new-tokens", "6", "--repeats", "1",
-                             "--prompt-dir", str(src)])
+                             "--prompt-dir", str(src), "--matched-plain", "--ssd-verify", "recurrent"])
     args.cuda_graphs = args.compile_speculative = True  # parse_args refuses both without CUDA
     try:
         engine, description = bench.build_engine(args)
-        results = bench.measure(engine, args)
+        results, matched = bench.measure(engine, args)
     finally:
         runtime.shutdown()
     rows = [(r["k"], r.get("graphs", False), r.get("compiled", False)) for r in results]
+    (same,) = matched  # K=1 against plain steps of 2 rows, graphed as the graphed K=1 row
+    assert same["k"] == 1 and same["graphs"] and same["identical"] and same["identical_one_row"]
+    assert same["spec_tokens_per_s"] == results[3]["tokens_per_s"] and same["decode_tokens"] > 0
+    assert same["plain_tokens_per_s"] == results[1]["tokens_per_s"]
     assert rows == [(0, False, False), (0, True, False), (1, False, False), (1, True, False), (1, True, True)]
     graphed_plain, graphed, compiled = results[1], results[3], results[4]
     assert compiled["identical"] and graphed["identical"] and graphed_plain["identical"]
@@ -272,8 +285,10 @@ def test_bench_generate_graphed_rows_through_the_static_step(checkpoints, tmp_pa
     assert compiled["accepted"] == graphed["accepted"] and compiled["vs_graphed_plain"] > 0
     assert compiled["identical_to_graphed_plain"] and graphed["agreeing_prefix_graphed"] == 1.0
     bench.print_table(description, {}, results)
+    bench.print_matched(matched)
     printed = capsys.readouterr().out
     assert "K=1, CUDA graphs, compiled:" in printed and "| 1 | 1 (CUDA graphs, compiled) |" in printed
+    assert "plain of 2 rows, CUDA graphs:" in printed and "| 1 | 1 | yes |" in printed
 
 
 def test_bpe_run_carries_its_tokenizer_and_generate_uses_it(tmp_path, monkeypatch, capsys):

@@ -28,7 +28,7 @@ MOE = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=32, shared_expert_size=32
 
 
 def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, features=None,
-           vocab=VOCAB, hidden=64, tie=False, backend="local"):
+           vocab=VOCAB, hidden=64, tie=False, backend="local", bf16=False):
     from megacpp_mcore.infer import Engine
     from megacpp_mcore.train import runtime
 
@@ -37,7 +37,7 @@ def _model(pattern: str, num_layers: int, *, mla=False, moe=False, mtp=0, featur
                       ffn_hidden_size=96, vocab_size=vocab, seq_length=64,
                       moe=MOE if moe else None, mla=MLA if mla else None, mtp_depth=mtp,
                       features=features or {}, tie_embeddings=tie)
-    (gpt,) = runtime.build_model(cfg, runtime.transformer_config(cfg, runtime.Parallelism()),
+    (gpt,) = runtime.build_model(cfg, runtime.transformer_config(cfg, runtime.Parallelism(), bf16=bf16),
                                  backend=backend, wrap_ddp=False)
     return Engine(gpt)
 
@@ -766,6 +766,101 @@ def test_greedy_speculative_equals_plain_greedy(single_rank):
                 assert spec.steps == -(-13 // (k + 1))  # K + 1 tokens per verification
             if rate == 0.0:
                 assert spec.steps == 13
+
+
+class _RecordingDrafter(_ForcedDrafter):
+    """A forced drafter that also records each verification's accepted length."""
+
+    def start(self, prompt, hidden):
+        super().start(prompt, hidden)
+        self.accepted = []
+
+    def accept(self, m, hidden, emitted):
+        super().accept(m, hidden, emitted)
+        self.accepted.append(m)
+
+
+def _emitted_logits(engine, run) -> tuple[list, torch.Tensor]:
+    """Runs ``run()`` recording every call of the engine's head; returns run's result and the
+    calls' logits ``[b, s, V]``."""
+    calls, head = [], engine.logits
+
+    def recording(hidden, vocab=None):
+        calls.append(head(hidden, vocab))
+        return calls[-1]
+
+    engine.logits = recording
+    try:
+        return run(), calls
+    finally:
+        del engine.logits
+
+
+def _rounding_by_row_count(model) -> list:
+    """Forward hooks that make every linear layer of ``model`` round its output by the GEMM's row
+    count, as a GPU's GEMM kernels do (chosen by shape): the output times ``1 + rows / 256``, a
+    change bf16 keeps. Returns the hooks' handles."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    def by_rows(module, args, output):
+        out, bias = output
+        return out * (1 + out.numel() // out.shape[-1] / 256), bias
+
+    return [m.register_forward_hook(by_rows) for m in model.modules()
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_plain_width_gives_bf16_plain_decoding_the_speculative_logits_bit_for_bit(single_rank, static):
+    """In bf16, plain greedy decoding with ``plain_width=K + 1`` (each step over the pending token
+    and K dropped fillers) computes every emitted position's logits bit for bit as speculative
+    decoding with K drafts does, whichever row of a verification the position sat in (drafts
+    accepted and rejected; all four symbols, MLA, MoE, MoD, MoDA; Mamba verified one position at a
+    time, ``ssd_verify="recurrent"``), even where each linear layer rounds by its GEMM's row count
+    as on a GPU (:func:`_rounding_by_row_count`; the CPU's own GEMMs round alike at 1 and K + 1
+    rows here); one-row plain steps then do not match."""
+    from megacpp_mcore.infer import generate
+
+    pattern, layers, options = CASES["AEMR-mla-mod-moda-mtp"]
+    torch.manual_seed(3)
+    engine = _model(pattern, layers, **options, bf16=True)
+    assert engine.dtype == torch.bfloat16 and next(engine.model.parameters()).dtype == torch.bfloat16
+    engine.ssd_verify = "recurrent"
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 9)]
+    k, new = 2, 16
+    hooks = _rounding_by_row_count(engine.model)
+    equal = {}
+    for width in (k + 1, 1):
+        plain, plain_logits = _emitted_logits(engine, lambda: generate(
+            engine, prompts, max_new_tokens=new, plain_width=width, static=static))
+        drafter = _RecordingDrafter(k, plain.tokens, wrong=0.4, seed=1)
+        spec, spec_logits = _emitted_logits(engine, lambda: generate(
+            engine, prompts, max_new_tokens=new, drafter=drafter, static=static))
+        # each emitted position's logits: plain's row 0 per step, the verification's accepted rows
+        want = torch.cat([c[:, :1] for c in plain_logits], dim=1)[:, :new]
+        got = torch.cat([spec_logits[0]] + [c[:, :m + 1] for c, m in zip(spec_logits[1:], drafter.accepted)],
+                        dim=1)[:, :new]
+        assert 0 < sum(drafter.accepted) < k * len(drafter.accepted)  # some drafts kept, some not
+        equal[width] = torch.equal(got, want)
+        if width > 1:
+            assert spec.tokens == plain.tokens
+    for hook in hooks:
+        hook.remove()
+    assert equal == {k + 1: True, 1: False}
+
+
+def test_plain_width_is_checked(single_rank):
+    from megacpp_mcore.infer import generate
+
+    engine = _model("AE", 2, mtp=1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="plain_width must be an integer >= 1"):
+            generate(engine, [[1, 2]], max_new_tokens=2, plain_width=bad)
+    with pytest.raises(ValueError, match="allowed with speculative decoding .K=1.: plain_width=1"):
+        generate(engine, [[1, 2]], max_new_tokens=2, plain_width=2, speculative=1)
+    wide = generate(engine, [[1, 2], [3]], max_new_tokens=6, plain_width=4)  # wider than the MTP depth
+    assert wide.tokens == generate(engine, [[1, 2], [3]], max_new_tokens=6).tokens  # fp32
 
 
 def test_sampled_speculative_tokens_follow_the_trunk_distribution(single_rank):

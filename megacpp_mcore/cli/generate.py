@@ -49,6 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(the MTP drafter, the verification's bookkeeping) runs through "
                             "torch.compile, the trunk stays eager (fewer kernels per step; the "
                             "first step compiles)")
+    group.add_argument("--plain-width", type=int, default=1, metavar="N",
+                       help="plain decoding (no --speculative) runs each step over the pending token "
+                            "and N - 1 dropped fillers: the shapes of a verification of N - 1 drafts, "
+                            "so that in bf16 its output is --speculative N-1's token for token (with "
+                            "--ssd-verify recurrent; default 1)")
+    group.add_argument("--ssd-verify", default="quadratic", metavar="FORM",
+                       help="how a verification keeps Mamba's per-position states: unmaterialised "
+                            "(default), materialised, or one position at a time with a plain step's "
+                            "arithmetic (bf16 identity; see --plain-width)")
     group.add_argument("--backend", choices=["auto", "te", "local"], default="auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
@@ -81,6 +90,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.speculative < 0:
         raise ValueError(f"--speculative must be >= 0 (0 = off), got {args.speculative}")
+    from megacpp_mcore.infer.mixers import VERIFY_STATES
+
+    if args.ssd_verify not in VERIFY_STATES:
+        raise ValueError(f"--ssd-verify {args.ssd_verify!r}; allowed: {', '.join(VERIFY_STATES)}")
+    if args.plain_width < 1:
+        raise ValueError(f"--plain-width must be >= 1, got {args.plain_width}")
+    if args.plain_width > 1 and args.speculative:
+        raise ValueError(f"--plain-width {args.plain_width} shapes plain decoding like a verification; "
+                         f"allowed with --speculative {args.speculative}: --plain-width 1")
     if args.cuda_graphs:
         import torch
 
@@ -148,9 +166,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:  # load_model starts the 1-rank world; it ends here
         engine = Engine(ckpt.load_model(found, model, backend=args.backend, bf16=args.bf16))
+        engine.ssd_verify = args.ssd_verify
         result = generate(engine, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                           speculative=args.speculative, stop_tokens=(tokenizer.eod, tokenizer.pad),
-                          cuda_graphs=args.cuda_graphs, compile_speculative=args.compile_speculative)
+                          cuda_graphs=args.cuda_graphs, compile_speculative=args.compile_speculative,
+                          plain_width=args.plain_width)
     finally:
         runtime.shutdown()
     texts = [tokenizer.decode_bytes(row) for row in result.tokens]

@@ -10,15 +10,24 @@ Host synchronisation. The host reads from the device only what it must: a specul
 the accepted lengths and the verified tokens in one transfer (the accepted length decides what
 runs next); a plain step reads nothing unless stop tokens are given (then each step's tokens are
 read to stop rows), so without them the host queues step after step and reads every token at the
-end (:class:`_Emitter`). With static shapes (``static`` / ``cuda_graphs``) the greedy speculative
+end (:class:`Emitter`). With static shapes (``static`` / ``cuda_graphs``) the greedy speculative
 step decides what runs next on the device too (:class:`_SpeculativeStep`), so the host queues the
 next step before it reads the last one, and with ``cuda_graphs`` every step, plain or speculative,
 is one graph replay.
+
+Identity in 16-bit arithmetic. Greedy speculative decoding emits plain greedy's tokens exactly when
+both round alike, and a GPU's GEMM rounds a row by the GEMM's shape: a verification's ``K + 1``
+rows round unlike a plain step's one, and a near-tie then flips (bf16). ``plain_width=K + 1`` runs
+each plain step over the pending token and ``K`` fillers (dropped, as a verification drops rejected
+drafts), so every kernel of plain decoding has the verification's shapes; with Mamba verified one
+position at a time (``Engine.ssd_verify = "recurrent"``) each position is then computed by the same
+operations on the same shapes in both, whichever row of the step it sits in, and the tokens agree
+bit for bit. A decode step at small batch is bound by reading weights, which the extra rows do not
+add to (``scripts/bench_generate.py --matched-plain`` times it against one-row plain steps).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Sequence
 
@@ -27,137 +36,11 @@ import torch
 from megacpp_mcore.infer.compiled import static_compiled
 from megacpp_mcore.infer.engine import Engine, session_capacity
 from megacpp_mcore.infer.mtp import MTPDrafter, StaticMTPDrafter
+from megacpp_mcore.infer.result import Emitter, Generation
 from megacpp_mcore.infer.sampling import Sampling, verify
 
-
-@dataclasses.dataclass
-class Generation:
-    """Result of :func:`generate`: per row the new token ids and why the row stopped, timings, and
-    for speculative decoding the acceptance statistics."""
-
-    tokens: list[list[int]]
-    stop: list[str]  # "length" | "stop_token" | "context"
-    prompt_lengths: list[int]
-    speculative: int
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    steps: int = 0  # trunk forwards after the prefill
-    decode_tokens: int = 0  # tokens emitted by those steps (all rows, until each row stopped)
-    attempted: list[int] = dataclasses.field(default_factory=list)  # per draft position
-    accepted: list[int] = dataclasses.field(default_factory=list)
-    # The one-time setup of a static step, not counted in decode_s: with CUDA graphs the capture,
-    # and the warm-up step before it (run eagerly; with compile_speculative it also compiles). Its
-    # tokens are emitted and counted in decode_tokens and steps, but the rates leave the warm-up
-    # step out (steady_steps, decode_tokens_per_s), for plain and speculative decoding alike.
-    graph_capture_s: float = 0.0
-    warmup_s: float = 0.0
-    warmup_steps: int = 0  # 0 or 1
-    warmup_tokens: int = 0
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def steady_steps(self) -> int:
-        """Steps after the prefill that ``decode_s`` times (all of them, less the warm-up)."""
-        return self.steps - self.warmup_steps
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second of the decode steps ``decode_s`` times (steady state: a static
-        step's one-time warm-up and capture are left out, for plain and speculative decoding
-        alike)."""
-        tokens = self.decode_tokens - self.warmup_tokens
-        return tokens / self.decode_s if self.decode_s > 0 else float("nan")
-
-    @property
-    def acceptance(self) -> list[float]:
-        """Per draft position ``j``: accepted / attempted, where position ``j`` is attempted when
-        drafts ``1 .. j-1`` of that row were accepted (so position 1 is the plain acceptance rate
-        and later positions are conditional on the earlier ones)."""
-        return [a / t if t else float("nan") for a, t in zip(self.accepted, self.attempted)]
-
-    @property
-    def mean_accepted(self) -> float:
-        """Accepted drafts per verification step and row."""
-        rows = self.attempted[0] if self.attempted else 0
-        return sum(self.accepted) / rows if rows else float("nan")
-
-    def summary(self) -> dict:
-        """JSON-able timings and statistics (no token lists)."""
-        out = {"speculative": self.speculative, "prompt_tokens": self.prompt_lengths,
-               "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
-               "decode_s": self.decode_s, "graph_capture_s": self.graph_capture_s,
-               "warmup_s": self.warmup_s, "warmup_steps": self.warmup_steps,
-               "warmup_tokens": self.warmup_tokens,
-               "steps": self.steps, "steady_steps": self.steady_steps, "decode_tokens": self.decode_tokens,
-               "decode_tokens_per_s": self.decode_tokens_per_s, "stop": self.stop}
-        if self.speculative:
-            out.update(acceptance_per_position=self.acceptance, attempted=self.attempted,
-                       accepted=self.accepted, mean_accepted=self.mean_accepted)
-        return out
-
-
-class _Emitter:
-    """The rows' new tokens as the steps produce them, ``[b, n]`` per step (the same ``n`` for
-    every row), into ``result.tokens`` / ``result.stop``; a row stops at ``budget`` tokens or
-    before its first stop token.
-
-    With stop tokens each step's tokens are read on the host at once. Without, only the rows'
-    common length decides when they stop, which the host knows: the tokens stay where they are
-    (device tensors, or host rows a speculative step has read anyway) until :meth:`finish`."""
-
-    def __init__(self, result: Generation, budget: int, max_new_tokens: int,
-                 stop_tokens: Sequence[int]):
-        self.result, self.budget = result, budget
-        self.stop_tokens = frozenset(stop_tokens)
-        self.limit = "length" if budget == max_new_tokens else "context"
-        self.done = [False] * len(result.tokens)
-        self.length = 0  # tokens per row so far (without stop tokens: the same for every row)
-        self._held: list = []  # without stop tokens: [b, n] device tensors or host rows, in order
-
-    def add(self, new: torch.Tensor | None, rows: list[list[int]] | None = None) -> int:
-        """Emits ``new`` ``[b, n]`` (``rows``: the same ids, when already on the host; then
-        ``new`` may be None); returns
-        how many tokens the rows still running emitted."""
-        if not self.stop_tokens:
-            n = new.shape[1] if rows is None else len(rows[0])
-            count = min(n, self.budget - self.length) * sum(not d for d in self.done)
-            self._held.append(new if rows is None else rows)
-            self.length += n
-            if self.length >= self.budget:
-                self.done = [True] * len(self.done)
-                self.result.stop = [self.limit] * len(self.done)
-            return count
-        count, result = 0, self.result
-        for row, ids in enumerate(new.tolist() if rows is None else rows):
-            for token in ids:
-                if self.done[row]:
-                    break
-                if token in self.stop_tokens:
-                    self.done[row], result.stop[row] = True, "stop_token"
-                    break
-                result.tokens[row].append(token)
-                count += 1
-                if len(result.tokens[row]) >= self.budget:
-                    self.done[row], result.stop[row] = True, self.limit
-        return count
-
-    def finish(self) -> None:
-        """Reads the held tokens (one transfer for all device tensors) into ``result.tokens``."""
-        on_device = [chunk for chunk in self._held if isinstance(chunk, torch.Tensor)]
-        read = torch.cat(on_device, dim=1).tolist() if on_device else []  # [b][all device ids]
-        at = 0
-        for chunk in self._held:
-            if isinstance(chunk, torch.Tensor):
-                n = chunk.shape[1]
-                chunk, at = [ids[at:at + n] for ids in read], at + n
-            for row, ids in enumerate(chunk):
-                self.result.tokens[row].extend(ids)
-        self._held = []
-        for row in self.result.tokens:
-            del row[self.budget:]
+# The token id of plain_width's filler positions (any id: no later position sees them).
+FILLER = 0
 
 
 class _GraphedStep:
@@ -198,23 +81,31 @@ class _GraphedStep:
         return result
 
 
-class _PlainStep(_GraphedStep):
-    """One plain decode step, ``pending [b] -> new tokens [b]``: forward of the pending token,
-    commit, next token. Replayed, the host never waits for the device."""
+def plain_decode_step(engine: Engine, session, tokens: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
+    """One plain decode step over ``tokens`` ``[b, width]``: the pending token, then ``width - 1``
+    fillers (see ``generate``'s ``plain_width``) whose positions are run and dropped; returns the
+    next token ``[b]``."""
+    width = tokens.shape[1]
+    hidden = session.forward(tokens, keep=width > 1)
+    session.commit(1)
+    logits = engine.logits(hidden, sampling.vocab_limit)[:, 0]  # every row's, as a verification
+    return sampling.choose(logits, generator)[0]
 
-    def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool):
+
+class _PlainStep(_GraphedStep):
+    """One plain decode step, ``pending [b] -> new tokens [b]`` (:func:`plain_decode_step`; ``width``
+    positions per step). Replayed, the host never waits for the device."""
+
+    def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool, width: int = 1):
         super().__init__(session, graphs)
         self.engine, self.sampling, self.generator = engine, sampling, generator
-        self.input = torch.zeros(session.batch, 1, dtype=torch.long, device=engine.device)
+        self.input = torch.full((session.batch, width), FILLER, dtype=torch.long, device=engine.device)
 
     def _body(self) -> torch.Tensor:
-        hidden = self.session.forward(self.input)
-        self.session.commit(1)
-        logits = self.engine.logits(hidden, self.sampling.vocab_limit)[:, 0]
-        return self.sampling.choose(logits, self.generator)[0]
+        return plain_decode_step(self.engine, self.session, self.input, self.sampling, self.generator)
 
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
-        self.input.copy_(pending[:, None])
+        self.input[:, 0].copy_(pending)
         replay = self.graph is not None
         new = self._step()
         if replay:  # the host's count (the device's advanced in the graph); the buffer is reused
@@ -385,7 +276,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
              sampling: Sampling = Sampling(), speculative: int = 0,
              stop_tokens: Sequence[int] = (), context: int | None = None,
              drafter=None, static: bool = False, cuda_graphs: bool = False,
-             compile_speculative: bool = False) -> Generation:
+             compile_speculative: bool = False, plain_width: int = 1) -> Generation:
     """Continues every prompt (token ids) by up to ``max_new_tokens`` tokens.
 
     ``speculative``: ``K`` drafts per step from the model's MTP block (0: plain decoding);
@@ -398,27 +289,35 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     ``compile_speculative``: the static speculative step's own work (the MTP drafter's block, the
     verification's bookkeeping and rollback) runs through ``torch.compile`` (:mod:`.compiled`;
     the trunk's forward stays eager; fewer kernels per step; the first step compiles and is timed
-    as the warm-up).
+    as the warm-up); ``plain_width``: plain decoding runs each step over the pending token and
+    ``plain_width - 1`` dropped fillers, the shapes of a verification of ``K = plain_width - 1``
+    drafts (the module docstring: bf16 identity with speculative decoding).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(plain_width, bool) or not isinstance(plain_width, int) or plain_width < 1:
+        raise ValueError(f"plain_width must be an integer >= 1, got {plain_width!r}")
     if compile_speculative:
         check_compile_speculative(speculative, sampling, static or cuda_graphs, custom_drafter=drafter is not None)
     if cuda_graphs:  # before any work
         check_graphs(engine, sampling, speculative, custom_drafter=drafter is not None)
+    k = speculative if drafter is None else drafter.k
+    if plain_width > 1 and k:
+        raise ValueError(f"plain_width={plain_width} shapes plain decoding like a verification; "
+                         f"allowed with speculative decoding (K={k}): plain_width=1")
     context = context or engine.model.max_sequence_length
     check_prompts(prompts, context)
     device, batch = engine.device, len(prompts)
     tokens, pad = left_pad(prompts, device)
     longest = tokens.shape[1]
     budget = min(max_new_tokens, context - longest)
-    k = speculative if drafter is None else drafter.k
-    session = engine.session(batch, session_capacity(longest + budget, max(k, engine.mtp_depth)), pad)
+    room = max(k, engine.mtp_depth, plain_width - 1)  # the widest step's extra positions
+    session = engine.session(batch, session_capacity(longest + budget, room), pad)
     generator = sampling.generator(device)
     result = Generation(tokens=[[] for _ in prompts], stop=["length"] * batch,
                         prompt_lengths=[len(p) for p in prompts], speculative=k,
                         attempted=[0] * k, accepted=[0] * k)
-    emitter = _Emitter(result, budget, max_new_tokens, stop_tokens)
+    emitter = Emitter(result, budget, max_new_tokens, stop_tokens)
 
     t0 = _sync(device)
     hidden = session.forward(tokens)
@@ -433,7 +332,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if static or cuda_graphs:
         session.make_static()
         if not k:
-            plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs)
+            plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs, plain_width)
         elif isinstance(drafter, MTPDrafter) and sampling.greedy:
             spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs, compile_speculative)
     t1 = _sync(device)
@@ -464,10 +363,9 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
             new = plain_step(pending)[:, None]  # [b, 1]
             pending = new[:, -1]
         else:
-            hidden = session.forward(pending[:, None])
-            session.commit(1)
-            logits = engine.logits(hidden, sampling.vocab_limit)[:, 0]
-            new = sampling.choose(logits, generator)[0][:, None]  # [b, 1]
+            step = torch.full((batch, plain_width), FILLER, dtype=torch.long, device=device)
+            step[:, 0] = pending
+            new = plain_decode_step(engine, session, step, sampling, generator)[:, None]  # [b, 1]
             pending = new[:, -1]
         if k:
             for row, done in zip(read, emitter.done):
