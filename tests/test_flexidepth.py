@@ -425,6 +425,20 @@ def test_hard_skip_runs_the_block_on_kept_tokens_only(single_rank):
     assert len(shapes) == 1
 
 
+def test_kept_ranks_is_the_cumulative_kept_count_along_each_sequence():
+    """The capacity's effective mask ranks kept positions with a scan along contiguous memory:
+    the cumulative count of ``mask.cumsum(0)`` for ``[s, b]`` masks of any density (none kept,
+    all kept, one sequence)."""
+    from megacpp_mcore.features.flexidepth.dispatch import kept_ranks
+
+    g = torch.Generator().manual_seed(0)
+    for s, b, p in ((4096, 8, 0.4), (7, 3, 0.0), (7, 3, 1.0), (33, 1, 0.5)):
+        mask = torch.rand(s, b, generator=g) < p
+        ranks = kept_ranks(mask)
+        assert ranks.shape == (s, b) and ranks.dtype == torch.int32
+        assert torch.equal(ranks.long(), mask.cumsum(0))
+
+
 def test_hard_skip_capacity_runs_a_fixed_length_without_a_host_read(single_rank):
     """``hard_skip_capacity``: the block's input has ``ceil(c * s)`` positions whatever the router
     keeps and the forward reads nothing on the host; each sequence's first kept tokens up to the
