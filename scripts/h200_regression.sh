@@ -16,7 +16,7 @@
 # mamba_ssm stand-in, Triton cache kept between calls, compact logs back).
 set -uo pipefail
 ALL_PARTS=(tests startup ae mod mtp moda mtp-repeated mod-pretrain flexidepth flexidepth-batch stage-ab stage
-           fast lite-mtp2 generate generate-sparse generate-bf16 generate-exact generate-compiled generate-random moe-decode
+           fast flexidepth-capacity lite-mtp2 generate generate-sparse generate-bf16 generate-exact generate-compiled generate-random moe-decode
            profile-decode)
 if [[ ${1:-} == --list ]]; then echo "${ALL_PARTS[*]}"; exit 0; fi
 for part in "$@"; do
@@ -77,6 +77,10 @@ for part in $PARTS; do
                     --hard-skip-capacity kept+0.05 --iters 10 --moe megatron \
                     --out "$OUT/flexidepth-batch8-ae-capacity-megatron-moe.json"; } \
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;
+    # the first of flexidepth-batch's three runs alone (the shipped setting, profiled): a short call
+    flexidepth-capacity) python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+                           --hard-skip-capacity kept+0.05 --iters 10 --profile 25 \
+                           --out "$OUT/flexidepth-batch8-ae-capacity.json" >"$OUT/flexidepth-capacity.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
     # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection; a call cut
