@@ -55,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "so that in bf16 its output is --speculative N-1's token for token (with "
                             "--ssd-verify recurrent; default 1)")
     group.add_argument("--ssd-verify", default="quadratic", metavar="FORM",
-                       help="how a verification keeps Mamba's per-position states: unmaterialised "
-                            "(default), materialised, or one position at a time with a plain step's "
-                            "arithmetic (bf16 identity; see --plain-width)")
+                       help="how a verification keeps Mamba's per-position states: quadratic "
+                            "(unmaterialised, the default), closed (materialised) or recurrent (one "
+                            "position at a time with a plain step's arithmetic: bf16 identity, see "
+                            "--plain-width)")
     group.add_argument("--backend", choices=["auto", "te", "local"], default="auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
