@@ -116,12 +116,34 @@ def _set_router(layer, *, std: float | None = None, weight=None, bias: float = 0
         if weight is None:
             weight = torch.randn(1, layer.mod_router.weight.shape[1],
                                  generator=torch.Generator().manual_seed(seed)) * std
-        layer.mod_router.weight.copy_(weight)
+        layer.mod_router.weight.copy_(weight / layer.router_scale)  # `weight` is the effective one
         layer.mod_router.bias.fill_(bias)
 
 
 def _inputs(seq: int = 16, batch: int = 2, seed: int = 1):
     return torch.randn(seq, batch, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_router_scale_keeps_the_router_at_base_width_speed(single_rank):
+    """The router's logit is ``router_scale * w . x`` (default ``128 / h``): the same function of
+    the effective weight at any width, and an Adam step moves the logit ``router_scale`` times as
+    far as an unscaled router's (Adam moves each weight ~lr whatever the gradient's size), so a
+    2048-wide router learns at a 128-wide one's speed."""
+    assert MoDConfig().router_multiplier(2048) == 1 / 16 and MoDConfig().router_multiplier(128) == 1.0
+    assert MoDConfig(router_scale=0.5).router_multiplier(2048) == 0.5
+    x = _inputs()  # h = 64
+    moved = {}
+    for scale in (None, 1.0):
+        torch.manual_seed(0)  # the same block weights
+        _, wrapped = _pair("A", MoDConfig(router_scale=scale))
+        _set_router(wrapped, std=0.02, bias=0.0)
+        before = torch.nn.functional.linear(x, wrapped.router_weight().detach())
+        opt = torch.optim.Adam([wrapped.mod_router.weight], lr=1e-3)
+        (_call(wrapped, x, _rope(16)) * x).sum().backward()
+        opt.step()
+        after = torch.nn.functional.linear(x, wrapped.router_weight().detach())
+        moved[scale] = (after - before).abs().mean().item()
+    assert moved[None] == pytest.approx(2.0 * moved[1.0], rel=1e-3)  # 128 / 64
 
 
 # ------------------------------------------------------------------------------- validation
@@ -137,6 +159,9 @@ def _inputs(seq: int = 16, batch: int = 2, seed: int = 1):
     (dict(sparsity_loss_weight=-1.0), "sparsity_loss_weight must be >= 0"),
     (dict(allow_on="A"), "allow_on='A': MoD can only be opted in on M, R"),
     (dict(placement="AE"), "placement must be a FeaturePlacement"),
+    (dict(router_scale=0.0), "router_scale must be > 0 (or None: 128 / hidden size), got 0.0"),
+    (dict(router_scale=-1), "router_scale must be > 0"),
+    (dict(router_scale="big"), "router_scale must be a number, got 'big'"),
 ])
 def test_invalid_config_refused(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -192,7 +217,7 @@ def test_gateskip_matches_plain_torch_reference(single_rank):
     plain, wrapped = _pair("A", MoDConfig(mode="gateskip"))
     _set_router(wrapped, std=0.3, bias=0.5)
     x, rope = _inputs(), _rope(16)
-    gate = torch.sigmoid(x @ wrapped.mod_router.weight.detach().T + 0.5)  # [s, b, 1]
+    gate = torch.sigmoid(x @ wrapped.router_weight().detach().T + 0.5)  # [s, b, 1]
     expected = x + gate * (_call(plain, x, rope) - x)
     torch.testing.assert_close(_call(wrapped, x, rope), expected, atol=1e-5, rtol=1e-5)
     stats = wrapped.megacpp_stats()
@@ -204,7 +229,7 @@ def test_threshold_unselected_tokens_bit_identical(single_rank):
     plain, wrapped = _pair("E", MoDConfig(mode="threshold", threshold=0.5))
     _set_router(wrapped, std=0.5, bias=0.0)
     x = _inputs()
-    gate = torch.sigmoid(x @ wrapped.mod_router.weight.detach().T)  # [s, b, 1]
+    gate = torch.sigmoid(x @ wrapped.router_weight().detach().T)  # [s, b, 1]
     keep = (gate >= 0.5).squeeze(-1)
     assert 0 < int(keep.sum()) < keep.numel()
     out = _call(wrapped, x)
@@ -219,7 +244,7 @@ def test_topk_matches_per_sequence_gather_reference(single_rank):
     _set_router(wrapped, std=0.5)
     x, rope = _inputs(), _rope(16)
     out = _call(wrapped, x, rope)
-    logits = (x @ wrapped.mod_router.weight.detach().T).squeeze(-1)  # [s, b]
+    logits = (x @ wrapped.router_weight().detach().T).squeeze(-1)  # [s, b]
     for b in range(x.shape[1]):
         idx = logits[:, b].topk(4).indices.sort().values  # k = 0.25 * 16
         rest = torch.ones(16, dtype=torch.bool)
@@ -273,7 +298,7 @@ def test_hard_budget_inference_keeps_top_gates(single_rank):
     wrapped.megacpp_set_step(10)
     wrapped.eval()
     out = _call(wrapped, x)
-    gate = torch.sigmoid(x @ wrapped.mod_router.weight.detach().T).squeeze(-1)  # [s, b]
+    gate = torch.sigmoid(x @ wrapped.router_weight().detach().T).squeeze(-1)  # [s, b]
     keep = torch.zeros_like(gate, dtype=torch.bool).scatter(0, gate.topk(8, dim=0).indices, True)
     assert torch.equal(out[~keep], x[~keep])
     expected = x + gate[..., None] * (_call(plain, x) - x)
@@ -291,7 +316,7 @@ def test_topk_causal_inference_decides_per_token(single_rank):
     x, rope = _inputs(), _rope(16)
     wrapped.eval()
     out = _call(wrapped, x, rope)
-    logits = x @ wrapped.mod_router.weight.detach().T - 0.2  # [s, b, 1]
+    logits = x @ wrapped.router_weight().detach().T - 0.2  # [s, b, 1]
     keep = (logits >= 0).squeeze(-1)  # no look at later tokens: usable for generation
     assert 0 < int(keep.sum()) < keep.numel()
     assert torch.equal(out[~keep], x[~keep])
@@ -580,7 +605,7 @@ def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
         stats = m.megacpp_stats()
         kwargs, dy = seen[name], seen[name + ":dy"]
         x = kwargs["hidden_states"].detach()  # [s, b, h]
-        w, b = m.mod_router.weight.detach(), m.mod_router.bias.detach()
+        w, b = m.router_weight().detach(), m.mod_router.bias.detach()  # the effective weight
         gate = torch.sigmoid(x @ w.T + b)  # [s, b, 1]
         keep = gate >= 0.5
         assert 0 < int(keep.sum()) < keep.numel()
@@ -592,7 +617,9 @@ def test_hybrid_gpt_model_reports_per_layer_stats(single_rank):
             f = m(**kwargs)[0] - x
         m.force_gate(None)
         dlogit = keep * (dy * f).sum(-1, keepdim=True) * gate * (1 - gate)  # [s, b, 1]
-        torch.testing.assert_close(m.mod_router.weight.grad, (dlogit * x).sum((0, 1))[None],
+        # the parameter's gradient carries the router's scale (MoDConfig.router_scale: 128 / h)
+        assert m.router_scale == 128 / x.shape[-1]
+        torch.testing.assert_close(m.mod_router.weight.grad, m.router_scale * (dlogit * x).sum((0, 1))[None],
                                    rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(m.mod_router.bias.grad, dlogit.sum().reshape(1), rtol=1e-4, atol=1e-8)
         assert m.mod_router.bias.grad.abs().item() > 1e-6  # the LM loss trains the router

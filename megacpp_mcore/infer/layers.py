@@ -161,7 +161,7 @@ def _mixer(plan: LayerPlan, hidden, state, ctx: StepContext, rotary, keep: bool,
 def _mod_gate(layer: MoDLayer, rule: str, hidden: torch.Tensor):
     """The gate ``[s, b, 1]`` (activation dtype) and the keep-mask (or None) of a MoD layer,
     per token, from the layer input (as ``MoDLayer.forward`` reads it in eval)."""
-    logits = router_logits(hidden, layer.mod_router.weight, layer.mod_router.bias)  # [s, b, 1] fp32
+    logits = router_logits(hidden, layer.router_weight(), layer.mod_router.bias)  # [s, b, 1] fp32
     gate = torch.sigmoid(logits)
     mask = None
     if rule == "mask":

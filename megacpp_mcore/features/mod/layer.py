@@ -161,6 +161,7 @@ class MoDLayer(TransformerLayer):
         self.mod_router = torch.nn.Linear(config.hidden_size, 1, bias=True, device=device,
                                           dtype=config.params_dtype)
         self._init_router()
+        self.router_scale = mod.router_multiplier(config.hidden_size)  # MoDConfig.router_scale
         for param in self.mod_router.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
             # Per-token routing on the local SP shard gives partial gradients per TP rank; topk
@@ -211,6 +212,12 @@ class MoDLayer(TransformerLayer):
                     weight.normal_(0.0, self.mod.router_init_std)
             else:
                 weight.normal_(0.0, self.mod.router_init_std)
+
+    def router_weight(self) -> torch.Tensor:
+        """The router's effective weight: ``mod_router.weight`` times :attr:`router_scale` (one
+        ``[1, h]`` product in the graph, so the parameter's gradient carries the factor)."""
+        weight = self.mod_router.weight
+        return weight if self.router_scale == 1.0 else weight * self.router_scale
 
     # ----------------------------------------------------------------------------- public hooks
     @property
@@ -304,7 +311,7 @@ class MoDLayer(TransformerLayer):
     def _gate(self, hidden_states: torch.Tensor):
         """Router logits ``[s, b, 1]`` (fp32) and the gate, its mean recorded; in training the
         sparsity loss rides on the gate's backward (:class:`.gate.SparsityGate`)."""
-        logits = router_logits(hidden_states, self.mod_router.weight, self.mod_router.bias)  # [s, b, 1]
+        logits = router_logits(hidden_states, self.router_weight(), self.mod_router.bias)  # [s, b, 1]
         if self._with_sparsity_loss():
             gate, gate_mean = SparsityGate.apply(logits, self.mod.sparsity_loss_weight,
                                                  self._budget, self._seq_group)
@@ -370,9 +377,8 @@ class MoDLayer(TransformerLayer):
         return gated
 
     def _fused_gate(self, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        router = self.mod_router
         mixed, gate_mean = FusedGateSkip.apply(
-            residual, out, router.weight, router.bias,
+            residual, out, self.router_weight(), self.mod_router.bias,
             self.mod.sparsity_loss_weight if self._with_sparsity_loss() else 0.0, self._budget,
             self._seq_group, self._triton and residual.is_cuda)
         self._record_gate(gate_mean)
@@ -384,7 +390,7 @@ class MoDLayer(TransformerLayer):
         (:class:`.topk.TopkDispatcher`; ``hidden_states``: ``[s/tp, b, h]`` under SP)."""
         check_gatherable(args, kwargs, "MoD topk", self.layer_number)
         aux_weight = self.mod.router_aux_loss_weight if self.training else 0.0
-        route = self._topk.route(hidden_states, self.mod_router, aux_weight)
+        route = self._topk.route(hidden_states, self.router_weight(), self.mod_router.bias, aux_weight)
         self._stats.record_topk(route.logits, route.idx.unsqueeze(-1))
         if self._to_tracker:
             self._tracker.topk(route.logits, route.idx.unsqueeze(-1))

@@ -183,9 +183,11 @@ class TopkDispatcher:
         self.sequence_parallel = sequence_parallel
         self.use_triton = use_triton
 
-    def route(self, hidden_states: torch.Tensor, router: torch.nn.Linear, aux_weight: float) -> TopkRoute:
+    def route(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              aux_weight: float) -> TopkRoute:
         """Routes ``hidden_states`` (``[s/tp, b, h]`` under SP, else ``[s, b, h]``) on the whole
-        sequence with ``router``; the router BCE of weight ``aux_weight`` rides on its backward."""
+        sequence with the router's ``weight`` ``[1, h]`` and ``bias``; the router BCE of weight
+        ``aux_weight`` rides on its backward."""
         sp, group = self.sequence_parallel, self.tp_group
         full = gather_from_sequence_parallel_region(
             hidden_states, tensor_parallel_output_grad=False, group=group) if sp else hidden_states
@@ -193,7 +195,7 @@ class TopkDispatcher:
         handoff = TopkHandoff()
         # logits [s, b, 1] fp32 and idx [k, b]: identical on all TP ranks (full sequence)
         selected, gate, idx, logits = TopkRouteIn.apply(
-            full, router.weight, router.bias, k, aux_weight, handoff, self.use_triton and full.is_cuda)
+            full, weight, bias, k, aux_weight, handoff, self.use_triton and full.is_cuda)
         return TopkRoute(full=full, selected=selected, gate=gate, idx=idx, logits=logits, handoff=handoff)
 
     def dispatch(self, route: TopkRoute, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
