@@ -36,13 +36,14 @@ class MoDConfig:
         router_init_std: std of the router weight's normal init.
         router_bias_init: router bias init; ``sigmoid(2) = 0.88``, so training starts near dense.
         router_scale: multiplier of the router's ``w . x`` (the weight stays the parameter);
-            ``None``: ``ROUTER_BASE_WIDTH / hidden_size`` (:meth:`router_multiplier`). The router
-            reads the un-normed residual stream, and under Adam each weight moves about ``lr`` a
-            step, so an unscaled logit moves ~``lr * h * |x|`` a step: at h = 1024-2048 and lr 1e-3
-            every gate fell from 0.88 to ~0.01 within 20-50 steps (nam56r-lite on an H100, a
-            1024-wide AEMEAE on the CPU), the gated layers then contributing nothing. Scaled by
-            ``128 / h``, a router learns at nam56r-tiny's speed (h = 128, gates healthy at lr 3e-3)
-            at any width.
+            1.0 (default): unscaled; ``None``: ``ROUTER_BASE_WIDTH / hidden_size``
+            (:meth:`router_multiplier`). The router reads the un-normed residual stream, and
+            under Adam each weight moves about ``lr`` a step, so an unscaled logit moves
+            ~``lr * h * |x|`` a step: at h = 1024-2048 and lr 1e-3 the gates of most MoD layers
+            fall from 0.88 to ~0.01 within 20-50 steps (nam56r-lite on an H100, a 1024-wide
+            AEMEAE on the CPU). ``None`` keeps them alive (a router learns at nam56r-tiny's speed
+            at any width), but it has not yet shown better bits per byte (docs/benchmarks.md,
+            fifteenth session), so it is opt-in.
         sparsity_loss_weight: weight of ``relu(mean(gate) - budget)^2`` (gateskip, threshold).
         router_aux_loss_weight: weight of the topk router's BCE against its own top-k choice.
         budget_start, budget_end, budget_steps: token budget, linear from start to end over
@@ -65,7 +66,7 @@ class MoDConfig:
     threshold: float = 0.5
     router_init_std: float = 0.02
     router_bias_init: float = 2.0
-    router_scale: float | None = None
+    router_scale: float | None = 1.0
     sparsity_loss_weight: float = 1e-2
     router_aux_loss_weight: float = 1e-2
     budget_start: float = 1.0
