@@ -515,9 +515,9 @@ def measure(engine, args) -> tuple[list[dict], list[dict]]:
                      "syncs_per_step": syncs_per_step(engine, rows, k=0, sampling=sampling),
                      **_traffic(engine, rows, k=0, sampling=sampling),
                      "gpu_ms_per_step": gpu_ms_per_step(engine, rows, k=0, sampling=sampling),
-                     "distinct_8grams": distinct_ngrams(plain.tokens), **plain.summary()}
+                     "distinct_8grams": distinct_ngrams(plain.tokens), "tokens": plain.tokens,
+                     **plain.summary()}
         results.append(plain_row)
-        plain_row["tokens"] = plain.tokens
         loops = plain_row["distinct_8grams"]
         print(f"[bench_generate] batch {batch} plain: {base:.1f} tokens/s, distinct 8-grams of the "
               f"output {'-' if loops is None else f'{loops:.2f}'} (near 0: the output loops, and "

@@ -22,8 +22,9 @@ each plain step over the pending token and ``K`` fillers (dropped, as a verifica
 drafts), so every kernel of plain decoding has the verification's shapes; with Mamba verified one
 position at a time (``Engine.ssd_verify = "recurrent"``) each position is then computed by the same
 operations on the same shapes in both, whichever row of the step it sits in, and the tokens agree
-bit for bit. A decode step at small batch is bound by reading weights, which the extra rows do not
-add to (``scripts/bench_generate.py --matched-plain`` times it against one-row plain steps).
+bit for bit. It is not free: graphed at batch 1 on an H100 such steps ran at x0.78 (K = 2) - x0.86
+(K = 1) of one-row steps (Mamba's verification form and K more rows through every kernel;
+``scripts/bench_generate.py --matched-plain`` times it), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -81,20 +82,11 @@ class _GraphedStep:
         return result
 
 
-def plain_decode_step(engine: Engine, session, tokens: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
-    """One plain decode step over ``tokens`` ``[b, width]``: the pending token, then ``width - 1``
-    fillers (see ``generate``'s ``plain_width``) whose positions are run and dropped; returns the
-    next token ``[b]``."""
-    width = tokens.shape[1]
-    hidden = session.forward(tokens, keep=width > 1)
-    session.commit(1)
-    logits = engine.logits(hidden, sampling.vocab_limit)[:, 0]  # every row's, as a verification
-    return sampling.choose(logits, generator)[0]
-
-
 class _PlainStep(_GraphedStep):
-    """One plain decode step, ``pending [b] -> new tokens [b]`` (:func:`plain_decode_step`; ``width``
-    positions per step). Replayed, the host never waits for the device."""
+    """One plain decode step, ``pending [b] -> new tokens [b]``, of a static or dynamic session:
+    the forward of the pending token and ``width - 1`` fillers (``generate``'s ``plain_width``)
+    whose positions are run and dropped, the commit of the first, the next token. The input
+    buffer is reused by every step. Replayed, the host never waits for the device."""
 
     def __init__(self, engine: Engine, session, sampling: Sampling, generator, graphs: bool, width: int = 1):
         super().__init__(session, graphs)
@@ -102,7 +94,10 @@ class _PlainStep(_GraphedStep):
         self.input = torch.full((session.batch, width), FILLER, dtype=torch.long, device=engine.device)
 
     def _body(self) -> torch.Tensor:
-        return plain_decode_step(self.engine, self.session, self.input, self.sampling, self.generator)
+        hidden = self.session.forward(self.input, keep=self.input.shape[1] > 1)
+        self.session.commit(1)
+        logits = self.engine.logits(hidden, self.sampling.vocab_limit)[:, 0]  # every row's, as a verification
+        return self.sampling.choose(logits, self.generator)[0]
 
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
         self.input[:, 0].copy_(pending)
@@ -328,13 +323,12 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if k:
         drafter.start(tokens, hidden)
     emitter.add(pending[:, None])
-    plain_step = spec_step = None
+    spec_step = None
     if static or cuda_graphs:
         session.make_static()
-        if not k:
-            plain_step = _PlainStep(engine, session, sampling, generator, cuda_graphs, plain_width)
-        elif isinstance(drafter, MTPDrafter) and sampling.greedy:
+        if k and isinstance(drafter, MTPDrafter) and sampling.greedy:
             spec_step = _SpeculativeStep(engine, session, drafter, sampling, cuda_graphs, compile_speculative)
+    plain_step = None if k else _PlainStep(engine, session, sampling, generator, cuda_graphs, plain_width)
     t1 = _sync(device)
     result.prefill_s = t1 - t0
     queued = spec_step.launch(pending) if spec_step is not None and not all(emitter.done) else None
@@ -359,13 +353,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens
             new, rows = tokens[:, :m + 1], [row[1:m + 2] for row in read]  # [b, m + 1]
             drafter.accept(m, hidden[:m + 1], new)
             pending = new[:, -1]
-        elif plain_step is not None:
-            new = plain_step(pending)[:, None]  # [b, 1]
-            pending = new[:, -1]
         else:
-            step = torch.full((batch, plain_width), FILLER, dtype=torch.long, device=device)
-            step[:, 0] = pending
-            new = plain_decode_step(engine, session, step, sampling, generator)[:, None]  # [b, 1]
+            new = plain_step(pending)[:, None]  # [b, 1]
             pending = new[:, -1]
         if k:
             for row, done in zip(read, emitter.done):

@@ -76,7 +76,7 @@ def kept_ranks(mask: torch.Tensor) -> torch.Tensor:
     bool ``[s, b]`` mask: the scan runs along contiguous memory (``[b, s]``). ``mask.cumsum(0)``
     scans the outer dimension with one serial thread per sequence on CUDA, 0.72 ms per call at
     4096 x 8 on an H100 (5.8 ms of a 71 ms nam56r-lite forward with eight gathering layers)."""
-    return mask.t().to(torch.int32).contiguous().cumsum(1, dtype=torch.int32).t()
+    return mask.t().contiguous().cumsum(1, dtype=torch.int32).t()
 
 
 class SkipDispatcher:
