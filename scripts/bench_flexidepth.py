@@ -259,13 +259,14 @@ def _profile(models: dict, tokens, positions, rows: int) -> dict:
     cuda = tokens.is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    out, by_key = {}, {}
+    out, by_key, launchers = {}, {}, {}
     with torch.no_grad():
         for name, model in models.items():
-            with profile(activities=activities) as prof:
+            with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
                 model(tokens, positions, None)
                 if cuda:
                     torch.cuda.synchronize()
+            launchers[name] = _launchers(prof.events())
             events = prof.key_averages()
             # operators (aten::...) own host time; kernels own device time; runtime calls count
             device_ms = sum(e.self_device_time_total for e in events) / 1e3
@@ -289,7 +290,46 @@ def _profile(models: dict, tokens, positions, rows: int) -> dict:
                             for e in events}
     if "dense" in by_key and "hard" in by_key:
         out["hard_minus_dense"] = _difference(by_key["dense"], by_key["hard"], rows, cuda)
+        out["launchers_added"] = _launchers_added(launchers["dense"], launchers["hard"], out["hard_minus_dense"])
     return out
+
+
+OUR_FRAMES = ("megacpp_mcore", "megatron", "transformer_engine")
+
+
+def _launchers(events) -> dict:
+    """Who launched each kernel: ``{kernel: {(operator, input shapes, Python frame): [count,
+    device ms]}}`` over the profiled operators (the innermost frame in our package, Megatron or
+    Transformer Engine), so that a kernel the hard path adds (a device-to-device copy, say) is
+    placed in the code. CPU-only profiles have no kernels: empty."""
+    table: dict = {}
+    for event in events:
+        for kernel in getattr(event, "kernels", ()):
+            frame = next((f for f in getattr(event, "stack", None) or () if any(m in f for m in OUR_FRAMES)), "?")
+            where = (event.name, str(getattr(event, "input_shapes", ""))[:80], frame[-110:])
+            entry = table.setdefault(kernel.name, {}).setdefault(where, [0, 0.0])
+            entry[0] += 1
+            entry[1] += kernel.duration / 1e3
+    return table
+
+
+def _launchers_added(dense: dict, hard: dict, added: list[dict], kernels: int = 6, rows: int = 4) -> list[dict]:
+    """For the ``kernels`` largest increases that are kernels: the launch sites whose count grew
+    from the dense forward to the hard one, by added device time (printed and returned)."""
+    report = []
+    for entry in added:
+        name = entry["op"]
+        if name not in hard or len(report) >= kernels:
+            continue
+        before = dense.get(name, {})
+        sites = sorted(((count - before.get(where, [0, 0.0])[0], ms - before.get(where, [0, 0.0])[1], where)
+                        for where, (count, ms) in hard[name].items()), key=lambda t: -t[1])[:rows]
+        report.append({"kernel": name, "sites": [{"added": n, "ms_added": ms, "op": w[0], "shapes": w[1],
+                                                  "frame": w[2]} for n, ms, w in sites if n > 0]})
+        print(f"  launched by (added count, added ms): {name[:70]}")
+        for site in report[-1]["sites"]:
+            print(f"      +{site['added']:<3d} {site['ms_added']:+7.3f} ms  {site['op']} {site['shapes']}  {site['frame']}")
+    return report
 
 
 def _difference(dense: dict, hard: dict, rows: int, cuda: bool) -> list[dict]:

@@ -943,7 +943,7 @@ def test_m2rnn_step_kernel_interpreted_equals_the_torch_recurrence():
         from megacpp_mcore.infer.m2rnn_triton import m2rnn_step
         from megacpp_mcore.infer.mixers import m2rnn_recurrence
         g = torch.Generator().manual_seed(0)
-        b, s, H, K, V = 2, 3, 2, 8, 4
+        b, s, H, K, V = 2, 3, 2, 16, 16
         D = 2 * K + V
         for dtype in (torch.float32, torch.bfloat16):
             proj = torch.randn(s, b, H, D + 1, generator=g).to(dtype)

@@ -11,12 +11,14 @@ the ``layer`` seam (``transform(layer_spec, ctx) -> ModuleSpec``: the layer's sp
 :class:`FlexiDepthLayer`). Modules, in the order data flows through a FlexiDepth layer:
 
 * :mod:`.config`: :class:`FlexiDepthConfig` and its validation;
-* :mod:`.branch`: the trainable norm, router and adapter (:class:`SkipBranch`) and their names in
-  a model (:func:`is_branch_parameter`: what a frozen-backbone fine-tune trains);
+* :mod:`.branch`: the trainable norm, router and adapter (:class:`SkipBranch`: the router and the
+  adapter's down projection in one GEMM, the norm folded into it) and their names in a model (:func:`is_branch_parameter`: what a frozen-backbone fine-tune trains);
 * :mod:`.usage`: the usage penalty riding on the router score's backward, the per-layer statistics,
   :func:`usage_summary` (mean layers used, overall skip rate) and :func:`usage_report` (plus the
   per-layer skip rates and the penalty: the training loop's lines and receipt);
 * :mod:`.dispatch`: hard-skip inference as route -> dispatch -> combine (:class:`SkipDispatcher`);
+* :mod:`.kernels`: the combine's one pass (block rows where kept, the skip path elsewhere), its
+  Triton kernel in :mod:`.combine_triton`;
 * :mod:`.layer`: :class:`FlexiDepthLayer` and :func:`transform`.
 """
 

@@ -1,9 +1,9 @@
 """FlexiDepth's trainable part of one layer: the norm, the router and the adapter.
 
 :class:`SkipBranch` reads the layer input ``x [s, b, h]`` (``[s/tp, b, h]`` shards under sequence
-parallelism) once through its own norm ``z = norm(x)`` and returns the router logits
-``z . w + b`` (``[s, b, 1]``, fp32 or fp64) and the adapter's residual update
-``up(act(down(z)))`` (``[s, b, h]``; ``None`` for ``adapter="none"``). All its parameters are
+parallelism) through its own norm ``z = norm(x)``: the router logits ``z . w + b`` (``[s, b, 1]``,
+fp32 or fp64) and the adapter's residual update ``up(act(down(z)))`` (``[s, b, h]``; ``None`` for
+``adapter="none"``), the router and ``down`` in one GEMM (:meth:`SkipBranch.project`). All its parameters are
 replicated over tensor parallelism (plain ``torch.nn`` modules): every token is routed on the rank
 that holds it, so under sequence parallelism their gradients are partial per rank and they are
 flagged ``sequence_parallel`` (Megatron's ``finalize_model_grads`` all-reduces them over TP).
@@ -84,42 +84,47 @@ class SkipBranch(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [s, b, h]`` -> (router logits ``[s, b, 1]`` in fp32/fp64, adapter update
         ``[s, b, h]`` in ``x.dtype`` or ``None``)."""
-        z, logits = self.gate(x)
-        return logits, self.adapter(z, x.dtype)
+        logits, inner = self.project(x)
+        return logits, self.update(inner, x.dtype)
 
-    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normed input ``z`` and the router logits (the first half of :meth:`forward`)."""
-        z = self.norm(x)
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router logits (``[s, b, 1]``, fp32/fp64) and the adapter's down projection
+        ``down(z)`` (``[s, b, r]`` in ``x.dtype``; ``None`` for ``adapter="none"``) of ``z =
+        norm(x)``, from ONE GEMM over the layer input: the router's row rides with ``down``'s
+        (padded to a multiple of 8 rows, aligned output rows), so the ``[s, b, h]`` input is read
+        once, not twice (a ``Linear(h, 1)`` GEMV reads all of it for one output column). With
+        RMSNorm the norm folds into the GEMM as well, ``norm(x) W^T = rstd * (x (W diag(g))^T)``:
+        only the per-token ``rstd`` (one fp32 reduction) is computed, and no normed copy of the
+        input is written and read back. The product's fp32 scaling and the router bias in fp32
+        (fp64 for fp64 activations) give the logits; ``down(z)`` is rounded to ``x.dtype`` once."""
+        h = x.shape[-1]
+        down = getattr(self, "down", None)
+        rows = [self.router.weight] if down is None else [down.weight, self.router.weight]
+        r = 0 if down is None else down.weight.shape[0]
+        pad = -(r + 1) % 8
+        if pad:
+            rows.append(self.router.weight.new_zeros(pad, h))
+        weight = torch.cat(rows)  # [r + 1 + pad, h]: down's rows, the router's, zeros
         acc = accumulation_dtype(x.dtype)
-        # the GEMV in the activation dtype (fp32 accumulation), the logits in fp32
-        return z, F.linear(z, self.router.weight.to(z.dtype), self.router.bias.to(z.dtype)).to(acc)
+        if self.norm.rms:
+            square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square()
+            rstd = torch.rsqrt(square / h + self.norm.eps)  # [s, b, 1]
+            both = F.linear(x, (weight * self.norm.weight).to(x.dtype)) * rstd  # acc: one kernel
+        else:
+            both = F.linear(self.norm(x), weight.to(x.dtype)).to(acc)
+        logits = both[..., r:r + 1] + self.router.bias.to(acc)
+        return logits, (None if down is None else both[..., :r].to(x.dtype))
 
-    def skip_path(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The skip path ``P(x) = x + up(act(down(z)))`` (``x`` itself for ``adapter="none"``), in
-        ``out`` when given (``[s, b, h]``, e.g. the first rows of a hard layer's combine buffer).
-        The residual add rides in the up projection's GEMM (``addmm`` with ``x`` as its input
-        matrix): one pass over ``[s, b, h]`` less than a separate add, the sum rounded once."""
-        up = getattr(self, "up", None)
-        if self.kind == "none" or x.dtype != up.weight.dtype:  # no adapter; or mixed dtypes
-            update = self.adapter(z, x.dtype)
-            result = x if update is None else x + update
-            return result if out is None else out.copy_(result)
-        inner = self.down(z.to(self.down.weight.dtype))
-        if self.kind == "mlp":
-            inner = F.gelu(inner)
-        flat = (x.reshape(-1, x.shape[-1]), inner.reshape(-1, inner.shape[-1]), up.weight.t())
-        if out is None:
-            return torch.addmm(*flat).view(x.shape)
-        if torch.is_grad_enabled():  # out= is not differentiable: the sum, then a copy
-            return out.copy_(torch.addmm(*flat).view(x.shape))
-        torch.addmm(*flat, out=out.view(-1, x.shape[-1]))
-        return out
-
-    def adapter(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The adapter's update of the normed input ``z`` in ``dtype`` (the second half)."""
-        if self.kind == "none":
+    def update(self, inner: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The adapter's residual update ``up(act(inner))`` in ``dtype`` of :meth:`project`'s
+        ``inner = down(z)`` (``None`` for ``adapter="none"``)."""
+        if inner is None:
             return None
-        inner = self.down(z.to(self.down.weight.dtype))
-        if self.kind == "mlp":
-            inner = F.gelu(inner)
-        return self.up(inner).to(dtype)
+        return F.linear(F.gelu(inner) if self.kind == "mlp" else inner, self.up.weight.to(dtype))
+
+    def skip_path(self, x: torch.Tensor, inner: torch.Tensor | None) -> torch.Tensor:
+        """The skip path ``P(x) = x + up(act(inner))`` (``x`` itself for ``adapter="none"``):
+        the update's GEMM, then the add (in fp32, rounded once), as a gathering layer's combine
+        computes it (:func:`.kernels.combine_rows`), so the two agree bit for bit."""
+        update = self.update(inner, x.dtype)
+        return x if update is None else x + update

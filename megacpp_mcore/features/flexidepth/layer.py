@@ -184,16 +184,13 @@ class FlexiDepthLayer(TransformerLayer):
         """The router score ``[s, b, 1]`` (fp32), the keep mask (``g >= threshold``: takes the
         full block) and the skip path ``P(x)`` of ``x``. ``bookkeeping=False`` (a decoder's steps,
         :mod:`megacpp_mcore.infer`): the score alone, not added to the usage sum."""
-        z, logits = self.flexidepth.gate(x)  # [s, b, 1] fp32
+        logits, inner = self.flexidepth.project(x)  # [s, b, 1] fp32
         score, keep = self._keep(logits, bookkeeping)
-        return score, keep, self._skip_path(x, z)
+        return score, keep, self.flexidepth.skip_path(x, inner)
 
     def _keep(self, logits: torch.Tensor, bookkeeping: bool = True):
         score = self._score(logits, bookkeeping)
         return score, score.detach() >= self.fd.threshold  # [s, b, 1]: takes the full block
-
-    def _skip_path(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.flexidepth.skip_path(x, z)  # [s, b, h]
 
     def _score(self, logits: torch.Tensor, bookkeeping: bool = True) -> torch.Tensor:
         """The router score ``[s, b, 1]`` (fp32), added to the usage sum when the usage penalty
@@ -248,24 +245,22 @@ class FlexiDepthLayer(TransformerLayer):
 
     def _forward_gathered(self, x, args, kwargs):
         """Route -> dispatch -> the wrapped layer on the kept tokens -> combine. The kept count
-        the block's shape needs travels to the host while the device computes the skip path
+        the block's shape needs travels to the host while the device computes the adapter's update
         (:meth:`.dispatch.SkipDispatcher.start`), so the device is not left idle while the host
         queues the block after reading it. Returns (output, context, score, keep)."""
         check_gatherable(args, kwargs, "FlexiDepth hard skip", self.layer_number)
-        z, logits = self.flexidepth.gate(x)
+        logits, inner = self.flexidepth.project(x)
         score, keep = self._keep(logits)
         pending = self._dispatcher.start(x, keep)
-        # the skip path, queued behind the count's copy, into the combine's buffer (a spare row)
-        skip = self._dispatcher.skip_buffer(x)
-        self.flexidepth.skip_path(x, z, out=skip[:x.shape[0]])
+        update = self.flexidepth.update(inner, x.dtype)  # queued behind the count's copy
         route = self._dispatcher.finish(pending)
         keep = route.keep  # with a capacity, the kept tokens that fit in it
         if route.idx.shape[0] == 0:  # every token skips: the block does not run
-            return skip[:x.shape[0]], None, score, keep
+            return (x if update is None else x + update), None, score, keep
         kwargs["rotary_pos_emb"] = gathered_rotary(self.self_attention, kwargs.pop("rotary_pos_emb", None),
                                                    route.idx, route.full.shape[0], "FlexiDepth hard skip")
         processed, context = super().forward(self._dispatcher.dispatch(route), **kwargs)
-        return self._dispatcher.combine(route, processed, skip), context, score, keep
+        return self._dispatcher.combine(route, processed, x, update), context, score, keep
 
 
 @functools.cache
