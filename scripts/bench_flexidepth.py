@@ -88,6 +88,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time both forwards captured as CUDA graphs (replays interleaved like the eager "
+                        "ones): the device's time without the host's; needs a fixed --hard-skip-capacity")
     p.add_argument("--no-mla", action="store_true",
                    help="standard attention instead of the preset's MLA (needed for A in --hard-skip-symbols)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -118,6 +121,9 @@ def _args(argv=None) -> argparse.Namespace:
         _fail(f"--layer-rounds {args.layer_rounds} must be >= 0")
     if args.warmup < 0:
         _fail(f"--warmup {args.warmup} must be >= 0")
+    if args.cuda_graphs and (smoke or args.capacity is None or args.moe != "sync-free"):
+        _fail("--cuda-graphs captures the forwards: it needs a GPU (not --cpu-smoke), a fixed "
+              "--hard-skip-capacity (the exact count is read on the host) and --moe sync-free")
     return args
 
 
@@ -243,6 +249,36 @@ def _time(models: dict, tokens, positions, *, warmup: int, iters: int) -> tuple[
                     times[name].append(time.perf_counter() - t0)
                     host[name].append(t1 - t0)
     return times, host
+
+
+def _time_graphs(models: dict, tokens, positions, *, iters: int) -> dict:
+    """Each model's forward captured as one CUDA graph (:func:`megacpp_mcore.testing.cudagraph.
+    capture`: warm-up on a side stream, Megatron's graph-safe RNG states registered), then
+    ``iters`` rounds of one timed replay of each, the order reversed every round: the device's
+    time with no host in the loop (the capacity mode has static shapes and reads nothing on the
+    host, so the hard forward captures). Returns the medians, the ratio and the per-replay times."""
+    import torch
+
+    from megacpp_mcore.testing.cudagraph import capture
+
+    graphs, times = {}, {name: [] for name in models}
+    with torch.no_grad():
+        for name, model in models.items():
+            graphs[name] = capture(lambda model=model: model(tokens, positions, None))[0]
+        names = list(models)
+        for i in range(iters + 1):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                graphs[name].replay()
+                torch.cuda.synchronize()
+                if i:  # the first round warms the replays
+                    times[name].append(time.perf_counter() - t0)
+    del graphs
+    torch.cuda.empty_cache()
+    median = {name: statistics.median(v) for name, v in times.items()}
+    return {"median_s": median, "ratio": median["hard"] / median["dense"], "times_s": times,
+            "spread_s": {name: _spread(v) for name, v in times.items()}}
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
@@ -551,6 +587,10 @@ def run(args) -> dict:
         _fail(str(exc))
     backend = "local" if args.cpu_smoke else "te"
     runtime.initialize(runtime.Parallelism(), seed=args.seed)
+    if args.cuda_graphs:  # graph-safe RNG states before the modules are built (testing.cudagraph)
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed, use_cudagraphable_rng=True, force_reset_rng=True)
     try:
         built = {}
         for name, cfg in (("dense", dense_cfg), ("hard", fd_cfg)):
@@ -589,6 +629,8 @@ def run(args) -> dict:
                               for name, model in (("dense", dense), ("hard", hard))}
             times, host = _time({"dense": dense, "hard": hard}, tokens, positions, warmup=args.warmup,
                                 iters=args.iters)
+            graphed = _time_graphs({"dense": dense, "hard": hard}, tokens, positions, iters=args.iters) \
+                if args.cuda_graphs else None
             per_layer = {str(i): layer.megacpp_stats()["skip_rate"] for i, layer in layers}
             layer_table = _layer_table(
                 _layer_times({"dense": dense, "hard": hard}, tokens, positions, args.layer_rounds),
@@ -616,7 +658,8 @@ def run(args) -> dict:
             "ratio": median["hard"] / median["dense"], "timing": "interleaved",
             "spread_s": {k: _spread(v) for k, v in times.items()}, "host_times_s": host,
             "host_median_s": {k: statistics.median(v) for k, v in host.items()},
-            "profile": profiled, "layer_times": layer_table, "overhead_traffic": traffic}
+            "profile": profiled, "layer_times": layer_table, "overhead_traffic": traffic,
+            "cuda_graphs": graphed}
 
 
 def main(argv=None) -> int:
@@ -643,6 +686,13 @@ def main(argv=None) -> int:
         print(f"  {name}: min/median/max {1e3 * spread['min']:.2f}/{1e3 * spread['median']:.2f}/"
               f"{1e3 * spread['max']:.2f} ms over {len(result['times_s'][name])} interleaved forwards, "
               f"host median {1e3 * result['host_median_s'][name]:.2f} ms")
+    graphed = result["cuda_graphs"]
+    if graphed:
+        spread = graphed["spread_s"]
+        print(f"CUDA graphs, replay median: dense {1e3 * graphed['median_s']['dense']:.2f} ms, hard skip "
+              f"{1e3 * graphed['median_s']['hard']:.2f} ms, ratio {graphed['ratio']:.3f} (min/max dense "
+              f"{1e3 * spread['dense']['min']:.2f}/{1e3 * spread['dense']['max']:.2f}, hard "
+              f"{1e3 * spread['hard']['min']:.2f}/{1e3 * spread['hard']['max']:.2f} ms)")
     table = result["layer_times"]
     if table:
         print(f"per layer (median of {args.layer_rounds} forwards, ms): part symbol dense hard skip-rate")

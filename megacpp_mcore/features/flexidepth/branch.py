@@ -93,27 +93,48 @@ class SkipBranch(torch.nn.Module):
         norm(x)``, from ONE GEMM over the layer input: the router's row rides with ``down``'s
         (padded to a multiple of 8 rows, aligned output rows), so the ``[s, b, h]`` input is read
         once, not twice (a ``Linear(h, 1)`` GEMV reads all of it for one output column). With
-        RMSNorm the norm folds into the GEMM as well, ``norm(x) W^T = rstd * (x (W diag(g))^T)``:
+        RMSNorm the norm folds into the GEMM as well, ``norm(x) W^T = rstd * (x (W diag(g))^T)``
+        (``sqrt(h)`` rides in the weight, so ``rstd / sqrt(h) = rsqrt(|x|^2 + h eps)``):
         only the per-token ``rstd`` (one fp32 reduction) is computed, and no normed copy of the
         input is written and read back. The product's fp32 scaling and the router bias in fp32
         (fp64 for fp64 activations) give the logits; ``down(z)`` is rounded to ``x.dtype`` once."""
         h = x.shape[-1]
+        acc = accumulation_dtype(x.dtype)
+        weight, bias, r = self._joint(x.dtype, acc)
+        if self.norm.rms:  # rstd / sqrt(h) = rsqrt(|x|^2 + h eps); sqrt(h) rides in `weight`
+            square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square()
+            inv = torch.rsqrt(square.add_(h * self.norm.eps))
+            both = F.linear(x, weight) * inv  # in acc: one kernel
+        else:
+            both = F.linear(self.norm(x), weight).to(acc)
+        logits = both[..., r:r + 1] + bias
+        return logits, (None if r == 0 else both[..., :r].to(x.dtype))
+
+    def _joint(self, dtype: torch.dtype, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(the joint weight ``[r + 1 + pad, h]`` in ``dtype``: ``down``'s rows, the router's,
+        zeros; with RMSNorm its gain and ``sqrt(h)`` folded in), the router bias in ``acc``, and
+        ``r``. Outside autograd (inference) kept until a parameter changes (their version counters
+        and storages are the key), so a forward launches none of these small ops."""
         down = getattr(self, "down", None)
+        params = [p for p in (self.router.weight, self.router.bias, self.norm.weight,
+                              None if down is None else down.weight) if p is not None]
+        key = (dtype, acc, tuple((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_joint_cache", None)
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1]
+        h = self.router.weight.shape[-1]
         rows = [self.router.weight] if down is None else [down.weight, self.router.weight]
         r = 0 if down is None else down.weight.shape[0]
         pad = -(r + 1) % 8
         if pad:
             rows.append(self.router.weight.new_zeros(pad, h))
-        weight = torch.cat(rows)  # [r + 1 + pad, h]: down's rows, the router's, zeros
-        acc = accumulation_dtype(x.dtype)
+        weight = torch.cat(rows)  # [r + 1 + pad, h]
         if self.norm.rms:
-            square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square()
-            rstd = torch.rsqrt(square / h + self.norm.eps)  # [s, b, 1]
-            both = F.linear(x, (weight * self.norm.weight).to(x.dtype)) * rstd  # acc: one kernel
-        else:
-            both = F.linear(self.norm(x), weight.to(x.dtype)).to(acc)
-        logits = both[..., r:r + 1] + self.router.bias.to(acc)
-        return logits, (None if down is None else both[..., :r].to(x.dtype))
+            weight = weight * (self.norm.weight * h ** 0.5)
+        joint = (weight.to(dtype), self.router.bias.to(acc), r)
+        if not torch.is_grad_enabled():
+            self._joint_cache = (key, joint)
+        return joint
 
     def update(self, inner: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The adapter's residual update ``up(act(inner))`` in ``dtype`` of :meth:`project`'s
