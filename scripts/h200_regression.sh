@@ -79,7 +79,7 @@ for part in $PARTS; do
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;
     # the first of flexidepth-batch's three runs alone (the shipped setting, profiled): a short call
     flexidepth-capacity) python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                           --hard-skip-capacity kept+0.05 --iters 10 --profile 25 \
+                           --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --cuda-graphs \
                            --out "$OUT/flexidepth-batch8-ae-capacity.json" >"$OUT/flexidepth-capacity.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
