@@ -634,6 +634,35 @@ def test_combine_kernel_under_the_triton_interpreter_equals_the_torch_form():
     assert "COMBINE-INTERPRET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def test_route_kernel_under_the_triton_interpreter_equals_the_torch_route():
+    """A capacity route's one Triton kernel (``TRITON_INTERPRET=1`` on CPU tensors) gives the torch
+    route's effective mask, gather index (the first ``k`` rows of the kept-first order), its flat
+    rows and this rank's source rows, for masks of any density, capacities below and at the
+    sequence, several chunks (s > CHUNK), and a rank's slice of the sequence as under SP."""
+    code = textwrap.dedent("""
+        import math, torch
+        from megacpp_mcore.features.flexidepth import route_triton
+        from megacpp_mcore.features.flexidepth.dispatch import SkipDispatcher
+        route_triton.CHUNK = 16
+        g = torch.Generator().manual_seed(0)
+        for s, b, p in ((40, 3, 0.4), (33, 2, 0.0), (33, 2, 1.0), (7, 1, 0.5)):
+            mask = torch.rand(s, b, 1, generator=g) < p
+            for capacity in (0.1, 0.5, 1.0):
+                for start, rows in ((0, s), (s // 2, s - s // 2)):
+                    want = SkipDispatcher(None, sequence_parallel=False, capacity=capacity).start(mask[..., 0:1].expand(s, b, 1), mask)
+                    longest = min(s, math.ceil(capacity * s))
+                    eff, idx, flat, src = route_triton.route(mask[..., 0], longest, longest, start, rows)
+                    assert torch.equal(eff.unsqueeze(-1), want.keep), (s, b, p, capacity)
+                    assert torch.equal(idx, want.order[:longest]), (s, b, p, capacity)
+                    assert torch.equal(flat, idx * b + torch.arange(b))
+                    assert torch.equal(src, want.src[start:start + rows] if rows < s else want.src), (s, b, p, capacity, start)
+        print("ROUTE-INTERPRET-OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "ROUTE-INTERPRET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.gpu
 def test_combine_kernel_on_cuda_equals_the_torch_form_bit_for_bit():
     """On a CUDA device the one-pass combine equals torch's ``where(kept, processed[src], x +

@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megacpp_mcore.features.flexidepth.kernels import combine_rows
+from megacpp_mcore.spec import backends
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class SkipRoute:
     rows: int  # this rank's sequence rows
     src: torch.Tensor  # [rows, b] int64: per position of this rank, its row of the processed
     # tokens flattened ([k * b, h]: (rank - 1) * b + sequence), or -1 where it takes the skip path
+    flat: torch.Tensor | None = None  # [k, b] idx's rows of the flattened [s * b, h] sequence
 
 
 @dataclasses.dataclass
@@ -71,6 +73,7 @@ class _PendingRoute:
     ready: torch.cuda.Event | None
     start: int  # this rank's first sequence position (0 without SP)
     rows: int  # this rank's sequence rows
+    flat: torch.Tensor | None = None  # SkipRoute.flat, where the route kernel made it
 
 
 def kept_ranks(mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,12 @@ def kept_first(mask: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     dest = torch.where(mask, ranks - 1, ranks[-1:] + pos - ranks)
     order = torch.empty(mask.shape, dtype=torch.long, device=mask.device)
     return order.scatter_(0, dest.long(), pos.long().expand(mask.shape))
+
+
+def _route_kernel(mask: torch.Tensor) -> bool:
+    """Whether a capacity route runs as :mod:`.route_triton`'s one kernel: CUDA, outside
+    autograd, Triton installed."""
+    return mask.is_cuda and not torch.is_grad_enabled() and backends.detect().triton is not None
 
 
 class SkipDispatcher:
@@ -132,6 +141,13 @@ class SkipDispatcher:
         rows = hidden_states.shape[0]
         start = self.tp_group.rank() * rows if sp else 0
         ready = None
+        if self.capacity is not None and _route_kernel(mask):  # all of the below in one launch
+            longest = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))
+            from megacpp_mcore.features.flexidepth import route_triton
+
+            mask, order, flat, src = route_triton.route(mask, longest, self._round(longest), start, rows)
+            return _PendingRoute(full, mask[start:start + rows].unsqueeze(-1), order, src, longest, None,
+                                 start, rows, flat)
         ranks = kept_ranks(mask)
         if self.capacity is not None:  # a fixed length: the first kept positions, no host read
             longest = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))  # the same on any TP
@@ -161,14 +177,17 @@ class SkipDispatcher:
         k = self._round(int(pending.longest))
         idx = pending.order[:k]
         return SkipRoute(full=pending.full, idx=idx, keep=pending.keep, start=pending.start,
-                         rows=pending.rows, src=pending.src)
+                         rows=pending.rows, src=pending.src,
+                         flat=None if pending.flat is None else pending.flat[:k])
 
     def dispatch(self, route: SkipRoute) -> torch.Tensor:
         """The block's input: the kept tokens ``[k, b, h]`` (``[k/tp, b, h]`` under SP), whole
         rows of the flattened sequence (``index_select``)."""
         full = route.full
         k, b = route.idx.shape
-        flat = route.idx * b + torch.arange(b, device=route.idx.device)  # [k, b] rows of [s * b, h]
+        flat = route.flat
+        if flat is None:  # [k, b] rows of [s * b, h]
+            flat = route.idx * b + torch.arange(b, device=route.idx.device)
         tokens = full.reshape(-1, full.shape[-1]).index_select(0, flat.reshape(-1)).view(k, b, full.shape[-1])
         return scatter_to_sequence_parallel_region(tokens, group=self.tp_group) if self.sequence_parallel else tokens
 
