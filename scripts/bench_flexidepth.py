@@ -88,6 +88,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards each (default 3; --cpu-smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed forwards each (default 10; --cpu-smoke 2)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--route-kernel", action="store_true",
+                   help="capacity routes as one Triton kernel (dispatch.ROUTE_KERNEL, off by default until "
+                        "tested on a GPU)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time both forwards captured as CUDA graphs (replays interleaved like the eager "
                         "ones): the device's time without the host's; needs a fixed --hard-skip-capacity")
@@ -586,6 +589,10 @@ def run(args) -> dict:
     except ValueError as exc:
         _fail(str(exc))
     backend = "local" if args.cpu_smoke else "te"
+    if args.route_kernel:
+        from megacpp_mcore.features.flexidepth import dispatch
+
+        dispatch.ROUTE_KERNEL = True
     runtime.initialize(runtime.Parallelism(), seed=args.seed)
     if args.cuda_graphs:  # graph-safe RNG states before the modules are built (testing.cudagraph)
         from megatron.core import tensor_parallel

@@ -19,7 +19,8 @@ the ``layer`` seam (``transform(layer_spec, ctx) -> ModuleSpec``: the layer's sp
 * :mod:`.dispatch`: hard-skip inference as route -> dispatch -> combine (:class:`SkipDispatcher`);
 * :mod:`.kernels`: the combine's one pass (block rows where kept, the skip path elsewhere), its
   Triton kernel in :mod:`.combine_triton`;
-* :mod:`.route_triton`: a capacity route (mask, gather index, source rows) as one Triton kernel;
+* :mod:`.route_triton`: a capacity route (mask, gather index, source rows) as one Triton kernel
+  (off until run on a GPU: ``dispatch.ROUTE_KERNEL``);
 * :mod:`.layer`: :class:`FlexiDepthLayer` and :func:`transform`.
 """
 

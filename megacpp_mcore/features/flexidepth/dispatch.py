@@ -97,10 +97,19 @@ def kept_first(mask: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     return order.scatter_(0, dest.long(), pos.long().expand(mask.shape))
 
 
+# A capacity route as :mod:`.route_triton`'s one kernel where it can run. Off until it has run
+# on a GPU: it equals the torch route under the Triton interpreter (the CPU test), but no device
+# machine was lent after it was written (sixteenth session); its GPU test is
+# tests/test_flexidepth.py::test_route_kernel_on_cuda_equals_the_torch_route, and
+# `bench_flexidepth --route-kernel` times it.
+ROUTE_KERNEL = False
+
+
 def _route_kernel(mask: torch.Tensor) -> bool:
-    """Whether a capacity route runs as :mod:`.route_triton`'s one kernel: CUDA, outside
-    autograd, Triton installed."""
-    return mask.is_cuda and not torch.is_grad_enabled() and backends.detect().triton is not None
+    """Whether a capacity route runs as :mod:`.route_triton`'s one kernel: allowed
+    (:data:`ROUTE_KERNEL`), CUDA, outside autograd, Triton installed."""
+    return (ROUTE_KERNEL and mask.is_cuda and not torch.is_grad_enabled()
+            and backends.detect().triton is not None)
 
 
 class SkipDispatcher:
