@@ -218,7 +218,8 @@ def _cli(argv, capsys):
 
 
 @pytest.mark.parametrize("case", ["freeze-without-flexidepth", "freeze-without-load", "unknown-option",
-                                  "bad-adapter", "placement-on-mamba", "resume-unfrozen", "mod-and-flexidepth"])
+                                  "bad-adapter", "placement-on-mamba", "resume-unfrozen", "mod-and-flexidepth",
+                                  "mod-options-on-dense", "mod-option-bad-value"])
 def test_bad_flags_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeypatch, capsys):
     cache, save, rec = tmp_path / "cache", tmp_path / "save", tmp_path / "r.json"
     monkeypatch.setenv("MEGACPP_CACHE", str(cache))
@@ -236,6 +237,9 @@ def test_bad_flags_one_line_exit_2_nothing_written(case, runs, tmp_path, monkeyp
         # nam56r-tiny ships MoD on its A/E layers from index 2 on: at depth 4, layer 3
         "mod-and-flexidepth": (["--preset", "nam56r-tiny", "--num-layers", "4", "--flexidepth"],
                                "layer 3 ('E') carries both MoD and FlexiDepth"),
+        "mod-options-on-dense": (["--mod", "router_scale=width"], "carries no MoD (a dense variant?)"),
+        "mod-option-bad-value": (["--preset", "nam56r-tiny", "--mod", "router_scale=wide"],
+                                 "--mod 'router_scale=wide': MoD option router_scale='wide' is not a number or 'width'"),
     }[case]
     code, out = _cli(["train", *DENSE_ARGS, "--data", runs["prefix"], *argv, "--save", str(save),
                       "--receipt", str(rec)], capsys)

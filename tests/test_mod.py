@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -122,6 +123,27 @@ def _set_router(layer, *, std: float | None = None, weight=None, bias: float = 0
 
 def _inputs(seq: int = 16, batch: int = 2, seed: int = 1):
     return torch.randn(seq, batch, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mod_options_replace_fields_and_refuse_bad_items():
+    """``MoDConfig.with_options`` (``train --mod``): fields replaced, ``width`` / ``run`` for the
+    None of ``router_scale`` / ``budget_steps``, the placement kept; unknown keys, repeated keys,
+    bad numbers and out-of-range values refused with the item and what is allowed."""
+    from megacpp_mcore.models.presets import get_preset
+
+    mod = get_preset("nam56r-tiny").features["mod"]
+    changed = mod.with_options(" router_scale=width, budget_steps=run ,sparsity_loss_weight=0")
+    assert changed.router_scale is None and changed.budget_steps is None and changed.sparsity_loss_weight == 0
+    assert changed.placement == mod.placement and changed.mode == mod.mode
+    assert mod.with_options("router_scale=0.25").router_multiplier(2048) == 0.25
+    assert mod.with_options("") == mod
+    for bad, message in (("placement=AE", "allowed keys: mode, capacity"), ("budget_end", "is not key=value"),
+                         ("mode=topk,mode=gateskip", "'mode' is given twice"),
+                         ("budget_steps=soon", "is not an int or 'run'"),
+                         ("threshold=2", "allowed: 0 < threshold < 1"),
+                         ("router_scale=-1", "router_scale must be > 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            mod.with_options(bad)
 
 
 def test_router_scale_keeps_the_router_at_base_width_speed(single_rank):

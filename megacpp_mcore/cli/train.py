@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--load", help="resume from the latest checkpoint in this directory")
     group.add_argument("--stop-after", type=int,
                        help="stop (and save, with --save) after this step, keeping the --steps schedule")
+    parser.add_argument("--mod", metavar="OPTIONS",
+                        help="change the preset's MoD settings (its layers stay the preset's): key=value,... "
+                             "of MoDConfig, e.g. router_scale=width (a router that learns at nam56r-tiny's "
+                             "speed at any width) or sparsity_loss_weight=0,budget_steps=run")
     group = parser.add_argument_group("dynamic depth: FlexiDepth fine-tune (arXiv 2503.23798)")
     group.add_argument("--flexidepth", nargs="?", const="", metavar="OPTIONS",
                        help="add FlexiDepth (per layer and token, a router between the block and a light "
@@ -126,6 +130,15 @@ def run(args: argparse.Namespace) -> int:
             model = model.replace(mtp_depth=args.mtp_depth)
         except ValueError as exc:  # names the allowed depths
             raise ValueError(f"--mtp-depth {args.mtp_depth}: {exc}") from None
+    if args.mod is not None:
+        mod = model.features.get("mod")
+        if mod is None:
+            raise ValueError(f"--mod {args.mod!r}: preset {model.name!r} carries no MoD (a dense variant?); "
+                             "--mod changes the settings of a preset that has it, e.g. nam56r-tiny")
+        try:
+            model = model.replace(features={**model.features, "mod": mod.with_options(args.mod)})
+        except ValueError as exc:
+            raise ValueError(f"--mod {args.mod!r}: {exc}") from None
     if args.flexidepth is not None:
         from megacpp_mcore.features.flexidepth.config import FlexiDepthConfig
 

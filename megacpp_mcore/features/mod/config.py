@@ -23,6 +23,15 @@ def _number(owner: str, name: str, value: Any) -> float:
 
 # The width at which MoD's router logit is w . x unscaled (MoDConfig.router_scale): nam56r-tiny's.
 ROUTER_BASE_WIDTH = 128
+# MoDConfig.with_options (train --mod): the settable fields, each value's type and the word that
+# stands for None where None is allowed.
+OPTION_TYPES: dict[str, tuple[type, str | None]] = {
+    "mode": (str, None), "capacity": (float, None), "threshold": (float, None),
+    "router_init_std": (float, None), "router_bias_init": (float, None), "router_scale": (float, "width"),
+    "sparsity_loss_weight": (float, None), "router_aux_loss_weight": (float, None),
+    "budget_start": (float, None), "budget_end": (float, None), "budget_steps": (int, "run"),
+    "inference": (str, None), "kernels": (str, None),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,6 +140,32 @@ class MoDConfig:
         if self.allow_on:  # one placement object carries the opt-in to the pattern compiler
             merged = "".join(s for s in SYMBOLS if s in self.allow_on or s in self.placement.allow_on)
             object.__setattr__(self, "placement", dataclasses.replace(self.placement, allow_on=merged))
+
+    def with_options(self, text: str) -> "MoDConfig":
+        """This config with the fields ``"key=value,key=value"`` replaces (``train --mod``), e.g.
+        ``"router_scale=width,sparsity_loss_weight=0"``: keys from :data:`OPTION_TYPES` (not the
+        placement: which layers carry MoD is the preset's); ``router_scale=width`` is ``None``
+        (``ROUTER_BASE_WIDTH / hidden_size``), ``budget_steps=run`` is ``None`` (over the whole
+        run). ``ValueError`` naming the bad item and what is allowed."""
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = (s.strip() for s in item.partition("="))
+            if not sep or key not in OPTION_TYPES:
+                raise ValueError(f"MoD option {item!r} is not key=value with a known key; allowed keys: "
+                                 f"{', '.join(OPTION_TYPES)}")
+            if key in values:
+                raise ValueError(f"MoD option {key!r} is given twice")
+            kind, none_word = OPTION_TYPES[key]
+            if none_word is not None and raw == none_word:
+                values[key] = None
+                continue
+            try:
+                values[key] = kind(raw)
+            except ValueError:
+                what = {int: "an int", float: "a number"}[kind]
+                also = f" or {none_word!r}" if none_word else ""
+                raise ValueError(f"MoD option {key}={raw!r} is not {what}{also}") from None
+        return dataclasses.replace(self, **values)
 
     @property
     def gathers(self) -> bool:
