@@ -344,7 +344,12 @@ def _launchers(events) -> dict:
     table: dict = {}
     for event in events:
         for kernel in getattr(event, "kernels", ()):
-            frame = next((f for f in getattr(event, "stack", None) or () if any(m in f for m in OUR_FRAMES)), "?")
+            frame, parent = "?", event.cpu_parent  # with_stack: Python frames are the op's ancestors
+            while parent is not None:
+                if any(m in parent.name for m in OUR_FRAMES):
+                    frame = parent.name
+                    break
+                parent = parent.cpu_parent
             where = (event.name, str(getattr(event, "input_shapes", ""))[:80], frame[-110:])
             entry = table.setdefault(kernel.name, {}).setdefault(where, [0, 0.0])
             entry[0] += 1
