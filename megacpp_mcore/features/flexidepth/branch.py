@@ -129,8 +129,9 @@ class SkipBranch(torch.nn.Module):
         if pad:
             rows.append(self.router.weight.new_zeros(pad, h))
         weight = torch.cat(rows)  # [r + 1 + pad, h]
-        if self.norm.rms:
-            weight = weight * (self.norm.weight * h ** 0.5)
+        if self.norm.rms:  # in fp32 at least, rounded to `dtype` once
+            wide = torch.promote_types(acc, weight.dtype)
+            weight = weight.to(wide) * (self.norm.weight.to(wide) * h ** 0.5)
         joint = (weight.to(dtype), self.router.bias.to(acc), r)
         if not torch.is_grad_enabled():
             self._joint_cache = (key, joint)
