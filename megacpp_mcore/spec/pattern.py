@@ -248,3 +248,21 @@ def symbol_counts(symbols: Iterable[str]) -> dict[str, int]:
     """Counts per symbol in ``AEMR`` order (zeros included)."""
     counts = Counter(symbols)
     return {s: counts.get(s, 0) for s in SYMBOLS}
+
+
+def option_items(text: str, allowed: Iterable[str], feature: str) -> dict[str, str]:
+    """The ``key=value`` items of a feature's option string (``"a=1, b=x"``; empty: none), raw
+    values by key, for the feature's config to read (``train --flexidepth`` / ``--mod``).
+    ``ValueError`` naming the item: not ``key=value``, a key not in ``allowed`` (listed), a key
+    given twice. ``feature`` names the feature in the messages (``"MoD"``)."""
+    allowed = list(allowed)
+    items: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or key not in allowed:
+            raise ValueError(f"{feature} option {item!r} is not key=value with a known key; "
+                             f"allowed keys: {', '.join(allowed)}")
+        if key in items:
+            raise ValueError(f"{feature} option {key!r} is given twice")
+        items[key] = raw
+    return items

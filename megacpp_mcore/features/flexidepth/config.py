@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from megacpp_mcore.spec.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement
+from megacpp_mcore.spec.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement, option_items
 
 ADAPTERS = ("mlp", "linear", "none")
 TRAINING_MODES = ("soft",)
@@ -188,13 +188,7 @@ class FlexiDepthConfig:
         of layer indices are ``:``-separated. ``ValueError`` naming the bad item and what is
         allowed."""
         values: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, raw = (s.strip() for s in item.partition("="))
-            if not sep or key not in OPTION_TYPES:
-                raise ValueError(f"FlexiDepth option {item!r} is not key=value with a known key; "
-                                 f"allowed keys: {', '.join(OPTION_TYPES)}")
-            if key in values:
-                raise ValueError(f"FlexiDepth option {key!r} is given twice")
+        for key, raw in option_items(text, OPTION_TYPES, "FlexiDepth").items():
             kind = OPTION_TYPES[key]
             try:
                 values[key] = (tuple(int(v) for v in raw.split(":") if v) if kind == _INT_LIST

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from megacpp_mcore.spec.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement
+from megacpp_mcore.spec.pattern import FEATURE_RULES, SYMBOLS, FeaturePlacement, option_items
 
 MODES = ("gateskip", "threshold", "topk")
 # Eval-time behaviour per mode; the first entry is the default ("soft" = same as training).
@@ -148,13 +148,7 @@ class MoDConfig:
         (``ROUTER_BASE_WIDTH / hidden_size``), ``budget_steps=run`` is ``None`` (over the whole
         run). ``ValueError`` naming the bad item and what is allowed."""
         values: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, raw = (s.strip() for s in item.partition("="))
-            if not sep or key not in OPTION_TYPES:
-                raise ValueError(f"MoD option {item!r} is not key=value with a known key; allowed keys: "
-                                 f"{', '.join(OPTION_TYPES)}")
-            if key in values:
-                raise ValueError(f"MoD option {key!r} is given twice")
+        for key, raw in option_items(text, OPTION_TYPES, "MoD").items():
             kind, none_word = OPTION_TYPES[key]
             if none_word is not None and raw == none_word:
                 values[key] = None
