@@ -79,8 +79,9 @@ for part in $PARTS; do
                   >"$OUT/flexidepth-batch.log" 2>&1 ;;
     # the first of flexidepth-batch's three runs alone (the shipped setting, profiled, and as CUDA
     # graphs): a short call; FD_ARGS: more bench_flexidepth flags (e.g. --route-kernel)
-    flexidepth-capacity) python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
-                           --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --cuda-graphs ${FD_ARGS:-} \
+    flexidepth-capacity) read -r -a more <<<"${FD_ARGS:-}"
+                         python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
+                           --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --cuda-graphs ${more[@]+"${more[@]}"} \
                            --out "$OUT/flexidepth-batch8-ae-capacity.json" >"$OUT/flexidepth-capacity.log" 2>&1 ;;
     stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
