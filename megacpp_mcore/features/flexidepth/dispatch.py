@@ -150,20 +150,20 @@ class SkipDispatcher:
         rows = hidden_states.shape[0]
         start = self.tp_group.rank() * rows if sp else 0
         ready = None
-        if self.capacity is not None and _route_kernel(mask):  # all of the below in one launch
-            longest = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))
-            from megacpp_mcore.features.flexidepth import route_triton
-
-            mask, order, flat, src = route_triton.route(mask, longest, self._round(longest), start, rows)
-            return _PendingRoute(full, mask[start:start + rows].unsqueeze(-1), order, src, longest, None,
-                                 start, rows, flat)
-        ranks = kept_ranks(mask)
         if self.capacity is not None:  # a fixed length: the first kept positions, no host read
             longest = min(mask.shape[0], math.ceil(self.capacity * mask.shape[0]))  # the same on any TP
+            if _route_kernel(mask):  # the rest of the route in one launch
+                from megacpp_mcore.features.flexidepth import route_triton
+
+                mask, order, flat, src = route_triton.route(mask, longest, self._round(longest), start, rows)
+                return _PendingRoute(full, mask[start:start + rows].unsqueeze(-1), order, src, longest, None,
+                                     start, rows, flat)
+            ranks = kept_ranks(mask)
             mask = mask & (ranks <= longest)
             ranks = ranks.clamp(max=longest)  # the effective mask's ranks
             keep = mask[start:start + rows].unsqueeze(-1)  # this rank's rows of the effective mask
         else:
+            ranks = kept_ranks(mask)
             longest = mask.sum(0).max()  # 0-d: the largest per-sequence kept count
             if longest.is_cuda:
                 host = torch.empty((), dtype=longest.dtype, pin_memory=True)
