@@ -59,6 +59,7 @@ class SkipBranch(torch.nn.Module):
             self.down = torch.nn.Linear(h, r, bias=False, **linear)
             self.up = torch.nn.Linear(r, h, bias=False, **linear)
         self._init(config, fd)
+        self._joint_cache = None  # (key, joint) of _joint outside autograd
         for param in self.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
             param.sequence_parallel = bool(config.sequence_parallel)
@@ -119,7 +120,7 @@ class SkipBranch(torch.nn.Module):
         params = [p for p in (self.router.weight, self.router.bias, self.norm.weight,
                               None if down is None else down.weight) if p is not None]
         key = (dtype, acc, tuple((p.data_ptr(), p._version) for p in params))
-        cached = getattr(self, "_joint_cache", None)
+        cached = self._joint_cache
         if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
             return cached[1]
         h = self.router.weight.shape[-1]
