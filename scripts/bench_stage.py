@@ -64,6 +64,7 @@ from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
+AB_RUNS = ("ours", "upstream", "ours_unfused", "upstream_te_ce")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
 # Fast paths of the stage slice: name -> (default, {value: Megatron-LM flags}); "{cg}" is the CUDA
@@ -77,7 +78,8 @@ FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
                                     for v in ("alltoall", "allgather", "flex")}),
     "moe_permute_fusion": ("off", {"on": ["--moe-permute-fusion"], "off": []}),
     "moe_router_fusion": ("off", {"on": ["--moe-router-fusion"], "off": []}),
-    "ce_fusion": ("off", {"on": ["--cross-entropy-loss-fusion"], "off": []}),
+    "ce_fusion": ("off", {"on": ["--cross-entropy-loss-fusion"], "off": [],
+                          "te": ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"]}),
     # "{cg_modules}": attn and mamba, or mamba alone where the model carries MoD (a captured
     # attention or MoE layer would bypass MoD's gate: MoDLayer refuses such configs)
     "cuda_graphs": ("off", {"on": ["--cuda-graph-impl", "transformer_engine", "{cg}", "{cg_modules}"],
@@ -158,11 +160,11 @@ def launcher(args) -> list[str]:
 
 
 def ours(name: str, m: ModelConfig, spec: tuple[str, str], args, *, iters: int, mla: bool,
-         fast: dict[str, str], env=None) -> Run:
+         fast: dict[str, str], env=None, extra: list[str] | None = None) -> Run:
     """Our spec ``spec`` (module, attribute) through the launcher and ``pretrain_gpt.py``."""
     command = [*launcher(args), "-m", "megacpp_mcore.launch_pretrain", "--megatron-lm",
                str(args.megatron_lm), "--spec", *spec, *model_args(m, mla=mla, mtp=m.mtp_depth > 0),
-               *common_args(m, args, iters, fast), *args.ours_extra]
+               *common_args(m, args, iters, fast), *(extra or []), *args.ours_extra]
     return Run(name=name, model=m, command=command, env=dict(env or {}))
 
 
@@ -222,10 +224,19 @@ def plan_runs(args) -> list[Run]:
     if "ab" in args.set:
         shared = nam.replace(name="nam56r-upstream-symbols", pattern="AEMEAEMEAEMM", num_layers=12,
                              mla=None, mtp_depth=0, features={})
+        spec = ("layer_specs.nam56r", "NAM56R_UPSTREAM_SYMBOLS")
+        variants = {
+            "ours": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base),
+            "upstream": lambda n: upstream(n, shared, args, iters=args.iters, fast=base),
+            # what our layers do alone: GPTModel's own output layer and loss
+            "ours_unfused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
+                                           extra=["--megacpp-fused-lm-loss", "off"]),
+            # upstream's best loss: TE's fused cross-entropy (the logits still built)
+            "upstream_te_ce": lambda n: upstream(n, shared, args, iters=args.iters,
+                                                 fast=base | {"ce_fusion": "te"}),
+        }
         for r in range(args.repeats):
-            runs += [ours(f"ab_ours#{r}", shared, ("layer_specs.nam56r", "NAM56R_UPSTREAM_SYMBOLS"), args,
-                          iters=args.iters, mla=False, fast=base),
-                     upstream(f"ab_upstream#{r}", shared, args, iters=args.iters, fast=base)]
+            runs += [variants[v](f"ab_{v}#{r}") for v in args.ab_runs]
     if "stage" in args.set or "fast" in args.set:
         spec = ("layer_specs.nam56r", args.stage_spec)
         built = nam.replace(features=spec_features(*spec))
@@ -410,6 +421,12 @@ def report(rows: list[dict], args) -> dict:
         out["ratios"]["ab_ours_over_upstream"] = tps["ab_ours"] / tps["ab_upstream"]
         print(f"\nshared structure (AEMEAEMEAEMM): ours/upstream tokens/s = "
               f"{out['ratios']['ab_ours_over_upstream']:.3f} (median over repeats; target >= 1.05)")
+        for name in ("ab_ours_unfused", "ab_upstream_te_ce"):
+            if name in tps:
+                out["ratios"][f"{name}_over_upstream"] = tps[name] / tps["ab_upstream"]
+                out["ratios"][f"ab_ours_over_{name[3:]}"] = tps["ab_ours"] / tps[name]
+                print(f"  {name[3:]}/upstream {tps[name] / tps['ab_upstream']:.3f}; ours/{name[3:]} "
+                      f"{tps['ab_ours'] / tps[name]:.3f}")
     for name in tps:
         if name.startswith("stage12_") and name != "stage12_mtp" and "stage12" in tps:
             out["ratios"][name] = tps[name] / tps["stage12"]
@@ -441,7 +458,10 @@ def parse_args(argv):
     p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
                    help="Megatron-LM checkout (core_v0.16.1 or core_v0.19.0; default $MEGATRON_LM)")
     p.add_argument("--set", default="ab,stage", help=f"comma-separated, of: {', '.join(SETS)}")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved ours/upstream pairs (ab)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ab runs")
+    p.add_argument("--ab-runs", default="ours,upstream,ours_unfused",
+                   help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours_unfused: "
+                        "--megacpp-fused-lm-loss off; upstream_te_ce: upstream with TE's fused CE)")
     p.add_argument("--stage-repeats", type=int, default=1, help="repeats of the stage runs")
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
     p.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing")
@@ -481,6 +501,11 @@ def parse_args(argv):
     unknown = [s for s in args.set if s not in SETS]
     if unknown or not args.set:
         raise BenchError(f"--set {','.join(args.set)}: unknown {unknown or 'empty'}; allowed: {', '.join(SETS)}")
+    args.ab_runs = [r for r in args.ab_runs.split(",") if r]
+    bad = [r for r in args.ab_runs if r not in AB_RUNS]
+    if bad or not args.ab_runs or len(set(args.ab_runs)) < len(args.ab_runs):
+        raise BenchError(f"--ab-runs {','.join(args.ab_runs)}: {'unknown ' + ', '.join(bad) if bad else 'empty or repeated'}"
+                         f"; allowed (each once): {', '.join(AB_RUNS)}")
     if args.iters <= args.warmup:
         raise BenchError(f"--iters {args.iters} must exceed --warmup {args.warmup}")
     for name in ("repeats", "stage_repeats", "mbs", "gbs", "ep", "dp", "gbs_8x"):
@@ -509,7 +534,7 @@ def parse_args(argv):
 
 
 # settings an earlier call must share for its runs to be kept by --resume
-RESUME_SETTINGS = ("megatron_lm", "set", "repeats", "stage_repeats", "iters", "warmup", "mbs", "gbs",
+RESUME_SETTINGS = ("megatron_lm", "set", "ab_runs", "repeats", "stage_repeats", "iters", "warmup", "mbs", "gbs",
                    "fast", "base", "stage_spec", "ours_extra")
 
 

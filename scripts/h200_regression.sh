@@ -83,7 +83,10 @@ for part in $PARTS; do
                          python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                            --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --cuda-graphs ${more[@]+"${more[@]}"} \
                            --out "$OUT/flexidepth-batch8-ae-capacity.json" >"$OUT/flexidepth-capacity.log" 2>&1 ;;
-    stage-ab) python scripts/bench_stage.py --set ab --repeats 2 --out "$OUT/stage-ab.json" \
+    # ours / upstream / ours with GPTModel's own loss, twice interleaved; AB_ARGS: more bench_stage
+    # flags (e.g. --mbs 2 where upstream's micro-batch 4 does not fit an 80 GB card)
+    stage-ab) read -r -a more <<<"${AB_ARGS:-}"
+              python scripts/bench_stage.py --set ab --repeats 2 ${more[@]+"${more[@]}"} --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
     # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection; a call cut
     # at its deadline keeps the runs it finished, and the next call on the same machine resumes

@@ -230,7 +230,8 @@ def default_dry_run(tmp_path_factory):
 
 def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     tmp_path, runs = default_dry_run
-    assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours#1", "ab_upstream#1", "stage12#0",
+    assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours_unfused#0", "ab_ours#1", "ab_upstream#1",
+                          "ab_ours_unfused#1", "stage12#0",
                           "stage24#0", "stage12_mtp#0", "stage12_mla_rope_fusion=off#0",
                           "stage12_moe_permute_fusion=on#0"]
     assert not (tmp_path / "out").exists(), "--dry-run writes nothing"
@@ -245,6 +246,8 @@ def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     ours_flags = ours[spec + 3:]
     up_flags = up[up.index("--hybrid-override-pattern") + 2:]
     assert ours_flags == up_flags
+    unfused = runs["ab_ours_unfused#0"]  # our layers with GPTModel's own loss: the fused loss off
+    assert unfused[spec + 3:] == ours_flags + ["--megacpp-fused-lm-loss", "off"]
     assert (_flag(ours, "--hidden-size"), _flag(ours, "--moe-shared-expert-intermediate-size")) == ("4096", "1024")
     stage, mtp = runs["stage12#0"], runs["stage12_mtp#0"]
     assert _flag(stage, "--q-lora-rank") == "64" and "--megacpp-mtp-depth" not in stage
@@ -291,6 +294,8 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--iters", "3"], "--iters 3 must exceed --warmup 3"),
     (["--gbs", "6"], "--gbs 6 is not a multiple of --mbs 4"),
     (["--stage-spec", "AE"], "--stage-spec AE: allowed: NAM56R, NAM56R_DENSE"),
+    (["--ab-runs", "ours,mine"], "--ab-runs ours,mine: unknown mine; allowed (each once): ours, upstream"),
+    (["--ab-runs", "ours,ours"], "--ab-runs ours,ours: empty or repeated"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
     proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)
@@ -312,7 +317,8 @@ def test_bench_stage_flags_are_known_to_megatron_lm(tag, default_dry_run):
     for tokens in default_dry_run[1].values():
         start = next(i for i, t in enumerate(tokens) if t.endswith(".py") or t == "megacpp_mcore.launch_pretrain")
         flags |= {t for t in tokens[start + 1:] if t.startswith("--")}
-    ours = {"--megatron-lm", "--megacpp-mtp-depth", "--no-rope-fusion"}  # the last: add_argument by hand
+    ours = {"--megatron-lm", "--megacpp-mtp-depth", "--megacpp-fused-lm-loss",
+            "--no-rope-fusion"}  # the last: add_argument by hand
     assert [f for f in sorted(flags) if f not in ours and not flag_known(f, dests)] == []
 
 

@@ -74,6 +74,49 @@ def test_weighted_scalar_loss_grads_computed_in_forward_match_reference(chunk, m
     assert abs(float(value) - float(ref)) < 1e-4 and calls == []
 
 
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_masked_per_token_loss_takes_forward_time_grads_for_megatrons_loss_func(chunk, monkeypatch):
+    """``loss_mask``: the gradients of ``c * sum(loss * mask)`` are computed in forward (no logits
+    block is recomputed in backward) and equal the materialized reference's."""
+    from megacpp_mcore.features.mtp import fused_ce
+
+    x, w, labels, _ = _case()
+    mask = (torch.arange(labels.numel()) % 5 != 1).float()  # some tokens masked out, others ignored
+    ref_loss, ref_gx, ref_gw = _reference(x, w, labels, 0.37 * mask)
+    xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+    loss = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=chunk, impl="torch")
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    blocks = []
+    original = fused_ce._grad_torch
+    monkeypatch.setattr(fused_ce, "_grad_torch", lambda *a: blocks.append(a) or original(*a))
+    gx, gw = torch.autograd.grad(0.37 * (loss * mask).sum(), (xf, wf))  # pretrain_gpt's loss_func
+    assert blocks == []  # scaled, not recomputed
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+
+
+def test_masked_per_token_loss_used_otherwise_recomputes_exact_grads(monkeypatch):
+    """Any other upstream gradient (not ``c * loss_mask``) takes the recompute path: still exact."""
+    from megacpp_mcore.features.mtp import fused_ce
+
+    x, w, labels, upstream = _case()
+    mask = torch.ones(labels.shape)
+    ref_loss, ref_gx, ref_gw = _reference(x, w, labels, upstream)
+    xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+    loss = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=16, impl="torch")
+    blocks = []
+    original = fused_ce._grad_torch
+    monkeypatch.setattr(fused_ce, "_grad_torch", lambda *a: blocks.append(a) or original(*a))
+    gx, gw = torch.autograd.grad((loss * upstream).sum(), (xf, wf))
+    assert len(blocks) == 4  # ceil(53 / 16) blocks recomputed
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, token_weights=mask, impl="torch")
+    with pytest.raises(ValueError, match="loss_mask must be"):
+        fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask[:-1], impl="torch")
+
+
 def test_all_ignored_gives_zero_loss_and_grads():
     x, w, labels, upstream = _case()
     labels[:] = -100
@@ -141,7 +184,7 @@ def test_tp2_vocab_parallel_matches_full_logits():
         assert rank["ignored_zero"]
         for key in ("loss", "grad_hidden", "grad_weight", "sp_loss", "sp_grad_hidden",
                     "weighted_loss", "weighted_grad_hidden", "weighted_grad_weight",
-                    "lookup", "lookup_sp"):
+                    "masked_loss", "masked_grad_hidden", "masked_grad_weight", "lookup", "lookup_sp"):
             assert rank[key] < 1e-5, (key, rank)
 
 
@@ -160,6 +203,56 @@ def test_triton_matches_torch_path(dtype):
         total = fused_linear_cross_entropy(xf, wf, labels, token_weights=upstream.abs(), chunk=300,
                                            impl=impl)
         outs[impl] += (total, *torch.autograd.grad(total, (xf, wf)))
+        mask = (upstream > -1).float()
+        xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+        masked = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=256, impl=impl)
+        outs[impl] += (masked, *torch.autograd.grad(0.3 * (masked * mask).sum(), (xf, wf)))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(outs["torch"], outs["triton"]):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_fused_loss_model_equals_gpt_models_loss_and_gradients(single_rank):
+    """``FusedLossGPTModel`` against ``GPTModel`` with the same weights: per-token loss, and every
+    parameter's gradient through pretrain_gpt's ``loss_func`` (``sum(loss * loss_mask)``), with a
+    loss mask that drops tokens; tied and untied heads. Without labels both return the logits."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megacpp_mcore.features.mtp import FusedLossGPTModel
+    from megacpp_mcore.models.presets import get_preset
+    from megacpp_mcore.spec.block import hybrid_block_spec
+    from megacpp_mcore.train.runtime import Parallelism, gpt_model, transformer_config
+
+    model = get_preset("nam56r-tiny").replace(pattern="AE", num_layers=2, hidden_size=64,
+                                              num_attention_heads=4, ffn_hidden_size=128,
+                                              vocab_size=96, seq_length=16, moe=None, features={},
+                                              mla=None, mtp_depth=0)
+    config = transformer_config(model, Parallelism())
+    spec = hybrid_block_spec("AE", backend="local", num_layers=2)
+    g = torch.Generator().manual_seed(3)
+    b, s = 2, 16
+    tokens = torch.randint(0, 96, (b, s), generator=g)
+    labels = torch.randint(0, 96, (b, s), generator=g)
+    mask = (torch.rand(b, s, generator=g) > 0.25).float()
+    pos = torch.arange(s).expand(b, s)
+    for tied in (False, True):
+        built = {}
+        for fused in (False, True):
+            torch.manual_seed(11)
+            built[fused] = gpt_model(config, spec, vocab_size=96, max_sequence_length=s,
+                                     pre_process=True, post_process=True, fused_lm_loss=fused,
+                                     share_embeddings_and_output_weights=tied,
+                                     position_embedding_type="rope")
+        assert type(built[False]) is GPTModel and type(built[True]) is FusedLossGPTModel
+        built[True].load_state_dict(built[False].state_dict())
+        out = {}
+        for fused, gpt in built.items():
+            loss = gpt(tokens, pos, None, labels=labels, loss_mask=mask)
+            (0.5 * (loss.view(-1).float() * mask.view(-1)).sum()).backward()
+            out[fused] = loss.detach(), {n: p.grad for n, p in gpt.named_parameters()}
+            with torch.no_grad():
+                assert gpt(tokens, pos, None).shape == (b, s, 96)  # logits without labels
+        torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+        assert out[True][0].shape == (b, s)
+        for name, grad in out[False][1].items():
+            torch.testing.assert_close(out[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -47,6 +47,7 @@ def _args(**overrides) -> argparse.Namespace:
         use_legacy_models=False, yaml_cfg=None, multi_latent_attention=False, q_lora_rank=None,
         kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
         qk_layernorm=False, rope_type=None, rotary_scaling_factor=1.0, megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
+        megacpp_fused_lm_loss="on",
     )
     assert set(lp.MEGATRON_ARGS_READ) <= set(values)
     values.update(overrides)
@@ -142,10 +143,17 @@ def _config(num_layers=4):
 def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
     from megatron.core.models.gpt import GPTModel
 
+    from megacpp_mcore.features.mtp import FusedLossGPTModel
+
+    plain = lp.gpt_builder(_args(megacpp_fused_lm_loss="off"), pre_process=True, post_process=True,
+                           config=_config())
+    assert type(plain) is GPTModel
+    assert "fused LM loss off" in capsys.readouterr().out
     gpt = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
-    assert type(gpt) is GPTModel and len(gpt.decoder.layers) == 4
-    assert ("model GPTModel from --spec layer_specs.nam56r_lite NAM56R_LITE_AE: pattern 'AE', "
-            "backend local (--transformer-impl local)") in capsys.readouterr().out
+    assert type(gpt) is FusedLossGPTModel and gpt.fused_lm_loss and len(gpt.decoder.layers) == 4
+    assert ("model FusedLossGPTModel from --spec layer_specs.nam56r_lite NAM56R_LITE_AE: pattern 'AE', "
+            "backend local (--transformer-impl local), features [], no MTP, fused LM loss on"
+            ) in capsys.readouterr().out
     assert gpt.decoder.layers[0].self_attention.linear_qkv.__class__.__name__ == "ColumnParallelLinear"
     tokens = torch.randint(0, 128, (2, 32))
     loss = gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens)

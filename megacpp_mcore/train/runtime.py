@@ -231,24 +231,31 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
 
 
 def gpt_model(config, layer_spec, *, vocab_size: int, max_sequence_length: int, pre_process: bool,
-              post_process: bool, vp_stage: int | None = None, mtp=None, **gpt_kwargs):
+              post_process: bool, vp_stage: int | None = None, mtp=None, fused_lm_loss: bool = False,
+              **gpt_kwargs):
     """The one GPTModel builder of the package (``train``, the tests, benchmarks and the
     ``pretrain_gpt.py`` launcher all build through it): one model chunk from ``layer_spec``.
 
     ``mtp``: a :class:`megacpp_mcore.features.mtp.MTPConfig` with ``depth > 0`` builds
-    ``MTPGPTModel`` (shared-block MTP, on the last pipeline stage only); ``None`` a plain GPTModel.
-    ``gpt_kwargs`` go to the GPTModel constructor as they are (rotary, tied embeddings, ...).
+    ``MTPGPTModel`` (shared-block MTP, on the last pipeline stage only); ``fused_lm_loss``: the LM
+    loss through the fused linear cross-entropy (``FusedLossGPTModel``, no logits built); neither: a
+    plain GPTModel. ``gpt_kwargs`` go to the GPTModel constructor as they are (rotary, tied
+    embeddings, ...).
     """
     from megatron.core.models.gpt import GPTModel
 
-    model_cls, mtp_kwargs = GPTModel, {}
+    model_cls, extra = GPTModel, {}
     if mtp is not None and mtp.depth > 0:
         from megacpp_mcore.features.mtp import MTPGPTModel
 
-        model_cls, mtp_kwargs = MTPGPTModel, {"mtp": mtp}
+        model_cls, extra = MTPGPTModel, {"mtp": mtp, "fused_lm_loss": fused_lm_loss}
+    elif fused_lm_loss:
+        from megacpp_mcore.features.mtp import FusedLossGPTModel
+
+        model_cls, extra = FusedLossGPTModel, {"fused_lm_loss": True}
     return model_cls(config=config, transformer_layer_spec=layer_spec, vocab_size=vocab_size,
                      max_sequence_length=max_sequence_length, pre_process=pre_process,
-                     post_process=post_process, vp_stage=vp_stage, **mtp_kwargs, **gpt_kwargs)
+                     post_process=post_process, vp_stage=vp_stage, **extra, **gpt_kwargs)
 
 
 def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: bool = True,

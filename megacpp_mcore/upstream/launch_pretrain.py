@@ -109,6 +109,10 @@ def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help="MTP step-weight decay (default: megacpp_mcore.features.mtp.MTPConfig's)")
     group.add_argument("--megacpp-mtp-loss-scale", type=float, default=None,
                        help="factor on the total MTP loss (default: MTPConfig's)")
+    group.add_argument("--megacpp-fused-lm-loss", choices=("on", "off"), default="on",
+                       help="the LM loss through the package's fused linear cross-entropy, the "
+                            "[tokens x vocab] logits never built (FusedLossGPTModel; default on); "
+                            "off: GPTModel's output layer and cross-entropy")
     return parser
 
 
@@ -274,6 +278,12 @@ def mtp_from_args(args: argparse.Namespace):
     return MTPConfig(**{k: v for k, v in options.items() if v is not None})
 
 
+def fused_lm_loss_from_args(args: argparse.Namespace) -> bool:
+    """``--megacpp-fused-lm-loss``; arguments saved before the flag existed (a checkpoint's) read as
+    its default, on."""
+    return getattr(args, "megacpp_fused_lm_loss", "on") == "on"
+
+
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
     """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``, built by
     the package's one builder (:func:`megacpp_mcore.train.runtime.gpt_model`)."""
@@ -301,6 +311,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
         post_process=post_process,
         vp_stage=vp_stage,
         mtp=mtp,
+        fused_lm_loss=fused_lm_loss_from_args(args),
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -334,9 +345,10 @@ def _report(args, spec, model_cls, post_process) -> None:
     sub = getattr(spec, "submodules", None)
     backend = getattr(sub, "backend", "?")
     mtp = f"MTP depth {args.megacpp_mtp_depth}" if args.megacpp_mtp_depth and post_process else "no MTP"
+    loss = f"fused LM loss {'on' if fused_lm_loss_from_args(args) else 'off'}" if post_process else "no LM loss"
     print(f"[megacpp_mcore] model {model_cls.__name__} from --spec {' '.join(args.spec)}: pattern "
           f"{getattr(sub, 'pattern', '?')!r}, backend {backend} (--transformer-impl "
-          f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}",
+          f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}, {loss}",
           flush=True)
 
 

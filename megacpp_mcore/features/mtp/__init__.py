@@ -3,7 +3,8 @@
 * :class:`MTPConfig`, :func:`step_weights`, :func:`roll_and_mask`, :func:`cast_keeping_shard_markers`
   (no model needed; :mod:`megacpp_mcore.features.mtp.core`);
 * :class:`MTPGPTModel`: ``GPTModel`` + ONE shared A+E block reused for K depths on the last pipeline
-  stage (:mod:`.block`, :mod:`.model`);
+  stage (:mod:`.block`, :mod:`.model`); :class:`FusedLossGPTModel`, its base: the LM loss through
+  the fused cross-entropy, no logits built;
 * :mod:`.fused_ce`: chunked vocab-parallel fused linear cross-entropy (torch / Triton).
 
 Model classes import megatron-core and are loaded lazily.
@@ -13,10 +14,10 @@ from megacpp_mcore.features.mtp.core import MTPConfig, cast_keeping_shard_marker
 
 
 def __getattr__(name):
-    if name == "MTPGPTModel":
-        from megacpp_mcore.features.mtp.model import MTPGPTModel
+    if name in ("MTPGPTModel", "FusedLossGPTModel"):
+        from megacpp_mcore.features.mtp import model
 
-        return MTPGPTModel
+        return getattr(model, name)
     if name in ("SharedMTPBlock", "shared_block_spec"):
         from megacpp_mcore.features.mtp import block
 
@@ -25,6 +26,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "FusedLossGPTModel",
     "MTPConfig",
     "MTPGPTModel",
     "cast_keeping_shard_markers",

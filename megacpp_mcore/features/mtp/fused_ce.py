@@ -139,6 +139,52 @@ def _chunk_lse(logits, local, in_shard, stats, tp_group):
     return row_max + torch.log(sumexp), target
 
 
+def _blocks(hidden, weight, local, in_shard, weights, tp_group, chunk, impl, grads):
+    """One pass over the ``[chunk, V_shard]`` logits blocks: per-token (lse, target logit) and,
+    where ``grads`` asks, the gradients of ``sum_t weights[t] * CE_t`` computed while each block is
+    live (``dlogits @ W`` and ``dlogits^T @ h``: the two backward GEMMs of an unfused head)."""
+    stats, grad_fn = _epilogue(impl)
+    n = hidden.shape[0]
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if grads[0] else None
+    grad_weight = torch.zeros_like(weight) if grads[1] else None
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        h = hidden[start:end]
+        logits = h @ weight.t()  # [c, V_shard]
+        lse[start:end], target[start:end] = _chunk_lse(logits, local[start:end], in_shard[start:end],
+                                                       stats, tp_group)
+        if not any(grads):
+            continue
+        dlogits = grad_fn(logits, lse[start:end], local[start:end], in_shard[start:end],
+                          weights[start:end])
+        del logits
+        if grad_hidden is not None:
+            grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
+        if grad_weight is not None:
+            _accumulate_wgrad(grad_weight, dlogits, h)
+    return lse, target, grad_hidden, grad_weight
+
+
+def _recomputed_grads(hidden, weight, lse, local, in_shard, scale, chunk, impl, needs):
+    """Gradients for a per-token upstream gradient ``scale`` known only in backward: each logits
+    block recomputed (one more GEMM per block than an unfused head)."""
+    _, grad_fn = _epilogue(impl)
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros_like(weight) if needs[1] else None
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        h = hidden[start:end]
+        dlogits = grad_fn(h @ weight.t(), lse[start:end], local[start:end], in_shard[start:end],
+                          scale[start:end])
+        if grad_hidden is not None:
+            grad_hidden[start:end] = dlogits @ weight
+        if grad_weight is not None:
+            _accumulate_wgrad(grad_weight, dlogits, h)
+    return grad_hidden, grad_weight
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """hidden [N, h], weight [V_shard, h], labels [N] -> per-token loss [N] (fp32, 0 where ignored).
 
@@ -147,41 +193,55 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, tp_group, ignore_index, chunk, impl):
-        stats, _ = _epilogue(impl)
         valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
-        n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
-            logits = hidden[start:end] @ weight.t()  # [c, V_shard]
-            lse[start:end], target = _chunk_lse(logits, local[start:end], in_shard[start:end],
-                                                stats, tp_group)
-            loss[start:end] = lse[start:end] - target
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        lse, target, _, _ = _blocks(hidden, weight, local, in_shard, None, tp_group, chunk, impl,
+                                    (False, False))
         ctx.save_for_backward(hidden, weight, lse, local, in_shard, valid)
         ctx.chunk, ctx.impl = chunk, impl
-        return loss
+        return torch.where(valid, lse - target, torch.zeros_like(lse))
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, lse, local, in_shard, valid = ctx.saved_tensors
-        _, grad_fn = _epilogue(ctx.impl)
         scale = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            end = min(start + ctx.chunk, hidden.shape[0])
-            h = hidden[start:end]
-            logits = h @ weight.t()  # recomputed [c, V_shard]
-            dlogits = grad_fn(logits, lse[start:end], local[start:end], in_shard[start:end],
-                              scale[start:end])
-            del logits
-            if grad_hidden is not None:
-                grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
-            if grad_weight is not None:
-                _accumulate_wgrad(grad_weight, dlogits, h)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        gh, gw = _recomputed_grads(hidden, weight, lse, local, in_shard, scale, ctx.chunk, ctx.impl,
+                                   ctx.needs_input_grad[:2])
+        return gh, gw, None, None, None, None, None
+
+
+class _FusedLinearCrossEntropyMasked(torch.autograd.Function):
+    """hidden [N, h], weight [V_shard, h], labels [N], loss_mask [N] -> per-token loss [N] (fp32).
+
+    For a loss consumed as ``c * sum_t loss_t * loss_mask_t`` (Megatron's ``loss_func``; ``c`` is
+    whatever the schedule scales by), whose per-token upstream gradient is ``c * loss_mask``: the
+    gradients for ``c = 1`` are computed in forward while each logits block is live (no recompute;
+    the three GEMMs of an unfused head) and backward scales them by ``c``. Backward checks that the
+    gradient it gets has that form (one host sync) and otherwise recomputes the blocks for it, so
+    any other use of the loss stays exact, only slower.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, loss_mask, tp_group, ignore_index, chunk, impl, grads):
+        valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
+        mask = torch.where(valid, loss_mask.float(), torch.zeros_like(loss_mask, dtype=torch.float32))
+        lse, target, gh, gw = _blocks(hidden, weight, local, in_shard, mask, tp_group, chunk, impl, grads)
+        ctx.save_for_backward(hidden, weight, lse, local, in_shard, valid, mask, gh, gw)
+        ctx.chunk, ctx.impl = chunk, impl
+        return torch.where(valid, lse - target, torch.zeros_like(lse))
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, lse, local, in_shard, valid, mask, gh, gw = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        grad = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
+        c = (grad * mask).sum() / (mask * mask).sum().clamp(min=1e-30)
+        have = (gh is not None or not needs[0]) and (gw is not None or not needs[1])
+        if have and torch.allclose(grad, c * mask, rtol=1e-5, atol=0.0):
+            # out of place: a retained graph's second backward must find the c = 1 gradients
+            return (gh * c.to(gh.dtype) if needs[0] else None, gw * c.to(gw.dtype) if needs[1] else None,
+                    None, None, None, None, None, None, None)
+        gh, gw = _recomputed_grads(hidden, weight, lse, local, in_shard, grad, ctx.chunk, ctx.impl, needs)
+        return gh, gw, None, None, None, None, None, None, None
 
 
 class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
@@ -195,29 +255,12 @@ class _FusedLinearCrossEntropyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weights, tp_group, ignore_index, chunk, impl,
                 grads):
-        stats, grad_fn = _epilogue(impl)
         valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
         weights = torch.where(valid, token_weights.float(), torch.zeros_like(token_weights, dtype=torch.float32))
-        grad_hidden = torch.empty_like(hidden) if grads[0] else None
-        grad_weight = torch.zeros_like(weight) if grads[1] else None
-        need_grad = any(grads)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            h, w_c = hidden[start:end], weights[start:end]
-            logits = h @ weight.t()  # [c, V_shard]
-            lse, target = _chunk_lse(logits, local[start:end], in_shard[start:end], stats, tp_group)
-            total += ((lse - target) * w_c).sum()
-            if not need_grad:
-                continue
-            dlogits = grad_fn(logits, lse, local[start:end], in_shard[start:end], w_c)
-            del logits
-            if grad_hidden is not None:
-                grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
-            if grad_weight is not None:
-                _accumulate_wgrad(grad_weight, dlogits, h)
+        lse, target, grad_hidden, grad_weight = _blocks(hidden, weight, local, in_shard, weights,
+                                                        tp_group, chunk, impl, grads)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
+        return ((lse - target) * weights).sum()
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -234,6 +277,7 @@ def fused_linear_cross_entropy(
     labels: torch.Tensor,
     *,
     token_weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
     tp_group=None,
     ignore_index: int = -100,
     chunk: int | None = None,
@@ -243,6 +287,9 @@ def fused_linear_cross_entropy(
 
     Returns the per-token loss ``[N]`` (fp32, 0 at ``ignore_index``), or, with ``token_weights``
     ``[N]``, the scalar ``sum_t token_weights[t] * CE_t`` whose gradients are computed in forward.
+    ``loss_mask`` ``[N]`` (per-token loss only): the loss will be consumed as ``c * sum_t loss_t *
+    loss_mask_t`` (Megatron's ``loss_func``), so the gradients are computed in forward for the
+    mask and scaled by ``c`` in backward; another use of the loss recomputes them (exact, slower).
     ``hidden`` ``[N, h]`` must already be replicated over ``tp_group`` (use
     :func:`vocab_parallel_linear_cross_entropy` from ``[s, b, h]`` model activations); ``weight``
     ``[V / tp, h]`` is this rank's vocab shard and must carry Megatron's shard markers.
@@ -256,11 +303,15 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"fused_linear_cross_entropy: weight must be [V_shard, {hidden.shape[1]}], got {tuple(weight.shape)}"
         )
-    if token_weights is not None and token_weights.shape != labels.shape:
-        raise ValueError(
-            f"fused_linear_cross_entropy: token_weights must be [N] = {tuple(labels.shape)}, got "
-            f"{tuple(token_weights.shape)}"
-        )
+    for name, per_token in (("token_weights", token_weights), ("loss_mask", loss_mask)):
+        if per_token is not None and per_token.shape != labels.shape:
+            raise ValueError(
+                f"fused_linear_cross_entropy: {name} must be [N] = {tuple(labels.shape)}, got "
+                f"{tuple(per_token.shape)}"
+            )
+    if token_weights is not None and loss_mask is not None:
+        raise ValueError("fused_linear_cross_entropy: pass token_weights (a weighted scalar loss) or "
+                         "loss_mask (a per-token loss), not both")
     tp = _group_size(tp_group)
     check_vocab_parallel_weight(weight, tp)
     if hidden.dtype != weight.dtype:
@@ -270,11 +321,14 @@ def fused_linear_cross_entropy(
         )
     impl = resolve_impl(impl, hidden.device)
     chunk = chunk or default_chunk(weight.shape[0], impl, hidden.dtype)
+    # Gradients are computed in forward only where autograd will ask for them (not under no_grad).
+    grads = tuple(torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
+    if loss_mask is not None:
+        return _FusedLinearCrossEntropyMasked.apply(hidden, weight, labels.long(), loss_mask, tp_group,
+                                                    ignore_index, chunk, impl, grads)
     if token_weights is None:
         return _FusedLinearCrossEntropy.apply(hidden, weight, labels.long(), tp_group,
                                               ignore_index, chunk, impl)
-    # Gradients are computed in forward only where autograd will ask for them (not under no_grad).
-    grads = tuple(torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
     return _FusedLinearCrossEntropyLoss.apply(hidden, weight, labels.long(), token_weights,
                                               tp_group, ignore_index, chunk, impl, grads)
 
@@ -287,12 +341,14 @@ def vocab_parallel_linear_cross_entropy(
     tp_group,
     sequence_parallel: bool,
     token_weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Model-layout entry: hidden ``[s(/tp under SP), b, h]``, labels ``[b, s]`` -> loss ``[b, s]``
-    (or, with ``token_weights`` ``[b, s]``, the weighted scalar sum).
+    (or, with ``token_weights`` ``[b, s]``, the weighted scalar sum; ``loss_mask`` ``[b, s]``: see
+    :func:`fused_linear_cross_entropy`).
 
     Enters the TP region like the output ``ColumnParallelLinear``: all-gather of the sequence shards
     under SP (reduce-scatter in backward), identity with an all-reduce in backward otherwise.
@@ -311,10 +367,12 @@ def vocab_parallel_linear_cross_entropy(
     s, b, h = hidden.shape
     if labels.shape != (b, s):
         raise ValueError(f"labels must be [b, s] = [{b}, {s}], got {tuple(labels.shape)}")
-    if token_weights is not None:
-        token_weights = token_weights.t().reshape(s * b)
+    for name, per_token in (("token_weights", token_weights), ("loss_mask", loss_mask)):
+        if per_token is not None and per_token.shape != (b, s):
+            raise ValueError(f"{name} must be [b, s] = [{b}, {s}], got {tuple(per_token.shape)}")
+    token_weights, loss_mask = (None if t is None else t.t().reshape(s * b) for t in (token_weights, loss_mask))
     loss = fused_linear_cross_entropy(
         hidden.reshape(s * b, h), weight, labels.t().reshape(s * b), token_weights=token_weights,
-        tp_group=tp_group, ignore_index=ignore_index, chunk=chunk, impl=impl,
+        loss_mask=loss_mask, tp_group=tp_group, ignore_index=ignore_index, chunk=chunk, impl=impl,
     )
-    return loss if token_weights is not None else loss.view(s, b).t()  # [b, s]
+    return loss if token_weights is not None else loss.view(s, b).t().contiguous()  # [b, s], as GPTModel

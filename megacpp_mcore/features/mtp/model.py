@@ -1,4 +1,14 @@
-"""``MTPGPTModel``: Megatron's ``GPTModel`` plus shared-block MTP on the last pipeline stage.
+"""``FusedLossGPTModel``: Megatron's ``GPTModel`` whose LM loss never builds the logits; and
+``MTPGPTModel``: that model plus shared-block MTP on the last pipeline stage.
+
+The fused LM loss (``fused_lm_loss=True``): with labels, ``GPTModel`` builds the ``[s, b, V]`` bf16
+logits, and its cross-entropy an fp32 copy and an fp32 softmax kept for backward (8.6 GB each at
+16,384 tokens x 131,072). Ours goes through :func:`~megacpp_mcore.features.mtp.fused_ce.vocab_parallel_linear_cross_entropy`
+with the batch's ``loss_mask``: one ``[chunk, V]`` block alive at a time, and the gradients computed
+in forward for Megatron's ``loss_func`` (``sum(loss * loss_mask)``): the three GEMMs of the
+unfused head and no fp32 pass over the logits. Without labels (generation) and wherever upstream's
+head does something ours does not (upstream MTP, inference contexts, fp16 cross-entropy, deferred
+embedding wgrad, the config logger, 0.18's ``output_processor`` hook) the model is ``GPTModel``.
 
 The trunk, the embedding, the output layer and their cross-stage tying are upstream's. MTP reads ONE
 weight that every last stage has, the output head (``_head_weight``), both to embed the rolled-in
@@ -72,10 +82,58 @@ def _vocab_parallel_lookup(ids: torch.Tensor, weight: torch.Tensor, *, tp_group,
     return reduce_from_tensor_model_parallel_region(emb, group=tp_group) if tp > 1 else emb
 
 
-class MTPGPTModel(GPTModel):
-    """``GPTModel`` with shared-block multi-token prediction (``mtp=None`` gives plain GPTModel).
+class FusedLossGPTModel(GPTModel):
+    """``GPTModel`` with the fused LM loss (module docstring); ``fused_lm_loss=False`` is
+    ``GPTModel`` itself. ``fused_ce_impl``: the cross-entropy epilogue (``auto``, ``torch``,
+    ``triton``; :data:`~megacpp_mcore.features.mtp.fused_ce.IMPLS`)."""
 
-    Takes ``GPTModel``'s constructor kwargs plus ``mtp`` (:class:`MTPConfig`), and optionally
+    def __init__(self, *args, fused_lm_loss: bool = False, fused_ce_impl: str = "auto", **kwargs):
+        from megacpp_mcore.features.mtp.fused_ce import IMPLS
+
+        if fused_ce_impl not in IMPLS:
+            raise ValueError(f"fused_ce_impl {fused_ce_impl!r}; allowed: {', '.join(IMPLS)}")
+        super().__init__(*args, **kwargs)
+        self.fused_lm_loss = bool(fused_lm_loss)
+        self.fused_ce_impl = fused_ce_impl
+
+    def _fused_loss_applies(self, labels, mtp_in_postprocess, kwargs) -> bool:
+        from megatron.core.config_logger import has_config_logger_enabled
+
+        config = self.config
+        return (self.fused_lm_loss and self.post_process and labels is not None
+                and not mtp_in_postprocess and not config.mtp_num_layers
+                and kwargs.get("inference_context") is None and kwargs.get("inference_params") is None
+                and kwargs.get("output_processor") is None  # 0.18+: the caller's own head
+                and not self.fp16_lm_cross_entropy
+                and not getattr(config, "defer_embedding_wgrad_compute", False)
+                and not has_config_logger_enabled(config))
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
+                     **kwargs):
+        if not self._fused_loss_applies(labels, mtp_in_postprocess, kwargs):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels,
+                                        rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                                        mtp_in_postprocess=mtp_in_postprocess, loss_mask=loss_mask,
+                                        **kwargs)
+        weight = self._head_weight()
+        if weight.dtype != hidden_states.dtype:
+            weight = cast_keeping_shard_markers(weight, hidden_states.dtype)
+        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask
+        return vocab_parallel_linear_cross_entropy(
+            hidden_states, weight, labels, loss_mask=mask, tp_group=self.pg_collection.tp,
+            sequence_parallel=self.config.sequence_parallel, impl=self.fused_ce_impl)
+
+    def _head_weight(self) -> torch.Tensor:
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+class MTPGPTModel(FusedLossGPTModel):
+    """``GPTModel`` with shared-block multi-token prediction (``mtp=None``: :class:`FusedLossGPTModel`).
+
+    Takes :class:`FusedLossGPTModel`'s constructor kwargs plus ``mtp`` (:class:`MTPConfig`), and optionally
     ``mtp_backend`` / ``mtp_features``; by default both come from the trunk spec when it is a
     :func:`~megacpp_mcore.spec.block.hybrid_block_spec` (so an MLA trunk gets an MLA block).
     """
@@ -119,11 +177,6 @@ class MTPGPTModel(GPTModel):
                               rotary_pos_emb=rotary_pos_emb,
                               packed_seq_params=kwargs.get("packed_seq_params"))
         return AttachLoss.apply(output, total)
-
-    def _head_weight(self) -> torch.Tensor:
-        if self.share_embeddings_and_output_weights:
-            return self.shared_embedding_or_output_weight()
-        return self.output_layer.weight
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Rolled-in token embeddings ``[s(/tp), b, h]`` from the (vocab-sharded) head weight."""

@@ -75,6 +75,22 @@ def fused_ce_tp_check(*, tokens: int = 40, hidden: int = 16, vocab: int = 64, ch
     ref_gx3 = ref_gx.view(b, s, hidden).transpose(0, 1).chunk(tp, dim=0)[rank]
     out["sp_loss"] = (loss_sp - ref.detach().view(b, s)).abs().max().item()
     out["sp_grad_hidden"] = (gx_sp - ref_gx3).abs().max().item()
+    # The same with a loss mask (FusedLossGPTModel): gradients computed in forward for
+    # pretrain_gpt's sum(loss * mask), scaled in backward.
+    mask = (torch.arange(tokens) % 5 != 2).float()
+    xm, wm = x.clone().requires_grad_(), w.clone().requires_grad_()
+    refm = F.cross_entropy(xm @ wm.t(), labels, ignore_index=-100, reduction="none")
+    ref_gxm, ref_gwm = torch.autograd.grad(0.7 * (refm * mask).sum(), (xm, wm))
+    x_m = x3.chunk(tp, dim=0)[rank].clone().requires_grad_()
+    w_m = w_local.detach().clone().requires_grad_()
+    set_tensor_model_parallel_attributes(w_m, True, 0, 1)
+    loss_m = vocab_parallel_linear_cross_entropy(x_m, w_m, labels_bs, tp_group=group, sequence_parallel=True,
+                                                 loss_mask=mask.view(b, s), chunk=chunk, impl="torch")
+    gx_m, gw_m = torch.autograd.grad(0.7 * (loss_m.view(-1) * mask).sum(), (x_m, w_m))
+    ref_gxm3 = ref_gxm.view(b, s, hidden).transpose(0, 1).chunk(tp, dim=0)[rank]
+    out["masked_loss"] = (loss_m - ref.detach().view(b, s)).abs().max().item()
+    out["masked_grad_hidden"] = (gx_m - ref_gxm3).abs().max().item()
+    out["masked_grad_weight"] = (gw_m - ref_gwm[rank * shard:(rank + 1) * shard]).abs().max().item()
     # The last stage's embedding of rolled-in tokens from the vocab-sharded tied weight.
     from megacpp_mcore.features.mtp.model import _vocab_parallel_lookup
 
