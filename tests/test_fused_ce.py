@@ -89,8 +89,9 @@ def test_masked_per_token_loss_takes_forward_time_grads_for_megatrons_loss_func(
     blocks = []
     original = fused_ce._grad_torch
     monkeypatch.setattr(fused_ce, "_grad_torch", lambda *a: blocks.append(a) or original(*a))
+    monkeypatch.setattr(fused_ce, "masked_recomputes", 0)
     gx, gw = torch.autograd.grad(0.37 * (loss * mask).sum(), (xf, wf))  # pretrain_gpt's loss_func
-    assert blocks == []  # scaled, not recomputed
+    assert blocks == [] and fused_ce.masked_recomputes == 0  # scaled, not recomputed
     torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
     torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
 
@@ -107,8 +108,10 @@ def test_masked_per_token_loss_used_otherwise_recomputes_exact_grads(monkeypatch
     blocks = []
     original = fused_ce._grad_torch
     monkeypatch.setattr(fused_ce, "_grad_torch", lambda *a: blocks.append(a) or original(*a))
-    gx, gw = torch.autograd.grad((loss * upstream).sum(), (xf, wf))
-    assert len(blocks) == 4  # ceil(53 / 16) blocks recomputed
+    monkeypatch.setattr(fused_ce, "masked_recomputes", 0)
+    with pytest.warns(UserWarning, match="recomputed in backward"):
+        gx, gw = torch.autograd.grad((loss * upstream).sum(), (xf, wf))
+    assert len(blocks) == 4 and fused_ce.masked_recomputes == 1  # ceil(53 / 16) blocks recomputed
     torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
     torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="not both"):
@@ -218,7 +221,7 @@ def test_fused_loss_model_equals_gpt_models_loss_and_gradients(single_rank):
     loss mask that drops tokens; tied and untied heads. Without labels both return the logits."""
     from megatron.core.models.gpt import GPTModel
 
-    from megacpp_mcore.features.mtp import FusedLossGPTModel
+    from megacpp_mcore.features.mtp import FusedLossGPTModel, fused_ce
     from megacpp_mcore.models.presets import get_preset
     from megacpp_mcore.spec.block import hybrid_block_spec
     from megacpp_mcore.train.runtime import Parallelism, gpt_model, transformer_config
@@ -246,12 +249,14 @@ def test_fused_loss_model_equals_gpt_models_loss_and_gradients(single_rank):
         assert type(built[False]) is GPTModel and type(built[True]) is FusedLossGPTModel
         built[True].load_state_dict(built[False].state_dict())
         out = {}
+        recomputes = fused_ce.masked_recomputes
         for fused, gpt in built.items():
             loss = gpt(tokens, pos, None, labels=labels, loss_mask=mask)
             (0.5 * (loss.view(-1).float() * mask.view(-1)).sum()).backward()
             out[fused] = loss.detach(), {n: p.grad for n, p in gpt.named_parameters()}
             with torch.no_grad():
                 assert gpt(tokens, pos, None).shape == (b, s, 96)  # logits without labels
+        assert fused_ce.masked_recomputes == recomputes  # the gradients came from forward
         torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
         assert out[True][0].shape == (b, s)
         for name, grad in out[False][1].items():

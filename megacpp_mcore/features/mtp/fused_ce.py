@@ -22,12 +22,17 @@ block into its gradient in place). The GEMMs are cuBLAS/torch in both.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
 from megacpp_mcore.features.mtp.core import missing_shard_markers
 
 IMPLS = ("auto", "torch", "triton")
+# Backward passes of the masked per-token loss that had to recompute their gradients (the loss was
+# not used as c * sum(loss * loss_mask)); the first one warns.
+masked_recomputes = 0
 # Logits block budget per chunk; bounds the extra memory independently of the vocab size. The torch
 # epilogue makes fp32 temporaries of the block, the Triton one works in place on the GEMM output.
 CHUNK_BYTES = {"torch": 256 * 2**20, "triton": 2**30}
@@ -113,10 +118,18 @@ def _epilogue(impl: str):
 
 
 # ------------------------------------------------------------------------------------ autograd
-def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """``acc += dlogits.T @ h`` in the weight dtype: one GEMM per chunk (fp32 accumulation inside
-    cuBLAS, one rounding per chunk; chunks are few because a chunk spans up to 1 GiB of logits)."""
-    acc.addmm_(dlogits.t(), h)
+def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """``acc (=|+=) dlogits.T @ h`` in the weight dtype: one GEMM per chunk (fp32 accumulation inside
+    cuBLAS, one rounding per chunk; chunks are few because a chunk spans up to 1 GiB of logits).
+    The first chunk writes ``acc`` (allocated empty: no fill and no read of a zero ``C``)."""
+    if first:
+        torch.mm(dlogits.t(), h, out=acc)
+    else:
+        acc.addmm_(dlogits.t(), h)
+
+
+def _wgrad_buffer(weight: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty_like(weight) if n else torch.zeros_like(weight)
 
 
 def _shard_labels(labels, ignore_index, vocab_shard, tp_group):
@@ -148,7 +161,7 @@ def _blocks(hidden, weight, local, in_shard, weights, tp_group, chunk, impl, gra
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     target = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grads[0] else None
-    grad_weight = torch.zeros_like(weight) if grads[1] else None
+    grad_weight = _wgrad_buffer(weight, n) if grads[1] else None
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         h = hidden[start:end]
@@ -161,9 +174,9 @@ def _blocks(hidden, weight, local, in_shard, weights, tp_group, chunk, impl, gra
                           weights[start:end])
         del logits
         if grad_hidden is not None:
-            grad_hidden[start:end] = dlogits @ weight  # partial over this rank's vocab shard
+            torch.mm(dlogits, weight, out=grad_hidden[start:end])  # partial over this rank's vocab shard
         if grad_weight is not None:
-            _accumulate_wgrad(grad_weight, dlogits, h)
+            _accumulate_wgrad(grad_weight, dlogits, h, first=start == 0)
     return lse, target, grad_hidden, grad_weight
 
 
@@ -172,16 +185,16 @@ def _recomputed_grads(hidden, weight, lse, local, in_shard, scale, chunk, impl, 
     block recomputed (one more GEMM per block than an unfused head)."""
     _, grad_fn = _epilogue(impl)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = torch.zeros_like(weight) if needs[1] else None
+    grad_weight = _wgrad_buffer(weight, hidden.shape[0]) if needs[1] else None
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
         dlogits = grad_fn(h @ weight.t(), lse[start:end], local[start:end], in_shard[start:end],
                           scale[start:end])
         if grad_hidden is not None:
-            grad_hidden[start:end] = dlogits @ weight
+            torch.mm(dlogits, weight, out=grad_hidden[start:end])
         if grad_weight is not None:
-            _accumulate_wgrad(grad_weight, dlogits, h)
+            _accumulate_wgrad(grad_weight, dlogits, h, first=start == 0)
     return grad_hidden, grad_weight
 
 
@@ -240,6 +253,12 @@ class _FusedLinearCrossEntropyMasked(torch.autograd.Function):
             # out of place: a retained graph's second backward must find the c = 1 gradients
             return (gh * c.to(gh.dtype) if needs[0] else None, gw * c.to(gw.dtype) if needs[1] else None,
                     None, None, None, None, None, None, None)
+        global masked_recomputes
+        masked_recomputes += 1
+        if masked_recomputes == 1:
+            warnings.warn("fused cross-entropy: the per-token loss was not consumed as c * sum(loss * "
+                          "loss_mask), so its gradients are recomputed in backward (exact, one more GEMM "
+                          "per logits block than upstream's head); said once per process", stacklevel=2)
         gh, gw = _recomputed_grads(hidden, weight, lse, local, in_shard, grad, ctx.chunk, ctx.impl, needs)
         return gh, gw, None, None, None, None, None, None, None
 
