@@ -64,7 +64,7 @@ from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
-AB_RUNS = ("ours", "upstream", "ours_unfused", "upstream_te_ce")
+AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
 # Fast paths of the stage slice: name -> (default, {value: Megatron-LM flags}); "{cg}" is the CUDA
@@ -228,9 +228,9 @@ def plan_runs(args) -> list[Run]:
         variants = {
             "ours": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base),
             "upstream": lambda n: upstream(n, shared, args, iters=args.iters, fast=base),
-            # what our layers do alone: GPTModel's own output layer and loss
-            "ours_unfused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
-                                           extra=["--megacpp-fused-lm-loss", "off"]),
+            # the fused LM loss (opt-in): no logits built, gradients computed in forward
+            "ours_fused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
+                                         extra=["--megacpp-fused-lm-loss", "on"]),
             # upstream's best loss: TE's fused cross-entropy (the logits still built)
             "upstream_te_ce": lambda n: upstream(n, shared, args, iters=args.iters,
                                                  fast=base | {"ce_fusion": "te"}),
@@ -329,9 +329,11 @@ def summarize(run: Run, args) -> dict:
     tokens = args.gbs * seq / (ms / 1e3) if ms else None
     flops = flops_per_token(run.model, seq, causal=True)["total"]
     hybrid = hybrid_flops_per_token(run.model, seq)["total"]
+    quartiles = statistics.quantiles(steady, n=4) if len(steady) >= 2 else None
     return {"name": run.name, "returncode": run.returncode, "startup_s": run.startup_s,
             "autotune_s": run.autotune_s, "first_iteration_ms": run.ms[0] if run.ms else None,
-            "ms_per_iteration": ms, "tokens_per_s": tokens,
+            "ms_per_iteration": ms, "ms_steady": steady,
+            "ms_p25_p75": [quartiles[0], quartiles[2]] if quartiles else None, "tokens_per_s": tokens,
             "tflops_ours": tokens * flops / 1e12 if tokens else None,
             "tflops_hybrid": tokens * hybrid / 1e12 if tokens else None,
             "megatron_reported_tflops": run.megatron_tflops, "peak_gib": run.peak_gib,
@@ -339,6 +341,30 @@ def summarize(run: Run, args) -> dict:
             "loss_last": run.losses[-1] if run.losses else None,
             "parameters": sum(layer_params(run.model, e) for e in run.model.layer_table()),
             "command": run.command}
+
+
+def ratio_interval(faster: list[float], slower: list[float], *, draws: int = 2000,
+                   level: float = 0.9, seed: int = 0) -> tuple[float, float, float]:
+    """``median(slower) / median(faster)`` of two samples of iteration times, and its bootstrap
+    interval at ``level`` (iterations resampled with replacement, each side on its own): what a
+    ratio of medians is worth when the iterations of one configuration spread by 10%."""
+    import random
+
+    rng = random.Random(seed)
+    point = statistics.median(slower) / statistics.median(faster)
+    ratios = sorted(statistics.median(rng.choices(slower, k=len(slower)))
+                    / statistics.median(rng.choices(faster, k=len(faster))) for _ in range(draws))
+    tail = (1 - level) / 2
+    return point, ratios[int(tail * draws)], ratios[min(draws - 1, int((1 - tail) * draws))]
+
+
+def _steady_by_base(rows: list[dict]) -> dict[str, list[float]]:
+    """The steady iterations of every finished run, pooled over repeats by base name."""
+    pooled: dict[str, list[float]] = {}
+    for row in rows:
+        if row["returncode"] == 0 and row.get("ms_steady"):
+            pooled.setdefault(row["name"].split("#")[0], []).extend(row["ms_steady"])
+    return pooled
 
 
 def _median_by_base(rows: list[dict], key: str) -> dict[str, float]:
@@ -406,12 +432,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def report(rows: list[dict], args) -> dict:
-    print("\n| run | rc | start-up s | autotune s | ms/iter | tokens/s | TFLOP/s ours | TFLOP/s hybrid "
+    print("\n| run | rc | start-up s | autotune s | ms/iter (p25-p75) | tokens/s | TFLOP/s ours | TFLOP/s hybrid "
           "| Megatron's | peak GiB | loss first -> last |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        spread = r.get("ms_p25_p75")
+        iqr = f" ({spread[0]:.0f}-{spread[1]:.0f})" if spread else ""
         print(f"| {r['name']} | {r['returncode']} | {_fmt(r['startup_s'], '.1f')} | {r['autotune_s']:.1f} "
-              f"| {_fmt(r['ms_per_iteration'], '.1f')} | {_fmt(r['tokens_per_s'], ',.0f')} "
+              f"| {_fmt(r['ms_per_iteration'], '.1f')}{iqr} | {_fmt(r['tokens_per_s'], ',.0f')} "
               f"| {_fmt(r['tflops_ours'], '.1f')} | {_fmt(r['tflops_hybrid'], '.1f')} "
               f"| {_fmt(r['megatron_reported_tflops'], '.1f')} | {_fmt(r['peak_gib'], '.1f')} "
               f"| {_fmt(r['loss_first'], '.3f')} -> {_fmt(r['loss_last'], '.3f')} |")
@@ -421,7 +449,14 @@ def report(rows: list[dict], args) -> dict:
         out["ratios"]["ab_ours_over_upstream"] = tps["ab_ours"] / tps["ab_upstream"]
         print(f"\nshared structure (AEMEAEMEAEMM): ours/upstream tokens/s = "
               f"{out['ratios']['ab_ours_over_upstream']:.3f} (median over repeats; target >= 1.05)")
-        for name in ("ab_ours_unfused", "ab_upstream_te_ce"):
+        pooled = _steady_by_base(rows)
+        if len(pooled.get("ab_ours", [])) >= 2 and len(pooled.get("ab_upstream", [])) >= 2:
+            point, low, high = ratio_interval(pooled["ab_ours"], pooled["ab_upstream"])
+            out["ratios"]["ab_ours_over_upstream_pooled"] = {"ratio": point, "ci90": [low, high]}
+            print(f"  pooled iterations ({len(pooled['ab_ours'])} ours, {len(pooled['ab_upstream'])} "
+                  f"upstream): {point:.3f}, 90% bootstrap interval {low:.3f}-{high:.3f}"
+                  f"{'' if low > 1 else ' (includes 1: not beyond noise)'}")
+        for name in ("ab_ours_fused", "ab_upstream_te_ce"):
             if name in tps:
                 out["ratios"][f"{name}_over_upstream"] = tps[name] / tps["ab_upstream"]
                 out["ratios"][f"ab_ours_over_{name[3:]}"] = tps["ab_ours"] / tps[name]
@@ -459,9 +494,9 @@ def parse_args(argv):
                    help="Megatron-LM checkout (core_v0.16.1 or core_v0.19.0; default $MEGATRON_LM)")
     p.add_argument("--set", default="ab,stage", help=f"comma-separated, of: {', '.join(SETS)}")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ab runs")
-    p.add_argument("--ab-runs", default="ours,upstream,ours_unfused",
-                   help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours_unfused: "
-                        "--megacpp-fused-lm-loss off; upstream_te_ce: upstream with TE's fused CE)")
+    p.add_argument("--ab-runs", default="ours,upstream",
+                   help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours_fused: "
+                        "--megacpp-fused-lm-loss on; upstream_te_ce: upstream with TE's fused CE)")
     p.add_argument("--stage-repeats", type=int, default=1, help="repeats of the stage runs")
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
     p.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing")

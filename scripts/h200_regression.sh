@@ -83,8 +83,8 @@ for part in $PARTS; do
                          python scripts/bench_flexidepth.py --skip-rates "$trained" --hard-skip-symbols AE --batch 8 \
                            --hard-skip-capacity kept+0.05 --iters 10 --profile 25 --cuda-graphs ${more[@]+"${more[@]}"} \
                            --out "$OUT/flexidepth-batch8-ae-capacity.json" >"$OUT/flexidepth-capacity.log" 2>&1 ;;
-    # ours / upstream / ours with GPTModel's own loss, twice interleaved; AB_ARGS: more bench_stage
-    # flags (e.g. --mbs 2 where upstream's micro-batch 4 does not fit an 80 GB card)
+    # ours / upstream, twice interleaved; AB_ARGS: more bench_stage flags (e.g. --ab-runs with
+    # ours_fused, upstream_te_ce; --mbs 2 where upstream at micro-batch 4 does not fit 80 GB)
     stage-ab) read -r -a more <<<"${AB_ARGS:-}"
               python scripts/bench_stage.py --set ab --repeats 2 ${more[@]+"${more[@]}"} --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;

@@ -230,8 +230,7 @@ def default_dry_run(tmp_path_factory):
 
 def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     tmp_path, runs = default_dry_run
-    assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours_unfused#0", "ab_ours#1", "ab_upstream#1",
-                          "ab_ours_unfused#1", "stage12#0",
+    assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours#1", "ab_upstream#1", "stage12#0",
                           "stage24#0", "stage12_mtp#0", "stage12_mla_rope_fusion=off#0",
                           "stage12_moe_permute_fusion=on#0"]
     assert not (tmp_path / "out").exists(), "--dry-run writes nothing"
@@ -246,8 +245,6 @@ def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     ours_flags = ours[spec + 3:]
     up_flags = up[up.index("--hybrid-override-pattern") + 2:]
     assert ours_flags == up_flags
-    unfused = runs["ab_ours_unfused#0"]  # our layers with GPTModel's own loss: the fused loss off
-    assert unfused[spec + 3:] == ours_flags + ["--megacpp-fused-lm-loss", "off"]
     assert (_flag(ours, "--hidden-size"), _flag(ours, "--moe-shared-expert-intermediate-size")) == ("4096", "1024")
     stage, mtp = runs["stage12#0"], runs["stage12_mtp#0"]
     assert _flag(stage, "--q-lora-rank") == "64" and "--megacpp-mtp-depth" not in stage
@@ -274,6 +271,18 @@ def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
     assert graphs[start + 1:start + 4] == ["transformer_engine", "--cuda-graph-scope", "mamba"]
     assert graphs[start + 4].startswith("--")
     assert _flag(runs["stage12_moe_dispatcher=allgather#0"], "--moe-token-dispatcher-type") == "allgather"
+
+
+def test_bench_stage_ab_runs_pick_the_variants(tmp_path):
+    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1", "--ab-runs", "ours_fused,upstream_te_ce,ours"],
+                  tmp_path / "mlm", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = _commands(proc.stdout)
+    assert list(runs) == ["ab_ours_fused#0", "ab_upstream_te_ce#0", "ab_ours#0"]
+    ours, fused, te = runs["ab_ours#0"], runs["ab_ours_fused#0"], runs["ab_upstream_te_ce#0"]
+    assert fused == ours + ["--megacpp-fused-lm-loss", "on"]
+    assert te[te.index("--cross-entropy-fusion-impl") + 1] == "te" and "--cross-entropy-loss-fusion" in te
+    assert "--cross-entropy-loss-fusion" not in ours
 
 
 def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
@@ -439,6 +448,19 @@ def test_bench_stage_reads_a_megatron_log(tmp_path):
     assert row["tflops_ours"] == pytest.approx(tokens * accounting.flops_per_token(m, causal=True)["total"] / 1e12)
     assert (row["loss_first"], row["loss_last"], row["megatron_reported_tflops"]) == (11.0, 7.0, 300.0)
     assert (tmp_path / "stage12_0.log").read_text().count("lm loss") == 5  # the log is kept
+    assert row["ms_steady"] == [1000, 1000, 900] and row["ms_p25_p75"] == [900, 1000]
+
+
+def test_bench_stage_ratio_interval_brackets_the_ratio_and_widens_with_spread():
+    """ratio_interval: the ratio of medians with a bootstrap interval; identical samples give a
+    point interval, samples that spread by 10% an interval that holds 1 for a 2% difference."""
+    bench = _load_bench()
+    assert bench.ratio_interval([100.0] * 8, [105.0] * 8) == (1.05, 1.05, 1.05)
+    fast = [95.0, 100.0, 105.0, 110.0, 90.0, 100.0, 108.0, 93.0]
+    slow = [t * 1.02 for t in fast[::-1]]
+    point, low, high = bench.ratio_interval(fast, slow)
+    assert point == pytest.approx(1.02) and low < 1.0 < point < high
+    assert bench.ratio_interval(fast, slow) == (point, low, high)  # seeded: the same every call
 
 
 # ------------------------------------------------------------- train/fast_paths.py (the builder) --

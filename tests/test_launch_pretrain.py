@@ -47,7 +47,7 @@ def _args(**overrides) -> argparse.Namespace:
         use_legacy_models=False, yaml_cfg=None, multi_latent_attention=False, q_lora_rank=None,
         kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
         qk_layernorm=False, rope_type=None, rotary_scaling_factor=1.0, megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
-        megacpp_fused_lm_loss="on",
+        megacpp_fused_lm_loss="off",
     )
     assert set(lp.MEGATRON_ARGS_READ) <= set(values)
     values.update(overrides)
@@ -145,11 +145,11 @@ def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
 
     from megacpp_mcore.features.mtp import FusedLossGPTModel
 
-    plain = lp.gpt_builder(_args(megacpp_fused_lm_loss="off"), pre_process=True, post_process=True,
-                           config=_config())
-    assert type(plain) is GPTModel
+    plain = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
+    assert type(plain) is GPTModel  # the default: GPTModel's own loss
     assert "fused LM loss off" in capsys.readouterr().out
-    gpt = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
+    gpt = lp.gpt_builder(_args(megacpp_fused_lm_loss="on"), pre_process=True, post_process=True,
+                         config=_config())
     assert type(gpt) is FusedLossGPTModel and gpt.fused_lm_loss and len(gpt.decoder.layers) == 4
     assert ("model FusedLossGPTModel from --spec layer_specs.nam56r_lite NAM56R_LITE_AE: pattern 'AE', "
             "backend local (--transformer-impl local), features [], no MTP, fused LM loss on"

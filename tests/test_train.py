@@ -16,6 +16,7 @@ import torch
 
 from megacpp_mcore import cli
 from megacpp_mcore.models.accounting import flops_per_token, hybrid_flops_per_token
+from megacpp_mcore.features.mtp import fused_ce
 from megacpp_mcore.train import checkpoint, data, receipt, loop as training
 from megacpp_mcore.models.presets import ModelConfig, get_preset
 from test_data import make_tree
@@ -42,22 +43,37 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     previous = os.environ.get("MEGACPP_CACHE")
     os.environ["MEGACPP_CACHE"] = str(tmp / "cache")
+    masked = fused_ce._FusedLinearCrossEntropyMasked
+    original = masked.apply
+    assert "apply" not in vars(masked)
+    recomputes, applied = fused_ce.masked_recomputes, []
+    masked.apply = lambda *a: applied.append(1) or original(*a)  # removed below
     try:
         prefix = data.prepare(make_tree(tmp / "src", extra=120), tmp / "data" / "cpp", valid_percent=20).prefix
         lines: list[str] = []
-        full = training.train(tiny_model(), tiny_cfg(prefix, receipt=str(tmp / "full.json")), log=lines.append)
+        # the loop's fused LM loss (off by default) in all three runs: resume equality holds with it
+        full = training.train(tiny_model(), tiny_cfg(prefix, receipt=str(tmp / "full.json"), fused_lm_loss=True),
+                              log=lines.append)
         ckpt = tmp / "ckpt"
-        stopped = training.train(tiny_model(), tiny_cfg(prefix, save=str(ckpt), stop_after=3,
+        stopped = training.train(tiny_model(), tiny_cfg(prefix, save=str(ckpt), stop_after=3, fused_lm_loss=True,
                                                          receipt=str(tmp / "stopped.json")), log=lambda _: None)
-        resumed = training.train(tiny_model(), tiny_cfg(prefix, load=str(ckpt), receipt=str(tmp / "resumed.json")),
-                                 log=lambda _: None)
+        resumed = training.train(tiny_model(), tiny_cfg(prefix, load=str(ckpt), receipt=str(tmp / "resumed.json"),
+                                                        fused_lm_loss=True), log=lambda _: None)
     finally:
+        del masked.apply  # back to autograd.Function's
         if previous is None:
             os.environ.pop("MEGACPP_CACHE", None)
         else:
             os.environ["MEGACPP_CACHE"] = previous
     return {"full": full, "stopped": stopped, "resumed": resumed, "ckpt": ckpt, "prefix": prefix,
-            "tmp": tmp, "log": lines}
+            "tmp": tmp, "log": lines, "recomputes": fused_ce.masked_recomputes - recomputes,
+            "fused_losses": len(applied)}
+
+
+def test_the_loops_loss_takes_the_fused_losss_forward_time_gradients(runs):
+    """With ``fused_lm_loss`` the loop's models carry the fused LM loss, and Megatron's schedule
+    consumes it as ``c * sum(loss * loss_mask)``: no backward had to recompute its logits blocks."""
+    assert runs["fused_losses"] > 0 and runs["recomputes"] == 0
 
 
 def _losses(rec) -> dict[int, float]:

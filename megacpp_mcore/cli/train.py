@@ -24,7 +24,7 @@ from megacpp_mcore.cli.plan import add_model_arguments, model_from_args
 _FIELDS = ("steps", "micro_batch_size", "global_batch_size", "seq_length", "lr", "min_lr",
            "warmup_steps", "weight_decay", "seed", "backend", "bf16", "data", "source",
            "log_interval", "eval_interval", "eval_iters", "receipt", "save", "save_interval",
-           "load", "stop_after", "on_nonfinite", "test_fault", "freeze_backbone")
+           "load", "stop_after", "on_nonfinite", "test_fault", "freeze_backbone", "fused_lm_loss")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=["auto", "te", "local"], help="default auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
+    group.add_argument("--fused-lm-loss", action=argparse.BooleanOptionalAction, default=False,
+                       help="the LM loss through the package's fused linear cross-entropy: the "
+                            "[tokens x vocab] logits never built (default: off, GPTModel's loss)")
     group.add_argument("--on-nonfinite", choices=["stop", "skip"],
                        help="NaN/inf gradients are never applied; on such a step (or a NaN/inf loss) stop the "
                             "run, or skip the step and go on (default stop); either way the receipt marks the "

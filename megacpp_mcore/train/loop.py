@@ -76,6 +76,7 @@ class TrainConfig:
     backend: str = "auto"
     parallel: Parallelism = Parallelism()
     bf16: bool | None = None  # default: on CUDA
+    fused_lm_loss: bool = False  # the LM loss through the fused linear cross-entropy (FusedLossGPTModel)
     receipt: str | None = None  # default: <cache>/runs/<model>-<utc>.json
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the update
     fault: str | None = None  # test-only fault injection (megacpp_mcore.train.faults), hidden in the CLI
@@ -232,7 +233,8 @@ class Trainer:
             valid_samples=cfg.eval_iters * self.gbs, seed=cfg.seed)
         self.config = runtime.transformer_config(self.model, cfg.parallel, bf16=cfg.bf16)
         self.chunks = runtime.build_model(self.model, self.config, backend=cfg.backend,
-                                          trainable=dynamic_depth.trainable(cfg))
+                                          trainable=dynamic_depth.trainable(cfg),
+                                          fused_lm_loss=cfg.fused_lm_loss)
         self.optimizer = runtime.build_optimizer(self.chunks, lr=cfg.lr, min_lr=cfg.min_lr,
                                                  weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad)
         self.scheduler = OptimizerParamScheduler(

@@ -259,9 +259,11 @@ def gpt_model(config, layer_spec, *, vocab_size: int, max_sequence_length: int, 
 
 
 def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: bool = True,
-                trainable: Callable[[str], bool] | None = None) -> list:
+                trainable: Callable[[str], bool] | None = None, fused_lm_loss: bool = False) -> list:
     """GPTModel chunks (one per virtual stage) of ``model`` through :func:`gpt_model`, from the
-    hybrid spec; DDP-wrapped by default.
+    hybrid spec; DDP-wrapped by default. ``fused_lm_loss``: the LM loss through the fused linear
+    cross-entropy (``FusedLossGPTModel``; off by default, as the launcher's
+    ``--megacpp-fused-lm-loss``, until the stage benchmark shows it winning end to end).
 
     ``trainable(name)``: only the parameters it accepts (names inside the GPTModel) keep
     ``requires_grad``; the rest are frozen before the DDP wrap, which gives gradient buffers to
@@ -283,6 +285,7 @@ def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: 
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage, mtp=MTPConfig(depth=model.mtp_depth) if model.mtp_depth else None,
+            fused_lm_loss=fused_lm_loss,
             share_embeddings_and_output_weights=model.tie_embeddings, position_embedding_type="rope",
         )
         gpt.to(device())

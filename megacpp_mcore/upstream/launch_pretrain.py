@@ -109,10 +109,10 @@ def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help="MTP step-weight decay (default: megacpp_mcore.features.mtp.MTPConfig's)")
     group.add_argument("--megacpp-mtp-loss-scale", type=float, default=None,
                        help="factor on the total MTP loss (default: MTPConfig's)")
-    group.add_argument("--megacpp-fused-lm-loss", choices=("on", "off"), default="on",
-                       help="the LM loss through the package's fused linear cross-entropy, the "
-                            "[tokens x vocab] logits never built (FusedLossGPTModel; default on); "
-                            "off: GPTModel's output layer and cross-entropy")
+    group.add_argument("--megacpp-fused-lm-loss", choices=("on", "off"), default="off",
+                       help="on: the LM loss through the package's fused linear cross-entropy, the "
+                            "[tokens x vocab] logits never built (FusedLossGPTModel); default off: "
+                            "GPTModel's output layer and cross-entropy")
     return parser
 
 
@@ -280,8 +280,8 @@ def mtp_from_args(args: argparse.Namespace):
 
 def fused_lm_loss_from_args(args: argparse.Namespace) -> bool:
     """``--megacpp-fused-lm-loss``; arguments saved before the flag existed (a checkpoint's) read as
-    its default, on."""
-    return getattr(args, "megacpp_fused_lm_loss", "on") == "on"
+    its default, off."""
+    return getattr(args, "megacpp_fused_lm_loss", "off") == "on"
 
 
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
