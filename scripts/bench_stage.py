@@ -56,6 +56,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "scripts"))  # trace_summary
 
 from megacpp_mcore.models.accounting import (embedding_params, flops_per_token,  # noqa: E402
                                              hybrid_flops_per_token, layer_params)
@@ -107,6 +108,7 @@ class Run:
     losses: list[float] = dataclasses.field(default_factory=list)
     peak_gib: float | None = None
     megatron_tflops: float | None = None  # Megatron's own count (hybrid models only)
+    trace_dir: Path | None = None  # --profile-step: where Megatron's torch.profiler trace goes
 
 
 def model_args(m: ModelConfig, *, mla: bool, mtp: bool) -> list[str]:
@@ -260,6 +262,12 @@ def plan_runs(args) -> list[Run]:
         for phase in ("cold", "warm"):
             runs.append(ours(f"startup_{phase}", lite, ("layer_specs.nam56r_lite", "NAM56R_LITE"), args,
                              iters=args.warmup + 2, mla=True, fast=base, env={"TRITON_CACHE_DIR": cache}))
+    if args.profile_step:  # one profiled step on every side, its trace summarized after the run
+        for run in runs:
+            run.trace_dir = args.log_dir / "traces" / run.name.replace("#", "_").replace("=", "-")
+            run.command += ["--profile", "--use-pytorch-profiler", "--profile-step-start",
+                            str(args.profile_step), "--profile-step-end", str(args.profile_step + 1),
+                            "--tensorboard-dir", str(run.trace_dir)]
     return runs
 
 
@@ -321,9 +329,26 @@ def execute(run: Run, args, log_dir: Path) -> None:
           f"{len(run.ms)} iterations", flush=True)
 
 
+def profile_summary(run: Run) -> dict:
+    """``trace_summary`` of the run's profiled step (printed), or the reason there is none."""
+    import trace_summary
+
+    try:
+        summary = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(run.trace_dir)),
+                                          top=15)
+    except trace_summary.TraceError as exc:
+        print(f"[{run.name}] no profile: {exc}", flush=True)
+        return {"error": str(exc)}
+    trace_summary.print_summary(summary, f"[{run.name}] profiled step: ")
+    return summary
+
+
 def summarize(run: Run, args) -> dict:
     """Per-run figures; tokens/s from the median iteration after ``--warmup``."""
-    steady = run.ms[args.warmup:]
+    # the profiled iteration N and its neighbours (the profiler's warm-up step N - 1, the trace
+    # written at the start of N + 1, one more for safety) are left out of the timing (0-based here)
+    profiled = range(args.profile_step - 2, args.profile_step + 2) if args.profile_step else range(0)
+    steady = [ms for i, ms in enumerate(run.ms) if i >= args.warmup and i not in profiled]
     ms = statistics.median(steady) if steady else None
     seq = run.model.seq_length
     tokens = args.gbs * seq / (ms / 1e3) if ms else None
@@ -474,6 +499,15 @@ def report(rows: list[dict], args) -> dict:
     if "startup_cold" in starts:
         print(f"nam56r-lite start-up to the first step: cold {starts['startup_cold']:.1f} s, warm "
               f"{_fmt(starts.get('startup_warm'), '.1f')} s (target <= 60)")
+    profiled = [r for r in rows if r.get("profile") and "error" not in r["profile"]]
+    if profiled:
+        cats = sorted({c for r in profiled for c in r["profile"]["categories"]},
+                      key=lambda c: -max(r["profile"]["categories"].get(c, {"ms": 0})["ms"] for r in profiled))
+        print("\nprofiled step (device ms): | run | span | busy | idle | " + " | ".join(cats) + " |")
+        for r in profiled:
+            prof = r["profile"]
+            print(f"| {r['name']} | {prof['span_ms']:.1f} | {prof['busy_ms']:.1f} | {prof['idle_ms']:.1f} | "
+                  + " | ".join(f"{prof['categories'].get(c, {'ms': 0})['ms']:.1f}" for c in cats) + " |")
     proj = projection(tps, args)
     if proj:
         out["projection_8xh200"] = proj
@@ -527,6 +561,10 @@ def parse_args(argv):
     p.add_argument("--resume", metavar="JSON",
                    help="the --out of an earlier call with the same settings: its finished runs are "
                         "kept, not run again (the stage set over two device calls)")
+    p.add_argument("--profile-step", type=int, default=0, metavar="N",
+                   help="profile iteration N of every run (Megatron's --profile --use-pytorch-profiler) and "
+                        "keep a summary of where its device time went (scripts/trace_summary.py); "
+                        "iterations N-1..N+2 leave the timing")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     if not args.megatron_lm:
@@ -541,6 +579,8 @@ def parse_args(argv):
     if bad or not args.ab_runs or len(set(args.ab_runs)) < len(args.ab_runs):
         raise BenchError(f"--ab-runs {','.join(args.ab_runs)}: {'unknown ' + ', '.join(bad) if bad else 'empty or repeated'}"
                          f"; allowed (each once): {', '.join(AB_RUNS)}")
+    if args.profile_step and not 1 <= args.profile_step < args.iters:
+        raise BenchError(f"--profile-step {args.profile_step}: must be in 1..{args.iters - 1} (--iters {args.iters})")
     if args.iters <= args.warmup:
         raise BenchError(f"--iters {args.iters} must exceed --warmup {args.warmup}")
     for name in ("repeats", "stage_repeats", "mbs", "gbs", "ep", "dp", "gbs_8x"):
@@ -569,7 +609,7 @@ def parse_args(argv):
 
 
 # settings an earlier call must share for its runs to be kept by --resume
-RESUME_SETTINGS = ("megatron_lm", "set", "ab_runs", "repeats", "stage_repeats", "iters", "warmup", "mbs", "gbs",
+RESUME_SETTINGS = ("megatron_lm", "set", "ab_runs", "profile_step", "repeats", "stage_repeats", "iters", "warmup", "mbs", "gbs",
                    "fast", "base", "stage_spec", "ours_extra")
 
 
@@ -624,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         execute(run, args, args.log_dir)
         rows.append(summarize(run, args))
+        if run.trace_dir is not None:
+            rows[-1]["profile"] = profile_summary(run)
         if args.out:  # after every run: a call cut at its deadline keeps what it finished
             _write(args.out, {"runs": rows, "complete": False, "settings": _settings(args)})
     result = {"runs": rows, "complete": True, **report(rows, args), "settings": _settings(args),

@@ -331,6 +331,78 @@ def test_bench_stage_flags_are_known_to_megatron_lm(tag, default_dry_run):
     assert [f for f in sorted(flags) if f not in ours and not flag_known(f, dests)] == []
 
 
+@pytest.mark.skipif(not MIRROR.exists(), reason="needs the Megatron-LM git mirror at " + str(MIRROR))
+def test_bench_stage_profile_step_profiles_every_run_with_known_flags(tmp_path):
+    """--profile-step N: Megatron's torch.profiler on iteration N of every run (both sides), each
+    run's trace in its own directory; the flags exist in both tags' parsers; bad N refused."""
+    from megacpp_mcore.testing.megatron_lm import flag_known, parser_dests
+
+    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1", "--iters", "12", "--profile-step", "9"],
+                  tmp_path / "mlm", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = _commands(proc.stdout)
+    dirs = set()
+    for tokens in runs.values():
+        assert _flag(tokens, "--profile-step-start") == "9" and _flag(tokens, "--profile-step-end") == "10"
+        assert "--use-pytorch-profiler" in tokens and "--profile" in tokens
+        dirs.add(_flag(tokens, "--tensorboard-dir"))
+    assert len(dirs) == len(runs) == 2
+    flags = {"--profile", "--use-pytorch-profiler", "--profile-step-start", "--profile-step-end", "--tensorboard-dir"}
+    for tag in ("core_v0.16.1", "core_v0.19.0"):
+        dests = parser_dests(str(MIRROR), tag)
+        assert [f for f in sorted(flags) if not flag_known(f, dests)] == [], tag
+    bad = _bench(["--dry-run", "--iters", "8", "--profile-step", "8"], tmp_path / "mlm", tmp_path)
+    assert bad.returncode == 2 and "--profile-step 8: must be in 1..7 (--iters 8)" in bad.stderr
+
+
+def test_bench_stage_leaves_the_profiled_iterations_out_of_the_timing():
+    bench = _load_bench()
+    m = get_preset("nam56r").replace(num_layers=12, mtp_depth=0, features={})
+    run = bench.Run(name="r#0", model=m, command=[], env={}, returncode=0,
+                    ms=[9000, 1100, 1000, 1000, 5000, 7000, 1000, 1020, 980])
+    args = types.SimpleNamespace(warmup=2, gbs=8, profile_step=5)  # iterations 4..7 (1-based) left out
+    row = bench.summarize(run, args)
+    assert row["ms_steady"] == [1000, 1020, 980] and row["ms_per_iteration"] == 1000
+
+
+def test_trace_summary_reads_device_time_idle_gaps_and_categories(tmp_path):
+    """A synthetic Chrome trace: the union of device intervals is busy time, the rest of the span
+    idle; kernels fall into categories by name; a gzipped trace in a directory is found; bad input
+    is one line, exit 2."""
+    import gzip
+
+    ts = load_script("trace_summary")
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 0, "dur": 400},
+        {"ph": "X", "cat": "kernel", "name": "flash_fwd_kernel", "ts": 300, "dur": 200},  # overlaps
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 600, "dur": 50},
+        {"ph": "X", "cat": "kernel", "name": "_chunk_scan_fwd_kernel", "ts": 1000, "dur": 500},
+        {"ph": "X", "cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel", "ts": 1500, "dur": 100},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000},  # host: not counted
+    ]
+    summary = ts.summarize(events)
+    assert summary["span_ms"] == pytest.approx(1.6) and summary["busy_ms"] == pytest.approx(1.15)
+    assert summary["idle_ms"] == pytest.approx(0.45) and summary["device_events"] == 5
+    cats = {k: v["ms"] for k, v in summary["categories"].items()}
+    assert cats == {"mamba_ssd": pytest.approx(0.5), "gemm": pytest.approx(0.4), "attention": pytest.approx(0.2),
+                    "elementwise": pytest.approx(0.1), "copy": pytest.approx(0.05)}
+    assert summary["top_kernels"][0]["name"] == "_chunk_scan_fwd_kernel"
+    trace_dir = tmp_path / "traces" / "run_0"
+    trace_dir.mkdir(parents=True)
+    with gzip.open(trace_dir / "host_1.1234.pt.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert ts.find_trace(tmp_path / "traces").name == "host_1.1234.pt.trace.json.gz"
+    assert ts.main([str(tmp_path / "traces"), "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["busy_ms"] == pytest.approx(1.15)
+    (tmp_path / "empty").mkdir()
+    for bad, fragment in ((tmp_path / "empty", "no torch.profiler trace"),):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "trace_summary.py"), str(bad)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.splitlines()) == 1
+    with pytest.raises(ts.TraceError, match="no device events"):
+        ts.summarize(events[-1:])
+
+
 def _load_bench():
     return load_script("bench_stage")
 
@@ -437,7 +509,7 @@ def test_bench_stage_reads_a_megatron_log(tmp_path):
     m = get_preset("nam56r").replace(num_layers=12, mtp_depth=0, features={})
     run = bench.Run(name="stage12#0", model=m, command=[sys.executable, "-c", script, *lines], env={})
     args = types.SimpleNamespace(autotune_cache=True, triton_cache=None, print_autotuning=True, warmup=2,
-                                 gbs=8)
+                                 gbs=8, profile_step=0)
     bench.execute(run, args, tmp_path)
     row = bench.summarize(run, args)
     assert row["returncode"] == 0 and row["startup_s"] > 0 and row["autotune_s"] == 3.75
