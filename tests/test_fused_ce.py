@@ -120,6 +120,34 @@ def test_masked_per_token_loss_used_otherwise_recomputes_exact_grads(monkeypatch
         fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask[:-1], impl="torch")
 
 
+def test_masked_loss_deferred_check_scales_without_a_sync_and_raises_for_misuse(monkeypatch):
+    """CONTRACT_CHECK "deferred" (CUDA's default): backward scales the forward-time gradients
+    without reading its check; a misused loss raises FusedLossContractError at the next masked
+    forward (or check_deferred), and nothing is recomputed."""
+    from megacpp_mcore.features.mtp import fused_ce
+
+    monkeypatch.setattr(fused_ce, "CONTRACT_CHECK", "deferred")
+    monkeypatch.setattr(fused_ce, "_pending_checks", [])
+    x, w, labels, upstream = _case()
+    mask = (torch.arange(labels.numel()) % 3 != 0).float()
+    _, ref_gx, ref_gw = _reference(x, w, labels, 0.25 * mask)
+    xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+    loss = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=16, impl="torch")
+    gx, gw = torch.autograd.grad(0.25 * (loss * mask).sum(), (xf, wf))
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+    fused_ce.check_deferred(wait=True)  # the contract held
+    loss = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=16, impl="torch")
+    torch.autograd.grad((loss * upstream).sum(), (xf, wf))  # misuse: wrong gradients, flagged
+    with pytest.raises(fused_ce.FusedLossContractError, match="fused_lm_loss=False"):
+        fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=16, impl="torch")
+    assert fused_ce._pending_checks == []
+    monkeypatch.setattr(fused_ce, "CONTRACT_CHECK", "later")
+    loss = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=16, impl="torch")
+    with pytest.raises(ValueError, match="allowed: auto, sync, deferred"):
+        torch.autograd.grad(loss.sum(), (xf,))
+
+
 def test_all_ignored_gives_zero_loss_and_grads():
     x, w, labels, upstream = _case()
     labels[:] = -100
@@ -213,6 +241,14 @@ def test_triton_matches_torch_path(dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(outs["torch"], outs["triton"]):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+    from megacpp_mcore.features.mtp import fused_ce
+
+    fused_ce.check_deferred(wait=True)  # CUDA: the masked backward's check was queued, and held
+    xf, wf = x.clone().requires_grad_(), _marked(w.clone().requires_grad_())
+    masked = fused_linear_cross_entropy(xf, wf, labels, loss_mask=mask, chunk=256, impl="triton")
+    torch.autograd.grad((masked * upstream).sum(), (xf, wf))  # misuse, flagged without a sync
+    with pytest.raises(fused_ce.FusedLossContractError):
+        fused_ce.check_deferred(wait=True)
 
 
 def test_fused_loss_model_equals_gpt_models_loss_and_gradients(single_rank):

@@ -33,6 +33,45 @@ IMPLS = ("auto", "torch", "triton")
 # Backward passes of the masked per-token loss that had to recompute their gradients (the loss was
 # not used as c * sum(loss * loss_mask)); the first one warns.
 masked_recomputes = 0
+# How the masked loss's backward checks that its gradient is c * loss_mask: "sync" reads the check on
+# the host at once and recomputes exactly when it fails; "deferred" queues it (a pinned copy and an
+# event, no host sync in the middle of the backward) and check_deferred() raises for a failed one
+# later, at the next masked forward at the latest; "auto": deferred for CUDA tensors, else sync.
+CONTRACT_CHECK = "auto"
+CONTRACT_CHECKS = ("auto", "sync", "deferred")
+_pending_checks: list = []  # (event or None, host bool tensor), oldest first
+
+
+class FusedLossContractError(RuntimeError):
+    """The masked per-token loss was used other than as ``c * sum(loss * loss_mask)``."""
+
+
+def _queue_check(ok: torch.Tensor) -> None:
+    host = torch.empty((), dtype=torch.bool, pin_memory=ok.is_cuda)
+    host.copy_(ok, non_blocking=ok.is_cuda)
+    event = None
+    if ok.is_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    _pending_checks.append((event, host))
+
+
+def check_deferred(wait: bool = False) -> None:
+    """Reads the queued gradient checks that have completed (all of them with ``wait``) and raises
+    :class:`FusedLossContractError` for a failed one: the step it belonged to applied wrong
+    gradients, so the run must not go on."""
+    while _pending_checks and (wait or _pending_checks[0][0] is None or _pending_checks[0][0].query()):
+        event, host = _pending_checks.pop(0)
+        if event is not None:
+            event.synchronize()
+        if not bool(host):
+            _pending_checks.clear()
+            raise FusedLossContractError(
+                "fused cross-entropy: a masked per-token loss was used other than as c * sum(loss * "
+                "loss_mask) (Megatron's loss_func), so the gradients it returned, computed in forward "
+                "for that use, were wrong; use the model with fused_lm_loss=False (launcher: "
+                "--megacpp-fused-lm-loss off) for this loss, or set fused_ce.CONTRACT_CHECK = 'sync' "
+                "(exact, with one host sync per backward)")
 # Logits block budget per chunk; bounds the extra memory independently of the vocab size. The torch
 # epilogue makes fp32 temporaries of the block, the Triton one works in place on the GEMM output.
 CHUNK_BYTES = {"torch": 256 * 2**20, "triton": 2**30}
@@ -229,12 +268,14 @@ class _FusedLinearCrossEntropyMasked(torch.autograd.Function):
     whatever the schedule scales by), whose per-token upstream gradient is ``c * loss_mask``: the
     gradients for ``c = 1`` are computed in forward while each logits block is live (no recompute;
     the three GEMMs of an unfused head) and backward scales them by ``c``. Backward checks that the
-    gradient it gets has that form (one host sync) and otherwise recomputes the blocks for it, so
-    any other use of the loss stays exact, only slower.
+    gradient it gets has that form (:data:`CONTRACT_CHECK`): on the host at once, recomputing the
+    blocks exactly when it fails (CPU), or queued without a host sync and raised on later by
+    :func:`check_deferred` (CUDA).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, loss_mask, tp_group, ignore_index, chunk, impl, grads):
+        check_deferred()  # an earlier backward's queued check, where it has completed
         valid, local, in_shard = _shard_labels(labels, ignore_index, weight.shape[0], tp_group)
         mask = torch.where(valid, loss_mask.float(), torch.zeros_like(loss_mask, dtype=torch.float32))
         lse, target, gh, gw = _blocks(hidden, weight, local, in_shard, mask, tp_group, chunk, impl, grads)
@@ -249,10 +290,17 @@ class _FusedLinearCrossEntropyMasked(torch.autograd.Function):
         grad = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
         c = (grad * mask).sum() / (mask * mask).sum().clamp(min=1e-30)
         have = (gh is not None or not needs[0]) and (gw is not None or not needs[1])
-        if have and torch.allclose(grad, c * mask, rtol=1e-5, atol=0.0):
-            # out of place: a retained graph's second backward must find the c = 1 gradients
-            return (gh * c.to(gh.dtype) if needs[0] else None, gw * c.to(gw.dtype) if needs[1] else None,
-                    None, None, None, None, None, None, None)
+        if CONTRACT_CHECK not in CONTRACT_CHECKS:
+            raise ValueError(f"fused_ce.CONTRACT_CHECK={CONTRACT_CHECK!r}; allowed: {', '.join(CONTRACT_CHECKS)}")
+        deferred = CONTRACT_CHECK == "deferred" or (CONTRACT_CHECK == "auto" and grad.is_cuda)
+        if have:
+            ok = torch.isclose(grad, c * mask, rtol=1e-5, atol=0.0).all()
+            if deferred:
+                _queue_check(ok)
+            if deferred or bool(ok):
+                # out of place: a retained graph's second backward must find the c = 1 gradients
+                return (gh * c.to(gh.dtype) if needs[0] else None, gw * c.to(gw.dtype) if needs[1] else None,
+                        None, None, None, None, None, None, None)
         global masked_recomputes
         masked_recomputes += 1
         if masked_recomputes == 1:
