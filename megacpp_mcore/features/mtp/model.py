@@ -1,9 +1,9 @@
 """``FusedLossGPTModel``: Megatron's ``GPTModel`` whose LM loss never builds the logits; and
 ``MTPGPTModel``: that model plus shared-block MTP on the last pipeline stage.
 
-The fused LM loss (``fused_lm_loss=True``): with labels, ``GPTModel`` builds the ``[s, b, V]`` bf16
-logits, and its cross-entropy an fp32 copy and an fp32 softmax kept for backward (8.6 GB each at
-16,384 tokens x 131,072). Ours goes through :func:`~megacpp_mcore.features.mtp.fused_ce.vocab_parallel_linear_cross_entropy`
+The fused LM loss (``fused_lm_loss=True``, opt-in): with labels, ``GPTModel`` builds the ``[s, b, V]``
+bf16 logits, and its cross-entropy an fp32 copy of them, kept as the softmax for backward (14.9 GiB
+above the inputs at 16,384 tokens x 131,072 on an H100; ours 2.0, docs/benchmarks.md). Ours goes through :func:`~megacpp_mcore.features.mtp.fused_ce.vocab_parallel_linear_cross_entropy`
 with the batch's ``loss_mask``: one ``[chunk, V]`` block alive at a time, and the gradients computed
 in forward for Megatron's ``loss_func`` (``sum(loss * loss_mask)``): the three GEMMs of the
 unfused head and no fp32 pass over the logits. Without labels (generation) and wherever upstream's
