@@ -121,8 +121,9 @@ def model_args(m: ModelConfig, *, mla: bool, mtp: bool) -> list[str]:
 
 
 def common_args(m: ModelConfig, args, iters: int, fast: dict[str, str]) -> list[str]:
-    """Flags both sides share: training, precision, mock data, logging (as the 8x recipe's) and the
-    fast-path settings ``fast`` (name -> value of :data:`FAST_PATHS`)."""
+    """Flags both sides share: training, precision, mock data, logging (as the 8x recipe's, plus
+    ``--manual-gc`` against timing jitter) and the fast-path settings ``fast`` (name -> value of
+    :data:`FAST_PATHS`)."""
     release = lp.checkout_release(args.megatron_lm)
     mod = "mod" in m.features
     paths = [flag for name, value in fast.items() for flag in fast_flags(name, value, release, mod)]
@@ -140,6 +141,9 @@ def common_args(m: ModelConfig, args, iters: int, fast: dict[str, str]) -> list[
         "transformer_engine", "--no-gradient-accumulation-fusion", "--use-distributed-optimizer",
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(m.vocab_size - 1),
         "--log-interval", "1", "--log-throughput", "--eval-interval", str(iters + 1), "--eval-iters", "0",
+        # Python's collector off during the timed steps (Megatron's jitter remedy): its pauses stall
+        # the host, and the host stalls the device at every MoE layer's token-count read
+        "--manual-gc",
     ]
 
 
