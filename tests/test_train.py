@@ -74,6 +74,7 @@ def test_the_loops_loss_takes_the_fused_losss_forward_time_gradients(runs):
     """With ``fused_lm_loss`` the loop's models carry the fused LM loss, and Megatron's schedule
     consumes it as ``c * sum(loss * loss_mask)``: no backward had to recompute its logits blocks."""
     assert runs["fused_losses"] > 0 and runs["recomputes"] == 0
+    assert runs["full"]["training"]["lm_loss"] == "fused"  # the receipt says which loss ran
 
 
 def _losses(rec) -> dict[int, float]:

@@ -400,6 +400,8 @@ def assemble(f: RunFacts) -> dict[str, Any]:
                      "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
                      "lr_schedule": "cosine", "losses": f.losses, "final_loss": _finite(f.last_loss),
                      "nonfinite_steps": f.nonfinite_steps,
+                     # the LM loss's path: GPTModel's output layer and cross-entropy, or the fused one
+                     "lm_loss": "fused" if cfg.fused_lm_loss else "gptmodel",
                      "frozen_backbone": frozen_backbone(f, layer_plan)},
         "throughput": {"tokens_per_s": tokens_per_s,
                        "model_flops_per_token": flops["total"],
