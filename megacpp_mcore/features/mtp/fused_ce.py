@@ -167,8 +167,23 @@ def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor,
         acc.addmm_(dlogits.t(), h)
 
 
-def _wgrad_buffer(weight: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty_like(weight) if n else torch.zeros_like(weight)
+def _grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, needs) -> tuple:
+    """(grad_hidden, grad_weight) to fill block by block, None where ``needs`` says no; the weight's
+    is allocated empty (the first block writes it) unless there is no block at all."""
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = None
+    if needs[1]:
+        grad_weight = torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)
+    return grad_hidden, grad_weight
+
+
+def _add_block_grads(dlogits, weight, h, start, grad_hidden, grad_weight) -> None:
+    """One block's share of the gradients: its rows of ``dlogits @ W`` (partial over this rank's
+    vocab shard) and ``dlogits^T @ h`` into the weight's."""
+    if grad_hidden is not None:
+        torch.mm(dlogits, weight, out=grad_hidden[start:start + h.shape[0]])
+    if grad_weight is not None:
+        _accumulate_wgrad(grad_weight, dlogits, h, first=start == 0)
 
 
 def _shard_labels(labels, ignore_index, vocab_shard, tp_group):
@@ -199,8 +214,7 @@ def _blocks(hidden, weight, local, in_shard, weights, tp_group, chunk, impl, gra
     n = hidden.shape[0]
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     target = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if grads[0] else None
-    grad_weight = _wgrad_buffer(weight, n) if grads[1] else None
+    grad_hidden, grad_weight = _grad_buffers(hidden, weight, grads)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         h = hidden[start:end]
@@ -212,10 +226,7 @@ def _blocks(hidden, weight, local, in_shard, weights, tp_group, chunk, impl, gra
         dlogits = grad_fn(logits, lse[start:end], local[start:end], in_shard[start:end],
                           weights[start:end])
         del logits
-        if grad_hidden is not None:
-            torch.mm(dlogits, weight, out=grad_hidden[start:end])  # partial over this rank's vocab shard
-        if grad_weight is not None:
-            _accumulate_wgrad(grad_weight, dlogits, h, first=start == 0)
+        _add_block_grads(dlogits, weight, h, start, grad_hidden, grad_weight)
     return lse, target, grad_hidden, grad_weight
 
 
@@ -223,17 +234,13 @@ def _recomputed_grads(hidden, weight, lse, local, in_shard, scale, chunk, impl, 
     """Gradients for a per-token upstream gradient ``scale`` known only in backward: each logits
     block recomputed (one more GEMM per block than an unfused head)."""
     _, grad_fn = _epilogue(impl)
-    grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = _wgrad_buffer(weight, hidden.shape[0]) if needs[1] else None
+    grad_hidden, grad_weight = _grad_buffers(hidden, weight, needs)
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
         dlogits = grad_fn(h @ weight.t(), lse[start:end], local[start:end], in_shard[start:end],
                           scale[start:end])
-        if grad_hidden is not None:
-            torch.mm(dlogits, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            _accumulate_wgrad(grad_weight, dlogits, h, first=start == 0)
+        _add_block_grads(dlogits, weight, h, start, grad_hidden, grad_weight)
     return grad_hidden, grad_weight
 
 
