@@ -49,23 +49,24 @@ def _marked(weight: torch.Tensor) -> torch.Tensor:
 
 
 def step_fn(variant: str, hidden, weight, labels, mask, scale: float):
-    """One forward + backward of ``variant``; returns a callable."""
+    """One forward + backward of ``variant``; returns a callable (imports resolved outside it)."""
+    from megatron.core import parallel_state, tensor_parallel
+
     from megacpp_mcore.features.mtp.fused_ce import fused_linear_cross_entropy
+
+    if variant == "upstream_te":
+        from megatron.core.extensions.transformer_engine import te_parallel_cross_entropy
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def run():
         hidden.grad = weight.grad = None
         if variant.startswith("upstream"):
             logits = (hidden @ weight.t()).unsqueeze(1)  # [s, b=1, V]
             if variant == "upstream":
-                from megatron.core import tensor_parallel
-
                 loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels[:, None])
             else:
-                from megatron.core.extensions.transformer_engine import te_parallel_cross_entropy
-                from megatron.core import parallel_state
-
-                loss = te_parallel_cross_entropy(logits, labels[:, None],
-                                                 parallel_state.get_tensor_model_parallel_group())
+                loss = te_parallel_cross_entropy(logits, labels[:, None], tp_group)
             loss = loss.view(-1)
         else:
             loss = fused_linear_cross_entropy(hidden, weight, labels,

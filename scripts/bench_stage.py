@@ -372,36 +372,33 @@ def summarize(run: Run, args) -> dict:
             "command": run.command}
 
 
-def ratio_interval(faster: list[float], slower: list[float], *, draws: int = 2000,
+def ratio_interval(times: list[float], reference: list[float], *, draws: int = 2000,
                    level: float = 0.9, seed: int = 0) -> tuple[float, float, float]:
-    """``median(slower) / median(faster)`` of two samples of iteration times, and its bootstrap
-    interval at ``level`` (iterations resampled with replacement, each side on its own): what a
-    ratio of medians is worth when the iterations of one configuration spread by 10%."""
+    """The speed of ``times`` over ``reference`` (two samples of iteration times): ``median(reference)
+    / median(times)``, and its bootstrap interval at ``level`` (iterations resampled with
+    replacement, each side on its own): what a ratio of medians is worth when the iterations of one
+    configuration spread by 10%."""
     import random
 
     rng = random.Random(seed)
-    point = statistics.median(slower) / statistics.median(faster)
-    ratios = sorted(statistics.median(rng.choices(slower, k=len(slower)))
-                    / statistics.median(rng.choices(faster, k=len(faster))) for _ in range(draws))
+    point = statistics.median(reference) / statistics.median(times)
+    ratios = sorted(statistics.median(rng.choices(reference, k=len(reference)))
+                    / statistics.median(rng.choices(times, k=len(times))) for _ in range(draws))
     tail = (1 - level) / 2
     return point, ratios[int(tail * draws)], ratios[min(draws - 1, int((1 - tail) * draws))]
 
 
-def _steady_by_base(rows: list[dict]) -> dict[str, list[float]]:
-    """The steady iterations of every finished run, pooled over repeats by base name."""
-    pooled: dict[str, list[float]] = {}
+def _by_base(rows: list[dict], key: str) -> dict[str, list]:
+    """``row[key]`` of every finished run that has it, grouped over repeats by base name."""
+    groups: dict[str, list] = {}
     for row in rows:
-        if row["returncode"] == 0 and row.get("ms_steady"):
-            pooled.setdefault(row["name"].split("#")[0], []).extend(row["ms_steady"])
-    return pooled
+        if row.get(key) is not None and row["returncode"] == 0:
+            groups.setdefault(row["name"].split("#")[0], []).append(row[key])
+    return groups
 
 
 def _median_by_base(rows: list[dict], key: str) -> dict[str, float]:
-    groups: dict[str, list[float]] = {}
-    for row in rows:
-        if row[key] is not None and row["returncode"] == 0:
-            groups.setdefault(row["name"].split("#")[0], []).append(row[key])
-    return {name: statistics.median(values) for name, values in groups.items()}
+    return {name: statistics.median(values) for name, values in _by_base(rows, key).items()}
 
 
 def projection(tps: dict[str, float], args) -> dict | None:
@@ -478,7 +475,7 @@ def report(rows: list[dict], args) -> dict:
         out["ratios"]["ab_ours_over_upstream"] = tps["ab_ours"] / tps["ab_upstream"]
         print(f"\nshared structure (AEMEAEMEAEMM): ours/upstream tokens/s = "
               f"{out['ratios']['ab_ours_over_upstream']:.3f} (median over repeats; target >= 1.05)")
-        pooled = _steady_by_base(rows)
+        pooled = {name: [ms for run in runs for ms in run] for name, runs in _by_base(rows, "ms_steady").items()}
         if len(pooled.get("ab_ours", [])) >= 2 and len(pooled.get("ab_upstream", [])) >= 2:
             point, low, high = ratio_interval(pooled["ab_ours"], pooled["ab_upstream"])
             out["ratios"]["ab_ours_over_upstream_pooled"] = {"ratio": point, "ci90": [low, high]}
