@@ -38,7 +38,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megacpp_mcore.features.mtp.block import shared_block_spec
 from megacpp_mcore.features.mtp.core import MTPConfig, cast_keeping_shard_markers, roll_and_mask, step_weights
-from megacpp_mcore.features.mtp.fused_ce import vocab_parallel_linear_cross_entropy
+from megacpp_mcore.features.mtp.fused_ce import IMPLS, vocab_parallel_linear_cross_entropy
 
 
 class AttachLoss(torch.autograd.Function):
@@ -88,8 +88,6 @@ class FusedLossGPTModel(GPTModel):
     ``triton``; :data:`~megacpp_mcore.features.mtp.fused_ce.IMPLS`)."""
 
     def __init__(self, *args, fused_lm_loss: bool = False, fused_ce_impl: str = "auto", **kwargs):
-        from megacpp_mcore.features.mtp.fused_ce import IMPLS
-
         if fused_ce_impl not in IMPLS:
             raise ValueError(f"fused_ce_impl {fused_ce_impl!r}; allowed: {', '.join(IMPLS)}")
         super().__init__(*args, **kwargs)
