@@ -471,23 +471,23 @@ def report(rows: list[dict], args) -> dict:
               f"| {_fmt(r['loss_first'], '.3f')} -> {_fmt(r['loss_last'], '.3f')} |")
     tps = _median_by_base(rows, "tokens_per_s")
     out: dict = {"median_tokens_per_s": tps, "ratios": {}}
-    if "ab_ours" in tps and "ab_upstream" in tps:
-        out["ratios"]["ab_ours_over_upstream"] = tps["ab_ours"] / tps["ab_upstream"]
-        print(f"\nshared structure (AEMEAEMEAEMM): ours/upstream tokens/s = "
-              f"{out['ratios']['ab_ours_over_upstream']:.3f} (median over repeats; target >= 1.05)")
-        pooled = {name: [ms for run in runs for ms in run] for name, runs in _by_base(rows, "ms_steady").items()}
-        if len(pooled.get("ab_ours", [])) >= 2 and len(pooled.get("ab_upstream", [])) >= 2:
-            point, low, high = ratio_interval(pooled["ab_ours"], pooled["ab_upstream"])
-            out["ratios"]["ab_ours_over_upstream_pooled"] = {"ratio": point, "ci90": [low, high]}
-            print(f"  pooled iterations ({len(pooled['ab_ours'])} ours, {len(pooled['ab_upstream'])} "
-                  f"upstream): {point:.3f}, 90% bootstrap interval {low:.3f}-{high:.3f}"
-                  f"{'' if low > 1 else ' (includes 1: not beyond noise)'}")
-        for name in ("ab_ours_fused", "ab_upstream_te_ce"):
-            if name in tps:
-                out["ratios"][f"{name}_over_upstream"] = tps[name] / tps["ab_upstream"]
-                out["ratios"][f"ab_ours_over_{name[3:]}"] = tps["ab_ours"] / tps[name]
-                print(f"  {name[3:]}/upstream {tps[name] / tps['ab_upstream']:.3f}; ours/{name[3:]} "
-                      f"{tps['ab_ours'] / tps[name]:.3f}")
+    pooled = {name: [ms for run in runs for ms in run] for name, runs in _by_base(rows, "ms_steady").items()}
+    # each of our runs against each upstream run (a like pair first: ab_ours/ab_upstream, then
+    # ab_ours_fused/ab_upstream_te_ce, both with a fused LM loss), and ours fused over unfused
+    pairs = [(a, b) for a in ("ab_ours", "ab_ours_fused") for b in ("ab_upstream", "ab_upstream_te_ce")]
+    pairs.append(("ab_ours_fused", "ab_ours"))
+    for a, b in pairs:
+        if a not in tps or b not in tps:
+            continue
+        key = f"{a}_over_{b[3:]}"
+        out["ratios"][key] = tps[a] / tps[b]
+        line = f"{a[3:]}/{b[3:]} tokens/s = {out['ratios'][key]:.3f} (median over repeats)"
+        if len(pooled.get(a, [])) >= 2 and len(pooled.get(b, [])) >= 2:
+            point, low, high = ratio_interval(pooled[a], pooled[b])
+            out["ratios"][f"{key}_pooled"] = {"ratio": point, "ci90": [low, high]}
+            line += (f"; pooled iterations ({len(pooled[a])} / {len(pooled[b])}): {point:.3f}, 90% "
+                     f"bootstrap interval {low:.3f}-{high:.3f}{'' if low > 1 or high < 1 else ' (includes 1)'}")
+        print(line)
     for name in tps:
         if name.startswith("stage12_") and name != "stage12_mtp" and "stage12" in tps:
             out["ratios"][name] = tps[name] / tps["stage12"]

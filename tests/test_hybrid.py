@@ -66,7 +66,7 @@ def test_parameter_names_follow_upstream_layers(single_rank):
 def test_moe_e_layers_when_config_has_experts(single_rank):
     model = _gpt(hybrid_block_spec("AE", backend="local"), num_moe_experts=4, moe_router_topk=2,
                  moe_ffn_hidden_size=32, moe_token_dispatcher_type="allgather")
-    assert type(model.decoder.layers[1].mlp).__name__ == "MoELayer"
+    assert type(model.decoder.layers[1].mlp).__name__ == "DeviceCountsMoELayer"
     assert type(model.decoder.layers[0].self_attention).__name__ == "SelfAttention"
 
 
@@ -321,4 +321,4 @@ def test_two_models_trained_interleaved_match_each_alone(single_rank):
     assert (len(layers["hybrid"]), len(layers["plain"])) == (8, 6)
     assert type(layers["hybrid"][0].self_attention).__name__ == "LatentSelfAttention"
     assert type(layers["hybrid"][1]).__name__.startswith("MoD")
-    assert type(layers["plain"][1].mlp).__name__ == "MoELayer"
+    assert type(layers["plain"][1].mlp).__name__ == "DeviceCountsMoELayer"

@@ -104,7 +104,7 @@ def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
     model_cfg, model = _build(dict(TINY_MTP, moe=moe))
     n = sum(p.numel() for p in model.mtp_block.parameters())
     assert n == embedding_params(model_cfg)["mtp_shared_block"]
-    assert type(model.mtp_block.feedforward.mlp).__name__ == "MoELayer"
+    assert type(model.mtp_block.feedforward.mlp).__name__ == "DeviceCountsMoELayer"
     b, s = 2, model_cfg.seq_length
     tokens = torch.randint(0, model_cfg.vocab_size, (b, s))
     out = model(tokens, torch.arange(s).expand(b, s), None, labels=tokens)

@@ -3,6 +3,8 @@
 Whether ``E`` is MoE is read from the config it is built with (``num_moe_experts``), so one layer
 spec serves both; MoE uses routed experts, an optional shared expert
 (``moe_shared_expert_intermediate_size``) and, on TE with ``moe_grouped_gemm``, grouped GEMM.
+The MoE layer and TE's grouped experts are :mod:`megacpp_mcore.layers.moe`'s: Megatron's, without
+the host waiting for the per-expert counts where every expert is on the rank.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megacpp_mcore.layers import moe as device_counts
+from megacpp_mcore.spec import compat
 from megacpp_mcore.spec.context import LayerContext
 
 
@@ -25,6 +29,10 @@ def feedforward_layer_spec(ctx: LayerContext) -> ModuleSpec:
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=backend.moe_grouped_gemm(config.moe_grouped_gemm),
     )
+    if moe:
+        te = device_counts.TEGroupedMLP
+        swaps = {te: device_counts.DeviceCountsTEGroupedMLP} if te else {}
+        mlp = compat.with_moe_modules(mlp, device_counts.DeviceCountsMoELayer, swaps)
     # Dense MLP on TE fuses the norm into fc1; MoE (and every local MLP) needs an explicit norm.
     fused_norm = not moe and backend.fuse_layernorm_and_linear()
     return ModuleSpec(

@@ -32,6 +32,9 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
 * ``dist_checkpointing`` lost ``common_strategy`` (0.19): ``torch_dist`` keeps the common
   (non-tensor) state inside its files, where 0.16 - 0.18 look for ``common.pt``:
   :func:`write_legacy_common_file` keeps checkpoints loadable by every supported release.
+* The MoE spec is a ``ModuleSpec`` (to 0.17) or a ``functools.partial`` of ``MoELayer`` (0.18
+  on), its experts likewise: :func:`with_moe_modules` swaps the layer and experts classes in
+  either.
 * Nothing to absorb: ``MambaMixer(use_mem_eff_path=)`` (gone in 0.17, not used by the package:
   the config field stays); ``get_mlp_module_spec_for_backend`` returns a ``functools.partial``
   from 0.18 instead of a ``ModuleSpec`` (``layers/feedforward.py`` only hands it to
@@ -399,3 +402,24 @@ def graphs_capturing_layers(config) -> str | None:
     if captured is None or (captured and set(captured) <= LAYER_FREE_GRAPH_MODULES):
         return None
     return f"cuda_graph_impl={config.cuda_graph_impl!r}, modules {list(captured) or 'whole layers'}"
+
+def with_moe_modules(spec, layer: type, experts: Mapping[type, type]):
+    """Megatron's MoE spec ``spec`` with ``layer`` as the MoE layer and each experts class in
+    ``experts`` replaced by its value (same submodules and parameters). The spec is a
+    ``ModuleSpec`` to 0.17 and a ``functools.partial`` of the layer from 0.18, with the experts a
+    ``ModuleSpec`` or a ``partial`` likewise."""
+    import dataclasses
+
+    def swapped(builder):
+        if isinstance(builder, functools.partial):
+            new = experts.get(builder.func)
+            return functools.partial(new, *builder.args, **builder.keywords) if new else builder
+        new = experts.get(getattr(builder, "module", None))
+        return dataclasses.replace(builder, module=new) if new else builder
+
+    if isinstance(spec, functools.partial):
+        submodules = spec.keywords["submodules"]
+        submodules = dataclasses.replace(submodules, experts=swapped(submodules.experts))
+        return functools.partial(layer, *spec.args, **{**spec.keywords, "submodules": submodules})
+    submodules = dataclasses.replace(spec.submodules, experts=swapped(spec.submodules.experts))
+    return dataclasses.replace(spec, module=layer, submodules=submodules)
