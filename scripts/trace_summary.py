@@ -10,7 +10,11 @@ Reads the device events (kernels, memcpy, memset), and reports:
   waited (on the host: launches, synchronizations, Python);
 * per category (GEMM, attention, Mamba/SSD Triton, MoE routing and permutation, norms, elementwise,
   reductions, copies, optimizer, cross-entropy, other): device ms and kernel count;
-* the top kernels by device time.
+* the top kernels by device time;
+* ``idle_by_launcher`` (traces with Python stacks, which Megatron-LM's profiler records): each idle
+  gap of at least 10 us charged to the innermost frame of Megatron, TE, mamba_ssm, causal_conv1d or
+  this package that was on the stack when the kernel after the gap was launched: which Python code
+  the device waited for.
 
 ``bench_stage.py --profile-step N`` runs this on every run's trace and keeps the summary in its JSON.
 """
@@ -38,6 +42,9 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern
     ("elementwise", r"elementwise|vectorized|unrolled|triton_|silu|swiglu|gelu|bias|dropout|add"),
 ))
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
+# Python frames that name who launched a kernel (the innermost one on the stack is charged)
+LAUNCHER_FRAME = re.compile(r"megatron/|megacpp_mcore/|transformer_engine/|mamba_ssm/|causal_conv1d/")
 
 
 class TraceError(ValueError):
@@ -107,7 +114,49 @@ def summarize(events: list[dict], top: int = 25) -> dict:
         "categories": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1][0])},
         "top_kernels": [{"name": k, "ms": v[0], "count": v[1]}
                         for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+        "idle_by_launcher": idle_by_launcher(events, top=top),
     }
+
+
+def idle_by_launcher(events: list[dict], min_gap_us: float = 10.0, top: int = 15) -> list[dict]:
+    """Idle device time charged to the Python frame that launched the kernel after each gap (see
+    the module doc); empty where the trace has no Python stacks."""
+    import numpy as np
+
+    device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS),
+                    key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in LAUNCH_CATS and "correlation" in (e.get("args") or {})}
+    frames: dict = {}
+    for e in events:
+        if e.get("cat") == "python_function" and e.get("ph") == "X" and LAUNCHER_FRAME.search(e.get("name", "")):
+            frames.setdefault(e.get("tid"), []).append(e)
+    if not device or not frames:
+        return []
+    stacks = {tid: (np.array([f["ts"] for f in fs]), np.array([f["ts"] + f["dur"] for f in fs]), fs)
+              for tid, fs in frames.items()}
+    charged: dict[str, list[float]] = {}
+    end = device[0]["ts"] + device[0]["dur"]
+    for event in device[1:]:
+        gap = event["ts"] - end
+        end = max(end, event["ts"] + event["dur"])
+        if gap < min_gap_us:
+            continue
+        launch = launches.get((event.get("args") or {}).get("correlation"))
+        key = "(launch not in the trace)"
+        if launch is not None and launch.get("tid") in stacks:
+            starts, ends, fs = stacks[launch["tid"]]
+            open_frames = np.nonzero((starts <= launch["ts"]) & (ends >= launch["ts"]))[0]
+            key = "(no package frame)"
+            if len(open_frames):
+                inner = max(open_frames, key=lambda i: (fs[i]["ts"], -fs[i]["dur"]))
+                key = re.sub(r"^.*?(?=megatron/|megacpp_mcore/|transformer_engine/|mamba_ssm/|causal_conv1d/)",
+                             "", fs[inner]["name"])
+        entry = charged.setdefault(key, [0.0, 0])
+        entry[0] += gap / 1e3
+        entry[1] += 1
+    return [{"frame": k, "idle_ms": v[0], "gaps": v[1]}
+            for k, v in sorted(charged.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def print_summary(summary: dict, title: str = "") -> None:
@@ -120,6 +169,10 @@ def print_summary(summary: dict, title: str = "") -> None:
     print("| top kernel | ms | calls |\n|---|---|---|")
     for entry in summary["top_kernels"]:
         print(f"| {entry['name']} | {entry['ms']:.2f} | {entry['count']} |")
+    if summary.get("idle_by_launcher"):
+        print("| idle before a launch from (innermost package frame) | idle ms | gaps |\n|---|---|---|")
+        for entry in summary["idle_by_launcher"]:
+            print(f"| {entry['frame']} | {entry['idle_ms']:.2f} | {entry['gaps']} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -365,6 +365,34 @@ def test_bench_stage_leaves_the_profiled_iterations_out_of_the_timing():
     assert row["ms_steady"] == [1000, 1020, 980] and row["ms_per_iteration"] == 1000
 
 
+def test_trace_summary_charges_idle_gaps_to_the_launching_frame():
+    """Each gap before a kernel is charged to the innermost package frame open at its launch."""
+    ts = load_script("trace_summary")
+
+    def kernel(ts_, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts_, "dur": dur, "args": {"correlation": corr}}
+
+    def launch(ts_, corr):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts_, "dur": 1, "tid": 7,
+                "args": {"correlation": corr}}
+
+    def frame(name, ts_, dur, tid=7):
+        return {"ph": "X", "cat": "python_function", "name": name, "ts": ts_, "dur": dur, "tid": tid}
+
+    events = [
+        kernel(0, 100, 1), kernel(150, 10, 2), kernel(400, 10, 3), kernel(415, 10, 4),  # gaps 50, 240, 5
+        launch(5, 1), launch(140, 2), launch(390, 3), launch(405, 4),
+        frame("/x/site-packages/megatron/core/transformer/moe/moe_layer.py(357): forward", 100, 400),
+        frame("/x/site-packages/transformer_engine/pytorch/cpp_extensions/gemm.py(213): general_grouped_gemm", 380, 20),
+        frame("/x/site-packages/torch/nn/modules/module.py(1779): _wrapped_call_impl", 385, 10),  # not a package
+        frame("/x/megacpp_mcore/layers/moe.py(9): other_thread", 0, 1000, tid=8),
+    ]
+    got = {e["frame"]: (e["idle_ms"], e["gaps"]) for e in ts.idle_by_launcher(events)}
+    assert got == {"transformer_engine/pytorch/cpp_extensions/gemm.py(213): general_grouped_gemm": (0.24, 1),
+                   "megatron/core/transformer/moe/moe_layer.py(357): forward": (0.05, 1)}
+    assert ts.idle_by_launcher([kernel(0, 1, 1), kernel(50, 1, 2)]) == []  # no Python stacks
+
+
 def test_trace_summary_reads_device_time_idle_gaps_and_categories(tmp_path):
     """A synthetic Chrome trace: the union of device intervals is busy time, the rest of the span
     idle; kernels fall into categories by name; a gzipped trace in a directory is found; bad input
