@@ -231,3 +231,17 @@ def test_switched_off_the_layer_keeps_megatron_dispatcher(single_rank, alltoall_
     monkeypatch.setattr(device_counts, "DEVICE_COUNTS", False)
     ours, _ = _layers(_config())
     assert type(ours.token_dispatcher) is MoEAlltoAllTokenDispatcher
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "megatron_fused"])
+def test_weighted_swiglu_is_silu_gate_times_up_times_probs(fused):
+    import types
+
+    config = types.SimpleNamespace(bias_activation_fusion=fused, activation_func_fp8_input_store=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=g, dtype=torch.bfloat16)
+    probs = torch.rand(6, 1, generator=g)
+    got = device_counts.weighted_swiglu(x, probs, config)
+    gate, up = x.float().chunk(2, dim=-1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.silu(gate) * up * probs, atol=2e-2, rtol=2e-2)
