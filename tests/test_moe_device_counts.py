@@ -47,11 +47,12 @@ def _config(**overrides):
 
 @pytest.fixture
 def alltoall_on_cpu(monkeypatch):
-    """Megatron's alltoall dispatcher makes a CUDA stream for its host copies when the first one is
-    built; the device-counts path never copies, so on a CPU host a placeholder stands in (restored
-    after the test)."""
+    """The device-counts path switched on (it is opt-in). Megatron's alltoall dispatcher makes a
+    CUDA stream for its host copies when the first one is built; the device-counts path never
+    copies, so on a CPU host a placeholder stands in (both restored after the test)."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+    monkeypatch.setattr(device_counts, "DEVICE_COUNTS", True)
     if not torch.cuda.is_available():
         monkeypatch.setattr(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", object())
 
@@ -181,7 +182,7 @@ def test_with_moe_modules_swaps_layer_and_experts_in_either_spec_form():
 
 @pytest.mark.gpu
 @gpu
-def test_te_grouped_experts_on_device_counts_equal_tegroupedmlp(single_rank):
+def test_te_grouped_experts_on_device_counts_equal_tegroupedmlp(single_rank, monkeypatch):
     """bf16 on CUDA, the TE backend: our MoE layer (device counts, two ``torch._grouped_mm``)
     against Megatron's TEGroupedMLP layer (host counts) with the same weights, forward and
     backward; the dispatch copies nothing to the host."""
@@ -195,6 +196,7 @@ def test_te_grouped_experts_on_device_counts_equal_tegroupedmlp(single_rank):
                        bias_activation_fusion=True, moe_permute_fusion=True,
                        moe_router_dtype="fp32", use_cpu_initialization=False, **kw)
 
+    monkeypatch.setattr(device_counts, "DEVICE_COUNTS", True)
     stock = get_mlp_module_spec_for_backend(backend=TESpecProvider(), num_experts=EXPERTS,
                                             moe_grouped_gemm=True)
     ours_spec = compat.with_moe_modules(stock, device_counts.DeviceCountsMoELayer,

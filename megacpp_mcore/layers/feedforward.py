@@ -3,8 +3,8 @@
 Whether ``E`` is MoE is read from the config it is built with (``num_moe_experts``), so one layer
 spec serves both; MoE uses routed experts, an optional shared expert
 (``moe_shared_expert_intermediate_size``) and, on TE with ``moe_grouped_gemm``, grouped GEMM.
-The MoE layer and TE's grouped experts are :mod:`megacpp_mcore.layers.moe`'s: Megatron's, without
-the host waiting for the per-expert counts where every expert is on the rank.
+The MoE layer and TE's grouped experts are :mod:`megacpp_mcore.layers.moe`'s: Megatron's, or
+(opt-in) without the host waiting for the per-expert counts where every expert is on the rank.
 """
 
 from __future__ import annotations

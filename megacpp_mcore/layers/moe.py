@@ -45,9 +45,10 @@ try:  # TE's grouped experts exist in megatron-core whether or not TE is install
 except ImportError:  # pragma: no cover - megatron-core always defines it (0.16 - 0.19)
     TEGroupedMLP = None
 
-# Off: every MoE layer built afterwards keeps Megatron's dispatcher (the launcher's
-# ``--megacpp-moe-device-counts off``; the stage benchmark's on/off ratio).
-DEVICE_COUNTS = True
+# On: MoE layers built afterwards take the device-counts dispatcher where it applies. Off by default
+# until the stage benchmark measures it (a fast path is kept only where it wins there; not yet run
+# on a GPU, eighteenth session): the launcher's ``--megacpp-moe-device-counts on``.
+DEVICE_COUNTS = False
 
 # Megatron CUDA-graph scopes that capture part of an MoE layer's forward (its dispatcher state is
 # then replayed from the graph's outputs, which expects Megatron's own path).

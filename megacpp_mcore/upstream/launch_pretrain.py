@@ -113,10 +113,10 @@ def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help="on: the LM loss through the package's fused linear cross-entropy, the "
                             "[tokens x vocab] logits never built (FusedLossGPTModel); default off: "
                             "GPTModel's output layer and cross-entropy")
-    group.add_argument("--megacpp-moe-device-counts", choices=("on", "off"), default="on",
-                       help="on (default): MoE layers whose experts are all on the rank keep the "
-                            "per-expert token counts on the device (no host wait per MoE forward; "
-                            "megacpp_mcore.layers.moe); off: Megatron's dispatcher and experts")
+    group.add_argument("--megacpp-moe-device-counts", choices=("on", "off"), default="off",
+                       help="on: MoE layers whose experts are all on the rank keep the per-expert "
+                            "token counts on the device (no host wait per MoE forward; "
+                            "megacpp_mcore.layers.moe); default off: Megatron's dispatcher")
     return parser
 
 
@@ -301,7 +301,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
     mtp = mtp_from_args(args)
     from megacpp_mcore.layers import moe
 
-    moe.DEVICE_COUNTS = getattr(args, "megacpp_moe_device_counts", "on") == "on"
+    moe.DEVICE_COUNTS = getattr(args, "megacpp_moe_device_counts", "off") == "on"
     spec = layer_spec_from_args(args)
     _mamba_conv_path(config, spec)
     # A mixed stack checkpoints per-layer keys; the builder owns the config (no 0.16.1 flag for it).
