@@ -208,6 +208,7 @@ def test_te_grouped_experts_on_device_counts_equal_tegroupedmlp(single_rank, mon
     assert ours.experts.takes_device_counts and ours.token_dispatcher.counts_on_device
     x = torch.randn(512, 2, H, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
+    ours(x.clone())  # compiles Megatron's torch.compile'd fusions (compiling syncs) before the check
     results = []
     for layer in (ours, upstream):
         xi = x.clone().requires_grad_()
@@ -247,3 +248,55 @@ def test_weighted_swiglu_is_silu_gate_times_up_times_probs(fused):
     gate, up = x.float().chunk(2, dim=-1)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), F.silu(gate) * up * probs, atol=2e-2, rtol=2e-2)
+
+
+def tp_expert_tp1_run(tp: int) -> dict:
+    """(run on ``tp`` gloo ranks by ``run_distributed``) The layer under TP ``tp`` with sequence
+    parallelism and expert TP 1 (every expert whole on each rank: the device-counts path applies),
+    fixed weights, each rank its sequence shard of one input; the output shard, the input gradient
+    shard and the parameter gradients summed over the ranks (what DDP's sync gives)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from megacpp_mcore.patches import cpu_rng_tracker
+    from megacpp_mcore.train import runtime
+
+    device_counts.DEVICE_COUNTS = True  # a worker process of its own: no state to restore
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = object()  # as the alltoall_on_cpu fixture
+    runtime.initialize(runtime.Parallelism())
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_tensor_parallel_size=1)
+    cpu_rng_tracker.model_parallel_cpu_manual_seed(1234)
+    config = _config(tensor_model_parallel_size=tp, sequence_parallel=tp > 1, expert_tensor_parallel_size=1)
+    layer, _ = _layers(config)
+    for i, (name, p) in enumerate(sorted(layer.named_parameters())):
+        p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i)) * 0.2)
+    rank = torch.distributed.get_rank()
+    x = torch.randn(8, 2, H, generator=torch.Generator().manual_seed(1)).chunk(tp)[rank].requires_grad_()
+    dy = torch.randn(8, 2, H, generator=torch.Generator().manual_seed(2)).chunk(tp)[rank]
+    y = layer(x)[0]
+    y.backward(dy)
+    grads = {}
+    for name, p in sorted(layer.named_parameters()):
+        g = p.grad.clone()
+        torch.distributed.all_reduce(g)
+        grads[name] = g.tolist()
+    out = {"on_device": layer.token_dispatcher.counts_on_device, "y": y.tolist(), "dx": x.grad.tolist(),
+           "grads": grads}
+    runtime.shutdown()
+    return out
+
+
+def test_tp2_sequence_parallel_expert_tp1_equals_one_rank():
+    from megacpp_mcore.testing.dist import run_distributed
+
+    (ref,) = run_distributed("tests.test_moe_device_counts:tp_expert_tp1_run", nproc=1, kwargs={"tp": 1})
+    ranks = run_distributed("tests.test_moe_device_counts:tp_expert_tp1_run", nproc=2, kwargs={"tp": 2})
+    assert ref["on_device"] and all(r["on_device"] for r in ranks)
+    for key in ("y", "dx"):
+        got = torch.cat([torch.tensor(r[key]) for r in ranks])
+        torch.testing.assert_close(got, torch.tensor(ref[key]), msg=lambda m: f"{key}: {m}")
+    assert ranks[0]["grads"].keys() == ref["grads"].keys()
+    for name, want in ref["grads"].items():
+        torch.testing.assert_close(torch.tensor(ranks[0]["grads"][name]), torch.tensor(want),
+                                   msg=lambda m: f"{name}: {m}")
