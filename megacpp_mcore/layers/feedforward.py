@@ -30,9 +30,8 @@ def feedforward_layer_spec(ctx: LayerContext) -> ModuleSpec:
         moe_grouped_gemm=backend.moe_grouped_gemm(config.moe_grouped_gemm),
     )
     if moe:
-        te = device_counts.TEGroupedMLP
-        swaps = {te: device_counts.DeviceCountsTEGroupedMLP} if te else {}
-        mlp = compat.with_moe_modules(mlp, device_counts.DeviceCountsMoELayer, swaps)
+        mlp = compat.with_moe_modules(mlp, device_counts.DeviceCountsMoELayer,
+                                      {device_counts.TEGroupedMLP: device_counts.DeviceCountsTEGroupedMLP})
     # Dense MLP on TE fuses the norm into fc1; MoE (and every local MLP) needs an explicit norm.
     fused_norm = not moe and backend.fuse_layernorm_and_linear()
     return ModuleSpec(

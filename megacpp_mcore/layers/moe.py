@@ -33,17 +33,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP  # defined without TE too
 from megatron.core.transformer.moe import moe_layer as _moe_layer
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megacpp_mcore.spec import compat
-
-try:  # TE's grouped experts exist in megatron-core whether or not TE is installed
-    from megatron.core.transformer.moe.experts import TEGroupedMLP
-except ImportError:  # pragma: no cover - megatron-core always defines it (0.16 - 0.19)
-    TEGroupedMLP = None
 
 # On: MoE layers built afterwards take the device-counts dispatcher where it applies. Off by default
 # until the stage benchmark measures it (a fast path is kept only where it wins there; not yet run
@@ -130,53 +125,51 @@ class DeviceCountsMoELayer(MoELayer):
             self.num_local_experts, self.local_expert_indices, config=self.config,
             pg_collection=pg_collection)
         dispatcher.experts_take_device_counts = _grouped_experts_take_device_counts(self.experts)
-        if self.token_dispatcher.shared_experts is not None:
-            dispatcher.set_shared_experts(self.token_dispatcher.shared_experts)
+        upstream = self.token_dispatcher
+        if upstream.shared_experts is not None:
+            dispatcher.set_shared_experts(upstream.shared_experts)
         self.token_dispatcher = dispatcher
+        if getattr(self, "_training_token_dispatcher", None) is upstream:  # 0.19's inference setup
+            self._training_token_dispatcher = dispatcher
 
 
-if TEGroupedMLP is not None:
+class DeviceCountsTEGroupedMLP(TEGroupedMLP):
+    """``TEGroupedMLP`` that, given the per-expert counts on the device, computes fc1 ->
+    probability-weighted SwiGLU -> fc2 as two ``torch._grouped_mm`` calls over the same weights
+    (:attr:`takes_device_counts`); counts on the host, or a configuration this path does not
+    cover, take ``TEGroupedMLP.forward``."""
 
-    class DeviceCountsTEGroupedMLP(TEGroupedMLP):
-        """``TEGroupedMLP`` that, given the per-expert counts on the device, computes fc1 ->
-        probability-weighted SwiGLU -> fc2 as two ``torch._grouped_mm`` calls over the same weights
-        (:attr:`takes_device_counts`); counts on the host, or a configuration this path does not
-        cover, take ``TEGroupedMLP.forward``."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.config
+        self.takes_device_counts = bool(
+            not (config.fp8 or getattr(config, "fp4", None))
+            and not config.add_bias_linear
+            and config.gated_linear_unit
+            and config.activation_func is F.silu
+            and not getattr(config, "use_te_activation_func", False)
+            and getattr(config, "activation_func_clamp_value", None) is None
+            and not getattr(config, "glu_linear_offset", 0.0)
+            and not config.moe_apply_probs_on_input
+            and not self.activation_recompute
+            and not getattr(self, "offload_expert_fc1", False)
+            and not getattr(self, "offload_moe_act", False)
+        )
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            config = self.config
-            self.takes_device_counts = bool(
-                not (config.fp8 or getattr(config, "fp4", None))
-                and not config.add_bias_linear
-                and config.gated_linear_unit
-                and config.activation_func is F.silu
-                and not getattr(config, "use_te_activation_func", False)
-                and getattr(config, "activation_func_clamp_value", None) is None
-                and not getattr(config, "glu_linear_offset", 0.0)
-                and not config.moe_apply_probs_on_input
-                and not self.activation_recompute
-                and not getattr(self, "offload_expert_fc1", False)
-                and not getattr(self, "offload_moe_act", False)
-            )
+    def _weights(self, linear) -> list[torch.Tensor]:
+        return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
 
-        def _weights(self, linear) -> list[torch.Tensor]:
-            return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
-
-        def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, *args,
-                    **kwargs):
-            extra = any(a is not None for a in args) or any(v is not None for v in kwargs.values())
-            if (not self.takes_device_counts or extra or not torch.is_tensor(tokens_per_expert)
-                    or tokens_per_expert.device != permuted_local_hidden_states.device):
-                return super().forward(permuted_local_hidden_states, tokens_per_expert,
-                                       permuted_probs, *args, **kwargs)
-            ends = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-            fc1 = grouped_linear(permuted_local_hidden_states, self._weights(self.linear_fc1), ends)
-            act = weighted_swiglu(fc1, permuted_probs.unsqueeze(-1), self.config)
-            return grouped_linear(act, self._weights(self.linear_fc2), ends), None
-
-else:  # pragma: no cover
-    DeviceCountsTEGroupedMLP = None
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, *args,
+                **kwargs):
+        extra = any(a is not None for a in args) or any(v is not None for v in kwargs.values())
+        if (not self.takes_device_counts or extra or not torch.is_tensor(tokens_per_expert)
+                or tokens_per_expert.device != permuted_local_hidden_states.device):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert,
+                                   permuted_probs, *args, **kwargs)
+        ends = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        fc1 = grouped_linear(permuted_local_hidden_states, self._weights(self.linear_fc1), ends)
+        act = weighted_swiglu(fc1, permuted_probs.unsqueeze(-1), self.config)
+        return grouped_linear(act, self._weights(self.linear_fc2), ends), None
 
 
 def weighted_swiglu(x: torch.Tensor, probs: torch.Tensor, config) -> torch.Tensor:
