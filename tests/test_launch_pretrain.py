@@ -162,6 +162,7 @@ def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
         lp.gpt_builder(_args(megacpp_moe_device_counts="on"), pre_process=True, post_process=True,
                        config=_config())
         assert moe.DEVICE_COUNTS is True
+        assert "fused LM loss off, MoE device counts on" in capsys.readouterr().out
     finally:
         moe.DEVICE_COUNTS = False
     tokens = torch.randint(0, 128, (2, 32))

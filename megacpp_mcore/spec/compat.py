@@ -36,13 +36,12 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
   on), its experts likewise: :func:`with_moe_modules` swaps the layer and experts classes in
   either.
 * Nothing to absorb: ``MambaMixer(use_mem_eff_path=)`` (gone in 0.17, not used by the package:
-  the config field stays); ``get_mlp_module_spec_for_backend`` returns a ``functools.partial``
-  from 0.18 instead of a ``ModuleSpec`` (``layers/feedforward.py`` only hands it to
-  ``build_module``, which takes either; tests build modules rather than read the spec).
+  the config field stays).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Mapping
@@ -403,12 +402,12 @@ def graphs_capturing_layers(config) -> str | None:
         return None
     return f"cuda_graph_impl={config.cuda_graph_impl!r}, modules {list(captured) or 'whole layers'}"
 
+
 def with_moe_modules(spec, layer: type, experts: Mapping[type, type]):
     """Megatron's MoE spec ``spec`` with ``layer`` as the MoE layer and each experts class in
     ``experts`` replaced by its value (same submodules and parameters). The spec is a
     ``ModuleSpec`` to 0.17 and a ``functools.partial`` of the layer from 0.18, with the experts a
     ``ModuleSpec`` or a ``partial`` likewise."""
-    import dataclasses
 
     def swapped(builder):
         if isinstance(builder, functools.partial):

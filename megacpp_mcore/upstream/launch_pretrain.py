@@ -288,6 +288,11 @@ def fused_lm_loss_from_args(args: argparse.Namespace) -> bool:
     return getattr(args, "megacpp_fused_lm_loss", "off") == "on"
 
 
+def moe_device_counts_from_args(args: argparse.Namespace) -> bool:
+    """``--megacpp-moe-device-counts``; arguments saved before the flag existed read as off."""
+    return getattr(args, "megacpp_moe_device_counts", "off") == "on"
+
+
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
     """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``, built by
     the package's one builder (:func:`megacpp_mcore.train.runtime.gpt_model`)."""
@@ -301,7 +306,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
     mtp = mtp_from_args(args)
     from megacpp_mcore.layers import moe
 
-    moe.DEVICE_COUNTS = getattr(args, "megacpp_moe_device_counts", "off") == "on"
+    moe.DEVICE_COUNTS = moe_device_counts_from_args(args)
     spec = layer_spec_from_args(args)
     _mamba_conv_path(config, spec)
     # A mixed stack checkpoints per-layer keys; the builder owns the config (no 0.16.1 flag for it).
@@ -355,8 +360,8 @@ def _report(args, spec, model_cls, post_process) -> None:
     loss = f"fused LM loss {'on' if fused_lm_loss_from_args(args) else 'off'}" if post_process else "no LM loss"
     print(f"[megacpp_mcore] model {model_cls.__name__} from --spec {' '.join(args.spec)}: pattern "
           f"{getattr(sub, 'pattern', '?')!r}, backend {backend} (--transformer-impl "
-          f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}, {loss}",
-          flush=True)
+          f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}, {loss}"
+          f"{', MoE device counts on' if moe_device_counts_from_args(args) else ''}", flush=True)
 
 
 def _extra_args_provider(upstream: Callable | None) -> Callable:
