@@ -81,10 +81,16 @@ def load_events(trace: Path) -> list[dict]:
     return events
 
 
+def device_events(events: list[dict]) -> list[dict]:
+    """The complete device events (kernels, memcpy, memset) among ``events``, by start time."""
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS
+                   and isinstance(e.get("ts"), (int, float)) and isinstance(e.get("dur"), (int, float))),
+                  key=lambda e: e["ts"])
+
+
 def summarize(events: list[dict], top: int = 25) -> dict:
     """The summary of the device events among ``events`` (times in ms)."""
-    device = [e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS
-              and isinstance(e.get("ts"), (int, float)) and isinstance(e.get("dur"), (int, float))]
+    device = device_events(events)
     if not device:
         raise TraceError("the trace has no device events (kernels, memcpy, memset): was CUDA profiled?")
     intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in device)
@@ -123,8 +129,7 @@ def idle_by_launcher(events: list[dict], min_gap_us: float = 10.0, top: int = 15
     the module doc); empty where the trace has no Python stacks."""
     import numpy as np
 
-    device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS),
-                    key=lambda e: e["ts"])
+    device = device_events(events)
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in LAUNCH_CATS and "correlation" in (e.get("args") or {})}
     frames: dict = {}
@@ -150,8 +155,8 @@ def idle_by_launcher(events: list[dict], min_gap_us: float = 10.0, top: int = 15
             key = "(no package frame)"
             if len(open_frames):
                 inner = max(open_frames, key=lambda i: (fs[i]["ts"], -fs[i]["dur"]))
-                key = re.sub(r"^.*?(?=megatron/|megacpp_mcore/|transformer_engine/|mamba_ssm/|causal_conv1d/)",
-                             "", fs[inner]["name"])
+                name = fs[inner]["name"]
+                key = name[LAUNCHER_FRAME.search(name).start():]  # from the package's path on
         entry = charged.setdefault(key, [0.0, 0])
         entry[0] += gap / 1e3
         entry[1] += 1
