@@ -296,6 +296,7 @@ def moe_device_counts_from_args(args: argparse.Namespace) -> bool:
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
     """Megatron-LM's ``gpt_builder`` contract: a GPTModel (or MTPGPTModel) from ``args``, built by
     the package's one builder (:func:`megacpp_mcore.train.runtime.gpt_model`)."""
+    from megacpp_mcore.layers import moe
     from megacpp_mcore.train.runtime import gpt_model
 
     _refuse_unsupported(args)
@@ -304,8 +305,6 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
 
         config = core_transformer_config_from_args(args)
     mtp = mtp_from_args(args)
-    from megacpp_mcore.layers import moe
-
     moe.DEVICE_COUNTS = moe_device_counts_from_args(args)
     spec = layer_spec_from_args(args)
     _mamba_conv_path(config, spec)
