@@ -65,7 +65,7 @@ from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
-AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce")
+AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
 # Fast paths of the stage slice: name -> (default, {value: Megatron-LM flags}); "{cg}" is the CUDA
@@ -237,6 +237,10 @@ def plan_runs(args) -> list[Run]:
             # the fused LM loss (opt-in): no logits built, gradients computed in forward
             "ours_fused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
                                          extra=["--megacpp-fused-lm-loss", "on"]),
+            # ours_fused with the MoE token counts kept on the device (no host sync per MoE layer)
+            "ours_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
+                                          extra=["--megacpp-fused-lm-loss", "on",
+                                                 "--megacpp-moe-device-counts", "on"]),
             # upstream's best loss: TE's fused cross-entropy (the logits still built)
             "upstream_te_ce": lambda n: upstream(n, shared, args, iters=args.iters,
                                                  fast=base | {"ce_fusion": "te"}),
@@ -473,9 +477,11 @@ def report(rows: list[dict], args) -> dict:
     out: dict = {"median_tokens_per_s": tps, "ratios": {}}
     pooled = {name: [ms for run in runs for ms in run] for name, runs in _by_base(rows, "ms_steady").items()}
     # each of our runs against each upstream run (a like pair first: ab_ours/ab_upstream, then
-    # ab_ours_fused/ab_upstream_te_ce, both with a fused LM loss), and ours fused over unfused
-    pairs = [(a, b) for a in ("ab_ours", "ab_ours_fused") for b in ("ab_upstream", "ab_upstream_te_ce")]
-    pairs.append(("ab_ours_fused", "ab_ours"))
+    # ab_ours_fused/ab_upstream_te_ce, both with a fused LM loss), ours fused over unfused, and the
+    # device counts on over off
+    pairs = [(a, b) for a in ("ab_ours", "ab_ours_fused", "ab_ours_counts")
+             for b in ("ab_upstream", "ab_upstream_te_ce")]
+    pairs += [("ab_ours_fused", "ab_ours"), ("ab_ours_counts", "ab_ours_fused")]
     for a, b in pairs:
         if a not in tps or b not in tps:
             continue
@@ -531,7 +537,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ab runs")
     p.add_argument("--ab-runs", default="ours,upstream",
                    help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours_fused: "
-                        "--megacpp-fused-lm-loss on; upstream_te_ce: upstream with TE's fused CE)")
+                        "--megacpp-fused-lm-loss on; upstream_te_ce: upstream with TE's fused CE; "
+                        "ours_counts: ours_fused with --megacpp-moe-device-counts on)")
     p.add_argument("--stage-repeats", type=int, default=1, help="repeats of the stage runs")
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
     p.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing")

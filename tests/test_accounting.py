@@ -274,13 +274,14 @@ def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
 
 
 def test_bench_stage_ab_runs_pick_the_variants(tmp_path):
-    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1", "--ab-runs", "ours_fused,upstream_te_ce,ours"],
+    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1", "--ab-runs", "ours_fused,upstream_te_ce,ours,ours_counts"],
                   tmp_path / "mlm", tmp_path)
     assert proc.returncode == 0, proc.stderr
     runs = _commands(proc.stdout)
-    assert list(runs) == ["ab_ours_fused#0", "ab_upstream_te_ce#0", "ab_ours#0"]
+    assert list(runs) == ["ab_ours_fused#0", "ab_upstream_te_ce#0", "ab_ours#0", "ab_ours_counts#0"]
     ours, fused, te = runs["ab_ours#0"], runs["ab_ours_fused#0"], runs["ab_upstream_te_ce#0"]
     assert fused == ours + ["--megacpp-fused-lm-loss", "on"]
+    assert runs["ab_ours_counts#0"] == fused + ["--megacpp-moe-device-counts", "on"]
     assert te[te.index("--cross-entropy-fusion-impl") + 1] == "te" and "--cross-entropy-loss-fusion" in te
     assert "--cross-entropy-loss-fusion" not in ours
 
