@@ -65,7 +65,7 @@ from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
-AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_counts")
+AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_host_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
 # Fast paths of the stage slice: name -> (default, {value: Megatron-LM flags}); "{cg}" is the CUDA
@@ -237,10 +237,10 @@ def plan_runs(args) -> list[Run]:
             # the fused LM loss (opt-in): no logits built, gradients computed in forward
             "ours_fused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
                                          extra=["--megacpp-fused-lm-loss", "on"]),
-            # ours_fused with the MoE token counts kept on the device (no host sync per MoE layer)
-            "ours_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
-                                          extra=["--megacpp-fused-lm-loss", "on",
-                                                 "--megacpp-moe-device-counts", "on"]),
+            # ours_fused with Megatron's dispatcher (the MoE token counts read on the host each layer)
+            "ours_host_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False,
+                                               fast=base, extra=["--megacpp-fused-lm-loss", "on",
+                                                                 "--megacpp-moe-device-counts", "off"]),
             # upstream's best loss: TE's fused cross-entropy (the logits still built)
             "upstream_te_ce": lambda n: upstream(n, shared, args, iters=args.iters,
                                                  fast=base | {"ce_fusion": "te"}),
@@ -258,6 +258,9 @@ def plan_runs(args) -> list[Run]:
         for r in range(args.stage_repeats):
             for name, m in slices.items():
                 runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base))
+            if "stage" in args.set:  # the MoE counts read on the host, as with EP > 1 (the projection's)
+                runs.append(ours(f"stage12_host_counts#{r}", slices["stage12"], spec, args, iters=args.iters,
+                                 mla=True, fast=base, extra=["--megacpp-moe-device-counts", "off"]))
             for fast, value in args.fast:
                 runs.append(ours(f"stage12_{fast}={value}#{r}", slices["stage12"], spec, args,
                                  iters=args.iters, mla=True, fast=base | {fast: value}))
@@ -432,11 +435,19 @@ def projection(tps: dict[str, float], args) -> dict | None:
     tokens_per_step = args.gbs_8x * nam.seq_length / args.dp
     grad_bytes = dense * (4 + 2) * (args.dp - 1) / args.dp
     grad = grad_bytes / (args.allreduce_gbps * 1e9) * (1 - args.grad_overlap) / tokens_per_step
-    per_token = compute + a2a + grad
+    # with EP > 1 the dispatcher reads the per-expert counts on the host at every E pass (the
+    # all-to-all's split sizes), which the one-GPU slices skip: their cost per E pass is measured
+    # as stage12 with the host's counts against stage12
+    e_in_12 = sum(e.symbol == "E" for e in nam.replace(num_layers=12).layer_table())
+    host_counts = 0.0
+    if args.ep > 1 and "stage12_host_counts" in tps:
+        host_counts = max(0.0, (1 / tps["stage12_host_counts"] - t12) / e_in_12 * e_passes)
+    per_token = compute + a2a + grad + host_counts
     tokens = 1 / per_token
     return {
         "seconds_per_token": {"period_12_layers": period, "head": head, "mtp_depth_2": mtp,
-                              "trunk_52_layers": trunk, "all_to_all": a2a, "gradient_sync": grad},
+                              "trunk_52_layers": trunk, "all_to_all": a2a, "gradient_sync": grad,
+                              "host_counts": host_counts},
         "tokens_per_s_per_gpu": tokens,
         "tflops_hybrid_per_gpu": tokens * hybrid_flops_per_token(nam)["total"] / 1e12,
         "tflops_ours_per_gpu": tokens * flops_per_token(nam, causal=True)["total"] / 1e12,
@@ -450,6 +461,10 @@ def projection(tps: dict[str, float], args) -> dict | None:
             f"gradient sync: {dense / 1e9:.2f}B dense params x (4 B reduce-scatter + 2 B all-gather) x "
             f"{args.dp - 1}/{args.dp} per step at {args.allreduce_gbps} GB/s, {args.grad_overlap:.0%} "
             "hidden; expert gradients need none (expert-DP 1)",
+            (f"MoE counts read on the host at each of {e_passes} E passes (EP > 1): per pass "
+             f"(t(stage12_host_counts) - t12) / {e_in_12}" if args.ep > 1 and "stage12_host_counts" in tps
+             else "MoE counts on the device (EP 1)" if args.ep == 1
+             else "MoE counts' host read at EP > 1 NOT included (no stage12_host_counts run)"),
             f"the stage slices ran at micro-batch {args.mbs} and {args.gbs} x {nam.seq_length} tokens "
             f"per optimizer step, as one GPU of the 8-GPU recipe at micro-batch {args.mbs} "
             f"({args.gbs_8x} x {nam.seq_length} / {args.dp} tokens per GPU and step)",
@@ -478,10 +493,10 @@ def report(rows: list[dict], args) -> dict:
     pooled = {name: [ms for run in runs for ms in run] for name, runs in _by_base(rows, "ms_steady").items()}
     # each of our runs against each upstream run (a like pair first: ab_ours/ab_upstream, then
     # ab_ours_fused/ab_upstream_te_ce, both with a fused LM loss), ours fused over unfused, and the
-    # device counts on over off
-    pairs = [(a, b) for a in ("ab_ours", "ab_ours_fused", "ab_ours_counts")
+    # MoE device counts (the default) over the host's
+    pairs = [(a, b) for a in ("ab_ours", "ab_ours_fused", "ab_ours_host_counts")
              for b in ("ab_upstream", "ab_upstream_te_ce")]
-    pairs += [("ab_ours_fused", "ab_ours"), ("ab_ours_counts", "ab_ours_fused")]
+    pairs += [("ab_ours_fused", "ab_ours"), ("ab_ours_fused", "ab_ours_host_counts")]
     for a, b in pairs:
         if a not in tps or b not in tps:
             continue
@@ -538,7 +553,7 @@ def parse_args(argv):
     p.add_argument("--ab-runs", default="ours,upstream",
                    help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours_fused: "
                         "--megacpp-fused-lm-loss on; upstream_te_ce: upstream with TE's fused CE; "
-                        "ours_counts: ours_fused with --megacpp-moe-device-counts on)")
+                        "ours_host_counts: ours_fused with --megacpp-moe-device-counts off)")
     p.add_argument("--stage-repeats", type=int, default=1, help="repeats of the stage runs")
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
     p.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing")

@@ -7,6 +7,7 @@ knows, log reading, the 8-GPU projection); and the builder's fast-path switches 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -231,9 +232,10 @@ def default_dry_run(tmp_path_factory):
 def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     tmp_path, runs = default_dry_run
     assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours#1", "ab_upstream#1", "stage12#0",
-                          "stage24#0", "stage12_mtp#0", "stage12_mla_rope_fusion=off#0",
-                          "stage12_moe_permute_fusion=on#0"]
+                          "stage24#0", "stage12_mtp#0", "stage12_host_counts#0",
+                          "stage12_mla_rope_fusion=off#0", "stage12_moe_permute_fusion=on#0"]
     assert not (tmp_path / "out").exists(), "--dry-run writes nothing"
+    assert runs["stage12_host_counts#0"] == runs["stage12#0"] + ["--megacpp-moe-device-counts", "off"]
     ours, up = runs["ab_ours#0"], runs["ab_upstream#0"]
     assert "TRITON_CACHE_AUTOTUNING=1" in ours and ours[ours.index("-m") + 1] == "megacpp_mcore.launch_pretrain"
     spec = ours.index("--spec")
@@ -274,14 +276,14 @@ def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
 
 
 def test_bench_stage_ab_runs_pick_the_variants(tmp_path):
-    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1", "--ab-runs", "ours_fused,upstream_te_ce,ours,ours_counts"],
+    proc = _bench(["--dry-run", "--set", "ab", "--repeats", "1", "--ab-runs", "ours_fused,upstream_te_ce,ours,ours_host_counts"],
                   tmp_path / "mlm", tmp_path)
     assert proc.returncode == 0, proc.stderr
     runs = _commands(proc.stdout)
-    assert list(runs) == ["ab_ours_fused#0", "ab_upstream_te_ce#0", "ab_ours#0", "ab_ours_counts#0"]
+    assert list(runs) == ["ab_ours_fused#0", "ab_upstream_te_ce#0", "ab_ours#0", "ab_ours_host_counts#0"]
     ours, fused, te = runs["ab_ours#0"], runs["ab_ours_fused#0"], runs["ab_upstream_te_ce#0"]
     assert fused == ours + ["--megacpp-fused-lm-loss", "on"]
-    assert runs["ab_ours_counts#0"] == fused + ["--megacpp-moe-device-counts", "on"]
+    assert runs["ab_ours_host_counts#0"] == fused + ["--megacpp-moe-device-counts", "off"]
     assert te[te.index("--cross-entropy-fusion-impl") + 1] == "te" and "--cross-entropy-loss-fusion" in te
     assert "--cross-entropy-loss-fusion" not in ours
 
@@ -327,8 +329,9 @@ def test_bench_stage_flags_are_known_to_megatron_lm(tag, default_dry_run):
     for tokens in default_dry_run[1].values():
         start = next(i for i, t in enumerate(tokens) if t.endswith(".py") or t == "megacpp_mcore.launch_pretrain")
         flags |= {t for t in tokens[start + 1:] if t.startswith("--")}
-    ours = {"--megatron-lm", "--megacpp-mtp-depth", "--megacpp-fused-lm-loss",
-            "--no-rope-fusion"}  # the last: add_argument by hand
+    launcher = lp.add_megacpp_arguments(argparse.ArgumentParser())
+    ours = {"--megatron-lm", "--no-rope-fusion"} | {  # the last: add_argument by hand
+        f for action in launcher._actions for f in action.option_strings}
     assert [f for f in sorted(flags) if f not in ours and not flag_known(f, dests)] == []
 
 
@@ -505,6 +508,18 @@ def test_bench_stage_projection_by_hand():
     assert t["gradient_sync"] == pytest.approx((3_044_039_424 + mod) * 6 * 7 / 8 / 300e9 / 32_768)
     assert proj["tokens_per_s_per_gpu"] == pytest.approx(1 / (t["trunk_52_layers"] + 50e-6 + t["all_to_all"]
                                                               + t["gradient_sync"]))
+    assert t["host_counts"] == 0.0  # no stage12_host_counts run: not included, and the assumptions say so
+    assert "NOT included" in proj["assumptions"][-2]
+    # stage12 with the host's MoE counts at 110 us/token: 10 us over its 5 E layers, 2 us per E pass,
+    # at every E pass of the whole model (its E layers and one per MTP depth)
+    host = bench.projection({"stage12": 1 / 100e-6, "stage24": 1 / 180e-6, "stage12_mtp": 1 / 130e-6,
+                             "stage12_host_counts": 1 / 110e-6}, args)
+    passes = sum(e.symbol == "E" for e in get_preset("nam56r").layer_table()) + 2
+    assert host["seconds_per_token"]["host_counts"] == pytest.approx(2e-6 * passes)
+    assert 1 / host["tokens_per_s_per_gpu"] == pytest.approx(1 / proj["tokens_per_s_per_gpu"] + 2e-6 * passes)
+    args.ep = 1  # one expert group: the counts stay on the device
+    assert bench.projection({"stage12": 1 / 100e-6, "stage24": 1 / 180e-6, "stage12_mtp": 1 / 130e-6,
+                             "stage12_host_counts": 1 / 110e-6}, args)["seconds_per_token"]["host_counts"] == 0.0
     assert bench.projection({"stage12": 1.0}, args) is None  # needs all three slices
 
 

@@ -157,14 +157,18 @@ def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
     assert gpt.decoder.layers[0].self_attention.linear_qkv.__class__.__name__ == "ColumnParallelLinear"
     from megacpp_mcore.layers import moe
 
-    assert moe.DEVICE_COUNTS is False  # the default (opt-in)
+    assert moe.DEVICE_COUNTS is True  # the default
     try:  # --megacpp-moe-device-counts reaches the MoE layers built after it
+        lp.gpt_builder(_args(megacpp_moe_device_counts="off"), pre_process=True, post_process=True,
+                       config=_config())
+        assert moe.DEVICE_COUNTS is False
+        assert "fused LM loss off, MoE device counts off" in capsys.readouterr().out
         lp.gpt_builder(_args(megacpp_moe_device_counts="on"), pre_process=True, post_process=True,
                        config=_config())
         assert moe.DEVICE_COUNTS is True
         assert "fused LM loss off, MoE device counts on" in capsys.readouterr().out
     finally:
-        moe.DEVICE_COUNTS = False
+        moe.DEVICE_COUNTS = True
     tokens = torch.randint(0, 128, (2, 32))
     loss = gpt(tokens, torch.arange(32).expand(2, -1), None, labels=tokens)
     assert loss.shape == (2, 32) and torch.isfinite(loss).all()

@@ -113,10 +113,10 @@ def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help="on: the LM loss through the package's fused linear cross-entropy, the "
                             "[tokens x vocab] logits never built (FusedLossGPTModel); default off: "
                             "GPTModel's output layer and cross-entropy")
-    group.add_argument("--megacpp-moe-device-counts", choices=("on", "off"), default="off",
-                       help="on: MoE layers whose experts are all on the rank keep the per-expert "
-                            "token counts on the device (no host wait per MoE forward; "
-                            "megacpp_mcore.layers.moe); default off: Megatron's dispatcher")
+    group.add_argument("--megacpp-moe-device-counts", choices=("on", "off"), default="on",
+                       help="on (default): MoE layers whose experts are all on the rank keep the "
+                            "per-expert token counts on the device (no host wait per MoE forward; "
+                            "megacpp_mcore.layers.moe); off: Megatron's dispatcher throughout")
     return parser
 
 
@@ -289,8 +289,9 @@ def fused_lm_loss_from_args(args: argparse.Namespace) -> bool:
 
 
 def moe_device_counts_from_args(args: argparse.Namespace) -> bool:
-    """``--megacpp-moe-device-counts``; arguments saved before the flag existed read as off."""
-    return getattr(args, "megacpp_moe_device_counts", "off") == "on"
+    """``--megacpp-moe-device-counts``; arguments saved before the flag existed read as its default,
+    on (the path changes no parameter or checkpoint key)."""
+    return getattr(args, "megacpp_moe_device_counts", "on") == "on"
 
 
 def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
@@ -360,7 +361,7 @@ def _report(args, spec, model_cls, post_process) -> None:
     print(f"[megacpp_mcore] model {model_cls.__name__} from --spec {' '.join(args.spec)}: pattern "
           f"{getattr(sub, 'pattern', '?')!r}, backend {backend} (--transformer-impl "
           f"{args.transformer_impl}), features {sorted(getattr(sub, 'features', {}))}, {mtp}, {loss}"
-          f"{', MoE device counts on' if moe_device_counts_from_args(args) else ''}", flush=True)
+          f", MoE device counts {'on' if moe_device_counts_from_args(args) else 'off'}", flush=True)
 
 
 def _extra_args_provider(upstream: Callable | None) -> Callable:
