@@ -32,6 +32,26 @@ def test_grouped_linear_equals_per_expert_matmuls_forward_and_backward():
     assert torch.count_nonzero(got[2]) == 0  # the empty expert gets a zero gradient
 
 
+def test_grouped_linear_keeps_no_stack_of_the_weights_for_backward():
+    """The forward saves ``x``, the offsets and the weights themselves (no ``[E, in, out]`` copy);
+    frozen weights and an input without gradient get none."""
+    g = torch.Generator().manual_seed(1)
+    counts = torch.tensor([4, 2, 6])
+    x = torch.randn(12, 16, generator=g)
+    weights = [torch.randn(8, 16, generator=g, requires_grad=i != 1) for i in range(3)]
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = device_counts.grouped_linear(x, weights, ends)
+    assert not [t for t in saved if t.dim() == 3]
+    assert sum(t.numel() for t in saved) == x.numel() + ends.numel() + sum(w.numel() for w in weights)
+    y.backward(torch.ones_like(y))
+    assert weights[1].grad is None and x.grad is None
+    ref = [xe.sum(0).expand(8, -1) for xe in torch.split(x, counts.tolist())]
+    torch.testing.assert_close(weights[0].grad, ref[0])
+    torch.testing.assert_close(weights[2].grad, ref[2])
+
+
 def _config(**overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -47,7 +67,7 @@ def _config(**overrides):
 
 @pytest.fixture
 def alltoall_on_cpu(monkeypatch):
-    """The device-counts path switched on (it is opt-in). Megatron's alltoall dispatcher makes a
+    """The device-counts path switched on (the default, set again here). Megatron's alltoall dispatcher makes a
     CUDA stream for its host copies when the first one is built; the device-counts path never
     copies, so on a CPU host a placeholder stands in (both restored after the test)."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
