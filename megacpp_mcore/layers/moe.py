@@ -5,7 +5,9 @@ and waits for the copy (its ``cuda_sync_point``): TE's ``GroupedLinear`` splits 
 host, and the all-to-all needs its split sizes there. Each wait empties the device's queue, so the
 launches that follow it (the grouped GEMMs, the activation, the un-permutation) run exposed: on the
 stage benchmark's shared structure (one H100, micro-batch 4) about 60 ms of a 745 ms step is idle
-device time inside MoE forwards (``docs/benchmarks.md``, eighteenth session).
+device time inside MoE forwards (``docs/benchmarks.md``, eighteenth session). Without those waits
+the same step runs x1.063 faster (nineteenth session), so this path is the default
+(:data:`DEVICE_COUNTS`; the launcher's ``--megacpp-moe-device-counts off`` turns it off).
 
 Where the layer's expert-parallel and expert-tensor-parallel groups are one rank each (every token's
 experts are local: the one-GPU stage, or TP/DP layouts with ``--expert-tensor-parallel-size 1`` and
