@@ -67,9 +67,10 @@ def _config(**overrides):
 
 @pytest.fixture
 def alltoall_on_cpu(monkeypatch):
-    """The device-counts path switched on (the default, set again here). Megatron's alltoall dispatcher makes a
-    CUDA stream for its host copies when the first one is built; the device-counts path never
-    copies, so on a CPU host a placeholder stands in (both restored after the test)."""
+    """The device-counts path switched on (the default, set again here). Megatron's alltoall
+    dispatcher makes a CUDA stream for its host copies when the first one is built; the
+    device-counts path never copies, so on a CPU host a placeholder stands in (both restored after
+    the test)."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     monkeypatch.setattr(device_counts, "DEVICE_COUNTS", True)
