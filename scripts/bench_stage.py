@@ -20,8 +20,12 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
   M for R, no MTP), 12 layers at the public dims; ours (``pretrain_gpt.py`` through the launcher,
   ``layer_specs.nam56r NAM56R_UPSTREAM_SYMBOLS``) against upstream's hybrid (``pretrain_mamba.py``
   ``*EME*EME*EMM``, or ``pretrain_hybrid.py`` on core_v0.19); same dims, mock data, seed, batch.
+  ``--ab-runs`` adds variants: ours with the fused LM loss, upstream with TE's fused CE, ours
+  with Megatron's MoE dispatcher (``ours_host_counts``).
 * ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) at 12 and 24 layers and at 12
-  layers with MTP depth 2, plus one run per ``--fast`` toggle (the 12-layer slice with it flipped);
+  layers with MTP depth 2, the 12-layer slice with the MoE counts read on the host
+  (``stage12_host_counts``, as EP > 1 needs), plus one run per ``--fast`` toggle (the 12-layer
+  slice with it flipped);
   ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
 * ``startup``: the nam56r-lite preset (MLA, MTP 1) twice on a new, empty Triton cache: cold (a
   fresh machine compiles and autotunes every Triton kernel), then warm (all of it cached).
@@ -37,7 +41,8 @@ optimizer share) ``2 t12 - t24`` and MTP ``t12mtp - t12``; the 52-layer trunk is
 ``AEME`` scaled from a period by hybrid FLOPs; all-to-all per token = 4 (dispatch, combine; forward,
 backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed fraction
 ``1 - --a2a-overlap``; gradient sync per step = dense params x (4 B reduce-scatter + 2 B
-all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``.
+all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``; with EP > 1
+the host read of the MoE counts per E pass, ``(t12_host_counts - t12) / 5`` (the slice's E layers).
 """
 
 from __future__ import annotations
