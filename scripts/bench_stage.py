@@ -236,16 +236,16 @@ def plan_runs(args) -> list[Run]:
         shared = nam.replace(name="nam56r-upstream-symbols", pattern="AEMEAEMEAEMM", num_layers=12,
                              mla=None, mtp_depth=0, features={})
         spec = ("layer_specs.nam56r", "NAM56R_UPSTREAM_SYMBOLS")
+        fused = ["--megacpp-fused-lm-loss", "on"]
         variants = {
             "ours": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base),
             "upstream": lambda n: upstream(n, shared, args, iters=args.iters, fast=base),
             # the fused LM loss (opt-in): no logits built, gradients computed in forward
             "ours_fused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
-                                         extra=["--megacpp-fused-lm-loss", "on"]),
+                                         extra=fused),
             # ours_fused with Megatron's dispatcher (the MoE token counts read on the host each layer)
-            "ours_host_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False,
-                                               fast=base, extra=["--megacpp-fused-lm-loss", "on",
-                                                                 "--megacpp-moe-device-counts", "off"]),
+            "ours_host_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
+                                               extra=[*fused, "--megacpp-moe-device-counts", "off"]),
             # upstream's best loss: TE's fused cross-entropy (the logits still built)
             "upstream_te_ce": lambda n: upstream(n, shared, args, iters=args.iters,
                                                  fast=base | {"ce_fusion": "te"}),
@@ -444,8 +444,9 @@ def projection(tps: dict[str, float], args) -> dict | None:
     # all-to-all's split sizes), which the one-GPU slices skip: their cost per E pass is measured
     # as stage12 with the host's counts against stage12
     e_in_12 = sum(e.symbol == "E" for e in nam.replace(num_layers=12).layer_table())
+    host_measured = args.ep > 1 and "stage12_host_counts" in tps
     host_counts = 0.0
-    if args.ep > 1 and "stage12_host_counts" in tps:
+    if host_measured:
         host_counts = max(0.0, (1 / tps["stage12_host_counts"] - t12) / e_in_12 * e_passes)
     per_token = compute + a2a + grad + host_counts
     tokens = 1 / per_token
@@ -467,7 +468,7 @@ def projection(tps: dict[str, float], args) -> dict | None:
             f"{args.dp - 1}/{args.dp} per step at {args.allreduce_gbps} GB/s, {args.grad_overlap:.0%} "
             "hidden; expert gradients need none (expert-DP 1)",
             (f"MoE counts read on the host at each of {e_passes} E passes (EP > 1): per pass "
-             f"(t(stage12_host_counts) - t12) / {e_in_12}" if args.ep > 1 and "stage12_host_counts" in tps
+             f"(t(stage12_host_counts) - t12) / {e_in_12}" if host_measured
              else "MoE counts on the device (EP 1)" if args.ep == 1
              else "MoE counts' host read at EP > 1 NOT included (no stage12_host_counts run)"),
             f"the stage slices ran at micro-batch {args.mbs} and {args.gbs} x {nam.seq_length} tokens "

@@ -85,7 +85,7 @@ class _GroupedLinear(torch.autograd.Function):
         dy = dy.contiguous()
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch._grouped_mm(dy, _stacked(weights).transpose(1, 2), offs=ends)
+            dx = torch._grouped_mm(dy, torch.stack(tuple(weights)), offs=ends)  # [E, out, in], row-major
         dws = [None] * len(weights)
         if any(ctx.needs_input_grad[2:]):
             # [E, out, in]; the groups run along the reduced dimension n, so dy^T is passed as the
