@@ -90,10 +90,13 @@ for part in $PARTS; do
                 >"$OUT/stage-ab.log" 2>&1 ;;
     # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection; a call cut
     # at its deadline keeps the runs it finished, and the next call on the same machine resumes
-    # (a finished stage.json is kept too: remove it for a fresh measurement)
+    # (a finished stage.json is kept too: remove it for a fresh measurement); STAGE_ARGS: more
+    # bench_stage flags, whitespace-split (e.g. --base moe_permute_fusion=on
+    # --ours-extra=--megacpp-fused-lm-loss=on --fast moe_permute_fusion=off)
     stage) resume=(); [[ -f $OUT/stage.json ]] && resume=(--resume "$OUT/stage.json")
-           python scripts/bench_stage.py --set stage --out "$OUT/stage.json" ${resume[@]+"${resume[@]}"} \
-             >>"$OUT/stage.log" 2>&1 ;;
+           read -r -a more <<<"${STAGE_ARGS:-}"
+           python scripts/bench_stage.py --set stage ${more[@]+"${more[@]}"} --out "$OUT/stage.json" \
+             ${resume[@]+"${resume[@]}"} >>"$OUT/stage.log" 2>&1 ;;
     # each fast path flipped on the 12-layer public slice, twice (resumable like stage; the
     # permute fusion's x1.05 of the eighth session was one run, within the calls' spread)
     # FAST (NAME=VALUE ...) picks the flips, e.g. the ones a cut call did not reach
