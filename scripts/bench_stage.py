@@ -43,6 +43,9 @@ backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed 
 ``1 - --a2a-overlap``; gradient sync per step = dense params x (4 B reduce-scatter + 2 B
 all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``; with EP > 1
 the host read of the MoE counts per E pass, ``(t12_host_counts - t12) / 5`` (the slice's E layers).
+The same projection for each EP that divides DP and the experts (8, 4, 2, 1; expert gradients then
+reduced over expert-DP = dp / ep ranks), with its memory per GPU: ``models/plan.py``'s estimate plus
+what the ``stage12_mtp`` run measured beyond the plan's estimate for that slice, against ``--gpu-gib``.
 """
 
 from __future__ import annotations
@@ -413,10 +416,12 @@ def _median_by_base(rows: list[dict], key: str) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in _by_base(rows, key).items()}
 
 
-def projection(tps: dict[str, float], args) -> dict | None:
-    """Whole NAM56R on 8 H200s (TP 1, PP 1, EP ``--ep``, DP ``--dp``) from the stage slices."""
+def projection(tps: dict[str, float], args, ep: int | None = None) -> dict | None:
+    """Whole NAM56R on 8 H200s (TP 1, PP 1, EP ``ep``, default ``--ep``; DP ``--dp``) from the
+    stage slices."""
     if not {"stage12", "stage24", "stage12_mtp"} <= tps.keys():
         return None
+    ep = args.ep if ep is None else ep
     nam = get_preset("nam56r")
     t12, t24, tmtp = (1 / tps[k] for k in ("stage12", "stage24", "stage12_mtp"))  # s per token
     period, head, mtp = t24 - t12, 2 * t12 - t24, tmtp - t12
@@ -429,22 +434,24 @@ def projection(tps: dict[str, float], args) -> dict | None:
     trunk = 4 * period + period * layer_flops(tail) / layer_flops(nam.replace(num_layers=12, mtp_depth=0))
     compute = trunk + head + mtp
     e_passes = sum(e.symbol == "E" for e in nam.layer_table()) + nam.mtp_depth
-    a2a_bytes = 4 * e_passes * nam.moe.topk * nam.hidden_size * 2 * (args.ep - 1) / args.ep
+    a2a_bytes = 4 * e_passes * nam.moe.topk * nam.hidden_size * 2 * (ep - 1) / ep
     a2a = a2a_bytes / (args.a2a_gbps * 1e9) * (1 - args.a2a_overlap)
     # parameters outside the experts (replicated over DP); the experts of the E layers and of the
-    # MTP block's E are split over EP with expert-DP 1 (no gradient reduction)
+    # MTP block's E, split over EP: each GPU's ep-th of them is replicated over expert-DP = dp / ep
+    # ranks (no gradient reduction at expert-DP 1)
     e_layers = sum(e.symbol == "E" for e in nam.layer_table()) + (1 if nam.mtp_depth else 0)
     experts = e_layers * nam.moe.num_experts * 3 * nam.hidden_size * nam.moe.ffn_hidden_size
     total = sum(layer_params(nam, e) for e in nam.layer_table()) + sum(embedding_params(nam).values())
     dense = total - experts
+    expert_dp = max(1, args.dp // ep)
     tokens_per_step = args.gbs_8x * nam.seq_length / args.dp
-    grad_bytes = dense * (4 + 2) * (args.dp - 1) / args.dp
+    grad_bytes = (dense * (args.dp - 1) / args.dp + experts / ep * (expert_dp - 1) / expert_dp) * (4 + 2)
     grad = grad_bytes / (args.allreduce_gbps * 1e9) * (1 - args.grad_overlap) / tokens_per_step
     # with EP > 1 the dispatcher reads the per-expert counts on the host at every E pass (the
     # all-to-all's split sizes), which the one-GPU slices skip: their cost per E pass is measured
     # as stage12 with the host's counts against stage12
     e_in_12 = sum(e.symbol == "E" for e in nam.replace(num_layers=12).layer_table())
-    host_measured = args.ep > 1 and "stage12_host_counts" in tps
+    host_measured = ep > 1 and "stage12_host_counts" in tps
     host_counts = 0.0
     if host_measured:
         host_counts = max(0.0, (1 / tps["stage12_host_counts"] - t12) / e_in_12 * e_passes)
@@ -458,24 +465,60 @@ def projection(tps: dict[str, float], args) -> dict | None:
         "tflops_hybrid_per_gpu": tokens * hybrid_flops_per_token(nam)["total"] / 1e12,
         "tflops_ours_per_gpu": tokens * flops_per_token(nam, causal=True)["total"] / 1e12,
         "assumptions": [
-            f"TP 1, PP 1, EP {args.ep}, DP {args.dp}, global batch {args.gbs_8x} x {nam.seq_length}",
+            f"TP 1, PP 1, EP {ep}, DP {args.dp}, global batch {args.gbs_8x} x {nam.seq_length}",
             "balanced routing: each GPU's expert FLOPs per token equal the one-GPU slice's",
             "trunk = 4 x (t24 - t12) + AEME scaled from a period by hybrid FLOPs; head = 2 t12 - t24 "
             "(embedding, output layer, loss, optimizer share); MTP = t12mtp - t12",
-            f"all-to-all: 4 x {e_passes} E passes x top-{nam.moe.topk} x h x 2 B x {args.ep - 1}/{args.ep} "
+            f"all-to-all: 4 x {e_passes} E passes x top-{nam.moe.topk} x h x 2 B x {ep - 1}/{ep} "
             f"per token at {args.a2a_gbps} GB/s, {args.a2a_overlap:.0%} hidden",
-            f"gradient sync: {dense / 1e9:.2f}B dense params x (4 B reduce-scatter + 2 B all-gather) x "
-            f"{args.dp - 1}/{args.dp} per step at {args.allreduce_gbps} GB/s, {args.grad_overlap:.0%} "
-            "hidden; expert gradients need none (expert-DP 1)",
+            f"gradient sync: ({dense / 1e9:.2f}B dense params x {args.dp - 1}/{args.dp} + "
+            f"{experts / ep / 1e9:.2f}B expert params per GPU x {expert_dp - 1}/{expert_dp} (expert-DP "
+            f"{expert_dp})) x (4 B reduce-scatter + 2 B all-gather) per step at {args.allreduce_gbps} GB/s, "
+            f"{args.grad_overlap:.0%} hidden",
             (f"MoE counts read on the host at each of {e_passes} E passes (EP > 1): per pass "
              f"(t(stage12_host_counts) - t12) / {e_in_12}" if host_measured
-             else "MoE counts on the device (EP 1)" if args.ep == 1
+             else "MoE counts on the device (EP 1)" if ep == 1
              else "MoE counts' host read at EP > 1 NOT included (no stage12_host_counts run)"),
             f"the stage slices ran at micro-batch {args.mbs} and {args.gbs} x {nam.seq_length} tokens "
             f"per optimizer step, as one GPU of the 8-GPU recipe at micro-batch {args.mbs} "
             f"({args.gbs_8x} x {nam.seq_length} / {args.dp} tokens per GPU and step)",
         ],
     }
+
+
+def layout_memory(ep: int, args, peaks: dict[str, float]) -> dict:
+    """GiB per GPU of the whole NAM56R at TP 1, PP 1, EP ``ep``, DP ``--dp``, micro-batch ``--mbs``:
+    the plan's estimate (``models/plan.py``: weights, fp32 grads, sharded optimizer, activations)
+    plus what it leaves out (logits, workspaces, the allocator's slack), measured as the
+    ``stage12_mtp`` run's peak less the plan's estimate for that slice on one GPU."""
+    from megacpp_mcore.models.plan import build_plan
+
+    nam = get_preset("nam56r")
+    estimate = build_plan(nam, ep=ep, dp=args.dp, micro_batch=args.mbs)["memory"]["total"] / 2**30
+    unmodelled = None
+    if peaks.get("stage12_mtp") is not None:
+        sliced = build_plan(nam.replace(num_layers=12), ep=1, dp=1, micro_batch=args.mbs)["memory"]["total"]
+        unmodelled = max(0.0, peaks["stage12_mtp"] - sliced / 2**30)
+    total = None if unmodelled is None else estimate + unmodelled
+    return {"estimate_gib": estimate, "unmodelled_gib": unmodelled, "total_gib": total,
+            "fits": None if total is None else total <= args.gpu_gib}
+
+
+def layouts(tps: dict[str, float], peaks: dict[str, float], args) -> list[dict]:
+    """The projection and the memory of each expert-parallel size that divides both ``--dp`` and
+    the experts (EP 8, 4, 2, 1 on 8 GPUs), largest EP first."""
+    nam = get_preset("nam56r")
+    rows = []
+    for ep in (8, 4, 2, 1):
+        if args.dp % ep or nam.moe.num_experts % ep:
+            continue
+        proj = projection(tps, args, ep=ep)
+        if proj is None:
+            return []
+        rows.append({"ep": ep, "tokens_per_s_per_gpu": proj["tokens_per_s_per_gpu"],
+                     "tflops_hybrid_per_gpu": proj["tflops_hybrid_per_gpu"],
+                     "seconds_per_token": proj["seconds_per_token"], "memory": layout_memory(ep, args, peaks)})
+    return rows
 
 
 def _fmt(value, spec: str) -> str:
@@ -546,6 +589,25 @@ def report(rows: list[dict], args) -> dict:
             print(f"  {name}: {seconds * 1e6:.1f} us/token")
         for line in proj["assumptions"]:
             print(f"  assumption: {line}")
+        table = layouts(tps, _median_by_base(rows, "peak_gib"), args)
+        out["layouts_8xh200"] = table
+        print(f"\nlayouts on 8 x H200 (TP 1, PP 1, DP {args.dp}, micro-batch {args.mbs}; memory: the plan's "
+              f"estimate + what the stage12_mtp run measured beyond it; fits: <= --gpu-gib {args.gpu_gib}):")
+        print("| EP | all-to-all us | grad sync us | host counts us | total us/token | tokens/s/GPU "
+              "| TFLOP/s hybrid | GiB (estimate + measured rest) | fits |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in table:
+            t, mem = row["seconds_per_token"], row["memory"]
+            print(f"| {row['ep']} | {t['all_to_all'] * 1e6:.1f} | {t['gradient_sync'] * 1e6:.1f} "
+                  f"| {t['host_counts'] * 1e6:.1f} | {1e6 / row['tokens_per_s_per_gpu']:.1f} "
+                  f"| {row['tokens_per_s_per_gpu']:,.0f} | {row['tflops_hybrid_per_gpu']:.0f} "
+                  f"| {_fmt(mem['total_gib'], '.1f')} ({mem['estimate_gib']:.1f} + "
+                  f"{_fmt(mem['unmodelled_gib'], '.1f')}) | {_fmt(mem['fits'], '')} |")
+        fitting = [row for row in table if row["memory"]["fits"]]
+        if fitting:
+            best = max(fitting, key=lambda row: row["tokens_per_s_per_gpu"])
+            print(f"fastest layout that fits: EP {best['ep']}, {best['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU "
+                  f"(the recipe's: EP {args.ep})")
     return out
 
 
@@ -584,6 +646,9 @@ def parse_args(argv):
     p.add_argument("--a2a-gbps", type=float, default=300.0, help="assumed all-to-all GB/s per GPU")
     p.add_argument("--a2a-overlap", type=float, default=0.0, help="fraction of all-to-all hidden")
     p.add_argument("--allreduce-gbps", type=float, default=300.0, help="assumed gradient-sync GB/s")
+    p.add_argument("--gpu-gib", type=float, default=134.0,
+                   help="memory a layout may use per GPU (H200: 140 GiB less ~6 for the CUDA context, "
+                        "NCCL buffers and fragmentation)")
     p.add_argument("--grad-overlap", type=float, default=0.0, help="fraction of gradient sync hidden")
     p.add_argument("--out", help="write the results as JSON here (rewritten after every run, so a "
                                    "call cut at its deadline keeps the runs it finished)")

@@ -523,6 +523,43 @@ def test_bench_stage_projection_by_hand():
     assert bench.projection({"stage12": 1.0}, args) is None  # needs all three slices
 
 
+def test_bench_stage_layouts_by_hand():
+    """Each EP on 8 GPUs: the all-to-all scales with (ep - 1)/ep; the gradient sync adds each GPU's
+    ep-th of the 4,051,697,664 expert parameters, reduced over expert-DP = 8 / ep ranks; the host
+    read of the counts only where EP > 1; memory = the plan's estimate + the stage12_mtp run's peak
+    beyond the plan's estimate for that slice, fitting under --gpu-gib."""
+    from megacpp_mcore.models.plan import build_plan
+
+    bench = _load_bench()
+    args = types.SimpleNamespace(ep=8, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0,
+                                 allreduce_gbps=300.0, grad_overlap=0.0, mbs=4, gbs=8, gpu_gib=130.0)
+    tps = {"stage12": 1 / 100e-6, "stage24": 1 / 180e-6, "stage12_mtp": 1 / 130e-6, "stage12_host_counts": 1 / 110e-6}
+    table = bench.layouts(tps, {"stage12_mtp": 70.0}, args)
+    assert [row["ep"] for row in table] == [8, 4, 2, 1]
+    by_ep = {row["ep"]: row for row in table}
+    nam = get_preset("nam56r")
+    mod = 4097 * sum("mod" in x.features for x in nam.layer_table())
+    dense, experts, tokens = 3_044_039_424 + mod, 4_051_697_664, 32_768
+    for ep, row in by_ep.items():
+        t = row["seconds_per_token"]
+        assert t["all_to_all"] == pytest.approx(4 * 24 * 4 * 4096 * 2 * (ep - 1) / ep / 300e9)
+        edp = 8 // ep
+        assert t["gradient_sync"] == pytest.approx((dense * 7 / 8 + experts / ep * (edp - 1) / edp) * 6 / 300e9 / tokens)
+        assert (t["host_counts"] > 0) == (ep > 1)
+        mem = row["memory"]
+        assert mem["estimate_gib"] == pytest.approx(build_plan(nam, ep=ep, dp=8, micro_batch=4)["memory"]["total"] / 2**30)
+        sliced = build_plan(nam.replace(num_layers=12), ep=1, dp=1, micro_batch=4)["memory"]["total"] / 2**30
+        assert mem["unmodelled_gib"] == pytest.approx(70.0 - sliced)
+        assert mem["fits"] == (mem["estimate_gib"] + 70.0 - sliced <= 130.0)
+    assert by_ep[1]["seconds_per_token"]["all_to_all"] == 0.0
+    assert by_ep[8]["tokens_per_s_per_gpu"] == pytest.approx(bench.projection(tps, args)["tokens_per_s_per_gpu"])
+    # more experts per GPU, more memory: EP 1 holds all 16 on every GPU
+    assert by_ep[1]["memory"]["estimate_gib"] > by_ep[8]["memory"]["estimate_gib"]
+    # without the stage12_mtp run's peak the memory is an estimate only, and no fit is claimed
+    assert bench.layouts(tps, {}, args)[0]["memory"]["fits"] is None
+    assert bench.layouts({"stage12": 1.0}, {}, args) == []
+
+
 def test_recipe_benchmark_prints_both_counts(capsys):
     """scripts/recipe_benchmark.py: TFLOP/s/GPU ours and by hybrid_flops from the same tokens/s."""
     rb = load_script("recipe_benchmark")
