@@ -46,6 +46,8 @@ the host read of the MoE counts per E pass, ``(t12_host_counts - t12) / 5`` (the
 The same projection for each EP that divides DP and the experts (8, 4, 2, 1; expert gradients then
 reduced over expert-DP = dp / ep ranks), with its memory per GPU: ``models/plan.py``'s estimate plus
 what the ``stage12_mtp`` run measured beyond the plan's estimate for that slice, against ``--gpu-gib``.
+With ``--profile-step``, each slice's optimizer kernels are charged as the distributed optimizer shards
+them on 8 GPUs (1/dp), not whole as on the one GPU.
 """
 
 from __future__ import annotations
@@ -416,14 +418,32 @@ def _median_by_base(rows: list[dict], key: str) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in _by_base(rows, key).items()}
 
 
-def projection(tps: dict[str, float], args, ep: int | None = None) -> dict | None:
+def optimizer_seconds_per_token(rows: list[dict], args) -> dict[str, float]:
+    """Per slice (base name): the device time of the optimizer's kernels in its profiled step
+    (``trace_summary``'s ``optimizer`` category: Adam, the gradient norm, multi-tensor scaling) per
+    token of a step; medians over repeats. Empty without ``--profile-step``."""
+    tokens = args.gbs * get_preset("nam56r").seq_length
+    per_run = [dict(r, optimizer_s=r["profile"]["categories"].get("optimizer", {"ms": 0.0})["ms"] / 1e3 / tokens)
+               for r in rows if r.get("profile") and "categories" in r["profile"]]
+    return _median_by_base(per_run, "optimizer_s")
+
+
+def projection(tps: dict[str, float], args, ep: int | None = None,
+               optimizer: dict[str, float] | None = None) -> dict | None:
     """Whole NAM56R on 8 H200s (TP 1, PP 1, EP ``ep``, default ``--ep``; DP ``--dp``) from the
-    stage slices."""
+    stage slices; ``optimizer`` (:func:`optimizer_seconds_per_token`): each slice's optimizer time,
+    which the distributed optimizer shards ``dp`` ways on 8 GPUs (left unsharded where missing)."""
     if not {"stage12", "stage24", "stage12_mtp"} <= tps.keys():
         return None
     ep = args.ep if ep is None else ep
     nam = get_preset("nam56r")
-    t12, t24, tmtp = (1 / tps[k] for k in ("stage12", "stage24", "stage12_mtp"))  # s per token
+    optimizer = optimizer or {}
+    sharded = {"stage12", "stage24", "stage12_mtp"} <= optimizer.keys()
+    # s per token; with the optimizer's time measured, each slice as if its optimizer were sharded:
+    # on 8 GPUs each one updates total/dp parameters at every EP (dense: 1/dp of them; experts: its
+    # 1/ep, over expert-DP dp/ep ranks)
+    t12, t24, tmtp = (1 / tps[k] - (optimizer[k] * (1 - 1 / args.dp) if sharded else 0.0)
+                      for k in ("stage12", "stage24", "stage12_mtp"))
     period, head, mtp = t24 - t12, 2 * t12 - t24, tmtp - t12
 
     def layer_flops(m: ModelConfig) -> float:
@@ -454,7 +474,7 @@ def projection(tps: dict[str, float], args, ep: int | None = None) -> dict | Non
     host_measured = ep > 1 and "stage12_host_counts" in tps
     host_counts = 0.0
     if host_measured:
-        host_counts = max(0.0, (1 / tps["stage12_host_counts"] - t12) / e_in_12 * e_passes)
+        host_counts = max(0.0, (1 / tps["stage12_host_counts"] - 1 / tps["stage12"]) / e_in_12 * e_passes)
     per_token = compute + a2a + grad + host_counts
     tokens = 1 / per_token
     return {
@@ -467,6 +487,10 @@ def projection(tps: dict[str, float], args, ep: int | None = None) -> dict | Non
         "assumptions": [
             f"TP 1, PP 1, EP {ep}, DP {args.dp}, global batch {args.gbs_8x} x {nam.seq_length}",
             "balanced routing: each GPU's expert FLOPs per token equal the one-GPU slice's",
+            (f"optimizer: each slice's optimizer kernels (its profiled step) sharded {args.dp} ways, as the "
+             "distributed optimizer does (each GPU updates total/dp parameters at every EP)" if sharded
+             else "optimizer: unsharded, as in the one-GPU slices (no profiled step of all three; an "
+                  "overestimate of its share on 8 GPUs)"),
             "trunk = 4 x (t24 - t12) + AEME scaled from a period by hybrid FLOPs; head = 2 t12 - t24 "
             "(embedding, output layer, loss, optimizer share); MTP = t12mtp - t12",
             f"all-to-all: 4 x {e_passes} E passes x top-{nam.moe.topk} x h x 2 B x {ep - 1}/{ep} "
@@ -504,7 +528,8 @@ def layout_memory(ep: int, args, peaks: dict[str, float]) -> dict:
             "fits": None if total is None else total <= args.gpu_gib}
 
 
-def layouts(tps: dict[str, float], peaks: dict[str, float], args) -> list[dict]:
+def layouts(tps: dict[str, float], peaks: dict[str, float], args,
+            optimizer: dict[str, float] | None = None) -> list[dict]:
     """The projection and the memory of each expert-parallel size that divides both ``--dp`` and
     the experts (EP 8, 4, 2, 1 on 8 GPUs), largest EP first."""
     nam = get_preset("nam56r")
@@ -512,7 +537,7 @@ def layouts(tps: dict[str, float], peaks: dict[str, float], args) -> list[dict]:
     for ep in (8, 4, 2, 1):
         if args.dp % ep or nam.moe.num_experts % ep:
             continue
-        proj = projection(tps, args, ep=ep)
+        proj = projection(tps, args, ep=ep, optimizer=optimizer)
         if proj is None:
             return []
         rows.append({"ep": ep, "tokens_per_s_per_gpu": proj["tokens_per_s_per_gpu"],
@@ -579,7 +604,8 @@ def report(rows: list[dict], args) -> dict:
             prof = r["profile"]
             print(f"| {r['name']} | {prof['span_ms']:.1f} | {prof['busy_ms']:.1f} | {prof['idle_ms']:.1f} | "
                   + " | ".join(f"{prof['categories'].get(c, {'ms': 0})['ms']:.1f}" for c in cats) + " |")
-    proj = projection(tps, args)
+    optimizer = optimizer_seconds_per_token(rows, args)
+    proj = projection(tps, args, optimizer=optimizer)
     if proj:
         out["projection_8xh200"] = proj
         print(f"\nprojection, whole NAM56R on 8 x H200: {proj['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
@@ -589,7 +615,7 @@ def report(rows: list[dict], args) -> dict:
             print(f"  {name}: {seconds * 1e6:.1f} us/token")
         for line in proj["assumptions"]:
             print(f"  assumption: {line}")
-        table = layouts(tps, _median_by_base(rows, "peak_gib"), args)
+        table = layouts(tps, _median_by_base(rows, "peak_gib"), args, optimizer)
         out["layouts_8xh200"] = table
         print(f"\nlayouts on 8 x H200 (TP 1, PP 1, DP {args.dp}, micro-batch {args.mbs}; memory: the plan's "
               f"estimate + what the stage12_mtp run measured beyond it; fits: <= --gpu-gib {args.gpu_gib}):")

@@ -521,6 +521,17 @@ def test_bench_stage_projection_by_hand():
     assert bench.projection({"stage12": 1 / 100e-6, "stage24": 1 / 180e-6, "stage12_mtp": 1 / 130e-6,
                              "stage12_host_counts": 1 / 110e-6}, args)["seconds_per_token"]["host_counts"] == 0.0
     assert bench.projection({"stage12": 1.0}, args) is None  # needs all three slices
+    # each slice's optimizer kernels (8, 12, 9 us/token in their profiled steps) sharded 8 ways: the
+    # slices count 7/8 of them less, t12, t24, t12+MTP = 93, 169.5, 122.125 us/token
+    opt = {"stage12": 8e-6, "stage24": 12e-6, "stage12_mtp": 9e-6}
+    sharded = bench.projection({"stage12": 1 / 100e-6, "stage24": 1 / 180e-6, "stage12_mtp": 1 / 130e-6}, args,
+                               optimizer=opt)["seconds_per_token"]
+    assert sharded["period_12_layers"] == pytest.approx(76.5e-6)
+    assert (sharded["head"], sharded["mtp_depth_2"]) == (pytest.approx(16.5e-6), pytest.approx(29.125e-6))
+    # the per-token optimizer time of a run comes from its profiled step: ms / (gbs x seq) tokens
+    rows = [{"name": f"stage12#{r}", "returncode": 0, "profile": {"categories": {"optimizer": {"ms": ms}}}}
+            for r, ms in enumerate((60.0, 70.0))]
+    assert bench.optimizer_seconds_per_token(rows, args) == {"stage12": pytest.approx(65e-3 / (8 * 4096))}
 
 
 def test_bench_stage_layouts_by_hand():
