@@ -979,13 +979,13 @@ def test_m2rnn_step_kernel_on_cuda_equals_the_torch_recurrence():
     fp32. It failed by 1.9e-4 on an H100 (twelfth to sixteenth sessions): not the reference but
     the kernel, whose ``h W`` as a broadcast product summed over V compiled to ~1e-4 relative
     error (3e-4 off an fp64 recurrence where fp32 torch is 3e-7); a ``tl.dot`` in IEEE fp32 since."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     import torch.nn.functional as F
 
     from megacpp_mcore.infer.m2rnn_triton import m2rnn_step
     from megacpp_mcore.infer.mixers import m2rnn_recurrence
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     g = torch.Generator(device="cuda").manual_seed(0)
     b, H, K, V = 2, 4, 64, 16
     for s in (1, 3):

@@ -16,8 +16,10 @@ def _combine_kernel(src_ptr, proc_ptr, x_ptr, upd_ptr, out_ptr, hidden,
     cols = tl.arange(0, BLOCK)
     inside = cols < hidden
     src = tl.load(src_ptr + row)
-    kept = src >= 0
-    skipped = src < 0
+    # the row's source as a block, so that the masks are block & block (Triton 3.9's interpreter
+    # rejects a block & scalar mask)
+    kept = (tl.zeros([BLOCK], dtype=tl.int64) + src) >= 0
+    skipped = ~kept
     block = tl.load(proc_ptr + src * hidden + cols, mask=inside & kept, other=0.0)
     skip = tl.load(x_ptr + row * hidden + cols, mask=inside & skipped, other=0.0).to(tl.float32)
     if HAS_UPDATE:
