@@ -34,6 +34,11 @@
 # experts and an unsharded optimizer on the one GPU, so MBS 4 without recompute holds here; 16.8 us
 # per token per 12-layer period, head 11.0 us, MTP (depth 2) 16.3 us; projected 9,036 tokens/s/GPU
 # (318 TFLOP/s/GPU by hybrid_flops) with the all-to-all and gradient sync above, not hidden.
+# bench_stage also projects EP 4, 2 and 1 with their memory (docs/benchmarks.md, twentieth session):
+# from the same slices EP=1 (all 16 experts per GPU, no all-to-all, the MoE counts kept on the
+# device) projects 7% above EP=8, but its ~137 GiB (unfused loss) is over the 134 GiB line; with
+# --megacpp-fused-lm-loss on it should fit. EP stays 8 until an H200 stage run with the fused loss
+# measures both.
 # TO MEASURE on 8 GPUs: the all-to-all time (the 300 GB/s is an assumption), EP=4 against EP=8,
 # whether MBS 8 fits with recompute.
 #
