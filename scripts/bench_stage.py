@@ -708,6 +708,8 @@ def parse_args(argv):
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.gbs % args.mbs:
         raise BenchError(f"--gbs {args.gbs} is not a multiple of --mbs {args.mbs}")
+    if args.gpu_gib <= 0:
+        raise BenchError(f"--gpu-gib {args.gpu_gib}: must be > 0 (GiB a layout may use per GPU)")
     for name in ("a2a_overlap", "grad_overlap"):
         if not 0 <= getattr(args, name) <= 1:
             raise BenchError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")

@@ -308,6 +308,7 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--stage-spec", "AE"], "--stage-spec AE: allowed: NAM56R, NAM56R_DENSE"),
     (["--ab-runs", "ours,mine"], "--ab-runs ours,mine: unknown mine; allowed (each once): ours, upstream"),
     (["--ab-runs", "ours,ours"], "--ab-runs ours,ours: empty or repeated"),
+    (["--gpu-gib", "0"], "--gpu-gib 0.0: must be > 0"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
     proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)
