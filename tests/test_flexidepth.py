@@ -4,7 +4,6 @@ penalty (by hand and through Megatron's schedule), TP/SP/PP parity."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -22,10 +21,6 @@ from megacpp_mcore.testing import aux_loss_scale
 
 _BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
              ffn_hidden_size=128, vocab_size=128, seq_length=32, mla=None)
-
-NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
-
 
 # ----------------------------------------------------------------------------- parity factories
 def parity_soft():
@@ -610,7 +605,7 @@ def _combine_cases(device: str):
             yield dtype, *(t if t is None else t.to(device) for t in (src, processed, x, upd))
 
 
-@NEEDS_TRITON
+@pytest.mark.triton
 def test_combine_kernel_under_the_triton_interpreter_equals_the_torch_form():
     """The one-pass combine's Triton kernel (``TRITON_INTERPRET=1`` on CPU tensors) equals the
     torch formulation: kept rows bit for bit (copies); skipped rows ``x + update`` summed in fp32,
@@ -639,7 +634,7 @@ def test_combine_kernel_under_the_triton_interpreter_equals_the_torch_form():
     assert "COMBINE-INTERPRET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-@NEEDS_TRITON
+@pytest.mark.triton
 def test_route_kernel_under_the_triton_interpreter_equals_the_torch_route():
     """A capacity route's one Triton kernel (``TRITON_INTERPRET=1`` on CPU tensors) gives the torch
     route's effective mask, gather index (the first ``k`` rows of the kept-first order), its flat

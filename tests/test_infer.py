@@ -7,7 +7,6 @@ trunk's distribution. Tiny fp32 models on the local backend."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
@@ -932,8 +931,7 @@ def test_refuses_what_has_no_causal_incremental_path(single_rank):
         MTPDrafter(plain, plain.session(1, 8), 1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
+@pytest.mark.triton
 def test_m2rnn_step_kernel_interpreted_equals_the_torch_recurrence():
     """The M2RNN step kernel (Triton's CPU interpreter) equals the torch recurrence it replaces:
     readout and states after every position (keep) or after the last, a left-padded row whose

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import importlib.util
 import logging
 import os
 import subprocess
@@ -399,8 +398,7 @@ def test_moe_route_takes_the_sparse_kernel_while_it_reads_fewer_experts(single_r
     assert fast.route(1) == "sparse" and fast.route(moe_module.KERNEL_MAX_TOKENS + 1) == "dense"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
+@pytest.mark.triton
 def test_sparse_expert_kernel_interpreted_equals_torch():
     """The sparse route's Triton kernel under Triton's CPU interpreter: expert_gemm equals the
     per-expert products of the used experts and zeros elsewhere (an input shared by all experts

@@ -5,7 +5,6 @@ TP=2(+SP)/PP=2 parity and training of the full AEMEAEMEAEMR pattern, and the GPU
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -144,8 +143,7 @@ def test_m2rnn_scan_dispatch_refuses_unknown_impl():
             m2rnn_scan(*_m2rnn_inputs(1, 2, 1, 4, 4), impl="triton")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
+@pytest.mark.triton
 def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
     """The Triton kernels run by Triton's CPU interpreter at tiny sizes (2 state-row blocks, padded tail)."""
     code = textwrap.dedent("""
