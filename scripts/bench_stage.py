@@ -532,11 +532,9 @@ def layouts(tps: dict[str, float], peaks: dict[str, float], args,
             optimizer: dict[str, float] | None = None) -> list[dict]:
     """The projection and the memory of each expert-parallel size that divides both ``--dp`` and
     the experts (EP 8, 4, 2, 1 on 8 GPUs), largest EP first."""
-    nam = get_preset("nam56r")
+    experts = get_preset("nam56r").moe.num_experts
     rows = []
-    for ep in (8, 4, 2, 1):
-        if args.dp % ep or nam.moe.num_experts % ep:
-            continue
+    for ep in (ep for ep in range(args.dp, 0, -1) if args.dp % ep == 0 and experts % ep == 0):
         proj = projection(tps, args, ep=ep, optimizer=optimizer)
         if proj is None:
             return []
