@@ -99,11 +99,13 @@ for part in $PARTS; do
              ${resume[@]+"${resume[@]}"} >>"$OUT/stage.log" 2>&1 ;;
     # each fast path flipped on the 12-layer public slice, twice (resumable like stage; the
     # permute fusion's x1.05 of the eighth session was one run, within the calls' spread)
-    # FAST (NAME=VALUE ...) picks the flips, e.g. the ones a cut call did not reach
+    # FAST (NAME=VALUE ...) picks the flips, e.g. the ones a cut call did not reach; FAST_ARGS: more
+    # bench_stage flags, whitespace-split, after the defaults (so --stage-repeats 1 overrides)
     fast) resume=(); [[ -f $OUT/fast.json ]] && resume=(--resume "$OUT/fast.json")
           flips=(); for f in ${FAST:-fp8=on cuda_graphs=on moe_permute_fusion=on moe_router_fusion=on ce_fusion=on mamba_fused=off fused_residual=off}; do flips+=(--fast "$f"); done
+          read -r -a more <<<"${FAST_ARGS:-}"
           python scripts/bench_stage.py --set fast --stage-repeats 2 --run-timeout 150 "${flips[@]}" \
-            --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} >>"$OUT/fast.log" 2>&1 ;;
+            ${more[@]+"${more[@]}"} --out "$OUT/fast.json" ${resume[@]+"${resume[@]}"} >>"$OUT/fast.log" 2>&1 ;;
     # where a static decode step's device time goes (plain, K = 1, 2; batch 1, bf16: the decode
     # dtype that wins): the trained checkpoint of lite-mtp2 when there is one, else random weights
     # (the kernels are the same)
