@@ -47,6 +47,8 @@ MOE=(
   --moe-shared-expert-intermediate-size 1024 --moe-aux-loss-coeff 0.01
   --moe-router-load-balancing-type aux_loss --moe-router-dtype fp32
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm
+  --moe-permute-fusion           # TE's fused permutation: x1.051 (H200) and x1.038 (H100) on the
+                                 # full-width 12-layer stage (bench_stage --fast, docs/benchmarks.md)
 )
 MLA=()
 if (( USE_MLA )); then
