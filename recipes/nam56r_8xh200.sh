@@ -38,7 +38,10 @@
 # from the same slices EP=1 (all 16 experts per GPU, no all-to-all, the MoE counts kept on the
 # device) projects 7% above EP=8, but its ~137 GiB (unfused loss) is over the 134 GiB line; with
 # --megacpp-fused-lm-loss on it should fit. EP stays 8 until an H200 stage run with the fused loss
-# measures both.
+# measures both. Since then (call 21a, an H100, docs/benchmarks.md): the 12-layer slice with the MoE
+# device counts, the fused permutation (on here since cb31f7c) and the fused loss runs at 685.8 ms
+# (437 TFLOP/s by hybrid_flops, 58.0 GiB), against 910.8 ms on the H200 before them; the 24-layer and
+# MTP slices, and so the projection and the EP choice, wait for an H200.
 # TO MEASURE on 8 GPUs: the all-to-all time (the 300 GB/s is an assumption), EP=4 against EP=8,
 # whether MBS 8 fits with recompute.
 #
