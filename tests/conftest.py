@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
     if importlib.util.find_spec("triton") is None:
         skip = pytest.mark.skip(reason="triton is not installed here (the kernel runs under TRITON_INTERPRET=1 when it is)")
         for item in items:
-            if "triton" in item.keywords:
+            if item.get_closest_marker("triton") is not None:
                 item.add_marker(skip)
 
 

@@ -22,6 +22,7 @@ from megacpp_mcore.testing import aux_loss_scale
 _BASE = dict(pattern="AE", num_layers=4, hidden_size=64, num_attention_heads=4,
              ffn_hidden_size=128, vocab_size=128, seq_length=32, mla=None)
 
+
 # ----------------------------------------------------------------------------- parity factories
 def parity_soft():
     """Every layer FlexiDepth with varied router scores and an active usage penalty; the usage
