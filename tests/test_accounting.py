@@ -630,21 +630,26 @@ def test_bench_stage_ratio_interval_brackets_the_ratio_and_widens_with_spread():
 
 # ------------------------------------------------------------- train/fast_paths.py (the builder) --
 
-def _fast_kwargs(fast, model, *, cuda=True, fused_rope=True, fused_conv=True):
-    return fast.config_kwargs(model, cuda=cuda, fused_rope=fused_rope, fused_conv=fused_conv)
+def _fast_kwargs(fast, model, *, cuda=True, fused_rope=True, fused_conv=True, fused_permute=True):
+    return fast.config_kwargs(model, cuda=cuda, fused_rope=fused_rope, fused_conv=fused_conv,
+                              fused_permute=fused_permute)
 
 
 def test_fast_paths_default_reproduces_the_builder_defaults():
     from megacpp_mcore.train.fast_paths import FastPaths
 
     tiny = get_preset("nam56r-tiny")  # MLA, M, MoE
-    assert _fast_kwargs(FastPaths(), tiny, cuda=False, fused_rope=False, fused_conv=False) == {
+    assert _fast_kwargs(FastPaths(), tiny, cuda=False, fused_rope=False, fused_conv=False,
+                        fused_permute=False) == {
         "bias_dropout_fusion": False, "cross_entropy_loss_fusion": False, "cuda_graph_impl": "none",
         "apply_rope_fusion": False, "use_mamba_mem_eff_path": False,
         "moe_token_dispatcher_type": "allgather", "moe_permute_fusion": False, "moe_router_fusion": False}
     on_gpu = _fast_kwargs(FastPaths(), tiny)
     assert on_gpu["bias_dropout_fusion"] and on_gpu["use_mamba_mem_eff_path"]
     assert on_gpu["moe_token_dispatcher_type"] == "alltoall" and not on_gpu["apply_rope_fusion"]  # MLA: off
+    assert on_gpu["moe_permute_fusion"]  # TE's fused permutation where it is installed (x1.04-1.05)
+    assert not _fast_kwargs(FastPaths(), tiny, fused_permute=False)["moe_permute_fusion"]
+    assert not _fast_kwargs(FastPaths(moe_permute_fusion=False), tiny)["moe_permute_fusion"]
     dense = get_preset("ae-tiny").replace(moe=None)
     assert _fast_kwargs(FastPaths(), dense)["apply_rope_fusion"] and "use_mamba_mem_eff_path" not in \
         _fast_kwargs(FastPaths(), dense)
@@ -678,6 +683,8 @@ def test_fast_paths_switch_each_kernel_path():
     (dict(mamba_fused=True), dict(fused_conv=False), "mamba_fused=True needs causal_conv1d"),
     (dict(rope_fusion=True), dict(fused_rope=False, model="ae-tiny"), "rope_fusion=True needs Transformer Engine"),
     (dict(mla_rope_fusion=True), dict(model="ae-tiny"), "needs a model with MLA"),
+    (dict(moe_permute_fusion=True), dict(fused_permute=False), "moe_permute_fusion=True needs Transformer "
+                                                                "Engine's fused MoE permutation"),
 ])
 def test_fast_paths_refuse_what_the_host_lacks(fast, host, fragment):
     from megacpp_mcore.train.fast_paths import FastPaths
@@ -722,5 +729,25 @@ def test_transformer_config_takes_the_fast_paths():
     tiny = get_preset("nam56r-tiny")
     config = runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(moe_dispatcher="alltoall"))
     assert config.moe_token_dispatcher_type == "alltoall" and config.rope_type == "rope"
+    assert not runtime.fused_permute_available() and config.moe_permute_fusion is False  # no CUDA here
     with pytest.raises(ValueError, match="needs a CUDA device for fp8"):
         runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(fp8="hybrid"))
+
+
+def test_fused_permute_is_detected_from_every_op(monkeypatch):
+    """``moe_permute_fusion`` defaults on only where a CUDA device and all five of TE's fused
+    permutation ops are present (Megatron's config check raises on any one missing)."""
+    import torch
+    from megatron.core.transformer.moe import moe_utils
+
+    from megacpp_mcore.train import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in runtime.FUSED_PERMUTE_OPS:
+        monkeypatch.setattr(moe_utils, name, lambda *a: None, raising=False)
+    assert runtime.fused_permute_available()
+    monkeypatch.setattr(moe_utils, "fused_unpermute", None)
+    assert not runtime.fused_permute_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(moe_utils, "fused_unpermute", lambda *a: None)
+    assert not runtime.fused_permute_available()

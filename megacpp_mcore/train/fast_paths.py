@@ -14,12 +14,16 @@ switch                 default                                     TransformerCo
 ``mla_rope_fusion``    off                                         ``apply_rope_fusion``,
                                                                    ``rope_type="yarn"`` at factor 1
 ``moe_dispatcher``     ``alltoall`` with CUDA, else ``allgather``  ``moe_token_dispatcher_type``
-``moe_permute_fusion`` off                                         ``moe_permute_fusion``
+``moe_permute_fusion`` on with CUDA and TE's fused permutation     ``moe_permute_fusion``
 ``moe_router_fusion``  off                                         ``moe_router_fusion``
 ``cross_entropy_fusion`` off                                       ``cross_entropy_loss_fusion``
 ``cuda_graphs``        ``none``                                    ``cuda_graph_impl``
 ``fp8``                None (bf16)                                 ``fp8``, ``fp8_recipe``
 =====================  ==========================================  ================================
+
+TE's fused MoE permutation is on by default where it is installed: x1.051 (H200) and x1.038 (H100)
+at the full-width 12-layer NAM56R stage (``docs/benchmarks.md``); the recipes pass
+``--moe-permute-fusion`` for the same reason.
 
 MLA's fused RoPE kernels (megatron-core's ``fused_mla_yarn_rope_apply``) exist only on MLA's YaRN
 path; YaRN at scaling factor 1 (``mscale`` 1, ``mscale_all_dim`` 0) computes exactly the rotary
@@ -48,7 +52,7 @@ class FastPaths:
     rope_fusion: bool | None = None
     mla_rope_fusion: bool = False
     moe_dispatcher: str | None = None
-    moe_permute_fusion: bool = False
+    moe_permute_fusion: bool | None = None
     moe_router_fusion: bool = False
     cross_entropy_fusion: bool = False
     cuda_graphs: str = "none"
@@ -76,12 +80,13 @@ class FastPaths:
                   "cuda_graphs": self.cuda_graphs != "none", "fp8": self.fp8 is not None}
         return [name for name, on in wanted.items() if on]
 
-    def config_kwargs(self, model: Any, *, cuda: bool, fused_rope: bool, fused_conv: bool) -> dict[str, Any]:
+    def config_kwargs(self, model: Any, *, cuda: bool, fused_rope: bool, fused_conv: bool,
+                      fused_permute: bool = False) -> dict[str, Any]:
         """TransformerConfig fields for ``model`` (a presets.ModelConfig) on this host.
 
-        ``fused_rope`` / ``fused_conv``: whether TE's fused RoPE and causal_conv1d are available
-        (the caller detects them). Raises ``ValueError`` naming the switch when it asks for a kernel
-        this host does not have.
+        ``fused_rope`` / ``fused_conv`` / ``fused_permute``: whether TE's fused RoPE, causal_conv1d
+        and TE's fused MoE permutation are available (the caller detects them). Raises
+        ``ValueError`` naming the switch when it asks for a kernel this host does not have.
         """
         if not cuda and self.needs_cuda():
             raise ValueError(f"FastPaths needs a CUDA device for {', '.join(self.needs_cuda())}; "
@@ -91,6 +96,9 @@ class FastPaths:
                              "causal-conv1d); leave it None to use the fused path where it is installed")
         if self.rope_fusion and model.mla is None and not fused_rope:
             raise ValueError("FastPaths.rope_fusion=True needs Transformer Engine's fused RoPE")
+        if self.moe_permute_fusion and not fused_permute:
+            raise ValueError("FastPaths.moe_permute_fusion=True needs Transformer Engine's fused MoE "
+                             "permutation (TE >= 2.1); leave it None to use it where it is installed")
         if self.mla_rope_fusion and model.mla is None:
             raise ValueError("FastPaths.mla_rope_fusion=True needs a model with MLA (model.mla is None)")
         out: dict[str, Any] = {
@@ -109,7 +117,8 @@ class FastPaths:
             out["use_mamba_mem_eff_path"] = fused_conv if self.mamba_fused is None else self.mamba_fused
         if model.moe is not None:
             out.update(moe_token_dispatcher_type=self.moe_dispatcher or ("alltoall" if cuda else "allgather"),
-                       moe_permute_fusion=self.moe_permute_fusion,
+                       moe_permute_fusion=(fused_permute if self.moe_permute_fusion is None
+                                           else self.moe_permute_fusion),
                        moe_router_fusion=self.moe_router_fusion)
         if self.fp8 is not None:
             out.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe)

@@ -146,6 +146,21 @@ def fused_rope_available() -> bool:
     return getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
 
 
+#: what ``TransformerConfig(moe_permute_fusion=True)`` imports from ``moe_utils`` (TE >= 2.1 sets them)
+FUSED_PERMUTE_OPS = ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                     "fused_sort_chunks_by_index_with_probs", "fused_unpermute")
+
+
+def fused_permute_available() -> bool:
+    """Whether Megatron's ``moe_permute_fusion`` can run here: a CUDA device and every one of TE's
+    fused permutation ops in ``moe_utils`` (absent or ``None`` without Transformer Engine)."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.transformer.moe import moe_utils
+
+    return all(getattr(moe_utils, name, None) is not None for name in FUSED_PERMUTE_OPS)
+
+
 def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | None = None,
                        fast: FastPaths | None = None, **overrides):
     """The ``TransformerConfig`` for ``model`` under ``par`` (RMSNorm, SwiGLU, no biases, RoPE).
@@ -221,7 +236,8 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     # path where causal_conv1d is installed, MoE dispatcher/fusions, CUDA graphs, FP8)
     fused_rope = model.mla is None and fused_rope_available()
     kwargs.update((fast or FastPaths()).config_kwargs(
-        model, cuda=cuda, fused_rope=fused_rope, fused_conv="M" in model.pattern and fused_conv_available()))
+        model, cuda=cuda, fused_rope=fused_rope, fused_conv="M" in model.pattern and fused_conv_available(),
+        fused_permute=model.moe is not None and fused_permute_available()))
     kwargs.update(overrides)
     if kwargs.get("multi_latent_attention"):
         from megatron.core.transformer.transformer_config import MLATransformerConfig
