@@ -707,6 +707,27 @@ def test_fast_paths_validate_their_values(fast, fragment):
         FastPaths(**fast)
 
 
+def test_fast_paths_from_options():
+    """``megacpp-mcore train --fast NAME=VALUE``: on/off/auto for the switches, names for the rest."""
+    from megacpp_mcore.train.fast_paths import FastPaths
+
+    assert FastPaths.from_options([]) == FastPaths()
+    assert FastPaths.from_options(["moe_permute_fusion=off", "mamba-fused=auto", "cuda_graphs=local",
+                                   "fp8=hybrid", "fp8_recipe=tensorwise", "moe_dispatcher=allgather"]) == \
+        FastPaths(moe_permute_fusion=False, mamba_fused=None, cuda_graphs="local", fp8="hybrid",
+                  fp8_recipe="tensorwise", moe_dispatcher="allgather")
+    assert FastPaths.from_options(["fp8=off", "moe_router_fusion=on"]) == FastPaths(moe_router_fusion=True)
+    for items, fragment in ((["foo=on"], "'foo=on': expected NAME=VALUE with NAME one of mamba_fused"),
+                            (["moe_permute_fusion"], "'moe_permute_fusion': expected NAME=VALUE"),
+                            (["moe_permute_fusion=yes"], "moe_permute_fusion takes on, off, auto"),
+                            (["moe_router_fusion=auto"], "moe_router_fusion takes on, off"),  # no host default
+                            (["fp8=e5m2"], "fp8 takes off, e4m3, hybrid"),
+                            (["cuda_graphs=full"], "cuda_graphs takes none, local, transformer_engine"),
+                            (["fp8=off", "fp8=e4m3"], "'fp8=e4m3': fp8 given twice")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            FastPaths.from_options(items)
+
+
 def test_yarn_at_factor_one_is_rope(monkeypatch):
     """The rotary embedding MLA's fused path uses (YaRN, factor 1, mscale 1, mscale_all_dim 0)
     equals plain RoPE, so switching mla_rope_fusion on changes kernels, not the model."""
@@ -727,8 +748,12 @@ def test_transformer_config_takes_the_fast_paths():
     from megacpp_mcore.train.fast_paths import FastPaths
 
     tiny = get_preset("nam56r-tiny")
-    config = runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(moe_dispatcher="alltoall"))
-    assert config.moe_token_dispatcher_type == "alltoall" and config.rope_type == "rope"
+    config = runtime.transformer_config(tiny, runtime.Parallelism(),
+                                        fast=FastPaths(moe_dispatcher="allgather", fused_residual=False))
+    assert config.moe_token_dispatcher_type == "allgather" and config.rope_type == "rope"
+    assert config.bias_dropout_fusion is False
+    with pytest.raises(ValueError, match="needs a CUDA device for moe_dispatcher"):  # a CUDA stream
+        runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(moe_dispatcher="alltoall"))
     assert not runtime.fused_permute_available() and config.moe_permute_fusion is False  # no CUDA here
     with pytest.raises(ValueError, match="needs a CUDA device for fp8"):
         runtime.transformer_config(tiny, runtime.Parallelism(), fast=FastPaths(fp8="hybrid"))

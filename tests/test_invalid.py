@@ -247,4 +247,11 @@ def test_bad_policy_and_fault_spec_are_one_line_exit_2(tmp_path, monkeypatch, ca
     assert cli.main(["train", *TINY_ARGS, "--test-fault", "kill:lunch:3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'kill:lunch:3' is malformed; allowed: kill:{step|eval|save|publish}" in err[0]
+    # kernel-path switches: a bad item, and one this CPU host cannot run (refused before any write)
+    assert cli.main(["train", *TINY_ARGS, "--fast", "moe_permute_fusion=yes"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fast 'moe_permute_fusion=yes': moe_permute_fusion takes on, off, auto" in err[0]
+    assert cli.main(["train", *TINY_ARGS, "--fast", "fp8=hybrid"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA device for fp8" in err[0]
     assert not (tmp_path / "cache").exists()

@@ -77,6 +77,17 @@ def test_the_loops_loss_takes_the_fused_losss_forward_time_gradients(runs):
     assert runs["full"]["training"]["lm_loss"] == "fused"  # the receipt says which loss ran
 
 
+def test_receipt_records_the_kernel_paths_as_built(runs):
+    """The receipt names the kernel paths the run's TransformerConfig was built with (CPU: all
+    fusions off, allgather dispatcher), so tokens/s in it can be read against them."""
+    from megacpp_mcore.train.fast_paths import CONFIG_FIELDS
+
+    paths = runs["full"]["backends"]["kernel_paths"]
+    assert set(paths) == set(CONFIG_FIELDS)
+    assert paths["moe_token_dispatcher_type"] == "allgather" and paths["moe_permute_fusion"] is False
+    assert paths["bias_dropout_fusion"] is False and paths["fp8"] is None and paths["cuda_graph_impl"] == "none"
+
+
 def _losses(rec) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in rec["training"]["losses"]}
 

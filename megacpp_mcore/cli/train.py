@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="NaN/inf gradients are never applied; on such a step (or a NaN/inf loss) stop the "
                             "run, or skip the step and go on (default stop); either way the receipt marks the "
                             "run INVALID")
+    group.add_argument("--fast", action="append", default=[], metavar="NAME=VALUE",
+                       help="a kernel-path switch (repeatable): mamba_fused, fused_residual, rope_fusion, "
+                            "moe_permute_fusion, ... =on/off/auto; moe_dispatcher=alltoall/allgather/flex; "
+                            "cuda_graphs=none/local/transformer_engine; fp8=off/e4m3/hybrid; "
+                            "fp8_recipe=delayed/tensorwise/blockwise (default: this host's defaults, "
+                            "megacpp_mcore.train.fast_paths; the receipt records the result)")
     # Test-only fault injection (megacpp_mcore.train.faults): kills and NaN/spike steps on purpose.
     group.add_argument("--test-fault", help=argparse.SUPPRESS)
     group = parser.add_argument_group("data")
@@ -160,6 +166,13 @@ def run(args: argparse.Namespace) -> int:
         given["receipt"] = str(run_dir / "receipt.json")
         if not args.no_checkpoint:
             given["save"] = str(run_dir)
+    if args.fast:
+        from megacpp_mcore.train.fast_paths import FastPaths
+
+        try:
+            given["fast"] = FastPaths.from_options(args.fast)
+        except ValueError as exc:
+            raise ValueError(f"--fast {exc}") from None
     if "test_fault" in given:
         given["fault"] = given.pop("test_fault")
     cfg = training.TrainConfig(

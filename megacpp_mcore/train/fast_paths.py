@@ -38,6 +38,10 @@ import dataclasses
 from typing import Any
 
 DISPATCHERS = ("alltoall", "allgather", "flex")
+#: the TransformerConfig fields the switches set (a receipt records their values as built)
+CONFIG_FIELDS = ("use_mamba_mem_eff_path", "bias_dropout_fusion", "apply_rope_fusion", "rope_type",
+                 "moe_token_dispatcher_type", "moe_permute_fusion", "moe_router_fusion",
+                 "cross_entropy_loss_fusion", "cuda_graph_impl", "fp8", "fp8_recipe")
 CUDA_GRAPH_IMPLS = ("none", "local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
@@ -71,10 +75,41 @@ class FastPaths:
             if field.type.startswith("bool") and value is not None and not isinstance(value, bool):
                 raise ValueError(f"FastPaths.{field.name} must be True, False or None, got {value!r}")
 
+    @classmethod
+    def from_options(cls, items: list[str]) -> "FastPaths":
+        """``NAME=VALUE`` items (``megacpp-mcore train --fast``): on/off for the on/off switches
+        (``auto``: this host's default where the switch has one), a name for the others (``fp8``:
+        ``off`` is bf16). Raises ``ValueError`` naming the bad item and what is allowed."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in fields:
+                raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of "
+                                 f"{', '.join(fields)}")
+            if name in kwargs:
+                raise ValueError(f"{item!r}: {name} given twice")
+            auto = fields[name].default is None  # the switch has a host default
+            if fields[name].type.startswith("bool"):
+                table = {"on": True, "off": False, **({"auto": None} if auto else {})}
+            elif name == "fp8":
+                table = {"off": None, **{v: v for v in FP8_FORMATS}}
+            else:
+                table = {**({"auto": None} if auto else {}), **{v: v for v in (
+                    DISPATCHERS if name == "moe_dispatcher" else
+                    CUDA_GRAPH_IMPLS if name == "cuda_graphs" else FP8_RECIPES)}}
+            if value not in table:
+                raise ValueError(f"{item!r}: {name} takes {', '.join(table)}")
+            kwargs[name] = table[value]
+        return cls(**kwargs)
+
     def needs_cuda(self) -> list[str]:
         """The switches set here that only exist on a CUDA host (kernels of TE, Triton, CUDA graphs)."""
         wanted = {"mamba_fused": self.mamba_fused, "fused_residual": self.fused_residual,
                   "rope_fusion": self.rope_fusion, "mla_rope_fusion": self.mla_rope_fusion,
+                  # Megatron's alltoall dispatcher makes a CUDA stream; flex needs DeepEP
+                  "moe_dispatcher": self.moe_dispatcher in ("alltoall", "flex"),
                   "moe_permute_fusion": self.moe_permute_fusion,
                   "moe_router_fusion": self.moe_router_fusion,
                   "cuda_graphs": self.cuda_graphs != "none", "fp8": self.fp8 is not None}
@@ -90,7 +125,7 @@ class FastPaths:
         """
         if not cuda and self.needs_cuda():
             raise ValueError(f"FastPaths needs a CUDA device for {', '.join(self.needs_cuda())}; "
-                             "leave those unset (None/False/'none') on CPU")
+                             "leave those unset or off on CPU")
         if self.mamba_fused and not fused_conv:
             raise ValueError("FastPaths.mamba_fused=True needs causal_conv1d (pip install "
                              "causal-conv1d); leave it None to use the fused path where it is installed")

@@ -36,7 +36,8 @@ from megacpp_mcore.train.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from megacpp_mcore.train.runtime import Parallelism
+from megacpp_mcore.train.fast_paths import CONFIG_FIELDS, FastPaths
+from megacpp_mcore.train.runtime import Parallelism, fast_path_kwargs
 from megacpp_mcore.train.timing import Timers, fmt_eta, peak_memory_bytes, process_start
 
 LN2 = math.log(2.0)
@@ -77,6 +78,7 @@ class TrainConfig:
     parallel: Parallelism = Parallelism()
     bf16: bool | None = None  # default: on CUDA
     fused_lm_loss: bool = False  # the LM loss through the fused linear cross-entropy (FusedLossGPTModel)
+    fast: FastPaths = FastPaths()  # kernel-path switches (default: this host's defaults)
     receipt: str | None = None  # default: <cache>/runs/<model>-<utc>.json
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the update
     fault: str | None = None  # test-only fault injection (megacpp_mcore.train.faults), hidden in the CLI
@@ -155,6 +157,7 @@ def check(model: ModelConfig, cfg: TrainConfig) -> CheckedRun:
         invalid.check_resume_optimizer(load[0], read_metadata(load[0]), cfg)
     if load_mode == "resume" and load[1] > cfg.steps:
         raise ValueError(f"--load {cfg.load!r} is at step {load[1]}, beyond --steps {cfg.steps}")
+    fast_path_kwargs(model, cfg.fast)  # a switch this host cannot run, before anything starts
     storage.preflight(save=cfg.save, receipt=cfg.receipt, cache=data_mod.cache_dir(), model=model,
                       bf16=torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16)
     return CheckedRun(model=model, seq_length=seq, dp=dp, global_batch=gbs,
@@ -231,7 +234,7 @@ class Trainer:
         self.train_ds, self.valid_ds = build_datasets(
             self.prepared, seq_length=self.seq, train_samples=cfg.steps * self.gbs,
             valid_samples=cfg.eval_iters * self.gbs, seed=cfg.seed)
-        self.config = runtime.transformer_config(self.model, cfg.parallel, bf16=cfg.bf16)
+        self.config = runtime.transformer_config(self.model, cfg.parallel, bf16=cfg.bf16, fast=cfg.fast)
         self.chunks = runtime.build_model(self.model, self.config, backend=cfg.backend,
                                           trainable=dynamic_depth.trainable(cfg),
                                           fused_lm_loss=cfg.fused_lm_loss)
@@ -440,6 +443,7 @@ class Trainer:
         return receipt_mod.RunFacts(
             config=self.cfg, checked=self.checked, preset=preset, started_at=started_at,
             world_size=world, backend=self.backend_name, observed=observed, bf16=self.config.bf16,
+            kernel_paths={name: getattr(self.config, name, None) for name in CONFIG_FIELDS},
             data_prefix=self.prepared.prefix, data_manifest=self.prepared.manifest,
             consumed_samples=self.consumed, completed_steps=self.step, losses=self.losses,
             last_loss=self.last_loss, validation=self.validation, stats=self.collector.gather(),

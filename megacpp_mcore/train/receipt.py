@@ -265,6 +265,8 @@ class RunFacts:
     backend: str  # the resolved backend name
     observed: list[dict]  # observe_backends() of every rank, by rank
     bf16: bool
+    # the kernel-path fields of the TransformerConfig as built (train.fast_paths.CONFIG_FIELDS)
+    kernel_paths: dict = dataclasses.field(default_factory=dict)
     data_prefix: str
     data_manifest: dict
     consumed_samples: int
@@ -387,7 +389,7 @@ def assemble(f: RunFacts) -> dict[str, Any]:
                      "micro_batch_size": cfg.micro_batch_size, "global_batch_size": gbs,
                      "num_microbatches": checked.num_microbatches, "seq_length": seq},
         "backends": {"requested": cfg.backend, "resolved": f.backend,
-                     "observed": merge_observed(f.observed)},
+                     "observed": merge_observed(f.observed), "kernel_paths": dict(f.kernel_paths)},
         "precision": "bf16" if f.bf16 else "fp32",
         "versions": package_versions(),
         # kind/vocab/hash of the data's tokenizer: substrate for `compare` (bits/byte stays comparable)

@@ -161,6 +161,20 @@ def fused_permute_available() -> bool:
     return all(getattr(moe_utils, name, None) is not None for name in FUSED_PERMUTE_OPS)
 
 
+def fast_path_kwargs(model: ModelConfig, fast: FastPaths | None = None) -> dict[str, Any]:
+    """The kernel-path fields of ``model``'s TransformerConfig on this host (fused residual add,
+    RoPE fusion (MLA's via YaRN at factor 1), MambaMixer's fused path where causal_conv1d is
+    installed, MoE dispatcher and fusions, CUDA graphs, FP8): ``fast`` (default ``FastPaths()``,
+    this host's defaults) against what this host has. Raises ``ValueError`` naming a switch
+    that asks for a kernel the host lacks."""
+    from megacpp_mcore.spec.backends import fused_conv_available
+
+    return (fast or FastPaths()).config_kwargs(
+        model, cuda=torch.cuda.is_available(), fused_rope=model.mla is None and fused_rope_available(),
+        fused_conv="M" in model.pattern and fused_conv_available(),
+        fused_permute=model.moe is not None and fused_permute_available())
+
+
 def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | None = None,
                        fast: FastPaths | None = None, **overrides):
     """The ``TransformerConfig`` for ``model`` under ``par`` (RMSNorm, SwiGLU, no biases, RoPE).
@@ -170,7 +184,6 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megacpp_mcore.spec import compat
-    from megacpp_mcore.spec.backends import fused_conv_available
     from megacpp_mcore.spec.block import pipeline_split_kwargs
     from megacpp_mcore.spec.pattern import heterogeneous
     from megacpp_mcore.layers.mixers.dims import mixer_config_kwargs
@@ -232,12 +245,7 @@ def transformer_config(model: ModelConfig, par: Parallelism, *, bf16: bool | Non
         # per-layer checkpoint keys for a stack of mixed layer kinds (the model builder owns this
         # setting; HybridLayer refuses a mixed stack without it)
         kwargs[compat.HETEROGENEOUS_CHECKPOINT_FIELD] = True
-    # Kernel paths (fused residual add, RoPE fusion (MLA's via YaRN at factor 1), MambaMixer's fused
-    # path where causal_conv1d is installed, MoE dispatcher/fusions, CUDA graphs, FP8)
-    fused_rope = model.mla is None and fused_rope_available()
-    kwargs.update((fast or FastPaths()).config_kwargs(
-        model, cuda=cuda, fused_rope=fused_rope, fused_conv="M" in model.pattern and fused_conv_available(),
-        fused_permute=model.moe is not None and fused_permute_available()))
+    kwargs.update(fast_path_kwargs(model, fast))
     kwargs.update(overrides)
     if kwargs.get("multi_latent_attention"):
         from megatron.core.transformer.transformer_config import MLATransformerConfig
