@@ -169,7 +169,27 @@ def test_pattern_and_versions_differ_without_refusal(tmp_path):
                          versions={"megacpp_mcore": "0.2.0", "megatron_core": "0.19.2"})
     rows = rows_of(tmp_path, make_receipt(), other)
     assert rows[1].differs == [] and rows[1].identity["pattern"] == "AMAM"
-    assert "| AMAM | fedcba9876543210 | 0.003 | 0.2.0 | 0.19.2 |" in compare.markdown(rows)
+    assert "| AMAM | fedcba9876543210 | 0.003 | - | 0.2.0 | 0.19.2 |" in compare.markdown(rows)  # no kernels
+
+
+def test_kernel_paths_are_identity_not_substrate(tmp_path):
+    """Runs built with other kernel paths (the same model, other kernels) share a table; the
+    ``kernels`` cell says which ran, since tokens/s depends on them."""
+    cpu = {"use_mamba_mem_eff_path": False, "bias_dropout_fusion": False, "apply_rope_fusion": False,
+           "rope_type": "rope", "moe_token_dispatcher_type": "allgather", "moe_permute_fusion": False,
+           "moe_router_fusion": False, "cross_entropy_loss_fusion": False, "cuda_graph_impl": "none",
+           "fp8": None, "fp8_recipe": "delayed"}
+    gpu = dict(cpu, use_mamba_mem_eff_path=True, bias_dropout_fusion=True, moe_permute_fusion=True,
+               moe_token_dispatcher_type="alltoall", cuda_graph_impl="local", fp8="hybrid")
+    base = make_receipt()
+    a, b = (make_receipt(backends=dict(base.get("backends") or {}, kernel_paths=p)) for p in (cpu, gpu))
+    assert substrate.kernel_label(a) == "unfused, allgather"
+    assert substrate.kernel_label(b) == "fused: mamba residual permute, alltoall, graphs local, fp8 hybrid/delayed"
+    assert substrate.kernel_label(base) is None  # written before receipts recorded them
+    rows = rows_of(tmp_path, a, b)
+    assert rows[1].differs == [] and rows[1].identity["kernels"].startswith("fused: mamba")
+    table = compare.markdown(rows)
+    assert "| kernels |" in table and "| unfused, allgather |" in table
 
 
 def test_fingerprint_ignores_paths_and_token_counts():

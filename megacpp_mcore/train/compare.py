@@ -273,7 +273,7 @@ SUBSTRATE_HEADERS = {"data": "data", "tokenizer": "tokenizer", "depth": "depth",
                      "context": "context", "global_batch": "global batch", "steps": "steps",
                      "topology": "topology"}
 IDENTITY_HEADERS = {"pattern": "pattern", "layer_table": "layer table", "lr": "peak lr",
-                    "megacpp_mcore": "megacpp-mcore", "megatron_core": "megatron-core"}
+                    "kernels": "kernels", "megacpp_mcore": "megacpp-mcore", "megatron_core": "megatron-core"}
 
 
 def markdown(rows: list[RunRow]) -> str:

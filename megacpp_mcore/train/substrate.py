@@ -4,7 +4,7 @@ The ablation methodology (DESIGN.md, "Comparisons the way the ablation methodolo
 a number's substrate: data and tokenizer, depth, width, context, global batch, steps, topology.
 Those are :data:`SUBSTRATE_FIELDS`; two runs that differ in any of them are not comparable
 unlabelled. What an ablation *changes* (the pattern and its layer table, the peak learning rate,
-the package and upstream versions) is the run's identity (:data:`IDENTITY_FIELDS`): shown next to
+the kernel paths, the package and upstream versions) is the run's identity (:data:`IDENTITY_FIELDS`): shown next to
 every number, never a reason to refuse, or an ablation could never be compared with its baseline.
 
 Pure functions of a receipt dict (no torch, no megatron): the run calls :func:`corpus_fingerprint`
@@ -19,7 +19,13 @@ import json
 from typing import Any, Mapping
 
 SUBSTRATE_FIELDS = ("data", "tokenizer", "depth", "width", "context", "global_batch", "steps", "topology")
-IDENTITY_FIELDS = ("pattern", "layer_table", "lr", "megacpp_mcore", "megatron_core")
+IDENTITY_FIELDS = ("pattern", "layer_table", "lr", "kernels", "megacpp_mcore", "megatron_core")
+
+# receipt ``backends.kernel_paths`` (train.fast_paths.CONFIG_FIELDS) -> the word :func:`kernel_label`
+# shows for a fusion that was on
+_FUSIONS = (("use_mamba_mem_eff_path", "mamba"), ("bias_dropout_fusion", "residual"),
+            ("apply_rope_fusion", "rope"), ("moe_permute_fusion", "permute"),
+            ("moe_router_fusion", "router"), ("cross_entropy_loss_fusion", "ce"))
 
 
 def corpus_fingerprint(splits: Mapping[str, Any] | None) -> str:
@@ -63,6 +69,25 @@ def topology_label(topology: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def kernel_label(receipt: Mapping[str, Any]) -> str | None:
+    """The kernel paths a run was built with, short: the fusions that were on, the MoE dispatcher,
+    CUDA graphs and FP8 where used (``"fused: rope permute, alltoall, fp8 hybrid/delayed"``;
+    ``"unfused"`` with none of them). ``None`` for a receipt written before they were recorded.
+    The same model either way: what changes is the speed, so tokens/s is read next to it."""
+    paths = (receipt.get("backends") or {}).get("kernel_paths")
+    if not paths:
+        return None
+    on = [word for field, word in _FUSIONS if paths.get(field)]
+    parts = [f"fused: {' '.join(on)}" if on else "unfused"]
+    if paths.get("moe_token_dispatcher_type"):
+        parts.append(str(paths["moe_token_dispatcher_type"]))
+    if paths.get("cuda_graph_impl") not in (None, "none"):
+        parts.append(f"graphs {paths['cuda_graph_impl']}")
+    if paths.get("fp8"):
+        parts.append(f"fp8 {paths['fp8']}/{paths.get('fp8_recipe')}")
+    return ", ".join(parts)
+
+
 def substrate(receipt: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`SUBSTRATE_FIELDS` of a receipt (``None`` for a fact the receipt lacks)."""
     model, topo = receipt.get("model") or {}, receipt.get("topology") or {}
@@ -86,6 +111,7 @@ def identity(receipt: Mapping[str, Any]) -> dict[str, Any]:
         "pattern": receipt.get("expanded_pattern") or (receipt.get("model") or {}).get("pattern"),
         "layer_table": receipt.get("layer_table_hash"),
         "lr": (receipt.get("training") or {}).get("lr"),
+        "kernels": kernel_label(receipt),
         "megacpp_mcore": versions.get("megacpp_mcore"),
         "megatron_core": versions.get("megatron_core"),
     }
