@@ -38,13 +38,16 @@ import dataclasses
 from typing import Any
 
 DISPATCHERS = ("alltoall", "allgather", "flex")
+CUDA_GRAPH_IMPLS = ("none", "local", "transformer_engine")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+#: the named (not on/off) switches and their values
+CHOICES = {"moe_dispatcher": DISPATCHERS, "cuda_graphs": CUDA_GRAPH_IMPLS, "fp8": FP8_FORMATS,
+           "fp8_recipe": FP8_RECIPES}
 #: the TransformerConfig fields the switches set (a receipt records their values as built)
 CONFIG_FIELDS = ("use_mamba_mem_eff_path", "bias_dropout_fusion", "apply_rope_fusion", "rope_type",
                  "moe_token_dispatcher_type", "moe_permute_fusion", "moe_router_fusion",
                  "cross_entropy_loss_fusion", "cuda_graph_impl", "fp8", "fp8_recipe")
-CUDA_GRAPH_IMPLS = ("none", "local", "transformer_engine")
-FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,10 +67,8 @@ class FastPaths:
     fp8_recipe: str = "delayed"
 
     def __post_init__(self):
-        for name, value, allowed in (("moe_dispatcher", self.moe_dispatcher, DISPATCHERS),
-                                     ("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_IMPLS),
-                                     ("fp8", self.fp8, FP8_FORMATS),
-                                     ("fp8_recipe", self.fp8_recipe, FP8_RECIPES)):
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"FastPaths.{name}={value!r}; allowed: {', '.join(allowed)}")
         for field in dataclasses.fields(self):
@@ -93,12 +94,9 @@ class FastPaths:
             auto = fields[name].default is None  # the switch has a host default
             if fields[name].type.startswith("bool"):
                 table = {"on": True, "off": False, **({"auto": None} if auto else {})}
-            elif name == "fp8":
-                table = {"off": None, **{v: v for v in FP8_FORMATS}}
-            else:
-                table = {**({"auto": None} if auto else {}), **{v: v for v in (
-                    DISPATCHERS if name == "moe_dispatcher" else
-                    CUDA_GRAPH_IMPLS if name == "cuda_graphs" else FP8_RECIPES)}}
+            else:  # fp8's None is bf16: "off", not "auto"
+                none = {"off": None} if name == "fp8" else {"auto": None} if auto else {}
+                table = {**none, **{v: v for v in CHOICES[name]}}
             if value not in table:
                 raise ValueError(f"{item!r}: {name} takes {', '.join(table)}")
             kwargs[name] = table[value]

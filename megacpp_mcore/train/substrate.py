@@ -4,8 +4,9 @@ The ablation methodology (DESIGN.md, "Comparisons the way the ablation methodolo
 a number's substrate: data and tokenizer, depth, width, context, global batch, steps, topology.
 Those are :data:`SUBSTRATE_FIELDS`; two runs that differ in any of them are not comparable
 unlabelled. What an ablation *changes* (the pattern and its layer table, the peak learning rate,
-the kernel paths, the package and upstream versions) is the run's identity (:data:`IDENTITY_FIELDS`): shown next to
-every number, never a reason to refuse, or an ablation could never be compared with its baseline.
+the kernel paths, the package and upstream versions) is the run's identity
+(:data:`IDENTITY_FIELDS`): shown next to every number, never a reason to refuse, or an ablation
+could never be compared with its baseline.
 
 Pure functions of a receipt dict (no torch, no megatron): the run calls :func:`corpus_fingerprint`
 when it writes its receipt and ``megacpp-mcore compare`` reads the same facts back, also from
