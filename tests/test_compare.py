@@ -186,6 +186,8 @@ def test_kernel_paths_are_identity_not_substrate(tmp_path):
     assert substrate.kernel_label(a) == "unfused, allgather"
     assert substrate.kernel_label(b) == "fused: mamba residual permute, alltoall, graphs local, fp8 hybrid/delayed"
     assert substrate.kernel_label(base) is None  # written before receipts recorded them
+    from megacpp_mcore.train import fast_paths
+    assert {field for field, _ in substrate._FUSIONS} <= set(fast_paths.CONFIG_FIELDS)  # no drift
     rows = rows_of(tmp_path, a, b)
     assert rows[1].differs == [] and rows[1].identity["kernels"].startswith("fused: mamba")
     table = compare.markdown(rows)
