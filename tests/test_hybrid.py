@@ -70,6 +70,34 @@ def test_moe_e_layers_when_config_has_experts(single_rank):
     assert type(model.decoder.layers[0].self_attention).__name__ == "SelfAttention"
 
 
+def test_moe_layers_take_the_process_groups_the_model_is_built_with(single_rank, caplog):
+    """The trunk's E layers and the MTP block's build their MoE on the model's ``pg_collection``
+    (to 0.17 upstream's TransformerLayer hands it only to its own MoE class, by identity, and warns
+    "Unknown MLP type" for a subclass), and no such warning is printed."""
+    import logging
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megacpp_mcore.features.mtp.block import shared_block_spec
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    pg.ep = torch.distributed.new_group([0])  # a group of its own: not the one parallel_state holds
+    spec = hybrid_block_spec("AE", backend="local")
+    config = _config(spec, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                     moe_token_dispatcher_type="allgather")
+    with caplog.at_level(logging.WARNING):
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128,
+                         max_sequence_length=32, position_embedding_type="rope", pg_collection=pg)
+        block = build_module(shared_block_spec(config, backend="local"), config=config, pg_collection=pg)
+    for moe in (model.decoder.layers[1].mlp, block.feedforward.mlp):
+        assert type(moe).__name__ == "DeviceCountsMoELayer"
+        assert moe.ep_group is pg.ep
+    assert "Unknown MLP type" not in caplog.text
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_ae_model_trains_on_cpu(moe, tiny_dense, tiny_moe, single_rank):
     model = model_from_spec(tiny_moe if moe else tiny_dense)

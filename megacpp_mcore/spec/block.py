@@ -21,7 +21,7 @@ import functools
 import warnings
 from typing import Any, Callable, Mapping
 
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module, get_module
+from megatron.core.transformer.spec_utils import ModuleSpec, get_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
@@ -171,7 +171,7 @@ class HybridLayer(BaseTransformerLayer):
         _check_stage(submodules.pattern, config, index, pp_rank, vp_stage)
         _check_checkpoint_layout(submodules, config)
         spec = submodules.layer_spec(config, index, submodules.chunks.for_layer(layer_number))
-        return build_module(
+        return compat.build_layer(
             spec,
             config=config,
             layer_number=layer_number,

@@ -34,16 +34,20 @@ CI pins megatron-core 0.16.x; users upgrade. What changes after 0.16 and how the
   :func:`write_legacy_common_file` keeps checkpoints loadable by every supported release.
 * The MoE spec is a ``ModuleSpec`` (to 0.17) or a ``functools.partial`` of ``MoELayer`` (0.18
   on), its experts likewise: :func:`with_moe_modules` swaps the layer and experts classes in
-  either.
+  either. To 0.17, ``TransformerLayer`` hands ``pg_collection`` to a ``ModuleSpec`` MLP only when
+  its class *is* upstream's ``MoELayer`` (else it warns "Unknown MLP type" and builds it on the
+  default groups); 0.18 calls the partial with them: :func:`build_layer` binds them for ours.
 * Nothing to absorb: ``MambaMixer(use_mem_eff_path=)`` (gone in 0.17, not used by the package:
   the config field stays).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 from typing import Any, Callable, Mapping
 
 from packaging.version import Version
@@ -422,3 +426,52 @@ def with_moe_modules(spec, layer: type, experts: Mapping[type, type]):
         return functools.partial(layer, *spec.args, **{**spec.keywords, "submodules": submodules})
     submodules = dataclasses.replace(spec.submodules, experts=swapped(spec.submodules.experts))
     return dataclasses.replace(spec, module=layer, submodules=submodules)
+
+
+def _moe_subclass_spec(mlp) -> bool:
+    """Whether ``mlp`` is a ``ModuleSpec`` of a subclass of upstream's ``MoELayer`` (ours, to 0.17),
+    which that release's ``TransformerLayer`` builds without the layer's process groups."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    module = getattr(mlp, "module", None)
+    return (isinstance(mlp, ModuleSpec) and isinstance(module, type) and issubclass(module, MoELayer)
+            and module is not MoELayer)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str, prefix: str):
+    """Drops ``logger_name``'s records starting with ``prefix`` inside the block only."""
+    logger, drop = logging.getLogger(logger_name), _DropMessage(prefix)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def build_layer(spec, **kwargs):
+    """``build_module(spec, **kwargs)`` for a ``TransformerLayer`` spec. Where its MLP is a
+    ``ModuleSpec`` of a ``MoELayer`` subclass (to 0.17), the layer's ``pg_collection`` is bound into
+    that spec's params, so the MoE is built on the model's groups as upstream's own class is, and
+    upstream's "Unknown MLP type ... default kwargs" warning (no longer true) is not printed. Other
+    specs (every 0.18+ MoE, a partial that ``TransformerLayer`` calls with the groups) build as is."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    mlp = getattr(getattr(spec, "submodules", None), "mlp", None)
+    if not _moe_subclass_spec(mlp):
+        return build_module(spec, **kwargs)
+    if kwargs.get("pg_collection") is not None:
+        mlp = dataclasses.replace(mlp, params={**mlp.params, "pg_collection": kwargs["pg_collection"]})
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+    with _quiet("megatron.core.transformer.transformer_layer", "Unknown MLP type"):
+        return build_module(spec, **kwargs)

@@ -94,7 +94,7 @@ class SharedMTPBlock(MegatronModule):
         if pg_collection is not None:
             layer_kwargs["pg_collection"] = pg_collection
         self.attention = build_module(submodules.attention, **layer_kwargs)
-        self.feedforward = build_module(submodules.feedforward, **layer_kwargs)
+        self.feedforward = compat.build_layer(submodules.feedforward, **layer_kwargs)
         self._reset_stats()
         self._loop_driven = False  # set by megacpp_set_step: our loop reads megacpp_stats instead
 
