@@ -51,6 +51,14 @@ set_tokenizer_args() {  # set_tokenizer_args PREFIX VOCAB: TOKENIZER for pretrai
   fi
 }
 
+check_train_flags() {  # check_train_flags FLAGS...: `megacpp-mcore train`'s parser on FLAGS before
+  # anything starts (or a --dry-run prints): a bad flag exits 2 with argparse's one-line message,
+  # not a torchrun traceback per rank after the output directory was made
+  PYTHONPATH="$PYTHONPATH_WITH_REPO" python -c \
+    'import sys; from megacpp_mcore.cli import _parser; _parser().parse_args(["train", *sys.argv[1:]])' \
+    "$@" >/dev/null || exit 2
+}
+
 launch() {  # launch DRY_RUN OUT_DIR CMD...: print CMD (DRY_RUN=1) or create OUT_DIR and exec CMD
   local dry_run=$1 out=$2
   shift 2

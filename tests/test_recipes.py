@@ -206,6 +206,19 @@ def test_tiny_cpu_recipe_uses_train_flags(tmp_path, checkout):
     assert args.preset == "nam56r-tiny"
 
 
+
+@pytest.mark.parametrize("bad", [["--bogus"], ["--steps", "x"]], ids=["unknown", "bad-value"])
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
+def test_tiny_cpu_recipe_refuses_a_bad_flag_before_anything_starts(bad, dry, tmp_path):
+    """A flag ``megacpp-mcore train`` would refuse: exit 2 with one message naming it, no
+    torchrun, no output directory (also under --dry-run, which would print a command that fails)."""
+    out = tmp_path / "out"
+    proc = _run(REPO / "recipes" / "nam56r_tiny_cpu.sh", *(["--dry-run"] if dry else []), *bad, OUT=str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert bad[-1] in proc.stderr.splitlines()[-1]
+    assert "torchrun" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
 def _benchmark_module():
     return load_script("recipe_benchmark")
 
