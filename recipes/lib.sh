@@ -59,6 +59,13 @@ check_train_flags() {  # check_train_flags FLAGS...: `megacpp-mcore train`'s par
     "$@" >/dev/null || exit 2
 }
 
+check_megatron_flags() {  # check_megatron_flags CHECKOUT FLAGS...: Megatron-LM's parser (with the
+  # package's flags) on FLAGS once, before torchrun starts its ranks: a bad flag exits 2 with one
+  # line (not --dry-run: it prints the command, and needs no importable checkout)
+  PYTHONPATH="$PYTHONPATH_WITH_REPO" python -m megacpp_mcore.launch_pretrain --check-flags \
+    --megatron-lm "$1" "${@:2}" || exit 2
+}
+
 launch() {  # launch DRY_RUN OUT_DIR CMD...: print CMD (DRY_RUN=1) or create OUT_DIR and exec CMD
   local dry_run=$1 out=$2
   shift 2

@@ -128,8 +128,10 @@ OUTPUT=(
   --log-interval 1 --eval-interval "$ITERS" --eval-iters 2
 )
 
+FLAGS=("${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}"
+       "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@")
+(( DRY_RUN )) || check_megatron_flags "$MEGATRON_LM" "${FLAGS[@]}"
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" CUDA_DEVICE_MAX_CONNECTIONS=1 \
   TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}" \
   torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \
-  "${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" \
-  "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@"
+  "${FLAGS[@]}"

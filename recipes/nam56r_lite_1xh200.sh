@@ -78,7 +78,9 @@ OUTPUT=(
   --log-interval 1 --eval-interval "$ITERS" --eval-iters 5
 )
 
+FLAGS=("${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}"
+       "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@")
+(( DRY_RUN )) || check_megatron_flags "$MEGATRON_LM" "${FLAGS[@]}"
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" \
   torchrun --nproc-per-node 1 -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \
-  "${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" \
-  "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@"
+  "${FLAGS[@]}"

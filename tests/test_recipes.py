@@ -219,6 +219,41 @@ def test_tiny_cpu_recipe_refuses_a_bad_flag_before_anything_starts(bad, dry, tmp
     assert "torchrun" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
 
+
+@pytest.fixture(scope="module")
+def real_checkout(tmp_path_factory):
+    """An importable Megatron-LM checkout of the release line installed here (from the mirror)."""
+    if not MIRROR.exists():
+        pytest.skip("needs the Megatron-LM git mirror at " + str(MIRROR))
+    from megacpp_mcore.spec.compat import mcore_version
+
+    line = ".".join(str(mcore_version()).split(".")[:2])
+    root = tmp_path_factory.mktemp("mlm")
+    archive = subprocess.run(["git", "--git-dir", str(MIRROR), "archive", lp.CHECKOUT_TAGS[line]],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.name in PRESET_OF], ids=lambda p: p.name)
+def test_gpu_recipes_check_their_flags_with_megatron_before_torchrun(recipe, real_checkout, tmp_path):
+    """The recipe's own flags pass Megatron-LM's parser (``launch_pretrain --check-flags``); an
+    unknown extra flag stops the launch with exit 2 and one line naming it, before torchrun and
+    before the output directory exists."""
+    tokens = _dry_run(recipe, real_checkout, tmp_path / "out")
+    flags = tokens[tokens.index("megacpp_mcore.launch_pretrain") + 1:]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--check-flags", *flags],
+                        capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = tmp_path / "run"
+    proc = _run(recipe, "--bogus-flag", MEGATRON_LM=str(real_checkout), OUT=str(out), DATA="",
+                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # this interpreter's `python`
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == ("launch_pretrain: Megatron-LM refuses the flags: "
+                                            "pretrain_gpt.py: error: unrecognized arguments: --bogus-flag")
+    assert "torchrun" not in proc.stdout and not out.exists()
+
 def _benchmark_module():
     return load_script("recipe_benchmark")
 

@@ -18,7 +18,10 @@ What it adds to ``pretrain_gpt.py``, without editing the checkout:
    (still so at core_v0.19.0);
 3. refuses, before any process group starts, flags that would silently build something else
    (``--mtp-num-layers``, legacy models, YAML configs, a missing ``--spec``), and MLA flags that
-   disagree with the spec's MLA configuration.
+   disagree with the spec's MLA configuration;
+4. ``--check-flags``: Megatron's parser (with the package's flags) on the arguments, nothing started;
+   the recipes run it once before torchrun, so a bad flag is one line and exit 2 (no output
+   directory, no per-rank tracebacks).
 
 Everything else (data, optimizer, checkpoints, logging) is ``pretrain_gpt.py``'s own: the launcher
 imports that file as a module and calls Megatron's ``pretrain`` with its dataset provider, forward
@@ -417,8 +420,42 @@ def run(checkout: Path, megatron_argv: list[str]) -> None:
     )
 
 
+def check_flags(checkout: Path, megatron_argv: list[str]) -> int:
+    """Megatron's parser on ``megatron_argv`` with the flags :func:`run` adds (the package's, and
+    ModelOpt's where the checkout's ``pretrain_gpt`` would add them), without starting anything:
+    0, or 2 with argparse's last line (the bad flag) instead of every rank's usage and traceback.
+    Imports only ``megatron.training.arguments`` (no CUDA needed)."""
+    import contextlib
+    import io
+    import warnings
+
+    sys.path.insert(0, str(checkout))
+    sys.argv = [str(checkout / "pretrain_gpt.py"), *megatron_argv]
+    with warnings.catch_warnings():  # import-time notices (no TE/Apex on this host): not the answer
+        warnings.simplefilter("ignore")
+        from megatron.training.arguments import parse_args
+
+        try:
+            from megatron.post_training.arguments import add_modelopt_args
+        except ImportError:  # as pretrain_gpt: ModelOpt's flags only where it imports
+            add_modelopt_args = None
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            parse_args(extra_args_provider=_extra_args_provider(add_modelopt_args))
+    except SystemExit as exc:
+        if exc.code:
+            lines = stderr.getvalue().strip().splitlines() or [f"exit status {exc.code}"]
+            print(f"launch_pretrain: Megatron-LM refuses the flags: {lines[-1]}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    check = "--check-flags" in argv  # the recipes, once before torchrun: parse, start nothing
+    if check:
+        argv.remove("--check-flags")
     if argv in (["-h"], ["--help"]):
         print(__doc__)
         print("Package flags (given to Megatron's parser):")
@@ -431,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"launch_pretrain: error: {exc}", file=sys.stderr)
         return 2
+    if check:
+        return check_flags(checkout, megatron_argv)
     run(checkout, megatron_argv)
     return 0
 
