@@ -2,17 +2,15 @@
 
 The other CPU tests run the kernels under Triton's interpreter, which checks what they compute but
 not what the GPU compiler accepts (the interpreter runs any Python, the compiler a subset; layout
-conversions, lowering to PTX and ptxas never happen there); several kernels (MoD's gate and top-k route, the MTP CE epilogue, the MoDA merge) had
-no CPU check at all. Here each kernel's launcher is called as the package calls it, on CPU tensors,
-with the kernel swapped for a recorder (nothing runs), and every recorded launch is compiled by
-Triton's own compiler for sm_90 down to a cubin (Triton ships ptxas), so a kernel that would fail to
-compile on the GPU machine fails here first.
+conversions, lowering to PTX and ptxas never happen there); several kernels (MoD's gate and top-k
+route, the MTP CE epilogue, the MoDA merge) had no CPU check at all. Here each kernel's launcher is
+called as the package calls it, with the kernel swapped for a recorder, and every recorded launch
+is compiled for sm_90 down to a cubin (``megacpp_mcore.testing.kernel_compile``), so a kernel that
+would fail to compile on the GPU machine fails here first.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 
 import pytest
@@ -22,90 +20,13 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":  # kernels are interpreter objects then
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
 
+import triton.language as tl  # noqa: E402
 from triton.backends import backends as _triton_backends  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 if "nvidia" not in _triton_backends:  # every PyPI wheel ships it (with ptxas); a custom build may not
     pytest.skip("this Triton has no NVIDIA backend to compile for", allow_module_level=True)
-import triton.language as tl  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-SM90 = GPUTarget("cuda", 90, 32)
-_POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
-            torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8"}
-_OPTIONS = ("num_warps", "num_stages")
-
-
-@dataclasses.dataclass
-class Launch:
-    kernel: object  # the JITFunction
-    args: tuple
-    kwargs: dict
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
-
-
-class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` records the launch."""
-
-    def __init__(self, kernel, log: list[Launch]):
-        self.kernel, self.log = kernel, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append(Launch(self.kernel, args, dict(kwargs)))
-
-
-@contextlib.contextmanager
-def recorded(module, *names: str):
-    """Swaps ``module``'s kernels ``names`` for recorders; yields the list of launches."""
-    log: list[Launch] = []
-    saved = {name: getattr(module, name) for name in names}
-    try:
-        for name, kernel in saved.items():
-            assert isinstance(kernel, triton.runtime.JITFunction), (name, type(kernel))
-            setattr(module, name, _Recorder(kernel, log))
-        yield log
-    finally:
-        for name, kernel in saved.items():
-            setattr(module, name, kernel)
-
-
-def _arg_type(name: str, value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _POINTEE[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"kernel argument {name}={value!r}: no Triton type for {type(value).__name__}")
-
-
-def compile_sm90(launch: Launch):
-    """The recorded launch compiled for sm_90 (the runtime's types: tensors as typed pointers, ints
-    as i32/i64, floats as fp32; constexpr parameters as their values)."""
-    kernel = launch.kernel
-    kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-    bound = dict(zip(kernel.arg_names, launch.args))
-    bound.update(kwargs)
-    for param in kernel.params:
-        if param.name not in bound:
-            assert param.has_default, f"{launch.name}: no value for {param.name}"
-            bound[param.name] = param.default
-    constexpr = {p.name for p in kernel.params if p.is_constexpr}
-    signature, constants = {}, {}
-    for name in kernel.arg_names:
-        value = bound[name]
-        if name in constexpr:
-            signature[name], constants[name] = "constexpr", value
-        else:
-            signature[name] = _arg_type(name, value)
-    return triton.compile(ASTSource(kernel, signature, constexprs=constants), target=SM90,
-                          options=options)
+from megacpp_mcore.testing.kernel_compile import Launch, compile_sm90, recorded, resources  # noqa: E402
 
 
 def _compile_all(log: list[Launch], expected: set[str]) -> None:
@@ -263,6 +184,7 @@ def test_a_kernel_the_gpu_compiler_rejects_fails_here():
     """The check has teeth: a kernel the interpreter runs (an early ``break``) but the compiler
     rejects raises here; the same kernel without it compiles."""
     a = torch.zeros(8, 16)
-    compile_sm90(Launch(_early_exit_kernel, (a, a), {"N": 8, "EXIT": False}))
+    compiled = compile_sm90(Launch(_early_exit_kernel, (a, a), {"N": 8, "EXIT": False}))
+    assert resources(compiled)["registers"] > 0  # ptxas's report read back
     with pytest.raises(triton.compiler.CompilationError):
         compile_sm90(Launch(_early_exit_kernel, (a, a), {"N": 8, "EXIT": True}))
