@@ -138,15 +138,17 @@ def bench_m2rnn(args) -> dict:
         triton_fwd = timed_ms(lambda: m2rnn_scan_triton(*ins), reps=args.reps, warmup=1)
     torch_fb = timed_ms(lambda: fwd_bwd(m2rnn_scan_torch), reps=args.torch_reps, warmup=0)
     triton_fb = timed_ms(lambda: fwd_bwd(m2rnn_scan_triton), reps=args.reps, warmup=1)
-    # Kernel shape sweep (state rows per program, warps): each config is checked, then timed.
+    # Kernel sweep (state rows per program, warps, tl.dot precision): each config is checked, then
+    # timed.
     sweep = []
-    for block_k, warps in ((4, 1), (8, 1), (8, 2), (16, 2), (16, 4)):
-        if block_k > K:
+    for block_k, warps, precision in ((16, 1, "tf32x3"), (16, 2, "tf32x3"), (32, 1, "tf32x3"),
+                                      (32, 2, "tf32x3"), (64, 4, "tf32x3"), (16, 1, "ieee")):
+        if block_k > max(K, 16):
             continue
-        scan = functools.partial(m2rnn_scan_triton, block_k=block_k, num_warps=warps)
+        scan = functools.partial(m2rnn_scan_triton, block_k=block_k, num_warps=warps, precision=precision)
         y_s, g_s = fwd_bwd(scan)
         err = max([rel_err(y_s, y_r)] + [rel_err(a, b) for a, b in zip(g_s, g_r)])
-        sweep.append({"block_k": block_k, "num_warps": warps, "max_rel_err": err,
+        sweep.append({"block_k": block_k, "num_warps": warps, "precision": precision, "max_rel_err": err,
                       "fwd_bwd_ms": timed_ms(lambda: fwd_bwd(scan), reps=args.reps, warmup=1)})
         print("  sweep", sweep[-1])
     best = min((c for c in sweep if c["max_rel_err"] < args.m2rnn_tol), key=lambda c: c["fwd_bwd_ms"],

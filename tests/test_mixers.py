@@ -145,26 +145,31 @@ def test_m2rnn_scan_dispatch_refuses_unknown_impl():
 
 @pytest.mark.triton
 def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
-    """The Triton kernels run by Triton's CPU interpreter at tiny sizes (2 state-row blocks, padded tail)."""
+    """The Triton kernels run by Triton's CPU interpreter at tiny sizes (2 state-row blocks, padded
+    tail, K or V below tl.dot's 16 zero-padded)."""
     code = textwrap.dedent("""
         import torch, torch.nn.functional as F
         from megacpp_mcore.layers.mixers.m2rnn import m2rnn_scan_torch
         from megacpp_mcore.layers.mixers.m2rnn_triton import m2rnn_scan_triton
         g = torch.Generator().manual_seed(0)
-        B, T, H, K, V = 2, 7, 2, 16, 8
-        q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
-        k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
-        v = torch.randn(B, T, H, V, generator=g).requires_grad_()
-        f = torch.rand(B, T, H, generator=g).requires_grad_()
-        W = (torch.randn(H, V, V, generator=g) * 0.3).requires_grad_()
-        dy = torch.randn(B, T, H, V, generator=g)
-        ins = (q, k, v, f, W)
-        y_ref = m2rnn_scan_torch(*ins); g_ref = torch.autograd.grad(y_ref, ins, dy)
-        for block_k in (8, 16):  # 2 state-row blocks per head (partial sums), and 1
+        B, T, H = 2, 11, 2
+        # (K, V, block_k): 2 state-row blocks per head (partial sums) with V zero-padded to 16;
+        # one block with K zero-padded to 16
+        for K, V, block_k in ((32, 8, 16), (8, 16, 16)):
+            q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
+            k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
+            v = torch.randn(B, T, H, V, generator=g).requires_grad_()
+            f = torch.rand(B, T, H, generator=g).requires_grad_()
+            W = (torch.randn(H, V, V, generator=g) * 0.3).requires_grad_()
+            dy = torch.randn(B, T, H, V, generator=g)
+            ins = (q, k, v, f, W)
+            y_ref = m2rnn_scan_torch(*ins); g_ref = torch.autograd.grad(y_ref, ins, dy)
+            # chunk 4: three chunks, so the backward's two scratch buffers both take turns
             y = m2rnn_scan_triton(*ins, chunk=4, block_k=block_k)
             g_tri = torch.autograd.grad(y, ins, dy)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             for name, a, b in zip("qkvfW", g_tri, g_ref):
+                assert a.shape == b.shape, (name, a.shape, b.shape)
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: name + ": " + m)
         print("TRITON-INTERPRET-OK")
     """)
