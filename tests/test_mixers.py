@@ -156,14 +156,16 @@ def test_m2rnn_triton_kernel_interpreted_matches_torch_forward_and_grads():
         # (K, V, block_k): 2 state-row blocks per head (partial sums) with V zero-padded to 16;
         # one block with K zero-padded to 16
         for K, V, block_k in ((32, 8, 16), (8, 16, 16)):
-            q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
-            k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1).requires_grad_()
-            v = torch.randn(B, T, H, V, generator=g).requires_grad_()
-            f = torch.rand(B, T, H, generator=g).requires_grad_()
+            # as the mixer passes them: q, k, v split views of one projection, f a transpose
+            qkv = torch.randn(B, T, H, 2 * K + V, generator=g).requires_grad_()
+            q, k, v = torch.split(qkv, [K, K, V], dim=-1)
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            f = torch.rand(B, H, T, generator=g).transpose(1, 2).requires_grad_()
             W = (torch.randn(H, V, V, generator=g) * 0.3).requires_grad_()
             dy = torch.randn(B, T, H, V, generator=g)
             ins = (q, k, v, f, W)
-            y_ref = m2rnn_scan_torch(*ins); g_ref = torch.autograd.grad(y_ref, ins, dy)
+            y_ref = m2rnn_scan_torch(*ins)
+            g_ref = torch.autograd.grad(y_ref, ins, dy, retain_graph=True)  # ins share a graph
             # chunk 4: three chunks, so the backward's two scratch buffers both take turns
             y = m2rnn_scan_triton(*ins, chunk=4, block_k=block_k)
             g_tri = torch.autograd.grad(y, ins, dy)

@@ -28,6 +28,7 @@ use that at tiny sizes).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -45,48 +46,64 @@ def _tanh(x):
 
 
 @triton.jit
-def _m2rnn_fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, y_ptr, ckpt_ptr, TA,
+def _live(r, t, T):
+    """``t < T`` as a mask shaped like ``r`` (a scalar bool does not combine with a vector mask in
+    Triton's interpreter)."""
+    return (r * 0 + t) < T
+
+
+@triton.jit
+def _kvf(k_base, v_base, f_base, t, T, skt, svt, sft, rk, rv, kmask, vmask):
+    """Step t's key row, value row and forget gate (fp32); past the end, k = v = 0 and f = 1."""
+    k = tl.load(k_base + t * skt + rk, mask=kmask & _live(rk, t, T), other=0.0).to(tl.float32)
+    v = tl.load(v_base + t * svt + rv, mask=vmask & _live(rv, t, T), other=0.0).to(tl.float32)
+    f = tl.load(f_base + t * sft, mask=t < T, other=1.0).to(tl.float32)
+    return k, v, f
+
+
+@triton.jit
+def _m2rnn_fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, y_ptr, ckpt_ptr, T,
+                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh,
                       NC: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BLOCK_K: tl.constexpr, NKB: tl.constexpr, CHUNK: tl.constexpr,
-                      PREC: tl.constexpr):
+                      KR: tl.constexpr, VR: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NKB: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr):
     pid_bh = tl.program_id(0)
     kb = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # state rows of this program
     rv = tl.arange(0, V)
+    kmask, vmask = rk < KR, rv < VR  # rows/columns past the real K, V: zero padding
+    q_base = q_ptr + b * sqb + h * sqh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    f_base = f_ptr + b * sfb + h * sfh
     w = tl.load(w_ptr + h * V * V + rv[:, None] * V + rv[None, :])  # [V, V]
     state = tl.zeros([BLOCK_K, V], dtype=tl.float32)
-    # prefetch step 0; every iteration loads step t + 1 (the padded tail makes it in-bounds)
-    row = (b * TA) * H + h
-    q_t = tl.load(q_ptr + row * K + rk)
-    k_t = tl.load(k_ptr + row * K + rk)
-    v_t = tl.load(v_ptr + row * V + rv)
-    f_t = tl.load(f_ptr + row)
+    # prefetch step 0; every iteration loads step t + 1
+    q_t = tl.load(q_base + rk, mask=kmask, other=0.0).to(tl.float32)
+    k_t, v_t, f_t = _kvf(k_base, v_base, f_base, 0, T, skt, svt, sft, rk, rv, kmask, vmask)
     for c in range(0, NC):
         tl.store(ckpt_ptr + ((pid_bh * NC + c) * K + rk[:, None]) * V + rv[None, :], state)
         for i in range(CHUNK):
             t = c * CHUNK + i
-            nxt = (b * TA + t + 1) * H + h
-            q_n = tl.load(q_ptr + nxt * K + rk)
-            k_n = tl.load(k_ptr + nxt * K + rk)
-            v_n = tl.load(v_ptr + nxt * V + rv)
-            f_n = tl.load(f_ptr + nxt)
+            q_n = tl.load(q_base + (t + 1) * sqt + rk, mask=kmask & _live(rk, t + 1, T), other=0.0).to(tl.float32)
+            k_n, v_n, f_n = _kvf(k_base, v_base, f_base, t + 1, T, skt, svt, sft, rk, rv, kmask, vmask)
             hw = tl.dot(state, w, input_precision=PREC)  # [BLOCK_K, V] = h W
             u = _tanh(hw + k_t[:, None] * v_t[None, :])
             state = f_t * state + (1.0 - f_t) * u
             y_part = tl.sum(q_t[:, None] * state, axis=0)  # [V], this block's rows only
-            cur = (b * TA + t) * H + h
-            tl.store(y_ptr + (cur * NKB + kb) * V + rv, y_part)
+            tl.store(y_ptr + (((b * T + t) * H + h) * NKB + kb) * V + rv, y_part, mask=_live(rv, t, T))
             q_t, k_t, v_t, f_t = q_n, k_n, v_n, f_n
 
 
 @triton.jit
 def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scratch_ptr, uscr_ptr,
-                      dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, TA,
+                      dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, T,
+                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
                       NC: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BLOCK_K: tl.constexpr, NKB: tl.constexpr, CHUNK: tl.constexpr,
-                      PREC: tl.constexpr):
+                      KR: tl.constexpr, VR: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NKB: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr):
     # Two independent sequential chains per loop step: back-propagation through chunk c (reading
     # buffer c % 2) and the recompute of chunk c - 1 from its checkpoint (writing the other buffer).
     pid_bh = tl.program_id(0)
@@ -96,6 +113,12 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
     rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     rb = tl.arange(0, BLOCK_K)
     rv = tl.arange(0, V)
+    kmask, vmask = rk < KR, rv < VR
+    q_base = q_ptr + b * sqb + h * sqh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    f_base = f_ptr + b * sfb + h * sfh
+    dy_base = dy_ptr + b * sdb + h * sdh
     w = tl.load(w_ptr + h * V * V + rv[:, None] * V + rv[None, :])  # [V, V]
     wt = tl.load(w_ptr + h * V * V + rv[None, :] * V + rv[:, None])  # [V, V] = W^T
     TILE: tl.constexpr = BLOCK_K * V
@@ -109,17 +132,12 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
     c = NC - 1
     sbuf = scratch + (c % 2) * SPER
     ubuf = uscr + (c % 2) * UPER
-    t0 = b * TA + c * CHUNK
     state = tl.load(ckpt_ptr + ((pid_bh * NC + c) * K + rk[:, None]) * V + rv[None, :])
     tl.store(sbuf + tile, state)
-    k_t = tl.load(k_ptr + (t0 * H + h) * K + rk)
-    v_t = tl.load(v_ptr + (t0 * H + h) * V + rv)
-    f_t = tl.load(f_ptr + t0 * H + h)
+    k_t, v_t, f_t = _kvf(k_base, v_base, f_base, c * CHUNK, T, skt, svt, sft, rk, rv, kmask, vmask)
     for i in range(CHUNK):
-        nxt = (t0 + i + 1) * H + h
-        k_n = tl.load(k_ptr + nxt * K + rk)
-        v_n = tl.load(v_ptr + nxt * V + rv)
-        f_n = tl.load(f_ptr + nxt)
+        k_n, v_n, f_n = _kvf(k_base, v_base, f_base, c * CHUNK + i + 1, T, skt, svt, sft, rk, rv,
+                             kmask, vmask)
         u = _tanh(tl.dot(state, w, input_precision=PREC) + k_t[:, None] * v_t[None, :])
         state = f_t * state + (1.0 - f_t) * u
         tl.store(ubuf + i * TILE + tile, u)
@@ -135,29 +153,23 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
         ubuf = uscr + (c % 2) * UPER
         rsbuf = scratch + (1 - c % 2) * SPER
         rubuf = uscr + (1 - c % 2) * UPER
-        t0 = b * TA + c * CHUNK
-        r0 = b * TA + cp * CHUNK
+        t0 = c * CHUNK
+        r0 = cp * CHUNK
         rstate = tl.load(ckpt_ptr + ((pid_bh * NC + cp) * K + rk[:, None]) * V + rv[None, :])
         tl.store(rsbuf + tile, rstate)
-        rk_t = tl.load(k_ptr + (r0 * H + h) * K + rk)
-        rv_t = tl.load(v_ptr + (r0 * H + h) * V + rv)
-        rf_t = tl.load(f_ptr + r0 * H + h)
-        last = (t0 + CHUNK - 1) * H + h
+        rk_t, rv_t, rf_t = _kvf(k_base, v_base, f_base, r0, T, skt, svt, sft, rk, rv, kmask, vmask)
+        last = t0 + CHUNK - 1
         h_cur = tl.load(sbuf + CHUNK * TILE + tile)  # after the chunk's last step
         h_prev = tl.load(sbuf + (CHUNK - 1) * TILE + tile)
         h_prev_t = tl.load(sbuf + (CHUNK - 1) * TILE + tile_t)
         u_t = tl.load(ubuf + (CHUNK - 1) * TILE + tile)
-        q_t = tl.load(q_ptr + last * K + rk)
-        k_t = tl.load(k_ptr + last * K + rk)
-        v_t = tl.load(v_ptr + last * V + rv)
-        f_t = tl.load(f_ptr + last)
-        dy_t = tl.load(dy_ptr + last * V + rv)
+        q_t = tl.load(q_base + last * sqt + rk, mask=kmask & _live(rk, last, T), other=0.0).to(tl.float32)
+        k_t, v_t, f_t = _kvf(k_base, v_base, f_base, last, T, skt, svt, sft, rk, rv, kmask, vmask)
+        dy_t = tl.load(dy_base + last * sdt + rv, mask=vmask & _live(rv, last, T), other=0.0).to(tl.float32)
         for ii in range(CHUNK):
             # the recompute chain: step ii of chunk cp
-            rn = (r0 + ii + 1) * H + h
-            rk_n = tl.load(k_ptr + rn * K + rk)
-            rv_n = tl.load(v_ptr + rn * V + rv)
-            rf_n = tl.load(f_ptr + rn)
+            rk_n, rv_n, rf_n = _kvf(k_base, v_base, f_base, r0 + ii + 1, T, skt, svt, sft, rk, rv,
+                                    kmask, vmask)
             ru = _tanh(tl.dot(rstate, w, input_precision=PREC) + rk_t[:, None] * rv_t[None, :])
             rstate = rf_t * rstate + (1.0 - rf_t) * ru
             tl.store(rubuf + ii * TILE + tile, ru)
@@ -165,23 +177,23 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
             rk_t, rv_t, rf_t = rk_n, rv_n, rf_n
             # the back-propagation chain: step i of chunk c, prefetching step i - 1
             i = CHUNK - 1 - ii
-            ip = tl.maximum(i - 1, 0)
-            nxt = (t0 + ip) * H + h
+            ip = tl.maximum(i - 1, 0)  # (re-reads step 0 on the last iteration)
+            tp = t0 + ip
             h_prev_n = tl.load(sbuf + ip * TILE + tile)
             h_prev_t_n = tl.load(sbuf + ip * TILE + tile_t)
             u_n = tl.load(ubuf + ip * TILE + tile)
-            q_n = tl.load(q_ptr + nxt * K + rk)
-            k_n = tl.load(k_ptr + nxt * K + rk)
-            v_n = tl.load(v_ptr + nxt * V + rv)
-            f_n = tl.load(f_ptr + nxt)
-            dy_n = tl.load(dy_ptr + nxt * V + rv)
-            cur = (t0 + i) * H + h
+            q_n = tl.load(q_base + tp * sqt + rk, mask=kmask & _live(rk, tp, T), other=0.0).to(tl.float32)
+            k_n, v_n, f_n = _kvf(k_base, v_base, f_base, tp, T, skt, svt, sft, rk, rv, kmask, vmask)
+            dy_n = tl.load(dy_base + tp * sdt + rv, mask=vmask & _live(rv, tp, T), other=0.0).to(tl.float32)
+            t = t0 + i
+            cur = (b * T + t) * H + h
             g = dstate + q_t[:, None] * dy_t[None, :]  # dL/dh_t
             da = g * (1.0 - f_t) * (1.0 - u_t * u_t)  # dL/d(pre-tanh)
-            tl.store(dq_ptr + cur * K + rk, tl.sum(h_cur * dy_t[None, :], axis=1))
-            tl.store(dk_ptr + cur * K + rk, tl.sum(da * v_t[None, :], axis=1))
-            tl.store(dv_ptr + (cur * NKB + kb) * V + rv, tl.sum(da * k_t[:, None], axis=0))
-            tl.store(df_ptr + cur * NKB + kb, tl.sum(tl.sum(g * (h_prev - u_t), axis=1), axis=0))
+            tl.store(dq_ptr + cur * K + rk, tl.sum(h_cur * dy_t[None, :], axis=1), mask=_live(rk, t, T))
+            tl.store(dk_ptr + cur * K + rk, tl.sum(da * v_t[None, :], axis=1), mask=_live(rk, t, T))
+            tl.store(dv_ptr + (cur * NKB + kb) * V + rv, tl.sum(da * k_t[:, None], axis=0),
+                     mask=_live(rv, t, T))
+            tl.store(df_ptr + cur * NKB + kb, tl.sum(tl.sum(g * (h_prev - u_t), axis=1), axis=0), mask=t < T)
             dw = tl.dot(h_prev_t, da, dw, input_precision=PREC)
             dstate = f_t * g + tl.dot(da, wt, input_precision=PREC)  # + da W^T
             h_cur = h_prev
@@ -190,14 +202,13 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
     tl.store(dw_ptr + ((pid_bh * NKB + kb) * V + rv[:, None]) * V + rv[None, :], dw)
 
 
-def _pad(x: torch.Tensor, total: int, value: float, last: int | None = None) -> torch.Tensor:
-    """fp32 contiguous copy of ``x`` ([B, T, ...]) padded along time to ``total`` steps with
-    ``value``, and with zeros along the last dim to ``last``."""
-    x = x.float()
-    if last is not None and last > x.shape[-1]:
-        x = torch.nn.functional.pad(x, (0, last - x.shape[-1]))
-    pad = x.new_full((x.shape[0], total - x.shape[1], *x.shape[2:]), value)
-    return torch.cat([x, pad], dim=1).contiguous()
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along its last dim (the kernels read rows; other strides are passed)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def _check_sizes(k_dim: int, v_dim: int, block_k: int, num_warps: int, precision: str) -> None:
@@ -217,42 +228,43 @@ class _M2RNNScan(torch.autograd.Function):
     def forward(ctx, q, k, v, f, weight, chunk, block_k, num_warps, precision):
         B, T, H, k_dim = q.shape
         v_dim = v.shape[-1]
-        K, V = max(k_dim, MIN_DIM), max(v_dim, MIN_DIM)  # tl.dot's minimum; zero-padded
+        K, V = max(k_dim, MIN_DIM), max(v_dim, MIN_DIM)  # tl.dot's minimum; the kernels zero-pad
         nkb, nc = K // block_k, triton.cdiv(T, chunk)
-        ta = nc * chunk + 1  # padded steps (+1: the forward prefetches one step ahead)
-        qp, kp = (_pad(x, ta, 0.0, K) for x in (q, k))
-        vp = _pad(v, ta, 0.0, V)
-        fp = _pad(f, ta, 1.0)
-        w = torch.nn.functional.pad(weight.float(), (0, V - v_dim, 0, V - v_dim)).contiguous()
-        y_part = q.new_empty(B, ta, H, nkb, V, dtype=torch.float32)
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        w = F.pad(weight.float(), (0, V - v_dim, 0, V - v_dim)).contiguous()  # [H, V, V], tiny
+        y_part = q.new_empty(B, T, H, nkb, V, dtype=torch.float32)
         ckpt = q.new_empty(B, H, nc, K, V, dtype=torch.float32)
-        _m2rnn_fwd_kernel[(B * H, nkb)](qp, kp, vp, fp, w, y_part, ckpt, ta,
-                                        NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk,
-                                        PREC=precision, num_warps=num_warps)
-        ctx.save_for_backward(qp, kp, vp, fp, w, ckpt)
-        ctx.meta = (T, k_dim, v_dim, chunk, block_k, nkb, nc, ta, num_warps, precision)
+        _m2rnn_fwd_kernel[(B * H, nkb)](q, k, v, f, w, y_part, ckpt, T,
+                                        *_strides(q), *_strides(k), *_strides(v), *_strides(f),
+                                        NC=nc, H=H, K=K, V=V, KR=k_dim, VR=v_dim, BLOCK_K=block_k,
+                                        NKB=nkb, CHUNK=chunk, PREC=precision, num_warps=num_warps)
+        ctx.save_for_backward(q, k, v, f, w, ckpt)
+        ctx.meta = (chunk, block_k, nkb, nc, num_warps, precision)
         ctx.dtypes = [t.dtype for t in (q, k, v, f, weight)]
-        return y_part[:, :T, :, :, :v_dim].sum(3).to(q.dtype)
+        return y_part[..., :v_dim].sum(3).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        qp, kp, vp, fp, w, ckpt = ctx.saved_tensors
-        T, k_dim, v_dim, chunk, block_k, nkb, nc, ta, num_warps, precision = ctx.meta
-        B, _, H, K = qp.shape
-        V = vp.shape[-1]
-        dyp = _pad(dy, ta, 0.0, V)
-        dq = torch.zeros_like(qp)
-        dk = torch.zeros_like(kp)
-        dv = qp.new_zeros(B, ta, H, nkb, V)
-        df = qp.new_zeros(B, ta, H, nkb)
-        dw = qp.new_empty(B, H, nkb, V, V)
-        scratch = qp.new_empty(B * H * nkb, 2, chunk + 1, block_k, V)  # two buffers of states
-        uscr = qp.new_empty(B * H * nkb, 2, chunk, block_k, V)  # two buffers of tanh outputs
-        _m2rnn_bwd_kernel[(B * H, nkb)](qp, kp, vp, fp, w, dyp, ckpt, scratch, uscr, dq, dk, dv, df, dw,
-                                        ta, NC=nc, H=H, K=K, V=V, BLOCK_K=block_k, NKB=nkb, CHUNK=chunk,
-                                        PREC=precision, num_warps=num_warps)
-        grads = (dq[:, :T, :, :k_dim], dk[:, :T, :, :k_dim], dv[:, :T, :, :, :v_dim].sum(3),
-                 df[:, :T].sum(3), dw.sum((0, 2))[:, :v_dim, :v_dim])
+        q, k, v, f, w, ckpt = ctx.saved_tensors
+        chunk, block_k, nkb, nc, num_warps, precision = ctx.meta
+        B, T, H, k_dim = q.shape
+        v_dim = v.shape[-1]
+        K, V = ckpt.shape[-2:]
+        dy = _rows(dy)
+        dq = q.new_empty(B, T, H, K, dtype=torch.float32)
+        dk = q.new_empty(B, T, H, K, dtype=torch.float32)
+        dv = q.new_empty(B, T, H, nkb, V, dtype=torch.float32)
+        df = q.new_empty(B, T, H, nkb, dtype=torch.float32)
+        dw = q.new_empty(B, H, nkb, V, V, dtype=torch.float32)
+        scratch = q.new_empty(B * H * nkb, 2, chunk + 1, block_k, V, dtype=torch.float32)  # states
+        uscr = q.new_empty(B * H * nkb, 2, chunk, block_k, V, dtype=torch.float32)  # tanh outputs
+        _m2rnn_bwd_kernel[(B * H, nkb)](q, k, v, f, w, dy, ckpt, scratch, uscr, dq, dk, dv, df, dw, T,
+                                        *_strides(q), *_strides(k), *_strides(v), *_strides(f),
+                                        *_strides(dy),
+                                        NC=nc, H=H, K=K, V=V, KR=k_dim, VR=v_dim, BLOCK_K=block_k,
+                                        NKB=nkb, CHUNK=chunk, PREC=precision, num_warps=num_warps)
+        grads = (dq[..., :k_dim], dk[..., :k_dim], dv[..., :v_dim].sum(3), df.sum(3),
+                 dw.sum((0, 2))[:, :v_dim, :v_dim])
         return (*(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None, None, None)
 
 
@@ -271,6 +283,8 @@ def m2rnn_scan_triton(q, k, v, f, weight, chunk: int = CHUNK, block_k: int = BLO
     if weight.shape != (q.shape[2], v.shape[-1], v.shape[-1]):
         raise ValueError(f"M2RNN scan: weight{tuple(weight.shape)} must be [H, V, V] = "
                          f"{[q.shape[2], v.shape[-1], v.shape[-1]]}")
+    if q.shape[1] < 1:
+        raise ValueError(f"M2RNN scan: sequence length {q.shape[1]} must be at least 1")
     block_k = min(block_k, max(q.shape[-1], MIN_DIM))
     _check_sizes(q.shape[-1], v.shape[-1], block_k, num_warps, precision)
     return _M2RNNScan.apply(q, k, v, f, weight, chunk, block_k, num_warps, precision)
