@@ -53,6 +53,13 @@ def _live(r, t, T):
 
 
 @triton.jit
+def _step(state, w, k_t, v_t, f_t, PREC: tl.constexpr):
+    """One step of the recurrence: its tanh output and the next state."""
+    u = _tanh(tl.dot(state, w, input_precision=PREC) + k_t[:, None] * v_t[None, :])
+    return u, f_t * state + (1.0 - f_t) * u
+
+
+@triton.jit
 def _kvf(k_base, v_base, f_base, t, T, skt, svt, sft, rk, rv, kmask, vmask):
     """Step t's key row, value row and forget gate (fp32); past the end, k = v = 0 and f = 1."""
     k = tl.load(k_base + t * skt + rk, mask=kmask & _live(rk, t, T), other=0.0).to(tl.float32)
@@ -87,11 +94,10 @@ def _m2rnn_fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, y_ptr, ckpt_ptr, T,
         tl.store(ckpt_ptr + ((pid_bh * NC + c) * K + rk[:, None]) * V + rv[None, :], state)
         for i in range(CHUNK):
             t = c * CHUNK + i
-            q_n = tl.load(q_base + (t + 1) * sqt + rk, mask=kmask & _live(rk, t + 1, T), other=0.0).to(tl.float32)
+            q_n = tl.load(q_base + (t + 1) * sqt + rk, mask=kmask & _live(rk, t + 1, T),
+                          other=0.0).to(tl.float32)
             k_n, v_n, f_n = _kvf(k_base, v_base, f_base, t + 1, T, skt, svt, sft, rk, rv, kmask, vmask)
-            hw = tl.dot(state, w, input_precision=PREC)  # [BLOCK_K, V] = h W
-            u = _tanh(hw + k_t[:, None] * v_t[None, :])
-            state = f_t * state + (1.0 - f_t) * u
+            _, state = _step(state, w, k_t, v_t, f_t, PREC)
             y_part = tl.sum(q_t[:, None] * state, axis=0)  # [V], this block's rows only
             tl.store(y_ptr + (((b * T + t) * H + h) * NKB + kb) * V + rv, y_part, mask=_live(rv, t, T))
             q_t, k_t, v_t, f_t = q_n, k_n, v_n, f_n
@@ -138,8 +144,7 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
     for i in range(CHUNK):
         k_n, v_n, f_n = _kvf(k_base, v_base, f_base, c * CHUNK + i + 1, T, skt, svt, sft, rk, rv,
                              kmask, vmask)
-        u = _tanh(tl.dot(state, w, input_precision=PREC) + k_t[:, None] * v_t[None, :])
-        state = f_t * state + (1.0 - f_t) * u
+        u, state = _step(state, w, k_t, v_t, f_t, PREC)
         tl.store(ubuf + i * TILE + tile, u)
         tl.store(sbuf + (i + 1) * TILE + tile, state)
         k_t, v_t, f_t = k_n, v_n, f_n
@@ -170,8 +175,7 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
             # the recompute chain: step ii of chunk cp
             rk_n, rv_n, rf_n = _kvf(k_base, v_base, f_base, r0 + ii + 1, T, skt, svt, sft, rk, rv,
                                     kmask, vmask)
-            ru = _tanh(tl.dot(rstate, w, input_precision=PREC) + rk_t[:, None] * rv_t[None, :])
-            rstate = rf_t * rstate + (1.0 - rf_t) * ru
+            ru, rstate = _step(rstate, w, rk_t, rv_t, rf_t, PREC)
             tl.store(rubuf + ii * TILE + tile, ru)
             tl.store(rsbuf + (ii + 1) * TILE + tile, rstate)
             rk_t, rv_t, rf_t = rk_n, rv_n, rf_n
@@ -193,7 +197,8 @@ def _m2rnn_bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, dy_ptr, ckpt_ptr, scrat
             tl.store(dk_ptr + cur * K + rk, tl.sum(da * v_t[None, :], axis=1), mask=_live(rk, t, T))
             tl.store(dv_ptr + (cur * NKB + kb) * V + rv, tl.sum(da * k_t[:, None], axis=0),
                      mask=_live(rv, t, T))
-            tl.store(df_ptr + cur * NKB + kb, tl.sum(tl.sum(g * (h_prev - u_t), axis=1), axis=0), mask=t < T)
+            tl.store(df_ptr + cur * NKB + kb, tl.sum(tl.sum(g * (h_prev - u_t), axis=1), axis=0),
+                     mask=t < T)
             dw = tl.dot(h_prev_t, da, dw, input_precision=PREC)
             dstate = f_t * g + tl.dot(da, wt, input_precision=PREC)  # + da W^T
             h_cur = h_prev
