@@ -5,6 +5,7 @@ kernels are loaded by file path, not through the package):
 
     git show main:megacpp_mcore/layers/mixers/m2rnn_triton.py > tmp_m2rnn_old.py   # here, untracked
     python -u scripts/ab_m2rnn.py [B T H K V]                                       # on the GPU machine
+    python scripts/ab_m2rnn.py --static [B T H K V]       # here: registers/spills/mma for sm_90, no GPU
 
 Each config: median of 3 x 10 reps of fwd+bwd, the forward alone, the largest relative L2 error
 against main's kernel (y and every gradient) and against an fp64 CPU scan (B2 T300 H4 K64 V16)."""
@@ -15,6 +16,28 @@ def _load(name, path):
     spec.loader.exec_module(mod); return mod
 old = _load("m2rnn_old", "tmp_m2rnn_old.py")
 cand = _load("m2rnn_cand", "megacpp_mcore/layers/mixers/m2rnn_triton.py")
+SWEEP = ((16, 2, "tf32x3"), (32, 1, "tf32x3"), (32, 2, "tf32x3"), (64, 2, "tf32x3"), (64, 4, "tf32x3"),
+         (16, 1, "ieee"), (32, 2, "ieee"), (16, 1, "tf32"))
+if sys.argv[1:2] == ["--static"]:  # on any host: what ptxas allots each kernel for sm_90, no GPU
+    sys.path.insert(0, ".")
+    from megacpp_mcore.testing.kernel_compile import compile_sm90, recorded, resources
+    B, T, H, K, V = (int(x) for x in (sys.argv[2:] or [1, 4096, 32, 64, 16]))
+    print("| kernel | config | fwd regs / spill B / mma | bwd regs / spill B / mma |\n|---|---|---|---|")
+    for name, mod, kw in [("main", old, {}), ("branch", cand, {})] + [
+            ("branch", cand, dict(block_k=bk, num_warps=nw, precision=p)) for bk, nw, p in SWEEP]:
+        with recorded(mod, "_m2rnn_fwd_kernel", "_m2rnn_bwd_kernel") as log:
+            ins = [torch.zeros(B, T, H, K, dtype=torch.bfloat16), torch.zeros(B, T, H, K, dtype=torch.bfloat16),
+                   torch.zeros(B, T, H, V, dtype=torch.bfloat16), torch.zeros(B, T, H, dtype=torch.bfloat16),
+                   torch.zeros(H, V, V)]
+            ins = [x.requires_grad_() for x in ins]
+            y = mod.m2rnn_scan_triton(*ins, **kw)
+            torch.autograd.grad(y, ins, torch.zeros_like(y))
+        cells = []
+        for launch in log:
+            r = resources(compile_sm90(launch))
+            cells.append(f"{r['registers']} / {r['spill_bytes']} / {r['mma']}")
+        print(f"| {name} | {kw or 'default'} | {cells[0]} | {cells[1]} |", flush=True)
+    sys.exit(0)
 B, T, H, K, V = (int(x) for x in (sys.argv[1:] or [4, 4096, 32, 64, 16]))
 dev = "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -61,8 +84,7 @@ def _err64(outs):
 print(f"fp32 torch scan vs fp64: {_err64(_run_small(_scan64, torch.float32, 'cpu')):.1e}", flush=True)
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 configs = [("old", old, {}), ("cand", cand, {})]
-for bk, nw, prec in ((16, 2, "tf32x3"), (32, 1, "tf32x3"), (32, 2, "tf32x3"), (64, 2, "tf32x3"),
-                     (64, 4, "tf32x3"), (16, 1, "ieee"), (32, 2, "ieee"), (16, 1, "tf32")):
+for bk, nw, prec in SWEEP:
     configs.append((f"cand {prec}", cand, dict(block_k=bk, num_warps=nw, precision=prec)))
 configs += [("old", old, {}), ("cand", cand, {}), ("old", old, {}), ("cand", cand, {})]
 res = []
