@@ -1,14 +1,15 @@
-"""Branch-only A/B (CUDA): main's M2RNN Triton kernels against this branch's (tl.dot, pipelined
-backward, no padded copies) at the full-width stage's shape (B4 T4096 H32 K64 V16), bf16 inputs;
-then the branch's kernel over block_k x num_warps x precision. Needs only torch and Triton (both
-kernels are loaded by file path, not through the package):
+"""A/B of the M2RNN Triton kernels of two revisions (CUDA) at the full-width stage's shape (B4
+T4096 H32 K64 V16), bf16 inputs; then this tree's kernel over block_k x num_warps x precision.
+Needs only torch and Triton (both kernels are loaded by file path, not through the package). The
+old side is any revision's file, e.g. d04f2ec's (the kernel before tl.dot, docs/benchmarks.md):
 
-    git show main:megacpp_mcore/layers/mixers/m2rnn_triton.py > tmp_m2rnn_old.py   # here, untracked
+    git show d04f2ec:megacpp_mcore/layers/mixers/m2rnn_triton.py > tmp_m2rnn_old.py   # untracked
     python -u scripts/ab_m2rnn.py [B T H K V]                                       # on the GPU machine
     python scripts/ab_m2rnn.py --static [B T H K V]       # here: registers/spills/mma for sm_90, no GPU
 
 Each config: median of 3 x 10 reps of fwd+bwd, the forward alone, the largest relative L2 error
-against main's kernel (y and every gradient) and against an fp64 CPU scan (B2 T300 H4 K64 V16)."""
+against the old kernel (y and every gradient, in the inputs' bf16: ~5e-3 is a rounding step) and
+against an fp64 CPU scan (B2 T300 H4 K64 V16, fp32 inputs: the accuracy that matters)."""
 import sys, time, torch, torch.nn.functional as F
 import importlib.util
 def _load(name, path):
@@ -23,8 +24,8 @@ if sys.argv[1:2] == ["--static"]:  # on any host: what ptxas allots each kernel 
     from megacpp_mcore.testing.kernel_compile import compile_sm90, recorded, resources
     B, T, H, K, V = (int(x) for x in (sys.argv[2:] or [1, 4096, 32, 64, 16]))
     print("| kernel | config | fwd regs / spill B / mma | bwd regs / spill B / mma |\n|---|---|---|---|")
-    for name, mod, kw in [("main", old, {}), ("branch", cand, {})] + [
-            ("branch", cand, dict(block_k=bk, num_warps=nw, precision=p)) for bk, nw, p in SWEEP]:
+    for name, mod, kw in [("old", old, {}), ("this tree", cand, {})] + [
+            ("this tree", cand, dict(block_k=bk, num_warps=nw, precision=p)) for bk, nw, p in SWEEP]:
         with recorded(mod, "_m2rnn_fwd_kernel", "_m2rnn_bwd_kernel") as log:
             ins = [torch.zeros(B, T, H, K, dtype=torch.bfloat16), torch.zeros(B, T, H, K, dtype=torch.bfloat16),
                    torch.zeros(B, T, H, V, dtype=torch.bfloat16), torch.zeros(B, T, H, dtype=torch.bfloat16),
@@ -83,7 +84,7 @@ def _err64(outs):
     return max(float((a - b).norm() / b.norm()) for a, b in zip(outs, exact))
 print(f"fp32 torch scan vs fp64: {_err64(_run_small(_scan64, torch.float32, 'cpu')):.1e}", flush=True)
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-configs = [("old", old, {}), ("cand", cand, {})]
+configs = [("old", old, {}), ("cand", cand, {})]  # old: tmp_m2rnn_old.py; cand: this tree
 for bk, nw, prec in SWEEP:
     configs.append((f"cand {prec}", cand, dict(block_k=bk, num_warps=nw, precision=prec)))
 configs += [("old", old, {}), ("cand", cand, {}), ("old", old, {}), ("cand", cand, {})]
