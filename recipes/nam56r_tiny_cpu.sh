@@ -27,7 +27,7 @@ if [[ -n $DATA ]]; then
   DATA_ARGS=(--data "$DATA")
 fi
 
-check_train_flags "${MODEL[@]}" "${TRAINING[@]}" "${DATA_ARGS[@]}" "$@"
+FLAGS=("${MODEL[@]}" "${TRAINING[@]}" "${DATA_ARGS[@]}" "$@")
+check_train_flags "${FLAGS[@]}"
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
-  torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.cli train \
-  "${MODEL[@]}" "${TRAINING[@]}" "${DATA_ARGS[@]}" "$@"
+  torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.cli train "${FLAGS[@]}"

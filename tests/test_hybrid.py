@@ -78,7 +78,6 @@ def test_moe_layers_take_the_process_groups_the_model_is_built_with(single_rank,
 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.process_groups_config import ProcessGroupCollection
-
     from megatron.core.transformer.spec_utils import build_module
 
     from megacpp_mcore.features.mtp.block import shared_block_spec

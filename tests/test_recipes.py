@@ -206,7 +206,6 @@ def test_tiny_cpu_recipe_uses_train_flags(tmp_path, checkout):
     assert args.preset == "nam56r-tiny"
 
 
-
 @pytest.mark.parametrize("bad", [["--bogus"], ["--steps", "x"]], ids=["unknown", "bad-value"])
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
 def test_tiny_cpu_recipe_refuses_a_bad_flag_before_anything_starts(bad, dry, tmp_path):
@@ -253,6 +252,7 @@ def test_gpu_recipes_check_their_flags_with_megatron_before_torchrun(recipe, rea
     assert proc.stderr.splitlines()[-1] == ("launch_pretrain: Megatron-LM refuses the flags: "
                                             "pretrain_gpt.py: error: unrecognized arguments: --bogus-flag")
     assert "torchrun" not in proc.stdout and not out.exists()
+
 
 def _benchmark_module():
     return load_script("recipe_benchmark")

@@ -384,6 +384,13 @@ def _apply_patches() -> None:
             print(f"[megacpp_mcore] patch {name}: {'; '.join(what) or 'already applied'}", flush=True)
 
 
+def _enter_checkout(checkout: Path, megatron_argv: list[str]) -> None:
+    """The checkout's packages first on ``sys.path`` and ``sys.argv`` as ``pretrain_gpt.py``'s own
+    (Megatron's parser reads it), for :func:`run` and :func:`check_flags` alike."""
+    sys.path.insert(0, str(checkout))
+    sys.argv = [str(checkout / "pretrain_gpt.py"), *megatron_argv]
+
+
 def run(checkout: Path, megatron_argv: list[str]) -> None:
     """Imports the checkout's ``pretrain_gpt`` and calls Megatron's ``pretrain`` with our builder
     (in the form the checkout's ``pretrain`` signature takes: :func:`compat.call_pretrain`)."""
@@ -391,8 +398,7 @@ def run(checkout: Path, megatron_argv: list[str]) -> None:
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[megacpp_mcore] {describe_checkout(checkout)}", flush=True)
-    sys.path.insert(0, str(checkout))
-    sys.argv = [str(checkout / "pretrain_gpt.py"), *megatron_argv]
+    _enter_checkout(checkout, megatron_argv)
     _apply_patches()
     import pretrain_gpt  # noqa: E402  (the checkout's module; its __main__ block does not run)
     from megatron.core.enums import ModelType
@@ -429,8 +435,7 @@ def check_flags(checkout: Path, megatron_argv: list[str]) -> int:
     import io
     import warnings
 
-    sys.path.insert(0, str(checkout))
-    sys.argv = [str(checkout / "pretrain_gpt.py"), *megatron_argv]
+    _enter_checkout(checkout, megatron_argv)
     with warnings.catch_warnings():  # import-time notices (no TE/Apex on this host): not the answer
         warnings.simplefilter("ignore")
         from megatron.training.arguments import parse_args
