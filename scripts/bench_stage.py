@@ -22,10 +22,11 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
   ``*EME*EME*EMM``, or ``pretrain_hybrid.py`` on core_v0.19); same dims, mock data, seed, batch.
   ``--ab-runs`` adds variants: ours with the fused LM loss, upstream with TE's fused CE, ours
   with Megatron's MoE dispatcher (``ours_host_counts``).
-* ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) at 12 and 24 layers and at 12
-  layers with MTP depth 2, the 12-layer slice with the MoE counts read on the host
-  (``stage12_host_counts``, as EP > 1 needs), plus one run per ``--fast`` toggle (the 12-layer
-  slice with it flipped);
+* ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) in the slices of
+  ``--stage-slices`` (default 12, 4 and 8 layers: prefixes of the pattern, all of which fit an
+  80 GB card; add 24 for the projection's cross-check, ~100 GiB: an H200), the 12-layer slice with
+  MTP depth 2, the 12-layer slice with the MoE counts read on the host (``stage12_host_counts``, as
+  EP > 1 needs), plus one run per ``--fast`` toggle (the 12-layer slice with it flipped);
   ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
 * ``startup``: the nam56r-lite preset (MLA, MTP 1) twice on a new, empty Triton cache: cold (a
   fresh machine compiles and autotunes every Triton kernel), then warm (all of it cached).
@@ -35,10 +36,14 @@ seconds inside it with ``--print-autotuning``), median ms per iteration after ``
 TFLOP/s both ways (``models/accounting.py``: ours = 6 x active matmul params + causal attention;
 hybrid = Megatron-Bridge's hybrid_flops), peak allocated memory and first/last LM loss.
 
-Projection of the whole model on 8 H200s (assumptions printed with it): per-token times t12, t24,
-t12+MTP of the stage slices give one period ``t24 - t12``, the head (embedding, output layer, loss,
-optimizer share) ``2 t12 - t24`` and MTP ``t12mtp - t12``; the 52-layer trunk is 4 periods plus
-``AEME`` scaled from a period by hybrid FLOPs; all-to-all per token = 4 (dispatch, combine; forward,
+Projection of the whole model on 8 H200s (assumptions printed with it), from per-token times of
+the slices, layers taken as additive: t12 holds the head (embedding, output layer, loss, optimizer
+share) and the first period, whose layers 0-3 carry no MoD (``skip_first``); ``t8 - t4`` is a MoD
+``AEME`` and ``t12 + t8 - 2 t4`` a whole MoD period, so the 52 layers and the head take
+``t12 + 3 (t12 + t8 - 2 t4) + (t8 - t4)``, no further assumption; MTP ``t12mtp - t12``. Without the
+short slices (an earlier call's JSON), a period is ``t24 - t12``, the head ``2 t12 - t24`` and
+``AEME`` is scaled from a period by hybrid FLOPs; with all of them, t24 checks the short slices'
+prediction ``2 t12 + t8 - 2 t4``. All-to-all per token = 4 (dispatch, combine; forward,
 backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed fraction
 ``1 - --a2a-overlap``; gradient sync per step = dense params x (4 B reduce-scatter + 2 B
 all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``; with EP > 1
@@ -75,6 +80,7 @@ from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
+STAGE_SLICES = (4, 8, 12, 24)  # prefixes of the 12-layer period and two periods
 AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_host_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
@@ -260,17 +266,19 @@ def plan_runs(args) -> list[Run]:
     if "stage" in args.set or "fast" in args.set:
         spec = ("layer_specs.nam56r", args.stage_spec)
         built = nam.replace(features=spec_features(*spec))
-        slices = {"stage12": built.replace(num_layers=12, mtp_depth=0),
-                  "stage24": built.replace(num_layers=24, mtp_depth=0),
-                  "stage12_mtp": built.replace(num_layers=12)}
-        if "stage" not in args.set:  # "fast": the 12-layer baseline and the --fast variants only
-            slices = {"stage12": slices["stage12"]}
+        # the 12-layer slice first (the TFLOP/s point), its MTP and host-counts variants, then the
+        # other slices of the projection, shortest first (a call cut at its deadline loses the longest)
+        slices = {"stage12": built.replace(num_layers=12, mtp_depth=0)}
+        if "stage" in args.set:  # "fast": the 12-layer baseline and the --fast variants only
+            slices["stage12_mtp"] = built.replace(num_layers=12)
+            # the MoE counts read on the host, as with EP > 1 (the projection's)
+            slices["stage12_host_counts"] = slices["stage12"]
+            for n in sorted(n for n in args.stage_slices if n != 12):
+                slices[f"stage{n}"] = built.replace(num_layers=n, mtp_depth=0)
         for r in range(args.stage_repeats):
             for name, m in slices.items():
-                runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base))
-            if "stage" in args.set:  # the MoE counts read on the host, as with EP > 1 (the projection's)
-                runs.append(ours(f"stage12_host_counts#{r}", slices["stage12"], spec, args, iters=args.iters,
-                                 mla=True, fast=base, extra=["--megacpp-moe-device-counts", "off"]))
+                extra = ["--megacpp-moe-device-counts", "off"] if name == "stage12_host_counts" else None
+                runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base, extra=extra))
             for fast, value in args.fast:
                 runs.append(ours(f"stage12_{fast}={value}#{r}", slices["stage12"], spec, args,
                                  iters=args.iters, mla=True, fast=base | {fast: value}))
@@ -428,30 +436,54 @@ def optimizer_seconds_per_token(rows: list[dict], args) -> dict[str, float]:
     return _median_by_base(per_run, "optimizer_s")
 
 
+SHORT_SLICES = ("stage4", "stage8", "stage12", "stage12_mtp")
+LONG_SLICES = ("stage12", "stage24", "stage12_mtp")
+
+
 def projection(tps: dict[str, float], args, ep: int | None = None,
                optimizer: dict[str, float] | None = None) -> dict | None:
     """Whole NAM56R on 8 H200s (TP 1, PP 1, EP ``ep``, default ``--ep``; DP ``--dp``) from the
-    stage slices; ``optimizer`` (:func:`optimizer_seconds_per_token`): each slice's optimizer time,
-    which the distributed optimizer shards ``dp`` ways on 8 GPUs (left unsharded where missing)."""
-    if not {"stage12", "stage24", "stage12_mtp"} <= tps.keys():
+    stage slices: the short ones (4, 8, 12 layers and 12 with MTP) where measured, else 12 and 24
+    layers; None without either set. ``optimizer`` (:func:`optimizer_seconds_per_token`): each
+    slice's optimizer time, which the distributed optimizer shards ``dp`` ways on 8 GPUs (left
+    unsharded where missing)."""
+    short = set(SHORT_SLICES) <= tps.keys()
+    used = SHORT_SLICES if short else LONG_SLICES
+    if not set(used) <= tps.keys():
         return None
     ep = args.ep if ep is None else ep
     nam = get_preset("nam56r")
     optimizer = optimizer or {}
-    sharded = {"stage12", "stage24", "stage12_mtp"} <= optimizer.keys()
+    sharded = set(used) <= optimizer.keys()
     # s per token; with the optimizer's time measured, each slice as if its optimizer were sharded:
     # on 8 GPUs each one updates total/dp parameters at every EP (dense: 1/dp of them; experts: its
     # 1/ep, over expert-DP dp/ep ranks)
-    t12, t24, tmtp = (1 / tps[k] - (optimizer[k] * (1 - 1 / args.dp) if sharded else 0.0)
-                      for k in ("stage12", "stage24", "stage12_mtp"))
-    period, head, mtp = t24 - t12, 2 * t12 - t24, tmtp - t12
+    t = {k: 1 / tps[k] - (optimizer[k] * (1 - 1 / args.dp) if sharded else 0.0) for k in used}
+    mtp = t["stage12_mtp"] - t["stage12"]
+    check = None
+    if short:
+        # layers 0-3 (no MoD) and the head are in every slice; layers 4-7 are a MoD AEME, 8-11 AEMR
+        aeme = t["stage8"] - t["stage4"]
+        period = t["stage12"] + t["stage8"] - 2 * t["stage4"]  # AEME + AEME + AEMR, all with MoD
+        # the 52 layers and the head: t12 + 3 periods + AEME, exactly (additive layers); the split
+        # into head and trunk alone assumes layers 0-3 cost what 4-7 do (MoD's share aside)
+        head = 2 * t["stage4"] - t["stage8"]
+        trunk = t["stage12"] + 3 * period + aeme - head
+        if "stage24" in tps:  # the short slices' prediction of the 24-layer slice against its run
+            raw = {k: 1 / tps[k] for k in ("stage4", "stage8", "stage12", "stage24")}
+            predicted = 2 * raw["stage12"] + raw["stage8"] - 2 * raw["stage4"]
+            check = {"stage24_predicted": predicted, "stage24_measured": raw["stage24"],
+                     "measured_over_predicted": raw["stage24"] / predicted}
+    else:
+        period, head = t["stage24"] - t["stage12"], 2 * t["stage12"] - t["stage24"]
 
-    def layer_flops(m: ModelConfig) -> float:
-        parts = hybrid_flops_per_token(m.replace(mtp_depth=0))
-        return parts["total"] - parts["logits"]
+        def layer_flops(m: ModelConfig) -> float:
+            parts = hybrid_flops_per_token(m.replace(mtp_depth=0))
+            return parts["total"] - parts["logits"]
 
-    tail = nam.replace(pattern="AEME", num_layers=4, mtp_depth=0)
-    trunk = 4 * period + period * layer_flops(tail) / layer_flops(nam.replace(num_layers=12, mtp_depth=0))
+        tail = nam.replace(pattern="AEME", num_layers=4, mtp_depth=0)
+        aeme = period * layer_flops(tail) / layer_flops(nam.replace(num_layers=12, mtp_depth=0))
+        trunk = 4 * period + aeme
     compute = trunk + head + mtp
     e_passes = sum(e.symbol == "E" for e in nam.layer_table()) + nam.mtp_depth
     a2a_bytes = 4 * e_passes * nam.moe.topk * nam.hidden_size * 2 * (ep - 1) / ep
@@ -478,9 +510,11 @@ def projection(tps: dict[str, float], args, ep: int | None = None,
     per_token = compute + a2a + grad + host_counts
     tokens = 1 / per_token
     return {
-        "seconds_per_token": {"period_12_layers": period, "head": head, "mtp_depth_2": mtp,
+        "seconds_per_token": {"period_12_layers": period, "aeme": aeme, "head": head, "mtp_depth_2": mtp,
                               "trunk_52_layers": trunk, "all_to_all": a2a, "gradient_sync": grad,
                               "host_counts": host_counts},
+        "slices": list(used),
+        "stage24_check": check,
         "tokens_per_s_per_gpu": tokens,
         "tflops_hybrid_per_gpu": tokens * hybrid_flops_per_token(nam)["total"] / 1e12,
         "tflops_ours_per_gpu": tokens * flops_per_token(nam, causal=True)["total"] / 1e12,
@@ -489,10 +523,13 @@ def projection(tps: dict[str, float], args, ep: int | None = None,
             "balanced routing: each GPU's expert FLOPs per token equal the one-GPU slice's",
             (f"optimizer: each slice's optimizer kernels (its profiled step) sharded {args.dp} ways, as the "
              "distributed optimizer does (each GPU updates total/dp parameters at every EP)" if sharded
-             else "optimizer: unsharded, as in the one-GPU slices (no profiled step of all three; an "
-                  "overestimate of its share on 8 GPUs)"),
-            "trunk = 4 x (t24 - t12) + AEME scaled from a period by hybrid FLOPs; head = 2 t12 - t24 "
-            "(embedding, output layer, loss, optimizer share); MTP = t12mtp - t12",
+             else f"optimizer: unsharded, as in the one-GPU slices (no profiled step of each of "
+                  f"{', '.join(used)}; an overestimate of its share on 8 GPUs)"),
+            ("layers additive: trunk + head = t12 + 3 x (t12 + t8 - 2 t4) + (t8 - t4) (t12: the head and "
+             "the first period, layers 0-3 without MoD; t8 - t4: a MoD AEME); head alone ~ 2 t4 - t8 "
+             "(layers 0-3 costing what 4-7 do); MTP = t12mtp - t12" if short else
+             "trunk = 4 x (t24 - t12) + AEME scaled from a period by hybrid FLOPs; head = 2 t12 - t24 "
+             "(embedding, output layer, loss, optimizer share); MTP = t12mtp - t12"),
             f"all-to-all: 4 x {e_passes} E passes x top-{nam.moe.topk} x h x 2 B x {ep - 1}/{ep} "
             f"per token at {args.a2a_gbps} GB/s, {args.a2a_overlap:.0%} hidden",
             f"gradient sync: ({dense / 1e9:.2f}B dense params x {args.dp - 1}/{args.dp} + "
@@ -606,11 +643,18 @@ def report(rows: list[dict], args) -> dict:
     proj = projection(tps, args, optimizer=optimizer)
     if proj:
         out["projection_8xh200"] = proj
+        device = getattr(args, "device", None)
         print(f"\nprojection, whole NAM56R on 8 x H200: {proj['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
               f"{proj['tflops_hybrid_per_gpu']:.0f} TFLOP/s/GPU by hybrid_flops "
-              f"({proj['tflops_ours_per_gpu']:.0f} ours); target >= 12,000 tokens/s/GPU")
+              f"({proj['tflops_ours_per_gpu']:.0f} ours); target >= 12,000 tokens/s/GPU; from the slices "
+              f"{', '.join(proj['slices'])}" + (f" as measured on {device}" if device else ""))
         for name, seconds in proj["seconds_per_token"].items():
             print(f"  {name}: {seconds * 1e6:.1f} us/token")
+        if proj["stage24_check"]:
+            check = proj["stage24_check"]
+            print(f"  check: stage24 measured {check['stage24_measured'] * 1e6:.1f} us/token, the short slices "
+                  f"predict {check['stage24_predicted'] * 1e6:.1f} (measured/predicted "
+                  f"{check['measured_over_predicted']:.3f})")
         for line in proj["assumptions"]:
             print(f"  assumption: {line}")
         table = layouts(tps, _median_by_base(rows, "peak_gib"), args, optimizer)
@@ -655,6 +699,10 @@ def parse_args(argv):
                    help=f"one more stage12 run with this fast path set; names: {', '.join(FAST_PATHS)}")
     p.add_argument("--base", action="append", default=[], metavar="NAME=VALUE",
                    help="change a fast path's setting for every run (ours and upstream's)")
+    p.add_argument("--stage-slices", default="12,4,8",
+                   help="layer counts of the stage set's slices, prefixes of the pattern (of: "
+                        f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 24 "
+                        "checks it and needs ~100 GiB)")
     p.add_argument("--stage-spec", default="NAM56R",
                    help="object of layer_specs/nam56r.py for the stage runs (NAM56R_DENSE: without MoD)")
     p.add_argument("--ours-extra", default="", help="extra Megatron-LM flags for our runs (one string)")
@@ -685,6 +733,7 @@ def parse_args(argv):
                         "iterations N-1..N+2 leave the timing")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
+    raw_slices = args.stage_slices
     if not args.megatron_lm:
         raise BenchError("--megatron-lm PATH (or MEGATRON_LM) is required")
     args.megatron_lm = lp.check_checkout(args.megatron_lm)
@@ -711,6 +760,13 @@ def parse_args(argv):
     for name in ("a2a_overlap", "grad_overlap"):
         if not 0 <= getattr(args, name) <= 1:
             raise BenchError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    try:
+        args.stage_slices = sorted({int(n) for n in args.stage_slices.split(",") if n.strip()})
+    except ValueError:
+        args.stage_slices = None
+    if not args.stage_slices or 12 not in args.stage_slices or not set(args.stage_slices) <= set(STAGE_SLICES):
+        raise BenchError(f"--stage-slices {raw_slices}: comma-separated layer counts of "
+                         f"{', '.join(map(str, STAGE_SLICES))}, 12 among them")
     args.ours_extra = shlex.split(args.ours_extra)
     if args.stage_spec not in ("NAM56R", "NAM56R_DENSE"):
         raise BenchError(f"--stage-spec {args.stage_spec}: allowed: NAM56R, NAM56R_DENSE (MLA on every A)")
@@ -788,8 +844,9 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["profile"] = profile_summary(run)
         if args.out:  # after every run: a call cut at its deadline keeps what it finished
             _write(args.out, {"runs": rows, "complete": False, "settings": _settings(args)})
+    args.device = torch.cuda.get_device_name()
     result = {"runs": rows, "complete": True, **report(rows, args), "settings": _settings(args),
-              "device": torch.cuda.get_device_name()}
+              "device": args.device}
     if args.out:
         _write(args.out, result)
         print(f"wrote {args.out}")

@@ -231,8 +231,10 @@ def default_dry_run(tmp_path_factory):
 
 def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     tmp_path, runs = default_dry_run
+    # the 12-layer slice and its variants first, then the projection's short slices (no 24-layer
+    # slice by default: it needs ~100 GiB)
     assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours#1", "ab_upstream#1", "stage12#0",
-                          "stage24#0", "stage12_mtp#0", "stage12_host_counts#0",
+                          "stage12_mtp#0", "stage12_host_counts#0", "stage4#0", "stage8#0",
                           "stage12_mla_rope_fusion=off#0", "stage12_moe_permute_fusion=on#0"]
     assert not (tmp_path / "out").exists(), "--dry-run writes nothing"
     assert runs["stage12_host_counts#0"] == runs["stage12#0"] + ["--megacpp-moe-device-counts", "off"]
@@ -250,7 +252,14 @@ def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     assert (_flag(ours, "--hidden-size"), _flag(ours, "--moe-shared-expert-intermediate-size")) == ("4096", "1024")
     stage, mtp = runs["stage12#0"], runs["stage12_mtp#0"]
     assert _flag(stage, "--q-lora-rank") == "64" and "--megacpp-mtp-depth" not in stage
-    assert _flag(mtp, "--megacpp-mtp-depth") == "2" and _flag(runs["stage24#0"], "--num-layers") == "24"
+    assert _flag(mtp, "--megacpp-mtp-depth") == "2"
+    assert [_flag(runs[f"stage{n}#0"], "--num-layers") for n in (4, 8, 12)] == ["4", "8", "12"]
+    def depthless(tokens):
+        i = tokens.index("--num-layers")
+        return tokens[:i] + tokens[i + 2:]
+
+    # the slices differ in their depth only
+    assert depthless(runs["stage4#0"]) == depthless(runs["stage8#0"]) == depthless(stage)
     assert "--no-rope-fusion" in runs["stage12_mla_rope_fusion=off#0"] and "--no-rope-fusion" not in stage
     assert "--moe-permute-fusion" in runs["stage12_moe_permute_fusion=on#0"]
 
@@ -309,6 +318,9 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--ab-runs", "ours,mine"], "--ab-runs ours,mine: unknown mine; allowed (each once): ours, upstream"),
     (["--ab-runs", "ours,ours"], "--ab-runs ours,ours: empty or repeated"),
     (["--gpu-gib", "0"], "--gpu-gib 0.0: must be > 0"),
+    (["--stage-slices", "4,24"], "--stage-slices 4,24: comma-separated layer counts of 4, 8, 12, 24, 12 among"),
+    (["--stage-slices", "12,16"], "--stage-slices 12,16: comma-separated layer counts of 4, 8, 12, 24"),
+    (["--stage-slices", "12,x"], "--stage-slices 12,x: comma-separated layer counts"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
     proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)
@@ -488,8 +500,45 @@ def test_bench_stage_writes_after_every_run_and_resumes_the_rest(tmp_path, monke
     assert "not a bench_stage --out file" in capsys.readouterr().err
 
 
+def test_bench_stage_projection_from_the_short_slices_by_hand():
+    """t4, t8, t12, t12+MTP = 40, 55, 100, 130 us/token: a MoD AEME (layers 4-7) is 15, a MoD period
+    AEME + AEME + AEMR 100 + 55 - 80 = 75, the 52 layers and the head t12 + 3 periods + AEME = 340
+    (head alone ~ 2 t4 - t8 = 25, trunk 315), MTP 30: compute 370 us/token; communication as with
+    the long slices. With a 24-layer run too, the short slices still make the projection and t24
+    checks their prediction 2 t12 + t8 - 2 t4 = 175."""
+    bench = _load_bench()
+    args = types.SimpleNamespace(ep=1, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0,
+                                 allreduce_gbps=300.0, grad_overlap=0.0, mbs=4, gbs=8)
+    tps = {"stage4": 1 / 40e-6, "stage8": 1 / 55e-6, "stage12": 1 / 100e-6, "stage12_mtp": 1 / 130e-6}
+    proj = bench.projection(tps, args)
+    t = proj["seconds_per_token"]
+    assert proj["slices"] == ["stage4", "stage8", "stage12", "stage12_mtp"] and proj["stage24_check"] is None
+    assert (t["aeme"], t["period_12_layers"]) == (pytest.approx(15e-6), pytest.approx(75e-6))
+    assert (t["head"], t["trunk_52_layers"]) == (pytest.approx(25e-6), pytest.approx(315e-6))
+    assert t["mtp_depth_2"] == pytest.approx(30e-6) and t["all_to_all"] == 0.0  # EP 1
+    assert 1 / proj["tokens_per_s_per_gpu"] == pytest.approx(370e-6 + t["gradient_sync"])
+    assert "t12 + 3 x (t12 + t8 - 2 t4) + (t8 - t4)" in proj["assumptions"][3]
+    with_24 = bench.projection({**tps, "stage24": 1 / 180e-6}, args)
+    assert with_24["tokens_per_s_per_gpu"] == pytest.approx(proj["tokens_per_s_per_gpu"])
+    check = with_24["stage24_check"]
+    assert (check["stage24_predicted"], check["stage24_measured"]) == (pytest.approx(175e-6), pytest.approx(180e-6))
+    assert check["measured_over_predicted"] == pytest.approx(180 / 175)
+    # a short slice missing: the long slices' model where they ran, else none
+    del tps["stage4"]
+    assert bench.projection(tps, args) is None
+    assert bench.projection({**tps, "stage24": 1 / 180e-6}, args)["slices"] == ["stage12", "stage24", "stage12_mtp"]
+    # the optimizer's kernels (4, 6, 8, 9 us/token) sharded 8 ways: t4, t8, t12, t12+MTP = 36.5,
+    # 49.75, 93, 122.125; a period 69.75, AEME 13.25, head 23.25
+    tps["stage4"] = 1 / 40e-6
+    opt = {"stage4": 4e-6, "stage8": 6e-6, "stage12": 8e-6, "stage12_mtp": 9e-6}
+    sharded = bench.projection(tps, args, optimizer=opt)["seconds_per_token"]
+    assert (sharded["period_12_layers"], sharded["aeme"]) == (pytest.approx(69.75e-6), pytest.approx(13.25e-6))
+    assert sharded["head"] + sharded["trunk_52_layers"] == pytest.approx(93e-6 + 3 * 69.75e-6 + 13.25e-6)
+    assert sharded["mtp_depth_2"] == pytest.approx(29.125e-6)
+
+
 def test_bench_stage_projection_by_hand():
-    """t12, t24, t12+MTP = 100, 180, 130 us/token: period 80, head 20, MTP 30; the trunk is 4 periods
+    """The long slices (an earlier call's JSON, without stage4/stage8): t12, t24, t12+MTP = 100, 180, 130 us/token: period 80, head 20, MTP 30; the trunk is 4 periods
     + AEME at 0.3142 of a period (hybrid FLOPs 1.862 G / 5.927 G); all-to-all 4 x 24 x 4 x 4096 x 2 B
     x 7/8 = 2,752,512 B at 300 GB/s; gradient sync 3,044,039,424 x 6 B x 7/8 at 300 GB/s over
     32,768 tokens per GPU and step."""
