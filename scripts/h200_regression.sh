@@ -88,8 +88,9 @@ for part in $PARTS; do
     stage-ab) read -r -a more <<<"${AB_ARGS:-}"
               python scripts/bench_stage.py --set ab --repeats 2 ${more[@]+"${more[@]}"} --out "$OUT/stage-ab.json" \
                 >"$OUT/stage-ab.log" 2>&1 ;;
-    # the public NAM56R slices (12 and 24 layers, 12 + MTP 2) and the 8-GPU projection; a call cut
-    # at its deadline keeps the runs it finished, and the next call on the same machine resumes
+    # the public NAM56R slices (12, 4 and 8 layers, 12 + MTP 2; 24 with --stage-slices 12,4,8,24 on
+    # an H200) and the 8-GPU projection; a call cut at its deadline keeps the runs it finished, and
+    # the next call on the same machine resumes
     # (a finished stage.json is kept too: remove it for a fresh measurement); STAGE_ARGS: more
     # bench_stage flags, whitespace-split (e.g. --base moe_permute_fusion=on
     # --ours-extra=--megacpp-fused-lm-loss=on --fast moe_permute_fusion=off)
