@@ -24,7 +24,8 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
   with Megatron's MoE dispatcher (``ours_host_counts``).
 * ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) in the slices of
   ``--stage-slices`` (default 12, 4 and 8 layers: prefixes of the pattern, all of which fit an
-  80 GB card; add 24 for the projection's cross-check, ~100 GiB: an H200), the 12-layer slice with
+  80 GB card; add 16 (~72 GiB) or 24 (~100 GiB: an H200) to check the projection's additive
+  model against a measured slice), the 12-layer slice with
   MTP depth 2, the 12-layer slice with the MoE counts read on the host (``stage12_host_counts``, as
   EP > 1 needs), plus one run per ``--fast`` toggle (the 12-layer slice with it flipped);
   ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
@@ -42,8 +43,8 @@ share) and the first period, whose layers 0-3 carry no MoD (``skip_first``); ``t
 ``AEME`` and ``t12 + t8 - 2 t4`` a whole MoD period, so the 52 layers and the head take
 ``t12 + 3 (t12 + t8 - 2 t4) + (t8 - t4)``, no further assumption; MTP ``t12mtp - t12``. Without the
 short slices (an earlier call's JSON), a period is ``t24 - t12``, the head ``2 t12 - t24`` and
-``AEME`` is scaled from a period by hybrid FLOPs; with all of them, t24 checks the short slices'
-prediction ``2 t12 + t8 - 2 t4``. All-to-all per token = 4 (dispatch, combine; forward,
+``AEME`` is scaled from a period by hybrid FLOPs; a 16- or 24-layer run checks the short slices'
+prediction ``t12 + t8 - t4`` or ``2 t12 + t8 - 2 t4``. All-to-all per token = 4 (dispatch, combine; forward,
 backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed fraction
 ``1 - --a2a-overlap``; gradient sync per step = dense params x (4 B reduce-scatter + 2 B
 all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``; with EP > 1
@@ -80,7 +81,7 @@ from megacpp_mcore.models.presets import ModelConfig, get_preset  # noqa: E402
 from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
-STAGE_SLICES = (4, 8, 12, 24)  # prefixes of the 12-layer period and two periods
+STAGE_SLICES = (4, 8, 12, 16, 24)  # prefixes of the pattern: the projection's 4, 8, 12; checks 16, 24
 AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_host_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
@@ -469,11 +470,13 @@ def projection(tps: dict[str, float], args, ep: int | None = None,
         # into head and trunk alone assumes layers 0-3 cost what 4-7 do (MoD's share aside)
         head = 2 * t["stage4"] - t["stage8"]
         trunk = t["stage12"] + 3 * period + aeme - head
-        if "stage24" in tps:  # the short slices' prediction of the 24-layer slice against its run
-            raw = {k: 1 / tps[k] for k in ("stage4", "stage8", "stage12", "stage24")}
-            predicted = 2 * raw["stage12"] + raw["stage8"] - 2 * raw["stage4"]
-            check = {"stage24_predicted": predicted, "stage24_measured": raw["stage24"],
-                     "measured_over_predicted": raw["stage24"] / predicted}
+        # a longer slice that ran checks the additive model: layers 12-15 are a MoD AEME, 12-23 a
+        # MoD period (predicted from the raw times, the optimizer's share unsharded as it ran)
+        raw = {k: 1 / v for k, v in tps.items()}
+        predict = {"stage16": raw["stage12"] + raw["stage8"] - raw["stage4"],
+                   "stage24": 2 * raw["stage12"] + raw["stage8"] - 2 * raw["stage4"]}
+        check = {name: {"predicted": predicted, "measured": raw[name], "measured_over_predicted": raw[name] / predicted}
+                 for name, predicted in predict.items() if name in raw} or None
     else:
         period, head = t["stage24"] - t["stage12"], 2 * t["stage12"] - t["stage24"]
 
@@ -514,7 +517,7 @@ def projection(tps: dict[str, float], args, ep: int | None = None,
                               "trunk_52_layers": trunk, "all_to_all": a2a, "gradient_sync": grad,
                               "host_counts": host_counts},
         "slices": list(used),
-        "stage24_check": check,
+        "checks": check,
         "tokens_per_s_per_gpu": tokens,
         "tflops_hybrid_per_gpu": tokens * hybrid_flops_per_token(nam)["total"] / 1e12,
         "tflops_ours_per_gpu": tokens * flops_per_token(nam, causal=True)["total"] / 1e12,
@@ -650,11 +653,9 @@ def report(rows: list[dict], args) -> dict:
               f"{', '.join(proj['slices'])}" + (f" as measured on {device}" if device else ""))
         for name, seconds in proj["seconds_per_token"].items():
             print(f"  {name}: {seconds * 1e6:.1f} us/token")
-        if proj["stage24_check"]:
-            check = proj["stage24_check"]
-            print(f"  check: stage24 measured {check['stage24_measured'] * 1e6:.1f} us/token, the short slices "
-                  f"predict {check['stage24_predicted'] * 1e6:.1f} (measured/predicted "
-                  f"{check['measured_over_predicted']:.3f})")
+        for name, check in (proj["checks"] or {}).items():
+            print(f"  check: {name} measured {check['measured'] * 1e6:.1f} us/token, the short slices "
+                  f"predict {check['predicted'] * 1e6:.1f} (measured/predicted {check['measured_over_predicted']:.3f})")
         for line in proj["assumptions"]:
             print(f"  assumption: {line}")
         table = layouts(tps, _median_by_base(rows, "peak_gib"), args, optimizer)
@@ -701,8 +702,8 @@ def parse_args(argv):
                    help="change a fast path's setting for every run (ours and upstream's)")
     p.add_argument("--stage-slices", default="12,4,8",
                    help="layer counts of the stage set's slices, prefixes of the pattern (of: "
-                        f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 24 "
-                        "checks it and needs ~100 GiB)")
+                        f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 16 "
+                        "(~72 GiB) and 24 (~100 GiB: an H200) check it)")
     p.add_argument("--stage-spec", default="NAM56R",
                    help="object of layer_specs/nam56r.py for the stage runs (NAM56R_DENSE: without MoD)")
     p.add_argument("--ours-extra", default="", help="extra Megatron-LM flags for our runs (one string)")

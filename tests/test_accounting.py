@@ -318,8 +318,8 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--ab-runs", "ours,mine"], "--ab-runs ours,mine: unknown mine; allowed (each once): ours, upstream"),
     (["--ab-runs", "ours,ours"], "--ab-runs ours,ours: empty or repeated"),
     (["--gpu-gib", "0"], "--gpu-gib 0.0: must be > 0"),
-    (["--stage-slices", "4,24"], "--stage-slices 4,24: comma-separated layer counts of 4, 8, 12, 24, 12 among"),
-    (["--stage-slices", "12,16"], "--stage-slices 12,16: comma-separated layer counts of 4, 8, 12, 24"),
+    (["--stage-slices", "4,24"], "--stage-slices 4,24: comma-separated layer counts of 4, 8, 12, 16, 24, 12 among"),
+    (["--stage-slices", "12,20"], "--stage-slices 12,20: comma-separated layer counts of 4, 8, 12, 16, 24"),
     (["--stage-slices", "12,x"], "--stage-slices 12,x: comma-separated layer counts"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
@@ -505,24 +505,25 @@ def test_bench_stage_projection_from_the_short_slices_by_hand():
     AEME + AEME + AEMR 100 + 55 - 80 = 75, the 52 layers and the head t12 + 3 periods + AEME = 340
     (head alone ~ 2 t4 - t8 = 25, trunk 315), MTP 30: compute 370 us/token; communication as with
     the long slices. With a 24-layer run too, the short slices still make the projection and t24
-    checks their prediction 2 t12 + t8 - 2 t4 = 175."""
+    checks their prediction 2 t12 + t8 - 2 t4 = 175, a 16-layer one t12 + t8 - t4 = 115."""
     bench = _load_bench()
     args = types.SimpleNamespace(ep=1, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0,
                                  allreduce_gbps=300.0, grad_overlap=0.0, mbs=4, gbs=8)
     tps = {"stage4": 1 / 40e-6, "stage8": 1 / 55e-6, "stage12": 1 / 100e-6, "stage12_mtp": 1 / 130e-6}
     proj = bench.projection(tps, args)
     t = proj["seconds_per_token"]
-    assert proj["slices"] == ["stage4", "stage8", "stage12", "stage12_mtp"] and proj["stage24_check"] is None
+    assert proj["slices"] == ["stage4", "stage8", "stage12", "stage12_mtp"] and proj["checks"] is None
     assert (t["aeme"], t["period_12_layers"]) == (pytest.approx(15e-6), pytest.approx(75e-6))
     assert (t["head"], t["trunk_52_layers"]) == (pytest.approx(25e-6), pytest.approx(315e-6))
     assert t["mtp_depth_2"] == pytest.approx(30e-6) and t["all_to_all"] == 0.0  # EP 1
     assert 1 / proj["tokens_per_s_per_gpu"] == pytest.approx(370e-6 + t["gradient_sync"])
     assert "t12 + 3 x (t12 + t8 - 2 t4) + (t8 - t4)" in proj["assumptions"][3]
-    with_24 = bench.projection({**tps, "stage24": 1 / 180e-6}, args)
-    assert with_24["tokens_per_s_per_gpu"] == pytest.approx(proj["tokens_per_s_per_gpu"])
-    check = with_24["stage24_check"]
-    assert (check["stage24_predicted"], check["stage24_measured"]) == (pytest.approx(175e-6), pytest.approx(180e-6))
-    assert check["measured_over_predicted"] == pytest.approx(180 / 175)
+    longer = bench.projection({**tps, "stage16": 1 / 110e-6, "stage24": 1 / 180e-6}, args)
+    assert longer["tokens_per_s_per_gpu"] == pytest.approx(proj["tokens_per_s_per_gpu"])
+    check = longer["checks"]  # t16 = t12 + AEME = 115; t24 = t12 + a period = 175
+    assert (check["stage16"]["predicted"], check["stage16"]["measured"]) == (pytest.approx(115e-6), pytest.approx(110e-6))
+    assert (check["stage24"]["predicted"], check["stage24"]["measured"]) == (pytest.approx(175e-6), pytest.approx(180e-6))
+    assert check["stage24"]["measured_over_predicted"] == pytest.approx(180 / 175)
     # a short slice missing: the long slices' model where they ran, else none
     del tps["stage4"]
     assert bench.projection(tps, args) is None
