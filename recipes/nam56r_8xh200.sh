@@ -7,43 +7,37 @@
 #
 #   MEGATRON_LM=~/Megatron-LM DATA=/data/cpp_text_document recipes/nam56r_8xh200.sh [--dry-run] [flags]
 #
-# Layout: TP=1, PP=1, EP=8, DP=8, MBS=4, GBS=64. The arithmetic (`megacpp-mcore plan --preset nam56r
-# --ep 8 --dp 8 --micro-batch-size 4`, models/accounting.py):
+# Layout: TP=1, PP=1, EP=1, DP=8, MBS=4, GBS=64, chosen from the stage benchmark's projection
+# (below). The arithmetic (`megacpp-mcore plan --preset nam56r --ep 1 --dp 8 --micro-batch-size 4`,
+# models/accounting.py):
 # * 7.10B parameters: 4.05B in experts (22 E layers + the MTP block's E, 16 x 3 x 4096 x 896 each),
-#   3.04B dense. EP=8 puts 2 of the 16 experts on each GPU; the dense part is replicated over DP=8
-#   and the distributed optimizer shards its fp32 master + Adam state 8 ways (expert state: expert-DP
-#   = dp*tp/ep = 1, unsharded). Per GPU: 6.6 GiB bf16 weights + 13.2 GiB fp32 grads + 9.9 GiB
-#   optimizer + ~72.7 GiB activations at MBS 4 (rough, no recompute) = ~102 GiB of 141 GiB, leaving
-#   room for the main head's [4 x 4096 x 131072] logits; MBS 8 (the public stack's) estimates at
-#   ~175 GiB and would need activation recompute.
+#   3.04B dense. EP=1: every GPU holds all 16 experts, so there is no all-to-all and the MoE token
+#   counts stay on the device (no host wait per MoE layer, which EP > 1 needs); the distributed
+#   optimizer shards the fp32 master + Adam state of all 7.10B parameters 8 ways. Per GPU: 13.2 GiB
+#   bf16 weights + 26.4 GiB fp32 grads + 9.9 GiB optimizer + ~72.7 GiB activations at MBS 4 (no
+#   recompute) = 122.3 GiB, + 11.4 GiB that the estimate leaves out (measured: the 12-layer + MTP
+#   slice's peak less its estimate) = 133.7 GiB, under the 134 GiB line (an H200's 140 less ~6 for
+#   the CUDA context and NCCL): it fits, narrowly. --megacpp-fused-lm-loss on keeps the main head's
+#   [4 x 4096 x 131072] fp32 logits (8 GiB) from being built (and ran x1.08 faster in the ab set).
+#   Should it not fit: EP=2 (122.3 GiB, projected 9,564 tokens/s/GPU) or EP=8 (113.8 GiB, 9,297).
 # * Compute per GPU: all 52 layers for its own tokens (PP=1: no pipeline bubble; the MTP block and its
-#   loss sit on the one stage), and the experts' share of every GPU's routed tokens (balanced routing:
-#   the same expert FLOPs as EP=1). By hybrid_flops 35.23 GFLOP/token (ours: 29.29 G), so 12,000
+#   loss sit on the one stage). By hybrid_flops 35.23 GFLOP/token (ours: 29.29 G), so 12,000
 #   tokens/s/GPU is 423 TFLOP/s/GPU.
-# * Communication per GPU per step (32,768 tokens per GPU): MoE all-to-all, dispatch + combine, forward
-#   + backward, over 24 E passes (22 + the MTP block's E at both depths): 4 x 24 x 32,768 x 4 (top-k)
-#   x 4096 x 2 B x 7/8 leaving the GPU = 90 GB, ~0.3 s at an assumed 300 GB/s NVLink all-to-all (~11%
-#   of a 2.7 s step at 12,000 tokens/s, unless hidden); gradient reduce-scatter (fp32) + parameter
-#   all-gather (bf16) of the 3.04B dense parameters: 16 GB, ~0.05 s, overlapped with backward
-#   (--overlap-grad-reduce --overlap-param-gather). Experts need no gradient reduction (expert-DP 1).
-# * TP=1: hidden 4096 is too narrow for tensor parallelism to pay for its per-layer all-reduces;
-#   EP=8 over EP=4 (the public stack's): half the expert weights and optimizer state per GPU and
-#   larger per-expert GEMMs, the same all-to-all bytes per GPU (7/8 vs 3/4 of them leave the GPU).
-# Measured on one H200 (scripts/bench_stage.py --set stage, 2026-12-05, docs/benchmarks.md): the
-# public-dims slices at MBS 4 peak at 67.0 GiB (12 layers) and 103.8 GiB (24 layers), each with all 16
-# experts and an unsharded optimizer on the one GPU, so MBS 4 without recompute holds here; 16.8 us
-# per token per 12-layer period, head 11.0 us, MTP (depth 2) 16.3 us; projected 9,036 tokens/s/GPU
-# (318 TFLOP/s/GPU by hybrid_flops) with the all-to-all and gradient sync above, not hidden.
-# bench_stage also projects EP 4, 2 and 1 with their memory (docs/benchmarks.md, twentieth session):
-# from the same slices EP=1 (all 16 experts per GPU, no all-to-all, the MoE counts kept on the
-# device) projects 7% above EP=8, but its ~137 GiB (unfused loss) is over the 134 GiB line; with
-# --megacpp-fused-lm-loss on it should fit. EP stays 8 until an H200 stage run with the fused loss
-# measures both. Since then (call 21a, an H100, docs/benchmarks.md): the 12-layer slice with the MoE
-# device counts, the fused permutation (on here since cb31f7c) and the fused loss runs at 685.8 ms
-# (437 TFLOP/s by hybrid_flops, 58.0 GiB), against 910.8 ms on the H200 before them; the 24-layer and
-# MTP slices, and so the projection and the EP choice, wait for an H200.
-# TO MEASURE on 8 GPUs: the all-to-all time (the 300 GB/s is an assumption), EP=4 against EP=8,
-# whether MBS 8 fits with recompute.
+# * Communication per GPU per step (32,768 tokens per GPU): gradient reduce-scatter (fp32) +
+#   parameter all-gather (bf16) of all 7.10B parameters (7/8 of them leave the GPU): 37 GB, ~0.12 s
+#   at an assumed 300 GB/s, overlapped with backward (--overlap-grad-reduce --overlap-param-gather)
+#   but charged whole by the projection. No MoE all-to-all at EP=1 (at EP=8: 90 GB per step).
+# * TP=1: hidden 4096 is too narrow for tensor parallelism to pay for its per-layer all-reduces.
+# Measured (scripts/bench_stage.py --set stage --base moe_permute_fusion=on
+# --ours-extra=--megacpp-fused-lm-loss=on --iters 12 --warmup 3 --profile-step 9, 2026-12-07,
+# docs/benchmarks.md twenty-fifth session; on an H100: no H200 came): the public-dims slices at MBS 4,
+# all 16 experts on the one GPU: 4 / 8 / 12 layers 338.4 / 489.9 / 639.8 ms per step (the 12-layer
+# slice 468 TFLOP/s by hybrid_flops, 58.0 GiB), 12 layers + MTP 2 1,082 ms (72.2 GiB), 12 layers
+# with the MoE counts read on the host (as EP > 1 does) 811.4 ms. Layers taken as additive, the
+# optimizer's kernels sharded 8 ways, all-to-all and gradient sync not hidden, the projection per GPU:
+#   EP=8 9,297, EP=4 9,385, EP=2 9,564, EP=1 13,261 tokens/s (467 TFLOP/s by hybrid_flops).
+# TO MEASURE on 8 GPUs: the peak memory at EP=1 (0.3 GiB of margin by the estimate), the gradient
+# sync's overlap; on one H200: the same slices (an H200 has the H100's bf16 peak and more bandwidth).
 #
 # Start-up: the launcher applies the patch registry, whose mamba-ssd-tuned-configs seeds mamba_ssm's
 # SSD autotuners on SM90 with the H200's choices (for nam56r-lite's keys: start-up to the first step
@@ -64,7 +58,7 @@ SPEC=${SPEC:-NAM56R}               # an object of layer_specs/nam56r.py (NAM56R_
 NPROC=${NPROC:-8}
 TP=${TP:-1}
 PP=${PP:-1}
-EP=${EP:-8}
+EP=${EP:-1}
 ITERS=${ITERS:-20}
 MBS=${MBS:-4}
 GBS=${GBS:-64}
@@ -121,6 +115,7 @@ TRAINING=(
   --bf16 --transformer-impl transformer_engine
   ${GRAD_ACC_FUSION_FLAG[@]+"${GRAD_ACC_FUSION_FLAG[@]}"}
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+  --megacpp-fused-lm-loss on     # no [tokens x vocab] logits: the memory EP=1 needs (header)
 )
 set_tokenizer_args "$DATA" "$VOCAB"  # the data's BPE (prepare-data --tokenizer bpe:N), else NullTokenizer
 OUTPUT=(

@@ -8,11 +8,12 @@ whole model on 8 GPUs.
     python scripts/bench_stage.py --megatron-lm $MEGATRON_LM --set startup   # cold vs warm start
     python scripts/bench_stage.py ... --dry-run                              # print the commands
 
-Layout (recipes/nam56r_8xh200.sh): TP 1, PP 1, EP 8, DP 8. With PP 1 every GPU runs all 52 layers
-for its own tokens; with EP 8 it holds 2 of the 16 experts and, under balanced routing, computes the
-same expert FLOPs per token as one GPU holding all 16. So one GPU's work per token is the whole
-trunk at full width, which does not fit one GPU's memory at once: it is measured in slices of the
-12-layer period ``AEMEAEMEAEMR`` (all experts local) and the rest is modelled (below).
+Layout (recipes/nam56r_8xh200.sh): TP 1, PP 1, EP 1, DP 8 (EP 8, 4, 2 projected too). With PP 1
+every GPU runs all 52 layers for its own tokens; at EP 1 it holds all 16 experts, and at EP 8 it
+holds 2 of them and, under balanced routing, computes the same expert FLOPs per token. So one GPU's
+work per token is the whole trunk at full width, which does not fit one GPU's memory at once: it is
+measured in slices of the 12-layer period ``AEMEAEMEAEMR`` (all experts local) and the rest is
+modelled (below).
 
 Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-repeats`` times):
 
@@ -24,8 +25,8 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
   with Megatron's MoE dispatcher (``ours_host_counts``).
 * ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) in the slices of
   ``--stage-slices`` (default 12, 4 and 8 layers: prefixes of the pattern, all of which fit an
-  80 GB card; add 16 (~72 GiB) or 24 (~100 GiB: an H200) to check the projection's additive
-  model against a measured slice), the 12-layer slice with
+  80 GB card; on an H200 add 16 or 24 (estimates ~71 and ~96 GiB before what the plan leaves out;
+  16 failed after its first step on an H100) to check the projection's additive model against a measured slice), the 12-layer slice with
   MTP depth 2, the 12-layer slice with the MoE counts read on the host (``stage12_host_counts``, as
   EP > 1 needs), plus one run per ``--fast`` toggle (the 12-layer slice with it flipped);
   ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
@@ -703,7 +704,7 @@ def parse_args(argv):
     p.add_argument("--stage-slices", default="12,4,8",
                    help="layer counts of the stage set's slices, prefixes of the pattern (of: "
                         f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 16 "
-                        "(~72 GiB) and 24 (~100 GiB: an H200) check it)")
+                        "and 24 check it on an H200 (16 failed after its first step on an H100, likely memory)")
     p.add_argument("--stage-spec", default="NAM56R",
                    help="object of layer_specs/nam56r.py for the stage runs (NAM56R_DENSE: without MoD)")
     p.add_argument("--ours-extra", default="", help="extra Megatron-LM flags for our runs (one string)")
@@ -713,7 +714,7 @@ def parse_args(argv):
     p.add_argument("--print-autotuning", action="store_true",
                    help="TRITON_PRINT_AUTOTUNING=1: sum the autotuning seconds per run")
     p.add_argument("--run-timeout", type=float, default=420, help="seconds before a run is stopped")
-    p.add_argument("--ep", type=int, default=8)
+    p.add_argument("--ep", type=int, default=1, help="the 8-GPU recipe's expert parallelism (its headline projection)")
     p.add_argument("--dp", type=int, default=8)
     p.add_argument("--gbs-8x", type=int, default=64, help="global batch of the 8-GPU recipe")
     p.add_argument("--a2a-gbps", type=float, default=300.0, help="assumed all-to-all GB/s per GPU")

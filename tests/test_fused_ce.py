@@ -254,7 +254,8 @@ def test_triton_matches_torch_path(dtype):
 def test_fused_loss_model_equals_gpt_models_loss_and_gradients(single_rank):
     """``FusedLossGPTModel`` against ``GPTModel`` with the same weights: per-token loss, and every
     parameter's gradient through pretrain_gpt's ``loss_func`` (``sum(loss * loss_mask)``), with a
-    loss mask that drops tokens; tied and untied heads. Without labels both return the logits."""
+    loss mask that drops tokens; tied and untied heads. Under no_grad (an evaluation step) the same
+    loss; without labels both return the logits."""
     from megatron.core.models.gpt import GPTModel
 
     from megacpp_mcore.features.mtp import FusedLossGPTModel, fused_ce
@@ -292,6 +293,10 @@ def test_fused_loss_model_equals_gpt_models_loss_and_gradients(single_rank):
             out[fused] = loss.detach(), {n: p.grad for n, p in gpt.named_parameters()}
             with torch.no_grad():
                 assert gpt(tokens, pos, None).shape == (b, s, 96)  # logits without labels
+                # an evaluation step (pretrain_gpt's --eval-iters): the same loss, no gradients
+                evaluated = gpt(tokens, pos, None, labels=labels, loss_mask=mask)
+                assert not evaluated.requires_grad
+                torch.testing.assert_close(evaluated, loss.detach(), atol=1e-6, rtol=1e-6)
         assert fused_ce.masked_recomputes == recomputes  # the gradients came from forward
         torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
         assert out[True][0].shape == (b, s)
