@@ -27,8 +27,9 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
   ``--stage-slices`` (default 12, 4 and 8 layers: prefixes of the pattern, all of which fit an
   80 GB card; on an H200 add 16 or 24 (estimates ~71 and ~96 GiB before what the plan leaves
   out; 16 failed after its first step on an H100) to check the projection's additive model
-  against a measured slice), the 12-layer slice with MTP depth 2, the 12-layer slice with the MoE counts read on the host (``stage12_host_counts``, as
-  EP > 1 needs), plus one run per ``--fast`` toggle (the 12-layer slice with it flipped);
+  against a measured slice), the 12-layer slice with MTP depth 2, the 12-layer slice with the
+  MoE counts read on the host (``stage12_host_counts``, as EP > 1 needs), plus one run per
+  ``--fast`` toggle (the 12-layer slice with it flipped);
   ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
 * ``startup``: the nam56r-lite preset (MLA, MTP 1) twice on a new, empty Triton cache: cold (a
   fresh machine compiles and autotunes every Triton kernel), then warm (all of it cached).
