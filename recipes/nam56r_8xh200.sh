@@ -19,7 +19,10 @@
 #   slice's peak less its estimate) = 133.7 GiB, under the 134 GiB line (an H200's 140 less ~6 for
 #   the CUDA context and NCCL): it fits, narrowly. --megacpp-fused-lm-loss on keeps the main head's
 #   [4 x 4096 x 131072] fp32 logits (8 GiB) from being built (and ran x1.08 faster in the ab set).
-#   Should it not fit: EP=2 (122.3 GiB, projected 9,564 tokens/s/GPU) or EP=8 (113.8 GiB, 9,297).
+#   Should it not fit: MTP_RECOMPUTE=1 first (--megacpp-mtp-recompute on: the MTP block's
+#   activations, most of the 14.2 GiB MTP added to the 12-layer slice, recomputed in backward; one
+#   extra block forward per depth; neither measured yet), then EP=2 (122.3 GiB, projected 9,564
+#   tokens/s/GPU) or EP=8 (113.8 GiB, 9,297).
 # * Compute per GPU: all 52 layers for its own tokens (PP=1: no pipeline bubble; the MTP block and its
 #   loss sit on the one stage). By hybrid_flops 35.23 GFLOP/token (ours: 29.29 G), so 12,000
 #   tokens/s/GPU is 423 TFLOP/s/GPU.
@@ -67,6 +70,7 @@ VOCAB=${VOCAB:-131072}             # with NullTokenizer (mock or byte data); a B
 SEED=${SEED:-1234}
 USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_DENSE_ATTENTION)
 MTP_DEPTH=${MTP_DEPTH:-2}           # 0: no MTP
+MTP_RECOMPUTE=${MTP_RECOMPUTE:-0}   # 1: recompute the MTP block in backward (memory; header)
 
 require_megatron_lm "$MEGATRON_LM"
 set_data_args "$DATA"
@@ -99,6 +103,7 @@ if (( USE_MLA )); then
 fi
 MTP=()                             # shared-block MTP, built on the last pipeline stage only
 if (( MTP_DEPTH > 0 )); then MTP=(--megacpp-mtp-depth "$MTP_DEPTH"); fi
+if (( MTP_DEPTH > 0 && MTP_RECOMPUTE )); then MTP+=(--megacpp-mtp-recompute on); fi
 PARALLEL=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --expert-model-parallel-size "$EP"

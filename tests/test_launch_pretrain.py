@@ -207,7 +207,10 @@ def test_builder_adds_our_mtp_on_the_last_stage(single_rank):
     args = _args(megacpp_mtp_depth=2, megacpp_mtp_decay=0.25)
     last = lp.gpt_builder(args, pre_process=True, post_process=True, config=_config())
     assert isinstance(last, MTPGPTModel) and last.mtp_block is not None
-    assert (last.mtp_config.depth, last.mtp_config.decay) == (2, 0.25)
+    assert (last.mtp_config.depth, last.mtp_config.decay, last.mtp_config.recompute) == (2, 0.25, False)
+    # --megacpp-mtp-recompute on: the shared block recomputed in backward (the memory of EP 1)
+    args.megacpp_mtp_recompute = "on"
+    assert lp.gpt_builder(args, pre_process=True, post_process=True, config=_config()).mtp_config.recompute
     first = lp.gpt_builder(args, pre_process=True, post_process=False, config=_config())
     mtp_params = [n for n, _ in first.named_parameters() if "mtp" in n]
     assert mtp_params == [], "MTP belongs to the last pipeline stage only"

@@ -112,6 +112,9 @@ def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help="MTP step-weight decay (default: megacpp_mcore.features.mtp.MTPConfig's)")
     group.add_argument("--megacpp-mtp-loss-scale", type=float, default=None,
                        help="factor on the total MTP loss (default: MTPConfig's)")
+    group.add_argument("--megacpp-mtp-recompute", choices=("on", "off"), default="off",
+                       help="on: recompute the MTP shared block in backward (each depth keeps only its "
+                            "inputs; one extra block forward per depth); default off")
     group.add_argument("--megacpp-fused-lm-loss", choices=("on", "off"), default="off",
                        help="on: the LM loss through the package's fused linear cross-entropy, the "
                             "[tokens x vocab] logits never built (FusedLossGPTModel); default off: "
@@ -281,7 +284,9 @@ def mtp_from_args(args: argparse.Namespace):
     from megacpp_mcore.features.mtp import MTPConfig
 
     options = {"depth": args.megacpp_mtp_depth, "decay": args.megacpp_mtp_decay,
-               "loss_scale": args.megacpp_mtp_loss_scale}
+               "loss_scale": args.megacpp_mtp_loss_scale,
+               # arguments saved before the flag existed (a checkpoint's) read as its default, off
+               "recompute": getattr(args, "megacpp_mtp_recompute", "off") == "on"}
     return MTPConfig(**{k: v for k, v in options.items() if v is not None})
 
 
