@@ -14,11 +14,12 @@
 #   3.04B dense. EP=1: every GPU holds all 16 experts, so there is no all-to-all and the MoE token
 #   counts stay on the device (no host wait per MoE layer, which EP > 1 needs); the distributed
 #   optimizer shards the fp32 master + Adam state of all 7.10B parameters 8 ways. Per GPU: 13.2 GiB
-#   bf16 weights + 26.4 GiB fp32 grads + 9.9 GiB optimizer + ~72.7 GiB activations at MBS 4 (no
-#   recompute) = 122.3 GiB, + 11.4 GiB that the estimate leaves out (measured: the 12-layer + MTP
-#   slice's peak less its estimate) = 133.7 GiB, under the 134 GiB line (an H200's 140 less ~6 for
-#   the CUDA context and NCCL): it fits, narrowly. --megacpp-fused-lm-loss on keeps the main head's
-#   [4 x 4096 x 131072] fp32 logits (8 GiB) from being built (and ran x1.08 faster in the ab set).
+#   bf16 weights + 26.4 GiB fp32 grads + 9.9 GiB optimizer + ~79.4 GiB activations at MBS 4 (no
+#   recompute; 6.7 of them the MTP block's) = 128.9 GiB, + 4.7 GiB that the estimate leaves out
+#   (measured: the 12-layer + MTP slice's peak less its estimate) = 133.7 GiB, under the 134 GiB
+#   line (an H200's 140 less ~6 for the CUDA context and NCCL): it fits, narrowly.
+#   --megacpp-fused-lm-loss on keeps the main head's [4 x 4096 x 131072] fp32 logits (8 GiB) from
+#   being built (and ran x1.08 faster in the ab set).
 #   Should it not fit: MTP_RECOMPUTE=1 first (--megacpp-mtp-recompute on: the MTP block's
 #   activations, most of the 14.2 GiB MTP added to the 12-layer slice, recomputed in backward; one
 #   extra block forward per depth; neither measured yet), then EP=2 (122.3 GiB, projected 9,564

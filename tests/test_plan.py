@@ -30,6 +30,17 @@ def test_plan_json_for_nam56r(capsys):
                                        "hybrid_flops": hybrid_flops_per_token(get_preset("nam56r"))["total"]}
 
 
+def test_mtp_block_activations_are_counted_once_per_depth():
+    """NAM56R at micro-batch 4: each MTP depth keeps its A and E layers' activations (factors 10
+    and 6 + 5 x (4 x 896 + 1024) / 4096 of s x b x h bf16) and its input mixing and final norm
+    (5 s x b x h): 26.625 x 128 MiB per depth."""
+    m = get_preset("nam56r")
+    sbh = 4096 * 4 * 4096 * 2
+    per_depth = (10 + 6 + 5 * (4 * 896 + 1024) / 4096 + 5) * sbh
+    with_mtp, without = (build_plan(x, micro_batch=4)["memory"] for x in (m, m.replace(mtp_depth=0)))
+    assert with_mtp["activations"] - without["activations"] == pytest.approx(2 * per_depth, abs=4)
+
+
 def test_distributed_optimizer_shards_the_state_over_data_parallel_ranks(capsys):
     """dp > 1: fp32 master + Adam state (12 B/param) of the dense part over dp ranks, of the
     experts over the expert-data-parallel ranks (dp * tp / ep = 1 at dp 8, ep 8): weights and

@@ -59,6 +59,16 @@ def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: in
     return int(factor * sbh / tp)
 
 
+def mtp_activation_bytes(m: ModelConfig, micro_batch: int, tp: int) -> int:
+    """Rough bf16 activation memory kept for backward by ONE depth of the shared MTP block (no
+    recompute): its A and E layers as on the trunk, plus its input mixing (the two normed inputs,
+    their ``[s, b, 2h]`` concatenation into the projection) and the final norm before the head."""
+    sbh = m.seq_length * micro_batch * m.hidden_size * 2
+    layers = sum(activation_bytes(m, LayerEntry(index=m.num_layers, symbol=s, features=frozenset(), stage=0),
+                                  micro_batch, tp) for s in "AE")
+    return layers + int(5 * sbh / tp)
+
+
 def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 1, micro_batch: int = 1,
                backend: str = "auto", dp: int = 1) -> dict[str, Any]:
     """The plan as a JSON-able dict: ``layers`` (each with its ``features`` and the
@@ -153,6 +163,8 @@ def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int
     expert_dp = max(1, dp * tp // ep)
     optimizer = 12 * (dense_per_gpu // dp + experts_per_gpu // expert_dp)
     acts = sum(activation_bytes(m, table[i], micro_batch, tp) for i in heaviest["layers"])
+    if m.mtp_depth and heaviest["stage"] == len(stages) - 1:  # the MTP block, once per depth
+        acts += m.mtp_depth * mtp_activation_bytes(m, micro_batch, tp)
     moda = 0
     moda_cfg = m.features.get("moda")
     if moda_cfg is not None and hasattr(moda_cfg, "buffer_bytes"):
