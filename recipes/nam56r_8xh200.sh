@@ -19,7 +19,8 @@
 #   (measured: the 12-layer + MTP slice's peak less its estimate) = 133.7 GiB, under the 134 GiB
 #   line (an H200's 140 less ~6 for the CUDA context and NCCL): it fits, narrowly.
 #   --megacpp-fused-lm-loss on keeps the main head's [4 x 4096 x 131072] fp32 logits (8 GiB) from
-#   being built (and ran x1.08 faster in the ab set).
+#   being built; its speed end to end is not settled (x1.08 in one run of the 2026-12-07 ab set,
+#   0.94-0.99 in two earlier calls: docs/benchmarks.md), it is here for the memory.
 #   Should it not fit: MTP_RECOMPUTE=1 first (--megacpp-mtp-recompute on: the MTP block's
 #   activations, most of the 14.2 GiB MTP added to the 12-layer slice, recomputed in backward; one
 #   extra block forward per depth; neither measured yet), then EP=2 (122.3 GiB, projected 9,564
