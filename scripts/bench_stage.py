@@ -768,8 +768,8 @@ def parse_args(argv):
     except ValueError:
         args.stage_slices = None
     if not args.stage_slices or 12 not in args.stage_slices or not set(args.stage_slices) <= set(STAGE_SLICES):
-        raise BenchError(f"--stage-slices {raw_slices}: comma-separated layer counts of "
-                         f"{', '.join(map(str, STAGE_SLICES))}, 12 among them")
+        raise BenchError(f"--stage-slices {raw_slices}: allowed: layer counts from "
+                         f"{', '.join(map(str, STAGE_SLICES))}, comma-separated, 12 among them")
     args.ours_extra = shlex.split(args.ours_extra)
     if args.stage_spec not in ("NAM56R", "NAM56R_DENSE"):
         raise BenchError(f"--stage-spec {args.stage_spec}: allowed: NAM56R, NAM56R_DENSE (MLA on every A)")

@@ -318,9 +318,9 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--ab-runs", "ours,mine"], "--ab-runs ours,mine: unknown mine; allowed (each once): ours, upstream"),
     (["--ab-runs", "ours,ours"], "--ab-runs ours,ours: empty or repeated"),
     (["--gpu-gib", "0"], "--gpu-gib 0.0: must be > 0"),
-    (["--stage-slices", "4,24"], "--stage-slices 4,24: comma-separated layer counts of 4, 8, 12, 16, 24, 12 among"),
-    (["--stage-slices", "12,20"], "--stage-slices 12,20: comma-separated layer counts of 4, 8, 12, 16, 24"),
-    (["--stage-slices", "12,x"], "--stage-slices 12,x: comma-separated layer counts"),
+    (["--stage-slices", "4,24"], "--stage-slices 4,24: allowed: layer counts from 4, 8, 12, 16, 24, comma-separated, 12 among"),
+    (["--stage-slices", "12,20"], "--stage-slices 12,20: allowed: layer counts from 4, 8, 12, 16, 24"),
+    (["--stage-slices", "12,x"], "--stage-slices 12,x: allowed: layer counts from"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
     proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)
