@@ -538,6 +538,30 @@ def test_bench_stage_projection_from_the_short_slices_by_hand():
     assert sharded["mtp_depth_2"] == pytest.approx(29.125e-6)
 
 
+def test_bench_stage_short_slices_sum_the_whole_layer_table():
+    """In a world where each layer costs what its symbol and MoD make it (made-up, all different)
+    and the head a fixed amount, slices that are prefixes of the preset's own layer table give the
+    projection exactly the 52 layers + head + MTP: the formula follows the table's MoD placement."""
+    bench = _load_bench()
+    args = types.SimpleNamespace(ep=1, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0,
+                                 allreduce_gbps=300.0, grad_overlap=0.0, mbs=4, gbs=8)
+    nam = get_preset("nam56r")
+    cost = {("A", False): 3.0, ("A", True): 2.5, ("E", False): 5.0, ("E", True): 4.25, ("M", False): 7.0,
+            ("R", False): 11.0}
+    head, mtp = 13.0, 17.0
+
+    def seconds(n: int) -> float:  # us per token of the first n layers of the table, and the head
+        return (head + sum(cost[e.symbol, "mod" in e.features] for e in nam.layer_table()[:n])) * 1e-6
+
+    tps = {f"stage{n}": 1 / seconds(n) for n in (4, 8, 12, 16, 24)}
+    tps["stage12_mtp"] = 1 / (seconds(12) + mtp * 1e-6)
+    proj = bench.projection(tps, args)
+    t = proj["seconds_per_token"]
+    assert t["trunk_52_layers"] + t["head"] == pytest.approx(seconds(52))
+    assert t["mtp_depth_2"] == pytest.approx(mtp * 1e-6)
+    assert all(c["measured_over_predicted"] == pytest.approx(1.0) for c in proj["checks"].values())
+
+
 def test_bench_stage_projection_by_hand():
     """The long slices (an earlier call's JSON, without stage4/stage8): t12, t24, t12+MTP = 100, 180, 130 us/token: period 80, head 20, MTP 30; the trunk is 4 periods
     + AEME at 0.3142 of a period (hybrid FLOPs 1.862 G / 5.927 G); all-to-all 4 x 24 x 4 x 4096 x 2 B
