@@ -76,6 +76,8 @@ def test_pipeline_split_from_segments(capsys):
     (["plan", "--pattern", "AE|", "--num-layers", "2"], "segment 1 is empty"),
     (["plan", "--preset", "nam56r", "--pp", "5"], "not divisible by pipeline size 5"),
     (["plan", "--pp", "0"], "--pp must be >= 1"),
+    (["plan", "--preset", "nam56r", "--ep", "3"], "--ep 3 does not divide the 16 experts; allowed: 1, 2, 4, 8, 16"),
+    (["plan", "--preset", "nam56r", "--tp", "5"], "--tp 5 does not divide the 32 attention heads; allowed: 1, 2, 4"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):
     assert main(argv) == 2
