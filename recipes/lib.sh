@@ -13,6 +13,27 @@ require_file() {  # require_file PATH WHAT: exit 2 naming WHAT when PATH does no
   fi
 }
 
+require_switch() {  # require_switch NAME...: each variable NAME must be 0 or 1 (exit 2 naming it)
+  local name
+  for name in "$@"; do
+    if [[ ${!name} != 0 && ${!name} != 1 ]]; then
+      echo "error: $name=${!name}: allowed: 0 or 1" >&2
+      exit 2
+    fi
+  done
+}
+
+require_count() {  # require_count MIN NAME...: each variable NAME must be an integer >= MIN (exit 2)
+  local min=$1 name
+  shift
+  for name in "$@"; do
+    if [[ ! ${!name} =~ ^[0-9]+$ ]] || (( 10#${!name} < min )); then
+      echo "error: $name=${!name}: allowed: an integer >= $min" >&2
+      exit 2
+    fi
+  done
+}
+
 require_megatron_lm() {  # require_megatron_lm DIR: a Megatron-LM checkout (core_v0.16.1 .. core_v0.19.0)
   require_file "$1/pretrain_gpt.py" "Megatron-LM checkout (set MEGATRON_LM; git clone --branch core_v0.19.0 https://github.com/NVIDIA/Megatron-LM for megatron-core 0.19.x, --branch core_v0.16.1 for 0.16.1)"
   describe_megatron_lm "$1"

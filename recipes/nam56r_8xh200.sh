@@ -74,6 +74,10 @@ USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM5
 MTP_DEPTH=${MTP_DEPTH:-2}           # 0: no MTP
 MTP_RECOMPUTE=${MTP_RECOMPUTE:-0}   # 1: recompute the MTP block in backward (memory; header)
 
+APEX=${APEX:-0}                     # 1: apex installed (gradient-accumulation fusion; below)
+require_switch USE_MLA APEX MTP_RECOMPUTE
+require_count 1 NPROC TP PP EP ITERS MBS GBS VOCAB
+require_count 0 SEED MTP_DEPTH
 require_megatron_lm "$MEGATRON_LM"
 set_data_args "$DATA"
 
@@ -114,7 +118,7 @@ if (( TP > 1 )); then PARALLEL+=(--sequence-parallel); fi
 # Megatron's gradient-accumulation fusion in its non-TE linears (the output layer) needs apex's
 # fused_weight_gradient_mlp_cuda; without apex it must be off. APEX=1 keeps it on.
 GRAD_ACC_FUSION_FLAG=()
-if [[ ${APEX:-0} != 1 ]]; then GRAD_ACC_FUSION_FLAG=(--no-gradient-accumulation-fusion); fi
+if (( ! APEX )); then GRAD_ACC_FUSION_FLAG=(--no-gradient-accumulation-fusion); fi
 TRAINING=(
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --seed "$SEED"
   --lr "$LR" --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2

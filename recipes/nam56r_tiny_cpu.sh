@@ -19,6 +19,7 @@ STEPS=${STEPS:-200}
 MBS=${MBS:-4}
 SEED=${SEED:-1234}
 
+require_count 1 NPROC              # the rest is checked by train's own parser (below)
 MODEL=(--preset "$PRESET")
 TRAINING=(--steps "$STEPS" --micro-batch-size "$MBS" --seed "$SEED" --save "$OUT/checkpoints")
 DATA_ARGS=()

@@ -223,6 +223,26 @@ def test_tiny_cpu_recipe_refuses_a_bad_flag_before_anything_starts(bad, dry, tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("recipe,knob,allowed", [
+    ("nam56r_8xh200.sh", "USE_MLA=yes", "0 or 1"), ("nam56r_8xh200.sh", "MTP_RECOMPUTE=on", "0 or 1"),
+    ("nam56r_8xh200.sh", "MTP_DEPTH=two", "an integer >= 0"), ("nam56r_8xh200.sh", "EP=0", "an integer >= 1"),
+    ("nam56r_8xh200.sh", "TP=1.5", "an integer >= 1"), ("nam56r_lite_1xh200.sh", "APEX=yes", "0 or 1"),
+    ("nam56r_lite_1xh200.sh", "MBS=-2", "an integer >= 1"), ("nam56r_tiny_cpu.sh", "NPROC=two", "an integer >= 1"),
+])
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
+def test_recipes_refuse_a_bad_knob_before_anything_starts(recipe, knob, allowed, dry, checkout, tmp_path):
+    """A ``${VAR:-default}`` knob outside what the recipe can use (a switch not 0/1, a size not a
+    positive integer) was read by bash arithmetic as 0, silently: MTP or MLA off, or a flag Megatron
+    refuses per rank. Now: exit 2, one line naming the value and what is allowed, nothing made."""
+    name, value = knob.split("=", 1)
+    out = tmp_path / "out"
+    proc = _run(REPO / "recipes" / recipe, *(["--dry-run"] if dry else []), MEGATRON_LM=str(checkout),
+                OUT=str(out), DATA="", **{name: value})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: {knob}: allowed: {allowed}"]
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def real_checkout(tmp_path_factory):
     """An importable Megatron-LM checkout of the release line installed here (from the mirror)."""
