@@ -46,8 +46,8 @@ share) and the first period, whose layers 0-3 carry no MoD (``skip_first``); ``t
 ``t12 + 3 (t12 + t8 - 2 t4) + (t8 - t4)``, no further assumption; MTP ``t12mtp - t12``. Without the
 short slices (an earlier call's JSON), a period is ``t24 - t12``, the head ``2 t12 - t24`` and
 ``AEME`` is scaled from a period by hybrid FLOPs; a 16- or 24-layer run checks the short slices'
-prediction ``t12 + t8 - t4`` or ``2 t12 + t8 - 2 t4``. All-to-all per token = 4 (dispatch, combine; forward,
-backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed fraction
+prediction ``t12 + t8 - t4`` or ``2 t12 + t8 - 2 t4``. All-to-all per token = 4 (dispatch,
+combine; forward, backward) x E passes x top-k x h x 2 B x (ep - 1)/ep at ``--a2a-gbps``, exposed fraction
 ``1 - --a2a-overlap``; gradient sync per step = dense params x (4 B reduce-scatter + 2 B
 all-gather) x (dp - 1)/dp at ``--allreduce-gbps``, exposed ``1 - --grad-overlap``; with EP > 1
 the host read of the MoE counts per E pass, ``(t12_host_counts - t12) / 5`` (the slice's E layers).
@@ -281,7 +281,8 @@ def plan_runs(args) -> list[Run]:
         for r in range(args.stage_repeats):
             for name, m in slices.items():
                 extra = ["--megacpp-moe-device-counts", "off"] if name == "stage12_host_counts" else None
-                runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base, extra=extra))
+                runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base,
+                                 extra=extra))
             for fast, value in args.fast:
                 runs.append(ours(f"stage12_{fast}={value}#{r}", slices["stage12"], spec, args,
                                  iters=args.iters, mla=True, fast=base | {fast: value}))
@@ -477,7 +478,8 @@ def projection(tps: dict[str, float], args, ep: int | None = None,
         raw = {k: 1 / v for k, v in tps.items()}
         predict = {"stage16": raw["stage12"] + raw["stage8"] - raw["stage4"],
                    "stage24": 2 * raw["stage12"] + raw["stage8"] - 2 * raw["stage4"]}
-        check = {name: {"predicted": predicted, "measured": raw[name], "measured_over_predicted": raw[name] / predicted}
+        check = {name: {"predicted": predicted, "measured": raw[name],
+                        "measured_over_predicted": raw[name] / predicted}
                  for name, predicted in predict.items() if name in raw} or None
     else:
         period, head = t["stage24"] - t["stage12"], 2 * t["stage12"] - t["stage24"]
@@ -657,7 +659,8 @@ def report(rows: list[dict], args) -> dict:
             print(f"  {name}: {seconds * 1e6:.1f} us/token")
         for name, check in (proj["checks"] or {}).items():
             print(f"  check: {name} measured {check['measured'] * 1e6:.1f} us/token, the short slices "
-                  f"predict {check['predicted'] * 1e6:.1f} (measured/predicted {check['measured_over_predicted']:.3f})")
+                  f"predict {check['predicted'] * 1e6:.1f} "
+                  f"(measured/predicted {check['measured_over_predicted']:.3f})")
         for line in proj["assumptions"]:
             print(f"  assumption: {line}")
         table = layouts(tps, _median_by_base(rows, "peak_gib"), args, optimizer)
@@ -705,7 +708,8 @@ def parse_args(argv):
     p.add_argument("--stage-slices", default="12,4,8",
                    help="layer counts of the stage set's slices, prefixes of the pattern (of: "
                         f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 16 "
-                        "and 24 check it on an H200 (16 failed after its first step on an H100, likely memory)")
+                        "and 24 check it on an H200 (16 failed after its first step on an H100, likely "
+                        "memory)")
     p.add_argument("--stage-spec", default="NAM56R",
                    help="object of layer_specs/nam56r.py for the stage runs (NAM56R_DENSE: without MoD)")
     p.add_argument("--ours-extra", default="", help="extra Megatron-LM flags for our runs (one string)")
@@ -715,7 +719,8 @@ def parse_args(argv):
     p.add_argument("--print-autotuning", action="store_true",
                    help="TRITON_PRINT_AUTOTUNING=1: sum the autotuning seconds per run")
     p.add_argument("--run-timeout", type=float, default=420, help="seconds before a run is stopped")
-    p.add_argument("--ep", type=int, default=1, help="the 8-GPU recipe's expert parallelism (its headline projection)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="the 8-GPU recipe's expert parallelism (its headline projection)")
     p.add_argument("--dp", type=int, default=8)
     p.add_argument("--gbs-8x", type=int, default=64, help="global batch of the 8-GPU recipe")
     p.add_argument("--a2a-gbps", type=float, default=300.0, help="assumed all-to-all GB/s per GPU")
@@ -767,7 +772,8 @@ def parse_args(argv):
         args.stage_slices = sorted({int(n) for n in args.stage_slices.split(",") if n.strip()})
     except ValueError:
         args.stage_slices = None
-    if not args.stage_slices or 12 not in args.stage_slices or not set(args.stage_slices) <= set(STAGE_SLICES):
+    if (not args.stage_slices or 12 not in args.stage_slices
+            or not set(args.stage_slices) <= set(STAGE_SLICES)):
         raise BenchError(f"--stage-slices {raw_slices}: allowed: layer counts from "
                          f"{', '.join(map(str, STAGE_SLICES))}, comma-separated, 12 among them")
     args.ours_extra = shlex.split(args.ours_extra)

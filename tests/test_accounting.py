@@ -563,10 +563,11 @@ def test_bench_stage_short_slices_sum_the_whole_layer_table():
 
 
 def test_bench_stage_projection_by_hand():
-    """The long slices (an earlier call's JSON, without stage4/stage8): t12, t24, t12+MTP = 100, 180, 130 us/token: period 80, head 20, MTP 30; the trunk is 4 periods
-    + AEME at 0.3142 of a period (hybrid FLOPs 1.862 G / 5.927 G); all-to-all 4 x 24 x 4 x 4096 x 2 B
-    x 7/8 = 2,752,512 B at 300 GB/s; gradient sync 3,044,039,424 x 6 B x 7/8 at 300 GB/s over
-    32,768 tokens per GPU and step."""
+    """The long slices (an earlier call's JSON, without stage4/stage8): t12, t24, t12+MTP = 100,
+    180, 130 us/token: period 80, head 20, MTP 30; the trunk is 4 periods + AEME at 0.3142 of a
+    period (hybrid FLOPs 1.862 G / 5.927 G); all-to-all 4 x 24 x 4 x 4096 x 2 B x 7/8 = 2,752,512 B
+    at 300 GB/s; gradient sync 3,044,039,424 x 6 B x 7/8 at 300 GB/s over 32,768 tokens per GPU
+    and step."""
     bench = _load_bench()
     args = types.SimpleNamespace(ep=8, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0,
                                  allreduce_gbps=300.0, grad_overlap=0.0, mbs=4, gbs=8)
