@@ -38,30 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def check_sizes(model, *, tp: int, ep: int) -> None:
-    """Refuses a tensor- or expert-parallel size the model cannot be split by (naming the sizes
-    that would do), as Megatron would refuse it at launch."""
-    def divisors(n: int) -> str:
-        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-    if model.num_attention_heads % tp:
-        raise ValueError(f"--tp {tp} does not divide the {model.num_attention_heads} attention heads; "
-                         f"allowed: {divisors(model.num_attention_heads)}")
-    if model.moe is None and ep > 1:
-        raise ValueError(f"--ep {ep}: the model has no experts; allowed: 1")
-    if model.moe is not None and model.moe.num_experts % ep:
-        raise ValueError(f"--ep {ep} does not divide the {model.moe.num_experts} experts; "
-                         f"allowed: {divisors(model.moe.num_experts)}")
-
-
 def run(args: argparse.Namespace) -> int:
-    from megacpp_mcore.models.plan import build_plan, format_plan
+    from megacpp_mcore.models.plan import build_plan, check_split, format_plan
 
     for flag in ("pp", "tp", "ep", "dp", "micro_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model = model_from_args(args)
-    check_sizes(model, tp=args.tp, ep=args.ep)
+    check_split(model, tp=args.tp, ep=args.ep)
     plan = build_plan(model, pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp,
                       micro_batch=args.micro_batch_size, backend=args.backend)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))

@@ -49,6 +49,23 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations + self.moda_depth_kv
 
 
+def check_split(m: ModelConfig, *, tp: int, ep: int) -> None:
+    """Refuses a tensor- or expert-parallel size ``m`` cannot be split by, naming the sizes that
+    would do (Megatron refuses them at launch): ``plan``'s check and the builder's
+    (:meth:`~megacpp_mcore.train.runtime.Parallelism.check_model`)."""
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if m.num_attention_heads % tp:
+        raise ValueError(f"--tp {tp} does not divide the {m.num_attention_heads} attention heads; "
+                         f"allowed: {divisors(m.num_attention_heads)}")
+    if m.moe is None and ep > 1:
+        raise ValueError(f"--ep {ep}: the model has no experts; allowed: 1")
+    if m.moe is not None and m.moe.num_experts % ep:
+        raise ValueError(f"--ep {ep} does not divide the {m.moe.num_experts} experts; "
+                         f"allowed: {divisors(m.moe.num_experts)}")
+
+
 def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: int) -> int:
     """Rough bf16 activation memory kept for backward by one layer (flash attention, no recompute)."""
     sbh = m.seq_length * micro_batch * m.hidden_size * 2

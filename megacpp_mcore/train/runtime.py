@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from megacpp_mcore.models.plan import check_split
 from megacpp_mcore.models.presets import ModelConfig
 from megacpp_mcore.spec import compat
 from megacpp_mcore.train.fast_paths import FastPaths
@@ -63,20 +64,13 @@ class Parallelism:
 
     def check_model(self, model: ModelConfig) -> None:
         """Refuses sizes that cannot hold ``model`` (heads, layers, experts)."""
-        if model.num_attention_heads % self.tp:
-            raise ValueError(
-                f"tp={self.tp} does not divide num_attention_heads={model.num_attention_heads}"
-            )
+        check_split(model, tp=self.tp, ep=self.ep)  # heads over TP, experts over EP
         stages = self.pp * (self.vp or 1)
         if "|" not in model.pattern and model.num_layers % stages:
             raise ValueError(
                 f"pp={self.pp}" + (f" x vp={self.vp}" if self.vp else "")
                 + f" does not divide num_layers={model.num_layers}"
             )
-        if model.moe is None and self.ep > 1:
-            raise ValueError(f"ep={self.ep} needs MoE (the model has no experts)")
-        if model.moe is not None and model.moe.num_experts % self.ep:
-            raise ValueError(f"ep={self.ep} does not divide num_experts={model.moe.num_experts}")
         if model.moe is not None and self.tp > 1 and not self.sp:
             raise ValueError("MoE with tp > 1 requires sequence parallelism (sp=True) in megatron-core")
 
