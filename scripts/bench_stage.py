@@ -28,7 +28,8 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
   80 GB card; on an H200 add 16 or 24 (estimates ~71 and ~96 GiB before what the plan leaves
   out; 16 failed after its first step on an H100) to check the projection's additive model
   against a measured slice), the 12-layer slice with MTP depth 2, the 12-layer slice with the
-  MoE counts read on the host (``stage12_host_counts``, as EP > 1 needs), plus one run per
+  MoE counts read on the host (``stage12_host_counts``, as EP > 1 needs), with ``--mtp-recompute``
+  the MTP slice with the MTP block recomputed (``stage12_mtp_recompute``), plus one run per
   ``--fast`` toggle (the 12-layer slice with it flipped);
   ``fast``: only the 12-layer slice and the ``--fast`` runs (each fast path's on/off ratio).
 * ``startup``: the nam56r-lite preset (MLA, MTP 1) twice on a new, empty Triton cache: cold (a
@@ -84,6 +85,13 @@ from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
 STAGE_SLICES = (4, 8, 12, 16, 24)  # prefixes of the pattern: the projection's 4, 8, 12; checks 16, 24
+#: stage runs that repeat a slice with our flags changed: name -> (the slice, the flags)
+STAGE_VARIANTS = {
+    # the MoE counts read on the host, as with EP > 1 (the projection's host-counts term)
+    "stage12_host_counts": ("stage12", ["--megacpp-moe-device-counts", "off"]),
+    # the MTP block's forward run again in backward (the recipe's MTP_RECOMPUTE=1): its memory
+    "stage12_mtp_recompute": ("stage12_mtp", ["--megacpp-mtp-recompute", "on"]),
+}
 AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_host_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
@@ -274,15 +282,15 @@ def plan_runs(args) -> list[Run]:
         slices = {"stage12": built.replace(num_layers=12, mtp_depth=0)}
         if "stage" in args.set:  # "fast": the 12-layer baseline and the --fast variants only
             slices["stage12_mtp"] = built.replace(num_layers=12)
-            # the MoE counts read on the host, as with EP > 1 (the projection's)
+            if args.mtp_recompute:
+                slices["stage12_mtp_recompute"] = slices["stage12_mtp"]
             slices["stage12_host_counts"] = slices["stage12"]
             for n in sorted(n for n in args.stage_slices if n != 12):
                 slices[f"stage{n}"] = built.replace(num_layers=n, mtp_depth=0)
         for r in range(args.stage_repeats):
             for name, m in slices.items():
-                extra = ["--megacpp-moe-device-counts", "off"] if name == "stage12_host_counts" else None
                 runs.append(ours(f"{name}#{r}", m, spec, args, iters=args.iters, mla=True, fast=base,
-                                 extra=extra))
+                                 extra=STAGE_VARIANTS.get(name, (None, None))[1]))
             for fast, value in args.fast:
                 runs.append(ours(f"stage12_{fast}={value}#{r}", slices["stage12"], spec, args,
                                  iters=args.iters, mla=True, fast=base | {fast: value}))
@@ -625,10 +633,15 @@ def report(rows: list[dict], args) -> dict:
             line += (f"; pooled iterations ({len(pooled[a])} / {len(pooled[b])}): {point:.3f}, 90% "
                      f"bootstrap interval {low:.3f}-{high:.3f}{'' if low > 1 or high < 1 else ' (includes 1)'}")
         print(line)
+    peaks = _median_by_base(rows, "peak_gib")
     for name in tps:
-        if name.startswith("stage12_") and name != "stage12_mtp" and "stage12" in tps:
-            out["ratios"][name] = tps[name] / tps["stage12"]
-            print(f"{name}: {out['ratios'][name]:.3f} x the default stage12 tokens/s")
+        ref = STAGE_VARIANTS.get(name, ("stage12",))[0]
+        if name.startswith("stage12_") and name != "stage12_mtp" and ref in tps:
+            out["ratios"][name] = tps[name] / tps[ref]
+            line = f"{name}: {out['ratios'][name]:.3f} x the {ref} tokens/s"
+            if name in STAGE_VARIANTS and peaks.get(name) is not None and peaks.get(ref) is not None:
+                line += f", peak {peaks[name]:.1f} GiB (the {ref} run's: {peaks[ref]:.1f})"
+            print(line)
     hybrid = _median_by_base(rows, "tflops_hybrid")
     if "stage12" in hybrid:
         print(f"full-width NAM56R stage (12 layers): {hybrid['stage12']:.1f} TFLOP/s by hybrid_flops "
@@ -663,26 +676,37 @@ def report(rows: list[dict], args) -> dict:
                   f"(measured/predicted {check['measured_over_predicted']:.3f})")
         for line in proj["assumptions"]:
             print(f"  assumption: {line}")
-        table = layouts(tps, _median_by_base(rows, "peak_gib"), args, optimizer)
-        out["layouts_8xh200"] = table
-        print(f"\nlayouts on 8 x H200 (TP 1, PP 1, DP {args.dp}, micro-batch {args.mbs}; memory: the plan's "
-              f"estimate + what the stage12_mtp run measured beyond it; fits: <= --gpu-gib {args.gpu_gib}):")
-        print("| EP | all-to-all us | grad sync us | host counts us | total us/token | tokens/s/GPU "
-              "| TFLOP/s hybrid | GiB (estimate + measured rest) | fits |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for row in table:
-            t, mem = row["seconds_per_token"], row["memory"]
-            print(f"| {row['ep']} | {t['all_to_all'] * 1e6:.1f} | {t['gradient_sync'] * 1e6:.1f} "
-                  f"| {t['host_counts'] * 1e6:.1f} | {1e6 / row['tokens_per_s_per_gpu']:.1f} "
-                  f"| {row['tokens_per_s_per_gpu']:,.0f} | {row['tflops_hybrid_per_gpu']:.0f} "
-                  f"| {_fmt(mem['total_gib'], '.1f')} ({mem['estimate_gib']:.1f} + "
-                  f"{_fmt(mem['unmodelled_gib'], '.1f')}) | {_fmt(mem['fits'], '')} |")
-        fitting = [row for row in table if row["memory"]["fits"]]
-        if fitting:
-            best = max(fitting, key=lambda row: row["tokens_per_s_per_gpu"])
-            print(f"fastest layout that fits: EP {best['ep']}, {best['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU "
-                  f"(the recipe's: EP {args.ep})")
+        out["layouts_8xh200"] = _print_layouts(layouts(tps, peaks, args, optimizer), args, "")
+        if "stage12_mtp_recompute" in tps:  # the same with the MTP block recomputed, as measured
+            def swapped(values: dict) -> dict:
+                return {k: values[v] for k in values
+                        if (v := "stage12_mtp_recompute" if k == "stage12_mtp" else k) in values}
+
+            table = layouts(swapped(tps), swapped(peaks), args, swapped(optimizer))
+            out["layouts_8xh200_mtp_recompute"] = _print_layouts(
+                table, args, " with --megacpp-mtp-recompute on (the stage12_mtp_recompute run in place of stage12_mtp)")
     return out
+
+
+def _print_layouts(table: list[dict], args, variant: str) -> list[dict]:
+    print(f"\nlayouts on 8 x H200{variant} (TP 1, PP 1, DP {args.dp}, micro-batch {args.mbs}; memory: the "
+          f"plan's estimate + what the stage12_mtp run measured beyond it; fits: <= --gpu-gib {args.gpu_gib}):")
+    print("| EP | all-to-all us | grad sync us | host counts us | total us/token | tokens/s/GPU "
+          "| TFLOP/s hybrid | GiB (estimate + measured rest) | fits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in table:
+        t, mem = row["seconds_per_token"], row["memory"]
+        print(f"| {row['ep']} | {t['all_to_all'] * 1e6:.1f} | {t['gradient_sync'] * 1e6:.1f} "
+              f"| {t['host_counts'] * 1e6:.1f} | {1e6 / row['tokens_per_s_per_gpu']:.1f} "
+              f"| {row['tokens_per_s_per_gpu']:,.0f} | {row['tflops_hybrid_per_gpu']:.0f} "
+              f"| {_fmt(mem['total_gib'], '.1f')} ({mem['estimate_gib']:.1f} + "
+              f"{_fmt(mem['unmodelled_gib'], '.1f')}) | {_fmt(mem['fits'], '')} |")
+    fitting = [row for row in table if row["memory"]["fits"]]
+    if fitting:
+        best = max(fitting, key=lambda row: row["tokens_per_s_per_gpu"])
+        print(f"fastest layout that fits: EP {best['ep']}, {best['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU "
+              f"(the recipe's: EP {args.ep})")
+    return table
 
 
 def parse_args(argv):
@@ -710,6 +734,9 @@ def parse_args(argv):
                         f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 16 "
                         "and 24 check it on an H200 (16 failed after its first step on an H100, likely "
                         "memory)")
+    p.add_argument("--mtp-recompute", action="store_true",
+                   help="the stage set also runs stage12_mtp with --megacpp-mtp-recompute on "
+                        "(stage12_mtp_recompute: the recipe's MTP_RECOMPUTE=1) and projects the layouts with it")
     p.add_argument("--stage-spec", default="NAM56R",
                    help="object of layer_specs/nam56r.py for the stage runs (NAM56R_DENSE: without MoD)")
     p.add_argument("--ours-extra", default="", help="extra Megatron-LM flags for our runs (one string)")

@@ -221,10 +221,11 @@ def _flag(tokens: list[str], name: str) -> str:
 
 @pytest.fixture(scope="module")
 def default_dry_run(tmp_path_factory):
-    """``--dry-run`` of the default sets with two fast-path variants (one subprocess per module)."""
+    """``--dry-run`` of the default sets with two fast-path variants and the MTP-recompute run (one
+    subprocess per module)."""
     tmp = tmp_path_factory.mktemp("bench_stage")
-    proc = _bench(["--dry-run", "--fast", "mla_rope_fusion=off", "--fast", "moe_permute_fusion=on"],
-                  tmp / "mlm", tmp)
+    proc = _bench(["--dry-run", "--fast", "mla_rope_fusion=off", "--fast", "moe_permute_fusion=on",
+                   "--mtp-recompute"], tmp / "mlm", tmp)
     assert proc.returncode == 0, proc.stderr
     return tmp, _commands(proc.stdout)
 
@@ -234,10 +235,11 @@ def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     # the 12-layer slice and its variants first, then the projection's short slices (no 24-layer
     # slice by default: it needs ~100 GiB)
     assert list(runs) == ["ab_ours#0", "ab_upstream#0", "ab_ours#1", "ab_upstream#1", "stage12#0",
-                          "stage12_mtp#0", "stage12_host_counts#0", "stage4#0", "stage8#0",
-                          "stage12_mla_rope_fusion=off#0", "stage12_moe_permute_fusion=on#0"]
+                          "stage12_mtp#0", "stage12_mtp_recompute#0", "stage12_host_counts#0", "stage4#0",
+                          "stage8#0", "stage12_mla_rope_fusion=off#0", "stage12_moe_permute_fusion=on#0"]
     assert not (tmp_path / "out").exists(), "--dry-run writes nothing"
     assert runs["stage12_host_counts#0"] == runs["stage12#0"] + ["--megacpp-moe-device-counts", "off"]
+    assert runs["stage12_mtp_recompute#0"] == runs["stage12_mtp#0"] + ["--megacpp-mtp-recompute", "on"]
     ours, up = runs["ab_ours#0"], runs["ab_upstream#0"]
     assert "TRITON_CACHE_AUTOTUNING=1" in ours and ours[ours.index("-m") + 1] == "megacpp_mcore.launch_pretrain"
     spec = ours.index("--spec")
@@ -645,6 +647,41 @@ def test_bench_stage_layouts_by_hand():
     # without the stage12_mtp run's peak the memory is an estimate only, and no fit is claimed
     assert bench.layouts(tps, {}, args)[0]["memory"]["fits"] is None
     assert bench.layouts({"stage12": 1.0}, {}, args) == []
+
+
+def _row(name: str, us_per_token: float, peak_gib: float) -> dict:
+    """A finished bench_stage run: 8 x 4096 tokens per iteration at ``us_per_token``."""
+    ms = us_per_token * 8 * 4096 / 1e3
+    return {"name": f"{name}#0", "returncode": 0, "startup_s": 30.0, "autotune_s": 0.0, "ms_per_iteration": ms,
+            "ms_p25_p75": [ms, ms], "ms_steady": [ms] * 3, "tokens_per_s": 1e6 / us_per_token,
+            "tflops_ours": None, "tflops_hybrid": None, "megatron_reported_tflops": None,
+            "peak_gib": peak_gib, "loss_first": 11.0, "loss_last": 10.0}
+
+
+def test_bench_stage_mtp_recompute_run_projects_its_own_layouts(capsys):
+    """stage12_mtp_recompute: its ratio and peak against stage12_mtp (not stage12), and a second
+    layout table where its time and peak stand for stage12_mtp's: MTP 30 -> 45 us/token, the
+    measured rest 10 GiB lower."""
+    bench = _load_bench()
+    args = types.SimpleNamespace(ep=1, dp=8, gbs_8x=64, a2a_gbps=300.0, a2a_overlap=0.0, allreduce_gbps=300.0,
+                                 grad_overlap=0.0, mbs=4, gbs=8, gpu_gib=134.0, device=None)
+    rows = [_row("stage12", 100, 58.0), _row("stage12_mtp", 130, 80.0), _row("stage12_mtp_recompute", 145, 70.0),
+            _row("stage12_host_counts", 110, 58.0), _row("stage4", 40, 30.0), _row("stage8", 55, 45.0)]
+    out = bench.report(rows, args)
+    printed = capsys.readouterr().out
+    assert out["ratios"]["stage12_mtp_recompute"] == pytest.approx(130 / 145)
+    assert out["ratios"]["stage12_host_counts"] == pytest.approx(100 / 110)
+    assert "stage12_mtp_recompute: 0.897 x the stage12_mtp tokens/s, peak 70.0 GiB (the stage12_mtp run's: 80.0)" in printed
+    plain, recomputed = out["layouts_8xh200"], out["layouts_8xh200_mtp_recompute"]
+    assert [row["ep"] for row in recomputed] == [row["ep"] for row in plain] == [8, 4, 2, 1]
+    assert "with --megacpp-mtp-recompute on" in printed
+    for a, b in zip(plain, recomputed):
+        assert 1 / b["tokens_per_s_per_gpu"] - 1 / a["tokens_per_s_per_gpu"] == pytest.approx(15e-6)
+        assert b["seconds_per_token"]["mtp_depth_2"] == pytest.approx(45e-6)
+        assert a["memory"]["total_gib"] - b["memory"]["total_gib"] == pytest.approx(10.0)
+    # without the recompute run: one table, as before
+    out = bench.report([r for r in rows if not r["name"].startswith("stage12_mtp_recompute")], args)
+    assert "layouts_8xh200_mtp_recompute" not in out and out["layouts_8xh200"] == plain
 
 
 def test_recipe_benchmark_prints_both_counts(capsys):
