@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,11 +109,29 @@ def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
     assert type(model.mtp_block.feedforward.mlp).__name__ == "DeviceCountsMoELayer"
     b, s = 2, model_cfg.seq_length
     tokens = torch.randint(0, model_cfg.vocab_size, (b, s))
-    out = model(tokens, torch.arange(s).expand(b, s), None, labels=tokens)
-    out.mean().backward()
+
+    def step():
+        moe_utils.clear_aux_losses_tracker()
+        model.zero_grad()
+        out = model(tokens, torch.arange(s).expand(b, s), None, labels=tokens)
+        out.mean().backward()
+        logged = {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, logged
+
+    from megatron.core.transformer.moe import moe_utils
+
+    grads, logged = step()
     router = model.mtp_block.feedforward.mlp.router.weight
     assert router.grad is not None and router.grad.abs().max() > 0
     assert set(model.mtp_block.megacpp_stats()) == {"loss", "loss_depth1", "loss_depth2"}
+    # the block recomputed in backward: the same gradients (the router's load-balancing loss
+    # included) and the load-balancing loss logged once per depth, not again by the recompute
+    model.mtp_config = dataclasses.replace(model.mtp_config, recompute=True)
+    stored, stored_logged = step()
+    assert set(stored) == set(grads) and logged.keys() == stored_logged.keys() == {"load_balancing_loss"}
+    for name in grads:
+        torch.testing.assert_close(stored[name], grads[name], atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(stored_logged["load_balancing_loss"], logged["load_balancing_loss"])
 
 
 def _reference_mtp(model, hidden, tokens, labels, mask, rope, cfg: MTPConfig):

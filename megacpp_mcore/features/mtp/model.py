@@ -189,11 +189,13 @@ class MTPGPTModel(FusedLossGPTModel):
 
         if not self.mtp_config.recompute or not torch.is_grad_enabled():
             return block(hidden, embedded)
+        # both reentrant: the first forward runs without grad, so the MoE router adds (and logs) its
+        # load-balancing loss once, in the recompute (a non-reentrant one would log it twice)
         if hidden.is_cuda:  # Megatron's checkpoint also restores its TP RNG tracker (dropout)
             from megatron.core import tensor_parallel
 
             return tensor_parallel.checkpoint(block, False, hidden, embedded)
-        return torch.utils.checkpoint.checkpoint(block, hidden, embedded, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(block, hidden, embedded, use_reentrant=True)
 
     def mtp_loss(self, hidden_states, input_ids, labels, loss_mask=None, *,
                  attention_mask=None, rotary_pos_emb=None, packed_seq_params=None) -> torch.Tensor:
