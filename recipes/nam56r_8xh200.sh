@@ -22,9 +22,10 @@
 #   being built; its speed end to end is not settled (x1.08 in one run of the 2026-12-07 ab set,
 #   0.94-0.99 in two earlier calls: docs/benchmarks.md), it is here for the memory.
 #   Should it not fit: MTP_RECOMPUTE=1 first (--megacpp-mtp-recompute on: the MTP block's
-#   activations, most of the 14.2 GiB MTP added to the 12-layer slice, recomputed in backward; one
-#   extra block forward per depth; neither measured yet), then EP=2 (122.3 GiB, projected 9,564
-#   tokens/s/GPU) or EP=8 (113.8 GiB, 9,297).
+#   activations recomputed in backward, one extra block forward per depth; each depth then keeps
+#   its inputs and one depth is rebuilt at a time: 2.6 GiB less by `plan ... --mtp-recompute`;
+#   measured with MTP on the 12-layer slice adds 14.2 GiB; the recompute not measured on a GPU yet),
+#   then EP=2 (122.3 GiB, projected 9,564 tokens/s/GPU) or EP=8 (113.8 GiB, 9,297).
 # * Compute per GPU: all 52 layers for its own tokens (PP=1: no pipeline bubble; the MTP block and its
 #   loss sit on the one stage). By hybrid_flops 35.23 GFLOP/token (ours: 29.29 G), so 12,000
 #   tokens/s/GPU is 423 TFLOP/s/GPU.

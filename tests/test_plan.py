@@ -39,6 +39,18 @@ def test_mtp_block_activations_are_counted_once_per_depth():
     per_depth = (10 + 6 + 5 * (4 * 896 + 1024) / 4096 + 5) * sbh
     with_mtp, without = (build_plan(x, micro_batch=4)["memory"] for x in (m, m.replace(mtp_depth=0)))
     assert with_mtp["activations"] - without["activations"] == pytest.approx(2 * per_depth, abs=4)
+    # recomputed in backward: each depth keeps 3 s x b x h (its rolled-in embedding, the block's
+    # output, the final norm's output) and one depth's activations are rebuilt at a time
+    recomputed = build_plan(m, micro_batch=4, mtp_recompute=True)
+    assert recomputed["memory"]["activations"] - without["activations"] == pytest.approx(2 * 3 * sbh + per_depth, abs=4)
+    assert recomputed["parallel"]["mtp_recompute"] and not build_plan(m)["parallel"]["mtp_recompute"]
+    # without MTP the switch changes nothing
+    assert build_plan(m.replace(mtp_depth=0), micro_batch=4, mtp_recompute=True)["memory"] == without
+
+
+def test_plan_cli_mtp_recompute(capsys):
+    assert main(["plan", "--preset", "nam56r", "--micro-batch-size", "4", "--dp", "8", "--mtp-recompute"]) == 0
+    assert "micro-batch=4 mtp-recompute)" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_distributed_optimizer_shards_the_state_over_data_parallel_ranks(capsys):

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size: the distributed optimizer shards its state over it")
     parser.add_argument("--micro-batch-size", type=int, default=1, help="for the activation estimate")
+    parser.add_argument("--mtp-recompute", action="store_true",
+                        help="the MTP block recomputed in backward (launcher: --megacpp-mtp-recompute on; "
+                             "the 8x recipe: MTP_RECOMPUTE=1) in the activation estimate")
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -47,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     check_split(model, tp=args.tp, ep=args.ep)
     plan = build_plan(model, pp=args.pp, tp=args.tp, ep=args.ep, dp=args.dp,
-                      micro_batch=args.micro_batch_size, backend=args.backend)
+                      micro_batch=args.micro_batch_size, backend=args.backend, mtp_recompute=args.mtp_recompute)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0

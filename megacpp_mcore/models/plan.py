@@ -86,15 +86,31 @@ def mtp_activation_bytes(m: ModelConfig, micro_batch: int, tp: int) -> int:
     return layers + int(5 * sbh / tp)
 
 
+def mtp_activations(m: ModelConfig, micro_batch: int, tp: int, *, recompute: bool = False) -> int:
+    """Rough activation memory of the MTP block at the peak (the start of backward, every depth's
+    forward done). Without recompute each depth keeps :func:`mtp_activation_bytes`; recomputed
+    (``--megacpp-mtp-recompute on``) each depth keeps its checkpointed inputs and what lies outside
+    the block (the rolled-in embedding, the block's output, the final norm's output: 3 s x b x h),
+    and the backward rebuilds one depth's activations at a time on top of them."""
+    if not m.mtp_depth:
+        return 0
+    per_depth = mtp_activation_bytes(m, micro_batch, tp)
+    if not recompute:
+        return m.mtp_depth * per_depth
+    sbh = m.seq_length * micro_batch * m.hidden_size * 2
+    return m.mtp_depth * int(3 * sbh / tp) + per_depth
+
+
 def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 1, micro_batch: int = 1,
-               backend: str = "auto", dp: int = 1) -> dict[str, Any]:
+               backend: str = "auto", dp: int = 1, mtp_recompute: bool = False) -> dict[str, Any]:
     """The plan as a JSON-able dict: ``layers`` (each with its ``features`` and the
     ``feature_parameters`` they add, included in its ``parameters``), ``counts``, ``features``
     (name -> carrying layers and added parameters), ``stages``, ``parameters`` (``features``: the
     part of ``layers`` the features add), ``flops_per_token`` (training FLOPs per token two ways:
     ``ours``, 6 x active matmul parameters + causal attention, and ``hybrid_flops``, Megatron-Bridge's
     convention, :func:`~megacpp_mcore.models.accounting.hybrid_flops_per_token`), ``memory``
-    (``dp`` > 1: distributed-optimizer state sharded over ``dp`` data-parallel ranks)."""
+    (``dp`` > 1: distributed-optimizer state sharded over ``dp`` data-parallel ranks;
+    ``mtp_recompute``: the MTP block recomputed in backward, :func:`mtp_activations`)."""
     from megacpp_mcore.spec.backends import resolve_backend_name
 
     table = m.layer_table(pp=pp)
@@ -133,7 +149,7 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
         stages.append({"stage": s, "layers": [layer["index"] for layer in members],
                        "pattern": "".join(layer["symbol"] for layer in members), "parameters": params})
     total = sum(layer["parameters"] for layer in layers) + sum(extra.values())
-    memory = _memory(m, table, stages, tp=tp, ep=ep, micro_batch=micro_batch, dp=dp)
+    memory = _memory(m, table, stages, tp=tp, ep=ep, micro_batch=micro_batch, dp=dp, mtp_recompute=mtp_recompute)
     layer_hash = hashlib.sha256(
         json.dumps([[x["index"], x["symbol"], x["features"]] for x in layers]).encode()
     ).hexdigest()[:16]
@@ -144,7 +160,8 @@ def build_plan(m: ModelConfig, *, pp: int | None = None, tp: int = 1, ep: int = 
         "expanded_pattern": "".join(e.symbol for e in table),
         "layer_table_hash": layer_hash,
         "backend": {"requested": backend, "resolved": resolved},
-        "parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "micro_batch": micro_batch},
+        "parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "micro_batch": micro_batch,
+                     "mtp_recompute": bool(mtp_recompute and m.mtp_depth)},
         "layers": layers,
         "counts": symbol_counts(e.symbol for e in table),
         "features": features,
@@ -163,7 +180,8 @@ def _describe(config: Any) -> str | None:
     return describe() if callable(describe) else None
 
 
-def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int, dp: int) -> MemoryEstimate:
+def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int, dp: int,
+            mtp_recompute: bool = False) -> MemoryEstimate:
     heaviest = max(stages, key=lambda s: s["parameters"])
     expert_share = 0
     if m.moe is not None:
@@ -180,8 +198,8 @@ def _memory(m: ModelConfig, table, stages, *, tp: int, ep: int, micro_batch: int
     expert_dp = max(1, dp * tp // ep)
     optimizer = 12 * (dense_per_gpu // dp + experts_per_gpu // expert_dp)
     acts = sum(activation_bytes(m, table[i], micro_batch, tp) for i in heaviest["layers"])
-    if m.mtp_depth and heaviest["stage"] == len(stages) - 1:  # the MTP block, once per depth
-        acts += m.mtp_depth * mtp_activation_bytes(m, micro_batch, tp)
+    if m.mtp_depth and heaviest["stage"] == len(stages) - 1:  # the MTP block, on the last stage
+        acts += mtp_activations(m, micro_batch, tp, recompute=mtp_recompute)
     moda = 0
     moda_cfg = m.features.get("moda")
     if moda_cfg is not None and hasattr(moda_cfg, "buffer_bytes"):
@@ -248,7 +266,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                  f"causal attention), hybrid_flops {fl['hybrid_flops'] / 1e9:.2f} G (Megatron-Bridge)")
     lines.append(
         f"memory estimate per GPU, heaviest stage (tp={par['tp']} ep={par['ep']} dp={par['dp']} "
-        f"micro-batch={par['micro_batch']}): weights {_fmt_bytes(mem['weights'])}, grads "
+        f"micro-batch={par['micro_batch']}{' mtp-recompute' if par.get('mtp_recompute') else ''}): "
+        f"weights {_fmt_bytes(mem['weights'])}, grads "
         f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}, activations "
         f"{_fmt_bytes(mem['activations'])}, MoDA depth-KV {_fmt_bytes(mem['moda_depth_kv'])}; "
         f"total {_fmt_bytes(mem['total'])}"
