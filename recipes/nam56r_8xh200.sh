@@ -7,25 +7,27 @@
 #
 #   MEGATRON_LM=~/Megatron-LM DATA=/data/cpp_text_document recipes/nam56r_8xh200.sh [--dry-run] [flags]
 #
-# Layout: TP=1, PP=1, EP=1, DP=8, MBS=4, GBS=64, chosen from the stage benchmark's projection
-# (below). The arithmetic (`megacpp-mcore plan --preset nam56r --ep 1 --dp 8 --micro-batch-size 4`,
-# models/accounting.py):
+# Layout: TP=1, PP=1, EP=1, DP=8, MBS=4, GBS=64, MTP block recomputed in backward, chosen from the
+# stage benchmark's projection (below). The arithmetic (`megacpp-mcore plan --preset nam56r --ep 1
+# --dp 8 --micro-batch-size 4 --mtp-recompute`, models/accounting.py):
 # * 7.10B parameters: 4.05B in experts (22 E layers + the MTP block's E, 16 x 3 x 4096 x 896 each),
 #   3.04B dense. EP=1: every GPU holds all 16 experts, so there is no all-to-all and the MoE token
 #   counts stay on the device (no host wait per MoE layer, which EP > 1 needs); the distributed
 #   optimizer shards the fp32 master + Adam state of all 7.10B parameters 8 ways. Per GPU: 13.2 GiB
-#   bf16 weights + 26.4 GiB fp32 grads + 9.9 GiB optimizer + ~79.4 GiB activations at MBS 4 (no
-#   recompute; 6.7 of them the MTP block's) = 128.9 GiB, + 4.7 GiB that the estimate leaves out
-#   (measured: the 12-layer + MTP slice's peak less its estimate) = 133.7 GiB, under the 134 GiB
-#   line (an H200's 140 less ~6 for the CUDA context and NCCL): it fits, narrowly.
+#   bf16 weights + 26.4 GiB fp32 grads + 9.9 GiB optimizer + ~79.4 GiB activations at MBS 4 (6.7 of
+#   them the MTP block's without recompute) = 128.9 GiB by the estimate, + what it leaves out,
+#   measured as the 12-layer + MTP slice's peak less its estimate: 4.7 GiB without the MTP
+#   recompute (133.7 GiB against the 134 GiB line, an H200's 140 less ~6 for the CUDA context and
+#   NCCL: 0.3 GiB of margin, too little for rough activation factors), 1.3 GiB with it (130.2 GiB,
+#   3.8 GiB of margin). So MTP_RECOMPUTE=1 by default: --megacpp-mtp-recompute on runs the MTP
+#   block's forward again in backward (x0.967 on the 12-layer + MTP slice, 1.6% of the projected
+#   whole-model throughput; 3.4 GiB less peak, the plan estimates 2.6).
 #   --megacpp-fused-lm-loss on keeps the main head's [4 x 4096 x 131072] fp32 logits (8 GiB) from
-#   being built; its speed end to end is not settled (x1.08 in one run of the 2026-12-07 ab set,
-#   0.94-0.99 in two earlier calls: docs/benchmarks.md), it is here for the memory.
-#   Should it not fit: MTP_RECOMPUTE=1 first (--megacpp-mtp-recompute on: the MTP block's
-#   activations recomputed in backward, one extra block forward per depth; each depth then keeps
-#   its inputs and one depth is rebuilt at a time: 2.6 GiB less by `plan ... --mtp-recompute`;
-#   measured with MTP on the 12-layer slice adds 14.2 GiB; the recompute not measured on a GPU yet),
-#   then EP=2 (122.3 GiB, projected 9,564 tokens/s/GPU) or EP=8 (113.8 GiB, 9,297).
+#   being built, and is faster: x1.088 at MBS 2 (two interleaved pairs, pooled 1.085-1.090, an
+#   H100, 2026-12-07, and x1.08 the call before; 0.94-0.99 in two earlier calls: docs/benchmarks.md).
+#   With memory to spare, MTP_RECOMPUTE=0 (+1.6%). Should it not fit: MBS=2 (94.2 GiB by the same
+#   estimate and measured rest at MBS 2, no recompute; projected 12,628 tokens/s/GPU), then EP=2
+#   (122.3 GiB at MBS 4 without the recompute, 11,071) or EP=8 (113.8 GiB, 10,715).
 # * Compute per GPU: all 52 layers for its own tokens (PP=1: no pipeline bubble; the MTP block and its
 #   loss sit on the one stage). By hybrid_flops 35.23 GFLOP/token (ours: 29.29 G), so 12,000
 #   tokens/s/GPU is 423 TFLOP/s/GPU.
@@ -35,15 +37,17 @@
 #   but charged whole by the projection. No MoE all-to-all at EP=1 (at EP=8: 90 GB per step).
 # * TP=1: hidden 4096 is too narrow for tensor parallelism to pay for its per-layer all-reduces.
 # Measured (scripts/bench_stage.py --set stage --base moe_permute_fusion=on
-# --ours-extra=--megacpp-fused-lm-loss=on --iters 12 --warmup 3 --profile-step 9, 2026-12-07,
-# docs/benchmarks.md twenty-fifth session; on an H100: no H200 came): the public-dims slices at MBS 4,
-# all 16 experts on the one GPU: 4 / 8 / 12 layers 338.4 / 489.9 / 639.8 ms per step (the 12-layer
-# slice 468 TFLOP/s by hybrid_flops, 58.0 GiB), 12 layers + MTP 2 1,082 ms (72.2 GiB), 12 layers
-# with the MoE counts read on the host (as EP > 1 does) 811.4 ms. Layers taken as additive, the
-# optimizer's kernels sharded 8 ways, all-to-all and gradient sync not hidden, the projection per GPU:
-#   EP=8 9,297, EP=4 9,385, EP=2 9,564, EP=1 13,261 tokens/s (467 TFLOP/s by hybrid_flops).
-# TO MEASURE on 8 GPUs: the peak memory at EP=1 (0.3 GiB of margin by the estimate), the gradient
-# sync's overlap; on one H200: the same slices (an H200 has the H100's bf16 peak and more bandwidth).
+# --ours-extra=--megacpp-fused-lm-loss=on --iters 12 --warmup 3 --profile-step 9 --mtp-recompute,
+# 2026-12-07, docs/benchmarks.md twenty-sixth session; on an H100: no H200 came): the public-dims
+# slices at MBS 4, all 16 experts on the one GPU: 4 / 8 / 12 layers 336.6 / 470.8 / 620.5 ms per
+# step (the 12-layer slice 483 TFLOP/s by hybrid_flops, 58.0 GiB), 12 layers + MTP 2 1,077 ms
+# (72.2 GiB), the same with the MTP recompute 1,114 ms (68.8 GiB), 12 layers with the MoE counts read
+# on the host (as EP > 1 does) 721.6 ms. Layers taken as additive (checked at MBS 2: a 16-layer slice
+# took 1.005 x what the 4-, 8- and 12-layer ones predict), the optimizer's kernels sharded 8 ways,
+# all-to-all and gradient sync not hidden, the projection per GPU: EP=1 13,769 tokens/s with the MTP
+# recompute (485 TFLOP/s by hybrid_flops; 13,984 without); EP=2 11,071, EP=4 10,831, EP=8 10,715.
+# TO MEASURE on 8 GPUs: the peak memory at EP=1, the gradient sync's overlap; on one H200: the same
+# slices (an H200 has the H100's bf16 peak and more bandwidth).
 #
 # Start-up: the launcher applies the patch registry, whose mamba-ssd-tuned-configs seeds mamba_ssm's
 # SSD autotuners on SM90 with the H200's choices (for nam56r-lite's keys: start-up to the first step
@@ -73,7 +77,7 @@ VOCAB=${VOCAB:-131072}             # with NullTokenizer (mock or byte data); a B
 SEED=${SEED:-1234}
 USE_MLA=${USE_MLA:-1}               # 0: standard attention (e.g. with SPEC=NAM56R_DENSE_ATTENTION)
 MTP_DEPTH=${MTP_DEPTH:-2}           # 0: no MTP
-MTP_RECOMPUTE=${MTP_RECOMPUTE:-0}   # 1: recompute the MTP block in backward (memory; header)
+MTP_RECOMPUTE=${MTP_RECOMPUTE:-1}   # 0: keep the MTP block's activations (+1.6%, 3.4 GiB more; header)
 
 APEX=${APEX:-0}                     # 1: apex installed (gradient-accumulation fusion; below)
 require_switch USE_MLA APEX MTP_RECOMPUTE

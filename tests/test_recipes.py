@@ -198,6 +198,12 @@ def test_8xh200_layout_fits_the_model(checkout, tmp_path):
     dp = par.data_parallel(world)
     assert int(flags["--global-batch-size"]) % (int(flags["--micro-batch-size"]) * dp) == 0
     assert int(flags["--megacpp-mtp-depth"]) == 2
+    # EP 1 at MBS 4 fits an H200 by 0.3 GiB with the MTP block's activations kept, 3.8 with it
+    # recomputed (the header's measurement): the recipe recomputes it unless MTP_RECOMPUTE=0
+    assert flags["--megacpp-mtp-recompute"] == "on" and flags["--megacpp-fused-lm-loss"] == "on"
+    proc = _run(REPO / "recipes" / "nam56r_8xh200.sh", "--dry-run", MEGATRON_LM=str(checkout),
+                OUT=str(tmp_path / "out"), DATA="", MTP_RECOMPUTE="0")
+    assert proc.returncode == 0 and "--megacpp-mtp-recompute" not in proc.stdout, proc.stderr
 
 
 def test_tiny_cpu_recipe_uses_train_flags(tmp_path, checkout):
