@@ -26,8 +26,8 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
 * ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) in the slices of
   ``--stage-slices`` (default 12, 4 and 8 layers: prefixes of the pattern, all of which fit an
   80 GB card; on an H200 add 16 or 24 (estimates ~71 and ~96 GiB before what the plan leaves
-  out; 16 failed after its first step on an H100) to check the projection's additive model
-  against a measured slice), the 12-layer slice with MTP depth 2, the 12-layer slice with the
+  out; on an H100 16 runs at ``--mbs 2``: 1.005 x its prediction) to check the projection's
+  additive model against a measured slice), the 12-layer slice with MTP depth 2, the 12-layer slice with the
   MoE counts read on the host (``stage12_host_counts``, as EP > 1 needs), with ``--mtp-recompute``
   the MTP slice with the MTP block recomputed (``stage12_mtp_recompute``), plus one run per
   ``--fast`` toggle (the 12-layer slice with it flipped);
@@ -732,8 +732,7 @@ def parse_args(argv):
     p.add_argument("--stage-slices", default="12,4,8",
                    help="layer counts of the stage set's slices, prefixes of the pattern (of: "
                         f"{', '.join(map(str, STAGE_SLICES))}; 12 always; 4 and 8 give the projection, 16 "
-                        "and 24 check it on an H200 (16 failed after its first step on an H100, likely "
-                        "memory)")
+                        "and 24 check it on an H200 (on an H100, 16 at --mbs 2)")
     p.add_argument("--mtp-recompute", action="store_true",
                    help="the stage set also runs stage12_mtp with --megacpp-mtp-recompute on "
                         "(stage12_mtp_recompute: the recipe's MTP_RECOMPUTE=1) and projects the layouts with it")
