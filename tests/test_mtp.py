@@ -109,6 +109,7 @@ def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
     assert type(model.mtp_block.feedforward.mlp).__name__ == "DeviceCountsMoELayer"
     b, s = 2, model_cfg.seq_length
     tokens = torch.randint(0, model_cfg.vocab_size, (b, s))
+    from megatron.core.transformer.moe import moe_utils
 
     def step():
         moe_utils.clear_aux_losses_tracker()
@@ -117,8 +118,6 @@ def test_moe_shared_block_trains_and_matches_plan_count(single_rank):
         out.mean().backward()
         logged = {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, logged
-
-    from megatron.core.transformer.moe import moe_utils
 
     grads, logged = step()
     router = model.mtp_block.feedforward.mlp.router.weight
@@ -307,7 +306,8 @@ def test_te_backend_block_and_triton_ce_match_torch_ce(single_rank):
 # ----------------------------------------------------------------------------------- parallel
 @pytest.fixture(scope="module")
 def parallel_runs():
-    """One reference run (1 rank) and PP=2 / TP=2+SP runs loading its initial weights."""
+    """One reference run (1 rank) and PP=2 / TP=2+SP runs loading its initial weights (TP=2+SP
+    also with the MTP block recomputed in backward)."""
     import tempfile
 
     from megacpp_mcore.testing.dist import run_distributed
@@ -319,8 +319,9 @@ def parallel_runs():
             model=model, checkpoint=ckpt, checkpoint_mode="save"))
         runs = {
             name: run_distributed(target, nproc=2, kwargs=dict(
-                model=model, parallel=par, checkpoint=ckpt, checkpoint_mode="load"))
-            for name, par in (("pp2", {"pp": 2}), ("tp2sp", {"tp": 2, "sp": True}))
+                model=model, parallel=par, checkpoint=ckpt, checkpoint_mode="load", **extra))
+            for name, par, extra in (("pp2", {"pp": 2}, {}), ("tp2sp", {"tp": 2, "sp": True}, {}),
+                                     ("tp2sp_recompute", {"tp": 2, "sp": True}, {"mtp_recompute": True}))
         }
     return ref, runs
 
@@ -352,9 +353,10 @@ def test_pp2_tied_embedding_identical_on_first_and_last_stage(parallel_runs):
 
 
 @pytest.mark.distributed
-def test_tp2_sp_mtp_matches_single_rank(parallel_runs):
+@pytest.mark.parametrize("run", ["tp2sp", "tp2sp_recompute"])
+def test_tp2_sp_mtp_matches_single_rank(parallel_runs, run):
     ref, runs = parallel_runs
-    for rank in runs["tp2sp"]:
+    for rank in runs[run]:
         assert rank["mtp_params"] == ref["mtp_params"]
         assert _close(rank["losses"], ref["losses"]), (rank["losses"], ref["losses"])
         (a,), (b,) = ref["mtp_losses"][-1], rank["mtp_losses"][-1]

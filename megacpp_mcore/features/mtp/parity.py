@@ -124,9 +124,9 @@ def _stage_embedding_diff(chunks: list) -> float | None:
 def mtp_train_run(*, model: dict[str, Any], parallel: dict[str, Any] | None = None, steps: int = 3,
                   seed: int = 1234, global_batch: int = 4, micro_batch_size: int = 1,
                   lr: float = 1e-3, checkpoint: str | None = None,
-                  checkpoint_mode: str = "none") -> dict[str, Any]:
+                  checkpoint_mode: str = "none", mtp_recompute: bool = False) -> dict[str, Any]:
     """Like :func:`megacpp_mcore.testing.parity.train_run`, plus MTP placement, MTP losses and the
-    tied-embedding check after training."""
+    tied-embedding check after training; ``mtp_recompute``: the MTP block recomputed in backward."""
     from megatron.core import parallel_state
 
     from megacpp_mcore.train import runtime
@@ -136,6 +136,8 @@ def mtp_train_run(*, model: dict[str, Any], parallel: dict[str, Any] | None = No
         model=model, parallel=parallel, seed=seed, backend="local", checkpoint=checkpoint,
         checkpoint_mode=checkpoint_mode, lr=lr)
     dp_rank = parallel_state.get_data_parallel_rank()
+    for model in (m for c in chunks for m in c.module.modules() if hasattr(m, "mtp_config")):
+        model.mtp_config = dataclasses.replace(model.mtp_config, recompute=mtp_recompute)
     blocks = [m for c in chunks for m in c.module.modules() if hasattr(m, "megacpp_stats")]
     losses, grad_norms, mtp_losses = [], [], []
     for step in range(steps):
