@@ -113,7 +113,10 @@ FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
     "cuda_graphs": ("off", {"on": ["--cuda-graph-impl", "transformer_engine", "{cg}", "{cg_modules}"],
                             "off": []}),
     "fp8": ("off", {"on": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "off": []}),
+    # the launcher's (ours only): the LM loss without the logits (the ab set's ours_fused run)
+    "fused_lm_loss": ("off", {"on": ["--megacpp-fused-lm-loss", "on"], "off": []}),
 }
+OURS_ONLY = ("fused_lm_loss",)  # fast paths upstream's scripts have no flag for
 
 
 class BenchError(ValueError):
@@ -810,6 +813,10 @@ def parse_args(argv):
     if args.fast and not {"stage", "fast"} & set(args.set):
         raise BenchError("--fast runs variants of the stage slice: add --set stage or --set fast")
     base = base_settings(args)
+    ours_only = [f"{n}={v}" for n, v in args.base if n in OURS_ONLY and v != FAST_PATHS[n][0]]
+    if ours_only and "ab" in args.set:
+        raise BenchError(f"--base {ours_only[0]}: ours only (upstream's scripts have no such flag), so "
+                         "not for the ab set; there --ab-runs ours_fused,upstream_te_ce compare fused losses")
     same = [f"{n}={v}" for n, v in args.fast if base[n] == v]
     if same:
         raise BenchError(f"--fast {same[0]}: that is already every run's setting (the default or "

@@ -284,6 +284,13 @@ def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
     assert graphs[start + 1:start + 4] == ["transformer_engine", "--cuda-graph-scope", "mamba"]
     assert graphs[start + 4].startswith("--")
     assert _flag(runs["stage12_moe_dispatcher=allgather#0"], "--moe-token-dispatcher-type") == "allgather"
+    # the launcher's fused LM loss, a fast path of ours only: on/off on the stage slice itself
+    proc = _bench(["--dry-run", "--set", "fast", "--fast", "fused_lm_loss=on"], tmp_path / "mlm", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = _commands(proc.stdout)
+    fused = runs["stage12_fused_lm_loss=on#0"]
+    i = fused.index("--megacpp-fused-lm-loss")
+    assert fused[i + 1] == "on" and fused[:i] + fused[i + 2:] == runs["stage12#0"]
 
 
 def test_bench_stage_ab_runs_pick_the_variants(tmp_path):
@@ -323,6 +330,7 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--stage-slices", "4,24"], "--stage-slices 4,24: allowed: layer counts from 4, 8, 12, 16, 24, comma-separated, 12 among"),
     (["--stage-slices", "12,20"], "--stage-slices 12,20: allowed: layer counts from 4, 8, 12, 16, 24"),
     (["--stage-slices", "12,x"], "--stage-slices 12,x: allowed: layer counts from"),
+    (["--base", "fused_lm_loss=on"], "--base fused_lm_loss=on: ours only (upstream's scripts have no such flag)"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
     proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)
