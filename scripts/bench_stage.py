@@ -85,12 +85,12 @@ from megacpp_mcore.upstream import launch_pretrain as lp  # noqa: E402
 
 SETS = ("ab", "stage", "fast", "startup")
 STAGE_SLICES = (4, 8, 12, 16, 24)  # prefixes of the pattern: the projection's 4, 8, 12; checks 16, 24
-#: stage runs that repeat a slice with our flags changed: name -> (the slice, the flags)
+#: stage runs that repeat a slice with our flags changed: name -> (the slice, the flags), in run order
 STAGE_VARIANTS = {
+    # the MTP block's forward run again in backward (the recipe's MTP_RECOMPUTE=1; --mtp-recompute)
+    "stage12_mtp_recompute": ("stage12_mtp", ["--megacpp-mtp-recompute", "on"]),
     # the MoE counts read on the host, as with EP > 1 (the projection's host-counts term)
     "stage12_host_counts": ("stage12", ["--megacpp-moe-device-counts", "off"]),
-    # the MTP block's forward run again in backward (the recipe's MTP_RECOMPUTE=1): its memory
-    "stage12_mtp_recompute": ("stage12_mtp", ["--megacpp-mtp-recompute", "on"]),
 }
 AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_host_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
@@ -285,9 +285,9 @@ def plan_runs(args) -> list[Run]:
         slices = {"stage12": built.replace(num_layers=12, mtp_depth=0)}
         if "stage" in args.set:  # "fast": the 12-layer baseline and the --fast variants only
             slices["stage12_mtp"] = built.replace(num_layers=12)
-            if args.mtp_recompute:
-                slices["stage12_mtp_recompute"] = slices["stage12_mtp"]
-            slices["stage12_host_counts"] = slices["stage12"]
+            for name, (base_slice, _) in STAGE_VARIANTS.items():
+                if name != "stage12_mtp_recompute" or args.mtp_recompute:
+                    slices[name] = slices[base_slice]
             for n in sorted(n for n in args.stage_slices if n != 12):
                 slices[f"stage{n}"] = built.replace(num_layers=n, mtp_depth=0)
         for r in range(args.stage_repeats):
@@ -681,9 +681,11 @@ def report(rows: list[dict], args) -> dict:
             print(f"  assumption: {line}")
         out["layouts_8xh200"] = _print_layouts(layouts(tps, peaks, args, optimizer), args, "")
         if "stage12_mtp_recompute" in tps:  # the same with the MTP block recomputed, as measured
+            replaced = STAGE_VARIANTS["stage12_mtp_recompute"][0]
+
             def swapped(values: dict) -> dict:
                 return {k: values[v] for k in values
-                        if (v := "stage12_mtp_recompute" if k == "stage12_mtp" else k) in values}
+                        if (v := "stage12_mtp_recompute" if k == replaced else k) in values}
 
             table = layouts(swapped(tps), swapped(peaks), args, swapped(optimizer))
             out["layouts_8xh200_mtp_recompute"] = _print_layouts(

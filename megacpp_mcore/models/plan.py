@@ -66,9 +66,14 @@ def check_split(m: ModelConfig, *, tp: int, ep: int) -> None:
                          f"allowed: {divisors(m.moe.num_experts)}")
 
 
+def _sbh_bytes(m: ModelConfig, micro_batch: int) -> int:
+    """One bf16 ``[s, b, h]`` tensor: the unit of the activation estimates."""
+    return m.seq_length * micro_batch * m.hidden_size * 2
+
+
 def activation_bytes(m: ModelConfig, entry: LayerEntry, micro_batch: int, tp: int) -> int:
     """Rough bf16 activation memory kept for backward by one layer (flash attention, no recompute)."""
-    sbh = m.seq_length * micro_batch * m.hidden_size * 2
+    sbh = _sbh_bytes(m, micro_batch)
     factor = {"A": 10, "E": 6, "M": 12, "R": 10}[entry.symbol]
     if entry.symbol == "E":
         inner = m.moe.topk * m.moe.ffn_hidden_size + (m.moe.shared_expert_size or 0) if m.moe else m.ffn_hidden_size
@@ -80,7 +85,7 @@ def mtp_activation_bytes(m: ModelConfig, micro_batch: int, tp: int) -> int:
     """Rough bf16 activation memory kept for backward by ONE depth of the shared MTP block (no
     recompute): its A and E layers as on the trunk, plus its input mixing (the two normed inputs,
     their ``[s, b, 2h]`` concatenation into the projection) and the final norm before the head."""
-    sbh = m.seq_length * micro_batch * m.hidden_size * 2
+    sbh = _sbh_bytes(m, micro_batch)
     layers = sum(activation_bytes(m, LayerEntry(index=m.num_layers, symbol=s, features=frozenset(), stage=0),
                                   micro_batch, tp) for s in "AE")
     return layers + int(5 * sbh / tp)
@@ -97,7 +102,7 @@ def mtp_activations(m: ModelConfig, micro_batch: int, tp: int, *, recompute: boo
     per_depth = mtp_activation_bytes(m, micro_batch, tp)
     if not recompute:
         return m.mtp_depth * per_depth
-    sbh = m.seq_length * micro_batch * m.hidden_size * 2
+    sbh = _sbh_bytes(m, micro_batch)
     return m.mtp_depth * int(3 * sbh / tp) + per_depth
 
 

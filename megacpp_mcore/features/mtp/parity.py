@@ -136,8 +136,8 @@ def mtp_train_run(*, model: dict[str, Any], parallel: dict[str, Any] | None = No
         model=model, parallel=parallel, seed=seed, backend="local", checkpoint=checkpoint,
         checkpoint_mode=checkpoint_mode, lr=lr)
     dp_rank = parallel_state.get_data_parallel_rank()
-    for model in (m for c in chunks for m in c.module.modules() if hasattr(m, "mtp_config")):
-        model.mtp_config = dataclasses.replace(model.mtp_config, recompute=mtp_recompute)
+    for module in (m for c in chunks for m in c.module.modules() if hasattr(m, "mtp_config")):
+        module.mtp_config = dataclasses.replace(module.mtp_config, recompute=mtp_recompute)
     blocks = [m for c in chunks for m in c.module.modules() if hasattr(m, "megacpp_stats")]
     losses, grad_norms, mtp_losses = [], [], []
     for step in range(steps):
