@@ -22,9 +22,10 @@
 #   3.8 GiB of margin). So MTP_RECOMPUTE=1 by default: --megacpp-mtp-recompute on runs the MTP
 #   block's forward again in backward (x0.967 on the 12-layer + MTP slice, 1.6% of the projected
 #   whole-model throughput; 3.4 GiB less peak, the plan estimates 2.6).
-#   --megacpp-fused-lm-loss on keeps the main head's [4 x 4096 x 131072] fp32 logits (8 GiB) from
-#   being built, and is faster: x1.088 at MBS 2 (two interleaved pairs, pooled 1.085-1.090, an
-#   H100, 2026-12-07, and x1.08 the call before; 0.94-0.99 in two earlier calls: docs/benchmarks.md).
+#   --megacpp-fused-lm-loss on (the launcher's default, said here) keeps the main head's
+#   [4 x 4096 x 131072] fp32 logits (8 GiB) from being built, and is faster: x1.124 on the 12-layer
+#   slice at MBS 2 (pooled 1.084-1.162) and x1.088 on the shared structure (pooled 1.085-1.090), H100,
+#   2026-12-07 (0.94-0.99 in two calls before the MoE device counts: docs/benchmarks.md).
 #   With memory to spare, MTP_RECOMPUTE=0 (+1.6%). Should it not fit: MBS=2 (94.2 GiB by the same
 #   estimate and measured rest at MBS 2, no recompute; projected 12,628 tokens/s/GPU), then EP=2
 #   (122.3 GiB at MBS 4 without the recompute, 11,071) or EP=8 (113.8 GiB, 10,715).

@@ -20,7 +20,8 @@ Sets (``--set``, runs interleaved within a repeat, ``--repeats`` / ``--stage-rep
 * ``ab``: the NAM56R structure on the symbols upstream has (``AEMEAEMEAEMM``, standard attention,
   M for R, no MTP), 12 layers at the public dims; ours (``pretrain_gpt.py`` through the launcher,
   ``layer_specs.nam56r NAM56R_UPSTREAM_SYMBOLS``) against upstream's hybrid (``pretrain_mamba.py``
-  ``*EME*EME*EMM``, or ``pretrain_hybrid.py`` on core_v0.19); same dims, mock data, seed, batch.
+  ``*EME*EME*EMM``, or ``pretrain_hybrid.py`` on core_v0.19); same dims, mock data, seed, batch,
+  and the same loss (``ours`` turns the launcher's default fused LM loss off).
   ``--ab-runs`` adds variants: ours with the fused LM loss, upstream with TE's fused CE, ours
   with Megatron's MoE dispatcher (``ours_host_counts``).
 * ``stage``: the public NAM56R (MLA, R, ``layer_specs.nam56r NAM56R``) in the slices of
@@ -113,8 +114,9 @@ FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
     "cuda_graphs": ("off", {"on": ["--cuda-graph-impl", "transformer_engine", "{cg}", "{cg_modules}"],
                             "off": []}),
     "fp8": ("off", {"on": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "off": []}),
-    # the launcher's (ours only): the LM loss without the logits (the ab set's ours_fused run)
-    "fused_lm_loss": ("off", {"on": ["--megacpp-fused-lm-loss", "on"], "off": []}),
+    # the launcher's (ours only): the LM loss without the logits, its default (the ab set's ours
+    # run turns it off: upstream's loss, for the shared structure; ours_fused keeps it)
+    "fused_lm_loss": ("on", {"on": [], "off": ["--megacpp-fused-lm-loss", "off"]}),
 }
 OURS_ONLY = ("fused_lm_loss",)  # fast paths upstream's scripts have no flag for
 
@@ -208,6 +210,7 @@ def upstream(name: str, m: ModelConfig, args, *, iters: int, fast: dict[str, str
     """Upstream's own hybrid on ``m``'s layer table (A -> ``*``, E, M)."""
     script, spec, pattern_flag = upstream_entry(args.megatron_lm)
     pattern = "".join(UPSTREAM_SYMBOLS[e.symbol] for e in m.layer_table())
+    fast = {name: value for name, value in fast.items() if name not in OURS_ONLY}
     command = [*launcher(args), str(args.megatron_lm / script), "--spec", *spec, pattern_flag, pattern,
                *model_args(m, mla=False, mtp=False), *common_args(m, args, iters, fast)]
     return Run(name=name, model=m, command=command, env={})
@@ -261,16 +264,16 @@ def plan_runs(args) -> list[Run]:
         shared = nam.replace(name="nam56r-upstream-symbols", pattern="AEMEAEMEAEMM", num_layers=12,
                              mla=None, mtp_depth=0, features={})
         spec = ("layer_specs.nam56r", "NAM56R_UPSTREAM_SYMBOLS")
-        fused = ["--megacpp-fused-lm-loss", "on"]
+        unfused, fused = base | {"fused_lm_loss": "off"}, base | {"fused_lm_loss": "on"}
         variants = {
-            "ours": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base),
+            # GPTModel's loss, as upstream's: the same model and loss on both sides
+            "ours": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=unfused),
             "upstream": lambda n: upstream(n, shared, args, iters=args.iters, fast=base),
-            # the fused LM loss (opt-in): no logits built, gradients computed in forward
-            "ours_fused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
-                                         extra=fused),
+            # the fused LM loss (the launcher's default): no logits built, gradients computed in forward
+            "ours_fused": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=fused),
             # ours_fused with Megatron's dispatcher (the MoE token counts read on the host each layer)
-            "ours_host_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=base,
-                                               extra=[*fused, "--megacpp-moe-device-counts", "off"]),
+            "ours_host_counts": lambda n: ours(n, shared, spec, args, iters=args.iters, mla=False, fast=fused,
+                                               extra=["--megacpp-moe-device-counts", "off"]),
             # upstream's best loss: TE's fused cross-entropy (the logits still built)
             "upstream_te_ce": lambda n: upstream(n, shared, args, iters=args.iters,
                                                  fast=base | {"ce_fusion": "te"}),
@@ -722,8 +725,9 @@ def parse_args(argv):
     p.add_argument("--set", default="ab,stage", help=f"comma-separated, of: {', '.join(SETS)}")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ab runs")
     p.add_argument("--ab-runs", default="ours,upstream",
-                   help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours_fused: "
-                        "--megacpp-fused-lm-loss on; upstream_te_ce: upstream with TE's fused CE; "
+                   help=f"the ab runs of each repeat, in order, of: {', '.join(AB_RUNS)} (ours: "
+                        "--megacpp-fused-lm-loss off, upstream's loss; ours_fused: the launcher's "
+                        "default fused LM loss; upstream_te_ce: upstream with TE's fused CE; "
                         "ours_host_counts: ours_fused with --megacpp-moe-device-counts off)")
     p.add_argument("--stage-repeats", type=int, default=1, help="repeats of the stage runs")
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
@@ -818,7 +822,8 @@ def parse_args(argv):
     ours_only = [f"{n}={v}" for n, v in args.base if n in OURS_ONLY and v != FAST_PATHS[n][0]]
     if ours_only and "ab" in args.set:
         raise BenchError(f"--base {ours_only[0]}: ours only (upstream's scripts have no such flag), so "
-                         "not for the ab set; there --ab-runs ours_fused,upstream_te_ce compare fused losses")
+                         "not for the ab set (ours runs upstream's loss there, ours_fused the fused one); "
+                         "--ab-runs ours_fused,upstream_te_ce compare fused losses")
     same = [f"{n}={v}" for n, v in args.fast if base[n] == v]
     if same:
         raise BenchError(f"--fast {same[0]}: that is already every run's setting (the default or "

@@ -93,7 +93,7 @@ for part in $PARTS; do
     # the next call on the same machine resumes
     # (a finished stage.json is kept too: remove it for a fresh measurement); STAGE_ARGS: more
     # bench_stage flags, whitespace-split (e.g. --base moe_permute_fusion=on
-    # --ours-extra=--megacpp-fused-lm-loss=on --fast moe_permute_fusion=off)
+    # --fast fused_lm_loss=off)
     stage) resume=(); [[ -f $OUT/stage.json ]] && resume=(--resume "$OUT/stage.json")
            read -r -a more <<<"${STAGE_ARGS:-}"
            python scripts/bench_stage.py --set stage ${more[@]+"${more[@]}"} --out "$OUT/stage.json" \

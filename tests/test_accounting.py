@@ -247,8 +247,11 @@ def test_bench_stage_dry_run_prints_the_default_set(default_dry_run):
     assert up[up.index("--hybrid-override-pattern") + 1] == "*EME*EME*EMM"
     assert up[up.index("--spec") + 1:up.index("--spec") + 3] == ["megatron.core.models.mamba.mamba_layer_specs",
                                                                  "mamba_stack_spec"]
-    # the same model, data and batch on both sides: everything after the entry point but the spec
+    # the same model, data, batch and loss on both sides: everything after the entry point but the
+    # spec, and ours turning the launcher's default fused LM loss off (upstream's loss)
     ours_flags = ours[spec + 3:]
+    i = ours_flags.index("--megacpp-fused-lm-loss")
+    assert ours_flags.pop(i + 1) == "off" and ours_flags.pop(i)
     up_flags = up[up.index("--hybrid-override-pattern") + 2:]
     assert ours_flags == up_flags
     assert (_flag(ours, "--hidden-size"), _flag(ours, "--moe-shared-expert-intermediate-size")) == ("4096", "1024")
@@ -284,13 +287,15 @@ def test_bench_stage_fast_set_is_the_baseline_and_its_variants(tmp_path):
     assert graphs[start + 1:start + 4] == ["transformer_engine", "--cuda-graph-scope", "mamba"]
     assert graphs[start + 4].startswith("--")
     assert _flag(runs["stage12_moe_dispatcher=allgather#0"], "--moe-token-dispatcher-type") == "allgather"
-    # the launcher's fused LM loss, a fast path of ours only: on/off on the stage slice itself
-    proc = _bench(["--dry-run", "--set", "fast", "--fast", "fused_lm_loss=on"], tmp_path / "mlm", tmp_path)
+    # the launcher's fused LM loss, a fast path of ours only and the launcher's default: the stage
+    # slice runs it, and the flipped run turns it off
+    proc = _bench(["--dry-run", "--set", "fast", "--fast", "fused_lm_loss=off"], tmp_path / "mlm", tmp_path)
     assert proc.returncode == 0, proc.stderr
     runs = _commands(proc.stdout)
-    fused = runs["stage12_fused_lm_loss=on#0"]
-    i = fused.index("--megacpp-fused-lm-loss")
-    assert fused[i + 1] == "on" and fused[:i] + fused[i + 2:] == runs["stage12#0"]
+    unfused = runs["stage12_fused_lm_loss=off#0"]
+    i = unfused.index("--megacpp-fused-lm-loss")
+    assert unfused[i + 1] == "off" and unfused[:i] + unfused[i + 2:] == runs["stage12#0"]
+    assert "--megacpp-fused-lm-loss" not in runs["stage12#0"]
 
 
 def test_bench_stage_ab_runs_pick_the_variants(tmp_path):
@@ -300,7 +305,10 @@ def test_bench_stage_ab_runs_pick_the_variants(tmp_path):
     runs = _commands(proc.stdout)
     assert list(runs) == ["ab_ours_fused#0", "ab_upstream_te_ce#0", "ab_ours#0", "ab_ours_host_counts#0"]
     ours, fused, te = runs["ab_ours#0"], runs["ab_ours_fused#0"], runs["ab_upstream_te_ce#0"]
-    assert fused == ours + ["--megacpp-fused-lm-loss", "on"]
+    # ours: upstream's loss (the launcher's default fused loss off); ours_fused: the default
+    i = ours.index("--megacpp-fused-lm-loss")
+    assert ours[i + 1] == "off" and ours[:i] + ours[i + 2:] == fused
+    assert "--megacpp-fused-lm-loss" not in fused and not any(t.startswith("--megacpp") for t in te)
     assert runs["ab_ours_host_counts#0"] == fused + ["--megacpp-moe-device-counts", "off"]
     assert te[te.index("--cross-entropy-fusion-impl") + 1] == "te" and "--cross-entropy-loss-fusion" in te
     assert "--cross-entropy-loss-fusion" not in ours
@@ -330,7 +338,8 @@ def test_bench_stage_uses_pretrain_hybrid_on_core_v019(tmp_path):
     (["--stage-slices", "4,24"], "--stage-slices 4,24: allowed: layer counts from 4, 8, 12, 16, 24, comma-separated, 12 among"),
     (["--stage-slices", "12,20"], "--stage-slices 12,20: allowed: layer counts from 4, 8, 12, 16, 24"),
     (["--stage-slices", "12,x"], "--stage-slices 12,x: allowed: layer counts from"),
-    (["--base", "fused_lm_loss=on"], "--base fused_lm_loss=on: ours only (upstream's scripts have no such flag)"),
+    (["--base", "fused_lm_loss=off"], "--base fused_lm_loss=off: ours only (upstream's scripts have no such flag)"),
+    (["--set", "fast", "--fast", "fused_lm_loss=on"], "--fast fused_lm_loss=on: that is already every run's setting"),
 ])
 def test_bench_stage_bad_input_is_one_line_exit_2(argv, fragment, tmp_path):
     proc = _bench(["--dry-run", *argv], tmp_path / "mlm", tmp_path)

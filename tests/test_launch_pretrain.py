@@ -38,16 +38,16 @@ def restore_spec_import(monkeypatch):
 
 
 def _args(**overrides) -> argparse.Namespace:
-    """What Megatron's parser yields for the fields the builder reads (defaults of core_v0.16.1)."""
-    values = dict(
+    """What Megatron's parser yields for the fields the builder reads (defaults of core_v0.16.1),
+    and our flags' defaults from our own argument group."""
+    values = vars(lp.add_megacpp_arguments(argparse.ArgumentParser()).parse_args([])) | dict(
         spec=["layer_specs.nam56r_lite", "NAM56R_LITE_AE"], transformer_impl="local",
         padded_vocab_size=128, max_position_embeddings=32, fp16_lm_cross_entropy=False,
         untie_embeddings_and_output_weights=True, position_embedding_type="rope",
         rotary_percent=1.0, rotary_base=10000, use_rope_scaling=False, mtp_num_layers=None,
         use_legacy_models=False, yaml_cfg=None, multi_latent_attention=False, q_lora_rank=None,
         kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
-        qk_layernorm=False, rope_type=None, rotary_scaling_factor=1.0, megacpp_mtp_depth=0, megacpp_mtp_decay=None, megacpp_mtp_loss_scale=None,
-        megacpp_fused_lm_loss="off",
+        qk_layernorm=False, rope_type=None, rotary_scaling_factor=1.0,
     )
     assert set(lp.MEGATRON_ARGS_READ) <= set(values)
     values.update(overrides)
@@ -145,12 +145,12 @@ def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
 
     from megacpp_mcore.features.mtp import FusedLossGPTModel
 
-    plain = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
-    assert type(plain) is GPTModel  # the default: GPTModel's own loss
+    plain = lp.gpt_builder(_args(megacpp_fused_lm_loss="off"), pre_process=True, post_process=True,
+                           config=_config())
+    assert type(plain) is GPTModel  # --megacpp-fused-lm-loss off: GPTModel's own loss
     assert "fused LM loss off" in capsys.readouterr().out
-    gpt = lp.gpt_builder(_args(megacpp_fused_lm_loss="on"), pre_process=True, post_process=True,
-                         config=_config())
-    assert type(gpt) is FusedLossGPTModel and gpt.fused_lm_loss and len(gpt.decoder.layers) == 4
+    gpt = lp.gpt_builder(_args(), pre_process=True, post_process=True, config=_config())
+    assert type(gpt) is FusedLossGPTModel and gpt.fused_lm_loss and len(gpt.decoder.layers) == 4  # the default
     assert ("model FusedLossGPTModel from --spec layer_specs.nam56r_lite NAM56R_LITE_AE: pattern 'AE', "
             "backend local (--transformer-impl local), features [], no MTP, fused LM loss on"
             ) in capsys.readouterr().out
@@ -162,11 +162,11 @@ def test_builder_builds_gpt_model_from_spec(single_rank, capsys):
         lp.gpt_builder(_args(megacpp_moe_device_counts="off"), pre_process=True, post_process=True,
                        config=_config())
         assert moe.DEVICE_COUNTS is False
-        assert "fused LM loss off, MoE device counts off" in capsys.readouterr().out
+        assert "fused LM loss on, MoE device counts off" in capsys.readouterr().out
         lp.gpt_builder(_args(megacpp_moe_device_counts="on"), pre_process=True, post_process=True,
                        config=_config())
         assert moe.DEVICE_COUNTS is True
-        assert "fused LM loss off, MoE device counts on" in capsys.readouterr().out
+        assert "fused LM loss on, MoE device counts on" in capsys.readouterr().out
     finally:
         moe.DEVICE_COUNTS = True
     tokens = torch.randint(0, 128, (2, 32))
@@ -184,6 +184,13 @@ def test_builder_is_the_packages_one_gpt_model_builder(single_rank, monkeypatch)
     lp.gpt_builder(_args(), pre_process=True, post_process=False, vp_stage=None, config=_config())
     assert len(calls) == 1 and calls[0]["post_process"] is False and calls[0]["mtp"] is None
     assert calls[0]["share_embeddings_and_output_weights"] is False  # --untie-embeddings-...
+
+
+def test_fused_lm_loss_is_the_default_but_not_for_arguments_saved_before_the_flag():
+    assert lp.fused_lm_loss_from_args(_args()) is True
+    saved = _args()
+    del saved.megacpp_fused_lm_loss  # a checkpoint's arguments from before the flag: GPTModel's loss
+    assert lp.fused_lm_loss_from_args(saved) is False
 
 
 def test_builder_refuses_upstream_mtp_from_checkpoint_args():

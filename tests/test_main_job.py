@@ -64,6 +64,13 @@ def test_no_checkpoint_writes_the_receipt_only(cache):
     (run,) = (cache / "cache" / "runs").iterdir()
     assert (run / "receipt.json").is_file()
     assert not any(p.name.startswith(("iter_", ".iter_")) for p in run.iterdir())
+    def lm_loss(receipt):
+        return json.loads(receipt.read_text())["training"]["lm_loss"]
+
+    assert lm_loss(run / "receipt.json") == "fused"  # the default
+    # --no-fused-lm-loss: GPTModel's own loss
+    assert cli.main([*argv, "--no-fused-lm-loss", "--receipt", str(cache / "unfused.json")]) == 0
+    assert lm_loss(cache / "unfused.json") == "gptmodel"
 
 
 def test_no_checkpoint_with_save_is_refused(cache, capsys):

@@ -47,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=["auto", "te", "local"], help="default auto")
     group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 weights/compute (default: on CUDA only)")
-    group.add_argument("--fused-lm-loss", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--fused-lm-loss", action=argparse.BooleanOptionalAction, default=None,
                        help="the LM loss through the package's fused linear cross-entropy: the "
-                            "[tokens x vocab] logits never built (default: off, GPTModel's loss)")
+                            "[tokens x vocab] logits never built (default: on; --no-fused-lm-loss: "
+                            "GPTModel's loss)")
     group.add_argument("--on-nonfinite", choices=["stop", "skip"],
                        help="NaN/inf gradients are never applied; on such a step (or a NaN/inf loss) stop the "
                             "run, or skip the step and go on (default stop); either way the receipt marks the "

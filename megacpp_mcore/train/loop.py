@@ -77,7 +77,7 @@ class TrainConfig:
     backend: str = "auto"
     parallel: Parallelism = Parallelism()
     bf16: bool | None = None  # default: on CUDA
-    fused_lm_loss: bool = False  # the LM loss through the fused linear cross-entropy (FusedLossGPTModel)
+    fused_lm_loss: bool = True  # the LM loss through the fused linear cross-entropy (FusedLossGPTModel)
     fast: FastPaths = FastPaths()  # kernel-path switches (default: this host's defaults)
     receipt: str | None = None  # default: <cache>/runs/<model>-<utc>.json
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the update

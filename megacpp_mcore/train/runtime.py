@@ -280,8 +280,8 @@ def build_model(model: ModelConfig, config, *, backend: str = "auto", wrap_ddp: 
                 trainable: Callable[[str], bool] | None = None, fused_lm_loss: bool = False) -> list:
     """GPTModel chunks (one per virtual stage) of ``model`` through :func:`gpt_model`, from the
     hybrid spec; DDP-wrapped by default. ``fused_lm_loss``: the LM loss through the fused linear
-    cross-entropy (``FusedLossGPTModel``; off by default, as the launcher's
-    ``--megacpp-fused-lm-loss``, until the stage benchmark shows it winning end to end).
+    cross-entropy (``FusedLossGPTModel``; off here, ``GPTModel`` itself, so that a library caller
+    gets upstream's model unless it asks; ``train`` and the launcher turn it on by default).
 
     ``trainable(name)``: only the parameters it accepts (names inside the GPTModel) keep
     ``requires_grad``; the rest are frozen before the DDP wrap, which gives gradient buffers to

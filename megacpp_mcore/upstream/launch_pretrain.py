@@ -115,9 +115,10 @@ def add_megacpp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group.add_argument("--megacpp-mtp-recompute", choices=("on", "off"), default="off",
                        help="on: recompute the MTP shared block in backward (each depth keeps only its "
                             "inputs; one extra block forward per depth); default off")
-    group.add_argument("--megacpp-fused-lm-loss", choices=("on", "off"), default="off",
-                       help="on: the LM loss through the package's fused linear cross-entropy, the "
-                            "[tokens x vocab] logits never built (FusedLossGPTModel); default off: "
+    group.add_argument("--megacpp-fused-lm-loss", choices=("on", "off"), default="on",
+                       help="on (default): the LM loss through the package's fused linear "
+                            "cross-entropy, the [tokens x vocab] logits never built "
+                            "(FusedLossGPTModel; faster and smaller: docs/benchmarks.md); off: "
                             "GPTModel's output layer and cross-entropy")
     group.add_argument("--megacpp-moe-device-counts", choices=("on", "off"), default="on",
                        help="on (default): MoE layers whose experts are all on the rank keep the "
@@ -292,7 +293,7 @@ def mtp_from_args(args: argparse.Namespace):
 
 def fused_lm_loss_from_args(args: argparse.Namespace) -> bool:
     """``--megacpp-fused-lm-loss``; arguments saved before the flag existed (a checkpoint's) read as
-    its default, off."""
+    off, GPTModel's loss, which those runs trained with."""
     return getattr(args, "megacpp_fused_lm_loss", "off") == "on"
 
 

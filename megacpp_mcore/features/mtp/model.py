@@ -1,7 +1,8 @@
 """``FusedLossGPTModel``: Megatron's ``GPTModel`` whose LM loss never builds the logits; and
 ``MTPGPTModel``: that model plus shared-block MTP on the last pipeline stage.
 
-The fused LM loss (``fused_lm_loss=True``, opt-in): with labels, ``GPTModel`` builds the ``[s, b, V]``
+The fused LM loss (``fused_lm_loss=True``; ``train``'s and the launcher's default, off in this class
+and in ``runtime.gpt_model`` unless asked for): with labels, ``GPTModel`` builds the ``[s, b, V]``
 bf16 logits, and its cross-entropy an fp32 copy of them, kept as the softmax for backward (14.9 GiB
 above the inputs at 16,384 tokens x 131,072 on an H100; ours 2.0, docs/benchmarks.md). Ours goes through :func:`~megacpp_mcore.features.mtp.fused_ce.vocab_parallel_linear_cross_entropy`
 with the batch's ``loss_mask``: one ``[chunk, V]`` block alive at a time, and the gradients computed
