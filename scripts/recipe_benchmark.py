@@ -140,11 +140,13 @@ def ab_commands(lite: list[str], megatron_lm: str) -> tuple[list[str], list[str]
     base = lite
     for name, n in (("--multi-latent-attention", 0), ("--q-lora-rank", 1), ("--kv-lora-rank", 1),
                     ("--qk-head-dim", 1), ("--qk-pos-emb-head-dim", 1), ("--v-head-dim", 1),
-                    ("--megacpp-mtp-depth", 1), ("--save", 1), ("--save-interval", 1)):
+                    ("--megacpp-mtp-depth", 1), ("--megacpp-fused-lm-loss", 1), ("--save", 1),
+                    ("--save-interval", 1)):
         base = _drop(base, name, n)
     depth = int(flag(base, "--num-layers"))
     ours = _set(_set(base, "--num-layers", str(2 * depth)), "--spec", "layer_specs.nam56r_lite")
     ours[ours.index("--spec") + 2] = "NAM56R_LITE_AE"
+    ours += ["--megacpp-fused-lm-loss", "off"]  # GPTModel's loss, as upstream's (the launcher's default is fused)
     start = ours.index("-m")  # torchrun ... -m megacpp_mcore.upstream.launch_pretrain --megatron-lm PATH
     upstream = base[:start] + [str(Path(megatron_lm) / "pretrain_gpt.py")] + base[start + 4:]
     upstream = _drop(upstream, "--spec", 2)

@@ -299,7 +299,9 @@ def test_benchmark_script_ab_commands_and_log_parsing(checkout, tmp_path):
     assert str(checkout / "pretrain_gpt.py") in upstream and "--spec" not in upstream
     for cmd in (ours, upstream):
         assert "--multi-latent-attention" not in cmd and "--megacpp-mtp-depth" not in cmd
-    same = {k: v for k, v in _flag_values(ours).items() if k not in ("--num-layers", "--spec", "--megatron-lm")}
+    assert _flag_values(ours)["--megacpp-fused-lm-loss"] == "off"  # the same loss as upstream's
+    same = {k: v for k, v in _flag_values(ours).items()
+            if k not in ("--num-layers", "--spec", "--megatron-lm", "--megacpp-fused-lm-loss")}
     assert same == {k: v for k, v in _flag_values(upstream).items() if k != "--num-layers"}
     log = ("iteration 3/ 50 | elapsed time per iteration (ms): 812.3 | lm loss: 1.040123E+01 |\n"
            "validation loss at iteration 50 | lm loss value: 9.9E+00 | lm loss PPL: 2.0E+04 |\n"
