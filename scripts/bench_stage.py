@@ -96,6 +96,10 @@ STAGE_VARIANTS = {
 AB_RUNS = ("ours", "upstream", "ours_fused", "upstream_te_ce", "ours_host_counts")
 UPSTREAM_SYMBOLS = {"A": "*", "E": "E", "M": "M"}  # our letter -> megatron-core's hybrid symbol
 
+# The launcher's own default for its fused LM loss (read from its parser, not restated here): that
+# value passes no flag, the other one says it.
+_FUSED_LM_LOSS = lp.add_megacpp_arguments(argparse.ArgumentParser()).get_default("megacpp_fused_lm_loss")
+
 # Fast paths of the stage slice: name -> (default, {value: Megatron-LM flags}); "{cg}" is the CUDA
 # graph module flag of the checkout (--cuda-graph-scope to 0.18, --cuda-graph-modules from 0.19).
 FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
@@ -116,7 +120,8 @@ FAST_PATHS: dict[str, tuple[str, dict[str, list[str]]]] = {
     "fp8": ("off", {"on": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "off": []}),
     # the launcher's (ours only): the LM loss without the logits, its default (the ab set's ours
     # run turns it off: upstream's loss, for the shared structure; ours_fused keeps it)
-    "fused_lm_loss": ("on", {"on": [], "off": ["--megacpp-fused-lm-loss", "off"]}),
+    "fused_lm_loss": (_FUSED_LM_LOSS, {v: [] if v == _FUSED_LM_LOSS else ["--megacpp-fused-lm-loss", v]
+                                       for v in ("on", "off")}),
 }
 OURS_ONLY = ("fused_lm_loss",)  # fast paths upstream's scripts have no flag for
 

@@ -64,6 +64,7 @@ def test_no_checkpoint_writes_the_receipt_only(cache):
     (run,) = (cache / "cache" / "runs").iterdir()
     assert (run / "receipt.json").is_file()
     assert not any(p.name.startswith(("iter_", ".iter_")) for p in run.iterdir())
+
     def lm_loss(receipt):
         return json.loads(receipt.read_text())["training"]["lm_loss"]
 
