@@ -80,11 +80,21 @@ check_train_flags() {  # check_train_flags FLAGS...: `megacpp-mcore train`'s par
     "$@" >/dev/null || exit 2
 }
 
-check_megatron_flags() {  # check_megatron_flags CHECKOUT FLAGS...: Megatron-LM's parser (with the
-  # package's flags) on FLAGS once, before torchrun starts its ranks: a bad flag exits 2 with one
-  # line (not --dry-run: it prints the command, and needs no importable checkout)
+check_megatron_flags() {  # check_megatron_flags DRY_RUN CHECKOUT FLAGS...: Megatron-LM's parser
+  # (with the package's flags) on FLAGS once, before torchrun starts its ranks or a --dry-run prints:
+  # a bad flag exits 2 with one line. Where the check cannot run on this host (the checkout's parser
+  # does not import: the launcher's exit 3 and one line; or python cannot run the launcher), a dry
+  # run says so and prints the command unchecked, a launch stops (exit 2)
+  local rc=0
   PYTHONPATH="$PYTHONPATH_WITH_REPO" python -m megacpp_mcore.launch_pretrain --check-flags \
-    --megatron-lm "$1" "${@:2}" || exit 2
+    --megatron-lm "$2" "${@:3}" || rc=$?
+  case $rc in
+    0) ;;
+    2) exit 2 ;;
+    3) (( $1 )) || exit 2 ;;
+    *) (( $1 )) || exit 2
+       echo "flags not checked: python -m megacpp_mcore.launch_pretrain --check-flags failed (exit $rc)" >&2 ;;
+  esac
 }
 
 launch() {  # launch DRY_RUN OUT_DIR CMD...: print CMD (DRY_RUN=1) or create OUT_DIR and exec CMD

@@ -142,7 +142,7 @@ OUTPUT=(
 
 FLAGS=("${MODEL[@]}" "${MOE[@]}" "${MLA[@]}" "${MTP[@]}" "${PARALLEL[@]}" "${TRAINING[@]}"
        "${DATA_ARGS[@]}" "${TOKENIZER[@]}" "${OUTPUT[@]}" "$@")
-(( DRY_RUN )) || check_megatron_flags "$MEGATRON_LM" "${FLAGS[@]}"
+check_megatron_flags "$DRY_RUN" "$MEGATRON_LM" "${FLAGS[@]}"
 launch "$DRY_RUN" "$OUT" env PYTHONPATH="$PYTHONPATH_WITH_REPO" CUDA_DEVICE_MAX_CONNECTIONS=1 \
   TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}" \
   torchrun --nproc-per-node "$NPROC" -m megacpp_mcore.launch_pretrain --megatron-lm "$MEGATRON_LM" \

@@ -268,20 +268,42 @@ def real_checkout(tmp_path_factory):
 def test_gpu_recipes_check_their_flags_with_megatron_before_torchrun(recipe, real_checkout, tmp_path):
     """The recipe's own flags pass Megatron-LM's parser (``launch_pretrain --check-flags``); an
     unknown extra flag stops the launch with exit 2 and one line naming it, before torchrun and
-    before the output directory exists."""
-    tokens = _dry_run(recipe, real_checkout, tmp_path / "out")
+    before the output directory exists, and a ``--dry-run`` the same way (it would print a command
+    that fails on every rank)."""
+    python_first = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # this interpreter's `python`
+    proc = _run(recipe, "--dry-run", MEGATRON_LM=str(real_checkout), OUT=str(tmp_path / "out"), DATA="",
+                **python_first)
+    assert proc.returncode == 0 and "flags not checked" not in proc.stderr, proc.stderr[-2000:]
+    tokens = shlex.split(proc.stdout)
     flags = tokens[tokens.index("megacpp_mcore.launch_pretrain") + 1:]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ok = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--check-flags", *flags],
                         capture_output=True, text=True, timeout=120, env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = tmp_path / "run"
-    proc = _run(recipe, "--bogus-flag", MEGATRON_LM=str(real_checkout), OUT=str(out), DATA="",
-                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # this interpreter's `python`
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == ("launch_pretrain: Megatron-LM refuses the flags: "
-                                            "pretrain_gpt.py: error: unrecognized arguments: --bogus-flag")
-    assert "torchrun" not in proc.stdout and not out.exists()
+    for dry in ([], ["--dry-run"]):
+        proc = _run(recipe, *dry, "--bogus-flag", MEGATRON_LM=str(real_checkout), OUT=str(out), DATA="",
+                    **python_first)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == ("launch_pretrain: Megatron-LM refuses the flags: "
+                                                "pretrain_gpt.py: error: unrecognized arguments: --bogus-flag")
+        assert proc.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.name in PRESET_OF], ids=lambda p: p.name)
+def test_gpu_recipes_dry_run_says_when_the_flags_went_unchecked(recipe, checkout, tmp_path):
+    """Where the checkout's parser does not import (here: the stand-in checkout), ``--dry-run`` still
+    prints its command and says in one line that the flags went unchecked and why; a launch stops
+    there (exit 2, nothing made) instead of failing on every rank."""
+    proc = _run(recipe, "--dry-run", "--bogus-flag", MEGATRON_LM=str(checkout), OUT=str(tmp_path / "out"),
+                DATA="")
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 1 and "--bogus-flag" in proc.stdout
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"launch_pretrain: flags not checked: Megatron-LM's parser does not import from {checkout} here ("), proc.stderr
+    out = tmp_path / "run"
+    proc = _run(recipe, MEGATRON_LM=str(checkout), OUT=str(out), DATA="")
+    assert proc.returncode == 2 and proc.stdout == "" and not out.exists()
+    assert "flags not checked" in proc.stderr.splitlines()[-1]
 
 
 def _benchmark_module():

@@ -20,8 +20,9 @@ What it adds to ``pretrain_gpt.py``, without editing the checkout:
    (``--mtp-num-layers``, legacy models, YAML configs, a missing ``--spec``), and MLA flags that
    disagree with the spec's MLA configuration;
 4. ``--check-flags``: Megatron's parser (with the package's flags) on the arguments, nothing started;
-   the recipes run it once before torchrun, so a bad flag is one line and exit 2 (no output
-   directory, no per-rank tracebacks).
+   the recipes run it once before torchrun (and under ``--dry-run``), so a bad flag is one line and
+   exit 2 (no output directory, no per-rank tracebacks); exit 3 and one line where the checkout's
+   parser does not import on this host (a dry run then prints its command unchecked).
 
 Everything else (data, optimizer, checkpoints, logging) is ``pretrain_gpt.py``'s own: the launcher
 imports that file as a module and calls Megatron's ``pretrain`` with its dataset provider, forward
@@ -435,8 +436,11 @@ def run(checkout: Path, megatron_argv: list[str]) -> None:
 def check_flags(checkout: Path, megatron_argv: list[str]) -> int:
     """Megatron's parser on ``megatron_argv`` with the flags :func:`run` adds (the package's, and
     ModelOpt's where the checkout's ``pretrain_gpt`` would add them), without starting anything:
-    0, or 2 with argparse's last line (the bad flag) instead of every rank's usage and traceback.
-    Imports only ``megatron.training.arguments`` (no CUDA needed)."""
+    0, or 2 with argparse's last line (the bad flag) instead of every rank's usage and traceback;
+    3 with one line when the parser does not import here (no megatron-core of the checkout's line,
+    a checkout without ``megatron/training``): the flags are then unchecked, which a recipe's
+    ``--dry-run`` accepts and a launch does not. Imports only ``megatron.training.arguments`` (no
+    CUDA needed)."""
     import contextlib
     import io
     import warnings
@@ -444,7 +448,12 @@ def check_flags(checkout: Path, megatron_argv: list[str]) -> int:
     _enter_checkout(checkout, megatron_argv)
     with warnings.catch_warnings():  # import-time notices (no TE/Apex on this host): not the answer
         warnings.simplefilter("ignore")
-        from megatron.training.arguments import parse_args
+        try:
+            from megatron.training.arguments import parse_args
+        except Exception as exc:  # noqa: BLE001 (any import failure is the same answer: unchecked)
+            print(f"launch_pretrain: flags not checked: Megatron-LM's parser does not import from {checkout} "
+                  f"here ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 3
 
         try:
             from megatron.post_training.arguments import add_modelopt_args
