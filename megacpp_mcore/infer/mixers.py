@@ -38,10 +38,12 @@ CLOSED_FORM_MAX = 16
 # * "closed": the closed form, every position's state materialised and the commit selecting one:
 #   fewer kernels, s states written. A step replayed as a CUDA graph at small batch is bound by
 #   its kernel count more than by its bytes (docs/benchmarks.md), so the choice is measured;
-# * "recurrent": one position at a time, each with a plain step's own operations on the same
-#   shapes (the conv over one window, the closed form of one position from the previous state),
-#   every state materialised: the kept state and the outputs are bit for bit those of plain
-#   steps over the same tokens, whatever the device's kernels do with other shapes; the most
+# * "recurrent": one position at a time, everything between the projections with a plain step's
+#   own operations on a plain step's shapes and layouts (the conv over one window, the closed form
+#   of one position from the previous state, the element-wise work and the gated norm on that
+#   position's rows), every state materialised: the kept state and the outputs are bit for bit
+#   those of plain steps over the same tokens, whatever the device's kernels do with other shapes
+#   (a CPU's vectorised element-wise kernels round a vector's tail unlike its body); the most
 #   kernels (s times a step's). The piece of the recurrence an exact speculative mode needs.
 # The engine's ``ssd_verify`` picks one for its sessions.
 VERIFY_STATES = ("quadratic", "closed", "recurrent")
@@ -138,19 +140,17 @@ class RecurrentState:
 
 
 def _conv(inputs: torch.Tensor, state: RecurrentState, valid: torch.Tensor, keep: bool,
-          one_by_one: bool = False):
-    """Causal depthwise conv of ``inputs`` ``[b, C, s]`` continuing the state's window; returns
-    SiLU(conv) ``[b, C, s]`` and the windows after each (or the last) position. ``one_by_one``:
-    each position's conv over its own window, as a one-position step computes it."""
+          conv: torch.Tensor | None = None):
+    """Causal depthwise conv of ``inputs`` ``[b, C, s]`` continuing the state's window (or
+    ``conv``, a window ``[b, C, w - 1]`` in its place); returns SiLU(conv) ``[b, C, s]`` and the
+    windows after each (or the last) position."""
     weight, bias = state.conv_parameters
-    width = weight.shape[-1]
     inputs = torch.where(valid[:, None, :], inputs, torch.zeros_like(inputs))  # padded: zeros
-    window = torch.cat([state.conv.to(inputs.dtype), inputs], dim=-1)  # [b, C, w - 1 + s]
-    s = inputs.shape[-1]
-    spans = [window[..., j:j + width] for j in range(s)] if one_by_one else [window]
-    out = torch.cat([F.silu(F.conv1d(span, weight, bias, groups=weight.shape[0])) for span in spans],
-                    dim=-1)  # [b, C, s]
+    window = torch.cat([(state.conv if conv is None else conv).to(inputs.dtype), inputs], dim=-1)
+    s = inputs.shape[-1]  # window: [b, C, w - 1 + s]
+    out = F.silu(F.conv1d(window, weight, bias, groups=weight.shape[0]))  # [b, C, s]
     if keep:
+        width = weight.shape[-1]
         windows = torch.stack([window[..., j + 1:j + width] for j in range(s)])  # [s, b, C, w-1]
     else:
         windows = window[..., s:]
@@ -211,20 +211,6 @@ class PendingSSDStates:
         return torch.exp(end[:, 0])[..., None, None] * self.s0 + torch.einsum("bih,bihp,bihn->bhpn", weight, xdt, B)
 
 
-def _ssd_recurrent(x, dt, A, B, C, s0):
-    """Mamba-2 from state ``s0`` over ``s`` positions one at a time, each through
-    :func:`_ssd_closed_form` of one position from the previous state (a plain step's arithmetic);
-    shapes as :func:`_ssd_closed_form`."""
-    ys, states = [], []
-    for j in range(x.shape[1]):
-        one = slice(j, j + 1)
-        y, state = _ssd_closed_form(x[:, one], dt[:, one], A, B[:, one], C[:, one], s0)
-        s0 = state[:, 0]
-        ys.append(y)
-        states.append(state)
-    return torch.cat(ys, dim=1), torch.cat(states, dim=1)
-
-
 def _ssd_verify(x, dt, A, B, C, s0):
     """Mamba-2 from state ``s0`` over ``s`` positions without materialising a state: the outputs
     by the scan's quadratic form (``y_j = sum_{i<=j} exp(cum_j - cum_i) (C_j . B_i) x_i dt_i +
@@ -251,37 +237,59 @@ def _ssd_chunked(x, dt, A, B, C, s0, chunk: int):
 
 
 def mamba_step(mixer, hidden, state: RecurrentState, ctx: StepContext, keep: bool):
-    """Mamba-2 mixer over the new positions: ``[s, b, h] -> (out, bias)``; stages the state."""
+    """Mamba-2 mixer over the new positions: ``[s, b, h] -> (out, bias)``; stages the state.
+    Verified ``"recurrent"``ly, everything between the two projections runs one position at a
+    time on the rows of that position alone (:func:`_mamba_inner` of ``s = 1``, from the state the
+    position before left): a plain step's operations on a plain step's shapes and layouts, so even
+    a CPU's vectorised element-wise kernels, which round the elements of a vector's tail unlike the
+    rest, give each position what a plain step gives it."""
     zxBCdt, _ = mixer.in_proj(hidden)  # [s, b, in_proj_dim]
+    if not (keep and state.verify == "recurrent"):
+        y, windows, states = _mamba_inner(mixer, zxBCdt, state, ctx.valid, keep)
+    else:
+        conv, s0, ys, windows, states = state.conv, state.state, [], [], []
+        for j in range(zxBCdt.shape[0]):
+            y, conv, s0 = _mamba_inner(mixer, zxBCdt[j:j + 1], state, ctx.valid[:, j:j + 1], False,
+                                       conv=conv, s0=s0)
+            ys.append(y)
+            windows.append(conv)
+            states.append(s0)
+        y, windows, states = torch.cat(ys), torch.stack(windows), torch.stack(states)
+    state.stage(windows, states, per_position=keep)
+    return mixer.out_proj(y)
+
+
+def _mamba_inner(mixer, zxBCdt, state: RecurrentState, valid, keep: bool, conv=None, s0=None):
+    """Mamba-2 between its projections over ``s`` positions, ``[s, b, in_proj_dim] -> (y [s, b,
+    d_inner], windows, states)``: per position (``[s, ...]``) with ``keep``, else the last; from
+    the state's conv window and SSM state, or ``conv`` / ``s0`` in their place."""
     di, nh, n = mixer.d_inner_local_tp, mixer.nheads_local_tp, mixer.d_state
     gn = mixer.ngroups_local_tp * n
+    s0 = state.state if s0 is None else s0
     z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [di, di + 2 * gn, nh], dim=-1)  # [b, s, .]
-    recurrent = keep and state.verify == "recurrent"
-    xBC, windows = _conv(xBC.transpose(1, 2), state, ctx.valid, keep, one_by_one=recurrent)
+    xBC, windows = _conv(xBC.transpose(1, 2), state, valid, keep, conv=conv)
     x, B, C = torch.split(xBC.transpose(1, 2).float(), [di, gn, gn], dim=-1)
     x = x.unflatten(-1, (nh, mixer.headdim))  # [b, s, h, p]
     dt = F.softplus(dt.float() + mixer.dt_bias.float())
-    dt = torch.where(ctx.valid[..., None], dt, torch.zeros_like(dt))  # padded: no decay, no input
+    dt = torch.where(valid[..., None], dt, torch.zeros_like(dt))  # padded: no decay, no input
     A = -torch.exp(mixer.A_log.float())
     heads_per_group = nh // mixer.ngroups_local_tp
     B = B.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)  # [b, s, h, n]
     C = C.unflatten(-1, (-1, n)).repeat_interleave(heads_per_group, dim=2)
     s = x.shape[1]
     if keep and state.verify == "quadratic":  # the state a later commit keeps, computed then
-        y, states = _ssd_verify(x, dt, A, B, C, state.state)
-    elif keep:  # "closed" / "recurrent": every position's state materialised, [s, b, h, p, n]
-        form = _ssd_recurrent if recurrent else _ssd_closed_form
-        y, states = form(x, dt, A, B, C, state.state)
+        y, states = _ssd_verify(x, dt, A, B, C, s0)
+    elif keep:  # "closed": every position's state materialised, [s, b, h, p, n]
+        y, states = _ssd_closed_form(x, dt, A, B, C, s0)
         states = states.transpose(0, 1)
     elif s <= CLOSED_FORM_MAX:
-        y, states = _ssd_closed_form(x, dt, A, B, C, state.state)
+        y, states = _ssd_closed_form(x, dt, A, B, C, s0)
         states = states[:, -1]  # the last
     else:
-        y, states = _ssd_chunked(x, dt, A, B, C, state.state, getattr(mixer, "chunk_size", 64))
-    state.stage(windows, states, per_position=keep)
+        y, states = _ssd_chunked(x, dt, A, B, C, s0, getattr(mixer, "chunk_size", 64))
     y = (y + x * mixer.D.float()[:, None]).flatten(-2)  # [b, s, d_inner]
-    y = mixer.norm(y, z.float()).to(hidden.dtype).transpose(0, 1).contiguous()  # [s, b, d_inner]
-    return mixer.out_proj(y)
+    y = mixer.norm(y, z.float()).to(zxBCdt.dtype).transpose(0, 1).contiguous()  # [s, b, d_inner]
+    return y, windows, states
 
 
 def new_m2rnn_state(mixer, batch: int, dtype, device) -> RecurrentState:
