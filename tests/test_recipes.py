@@ -273,13 +273,9 @@ def test_gpu_recipes_check_their_flags_with_megatron_before_torchrun(recipe, rea
     python_first = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # this interpreter's `python`
     proc = _run(recipe, "--dry-run", MEGATRON_LM=str(real_checkout), OUT=str(tmp_path / "out"), DATA="",
                 **python_first)
+    # the dry run's own check passed (it runs launch_pretrain --check-flags on the flags it prints)
     assert proc.returncode == 0 and "flags not checked" not in proc.stderr, proc.stderr[-2000:]
-    tokens = shlex.split(proc.stdout)
-    flags = tokens[tokens.index("megacpp_mcore.launch_pretrain") + 1:]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ok = subprocess.run([sys.executable, "-m", "megacpp_mcore.launch_pretrain", "--check-flags", *flags],
-                        capture_output=True, text=True, timeout=120, env=env)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert proc.stdout.count("\n") == 1 and "megacpp_mcore.launch_pretrain" in proc.stdout
     out = tmp_path / "run"
     for dry in ([], ["--dry-run"]):
         proc = _run(recipe, *dry, "--bogus-flag", MEGATRON_LM=str(real_checkout), OUT=str(out), DATA="",
