@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.sh") if p.name != "lib.sh")
 MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
 PRESET_OF = {"nam56r_8xh200.sh": "nam56r", "nam56r_lite_1xh200.sh": "nam56r-lite"}
+# The recipes' `python` (their flag checks) is this interpreter, which imports the package.
+THIS_PYTHON = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
 @pytest.fixture
@@ -270,16 +272,15 @@ def test_gpu_recipes_check_their_flags_with_megatron_before_torchrun(recipe, rea
     unknown extra flag stops the launch with exit 2 and one line naming it, before torchrun and
     before the output directory exists, and a ``--dry-run`` the same way (it would print a command
     that fails on every rank)."""
-    python_first = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # this interpreter's `python`
     proc = _run(recipe, "--dry-run", MEGATRON_LM=str(real_checkout), OUT=str(tmp_path / "out"), DATA="",
-                **python_first)
+                **THIS_PYTHON)
     # the dry run's own check passed (it runs launch_pretrain --check-flags on the flags it prints)
     assert proc.returncode == 0 and "flags not checked" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stdout.count("\n") == 1 and "megacpp_mcore.launch_pretrain" in proc.stdout
     out = tmp_path / "run"
     for dry in ([], ["--dry-run"]):
         proc = _run(recipe, *dry, "--bogus-flag", MEGATRON_LM=str(real_checkout), OUT=str(out), DATA="",
-                    **python_first)
+                    **THIS_PYTHON)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.splitlines()[-1] == ("launch_pretrain: Megatron-LM refuses the flags: "
                                                 "pretrain_gpt.py: error: unrecognized arguments: --bogus-flag")
@@ -288,16 +289,19 @@ def test_gpu_recipes_check_their_flags_with_megatron_before_torchrun(recipe, rea
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r.name in PRESET_OF], ids=lambda p: p.name)
 def test_gpu_recipes_dry_run_says_when_the_flags_went_unchecked(recipe, checkout, tmp_path):
-    """Where the checkout's parser does not import (here: the stand-in checkout), ``--dry-run`` still
-    prints its command and says in one line that the flags went unchecked and why; a launch stops
-    there (exit 2, nothing made) instead of failing on every rank."""
+    """Where the checkout's parser does not import (here: the stand-in checkout, its
+    ``megatron.training`` made to fail on import, since megatron-core 0.19's wheel ships a
+    ``megatron.training`` of its own that would import otherwise), ``--dry-run`` still prints its
+    command and says in one line that the flags went unchecked and why; a launch stops there (exit
+    2, nothing made) instead of failing on every rank."""
+    (checkout / "megatron" / "training" / "__init__.py").write_text('raise ImportError("stand-in checkout")\n')
     proc = _run(recipe, "--dry-run", "--bogus-flag", MEGATRON_LM=str(checkout), OUT=str(tmp_path / "out"),
-                DATA="")
+                DATA="", **THIS_PYTHON)
     assert proc.returncode == 0 and proc.stdout.count("\n") == 1 and "--bogus-flag" in proc.stdout
     assert proc.stderr.splitlines()[-1].startswith(
         f"launch_pretrain: flags not checked: Megatron-LM's parser does not import from {checkout} here ("), proc.stderr
     out = tmp_path / "run"
-    proc = _run(recipe, MEGATRON_LM=str(checkout), OUT=str(out), DATA="")
+    proc = _run(recipe, MEGATRON_LM=str(checkout), OUT=str(out), DATA="", **THIS_PYTHON)
     assert proc.returncode == 2 and proc.stdout == "" and not out.exists()
     assert "flags not checked" in proc.stderr.splitlines()[-1]
 
