@@ -31,6 +31,7 @@ REGISTRY = (
     "megacpp_mcore.patches.layer_metrics_in_moe_report",
     "megacpp_mcore.patches.float16_optimizer_fp32_params",
     "megacpp_mcore.patches.mamba_ssd_tuned_configs",
+    "megacpp_mcore.patches.te_permute_tuned_configs",
     # SCOPE "cpu": hosts without CUDA only
     "megacpp_mcore.patches.cpu_device_redirect",
     "megacpp_mcore.patches.cpu_rng_tracker",

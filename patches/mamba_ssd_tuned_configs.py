@@ -95,11 +95,11 @@ def _matches(config, wanted: dict[str, int]) -> bool:
     return {**config.kwargs, **meta} == wanted
 
 
-def seed(autotuner, entries: list[tuple[str, str]]) -> list[str]:
+def seed(autotuner, entries: list[tuple[str, str]], patch: str = NAME) -> list[str]:
     """Puts each ``(key, config)`` of ``entries`` into ``autotuner.cache`` (an entry the autotuner
     already holds stays: it is this process's own measurement); returns what was added. The config
     is the autotuner's own object with those parameters; one it does not list is an error (the
-    table no longer fits the kernel)."""
+    table of ``patch`` no longer fits the kernel). Also seeds ``te-permute-tuned-configs``."""
     added = []
     for key_text, config_text in entries:
         key, wanted = ast.literal_eval(key_text), parse_config(config_text)
@@ -107,7 +107,7 @@ def seed(autotuner, entries: list[tuple[str, str]]) -> list[str]:
             continue
         config = next((c for c in autotuner.configs if _matches(c, wanted)), None)
         if config is None:
-            raise LookupError(f"{NAME}: no configuration {config_text} among the kernel's "
+            raise LookupError(f"{patch}: no configuration {config_text} among the kernel's "
                               f"{len(autotuner.configs)}; the table needs re-measuring")
         autotuner.cache[key] = config
         added.append(f"{key_text[:40]}... -> {config_text}")

@@ -27,7 +27,7 @@ VOCAB, HIDDEN = 64, 64
 
 def _gpt(pattern="E", num_layers=1, *, moe=MoEConfig(num_experts=8, topk=2, ffn_hidden_size=32,
                                                      shared_expert_size=32),
-         mla=False, mtp=0, features=None, bf16=False, **overrides):
+         mla=False, mtp=0, features=None, bf16=False, backend="local", **overrides):
     from megacpp_mcore.train import runtime
 
     cfg = ModelConfig(name="t", pattern=pattern, num_layers=num_layers, hidden_size=HIDDEN,
@@ -37,7 +37,7 @@ def _gpt(pattern="E", num_layers=1, *, moe=MoEConfig(num_experts=8, topk=2, ffn_
                                     qk_pos_emb_head_dim=8, v_head_dim=16) if mla else None,
                       features=features or {})
     config = runtime.transformer_config(cfg, runtime.Parallelism(), bf16=bf16, **overrides)
-    (gpt,) = runtime.build_model(cfg, config, backend="local", wrap_ddp=False)
+    (gpt,) = runtime.build_model(cfg, config, backend=backend, wrap_ddp=False)
     return gpt.eval()
 
 
@@ -246,8 +246,11 @@ def _fake(name: str, **modules_and_params) -> torch.nn.Module:
 def test_expert_weight_layouts_read_alike(single_rank):
     """TE's grouped linear (weight0..weight{E-1}, or one [E, out, in] weight) and the legacy
     GroupedMLP (expert-major weight1 [h, E*F1] / weight2 [E*f, h]) stack to SequentialMLP's
-    weights; an unknown expert class or a mis-shaped weight is named."""
+    weights, and so does our DeviceCountsTEGroupedMLP (TE's layout; before it was known, every
+    GPU-trained checkpoint decoded through Megatron's layer and refused CUDA graphs); an unknown
+    expert class or a mis-shaped weight is named."""
     from megacpp_mcore.infer.moe import stacked_expert_weights
+    from megacpp_mcore.layers.moe import DeviceCountsTEGroupedMLP
 
     torch.manual_seed(1)
     (layer,) = _moe_layers(_gpt())
@@ -265,6 +268,10 @@ def test_expert_weight_layouts_read_alike(single_rank):
                                 linear_fc2=_fake("TEGroupedLinear", weight=w2.transpose(1, 2))),
         "GroupedMLP": _fake("GroupedMLP", weight1=w1.reshape(HIDDEN, -1),
                             weight2=w2.reshape(-1, HIDDEN)),
+        # ours, what `E` builds on TE by default: TEGroupedMLP's parameters
+        "device counts": _fake(DeviceCountsTEGroupedMLP.__name__,
+                               linear_fc1=_fake("TEGroupedLinear", **fc1),
+                               linear_fc2=_fake("TEGroupedLinear", **fc2)),
     }
     for name, experts in layouts.items():
         got1, got2 = stacked_expert_weights(experts, E, HIDDEN)
@@ -495,6 +502,24 @@ def test_sparse_route_on_cuda_equals_dense_and_replays_in_a_graph(single_rank):
         static.copy_(torch.randn_like(static))
         graph.replay()
         torch.testing.assert_close(out, layer(static)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_te_experts_as_built_for_training_take_the_sync_free_route(single_rank):
+    """What `E` builds on TE for training (our DeviceCountsTEGroupedMLP under DeviceCountsMoELayer)
+    is planned onto the sync-free route, probe passed: a GPU-trained checkpoint decodes without
+    host syncs and in CUDA graphs (before its expert class was known, every such checkpoint
+    decoded through Megatron's layer and `--cuda-graphs` refused it)."""
+    from megacpp_mcore.infer import moe as moe_module
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    (layer,) = _moe_layers(_gpt(bf16=True, backend="te").cuda())
+    assert type(layer.experts).__name__ == "DeviceCountsTEGroupedMLP"
+    fast, why = moe_module.plan_moe(layer)
+    assert why is None and fast is not None, why
 
 
 @pytest.mark.gpu

@@ -603,3 +603,63 @@ def test_mamba_tuned_configs_leave_nothing_to_autotune_at_lite_shapes():
     torch.cuda.synchronize()
     grown = {name: set(k.cache) - before[name] for name, k in kernels.items()}
     assert not any(grown.values()), grown
+
+
+# ------------------------------------------------------------------ te-permute-tuned-configs
+def test_te_permute_tuned_configs_table_and_status():
+    """Every table entry is a key tuple Triton could build (hidden size, then dtype names) with a
+    BLOCK_SIZE TE's kernels list, seeded by the shared seeding (errors name this patch); without
+    Transformer Engine the row is n/a and nothing is applied."""
+    import ast
+
+    from megacpp_mcore.patches import te_permute_tuned_configs as patch
+
+    assert sum(len(e) for e in patch.TUNED.values()) == 4
+    for name, entries in patch.TUNED.items():
+        for key, config in entries:
+            key = ast.literal_eval(key)
+            assert key[0] == 2048 and all(str(k).startswith("torch.") for k in key[1:]), name
+            assert patch.parse_config(config)["BLOCK_SIZE"] in (64, 128, 256, 512, 1024, 2048, 4096)
+    tuner = _Autotuner([_Config(4, 3, BLOCK_SIZE=b) for b in (1024, 2048, 4096)])
+    assert len(patch.seed(tuner, patch.TUNED["_permute_kernel"], patch=patch.NAME)) == 2
+    assert tuner.cache[(2048, "torch.bfloat16", "torch.int32", "torch.bfloat16")] is tuner.configs[1]
+    with pytest.raises(LookupError, match="te-permute-tuned-configs: no configuration BLOCK_SIZE=4096"):
+        patch.seed(_Autotuner([_Config(4, 3, BLOCK_SIZE=64)]), patch.TUNED["_unpermute_kernel"],
+                   patch=patch.NAME)
+    if importlib.util.find_spec("transformer_engine") is None:
+        row = next(r for r in registry.status(["te-permute-tuned-configs"]))
+        assert (row.check, row.action) == ("not-applicable", "n/a")
+        assert row.note == "needs transformer_engine, which is not installed here"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None
+                    or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs an SM90 GPU with Transformer Engine")
+def test_te_permute_tuned_configs_leave_nothing_to_autotune_at_lite_shapes():
+    """After the registry applied the patch, Megatron's fused permutation as the MoE layer runs
+    it (permute with fp32 probabilities, un-permute, forward and backward) at nam56r-lite's hidden
+    size in bf16 adds no autotuner key: every call found its seeded choice, none benchmarked."""
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    from megacpp_mcore.patches import te_permute_tuned_configs as patch
+
+    assert registry.status(["te-permute-tuned-configs"])[0].check == "needed"
+    registry.apply_needed(["te-permute-tuned-configs"])
+    assert patch.applied() is True
+    kernels = patch._autotuners()
+    before = {name: set(k.cache) for name, k in kernels.items()}
+    tokens, experts, topk = 4096, 16, 4
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    scores = torch.randn(tokens, experts, device="cuda").softmax(-1)
+    top = scores.topk(topk, dim=-1)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top.indices, True)
+    probs = torch.zeros_like(scores).scatter(1, top.indices, top.values).requires_grad_()
+    permuted, permuted_probs, row_id_map = permute(x, routing_map, probs=probs,
+                                                   num_out_tokens=tokens * topk, fused=True)
+    out = unpermute(permuted * permuted_probs.unsqueeze(-1).to(permuted.dtype), row_id_map,
+                    restore_shape=x.shape, routing_map=routing_map, fused=True)
+    out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    grown = {name: set(k.cache) - before[name] for name, k in kernels.items()}
+    assert not any(grown.values()), grown

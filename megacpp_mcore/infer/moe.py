@@ -57,8 +57,11 @@ DEFAULT_ROUTES = ("dense", "gathered")
 # which imports Triton; this module does not).
 KERNEL_MAX_TOKENS = 64
 
-# Expert modules whose parameter layouts are read here (megatron-core 0.16 - 0.19).
-KNOWN_EXPERTS = ("SequentialMLP", "TEGroupedMLP", "InferenceGroupedMLP", "GroupedMLP")
+# Expert modules whose parameter layouts are read here (megatron-core 0.16 - 0.19), and ours:
+# DeviceCountsTEGroupedMLP (layers/moe.py, what `E` builds on TE by default) has TEGroupedMLP's
+# parameters. Names, not classes: a subclass may lay its weights out otherwise.
+KNOWN_EXPERTS = ("SequentialMLP", "TEGroupedMLP", "InferenceGroupedMLP", "GroupedMLP",
+                 "DeviceCountsTEGroupedMLP")
 
 # Relative error (Frobenius norm) allowed between this path and Megatron's layer on the probe: a
 # wrong layout (another expert, swapped GLU halves, a transposed weight) is off by O(1); rounding
