@@ -19,8 +19,8 @@ speeds differ). A key whose format changes in another Triton release simply neve
 
 from __future__ import annotations
 
-import ast
-import importlib
+from megacpp_mcore.patches import _tuned_configs as _tuned
+from megacpp_mcore.patches._tuned_configs import parse_config, seed  # noqa: F401 (tests, callers)
 
 NAME = "mamba-ssd-tuned-configs"
 TARGETS = "mamba-ssm >=2.2,<2.4"  # staged on the H200: 2.3.2.post1 (Triton 3.6)
@@ -85,84 +85,17 @@ TUNED: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def parse_config(text: str) -> dict[str, int]:
-    """``"BLOCK_SIZE_M=64 num_warps=4 num_stages=3"`` -> ``{"BLOCK_SIZE_M": 64, ...}``."""
-    return {name: int(value) for name, value in (item.split("=") for item in text.split())}
-
-
-def _matches(config, wanted: dict[str, int]) -> bool:
-    meta = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {**config.kwargs, **meta} == wanted
-
-
-def seed(autotuner, entries: list[tuple[str, str]], patch: str = NAME) -> list[str]:
-    """Puts each ``(key, config)`` of ``entries`` into ``autotuner.cache`` (an entry the autotuner
-    already holds stays: it is this process's own measurement); returns what was added. The config
-    is the autotuner's own object with those parameters; one it does not list is an error (the
-    table of ``patch`` no longer fits the kernel). Also seeds ``te-permute-tuned-configs``."""
-    added = []
-    for key_text, config_text in entries:
-        key, wanted = ast.literal_eval(key_text), parse_config(config_text)
-        if key in autotuner.cache:
-            continue
-        config = next((c for c in autotuner.configs if _matches(c, wanted)), None)
-        if config is None:
-            raise LookupError(f"{patch}: no configuration {config_text} among the kernel's "
-                              f"{len(autotuner.configs)}; the table needs re-measuring")
-        autotuner.cache[key] = config
-        added.append(f"{key_text[:40]}... -> {config_text}")
-    return added
-
-
 def _autotuners() -> dict[str, object] | None:
-    """Table kernel name -> its autotuner, or ``None`` when one is missing or not autotuned."""
-    try:
-        modules = [importlib.import_module(m) for m in _MODULES]
-    except ImportError:
-        return None
-    found = {}
-    for name in TUNED:
-        kernel = next((getattr(m, name) for m in modules if hasattr(m, name)), None)
-        if kernel is None or not hasattr(kernel, "cache") or not hasattr(kernel, "configs"):
-            return None
-        found[name] = kernel
-    return found
+    return _tuned.autotuners(_MODULES, TUNED)
 
 
 def check() -> str:
-    kernels = _autotuners()
-    if kernels is None:
-        return "target-missing"
-    if all(len(k.configs) <= 1 for k in kernels.values()):
-        return "fixed-upstream"  # nothing is tuned at run time any more
-    for name, kernel in kernels.items():  # the table's configurations must still exist
-        for _, config_text in TUNED[name]:
-            if not any(_matches(c, parse_config(config_text)) for c in kernel.configs):
-                return "target-missing"
-    return "needed"
-
-
-def _on_tuned_device() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == CAPABILITY
+    return _tuned.check(_autotuners(), TUNED)
 
 
 def apply() -> list[str]:
-    kernels = _autotuners()
-    if kernels is None or not _on_tuned_device():
-        return []
-    changed = []
-    for name, kernel in kernels.items():
-        added = seed(kernel, TUNED[name])
-        if added:
-            changed.append(f"{name}: {len(added)} key(s) seeded")
-    return changed
+    return _tuned.apply(_autotuners(), TUNED, NAME, CAPABILITY)
 
 
 def applied() -> bool | None:
-    kernels = _autotuners()
-    if kernels is None or not _on_tuned_device():
-        return None
-    return all(ast.literal_eval(key) in kernels[name].cache
-               for name, entries in TUNED.items() for key, _ in entries)
+    return _tuned.applied(_autotuners(), TUNED, CAPABILITY)

@@ -10,7 +10,7 @@ and without merging them): on a fresh H100 (2026-12-08, TE 2.11, Triton 3.6) **6
 ``TRITON_PRINT_AUTOTUNING=1``), half of it inside the step-0 evaluation, half in the first step.
 
 The patch seeds those autotuners the way ``mamba-ssd-tuned-configs`` seeds mamba_ssm's
-(:func:`~megacpp_mcore.patches.mamba_ssd_tuned_configs.seed`: the kernel's own ``Config`` object
+(``patches/_tuned_configs.py``: the kernel's own ``Config`` object
 under the exact key Triton builds, a choice this process measured is kept) with the choices Triton
 made in that run (:data:`TUNED`, hidden size 2048, bf16). The kernels are memory-bound copies; any
 ``BLOCK_SIZE`` computes the same result. Other hidden sizes and dtypes autotune as before; on
@@ -19,10 +19,8 @@ devices other than compute capability 9.0 (where the table was measured) nothing
 
 from __future__ import annotations
 
-import ast
-import importlib
-
-from megacpp_mcore.patches.mamba_ssd_tuned_configs import _matches, parse_config, seed
+from megacpp_mcore.patches import _tuned_configs as _tuned
+from megacpp_mcore.patches._tuned_configs import parse_config, seed  # noqa: F401 (tests, callers)
 
 NAME = "te-permute-tuned-configs"
 TARGETS = "transformer-engine >=2.8,<2.19"  # staged on the GPU machine: 2.11 (Triton 3.6)
@@ -52,54 +50,16 @@ TUNED: dict[str, list[tuple[str, str]]] = {
 
 
 def _autotuners() -> dict[str, object] | None:
-    """Table kernel name -> its autotuner, or ``None`` when one is missing or not autotuned."""
-    try:
-        module = importlib.import_module(_MODULE)
-    except ImportError:
-        return None
-    found = {}
-    for name in TUNED:
-        kernel = getattr(module, name, None)
-        if kernel is None or not hasattr(kernel, "cache") or not hasattr(kernel, "configs"):
-            return None
-        found[name] = kernel
-    return found
+    return _tuned.autotuners((_MODULE,), TUNED)
 
 
 def check() -> str:
-    kernels = _autotuners()
-    if kernels is None:
-        return "target-missing"
-    if all(len(k.configs) <= 1 for k in kernels.values()):
-        return "fixed-upstream"  # nothing is tuned at run time any more
-    for name, kernel in kernels.items():  # the table's configurations must still exist
-        for _, config_text in TUNED[name]:
-            if not any(_matches(c, parse_config(config_text)) for c in kernel.configs):
-                return "target-missing"
-    return "needed"
-
-
-def _on_tuned_device() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == CAPABILITY
+    return _tuned.check(_autotuners(), TUNED)
 
 
 def apply() -> list[str]:
-    kernels = _autotuners()
-    if kernels is None or not _on_tuned_device():
-        return []
-    changed = []
-    for name, kernel in kernels.items():
-        added = seed(kernel, TUNED[name], patch=NAME)
-        if added:
-            changed.append(f"{name}: {len(added)} key(s) seeded")
-    return changed
+    return _tuned.apply(_autotuners(), TUNED, NAME, CAPABILITY)
 
 
 def applied() -> bool | None:
-    kernels = _autotuners()
-    if kernels is None or not _on_tuned_device():
-        return None
-    return all(ast.literal_eval(key) in kernels[name].cache
-               for name, entries in TUNED.items() for key, _ in entries)
+    return _tuned.applied(_autotuners(), TUNED, CAPABILITY)

@@ -539,15 +539,17 @@ def test_mamba_tuned_configs_seed_the_autotuners_own_choice():
     tuner = _Autotuner([small, big])
     entries = [("(128, 64, 'torch.bfloat16', True)", "BLOCK_SIZE_M=64 num_warps=4 num_stages=3"),
                ("(128, 32, 'torch.float32', False)", "BLOCK_SIZE_M=32 num_warps=4 num_stages=3")]
-    added = patch.seed(tuner, entries)
+    added = patch.seed(tuner, entries, patch.NAME)
     assert len(added) == 2
     assert tuner.cache == {(128, 64, "torch.bfloat16", True): big, (128, 32, "torch.float32", False): small}
     assert tuner.cache[(128, 64, "torch.bfloat16", True)] is big  # the kernel's object, not a copy
     tuner.cache[(128, 64, "torch.bfloat16", True)] = small  # measured here: stays
-    assert patch.seed(tuner, entries) == []
+    assert patch.seed(tuner, entries, patch.NAME) == []
     assert tuner.cache[(128, 64, "torch.bfloat16", True)] is small
-    with pytest.raises(LookupError, match="no configuration BLOCK_SIZE_M=16 num_warps=4 num_stages=3"):
-        patch.seed(_Autotuner([small]), [("(1,)", "BLOCK_SIZE_M=16 num_warps=4 num_stages=3")])
+    with pytest.raises(LookupError, match="mamba-ssd-tuned-configs: no configuration "
+                                          "BLOCK_SIZE_M=16 num_warps=4 num_stages=3"):
+        patch.seed(_Autotuner([small]), [("(1,)", "BLOCK_SIZE_M=16 num_warps=4 num_stages=3")],
+                   patch.NAME)
     assert patch.parse_config("BLOCK_SIZE=512 num_warps=4 num_stages=3") == {
         "BLOCK_SIZE": 512, "num_warps": 4, "num_stages": 3}
 
