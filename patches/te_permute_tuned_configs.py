@@ -11,8 +11,9 @@ and without merging them): on a fresh H100 (2026-12-08, TE 2.11, Triton 3.6) **6
 
 The patch seeds those autotuners the way ``mamba-ssd-tuned-configs`` seeds mamba_ssm's
 (``patches/_tuned_configs.py``: the kernel's own ``Config`` object under the exact key Triton
-builds, a choice this process measured is kept) with the choices Triton made in that run (:data:`TUNED`, hidden size 2048, bf16). The kernels are memory-bound copies; any
-``BLOCK_SIZE`` computes the same result. Other hidden sizes and dtypes autotune as before; on
+builds, a choice this process measured is kept) with the choices Triton made in that run
+(:data:`TUNED`, hidden size 2048, bf16). The kernels are memory-bound copies; any ``BLOCK_SIZE``
+computes the same result. Other hidden sizes and dtypes autotune as before; on
 devices other than compute capability 9.0 (where the table was measured) nothing changes.
 """
 
@@ -22,7 +23,7 @@ from megacpp_mcore.patches import _tuned_configs as _tuned
 from megacpp_mcore.patches._tuned_configs import parse_config, seed  # noqa: F401 (tests, callers)
 
 NAME = "te-permute-tuned-configs"
-TARGETS = "transformer-engine >=2.11,<2.19"  # read in 2.11 (staged, Triton 3.6); check() reads the kernels
+TARGETS = "transformer-engine >=2.11,<2.19"  # read in 2.11 (staged, Triton 3.6)
 DESCRIPTION = (
     "TE's fused MoE permutation Triton kernels benchmark seven block sizes per key on first use in "
     "each process (6.9 s of a fresh H100's 65.5 s start-up for nam56r-lite), with no way to seed "
